@@ -1,0 +1,316 @@
+"""The one typed configuration schema of the project.
+
+Every component (model, data, trainer, logging, memory sessions) reads its settings from
+:class:`TitansConfig`.  YAML files in ``titans/configs`` are validated against it on load:
+an unknown key, a wrong type or an impossible value raises :class:`ConfigError` naming the
+key and the file.  Command-line overrides use dotted keys (``training.lr=3e-4``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
+MEMORY_VARIANTS = ("mac", "mag", "mal", "lmm")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and, when known, the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Architecture of a :class:`titans.core.models.TitansLM`.
+
+    ``window`` is the sliding-window length for MAG / MAL / SWA and the segment length C for MAC.
+    ``memory_layers`` lists the (0-based) layers that carry a neural memory; ``None`` means every
+    layer.  Variants ``transformer`` and ``swa`` carry no memory whatever this says.
+    """
+
+    variant: Literal["mac", "mag", "mal", "lmm", "transformer", "swa"] = "mac"
+    vocab_size: int = Field(256, ge=2)
+    dim: int = Field(256, ge=8)
+    depth: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int | None = Field(None, ge=1, description="GQA key/value heads; None = heads")
+    window: int = Field(128, ge=1)
+    persistent_tokens: int = Field(4, ge=0)
+    ffn_mult: float = Field(4.0, gt=0, description="SwiGLU hidden width = round(2/3 * ffn_mult * dim)")
+    rope_theta: float = Field(10000.0, gt=0)
+    qk_norm: bool = False
+    norm_eps: float = Field(1e-6, gt=0)
+    tie_embeddings: bool = True
+    init_std: float = Field(0.02, gt=0)
+    attention_backend: Literal["auto", "reference", "sdpa", "flex"] = "auto"
+
+    memory_layers: list[int] | None = None
+    memory_heads: int | None = Field(None, ge=1, description="None = heads")
+    memory_depth: int = Field(2, ge=1)
+    memory_expansion: float = Field(2.0, gt=0, description="hidden width of the memory MLP / head dim")
+    memory_activation: Literal["silu", "gelu", "relu", "tanh", "identity"] = "silu"
+    memory_residual: bool = True
+    memory_chunk_size: int = Field(16, ge=1)
+    memory_conv_kernel: int = Field(4, ge=0, description="0 disables the causal depthwise convolution")
+    memory_momentum: bool = True
+    memory_weight_decay: bool = True
+    memory_max_lr: float = Field(0.1, gt=0)
+    memory_gates_per_chunk: bool = False
+    memory_output_gate: bool = True
+    memory_backend: Literal["auto", "naive", "chunked", "triton"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"model.heads={self.heads} must divide model.dim={self.dim}")
+        kv = self.kv_heads or self.heads
+        if self.heads % kv:
+            raise ValueError(f"model.kv_heads={kv} must divide model.heads={self.heads}")
+        mh = self.memory_heads or self.heads
+        if self.dim % mh:
+            raise ValueError(f"model.memory_heads={mh} must divide model.dim={self.dim}")
+        if self.memory_layers is not None:
+            bad = [i for i in self.memory_layers if not 0 <= i < self.depth]
+            if bad:
+                raise ValueError(f"model.memory_layers={self.memory_layers}: {bad} outside 0..{self.depth - 1}")
+            if len(set(self.memory_layers)) != len(self.memory_layers):
+                raise ValueError(f"model.memory_layers={self.memory_layers} has duplicates")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def memory_head_dim(self) -> int:
+        return self.dim // (self.memory_heads or self.heads)
+
+    @property
+    def ffn_hidden(self) -> int:
+        h = int(2 * self.ffn_mult * self.dim / 3)
+        return max(8, (h + 7) // 8 * 8)
+
+    def layer_has_memory(self, layer: int) -> bool:
+        if self.variant not in MEMORY_VARIANTS:
+            return False
+        return self.memory_layers is None or layer in self.memory_layers
+
+    def fingerprint(self) -> str:
+        """A stable hash of the architecture; states and checkpoints record it."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class DataConfig(_Strict):
+    """Where training text comes from and how it is tokenized and packed."""
+
+    source: str = Field("stdlib", description="'stdlib' (embedded default), a path, glob, .jsonl, "
+                        "a local HF dataset directory, or a prepared shard directory")
+    text_field: str = "text"
+    tokenizer: str = Field("byte", description="'byte' or a local tokenizer.json / directory")
+    seq_len: int = Field(256, ge=2)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    shards_dir: str | None = Field(None, description="prepared shards; built on first use if missing")
+    max_bytes: int | None = Field(None, ge=1, description="cap on source text read (None = all)")
+    seed: int = 1234
+
+
+class TrainingConfig(_Strict):
+    """Optimisation and run control."""
+
+    out_dir: str = "runs/default"
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1, description="sequences per optimizer step per process (after accumulation)")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(20, ge=1)
+    ckpt_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
+    compile: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"training.grad_accum={self.grad_accum} must divide "
+                             f"training.batch_size={self.batch_size}")
+        return self
+
+
+class LoggingConfig(_Strict):
+    log_every: int = Field(10, ge=1)
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
+
+
+class MemoryManagementConfig(_Strict):
+    """Inference-time memory sessions (see :mod:`titans.inference.memory_management`)."""
+
+    device_budget_mb: float = Field(512.0, gt=0)
+    offload_dir: str = "runs/sessions"
+    max_sessions: int = Field(10_000, ge=1)
+
+
+class TitansConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    logging: LoggingConfig = LoggingConfig()
+    memory: MemoryManagementConfig = MemoryManagementConfig()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def _deep_update(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def builtin_config_path(name: str) -> Path | None:
+    """Path of a config shipped with the package ('default', 'small', 'base', 'large', 'experiment')."""
+    root = resources.files("titans") / "configs"
+    candidates = [root / f"{name}.yaml", root / f"{name}_config.yaml",
+                  root / "model_configs" / f"{name}.yaml", root / "model_configs" / f"{name}_config.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return Path(str(c))
+    return None
+
+
+def list_builtin_configs() -> list[str]:
+    root = resources.files("titans") / "configs"
+    names = [p.name for p in root.iterdir() if p.name.endswith(".yaml")]
+    names += [p.name for p in (root / "model_configs").iterdir() if p.name.endswith(".yaml")]
+    return sorted(n.removesuffix(".yaml").removesuffix("_config") for n in names)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'training.lr=3e-4'`` -> (['training', 'lr'], 3e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. training.lr=3e-4")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for ov in overrides:
+        parts, value = parse_override(ov)
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(name_or_path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> TitansConfig:
+    """Load a config: the package default, then the named/pathed file on top, then overrides.
+
+    ``name_or_path`` is a builtin name (``small``, ``base``, ...) or a YAML file path.
+    Raises :class:`ConfigError` naming the offending key and file.
+    """
+    default_path = builtin_config_path("default")
+    data: dict = _read_yaml(default_path) if default_path else {}
+    source = str(default_path)
+    if name_or_path is not None:
+        p = Path(name_or_path)
+        if not p.is_file():
+            found = builtin_config_path(str(name_or_path))
+            if found is None:
+                raise ConfigError(f"config {name_or_path!r}: no such file and no builtin config of that name "
+                                  f"(builtin: {', '.join(list_builtin_configs())})")
+            p = found
+        data = _deep_update(data, _read_yaml(p))
+        source = str(p)
+    overrides = list(overrides)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " (with overrides " + ", ".join(overrides) + ")"
+    return config_from_dict(data, source)
+
+
+def config_from_dict(data: Mapping, source: str = "<dict>") -> TitansConfig:
+    try:
+        return TitansConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def model_config_from(obj: ModelConfig | TitansConfig | Mapping) -> ModelConfig:
+    """Accept a ModelConfig, a full TitansConfig, or a dict of either shape."""
+    if isinstance(obj, ModelConfig):
+        return obj
+    if isinstance(obj, TitansConfig):
+        return obj.model
+    if isinstance(obj, Mapping):
+        try:
+            if "model" in obj and isinstance(obj["model"], Mapping):
+                return TitansConfig.model_validate(dict(obj)).model
+            return ModelConfig.model_validate(dict(obj))
+        except ValidationError as e:
+            raise ConfigError(_format_validation_error(e, "<dict>")) from None
+    raise ConfigError(f"model config: expected ModelConfig, TitansConfig or dict, got {type(obj).__name__}")
+
+
+def save_config(cfg: TitansConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from titans.utils.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
