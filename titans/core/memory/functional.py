@@ -1,0 +1,404 @@
+"""The neural long-term memory update (paper Eq. 12-18), as pure functions.
+
+One contract, several implementations (flash-linear-attention style)::
+
+    y, weights, momentum = neural_memory_update(
+        q, k, v,                    # (B, H, T, d): queries, keys, values per head
+        lr, momentum_decay, forget, # theta_t, eta_t, alpha_t: (B, H, T)
+        weights,                    # tuple of L tensors, weights[i]: (B, H, d_i, d_{i+1})
+        momentum=None,              # tuple shaped like weights, or None for zeros
+        *, chunk_size, activation="silu", residual=False)
+
+The memory is the MLP ``h = k; h = act(h @ W_i) for i < L-1; out = h @ W_{L-1}; out += k if residual``.
+Inner loss (Eq. 12): ``l_t = ||M(k_t) - v_t||^2`` summed over features.  Chunk-wise training (Sec. 3.2):
+inside a chunk of ``chunk_size`` tokens (chunks start at t = 0) every gradient ``u_t`` is taken at the
+chunk's starting weights; then per token (Eq. 13-14)::
+
+    S_t = eta_t S_{t-1} - theta_t u_t          (surprise with momentum)
+    W_t = (1 - alpha_t) W_{t-1} + S_t          (forgetting / weight decay)
+    y_t = M_{W_t}(q_t)                         (retrieval with the updated weights, Eq. 15)
+
+Implementations:
+
+* :func:`neural_memory_update_naive` — a per-token loop that follows the equations, the reference.
+  Its gradients come from ``torch.func.grad`` of the inner loss, independent of the hand-derived
+  backward used by the fast paths.
+* :func:`neural_memory_update_chunked` — parallel inside each chunk.  Per-token gradients are
+  rank-one products ``u_t = h_t^T delta_t`` (layer input, back-propagated error at the chunk's start
+  weights); the momentum / decay recurrence is unrolled into lower-triangular decay matrices
+  (Eq. 16-18), so the per-token weights never materialise: each layer's output is
+  ``G_t (x_t W_0) + B_t (x_t S_0) + sum_j c_tj (x_t . h_j) delta_j``, a masked linear-attention product.
+* ``titans.core.memory.triton_kernels`` — fused GPU kernels behind the same signature.
+
+Both PyTorch paths are differentiable with respect to every input (outer-loop training).
+
+Streaming: the private keyword ``chunk_weights`` / ``offset`` let a caller continue in the middle of a
+chunk (``offset`` tokens of the current chunk already consumed, gradients taken at ``chunk_weights``);
+:class:`titans.core.memory.neural_memory.NeuralMemory` uses them for exact piecewise processing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Weights = tuple[Tensor, ...]
+Backend = Literal["auto", "naive", "chunked", "triton"]
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation and its derivative (needed for the hand-derived inner backward)."""
+
+    fn: Callable[[Tensor], Tensor]
+    grad: Callable[[Tensor], Tensor]
+
+
+def _silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _gelu_grad(z: Tensor) -> Tensor:
+    # exact (erf) GELU: Phi(z) + z * phi(z)
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return cdf + z * pdf
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "silu": Activation(torch.nn.functional.silu, _silu_grad),
+    "gelu": Activation(torch.nn.functional.gelu, _gelu_grad),
+    "relu": Activation(torch.relu, lambda z: (z > 0).to(z.dtype)),
+    "tanh": Activation(torch.tanh, lambda z: 1 - torch.tanh(z) ** 2),
+    "identity": Activation(lambda z: z, torch.ones_like),
+}
+
+
+def get_activation(name: str) -> Activation:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation={name!r}: expected one of {sorted(ACTIVATIONS)}") from None
+
+
+# ----------------------------------------------------------------------------- the memory MLP
+
+
+def memory_mlp(x: Tensor, weights: Sequence[Tensor], activation: str = "silu", residual: bool = False) -> Tensor:
+    """Apply the memory MLP ``M_W`` to rows of ``x``.
+
+    x: (B, H, n, d_0); weights[i]: (B, H, d_i, d_{i+1}) (or broadcastable) -> (B, H, n, d_L).
+    """
+    act = get_activation(activation).fn
+    h = x
+    for i, w in enumerate(weights):
+        h = h @ w
+        if i < len(weights) - 1:
+            h = act(h)
+    return h + x if residual else h
+
+
+def retrieve(q: Tensor, weights: Sequence[Tensor], activation: str = "silu", residual: bool = False) -> Tensor:
+    """Read the memory without updating it (Eq. 15): ``y = M*(q)``; q: (B, H, T, d_0)."""
+    return memory_mlp(q, weights, activation, residual)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def validate_memory_inputs(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum_decay: Tensor, forget: Tensor,
+    weights: Sequence[Tensor], momentum: Sequence[Tensor] | None, chunk_size: int, activation: str,
+    residual: bool, check_finite: bool = True,
+) -> None:
+    """Raise ``ValueError`` naming the argument and the expected shape for any inconsistent input."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: expected an int >= 1")
+    get_activation(activation)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.ndim != 4:
+            got = _shape(t) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a tensor of shape (B, H, T, d), got {got}")
+    B, H, T, d0 = k.shape
+    if q.shape != k.shape:
+        raise ValueError(f"q: expected shape {_shape(k)} (same as k: (B, H, T, d_0)), got {_shape(q)}")
+    if v.shape[:3] != (B, H, T):
+        raise ValueError(f"v: expected shape ({B}, {H}, {T}, d_L), got {_shape(v)}")
+    for name, t in (("lr", lr), ("momentum_decay", momentum_decay), ("forget", forget)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != (B, H, T):
+            got = _shape(t) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected shape ({B}, {H}, {T}) = (B, H, T), got {got}")
+    if not isinstance(weights, (tuple, list)) or len(weights) < 1:
+        raise ValueError("weights: expected a non-empty tuple of tensors (B, H, d_i, d_{i+1})")
+    d_in = d0
+    for i, w in enumerate(weights):
+        if not isinstance(w, Tensor) or w.ndim != 4 or tuple(w.shape[:2]) != (B, H) or w.shape[2] != d_in:
+            got = _shape(w) if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(f"weights[{i}]: expected shape ({B}, {H}, {d_in}, d_{i + 1}), got {got}")
+        d_in = w.shape[3]
+    if d_in != v.shape[3]:
+        raise ValueError(f"v: last dim {v.shape[3]} must equal the memory output dim d_L={d_in}")
+    if residual and d_in != d0:
+        raise ValueError(f"residual=True needs d_L == d_0, got d_0={d0}, d_L={d_in}")
+    if momentum is not None:
+        if len(momentum) != len(weights):
+            raise ValueError(f"momentum: expected {len(weights)} tensors like weights, got {len(momentum)}")
+        for i, (m, w) in enumerate(zip(momentum, weights)):
+            if not isinstance(m, Tensor) or m.shape != w.shape:
+                got = _shape(m) if isinstance(m, Tensor) else type(m).__name__
+                raise ValueError(f"momentum[{i}]: expected shape {_shape(w)}, got {got}")
+    tensors = {"q": q, "k": k, "v": v, "lr": lr, "momentum_decay": momentum_decay, "forget": forget}
+    tensors.update({f"weights[{i}]": w for i, w in enumerate(weights)})
+    if momentum is not None:
+        tensors.update({f"momentum[{i}]": m for i, m in enumerate(momentum)})
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: dtype {t.dtype} differs from q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: device {t.device} differs from q's device {q.device}")
+    if not q.is_floating_point():
+        raise ValueError(f"q: expected a floating-point dtype, got {q.dtype}")
+    # A finiteness check needs a device sync, so it is only "cheap" on the CPU.
+    if check_finite and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name}: contains NaN or inf")
+
+
+def _zeros_like(weights: Sequence[Tensor]) -> Weights:
+    return tuple(torch.zeros_like(w) for w in weights)
+
+
+# ----------------------------------------------------------------------------- naive reference
+
+
+def neural_memory_update_naive(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum_decay: Tensor, forget: Tensor,
+    weights: Sequence[Tensor], momentum: Sequence[Tensor] | None = None, *, chunk_size: int,
+    activation: str = "silu", residual: bool = False,
+    chunk_weights: Sequence[Tensor] | None = None, offset: int = 0, return_chunk_state: bool = False,
+    validate: bool = True,
+):
+    """Reference: a per-token loop over Eq. 13-15 with chunk-start gradients (Sec. 3.2).
+
+    Shapes as in the module docstring.  Returns ``(y, weights, momentum)``; with
+    ``return_chunk_state=True`` also ``(chunk_weights, offset)`` for continuing mid-chunk.
+    """
+    if validate:
+        validate_memory_inputs(q, k, v, lr, momentum_decay, forget, weights, momentum, chunk_size,
+                               activation, residual)
+    W = tuple(weights)
+    S = _zeros_like(W) if momentum is None else tuple(momentum)
+    W0 = W if (chunk_weights is None or offset == 0) else tuple(chunk_weights)
+    pos = offset % chunk_size
+
+    def inner_loss(ws: Weights, k_t: Tensor, v_t: Tensor) -> Tensor:
+        out = memory_mlp(k_t.unsqueeze(-2), ws, activation, residual).squeeze(-2)
+        return ((out - v_t) ** 2).sum()  # Eq. 12; summing over (B, H) keeps per-head gradients separate
+
+    inner_grad = torch.func.grad(inner_loss)
+    ys = []
+    for t in range(q.shape[2]):
+        if pos == 0:
+            W0 = W  # a new chunk starts: gradients of the whole chunk are taken here
+        u = inner_grad(W0, k[:, :, t], v[:, :, t])
+        eta = momentum_decay[:, :, t, None, None]
+        theta = lr[:, :, t, None, None]
+        keep = 1 - forget[:, :, t, None, None]
+        S = tuple(eta * s - theta * g for s, g in zip(S, u))  # Eq. 13
+        W = tuple(keep * w + s for w, s in zip(W, S))  # Eq. 14
+        ys.append(memory_mlp(q[:, :, t].unsqueeze(-2), W, activation, residual).squeeze(-2))
+        pos = (pos + 1) % chunk_size
+    y = torch.stack(ys, dim=2) if ys else q.new_zeros(*q.shape[:3], v.shape[-1])
+    if pos == 0:
+        W0 = W
+    if return_chunk_state:
+        return y, W, S, W0, pos
+    return y, W, S
+
+
+# ----------------------------------------------------------------------------- chunked (parallel)
+
+
+def _decay_matrix(a: Tensor) -> Tensor:
+    """D[s, j] = prod_{m=j+1..s} a_m for j <= s, else 0.   a: (..., n) -> (..., n, n).
+
+    Built with a cumulative product over a masked matrix, not as a ratio of cumulative products,
+    so it is exact when some a_m are 0 (eta = 0 or alpha = 1) and never divides by tiny numbers.
+    """
+    n = a.shape[-1]
+    idx = torch.arange(n, device=a.device)
+    later = idx[None, :] > idx[:, None]  # [j, m]: m > j
+    mat = torch.where(later, a.unsqueeze(-2), torch.ones((), dtype=a.dtype, device=a.device))
+    cp = torch.cumprod(mat, dim=-1)  # [j, s] = prod_{j<m<=s} a_m
+    lower = idx[:, None] >= idx[None, :]  # [s, j]: j <= s
+    return torch.where(lower, cp.transpose(-1, -2), torch.zeros((), dtype=a.dtype, device=a.device))
+
+
+def _inner_backward(k: Tensor, v: Tensor, W0: Weights, act: Activation, residual: bool):
+    """Per-token inner gradients at the chunk's start weights, in rank-one form.
+
+    k: (B, H, n, d_0), v: (B, H, n, d_L).  Returns lists ``hs[i]`` (B, H, n, d_i) (layer inputs) and
+    ``deltas[i]`` (B, H, n, d_{i+1}) (errors at layer outputs), with grad_t(W_i) = hs[i][t]^T deltas[i][t].
+    """
+    L = len(W0)
+    hs, zs = [], []
+    h = k
+    for i, w in enumerate(W0):
+        hs.append(h)
+        z = h @ w
+        zs.append(z)
+        if i < L - 1:
+            h = act.fn(z)
+    out = zs[-1] + k if residual else zs[-1]
+    delta = 2 * (out - v)  # d/d out of ||out - v||^2
+    deltas = [delta]
+    for i in range(L - 2, -1, -1):
+        delta = (delta @ W0[i + 1].transpose(-1, -2)) * act.grad(zs[i])
+        deltas.append(delta)
+    deltas.reverse()
+    return hs, deltas
+
+
+def _chunk(
+    q: Tensor, k: Tensor, v: Tensor, theta: Tensor, eta: Tensor, alpha: Tensor,
+    W: Weights, S: Weights, W0: Weights, act: Activation, residual: bool,
+) -> tuple[Tensor, Weights, Weights]:
+    """One chunk (n tokens) in parallel.  Gradients at W0, current weights W, momentum S.
+
+    Returns y (B, H, n, d_L) and the weights and momentum after the chunk's last token.
+    """
+    hs, deltas = _inner_backward(k, v, W0, act, residual)
+    keep = 1 - alpha
+    D_eta = _decay_matrix(eta)  # (B, H, n, n)
+    D_keep = _decay_matrix(keep)
+    P = torch.cumprod(eta, dim=-1)  # momentum carried from the previous chunk: prod eta
+    G = torch.cumprod(keep, dim=-1)  # weights carried from before the chunk: prod (1 - alpha)
+    Bc = (D_keep @ P.unsqueeze(-1)).squeeze(-1)  # B_t = sum_{s<=t} D_keep[t,s] P_s  (Eq. 16 with S_0)
+    C = -(D_keep @ D_eta) * theta.unsqueeze(-2)  # c_tj = -theta_j sum_s D_keep[t,s] D_eta[s,j]
+    m_last = -(theta * D_eta[..., -1, :])  # momentum weights of each token's gradient at chunk end
+
+    x = q
+    for i in range(len(W)):
+        # x_t W_t = G_t x_t W + B_t x_t S + sum_j c_tj (x_t . h_j) delta_j
+        z = (G.unsqueeze(-1) * (x @ W[i]) + Bc.unsqueeze(-1) * (x @ S[i])
+             + ((x @ hs[i].transpose(-1, -2)) * C) @ deltas[i])
+        x = act.fn(z) if i < len(W) - 1 else z
+    y = x + q if residual else x
+
+    newS, newW = [], []
+    for i in range(len(W)):
+        h_t = hs[i].transpose(-1, -2)
+        newS.append(P[..., -1, None, None] * S[i] + h_t @ (m_last.unsqueeze(-1) * deltas[i]))
+        newW.append(G[..., -1, None, None] * W[i] + Bc[..., -1, None, None] * S[i]
+                    + h_t @ (C[..., -1, :].unsqueeze(-1) * deltas[i]))
+    return y, tuple(newW), tuple(newS)
+
+
+def neural_memory_update_chunked(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum_decay: Tensor, forget: Tensor,
+    weights: Sequence[Tensor], momentum: Sequence[Tensor] | None = None, *, chunk_size: int,
+    activation: str = "silu", residual: bool = False,
+    chunk_weights: Sequence[Tensor] | None = None, offset: int = 0, return_chunk_state: bool = False,
+    validate: bool = True,
+):
+    """Chunk-parallel update (Eq. 16-18): same contract and results as the naive loop.
+
+    A Python loop runs over chunks only (T / chunk_size iterations); everything inside a chunk is
+    batched matmuls and a cumulative-product scan.
+    """
+    if validate:
+        validate_memory_inputs(q, k, v, lr, momentum_decay, forget, weights, momentum, chunk_size,
+                               activation, residual)
+    act = get_activation(activation)
+    W = tuple(weights)
+    S = _zeros_like(W) if momentum is None else tuple(momentum)
+    pos = offset % chunk_size
+    W0 = W if (chunk_weights is None or pos == 0) else tuple(chunk_weights)
+    T = q.shape[2]
+    ys = []
+    start = 0
+    while start < T:
+        if pos == 0:
+            W0 = W
+        n = min(chunk_size - pos, T - start)
+        sl = slice(start, start + n)
+        y, W, S = _chunk(q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], momentum_decay[:, :, sl],
+                         forget[:, :, sl], W, S, W0, act, residual)
+        ys.append(y)
+        start += n
+        pos = (pos + n) % chunk_size
+    y = torch.cat(ys, dim=2) if ys else q.new_zeros(*q.shape[:3], v.shape[-1])
+    if pos == 0:
+        W0 = W
+    if return_chunk_state:
+        return y, W, S, W0, pos
+    return y, W, S
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _triton_module():
+    try:
+        from titans.core.memory import triton_kernels
+    except Exception:  # noqa: BLE001 - Triton missing or broken: fall back to PyTorch
+        return None
+    return triton_kernels
+
+
+def resolve_backend(backend: Backend, q: Tensor, k: Tensor, v: Tensor, weights: Sequence[Tensor],
+                    chunk_size: int, activation: str, residual: bool, offset: int = 0) -> str:
+    """Pick the implementation: Triton on CUDA when it supports the shapes, else ``chunked``."""
+    if backend not in ("auto", "naive", "chunked", "triton"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'naive', 'chunked' or 'triton'")
+    if backend in ("naive", "chunked"):
+        return backend
+    tk = _triton_module() if q.is_cuda else None
+    ok = (tk is not None and offset == 0 and tk.triton_available()
+          and tk.supports(q, k, v, weights, chunk_size, activation, residual))
+    if backend == "triton" and not ok:
+        raise ValueError("backend='triton': not available for these inputs (needs CUDA, Triton and a "
+                         "supported shape / activation); use 'auto' to fall back")
+    return "triton" if ok else "chunked"
+
+
+def neural_memory_update(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum_decay: Tensor, forget: Tensor,
+    weights: Sequence[Tensor], momentum: Sequence[Tensor] | None = None, *, chunk_size: int,
+    activation: str = "silu", residual: bool = False, backend: Backend = "auto",
+) -> tuple[Tensor, Weights, Weights]:
+    """Run the memory over a sequence and return ``(y, final_weights, final_momentum)``.
+
+    See the module docstring for the contract.  ``backend`` chooses the implementation
+    (``"auto"``: fused Triton kernel on CUDA where supported, else the chunked PyTorch path).
+    """
+    validate_memory_inputs(q, k, v, lr, momentum_decay, forget, weights, momentum, chunk_size,
+                           activation, residual)
+    which = resolve_backend(backend, q, k, v, weights, chunk_size, activation, residual)
+    if which == "naive":
+        return neural_memory_update_naive(q, k, v, lr, momentum_decay, forget, weights, momentum,
+                                          chunk_size=chunk_size, activation=activation, residual=residual,
+                                          validate=False)
+    if which == "triton":
+        from titans.core.memory.triton_kernels import neural_memory_update_triton
+
+        return neural_memory_update_triton(q, k, v, lr, momentum_decay, forget, tuple(weights),
+                                           None if momentum is None else tuple(momentum),
+                                           chunk_size=chunk_size, activation=activation, residual=residual)
+    return neural_memory_update_chunked(q, k, v, lr, momentum_decay, forget, weights, momentum,
+                                        chunk_size=chunk_size, activation=activation, residual=residual,
+                                        validate=False)

@@ -1,0 +1,386 @@
+"""``NeuralMemory``: the multi-head neural long-term memory module (paper Sections 3.1-3.2, 4.4).
+
+Per token x_t (B, T, dim):
+
+* q, k, v = SiLU(causal depthwise conv1d(x W_{Q,K,V})), q and k l2-normalised per head (Sec. 4.4);
+* theta_t = max_lr * sigmoid(x_t w_theta), eta_t = sigmoid(x_t w_eta), alpha_t = sigmoid(x_t w_alpha)
+  per head (data-dependent learning rate, surprise decay, forgetting; Eq. 13-14), or one value per
+  chunk (taken from the chunk's first token, which keeps them causal);
+* the fast weights are updated by :func:`titans.core.memory.functional.neural_memory_update` and
+  read with the updated weights (Eq. 15);
+* output: per-head RMS normalisation, a sigmoid gate computed from x by a linear layer, then the output
+  projection.
+
+The recurrent state is a :class:`MemoryState`.  ``forward(x, state)`` continues exactly where ``state``
+left off, so feeding a sequence in arbitrary pieces (token by token included) gives the same outputs and
+final state as one call.  ``retrieve`` reads without writing.
+
+Ablations of the paper's Table 5 are switches: ``depth=1`` (linear memory), ``conv_kernel=0`` (no
+convolution), ``momentum=False`` (eta = 0), ``weight_decay=False`` (alpha = 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from titans.core.memory.functional import (
+    Weights,
+    get_activation,
+    memory_mlp,
+    neural_memory_update_chunked,
+    neural_memory_update_naive,
+    resolve_backend,
+)
+
+
+@dataclass
+class MemoryState:
+    """Everything needed to continue the memory's stream.
+
+    weights, momentum, chunk_weights: tuples of L tensors (B, H, d_i, d_{i+1}): fast weights W_t,
+    surprise S_t, and the weights at the start of the current chunk (where the chunk's gradients are
+    taken).  ``seen``: tokens consumed so far (the position inside the chunk is ``seen % chunk_size``).
+    ``conv``: (B, 3 * H * d, K - 1) the last projected inputs of the causal convolution, or None.
+    ``chunk_gates``: (B, H, 3) theta / eta / alpha of the current chunk (per-chunk gates only) or None.
+    """
+
+    weights: Weights
+    momentum: Weights
+    chunk_weights: Weights
+    seen: int
+    conv: Tensor | None = None
+    chunk_gates: Tensor | None = None
+
+    def _map(self, fn) -> MemoryState:
+        def m(x):
+            if x is None:
+                return None
+            if isinstance(x, tuple):
+                return tuple(fn(t) for t in x)
+            return fn(x)
+
+        return MemoryState(m(self.weights), m(self.momentum), m(self.chunk_weights), self.seen,
+                           m(self.conv), m(self.chunk_gates))
+
+    def detach(self) -> MemoryState:
+        """Cut the autograd history (truncated back-propagation through time)."""
+        return self._map(lambda t: t.detach())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MemoryState:
+        return self._map(lambda t: t.to(device=device, dtype=dtype))
+
+    def clone(self) -> MemoryState:
+        return self._map(lambda t: t.clone())
+
+    @property
+    def batch_size(self) -> int:
+        return self.weights[0].shape[0]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat name -> tensor mapping (for saving); see :meth:`from_tensors`."""
+        out: dict[str, Tensor] = {}
+        for f in ("weights", "momentum", "chunk_weights"):
+            for i, t in enumerate(getattr(self, f)):
+                out[f"{f}.{i}"] = t
+        if self.conv is not None:
+            out["conv"] = self.conv
+        if self.chunk_gates is not None:
+            out["chunk_gates"] = self.chunk_gates
+        out["seen"] = torch.tensor([self.seen], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> MemoryState:
+        def tup(name: str) -> Weights:
+            n = sum(1 for k in tensors if k.startswith(name + "."))
+            if n == 0:
+                raise ValueError(f"memory state: missing tensors {name}.0..")
+            return tuple(tensors[f"{name}.{i}"] for i in range(n))
+
+        if "seen" not in tensors:
+            raise ValueError("memory state: missing 'seen'")
+        return cls(tup("weights"), tup("momentum"), tup("chunk_weights"), int(tensors["seen"].item()),
+                   tensors.get("conv"), tensors.get("chunk_gates"))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+class NeuralMemory(nn.Module):
+    """Multi-head deep neural memory that learns at test time.
+
+    Args:
+        dim: model width (input and output of the module).
+        heads: memory heads; each head has its own MLP memory of head dim ``dim // heads``.
+        depth: L, layers of the memory MLP (1 = linear memory).
+        expansion: hidden width of the MLP as a multiple of the head dim.
+        activation: inner activation ("silu", "gelu" (exact), "relu", "tanh", "identity").
+        residual: memory computes ``k + MLP(k)``.
+        chunk_size: b, tokens per chunk of the chunk-wise parallel update (1 = exact online GD).
+        conv_kernel: width of the causal depthwise convolution after the q/k/v projections (0 = off).
+        momentum: learn eta (False: eta = 0, no past surprise).
+        weight_decay: learn alpha (False: alpha = 0, no forgetting).
+        max_lr: theta is ``max_lr * sigmoid(.)``.
+        gates_per_chunk: one theta / eta / alpha per chunk (from its first token) instead of per token.
+        output_gate: sigmoid gate from a linear map of x before the output projection.
+        backend: "auto" | "naive" | "chunked" | "triton" (see ``neural_memory_update``).
+    """
+
+    def __init__(
+        self, dim: int, heads: int = 4, head_dim: int | None = None, depth: int = 2, expansion: float = 2.0,
+        activation: str = "silu", residual: bool = True, chunk_size: int = 16, conv_kernel: int = 4,
+        momentum: bool = True, weight_decay: bool = True, max_lr: float = 0.1, gates_per_chunk: bool = False,
+        output_gate: bool = True, backend: str = "auto", norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if dim < 1 or heads < 1:
+            raise ValueError(f"dim={dim}, heads={heads}: expected positive integers")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"heads={heads} must divide dim={dim} (or pass head_dim)")
+            head_dim = dim // heads
+        if depth < 1:
+            raise ValueError(f"depth={depth}: expected >= 1")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
+        if conv_kernel < 0:
+            raise ValueError(f"conv_kernel={conv_kernel}: expected >= 0")
+        get_activation(activation)
+        self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
+        self.activation, self.residual, self.chunk_size = activation, residual, chunk_size
+        self.use_momentum, self.use_weight_decay = momentum, weight_decay
+        self.max_lr, self.gates_per_chunk, self.backend = max_lr, gates_per_chunk, backend
+        self.conv_kernel = conv_kernel
+        inner = heads * head_dim
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.conv = nn.Conv1d(3 * inner, 3 * inner, conv_kernel, groups=3 * inner, bias=True) if conv_kernel else None
+        self.to_gates = nn.Linear(dim, 3 * heads, bias=True)
+        hidden = max(1, int(round(expansion * head_dim)))
+        dims = [head_dim] + [hidden] * (depth - 1) + [head_dim]
+        self.memory_dims = tuple(dims)
+        self.init_weights = nn.ParameterList(
+            nn.Parameter(torch.randn(heads, dims[i], dims[i + 1]) / math.sqrt(dims[i])) for i in range(depth))
+        self.out_norm_weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.norm_eps = norm_eps
+        self.gate = nn.Linear(dim, inner, bias=False) if output_gate else None
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.reset_gate_parameters()
+
+    def reset_gate_parameters(self) -> None:
+        """Start with moderate learning rates, strong momentum and little forgetting."""
+        with torch.no_grad():
+            nn.init.normal_(self.to_gates.weight, std=0.02)
+            b = self.to_gates.bias.view(3, self.heads)
+            b[0].fill_(0.0)  # theta = max_lr / 2
+            b[1].fill_(2.0)  # eta ~ 0.88
+            b[2].fill_(-4.0)  # alpha ~ 0.018
+            if self.conv is not None:
+                # near-identity start: the current token dominates, earlier taps small
+                self.conv.weight.zero_()
+                self.conv.weight[:, 0, -1] = 1.0
+                self.conv.weight.add_(0.02 * torch.randn_like(self.conv.weight))
+                self.conv.bias.zero_()
+
+    # ------------------------------------------------------------------ state
+
+    def init_state(self, batch_size: int, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> MemoryState:
+        """A fresh state from the learned initial memory weights (differentiable w.r.t. them)."""
+        p = self.init_weights[0]
+        device = device or p.device
+        dtype = dtype or p.dtype
+        W = tuple(w.to(device=device, dtype=dtype).unsqueeze(0).expand(batch_size, *w.shape)
+                  for w in self.init_weights)
+        S = tuple(torch.zeros(batch_size, *w.shape, device=device, dtype=dtype) for w in self.init_weights)
+        conv = None
+        if self.conv is not None and self.conv_kernel > 1:
+            conv = torch.zeros(batch_size, self.conv.in_channels, self.conv_kernel - 1, device=device, dtype=dtype)
+        return MemoryState(W, S, W, 0, conv, None)
+
+    def reset_rows(self, state: MemoryState, rows: Tensor) -> MemoryState:
+        """Return a state whose batch rows ``rows`` (bool (B,) or indices) are fresh; others unchanged.
+
+        The chunk phase (``seen``) is shared by the batch, so a reset row keeps the batch's chunk grid.
+        """
+        B = state.batch_size
+        mask = torch.zeros(B, dtype=torch.bool, device=state.weights[0].device)
+        rows = torch.as_tensor(rows, device=mask.device)
+        if rows.dtype == torch.bool:
+            if rows.shape != (B,):
+                raise ValueError(f"rows: expected a bool mask of shape ({B},), got {tuple(rows.shape)}")
+            mask = rows
+        else:
+            if rows.numel() and (rows.min() < 0 or rows.max() >= B):
+                raise ValueError(f"rows: indices must be in [0, {B}), got {rows.tolist()}")
+            mask[rows] = True
+        fresh = self.init_state(B, state.weights[0].device, state.weights[0].dtype)
+
+        def pick(new, old):
+            if old is None:
+                return None
+            m = mask.view(B, *([1] * (old.ndim - 1)))
+            return torch.where(m, new if new is not None else torch.zeros_like(old), old)
+
+        return MemoryState(
+            tuple(pick(n, o) for n, o in zip(fresh.weights, state.weights)),
+            tuple(pick(n, o) for n, o in zip(fresh.momentum, state.momentum)),
+            tuple(pick(n, o) for n, o in zip(fresh.weights, state.chunk_weights)),
+            state.seen, pick(fresh.conv, state.conv), state.chunk_gates)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _check_x(self, x: Tensor, name: str = "x") -> None:
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name}: expected shape (B, T, {self.dim}), got {got}")
+
+    def _project(self, x: Tensor, conv_cache: Tensor | None, channels: slice | None = None):
+        """q/k/v (or a channel slice of them) after the causal conv and SiLU; returns (qkv, new_cache)."""
+        proj = self.to_qkv(x)  # (B, T, 3 * inner)
+        new_cache = conv_cache
+        if self.conv is not None:
+            w, b = self.conv.weight, self.conv.bias
+            if channels is not None:
+                proj = proj[..., channels]
+                w, b = w[channels], b[channels]
+            seq = proj.transpose(1, 2)  # (B, C, T)
+            K = self.conv_kernel
+            if K > 1:
+                if conv_cache is None:
+                    conv_cache = seq.new_zeros(seq.shape[0], seq.shape[1], K - 1)
+                seq = torch.cat([conv_cache.to(seq.dtype), seq], dim=2)
+                new_cache = seq[:, :, -(K - 1):]
+            proj = F.conv1d(seq, w, b, groups=w.shape[0]).transpose(1, 2)
+        elif channels is not None:
+            proj = proj[..., channels]
+        return F.silu(proj), new_cache
+
+    def _gates(self, x: Tensor, state: MemoryState):
+        """theta, eta, alpha: (B, H, T) each, and the chunk gates to carry."""
+        raw = rearrange(self.to_gates(x), "b t (g h) -> b h t g", g=3)
+        chunk_gates = state.chunk_gates
+        if self.gates_per_chunk:
+            T = x.shape[1]
+            b = self.chunk_size
+            t = torch.arange(T, device=x.device)
+            start = t - (state.seen + t) % b  # local index of each token's chunk start (may be < 0)
+            local = start.clamp(min=0)
+            picked = raw[:, :, local]  # (B, H, T, 3)
+            if (start < 0).any():
+                if chunk_gates is None:
+                    raise ValueError("state.chunk_gates missing while resuming inside a chunk")
+                carried = chunk_gates.to(raw.dtype).unsqueeze(2).expand_as(picked)
+                picked = torch.where((start < 0).view(1, 1, T, 1), carried, picked)
+            raw = picked
+            chunk_gates = raw[:, :, -1] if T else chunk_gates
+        theta = self.max_lr * torch.sigmoid(raw[..., 0])
+        eta = torch.sigmoid(raw[..., 1]) if self.use_momentum else torch.zeros_like(raw[..., 1])
+        alpha = torch.sigmoid(raw[..., 2]) if self.use_weight_decay else torch.zeros_like(raw[..., 2])
+        return theta, eta, alpha, (raw if self.gates_per_chunk else None), chunk_gates
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        """Per-head RMS norm, sigmoid gate from x, output projection.  y: (B, H, T, d) -> (B, T, dim)."""
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps)
+        y = y * self.out_norm_weight.unsqueeze(1).to(y.dtype)
+        y = rearrange(y, "b h t d -> b t (h d)").to(x.dtype)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x))
+        return self.to_out(y)
+
+    # ------------------------------------------------------------------ forward / retrieve
+
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        """Write x into the memory and read it back token by token.
+
+        x: (B, T, dim) -> y (B, T, dim) with y_t = M_t(q_t) after token t's update; returns the new state.
+        """
+        self._check_x(x)
+        B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B, x.device)
+        if state.batch_size != B:
+            raise ValueError(f"state: batch size {state.batch_size} does not match x's batch size {B}")
+        if T == 0:
+            return x.new_zeros(B, 0, self.dim), state
+        qkv, conv = self._project(x, state.conv)
+        q, k, v = rearrange(qkv, "b t (s h d) -> s b h t d", s=3, h=self.heads)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        theta, eta, alpha, raw, chunk_gates = self._gates(x, state)
+        mdtype = state.weights[0].dtype
+        args = [t.to(mdtype) for t in (q, k, v, theta, eta, alpha)]
+        offset = state.seen % self.chunk_size
+        which = resolve_backend(self.backend, args[0], args[1], args[2], state.weights, self.chunk_size,
+                                self.activation, self.residual, offset)
+        if which == "triton" and T % self.chunk_size == 0:
+            # the fused kernel starts at a chunk boundary and here also ends on one, so the
+            # chunk-start weights of the next chunk are the final weights
+            from titans.core.memory.triton_kernels import neural_memory_update_triton
+
+            y, W, S = neural_memory_update_triton(*args, state.weights, state.momentum,
+                                                  chunk_size=self.chunk_size, activation=self.activation,
+                                                  residual=self.residual)
+            W0 = W
+        else:
+            fn = neural_memory_update_naive if which == "naive" else neural_memory_update_chunked
+            y, W, S, W0, _ = fn(*args, state.weights, state.momentum, chunk_size=self.chunk_size,
+                                activation=self.activation, residual=self.residual,
+                                chunk_weights=state.chunk_weights, offset=offset,
+                                return_chunk_state=True, validate=False)
+        new_state = MemoryState(W, S, W0, state.seen + T, conv, chunk_gates)
+        return self._output(y, x), new_state
+
+    def retrieve(self, x_or_q: Tensor, state: MemoryState | None = None,
+                 conv_cache: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Read the memory without updating it (Eq. 15).  ``state`` is never modified.
+
+        x_or_q: (B, T, dim) inputs (projected to queries with the module's W_Q, causal conv over the
+        query stream whose cache is ``conv_cache`` (zeros if None), SiLU, l2 norm) -> (B, T, dim) after
+        the output norm / gate / projection; or (B, H, T, d) ready queries -> raw memory output
+        (B, H, T, d).  Returns ``(y, new_conv_cache)``; the cache belongs to the caller's query stream.
+        """
+        if x_or_q.ndim == 4:
+            if state is None:
+                state = self.init_state(x_or_q.shape[0], x_or_q.device)
+            W = tuple(w.to(x_or_q.dtype) for w in state.weights)
+            return memory_mlp(x_or_q, W, self.activation, self.residual), conv_cache
+        self._check_x(x_or_q, "x_or_q")
+        B = x_or_q.shape[0]
+        if state is None:
+            state = self.init_state(B, x_or_q.device)
+        inner = self.heads * self.head_dim
+        q, new_cache = self._project(x_or_q, conv_cache, channels=slice(0, inner))
+        q = F.normalize(rearrange(q, "b t (h d) -> b h t d", h=self.heads), dim=-1)
+        W = state.weights
+        y = memory_mlp(q.to(W[0].dtype), W, self.activation, self.residual)
+        return self._output(y, x_or_q), new_cache
+
+    def surprise(self, x: Tensor, state: MemoryState | None = None) -> dict[str, Tensor]:
+        """Diagnostics without updating: per head and token the inner loss at the current weights and
+        the gradient norm (momentary surprise), plus the gates.  Shapes (B, H, T)."""
+        self._check_x(x)
+        B = x.shape[0]
+        if state is None:
+            state = self.init_state(B, x.device)
+        qkv, _ = self._project(x, state.conv)
+        _, k, v = rearrange(qkv, "b t (s h d) -> s b h t d", s=3, h=self.heads)
+        k = F.normalize(k, dim=-1).to(state.weights[0].dtype)
+        v = v.to(k.dtype)
+        from titans.core.memory.functional import _inner_backward
+
+        hs, deltas = _inner_backward(k, v, state.weights, get_activation(self.activation), self.residual)
+        out = memory_mlp(k, state.weights, self.activation, self.residual)
+        loss = ((out - v) ** 2).sum(-1)
+        # ||h^T delta||_F = ||h|| * ||delta|| for a rank-one per-token gradient
+        sq = sum((h.pow(2).sum(-1) * d.pow(2).sum(-1)) for h, d in zip(hs, deltas))
+        theta, eta, alpha, _, _ = self._gates(x, state)
+        return {"inner_loss": loss, "grad_norm": sq.sqrt(), "theta": theta, "eta": eta, "alpha": alpha}
+
+
+__all__ = ["MemoryState", "NeuralMemory"]
