@@ -1,0 +1,372 @@
+"""The Titans language model: MAC / MAG / MAL / LMM and the Transformer++ / SWA baselines.
+
+One file, one block class; the sequence mixer of each block is chosen by the variant
+(paper Section 4, ``../shared/docs/titans_paper_notes.md``):
+
+* ``mac`` (Eq. 21-25): the stream is cut into segments of C = ``window`` tokens.  For each segment the
+  memory as it was before the segment is read (``h = M*_{t-1}(q)``), attention runs over
+  ``[persistent || h || segment]`` (full causal inside the segment; token i sees retrieved token j only
+  if j <= i), the memory is updated with the attention output y, and the block emits
+  ``gate(y, M*_t(y))`` where ``M*_t(y_t)`` is read right after token t's update.
+* ``mag`` (Eq. 26-28): sliding-window attention with the persistent prefix, and the memory on the same
+  input; ``gate(y, M(x))``.
+* ``mal`` (Eq. 29-31): the memory as a layer, then sliding-window attention over its output.
+* ``lmm``: the memory alone.
+* ``transformer`` (full causal) and ``swa`` (sliding window): baselines built from the same blocks.
+
+Persistent tokens (Eq. 19) are the attention prefix (MAC, MAG, baselines); for MAG, MAL and LMM the
+memory also reads ``[p] || x``: a fresh state first absorbs the persistent tokens.
+
+Everything is streamable: ``forward(ids, state)`` continues from ``state`` (every layer's
+:class:`MemoryState`, KV cache bounded by the window / segment, MAC's segment snapshot), and one call
+over T tokens equals feeding them in any pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from titans.core.attention.attention_layer import CausalSelfAttention, KVCache
+from titans.core.attention.attention_utils import MaskSpec
+from titans.core.memory.neural_memory import MemoryState, NeuralMemory
+from titans.core.memory.persistent_memory import PersistentMemory
+from titans.core.models.model_utils import MemoryGate, RMSNorm, SwiGLU
+from titans.utils.config import ModelConfig, TitansConfig, model_config_from
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class LayerState:
+    """One block's recurrent state.
+
+    memory: the neural memory's state (None for layers without memory).
+    kv: the attention KV cache (bounded by window / segment, except the full Transformer).
+    segment_weights: MAC only — memory weights at the start of the current segment (used for retrieval).
+    read_conv: MAC only — causal-conv cache of the retrieval query stream.
+    prefix: MAL only — the attention prefix (memory output of the persistent tokens).
+    """
+
+    memory: MemoryState | None = None
+    kv: KVCache | None = None
+    segment_weights: tuple[Tensor, ...] | None = None
+    read_conv: Tensor | None = None
+    prefix: Tensor | None = None
+
+
+@dataclass
+class ModelState:
+    """The whole model's recurrent state; ``position`` counts the tokens consumed so far."""
+
+    layers: list[LayerState]
+    position: int = 0
+
+    def map_tensors(self, fn) -> ModelState:
+        def m(x):
+            if x is None:
+                return None
+            if isinstance(x, tuple):
+                return tuple(fn(t) for t in x)
+            if isinstance(x, MemoryState):
+                return x._map(fn)
+            if isinstance(x, KVCache):
+                return x._map(fn) if hasattr(x, "_map") else _map_dataclass(x, fn)
+            return fn(x)
+
+        return ModelState([LayerState(m(s.memory), m(s.kv), m(s.segment_weights), m(s.read_conv), m(s.prefix))
+                           for s in self.layers], self.position)
+
+    def detach(self) -> ModelState:
+        return self.map_tensors(lambda t: t.detach())
+
+    def to(self, device=None, dtype=None) -> ModelState:
+        return self.map_tensors(lambda t: t.to(device=device, dtype=dtype) if t.is_floating_point()
+                                else t.to(device=device))
+
+    def clone(self) -> ModelState:
+        return self.map_tensors(lambda t: t.clone())
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat name -> tensor mapping of everything in the state (for safetensors)."""
+        out: dict[str, Tensor] = {"position": torch.tensor([self.position], dtype=torch.int64)}
+        for i, s in enumerate(self.layers):
+            if s.memory is not None:
+                out.update({f"layers.{i}.memory.{k}": v for k, v in s.memory.tensors().items()})
+            if s.kv is not None:
+                out.update({f"layers.{i}.kv.{k}": v for k, v in _dataclass_tensors(s.kv).items()})
+            if s.segment_weights is not None:
+                out.update({f"layers.{i}.segment_weights.{j}": w for j, w in enumerate(s.segment_weights)})
+            if s.read_conv is not None:
+                out[f"layers.{i}.read_conv"] = s.read_conv
+            if s.prefix is not None:
+                out[f"layers.{i}.prefix"] = s.prefix
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], num_layers: int) -> ModelState:
+        if "position" not in tensors:
+            raise ValueError("model state: missing 'position'")
+        layers = []
+        for i in range(num_layers):
+            pre = f"layers.{i}."
+            sub = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+            mem = {k[len("memory."):]: v for k, v in sub.items() if k.startswith("memory.")}
+            kv = {k[len("kv."):]: v for k, v in sub.items() if k.startswith("kv.")}
+            seg = {k: v for k, v in sub.items() if k.startswith("segment_weights.")}
+            layers.append(LayerState(
+                MemoryState.from_tensors(mem) if mem else None,
+                _dataclass_from_tensors(KVCache, kv) if kv else None,
+                tuple(seg[f"segment_weights.{j}"] for j in range(len(seg))) if seg else None,
+                sub.get("read_conv"), sub.get("prefix")))
+        return cls(layers, int(tensors["position"].item()))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def _dataclass_tensors(obj) -> dict[str, Tensor]:
+    return {f: getattr(obj, f) for f in obj.__dataclass_fields__ if isinstance(getattr(obj, f), Tensor)}
+
+
+def _dataclass_from_tensors(cls, tensors: Mapping[str, Tensor]):
+    kwargs = {f: tensors.get(f) for f in cls.__dataclass_fields__}
+    return cls(**kwargs)
+
+
+def _map_dataclass(obj, fn):
+    kwargs = {f: (fn(v) if isinstance(v, Tensor) else v) for f, v in
+              ((f, getattr(obj, f)) for f in obj.__dataclass_fields__)}
+    return type(obj)(**kwargs)
+
+
+@dataclass
+class TitansOutput:
+    """``logits`` (B, T, vocab); ``loss`` when labels were given; ``state`` to continue the stream."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+    state: ModelState | None = None
+    aux: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def _memory_from_config(cfg: ModelConfig) -> NeuralMemory:
+    return NeuralMemory(
+        cfg.dim, heads=cfg.memory_heads or cfg.heads, depth=cfg.memory_depth, expansion=cfg.memory_expansion,
+        activation=cfg.memory_activation, residual=cfg.memory_residual, chunk_size=cfg.memory_chunk_size,
+        conv_kernel=cfg.memory_conv_kernel, momentum=cfg.memory_momentum, weight_decay=cfg.memory_weight_decay,
+        max_lr=cfg.memory_max_lr, gates_per_chunk=cfg.memory_gates_per_chunk, output_gate=cfg.memory_output_gate,
+        backend=cfg.memory_backend, norm_eps=cfg.norm_eps)
+
+
+class TitansBlock(nn.Module):
+    """Pre-norm residual block: sequence mixer (per variant) then SwiGLU feed-forward."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.variant = cfg.variant
+        self.layer = layer
+        self.has_memory = cfg.layer_has_memory(layer)
+        self.num_persistent = cfg.persistent_tokens
+        self.window = cfg.window
+        self.norm_mix = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm_ffn = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
+        self.memory = _memory_from_config(cfg) if self.has_memory else None
+        self.uses_attention = not (self.variant == "lmm" and self.has_memory)
+        self.attn = None
+        if self.uses_attention:
+            self.attn = CausalSelfAttention(cfg.dim, cfg.heads, kv_heads=cfg.kv_heads, rope_theta=cfg.rope_theta,
+                                            qk_norm=cfg.qk_norm, backend=cfg.attention_backend,
+                                            norm_eps=cfg.norm_eps)
+        self.gate = MemoryGate(cfg.dim, cfg.norm_eps) if self.has_memory and self.variant in ("mac", "mag") else None
+        # MAL: the memory is its own residual sub-layer before attention
+        self.norm_attn = RMSNorm(cfg.dim, cfg.norm_eps) if self.has_memory and self.variant == "mal" else None
+        self.mask = self._mask_spec(cfg)
+
+    def _mask_spec(self, cfg: ModelConfig) -> MaskSpec | None:
+        if not self.uses_attention:
+            return None
+        if self.variant == "transformer":
+            return MaskSpec("causal", prefix_len=cfg.persistent_tokens)
+        if self.variant == "mac":
+            return MaskSpec("segment", window=cfg.window, prefix_len=cfg.persistent_tokens,
+                            memory_tokens=self.has_memory)
+        return MaskSpec("sliding", window=cfg.window, prefix_len=cfg.persistent_tokens)
+
+    # -------------------------------------------------------------- state
+
+    def init_state(self, batch: int, persistent: Tensor | None, device, dtype) -> LayerState:
+        st = LayerState()
+        if self.memory is None:
+            return st
+        st.memory = self.memory.init_state(batch, device)
+        if self.variant in ("mag", "mal", "lmm") and persistent is not None:
+            # the memory reads [p] || x (Eq. 26, 29): absorb the persistent tokens first
+            p = persistent.unsqueeze(0).expand(batch, -1, -1).to(dtype)
+            m, st.memory = self.memory(self.norm_mix(p), st.memory)
+            if self.variant == "mal":
+                st.prefix = self.norm_attn(p + m)
+        if self.variant == "mac":
+            st.segment_weights = st.memory.weights
+        return st
+
+    # -------------------------------------------------------------- forward
+
+    def _attend(self, x: Tensor, st: LayerState, pos: int, prefix: Tensor | None, memory_tokens: Tensor | None,
+                want_cache: bool) -> Tensor:
+        y, cache = self.attn(x, mask=self.mask, start_pos=pos, prefix=prefix, memory=memory_tokens, cache=st.kv,
+                             return_cache=want_cache)
+        st.kv = cache if want_cache else None
+        return y
+
+    def forward(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
+                want_cache: bool) -> Tensor:
+        """x: (B, T, dim) at absolute positions pos..pos+T-1; ``st`` is updated in place (a fresh object)."""
+        if self.variant == "mac" and self.memory is not None:
+            x = x + self._mac(self.norm_mix(x), st, pos, persistent, want_cache)
+        elif self.variant == "mal" and self.memory is not None:
+            m, st.memory = self.memory(self.norm_mix(x), st.memory)
+            x = x + m
+            x = x + self._attend(self.norm_attn(x), st, pos, st.prefix, None, want_cache)
+        elif self.variant == "lmm" and self.memory is not None:
+            m, st.memory = self.memory(self.norm_mix(x), st.memory)
+            x = x + m
+        elif self.variant == "mag" and self.memory is not None:
+            h = self.norm_mix(x)
+            y = self._attend(h, st, pos, persistent, None, want_cache)
+            m, st.memory = self.memory(h, st.memory)
+            x = x + self.gate(y, m)
+        else:  # attention-only block (baselines, and layers without memory)
+            x = x + self._attend(self.norm_mix(x), st, pos, persistent, None, want_cache)
+        return x + self.ffn(self.norm_ffn(x))
+
+    def _mac(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool) -> Tensor:
+        """Memory as context (Eq. 21-25), segment by segment so retrieval uses the pre-segment memory."""
+        C = self.window
+        outs = []
+        start = 0
+        T = h.shape[1]
+        while start < T:
+            p = pos + start
+            if p % C == 0:
+                st.segment_weights = st.memory.weights  # memory M_{t-1} as it was before this segment
+            n = min(C - p % C, T - start)
+            seg = h[:, start:start + n]
+            read_state = MemoryState(st.segment_weights, st.memory.momentum, st.segment_weights, st.memory.seen)
+            retrieved, st.read_conv = self.memory.retrieve(seg, read_state, st.read_conv)  # h_t = M*_{t-1}(q_t)
+            y = self._attend(seg, st, p, persistent, retrieved, want_cache)  # y_t = Attn([p || h || S])
+            m, st.memory = self.memory(y, st.memory)  # M_t = M_{t-1}(y_t); m_t = M*_t(y_t)
+            outs.append(self.gate(y, m))  # o_t = y_t (x) M*_t(y_t)
+            start += n
+        return torch.cat(outs, dim=1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class TitansLM(nn.Module):
+    """Decoder-only language model; see the module docstring for the variants."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.persistent = PersistentMemory(config.persistent_tokens, config.dim, config.init_std)
+        self.blocks = nn.ModuleList(TitansBlock(config, i) for i in range(config.depth))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear) and "to_gates" not in name:
+                nn.init.normal_(mod.weight, std=std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, std=std)
+        for name, p in self.named_parameters():
+            # residual-branch outputs start small (GPT-2 style scaling by depth)
+            if name.endswith(("w2.weight", "to_out.weight", "o_proj.weight", "out_proj.weight")):
+                nn.init.normal_(p, std=std / (2 * self.config.depth) ** 0.5)
+
+    # -------------------------------------------------------------- state
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        p = self.persistent()
+        return ModelState([b.init_state(batch_size, p, device, dtype) for b in self.blocks], 0)
+
+    def forward(self, input_ids: Tensor, state: ModelState | None = None, labels: Tensor | None = None,
+                use_cache: bool = True) -> TitansOutput:
+        """input_ids: (B, T) int64.  Labels follow the Hugging Face convention (pass ``labels=input_ids``;
+        shifted inside; -100 ignored).  Returns logits (B, T, vocab), loss, and the new state
+        (None when ``use_cache=False``, which skips building KV caches during training)."""
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
+            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids: expected shape (B, T), got {got}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
+        B, T = input_ids.shape
+        if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if state is None:
+            state = self.init_state(B, input_ids.device)
+            if not use_cache:
+                state = ModelState(state.layers, 0)
+        elif len(state.layers) != len(self.blocks):
+            raise ValueError(f"state: has {len(state.layers)} layers, the model has {len(self.blocks)}")
+        elif state.layers and state.layers[0].memory is not None and state.layers[0].memory.batch_size != B:
+            raise ValueError(f"state: batch size {state.layers[0].memory.batch_size} != input batch {B}")
+        pos = state.position
+        new_layers = [LayerState(s.memory, s.kv, s.segment_weights, s.read_conv, s.prefix) for s in state.layers]
+        p = self.persistent()
+        x = self.embed(input_ids)
+        for block, st in zip(self.blocks, new_layers):
+            x = block(x, st, pos, p, use_cache)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if labels is not None:
+            loss = lm_loss(logits, labels)
+        new_state = ModelState(new_layers, pos + T) if use_cache else None
+        return TitansOutput(logits=logits, loss=loss, state=new_state)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int = 64, **kwargs):
+        """Sample continuations; see :func:`titans.core.models.generation.generate`."""
+        from titans.core.models.generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy: position t predicts labels[t + 1]; label -100 is ignored."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    if logits.dtype == torch.float64:
+        shift_logits = shift_logits.double()
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def build_model(config: ModelConfig | TitansConfig | Mapping) -> TitansLM:
+    """Build a :class:`TitansLM` from a ModelConfig, a full TitansConfig, or a dict of either."""
+    return TitansLM(model_config_from(config))

@@ -1,0 +1,52 @@
+"""Small building blocks shared by every variant: RMSNorm, SwiGLU, the memory gate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learnable per-feature scale; x: (..., dim)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+class SwiGLU(nn.Module):
+    """Feed-forward ``W_2 (SiLU(x W_1) * x W_3)``; (..., dim) -> (..., dim)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(a) * b)
+
+
+class MemoryGate(nn.Module):
+    """Combine a branch output y with the memory output m (MAC Eq. 25, MAG Eq. 28).
+
+    ``o = norm_y(y) * sigmoid(norm_m(m))``: both normalised with learnable vector-valued weights,
+    the memory side through a sigmoid non-linearity.  y, m: (B, T, dim) -> (B, T, dim).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm_y = RMSNorm(dim, eps)
+        self.norm_m = RMSNorm(dim, eps)
+
+    def forward(self, y: Tensor, m: Tensor) -> Tensor:
+        return self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
