@@ -1,0 +1,236 @@
+"""One benchmark harness for every model of the project (issue 7).
+
+Measures, in one process and one run: training tokens/s (forward + backward + AdamW step, bf16 autocast
+on CUDA), peak device memory, prefill tokens/s, and decode latency per token at several context lengths,
+for the Titans variants, the Transformer++ / SWA baselines and, when installed, titans-pytorch's
+MemoryAsContextTransformer with the same width / depth / heads / window / memory depth and chunk.
+
+Writes JSON and a markdown table.  Example (the issue's setting)::
+
+    python benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 \\
+        --memory-chunk 64 --shapes 4096x8 16384x2 65536x1 --models mac transformer swa \\
+        --decode-contexts 1024 1048576 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from titans.core.models import build_model
+
+
+@dataclass
+class Row:
+    model: str
+    seq_len: int
+    batch: int
+    train_tokens_per_s: float | None = None
+    train_peak_gb: float | None = None
+    prefill_tokens_per_s: float | None = None
+    error: str | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def model_config(args, variant: str) -> dict:
+    mem_layers = args.memory_layers if args.memory_layers else None
+    return dict(variant=variant, vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads,
+                window=args.window, persistent_tokens=args.persistent, memory_depth=args.memory_depth,
+                memory_chunk_size=args.memory_chunk, memory_layers=mem_layers)
+
+
+def build(args, name: str, device: torch.device):
+    if name == "titans-pytorch":
+        from titans_pytorch import MemoryAsContextTransformer  # optional peer, only when installed
+
+        model = MemoryAsContextTransformer(
+            num_tokens=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads,
+            segment_len=args.window, num_persist_mem_tokens=args.persistent, num_longterm_mem_tokens=16,
+            neural_memory_layers=tuple(i + 1 for i in (args.memory_layers or range(args.depth))),
+            neural_memory_segment_len=args.memory_chunk)
+        return model.to(device), (lambda ids: model(ids, return_loss=True))
+    model = build_model(model_config(args, name)).to(device)
+    return model, (lambda ids: model(ids, labels=ids, use_cache=False).loss)
+
+
+def time_training(args, name: str, seq: int, batch: int, device: torch.device) -> Row:
+    row = Row(name, seq, batch)
+    try:
+        _reset_peak(device)
+        model, loss_fn = build(args, name, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        ids = torch.randint(0, args.vocab, (batch, seq), device=device)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+        def step():
+            with amp:
+                loss = loss_fn(ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup):
+            step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        _sync(device)
+        dt = (time.perf_counter() - t0) / args.iters
+        row.train_tokens_per_s = batch * seq / dt
+        row.train_peak_gb = _peak_gb(device)
+        if name != "titans-pytorch":
+            model.eval()
+            with torch.no_grad(), amp:
+                model(ids[:1], use_cache=True)
+                _sync(device)
+                t0 = time.perf_counter()
+                model(ids[:1], use_cache=True)
+                _sync(device)
+            row.prefill_tokens_per_s = seq / (time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        row.error = "out of memory"
+    except Exception as e:  # noqa: BLE001 - a benchmark row records the failure and goes on
+        row.error = f"{type(e).__name__}: {e}"[:200]
+    _reset_peak(device)
+    return row
+
+
+@torch.no_grad()
+def time_decode(args, name: str, context: int, device: torch.device) -> dict:
+    """Per-token decode latency and state size after ``context`` tokens of prefill (streamed in pieces)."""
+    out = {"model": name, "context": context}
+    try:
+        model = build_model(model_config(args, name)).to(device).eval()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        state = None
+        piece = args.prefill_piece
+        with amp:
+            done = 0
+            while done < context:
+                n = min(piece, context - done)
+                state = model(torch.randint(0, args.vocab, (1, n), device=device), state=state).state
+                done += n
+            tok = torch.randint(0, args.vocab, (1, 1), device=device)
+            for _ in range(5):
+                state_w = model(tok, state=state).state
+            _reset_peak(device)
+            _sync(device)
+            times = []
+            for _ in range(args.decode_steps):
+                t0 = time.perf_counter()
+                state_w = model(tok, state=state_w).state
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        out.update(latency_ms=1000 * times[len(times) // 2], state_mb=state_w.nbytes() / 2**20,
+                   peak_gb=_peak_gb(device))
+    except torch.OutOfMemoryError:
+        out["error"] = "out of memory"
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {e}"[:200]
+    return out
+
+
+def _fmt(x: float | None, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def markdown(rows: list[Row], decode: list[dict]) -> str:
+    lines = ["| model | seq x batch | train tokens/s | peak GPU GB | prefill tokens/s | note |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.seq_len} x {r.batch} | {_fmt(r.train_tokens_per_s)} | "
+                     f"{_fmt(r.train_peak_gb, 1)} | {_fmt(r.prefill_tokens_per_s)} | {r.error or ''} |")
+    if decode:
+        lines += ["", "| model | context | decode ms/token | state MB | note |", "| --- | --- | --- | --- | --- |"]
+        for d in decode:
+            lat = d.get("latency_ms")
+            lines.append(f"| {d['model']} | {d['context']:,} | {'-' if lat is None else f'{lat:.2f}'} | "
+                         f"{d.get('state_mb', float('nan')):.2f} | {d.get('error', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["mac", "mag", "mal", "lmm", "transformer", "swa"])
+    ap.add_argument("--shapes", nargs="+", default=["1024x2"], help="SEQxBATCH entries")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--persistent", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--memory-depth", type=int, default=2)
+    ap.add_argument("--memory-chunk", type=int, default=16)
+    ap.add_argument("--memory-layers", type=int, nargs="*", default=None)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--decode-contexts", type=int, nargs="*", default=[])
+    ap.add_argument("--decode-models", nargs="*", default=None)
+    ap.add_argument("--decode-steps", type=int, default=20)
+    ap.add_argument("--prefill-piece", type=int, default=8192)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="benchmarks/results/harness.json")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    models = list(args.models)
+    try:
+        import titans_pytorch  # noqa: F401
+
+        models.append("titans-pytorch")
+    except ImportError:
+        pass
+    rows = []
+    for shape in args.shapes:
+        seq, batch = (int(x) for x in shape.lower().split("x"))
+        for name in models:
+            r = time_training(args, name, seq, batch, device)
+            print(json.dumps(asdict(r)), flush=True)
+            rows.append(r)
+    decode = []
+    for ctx in args.decode_contexts:
+        for name in args.decode_models or [m for m in models if m != "titans-pytorch"]:
+            d = time_decode(args, name, ctx, device)
+            print(json.dumps(d), flush=True)
+            decode.append(d)
+    result = {
+        "date": str(date.today()),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "args": vars(args), "train": [asdict(r) for r in rows], "decode": decode,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    table = markdown(rows, decode)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
