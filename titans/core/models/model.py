@@ -38,7 +38,6 @@ from titans.core.memory.persistent_memory import PersistentMemory
 from titans.core.models.model_utils import MemoryGate, RMSNorm, SwiGLU
 from titans.utils.config import ModelConfig, TitansConfig, model_config_from
 
-
 # ----------------------------------------------------------------------------- state
 
 

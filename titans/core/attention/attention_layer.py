@@ -1,0 +1,212 @@
+"""One causal multi-head attention module (RoPE, optional qk-norm, optional GQA) whose mask is data.
+
+Backends give the same outputs: ``reference`` (dense mask, explicit softmax; any device), ``sdpa``
+(``torch.nn.functional.scaled_dot_product_attention``) and ``flex`` (FlexAttention with a block mask:
+CUDA only, no T x T mask).  A :class:`KVCache` carries earlier tokens of the stream; it is pruned after
+every call to what later queries can still see, so for sliding and segment masks its size is bounded by
+the window / segment, not by the context length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from titans.core.attention.attention_utils import MaskSpec, RotaryEmbedding, build_dense_mask, flex_mask_mod
+
+
+@dataclass
+class KVCache:
+    """Keys / values of earlier context tokens (and MAC memory tokens) of one stream.
+
+    k, v: (B, Hkv, n, hd); pos: (n,) absolute positions.  mk, mv, mpos: the same for memory tokens.
+    """
+
+    k: Tensor
+    v: Tensor
+    pos: Tensor
+    mk: Tensor | None = None
+    mv: Tensor | None = None
+    mpos: Tensor | None = None
+
+    def _map(self, fn) -> KVCache:
+        return KVCache(*(None if t is None else fn(t) for t in (self.k, self.v, self.pos, self.mk, self.mv, self.mpos)))
+
+    def detach(self) -> KVCache:
+        return self._map(lambda t: t.detach())
+
+    def to(self, device=None) -> KVCache:
+        return self._map(lambda t: t.to(device))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos, self.mk, self.mv, self.mpos)
+                   if t is not None)
+
+    def __len__(self) -> int:
+        return int(self.pos.shape[0])
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except Exception:  # noqa: BLE001 - older torch
+        return False
+    return True
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, q_pos: Tensor, k_pos: Tensor,
+              mem_pos: Tensor | None = None, backend: str = "reference") -> Tensor:
+    """Masked softmax attention over keys laid out as [prefix | memory | context].
+
+    q: (B, H, Tq, hd); k, v: (B, Hkv, Tk_total, hd) with Hkv dividing H; q_pos (Tq,), k_pos (Tk,),
+    mem_pos (Tm,) absolute positions.  Returns (B, H, Tq, hd).
+    """
+    H, Hkv = q.shape[1], k.shape[1]
+    n_mem = 0 if mem_pos is None else mem_pos.shape[0]
+    if backend == "flex":
+        block_mask = _block_mask(spec, q_pos, k_pos, mem_pos, q.shape[2], k.shape[2], n_mem)
+        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=H != Hkv)
+    if H != Hkv:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    if backend == "sdpa":
+        plain_causal = (spec.kind == "causal" and spec.prefix_len == 0 and n_mem == 0
+                        and q_pos.shape[0] == k_pos.shape[0] and bool((q_pos == k_pos).all()))
+        if plain_causal:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = build_dense_mask(spec, q_pos, k_pos, mem_pos)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if backend != "reference":
+        raise ValueError(f"backend={backend!r}: expected 'reference', 'sdpa', 'flex' or 'auto'")
+    mask = build_dense_mask(spec, q_pos, k_pos, mem_pos)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _block_mask(spec, q_pos, k_pos, mem_pos, Tq, Tk, n_mem):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mod = flex_mask_mod(spec, int(q_pos[0]), n_mem, mem_pos, k_pos)
+    return create_block_mask(mod, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=q_pos.device)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with RoPE, optional RMS qk-norm and grouped-query heads.
+
+    forward(x (B, T, D), mask=MaskSpec, start_pos, prefix (N_p, D) | (B, N_p, D), memory (B, T, D),
+    cache) -> (out (B, T, D), cache or None).
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None,
+                 rope_theta: float = 10000.0, qk_norm: bool = False, backend: str = "auto",
+                 norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        kv_heads = kv_heads or heads
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
+        head_dim = head_dim or dim // heads
+        if backend not in ("auto", "reference", "sdpa", "flex"):
+            raise ValueError(f"backend={backend!r}: expected 'auto', 'reference', 'sdpa' or 'flex'")
+        self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
+        self.backend = backend
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
+        self.kv_proj = nn.Linear(dim, 2 * kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=False)
+        self.rope = RotaryEmbedding(head_dim, rope_theta)
+        self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+
+    def _kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        kv = self.kv_proj(x).view(*x.shape[:-1], 2, self.kv_heads, self.head_dim)
+        k, v = kv.unbind(-3)
+        k, v = k.transpose(-2, -3), v.transpose(-2, -3)  # (..., Hkv, T, hd)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k, v
+
+    def _pick_backend(self, spec: MaskSpec, device: torch.device) -> str:
+        if self.backend != "auto":
+            if self.backend == "flex" and device.type != "cuda":
+                raise ValueError("backend='flex' needs a CUDA device")
+            return self.backend
+        if device.type == "cuda" and spec.kind != "causal" and _flex_available():
+            return "flex"
+        return "sdpa"
+
+    def forward(self, x: Tensor, *, mask: MaskSpec, start_pos: int = 0, prefix: Tensor | None = None,
+                memory: Tensor | None = None, cache: KVCache | None = None,
+                return_cache: bool = False) -> tuple[Tensor, KVCache | None]:
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x: expected shape (B, T, {self.dim}), got {got}")
+        B, T, _ = x.shape
+        if mask.memory_tokens != (memory is not None):
+            raise ValueError("memory: must be given exactly when mask.memory_tokens is True "
+                             f"(memory_tokens={mask.memory_tokens}, memory={'given' if memory is not None else None})")
+        if memory is not None and memory.shape != x.shape:
+            raise ValueError(f"memory: expected shape {tuple(x.shape)} (aligned with x), got {tuple(memory.shape)}")
+        n_prefix = 0 if prefix is None else prefix.shape[-2]
+        if n_prefix != mask.prefix_len:
+            raise ValueError(f"prefix: has {n_prefix} tokens but mask.prefix_len={mask.prefix_len}")
+        if prefix is not None and (prefix.ndim not in (2, 3) or prefix.shape[-1] != self.dim):
+            raise ValueError(f"prefix: expected shape (N_p, {self.dim}) or (B, N_p, {self.dim}), "
+                             f"got {tuple(prefix.shape)}")
+        dev = x.device
+        pos = torch.arange(start_pos, start_pos + T, device=dev)
+        if cache is not None and len(cache) and int(cache.pos[-1]) >= start_pos:
+            raise ValueError(f"start_pos={start_pos}: the cache already holds position {int(cache.pos[-1])}")
+
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = self.rope.apply(q, pos)
+        k, v = self._kv(x)
+        k = self.rope.apply(k, pos)
+        ctx_k, ctx_v, ctx_pos = k, v, pos
+        if cache is not None and len(cache):
+            ctx_k, ctx_v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
+            ctx_pos = torch.cat([cache.pos, pos])
+        keys, values = [ctx_k], [ctx_v]
+        mem_k = mem_v = mem_pos = None
+        if memory is not None:
+            mk, mv = self._kv(memory)
+            mk = self.rope.apply(mk, pos)
+            mem_k, mem_v, mem_pos = mk, mv, pos
+            if cache is not None and cache.mk is not None and len(cache.mpos):
+                mem_k, mem_v = torch.cat([cache.mk, mk], 2), torch.cat([cache.mv, mv], 2)
+                mem_pos = torch.cat([cache.mpos, pos])
+            keys.insert(0, mem_k)
+            values.insert(0, mem_v)
+        if prefix is not None:
+            pk, pv = self._kv(prefix.to(x.dtype))
+            if pk.ndim == 3:
+                pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
+            keys.insert(0, pk.expand(B, -1, -1, -1))
+            values.insert(0, pv.expand(B, -1, -1, -1))
+        K = torch.cat(keys, 2) if len(keys) > 1 else keys[0]
+        V = torch.cat(values, 2) if len(values) > 1 else values[0]
+        out = attention(q, K, V, mask, pos, ctx_pos, mem_pos, self._pick_backend(mask, dev))
+        out = self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+        new_cache = None
+        if return_cache:
+            keep_from = mask.keep_after(start_pos + T - 1)
+            sel = ctx_pos >= keep_from
+            new_cache = KVCache(ctx_k[:, :, sel], ctx_v[:, :, sel], ctx_pos[sel])
+            if mem_pos is not None:
+                msel = mem_pos >= keep_from
+                new_cache.mk, new_cache.mv, new_cache.mpos = mem_k[:, :, msel], mem_v[:, :, msel], mem_pos[msel]
+        return out, new_cache

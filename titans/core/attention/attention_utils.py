@@ -1,0 +1,140 @@
+"""Masks as data, and rotary position embeddings.
+
+A :class:`MaskSpec` describes who may attend to whom; every backend realises the same spec:
+the reference builds a dense boolean mask, SDPA takes a small dense mask (or ``is_causal``), and
+FlexAttention gets a ``mask_mod`` and a block mask, so sliding-window and segment masks never
+materialise a T x T matrix on the GPU.
+
+Key layout seen by a query: ``[prefix (persistent tokens) | memory tokens (MAC) | context tokens]``.
+Context and memory tokens carry absolute positions; prefix tokens are visible to every query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Who may attend to whom.
+
+    kind: ``"causal"`` (j <= i), ``"sliding"`` (i - window < j <= i), ``"segment"`` (j <= i and
+    j // window == i // window: full causal inside segments of ``window`` tokens).
+    prefix_len: leading prefix tokens every query sees (persistent memory, Eq. 19).
+    memory_tokens: MAC's retrieved tokens, one per context position; query i sees memory token j under
+    the same rule as context token j (so j <= i: never a later position's retrieval).
+    """
+
+    kind: Literal["causal", "sliding", "segment"] = "causal"
+    window: int | None = None
+    prefix_len: int = 0
+    memory_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("causal", "sliding", "segment"):
+            raise ValueError(f"MaskSpec.kind={self.kind!r}: expected 'causal', 'sliding' or 'segment'")
+        if self.kind != "causal" and (self.window is None or self.window < 1):
+            raise ValueError(f"MaskSpec.window={self.window!r}: kind {self.kind!r} needs an int window >= 1")
+        if self.prefix_len < 0:
+            raise ValueError(f"MaskSpec.prefix_len={self.prefix_len}: expected >= 0")
+
+    def allowed(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """Elementwise rule for context (and memory) tokens; broadcasts q_pos against k_pos."""
+        ok = k_pos <= q_pos
+        if self.kind == "sliding":
+            ok = ok & (k_pos > q_pos - self.window)
+        elif self.kind == "segment":
+            ok = ok & (torch.div(k_pos, self.window, rounding_mode="floor")
+                       == torch.div(q_pos, self.window, rounding_mode="floor"))
+        return ok
+
+    def keep_after(self, last_pos: int) -> int:
+        """Smallest absolute position a query after ``last_pos`` can still see (for pruning caches)."""
+        nxt = last_pos + 1
+        if self.kind == "sliding":
+            return nxt - self.window + 1
+        if self.kind == "segment":
+            return nxt // self.window * self.window
+        return 0
+
+
+def causal_mask(T: int, device=None) -> Tensor:
+    """(T, T) bool, True = may attend: j <= i."""
+    i = torch.arange(T, device=device)
+    return i[None, :] <= i[:, None]
+
+
+def sliding_window_mask(T: int, window: int, device=None) -> Tensor:
+    """(T, T) bool: i - window < j <= i."""
+    return MaskSpec("sliding", window).allowed(torch.arange(T, device=device)[:, None],
+                                               torch.arange(T, device=device)[None, :])
+
+
+def segment_mask(T: int, segment: int, device=None) -> Tensor:
+    """(T, T) bool: j <= i inside the same segment of ``segment`` tokens."""
+    return MaskSpec("segment", segment).allowed(torch.arange(T, device=device)[:, None],
+                                                torch.arange(T, device=device)[None, :])
+
+
+def build_dense_mask(spec: MaskSpec, q_pos: Tensor, k_pos: Tensor, mem_pos: Tensor | None = None) -> Tensor:
+    """(Tq, prefix_len + [Tm] + Tk) bool in the layout [prefix | memory | context].
+
+    q_pos (Tq,), k_pos (Tk,) absolute positions of queries and context keys; mem_pos (Tm,) those of
+    memory tokens (defaults to k_pos when ``spec.memory_tokens``).
+    """
+    parts = [torch.ones(q_pos.shape[0], spec.prefix_len, dtype=torch.bool, device=q_pos.device)]
+    if spec.memory_tokens:
+        mem_pos = k_pos if mem_pos is None else mem_pos
+        parts.append(spec.allowed(q_pos[:, None], mem_pos[None, :]))
+    parts.append(spec.allowed(q_pos[:, None], k_pos[None, :]))
+    return torch.cat(parts, dim=1)
+
+
+def flex_mask_mod(spec: MaskSpec, q_start: int, n_mem: int, mem_pos: Tensor | None, k_pos: Tensor):
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for the layout [prefix | memory | context].
+
+    ``k_pos`` / ``mem_pos`` map key indices to absolute positions (tensors on the query device).
+    """
+    P = spec.prefix_len
+    M = n_mem
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qp = q_idx + q_start
+        ci = (kv_idx - P - M).clamp(min=0, max=k_pos.shape[0] - 1)
+        ctx_ok = (kv_idx >= P + M) & spec.allowed(qp, k_pos[ci])
+        ok = (kv_idx < P) | ctx_ok
+        if M:
+            mi = (kv_idx - P).clamp(min=0, max=M - 1)
+            ok = ok | ((kv_idx >= P) & (kv_idx < P + M) & spec.allowed(qp, mem_pos[mi]))
+        return ok
+
+    return mask_mod
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Rotary position embedding (rotate-half convention) at absolute positions."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim={head_dim}: rotary embedding needs an even head dim")
+        self.head_dim = head_dim
+        inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        ang = positions.to(work)[:, None] * self.inv_freq.to(device=positions.device, dtype=work)[None, :]
+        ang = torch.cat([ang, ang], dim=-1)
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def apply(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x: (B, H, T, hd), positions: (T,) -> same shape."""
+        cos, sin = self.cos_sin(positions, x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        rot = torch.cat([-x2, x1], dim=-1)
+        return x * cos + rot * sin
