@@ -76,7 +76,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, q_pos: Tensor, k_
     H, Hkv = q.shape[1], k.shape[1]
     n_mem = 0 if mem_pos is None else mem_pos.shape[0]
     if backend == "flex":
-        block_mask = _block_mask(spec, q_pos, k_pos, mem_pos, q.shape[2], k.shape[2], n_mem)
+        if n_mem or q_pos.shape != k_pos.shape or spec.kind == "segment":
+            raise ValueError("backend='flex': whole sequences only (no cache, no memory tokens, no segments)")
+        block_mask = _block_mask(spec, q.shape[2], k.shape[2], q.device)
         return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=H != Hkv)
     if H != Hkv:
         k = k.repeat_interleave(H // Hkv, dim=1)
@@ -96,11 +98,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, q_pos: Tensor, k_
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _block_mask(spec, q_pos, k_pos, mem_pos, Tq, Tk, n_mem):
+@lru_cache(maxsize=64)
+def _block_mask(spec: MaskSpec, Tq: int, Tk: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    mod = flex_mask_mod(spec, int(q_pos[0]), n_mem, mem_pos, k_pos)
-    return create_block_mask(mod, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=q_pos.device)
+    return create_block_mask(flex_mask_mod(spec), B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
 
 
 class CausalSelfAttention(nn.Module):
@@ -137,14 +139,21 @@ class CausalSelfAttention(nn.Module):
             k = self.k_norm(k)
         return k, v
 
-    def _pick_backend(self, spec: MaskSpec, device: torch.device) -> str:
-        if self.backend != "auto":
-            if self.backend == "flex" and device.type != "cuda":
-                raise ValueError("backend='flex' needs a CUDA device")
-            return self.backend
-        if device.type == "cuda" and spec.kind != "causal" and _flex_available():
+    def _pick_backend(self, spec: MaskSpec, device: torch.device, T: int, whole_sequence: bool) -> str:
+        """FlexAttention for long whole sequences with sliding / prefixed causal masks on CUDA (no T x T
+        mask); SDPA otherwise: plain causal uses its flash path, and decode steps, cached pieces and MAC
+        segments only build small (T x window-sized) masks."""
+        flex_ok = (device.type == "cuda" and whole_sequence and spec.kind != "segment"
+                   and not spec.memory_tokens and _flex_available())
+        if self.backend == "flex":
+            if not flex_ok:
+                raise ValueError("backend='flex' needs CUDA and a whole causal / sliding sequence "
+                                 "(no cache, no memory tokens, no segment mask)")
             return "flex"
-        return "sdpa"
+        if self.backend != "auto":
+            return self.backend
+        plain_causal = spec.kind == "causal" and spec.prefix_len == 0
+        return "flex" if flex_ok and T >= 128 and not plain_causal else "sdpa"
 
     def forward(self, x: Tensor, *, mask: MaskSpec, start_pos: int = 0, prefix: Tensor | None = None,
                 memory: Tensor | None = None, cache: KVCache | None = None,
@@ -198,7 +207,8 @@ class CausalSelfAttention(nn.Module):
             values.insert(0, pv.expand(B, -1, -1, -1))
         K = torch.cat(keys, 2) if len(keys) > 1 else keys[0]
         V = torch.cat(values, 2) if len(values) > 1 else values[0]
-        out = attention(q, K, V, mask, pos, ctx_pos, mem_pos, self._pick_backend(mask, dev))
+        whole = cache is None or len(cache) == 0
+        out = attention(q, K, V, mask, pos, ctx_pos, mem_pos, self._pick_backend(mask, dev, T, whole))
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
         new_cache = None

@@ -94,23 +94,20 @@ def build_dense_mask(spec: MaskSpec, q_pos: Tensor, k_pos: Tensor, mem_pos: Tens
     return torch.cat(parts, dim=1)
 
 
-def flex_mask_mod(spec: MaskSpec, q_start: int, n_mem: int, mem_pos: Tensor | None, k_pos: Tensor):
-    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for the layout [prefix | memory | context].
+def flex_mask_mod(spec: MaskSpec):
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for keys laid out as [prefix | context].
 
-    ``k_pos`` / ``mem_pos`` map key indices to absolute positions (tensors on the query device).
+    Used for whole sequences without a cache or memory tokens (training, prefill), where query i and
+    context key j sit at the same relative positions; causal and sliding masks are translation
+    invariant, so one mask_mod (and one compiled kernel) serves every call.  Segment masks are not
+    (their grid depends on the start position), and MAC calls attention one segment at a time anyway.
     """
+    if spec.kind == "segment" or spec.memory_tokens:
+        raise ValueError("flex_mask_mod: only causal / sliding masks without memory tokens")
     P = spec.prefix_len
-    M = n_mem
 
     def mask_mod(b, h, q_idx, kv_idx):
-        qp = q_idx + q_start
-        ci = (kv_idx - P - M).clamp(min=0, max=k_pos.shape[0] - 1)
-        ctx_ok = (kv_idx >= P + M) & spec.allowed(qp, k_pos[ci])
-        ok = (kv_idx < P) | ctx_ok
-        if M:
-            mi = (kv_idx - P).clamp(min=0, max=M - 1)
-            ok = ok | ((kv_idx >= P) & (kv_idx < P + M) & spec.allowed(qp, mem_pos[mi]))
-        return ok
+        return (kv_idx < P) | spec.allowed(q_idx, kv_idx - P)
 
     return mask_mod
 

@@ -173,13 +173,21 @@ class NeuralMemory(nn.Module):
         self.reset_gate_parameters()
 
     def reset_gate_parameters(self) -> None:
-        """Start with moderate learning rates, strong momentum and little forgetting."""
+        """Start with a stable inner optimisation: strong-ish momentum, slow forgetting (half-life ~700
+        tokens), and a learning rate small enough that a whole chunk's summed step stays stable.
+
+        Inside a chunk all b gradients are taken at the same weights and summed, and momentum scales the
+        step by about 1 / (1 - eta); with l2-normalised keys the inner loss has curvature ~2, so the
+        initial theta is set to theta_0 = 0.5 (1 - eta_0) / b (capped by max_lr / 2).
+        """
+        eta0, alpha0 = 0.73, 1e-3
+        theta0 = min(0.5 * (1 - eta0) / self.chunk_size, 0.5 * self.max_lr)
         with torch.no_grad():
             nn.init.normal_(self.to_gates.weight, std=0.02)
             b = self.to_gates.bias.view(3, self.heads)
-            b[0].fill_(0.0)  # theta = max_lr / 2
-            b[1].fill_(2.0)  # eta ~ 0.88
-            b[2].fill_(-4.0)  # alpha ~ 0.018
+            b[0].fill_(math.log(theta0 / (self.max_lr - theta0)))  # sigmoid^-1(theta0 / max_lr)
+            b[1].fill_(math.log(eta0 / (1 - eta0)))
+            b[2].fill_(math.log(alpha0 / (1 - alpha0)))
             if self.conv is not None:
                 # near-identity start: the current token dominates, earlier taps small
                 self.conv.weight.zero_()
