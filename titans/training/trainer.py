@@ -1,0 +1,223 @@
+"""The training loop (nanoGPT-style, plain and readable).
+
+AdamW with weight-decay groups, linear warm-up + cosine decay, gradient clipping and accumulation,
+bf16 autocast on CUDA / float32 on CPU, optional ``torch.compile``, periodic evaluation (loss,
+perplexity, bits per byte), atomic checkpoints with exact resume, SIGTERM / Ctrl-C saving a checkpoint,
+a progress bar with tokens/s and ETA, TensorBoard scalars and a JSONL metrics file.  Under ``torchrun``
+the same loop runs with torch DDP (or FSDP2) and a rank-sliced deterministic batcher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from titans.core.models import build_model
+from titans.data.dataloader import TokenBatcher, build_data, eval_batches
+from titans.training.distributed import DistInfo, init_distributed, wrap_model
+from titans.training.optimizer import build_optimizer, build_scheduler
+from titans.utils.checkpoint import load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
+from titans.utils.config import TitansConfig, save_config
+
+
+def pick_device(name: str, dist: DistInfo) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank)
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def pick_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(parameter dtype, autocast dtype or None)."""
+    if precision == "fp64":
+        return torch.float64, None
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.float32, torch.bfloat16
+    return torch.float32, None
+
+
+@torch.no_grad()
+def evaluate_loss(model, dataset, seq_len: int, batch_size: int, max_batches: int, device, amp_dtype,
+                  bytes_per_token: float = 1.0) -> dict:
+    """Mean next-token loss over deterministic validation windows; perplexity and bits per byte."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(dataset, seq_len, batch_size, max_batches):
+        batch = batch.to(device)
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        with ctx:
+            loss = model(batch, labels=batch, use_cache=False).loss
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(loss) * n
+        count += n
+    model.train()
+    loss = total / max(count, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": loss / math.log(2) / bytes_per_token}
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT; the loop finishes the current step, saves and exits."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.stop = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None) -> dict:
+    """Train with ``cfg``; returns a summary (final losses, paths).  See the module docstring."""
+    dist = init_distributed(cfg.training)
+    device = pick_device(cfg.training.device, dist)
+    param_dtype, amp_dtype = pick_dtypes(cfg.training.precision, device)
+    out_dir = Path(cfg.training.out_dir)
+    tc = cfg.training
+    torch.manual_seed(tc.seed)
+
+    train_ds, val_ds, tokenizer = build_data(cfg.data, out_dir.parent / "data_cache",
+                                             progress=dist.is_main and cfg.logging.progress)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size}")
+    model = build_model(cfg.model).to(device=device, dtype=param_dtype)
+    optimizer = build_optimizer(model, tc, device)
+    scheduler = build_scheduler(optimizer, tc)
+    start_step, tokens_seen = 0, 0
+    if resume:
+        state = load_checkpoint(resolve_checkpoint(out_dir), model, optimizer, scheduler)
+        start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+        restore_rng_state(state["rng"])
+    run_model = wrap_model(model, cfg.training, dist, device)
+    if tc.compile:
+        run_model = torch.compile(run_model)
+    micro = tc.batch_size // tc.grad_accum
+    batcher = TokenBatcher(train_ds, cfg.data.seq_len, tc.batch_size, cfg.data.seed, dist.rank, dist.world_size)
+    bpt = _bytes_per_token(val_ds, tokenizer)
+
+    writer = None
+    metrics_file = None
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        if cfg.logging.jsonl:
+            metrics_file = (out_dir / "metrics.jsonl").open("a")
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                writer = None
+
+    def log(record: dict) -> None:
+        if not dist.is_main:
+            return
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, record["step"])
+
+    show = cfg.logging.progress if progress is None else progress
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tc.max_steps, initial=start_step, disable=not (show and dist.is_main), unit="step",
+               dynamic_ncols=True)
+    tokens_per_step = tc.batch_size * cfg.data.seq_len * dist.world_size
+    last_eval: dict = {}
+    step = start_step
+    t_last = time.perf_counter()
+    run_model.train()
+    interrupted = False
+    with _StopFlag() as flag:
+        while step < tc.max_steps:
+            batch = batcher.batch(step).to(device)
+            loss_sum = 0.0
+            for i in range(tc.grad_accum):
+                mb = batch[i * micro:(i + 1) * micro]
+                sync = nullcontext()
+                if dist.world_size > 1 and i < tc.grad_accum - 1 and hasattr(run_model, "no_sync"):
+                    sync = run_model.no_sync()
+                ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+                with sync, ctx:
+                    loss = run_model(mb, labels=mb, use_cache=False).loss / tc.grad_accum
+                loss.backward()
+                loss_sum += float(loss)
+            grad_norm = None
+            if tc.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            tokens_seen += tokens_per_step
+            if dist.world_size > 1:
+                t = torch.tensor([loss_sum], device=device)
+                torch.distributed.all_reduce(t)
+                loss_sum = float(t) / dist.world_size
+            now = time.perf_counter()
+            tok_s = tokens_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                      "tokens_per_s": tok_s}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            if step % cfg.logging.log_every == 0 or step == tc.max_steps:
+                log(record)
+            if step % tc.eval_every == 0 or step == tc.max_steps:
+                last_eval = evaluate_loss(model, val_ds, cfg.data.seq_len, micro, tc.eval_batches, device,
+                                          amp_dtype, bpt)
+                log({"step": step, **last_eval})
+                if dist.is_main:
+                    bar.write(f"step {step}: val_loss {last_eval['val_loss']:.4f}  ppl {last_eval['val_ppl']:.2f}  "
+                              f"bpb {last_eval['val_bpb']:.4f}")
+            if dist.is_main and (step % tc.ckpt_every == 0 or step == tc.max_steps or flag.stop):
+                save_checkpoint(out_dir, step, model, optimizer, scheduler, {"tokens_seen": tokens_seen}, cfg,
+                                keep=tc.keep_checkpoints)
+            if flag.stop:
+                interrupted = True
+                break
+    bar.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    if writer is not None:
+        writer.close()
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    summary = {"step": step, "tokens_seen": tokens_seen, "interrupted": interrupted, "out_dir": str(out_dir),
+               "checkpoint": str(out_dir / "checkpoints"), "metrics": str(out_dir / "metrics.jsonl"),
+               "tensorboard": str(out_dir / "tensorboard"), **last_eval}
+    return summary
+
+
+def _bytes_per_token(val_ds, tokenizer, sample_tokens: int = 100_000) -> float:
+    """UTF-8 bytes per token on validation text (1 for the byte tokenizer) for bits-per-byte."""
+    if tokenizer.to_spec().get("kind") == "byte":
+        return 1.0
+    n = min(len(val_ds), sample_tokens)
+    ids = val_ds.get(0, n).tolist()
+    return max(len(tokenizer.decode(ids).encode("utf-8")), 1) / max(n, 1)
