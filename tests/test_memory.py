@@ -1,0 +1,320 @@
+"""Exactness of the neural memory (issue 2): chunked == naive, gradients, online SGD, streaming,
+retrieval without update, validation, and a real learning measurement."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from titans.core.memory import (
+    MemoryState,
+    NeuralMemory,
+    memory_mlp,
+    neural_memory_update,
+    neural_memory_update_chunked,
+    neural_memory_update_naive,
+)
+
+D = torch.float64
+
+
+def make_inputs(B=2, H=2, T=19, dims=(4, 6, 4), seed=0, momentum=True, lr_scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    d0, dL = dims[0], dims[-1]
+    q = F.normalize(torch.randn(B, H, T, d0, generator=g, dtype=D), dim=-1)
+    k = F.normalize(torch.randn(B, H, T, d0, generator=g, dtype=D), dim=-1)
+    v = torch.randn(B, H, T, dL, generator=g, dtype=D)
+    lr = torch.rand(B, H, T, generator=g, dtype=D) * lr_scale
+    eta = torch.rand(B, H, T, generator=g, dtype=D)
+    alpha = torch.rand(B, H, T, generator=g, dtype=D) * 0.2
+    W = tuple(torch.randn(B, H, dims[i], dims[i + 1], generator=g, dtype=D) / dims[i] ** 0.5
+              for i in range(len(dims) - 1))
+    S = tuple(0.1 * torch.randn(w.shape, generator=g, dtype=D) for w in W) if momentum else None
+    return q, k, v, lr, eta, alpha, W, S
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def flat(out):
+    y, W, S = out
+    return [y, *W, *S]
+
+
+DIMS = {1: (4, 5), 2: (4, 7, 4), 3: (4, 6, 3, 4)}
+
+
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_chunked_equals_naive(L, residual, chunk):
+    dims = DIMS[L] if not residual else (4, 7, 4)[: L + 1] if L > 1 else (4, 4)
+    if residual and L == 3:
+        dims = (4, 6, 3, 4)
+    args = make_inputs(T=37, dims=dims, seed=L * 10 + chunk)
+    a = neural_memory_update_naive(*args, chunk_size=chunk, residual=residual)
+    b = neural_memory_update_chunked(*args, chunk_size=chunk, residual=residual)
+    for x, y in zip(flat(a), flat(b)):
+        assert rel(y, x) <= 1e-10
+
+
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(1, 23), chunk=st.integers(1, 9), L=st.integers(1, 3),
+       act=st.sampled_from(["silu", "gelu", "tanh"]), seed=st.integers(0, 10_000), momentum=st.booleans())
+def test_chunked_equals_naive_property(T, chunk, L, act, seed, momentum):
+    dims = (3, 5, 4, 3)[: L + 1]
+    args = make_inputs(B=1, H=2, T=T, dims=dims, seed=seed, momentum=momentum)
+    a = neural_memory_update_naive(*args, chunk_size=chunk, activation=act)
+    b = neural_memory_update_chunked(*args, chunk_size=chunk, activation=act)
+    for x, y in zip(flat(a), flat(b)):
+        assert rel(y, x) <= 1e-10
+
+
+@pytest.mark.parametrize("L", [1, 2])
+def test_gradients_match_between_naive_and_chunked(L):
+    dims = (3, 4, 3)[: L + 1]
+    base = make_inputs(B=1, H=2, T=9, dims=dims, seed=3)
+    grads = []
+    for fn in (neural_memory_update_naive, neural_memory_update_chunked):
+        q, k, v, lr, eta, al, W, S = [tuple(t.clone().requires_grad_() for t in x) if isinstance(x, tuple)
+                                      else x.clone().requires_grad_() for x in base]
+        y, W2, S2 = fn(q, k, v, lr, eta, al, W, S, chunk_size=4, residual=L == 2)
+        probe = torch.linspace(-1, 1, y.numel(), dtype=D).view_as(y)
+        loss = (y * probe).sum() + sum((w ** 2).sum() for w in W2) + sum(s.sum() for s in S2)
+        inputs = [q, k, v, lr, eta, al, *W, *S]
+        grads.append(torch.autograd.grad(loss, inputs))
+    for a, b in zip(*grads):
+        assert rel(b, a) <= 1e-8
+
+
+@pytest.mark.parametrize("fn", [neural_memory_update_naive, neural_memory_update_chunked])
+def test_gradcheck(fn):
+    q, k, v, lr, eta, al, W, S = make_inputs(B=1, H=1, T=5, dims=(3, 4, 3), seed=5)
+    inputs = [t.requires_grad_() for t in (q, k, v, lr, eta, al, *W, *S)]
+
+    def f(q, k, v, lr, eta, al, w0, w1, s0, s1):
+        y, W2, S2 = fn(q, k, v, lr, eta, al, (w0, w1), (s0, s1), chunk_size=2)
+        return y, W2[0], S2[1]
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_chunk_size_one_is_online_sgd_with_momentum_and_decay():
+    """A hand-written loop with explicit gradients (L=1: grad = 2 k^T (k W - v)), independent of the library."""
+    q, k, v, lr, eta, al, W, S = make_inputs(B=1, H=1, T=15, dims=(4, 5), seed=7)
+    Wt, St = W[0].clone(), S[0].clone()
+    ys = []
+    for t in range(15):
+        kt, vt = k[0, 0, t:t + 1], v[0, 0, t:t + 1]  # (1, d)
+        grad = 2 * kt.T @ (kt @ Wt[0, 0] - vt)
+        St = eta[0, 0, t] * St - lr[0, 0, t] * grad
+        Wt = (1 - al[0, 0, t]) * Wt + St
+        ys.append(q[0, 0, t] @ Wt[0, 0])
+    y, W2, S2 = neural_memory_update(q, k, v, lr, eta, al, W, S, chunk_size=1)
+    assert rel(y[0, 0], torch.stack(ys)) <= 1e-12
+    assert rel(W2[0], Wt) <= 1e-12 and rel(S2[0], St) <= 1e-12
+
+
+def test_chunk_size_one_deep_memory_uses_autograd_gradients():
+    q, k, v, lr, eta, al, W, S = make_inputs(B=1, H=1, T=8, dims=(3, 5, 3), seed=8)
+    Wt, St = [w.clone() for w in W], [s.clone() for s in S]
+    ys = []
+    for t in range(8):
+        ws = [w.detach().requires_grad_() for w in Wt]
+        out = F.silu(k[:, :, t:t + 1] @ ws[0]) @ ws[1]
+        loss = ((out - v[:, :, t:t + 1]) ** 2).sum()
+        gs = torch.autograd.grad(loss, ws)
+        St = [eta[0, 0, t] * s - lr[0, 0, t] * g for s, g in zip(St, gs)]
+        Wt = [(1 - al[0, 0, t]) * w + s for w, s in zip(Wt, St)]
+        ys.append((F.silu(q[:, :, t:t + 1] @ Wt[0]) @ Wt[1])[0, 0, 0])
+    y, W2, _ = neural_memory_update(q, k, v, lr, eta, al, W, S, chunk_size=1)
+    assert rel(y[0, 0], torch.stack(ys)) <= 1e-12
+    assert all(rel(a, b) <= 1e-12 for a, b in zip(W2, Wt))
+
+
+def test_edge_cases_and_dispatch():
+    q, k, v, lr, eta, al, W, S = make_inputs(T=6, dims=(4, 6, 4), seed=9)
+    for chunk in (1, 100):  # chunk larger than T
+        outs = [flat(neural_memory_update(q, k, v, lr, eta, al, W, S, chunk_size=chunk, backend=b))
+                for b in ("naive", "chunked", "auto")]
+        for a, b in zip(outs[0], outs[1]):
+            assert rel(b, a) <= 1e-10
+        for a, b in zip(outs[0], outs[2]):
+            assert rel(b, a) <= 1e-10
+    # no momentum (eta = 0) and full forgetting (alpha = 1) stay exact
+    z, one = torch.zeros_like(eta), torch.ones_like(al)
+    a = neural_memory_update_naive(q, k, v, lr, z, one, W, S, chunk_size=3)
+    b = neural_memory_update_chunked(q, k, v, lr, z, one, W, S, chunk_size=3)
+    for x, y in zip(flat(a), flat(b)):
+        assert rel(y, x) <= 1e-10 or y.abs().max() < 1e-300
+    # T = 1
+    a = neural_memory_update_naive(*(t[:, :, :1] for t in (q, k, v, lr, eta, al)), W, S, chunk_size=4)
+    b = neural_memory_update_chunked(*(t[:, :, :1] for t in (q, k, v, lr, eta, al)), W, S, chunk_size=4)
+    assert all(rel(y, x) <= 1e-12 for x, y in zip(flat(a), flat(b)))
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda a: a.update(q=a["q"][0]), "q"),
+    (lambda a: a.update(v=a["v"][:, :, :3]), "v"),
+    (lambda a: a.update(lr=a["lr"][..., :2]), "lr"),
+    (lambda a: a.update(forget=a["forget"].float()), "forget"),
+    (lambda a: a.update(weights=(a["weights"][0][:, :, :2],) + a["weights"][1:]), r"weights\[0\]"),
+    (lambda a: a.update(momentum=(a["momentum"][0],)), "momentum"),
+    (lambda a: a.update(chunk_size=0), "chunk_size"),
+    (lambda a: a.update(chunk_size=2.5), "chunk_size"),
+    (lambda a: a.update(activation="swish"), "activation"),
+    (lambda a: a.update(k=a["k"].clone().index_fill_(2, torch.tensor([1]), float("nan"))), "k"),
+])
+def test_validation_errors_name_the_argument(mutate, needle):
+    q, k, v, lr, eta, al, W, S = make_inputs(T=5, dims=(4, 6, 4))
+    a = dict(q=q, k=k, v=v, lr=lr, momentum_decay=eta, forget=al, weights=W, momentum=S, chunk_size=2,
+             activation="silu")
+    mutate(a)
+    with pytest.raises(ValueError, match=needle):
+        neural_memory_update(**a)
+
+
+def test_residual_needs_matching_dims():
+    args = make_inputs(T=5, dims=(4, 6, 5))
+    with pytest.raises(ValueError, match="residual"):
+        neural_memory_update(*args, chunk_size=2, residual=True)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+def module(**kw):
+    torch.manual_seed(0)
+    opts = dict(heads=2, depth=2, chunk_size=4)
+    opts.update(kw)
+    return NeuralMemory(16, **opts).double()
+
+
+def states_equal(a: MemoryState, b: MemoryState, tol=1e-10):
+    ta, tb = a.tensors(), b.tensors()
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        if ta[key].is_floating_point():
+            assert rel(ta[key], tb[key]) <= tol or tb[key].abs().max() == 0, key
+        else:
+            assert torch.equal(ta[key], tb[key]), key
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(gates_per_chunk=True), dict(conv_kernel=0), dict(depth=1),
+                                dict(chunk_size=1), dict(chunk_size=7, gates_per_chunk=True)])
+def test_module_streaming_equivalence(kw):
+    m = module(**kw)
+    x = torch.randn(2, 31, 16, dtype=D)
+    y1, s1 = m(x)
+    rng = random.Random(0)
+    ys, st_, i = [], None, 0
+    while i < 31:
+        n = rng.randint(1, 9)
+        y, st_ = m(x[:, i:i + n], st_)
+        ys.append(y)
+        i += n
+    assert rel(torch.cat(ys, 1), y1) <= 1e-10
+    states_equal(st_, s1)
+    ys, st_ = [], None
+    for t in range(31):
+        y, st_ = m(x[:, t:t + 1], st_)
+        ys.append(y)
+    assert rel(torch.cat(ys, 1), y1) <= 1e-10
+    states_equal(st_, s1)
+
+
+def test_module_backends_agree():
+    x = torch.randn(1, 11, 16, dtype=D)
+    a = module(backend="naive")(x)[0]
+    b = module(backend="chunked")(x)[0]
+    assert rel(b, a) <= 1e-10
+
+
+def test_retrieve_leaves_state_bit_identical():
+    m = module()
+    _, st_ = m(torch.randn(2, 9, 16, dtype=D))
+    before = {k: v.clone() for k, v in st_.tensors().items()}
+    y, _ = m.retrieve(torch.randn(2, 5, 16, dtype=D), st_)
+    assert y.shape == (2, 5, 16)
+    q = F.normalize(torch.randn(2, 2, 5, 8, dtype=D), dim=-1)
+    raw, _ = m.retrieve(q, st_)
+    assert torch.equal(raw, memory_mlp(q, st_.weights, "silu", True))
+    after = st_.tensors()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ablation_switches():
+    x = torch.randn(1, 7, 16, dtype=D)
+    m = module(momentum=False, weight_decay=False)
+    theta, eta, alpha, _, _ = m._gates(x, m.init_state(1))
+    assert torch.equal(eta, torch.zeros_like(eta)) and torch.equal(alpha, torch.zeros_like(alpha))
+    assert theta.max() <= m.max_lr
+    assert module(depth=1).memory_dims == (8, 8)
+    assert module(conv_kernel=0).conv is None
+
+
+def test_state_utilities_and_reset_rows():
+    m = module()
+    _, s = m(torch.randn(3, 6, 16, dtype=D))
+    again = MemoryState.from_tensors(s.tensors())
+    states_equal(again, s, tol=0)
+    assert s.detach().weights[0].grad_fn is None
+    assert s.to(dtype=torch.float32).weights[0].dtype == torch.float32
+    r = m.reset_rows(s, torch.tensor([1]))
+    fresh = m.init_state(3, dtype=D)
+    for new, old, init in zip(r.weights, s.weights, fresh.weights):
+        assert torch.equal(new[1], init[1])
+        assert torch.equal(new[0], old[0]) and torch.equal(new[2], old[2])
+    assert torch.equal(r.conv[1], torch.zeros_like(r.conv[1])) and torch.equal(r.conv[0], s.conv[0])
+
+
+def test_gradient_reaches_every_module_parameter():
+    m = module()
+    y, _ = m(torch.randn(2, 10, 16, dtype=D))
+    y.pow(2).sum().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def _recall_error(depth: int, target, n_pairs=48, d=8, passes=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = F.normalize(torch.randn(1, 1, n_pairs, d, generator=g, dtype=D), dim=-1)
+    v = target(k)
+    hidden = 4 * d
+    dims = (d,) + (hidden,) * (depth - 1) + (d,)
+    W = tuple(torch.randn(1, 1, dims[i], dims[i + 1], generator=g, dtype=D) / dims[i] ** 0.5 * 0.5
+              for i in range(depth))
+    kk, vv = k.repeat(1, 1, passes, 1), v.repeat(1, 1, passes, 1)
+    T = kk.shape[2]
+    lr = torch.full((1, 1, T), 0.05, dtype=D)
+    eta = torch.full((1, 1, T), 0.5, dtype=D)
+    alpha = torch.zeros(1, 1, T, dtype=D)
+    _, W2, _ = neural_memory_update(kk, kk, vv, lr, eta, alpha, W, chunk_size=1)
+    pred = memory_mlp(k, W2, "silu")
+    return (((pred - v) ** 2).sum() / ((v - v.mean(2, keepdim=True)) ** 2).sum()).item()
+
+
+def test_memory_learns_associations_and_depth_helps_nonlinear_maps():
+    """Measured with these settings (48 pairs, d=8, 40 passes, theta 0.05, eta 0.5): linear map, L=1
+    relative recall error 0.000 (chance: 1.0); nonlinear map, L=1 0.158 vs L=2 0.099.  Asserted with margins."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(8, 8, generator=g, dtype=D)
+    B1 = torch.randn(8, 32, generator=g, dtype=D)
+    B2 = torch.randn(32, 8, generator=g, dtype=D) / 32 ** 0.5
+    linear_err = _recall_error(1, lambda k: k @ A)
+    nonlinear = lambda k: torch.tanh(3 * k @ B1) @ B2  # noqa: E731
+    err1 = _recall_error(1, nonlinear)
+    err2 = _recall_error(2, nonlinear)
+    print(f"linear L=1 {linear_err:.4f}; nonlinear L=1 {err1:.4f}, L=2 {err2:.4f}")
+    assert linear_err < 0.05
+    assert err1 < 0.5
+    assert err2 < 0.8 * err1
