@@ -164,7 +164,7 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
                 with sync, ctx:
                     loss = run_model(mb, labels=mb, use_cache=False).loss / tc.grad_accum
                 loss.backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
             grad_norm = None
             if tc.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
