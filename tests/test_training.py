@@ -175,3 +175,34 @@ def test_build_data_uses_stdlib_by_default(tmp_path):
     cfg = tiny_cfg(tmp_path)
     train_ds, val_ds, tok = build_data(cfg.data, tmp_path / "cache", progress=False)
     assert len(train_ds) > 50_000 and len(val_ds) > 0 and tok.vocab_size == 256
+
+
+def test_two_process_gloo_ddp_step_equals_single_process_step(tmp_path):
+    """torchrun with 2 CPU processes (gloo, DDP) on a global batch of 8 == one process on the same 8 rows."""
+    from safetensors.torch import load_file
+
+    common = [f"--set={o}" for o in TINY + ["training.max_steps=2", "training.eval_every=100",
+                                            "training.ckpt_every=100", "training.device=cpu",
+                                            "training.warmup_steps=0", "model.variant=mag"]]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    # build the data cache once so both runs read the same shards
+    single = subprocess.run([sys.executable, "-m", "titans.scripts.cli", "train", "--config", "small", *common,
+                             "--set=training.batch_size=8", f"--out={tmp_path / 'single'}"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
+                          "-m", "titans.scripts.cli", "train", "--config", "small", *common,
+                          "--set=training.batch_size=4", f"--out={tmp_path / 'ddp'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    a = load_file(str(tmp_path / "single" / "checkpoints" / "step_0000002" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "checkpoints" / "step_0000002" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    cfg = load_config("small", TINY + ["model.variant=mag"])
+    torch.manual_seed(cfg.training.seed)  # the trainer's initialisation
+    init = build_model(cfg.model).state_dict()
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=2e-4, atol=2e-6, msg=k)
+        moved += int(not torch.equal(a[k], init[k].to(a[k].dtype)))
+    assert moved > len(a) // 2, (moved, len(a))  # the steps really changed the weights

@@ -94,8 +94,13 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     tc = cfg.training
     torch.manual_seed(tc.seed)
 
+    # rank 0 prepares (and caches) the shards while the other ranks wait, so they never race on them
+    if dist.world_size > 1 and not dist.is_main:
+        torch.distributed.barrier()
     train_ds, val_ds, tokenizer = build_data(cfg.data, out_dir.parent / "data_cache",
                                              progress=dist.is_main and cfg.logging.progress)
+    if dist.world_size > 1 and dist.is_main:
+        torch.distributed.barrier()
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size}")

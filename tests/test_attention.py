@@ -1,0 +1,164 @@
+"""Attention with masks as data (issue 3): every backend equals a definition-level loop on every mask,
+FlexAttention's mask_mod equals the dense mask, the KV cache stays bounded and streaming is exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from titans.core.attention import CausalSelfAttention, MaskSpec
+from titans.core.attention.attention_layer import attention
+from titans.core.attention.attention_utils import (
+    build_dense_mask,
+    causal_mask,
+    flex_mask_mod,
+    segment_mask,
+    sliding_window_mask,
+)
+
+SPECS = [
+    MaskSpec("causal"),
+    MaskSpec("causal", prefix_len=3),
+    MaskSpec("sliding", window=5),
+    MaskSpec("sliding", window=5, prefix_len=2),
+    MaskSpec("segment", window=6),
+    MaskSpec("segment", window=6, prefix_len=2),
+    MaskSpec("segment", window=6, prefix_len=2, memory_tokens=True),
+    MaskSpec("sliding", window=4, memory_tokens=True),
+]
+
+
+def may_see(spec: MaskSpec, i: int, j: int) -> bool:
+    """The rule written out for context (or memory) position j seen from query position i."""
+    if j > i:
+        return False
+    if spec.kind == "sliding":
+        return i - j < spec.window
+    if spec.kind == "segment":
+        return i // spec.window == j // spec.window
+    return True
+
+
+def loop_attention(q, k, v, spec, q_pos, k_pos, mem_pos):
+    """Per query, softmax over exactly the keys the rule allows; keys laid out [prefix | memory | context]."""
+    B, H, Tq, hd = q.shape
+    P = spec.prefix_len
+    out = torch.zeros_like(q)
+    for i in range(Tq):
+        qi = int(q_pos[i])
+        cols = list(range(P))
+        off = P
+        if mem_pos is not None:
+            cols += [off + j for j, p in enumerate(mem_pos.tolist()) if may_see(spec, qi, p)]
+            off += len(mem_pos)
+        cols += [off + j for j, p in enumerate(k_pos.tolist()) if may_see(spec, qi, p)]
+        kk, vv = k[:, :, cols], v[:, :, cols]
+        w = torch.softmax((q[:, :, i:i + 1] @ kk.transpose(-1, -2)) / math.sqrt(hd), dim=-1)
+        out[:, :, i] = (w @ vv)[:, :, 0]
+    return out
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("start", [0, 7])
+def test_backends_equal_the_definition_on_every_mask(spec, backend, start):
+    torch.manual_seed(0)
+    B, H, Hkv, T, hd = 2, 4, 2, 13, 8
+    q_pos = torch.arange(start, start + T)
+    k_pos = torch.arange(max(0, start - 4), start + T)  # some cached context before the queries
+    mem_pos = k_pos.clone() if spec.memory_tokens else None
+    Tk = spec.prefix_len + (0 if mem_pos is None else len(mem_pos)) + len(k_pos)
+    q = torch.randn(B, H, T, hd, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Tk, hd, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Tk, hd, dtype=torch.float64)
+    got = attention(q, k, v, spec, q_pos, k_pos, mem_pos, backend=backend)
+    k_full, v_full = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    want = loop_attention(q, k_full, v_full, spec, q_pos, k_pos, mem_pos)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_named_masks_match_the_rule():
+    T = 11
+    for name, m, spec in [("causal", causal_mask(T), MaskSpec("causal")),
+                          ("sliding", sliding_window_mask(T, 3), MaskSpec("sliding", window=3)),
+                          ("segment", segment_mask(T, 4), MaskSpec("segment", window=4))]:
+        want = torch.tensor([[may_see(spec, i, j) for j in range(T)] for i in range(T)])
+        assert torch.equal(m, want), name
+    assert sliding_window_mask(T, 3).sum(1).max() == 3
+    assert not segment_mask(T, 4)[4, 3]  # segment boundary
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.kind != "segment" and not s.memory_tokens], ids=str)
+def test_flex_mask_mod_equals_the_dense_mask(spec):
+    T = 19
+    P = spec.prefix_len
+    qi = torch.arange(T)[:, None]
+    ki = torch.arange(P + T)[None, :]
+    got = flex_mask_mod(spec)(None, None, qi, ki)
+    want = build_dense_mask(spec, torch.arange(T), torch.arange(T))
+    assert torch.equal(got.expand_as(want), want)
+
+
+def test_flex_mask_mod_refuses_segment_and_memory_masks():
+    with pytest.raises(ValueError, match="only causal / sliding"):
+        flex_mask_mod(MaskSpec("segment", window=4))
+    with pytest.raises(ValueError, match="only causal / sliding"):
+        flex_mask_mod(MaskSpec("sliding", window=4, memory_tokens=True))
+
+
+@pytest.mark.parametrize("spec", [MaskSpec("sliding", window=6, prefix_len=2), MaskSpec("segment", window=5),
+                                  MaskSpec("segment", window=5, prefix_len=1, memory_tokens=True),
+                                  MaskSpec("causal", prefix_len=1)], ids=str)
+def test_streaming_with_cache_equals_one_pass_and_cache_is_bounded(spec):
+    torch.manual_seed(1)
+    dim, T = 16, 29
+    attn = CausalSelfAttention(dim, 4, kv_heads=2, qk_norm=True, backend="reference").double()
+    x = torch.randn(2, T, dim, dtype=torch.float64)
+    mem = torch.randn(2, T, dim, dtype=torch.float64) if spec.memory_tokens else None
+    prefix = torch.randn(spec.prefix_len, dim, dtype=torch.float64) if spec.prefix_len else None
+    full, _ = attn(x, mask=spec, prefix=prefix, memory=mem)
+    outs, cache, pos, sizes = [], None, 0, []
+    for n in [1, 4, 1, 9, 3, 1, 10]:
+        piece = x[:, pos:pos + n]
+        m = mem[:, pos:pos + n] if mem is not None else None
+        y, cache = attn(piece, mask=spec, start_pos=pos, prefix=prefix, memory=m, cache=cache, return_cache=True)
+        outs.append(y)
+        sizes.append(len(cache))
+        pos += n
+    assert pos == T
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-12)
+    if spec.kind != "causal":
+        assert max(sizes) <= spec.window  # bounded by the window / segment, not by T
+    else:
+        assert sizes[-1] == T
+
+
+def test_attention_errors_name_the_problem():
+    attn = CausalSelfAttention(16, 4)
+    x = torch.randn(1, 5, 16)
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, T, 16\)"):
+        attn(torch.randn(1, 5, 8), mask=MaskSpec())
+    with pytest.raises(ValueError, match="prefix: has 0 tokens but mask.prefix_len=2"):
+        attn(x, mask=MaskSpec(prefix_len=2))
+    with pytest.raises(ValueError, match="memory: must be given"):
+        attn(x, mask=MaskSpec("segment", window=4, memory_tokens=True))
+    with pytest.raises(ValueError, match="window"):
+        MaskSpec("sliding")
+    with pytest.raises(ValueError, match="kv_heads=3 must divide heads=4"):
+        CausalSelfAttention(16, 4, kv_heads=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention block masks run on CUDA")
+def test_flex_equals_reference_on_gpu():
+    torch.manual_seed(0)
+    for spec in [MaskSpec("sliding", window=64, prefix_len=4), MaskSpec("causal", prefix_len=4)]:
+        attn = CausalSelfAttention(64, 4, backend="flex").cuda()
+        ref = CausalSelfAttention(64, 4, backend="reference").cuda()
+        ref.load_state_dict(attn.state_dict())
+        x = torch.randn(2, 256, 64, device="cuda")
+        p = torch.randn(4, 64, device="cuda")
+        a, _ = attn(x, mask=spec, prefix=p)
+        b, _ = ref(x, mask=spec, prefix=p)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
