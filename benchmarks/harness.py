@@ -60,7 +60,8 @@ def model_config(args, variant: str) -> dict:
     mem_layers = args.memory_layers if args.memory_layers else None
     return dict(variant=variant, vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads,
                 window=args.window, persistent_tokens=args.persistent, memory_depth=args.memory_depth,
-                memory_chunk_size=args.memory_chunk, memory_layers=mem_layers)
+                memory_chunk_size=args.memory_chunk, memory_layers=mem_layers,
+                memory_backend=args.memory_backend, attention_backend=args.attention_backend)
 
 
 def build(args, name: str, device: torch.device):
@@ -85,6 +86,12 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         ids = torch.randint(0, args.vocab, (batch, seq), device=device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        if args.cuda_graphs and name != "titans-pytorch":
+            from titans.training.trainer import graphed_loss
+
+            graphed = graphed_loss(model, ids, torch.bfloat16)
+            loss_fn = graphed
+            amp = nullcontext()
 
         def step():
             with amp:
@@ -188,6 +195,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory-depth", type=int, default=2)
     ap.add_argument("--memory-chunk", type=int, default=16)
     ap.add_argument("--memory-layers", type=int, nargs="*", default=None)
+    ap.add_argument("--memory-backend", default="auto", help="auto | chunked | compiled | triton | naive")
+    ap.add_argument("--attention-backend", default="auto", help="auto | sdpa | blocked | flex | reference")
+    ap.add_argument("--cuda-graphs", action="store_true", help="capture forward + backward as CUDA graphs")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--decode-contexts", type=int, nargs="*", default=[])

@@ -62,6 +62,34 @@ def evaluate_loss(model, dataset, seq_len: int, batch_size: int, max_batches: in
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": loss / math.log(2) / bytes_per_token}
 
 
+class LossFn(torch.nn.Module):
+    """``ids (B, T) -> mean next-token loss`` of ``model``, under autocast when ``amp_dtype`` is set.
+
+    The unit captured by :func:`graphed_loss` (autocast's weight cache is off, as CUDA graphs require).
+    """
+
+    def __init__(self, model: torch.nn.Module, amp_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.model, self.amp_dtype = model, amp_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ctx = (torch.autocast(ids.device.type, dtype=self.amp_dtype, cache_enabled=False)
+               if self.amp_dtype else nullcontext())
+        with ctx:
+            return self.model(ids, labels=ids, use_cache=False).loss
+
+
+def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.dtype | None):
+    """Forward + backward of :class:`LossFn` captured as CUDA graphs for batches shaped like ``sample``.
+
+    Calling the result copies the batch into the graph's static input and replays the forward graph;
+    ``.backward()`` replays the backward graph, accumulating into ``.grad`` like eager autograd.
+    """
+    if sample.device.type != "cuda":
+        raise ValueError("training.cuda_graphs=true needs a CUDA device")
+    return torch.cuda.make_graphed_callables(LossFn(model, amp_dtype), (sample,), allow_unused_input=True)
+
+
 class _StopFlag:
     """Set by SIGTERM / SIGINT; the loop finishes the current step, saves and exits."""
 
@@ -117,6 +145,11 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
         run_model = torch.compile(run_model)
     micro = tc.batch_size // tc.grad_accum
     batcher = TokenBatcher(train_ds, cfg.data.seq_len, tc.batch_size, cfg.data.seed, dist.rank, dist.world_size)
+    loss_fn = LossFn(run_model, amp_dtype)
+    if tc.cuda_graphs:
+        if dist.world_size > 1 or tc.compile:
+            raise ValueError("training.cuda_graphs: single-process runs without training.compile only")
+        loss_fn = graphed_loss(run_model, batcher.batch(start_step)[:micro].to(device), amp_dtype)
     bpt = _bytes_per_token(val_ds, tokenizer)
 
     writer = None
@@ -165,9 +198,8 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
                 sync = nullcontext()
                 if dist.world_size > 1 and i < tc.grad_accum - 1 and hasattr(run_model, "no_sync"):
                     sync = run_model.no_sync()
-                ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-                with sync, ctx:
-                    loss = run_model(mb, labels=mb, use_cache=False).loss / tc.grad_accum
+                with sync:
+                    loss = loss_fn(mb) / tc.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
             grad_norm = None

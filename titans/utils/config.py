@@ -53,7 +53,7 @@ class ModelConfig(_Strict):
     norm_eps: float = Field(1e-6, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
-    attention_backend: Literal["auto", "reference", "sdpa", "flex"] = "auto"
+    attention_backend: Literal["auto", "reference", "sdpa", "blocked", "flex"] = "auto"
 
     memory_layers: list[int] | None = None
     memory_heads: int | None = Field(None, ge=1, description="None = heads")
@@ -68,7 +68,7 @@ class ModelConfig(_Strict):
     memory_max_lr: float = Field(0.1, gt=0)
     memory_gates_per_chunk: bool = False
     memory_output_gate: bool = True
-    memory_backend: Literal["auto", "naive", "chunked", "triton"] = "auto"
+    memory_backend: Literal["auto", "naive", "chunked", "compiled", "triton"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -147,6 +147,9 @@ class TrainingConfig(_Strict):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
     compile: bool = False
+    # capture forward + backward of a training micro-batch as CUDA graphs (single GPU): removes the
+    # per-kernel launch cost that dominates the chunk loop of the memory at small widths
+    cuda_graphs: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")

@@ -1,7 +1,8 @@
 """One causal multi-head attention module (RoPE, optional qk-norm, optional GQA) whose mask is data.
 
 Backends give the same outputs: ``reference`` (dense mask, explicit softmax; any device), ``sdpa``
-(``torch.nn.functional.scaled_dot_product_attention``) and ``flex`` (FlexAttention with a block mask:
+(``torch.nn.functional.scaled_dot_product_attention``), ``blocked`` (sliding windows over whole sequences:
+SDPA over query blocks of one window, memory linear in T) and ``flex`` (FlexAttention with a block mask:
 CUDA only, no T x T mask).  A :class:`KVCache` carries earlier tokens of the stream; it is pruned after
 every call to what later queries can still see, so for sliding and segment masks its size is bounded by
 the window / segment, not by the context length.
@@ -83,19 +84,57 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, q_pos: Tensor, k_
     if H != Hkv:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
+    if backend == "blocked":
+        return sliding_window_blocked(q, k, v, spec)
     if backend == "sdpa":
-        plain_causal = (spec.kind == "causal" and spec.prefix_len == 0 and n_mem == 0
-                        and q_pos.shape[0] == k_pos.shape[0] and bool((q_pos == k_pos).all()))
+        # a whole sequence passes the same position tensor for queries and keys (no device sync to check)
+        plain_causal = spec.kind == "causal" and spec.prefix_len == 0 and n_mem == 0 and q_pos is k_pos
         if plain_causal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         mask = build_dense_mask(spec, q_pos, k_pos, mem_pos)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend != "reference":
-        raise ValueError(f"backend={backend!r}: expected 'reference', 'sdpa', 'flex' or 'auto'")
+        raise ValueError(f"backend={backend!r}: expected 'reference', 'sdpa', 'blocked', 'flex' or 'auto'")
     mask = build_dense_mask(spec, q_pos, k_pos, mem_pos)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
+
+
+def sliding_window_blocked(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
+    """Sliding-window attention over a whole sequence without a T x T mask.
+
+    Queries are cut into blocks of W = window tokens; block b attends to [prefix | context tokens of blocks
+    b-1 and b], which covers every key the window allows.  One SDPA call over all blocks with a
+    (blocks, W, P + 2W) mask: memory linear in T.  q: (B, H, T, hd); k, v: (B, H, P + T, hd), keys laid out
+    [prefix | context] with query i at context position i.
+    """
+    if spec.kind != "sliding" or spec.memory_tokens:
+        raise ValueError("sliding_window_blocked: sliding masks without memory tokens only")
+    B, H, T, hd = q.shape
+    P, W = spec.prefix_len, spec.window
+    nb = -(-T // W)
+    pad = nb * W - T
+    ctx_k, ctx_v = k[:, :, P:], v[:, :, P:]
+    # one block of zeros in front (the keys "before" block 0), and padding at the end to whole blocks
+    ck = F.pad(ctx_k, (0, 0, W, pad))
+    cv = F.pad(ctx_v, (0, 0, W, pad))
+    qb = F.pad(q, (0, 0, 0, pad)).view(B, H, nb, W, hd)
+    # keys of block b: padded positions [b W, b W + 2W) = context [(b-1) W, (b+1) W)
+    kb = ck.unfold(2, 2 * W, W).transpose(-1, -2)  # (B, H, nb, 2W, hd)
+    vb = cv.unfold(2, 2 * W, W).transpose(-1, -2)
+    if P:
+        kb = torch.cat([k[:, :, None, :P].expand(B, H, nb, P, hd), kb], 3)
+        vb = torch.cat([v[:, :, None, :P].expand(B, H, nb, P, hd), vb], 3)
+    blk = torch.arange(nb, device=q.device)
+    q_pos = blk[:, None] * W + torch.arange(W, device=q.device)  # (nb, W)
+    k_pos = (blk[:, None] - 1) * W + torch.arange(2 * W, device=q.device)  # (nb, 2W)
+    ok = spec.allowed(q_pos[:, :, None], k_pos[:, None, :]) & (k_pos >= 0)[:, None, :]
+    ok = ok | (q_pos >= T)[:, :, None]  # padded queries see something (their rows are dropped)
+    if P:
+        ok = torch.cat([torch.ones(nb, W, P, dtype=torch.bool, device=q.device), ok], 2)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=ok)
+    return out.reshape(B, H, nb * W, hd)[:, :, :T]
 
 
 @lru_cache(maxsize=64)
@@ -120,8 +159,8 @@ class CausalSelfAttention(nn.Module):
         if heads % kv_heads:
             raise ValueError(f"kv_heads={kv_heads} must divide heads={heads}")
         head_dim = head_dim or dim // heads
-        if backend not in ("auto", "reference", "sdpa", "flex"):
-            raise ValueError(f"backend={backend!r}: expected 'auto', 'reference', 'sdpa' or 'flex'")
+        if backend not in ("auto", "reference", "sdpa", "blocked", "flex"):
+            raise ValueError(f"backend={backend!r}: expected 'auto', 'reference', 'sdpa', 'blocked' or 'flex'")
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.backend = backend
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
@@ -150,8 +189,15 @@ class CausalSelfAttention(nn.Module):
                 raise ValueError("backend='flex' needs CUDA and a whole causal / sliding sequence "
                                  "(no cache, no memory tokens, no segment mask)")
             return "flex"
+        if self.backend == "blocked":
+            if spec.kind != "sliding" or spec.memory_tokens or not whole_sequence:
+                raise ValueError("backend='blocked' needs a whole sliding-window sequence (no cache, no memory "
+                                 "tokens)")
+            return "blocked"
         if self.backend != "auto":
             return self.backend
+        if spec.kind == "sliding" and whole_sequence and not spec.memory_tokens and T > 2 * spec.window:
+            return "blocked"  # linear memory in T, SDPA kernels
         plain_causal = spec.kind == "causal" and spec.prefix_len == 0
         return "flex" if flex_ok and T >= 128 and not plain_causal else "sdpa"
 

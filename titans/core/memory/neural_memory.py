@@ -129,7 +129,7 @@ class NeuralMemory(nn.Module):
         max_lr: theta is ``max_lr * sigmoid(.)``.
         gates_per_chunk: one theta / eta / alpha per chunk (from its first token) instead of per token.
         output_gate: sigmoid gate from a linear map of x before the output projection.
-        backend: "auto" | "naive" | "chunked" | "triton" (see ``neural_memory_update``).
+        backend: "auto" | "naive" | "chunked" | "compiled" | "triton" (see ``neural_memory_update``).
     """
 
     def __init__(
@@ -280,7 +280,7 @@ class NeuralMemory(nn.Module):
             start = t - (state.seen + t) % b  # local index of each token's chunk start (may be < 0)
             local = start.clamp(min=0)
             picked = raw[:, :, local]  # (B, H, T, 3)
-            if (start < 0).any():
+            if state.seen % b:  # the call starts inside a chunk: its first tokens use the carried gates
                 if chunk_gates is None:
                     raise ValueError("state.chunk_gates missing while resuming inside a chunk")
                 carried = chunk_gates.to(raw.dtype).unsqueeze(2).expand_as(picked)
@@ -321,6 +321,13 @@ class NeuralMemory(nn.Module):
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
         theta, eta, alpha, raw, chunk_gates = self._gates(x, state)
+        # The inner loop is an optimiser: it runs in the state's dtype (float32 under bf16 autocast),
+        # with autocast off so its matmuls and scans accumulate in full precision.
+        with torch.autocast(x.device.type, enabled=False):
+            y, new_state = self._update(q, k, v, theta, eta, alpha, state, T, conv, chunk_gates)
+        return self._output(y, x), new_state
+
+    def _update(self, q, k, v, theta, eta, alpha, state: MemoryState, T: int, conv, chunk_gates):
         mdtype = state.weights[0].dtype
         args = [t.to(mdtype) for t in (q, k, v, theta, eta, alpha)]
         offset = state.seen % self.chunk_size
@@ -335,14 +342,17 @@ class NeuralMemory(nn.Module):
                                                   chunk_size=self.chunk_size, activation=self.activation,
                                                   residual=self.residual)
             W0 = W
+        elif which == "naive":
+            y, W, S, W0, _ = neural_memory_update_naive(
+                *args, state.weights, state.momentum, chunk_size=self.chunk_size, activation=self.activation,
+                residual=self.residual, chunk_weights=state.chunk_weights, offset=offset,
+                return_chunk_state=True, validate=False)
         else:
-            fn = neural_memory_update_naive if which == "naive" else neural_memory_update_chunked
-            y, W, S, W0, _ = fn(*args, state.weights, state.momentum, chunk_size=self.chunk_size,
-                                activation=self.activation, residual=self.residual,
-                                chunk_weights=state.chunk_weights, offset=offset,
-                                return_chunk_state=True, validate=False)
-        new_state = MemoryState(W, S, W0, state.seen + T, conv, chunk_gates)
-        return self._output(y, x), new_state
+            y, W, S, W0, _ = neural_memory_update_chunked(
+                *args, state.weights, state.momentum, chunk_size=self.chunk_size, activation=self.activation,
+                residual=self.residual, chunk_weights=state.chunk_weights, offset=offset,
+                return_chunk_state=True, validate=False, compiled=which == "compiled")
+        return y, MemoryState(W, S, W0, state.seen + T, conv, chunk_gates)
 
     def retrieve(self, x_or_q: Tensor, state: MemoryState | None = None,
                  conv_cache: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -366,7 +376,8 @@ class NeuralMemory(nn.Module):
         q, new_cache = self._project(x_or_q, conv_cache, channels=slice(0, inner))
         q = F.normalize(rearrange(q, "b t (h d) -> b h t d", h=self.heads), dim=-1)
         W = state.weights
-        y = memory_mlp(q.to(W[0].dtype), W, self.activation, self.residual)
+        with torch.autocast(x_or_q.device.type, enabled=False):
+            y = memory_mlp(q.to(W[0].dtype), W, self.activation, self.residual)
         return self._output(y, x_or_q), new_cache
 
     def surprise(self, x: Tensor, state: MemoryState | None = None) -> dict[str, Tensor]:

@@ -320,7 +320,7 @@ class TitansLM(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
         B, T = input_ids.shape
-        if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        if T and not _capturing() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         if labels is not None and labels.shape != input_ids.shape:
@@ -355,6 +355,11 @@ class TitansLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _capturing() -> bool:
+    """True while a CUDA graph is being captured (host syncs such as id-range checks are not allowed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
