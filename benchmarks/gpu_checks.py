@@ -16,7 +16,7 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, with_flex: bool = True) -> None:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     res = {"attention": [], "models": []}
@@ -24,7 +24,8 @@ def main(out_path: str) -> None:
              MaskSpec("sliding", 64, prefix_len=4), MaskSpec("segment", 64, prefix_len=4),
              MaskSpec("segment", 64, prefix_len=4, memory_tokens=True)]
     for spec in specs:
-        backends = {"causal": ("sdpa", "flex"), "sliding": ("sdpa", "blocked", "flex"), "segment": ("sdpa",)}
+        flex = ("flex",) if with_flex else ()
+        backends = {"causal": ("sdpa", *flex), "sliding": ("sdpa", "blocked", *flex), "segment": ("sdpa",)}
         for backend in backends[spec.kind]:
             if backend == "blocked" and spec.memory_tokens:
                 continue
@@ -96,4 +97,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "gpu_checks.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else "gpu_checks.json", "--no-flex" not in sys.argv)

@@ -336,3 +336,20 @@ def test_compiled_backend_equals_naive_values_and_gradients():
         outs[backend] = [y, *W2, *S2, *torch.autograd.grad(loss, [q, k, v, lr, eta, al, *W, *S])]
     for a, b in zip(outs["naive"], outs["compiled"]):
         assert rel(b, a) <= 1e-9
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 33])
+def test_cumprod_scan_equals_cumprod_with_zeros_and_gradients(n):
+    """The CUDA-graph-safe scan used while capturing equals torch.cumprod, zeros (eta = 0) included."""
+    from titans.core.memory.functional import cumprod_scan
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(3, n, generator=g, dtype=D)
+    x[1, n // 2] = 0.0
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = cumprod_scan(a), torch.cumprod(b, dim=-1)
+    torch.testing.assert_close(ya, yb, rtol=1e-13, atol=1e-15)
+    w = torch.randn(3, n, generator=g, dtype=D)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)

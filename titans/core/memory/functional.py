@@ -234,6 +234,27 @@ def neural_memory_update_naive(
 # ----------------------------------------------------------------------------- chunked (parallel)
 
 
+def cumprod_scan(x: Tensor) -> Tensor:
+    """Inclusive cumulative product along the last dim by a log-depth (Hillis-Steele) scan of multiplies.
+
+    Equal to ``torch.cumprod`` (up to rounding), but its backward is plain multiplies: ``cumprod``'s
+    backward checks the input for zeros on the host, a device sync that CUDA-graph capture forbids.
+    Used while capturing; eager code keeps the single ``cumprod`` kernel.
+    """
+    n = x.shape[-1]
+    shift = 1
+    while shift < n:
+        x = torch.cat([x[..., :shift], x[..., shift:] * x[..., :-shift]], dim=-1)
+        shift *= 2
+    return x
+
+
+def _cumprod(x: Tensor) -> Tensor:
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return cumprod_scan(x)
+    return torch.cumprod(x, dim=-1)
+
+
 def _decay_matrix(a: Tensor) -> Tensor:
     """D[s, j] = prod_{m=j+1..s} a_m for j <= s, else 0.   a: (..., n) -> (..., n, n).
 
@@ -244,7 +265,7 @@ def _decay_matrix(a: Tensor) -> Tensor:
     idx = torch.arange(n, device=a.device)
     later = idx[None, :] > idx[:, None]  # [j, m]: m > j
     mat = torch.where(later, a.unsqueeze(-2), torch.ones((), dtype=a.dtype, device=a.device))
-    cp = torch.cumprod(mat, dim=-1)  # [j, s] = prod_{j<m<=s} a_m
+    cp = _cumprod(mat)  # [j, s] = prod_{j<m<=s} a_m
     lower = idx[:, None] >= idx[None, :]  # [s, j]: j <= s
     return torch.where(lower, cp.transpose(-1, -2), torch.zeros((), dtype=a.dtype, device=a.device))
 
@@ -286,8 +307,8 @@ def _chunk(
     keep = 1 - alpha
     D_eta = _decay_matrix(eta)  # (B, H, n, n)
     D_keep = _decay_matrix(keep)
-    P = torch.cumprod(eta, dim=-1)  # momentum carried from the previous chunk: prod eta
-    G = torch.cumprod(keep, dim=-1)  # weights carried from before the chunk: prod (1 - alpha)
+    P = _cumprod(eta)  # momentum carried from the previous chunk: prod eta
+    G = _cumprod(keep)  # weights carried from before the chunk: prod (1 - alpha)
     Bc = (D_keep @ P.unsqueeze(-1)).squeeze(-1)  # B_t = sum_{s<=t} D_keep[t,s] P_s  (Eq. 16 with S_0)
     C = -(D_keep @ D_eta) * theta.unsqueeze(-2)  # c_tj = -theta_j sum_s D_keep[t,s] D_eta[s,j]
     m_last = -(theta * D_eta[..., -1, :])  # momentum weights of each token's gradient at chunk end
