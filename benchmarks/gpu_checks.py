@@ -72,11 +72,11 @@ def main(out_path: str, with_flex: bool = True) -> None:
         cfg = dict(variant=variant, dim=128, depth=2, heads=4, window=64, memory_chunk_size=16)
         m = build_model(cfg).to(dev)
         ids = torch.randint(0, 256, (2, 256), device=dev)
-        loss_e = LossFn(m)(ids)
+        loss_e = LossFn(m, torch.bfloat16)(ids)
         loss_e.backward()
         ge = [p.grad.clone() for p in m.parameters()]
         m.zero_grad(set_to_none=True)
-        g = graphed_loss(m, ids, None)
+        g = graphed_loss(m, ids, torch.bfloat16)
         m.zero_grad(set_to_none=True)
         ids2 = torch.randint(0, 256, (2, 256), device=dev)
         g(ids2)  # a different batch first: replays must not keep stale inputs
@@ -92,7 +92,7 @@ def main(out_path: str, with_flex: bool = True) -> None:
     json.dump(res, open(out_path, "w"), indent=2)
     bad = [r for r in res["attention"] + res["models"] if not (r.get("rel_err", r.get("rel_err_vs_reference")) < 1e-3)]
     bad += [r for r in res["attention"] if not (r["grad_rel_err"] < 1e-3 and r["bf16_finite"])]
-    bad += [r for r in res["cuda_graphs"] if not (r["loss_rel_err"] < 1e-4 and r["grad_rel_err"] < 1e-3)]
+    bad += [r for r in res["cuda_graphs"] if not (r["loss_rel_err"] < 1e-3 and r["grad_rel_err"] < 2e-2)]
     sys.exit(1 if bad else 0)
 
 
