@@ -72,16 +72,16 @@ def main(out_path: str, with_flex: bool = True) -> None:
         cfg = dict(variant=variant, dim=128, depth=2, heads=4, window=64, memory_chunk_size=16)
         m = build_model(cfg).to(dev)
         ids = torch.randint(0, 256, (2, 256), device=dev)
-        loss_e = LossFn(m, torch.bfloat16)(ids)
+        loss_e = LossFn(m, torch.bfloat16)(ids, ids)
         loss_e.backward()
         ge = [p.grad.clone() for p in m.parameters()]
         m.zero_grad(set_to_none=True)
         g = graphed_loss(m, ids, torch.bfloat16)
         m.zero_grad(set_to_none=True)
         ids2 = torch.randint(0, 256, (2, 256), device=dev)
-        g(ids2)  # a different batch first: replays must not keep stale inputs
+        g(ids2, ids2)  # a different batch first: replays must not keep stale inputs
         m.zero_grad(set_to_none=True)
-        loss_g = g(ids)
+        loss_g = g(ids, ids)
         loss_g.backward()
         gg = [p.grad for p in m.parameters()]
         err = max(rel(a, b) for a, b in zip(gg, ge) if b is not None and b.norm() > 0)

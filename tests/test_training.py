@@ -160,7 +160,15 @@ from titans.training.trainer import train
 from titans.utils.config import load_config
 cfg = load_config("small", {TINY!r} + ["training.out_dir={tmp_path / 'run'}", "training.max_steps=100000",
                   "training.eval_every=100000", "training.ckpt_every=100000"])
-threading.Timer(4.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+metrics = {str(tmp_path / 'run' / 'metrics.jsonl')!r}
+
+def kill_once_training():  # wait until steps are being logged, so the handler is installed
+    import time
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=kill_once_training, daemon=True).start()
 s = train(cfg)
 print("INTERRUPTED", s["interrupted"], s["step"])
 """

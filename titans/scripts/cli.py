@@ -53,19 +53,34 @@ def train(config: str = typer.Option("small", help="builtin name (default, small
                f"tensorboard: {summary['tensorboard']}")
 
 
-@app.command(epilog="Example:\n\n  titans evaluate --checkpoint runs/small --batches 20")
+@app.command(epilog="Examples:\n\n  titans evaluate --checkpoint runs/small --batches 20\n\n"
+             "  titans evaluate --checkpoint runs/niah --task niah --lengths 2048 16384 65536 "
+             "--depths 0 0.5 1 --samples 20 --output results/niah\n\n"
+             "  titans evaluate --checkpoint runs/niah --task babilong --lengths 4096 16384 --output results/babilong")
 def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint folder or export"),
-             data: Optional[str] = typer.Option(None, help="data source (default: the run's own validation data)"),
+             data: Optional[str] = typer.Option(None, help="data source (default: the run's own validation data); "
+                                                "with --task: the haystack text"),
              batches: int = typer.Option(20, help="validation batches"),
              seq_len: Optional[int] = typer.Option(None, help="evaluation length (default: training length)"),
              buckets: int = typer.Option(8, help="position buckets for loss-by-position"),
-             output: Optional[str] = typer.Option(None, help="write JSON results here")) -> None:
-    """Loss, perplexity, bits per byte, and loss by position bucket (long-context benefit)."""
+             task: list[str] = typer.Option([], help="niah | babilong | a task name (niah_uuid, babilong_qa2, "
+                                            "...); repeatable.  Runs the long-context grid instead"),
+             lengths: list[int] = typer.Option([1024, 2048, 4096, 8192, 16384], help="context lengths (tokens)"),
+             depths: list[float] = typer.Option([0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]"),
+             samples: int = typer.Option(10, help="examples per cell"),
+             piece: int = typer.Option(4096, help="streaming piece length (tokens per forward)"),
+             seed: int = typer.Option(0),
+             output: Optional[str] = typer.Option(None, help="write JSON results here (with --task: a folder for "
+                                                  "JSON, table and heat-map PNGs)")) -> None:
+    """Loss, perplexity, bits per byte, and loss by position bucket; or, with --task, long-context accuracy."""
     import torch
 
     from titans.data.dataloader import build_data, eval_batches
     from titans.utils.checkpoint import load_model
 
+    if task:
+        _evaluate_tasks(checkpoint, data, task, lengths, depths, samples, piece, seed, output)
+        return
     try:
         model, cfg = load_model(checkpoint)
         if data:
@@ -99,6 +114,41 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
         from titans.utils.io import atomic_write_text
 
         atomic_write_text(output, json.dumps(res, indent=2))
+
+
+def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, seed, output) -> None:
+    import torch
+
+    from titans.data.preprocessing import load_tokenizer
+    from titans.data.tasks import Haystack, expand_tasks
+    from titans.inference.long_context import evaluate_tasks, markdown_table, write_report
+    from titans.utils.checkpoint import load_model
+
+    try:
+        names = expand_tasks(tasks)
+        if any(not 0 <= d <= 1 for d in depths):
+            raise ValueError(f"--depths: values must be in [0, 1], got {depths}")
+        if any(L < 64 for L in lengths):
+            raise ValueError(f"--lengths: values must be >= 64, got {lengths}")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, cfg = load_model(checkpoint, device)
+        tok = load_tokenizer(cfg.data.tokenizer)
+        hay = None
+        if any(not n.startswith("niah_passkey") for n in names):
+            hay = Haystack(data or cfg.data.haystack_source or cfg.data.source, tok, split="val")
+        from titans.data.tasks import make_example
+
+        for n in names:  # fail fast, in one line, on a length too short for a task
+            make_example(n, min(lengths), seed, tok, hay)
+    except (*_user_errors(), OSError) as e:
+        _fail(str(e))
+    amp = torch.bfloat16 if device == "cuda" else None
+    res = evaluate_tasks(model, tok, names, lengths, depths, samples, hay, seed=seed, piece=piece, amp_dtype=amp)
+    res["checkpoint"] = checkpoint
+    typer.echo(markdown_table(res))
+    if output:
+        paths = write_report(res, output)
+        typer.echo(f"results: {paths['json']}\nplots: {', '.join(paths['plots'])}")
 
 
 @app.command("prepare-data", epilog="Example:\n\n  titans prepare-data --source /usr/share/dictd/gcide.dict.dz "

@@ -63,7 +63,7 @@ def evaluate_loss(model, dataset, seq_len: int, batch_size: int, max_batches: in
 
 
 class LossFn(torch.nn.Module):
-    """``ids (B, T) -> mean next-token loss`` of ``model``, under autocast when ``amp_dtype`` is set.
+    """``(ids, labels) (B, T) -> mean next-token loss`` of ``model``, under autocast when ``amp_dtype`` is set.
 
     The unit captured by :func:`graphed_loss` (autocast's weight cache is off, as CUDA graphs require).
     """
@@ -72,22 +72,48 @@ class LossFn(torch.nn.Module):
         super().__init__()
         self.model, self.amp_dtype = model, amp_dtype
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ctx = (torch.autocast(ids.device.type, dtype=self.amp_dtype, cache_enabled=False)
                if self.amp_dtype else nullcontext())
         with ctx:
-            return self.model(ids, labels=ids, use_cache=False).loss
+            return self.model(ids, labels=labels, use_cache=False).loss
 
 
 def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.dtype | None):
-    """Forward + backward of :class:`LossFn` captured as CUDA graphs for batches shaped like ``sample``.
+    """Forward + backward of :class:`LossFn` captured as CUDA graphs for (ids, labels) shaped like ``sample``.
 
     Calling the result copies the batch into the graph's static input and replays the forward graph;
     ``.backward()`` replays the backward graph, accumulating into ``.grad`` like eager autograd.
     """
     if sample.device.type != "cuda":
         raise ValueError("training.cuda_graphs=true needs a CUDA device")
-    return torch.cuda.make_graphed_callables(LossFn(model, amp_dtype), (sample,), allow_unused_input=True)
+    return torch.cuda.make_graphed_callables(LossFn(model, amp_dtype), (sample, sample.clone()),
+                                             allow_unused_input=True)
+
+
+class _LMBatches:
+    """Plain language modelling: labels are the inputs."""
+
+    def __init__(self, batcher: TokenBatcher) -> None:
+        self.batcher = batcher
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.batcher.batch(step)
+        return ids, ids
+
+
+def make_batcher(cfg: TitansConfig, train_ds, tokenizer, dist: DistInfo):
+    """``batch(step) -> (ids, labels)``: language modelling, or the LM + long-context task mixture."""
+    d = cfg.data
+    if not d.tasks or d.task_fraction == 0:
+        return _LMBatches(TokenBatcher(train_ds, d.seq_len, cfg.training.batch_size, d.seed, dist.rank,
+                                       dist.world_size))
+    from titans.data.tasks import Haystack
+    from titans.data.tasks.mixture import TaskMixtureBatcher
+
+    hay = Haystack(d.haystack_source or d.source, tokenizer, split="train", text_field=d.text_field)
+    return TaskMixtureBatcher(train_ds, tokenizer, hay, d.tasks, d.seq_len, cfg.training.batch_size, d.seed,
+                              dist.rank, dist.world_size, d.task_fraction)
 
 
 class _StopFlag:
@@ -144,12 +170,12 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     if tc.compile:
         run_model = torch.compile(run_model)
     micro = tc.batch_size // tc.grad_accum
-    batcher = TokenBatcher(train_ds, cfg.data.seq_len, tc.batch_size, cfg.data.seed, dist.rank, dist.world_size)
+    batcher = make_batcher(cfg, train_ds, tokenizer, dist)
     loss_fn = LossFn(run_model, amp_dtype)
     if tc.cuda_graphs:
         if dist.world_size > 1 or tc.compile:
             raise ValueError("training.cuda_graphs: single-process runs without training.compile only")
-        loss_fn = graphed_loss(run_model, batcher.batch(start_step)[:micro].to(device), amp_dtype)
+        loss_fn = graphed_loss(run_model, batcher.batch(start_step)[0][:micro].to(device), amp_dtype)
     bpt = _bytes_per_token(val_ds, tokenizer)
 
     writer = None
@@ -191,15 +217,15 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     interrupted = False
     with _StopFlag() as flag:
         while step < tc.max_steps:
-            batch = batcher.batch(step).to(device)
+            batch, labels = (t.to(device) for t in batcher.batch(step))
             loss_sum = 0.0
             for i in range(tc.grad_accum):
-                mb = batch[i * micro:(i + 1) * micro]
+                mb, mlab = batch[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro]
                 sync = nullcontext()
                 if dist.world_size > 1 and i < tc.grad_accum - 1 and hasattr(run_model, "no_sync"):
                     sync = run_model.no_sync()
                 with sync:
-                    loss = loss_fn(mb) / tc.grad_accum
+                    loss = loss_fn(mb, mlab) / tc.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
             grad_norm = None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
 MEMORY_VARIANTS = ("mac", "mag", "mal", "lmm")
@@ -65,7 +65,7 @@ class ModelConfig(_Strict):
     memory_conv_kernel: int = Field(4, ge=0, description="0 disables the causal depthwise convolution")
     memory_momentum: bool = True
     memory_weight_decay: bool = True
-    memory_max_lr: float = Field(0.1, gt=0)
+    memory_max_lr: float | None = Field(None, gt=0)  # None: 0.5 / memory_chunk_size
     memory_gates_per_chunk: bool = False
     memory_output_gate: bool = True
     memory_backend: Literal["auto", "naive", "chunked", "compiled", "triton"] = "auto"
@@ -124,6 +124,18 @@ class DataConfig(_Strict):
     shards_dir: str | None = Field(None, description="prepared shards; built on first use if missing")
     max_bytes: int | None = Field(None, ge=1, description="cap on source text read (None = all)")
     seed: int = 1234
+    tasks: list[str] = Field(default_factory=list, description="long-context tasks mixed into training "
+                             "('niah', 'babilong', or names such as 'niah_uuid', 'babilong_qa2')")
+    task_fraction: float = Field(0.5, ge=0, le=1, description="share of rows that are task examples")
+    haystack_source: str | None = Field(None, description="text for task haystacks (default: source)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        from titans.data.tasks import expand_tasks
+
+        expand_tasks(v)  # raises naming the unknown task
+        return v
 
 
 class TrainingConfig(_Strict):

@@ -3,9 +3,14 @@
 Per token x_t (B, T, dim):
 
 * q, k, v = SiLU(causal depthwise conv1d(x W_{Q,K,V})), q and k l2-normalised per head (Sec. 4.4);
-* theta_t = max_lr * sigmoid(x_t w_theta), eta_t = sigmoid(x_t w_eta), alpha_t = sigmoid(x_t w_alpha)
-  per head (data-dependent learning rate, surprise decay, forgetting; Eq. 13-14), or one value per
-  chunk (taken from the chunk's first token, which keeps them causal);
+* eta_t = sigmoid(x_t w_eta), alpha_t = sigmoid(x_t w_alpha), theta_t = max_lr * (1 - eta_t) *
+  sigmoid(x_t w_theta) per head (data-dependent surprise decay, forgetting and learning rate; Eq. 13-14),
+  or one value per chunk (taken from the chunk's first token, which keeps them causal).  The factor
+  (1 - eta_t) bounds the effective momentum step theta / (1 - eta) by ``max_lr``, and ``max_lr``
+  defaults to 0.5 / chunk_size: inside a chunk all gradients are taken at the same weights and summed,
+  so with l2-normalised keys (inner-loss curvature up to 2 per aligned token) a larger step lets the
+  outer optimiser drive the inner loop unstable — observed as NaN after ~16 steps on the gcide corpus
+  with an unbounded theta <= 0.1 and chunk 32;
 * the fast weights are updated by :func:`titans.core.memory.functional.neural_memory_update` and
   read with the updated weights (Eq. 15);
 * output: per-head RMS normalisation, a sigmoid gate computed from x by a linear layer, then the output
@@ -126,7 +131,7 @@ class NeuralMemory(nn.Module):
         conv_kernel: width of the causal depthwise convolution after the q/k/v projections (0 = off).
         momentum: learn eta (False: eta = 0, no past surprise).
         weight_decay: learn alpha (False: alpha = 0, no forgetting).
-        max_lr: theta is ``max_lr * sigmoid(.)``.
+        max_lr: bound on the effective step: theta = max_lr * (1 - eta) * sigmoid(.); None: 0.5 / chunk_size.
         gates_per_chunk: one theta / eta / alpha per chunk (from its first token) instead of per token.
         output_gate: sigmoid gate from a linear map of x before the output projection.
         backend: "auto" | "naive" | "chunked" | "compiled" | "triton" (see ``neural_memory_update``).
@@ -135,7 +140,7 @@ class NeuralMemory(nn.Module):
     def __init__(
         self, dim: int, heads: int = 4, head_dim: int | None = None, depth: int = 2, expansion: float = 2.0,
         activation: str = "silu", residual: bool = True, chunk_size: int = 16, conv_kernel: int = 4,
-        momentum: bool = True, weight_decay: bool = True, max_lr: float = 0.1, gates_per_chunk: bool = False,
+        momentum: bool = True, weight_decay: bool = True, max_lr: float | None = None, gates_per_chunk: bool = False,
         output_gate: bool = True, backend: str = "auto", norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
@@ -155,7 +160,10 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
         self.activation, self.residual, self.chunk_size = activation, residual, chunk_size
         self.use_momentum, self.use_weight_decay = momentum, weight_decay
-        self.max_lr, self.gates_per_chunk, self.backend = max_lr, gates_per_chunk, backend
+        if max_lr is not None and max_lr <= 0:
+            raise ValueError(f"max_lr={max_lr}: expected > 0 (or None for 0.5 / chunk_size)")
+        self.max_lr = max_lr if max_lr is not None else 0.5 / chunk_size
+        self.gates_per_chunk, self.backend = gates_per_chunk, backend
         self.conv_kernel = conv_kernel
         inner = heads * head_dim
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
@@ -178,14 +186,13 @@ class NeuralMemory(nn.Module):
 
         Inside a chunk all b gradients are taken at the same weights and summed, and momentum scales the
         step by about 1 / (1 - eta); with l2-normalised keys the inner loss has curvature ~2, so the
-        initial theta is set to theta_0 = 0.5 (1 - eta_0) / b (capped by max_lr / 2).
+        initial theta is theta_0 = max_lr (1 - eta_0) / 2 (= 0.25 (1 - eta_0) / b at the default max_lr).
         """
         eta0, alpha0 = 0.73, 1e-3
-        theta0 = min(0.5 * (1 - eta0) / self.chunk_size, 0.5 * self.max_lr)
         with torch.no_grad():
             nn.init.normal_(self.to_gates.weight, std=0.02)
             b = self.to_gates.bias.view(3, self.heads)
-            b[0].fill_(math.log(theta0 / (self.max_lr - theta0)))  # sigmoid^-1(theta0 / max_lr)
+            b[0].zero_()  # sigmoid(0) = 1/2 of the bound
             b[1].fill_(math.log(eta0 / (1 - eta0)))
             b[2].fill_(math.log(alpha0 / (1 - alpha0)))
             if self.conv is not None:
@@ -287,8 +294,8 @@ class NeuralMemory(nn.Module):
                 picked = torch.where((start < 0).view(1, 1, T, 1), carried, picked)
             raw = picked
             chunk_gates = raw[:, :, -1] if T else chunk_gates
-        theta = self.max_lr * torch.sigmoid(raw[..., 0])
         eta = torch.sigmoid(raw[..., 1]) if self.use_momentum else torch.zeros_like(raw[..., 1])
+        theta = self.max_lr * (1 - eta) * torch.sigmoid(raw[..., 0])
         alpha = torch.sigmoid(raw[..., 2]) if self.use_weight_decay else torch.zeros_like(raw[..., 2])
         return theta, eta, alpha, (raw if self.gates_per_chunk else None), chunk_gates
 

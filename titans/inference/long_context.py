@@ -1,0 +1,166 @@
+"""Long-context evaluation: S-NIAH and BABILong-style accuracy over a grid of lengths and depths.
+
+Every example is read with the streaming path — the context goes through the model in pieces of
+``piece`` tokens with the state carried (so memory use does not grow with the context for the Titans
+variants and the SWA baseline) — then the answer is decoded greedily and scored by exact match.
+Results: a dict (written as JSON), one heat map per task (context length x needle depth) as PNG, and a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from titans.data.preprocessing import Tokenizer
+from titans.data.tasks import Haystack, expand_tasks, make_example
+
+
+@torch.no_grad()
+def answer_greedy(model, input_ids: torch.Tensor, max_new: int, piece: int = 4096,
+                  amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Stream ``input_ids`` (B, T) through the model in pieces, then decode ``max_new`` tokens greedily.
+
+    Returns (B, max_new) token ids.  Only the state crosses pieces, so peak memory is that of one piece
+    plus the model state.
+    """
+    dev = input_ids.device
+    ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else torch.autocast(dev.type, enabled=False)
+    state = None
+    with ctx:
+        for s in range(0, input_ids.shape[1], piece):
+            out = model(input_ids[:, s:s + piece], state=state)
+            state = out.state
+        last = out.logits[:, -1]
+        toks = []
+        for _ in range(max_new):
+            nxt = last.float().argmax(-1, keepdim=True)
+            toks.append(nxt)
+            out = model(nxt, state=state)
+            state, last = out.state, out.logits[:, -1]
+    return torch.cat(toks, dim=1)
+
+
+def evaluate_tasks(model, tokenizer: Tokenizer, tasks: list[str], lengths: list[int], depths: list[float],
+                   samples: int, haystack: Haystack | None, seed: int = 0, piece: int = 4096, batch_size: int = 4,
+                   amp_dtype: torch.dtype | None = None, progress: bool = True) -> dict:
+    """Exact-match accuracy per (task, length, depth) cell.  BABILong cells have no depth (facts are
+    scattered over the whole haystack): they use ``depth = None``."""
+    from tqdm.auto import tqdm
+
+    tasks = expand_tasks(tasks)
+    dev = next(model.parameters()).device
+    cells = []
+    for task in tasks:
+        for L in lengths:
+            for depth in (depths if task.startswith("niah_") else [None]):
+                cells.append((task, L, depth))
+    total_tokens = sum(L * samples for _, L, _ in cells)
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    rows = []
+    t0 = time.perf_counter()
+    for task, L, depth in cells:
+        exs = [make_example(task, L, seed * 100_003 + i, tokenizer, haystack, depth=depth if depth is not None else 0.5)
+               for i in range(samples)]
+        correct = 0
+        preds = []
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for b in range(0, samples, batch_size):
+            group = exs[b:b + batch_size]
+            ids = torch.tensor([e.input_ids for e in group], dtype=torch.long, device=dev)
+            max_new = max(len(e.answer_ids) for e in group)
+            out = answer_greedy(model, ids, max_new, piece, amp_dtype).tolist()
+            for e, o in zip(group, out):
+                ok = o[:len(e.answer_ids)] == e.answer_ids
+                correct += ok
+                preds.append({"answer": e.answer, "prediction": tokenizer.decode(o[:len(e.answer_ids)]),
+                              "correct": bool(ok)})
+            bar.update(L * len(group))
+            bar.set_postfix(task=task, length=L, acc=f"{correct / max(len(preds), 1):.2f}", refresh=False)
+        rows.append({"task": task, "length": L, "depth": depth, "samples": samples, "accuracy": correct / samples,
+                     "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+                     "examples": preds[:4]})
+    bar.close()
+    return {"tasks": tasks, "lengths": lengths, "depths": depths, "samples": samples, "seed": seed,
+            "seconds": time.perf_counter() - t0, "cells": rows}
+
+
+def markdown_table(result: dict) -> str:
+    """Rows: task (and depth); columns: context lengths; cells: accuracy in percent."""
+    lengths = result["lengths"]
+    head = "| task | depth | " + " | ".join(f"{L:,}" for L in lengths) + " |"
+    lines = [head, "| --- | --- | " + " | ".join("---" for _ in lengths) + " |"]
+    keys = []
+    for c in result["cells"]:
+        k = (c["task"], c["depth"])
+        if k not in keys:
+            keys.append(k)
+    for task, depth in keys:
+        acc = {c["length"]: c["accuracy"] for c in result["cells"] if c["task"] == task and c["depth"] == depth}
+        vals = " | ".join(f"{100 * acc[L]:.0f}" if L in acc else "-" for L in lengths)
+        lines.append(f"| {task} | {'all' if depth is None else depth} | {vals} |")
+    return "\n".join(lines)
+
+
+def plot_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
+    """One PNG per task: accuracy by context length (x) and needle depth (y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    lengths = result["lengths"]
+    for task in result["tasks"]:
+        cells = [c for c in result["cells"] if c["task"] == task]
+        depths = sorted({c["depth"] for c in cells}, key=lambda d: -1 if d is None else d)
+        grid = [[math.nan] * len(lengths) for _ in depths]
+        for c in cells:
+            grid[depths.index(c["depth"])][lengths.index(c["length"])] = 100 * c["accuracy"]
+        fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 2, 0.5 * len(depths) + 1.8))
+        im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [_short(L) for L in lengths])
+        ax.set_yticks(range(len(depths)), ["all" if d is None else f"{d:.2f}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+        ax.set_title(f"{task}: exact match (%)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        p = out_dir / f"{task}.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def _short(n: int) -> str:
+    if n >= 2**20 and n % 2**20 == 0:
+        return f"{n // 2**20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}K"
+    return str(n)
+
+
+def write_report(result: dict, out_dir: str | Path) -> dict:
+    """JSON + heat maps + markdown table under ``out_dir``; returns their paths."""
+    from titans.utils.io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results.json", json.dumps(result, indent=2))
+    table = markdown_table(result)
+    atomic_write_text(out_dir / "results.md", table + "\n")
+    pngs = plot_heatmaps(result, out_dir)
+    return {"json": str(out_dir / "results.json"), "table": str(out_dir / "results.md"),
+            "plots": [str(p) for p in pngs]}
