@@ -55,7 +55,8 @@ def _replay(facts: list[str], question: str) -> str:
     """An independent reader: recompute the answer from the story sentences alone."""
     where, holder, trail = {}, {}, {}
     for f in facts:
-        m = re.fullmatch(r"(\w+) (?:%s) the (\w+)\." % "|".join(MOVE_VERBS), f)
+        verbs = "|".join(MOVE_VERBS)
+        m = re.fullmatch(rf"(\w+) (?:{verbs}) the (\w+)\.", f)
         if m:
             where[m[1]] = m[2]
             for o, h in holder.items():
@@ -114,9 +115,10 @@ def test_insert_at_and_errors(hay):
 
 
 def test_mixture_batches_label_only_answers_in_task_rows(hay):
-    from titans.data.dataset import prepare_shards, ShardDataset
-    from titans.data.tasks.mixture import TaskMixtureBatcher
     import tempfile
+
+    from titans.data.dataset import ShardDataset, prepare_shards
+    from titans.data.tasks.mixture import TaskMixtureBatcher
 
     with tempfile.TemporaryDirectory() as d:
         prepare_shards("stdlib", d, TOK, max_bytes=300_000, progress=False)
