@@ -16,10 +16,38 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def check_cuda_graphs(dev, res) -> None:
+    """Graphed forward + backward (as training.cuda_graphs runs it) equals eager, for every variant."""
+    res["cuda_graphs"] = []
+    from titans.training.trainer import LossFn, graphed_loss
+
+    for variant in ["mac", "mag", "mal", "lmm", "transformer", "swa"]:
+        cfg = dict(variant=variant, dim=128, depth=2, heads=4, window=64, memory_chunk_size=16)
+        m = build_model(cfg).to(dev)
+        ids = torch.randint(0, 256, (2, 256), device=dev)
+        # capture first, on a fresh model, as the trainer does
+        g = graphed_loss(m, ids, torch.bfloat16)
+        m.zero_grad(set_to_none=True)
+        ids2 = torch.randint(0, 256, (2, 256), device=dev)
+        g(ids2, ids2).backward()  # a different batch first: replays must not keep stale inputs
+        m.zero_grad(set_to_none=True)
+        loss_g = g(ids, ids)
+        loss_g.backward()
+        gg = [p.grad.clone() for p in m.parameters()]
+        m.zero_grad(set_to_none=True)
+        loss_e = LossFn(m, torch.bfloat16)(ids, ids)
+        loss_e.backward()
+        ge = [p.grad for p in m.parameters()]
+        err = max(rel(a, b) for a, b in zip(gg, ge) if b is not None and b.norm() > 0)
+        res["cuda_graphs"].append({"variant": variant, "loss_rel_err": rel(loss_g, loss_e), "grad_rel_err": err})
+        print(res["cuda_graphs"][-1], flush=True)
+
+
 def main(out_path: str, with_flex: bool = True) -> None:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     res = {"attention": [], "models": []}
+    check_cuda_graphs(dev, res)  # first: before any eager CUDA work in this process
     specs = [MaskSpec("causal"), MaskSpec("causal", prefix_len=4), MaskSpec("sliding", 64),
              MaskSpec("sliding", 64, prefix_len=4), MaskSpec("segment", 64, prefix_len=4),
              MaskSpec("segment", 64, prefix_len=4, memory_tokens=True)]
@@ -65,28 +93,6 @@ def main(out_path: str, with_flex: bool = True) -> None:
         b = r(ids).logits
         m(ids, labels=ids, use_cache=False).loss.backward()
         res["models"].append({"variant": variant, "rel_err_vs_reference": rel(a, b)})
-    res["cuda_graphs"] = []
-    from titans.training.trainer import LossFn, graphed_loss
-
-    for variant in ["mac", "mag", "mal", "lmm", "transformer", "swa"]:
-        cfg = dict(variant=variant, dim=128, depth=2, heads=4, window=64, memory_chunk_size=16)
-        m = build_model(cfg).to(dev)
-        ids = torch.randint(0, 256, (2, 256), device=dev)
-        loss_e = LossFn(m, torch.bfloat16)(ids, ids)
-        loss_e.backward()
-        ge = [p.grad.clone() for p in m.parameters()]
-        m.zero_grad(set_to_none=True)
-        g = graphed_loss(m, ids, torch.bfloat16)
-        m.zero_grad(set_to_none=True)
-        ids2 = torch.randint(0, 256, (2, 256), device=dev)
-        g(ids2, ids2)  # a different batch first: replays must not keep stale inputs
-        m.zero_grad(set_to_none=True)
-        loss_g = g(ids, ids)
-        loss_g.backward()
-        gg = [p.grad for p in m.parameters()]
-        err = max(rel(a, b) for a, b in zip(gg, ge) if b is not None and b.norm() > 0)
-        res["cuda_graphs"].append({"variant": variant, "loss_rel_err": rel(loss_g, loss_e), "grad_rel_err": err})
-        print(res["cuda_graphs"][-1], flush=True)
     for row in res["attention"] + res["models"]:
         print(row)
     json.dump(res, open(out_path, "w"), indent=2)
