@@ -176,7 +176,9 @@ def generate(checkpoint: str = typer.Option(...), prompt: Optional[str] = typer.
              prompt_file: Optional[str] = typer.Option(None), max_new_tokens: int = typer.Option(200),
              temperature: float = typer.Option(0.8), top_k: Optional[int] = typer.Option(None),
              top_p: Optional[float] = typer.Option(0.95), repetition_penalty: float = typer.Option(1.0),
-             seed: Optional[int] = typer.Option(None)) -> None:
+             seed: Optional[int] = typer.Option(None),
+             session: Optional[str] = typer.Option(None, help="memory state file: continue from it if it exists, "
+                                                   "save the updated memory back to it")) -> None:
     """Generate text from a checkpoint, streaming tokens to the terminal."""
     import torch
 
@@ -192,6 +194,10 @@ def generate(checkpoint: str = typer.Option(...), prompt: Optional[str] = typer.
         tok = load_tokenizer(cfg.data.tokenizer)
     except (*_user_errors(), OSError) as e:
         _fail(str(e))
+    if session:
+        _generate_with_session(checkpoint, session, text, max_new_tokens, temperature, top_k, top_p,
+                               repetition_penalty, seed)
+        return
     sys.stdout.write(text)
     buf: list[int] = []
 
@@ -206,6 +212,268 @@ def generate(checkpoint: str = typer.Option(...), prompt: Optional[str] = typer.
     gen(model, tok.encode(text), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, stream=stream)
     sys.stdout.write("\n")
+
+
+def _generate_with_session(checkpoint, session, text, max_new_tokens, temperature, top_k, top_p,
+                           repetition_penalty, seed) -> None:
+    from titans.inference.memory_management import MemoryStateError
+
+    pred = _load_predictor(checkpoint)
+    with pred.session("generate") as sess:
+        try:
+            if Path(session).exists():
+                sess.load(session)
+        except MemoryStateError as e:
+            _fail(str(e))
+        sys.stdout.write(text)
+        sess.generate(text, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      repetition_penalty=repetition_penalty, seed=seed,
+                      stream=lambda t: (sys.stdout.write(pred.tokenizer.decode([t])), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        sess.save(session)
+        typer.echo(f"[memory: {sess.state.position:,} tokens -> {session}]", err=True)
+
+
+def _load_predictor(checkpoint: str):
+    import torch
+
+    from titans.inference.predictor import Predictor
+
+    return Predictor.from_checkpoint(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+@app.command(epilog="Example:\n\n  titans chat --checkpoint runs/small\n\n"
+             "Commands inside the chat: /reset, /save PATH, /load PATH, /stats, /quit")
+def chat(checkpoint: str = typer.Option(...), max_new_tokens: int = typer.Option(200),
+         temperature: float = typer.Option(0.8), top_p: Optional[float] = typer.Option(0.95),
+         seed: Optional[int] = typer.Option(None), session: Optional[str] = typer.Option(None,
+                                                                                   help="start from this saved memory")
+         ) -> None:
+    """Interactive chat whose neural memory keeps learning across turns (reads turns from stdin)."""
+    from titans.inference.memory_management import MemoryStateError
+
+    try:
+        pred = _load_predictor(checkpoint)
+    except (*_user_errors(), OSError) as e:
+        _fail(str(e))
+    with pred.session("chat") as sess:
+        if session:
+            try:
+                sess.load(session)
+            except MemoryStateError as e:
+                _fail(str(e))
+        typer.echo(f"titans chat ({pred.config.model.variant}, {pred.model.num_parameters():,} parameters). "
+                   "Commands: /reset /save PATH /load PATH /stats /quit")
+        turn = 0
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            cmd, _, arg = line.partition(" ")
+            try:
+                if cmd == "/quit":
+                    break
+                if cmd == "/reset":
+                    sess.reset()
+                    typer.echo("[memory reset]")
+                    continue
+                if cmd == "/save":
+                    typer.echo(f"[saved {sess.save(arg.strip() or 'chat_memory.safetensors')}]")
+                    continue
+                if cmd == "/load":
+                    sess.load(arg.strip())
+                    typer.echo(f"[loaded {arg.strip()}: {sess.state.position} tokens]")
+                    continue
+                if cmd == "/stats":
+                    st = sess.stats()
+                    sur = "-" if st["last_surprise"] is None else f"{st['last_surprise']:.3f} nats/token"
+                    typer.echo(f"[tokens seen {st['tokens_seen']:,} | memory {st['memory_bytes'] / 2**20:.2f} MiB "
+                               f"| state {st['state_bytes'] / 2**20:.2f} MiB | surprise of last turn {sur}]")
+                    continue
+                if cmd.startswith("/"):
+                    typer.echo(f"[unknown command {cmd}; use /reset /save PATH /load PATH /stats /quit]")
+                    continue
+            except (MemoryStateError, OSError, ValueError) as e:
+                typer.echo(f"[error: {e}]")
+                continue
+            turn += 1
+            sys.stdout.write("model: ")
+            sess.generate(f"\nuser: {line}\nmodel:", max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=None if seed is None else seed + turn, stop_tokens=tuple(pred.tokenizer.encode("\n")),
+                          stream=lambda t: (sys.stdout.write(pred.tokenizer.decode([t])), sys.stdout.flush()))
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+@app.command("batch-infer", epilog="Example:\n\n  titans batch-infer --checkpoint runs/small "
+             "--input prompts.jsonl --output results.jsonl")
+def batch_infer(checkpoint: str = typer.Option(...), input: str = typer.Option(..., help="JSONL: {id, prompt}"),
+                output: str = typer.Option(..., help="JSONL results (appended; existing ids are skipped)"),
+                batch_size: int = typer.Option(8), max_new_tokens: int = typer.Option(100),
+                temperature: float = typer.Option(0.8), top_p: Optional[float] = typer.Option(0.95),
+                seed: Optional[int] = typer.Option(0)) -> None:
+    """Batched generation over a JSONL file, with a progress bar; resumable."""
+    from titans.inference.batch_inference import run_batch_inference
+
+    try:
+        pred = _load_predictor(checkpoint)
+        res = run_batch_inference(pred, input, output, batch_size, max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed)
+    except (*_user_errors(), OSError) as e:
+        _fail(str(e))
+    typer.echo(f"generated {res['generated']}, already done {res['already_done']}, "
+               f"bad lines {len(res['bad_lines'])} -> {output}")
+
+
+@app.command("analyze-memory", epilog="Example:\n\n  titans analyze-memory --checkpoint runs/small "
+             "--text-file notes.txt --output analysis/")
+def analyze_memory(checkpoint: str = typer.Option(...), text: Optional[str] = typer.Option(None),
+                   text_file: Optional[str] = typer.Option(None), output: str = typer.Option("memory_analysis"),
+                   max_tokens: int = typer.Option(2048)) -> None:
+    """Per layer and head: surprise per token, theta / eta / alpha, weight norms, inner loss before/after."""
+    import torch
+
+    from titans.inference.predictor import trace_memory
+    from titans.utils.io import atomic_write_text
+
+    try:
+        if text is None and text_file is None:
+            raise ValueError("give --text or --text-file")
+        body = text if text is not None else Path(text_file).read_text(errors="replace")
+        pred = _load_predictor(checkpoint)
+        ids = pred.tokenizer.encode(body)[:max_tokens]
+        if not ids:
+            raise ValueError("the text is empty")
+        if not any(b.memory is not None for b in pred.model.blocks):
+            raise ValueError(f"variant {pred.config.model.variant!r} has no neural memory to analyze")
+    except (*_user_errors(), OSError) as e:
+        _fail(str(e))
+    layers = trace_memory(pred.model, torch.tensor([ids], device=pred.device))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for r in layers:
+        summary.append({"layer": r["layer"], "heads": int(r["grad_norm"].shape[0]),
+                        "tokens": int(r["grad_norm"].shape[1]),
+                        **{k: r[k].tolist() for k in ("grad_norm", "loss_before", "loss_after", "theta", "eta",
+                                                      "alpha")},
+                        "weight_norms": [w.tolist() for w in r["weight_norms"]],
+                        "mean_loss_before": float(r["loss_before"].mean()),
+                        "mean_loss_after": float(r["loss_after"].mean())})
+    atomic_write_text(out / "memory_analysis.json", json.dumps({"checkpoint": checkpoint, "tokens": len(ids),
+                                                                "layers": summary}))
+    _plot_memory(layers, out / "memory_analysis.png")
+    for r in summary:
+        typer.echo(f"layer {r['layer']}: mean surprise {sum(map(sum, r['grad_norm'])) / (r['heads'] * r['tokens']):.4f}"
+                   f"  inner loss {r['mean_loss_before']:.4f} -> {r['mean_loss_after']:.4f}")
+    typer.echo(f"wrote {out / 'memory_analysis.json'} and {out / 'memory_analysis.png'}")
+
+
+def _plot_memory(layers, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(layers)
+    fig, axes = plt.subplots(n, 3, figsize=(15, 2.8 * n), squeeze=False)
+    for row, r in zip(axes, layers):
+        im = row[0].imshow(r["grad_norm"].numpy(), aspect="auto", cmap="magma")
+        row[0].set_title(f"layer {r['layer']}: surprise ||grad|| (head x token)")
+        fig.colorbar(im, ax=row[0])
+        for g in ("theta", "eta", "alpha"):
+            row[1].plot(r[g].mean(0).numpy(), label=g)
+        row[1].set_yscale("log")
+        row[1].set_title("gates (mean over heads)")
+        row[1].legend()
+        row[2].plot(r["loss_before"].mean(0).numpy(), label="before update")
+        row[2].plot(r["loss_after"].mean(0).numpy(), label="after update")
+        row[2].set_title("inner loss per token (mean over heads)")
+        row[2].legend()
+    for ax in axes[-1]:
+        ax.set_xlabel("token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@app.command("convert-checkpoint", epilog="Example:\n\n  titans convert-checkpoint --checkpoint runs/small "
+             "--out exports/small")
+def convert_checkpoint(checkpoint: str = typer.Option(..., help="training run / checkpoint / older export"),
+                       out: str = typer.Option(..., help="export folder")) -> None:
+    """Training checkpoint (or an older export) to an inference export: safetensors + config + export.json."""
+    from titans.utils.checkpoint import export_model, load_model
+
+    try:
+        model, cfg = load_model(checkpoint)
+        path = export_model(model, cfg, out)
+    except (*_user_errors(), OSError) as e:
+        _fail(str(e))
+    typer.echo(f"exported {model.num_parameters():,} parameters ({cfg.model.variant}) -> {path}")
+
+
+@app.command(epilog="Example:\n\n  titans profile --config base --seq-len 4096 --batch 2")
+def profile(config: str = typer.Option("small"), set_: list[str] = typer.Option([], "--set"),
+            seq_len: int = typer.Option(1024), batch: int = typer.Option(2), steps: int = typer.Option(3),
+            device: str = typer.Option("auto"), trace: Optional[str] = typer.Option(None, help="torch.profiler "
+                                                                                       "trace (Chrome JSON) path"),
+            output: Optional[str] = typer.Option(None, help="write JSON here")) -> None:
+    """Parameters, FLOPs per token by component, peak memory and tokens/s of a config."""
+    import time
+
+    import torch
+
+    from titans.core.models import build_model
+    from titans.utils.config import load_config
+    from titans.utils.profiling import flops_per_token
+
+    try:
+        cfg = load_config(config, list(set_))
+    except _user_errors() as e:
+        _fail(str(e))
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model = build_model(cfg.model).to(dev)
+    fl = flops_per_token(cfg.model, seq_len)
+    ids = torch.randint(0, cfg.model.vocab_size, (batch, seq_len), device=dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu",
+                                                                                                   enabled=False)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with amp:
+            loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+
+    step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    prof = None
+    if trace:
+        prof = torch.profiler.profile(record_shapes=False)
+        prof.__enter__()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        prof.export_chrome_trace(trace)
+    res = {"config": config, "variant": cfg.model.variant, "params": model.num_parameters(), "seq_len": seq_len,
+           "batch": batch, "device": str(dev), "flops_per_token": fl, "train_tokens_per_s": batch * seq_len / dt,
+           "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
+    typer.echo(f"{cfg.model.variant}: {res['params']:,} parameters; training FLOPs/token "
+               f"{fl['total']:.3g} (attention {fl['attention']:.3g}, memory {fl['memory']:.3g}, "
+               f"mlp {fl['mlp']:.3g}, other {fl['other']:.3g})")
+    typer.echo(f"{res['train_tokens_per_s']:,.0f} training tokens/s on {dev}"
+               + (f", peak {res['peak_gb']:.2f} GB" if res["peak_gb"] is not None else ""))
+    if output:
+        from titans.utils.io import atomic_write_text
+
+        atomic_write_text(output, json.dumps(res, indent=2))
 
 
 def main() -> None:
