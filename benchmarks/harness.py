@@ -187,7 +187,7 @@ def markdown(rows: list[Row], decode: list[dict]) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mac", "mag", "mal", "lmm", "transformer", "swa"])
-    ap.add_argument("--shapes", nargs="+", default=["1024x2"], help="SEQxBATCH entries")
+    ap.add_argument("--shapes", nargs="*", default=["1024x2"], help="SEQxBATCH entries (none: decode only)")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
