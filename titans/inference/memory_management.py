@@ -200,9 +200,12 @@ class MemorySession:
     @torch.no_grad()
     def generate(self, prompt: str | list[int] = "", max_new_tokens: int = 100, *, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = 0.95, repetition_penalty: float = 1.0,
-                 stop_tokens: tuple[int, ...] = (), seed: int | None = None,
-                 stream: Callable[[int], None] | None = None) -> str:
-        """Feed ``prompt`` then sample; the reply is also written into the memory.  Returns the text."""
+                 stop_tokens: tuple[int, ...] = (), stop_text: str | None = None, min_new_tokens: int = 0,
+                 seed: int | None = None, stream: Callable[[int], None] | None = None) -> str:
+        """Feed ``prompt`` then sample; the reply is also written into the memory.  Returns the text.
+
+        Stops after ``max_new_tokens``, a token in ``stop_tokens`` or when the reply ends with
+        ``stop_text`` — but never before ``min_new_tokens`` tokens."""
         self._check_open()
         cfg = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
         cfg.validate()
@@ -227,7 +230,8 @@ class MemorySession:
                     stream(t)
                 out = self.model(nxt.view(1, 1), state=self.state)
                 self.state, logits = out.state, out.logits[:, -1]
-                if t in stop_tokens:
+                if len(toks) >= min_new_tokens and (
+                        t in stop_tokens or (stop_text and self.tokenizer.decode(toks).endswith(stop_text))):
                     break
         self.last_logits = logits
         return self.tokenizer.decode(toks)

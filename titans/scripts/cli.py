@@ -298,8 +298,9 @@ def chat(checkpoint: str = typer.Option(...), max_new_tokens: int = typer.Option
                 continue
             turn += 1
             sys.stdout.write("model: ")
-            sess.generate(f"\nuser: {line}\nmodel:", max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=None if seed is None else seed + turn, stop_tokens=tuple(pred.tokenizer.encode("\n")),
+            # the model continues the conversation's text; a blank line ends its turn
+            sess.generate(line + "\n", max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=None if seed is None else seed + turn, stop_text="\n\n", min_new_tokens=8,
                           stream=lambda t: (sys.stdout.write(pred.tokenizer.decode([t])), sys.stdout.flush()))
             sys.stdout.write("\n")
             sys.stdout.flush()
