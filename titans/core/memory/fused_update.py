@@ -1,0 +1,383 @@
+"""Memory update with a hand-written backward: the contract the fused GPU kernels implement.
+
+``neural_memory_update_chunked`` differentiates through every chunk with autograd, which stores each
+chunk's intermediates and runs ~60 small kernels per chunk.  Here the update is split in two:
+
+1. **Gate coefficients** (parallel over all chunks, plain PyTorch with autograd).  Inside a chunk of
+   ``C`` tokens the momentum / forgetting recurrence (Eq. 13-14) is linear, so with ``D_eta``,
+   ``D_keep`` the lower-triangular decay matrices of eta and ``1 - alpha`` (Eq. 16-18)::
+
+       G_t  = prod_{s<=t} (1 - alpha_s)                weight carried from the chunk start
+       P_t  = prod_{s<=t} eta_s                        momentum carried from the chunk start
+       B_t  = sum_s D_keep[t, s] P_s                   momentum folded into the weights
+       M_tj = -theta_j sum_s D_keep[t, s] D_eta[s, j]  weight of token j's gradient in W_t
+       m_j  = -theta_j D_eta[C-1, j]                   weight of token j's gradient in S_C
+
+   These depend on the gates only, never on the memory, so they are computed for every chunk at
+   once and autograd maps their gradients back to theta, eta and alpha.
+
+2. **The memory core** (sequential over chunks), an ``autograd.Function`` with explicit forward and
+   backward per chunk for memory depth L = 1 or 2 (``h = act(k W1)``, ``out = h W2 [+ k]``)::
+
+       Z = K W1, H = act(Z), Err = 2 (H W2 [+ K] - V)        inner loss gradient at the chunk start
+       Dl = (Err W2^T) * act'(Z)                             error at layer 1
+       Zq = G * (Q W1) + B * (Q S1) + ((Q K^T) * M) Dl        layer 1 at the per-token weights W1_t
+       Y  = G * (Hq W2) + B * (Hq S2) + ((Hq H^T) * M) Err   layer 2 at W2_t, Hq = act(Zq) [+ Q]
+       W' = G_C W + B_C S + X^T (M_C * Delta),  S' = P_C S + X^T (m * Delta)
+
+   The forward keeps only each chunk's starting weights and momentum; the backward recomputes the
+   chunk and applies the chain rule by hand (including the second-order term through ``act'``).
+   ``impl="torch"`` runs this as a Python loop over chunks (the readable reference of the kernels,
+   any device); ``impl="triton"`` runs the same equations in one fused kernel launch per direction
+   (``titans.core.memory.triton_kernels``).
+
+Shapes follow :func:`titans.core.memory.functional.neural_memory_update`; the sequence length must
+be a multiple of ``chunk_size`` (callers fall back to the chunked path otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from titans.core.memory.functional import _cumprod, _decay_matrix, get_activation
+
+SUPPORTED_DEPTHS = (1, 2)
+
+
+def _silu_grad2(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+def _gelu_grad2(z: Tensor) -> Tensor:
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return pdf * (2 - z * z)
+
+
+# second derivatives of the activations: the inner gradient depends on act'(Z), so the outer
+# backward needs act''
+ACTIVATION_GRAD2: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": _silu_grad2,
+    "gelu": _gelu_grad2,
+    "relu": torch.zeros_like,
+    "tanh": lambda z: -2 * torch.tanh(z) * (1 - torch.tanh(z) ** 2),
+    "identity": torch.zeros_like,
+}
+
+
+# ----------------------------------------------------------------------------- coefficients
+
+
+def chunk_coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk_size: int):
+    """Per-chunk coefficients of the momentum / decay recurrence (Eq. 16-18).
+
+    lr, momentum_decay, forget: (B, H, T) with T a multiple of ``chunk_size`` = C, N = T / C chunks.
+    Returns ``(G, Bc, M, Ml, m, Gl, Bl, Pl)``: G, Bc (B, H, T); M (B, H, N, C, C); Ml, m (B, H, N, C)
+    (the last row of M and the momentum weights at the chunk end); Gl, Bl, Pl (B, H, N).
+    """
+    B, H, T = lr.shape
+    C = chunk_size
+    N = T // C
+    theta = lr.reshape(B, H, N, C)
+    eta = momentum_decay.reshape(B, H, N, C)
+    keep = 1 - forget.reshape(B, H, N, C)
+    D_eta = _decay_matrix(eta)
+    D_keep = _decay_matrix(keep)
+    P = _cumprod(eta)
+    G = _cumprod(keep)
+    Bc = (D_keep @ P.unsqueeze(-1)).squeeze(-1)
+    M = -(D_keep @ D_eta) * theta.unsqueeze(-2)
+    m = -(theta * D_eta[..., -1, :])
+    return (G.reshape(B, H, T), Bc.reshape(B, H, T), M, M[..., -1, :], m,
+            G[..., -1], Bc[..., -1], P[..., -1])
+
+
+# ----------------------------------------------------------------------------- one chunk, by hand
+
+
+def _rowsum(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(-1)
+
+
+def _full(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum((-1, -2))
+
+
+def chunk_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, activation: str, residual: bool):
+    """One chunk of the memory core.  q, k, v: (B, H, C, d); G, Bc, Ml, m: (B, H, C); M: (B, H, C, C);
+    Gl, Bl, Pl: (B, H); W, S: tuples of L in {1, 2} weights (B, H, d_i, d_{i+1}).
+    Returns ``(y, W', S')``: y (B, H, C, d_L) read with the per-token weights, and the state after the chunk.
+    """
+    act = get_activation(activation)
+    g, b = G.unsqueeze(-1), Bc.unsqueeze(-1)
+    ml, mm = Ml.unsqueeze(-1), m.unsqueeze(-1)
+    gl, bl, pl = Gl[..., None, None], Bl[..., None, None], Pl[..., None, None]
+    if len(W) == 1:
+        (W1,), (S1,) = W, S
+        err = 2 * (k @ W1 + (k if residual else 0) - v)
+        y = g * (q @ W1) + b * (q @ S1) + ((q @ k.transpose(-1, -2)) * M) @ err
+        if residual:
+            y = y + q
+        kt = k.transpose(-1, -2)
+        return y, (gl * W1 + bl * S1 + kt @ (ml * err),), (pl * S1 + kt @ (mm * err),)
+    W1, W2 = W
+    S1, S2 = S
+    z = k @ W1
+    h = act.fn(z)
+    err = 2 * (h @ W2 + (k if residual else 0) - v)
+    dl = (err @ W2.transpose(-1, -2)) * act.grad(z)
+    zq = g * (q @ W1) + b * (q @ S1) + ((q @ k.transpose(-1, -2)) * M) @ dl
+    hq = act.fn(zq)
+    y = g * (hq @ W2) + b * (hq @ S2) + ((hq @ h.transpose(-1, -2)) * M) @ err
+    if residual:
+        y = y + q
+    kt, ht = k.transpose(-1, -2), h.transpose(-1, -2)
+    newW = (gl * W1 + bl * S1 + kt @ (ml * dl), gl * W2 + bl * S2 + ht @ (ml * err))
+    newS = (pl * S1 + kt @ (mm * dl), pl * S2 + ht @ (mm * err))
+    return y, newW, newS
+
+
+def chunk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, dy, dW_next, dS_next,
+                   activation: str, residual: bool):
+    """Chain rule through :func:`chunk_forward` (recomputing its intermediates).
+
+    ``dy`` is the gradient of y, ``dW_next`` / ``dS_next`` those of the state after the chunk.  Returns
+    ``(dq, dk, dv, dG, dBc, dM, dMl, dm, dGl, dBl, dPl, dW, dS)`` with dW / dS the gradients of the state
+    before the chunk.
+    """
+    act = get_activation(activation)
+    grad2 = ACTIVATION_GRAD2[activation]
+    g, b = G.unsqueeze(-1), Bc.unsqueeze(-1)
+    ml, mm = Ml.unsqueeze(-1), m.unsqueeze(-1)
+    gl, bl, pl = Gl[..., None, None], Bl[..., None, None], Pl[..., None, None]
+    kt = k.transpose(-1, -2)
+    qk = q @ kt
+    A1 = qk * M
+    L = len(W)
+    if L == 1:
+        (W1,), (S1,) = W, S
+        (dW1n,), (dS1n,) = dW_next, dS_next
+        err = 2 * (k @ W1 + (k if residual else 0) - v)
+        # state after the chunk
+        dW1 = gl * dW1n
+        dS1 = bl * dW1n + pl * dS1n
+        dGl, dBl, dPl = _full(W1, dW1n), _full(S1, dW1n), _full(S1, dS1n)
+        kdw, kds = k @ dW1n, k @ dS1n
+        derr = ml * kdw + mm * kds
+        dMl, dm = _rowsum(err, kdw), _rowsum(err, kds)
+        dk = (ml * err) @ dW1n.transpose(-1, -2) + (mm * err) @ dS1n.transpose(-1, -2)
+        # y = G (q W1) + B (q S1) + A1 err
+        dG, dBc = _rowsum(dy, q @ W1), _rowsum(dy, q @ S1)
+        dq = (g * dy) @ W1.transpose(-1, -2) + (b * dy) @ S1.transpose(-1, -2) + (dy if residual else 0)
+        dW1 = dW1 + q.transpose(-1, -2) @ (g * dy)
+        dS1 = dS1 + q.transpose(-1, -2) @ (b * dy)
+        dA1 = dy @ err.transpose(-1, -2)
+        derr = derr + A1.transpose(-1, -2) @ dy
+        dM = dA1 * qk
+        dqk = dA1 * M
+        dq = dq + dqk @ k
+        dk = dk + dqk.transpose(-1, -2) @ q
+        # err = 2 (k W1 [+ k] - v)
+        dP = 2 * derr
+        dv = -dP
+        dk = dk + dP @ W1.transpose(-1, -2) + (dP if residual else 0)
+        dW1 = dW1 + kt @ dP
+        return dq, dk, dv, dG, dBc, dM, dMl, dm, dGl, dBl, dPl, (dW1,), (dS1,)
+
+    W1, W2 = W
+    S1, S2 = S
+    dW1n, dW2n = dW_next
+    dS1n, dS2n = dS_next
+    z = k @ W1
+    h = act.fn(z)
+    a1 = act.grad(z)
+    err = 2 * (h @ W2 + (k if residual else 0) - v)
+    u = err @ W2.transpose(-1, -2)
+    dl = u * a1
+    zq = g * (q @ W1) + b * (q @ S1) + A1 @ dl
+    hq = act.fn(zq)
+    hh = hq @ h.transpose(-1, -2)
+    A2 = hh * M
+    ht = h.transpose(-1, -2)
+
+    # W' = G_C W + B_C S + X^T (Ml * Delta),  S' = P_C S + X^T (m * Delta)
+    dW1, dW2 = gl * dW1n, gl * dW2n
+    dS1, dS2 = bl * dW1n + pl * dS1n, bl * dW2n + pl * dS2n
+    dGl = _full(W1, dW1n) + _full(W2, dW2n)
+    dBl = _full(S1, dW1n) + _full(S2, dW2n)
+    dPl = _full(S1, dS1n) + _full(S2, dS2n)
+    kdw, kds = k @ dW1n, k @ dS1n  # (C, E)
+    hdw, hds = h @ dW2n, h @ dS2n  # (C, d)
+    ddl = ml * kdw + mm * kds
+    derr = ml * hdw + mm * hds
+    dMl = _rowsum(dl, kdw) + _rowsum(err, hdw)
+    dm = _rowsum(dl, kds) + _rowsum(err, hds)
+    dk = (ml * dl) @ dW1n.transpose(-1, -2) + (mm * dl) @ dS1n.transpose(-1, -2)
+    dh = (ml * err) @ dW2n.transpose(-1, -2) + (mm * err) @ dS2n.transpose(-1, -2)
+
+    # y = G (hq W2) + B (hq S2) + A2 err [+ q]
+    dG = _rowsum(dy, hq @ W2)
+    dBc = _rowsum(dy, hq @ S2)
+    dhq = (g * dy) @ W2.transpose(-1, -2) + (b * dy) @ S2.transpose(-1, -2)
+    dW2 = dW2 + hq.transpose(-1, -2) @ (g * dy)
+    dS2 = dS2 + hq.transpose(-1, -2) @ (b * dy)
+    dA2 = dy @ err.transpose(-1, -2)
+    derr = derr + A2.transpose(-1, -2) @ dy
+    dM = dA2 * hh
+    dhh = dA2 * M
+    dhq = dhq + dhh @ h
+    dh = dh + dhh.transpose(-1, -2) @ hq
+
+    # zq = G (q W1) + B (q S1) + A1 dl
+    dzq = dhq * act.grad(zq)
+    dG = dG + _rowsum(dzq, q @ W1)
+    dBc = dBc + _rowsum(dzq, q @ S1)
+    dq = (g * dzq) @ W1.transpose(-1, -2) + (b * dzq) @ S1.transpose(-1, -2) + (dy if residual else 0)
+    dW1 = dW1 + q.transpose(-1, -2) @ (g * dzq)
+    dS1 = dS1 + q.transpose(-1, -2) @ (b * dzq)
+    dA1 = dzq @ dl.transpose(-1, -2)
+    ddl = ddl + A1.transpose(-1, -2) @ dzq
+    dM = dM + dA1 * qk
+    dqk = dA1 * M
+    dq = dq + dqk @ k
+    dk = dk + dqk.transpose(-1, -2) @ q
+
+    # dl = (err W2^T) * act'(z)
+    du = ddl * a1
+    derr = derr + du @ W2
+    dW2 = dW2 + du.transpose(-1, -2) @ err
+    dz = ddl * u * grad2(z)
+    # err = 2 (h W2 [+ k] - v)
+    dP = 2 * derr
+    dv = -dP
+    dh = dh + dP @ W2.transpose(-1, -2)
+    dW2 = dW2 + ht @ dP
+    if residual:
+        dk = dk + dP
+    dz = dz + dh * a1
+    dk = dk + dz @ W1.transpose(-1, -2)
+    dW1 = dW1 + kt @ dz
+    return dq, dk, dv, dG, dBc, dM, dMl, dm, dGl, dBl, dPl, (dW1, dW2), (dS1, dS2)
+
+
+# ----------------------------------------------------------------------------- sequence loops (torch)
+
+
+def _split(t: Tensor, C: int):
+    return t.split(C, dim=2)
+
+
+def core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, activation, residual,
+                       save_states: bool):
+    """Loop :func:`chunk_forward` over chunks; returns y, final W, S and (optionally) each chunk's start state."""
+    C = chunk_size
+    ys, starts = [], []
+    for c, (qc, kc, vc, gc, bc) in enumerate(zip(_split(q, C), _split(k, C), _split(v, C),
+                                                  G.split(C, -1), Bc.split(C, -1))):
+        if save_states:
+            starts.append((W, S))
+        y, W, S = chunk_forward(qc, kc, vc, gc, bc, M[:, :, c], Ml[:, :, c], m[:, :, c], Gl[:, :, c],
+                                Bl[:, :, c], Pl[:, :, c], W, S, activation, residual)
+        ys.append(y)
+    return torch.cat(ys, dim=2), W, S, starts
+
+
+def core_backward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, chunk_size, activation,
+                        residual):
+    """Reverse loop of :func:`chunk_backward`; returns the gradients of every core input."""
+    C = chunk_size
+    N = q.shape[2] // C
+    out = {name: [None] * N for name in ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")}
+    for c in range(N - 1, -1, -1):
+        sl = slice(c * C, (c + 1) * C)
+        W, S = starts[c]
+        grads = chunk_backward(q[:, :, sl], k[:, :, sl], v[:, :, sl], G[..., sl], Bc[..., sl], M[:, :, c],
+                               Ml[:, :, c], m[:, :, c], Gl[:, :, c], Bl[:, :, c], Pl[:, :, c], W, S,
+                               dy[:, :, sl], dW, dS, activation, residual)
+        for name, gr in zip(out, grads[:11]):
+            out[name][c] = gr
+        dW, dS = grads[11], grads[12]
+    cat = {
+        "q": 2, "k": 2, "v": 2, "G": -1, "Bc": -1,
+    }
+    res = {name: torch.cat(out[name], dim=cat[name]) for name in cat}
+    for name in ("M", "Ml", "m", "Gl", "Bl", "Pl"):
+        res[name] = torch.stack(out[name], dim=2)
+    return res, dW, dS
+
+
+# ----------------------------------------------------------------------------- autograd function
+
+
+class MemoryCoreFunction(torch.autograd.Function):
+    """The memory core with its hand-written backward; ``impl`` is ``"torch"`` or ``"triton"``."""
+
+    @staticmethod
+    def forward(ctx, impl, chunk_size, activation, residual, L, q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, *state):
+        W, S = tuple(state[:L]), tuple(state[L:])
+        needs = any(ctx.needs_input_grad[5:])
+        if impl == "triton":
+            from titans.core.memory import triton_kernels as tk
+
+            y, W, S, starts = tk.core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
+                                              activation=activation, residual=residual, save_states=needs)
+            ctx.save_for_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, *(starts or ()))
+        else:
+            with torch.no_grad():
+                y, W, S, starts = core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S,
+                                                     chunk_size=chunk_size, activation=activation,
+                                                     residual=residual, save_states=needs)
+            flat = [t for Wc, Sc in starts for t in (*Wc, *Sc)]
+            ctx.save_for_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, *flat)
+        ctx.cfg = (impl, chunk_size, activation, residual, L)
+        return (y, *W, *S)
+
+    @staticmethod
+    def backward(ctx, dy, *dstate):
+        impl, C, activation, residual, L = ctx.cfg
+        saved = ctx.saved_tensors
+        core, rest = saved[:11], saved[11:]
+        # autograd materialises the gradients of unused outputs as zeros (set_materialize_grads default)
+        dW, dS = tuple(dstate[:L]), tuple(dstate[L:])
+        if impl == "triton":
+            from titans.core.memory import triton_kernels as tk
+
+            res, dW, dS = tk.core_backward(*core, rest, dy.contiguous(), dW, dS, chunk_size=C,
+                                           activation=activation, residual=residual)
+        else:
+            starts = [(tuple(rest[i:i + L]), tuple(rest[i + L:i + 2 * L])) for i in range(0, len(rest), 2 * L)]
+            with torch.no_grad():
+                res, dW, dS = core_backward_torch(*core, starts, dy, dW, dS, chunk_size=C, activation=activation,
+                                                  residual=residual)
+        return (None, None, None, None, None, res["q"], res["k"], res["v"], res["G"], res["Bc"], res["M"],
+                res["Ml"], res["m"], res["Gl"], res["Bl"], res["Pl"], *dW, *dS)
+
+
+def neural_memory_update_fused(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum_decay: Tensor, forget: Tensor,
+    weights: Sequence[Tensor], momentum: Sequence[Tensor] | None = None, *, chunk_size: int,
+    activation: str = "silu", residual: bool = False, impl: str = "torch",
+):
+    """Same contract and results as :func:`~titans.core.memory.functional.neural_memory_update` for memory
+    depth 1 or 2 and a sequence length that is a multiple of ``chunk_size``; backward by hand (see module
+    docstring).  ``impl``: ``"torch"`` (loop over chunks) or ``"triton"`` (fused kernels, CUDA)."""
+    L = len(weights)
+    if L not in SUPPORTED_DEPTHS:
+        raise ValueError(f"weights: the fused memory update supports depth {SUPPORTED_DEPTHS}, got {L} layers")
+    T = q.shape[2]
+    if T % chunk_size:
+        raise ValueError(f"q: sequence length {T} must be a multiple of chunk_size={chunk_size} for the fused update")
+    if activation not in ACTIVATION_GRAD2:
+        raise ValueError(f"activation={activation!r}: expected one of {sorted(ACTIVATION_GRAD2)}")
+    W = tuple(weights)
+    S = tuple(torch.zeros_like(w) for w in W) if momentum is None else tuple(momentum)
+    if T == 0:
+        return q.new_zeros(*q.shape[:3], v.shape[-1]), W, S
+    coef = chunk_coefficients(lr, momentum_decay, forget, chunk_size)
+    out = MemoryCoreFunction.apply(impl, chunk_size, activation, residual, L, q.contiguous(), k.contiguous(),
+                                   v.contiguous(), *coef, *W, *S)
+    return out[0], tuple(out[1:1 + L]), tuple(out[1 + L:])
