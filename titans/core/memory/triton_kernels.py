@@ -1,0 +1,431 @@
+"""Fused Triton kernels for the memory core of :mod:`titans.core.memory.fused_update`.
+
+One program per (batch, head) runs the whole sequence: it loops over the chunks inside the kernel,
+so a layer's memory update is one launch forward and one backward instead of ~60 small kernels per
+chunk.  The equations are exactly those of :func:`~titans.core.memory.fused_update.chunk_forward` and
+:func:`~titans.core.memory.fused_update.chunk_backward` (the readable reference they are tested against).
+
+Precision: inputs and state are float32, matmuls run on tensor cores (``tl.dot``: TF32 inputs, float32
+accumulation; exact float32 under ``TRITON_INTERPRET=1``), state is carried in float32.
+
+The fast weights and momentum are carried through global memory (the output state buffers, one
+slice per program, hot in L2) rather than in registers: a depth-2 memory of head dim 64 with
+expansion 2 is 4 x 32 KB of float32 state, more than a streaming multiprocessor's registers hold next
+to the chunk's activations.  The forward also stores each chunk's starting state for the backward,
+which recomputes the chunk (the chunk's activations are never kept).
+
+Supported: memory depth 1 (any activation; there is none inside) and depth 2 with SiLU; chunk size,
+head dim and hidden dim powers of two in [16, 128] (hidden up to 256), sequence length a multiple of
+the chunk size.  ``supports`` says whether given inputs qualify; callers fall back to the PyTorch paths.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: CPU-only installs import this module and report it unavailable
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR: str | None = None
+except Exception as e:  # noqa: BLE001
+    triton = None
+    tl = None
+    _TRITON_ERROR = f"{type(e).__name__}: {e}"
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``, used by the CPU tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor, weights: Sequence[Tensor], chunk_size: int, activation: str,
+             residual: bool) -> bool:
+    """Whether the fused kernels handle these inputs (else the caller uses the PyTorch paths)."""
+    if triton is None or not (q.is_cuda or interpreting()):
+        return False
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    L = len(weights)
+    if L not in (1, 2) or (L == 2 and activation != "silu"):
+        return False
+    T, D = q.shape[2], q.shape[3]
+    if v.shape[3] != D or T % chunk_size or not (_pow2(chunk_size) and 16 <= chunk_size <= 128):
+        return False
+    if not (_pow2(D) and 16 <= D <= 128):
+        return False
+    E = weights[0].shape[3]
+    if L == 1:
+        return E == D
+    return weights[1].shape[2:] == (E, D) and _pow2(E) and 16 <= E <= 256 and D * E <= 128 * 128
+
+
+if triton is not None:
+
+    @triton.jit
+    def _silu(z):
+        return z * tl.sigmoid(z)
+
+    @triton.jit
+    def _silu_grad(z):
+        s = tl.sigmoid(z)
+        return s * (1 + z * (1 - s))
+
+    @triton.jit
+    def _silu_grad2(z):
+        s = tl.sigmoid(z)
+        return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+    @triton.jit
+    def _mat(ptr, R: tl.constexpr, Cn: tl.constexpr):
+        r = tl.arange(0, R)
+        c = tl.arange(0, Cn)
+        return ptr + r[:, None] * Cn + c[None, :]
+
+    @triton.jit
+    def _memory_fwd_kernel(
+        Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
+        W1, W2, S1, S2,  # state buffers (BH, ...), updated in place: initial in, final out
+        Y, SW1, SW2, SS1, SS2,  # output and the saved chunk-start states (BH, N, ...)
+        # N (chunks) is a compile-time constant: one specialisation per sequence length, and the
+        # interpreter (CPU tests) needs a Python int for the loop bound
+        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
+        RESIDUAL: tl.constexpr, SAVE: tl.constexpr,
+    ):
+        bh = tl.program_id(0).to(tl.int64)
+        rc = tl.arange(0, C)
+        T = N * C
+        w1p = _mat(W1 + bh * D * E, D, E)
+        s1p = _mat(S1 + bh * D * E, D, E)
+        w2p = _mat(W2 + bh * E * D, E, D)
+        s2p = _mat(S2 + bh * E * D, E, D)
+        for c in range(N):
+            tok = bh * T * D + c * C * D
+            q = tl.load(_mat(Q + tok, C, D))
+            k = tl.load(_mat(K + tok, C, D))
+            v = tl.load(_mat(V + tok, C, D))
+            g = tl.load(G + bh * T + c * C + rc)[:, None]
+            b = tl.load(BC + bh * T + c * C + rc)[:, None]
+            cc = bh * N + c
+            mmat = tl.load(_mat(M + cc * C * C, C, C))
+            ml = tl.load(ML + cc * C + rc)[:, None]
+            mm = tl.load(MM + cc * C + rc)[:, None]
+            gl = tl.load(GL + cc)
+            bl = tl.load(BL + cc)
+            pl = tl.load(PL + cc)
+            w1 = tl.load(w1p)
+            s1 = tl.load(s1p)
+            if SAVE:
+                tl.store(_mat(SW1 + cc * D * E, D, E), w1)
+                tl.store(_mat(SS1 + cc * D * E, D, E), s1)
+            kt = tl.trans(k)
+            a1 = tl.dot(q, kt) * mmat
+            if L == 1:
+                p = tl.dot(k, w1)
+                if RESIDUAL:
+                    p += k
+                err = 2 * (p - v)
+                y = g * tl.dot(q, w1) + b * tl.dot(q, s1) + tl.dot(a1, err)
+                new_w1 = gl * w1 + bl * s1 + tl.dot(kt, ml * err)
+                new_s1 = pl * s1 + tl.dot(kt, mm * err)
+            else:
+                w2 = tl.load(w2p)
+                s2 = tl.load(s2p)
+                if SAVE:
+                    tl.store(_mat(SW2 + cc * E * D, E, D), w2)
+                    tl.store(_mat(SS2 + cc * E * D, E, D), s2)
+                z = tl.dot(k, w1)
+                h = _silu(z)
+                p = tl.dot(h, w2)
+                if RESIDUAL:
+                    p += k
+                err = 2 * (p - v)
+                dl = tl.dot(err, tl.trans(w2)) * _silu_grad(z)
+                zq = g * tl.dot(q, w1) + b * tl.dot(q, s1) + tl.dot(a1, dl)
+                hq = _silu(zq)
+                ht = tl.trans(h)
+                a2 = tl.dot(hq, ht) * mmat
+                y = g * tl.dot(hq, w2) + b * tl.dot(hq, s2) + tl.dot(a2, err)
+                new_w1 = gl * w1 + bl * s1 + tl.dot(kt, ml * dl)
+                new_s1 = pl * s1 + tl.dot(kt, mm * dl)
+                new_w2 = gl * w2 + bl * s2 + tl.dot(ht, ml * err)
+                new_s2 = pl * s2 + tl.dot(ht, mm * err)
+                tl.debug_barrier()  # every thread has read the old state before it is overwritten
+                tl.store(w2p, new_w2)
+                tl.store(s2p, new_s2)
+            if RESIDUAL:
+                y += q
+            tl.store(_mat(Y + tok, C, D), y)
+            tl.debug_barrier()
+            tl.store(w1p, new_w1)
+            tl.store(s1p, new_s1)
+            tl.debug_barrier()  # the next chunk reads the state written by other threads
+
+    @triton.jit
+    def _memory_bwd_kernel(
+        Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
+        SW1, SW2, SS1, SS2,  # chunk-start states from the forward (BH, N, ...)
+        DY,
+        DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
+        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+    ):
+        bh = tl.program_id(0).to(tl.int64)
+        rc = tl.arange(0, C)
+        T = N * C
+        dw1p = _mat(DW1 + bh * D * E, D, E)
+        ds1p = _mat(DS1 + bh * D * E, D, E)
+        dw2p = _mat(DW2 + bh * E * D, E, D)
+        ds2p = _mat(DS2 + bh * E * D, E, D)
+        for i in range(N):
+            c = N - 1 - i
+            tok = bh * T * D + c * C * D
+            q = tl.load(_mat(Q + tok, C, D))
+            k = tl.load(_mat(K + tok, C, D))
+            v = tl.load(_mat(V + tok, C, D))
+            dy = tl.load(_mat(DY + tok, C, D))
+            g = tl.load(G + bh * T + c * C + rc)[:, None]
+            b = tl.load(BC + bh * T + c * C + rc)[:, None]
+            cc = bh * N + c
+            mmat = tl.load(_mat(M + cc * C * C, C, C))
+            ml = tl.load(ML + cc * C + rc)[:, None]
+            mm = tl.load(MM + cc * C + rc)[:, None]
+            gl = tl.load(GL + cc)
+            bl = tl.load(BL + cc)
+            pl = tl.load(PL + cc)
+            w1 = tl.load(_mat(SW1 + cc * D * E, D, E))
+            s1 = tl.load(_mat(SS1 + cc * D * E, D, E))
+            dw1n = tl.load(dw1p)
+            ds1n = tl.load(ds1p)
+            kt = tl.trans(k)
+            qt = tl.trans(q)
+            qk = tl.dot(q, kt)
+            a1 = qk * mmat
+            dgl = tl.sum(tl.sum(w1 * dw1n, 1), 0)
+            dbl = tl.sum(tl.sum(s1 * dw1n, 1), 0)
+            dpl = tl.sum(tl.sum(s1 * ds1n, 1), 0)
+            kdw = tl.dot(k, dw1n)
+            kds = tl.dot(k, ds1n)
+            if L == 1:
+                p = tl.dot(k, w1)
+                if RESIDUAL:
+                    p += k
+                err = 2 * (p - v)
+                derr = ml * kdw + mm * kds
+                dml = tl.sum(err * kdw, 1)
+                dmm = tl.sum(err * kds, 1)
+                dk = tl.dot(ml * err, tl.trans(dw1n)) + tl.dot(mm * err, tl.trans(ds1n))
+                dg = tl.sum(dy * tl.dot(q, w1), 1)
+                dbc = tl.sum(dy * tl.dot(q, s1), 1)
+                dq = tl.dot(g * dy, tl.trans(w1)) + tl.dot(b * dy, tl.trans(s1))
+                new_dw1 = gl * dw1n + tl.dot(qt, g * dy)
+                new_ds1 = bl * dw1n + pl * ds1n + tl.dot(qt, b * dy)
+                da1 = tl.dot(dy, tl.trans(err))
+                derr += tl.dot(tl.trans(a1), dy)
+                dmat = da1 * qk
+                dqk = da1 * mmat
+                dq += tl.dot(dqk, k)
+                dk += tl.dot(tl.trans(dqk), q)
+                dp = 2 * derr
+                dk += tl.dot(dp, tl.trans(w1))
+                if RESIDUAL:
+                    dk += dp
+                new_dw1 += tl.dot(kt, dp)
+            else:
+                w2 = tl.load(_mat(SW2 + cc * E * D, E, D))
+                s2 = tl.load(_mat(SS2 + cc * E * D, E, D))
+                dw2n = tl.load(dw2p)
+                ds2n = tl.load(ds2p)
+                dgl += tl.sum(tl.sum(w2 * dw2n, 1), 0)
+                dbl += tl.sum(tl.sum(s2 * dw2n, 1), 0)
+                dpl += tl.sum(tl.sum(s2 * ds2n, 1), 0)
+                # recompute the chunk's forward
+                z = tl.dot(k, w1)
+                h = _silu(z)
+                ag = _silu_grad(z)
+                p = tl.dot(h, w2)
+                if RESIDUAL:
+                    p += k
+                err = 2 * (p - v)
+                u = tl.dot(err, tl.trans(w2))
+                dl = u * ag
+                zq = g * tl.dot(q, w1) + b * tl.dot(q, s1) + tl.dot(a1, dl)
+                hq = _silu(zq)
+                ht = tl.trans(h)
+                hh = tl.dot(hq, ht)
+                a2 = hh * mmat
+                hqw2 = tl.dot(hq, w2)
+                hqs2 = tl.dot(hq, s2)
+                # the state after the chunk
+                hdw = tl.dot(h, dw2n)
+                hds = tl.dot(h, ds2n)
+                ddl = ml * kdw + mm * kds
+                derr = ml * hdw + mm * hds
+                dml = tl.sum(dl * kdw, 1) + tl.sum(err * hdw, 1)
+                dmm = tl.sum(dl * kds, 1) + tl.sum(err * hds, 1)
+                dk = tl.dot(ml * dl, tl.trans(dw1n)) + tl.dot(mm * dl, tl.trans(ds1n))
+                dh = tl.dot(ml * err, tl.trans(dw2n)) + tl.dot(mm * err, tl.trans(ds2n))
+                # y = G (hq W2) + B (hq S2) + A2 err
+                dg = tl.sum(dy * hqw2, 1)
+                dbc = tl.sum(dy * hqs2, 1)
+                dhq = tl.dot(g * dy, tl.trans(w2)) + tl.dot(b * dy, tl.trans(s2))
+                hqt = tl.trans(hq)
+                new_dw2 = gl * dw2n + tl.dot(hqt, g * dy)
+                new_ds2 = bl * dw2n + pl * ds2n + tl.dot(hqt, b * dy)
+                da2 = tl.dot(dy, tl.trans(err))
+                derr += tl.dot(tl.trans(a2), dy)
+                dmat = da2 * hh
+                dhh = da2 * mmat
+                dhq += tl.dot(dhh, h)
+                dh += tl.dot(tl.trans(dhh), hq)
+                # zq = G (q W1) + B (q S1) + A1 dl
+                dzq = dhq * _silu_grad(zq)
+                dg += tl.sum(dzq * tl.dot(q, w1), 1)
+                dbc += tl.sum(dzq * tl.dot(q, s1), 1)
+                dq = tl.dot(g * dzq, tl.trans(w1)) + tl.dot(b * dzq, tl.trans(s1))
+                new_dw1 = gl * dw1n + tl.dot(qt, g * dzq)
+                new_ds1 = bl * dw1n + pl * ds1n + tl.dot(qt, b * dzq)
+                da1 = tl.dot(dzq, tl.trans(dl))
+                ddl += tl.dot(tl.trans(a1), dzq)
+                dmat += da1 * qk
+                dqk = da1 * mmat
+                dq += tl.dot(dqk, k)
+                dk += tl.dot(tl.trans(dqk), q)
+                # dl = (err W2^T) * silu'(z)
+                du = ddl * ag
+                derr += tl.dot(du, w2)
+                new_dw2 += tl.dot(tl.trans(du), err)
+                dz = ddl * u * _silu_grad2(z)
+                # err = 2 (h W2 [+ k] - v)
+                dp = 2 * derr
+                dh += tl.dot(dp, tl.trans(w2))
+                new_dw2 += tl.dot(ht, dp)
+                if RESIDUAL:
+                    dk += dp
+                dz += dh * ag
+                dk += tl.dot(dz, tl.trans(w1))
+                new_dw1 += tl.dot(kt, dz)
+                tl.debug_barrier()
+                tl.store(dw2p, new_dw2)
+                tl.store(ds2p, new_ds2)
+            if RESIDUAL:
+                dq += dy
+            tl.store(_mat(DQ + tok, C, D), dq)
+            tl.store(_mat(DK + tok, C, D), dk)
+            tl.store(_mat(DV + tok, C, D), -dp)
+            tl.store(DG + bh * T + c * C + rc, dg)
+            tl.store(DBC + bh * T + c * C + rc, dbc)
+            tl.store(_mat(DM + cc * C * C, C, C), dmat)
+            tl.store(DML + cc * C + rc, dml)
+            tl.store(DMM + cc * C + rc, dmm)
+            tl.store(DGL + cc, dgl)
+            tl.store(DBL + cc, dbl)
+            tl.store(DPL + cc, dpl)
+            tl.debug_barrier()
+            tl.store(dw1p, new_dw1)
+            tl.store(ds1p, new_ds1)
+            tl.debug_barrier()
+
+
+def _num_warps(D: int, E: int) -> int:
+    return 4 if D * E <= 64 * 64 else 8
+
+
+def _flat(t: Tensor) -> Tensor:
+    """(B, H, ...) -> contiguous float32 (B*H, ...)."""
+    return t.reshape(-1, *t.shape[2:]).float().contiguous()
+
+
+def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, activation, residual,
+                 save_states: bool):
+    """Fused forward of the memory core (one kernel launch for the whole sequence).
+
+    Arguments as :func:`titans.core.memory.fused_update.core_forward_torch`.  Returns ``(y, W, S, starts)``
+    with ``starts`` a tuple of the chunk-start state tensors (B*H, N, ...) or None.
+    """
+    if triton is None:
+        raise RuntimeError(f"Triton is not available: {_TRITON_ERROR}")
+    B, H, T, D = q.shape
+    L = len(W)
+    E = W[0].shape[-1]
+    C = chunk_size
+    N = T // C
+    dtype = q.dtype
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    coef = [_flat(t) for t in (G, Bc, M, Ml, m, Gl, Bl, Pl)]
+    Ws = [_flat(w).clone() for w in W]
+    Ss = [_flat(s).clone() for s in S]
+    if L == 1:
+        Ws.append(Ws[0])  # placeholders, never touched when L == 1
+        Ss.append(Ss[0])
+    y = torch.empty_like(qf)
+    if save_states:
+        # order W1, W2, S1, S2; the layer-2 buffers are placeholders when L == 1
+        starts = [qf.new_empty(B * H, N, *w.shape[1:]) if (L == 2 or i in (0, 2)) else qf.new_empty(1)
+                  for i, w in enumerate((Ws[0], Ws[1], Ss[0], Ss[1]))]
+    else:
+        starts = [qf.new_empty(1)] * 4
+    _memory_fwd_kernel[(B * H,)](
+        qf, kf, vf, *coef, Ws[0], Ws[1], Ss[0], Ss[1], y, *starts, N=N,
+        C=C, D=D, E=E, L=L, RESIDUAL=residual, SAVE=save_states, num_warps=_num_warps(D, E))
+    Wout = tuple(w.reshape(B, H, *w.shape[1:]).to(dtype) for w in Ws[:L])
+    Sout = tuple(s.reshape(B, H, *s.shape[1:]).to(dtype) for s in Ss[:L])
+    return y.reshape(B, H, T, D).to(dtype), Wout, Sout, (tuple(starts) if save_states else None)
+
+
+def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, chunk_size, activation, residual):
+    """Fused backward of the memory core; returns ``(grads, dW, dS)`` like
+    :func:`titans.core.memory.fused_update.core_backward_torch`."""
+    B, H, T, D = q.shape
+    L = len(dW)
+    E = dW[0].shape[-1]
+    C = chunk_size
+    N = T // C
+    qf, kf, vf, dyf = _flat(q), _flat(k), _flat(v), _flat(dy)
+    coef = [_flat(t) for t in (G, Bc, M, Ml, m, Gl, Bl, Pl)]
+    dWs = [_flat(w).clone() for w in dW]
+    dSs = [_flat(s).clone() for s in dS]
+    if L == 1:
+        dWs.append(dWs[0])
+        dSs.append(dSs[0])
+    sw1, sw2, ss1, ss2 = starts
+    outs = [torch.empty_like(qf) for _ in range(3)] + [torch.empty_like(t) for t in coef]
+    _memory_bwd_kernel[(B * H,)](
+        qf, kf, vf, *coef, sw1, sw2, ss1, ss2, dyf, dWs[0], dWs[1], dSs[0], dSs[1], *outs, N=N,
+        C=C, D=D, E=E, L=L, RESIDUAL=residual, num_warps=_num_warps(D, E))
+    like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+    names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
+    res = {n: o.reshape(t.shape).to(t.dtype) for n, o, t in zip(names, outs, like)}
+    dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dWs[:L], dW))
+    dSo = tuple(s.reshape(t.shape).to(t.dtype) for s, t in zip(dSs[:L], dS))
+    return res, dWo, dSo
+
+
+def neural_memory_update_triton(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum_decay: Tensor, forget: Tensor,
+    weights: Sequence[Tensor], momentum: Sequence[Tensor] | None = None, *, chunk_size: int,
+    activation: str = "silu", residual: bool = False,
+):
+    """:func:`titans.core.memory.functional.neural_memory_update` through the fused kernels (see ``supports``)."""
+    if not supports(q, k, v, weights, chunk_size, activation, residual):
+        raise ValueError("neural_memory_update_triton: unsupported inputs (needs CUDA or TRITON_INTERPRET=1, "
+                         "memory depth 1 or 2 (SiLU), power-of-two chunk / head / hidden dims in [16, 128] "
+                         "(hidden <= 256), sequence length a multiple of chunk_size)")
+    from titans.core.memory.fused_update import neural_memory_update_fused
+
+    return neural_memory_update_fused(q, k, v, lr, momentum_decay, forget, weights, momentum,
+                                      chunk_size=chunk_size, activation=activation, residual=residual,
+                                      impl="triton")
