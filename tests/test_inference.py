@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from titans.core.models import build_model
 from titans.data.preprocessing import ByteTokenizer
-from titans.inference import MemorySession, MemoryStateError, SessionStore, load_state, save_state, trace_memory
+from titans.inference import MemorySession, MemoryStateError, SessionStore, load_state, trace_memory
 from titans.inference import memory_management as mm
 from titans.scripts.cli import app
 from titans.utils.checkpoint import export_model

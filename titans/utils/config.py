@@ -68,7 +68,7 @@ class ModelConfig(_Strict):
     memory_max_lr: float | None = Field(None, gt=0)  # None: 0.5 / memory_chunk_size
     memory_gates_per_chunk: bool = False
     memory_output_gate: bool = True
-    memory_backend: Literal["auto", "naive", "chunked", "compiled", "triton"] = "auto"
+    memory_backend: Literal["auto", "naive", "chunked", "compiled", "fused", "triton"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

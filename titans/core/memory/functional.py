@@ -28,7 +28,10 @@ Implementations:
   weights); the momentum / decay recurrence is unrolled into lower-triangular decay matrices
   (Eq. 16-18), so the per-token weights never materialise: each layer's output is
   ``G_t (x_t W_0) + B_t (x_t S_0) + sum_j c_tj (x_t . h_j) delta_j``, a masked linear-attention product.
-* ``titans.core.memory.triton_kernels`` — fused GPU kernels behind the same signature.
+* ``titans.core.memory.fused_update`` — the same chunk math with a hand-written backward (gate
+  coefficients for all chunks at once, then a loop over chunks that keeps only chunk-start states).
+* ``titans.core.memory.triton_kernels`` — that backward and forward as fused GPU kernels (one launch
+  per direction for the whole sequence), chosen automatically on CUDA.
 
 Both PyTorch paths are differentiable with respect to every input (outer-loop training).
 
@@ -49,7 +52,7 @@ import torch
 from torch import Tensor
 
 Weights = tuple[Tensor, ...]
-Backend = Literal["auto", "naive", "chunked", "compiled", "triton"]
+Backend = Literal["auto", "naive", "chunked", "compiled", "fused", "triton"]
 
 
 # ----------------------------------------------------------------------------- activations
@@ -413,18 +416,28 @@ def _triton_module():
 
 def resolve_backend(backend: Backend, q: Tensor, k: Tensor, v: Tensor, weights: Sequence[Tensor],
                     chunk_size: int, activation: str, residual: bool, offset: int = 0) -> str:
-    """Pick the implementation: Triton on CUDA when it supports the shapes, else ``chunked``.
-    ``compiled`` (the chunked path with each chunk one ``torch.compile`` graph) is chosen explicitly."""
-    if backend not in ("auto", "naive", "chunked", "compiled", "triton"):
-        raise ValueError(f"backend={backend!r}: expected 'auto', 'naive', 'chunked', 'compiled' or 'triton'")
+    """Pick the implementation: Triton on CUDA when it supports the inputs, else ``chunked``.
+
+    ``compiled`` (each chunk one ``torch.compile`` graph) and ``fused`` (hand-written backward in
+    PyTorch; memory depth 1-2, whole chunks) are chosen explicitly; ``fused`` falls back to ``chunked``
+    where it does not apply.  Explicit ``triton`` also runs on the CPU under ``TRITON_INTERPRET=1``.
+    """
+    if backend not in ("auto", "naive", "chunked", "compiled", "fused", "triton"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'naive', 'chunked', 'compiled', 'fused' or "
+                         "'triton'")
     if backend in ("naive", "chunked", "compiled"):
         return backend
-    tk = _triton_module() if q.is_cuda else None
+    if backend == "fused":
+        from titans.core.memory.fused_update import fused_supports
+
+        return "fused" if offset == 0 and fused_supports(q, weights, chunk_size, activation) else "chunked"
+    tk = _triton_module() if (q.is_cuda or backend == "triton") else None
     ok = (tk is not None and offset == 0 and tk.triton_available()
           and tk.supports(q, k, v, weights, chunk_size, activation, residual))
     if backend == "triton" and not ok:
-        raise ValueError("backend='triton': not available for these inputs (needs CUDA, Triton and a "
-                         "supported shape / activation); use 'auto' to fall back")
+        raise ValueError("backend='triton': not available for these inputs (needs CUDA or TRITON_INTERPRET=1, "
+                         "Triton, memory depth 1-2 (SiLU), power-of-two sizes and T a multiple of chunk_size); "
+                         "use 'auto' to fall back")
     return "triton" if ok else "chunked"
 
 
@@ -445,12 +458,13 @@ def neural_memory_update(
         return neural_memory_update_naive(q, k, v, lr, momentum_decay, forget, weights, momentum,
                                           chunk_size=chunk_size, activation=activation, residual=residual,
                                           validate=False)
-    if which == "triton":
-        from titans.core.memory.triton_kernels import neural_memory_update_triton
+    if which in ("fused", "triton"):
+        from titans.core.memory.fused_update import neural_memory_update_fused
 
-        return neural_memory_update_triton(q, k, v, lr, momentum_decay, forget, tuple(weights),
+        return neural_memory_update_fused(q, k, v, lr, momentum_decay, forget, tuple(weights),
                                            None if momentum is None else tuple(momentum),
-                                           chunk_size=chunk_size, activation=activation, residual=residual)
+                                          chunk_size=chunk_size, activation=activation, residual=residual,
+                                          impl="torch" if which == "fused" else "triton")
     return neural_memory_update_chunked(q, k, v, lr, momentum_decay, forget, weights, momentum,
                                         chunk_size=chunk_size, activation=activation, residual=residual,
                                         validate=False, compiled=which == "compiled")

@@ -69,6 +69,11 @@ ACTIVATION_GRAD2: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def fused_supports(q: Tensor, weights: Sequence[Tensor], chunk_size: int, activation: str) -> bool:
+    """Whether :func:`neural_memory_update_fused` applies: depth 1-2, whole chunks, a known activation."""
+    return len(weights) in SUPPORTED_DEPTHS and q.shape[2] % chunk_size == 0 and activation in ACTIVATION_GRAD2
+
+
 # ----------------------------------------------------------------------------- coefficients
 
 

@@ -134,7 +134,7 @@ class NeuralMemory(nn.Module):
         max_lr: bound on the effective step: theta = max_lr * (1 - eta) * sigmoid(.); None: 0.5 / chunk_size.
         gates_per_chunk: one theta / eta / alpha per chunk (from its first token) instead of per token.
         output_gate: sigmoid gate from a linear map of x before the output projection.
-        backend: "auto" | "naive" | "chunked" | "compiled" | "triton" (see ``neural_memory_update``).
+        backend: "auto" | "naive" | "chunked" | "compiled" | "fused" | "triton" (see ``neural_memory_update``).
     """
 
     def __init__(
@@ -340,14 +340,14 @@ class NeuralMemory(nn.Module):
         offset = state.seen % self.chunk_size
         which = resolve_backend(self.backend, args[0], args[1], args[2], state.weights, self.chunk_size,
                                 self.activation, self.residual, offset)
-        if which == "triton" and T % self.chunk_size == 0:
-            # the fused kernel starts at a chunk boundary and here also ends on one, so the
-            # chunk-start weights of the next chunk are the final weights
-            from titans.core.memory.triton_kernels import neural_memory_update_triton
+        if which in ("fused", "triton"):
+            # the fused paths start at a chunk boundary and end on one (T % chunk_size == 0 is part of
+            # their support check), so the chunk-start weights of the next chunk are the final weights
+            from titans.core.memory.fused_update import neural_memory_update_fused
 
-            y, W, S = neural_memory_update_triton(*args, state.weights, state.momentum,
-                                                  chunk_size=self.chunk_size, activation=self.activation,
-                                                  residual=self.residual)
+            y, W, S = neural_memory_update_fused(*args, state.weights, state.momentum,
+                                                 chunk_size=self.chunk_size, activation=self.activation,
+                                                 residual=self.residual, impl="torch" if which == "fused" else "triton")
             W0 = W
         elif which == "naive":
             y, W, S, W0, _ = neural_memory_update_naive(
