@@ -110,20 +110,23 @@ def test_neural_memory_fused_backend_streams_exactly():
 
 
 _INTERPRET_SCRIPT = textwrap.dedent("""
+    import warnings
     import torch
+    import titans.core.memory.triton_kernels as tk
     from titans.core.memory.fused_update import neural_memory_update_fused
     from titans.core.memory.neural_memory import NeuralMemory
-    worst = 0.0
-    for L, residual, (T, d, E, C) in [(1, False, (32, 16, 16, 16)), (1, True, (48, 32, 32, 16)),
-                                      (2, False, (32, 16, 32, 16)), (2, True, (32, 16, 16, 16))]:
+
+    def compare(L, residual, T, d, E, C):
         g = torch.Generator().manual_seed(L * 10 + residual)
         r = lambda *s: torch.randn(*s, generator=g)
         B, H = 1, 2
-        q, k, v = r(B, H, T, d), torch.nn.functional.normalize(r(B, H, T, d), dim=-1), r(B, H, T, d)
-        gates = [torch.rand(B, H, T, generator=g) * s for s in (0.3, 1.0, 0.2)]
+        # the model's scales: l2-normalised q / k, theta <= 1 / C, small forgetting, 1/sqrt(fan-in) weights
+        q, k = (torch.nn.functional.normalize(r(B, H, T, d), dim=-1) for _ in range(2))
+        v = r(B, H, T, d)
+        gates = [torch.rand(B, H, T, generator=g) * s for s in (1 / C, 1.0, 0.05)]
         dims = [d] + [E] * (L - 1) + [d]
-        W = [r(B, H, dims[i], dims[i + 1]) * 0.5 for i in range(L)]
-        S = [r(B, H, dims[i], dims[i + 1]) * 0.1 for i in range(L)]
+        W = [r(B, H, dims[i], dims[i + 1]) / dims[i] ** 0.5 for i in range(L)]
+        S = [r(B, H, dims[i], dims[i + 1]) * 0.01 for i in range(L)]
         ins = [t.requires_grad_() for t in (q, k, v, *gates, *W, *S)]
         res = {}
         for impl in ("torch", "triton"):
@@ -133,8 +136,23 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
             gg = torch.Generator().manual_seed(1)
             loss = sum((o * torch.randn(o.shape, generator=gg)).sum() for o in outs)
             res[impl] = outs + list(torch.autograd.grad(loss, ins))
-        for a, b in zip(res["triton"], res["torch"]):
-            worst = max(worst, ((a - b).abs().max() / b.abs().max()).item())
+        return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(res["triton"], res["torch"]))
+
+    cases = [(1, False, 32, 16, 16, 16), (1, True, 48, 32, 32, 16), (2, False, 32, 16, 32, 16),
+             (2, True, 64, 32, 64, 16)]
+    print("FP32", max(compare(*c) for c in cases))
+    tk.DOT_BF16 = True
+    print("BF16", max(compare(*c) for c in cases))
+    tk.DOT_BF16 = None
+    real = tk.core_backward
+    tk.core_backward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated compile failure"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        print("FALLBACK", compare(2, True, 32, 16, 16, 16))
+    assert any("simulated compile failure" in str(w.message) for w in caught)
+    assert (16, 16, 2, 16) in tk.FAILED_SHAPES
+    tk.core_backward = real
+    tk.FAILED_SHAPES.clear()
     torch.manual_seed(0)
     ref = NeuralMemory(dim=32, heads=2, chunk_size=16, depth=2, backend="chunked")
     tri = NeuralMemory(dim=32, heads=2, chunk_size=16, depth=2, backend="triton")
@@ -142,8 +160,7 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
     x = torch.randn(2, 32, 32)
     y1, _ = ref(x)
     y2, _ = tri(x)
-    worst = max(worst, ((y1 - y2).abs().max() / y1.abs().max()).item())
-    print("WORST", worst)
+    print("MODULE", ((y1 - y2).abs().max() / y1.abs().max()).item())
 """)
 
 
@@ -154,15 +171,24 @@ def test_triton_kernels_under_interpreter():
     out = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    worst = float(out.stdout.split("WORST")[-1])
-    assert worst <= 2e-5, worst
+    err = dict(line.split() for line in out.stdout.strip().splitlines())
+    assert float(err["FP32"]) <= 2e-5, err  # float32 operands: rounding only
+    assert float(err["BF16"]) <= 5e-2, err  # bf16 operands as on the GPU
+    assert float(err["FALLBACK"]) <= 2e-5, err  # forward kernel, backward by the torch loop
+    assert float(err["MODULE"]) <= 2e-5, err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
 def test_triton_kernels_on_gpu():
-    ins = [t.detach().float().cuda().requires_grad_() for t in _inputs(2, B=2, H=4, T=128, d=64, E=128)]
-    kw = dict(chunk_size=64)
-    o1, g1 = _run(neural_memory_update_fused, ins, 2, **kw)
-    o2, g2 = _run(lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton"), ins, 2, **kw)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, T, d, E, C = 2, 4, 256, 64, 128, 64
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    q, k = (torch.nn.functional.normalize(r(B, H, T, d), dim=-1) for _ in range(2))
+    gates = [torch.rand(B, H, T, device="cuda", generator=g) * s for s in (1 / C, 1.0, 0.05)]
+    W = [r(B, H, d, E) / d**0.5, r(B, H, E, d) / E**0.5]
+    S = [torch.zeros_like(w) for w in W]
+    ins = [t.requires_grad_() for t in (q, k, r(B, H, T, d), *gates, *W, *S)]
+    o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=C)
+    o2, g2 = _run(lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton"), ins, 2, chunk_size=C)
     for a, b in zip(o2 + list(g2), o1 + list(g1)):
-        assert _rel(a, b) <= 2e-2  # TF32 tensor-core matmuls
+        assert _rel(a, b) <= 5e-2  # bf16 tensor-core operands

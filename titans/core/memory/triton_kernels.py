@@ -5,8 +5,10 @@ so a layer's memory update is one launch forward and one backward instead of ~60
 chunk.  The equations are exactly those of :func:`~titans.core.memory.fused_update.chunk_forward` and
 :func:`~titans.core.memory.fused_update.chunk_backward` (the readable reference they are tested against).
 
-Precision: inputs and state are float32, matmuls run on tensor cores (``tl.dot``: TF32 inputs, float32
-accumulation; exact float32 under ``TRITON_INTERPRET=1``), state is carried in float32.
+Precision: inputs, state and accumulation are float32; the operands of the matmuls are rounded to
+bf16 on the GPU (tensor cores, and half the shared memory of TF32 operands: the depth-2 kernels do not
+fit in an H100's shared memory otherwise).  Under ``TRITON_INTERPRET=1`` they stay float32 unless
+``DOT_BF16`` says otherwise.
 
 The fast weights and momentum are carried through global memory (the output state buffers, one
 slice per program, hot in L2) rather than in registers: a depth-2 memory of head dim 64 with
@@ -67,9 +69,29 @@ def supports(q: Tensor, k: Tensor, v: Tensor, weights: Sequence[Tensor], chunk_s
     if not (_pow2(D) and 16 <= D <= 128):
         return False
     E = weights[0].shape[3]
+    if (D, E, L, chunk_size) in FAILED_SHAPES:
+        return False
+    # shared-memory limits of the kernels (228 KB per block on H100, bf16 operands), found by compiling:
+    # depth 1 up to head dim 128; depth 2 up to D * E = 64 x 128 with chunks of at most 64
     if L == 1:
         return E == D
-    return weights[1].shape[2:] == (E, D) and _pow2(E) and 16 <= E <= 256 and D * E <= 128 * 128
+    return (tuple(weights[1].shape[2:]) == (E, D) and _pow2(E) and 16 <= E <= 256 and D * E <= 64 * 128
+            and chunk_size <= 64)
+
+
+# (D, E, L, chunk) combinations whose kernels failed to compile on this machine (out of shared memory
+# on a smaller GPU, say): later calls go to the PyTorch path directly
+FAILED_SHAPES: set[tuple[int, int, int, int]] = set()
+
+# tensor-core operand precision: None = bf16 operands on CUDA (float32 accumulation), exact float32 in
+# the interpreter; tests set it to exercise the bf16 path on the CPU too
+DOT_BF16: bool | None = None
+
+
+def _dot_bf16(x: Tensor) -> int:
+    """The kernels' ``DOT_BF16`` mode: 0 float32 operands, 1 bf16 operands, 2 bf16-rounded (interpreter)."""
+    bf16 = x.is_cuda if DOT_BF16 is None else DOT_BF16
+    return (2 if interpreting() else 1) if bf16 else 0
 
 
 if triton is not None:
@@ -89,6 +111,18 @@ if triton is not None:
         return s * (1 - s) * (2 + z * (1 - 2 * s))
 
     @triton.jit
+    def _dot(a, b, BF16: tl.constexpr):
+        # BF16 = 1: bf16 operands (half the shared memory and twice the tensor-core rate of TF32), float32
+        # accumulation.  BF16 = 2: the same rounding of the operands with a float32 dot, for the
+        # interpreter, whose bf16 dot is wrong (it multiplies the raw bits).  BF16 = 0: float32 operands.
+        if BF16 == 1:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        elif BF16 == 2:
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32))
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
     def _mat(ptr, R: tl.constexpr, Cn: tl.constexpr):
         r = tl.arange(0, R)
         c = tl.arange(0, Cn)
@@ -102,7 +136,7 @@ if triton is not None:
         # N (chunks) is a compile-time constant: one specialisation per sequence length, and the
         # interpreter (CPU tests) needs a Python int for the loop bound
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
-        RESIDUAL: tl.constexpr, SAVE: tl.constexpr,
+        RESIDUAL: tl.constexpr, SAVE: tl.constexpr, DOT_BF16: tl.constexpr,
     ):
         bh = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, C)
@@ -131,37 +165,37 @@ if triton is not None:
                 tl.store(_mat(SW1 + cc * D * E, D, E), w1)
                 tl.store(_mat(SS1 + cc * D * E, D, E), s1)
             kt = tl.trans(k)
-            a1 = tl.dot(q, kt) * mmat
+            a1 = _dot(q, kt, DOT_BF16) * mmat
             if L == 1:
-                p = tl.dot(k, w1)
+                p = _dot(k, w1, DOT_BF16)
                 if RESIDUAL:
                     p += k
                 err = 2 * (p - v)
-                y = g * tl.dot(q, w1) + b * tl.dot(q, s1) + tl.dot(a1, err)
-                new_w1 = gl * w1 + bl * s1 + tl.dot(kt, ml * err)
-                new_s1 = pl * s1 + tl.dot(kt, mm * err)
+                y = g * _dot(q, w1, DOT_BF16) + b * _dot(q, s1, DOT_BF16) + _dot(a1, err, DOT_BF16)
+                new_w1 = gl * w1 + bl * s1 + _dot(kt, ml * err, DOT_BF16)
+                new_s1 = pl * s1 + _dot(kt, mm * err, DOT_BF16)
             else:
                 w2 = tl.load(w2p)
                 s2 = tl.load(s2p)
                 if SAVE:
                     tl.store(_mat(SW2 + cc * E * D, E, D), w2)
                     tl.store(_mat(SS2 + cc * E * D, E, D), s2)
-                z = tl.dot(k, w1)
+                z = _dot(k, w1, DOT_BF16)
                 h = _silu(z)
-                p = tl.dot(h, w2)
+                p = _dot(h, w2, DOT_BF16)
                 if RESIDUAL:
                     p += k
                 err = 2 * (p - v)
-                dl = tl.dot(err, tl.trans(w2)) * _silu_grad(z)
-                zq = g * tl.dot(q, w1) + b * tl.dot(q, s1) + tl.dot(a1, dl)
+                dl = _dot(err, tl.trans(w2), DOT_BF16) * _silu_grad(z)
+                zq = g * _dot(q, w1, DOT_BF16) + b * _dot(q, s1, DOT_BF16) + _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
                 ht = tl.trans(h)
-                a2 = tl.dot(hq, ht) * mmat
-                y = g * tl.dot(hq, w2) + b * tl.dot(hq, s2) + tl.dot(a2, err)
-                new_w1 = gl * w1 + bl * s1 + tl.dot(kt, ml * dl)
-                new_s1 = pl * s1 + tl.dot(kt, mm * dl)
-                new_w2 = gl * w2 + bl * s2 + tl.dot(ht, ml * err)
-                new_s2 = pl * s2 + tl.dot(ht, mm * err)
+                a2 = _dot(hq, ht, DOT_BF16) * mmat
+                y = g * _dot(hq, w2, DOT_BF16) + b * _dot(hq, s2, DOT_BF16) + _dot(a2, err, DOT_BF16)
+                new_w1 = gl * w1 + bl * s1 + _dot(kt, ml * dl, DOT_BF16)
+                new_s1 = pl * s1 + _dot(kt, mm * dl, DOT_BF16)
+                new_w2 = gl * w2 + bl * s2 + _dot(ht, ml * err, DOT_BF16)
+                new_s2 = pl * s2 + _dot(ht, mm * err, DOT_BF16)
                 tl.debug_barrier()  # every thread has read the old state before it is overwritten
                 tl.store(w2p, new_w2)
                 tl.store(s2p, new_s2)
@@ -181,7 +215,7 @@ if triton is not None:
         DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
-        RESIDUAL: tl.constexpr,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr,
     ):
         bh = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, C)
@@ -212,38 +246,38 @@ if triton is not None:
             ds1n = tl.load(ds1p)
             kt = tl.trans(k)
             qt = tl.trans(q)
-            qk = tl.dot(q, kt)
+            qk = _dot(q, kt, DOT_BF16)
             a1 = qk * mmat
             dgl = tl.sum(tl.sum(w1 * dw1n, 1), 0)
             dbl = tl.sum(tl.sum(s1 * dw1n, 1), 0)
             dpl = tl.sum(tl.sum(s1 * ds1n, 1), 0)
-            kdw = tl.dot(k, dw1n)
-            kds = tl.dot(k, ds1n)
+            kdw = _dot(k, dw1n, DOT_BF16)
+            kds = _dot(k, ds1n, DOT_BF16)
             if L == 1:
-                p = tl.dot(k, w1)
+                p = _dot(k, w1, DOT_BF16)
                 if RESIDUAL:
                     p += k
                 err = 2 * (p - v)
                 derr = ml * kdw + mm * kds
                 dml = tl.sum(err * kdw, 1)
                 dmm = tl.sum(err * kds, 1)
-                dk = tl.dot(ml * err, tl.trans(dw1n)) + tl.dot(mm * err, tl.trans(ds1n))
-                dg = tl.sum(dy * tl.dot(q, w1), 1)
-                dbc = tl.sum(dy * tl.dot(q, s1), 1)
-                dq = tl.dot(g * dy, tl.trans(w1)) + tl.dot(b * dy, tl.trans(s1))
-                new_dw1 = gl * dw1n + tl.dot(qt, g * dy)
-                new_ds1 = bl * dw1n + pl * ds1n + tl.dot(qt, b * dy)
-                da1 = tl.dot(dy, tl.trans(err))
-                derr += tl.dot(tl.trans(a1), dy)
+                dk = _dot(ml * err, tl.trans(dw1n), DOT_BF16) + _dot(mm * err, tl.trans(ds1n), DOT_BF16)
+                dg = tl.sum(dy * _dot(q, w1, DOT_BF16), 1)
+                dbc = tl.sum(dy * _dot(q, s1, DOT_BF16), 1)
+                dq = _dot(g * dy, tl.trans(w1), DOT_BF16) + _dot(b * dy, tl.trans(s1), DOT_BF16)
+                new_dw1 = gl * dw1n + _dot(qt, g * dy, DOT_BF16)
+                new_ds1 = bl * dw1n + pl * ds1n + _dot(qt, b * dy, DOT_BF16)
+                da1 = _dot(dy, tl.trans(err), DOT_BF16)
+                derr += _dot(tl.trans(a1), dy, DOT_BF16)
                 dmat = da1 * qk
                 dqk = da1 * mmat
-                dq += tl.dot(dqk, k)
-                dk += tl.dot(tl.trans(dqk), q)
+                dq += _dot(dqk, k, DOT_BF16)
+                dk += _dot(tl.trans(dqk), q, DOT_BF16)
                 dp = 2 * derr
-                dk += tl.dot(dp, tl.trans(w1))
+                dk += _dot(dp, tl.trans(w1), DOT_BF16)
                 if RESIDUAL:
                     dk += dp
-                new_dw1 += tl.dot(kt, dp)
+                new_dw1 += _dot(kt, dp, DOT_BF16)
             else:
                 w2 = tl.load(_mat(SW2 + cc * E * D, E, D))
                 s2 = tl.load(_mat(SS2 + cc * E * D, E, D))
@@ -253,71 +287,71 @@ if triton is not None:
                 dbl += tl.sum(tl.sum(s2 * dw2n, 1), 0)
                 dpl += tl.sum(tl.sum(s2 * ds2n, 1), 0)
                 # recompute the chunk's forward
-                z = tl.dot(k, w1)
+                z = _dot(k, w1, DOT_BF16)
                 h = _silu(z)
                 ag = _silu_grad(z)
-                p = tl.dot(h, w2)
+                p = _dot(h, w2, DOT_BF16)
                 if RESIDUAL:
                     p += k
                 err = 2 * (p - v)
-                u = tl.dot(err, tl.trans(w2))
+                u = _dot(err, tl.trans(w2), DOT_BF16)
                 dl = u * ag
-                zq = g * tl.dot(q, w1) + b * tl.dot(q, s1) + tl.dot(a1, dl)
+                zq = g * _dot(q, w1, DOT_BF16) + b * _dot(q, s1, DOT_BF16) + _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
                 ht = tl.trans(h)
-                hh = tl.dot(hq, ht)
+                hh = _dot(hq, ht, DOT_BF16)
                 a2 = hh * mmat
-                hqw2 = tl.dot(hq, w2)
-                hqs2 = tl.dot(hq, s2)
+                hqw2 = _dot(hq, w2, DOT_BF16)
+                hqs2 = _dot(hq, s2, DOT_BF16)
                 # the state after the chunk
-                hdw = tl.dot(h, dw2n)
-                hds = tl.dot(h, ds2n)
+                hdw = _dot(h, dw2n, DOT_BF16)
+                hds = _dot(h, ds2n, DOT_BF16)
                 ddl = ml * kdw + mm * kds
                 derr = ml * hdw + mm * hds
                 dml = tl.sum(dl * kdw, 1) + tl.sum(err * hdw, 1)
                 dmm = tl.sum(dl * kds, 1) + tl.sum(err * hds, 1)
-                dk = tl.dot(ml * dl, tl.trans(dw1n)) + tl.dot(mm * dl, tl.trans(ds1n))
-                dh = tl.dot(ml * err, tl.trans(dw2n)) + tl.dot(mm * err, tl.trans(ds2n))
+                dk = _dot(ml * dl, tl.trans(dw1n), DOT_BF16) + _dot(mm * dl, tl.trans(ds1n), DOT_BF16)
+                dh = _dot(ml * err, tl.trans(dw2n), DOT_BF16) + _dot(mm * err, tl.trans(ds2n), DOT_BF16)
                 # y = G (hq W2) + B (hq S2) + A2 err
                 dg = tl.sum(dy * hqw2, 1)
                 dbc = tl.sum(dy * hqs2, 1)
-                dhq = tl.dot(g * dy, tl.trans(w2)) + tl.dot(b * dy, tl.trans(s2))
+                dhq = _dot(g * dy, tl.trans(w2), DOT_BF16) + _dot(b * dy, tl.trans(s2), DOT_BF16)
                 hqt = tl.trans(hq)
-                new_dw2 = gl * dw2n + tl.dot(hqt, g * dy)
-                new_ds2 = bl * dw2n + pl * ds2n + tl.dot(hqt, b * dy)
-                da2 = tl.dot(dy, tl.trans(err))
-                derr += tl.dot(tl.trans(a2), dy)
+                new_dw2 = gl * dw2n + _dot(hqt, g * dy, DOT_BF16)
+                new_ds2 = bl * dw2n + pl * ds2n + _dot(hqt, b * dy, DOT_BF16)
+                da2 = _dot(dy, tl.trans(err), DOT_BF16)
+                derr += _dot(tl.trans(a2), dy, DOT_BF16)
                 dmat = da2 * hh
                 dhh = da2 * mmat
-                dhq += tl.dot(dhh, h)
-                dh += tl.dot(tl.trans(dhh), hq)
+                dhq += _dot(dhh, h, DOT_BF16)
+                dh += _dot(tl.trans(dhh), hq, DOT_BF16)
                 # zq = G (q W1) + B (q S1) + A1 dl
                 dzq = dhq * _silu_grad(zq)
-                dg += tl.sum(dzq * tl.dot(q, w1), 1)
-                dbc += tl.sum(dzq * tl.dot(q, s1), 1)
-                dq = tl.dot(g * dzq, tl.trans(w1)) + tl.dot(b * dzq, tl.trans(s1))
-                new_dw1 = gl * dw1n + tl.dot(qt, g * dzq)
-                new_ds1 = bl * dw1n + pl * ds1n + tl.dot(qt, b * dzq)
-                da1 = tl.dot(dzq, tl.trans(dl))
-                ddl += tl.dot(tl.trans(a1), dzq)
+                dg += tl.sum(dzq * _dot(q, w1, DOT_BF16), 1)
+                dbc += tl.sum(dzq * _dot(q, s1, DOT_BF16), 1)
+                dq = _dot(g * dzq, tl.trans(w1), DOT_BF16) + _dot(b * dzq, tl.trans(s1), DOT_BF16)
+                new_dw1 = gl * dw1n + _dot(qt, g * dzq, DOT_BF16)
+                new_ds1 = bl * dw1n + pl * ds1n + _dot(qt, b * dzq, DOT_BF16)
+                da1 = _dot(dzq, tl.trans(dl), DOT_BF16)
+                ddl += _dot(tl.trans(a1), dzq, DOT_BF16)
                 dmat += da1 * qk
                 dqk = da1 * mmat
-                dq += tl.dot(dqk, k)
-                dk += tl.dot(tl.trans(dqk), q)
+                dq += _dot(dqk, k, DOT_BF16)
+                dk += _dot(tl.trans(dqk), q, DOT_BF16)
                 # dl = (err W2^T) * silu'(z)
                 du = ddl * ag
-                derr += tl.dot(du, w2)
-                new_dw2 += tl.dot(tl.trans(du), err)
+                derr += _dot(du, w2, DOT_BF16)
+                new_dw2 += _dot(tl.trans(du), err, DOT_BF16)
                 dz = ddl * u * _silu_grad2(z)
                 # err = 2 (h W2 [+ k] - v)
                 dp = 2 * derr
-                dh += tl.dot(dp, tl.trans(w2))
-                new_dw2 += tl.dot(ht, dp)
+                dh += _dot(dp, tl.trans(w2), DOT_BF16)
+                new_dw2 += _dot(ht, dp, DOT_BF16)
                 if RESIDUAL:
                     dk += dp
                 dz += dh * ag
-                dk += tl.dot(dz, tl.trans(w1))
-                new_dw1 += tl.dot(kt, dz)
+                dk += _dot(dz, tl.trans(w1), DOT_BF16)
+                new_dw1 += _dot(kt, dz, DOT_BF16)
                 tl.debug_barrier()
                 tl.store(dw2p, new_dw2)
                 tl.store(ds2p, new_ds2)
@@ -338,6 +372,25 @@ if triton is not None:
             tl.store(dw1p, new_dw1)
             tl.store(ds1p, new_ds1)
             tl.debug_barrier()
+
+
+def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Exception) -> None:
+    """Record a compile failure (say, out of shared memory on a smaller GPU) so ``supports`` says no."""
+    import warnings
+
+    FAILED_SHAPES.add((q.shape[-1], W[0].shape[-1], len(W), chunk_size))
+    warnings.warn(f"Triton memory kernel failed for head dim {q.shape[-1]}, hidden {W[0].shape[-1]}, depth "
+                  f"{len(W)}, chunk {chunk_size} ({type(error).__name__}: {str(error)[:200]}); using the PyTorch "
+                  "path for these shapes", RuntimeWarning, stacklevel=3)
+
+
+def starts_to_torch(starts, B: int, H: int, L: int):
+    """The kernels' saved chunk-start states (B*H, N, ...) x 4 -> the torch loop's per-chunk (W, S) tuples."""
+    sw1, sw2, ss1, ss2 = starts
+    N = sw1.shape[1]
+    ws, ss = (sw1, sw2)[:L], (ss1, ss2)[:L]
+    return [(tuple(w[:, c].reshape(B, H, *w.shape[2:]) for w in ws),
+             tuple(x[:, c].reshape(B, H, *x.shape[2:]) for x in ss)) for c in range(N)]
 
 
 def _num_warps(D: int, E: int) -> int:
@@ -380,7 +433,8 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
         starts = [qf.new_empty(1)] * 4
     _memory_fwd_kernel[(B * H,)](
         qf, kf, vf, *coef, Ws[0], Ws[1], Ss[0], Ss[1], y, *starts, N=N,
-        C=C, D=D, E=E, L=L, RESIDUAL=residual, SAVE=save_states, num_warps=_num_warps(D, E))
+        C=C, D=D, E=E, L=L, RESIDUAL=residual, SAVE=save_states, DOT_BF16=_dot_bf16(q),
+        num_warps=_num_warps(D, E))
     Wout = tuple(w.reshape(B, H, *w.shape[1:]).to(dtype) for w in Ws[:L])
     Sout = tuple(s.reshape(B, H, *s.shape[1:]).to(dtype) for s in Ss[:L])
     return y.reshape(B, H, T, D).to(dtype), Wout, Sout, (tuple(starts) if save_states else None)
@@ -405,7 +459,7 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     outs = [torch.empty_like(qf) for _ in range(3)] + [torch.empty_like(t) for t in coef]
     _memory_bwd_kernel[(B * H,)](
         qf, kf, vf, *coef, sw1, sw2, ss1, ss2, dyf, dWs[0], dWs[1], dSs[0], dSs[1], *outs, N=N,
-        C=C, D=D, E=E, L=L, RESIDUAL=residual, num_warps=_num_warps(D, E))
+        C=C, D=D, E=E, L=L, RESIDUAL=residual, DOT_BF16=_dot_bf16(q), num_warps=_num_warps(D, E))
     like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
     names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
     res = {n: o.reshape(t.shape).to(t.dtype) for n, o, t in zip(names, outs, like)}
