@@ -37,7 +37,7 @@ def _run(fn, ins, L, **kw):
     y, Wf, Sf = fn(q, k, v, lr, eta, alpha, W, S, **kw)
     g = torch.Generator().manual_seed(1)
     outs = [y, *Wf, *Sf]
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum() for o in outs)
     return outs, torch.autograd.grad(loss, ins)
 
 
