@@ -183,3 +183,33 @@ def test_blocked_sliding_window_equals_the_definition(T, window, prefix):
     attention(qs, ks, vs, spec, pos, pos, None, backend="reference").square().sum().backward()
     for a, b in ((qr, qs), (kr, ks), (vr, vs)):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("T,window,prefix", [(37, 8, 0), (64, 16, 3), (5, 8, 2), (48, 12, 4)])
+def test_blocked_segments_equal_the_definition(T, window, prefix):
+    torch.manual_seed(T + window)
+    spec = MaskSpec("segment", window=window, prefix_len=prefix)
+    B, H, hd = 2, 3, 8
+    q = torch.randn(B, H, T, hd, dtype=torch.float64)
+    k = torch.randn(B, H, prefix + T, hd, dtype=torch.float64)
+    v = torch.randn(B, H, prefix + T, hd, dtype=torch.float64)
+    pos = torch.arange(T)
+    want = loop_attention(q, k, v, spec, pos, pos, None)
+    torch.testing.assert_close(attention(q, k, v, spec, pos, pos, None, backend="blocked"), want,
+                               rtol=1e-10, atol=1e-12)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    attention(qr, kr, vr, spec, pos, pos, None, backend="blocked").square().sum().backward()
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    attention(qs, ks, vs, spec, pos, pos, None, backend="reference").square().sum().backward()
+    for a, b in ((qr, qs), (kr, ks), (vr, vs)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_segment_backend_choice_respects_alignment():
+    attn = CausalSelfAttention(16, 2)
+    spec = MaskSpec("segment", window=8, prefix_len=2)
+    assert attn._pick_backend(spec, torch.device("cpu"), 64, True, 0) == "blocked"
+    assert attn._pick_backend(spec, torch.device("cpu"), 64, True, 16) == "blocked"
+    # a piece that starts mid-segment, or a cached decode step, never takes the blocked path
+    assert attn._pick_backend(spec, torch.device("cpu"), 64, True, 4) == "sdpa"
+    assert attn._pick_backend(spec, torch.device("cpu"), 64, False, 0) == "sdpa"

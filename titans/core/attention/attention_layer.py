@@ -85,6 +85,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, q_pos: Tensor, k_
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
     if backend == "blocked":
+        if spec.kind == "segment":
+            return segment_blocked(q, k, v, spec)
         return sliding_window_blocked(q, k, v, spec)
     if backend == "sdpa":
         # a whole sequence passes the same position tensor for queries and keys (no device sync to check)
@@ -137,6 +139,34 @@ def sliding_window_blocked(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> T
     return out.reshape(B, H, nb * W, hd)[:, :, :T]
 
 
+def segment_blocked(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
+    """Segment-local attention over a whole sequence that starts on a segment boundary, without a T x T mask.
+
+    Segment b (W = window tokens) attends to [prefix | its own tokens, causally]: one SDPA call over all
+    segments with a (W, P + W) mask, so memory and work are linear in T.  q: (B, H, T, hd); k, v:
+    (B, H, P + T, hd) laid out [prefix | context], query i at context position i, position 0 the start of
+    a segment (the caller checks the alignment).
+    """
+    if spec.kind != "segment" or spec.memory_tokens:
+        raise ValueError("segment_blocked: segment masks without memory tokens only")
+    B, H, T, hd = q.shape
+    P, W = spec.prefix_len, spec.window
+    nb = -(-T // W)
+    pad = nb * W - T
+    qb = F.pad(q, (0, 0, 0, pad)).view(B, H, nb, W, hd)
+    kb = F.pad(k[:, :, P:], (0, 0, 0, pad)).view(B, H, nb, W, hd)
+    vb = F.pad(v[:, :, P:], (0, 0, 0, pad)).view(B, H, nb, W, hd)
+    if P:
+        kb = torch.cat([k[:, :, None, :P].expand(B, H, nb, P, hd), kb], 3)
+        vb = torch.cat([v[:, :, None, :P].expand(B, H, nb, P, hd), vb], 3)
+    idx = torch.arange(W, device=q.device)
+    ok = spec.allowed(idx[:, None], idx[None, :])  # inside one segment: causal
+    if P:
+        ok = torch.cat([torch.ones(W, P, dtype=torch.bool, device=q.device), ok], 1)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=ok)
+    return out.reshape(B, H, nb * W, hd)[:, :, :T]
+
+
 @lru_cache(maxsize=64)
 def _block_mask(spec: MaskSpec, Tq: int, Tk: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
@@ -178,7 +208,8 @@ class CausalSelfAttention(nn.Module):
             k = self.k_norm(k)
         return k, v
 
-    def _pick_backend(self, spec: MaskSpec, device: torch.device, T: int, whole_sequence: bool) -> str:
+    def _pick_backend(self, spec: MaskSpec, device: torch.device, T: int, whole_sequence: bool,
+                      start_pos: int = 0) -> str:
         """FlexAttention for long whole sequences with sliding / prefixed causal masks on CUDA (no T x T
         mask); SDPA otherwise: plain causal uses its flash path, and decode steps, cached pieces and MAC
         segments only build small (T x window-sized) masks."""
@@ -189,15 +220,18 @@ class CausalSelfAttention(nn.Module):
                 raise ValueError("backend='flex' needs CUDA and a whole causal / sliding sequence "
                                  "(no cache, no memory tokens, no segment mask)")
             return "flex"
+        segment_ok = spec.kind == "segment" and start_pos % spec.window == 0
         if self.backend == "blocked":
-            if spec.kind != "sliding" or spec.memory_tokens or not whole_sequence:
-                raise ValueError("backend='blocked' needs a whole sliding-window sequence (no cache, no memory "
-                                 "tokens)")
+            if not (spec.kind == "sliding" or segment_ok) or spec.memory_tokens or not whole_sequence:
+                raise ValueError("backend='blocked' needs a whole sliding-window sequence or a whole segmented "
+                                 "sequence starting on a segment boundary (no cache, no memory tokens)")
             return "blocked"
         if self.backend != "auto":
             return self.backend
         if spec.kind == "sliding" and whole_sequence and not spec.memory_tokens and T > 2 * spec.window:
             return "blocked"  # linear memory in T, SDPA kernels
+        if segment_ok and whole_sequence and not spec.memory_tokens and T > spec.window:
+            return "blocked"  # segments as a batch: no T x T mask
         plain_causal = spec.kind == "causal" and spec.prefix_len == 0
         return "flex" if flex_ok and T >= 128 and not plain_causal else "sdpa"
 
@@ -254,7 +288,7 @@ class CausalSelfAttention(nn.Module):
         K = torch.cat(keys, 2) if len(keys) > 1 else keys[0]
         V = torch.cat(values, 2) if len(values) > 1 else values[0]
         whole = cache is None or len(cache) == 0
-        out = attention(q, K, V, mask, pos, ctx_pos, mem_pos, self._pick_backend(mask, dev, T, whole))
+        out = attention(q, K, V, mask, pos, ctx_pos, mem_pos, self._pick_backend(mask, dev, T, whole, start_pos))
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
         new_cache = None
