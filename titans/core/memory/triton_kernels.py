@@ -137,8 +137,12 @@ if triton is not None:
         # N (chunks) is a compile-time constant: one specialisation per sequence length, and the
         # interpreter (CPU tests) needs a Python int for the loop bound
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
-        RESIDUAL: tl.constexpr, SAVE: tl.constexpr, DOT_BF16: tl.constexpr,
+        RESIDUAL: tl.constexpr, SAVE: tl.constexpr, DOT_BF16: tl.constexpr, MODE: tl.constexpr,
     ):
+        # MODE 0: one program per (b, h) walks all chunks and writes y and the state.
+        # MODE 1: the same walk, state only (y's matmuls are dead code and removed), saving chunk starts.
+        # MODE 2: one program per (b, h, chunk) reads its chunk's saved start state and writes y: the half
+        #         of the work that does not feed the recurrence runs with N times the parallelism.
         bh = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, C)
         T = N * C
@@ -146,7 +150,11 @@ if triton is not None:
         s1p = _mat(S1 + bh * D * E, D, E)
         w2p = _mat(W2 + bh * E * D, E, D)
         s2p = _mat(S2 + bh * E * D, E, D)
-        for c in range(N):
+        for i in range(1 if MODE == 2 else N):
+            if MODE == 2:
+                c = tl.program_id(1).to(tl.int64)
+            else:
+                c = i
             tok = bh * T * D + c * C * D
             q = tl.load(_mat(Q + tok, C, D))
             k = tl.load(_mat(K + tok, C, D))
@@ -160,11 +168,15 @@ if triton is not None:
             gl = tl.load(GL + cc)
             bl = tl.load(BL + cc)
             pl = tl.load(PL + cc)
-            w1 = tl.load(w1p)
-            s1 = tl.load(s1p)
-            if SAVE:
-                tl.store(_mat(SW1 + cc * D * E, D, E), w1)
-                tl.store(_mat(SS1 + cc * D * E, D, E), s1)
+            if MODE == 2:
+                w1 = tl.load(_mat(SW1 + cc * D * E, D, E))
+                s1 = tl.load(_mat(SS1 + cc * D * E, D, E))
+            else:
+                w1 = tl.load(w1p)
+                s1 = tl.load(s1p)
+                if SAVE:
+                    tl.store(_mat(SW1 + cc * D * E, D, E), w1)
+                    tl.store(_mat(SS1 + cc * D * E, D, E), s1)
             kt = tl.trans(k)
             a1 = _dot(q, kt, DOT_BF16) * mmat
             if L == 1:
@@ -176,11 +188,15 @@ if triton is not None:
                 new_w1 = gl * w1 + bl * s1 + _dot(kt, ml * err, DOT_BF16)
                 new_s1 = pl * s1 + _dot(kt, mm * err, DOT_BF16)
             else:
-                w2 = tl.load(w2p)
-                s2 = tl.load(s2p)
-                if SAVE:
-                    tl.store(_mat(SW2 + cc * E * D, E, D), w2)
-                    tl.store(_mat(SS2 + cc * E * D, E, D), s2)
+                if MODE == 2:
+                    w2 = tl.load(_mat(SW2 + cc * E * D, E, D))
+                    s2 = tl.load(_mat(SS2 + cc * E * D, E, D))
+                else:
+                    w2 = tl.load(w2p)
+                    s2 = tl.load(s2p)
+                    if SAVE:
+                        tl.store(_mat(SW2 + cc * E * D, E, D), w2)
+                        tl.store(_mat(SS2 + cc * E * D, E, D), s2)
                 z = _dot(k, w1, DOT_BF16)
                 h = _silu(z)
                 p = _dot(h, w2, DOT_BF16)
@@ -197,16 +213,19 @@ if triton is not None:
                 new_s1 = pl * s1 + _dot(kt, mm * dl, DOT_BF16)
                 new_w2 = gl * w2 + bl * s2 + _dot(ht, ml * err, DOT_BF16)
                 new_s2 = pl * s2 + _dot(ht, mm * err, DOT_BF16)
-                tl.debug_barrier()  # every thread has read the old state before it is overwritten
-                tl.store(w2p, new_w2)
-                tl.store(s2p, new_s2)
-            if RESIDUAL:
-                y += q
-            tl.store(_mat(Y + tok, C, D), y)
-            tl.debug_barrier()
-            tl.store(w1p, new_w1)
-            tl.store(s1p, new_s1)
-            tl.debug_barrier()  # the next chunk reads the state written by other threads
+                if MODE != 2:
+                    tl.debug_barrier()  # every thread has read the old state before it is overwritten
+                    tl.store(w2p, new_w2)
+                    tl.store(s2p, new_s2)
+            if MODE != 1:
+                if RESIDUAL:
+                    y += q
+                tl.store(_mat(Y + tok, C, D), y)
+            if MODE != 2:
+                tl.debug_barrier()
+                tl.store(w1p, new_w1)
+                tl.store(s1p, new_s1)
+                tl.debug_barrier()  # the next chunk reads the state written by other threads
 
     @triton.jit
     def _memory_bwd_kernel(
@@ -214,10 +233,15 @@ if triton is not None:
         SW1, SW2, SS1, SS2,  # chunk-start states from the forward (BH, N, ...)
         DY,
         DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
+        NW1, NW2, NS1, NS2,  # MODE 1 writes, MODE 2 reads: the gradient of each chunk's end state (BH, N, ...)
         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
-        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, MODE: tl.constexpr,
     ):
+        # MODE 0: one program per (b, h) walks the chunks backwards, writing every gradient.
+        # MODE 1: the same walk for the state-gradient recurrence only (the per-token outputs are dead code
+        #         and removed), storing each chunk's incoming state gradient.
+        # MODE 2: one program per (b, h, chunk) writes that chunk's input gradients from the stored ones.
         bh = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, C)
         T = N * C
@@ -225,8 +249,11 @@ if triton is not None:
         ds1p = _mat(DS1 + bh * D * E, D, E)
         dw2p = _mat(DW2 + bh * E * D, E, D)
         ds2p = _mat(DS2 + bh * E * D, E, D)
-        for i in range(N):
-            c = N - 1 - i
+        for i in range(1 if MODE == 2 else N):
+            if MODE == 2:
+                c = tl.program_id(1).to(tl.int64)
+            else:
+                c = N - 1 - i
             tok = bh * T * D + c * C * D
             q = tl.load(_mat(Q + tok, C, D))
             k = tl.load(_mat(K + tok, C, D))
@@ -243,8 +270,15 @@ if triton is not None:
             pl = tl.load(PL + cc)
             w1 = tl.load(_mat(SW1 + cc * D * E, D, E))
             s1 = tl.load(_mat(SS1 + cc * D * E, D, E))
-            dw1n = tl.load(dw1p)
-            ds1n = tl.load(ds1p)
+            if MODE == 2:
+                dw1n = tl.load(_mat(NW1 + cc * D * E, D, E))
+                ds1n = tl.load(_mat(NS1 + cc * D * E, D, E))
+            else:
+                dw1n = tl.load(dw1p)
+                ds1n = tl.load(ds1p)
+                if MODE == 1:
+                    tl.store(_mat(NW1 + cc * D * E, D, E), dw1n)
+                    tl.store(_mat(NS1 + cc * D * E, D, E), ds1n)
             kt = tl.trans(k)
             qt = tl.trans(q)
             qk = _dot(q, kt, DOT_BF16)
@@ -282,8 +316,15 @@ if triton is not None:
             else:
                 w2 = tl.load(_mat(SW2 + cc * E * D, E, D))
                 s2 = tl.load(_mat(SS2 + cc * E * D, E, D))
-                dw2n = tl.load(dw2p)
-                ds2n = tl.load(ds2p)
+                if MODE == 2:
+                    dw2n = tl.load(_mat(NW2 + cc * E * D, E, D))
+                    ds2n = tl.load(_mat(NS2 + cc * E * D, E, D))
+                else:
+                    dw2n = tl.load(dw2p)
+                    ds2n = tl.load(ds2p)
+                    if MODE == 1:
+                        tl.store(_mat(NW2 + cc * E * D, E, D), dw2n)
+                        tl.store(_mat(NS2 + cc * E * D, E, D), ds2n)
                 dgl += tl.sum(tl.sum(w2 * dw2n, 1), 0)
                 dbl += tl.sum(tl.sum(s2 * dw2n, 1), 0)
                 dpl += tl.sum(tl.sum(s2 * ds2n, 1), 0)
@@ -353,26 +394,29 @@ if triton is not None:
                 dz += dh * ag
                 dk += _dot(dz, tl.trans(w1), DOT_BF16)
                 new_dw1 += _dot(kt, dz, DOT_BF16)
+                if MODE != 2:
+                    tl.debug_barrier()
+                    tl.store(dw2p, new_dw2)
+                    tl.store(ds2p, new_ds2)
+            if MODE != 1:
+                if RESIDUAL:
+                    dq += dy
+                tl.store(_mat(DQ + tok, C, D), dq)
+                tl.store(_mat(DK + tok, C, D), dk)
+                tl.store(_mat(DV + tok, C, D), -dp)
+                tl.store(DG + bh * T + c * C + rc, dg)
+                tl.store(DBC + bh * T + c * C + rc, dbc)
+                tl.store(_mat(DM + cc * C * C, C, C), dmat)
+                tl.store(DML + cc * C + rc, dml)
+                tl.store(DMM + cc * C + rc, dmm)
+                tl.store(DGL + cc, dgl)
+                tl.store(DBL + cc, dbl)
+                tl.store(DPL + cc, dpl)
+            if MODE != 2:
                 tl.debug_barrier()
-                tl.store(dw2p, new_dw2)
-                tl.store(ds2p, new_ds2)
-            if RESIDUAL:
-                dq += dy
-            tl.store(_mat(DQ + tok, C, D), dq)
-            tl.store(_mat(DK + tok, C, D), dk)
-            tl.store(_mat(DV + tok, C, D), -dp)
-            tl.store(DG + bh * T + c * C + rc, dg)
-            tl.store(DBC + bh * T + c * C + rc, dbc)
-            tl.store(_mat(DM + cc * C * C, C, C), dmat)
-            tl.store(DML + cc * C + rc, dml)
-            tl.store(DMM + cc * C + rc, dmm)
-            tl.store(DGL + cc, dgl)
-            tl.store(DBL + cc, dbl)
-            tl.store(DPL + cc, dpl)
-            tl.debug_barrier()
-            tl.store(dw1p, new_dw1)
-            tl.store(ds1p, new_ds1)
-            tl.debug_barrier()
+                tl.store(dw1p, new_dw1)
+                tl.store(ds1p, new_ds1)
+                tl.debug_barrier()
 
 
 def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Exception) -> None:
@@ -399,6 +443,18 @@ def _num_warps(D: int, E: int) -> int:
     if override:
         return int(override)
     return 4 if D * E <= 64 * 64 else 8
+
+
+def _split() -> bool:
+    """Two-pass kernels (a sequential pass for the recurrence, then a pass parallel over chunks for the
+    per-token outputs) unless ``TITANS_TRITON_SPLIT=0`` asks for the single-pass ones."""
+    return os.environ.get("TITANS_TRITON_SPLIT", "1") != "0"
+
+
+def _state_buffers(like: Tensor, BH: int, N: int, Ws, Ss, L: int) -> list[Tensor]:
+    """Per-chunk state-shaped buffers in the kernels' order W1, W2, S1, S2 (layer 2: placeholders if L == 1)."""
+    return [like.new_empty(BH, N, *w.shape[1:]) if (L == 2 or i in (0, 2)) else like.new_empty(1)
+            for i, w in enumerate((Ws[0], Ws[1], Ss[0], Ss[1]))]
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -429,16 +485,18 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
         Ws.append(Ws[0])  # placeholders, never touched when L == 1
         Ss.append(Ss[0])
     y = torch.empty_like(qf)
-    if save_states:
-        # order W1, W2, S1, S2; the layer-2 buffers are placeholders when L == 1
-        starts = [qf.new_empty(B * H, N, *w.shape[1:]) if (L == 2 or i in (0, 2)) else qf.new_empty(1)
-                  for i, w in enumerate((Ws[0], Ws[1], Ss[0], Ss[1]))]
+    split = _split() and N > 1
+    if save_states or split:
+        starts = _state_buffers(qf, B * H, N, Ws, Ss, L)
     else:
         starts = [qf.new_empty(1)] * 4
-    _memory_fwd_kernel[(B * H,)](
-        qf, kf, vf, *coef, Ws[0], Ws[1], Ss[0], Ss[1], y, *starts, N=N,
-        C=C, D=D, E=E, L=L, RESIDUAL=residual, SAVE=save_states, DOT_BF16=_dot_bf16(q),
-        num_warps=_num_warps(D, E))
+    args = (qf, kf, vf, *coef, Ws[0], Ws[1], Ss[0], Ss[1], y, *starts)
+    kw = dict(N=N, C=C, D=D, E=E, L=L, RESIDUAL=residual, DOT_BF16=_dot_bf16(q), num_warps=_num_warps(D, E))
+    if split:
+        _memory_fwd_kernel[(B * H,)](*args, SAVE=True, MODE=1, **kw)
+        _memory_fwd_kernel[(B * H, N)](*args, SAVE=True, MODE=2, **kw)
+    else:
+        _memory_fwd_kernel[(B * H,)](*args, SAVE=save_states, MODE=0, **kw)
     Wout = tuple(w.reshape(B, H, *w.shape[1:]).to(dtype) for w in Ws[:L])
     Sout = tuple(s.reshape(B, H, *s.shape[1:]).to(dtype) for s in Ss[:L])
     return y.reshape(B, H, T, D).to(dtype), Wout, Sout, (tuple(starts) if save_states else None)
@@ -461,9 +519,15 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
         dSs.append(dSs[0])
     sw1, sw2, ss1, ss2 = starts
     outs = [torch.empty_like(qf) for _ in range(3)] + [torch.empty_like(t) for t in coef]
-    _memory_bwd_kernel[(B * H,)](
-        qf, kf, vf, *coef, sw1, sw2, ss1, ss2, dyf, dWs[0], dWs[1], dSs[0], dSs[1], *outs, N=N,
-        C=C, D=D, E=E, L=L, RESIDUAL=residual, DOT_BF16=_dot_bf16(q), num_warps=_num_warps(D, E))
+    split = _split() and N > 1
+    ends = _state_buffers(qf, B * H, N, dWs, dSs, L) if split else [qf.new_empty(1)] * 4
+    args = (qf, kf, vf, *coef, sw1, sw2, ss1, ss2, dyf, dWs[0], dWs[1], dSs[0], dSs[1], *ends, *outs)
+    kw = dict(N=N, C=C, D=D, E=E, L=L, RESIDUAL=residual, DOT_BF16=_dot_bf16(q), num_warps=_num_warps(D, E))
+    if split:
+        _memory_bwd_kernel[(B * H,)](*args, MODE=1, **kw)
+        _memory_bwd_kernel[(B * H, N)](*args, MODE=2, **kw)
+    else:
+        _memory_bwd_kernel[(B * H,)](*args, MODE=0, **kw)
     like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
     names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
     res = {n: o.reshape(t.shape).to(t.dtype) for n, o, t in zip(names, outs, like)}
