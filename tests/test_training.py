@@ -214,3 +214,22 @@ def test_two_process_gloo_ddp_step_equals_single_process_step(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=2e-4, atol=2e-6, msg=k)
         moved += int(not torch.equal(a[k], init[k].to(a[k].dtype)))
     assert moved > len(a) // 2, (moved, len(a))  # the steps really changed the weights
+
+
+def test_nonfinite_gradients_skip_the_update():
+    from titans.training.trainer import clipped_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    norm, stepped = clipped_step(model, opt, 1.0)
+    assert not stepped and math.isnan(norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters()) and not opt.state  # moments untouched
+    model(torch.randn(4, 3)).sum().backward()
+    norm, stepped = clipped_step(model, opt, 1.0)
+    assert stepped and math.isfinite(norm)
+    assert not torch.equal(before[0], model.weight)

@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -139,6 +140,19 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def clipped_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 skip_nonfinite: bool = True) -> tuple[float, bool]:
+    """Clip the gradients (``grad_clip`` > 0) and step, unless their norm is NaN / inf and ``skip_nonfinite``:
+    then drop them, so one bad batch cannot poison the weights and the optimiser's moments.  Under DDP the
+    gradients are already all-reduced, so every rank takes the same decision.  Returns (norm, stepped)."""
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf")))
+    stepped = math.isfinite(norm) or not skip_nonfinite
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, stepped
+
+
 def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None) -> dict:
     """Train with ``cfg``; returns a summary (final losses, paths).  See the module docstring."""
     dist = init_distributed(cfg.training)
@@ -213,6 +227,7 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     last_eval: dict = {}
     step = start_step
     t_last = time.perf_counter()
+    skipped_steps = consecutive_skips = 0
     run_model.train()
     interrupted = False
     with _StopFlag() as flag:
@@ -228,11 +243,18 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
                     loss = loss_fn(mb, mlab) / tc.grad_accum
                 loss.backward()
                 loss_sum += float(loss.detach())
-            grad_norm = None
-            if tc.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, stepped = clipped_step(model, optimizer, tc.grad_clip, tc.skip_nonfinite)
+            if stepped:
+                consecutive_skips = 0
+            else:
+                skipped_steps += 1
+                consecutive_skips += 1
+                warnings.warn(f"step {step + 1}: non-finite gradients (norm {grad_norm}), update skipped "
+                              f"({skipped_steps} so far)", RuntimeWarning, stacklevel=1)
+                if consecutive_skips > tc.max_consecutive_skips:
+                    raise RuntimeError(f"training diverged: {consecutive_skips} consecutive steps with non-finite "
+                                       f"gradients up to step {step + 1} (training.max_consecutive_skips="
+                                       f"{tc.max_consecutive_skips}); lower training.lr or model.memory_max_lr")
             scheduler.step()
             step += 1
             tokens_seen += tokens_per_step
@@ -249,6 +271,8 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
                       "tokens_per_s": tok_s}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
+            if skipped_steps:
+                record["skipped_steps"] = skipped_steps
             if step % cfg.logging.log_every == 0 or step == tc.max_steps:
                 log(record)
             if step % tc.eval_every == 0 or step == tc.max_steps:

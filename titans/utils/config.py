@@ -151,6 +151,9 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    skip_nonfinite: bool = Field(True, description="skip updates whose gradient norm is NaN / inf")
+    max_consecutive_skips: int = Field(20, ge=0,
+                                       description="stop with an error after this many skipped steps in a row")
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(20, ge=1)
     ckpt_every: int = Field(500, ge=1)

@@ -338,8 +338,13 @@ class NeuralMemory(nn.Module):
         mdtype = state.weights[0].dtype
         args = [t.to(mdtype) for t in (q, k, v, theta, eta, alpha)]
         offset = state.seen % self.chunk_size
-        which = resolve_backend(self.backend, args[0], args[1], args[2], state.weights, self.chunk_size,
-                                self.activation, self.residual, offset)
+        try:
+            which = resolve_backend(self.backend, args[0], args[1], args[2], state.weights, self.chunk_size,
+                                    self.activation, self.residual, offset)
+        except ValueError:
+            # an explicit 'triton' on a piece the kernels do not take (a decode step, a piece that starts
+            # mid-chunk): a model streams through every shape, so such pieces use the exact chunked path
+            which = "chunked"
         if which in ("fused", "triton"):
             # the fused paths start at a chunk boundary and end on one (T % chunk_size == 0 is part of
             # their support check), so the chunk-start weights of the next chunk are the final weights
