@@ -65,7 +65,7 @@ class ModelConfig(_Strict):
     memory_conv_kernel: int = Field(4, ge=0, description="0 disables the causal depthwise convolution")
     memory_momentum: bool = True
     memory_weight_decay: bool = True
-    memory_max_lr: float | None = Field(None, gt=0)  # None: 0.5 / memory_chunk_size
+    memory_max_lr: float | None = Field(None, gt=0)  # None: 0.125 / memory_chunk_size
     memory_gates_per_chunk: bool = False
     memory_output_gate: bool = True
     memory_backend: Literal["auto", "naive", "chunked", "compiled", "fused", "triton"] = "auto"

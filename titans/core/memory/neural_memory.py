@@ -7,10 +7,11 @@ Per token x_t (B, T, dim):
   sigmoid(x_t w_theta) per head (data-dependent surprise decay, forgetting and learning rate; Eq. 13-14),
   or one value per chunk (taken from the chunk's first token, which keeps them causal).  The factor
   (1 - eta_t) bounds the effective momentum step theta / (1 - eta) by ``max_lr``, and ``max_lr``
-  defaults to 0.5 / chunk_size: inside a chunk all gradients are taken at the same weights and summed,
+  defaults to 0.125 / chunk_size: inside a chunk all gradients are taken at the same weights and summed,
   so with l2-normalised keys (inner-loss curvature up to 2 per aligned token) a larger step lets the
   outer optimiser drive the inner loop unstable — observed as NaN after ~16 steps on the gcide corpus
-  with an unbounded theta <= 0.1 and chunk 32;
+  with an unbounded theta <= 0.1 and chunk 32, and as NaN gradients (finite loss) after ~300 steps of
+  S-NIAH training with 0.5 / chunk_size, while 0.004 (~0.125 / 32) trained 1200 steps cleanly;
 * the fast weights are updated by :func:`titans.core.memory.functional.neural_memory_update` and
   read with the updated weights (Eq. 15);
 * output: per-head RMS normalisation, a sigmoid gate computed from x by a linear layer, then the output
@@ -42,6 +43,10 @@ from titans.core.memory.functional import (
     neural_memory_update_naive,
     resolve_backend,
 )
+
+
+# default bound on the inner step, times the chunk size (see the module docstring for the measurements)
+DEFAULT_MAX_LR_TIMES_CHUNK = 0.125
 
 
 @dataclass
@@ -131,7 +136,7 @@ class NeuralMemory(nn.Module):
         conv_kernel: width of the causal depthwise convolution after the q/k/v projections (0 = off).
         momentum: learn eta (False: eta = 0, no past surprise).
         weight_decay: learn alpha (False: alpha = 0, no forgetting).
-        max_lr: bound on the effective step: theta = max_lr * (1 - eta) * sigmoid(.); None: 0.5 / chunk_size.
+        max_lr: bound on the effective step: theta = max_lr * (1 - eta) * sigmoid(.); None: 0.125 / chunk_size.
         gates_per_chunk: one theta / eta / alpha per chunk (from its first token) instead of per token.
         output_gate: sigmoid gate from a linear map of x before the output projection.
         backend: "auto" | "naive" | "chunked" | "compiled" | "fused" | "triton" (see ``neural_memory_update``).
@@ -161,8 +166,8 @@ class NeuralMemory(nn.Module):
         self.activation, self.residual, self.chunk_size = activation, residual, chunk_size
         self.use_momentum, self.use_weight_decay = momentum, weight_decay
         if max_lr is not None and max_lr <= 0:
-            raise ValueError(f"max_lr={max_lr}: expected > 0 (or None for 0.5 / chunk_size)")
-        self.max_lr = max_lr if max_lr is not None else 0.5 / chunk_size
+            raise ValueError(f"max_lr={max_lr}: expected > 0 (or None for 0.125 / chunk_size)")
+        self.max_lr = max_lr if max_lr is not None else DEFAULT_MAX_LR_TIMES_CHUNK / chunk_size
         self.gates_per_chunk, self.backend = gates_per_chunk, backend
         self.conv_kernel = conv_kernel
         inner = heads * head_dim
@@ -186,7 +191,7 @@ class NeuralMemory(nn.Module):
 
         Inside a chunk all b gradients are taken at the same weights and summed, and momentum scales the
         step by about 1 / (1 - eta); with l2-normalised keys the inner loss has curvature ~2, so the
-        initial theta is theta_0 = max_lr (1 - eta_0) / 2 (= 0.25 (1 - eta_0) / b at the default max_lr).
+        initial theta is theta_0 = max_lr (1 - eta_0) / 2 (= 0.0625 (1 - eta_0) / b at the default max_lr).
         """
         eta0, alpha0 = 0.73, 1e-3
         with torch.no_grad():
