@@ -44,7 +44,6 @@ from titans.core.memory.functional import (
     resolve_backend,
 )
 
-
 # default bound on the inner step, times the chunk size (see the module docstring for the measurements)
 DEFAULT_MAX_LR_TIMES_CHUNK = 0.125
 
