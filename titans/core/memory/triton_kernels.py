@@ -1,8 +1,17 @@
 """Fused Triton kernels for the memory core of :mod:`titans.core.memory.fused_update`.
 
-One program per (batch, head) runs the whole sequence: it loops over the chunks inside the kernel,
-so a layer's memory update is one launch forward and one backward instead of ~60 small kernels per
-chunk.  The equations are exactly those of :func:`~titans.core.memory.fused_update.chunk_forward` and
+The chunks of a sequence are walked inside the kernel, so a layer's memory update is two launches
+forward and two backward instead of ~60 small kernels per chunk.  Each direction runs in two passes
+(``MODE`` 1 and 2; ``TITANS_TRITON_SPLIT=0`` selects the single-pass ``MODE`` 0 kernels):
+
+1. one program per (batch, head) walks the chunks in order (backward: in reverse) and computes only
+   what the recurrence needs (the weights and momentum, or their gradients); the per-token outputs are
+   dead code there and removed by the compiler.  It stores each chunk's starting state (backward: the
+   gradient of each chunk's end state).
+2. one program per (batch, head, chunk) reads those and writes the chunk's outputs (y, or the gradients
+   of q, k, v and of the gate coefficients), with N times the parallelism.
+
+The equations are exactly those of :func:`~titans.core.memory.fused_update.chunk_forward` and
 :func:`~titans.core.memory.fused_update.chunk_backward` (the readable reference they are tested against).
 
 Precision: inputs, state and accumulation are float32; the operands of the matmuls are rounded to
