@@ -219,3 +219,17 @@ def test_iter_generate_is_incremental():
     it = iter_generate(model, [3, 1, 4, 1, 5], max_new_tokens=5, temperature=0)
     steps = [int(tok) for tok, _ in it]
     assert len(steps) == 5
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm", "transformer", "swa"])
+def test_training_forward_compiles_without_graph_breaks(variant):
+    """torch.compile friendliness of the hot path: the whole training forward is one graph."""
+    import torch._dynamo as dynamo
+
+    model = build_model(dict(variant=variant, vocab_size=64, dim=32, depth=2, heads=2, window=16,
+                             persistent_tokens=2, memory_depth=2, memory_chunk_size=8))
+    ids = torch.randint(0, 64, (1, 48))
+    dynamo.reset()
+    ex = dynamo.explain(lambda x: model(x, labels=x, use_cache=False).loss)(ids)
+    assert ex.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in ex.break_reasons]
+    assert ex.graph_count == 1

@@ -293,10 +293,16 @@ class CausalSelfAttention(nn.Module):
 
         new_cache = None
         if return_cache:
-            keep_from = mask.keep_after(start_pos + T - 1)
-            sel = ctx_pos >= keep_from
-            new_cache = KVCache(ctx_k[:, :, sel], ctx_v[:, :, sel], ctx_pos[sel])
+            # cached positions are always a contiguous run ending at start_pos + T - 1, so what stays is a
+            # suffix whose length is known on the host: a slice, no boolean indexing (no device sync, no
+            # data-dependent shape for torch.compile)
+            last = start_pos + T - 1
+            keep_from = mask.keep_after(last)
+            n = min(ctx_pos.shape[0], max(0, last - keep_from + 1))
+            new_cache = KVCache(ctx_k[:, :, ctx_k.shape[2] - n:], ctx_v[:, :, ctx_v.shape[2] - n:],
+                                ctx_pos[ctx_pos.shape[0] - n:])
             if mem_pos is not None:
-                msel = mem_pos >= keep_from
-                new_cache.mk, new_cache.mv, new_cache.mpos = mem_k[:, :, msel], mem_v[:, :, msel], mem_pos[msel]
+                nm = min(mem_pos.shape[0], max(0, last - keep_from + 1))
+                new_cache.mk, new_cache.mv = mem_k[:, :, mem_k.shape[2] - nm:], mem_v[:, :, mem_v.shape[2] - nm:]
+                new_cache.mpos = mem_pos[mem_pos.shape[0] - nm:]
         return out, new_cache

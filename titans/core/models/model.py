@@ -320,7 +320,8 @@ class TitansLM(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
         B, T = input_ids.shape
-        if T and not _capturing() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        check_ids = T and not _capturing() and not torch.compiler.is_compiling()  # the check syncs the device
+        if check_ids and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         if labels is not None and labels.shape != input_ids.shape:
