@@ -353,3 +353,24 @@ def test_cumprod_scan_equals_cumprod_with_zeros_and_gradients(n):
     (ya * w).sum().backward()
     (yb * w).sum().backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("residual", [False, True])
+def test_single_token_step_equals_naive_mid_chunk(L, residual):
+    from titans.core.memory.functional import neural_memory_step
+
+    g = torch.Generator().manual_seed(L)
+    B, H, d = 2, 3, 4
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    dims = [d] + [5] * (L - 1) + [d]
+    W = tuple(r(B, H, dims[i], dims[i + 1]) * 0.5 for i in range(L))
+    S = tuple(r(B, H, dims[i], dims[i + 1]) * 0.1 for i in range(L))
+    W0 = tuple(r(B, H, dims[i], dims[i + 1]) * 0.5 for i in range(L))  # the chunk's start weights differ
+    q, k, v = r(B, H, 1, d), r(B, H, 1, d), r(B, H, 1, d)
+    lr, eta, alpha = (torch.rand(B, H, 1, generator=g, dtype=torch.float64) * s for s in (0.3, 1.0, 0.2))
+    y1, W1, S1 = neural_memory_step(q, k, v, lr, eta, alpha, W, S, W0, residual=residual)
+    y2, W2, S2, _, _ = neural_memory_update_naive(q, k, v, lr, eta, alpha, W, S, chunk_size=4, residual=residual,
+                                                  chunk_weights=W0, offset=2, return_chunk_state=True)
+    for a, b in zip((y1, *W1, *S1), (y2, *W2, *S2)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)

@@ -403,6 +403,30 @@ def neural_memory_update_chunked(
     return y, W, S
 
 
+# ----------------------------------------------------------------------------- one token (decoding)
+
+
+def neural_memory_step(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum_decay: Tensor, forget: Tensor,
+    weights: Sequence[Tensor], momentum: Sequence[Tensor], chunk_weights: Sequence[Tensor], *,
+    activation: str = "silu", residual: bool = False,
+) -> tuple[Tensor, Weights, Weights]:
+    """One token of Eq. 13-15, written out for decoding (any depth).
+
+    q, k, v: (B, H, 1, d); lr, momentum_decay, forget: (B, H, 1); ``chunk_weights`` are the weights the
+    current chunk's gradients are taken at (Sec. 3.2).  The gradient is the rank-one ``h^T delta`` of each
+    layer, so a step is ~6 small ops per layer instead of the chunked path's decay matrices and scans;
+    nothing syncs with the host, so the step can be captured in a CUDA graph.  Returns ``(y, W, S)``.
+    """
+    hs, deltas = _inner_backward(k, v, tuple(chunk_weights), get_activation(activation), residual)
+    eta = momentum_decay[..., None]
+    theta = lr[..., None]
+    keep = 1 - forget[..., None]
+    S = tuple(eta * s - theta * (h.transpose(-1, -2) @ d) for s, h, d in zip(momentum, hs, deltas))  # Eq. 13
+    W = tuple(keep * w + s for w, s in zip(weights, S))  # Eq. 14
+    return memory_mlp(q, W, activation, residual), W, S  # Eq. 15
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 

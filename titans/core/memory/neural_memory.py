@@ -39,6 +39,7 @@ from titans.core.memory.functional import (
     Weights,
     get_activation,
     memory_mlp,
+    neural_memory_step,
     neural_memory_update_chunked,
     neural_memory_update_naive,
     resolve_backend,
@@ -349,7 +350,14 @@ class NeuralMemory(nn.Module):
             # an explicit 'triton' on a piece the kernels do not take (a decode step, a piece that starts
             # mid-chunk): a model streams through every shape, so such pieces use the exact chunked path
             which = "chunked"
-        if which in ("fused", "triton"):
+        if T == 1 and which != "naive":
+            # a decode step: the rank-one step instead of a one-token chunk
+            W0 = state.weights if (state.chunk_weights is None or offset == 0) else state.chunk_weights
+            y, W, S = neural_memory_step(*args, state.weights, state.momentum, W0, activation=self.activation,
+                                         residual=self.residual)
+            if (offset + 1) % self.chunk_size == 0:
+                W0 = W  # the chunk is complete: the next one takes its gradients at the new weights
+        elif which in ("fused", "triton"):
             # the fused paths start at a chunk boundary and end on one (T % chunk_size == 0 is part of
             # their support check), so the chunk-start weights of the next chunk are the final weights
             from titans.core.memory.fused_update import neural_memory_update_fused
