@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory-depth", type=int, default=2)
     ap.add_argument("--memory-chunk", type=int, default=16)
     ap.add_argument("--memory-layers", type=int, nargs="*", default=None)
-    ap.add_argument("--memory-backend", default="auto", help="auto | chunked | compiled | triton | naive")
+    ap.add_argument("--memory-backend", default="auto", help="auto | chunked | compiled | fused | triton | naive")
     ap.add_argument("--attention-backend", default="auto", help="auto | sdpa | blocked | flex | reference")
     ap.add_argument("--cuda-graphs", action="store_true", help="capture forward + backward as CUDA graphs")
     ap.add_argument("--warmup", type=int, default=2)
