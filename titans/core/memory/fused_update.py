@@ -104,6 +104,12 @@ def chunk_coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk
 # ----------------------------------------------------------------------------- one chunk, by hand
 
 
+def _broadcast(G, Bc, Ml, m, Gl, Bl, Pl):
+    """Per-token coefficients (B, H, C) -> (B, H, C, 1); per-chunk scalars (B, H) -> (B, H, 1, 1)."""
+    return (G.unsqueeze(-1), Bc.unsqueeze(-1), Ml.unsqueeze(-1), m.unsqueeze(-1),
+            Gl[..., None, None], Bl[..., None, None], Pl[..., None, None])
+
+
 def _rowsum(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
@@ -118,9 +124,7 @@ def chunk_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, activation: str, r
     Returns ``(y, W', S')``: y (B, H, C, d_L) read with the per-token weights, and the state after the chunk.
     """
     act = get_activation(activation)
-    g, b = G.unsqueeze(-1), Bc.unsqueeze(-1)
-    ml, mm = Ml.unsqueeze(-1), m.unsqueeze(-1)
-    gl, bl, pl = Gl[..., None, None], Bl[..., None, None], Pl[..., None, None]
+    g, b, ml, mm, gl, bl, pl = _broadcast(G, Bc, Ml, m, Gl, Bl, Pl)
     if len(W) == 1:
         (W1,), (S1,) = W, S
         err = 2 * (k @ W1 + (k if residual else 0) - v)
@@ -156,9 +160,7 @@ def chunk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, dy, dW_next, dS_n
     """
     act = get_activation(activation)
     grad2 = ACTIVATION_GRAD2[activation]
-    g, b = G.unsqueeze(-1), Bc.unsqueeze(-1)
-    ml, mm = Ml.unsqueeze(-1), m.unsqueeze(-1)
-    gl, bl, pl = Gl[..., None, None], Bl[..., None, None], Pl[..., None, None]
+    g, b, ml, mm, gl, bl, pl = _broadcast(G, Bc, Ml, m, Gl, Bl, Pl)
     kt = k.transpose(-1, -2)
     qk = q @ kt
     A1 = qk * M

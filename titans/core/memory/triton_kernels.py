@@ -139,6 +139,20 @@ if triton is not None:
         return ptr + r[:, None] * Cn + c[None, :]
 
     @triton.jit
+    def _load_chunk(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N: tl.constexpr, C: tl.constexpr,
+                    D: tl.constexpr):
+        """Chunk c of program bh: token offset, chunk index, q, k, v (C, D), the per-token coefficients
+        G, B (C, 1), the chunk's M (C, C), last-row / momentum weights (C, 1) and G_C, B_C, P_C."""
+        rc = tl.arange(0, C)
+        T = N * C
+        tok = bh * T * D + c * C * D
+        cc = bh * N + c
+        return (tok, cc, tl.load(_mat(Q + tok, C, D)), tl.load(_mat(K + tok, C, D)), tl.load(_mat(V + tok, C, D)),
+                tl.load(G + bh * T + c * C + rc)[:, None], tl.load(BC + bh * T + c * C + rc)[:, None],
+                tl.load(_mat(M + cc * C * C, C, C)), tl.load(ML + cc * C + rc)[:, None],
+                tl.load(MM + cc * C + rc)[:, None], tl.load(GL + cc), tl.load(BL + cc), tl.load(PL + cc))
+
+    @triton.jit
     def _memory_fwd_kernel(
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
         W1, W2, S1, S2,  # state buffers (BH, ...), updated in place: initial in, final out
@@ -153,8 +167,6 @@ if triton is not None:
         # MODE 2: one program per (b, h, chunk) reads its chunk's saved start state and writes y: the half
         #         of the work that does not feed the recurrence runs with N times the parallelism.
         bh = tl.program_id(0).to(tl.int64)
-        rc = tl.arange(0, C)
-        T = N * C
         w1p = _mat(W1 + bh * D * E, D, E)
         s1p = _mat(S1 + bh * D * E, D, E)
         w2p = _mat(W2 + bh * E * D, E, D)
@@ -164,19 +176,8 @@ if triton is not None:
                 c = tl.program_id(1).to(tl.int64)
             else:
                 c = i
-            tok = bh * T * D + c * C * D
-            q = tl.load(_mat(Q + tok, C, D))
-            k = tl.load(_mat(K + tok, C, D))
-            v = tl.load(_mat(V + tok, C, D))
-            g = tl.load(G + bh * T + c * C + rc)[:, None]
-            b = tl.load(BC + bh * T + c * C + rc)[:, None]
-            cc = bh * N + c
-            mmat = tl.load(_mat(M + cc * C * C, C, C))
-            ml = tl.load(ML + cc * C + rc)[:, None]
-            mm = tl.load(MM + cc * C + rc)[:, None]
-            gl = tl.load(GL + cc)
-            bl = tl.load(BL + cc)
-            pl = tl.load(PL + cc)
+            tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
+                Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
             if MODE == 2:
                 w1 = tl.load(_mat(SW1 + cc * D * E, D, E))
                 s1 = tl.load(_mat(SS1 + cc * D * E, D, E))
@@ -263,20 +264,9 @@ if triton is not None:
                 c = tl.program_id(1).to(tl.int64)
             else:
                 c = N - 1 - i
-            tok = bh * T * D + c * C * D
-            q = tl.load(_mat(Q + tok, C, D))
-            k = tl.load(_mat(K + tok, C, D))
-            v = tl.load(_mat(V + tok, C, D))
+            tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
+                Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
             dy = tl.load(_mat(DY + tok, C, D))
-            g = tl.load(G + bh * T + c * C + rc)[:, None]
-            b = tl.load(BC + bh * T + c * C + rc)[:, None]
-            cc = bh * N + c
-            mmat = tl.load(_mat(M + cc * C * C, C, C))
-            ml = tl.load(ML + cc * C + rc)[:, None]
-            mm = tl.load(MM + cc * C + rc)[:, None]
-            gl = tl.load(GL + cc)
-            bl = tl.load(BL + cc)
-            pl = tl.load(PL + cc)
             w1 = tl.load(_mat(SW1 + cc * D * E, D, E))
             s1 = tl.load(_mat(SS1 + cc * D * E, D, E))
             if MODE == 2:
