@@ -440,7 +440,8 @@ def _triton_module():
 
 def resolve_backend(backend: Backend, q: Tensor, k: Tensor, v: Tensor, weights: Sequence[Tensor],
                     chunk_size: int, activation: str, residual: bool, offset: int = 0) -> str:
-    """Pick the implementation: Triton on CUDA when it supports the inputs, else ``chunked``.
+    """Pick the implementation: Triton on CUDA when it supports the inputs, else ``fused`` (depth 1-2, whole
+    chunks from a chunk boundary), else ``chunked``.
 
     ``compiled`` (each chunk one ``torch.compile`` graph) and ``fused`` (hand-written backward in
     PyTorch; memory depth 1-2, whole chunks) are chosen explicitly; ``fused`` falls back to ``chunked``
@@ -462,7 +463,13 @@ def resolve_backend(backend: Backend, q: Tensor, k: Tensor, v: Tensor, weights: 
         raise ValueError("backend='triton': not available for these inputs (needs CUDA or TRITON_INTERPRET=1, "
                          "Triton, memory depth 1-2 (SiLU), power-of-two sizes and T a multiple of chunk_size); "
                          "use 'auto' to fall back")
-    return "triton" if ok else "chunked"
+    if ok:
+        return "triton"
+    from titans.core.memory.fused_update import fused_supports
+
+    # the hand-written backward: same results as chunked (tests: <= 1e-10 in float64), 1.1-1.9x faster on
+    # the CPU and ~2x on the GPU, about half the activation memory
+    return "fused" if offset == 0 and fused_supports(q, weights, chunk_size, activation) else "chunked"
 
 
 def neural_memory_update(
@@ -473,7 +480,8 @@ def neural_memory_update(
     """Run the memory over a sequence and return ``(y, final_weights, final_momentum)``.
 
     See the module docstring for the contract.  ``backend`` chooses the implementation
-    (``"auto"``: fused Triton kernel on CUDA where supported, else the chunked PyTorch path).
+    (``"auto"``: fused Triton kernels on CUDA where supported, else the hand-written-backward PyTorch path
+    where it applies, else the chunked path).
     """
     validate_memory_inputs(q, k, v, lr, momentum_decay, forget, weights, momentum, chunk_size,
                            activation, residual)
