@@ -164,10 +164,16 @@ def test_flex_equals_reference_on_gpu():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("T,window,prefix", [(1, 4, 0), (8, 4, 0), (13, 4, 2), (37, 5, 3), (40, 8, 0), (9, 16, 1)])
-def test_blocked_sliding_window_equals_the_definition(T, window, prefix):
-    torch.manual_seed(T)
-    spec = MaskSpec("sliding", window=window, prefix_len=prefix)
+BLOCKED_CASES = [("sliding", T, w, p) for T, w, p in [(1, 4, 0), (8, 4, 0), (13, 4, 2), (37, 5, 3), (40, 8, 0),
+                                                          (9, 16, 1)]]
+BLOCKED_CASES += [("segment", T, w, p) for T, w, p in [(37, 8, 0), (64, 16, 3), (5, 8, 2), (48, 12, 4)]]
+
+
+@pytest.mark.parametrize("kind,T,window,prefix", BLOCKED_CASES)
+def test_blocked_equals_the_definition(kind, T, window, prefix):
+    """Sliding windows and segments over whole sequences without a T x T mask == the definition, with grads."""
+    torch.manual_seed(T + window)
+    spec = MaskSpec(kind, window=window, prefix_len=prefix)
     B, H, hd = 2, 3, 8
     q = torch.randn(B, H, T, hd, dtype=torch.float64)
     k = torch.randn(B, H, prefix + T, hd, dtype=torch.float64)
@@ -181,28 +187,8 @@ def test_blocked_sliding_window_equals_the_definition(T, window, prefix):
     attention(qr, kr, vr, spec, pos, pos, None, backend="blocked").square().sum().backward()
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     attention(qs, ks, vs, spec, pos, pos, None, backend="reference").square().sum().backward()
-    for a, b in ((qr, qs), (kr, ks), (vr, vs)):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-11)
-
-
-@pytest.mark.parametrize("T,window,prefix", [(37, 8, 0), (64, 16, 3), (5, 8, 2), (48, 12, 4)])
-def test_blocked_segments_equal_the_definition(T, window, prefix):
-    torch.manual_seed(T + window)
-    spec = MaskSpec("segment", window=window, prefix_len=prefix)
-    B, H, hd = 2, 3, 8
-    q = torch.randn(B, H, T, hd, dtype=torch.float64)
-    k = torch.randn(B, H, prefix + T, hd, dtype=torch.float64)
-    v = torch.randn(B, H, prefix + T, hd, dtype=torch.float64)
-    pos = torch.arange(T)
-    want = loop_attention(q, k, v, spec, pos, pos, None)
-    torch.testing.assert_close(attention(q, k, v, spec, pos, pos, None, backend="blocked"), want,
-                               rtol=1e-10, atol=1e-12)
-    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-    attention(qr, kr, vr, spec, pos, pos, None, backend="blocked").square().sum().backward()
-    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    attention(qs, ks, vs, spec, pos, pos, None, backend="reference").square().sum().backward()
-    for a, b in ((qr, qs), (kr, ks), (vr, vs)):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-11)
+    for x, y in ((qr, qs), (kr, ks), (vr, vs)):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-11)
 
 
 def test_segment_backend_choice_respects_alignment():
