@@ -125,16 +125,24 @@ def sliding_window_blocked(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> T
     # keys of block b: padded positions [b W, b W + 2W) = context [(b-1) W, (b+1) W)
     kb = ck.unfold(2, 2 * W, W).transpose(-1, -2)  # (B, H, nb, 2W, hd)
     vb = cv.unfold(2, 2 * W, W).transpose(-1, -2)
-    if P:
-        kb = torch.cat([k[:, :, None, :P].expand(B, H, nb, P, hd), kb], 3)
-        vb = torch.cat([v[:, :, None, :P].expand(B, H, nb, P, hd), vb], 3)
     blk = torch.arange(nb, device=q.device)
     q_pos = blk[:, None] * W + torch.arange(W, device=q.device)  # (nb, W)
     k_pos = (blk[:, None] - 1) * W + torch.arange(2 * W, device=q.device)  # (nb, 2W)
     ok = spec.allowed(q_pos[:, :, None], k_pos[:, None, :]) & (k_pos >= 0)[:, None, :]
     ok = ok | (q_pos >= T)[:, :, None]  # padded queries see something (their rows are dropped)
+    return _blocked_sdpa(qb, kb, vb, ok, k, v, P, T)
+
+
+def _blocked_sdpa(qb: Tensor, kb: Tensor, vb: Tensor, ok: Tensor, k: Tensor, v: Tensor, P: int, T: int) -> Tensor:
+    """Prepend the P prefix keys (every query sees them) to every block and run one SDPA call.
+
+    qb: (B, H, nb, W, hd); kb, vb: (B, H, nb, Wk, hd); ok: (..., W, Wk) bool; k, v: the full [prefix | context]
+    keys.  Returns (B, H, T, hd), padded queries dropped."""
+    B, H, nb, W, hd = qb.shape
     if P:
-        ok = torch.cat([torch.ones(nb, W, P, dtype=torch.bool, device=q.device), ok], 2)
+        kb = torch.cat([k[:, :, None, :P].expand(B, H, nb, P, hd), kb], 3)
+        vb = torch.cat([v[:, :, None, :P].expand(B, H, nb, P, hd), vb], 3)
+        ok = torch.cat([torch.ones(*ok.shape[:-1], P, dtype=torch.bool, device=ok.device), ok], -1)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=ok)
     return out.reshape(B, H, nb * W, hd)[:, :, :T]
 
@@ -156,15 +164,9 @@ def segment_blocked(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
     qb = F.pad(q, (0, 0, 0, pad)).view(B, H, nb, W, hd)
     kb = F.pad(k[:, :, P:], (0, 0, 0, pad)).view(B, H, nb, W, hd)
     vb = F.pad(v[:, :, P:], (0, 0, 0, pad)).view(B, H, nb, W, hd)
-    if P:
-        kb = torch.cat([k[:, :, None, :P].expand(B, H, nb, P, hd), kb], 3)
-        vb = torch.cat([v[:, :, None, :P].expand(B, H, nb, P, hd), vb], 3)
     idx = torch.arange(W, device=q.device)
     ok = spec.allowed(idx[:, None], idx[None, :])  # inside one segment: causal
-    if P:
-        ok = torch.cat([torch.ones(W, P, dtype=torch.bool, device=q.device), ok], 1)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=ok)
-    return out.reshape(B, H, nb * W, hd)[:, :, :T]
+    return _blocked_sdpa(qb, kb, vb, ok, k, v, P, T)
 
 
 @lru_cache(maxsize=64)
