@@ -197,3 +197,15 @@ def test_triton_kernels_on_gpu():
     o2, g2 = _run(lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton"), ins, 2, chunk_size=C)
     for a, b in zip(o2 + list(g2), o1 + list(g1)):
         assert _rel(a, b) <= 5e-2  # bf16 tensor-core operands
+
+
+def test_neural_memory_backend_names_are_checked_and_triton_falls_back_while_streaming():
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend="):
+        NeuralMemory(dim=16, heads=2, chunk_size=4, backend="tritn").double()(x)
+    if os.environ.get("TRITON_INTERPRET") != "1":  # on the CPU the kernels take nothing: exact fallback
+        torch.manual_seed(0)
+        ref = NeuralMemory(dim=16, heads=2, chunk_size=4, backend="chunked").double()
+        tri = NeuralMemory(dim=16, heads=2, chunk_size=4, backend="triton").double()
+        tri.load_state_dict(ref.state_dict())
+        assert _rel(tri(x)[0], ref(x)[0]) <= 1e-12

@@ -268,9 +268,7 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-                      "tokens_per_s": tok_s}
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
+                      "tokens_per_s": tok_s, "grad_norm": grad_norm}
             if skipped_steps:
                 record["skipped_steps"] = skipped_steps
             if step % cfg.logging.log_every == 0 or step == tc.max_steps:

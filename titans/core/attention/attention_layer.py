@@ -299,12 +299,12 @@ class CausalSelfAttention(nn.Module):
             # suffix whose length is known on the host: a slice, no boolean indexing (no device sync, no
             # data-dependent shape for torch.compile)
             last = start_pos + T - 1
-            keep_from = mask.keep_after(last)
-            n = min(ctx_pos.shape[0], max(0, last - keep_from + 1))
+            keep = max(0, last - mask.keep_after(last) + 1)  # positions keep_after(last) .. last
+            n = min(ctx_pos.shape[0], keep)
             new_cache = KVCache(ctx_k[:, :, ctx_k.shape[2] - n:], ctx_v[:, :, ctx_v.shape[2] - n:],
                                 ctx_pos[ctx_pos.shape[0] - n:])
             if mem_pos is not None:
-                nm = min(mem_pos.shape[0], max(0, last - keep_from + 1))
+                nm = min(mem_pos.shape[0], keep)
                 new_cache.mk, new_cache.mv = mem_k[:, :, mem_k.shape[2] - nm:], mem_v[:, :, mem_v.shape[2] - nm:]
                 new_cache.mpos = mem_pos[mem_pos.shape[0] - nm:]
         return out, new_cache

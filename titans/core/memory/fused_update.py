@@ -118,6 +118,23 @@ def _full(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum((-1, -2))
 
 
+def _depth2_hidden(q, k, v, g, b, A1, W1, W2, S1, act, residual: bool):
+    """The depth-2 chunk up to layer 2, shared by forward and backward (which recomputes it).
+
+    Inner pass at the chunk's start weights: z = k W1, h = act(z), err = 2 (h W2 [+ k] - v),
+    u = err W2^T, dl = u * act'(z); layer 1 read at the per-token weights: zq = G (q W1) + B (q S1) + A1 dl,
+    hq = act(zq), with A1 = (q k^T) * M.  Returns (z, h, act'(z), err, u, dl, zq, hq).
+    """
+    z = k @ W1
+    h = act.fn(z)
+    a1 = act.grad(z)
+    err = 2 * (h @ W2 + (k if residual else 0) - v)
+    u = err @ W2.transpose(-1, -2)
+    dl = u * a1
+    zq = g * (q @ W1) + b * (q @ S1) + A1 @ dl
+    return z, h, a1, err, u, dl, zq, act.fn(zq)
+
+
 def chunk_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, activation: str, residual: bool):
     """One chunk of the memory core.  q, k, v: (B, H, C, d); G, Bc, Ml, m: (B, H, C); M: (B, H, C, C);
     Gl, Bl, Pl: (B, H); W, S: tuples of L in {1, 2} weights (B, H, d_i, d_{i+1}).
@@ -135,12 +152,8 @@ def chunk_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, activation: str, r
         return y, (gl * W1 + bl * S1 + kt @ (ml * err),), (pl * S1 + kt @ (mm * err),)
     W1, W2 = W
     S1, S2 = S
-    z = k @ W1
-    h = act.fn(z)
-    err = 2 * (h @ W2 + (k if residual else 0) - v)
-    dl = (err @ W2.transpose(-1, -2)) * act.grad(z)
-    zq = g * (q @ W1) + b * (q @ S1) + ((q @ k.transpose(-1, -2)) * M) @ dl
-    hq = act.fn(zq)
+    _, h, _, err, _, dl, _, hq = _depth2_hidden(q, k, v, g, b, (q @ k.transpose(-1, -2)) * M, W1, W2, S1, act,
+                                                residual)
     y = g * (hq @ W2) + b * (hq @ S2) + ((hq @ h.transpose(-1, -2)) * M) @ err
     if residual:
         y = y + q
@@ -199,14 +212,7 @@ def chunk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, dy, dW_next, dS_n
     S1, S2 = S
     dW1n, dW2n = dW_next
     dS1n, dS2n = dS_next
-    z = k @ W1
-    h = act.fn(z)
-    a1 = act.grad(z)
-    err = 2 * (h @ W2 + (k if residual else 0) - v)
-    u = err @ W2.transpose(-1, -2)
-    dl = u * a1
-    zq = g * (q @ W1) + b * (q @ S1) + A1 @ dl
-    hq = act.fn(zq)
+    z, h, a1, err, u, dl, zq, hq = _depth2_hidden(q, k, v, g, b, A1, W1, W2, S1, act, residual)
     hh = hq @ h.transpose(-1, -2)
     A2 = hh * M
     ht = h.transpose(-1, -2)
@@ -308,9 +314,7 @@ def core_backward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS
         for name, gr in zip(out, grads[:11]):
             out[name][c] = gr
         dW, dS = grads[11], grads[12]
-    cat = {
-        "q": 2, "k": 2, "v": 2, "G": -1, "Bc": -1,
-    }
+    cat = {"q": 2, "k": 2, "v": 2, "G": -1, "Bc": -1}
     res = {name: torch.cat(out[name], dim=cat[name]) for name in cat}
     for name in ("M", "Ml", "m", "Gl", "Bl", "Pl"):
         res[name] = torch.stack(out[name], dim=2)

@@ -343,13 +343,10 @@ class NeuralMemory(nn.Module):
         mdtype = state.weights[0].dtype
         args = [t.to(mdtype) for t in (q, k, v, theta, eta, alpha)]
         offset = state.seen % self.chunk_size
-        try:
-            which = resolve_backend(self.backend, args[0], args[1], args[2], state.weights, self.chunk_size,
-                                    self.activation, self.residual, offset)
-        except ValueError:
-            # an explicit 'triton' on a piece the kernels do not take (a decode step, a piece that starts
-            # mid-chunk): a model streams through every shape, so such pieces use the exact chunked path
-            which = "chunked"
+        # non-strict: an explicit 'triton' meets pieces the kernels do not take (decode steps, pieces that
+        # start mid-chunk) while streaming; those take the same exact fallback as 'auto'
+        which = resolve_backend(self.backend, args[0], args[1], args[2], state.weights, self.chunk_size,
+                                self.activation, self.residual, offset, strict=False)
         if T == 1 and which != "naive":
             # a decode step: the rank-one step instead of a one-token chunk
             W0 = state.weights if (state.chunk_weights is None or offset == 0) else state.chunk_weights

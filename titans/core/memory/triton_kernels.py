@@ -533,20 +533,3 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dWs[:L], dW))
     dSo = tuple(s.reshape(t.shape).to(t.dtype) for s, t in zip(dSs[:L], dS))
     return res, dWo, dSo
-
-
-def neural_memory_update_triton(
-    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum_decay: Tensor, forget: Tensor,
-    weights: Sequence[Tensor], momentum: Sequence[Tensor] | None = None, *, chunk_size: int,
-    activation: str = "silu", residual: bool = False,
-):
-    """:func:`titans.core.memory.functional.neural_memory_update` through the fused kernels (see ``supports``)."""
-    if not supports(q, k, v, weights, chunk_size, activation, residual):
-        raise ValueError("neural_memory_update_triton: unsupported inputs (needs CUDA or TRITON_INTERPRET=1, "
-                         "memory depth 1 or 2 (SiLU), power-of-two chunk / head / hidden dims in [16, 128] "
-                         "(hidden <= 256), sequence length a multiple of chunk_size)")
-    from titans.core.memory.fused_update import neural_memory_update_fused
-
-    return neural_memory_update_fused(q, k, v, lr, momentum_decay, forget, weights, momentum,
-                                      chunk_size=chunk_size, activation=activation, residual=residual,
-                                      impl="triton")
