@@ -48,21 +48,19 @@ def matmul_peak(dtype, n=8192, iters=20) -> float:
     return 2 * n**3 * iters / (s.elapsed_time(e) / 1e3) / 1e12
 
 
-def make_inputs(B, H, T, D, E, L, seed=0):
+def make_inputs(B, H, T, D, E, C, L, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     q = torch.nn.functional.normalize(r(B, H, T, D), dim=-1)
     k = torch.nn.functional.normalize(r(B, H, T, D), dim=-1)
     v = r(B, H, T, D)
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(B, H, T, device="cuda", generator=g)  # noqa: E731
-    lr, eta, alpha = u(0.0, 1.0 / C_GLOBAL[0]), u(0.5, 0.99), u(0.0, 0.05)
+    lr, eta, alpha = u(0.0, 1.0 / C), u(0.5, 0.99), u(0.0, 0.05)
     dims = [D] + [E] * (L - 1) + [D]
     W = [r(B, H, dims[i], dims[i + 1]) / dims[i] ** 0.5 for i in range(L)]
     S = [torch.zeros_like(w) for w in W]
     return [t.requires_grad_() for t in (q, k, v, lr, eta, alpha, *W, *S)]
 
-
-C_GLOBAL = [64]
 
 
 def run(backend, ins, L, C, grad=True):
@@ -107,8 +105,7 @@ def main(argv=None):
     rows = []
     for shape in args.shapes:
         B, H, T, D, E, C, L = (int(x) for x in shape.split("x"))
-        C_GLOBAL[0] = C
-        ins = make_inputs(B, H, T, D, E, L)
+        ins = make_inputs(B, H, T, D, E, C, L)
         row = {"shape": shape, "B": B, "H": H, "T": T, "D": D, "E": E, "C": C, "L": L, "ms": {}}
         ref = None
         for be in args.backends:

@@ -450,10 +450,10 @@ def _split() -> bool:
     return os.environ.get("TITANS_TRITON_SPLIT", "1") != "0"
 
 
-def _state_buffers(like: Tensor, BH: int, N: int, Ws, Ss, L: int) -> list[Tensor]:
-    """Per-chunk state-shaped buffers in the kernels' order W1, W2, S1, S2 (layer 2: placeholders if L == 1)."""
+def _state_buffers(like: Tensor, BH: int, N: int, state: list[Tensor], L: int) -> list[Tensor]:
+    """Per-chunk buffers shaped like ``state`` (W1, W2, S1, S2) for N chunks (layer 2: placeholders if L == 1)."""
     return [like.new_empty(BH, N, *w.shape[1:]) if (L == 2 or i in (0, 2)) else like.new_empty(1)
-            for i, w in enumerate((Ws[0], Ws[1], Ss[0], Ss[1]))]
+            for i, w in enumerate(state)]
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -461,75 +461,72 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, *t.shape[2:]).float().contiguous()
 
 
+def _state4(W, S) -> list[Tensor]:
+    """A state (or state gradient) as the kernels' four contiguous float32 buffers W1, W2, S1, S2 (B*H, ...),
+    fresh copies (the kernels update them in place); layer 2 repeats layer 1 as a placeholder when L == 1."""
+    Ws = [_flat(w).clone() for w in W]
+    Ss = [_flat(x).clone() for x in S]
+    return [Ws[0], Ws[-1], Ss[0], Ss[-1]]
+
+
+def _launch(kernel, BH: int, N: int, args, kw, **fixed) -> None:
+    """The two-pass kernels (MODE 1 sequential per (b, h), then MODE 2 per (b, h, chunk)) or the single pass."""
+    if _split() and N > 1:
+        kernel[(BH,)](*args, MODE=1, **kw, **fixed)
+        kernel[(BH, N)](*args, MODE=2, **kw, **fixed)
+    else:
+        kernel[(BH,)](*args, MODE=0, **kw, **fixed)
+
+
+def _common(q, W, chunk_size, residual, coefs):
+    """Shapes, flattened coefficients and the kernels' compile-time keywords shared by both directions."""
+    B, H, T, D = q.shape
+    E = W[0].shape[-1]
+    N = T // chunk_size
+    kw = dict(N=N, C=chunk_size, D=D, E=E, L=len(W), RESIDUAL=residual, DOT_BF16=_dot_bf16(q),
+              num_warps=_num_warps(D, E))
+    return B, H, T, D, N, [_flat(t) for t in coefs], kw
+
+
 def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, activation, residual,
                  save_states: bool):
-    """Fused forward of the memory core (one kernel launch for the whole sequence).
+    """Fused forward of the memory core (two launches, or one with ``TITANS_TRITON_SPLIT=0``, for the whole
+    sequence).
 
     Arguments as :func:`titans.core.memory.fused_update.core_forward_torch`.  Returns ``(y, W, S, starts)``
     with ``starts`` a tuple of the chunk-start state tensors (B*H, N, ...) or None.
     """
     if triton is None:
         raise RuntimeError(f"Triton is not available: {_TRITON_ERROR}")
-    B, H, T, D = q.shape
     L = len(W)
-    E = W[0].shape[-1]
-    C = chunk_size
-    N = T // C
-    dtype = q.dtype
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    coef = [_flat(t) for t in (G, Bc, M, Ml, m, Gl, Bl, Pl)]
-    Ws = [_flat(w).clone() for w in W]
-    Ss = [_flat(s).clone() for s in S]
-    if L == 1:
-        Ws.append(Ws[0])  # placeholders, never touched when L == 1
-        Ss.append(Ss[0])
+    B, H, T, D, N, coef, kw = _common(q, W, chunk_size, residual, (G, Bc, M, Ml, m, Gl, Bl, Pl))
+    qf = _flat(q)
+    state = _state4(W, S)
     y = torch.empty_like(qf)
-    split = _split() and N > 1
-    if save_states or split:
-        starts = _state_buffers(qf, B * H, N, Ws, Ss, L)
-    else:
-        starts = [qf.new_empty(1)] * 4
-    args = (qf, kf, vf, *coef, Ws[0], Ws[1], Ss[0], Ss[1], y, *starts)
-    kw = dict(N=N, C=C, D=D, E=E, L=L, RESIDUAL=residual, DOT_BF16=_dot_bf16(q), num_warps=_num_warps(D, E))
-    if split:
-        _memory_fwd_kernel[(B * H,)](*args, SAVE=True, MODE=1, **kw)
-        _memory_fwd_kernel[(B * H, N)](*args, SAVE=True, MODE=2, **kw)
-    else:
-        _memory_fwd_kernel[(B * H,)](*args, SAVE=save_states, MODE=0, **kw)
-    Wout = tuple(w.reshape(B, H, *w.shape[1:]).to(dtype) for w in Ws[:L])
-    Sout = tuple(s.reshape(B, H, *s.shape[1:]).to(dtype) for s in Ss[:L])
-    return y.reshape(B, H, T, D).to(dtype), Wout, Sout, (tuple(starts) if save_states else None)
+    # the two-pass forward always keeps the chunk starts: its second pass reads them
+    keep = save_states or (_split() and N > 1)
+    starts = _state_buffers(qf, B * H, N, state, L) if keep else [qf.new_empty(1)] * 4
+    _launch(_memory_fwd_kernel, B * H, N, (qf, _flat(k), _flat(v), *coef, *state, y, *starts), kw,
+            SAVE=keep)
+    Wout = tuple(w.reshape(t.shape).to(q.dtype) for w, t in zip(state[:2][:L], W))
+    Sout = tuple(x.reshape(t.shape).to(q.dtype) for x, t in zip(state[2:][:L], S))
+    return y.reshape(B, H, T, D).to(q.dtype), Wout, Sout, (tuple(starts) if save_states else None)
 
 
 def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, chunk_size, activation, residual):
     """Fused backward of the memory core; returns ``(grads, dW, dS)`` like
     :func:`titans.core.memory.fused_update.core_backward_torch`."""
-    B, H, T, D = q.shape
     L = len(dW)
-    E = dW[0].shape[-1]
-    C = chunk_size
-    N = T // C
-    qf, kf, vf, dyf = _flat(q), _flat(k), _flat(v), _flat(dy)
-    coef = [_flat(t) for t in (G, Bc, M, Ml, m, Gl, Bl, Pl)]
-    dWs = [_flat(w).clone() for w in dW]
-    dSs = [_flat(s).clone() for s in dS]
-    if L == 1:
-        dWs.append(dWs[0])
-        dSs.append(dSs[0])
-    sw1, sw2, ss1, ss2 = starts
-    outs = [torch.empty_like(qf) for _ in range(3)] + [torch.empty_like(t) for t in coef]
-    split = _split() and N > 1
-    ends = _state_buffers(qf, B * H, N, dWs, dSs, L) if split else [qf.new_empty(1)] * 4
-    args = (qf, kf, vf, *coef, sw1, sw2, ss1, ss2, dyf, dWs[0], dWs[1], dSs[0], dSs[1], *ends, *outs)
-    kw = dict(N=N, C=C, D=D, E=E, L=L, RESIDUAL=residual, DOT_BF16=_dot_bf16(q), num_warps=_num_warps(D, E))
-    if split:
-        _memory_bwd_kernel[(B * H,)](*args, MODE=1, **kw)
-        _memory_bwd_kernel[(B * H, N)](*args, MODE=2, **kw)
-    else:
-        _memory_bwd_kernel[(B * H,)](*args, MODE=0, **kw)
     like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+    B, H, T, D, N, coef, kw = _common(q, dW, chunk_size, residual, like[3:])
+    qf = _flat(q)
+    dstate = _state4(dW, dS)
+    outs = [torch.empty_like(qf) for _ in range(3)] + [torch.empty_like(t) for t in coef]
+    ends = _state_buffers(qf, B * H, N, dstate, L) if (_split() and N > 1) else [qf.new_empty(1)] * 4
+    _launch(_memory_bwd_kernel, B * H, N,
+            (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *outs), kw)
     names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
     res = {n: o.reshape(t.shape).to(t.dtype) for n, o, t in zip(names, outs, like)}
-    dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dWs[:L], dW))
-    dSo = tuple(s.reshape(t.shape).to(t.dtype) for s, t in zip(dSs[:L], dS))
+    dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dstate[:2][:L], dW))
+    dSo = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(dstate[2:][:L], dS))
     return res, dWo, dSo
