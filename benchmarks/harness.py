@@ -37,6 +37,7 @@ class Row:
     train_peak_gb: float | None = None
     prefill_tokens_per_s: float | None = None
     error: str | None = None
+    profile: list[dict] | None = None  # top GPU kernels of one training step (``--profile``)
 
 
 def _sync(device: torch.device) -> None:
@@ -112,6 +113,8 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         dt = (time.perf_counter() - t0) / args.iters
         row.train_tokens_per_s = batch * seq / dt
         row.train_peak_gb = _peak_gb(device)
+        if args.profile:
+            row.profile = profile_step(step, device, args.profile)
         if name != "titans-pytorch":
             model.eval()
             with torch.no_grad(), amp:
@@ -127,6 +130,24 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         row.error = f"{type(e).__name__}: {e}"[:200]
     _reset_peak(device)
     return row
+
+
+def profile_step(step, device: torch.device, top: int) -> list[dict]:
+    """Device time per kernel name over one training step (torch.profiler), largest first.  Kernels inside
+    a CUDA graph are not seen one by one: profile without ``--cuda-graphs`` for the breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0 and
+              (device.type != "cuda" or e.device_type.name == "CUDA")]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"name": e.key[:120], "ms": getattr(e, attr) / 1e3, "calls": e.count,
+             "share": getattr(e, attr) / total} for e in events[:top]]
 
 
 @torch.no_grad()
@@ -200,6 +221,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory-backend", default="auto", help="auto | chunked | compiled | fused | triton | naive")
     ap.add_argument("--attention-backend", default="auto", help="auto | sdpa | blocked | flex | reference")
     ap.add_argument("--cuda-graphs", action="store_true", help="capture forward + backward as CUDA graphs")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile one training step and keep its N most expensive kernels")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--decode-contexts", type=int, nargs="*", default=[])
@@ -239,6 +262,12 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     table = markdown(rows, decode)
+    for r in rows:
+        if r.profile:
+            table += f"\n\nTop kernels, {r.model} {r.seq_len} x {r.batch}, one training step:\n\n" + \
+                "| kernel | ms | calls | share |\n| --- | --- | --- | --- |\n" + "\n".join(
+                    f"| `{k['name'][:80]}` | {k['ms']:.2f} | {k['calls']} | {100 * k['share']:.1f}% |"
+                    for k in r.profile)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
     return result

@@ -87,6 +87,47 @@ def timed(fn, iters):
     return s.elapsed_time(e) / iters
 
 
+def parts(ins, L, C, iters) -> dict:
+    """Where the Triton backend's forward+backward time goes: each kernel pass timed with CUDA events
+    (passes 1 and 2 share a kernel name, so a profiler cannot tell them apart) and the device time of the
+    whole call per kernel name (torch.profiler), which includes the PyTorch glue (gate coefficients,
+    dtype copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from titans.core.memory import triton_kernels as tk
+
+    times: dict[str, list] = {}
+    original = tk._launch
+
+    def timed_launch(kernel, BH, N, args, kw, **fixed):
+        def launch(mode, grid):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            kernel[grid](*args, MODE=mode, **kw, **fixed)
+            e.record()
+            times.setdefault(f"{kernel.fn.__name__} MODE {mode}", []).append((s, e))
+        if tk._split() and N > 1:
+            launch(1, (BH,))
+            launch(2, (BH, N))
+        else:
+            launch(0, (BH,))
+
+    tk._launch = timed_launch
+    try:
+        for _ in range(iters):
+            run("triton", ins, L, C)
+        torch.cuda.synchronize()
+    finally:
+        tk._launch = original
+    passes = {k: sum(s.elapsed_time(e) for s, e in v) / len(v) for k, v in times.items()}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run("triton", ins, L, C)
+        torch.cuda.synchronize()
+    ev = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    kernels = [{"name": e.key[:100], "ms": e.device_time_total / 1e3, "calls": e.count} for e in ev[:15]]
+    return {"pass_ms": passes, "kernels": kernels, "total_kernel_ms": sum(e.device_time_total for e in ev) / 1e3}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["8x8x4096x64x128x64x2", "8x8x512x64x128x64x2",
@@ -95,6 +136,7 @@ def main(argv=None):
                     help="BxHxTxDxExCxL entries")
     ap.add_argument("--backends", nargs="+", default=["chunked", "fused", "triton"])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--parts", action="store_true", help="also break the triton backend's time down by pass and kernel")
     ap.add_argument("--out", default="benchmarks/results/memory_kernels.json")
     args = ap.parse_args(argv)
     peaks = {"bf16": matmul_peak(torch.bfloat16), "tf32": None}
@@ -136,6 +178,9 @@ def main(argv=None):
                 ff, bf = kernel_flops(B, H, T, D, E, C, L)
                 row["triton_tflops"] = {"forward": ff / (f_ms / 1e3) / 1e12,
                                         "forward_backward": (ff * 2 + bf) / (fb_ms / 1e3) / 1e12}
+            if be == "triton" and args.parts:
+                row["triton_parts"] = parts(ins, L, C, args.iters)
+                print(json.dumps({"shape": shape, "parts": row["triton_parts"]}), flush=True)
             print(json.dumps({"shape": shape, "backend": be, **row["ms"][be]}), flush=True)
         rows.append(row)
         ins = ref = None

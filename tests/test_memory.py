@@ -355,6 +355,40 @@ def test_cumprod_scan_equals_cumprod_with_zeros_and_gradients(n):
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("n", [2, 7, 16])
+def test_decay_matrix_equals_explicit_products_with_zeros(n):
+    """D[s, j] = prod_{j<m<=s} a_m (log-space fast path) against the product written out, exact zeros included,
+    and its gradient against autograd through the written-out products."""
+    from titans.core.memory.functional import _decay_matrix
+
+    g = torch.Generator().manual_seed(n)
+    a = torch.rand(2, 3, n, generator=g, dtype=D) * 0.98 + 0.01
+    a[0, 1, n // 2] = 0.0  # eta = 0 (momentum off) or alpha = 1
+    a[1, 2, -1] = 0.0
+
+    def explicit(x):
+        rows = []
+        for s in range(n):
+            row = []
+            for j in range(n):
+                p = torch.ones_like(x[..., 0])
+                for m in range(j + 1, s + 1):
+                    p = p * x[..., m]
+                row.append(p if j <= s else torch.zeros_like(p))
+            rows.append(torch.stack(row, -1))
+        return torch.stack(rows, -2)
+
+    x1, x2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+    d1, d2 = _decay_matrix(x1), explicit(x2)
+    torch.testing.assert_close(d1, d2, rtol=1e-13, atol=0)
+    assert (d1[0, 1, n // 2:, : n // 2] == 0).all()  # a zero factor in (j, s]: exactly zero
+    w = torch.randn(d1.shape, generator=g, dtype=D)
+    (d1 * w).sum().backward()
+    (d2 * w).sum().backward()
+    nz = a != 0  # the log-space path has no gradient through an exact zero (a saturated gate)
+    torch.testing.assert_close(x1.grad[nz], x2.grad[nz], rtol=1e-11, atol=1e-13)
+
+
 @pytest.mark.parametrize("L", [1, 2, 3])
 @pytest.mark.parametrize("residual", [False, True])
 def test_single_token_step_equals_naive_mid_chunk(L, residual):
