@@ -76,7 +76,8 @@ def build(args, name: str, device: torch.device):
             neural_memory_segment_len=args.memory_chunk)
         return model.to(device), (lambda ids: model(ids, return_loss=True))
     model = build_model(model_config(args, name)).to(device)
-    return model, (lambda ids: model(ids, labels=ids, use_cache=False).loss)
+    run = torch.compile(model) if args.compile else model
+    return model, (lambda ids: run(ids, labels=ids, use_cache=False).loss)
 
 
 def time_training(args, name: str, seq: int, batch: int, device: torch.device) -> Row:
@@ -90,7 +91,7 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         if args.cuda_graphs and name != "titans-pytorch":
             from titans.training.trainer import graphed_loss
 
-            graphed = graphed_loss(model, ids, torch.bfloat16)
+            graphed = graphed_loss(torch.compile(model) if args.compile else model, ids, torch.bfloat16)
 
             def loss_fn(x):
                 return graphed(x, x)
@@ -221,6 +222,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory-backend", default="auto", help="auto | chunked | compiled | fused | triton | naive")
     ap.add_argument("--attention-backend", default="auto", help="auto | sdpa | blocked | flex | reference")
     ap.add_argument("--cuda-graphs", action="store_true", help="capture forward + backward as CUDA graphs")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (combines with --cuda-graphs)")
+    ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                    help="TF32 tensor cores for float32 matmuls (the trainer's default, training.tf32)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one training step and keep its N most expensive kernels")
     ap.add_argument("--warmup", type=int, default=2)
@@ -233,6 +237,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="benchmarks/results/harness.json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
     models = list(args.models)
     try:
         import titans_pytorch  # noqa: F401

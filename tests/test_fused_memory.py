@@ -165,6 +165,28 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
     y1, _ = ref(x)
     y2, _ = tri(x)
     print("MODULE", ((y1 - y2).abs().max() / y1.abs().max()).item())
+    # torch.compile sees the kernels as two custom ops (fake shapes checked by opcheck); no graph break
+    from titans.core.memory.fused_update import chunk_coefficients
+    B, H, T, d, C = 1, 2, 32, 16, 16
+    g = torch.Generator().manual_seed(3)
+    qkv = [torch.randn(B, H, T, d, generator=g) for _ in range(3)]
+    coef = [c.contiguous() for c in chunk_coefficients(*(torch.rand(B, H, T, generator=g) * 0.05 for _ in range(3)), C)]
+    W = [torch.randn(B, H, d, 32, generator=g) * 0.2, torch.randn(B, H, 32, d, generator=g) * 0.2]
+    S = [torch.zeros_like(w) for w in W]
+    fwd = tk.memory_core_forward(*qkv, *coef, W, S, C, "silu", True, True)
+    torch.library.opcheck(tk.memory_core_forward, (*qkv, *coef, W, S, C, "silu", True, True))
+    torch.library.opcheck(tk.memory_core_backward, (*qkv, *coef, fwd[5:], torch.randn(B, H, T, d, generator=g),
+                                                    W, S, C, "silu", True))
+    tri.zero_grad()
+    y2.square().sum().backward()
+    eager = [p.grad.clone() for p in tri.parameters()]
+    tri.zero_grad()
+    compiled = torch.compile(lambda x: tri(x)[0], fullgraph=True)
+    y3 = compiled(x)
+    y3.square().sum().backward()
+    diff = max([((y3 - y2).abs().max() / y2.abs().max()).item()] +
+               [((p.grad - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() for p, e in zip(tri.parameters(), eager)])
+    print("COMPILE", diff)
 """)
 
 
@@ -180,6 +202,7 @@ def test_triton_kernels_under_interpreter():
     # many products, 2-3e-5 relative here, three orders below the bf16 operands' error
     assert float(err["FP32"]) <= 5e-5, err
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
+    assert float(err["COMPILE"]) <= 1e-4, err  # torch.compile(fullgraph=True) == eager through the custom ops
     assert float(err["BF16"]) <= 5e-2, err  # bf16 operands as on the GPU
     assert float(err["FALLBACK"]) <= 2e-5, err  # forward kernel, backward by the torch loop
     assert float(err["MODULE"]) <= 2e-5, err

@@ -172,6 +172,9 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tc.tf32
+        torch.backends.cudnn.allow_tf32 = tc.tf32
     model = build_model(cfg.model).to(device=device, dtype=param_dtype)
     optimizer = build_optimizer(model, tc, device)
     scheduler = build_scheduler(optimizer, tc)

@@ -162,6 +162,9 @@ class TrainingConfig(_Strict):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
     compile: bool = False
+    # float32 matmuls on CUDA (the memory's inner loop and retrieval run in float32 under bf16 autocast) use
+    # TF32 tensor cores: 10-bit mantissa products, float32 accumulation
+    tf32: bool = True
     # capture forward + backward of a training micro-batch as CUDA graphs (single GPU): removes the
     # per-kernel launch cost that dominates the chunk loop of the memory at small widths
     cuda_graphs: bool = False

@@ -332,17 +332,13 @@ class MemoryCoreFunction(torch.autograd.Function):
         W, S = tuple(state[:L]), tuple(state[L:])
         needs = any(ctx.needs_input_grad[5:])
         if impl == "triton":
-            from titans.core.memory import triton_kernels as tk
+            from titans.core.memory.triton_kernels import memory_core_forward
 
-            try:
-                y, Wn, Sn, starts = tk.core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S,
-                                                    chunk_size=chunk_size, activation=activation,
-                                                    residual=residual, save_states=needs)
-                ctx.save_for_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, *(starts or ()))
-            except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here: same math in torch
-                tk.kernel_failed(q, W, chunk_size, e)
-                impl = "torch"
-        if impl != "triton":
+            out = memory_core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, list(W), list(S), chunk_size,
+                                      activation, residual, needs)
+            y, Wn, Sn, starts = out[0], tuple(out[1:1 + L]), tuple(out[1 + L:1 + 2 * L]), out[1 + 2 * L:]
+            ctx.save_for_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, *starts)
+        else:
             with torch.no_grad():
                 y, Wn, Sn, starts = core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S,
                                                        chunk_size=chunk_size, activation=activation,
@@ -360,21 +356,15 @@ class MemoryCoreFunction(torch.autograd.Function):
         core, rest = saved[:11], saved[11:]
         # autograd materialises the gradients of unused outputs as zeros (set_materialize_grads default)
         dW, dS = tuple(dstate[:L]), tuple(dstate[L:])
-        starts = None
         if impl == "triton":
-            from titans.core.memory import triton_kernels as tk
+            from titans.core.memory.triton_kernels import memory_core_backward
 
-            try:
-                res, dW, dS = tk.core_backward(*core, rest, dy.contiguous(), dW, dS, chunk_size=C,
-                                               activation=activation, residual=residual)
-            except Exception as e:  # noqa: BLE001 - the backward kernel cannot compile here: torch loop
-                tk.kernel_failed(core[0], dW, C, e)
-                B, H = core[0].shape[:2]
-                starts = tk.starts_to_torch(rest, B, H, L)
-                impl = "torch"
-        if impl != "triton":
-            if starts is None:
-                starts = [(tuple(rest[i:i + L]), tuple(rest[i + L:i + 2 * L])) for i in range(0, len(rest), 2 * L)]
+            out = memory_core_backward(*core, list(rest), dy, list(dW), list(dS), C, activation, residual)
+            names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
+            res = dict(zip(names, out[:11]))
+            dW, dS = tuple(out[11:11 + L]), tuple(out[11 + L:])
+        else:
+            starts = [(tuple(rest[i:i + L]), tuple(rest[i + L:i + 2 * L])) for i in range(0, len(rest), 2 * L)]
             with torch.no_grad():
                 res, dW, dS = core_backward_torch(*core, starts, dy, dW, dS, chunk_size=C, activation=activation,
                                                   residual=residual)

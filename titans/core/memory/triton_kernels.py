@@ -530,3 +530,83 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dstate[:2][:L], dW))
     dSo = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(dstate[2:][:L], dS))
     return res, dWo, dSo
+
+
+# ----------------------------------------------------------------------------- custom ops
+# The kernels enter autograd (and torch.compile, which sees each direction as one opaque op with a shape
+# function instead of tracing into the launch code) as two torch.library custom ops.  A kernel that does not
+# compile on this machine (shared memory, say) falls back inside the op to the PyTorch loop of the same
+# equations, converting the saved chunk-start states between the two layouts.
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """A contiguous tensor shaped like ``t`` (the ops' outputs are contiguous whatever the inputs' strides)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _starts_from_torch(starts, L: int) -> list[Tensor]:
+    """The torch loop's per-chunk (W, S) tuples -> the kernels' four (B*H, N, ...) float32 buffers."""
+    def stack(i: int, j: int) -> Tensor:
+        return torch.stack([_flat(st[i][j]) for st in starts], dim=1)
+    out = [stack(0, 0), stack(0, L - 1), stack(1, 0), stack(1, L - 1)]
+    return out if L == 2 else [out[0], out[0].new_empty(1), out[2], out[2].new_empty(1)]
+
+
+@torch.library.custom_op("titans::memory_core_forward", mutates_args=())
+def memory_core_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, M: Tensor, Ml: Tensor, m: Tensor,
+                        Gl: Tensor, Bl: Tensor, Pl: Tensor, W: list[Tensor], S: list[Tensor], chunk_size: int,
+                        activation: str, residual: bool, save_states: bool) -> list[Tensor]:
+    """``[y, *W, *S, *starts]`` (starts: four buffers, only with ``save_states``) of :func:`core_forward`."""
+    W, S = tuple(W), tuple(S)
+    try:
+        y, Wn, Sn, starts = core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
+                                         activation=activation, residual=residual, save_states=save_states)
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here: the same math in torch
+        from titans.core.memory.fused_update import core_forward_torch
+
+        kernel_failed(q, W, chunk_size, e)
+        with torch.no_grad():
+            y, Wn, Sn, st = core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
+                                               activation=activation, residual=residual, save_states=save_states)
+        starts = _starts_from_torch(st, len(W)) if save_states else None
+    return [t.contiguous() for t in (y, *Wn, *Sn, *(starts or ()))]
+
+
+@memory_core_forward.register_fake
+def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size, activation, residual, save_states):
+    outs = [_fresh(t) for t in (q, *W, *S)]
+    if save_states:
+        BH, N = q.shape[0] * q.shape[1], q.shape[2] // chunk_size
+        first = q.new_empty(BH, N, *W[0].shape[2:], dtype=torch.float32)
+        second = q.new_empty(BH, N, *W[-1].shape[2:], dtype=torch.float32) if len(W) == 2 else \
+            q.new_empty(1, dtype=torch.float32)
+        outs += [first, second, _fresh(first), _fresh(second)]
+    return outs
+
+
+@torch.library.custom_op("titans::memory_core_backward", mutates_args=())
+def memory_core_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, M: Tensor, Ml: Tensor,
+                         m: Tensor, Gl: Tensor, Bl: Tensor, Pl: Tensor, starts: list[Tensor], dy: Tensor,
+                         dW: list[Tensor], dS: list[Tensor], chunk_size: int, activation: str,
+                         residual: bool) -> list[Tensor]:
+    """Gradients ``[dq, dk, dv, dG, dBc, dM, dMl, dm, dGl, dBl, dPl, *dW, *dS]`` of :func:`core_backward`."""
+    core = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+    dW, dS = tuple(dW), tuple(dS)
+    try:
+        res, dWo, dSo = core_backward(*core, starts, dy.contiguous(), dW, dS, chunk_size=chunk_size,
+                                      activation=activation, residual=residual)
+    except Exception as e:  # noqa: BLE001 - the backward kernel cannot compile here: torch loop
+        from titans.core.memory.fused_update import core_backward_torch
+
+        kernel_failed(q, dW, chunk_size, e)
+        B, H = q.shape[:2]
+        with torch.no_grad():
+            res, dWo, dSo = core_backward_torch(*core, starts_to_torch(starts, B, H, len(dW)), dy, dW, dS,
+                                                chunk_size=chunk_size, activation=activation, residual=residual)
+    names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
+    return [res[n].contiguous() for n in names] + [t.contiguous() for t in (*dWo, *dSo)]
+
+
+@memory_core_backward.register_fake
+def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, chunk_size, activation, residual):
+    return [_fresh(t) for t in (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, *dW, *dS)]
