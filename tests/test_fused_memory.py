@@ -184,8 +184,8 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
     compiled = torch.compile(lambda x: tri(x)[0], fullgraph=True)
     y3 = compiled(x)
     y3.square().sum().backward()
-    diff = max([((y3 - y2).abs().max() / y2.abs().max()).item()] +
-               [((p.grad - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() for p, e in zip(tri.parameters(), eager)])
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    diff = max([rel(y3, y2)] + [rel(p.grad, e) for p, e in zip(tri.parameters(), eager)])
     print("COMPILE", diff)
 """)
 

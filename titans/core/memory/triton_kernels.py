@@ -133,6 +133,19 @@ if triton is not None:
             return tl.dot(a, b)
 
     @triton.jit
+    def _operand(x, BF16: tl.constexpr):
+        # A read-only state tile (weights or momentum at a chunk start): with bf16 matmul operands it is held
+        # in bf16, half the registers (the backward holds eight state tiles next to the chunk's activations
+        # and spilled them to local memory as float32).  Its elementwise uses (the gate gradients' sums)
+        # then see the same bf16 rounding as the matmuls.
+        if BF16 == 1:
+            return x.to(tl.bfloat16)
+        elif BF16 == 2:
+            return x.to(tl.bfloat16).to(tl.float32)
+        else:
+            return x
+
+    @triton.jit
     def _mat(ptr, R: tl.constexpr, Cn: tl.constexpr):
         r = tl.arange(0, R)
         c = tl.arange(0, Cn)
@@ -179,8 +192,8 @@ if triton is not None:
             tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
                 Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
             if MODE == 2:
-                w1 = tl.load(_mat(SW1 + cc * D * E, D, E))
-                s1 = tl.load(_mat(SS1 + cc * D * E, D, E))
+                w1 = _operand(tl.load(_mat(SW1 + cc * D * E, D, E)), DOT_BF16)
+                s1 = _operand(tl.load(_mat(SS1 + cc * D * E, D, E)), DOT_BF16)
             else:
                 w1 = tl.load(w1p)
                 s1 = tl.load(s1p)
@@ -199,8 +212,8 @@ if triton is not None:
                 new_s1 = pl * s1 + _dot(kt, mm * err, DOT_BF16)
             else:
                 if MODE == 2:
-                    w2 = tl.load(_mat(SW2 + cc * E * D, E, D))
-                    s2 = tl.load(_mat(SS2 + cc * E * D, E, D))
+                    w2 = _operand(tl.load(_mat(SW2 + cc * E * D, E, D)), DOT_BF16)
+                    s2 = _operand(tl.load(_mat(SS2 + cc * E * D, E, D)), DOT_BF16)
                 else:
                     w2 = tl.load(w2p)
                     s2 = tl.load(s2p)
@@ -267,8 +280,8 @@ if triton is not None:
             tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
                 Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
             dy = tl.load(_mat(DY + tok, C, D))
-            w1 = tl.load(_mat(SW1 + cc * D * E, D, E))
-            s1 = tl.load(_mat(SS1 + cc * D * E, D, E))
+            w1 = _operand(tl.load(_mat(SW1 + cc * D * E, D, E)), DOT_BF16)
+            s1 = _operand(tl.load(_mat(SS1 + cc * D * E, D, E)), DOT_BF16)
             if MODE == 2:
                 dw1n = tl.load(_mat(NW1 + cc * D * E, D, E))
                 ds1n = tl.load(_mat(NS1 + cc * D * E, D, E))
@@ -313,8 +326,8 @@ if triton is not None:
                     dk += dp
                 new_dw1 += _dot(kt, dp, DOT_BF16)
             else:
-                w2 = tl.load(_mat(SW2 + cc * E * D, E, D))
-                s2 = tl.load(_mat(SS2 + cc * E * D, E, D))
+                w2 = _operand(tl.load(_mat(SW2 + cc * E * D, E, D)), DOT_BF16)
+                s2 = _operand(tl.load(_mat(SS2 + cc * E * D, E, D)), DOT_BF16)
                 if MODE == 2:
                     dw2n = tl.load(_mat(NW2 + cc * E * D, E, D))
                     ds2n = tl.load(_mat(NS2 + cc * E * D, E, D))
