@@ -536,6 +536,9 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     dstate = _state4(dW, dS)
     outs = [torch.empty_like(qf) for _ in range(3)] + [torch.empty_like(t) for t in coef]
     ends = _state_buffers(qf, B * H, N, dstate, L) if (_split() and N > 1) else [qf.new_empty(1)] * 4
+    # the saved starts come back from autograd (or a compiled graph) as they were stored; the kernel indexes
+    # them as dense buffers, so make sure they are
+    starts = [t.contiguous() for t in starts]
     _launch(_memory_bwd_kernel, B * H, N,
             (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *outs), kw)
     names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
