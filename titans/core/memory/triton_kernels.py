@@ -184,6 +184,13 @@ if triton is not None:
         s1p = _mat(S1 + bh * D * E, D, E)
         w2p = _mat(W2 + bh * E * D, E, D)
         s2p = _mat(S2 + bh * E * D, E, D)
+        # the walking modes carry the state in registers from chunk to chunk (one load before the walk, one
+        # store after it): no round trip through memory and no block-wide barrier in the sequential chain
+        # (MODE 2 leaves these loads unused and the compiler drops them; so does depth 1 for layer 2)
+        cw1 = tl.load(w1p)
+        cs1 = tl.load(s1p)
+        cw2 = tl.load(w2p)
+        cs2 = tl.load(s2p)
         for i in range(1 if MODE == 2 else N):
             if MODE == 2:
                 c = tl.program_id(1).to(tl.int64)
@@ -195,8 +202,8 @@ if triton is not None:
                 w1 = _operand(tl.load(_mat(SW1 + cc * D * E, D, E)), DOT_BF16)
                 s1 = _operand(tl.load(_mat(SS1 + cc * D * E, D, E)), DOT_BF16)
             else:
-                w1 = tl.load(w1p)
-                s1 = tl.load(s1p)
+                w1 = cw1
+                s1 = cs1
                 if SAVE:
                     tl.store(_mat(SW1 + cc * D * E, D, E), w1)
                     tl.store(_mat(SS1 + cc * D * E, D, E), s1)
@@ -215,8 +222,8 @@ if triton is not None:
                     w2 = _operand(tl.load(_mat(SW2 + cc * E * D, E, D)), DOT_BF16)
                     s2 = _operand(tl.load(_mat(SS2 + cc * E * D, E, D)), DOT_BF16)
                 else:
-                    w2 = tl.load(w2p)
-                    s2 = tl.load(s2p)
+                    w2 = cw2
+                    s2 = cs2
                     if SAVE:
                         tl.store(_mat(SW2 + cc * E * D, E, D), w2)
                         tl.store(_mat(SS2 + cc * E * D, E, D), s2)
@@ -234,21 +241,22 @@ if triton is not None:
                 y = g * _dot(hq, w2, DOT_BF16) + b * _dot(hq, s2, DOT_BF16) + _dot(a2, err, DOT_BF16)
                 new_w1 = gl * w1 + bl * s1 + _dot(kt, ml * dl, DOT_BF16)
                 new_s1 = pl * s1 + _dot(kt, mm * dl, DOT_BF16)
-                new_w2 = gl * w2 + bl * s2 + _dot(ht, ml * err, DOT_BF16)
-                new_s2 = pl * s2 + _dot(ht, mm * err, DOT_BF16)
                 if MODE != 2:
-                    tl.debug_barrier()  # every thread has read the old state before it is overwritten
-                    tl.store(w2p, new_w2)
-                    tl.store(s2p, new_s2)
+                    cw2 = gl * w2 + bl * s2 + _dot(ht, ml * err, DOT_BF16)
+                    cs2 = pl * s2 + _dot(ht, mm * err, DOT_BF16)
             if MODE != 1:
                 if RESIDUAL:
                     y += q
                 tl.store(_mat(Y + tok, C, D), y)
             if MODE != 2:
-                tl.debug_barrier()
-                tl.store(w1p, new_w1)
-                tl.store(s1p, new_s1)
-                tl.debug_barrier()  # the next chunk reads the state written by other threads
+                cw1 = new_w1
+                cs1 = new_s1
+        if MODE != 2:
+            tl.store(w1p, cw1)
+            tl.store(s1p, cs1)
+            if L == 2:
+                tl.store(w2p, cw2)
+                tl.store(s2p, cs2)
 
     @triton.jit
     def _memory_bwd_kernel(
