@@ -268,13 +268,30 @@ def _decay_matrix(a: Tensor) -> Tensor:
     """
     n = a.shape[-1]
     zero = a == 0
-    logs = torch.cumsum(torch.log(torch.where(zero, torch.ones_like(a), a)), dim=-1)
-    zeros = torch.cumsum(zero.to(torch.int32), dim=-1)
-    idx = torch.arange(n, device=a.device)
-    lower = idx[:, None] >= idx[None, :]  # [s, j]: j <= s
-    diff = torch.where(lower, logs.unsqueeze(-1) - logs.unsqueeze(-2), torch.zeros((), dtype=a.dtype, device=a.device))
-    no_zero = zeros.unsqueeze(-1) == zeros.unsqueeze(-2)  # no zero factor in (j, s]
-    return torch.where(lower & no_zero, torch.exp(diff), torch.zeros((), dtype=a.dtype, device=a.device))
+    logs = torch.cumsum(torch.log(a.masked_fill(zero, 1.0)), dim=-1)
+    zeros = torch.cumsum(zero, dim=-1)
+    lower = torch.ones(n, n, dtype=torch.bool, device=a.device).tril()  # [s, j]: j <= s
+    keep = (zeros.unsqueeze(-1) == zeros.unsqueeze(-2)) & lower  # no zero factor in (j, s]
+    # masked to -inf before the exponential: exactly 0 there, no overflow above the diagonal, zero gradient
+    return torch.exp((logs.unsqueeze(-1) - logs.unsqueeze(-2)).masked_fill(~keep, float("-inf")))
+
+
+def decay_coefficients(theta: Tensor, eta: Tensor, keep: Tensor):
+    """The momentum / decay recurrence inside a chunk in closed form (Eq. 16-18).
+
+    theta, eta, keep = 1 - alpha: (..., n).  Returns ``(G, P, Bc, M, m)``: G_t = prod_{s<=t} keep_s and
+    P_t = prod_{s<=t} eta_s (..., n) (weights / momentum carried from the chunk start), B_t = sum_{s<=t}
+    D_keep[t, s] P_s (..., n) (the momentum folded into the weights), M[t, j] = -theta_j sum_s D_keep[t, s]
+    D_eta[s, j] (..., n, n) (the weight of token j's gradient in W_t) and m_j = -theta_j D_eta[n-1, j] (..., n)
+    (its weight in the momentum at the chunk end).  eta and keep go through one stacked pass (half the kernels).
+    """
+    gates = torch.stack((eta, keep))
+    D_eta, D_keep = _decay_matrix(gates).unbind(0)
+    P, G = _cumprod(gates).unbind(0)
+    Bc = (D_keep @ P.unsqueeze(-1)).squeeze(-1)
+    M = -(D_keep @ D_eta) * theta.unsqueeze(-2)
+    m = -(theta * D_eta[..., -1, :])
+    return G, P, Bc, M, m
 
 
 def _inner_backward(k: Tensor, v: Tensor, W0: Weights, act: Activation, residual: bool):
@@ -311,14 +328,9 @@ def _chunk(
     Returns y (B, H, n, d_L) and the weights and momentum after the chunk's last token.
     """
     hs, deltas = _inner_backward(k, v, W0, act, residual)
-    keep = 1 - alpha
-    D_eta = _decay_matrix(eta)  # (B, H, n, n)
-    D_keep = _decay_matrix(keep)
-    P = _cumprod(eta)  # momentum carried from the previous chunk: prod eta
-    G = _cumprod(keep)  # weights carried from before the chunk: prod (1 - alpha)
-    Bc = (D_keep @ P.unsqueeze(-1)).squeeze(-1)  # B_t = sum_{s<=t} D_keep[t,s] P_s  (Eq. 16 with S_0)
-    C = -(D_keep @ D_eta) * theta.unsqueeze(-2)  # c_tj = -theta_j sum_s D_keep[t,s] D_eta[s,j]
-    m_last = -(theta * D_eta[..., -1, :])  # momentum weights of each token's gradient at chunk end
+    # G_t, P_t: weights / momentum carried from the chunk start; B_t the momentum folded into the weights;
+    # C (= M) the weight of token j's gradient in W_t; m_last its weight in the momentum at the chunk end
+    G, P, Bc, C, m_last = decay_coefficients(theta, eta, 1 - alpha)
 
     x = q
     for i in range(len(W)):

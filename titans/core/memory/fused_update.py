@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from titans.core.memory.functional import _cumprod, _decay_matrix, get_activation
+from titans.core.memory.functional import decay_coefficients, get_activation
 
 SUPPORTED_DEPTHS = (1, 2)
 
@@ -87,16 +87,8 @@ def chunk_coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk
     B, H, T = lr.shape
     C = chunk_size
     N = T // C
-    theta = lr.reshape(B, H, N, C)
-    eta = momentum_decay.reshape(B, H, N, C)
-    keep = 1 - forget.reshape(B, H, N, C)
-    D_eta = _decay_matrix(eta)
-    D_keep = _decay_matrix(keep)
-    P = _cumprod(eta)
-    G = _cumprod(keep)
-    Bc = (D_keep @ P.unsqueeze(-1)).squeeze(-1)
-    M = -(D_keep @ D_eta) * theta.unsqueeze(-2)
-    m = -(theta * D_eta[..., -1, :])
+    G, P, Bc, M, m = decay_coefficients(lr.reshape(B, H, N, C), momentum_decay.reshape(B, H, N, C),
+                                        1 - forget.reshape(B, H, N, C))
     return (G.reshape(B, H, T), Bc.reshape(B, H, T), M, M[..., -1, :], m,
             G[..., -1], Bc[..., -1], P[..., -1])
 

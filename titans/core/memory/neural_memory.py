@@ -306,8 +306,7 @@ class NeuralMemory(nn.Module):
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
         """Per-head RMS norm, sigmoid gate from x, output projection.  y: (B, H, T, d) -> (B, T, dim)."""
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        y = y * self.out_norm_weight.unsqueeze(1).to(y.dtype)
+        y = F.rms_norm(y, (y.shape[-1],), eps=self.norm_eps) * self.out_norm_weight.unsqueeze(1).to(y.dtype)
         y = rearrange(y, "b h t d -> b t (h d)").to(x.dtype)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x))
