@@ -3,6 +3,7 @@ FlexAttention's mask_mod equals the dense mask, the KV cache stays bounded and s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -148,6 +149,13 @@ def test_attention_errors_name_the_problem():
         MaskSpec("sliding")
     with pytest.raises(ValueError, match="kv_heads=3 must divide heads=4"):
         CausalSelfAttention(16, 4, kv_heads=3)
+    # a piece that starts inside what the cache already holds: caught from the host-side end position, and
+    # from the position tensor for a cache rebuilt from tensors (a loaded session)
+    _, cache = attn(x, mask=MaskSpec(), return_cache=True)
+    assert cache.end == 5
+    for c in (cache, dataclasses.replace(cache, end=None)):
+        with pytest.raises(ValueError, match="start_pos=3: the cache already holds position 4"):
+            attn(x, mask=MaskSpec(), start_pos=3, cache=c)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention block masks run on CUDA")

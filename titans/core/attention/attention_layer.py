@@ -26,6 +26,8 @@ class KVCache:
     """Keys / values of earlier context tokens (and MAC memory tokens) of one stream.
 
     k, v: (B, Hkv, n, hd); pos: (n,) absolute positions.  mk, mv, mpos: the same for memory tokens.
+    end: one past the last cached position, kept on the host so that checking a new piece's position costs
+    no device sync while decoding (None for a cache rebuilt from tensors: then read from ``pos``).
     """
 
     k: Tensor
@@ -34,9 +36,14 @@ class KVCache:
     mk: Tensor | None = None
     mv: Tensor | None = None
     mpos: Tensor | None = None
+    end: int | None = None
 
     def _map(self, fn) -> KVCache:
-        return KVCache(*(None if t is None else fn(t) for t in (self.k, self.v, self.pos, self.mk, self.mv, self.mpos)))
+        return KVCache(*(None if t is None else fn(t) for t in (self.k, self.v, self.pos, self.mk, self.mv, self.mpos)),
+                       end=self.end)
+
+    def last_position(self) -> int:
+        return self.end - 1 if self.end is not None else int(self.pos[-1])
 
     def detach(self) -> KVCache:
         return self._map(lambda t: t.detach())
@@ -257,15 +264,16 @@ class CausalSelfAttention(nn.Module):
                              f"got {tuple(prefix.shape)}")
         dev = x.device
         pos = torch.arange(start_pos, start_pos + T, device=dev)
-        if cache is not None and len(cache) and int(cache.pos[-1]) >= start_pos:
-            raise ValueError(f"start_pos={start_pos}: the cache already holds position {int(cache.pos[-1])}")
+        if cache is not None and len(cache) and cache.last_position() >= start_pos:
+            raise ValueError(f"start_pos={start_pos}: the cache already holds position {cache.last_position()}")
 
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        q = self.rope.apply(q, pos)
+        rope = self.rope.cos_sin(pos, q.dtype)
+        q = self.rope.rotate(q, *rope)
         k, v = self._kv(x)
-        k = self.rope.apply(k, pos)
+        k = self.rope.rotate(k, *rope)
         ctx_k, ctx_v, ctx_pos = k, v, pos
         if cache is not None and len(cache):
             ctx_k, ctx_v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
@@ -274,7 +282,7 @@ class CausalSelfAttention(nn.Module):
         mem_k = mem_v = mem_pos = None
         if memory is not None:
             mk, mv = self._kv(memory)
-            mk = self.rope.apply(mk, pos)
+            mk = self.rope.rotate(mk, *rope)
             mem_k, mem_v, mem_pos = mk, mv, pos
             if cache is not None and cache.mk is not None and len(cache.mpos):
                 mem_k, mem_v = torch.cat([cache.mk, mk], 2), torch.cat([cache.mv, mv], 2)
@@ -302,7 +310,7 @@ class CausalSelfAttention(nn.Module):
             keep = max(0, last - mask.keep_after(last) + 1)  # positions keep_after(last) .. last
             n = min(ctx_pos.shape[0], keep)
             new_cache = KVCache(ctx_k[:, :, ctx_k.shape[2] - n:], ctx_v[:, :, ctx_v.shape[2] - n:],
-                                ctx_pos[ctx_pos.shape[0] - n:])
+                                ctx_pos[ctx_pos.shape[0] - n:], end=last + 1)
             if mem_pos is not None:
                 nm = min(mem_pos.shape[0], keep)
                 new_cache.mk, new_cache.mv = mem_k[:, :, mem_k.shape[2] - nm:], mem_v[:, :, mem_v.shape[2] - nm:]

@@ -131,7 +131,12 @@ class RotaryEmbedding(torch.nn.Module):
 
     def apply(self, x: Tensor, positions: Tensor) -> Tensor:
         """x: (B, H, T, hd), positions: (T,) -> same shape."""
-        cos, sin = self.cos_sin(positions, x.dtype)
+        return self.rotate(x, *self.cos_sin(positions, x.dtype))
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (B, H, T, hd) with tables from :meth:`cos_sin` (computed once for queries, keys and memory keys
+        at the same positions) -> same shape."""
         x1, x2 = x.chunk(2, dim=-1)
         rot = torch.cat([-x2, x1], dim=-1)
-        return x * cos + rot * sin
+        return x * cos.to(x.dtype) + rot * sin.to(x.dtype)

@@ -321,9 +321,10 @@ class TitansLM(nn.Module):
             raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
         B, T = input_ids.shape
         check_ids = T and not _capturing() and not torch.compiler.is_compiling()  # the check syncs the device
-        if check_ids and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if check_ids:
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync for both bounds
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got [{lo}, {hi}]")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels: expected shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         if state is None:
