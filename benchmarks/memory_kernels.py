@@ -97,28 +97,33 @@ def parts(ins, L, C, iters) -> dict:
     from titans.core.memory import triton_kernels as tk
 
     times: dict[str, list] = {}
-    original = tk._launch
+    originals = tk._launch, tk._launch_stages
+
+    def launch(kernel, grid, args, kw, key, **const):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        kernel[grid](*args, **kw, **const)
+        e.record()
+        times.setdefault(f"{kernel.fn.__name__} {key}", []).append((s, e))
 
     def timed_launch(kernel, BH, N, args, kw, **fixed):
-        def launch(mode, grid):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            kernel[grid](*args, MODE=mode, **kw, **fixed)
-            e.record()
-            times.setdefault(f"{kernel.fn.__name__} MODE {mode}", []).append((s, e))
         if tk._split() and N > 1:
-            launch(1, (BH,))
-            launch(2, (BH, N))
+            launch(kernel, (BH,), args, kw, "MODE 1", MODE=1, **fixed)
+            launch(kernel, (BH, N), args, kw, "MODE 2", MODE=2, **fixed)
         else:
-            launch(0, (BH,))
+            launch(kernel, (BH,), args, kw, "MODE 0", MODE=0, **fixed)
 
-    tk._launch = timed_launch
+    def timed_stages(BH, N, args, kw):
+        for stage, grid in ((0, (BH, N)), (1, (BH,)), (2, (BH, N))):
+            launch(tk._memory_bwd3_kernel, grid, args, kw, f"STAGE {stage}", STAGE=stage)
+
+    tk._launch, tk._launch_stages = timed_launch, timed_stages
     try:
         for _ in range(iters):
             run("triton", ins, L, C)
         torch.cuda.synchronize()
     finally:
-        tk._launch = original
+        tk._launch, tk._launch_stages = originals
     passes = {k: sum(s.elapsed_time(e) for s, e in v) / len(v) for k, v in times.items()}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run("triton", ins, L, C)

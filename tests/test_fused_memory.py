@@ -145,8 +145,15 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
     os.environ["TITANS_TRITON_SPLIT"] = "0"  # the single-pass kernels
     print("SINGLE", max(compare(*c) for c in cases))
     os.environ["TITANS_TRITON_SPLIT"] = "1"
+    os.environ["TITANS_TRITON_BWD"] = "split"  # the three-stage depth-2 backward
+    print("THREESTAGE", max(compare(*c) for c in cases if c[0] == 2))
+    os.environ["TITANS_TRITON_BWD"] = "fused"
     tk.DOT_BF16 = True
     print("BF16", max(compare(*c) for c in cases))
+    os.environ["TITANS_TRITON_BWD"] = "split"
+    print("THREESTAGE_BF16", max(compare(*c) for c in cases if c[0] == 2))
+    os.environ["TITANS_TRITON_BWD"] = "fused"
+    assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # every kernel ran (no silent fallback to the torch loop)
     tk.DOT_BF16 = None
     real = tk.core_backward
     tk.core_backward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated compile failure"))
@@ -181,6 +188,8 @@ def test_triton_kernels_under_interpreter():
     # many products, 2-3e-5 relative here, three orders below the bf16 operands' error
     assert float(err["FP32"]) <= 5e-5, err
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
+    assert float(err["THREESTAGE"]) <= 5e-5, err  # the three-stage depth-2 backward
+    assert float(err["THREESTAGE_BF16"]) <= 5e-2, err
     assert float(err["BF16"]) <= 5e-2, err  # bf16 operands as on the GPU
     assert float(err["FALLBACK"]) <= 2e-5, err  # forward kernel, backward by the torch loop
     assert float(err["MODULE"]) <= 2e-5, err
@@ -234,7 +243,11 @@ def test_triton_custom_ops_compile_under_interpreter():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
-def test_triton_kernels_on_gpu():
+@pytest.mark.parametrize("backward", ["fused", "split"])
+def test_triton_kernels_on_gpu(backward, monkeypatch):
+    import titans.core.memory.triton_kernels as tk
+
+    monkeypatch.setenv("TITANS_TRITON_BWD", backward)  # the two-pass or the three-stage backward
     g = torch.Generator(device="cuda").manual_seed(0)
     B, H, T, d, E, C = 2, 4, 256, 64, 128, 64
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
@@ -247,6 +260,7 @@ def test_triton_kernels_on_gpu():
     o2, g2 = _run(lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton"), ins, 2, chunk_size=C)
     for a, b in zip(o2 + list(g2), o1 + list(g1)):
         assert _rel(a, b) <= 5e-2  # bf16 tensor-core operands
+    assert (d, E, 2, C) not in tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
 
 
 def test_neural_memory_backend_names_are_checked_and_triton_falls_back_while_streaming():

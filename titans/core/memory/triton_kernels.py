@@ -438,6 +438,176 @@ if triton is not None:
                 tl.store(ds1p, new_ds1)
                 tl.debug_barrier()
 
+    # ------------------------------------------------------------------ three-stage backward (depth 2)
+    # Every gradient of a chunk is linear in (dy, dWn), the output gradient and the gradient of the chunk's
+    # end state.  So the backward splits into a part driven by dy alone (stage 0, parallel over chunks: all
+    # of dq, dg, dB, dM, the dy share of dk and dv, and X_c, the dy share of the chunk's state-gradient
+    # update), a sequential recurrence over the dWn share only (stage 1: dW_c = A_c(dW_{c+1}) + X_c, about a
+    # third of the matmuls of the fused walk and no dy-side activations held) and the dWn share of the
+    # per-token gradients (stage 2, parallel).  Opt-in (TITANS_TRITON_BWD=split) until timed on a GPU.
+
+    @triton.jit
+    def _mlp_at_start(k, v, w1, w2, RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr):
+        """The chunk's inner forward at its start weights: z = k W1, h = silu(z), err = 2 (h W2 [+ k] - v),
+        u = err W2^T, dl = u * silu'(z)."""
+        z = _dot(k, w1, DOT_BF16)
+        h = _silu(z)
+        ag = _silu_grad(z)
+        p = _dot(h, w2, DOT_BF16)
+        if RESIDUAL:
+            p += k
+        err = 2 * (p - v)
+        u = _dot(err, tl.trans(w2), DOT_BF16)
+        return z, h, ag, err, u, u * ag
+
+    @triton.jit
+    def _through_inner(ddl, derr, dh, z, ag, u, w2, DOT_BF16: tl.constexpr):
+        """Back through dl = (err W2^T) * silu'(z) and err = 2 (h W2 [+ k] - v), h = silu(z), given the
+        gradients reaching dl, err and h: returns du (of u = err W2^T), dp (of p = h W2 [+ k]) and dz."""
+        du = ddl * ag
+        derr += _dot(du, w2, DOT_BF16)
+        dp = 2 * derr
+        dh += _dot(dp, tl.trans(w2), DOT_BF16)
+        dz = ddl * u * _silu_grad2(z) + dh * ag
+        return du, dp, dz
+
+    @triton.jit
+    def _memory_bwd3_kernel(
+        Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
+        SW1, SW2, SS1, SS2,  # chunk-start states from the forward (BH, N, ...)
+        DY,
+        DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
+        NW1, NW2, NS1, NS2,  # stage 1 writes, stage 2 reads: the gradient of each chunk's end state (BH, N, ...)
+        X1, X2, XS1, XS2,  # stage 0 writes, stage 1 reads: the dy share of each chunk's state-gradient update
+        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
+    ):
+        bh = tl.program_id(0).to(tl.int64)
+        rc = tl.arange(0, C)
+        T = N * C
+        dw1p = _mat(DW1 + bh * D * E, D, E)
+        ds1p = _mat(DS1 + bh * D * E, D, E)
+        dw2p = _mat(DW2 + bh * E * D, E, D)
+        ds2p = _mat(DS2 + bh * E * D, E, D)
+        for i in range(N if STAGE == 1 else 1):
+            if STAGE == 1:
+                c = N - 1 - i
+            else:
+                c = tl.program_id(1).to(tl.int64)
+            tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
+                Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
+            w1 = _operand(tl.load(_mat(SW1 + cc * D * E, D, E)), DOT_BF16)
+            w2 = _operand(tl.load(_mat(SW2 + cc * E * D, E, D)), DOT_BF16)
+            kt = tl.trans(k)
+            z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
+            ht = tl.trans(h)
+            if STAGE == 0:
+                s1 = _operand(tl.load(_mat(SS1 + cc * D * E, D, E)), DOT_BF16)
+                s2 = _operand(tl.load(_mat(SS2 + cc * E * D, E, D)), DOT_BF16)
+                dy = tl.load(_mat(DY + tok, C, D))
+                # the query side of the chunk: zq = G (q W1) + B (q S1) + A1 dl, y = G (hq W2) + B (hq S2) + A2 err
+                qk = _dot(q, kt, DOT_BF16)
+                a1 = qk * mmat
+                qw1 = _dot(q, w1, DOT_BF16)
+                qs1 = _dot(q, s1, DOT_BF16)
+                zq = g * qw1 + b * qs1 + _dot(a1, dl, DOT_BF16)
+                hq = _silu(zq)
+                hh = _dot(hq, ht, DOT_BF16)
+                a2 = hh * mmat
+                hqt = tl.trans(hq)
+                dg = tl.sum(dy * _dot(hq, w2, DOT_BF16), 1)
+                dbc = tl.sum(dy * _dot(hq, s2, DOT_BF16), 1)
+                dhq = _dot(g * dy, tl.trans(w2), DOT_BF16) + _dot(b * dy, tl.trans(s2), DOT_BF16)
+                x2 = _dot(hqt, g * dy, DOT_BF16)
+                xs2 = _dot(hqt, b * dy, DOT_BF16)
+                da2 = _dot(dy, tl.trans(err), DOT_BF16)
+                derr = _dot(tl.trans(a2), dy, DOT_BF16)
+                dmat = da2 * hh
+                dhh = da2 * mmat
+                dhq += _dot(dhh, h, DOT_BF16)
+                dh = _dot(tl.trans(dhh), hq, DOT_BF16)
+                dzq = dhq * _silu_grad(zq)
+                dg += tl.sum(dzq * qw1, 1)
+                dbc += tl.sum(dzq * qs1, 1)
+                dq = _dot(g * dzq, tl.trans(w1), DOT_BF16) + _dot(b * dzq, tl.trans(s1), DOT_BF16)
+                qt = tl.trans(q)
+                x1 = _dot(qt, g * dzq, DOT_BF16)
+                xs1 = _dot(qt, b * dzq, DOT_BF16)
+                da1 = _dot(dzq, tl.trans(dl), DOT_BF16)
+                ddl = _dot(tl.trans(a1), dzq, DOT_BF16)
+                dmat += da1 * qk
+                dqk = da1 * mmat
+                dq += _dot(dqk, k, DOT_BF16)
+                dk = _dot(tl.trans(dqk), q, DOT_BF16)
+                du, dp, dz = _through_inner(ddl, derr, dh, z, ag, u, w2, DOT_BF16)
+                x2 += _dot(tl.trans(du), err, DOT_BF16) + _dot(ht, dp, DOT_BF16)
+                x1 += _dot(kt, dz, DOT_BF16)
+                dk += _dot(dz, tl.trans(w1), DOT_BF16)
+                if RESIDUAL:
+                    dk += dp
+                    dq += dy
+                tl.store(_mat(X1 + cc * D * E, D, E), x1)
+                tl.store(_mat(XS1 + cc * D * E, D, E), xs1)
+                tl.store(_mat(X2 + cc * E * D, E, D), x2)
+                tl.store(_mat(XS2 + cc * E * D, E, D), xs2)
+                tl.store(_mat(DQ + tok, C, D), dq)
+                tl.store(_mat(DK + tok, C, D), dk)  # the dy share; stage 2 adds the dWn share
+                tl.store(_mat(DV + tok, C, D), -dp)
+                tl.store(DG + bh * T + c * C + rc, dg)
+                tl.store(DBC + bh * T + c * C + rc, dbc)
+                tl.store(_mat(DM + cc * C * C, C, C), dmat)
+            else:
+                if STAGE == 1:
+                    dw1n = tl.load(dw1p)
+                    ds1n = tl.load(ds1p)
+                    dw2n = tl.load(dw2p)
+                    ds2n = tl.load(ds2p)
+                    tl.store(_mat(NW1 + cc * D * E, D, E), dw1n)
+                    tl.store(_mat(NS1 + cc * D * E, D, E), ds1n)
+                    tl.store(_mat(NW2 + cc * E * D, E, D), dw2n)
+                    tl.store(_mat(NS2 + cc * E * D, E, D), ds2n)
+                else:
+                    dw1n = _operand(tl.load(_mat(NW1 + cc * D * E, D, E)), DOT_BF16)
+                    ds1n = _operand(tl.load(_mat(NS1 + cc * D * E, D, E)), DOT_BF16)
+                    dw2n = _operand(tl.load(_mat(NW2 + cc * E * D, E, D)), DOT_BF16)
+                    ds2n = _operand(tl.load(_mat(NS2 + cc * E * D, E, D)), DOT_BF16)
+                # the dWn share: W1' = ... + k^T (Ml dl), S1' = ... + k^T (m dl), W2' = ... + h^T (Ml err), ...
+                kdw = _dot(k, dw1n, DOT_BF16)
+                kds = _dot(k, ds1n, DOT_BF16)
+                hdw = _dot(h, dw2n, DOT_BF16)
+                hds = _dot(h, ds2n, DOT_BF16)
+                ddl = ml * kdw + mm * kds
+                dh = _dot(ml * err, tl.trans(dw2n), DOT_BF16) + _dot(mm * err, tl.trans(ds2n), DOT_BF16)
+                du, dp, dz = _through_inner(ddl, ml * hdw + mm * hds, dh, z, ag, u, w2, DOT_BF16)
+                if STAGE == 1:
+                    new_dw1 = gl * dw1n + _dot(kt, dz, DOT_BF16) + tl.load(_mat(X1 + cc * D * E, D, E))
+                    new_ds1 = bl * dw1n + pl * ds1n + tl.load(_mat(XS1 + cc * D * E, D, E))
+                    new_dw2 = (gl * dw2n + _dot(tl.trans(du), err, DOT_BF16) + _dot(ht, dp, DOT_BF16)
+                               + tl.load(_mat(X2 + cc * E * D, E, D)))
+                    new_ds2 = bl * dw2n + pl * ds2n + tl.load(_mat(XS2 + cc * E * D, E, D))
+                    tl.debug_barrier()  # every thread has read the old state gradient before it is overwritten
+                    tl.store(dw1p, new_dw1)
+                    tl.store(ds1p, new_ds1)
+                    tl.store(dw2p, new_dw2)
+                    tl.store(ds2p, new_ds2)
+                    tl.debug_barrier()  # the next chunk reads what other threads wrote
+                else:
+                    s1 = _operand(tl.load(_mat(SS1 + cc * D * E, D, E)), DOT_BF16)
+                    s2 = _operand(tl.load(_mat(SS2 + cc * E * D, E, D)), DOT_BF16)
+                    dk = _dot(ml * dl, tl.trans(dw1n), DOT_BF16) + _dot(mm * dl, tl.trans(ds1n), DOT_BF16)
+                    dk += _dot(dz, tl.trans(w1), DOT_BF16)
+                    if RESIDUAL:
+                        dk += dp
+                    dkp = _mat(DK + tok, C, D)
+                    dvp = _mat(DV + tok, C, D)
+                    tl.store(dkp, tl.load(dkp) + dk)
+                    tl.store(dvp, tl.load(dvp) - dp)
+                    tl.store(DML + cc * C + rc, tl.sum(dl * kdw, 1) + tl.sum(err * hdw, 1))
+                    tl.store(DMM + cc * C + rc, tl.sum(dl * kds, 1) + tl.sum(err * hds, 1))
+                    tl.store(DGL + cc, tl.sum(tl.sum(w1 * dw1n, 1), 0) + tl.sum(tl.sum(w2 * dw2n, 1), 0))
+                    tl.store(DBL + cc, tl.sum(tl.sum(s1 * dw1n, 1), 0) + tl.sum(tl.sum(s2 * dw2n, 1), 0))
+                    tl.store(DPL + cc, tl.sum(tl.sum(s1 * ds1n, 1), 0) + tl.sum(tl.sum(s2 * ds2n, 1), 0))
 
 def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Exception) -> None:
     """Record a compile failure (say, out of shared memory on a smaller GPU) so ``supports`` says no."""
@@ -463,6 +633,11 @@ def _num_warps(D: int, E: int) -> int:
     if override:
         return int(override)
     return 4 if D * E <= 64 * 64 else 8
+
+
+def _three_stage_backward() -> bool:
+    """``TITANS_TRITON_BWD=split``: the depth-2 backward in three stages (see ``_memory_bwd3_kernel``)."""
+    return os.environ.get("TITANS_TRITON_BWD", "fused") == "split"
 
 
 def _split() -> bool:
@@ -497,6 +672,13 @@ def _launch(kernel, BH: int, N: int, args, kw, **fixed) -> None:
         kernel[(BH, N)](*args, MODE=2, **kw, **fixed)
     else:
         kernel[(BH,)](*args, MODE=0, **kw, **fixed)
+
+
+def _launch_stages(BH: int, N: int, args, kw) -> None:
+    """The three-stage backward: dy share (parallel), state-gradient recurrence (sequential), dWn share."""
+    _memory_bwd3_kernel[(BH, N)](*args, STAGE=0, **kw)
+    _memory_bwd3_kernel[(BH,)](*args, STAGE=1, **kw)
+    _memory_bwd3_kernel[(BH, N)](*args, STAGE=2, **kw)
 
 
 def _common(q, W, chunk_size, residual, coefs):
@@ -547,8 +729,14 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     # the saved starts come back from autograd (or a compiled graph) as they were stored; the kernel indexes
     # them as dense buffers, so make sure they are
     starts = [t.contiguous() for t in starts]
-    _launch(_memory_bwd_kernel, B * H, N,
-            (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *outs), kw)
+    if L == 2 and N > 1 and _three_stage_backward():
+        ends = _state_buffers(qf, B * H, N, dstate, L)
+        shares = _state_buffers(qf, B * H, N, dstate, L)  # X1, X2, XS1, XS2: the dy share per chunk
+        args = (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *shares, *outs)
+        _launch_stages(B * H, N, args, {key: val for key, val in kw.items() if key != "L"})
+    else:
+        _launch(_memory_bwd_kernel, B * H, N,
+                (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *outs), kw)
     names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
     res = {n: o.reshape(t.shape).to(t.dtype) for n, o, t in zip(names, outs, like)}
     dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dstate[:2][:L], dW))
