@@ -190,3 +190,13 @@ def test_cli_evaluate_task(tiny_export, tmp_path):
     short = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_export), "--task", "niah_uuid",
                                      "--lengths", "160", "--data", "stdlib"])
     assert short.exit_code == 2 and "too short" in short.output
+    # lists: comma-separated and repeated forms; a bad entry is named
+    two = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_export), "--task", "niah_passkey",
+                                   "--lengths", "300,320", "--lengths", "340", "--depths", "0,1", "--samples", "1",
+                                   "--data", "stdlib", "--output", str(tmp_path / "r2")])
+    assert two.exit_code == 0, two.output
+    cells = json.loads((tmp_path / "r2" / "results.json").read_text())["cells"]
+    assert sorted({c["length"] for c in cells}) == [300, 320, 340] and sorted({c["depth"] for c in cells}) == [0, 1]
+    bad_len = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_export), "--task", "niah_uuid",
+                                       "--lengths", "300,4k"])
+    assert bad_len.exit_code == 2 and "'4k' is not a whole number" in bad_len.output

@@ -25,6 +25,20 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _numbers(values: list[str], kind: type, option: str) -> list:
+    """``--lengths 2048,16384 --lengths 65536`` -> [2048, 16384, 65536]; a bad entry is a usage error naming it."""
+    out = []
+    for value in values:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                out.append(kind(part))
+            except ValueError:
+                _fail(f"--{option}: {part!r} is not {'a whole number' if kind is int else 'a number'}")
+    if not out:
+        _fail(f"--{option}: no values given")
+    return out
+
+
 def _user_errors():
     from titans.utils.checkpoint import CheckpointError
 
@@ -54,9 +68,9 @@ def train(config: str = typer.Option("small", help="builtin name (default, small
 
 
 @app.command(epilog="Examples:\n\n  titans evaluate --checkpoint runs/small --batches 20\n\n"
-             "  titans evaluate --checkpoint runs/niah --task niah --lengths 2048 16384 65536 "
-             "--depths 0 0.5 1 --samples 20 --output results/niah\n\n"
-             "  titans evaluate --checkpoint runs/niah --task babilong --lengths 4096 16384 --output results/babilong")
+             "  titans evaluate --checkpoint runs/niah --task niah --lengths 2048,16384,65536 "
+             "--depths 0,0.5,1 --samples 20 --output results/niah\n\n"
+             "  titans evaluate --checkpoint runs/niah --task babilong --lengths 4096,16384 --output results/babilong")
 def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint folder or export"),
              data: Optional[str] = typer.Option(None, help="data source (default: the run's own validation data); "
                                                 "with --task: the haystack text"),
@@ -65,8 +79,10 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
              buckets: int = typer.Option(8, help="position buckets for loss-by-position"),
              task: list[str] = typer.Option([], help="niah | babilong | a task name (niah_uuid, babilong_qa2, "
                                             "...); repeatable.  Runs the long-context grid instead"),
-             lengths: list[int] = typer.Option([1024, 2048, 4096, 8192, 16384], help="context lengths (tokens)"),
-             depths: list[float] = typer.Option([0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]"),
+             lengths: list[str] = typer.Option(["1024,2048,4096,8192,16384"],
+                                               help="context lengths in tokens, comma-separated or repeated"),
+             depths: list[str] = typer.Option(["0,0.25,0.5,0.75,1"],
+                                              help="needle depths in [0, 1], comma-separated or repeated"),
              samples: int = typer.Option(10, help="examples per cell"),
              piece: int = typer.Option(4096, help="streaming piece length (tokens per forward)"),
              seed: int = typer.Option(0),
@@ -79,7 +95,8 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
     from titans.utils.checkpoint import load_model
 
     if task:
-        _evaluate_tasks(checkpoint, data, task, lengths, depths, samples, piece, seed, output)
+        _evaluate_tasks(checkpoint, data, task, _numbers(lengths, int, "lengths"), _numbers(depths, float, "depths"),
+                        samples, piece, seed, output)
         return
     try:
         model, cfg = load_model(checkpoint)
