@@ -447,6 +447,11 @@ if triton is not None:
     # per-token gradients (stage 2, parallel).  Opt-in (TITANS_TRITON_BWD=split) until timed on a GPU.
 
     @triton.jit
+    def _inner(a, b):
+        """sum_ij a_ij b_ij in float32."""
+        return tl.sum(tl.sum(a.to(tl.float32) * b.to(tl.float32), 1), 0)
+
+    @triton.jit
     def _mlp_at_start(k, v, w1, w2, RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr):
         """The chunk's inner forward at its start weights: z = k W1, h = silu(z), err = 2 (h W2 [+ k] - v),
         u = err W2^T, dl = u * silu'(z)."""
@@ -605,9 +610,10 @@ if triton is not None:
                     tl.store(dvp, tl.load(dvp) - dp)
                     tl.store(DML + cc * C + rc, tl.sum(dl * kdw, 1) + tl.sum(err * hdw, 1))
                     tl.store(DMM + cc * C + rc, tl.sum(dl * kds, 1) + tl.sum(err * hds, 1))
-                    tl.store(DGL + cc, tl.sum(tl.sum(w1 * dw1n, 1), 0) + tl.sum(tl.sum(w2 * dw2n, 1), 0))
-                    tl.store(DBL + cc, tl.sum(tl.sum(s1 * dw1n, 1), 0) + tl.sum(tl.sum(s2 * dw2n, 1), 0))
-                    tl.store(DPL + cc, tl.sum(tl.sum(s1 * ds1n, 1), 0) + tl.sum(tl.sum(s2 * ds2n, 1), 0))
+                    # both factors may be bf16 operand tiles here: products and sums in float32
+                    tl.store(DGL + cc, _inner(w1, dw1n) + _inner(w2, dw2n))
+                    tl.store(DBL + cc, _inner(s1, dw1n) + _inner(s2, dw2n))
+                    tl.store(DPL + cc, _inner(s1, ds1n) + _inner(s2, ds2n))
 
 def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Exception) -> None:
     """Record a compile failure (say, out of shared memory on a smaller GPU) so ``supports`` says no."""
