@@ -70,8 +70,8 @@ def run(backend, ins, L, C, grad=True):
     outs = [y, *W, *S]
     if not grad:
         return outs, None
-    g = torch.Generator(device="cuda").manual_seed(1)
-    loss = sum((o * torch.randn(o.shape, device="cuda", generator=g)).sum() for o in outs)
+    g = torch.Generator(device=q.device).manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, device=q.device, generator=g)).sum() for o in outs)
     return outs, list(torch.autograd.grad(loss, ins))
 
 
