@@ -222,7 +222,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory-backend", default="auto", help="auto | chunked | compiled | fused | triton | naive")
     ap.add_argument("--attention-backend", default="auto", help="auto | sdpa | blocked | flex | reference")
     ap.add_argument("--cuda-graphs", action="store_true", help="capture forward + backward as CUDA graphs")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (combines with --cuda-graphs)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (with --cuda-graphs the capture failed on the H100 with torch 2.11, "
+                         "benchmarks/RESULTS.md section 6)")
     ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                     help="TF32 tensor cores for float32 matmuls (the trainer's default, training.tf32)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
