@@ -110,6 +110,22 @@ def _full(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum((-1, -2))
 
 
+def _readout_backward(dout, x, keys, W, S, g, b, xk, M, A, delta):
+    """Backward of one layer's per-token read ``out = G (x W) + B (x S) + A delta`` with A = (x keys^T) * M
+    (Eq. 16-18 folded into the chunk-start weights W, momentum S and the chunk's gradients delta).
+
+    dout, x: (..., C, d_out / d_in); xk = x keys^T and A (..., C, C).  Returns ``(dG, dBc, dx, dkeys, ddelta, dW, dS,
+    dM)``: the gradients of G and B (..., C), of x and keys, of delta, the shares of W's and S's gradients,
+    and that of M.
+    """
+    dx = (g * dout) @ W.transpose(-1, -2) + (b * dout) @ S.transpose(-1, -2)
+    xt = x.transpose(-1, -2)
+    dA = dout @ delta.transpose(-1, -2)
+    dxk = dA * M
+    return (_rowsum(dout, x @ W), _rowsum(dout, x @ S), dx + dxk @ keys, dxk.transpose(-1, -2) @ x,
+            A.transpose(-1, -2) @ dout, xt @ (g * dout), xt @ (b * dout), dA * xk)
+
+
 def _depth2_hidden(q, k, v, g, b, A1, W1, W2, S1, act, residual: bool):
     """The depth-2 chunk up to layer 2, shared by forward and backward (which recomputes it).
 
@@ -183,16 +199,11 @@ def chunk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, dy, dW_next, dS_n
         dMl, dm = _rowsum(err, kdw), _rowsum(err, kds)
         dk = (ml * err) @ dW1n.transpose(-1, -2) + (mm * err) @ dS1n.transpose(-1, -2)
         # y = G (q W1) + B (q S1) + A1 err
-        dG, dBc = _rowsum(dy, q @ W1), _rowsum(dy, q @ S1)
-        dq = (g * dy) @ W1.transpose(-1, -2) + (b * dy) @ S1.transpose(-1, -2) + (dy if residual else 0)
-        dW1 = dW1 + q.transpose(-1, -2) @ (g * dy)
-        dS1 = dS1 + q.transpose(-1, -2) @ (b * dy)
-        dA1 = dy @ err.transpose(-1, -2)
-        derr = derr + A1.transpose(-1, -2) @ dy
-        dM = dA1 * qk
-        dqk = dA1 * M
-        dq = dq + dqk @ k
-        dk = dk + dqk.transpose(-1, -2) @ q
+        dG, dBc, dq, dkr, derr_y, dW1r, dS1r, dM = _readout_backward(dy, q, k, W1, S1, g, b, qk, M, A1, err)
+        dq = dq + (dy if residual else 0)
+        dW1, dS1 = dW1 + dW1r, dS1 + dS1r
+        derr = derr + derr_y
+        dk = dk + dkr
         # err = 2 (k W1 [+ k] - v)
         dP = 2 * derr
         dv = -dP
@@ -206,7 +217,6 @@ def chunk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, dy, dW_next, dS_n
     dS1n, dS2n = dS_next
     z, h, a1, err, u, dl, zq, hq = _depth2_hidden(q, k, v, g, b, A1, W1, W2, S1, act, residual)
     hh = hq @ h.transpose(-1, -2)
-    A2 = hh * M
     ht = h.transpose(-1, -2)
 
     # W' = G_C W + B_C S + X^T (Ml * Delta),  S' = P_C S + X^T (m * Delta)
@@ -225,31 +235,19 @@ def chunk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, dy, dW_next, dS_n
     dh = (ml * err) @ dW2n.transpose(-1, -2) + (mm * err) @ dS2n.transpose(-1, -2)
 
     # y = G (hq W2) + B (hq S2) + A2 err [+ q]
-    dG = _rowsum(dy, hq @ W2)
-    dBc = _rowsum(dy, hq @ S2)
-    dhq = (g * dy) @ W2.transpose(-1, -2) + (b * dy) @ S2.transpose(-1, -2)
-    dW2 = dW2 + hq.transpose(-1, -2) @ (g * dy)
-    dS2 = dS2 + hq.transpose(-1, -2) @ (b * dy)
-    dA2 = dy @ err.transpose(-1, -2)
-    derr = derr + A2.transpose(-1, -2) @ dy
-    dM = dA2 * hh
-    dhh = dA2 * M
-    dhq = dhq + dhh @ h
-    dh = dh + dhh.transpose(-1, -2) @ hq
+    dG, dBc, dhq, dhr, derr_y, dW2r, dS2r, dM = _readout_backward(dy, hq, h, W2, S2, g, b, hh, M, hh * M, err)
+    dW2, dS2 = dW2 + dW2r, dS2 + dS2r
+    derr = derr + derr_y
+    dh = dh + dhr
 
     # zq = G (q W1) + B (q S1) + A1 dl
     dzq = dhq * act.grad(zq)
-    dG = dG + _rowsum(dzq, q @ W1)
-    dBc = dBc + _rowsum(dzq, q @ S1)
-    dq = (g * dzq) @ W1.transpose(-1, -2) + (b * dzq) @ S1.transpose(-1, -2) + (dy if residual else 0)
-    dW1 = dW1 + q.transpose(-1, -2) @ (g * dzq)
-    dS1 = dS1 + q.transpose(-1, -2) @ (b * dzq)
-    dA1 = dzq @ dl.transpose(-1, -2)
-    ddl = ddl + A1.transpose(-1, -2) @ dzq
-    dM = dM + dA1 * qk
-    dqk = dA1 * M
-    dq = dq + dqk @ k
-    dk = dk + dqk.transpose(-1, -2) @ q
+    dG1, dBc1, dq, dkr, ddl_y, dW1r, dS1r, dM1 = _readout_backward(dzq, q, k, W1, S1, g, b, qk, M, A1, dl)
+    dG, dBc, dM = dG + dG1, dBc + dBc1, dM + dM1
+    dq = dq + (dy if residual else 0)
+    dW1, dS1 = dW1 + dW1r, dS1 + dS1r
+    ddl = ddl + ddl_y
+    dk = dk + dkr
 
     # dl = (err W2^T) * act'(z)
     du = ddl * a1
