@@ -174,6 +174,55 @@ if triton is not None:
                 tl.load(MM + cc * C + rc)[:, None], tl.load(GL + cc), tl.load(BL + cc), tl.load(PL + cc))
 
     @triton.jit
+    def _inner(a, b):
+        """sum_ij a_ij b_ij in float32."""
+        return tl.sum(tl.sum(a.to(tl.float32) * b.to(tl.float32), 1), 0)
+
+    @triton.jit
+    def _mlp_at_start(k, v, w1, w2, RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr):
+        """The chunk's inner forward at its start weights: z = k W1, h = silu(z), err = 2 (h W2 [+ k] - v),
+        u = err W2^T, dl = u * silu'(z)."""
+        z = _dot(k, w1, DOT_BF16)
+        h = _silu(z)
+        ag = _silu_grad(z)
+        p = _dot(h, w2, DOT_BF16)
+        if RESIDUAL:
+            p += k
+        err = 2 * (p - v)
+        u = _dot(err, tl.trans(w2), DOT_BF16)
+        return z, h, ag, err, u, u * ag
+
+    @triton.jit
+    def _through_inner(ddl, derr, dh, z, ag, u, w2, DOT_BF16: tl.constexpr):
+        """Back through dl = (err W2^T) * silu'(z) and err = 2 (h W2 [+ k] - v), h = silu(z), given the
+        gradients reaching dl, err and h: returns du (of u = err W2^T), dp (of p = h W2 [+ k]) and dz."""
+        du = ddl * ag
+        derr += _dot(du, w2, DOT_BF16)
+        dp = 2 * derr
+        dh += _dot(dp, tl.trans(w2), DOT_BF16)
+        dz = ddl * u * _silu_grad2(z) + dh * ag
+        return du, dp, dz
+
+    @triton.jit
+    def _readout_bwd(dout, x, keys, xw, xs, w, s, g, b, xk, mmat, a, delta, DOT_BF16: tl.constexpr):
+        """Backward of one layer's per-token read out = G (x W) + B (x S) + A delta, A = (x keys^T) * M, given
+        xw = x W, xs = x S, xk = x keys^T (the Triton twin of ``fused_update._readout_backward``).  Returns the
+        gradients of G, B, x, keys and delta, the shares of W's and S's gradients, and that of M."""
+        dx = _dot(g * dout, tl.trans(w), DOT_BF16) + _dot(b * dout, tl.trans(s), DOT_BF16)
+        xt = tl.trans(x)
+        da = _dot(dout, tl.trans(delta), DOT_BF16)
+        dxk = da * mmat
+        return (tl.sum(dout * xw, 1), tl.sum(dout * xs, 1), dx + _dot(dxk, keys, DOT_BF16),
+                _dot(tl.trans(dxk), x, DOT_BF16), _dot(tl.trans(a), dout, DOT_BF16), _dot(xt, g * dout, DOT_BF16),
+                _dot(xt, b * dout, DOT_BF16), da * xk)
+
+    @triton.jit
+    def _state_ptrs(A1, B1, A2, B2, bh, D: tl.constexpr, E: tl.constexpr):
+        """Program bh's slices of the four state (or state-gradient) buffers: layer 1 (D, E), layer 2 (E, D)."""
+        return (_mat(A1 + bh * D * E, D, E), _mat(B1 + bh * D * E, D, E), _mat(A2 + bh * E * D, E, D),
+                _mat(B2 + bh * E * D, E, D))
+
+    @triton.jit
     def _memory_fwd_kernel(
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
         W1, W2, S1, S2,  # state buffers (BH, ...), updated in place: initial in, final out
@@ -188,10 +237,7 @@ if triton is not None:
         # MODE 2: one program per (b, h, chunk) reads its chunk's saved start state and writes y: the half
         #         of the work that does not feed the recurrence runs with N times the parallelism.
         bh = tl.program_id(0).to(tl.int64)
-        w1p = _mat(W1 + bh * D * E, D, E)
-        s1p = _mat(S1 + bh * D * E, D, E)
-        w2p = _mat(W2 + bh * E * D, E, D)
-        s2p = _mat(S2 + bh * E * D, E, D)
+        w1p, s1p, w2p, s2p = _state_ptrs(W1, S1, W2, S2, bh, D, E)
         # the walking modes carry the state in registers from chunk to chunk (one load before the walk, one
         # store after it): no round trip through memory and no block-wide barrier in the sequential chain
         # (MODE 2 leaves these loads unused and the compiler drops them; so does depth 1 for layer 2)
@@ -235,13 +281,7 @@ if triton is not None:
                     if SAVE:
                         tl.store(_mat(SW2 + cc * E * D, E, D), w2)
                         tl.store(_mat(SS2 + cc * E * D, E, D), s2)
-                z = _dot(k, w1, DOT_BF16)
-                h = _silu(z)
-                p = _dot(h, w2, DOT_BF16)
-                if RESIDUAL:
-                    p += k
-                err = 2 * (p - v)
-                dl = _dot(err, tl.trans(w2), DOT_BF16) * _silu_grad(z)
+                z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
                 zq = g * _dot(q, w1, DOT_BF16) + b * _dot(q, s1, DOT_BF16) + _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
                 ht = tl.trans(h)
@@ -284,10 +324,7 @@ if triton is not None:
         bh = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, C)
         T = N * C
-        dw1p = _mat(DW1 + bh * D * E, D, E)
-        ds1p = _mat(DS1 + bh * D * E, D, E)
-        dw2p = _mat(DW2 + bh * E * D, E, D)
-        ds2p = _mat(DS2 + bh * E * D, E, D)
+        dw1p, ds1p, dw2p, ds2p = _state_ptrs(DW1, DS1, DW2, DS2, bh, D, E)
         for i in range(1 if MODE == 2 else N):
             if MODE == 2:
                 c = tl.program_id(1).to(tl.int64)
@@ -308,12 +345,13 @@ if triton is not None:
                     tl.store(_mat(NW1 + cc * D * E, D, E), dw1n)
                     tl.store(_mat(NS1 + cc * D * E, D, E), ds1n)
             kt = tl.trans(k)
-            qt = tl.trans(q)
             qk = _dot(q, kt, DOT_BF16)
             a1 = qk * mmat
-            dgl = tl.sum(tl.sum(w1 * dw1n, 1), 0)
-            dbl = tl.sum(tl.sum(s1 * dw1n, 1), 0)
-            dpl = tl.sum(tl.sum(s1 * ds1n, 1), 0)
+            qw1 = _dot(q, w1, DOT_BF16)
+            qs1 = _dot(q, s1, DOT_BF16)
+            dgl = _inner(w1, dw1n)
+            dbl = _inner(s1, dw1n)
+            dpl = _inner(s1, ds1n)
             kdw = _dot(k, dw1n, DOT_BF16)
             kds = _dot(k, ds1n, DOT_BF16)
             if L == 1:
@@ -325,17 +363,13 @@ if triton is not None:
                 dml = tl.sum(err * kdw, 1)
                 dmm = tl.sum(err * kds, 1)
                 dk = _dot(ml * err, tl.trans(dw1n), DOT_BF16) + _dot(mm * err, tl.trans(ds1n), DOT_BF16)
-                dg = tl.sum(dy * _dot(q, w1, DOT_BF16), 1)
-                dbc = tl.sum(dy * _dot(q, s1, DOT_BF16), 1)
-                dq = _dot(g * dy, tl.trans(w1), DOT_BF16) + _dot(b * dy, tl.trans(s1), DOT_BF16)
-                new_dw1 = gl * dw1n + _dot(qt, g * dy, DOT_BF16)
-                new_ds1 = bl * dw1n + pl * ds1n + _dot(qt, b * dy, DOT_BF16)
-                da1 = _dot(dy, tl.trans(err), DOT_BF16)
-                derr += _dot(tl.trans(a1), dy, DOT_BF16)
-                dmat = da1 * qk
-                dqk = da1 * mmat
-                dq += _dot(dqk, k, DOT_BF16)
-                dk += _dot(tl.trans(dqk), q, DOT_BF16)
+                # y = G (q W1) + B (q S1) + A1 err
+                dg, dbc, dq, dkr, derr_y, dw1r, ds1r, dmat = _readout_bwd(
+                    dy, q, k, qw1, qs1, w1, s1, g, b, qk, mmat, a1, err, DOT_BF16)
+                new_dw1 = gl * dw1n + dw1r
+                new_ds1 = bl * dw1n + pl * ds1n + ds1r
+                derr += derr_y
+                dk += dkr
                 dp = 2 * derr
                 dk += _dot(dp, tl.trans(w1), DOT_BF16)
                 if RESIDUAL:
@@ -353,26 +387,15 @@ if triton is not None:
                     if MODE == 1:
                         tl.store(_mat(NW2 + cc * E * D, E, D), dw2n)
                         tl.store(_mat(NS2 + cc * E * D, E, D), ds2n)
-                dgl += tl.sum(tl.sum(w2 * dw2n, 1), 0)
-                dbl += tl.sum(tl.sum(s2 * dw2n, 1), 0)
-                dpl += tl.sum(tl.sum(s2 * ds2n, 1), 0)
+                dgl += _inner(w2, dw2n)
+                dbl += _inner(s2, dw2n)
+                dpl += _inner(s2, ds2n)
                 # recompute the chunk's forward
-                z = _dot(k, w1, DOT_BF16)
-                h = _silu(z)
-                ag = _silu_grad(z)
-                p = _dot(h, w2, DOT_BF16)
-                if RESIDUAL:
-                    p += k
-                err = 2 * (p - v)
-                u = _dot(err, tl.trans(w2), DOT_BF16)
-                dl = u * ag
-                zq = g * _dot(q, w1, DOT_BF16) + b * _dot(q, s1, DOT_BF16) + _dot(a1, dl, DOT_BF16)
+                z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
+                zq = g * qw1 + b * qs1 + _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
                 ht = tl.trans(h)
                 hh = _dot(hq, ht, DOT_BF16)
-                a2 = hh * mmat
-                hqw2 = _dot(hq, w2, DOT_BF16)
-                hqs2 = _dot(hq, s2, DOT_BF16)
                 # the state after the chunk
                 hdw = _dot(h, dw2n, DOT_BF16)
                 hds = _dot(h, ds2n, DOT_BF16)
@@ -383,43 +406,30 @@ if triton is not None:
                 dk = _dot(ml * dl, tl.trans(dw1n), DOT_BF16) + _dot(mm * dl, tl.trans(ds1n), DOT_BF16)
                 dh = _dot(ml * err, tl.trans(dw2n), DOT_BF16) + _dot(mm * err, tl.trans(ds2n), DOT_BF16)
                 # y = G (hq W2) + B (hq S2) + A2 err
-                dg = tl.sum(dy * hqw2, 1)
-                dbc = tl.sum(dy * hqs2, 1)
-                dhq = _dot(g * dy, tl.trans(w2), DOT_BF16) + _dot(b * dy, tl.trans(s2), DOT_BF16)
-                hqt = tl.trans(hq)
-                new_dw2 = gl * dw2n + _dot(hqt, g * dy, DOT_BF16)
-                new_ds2 = bl * dw2n + pl * ds2n + _dot(hqt, b * dy, DOT_BF16)
-                da2 = _dot(dy, tl.trans(err), DOT_BF16)
-                derr += _dot(tl.trans(a2), dy, DOT_BF16)
-                dmat = da2 * hh
-                dhh = da2 * mmat
-                dhq += _dot(dhh, h, DOT_BF16)
-                dh += _dot(tl.trans(dhh), hq, DOT_BF16)
+                dg, dbc, dhq, dhr, derr_y, dw2r, ds2r, dmat = _readout_bwd(
+                    dy, hq, h, _dot(hq, w2, DOT_BF16), _dot(hq, s2, DOT_BF16), w2, s2, g, b, hh, mmat, hh * mmat,
+                    err, DOT_BF16)
+                new_dw2 = gl * dw2n + dw2r
+                new_ds2 = bl * dw2n + pl * ds2n + ds2r
+                derr += derr_y
+                dh += dhr
                 # zq = G (q W1) + B (q S1) + A1 dl
                 dzq = dhq * _silu_grad(zq)
-                dg += tl.sum(dzq * _dot(q, w1, DOT_BF16), 1)
-                dbc += tl.sum(dzq * _dot(q, s1, DOT_BF16), 1)
-                dq = _dot(g * dzq, tl.trans(w1), DOT_BF16) + _dot(b * dzq, tl.trans(s1), DOT_BF16)
-                new_dw1 = gl * dw1n + _dot(qt, g * dzq, DOT_BF16)
-                new_ds1 = bl * dw1n + pl * ds1n + _dot(qt, b * dzq, DOT_BF16)
-                da1 = _dot(dzq, tl.trans(dl), DOT_BF16)
-                ddl += _dot(tl.trans(a1), dzq, DOT_BF16)
-                dmat += da1 * qk
-                dqk = da1 * mmat
-                dq += _dot(dqk, k, DOT_BF16)
-                dk += _dot(tl.trans(dqk), q, DOT_BF16)
-                # dl = (err W2^T) * silu'(z)
-                du = ddl * ag
-                derr += _dot(du, w2, DOT_BF16)
+                dg1, dbc1, dq, dkr, ddl_y, dw1r, ds1r, dmat1 = _readout_bwd(
+                    dzq, q, k, qw1, qs1, w1, s1, g, b, qk, mmat, a1, dl, DOT_BF16)
+                dg += dg1
+                dbc += dbc1
+                dmat += dmat1
+                new_dw1 = gl * dw1n + dw1r
+                new_ds1 = bl * dw1n + pl * ds1n + ds1r
+                ddl += ddl_y
+                dk += dkr
+                # dl = (err W2^T) * silu'(z), err = 2 (h W2 [+ k] - v), h = silu(z), z = k W1
+                du, dp, dz = _through_inner(ddl, derr, dh, z, ag, u, w2, DOT_BF16)
                 new_dw2 += _dot(tl.trans(du), err, DOT_BF16)
-                dz = ddl * u * _silu_grad2(z)
-                # err = 2 (h W2 [+ k] - v)
-                dp = 2 * derr
-                dh += _dot(dp, tl.trans(w2), DOT_BF16)
                 new_dw2 += _dot(ht, dp, DOT_BF16)
                 if RESIDUAL:
                     dk += dp
-                dz += dh * ag
                 dk += _dot(dz, tl.trans(w1), DOT_BF16)
                 new_dw1 += _dot(kt, dz, DOT_BF16)
                 if MODE != 2:
@@ -455,36 +465,6 @@ if triton is not None:
     # per-token gradients (stage 2, parallel).  Opt-in (TITANS_TRITON_BWD=split) until timed on a GPU.
 
     @triton.jit
-    def _inner(a, b):
-        """sum_ij a_ij b_ij in float32."""
-        return tl.sum(tl.sum(a.to(tl.float32) * b.to(tl.float32), 1), 0)
-
-    @triton.jit
-    def _mlp_at_start(k, v, w1, w2, RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr):
-        """The chunk's inner forward at its start weights: z = k W1, h = silu(z), err = 2 (h W2 [+ k] - v),
-        u = err W2^T, dl = u * silu'(z)."""
-        z = _dot(k, w1, DOT_BF16)
-        h = _silu(z)
-        ag = _silu_grad(z)
-        p = _dot(h, w2, DOT_BF16)
-        if RESIDUAL:
-            p += k
-        err = 2 * (p - v)
-        u = _dot(err, tl.trans(w2), DOT_BF16)
-        return z, h, ag, err, u, u * ag
-
-    @triton.jit
-    def _through_inner(ddl, derr, dh, z, ag, u, w2, DOT_BF16: tl.constexpr):
-        """Back through dl = (err W2^T) * silu'(z) and err = 2 (h W2 [+ k] - v), h = silu(z), given the
-        gradients reaching dl, err and h: returns du (of u = err W2^T), dp (of p = h W2 [+ k]) and dz."""
-        du = ddl * ag
-        derr += _dot(du, w2, DOT_BF16)
-        dp = 2 * derr
-        dh += _dot(dp, tl.trans(w2), DOT_BF16)
-        dz = ddl * u * _silu_grad2(z) + dh * ag
-        return du, dp, dz
-
-    @triton.jit
     def _memory_bwd3_kernel(
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
         SW1, SW2, SS1, SS2,  # chunk-start states from the forward (BH, N, ...)
@@ -499,10 +479,7 @@ if triton is not None:
         bh = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, C)
         T = N * C
-        dw1p = _mat(DW1 + bh * D * E, D, E)
-        ds1p = _mat(DS1 + bh * D * E, D, E)
-        dw2p = _mat(DW2 + bh * E * D, E, D)
-        ds2p = _mat(DS2 + bh * E * D, E, D)
+        dw1p, ds1p, dw2p, ds2p = _state_ptrs(DW1, DS1, DW2, DS2, bh, D, E)
         for i in range(N if STAGE == 1 else 1):
             if STAGE == 1:
                 c = N - 1 - i
@@ -527,32 +504,15 @@ if triton is not None:
                 zq = g * qw1 + b * qs1 + _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
                 hh = _dot(hq, ht, DOT_BF16)
-                a2 = hh * mmat
-                hqt = tl.trans(hq)
-                dg = tl.sum(dy * _dot(hq, w2, DOT_BF16), 1)
-                dbc = tl.sum(dy * _dot(hq, s2, DOT_BF16), 1)
-                dhq = _dot(g * dy, tl.trans(w2), DOT_BF16) + _dot(b * dy, tl.trans(s2), DOT_BF16)
-                x2 = _dot(hqt, g * dy, DOT_BF16)
-                xs2 = _dot(hqt, b * dy, DOT_BF16)
-                da2 = _dot(dy, tl.trans(err), DOT_BF16)
-                derr = _dot(tl.trans(a2), dy, DOT_BF16)
-                dmat = da2 * hh
-                dhh = da2 * mmat
-                dhq += _dot(dhh, h, DOT_BF16)
-                dh = _dot(tl.trans(dhh), hq, DOT_BF16)
+                dg, dbc, dhq, dh, derr, x2, xs2, dmat = _readout_bwd(
+                    dy, hq, h, _dot(hq, w2, DOT_BF16), _dot(hq, s2, DOT_BF16), w2, s2, g, b, hh, mmat, hh * mmat,
+                    err, DOT_BF16)
                 dzq = dhq * _silu_grad(zq)
-                dg += tl.sum(dzq * qw1, 1)
-                dbc += tl.sum(dzq * qs1, 1)
-                dq = _dot(g * dzq, tl.trans(w1), DOT_BF16) + _dot(b * dzq, tl.trans(s1), DOT_BF16)
-                qt = tl.trans(q)
-                x1 = _dot(qt, g * dzq, DOT_BF16)
-                xs1 = _dot(qt, b * dzq, DOT_BF16)
-                da1 = _dot(dzq, tl.trans(dl), DOT_BF16)
-                ddl = _dot(tl.trans(a1), dzq, DOT_BF16)
-                dmat += da1 * qk
-                dqk = da1 * mmat
-                dq += _dot(dqk, k, DOT_BF16)
-                dk = _dot(tl.trans(dqk), q, DOT_BF16)
+                dg1, dbc1, dq, dk, ddl, x1, xs1, dmat1 = _readout_bwd(
+                    dzq, q, k, qw1, qs1, w1, s1, g, b, qk, mmat, a1, dl, DOT_BF16)
+                dg += dg1
+                dbc += dbc1
+                dmat += dmat1
                 du, dp, dz = _through_inner(ddl, derr, dh, z, ag, u, w2, DOT_BF16)
                 x2 += _dot(tl.trans(du), err, DOT_BF16) + _dot(ht, dp, DOT_BF16)
                 x1 += _dot(kt, dz, DOT_BF16)
