@@ -217,6 +217,24 @@ if triton is not None:
                 _dot(xt, b * dout, DOT_BF16), da * xk)
 
     @triton.jit
+    def _layer_tiles(SW, SS, NW, NS, dwp, dsp, cc, R: tl.constexpr, Cn: tl.constexpr, MODE: tl.constexpr,
+                     DOT_BF16: tl.constexpr):
+        """One layer's tiles for chunk cc of the two-pass backward: its start weights and momentum (R, Cn) and
+        the gradients of its end state (stored by MODE 1, read by MODE 2; the walk reads the running ones)."""
+        w = _operand(tl.load(_mat(SW + cc * R * Cn, R, Cn)), DOT_BF16)
+        s = _operand(tl.load(_mat(SS + cc * R * Cn, R, Cn)), DOT_BF16)
+        if MODE == 2:
+            dwn = tl.load(_mat(NW + cc * R * Cn, R, Cn))
+            dsn = tl.load(_mat(NS + cc * R * Cn, R, Cn))
+        else:
+            dwn = tl.load(dwp)
+            dsn = tl.load(dsp)
+            if MODE == 1:
+                tl.store(_mat(NW + cc * R * Cn, R, Cn), dwn)
+                tl.store(_mat(NS + cc * R * Cn, R, Cn), dsn)
+        return w, s, dwn, dsn
+
+    @triton.jit
     def _state_ptrs(A1, B1, A2, B2, bh, D: tl.constexpr, E: tl.constexpr):
         """Program bh's slices of the four state (or state-gradient) buffers: layer 1 (D, E), layer 2 (E, D)."""
         return (_mat(A1 + bh * D * E, D, E), _mat(B1 + bh * D * E, D, E), _mat(A2 + bh * E * D, E, D),
@@ -333,17 +351,7 @@ if triton is not None:
             tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
                 Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
             dy = tl.load(_mat(DY + tok, C, D))
-            w1 = _operand(tl.load(_mat(SW1 + cc * D * E, D, E)), DOT_BF16)
-            s1 = _operand(tl.load(_mat(SS1 + cc * D * E, D, E)), DOT_BF16)
-            if MODE == 2:
-                dw1n = tl.load(_mat(NW1 + cc * D * E, D, E))
-                ds1n = tl.load(_mat(NS1 + cc * D * E, D, E))
-            else:
-                dw1n = tl.load(dw1p)
-                ds1n = tl.load(ds1p)
-                if MODE == 1:
-                    tl.store(_mat(NW1 + cc * D * E, D, E), dw1n)
-                    tl.store(_mat(NS1 + cc * D * E, D, E), ds1n)
+            w1, s1, dw1n, ds1n = _layer_tiles(SW1, SS1, NW1, NS1, dw1p, ds1p, cc, D, E, MODE, DOT_BF16)
             kt = tl.trans(k)
             qk = _dot(q, kt, DOT_BF16)
             a1 = qk * mmat
@@ -376,17 +384,7 @@ if triton is not None:
                     dk += dp
                 new_dw1 += _dot(kt, dp, DOT_BF16)
             else:
-                w2 = _operand(tl.load(_mat(SW2 + cc * E * D, E, D)), DOT_BF16)
-                s2 = _operand(tl.load(_mat(SS2 + cc * E * D, E, D)), DOT_BF16)
-                if MODE == 2:
-                    dw2n = tl.load(_mat(NW2 + cc * E * D, E, D))
-                    ds2n = tl.load(_mat(NS2 + cc * E * D, E, D))
-                else:
-                    dw2n = tl.load(dw2p)
-                    ds2n = tl.load(ds2p)
-                    if MODE == 1:
-                        tl.store(_mat(NW2 + cc * E * D, E, D), dw2n)
-                        tl.store(_mat(NS2 + cc * E * D, E, D), ds2n)
+                w2, s2, dw2n, ds2n = _layer_tiles(SW2, SS2, NW2, NS2, dw2p, ds2p, cc, E, D, MODE, DOT_BF16)
                 dgl += _inner(w2, dw2n)
                 dbl += _inner(s2, dw2n)
                 dpl += _inner(s2, ds2n)
