@@ -697,12 +697,13 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     qf = _flat(q)
     dstate = _state4(dW, dS)
     outs = [torch.empty_like(qf) for _ in range(3)] + [torch.empty_like(t) for t in coef]
-    ends = _state_buffers(qf, B * H, N, dstate, L) if (_split() and N > 1) else [qf.new_empty(1)] * 4
     # the saved starts come back from autograd (or a compiled graph) as they were stored; the kernel indexes
     # them as dense buffers, so make sure they are
     starts = [t.contiguous() for t in starts]
-    if L == 2 and N > 1 and _three_stage_backward():
-        ends = _state_buffers(qf, B * H, N, dstate, L)
+    three_stage = L == 2 and N > 1 and _three_stage_backward()
+    # the gradient of each chunk's end state, written by the walking pass for the parallel one
+    ends = _state_buffers(qf, B * H, N, dstate, L) if (three_stage or _split() and N > 1) else [qf.new_empty(1)] * 4
+    if three_stage:
         shares = _state_buffers(qf, B * H, N, dstate, L)  # X1, X2, XS1, XS2: the dy share per chunk
         args = (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *shares, *outs)
         _launch_stages(B * H, N, args, {key: val for key, val in kw.items() if key != "L"})
