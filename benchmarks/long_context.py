@@ -21,11 +21,46 @@ from titans.inference.long_context import evaluate_tasks, markdown_table, write_
 from titans.training.trainer import train
 from titans.utils.checkpoint import load_model
 from titans.utils.config import load_config
+from titans.utils.io import atomic_write_text
+
+
+def plot_summary(summary: dict, path: Path) -> None:
+    """One panel per task and metric: the metric averaged over depths against context length, one line per
+    variant (the compact view of all the heat maps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = summary["variants"]
+    tasks = sorted({c["task"] for v in variants.values() for c in v["cells"]})
+    metrics = [("accuracy", "exact match (%)"), ("token_accuracy", "answer tokens right (%)")]
+    fig, axes = plt.subplots(len(tasks), len(metrics), figsize=(5 * len(metrics), 3.2 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        for j, (metric, label) in enumerate(metrics):
+            ax = axes[i][j]
+            for name, v in variants.items():
+                cells = [c for c in v["cells"] if c["task"] == task]
+                lengths = sorted({c["length"] for c in cells})
+                ys = [100 * sum(c[metric] for c in cells if c["length"] == L)
+                      / sum(1 for c in cells if c["length"] == L) for L in lengths]
+                ax.plot(lengths, ys, marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-3, 103)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel(label)
+            ax.set_title(task)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="+", default=["mac", "mag", "mal", "lmm", "swa"])
+    ap.add_argument("--config", default="long_context", help="config name or YAML file the variants start from")
     ap.add_argument("--source", default="/usr/share/dictd/gcide.dict.dz")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--set", nargs="*", default=[], dest="overrides")
@@ -33,32 +68,47 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--out", default="benchmarks/results/long_context")
+    ap.add_argument("--piece", type=int, default=2048, help="streaming piece length of the evaluation")
+    ap.add_argument("--out", default="benchmarks/results/long_context",
+                    help="summary.json, summary.md and summary.png go here")
+    ap.add_argument("--runs-dir", default=None,
+                    help="checkpoints and per-variant reports (default: OUT); keep them apart when OUT must stay small")
     args = ap.parse_args()
     out = Path(args.out)
+    runs = Path(args.runs_dir) if args.runs_dir else out
+    out.mkdir(parents=True, exist_ok=True)
     summary = {"args": vars(args), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "date": time.strftime("%Y-%m-%d"), "variants": {}}
+    report = []
     for v in args.variants:
-        cfg = load_config("long_context", [f"model.variant={v}", f"data.source={args.source}",
-                                           f"training.max_steps={args.steps}", f"training.eval_every={args.steps}",
-                                           f"training.ckpt_every={args.steps}", f"training.out_dir={out}/run_{v}",
-                                           "logging.progress=false", "logging.tensorboard=false", *args.overrides])
+        cfg = load_config(args.config, [f"model.variant={v}", f"data.source={args.source}",
+                                        f"training.max_steps={args.steps}", f"training.eval_every={args.steps}",
+                                        f"training.ckpt_every={args.steps}", f"training.out_dir={runs}/run_{v}",
+                                        "logging.progress=false", "logging.tensorboard=false", *args.overrides])
         t0 = time.perf_counter()
         s = train(cfg)
         train_s = time.perf_counter() - t0
-        model, cfg = load_model(out / f"run_{v}", "cuda" if torch.cuda.is_available() else "cpu")
+        model, cfg = load_model(runs / f"run_{v}", "cuda" if torch.cuda.is_available() else "cpu")
         tok = load_tokenizer(cfg.data.tokenizer)
         hay = Haystack(args.source, tok, split="val")
         amp = torch.bfloat16 if torch.cuda.is_available() else None
-        res = evaluate_tasks(model, tok, args.tasks, args.lengths, args.depths, args.samples, hay, piece=2048,
+        res = evaluate_tasks(model, tok, args.tasks, args.lengths, args.depths, args.samples, hay, piece=args.piece,
                              amp_dtype=amp, progress=False)
         res.update(variant=v, params=model.num_parameters(), train_tokens=s["tokens_seen"], train_seconds=train_s,
-                   val_bpb=s.get("val_bpb"))
-        write_report(res, out / f"eval_{v}")
-        print(f"## {v}: params {res['params']:,}, {s['tokens_seen']:,} training tokens in {train_s:.0f} s, "
-              f"val bpb {s.get('val_bpb', float('nan')):.3f}\n{markdown_table(res)}\n", flush=True)
-        summary["variants"][v] = {k: res[k] for k in ("params", "train_tokens", "train_seconds", "val_bpb", "cells")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+                   val_bpb=s.get("val_bpb"), final_train_loss=s.get("train_loss"))
+        write_report(res, runs / f"eval_{v}")
+        text = (f"## {v}: params {res['params']:,}, {s['tokens_seen']:,} training tokens in {train_s:.0f} s, "
+                f"val bpb {s.get('val_bpb', float('nan')):.3f}, evaluation {res['seconds']:.0f} s\n\n"
+                f"exact match (%):\n\n{markdown_table(res)}\n\n"
+                f"answer tokens right (%):\n\n{markdown_table(res, 'token_accuracy')}\n")
+        print(text, flush=True)
+        report.append(text)
+        summary["variants"][v] = {k: res[k] for k in ("params", "train_tokens", "train_seconds", "val_bpb",
+                                                      "final_train_loss", "seconds", "cells")}
+        # written after every variant so a run stopped by a time limit keeps what it finished
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(out / "summary.md", "\n".join(report))
+        plot_summary(summary, out / "summary.png")
 
 
 if __name__ == "__main__":

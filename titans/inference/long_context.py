@@ -66,7 +66,7 @@ def evaluate_tasks(model, tokenizer: Tokenizer, tasks: list[str], lengths: list[
     for task, L, depth in cells:
         exs = [make_example(task, L, seed * 100_003 + i, tokenizer, haystack, depth=depth if depth is not None else 0.5)
                for i in range(samples)]
-        correct = 0
+        correct = first = tokens_right = tokens_total = 0
         preds = []
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -78,11 +78,16 @@ def evaluate_tasks(model, tokenizer: Tokenizer, tasks: list[str], lengths: list[
             for e, o in zip(group, out):
                 ok = o[:len(e.answer_ids)] == e.answer_ids
                 correct += ok
+                # partial credit shows learning long before exact match does (a 5-digit key is all or nothing)
+                first += o[0] == e.answer_ids[0]
+                tokens_right += sum(a == b for a, b in zip(o, e.answer_ids))
+                tokens_total += len(e.answer_ids)
                 preds.append({"answer": e.answer, "prediction": tokenizer.decode(o[:len(e.answer_ids)]),
                               "correct": bool(ok)})
             bar.update(L * len(group))
             bar.set_postfix(task=task, length=L, acc=f"{correct / max(len(preds), 1):.2f}", refresh=False)
         rows.append({"task": task, "length": L, "depth": depth, "samples": samples, "accuracy": correct / samples,
+                     "first_token_accuracy": first / samples, "token_accuracy": tokens_right / tokens_total,
                      "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
                      "examples": preds[:4]})
     bar.close()
@@ -90,8 +95,9 @@ def evaluate_tasks(model, tokenizer: Tokenizer, tasks: list[str], lengths: list[
             "seconds": time.perf_counter() - t0, "cells": rows}
 
 
-def markdown_table(result: dict) -> str:
-    """Rows: task (and depth); columns: context lengths; cells: accuracy in percent."""
+def markdown_table(result: dict, metric: str = "accuracy") -> str:
+    """Rows: task (and depth); columns: context lengths; cells: ``metric`` of each cell in percent
+    ("accuracy" = exact match, "first_token_accuracy", "token_accuracy" = share of answer tokens right)."""
     lengths = result["lengths"]
     head = "| task | depth | " + " | ".join(f"{L:,}" for L in lengths) + " |"
     lines = [head, "| --- | --- | " + " | ".join("---" for _ in lengths) + " |"]
@@ -101,7 +107,7 @@ def markdown_table(result: dict) -> str:
         if k not in keys:
             keys.append(k)
     for task, depth in keys:
-        acc = {c["length"]: c["accuracy"] for c in result["cells"] if c["task"] == task and c["depth"] == depth}
+        acc = {c["length"]: c[metric] for c in result["cells"] if c["task"] == task and c["depth"] == depth}
         vals = " | ".join(f"{100 * acc[L]:.0f}" if L in acc else "-" for L in lengths)
         lines.append(f"| {task} | {'all' if depth is None else depth} | {vals} |")
     return "\n".join(lines)

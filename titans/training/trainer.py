@@ -14,6 +14,7 @@ import math
 import signal
 import time
 import warnings
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -233,6 +234,7 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     skipped_steps = consecutive_skips = 0
     run_model.train()
     interrupted = False
+    recent_losses: deque[float] = deque(maxlen=50)  # the summary's train_loss: mean of the last 50 steps
     with _StopFlag() as flag:
         while step < tc.max_steps:
             batch, labels = (t.to(device) for t in batcher.batch(step))
@@ -268,6 +270,7 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
             now = time.perf_counter()
             tok_s = tokens_per_step / max(now - t_last, 1e-9)
             t_last = now
+            recent_losses.append(loss_sum)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             record = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
@@ -298,7 +301,8 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
         torch.distributed.barrier()
     summary = {"step": step, "tokens_seen": tokens_seen, "interrupted": interrupted, "out_dir": str(out_dir),
                "checkpoint": str(out_dir / "checkpoints"), "metrics": str(out_dir / "metrics.jsonl"),
-               "tensorboard": str(out_dir / "tensorboard"), **last_eval}
+               "tensorboard": str(out_dir / "tensorboard"),
+               "train_loss": sum(recent_losses) / len(recent_losses) if recent_losses else None, **last_eval}
     return summary
 
 

@@ -1,7 +1,7 @@
 """Training batches that mix language modelling with long-context tasks (issue 6's training recipe).
 
-A row is, with probability ``task_fraction``, a task example of exactly ``seq_len + 1`` tokens
-(context, question, answer) whose labels are -100 everywhere except the answer, so the whole row's
+A row is, with probability ``task_fraction``, a task example (context, question, answer) placed at a random
+position inside language-modelling text, labelled -100 everywhere except the answer, so the whole row's
 gradient teaches retrieval; otherwise a language-modelling window with every token labelled.  Like
 :class:`titans.data.dataloader.TokenBatcher`, a batch is a pure function of (seed, step, rank, world).
 """
@@ -50,8 +50,13 @@ class TaskMixtureBatcher:
             ex = make_example(task, length, ex_seed, self.tokenizer, self.haystack, depth=float(rng.random()))
             row = ex.input_ids + ex.answer_ids
             row = row[:total]
-            start = total - len(row)  # the example ends the row; LM text before it
-            ids[r, start:] = torch.tensor(row)
+            # the example ends at a random position (LM text before and after it): MAC attends within fixed
+            # segments, and an answer that always closed the row would always sit at the same segment phase,
+            # with the question in its own segment; at test time the answer may begin a new segment, where
+            # only the memory still holds the question (benchmarks/RESULTS.md section 4d)
+            end = int(rng.integers(len(row), total + 1))
+            start = end - len(row)
+            ids[r, start:end] = torch.tensor(row)
             labels[r] = -100
             a0 = start + len(ex.input_ids)
             labels[r, a0:a0 + len(ex.answer_ids)] = ids[r, a0:a0 + len(ex.answer_ids)]
