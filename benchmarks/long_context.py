@@ -95,16 +95,18 @@ def main() -> None:
         res = evaluate_tasks(model, tok, args.tasks, args.lengths, args.depths, args.samples, hay, piece=args.piece,
                              amp_dtype=amp, progress=False)
         res.update(variant=v, params=model.num_parameters(), train_tokens=s["tokens_seen"], train_seconds=train_s,
-                   val_bpb=s.get("val_bpb"), final_train_loss=s.get("train_loss"))
+                   val_bpb=s.get("val_bpb"), final_train_loss=s.get("train_loss"),
+                   skipped_steps=s.get("skipped_steps"))
         write_report(res, runs / f"eval_{v}")
         text = (f"## {v}: params {res['params']:,}, {s['tokens_seen']:,} training tokens in {train_s:.0f} s, "
-                f"val bpb {s.get('val_bpb', float('nan')):.3f}, evaluation {res['seconds']:.0f} s\n\n"
+                f"val bpb {s.get('val_bpb', float('nan')):.3f}, train loss (last 50 steps) {s.get('train_loss')}, "
+                f"{s.get('skipped_steps')} steps skipped (non-finite gradients), evaluation {res['seconds']:.0f} s\n\n"
                 f"exact match (%):\n\n{markdown_table(res)}\n\n"
                 f"answer tokens right (%):\n\n{markdown_table(res, 'token_accuracy')}\n")
         print(text, flush=True)
         report.append(text)
         summary["variants"][v] = {k: res[k] for k in ("params", "train_tokens", "train_seconds", "val_bpb",
-                                                      "final_train_loss", "seconds", "cells")}
+                                                      "final_train_loss", "skipped_steps", "seconds", "cells")}
         # written after every variant so a run stopped by a time limit keeps what it finished
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         atomic_write_text(out / "summary.md", "\n".join(report))

@@ -300,6 +300,7 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     if dist.world_size > 1:
         torch.distributed.barrier()
     summary = {"step": step, "tokens_seen": tokens_seen, "interrupted": interrupted, "out_dir": str(out_dir),
+               "skipped_steps": skipped_steps,
                "checkpoint": str(out_dir / "checkpoints"), "metrics": str(out_dir / "metrics.jsonl"),
                "tensorboard": str(out_dir / "tensorboard"),
                "train_loss": sum(recent_losses) / len(recent_losses) if recent_losses else None, **last_eval}
