@@ -86,7 +86,15 @@ def main() -> None:
                                         f"training.ckpt_every={args.steps}", f"training.out_dir={runs}/run_{v}",
                                         "logging.progress=false", "logging.tensorboard=false", *args.overrides])
         t0 = time.perf_counter()
-        s = train(cfg)
+        try:
+            s = train(cfg)
+        except RuntimeError as e:  # a diverged run is a result too: record it and go on with the next variant
+            print(f"## {v}: training failed: {e}", flush=True)
+            report.append(f"## {v}: training failed after {time.perf_counter() - t0:.0f} s: {e}\n")
+            summary["variants"][v] = {"error": str(e), "cells": []}
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+            atomic_write_text(out / "summary.md", "\n".join(report))
+            continue
         train_s = time.perf_counter() - t0
         model, cfg = load_model(runs / f"run_{v}", "cuda" if torch.cuda.is_available() else "cpu")
         tok = load_tokenizer(cfg.data.tokenizer)
