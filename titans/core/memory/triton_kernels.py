@@ -26,9 +26,11 @@ L2) instead: carried in registers next to its activations it needed more than an
 The forward stores each chunk's starting state for the backward, which recomputes the chunk (the chunk's
 activations are never kept).  Read-only state tiles are held as bf16 operands (fewer register spills).
 
-``TITANS_TRITON_BWD=split`` selects a three-stage depth-2 backward instead (``_memory_bwd3_kernel``: the
-dy share in parallel, the state-gradient recurrence over the dWn share alone, the dWn share in parallel);
-tested against the PyTorch core, not yet timed on a GPU.
+Depth 2 (more than one chunk) takes a three-stage backward (``_memory_bwd3_kernel``: the dy share in
+parallel, the state-gradient recurrence over the dWn share alone, the dWn share in parallel): on an H100
+23.3 vs 23.6 ms forward + backward at 8x8x4096 and 169.7K vs 165.3K MAC training tokens/s against the
+two-pass backward (benchmarks/RESULTS.md section 6), which depth 1 and single-chunk inputs use and
+``TITANS_TRITON_BWD=fused`` selects for depth 2 too (A/B comparisons).
 
 Both directions reach autograd and ``torch.compile`` as the custom ops ``titans::memory_core_forward`` /
 ``titans::memory_core_backward`` (end of this module).
@@ -460,7 +462,7 @@ if triton is not None:
     # of dq, dg, dB, dM, the dy share of dk and dv, and X_c, the dy share of the chunk's state-gradient
     # update), a sequential recurrence over the dWn share only (stage 1: dW_c = A_c(dW_{c+1}) + X_c, about a
     # third of the matmuls of the fused walk and no dy-side activations held) and the dWn share of the
-    # per-token gradients (stage 2, parallel).  Opt-in (TITANS_TRITON_BWD=split) until timed on a GPU.
+    # per-token gradients (stage 2, parallel).  The depth-2 default (TITANS_TRITON_BWD=fused: two-pass).
 
     @triton.jit
     def _memory_bwd3_kernel(
@@ -608,8 +610,12 @@ def _num_warps(D: int, E: int) -> int:
 
 
 def _three_stage_backward() -> bool:
-    """``TITANS_TRITON_BWD=split``: the depth-2 backward in three stages (see ``_memory_bwd3_kernel``)."""
-    return os.environ.get("TITANS_TRITON_BWD", "fused") == "split"
+    """The depth-2 backward in three stages (see ``_memory_bwd3_kernel``) unless ``TITANS_TRITON_BWD=fused``
+    asks for the two-pass one."""
+    mode = os.environ.get("TITANS_TRITON_BWD", "split")
+    if mode not in ("split", "fused"):
+        raise ValueError(f"TITANS_TRITON_BWD={mode!r}: expected 'split' (three-stage) or 'fused' (two-pass)")
+    return mode == "split"
 
 
 def _split() -> bool:
