@@ -34,13 +34,17 @@ def plot_summary(summary: dict, path: Path) -> None:
 
     variants = summary["variants"]
     tasks = sorted({c["task"] for v in variants.values() for c in v["cells"]})
-    metrics = [("accuracy", "exact match (%)"), ("token_accuracy", "answer tokens right (%)")]
-    fig, axes = plt.subplots(len(tasks), len(metrics), figsize=(5 * len(metrics), 3.2 * len(tasks)), squeeze=False)
+    metrics = [("accuracy", "exact match (%)"), ("first_token_accuracy", "first answer token right (%)"),
+               ("token_accuracy", "answer tokens right (%)")]
+    fig, axes = plt.subplots(len(tasks), len(metrics), figsize=(4.5 * len(metrics), 3.2 * len(tasks)),
+                             squeeze=False)
     for i, task in enumerate(tasks):
         for j, (metric, label) in enumerate(metrics):
             ax = axes[i][j]
             for name, v in variants.items():
                 cells = [c for c in v["cells"] if c["task"] == task]
+                if not cells:  # a variant whose training failed
+                    continue
                 lengths = sorted({c["length"] for c in cells})
                 ys = [100 * sum(c[metric] for c in cells if c["length"] == L)
                       / sum(1 for c in cells if c["length"] == L) for L in lengths]
