@@ -68,6 +68,8 @@ class ModelConfig(_Strict):
     memory_max_lr: float | None = Field(None, gt=0)  # None: 0.125 / memory_chunk_size
     memory_gates_per_chunk: bool = False
     memory_output_gate: bool = True
+    memory_normalize_values: bool = Field(False, description="l2-normalise the memory's values per head (a "
+                                          "stable inner loop when value norms grow; RESULTS.md 4e)")
     memory_backend: Literal["auto", "naive", "chunked", "compiled", "fused", "triton"] = "auto"
 
     @model_validator(mode="after")

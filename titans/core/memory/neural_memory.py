@@ -139,6 +139,7 @@ class NeuralMemory(nn.Module):
         max_lr: bound on the effective step: theta = max_lr * (1 - eta) * sigmoid(.); None: 0.125 / chunk_size.
         gates_per_chunk: one theta / eta / alpha per chunk (from its first token) instead of per token.
         output_gate: sigmoid gate from a linear map of x before the output projection.
+        normalize_values: l2-normalise v per head like q and k (the output's RMS norm restores the scale).
         backend: "auto" | "naive" | "chunked" | "compiled" | "fused" | "triton" (see ``neural_memory_update``).
     """
 
@@ -146,7 +147,7 @@ class NeuralMemory(nn.Module):
         self, dim: int, heads: int = 4, head_dim: int | None = None, depth: int = 2, expansion: float = 2.0,
         activation: str = "silu", residual: bool = True, chunk_size: int = 16, conv_kernel: int = 4,
         momentum: bool = True, weight_decay: bool = True, max_lr: float | None = None, gates_per_chunk: bool = False,
-        output_gate: bool = True, backend: str = "auto", norm_eps: float = 1e-6,
+        output_gate: bool = True, backend: str = "auto", norm_eps: float = 1e-6, normalize_values: bool = False,
     ) -> None:
         super().__init__()
         if dim < 1 or heads < 1:
@@ -168,6 +169,7 @@ class NeuralMemory(nn.Module):
         if max_lr is not None and max_lr <= 0:
             raise ValueError(f"max_lr={max_lr}: expected > 0 (or None for 0.125 / chunk_size)")
         self.max_lr = max_lr if max_lr is not None else DEFAULT_MAX_LR_TIMES_CHUNK / chunk_size
+        self.normalize_values = normalize_values
         self.gates_per_chunk, self.backend = gates_per_chunk, backend
         self.conv_kernel = conv_kernel
         inner = heads * head_dim
@@ -331,6 +333,11 @@ class NeuralMemory(nn.Module):
         q, k, v = rearrange(qkv, "b t (s h d) -> s b h t d", s=3, h=self.heads)
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
+        if self.normalize_values:
+            # unit-norm targets keep the fitted fast weights O(1), so the curvature bound behind max_lr holds
+            # (unnormalised values of norm ~10 drove the weights x45 within one 256-token segment and the inner
+            # loop to NaN in MAC passkey training; benchmarks/RESULTS.md section 4e)
+            v = F.normalize(v, dim=-1)
         theta, eta, alpha, raw, chunk_gates = self._gates(x, state)
         # The inner loop is an optimiser: it runs in the state's dtype (float32 under bf16 autocast),
         # with autocast off so its matmuls and scans accumulate in full precision.
