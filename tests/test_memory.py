@@ -207,7 +207,8 @@ def states_equal(a: MemoryState, b: MemoryState, tol=1e-10):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(gates_per_chunk=True), dict(conv_kernel=0), dict(depth=1),
-                                dict(chunk_size=1), dict(chunk_size=7, gates_per_chunk=True)])
+                                dict(chunk_size=1), dict(chunk_size=7, gates_per_chunk=True),
+                                dict(normalize_values=True)])
 def test_module_streaming_equivalence(kw):
     m = module(**kw)
     x = torch.randn(2, 31, 16, dtype=D)
@@ -227,6 +228,35 @@ def test_module_streaming_equivalence(kw):
         ys.append(y)
     assert rel(torch.cat(ys, 1), y1) <= 1e-10
     states_equal(st_, s1)
+
+
+def test_normalized_values_keep_the_inner_loop_bounded():
+    """Large values at the learning-rate bound drive the inner loop to NaN within 256 tokens (as seen in MAC
+    passkey training); with l2-normalised values the fast weights stay at their initial scale."""
+    x = torch.randn(2, 256, 32, dtype=D)
+    final = {}
+    for normalize in (False, True):
+        torch.manual_seed(0)
+        m = NeuralMemory(32, heads=2, chunk_size=16, normalize_values=normalize, backend="chunked").double()
+        with torch.no_grad():
+            m.to_qkv.weight[64:] *= 50  # the value rows: value norms ~75 instead of ~1
+            m.to_gates.bias.view(3, 2)[0].fill_(10.0)  # theta at its bound
+        seen = {}
+        update = m._update
+
+        def spy(q, k, v, *rest, update=update, seen=seen):
+            seen["v"] = v
+            return update(q, k, v, *rest)
+
+        m._update = spy
+        y, st_ = m(x)
+        final[normalize] = (y, st_)
+        if normalize:
+            assert torch.allclose(seen["v"].norm(dim=-1), torch.ones((), dtype=D))
+    y, st_ = final[False]
+    assert not torch.isfinite(y).all() or max(float(w.abs().max()) for w in st_.weights) > 10
+    y, st_ = final[True]
+    assert torch.isfinite(y).all() and max(float(w.abs().max()) for w in st_.weights) < 2
 
 
 def test_module_backends_agree():
