@@ -4,6 +4,12 @@ markdown table and heat maps per variant (issue 6).
 
     python benchmarks/long_context.py --variants mac swa --steps 300 --source /usr/share/dictd/gcide.dict.dz \\
         --lengths 2048 4096 8192 16384 --out results/long_context
+
+    # the passkey recipe of benchmarks/RESULTS.md 4d, checkpoints kept out of the (small) output folder
+    python benchmarks/long_context.py --config passkey --variants mac mag swa --steps 3000 --tasks niah_passkey \\
+        --lengths 1024 4096 16384 65536 --set training.cuda_graphs=true --out results/lc --runs-dir runs/lc
+
+Writes summary.json / summary.md / summary.png (all variants) under --out after each variant.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 
 from titans.data.preprocessing import load_tokenizer
 from titans.data.tasks import Haystack
-from titans.inference.long_context import evaluate_tasks, markdown_table, write_report
+from titans.inference.long_context import evaluate_tasks, report_tables, write_report
 from titans.training.trainer import train
 from titans.utils.checkpoint import load_model
 from titans.utils.config import load_config
@@ -113,8 +119,7 @@ def main() -> None:
         text = (f"## {v}: params {res['params']:,}, {s['tokens_seen']:,} training tokens in {train_s:.0f} s, "
                 f"val bpb {s.get('val_bpb', float('nan')):.3f}, train loss (last 50 steps) {s.get('train_loss')}, "
                 f"{s.get('skipped_steps')} steps skipped (non-finite gradients), evaluation {res['seconds']:.0f} s\n\n"
-                f"exact match (%):\n\n{markdown_table(res)}\n\n"
-                f"answer tokens right (%):\n\n{markdown_table(res, 'token_accuracy')}\n")
+                f"{report_tables(res)}\n")
         print(text, flush=True)
         report.append(text)
         summary["variants"][v] = {k: res[k] for k in ("params", "train_tokens", "train_seconds", "val_bpb",

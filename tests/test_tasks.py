@@ -182,6 +182,15 @@ def test_evaluation_grid_end_to_end(tiny_export, hay, tmp_path):
     assert json.loads(open(paths["json"]).read())["cells"][0]["task"] == "niah_passkey"
     assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths["plots"])
     assert "| niah_passkey | 0.0 |" in markdown_table(res)
+    for c in res["cells"]:  # partial credit, recomputed from the predictions (byte tokenizer: one char a token)
+        pairs = [(e["answer"], e["prediction"]) for e in c["examples"]]
+        assert len(pairs) == c["samples"]
+        assert c["first_token_accuracy"] == sum(a[0] == p[:1] for a, p in pairs) / len(pairs)
+        right = sum(x == y for a, p in pairs for x, y in zip(a, p))
+        assert c["token_accuracy"] == pytest.approx(right / sum(len(a) for a, _ in pairs))
+        assert c["accuracy"] <= min(c["first_token_accuracy"], c["token_accuracy"])
+    text = open(paths["table"]).read()
+    assert all(t in text for t in ("exact match", "first answer token right", "answer tokens right"))
 
 
 def test_cli_evaluate_task(tiny_export, tmp_path):

@@ -113,6 +113,13 @@ def markdown_table(result: dict, metric: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
+def report_tables(result: dict) -> str:
+    """Exact match, first answer token and share of answer tokens right, one titled table each."""
+    return "\n\n".join(f"{title} (%):\n\n{markdown_table(result, metric)}" for metric, title in (
+        ("accuracy", "exact match"), ("first_token_accuracy", "first answer token right"),
+        ("token_accuracy", "answer tokens right")))
+
+
 def plot_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
     """One PNG per task: accuracy by context length (x) and needle depth (y)."""
     import matplotlib
@@ -165,8 +172,7 @@ def write_report(result: dict, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(result, indent=2))
-    table = markdown_table(result)
-    atomic_write_text(out_dir / "results.md", table + "\n")
+    atomic_write_text(out_dir / "results.md", report_tables(result) + "\n")
     pngs = plot_heatmaps(result, out_dir)
     return {"json": str(out_dir / "results.json"), "table": str(out_dir / "results.md"),
             "plots": [str(p) for p in pngs]}

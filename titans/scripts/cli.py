@@ -138,7 +138,7 @@ def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, se
 
     from titans.data.preprocessing import load_tokenizer
     from titans.data.tasks import Haystack, expand_tasks
-    from titans.inference.long_context import evaluate_tasks, markdown_table, write_report
+    from titans.inference.long_context import evaluate_tasks, report_tables, write_report
     from titans.utils.checkpoint import load_model
 
     try:
@@ -162,7 +162,7 @@ def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, se
     amp = torch.bfloat16 if device == "cuda" else None
     res = evaluate_tasks(model, tok, names, lengths, depths, samples, hay, seed=seed, piece=piece, amp_dtype=amp)
     res["checkpoint"] = checkpoint
-    typer.echo(markdown_table(res))
+    typer.echo(report_tables(res))
     if output:
         paths = write_report(res, output)
         typer.echo(f"results: {paths['json']}\nplots: {', '.join(paths['plots'])}")
