@@ -42,7 +42,7 @@ def plot_summary(summary: dict, path: Path) -> None:
     tasks = sorted({c["task"] for v in variants.values() for c in v["cells"]})
     metrics = [("accuracy", "exact match (%)"), ("first_token_accuracy", "first answer token right (%)"),
                ("token_accuracy", "answer tokens right (%)")]
-    fig, axes = plt.subplots(len(tasks), len(metrics), figsize=(4.5 * len(metrics), 3.2 * len(tasks)),
+    fig, axes = plt.subplots(len(tasks), len(metrics), figsize=(4.5 * len(metrics), 3.2 * len(tasks) + 0.5),
                              squeeze=False)
     for i, task in enumerate(tasks):
         for j, (metric, label) in enumerate(metrics):
@@ -61,8 +61,11 @@ def plot_summary(summary: dict, path: Path) -> None:
             ax.set_ylabel(label)
             ax.set_title(task)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    # one legend under the panels: inside them it hid the curves
+    rows = -(-len(labels) // 3)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 * rows / len(tasks), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
