@@ -143,6 +143,12 @@ def test_mixture_batches_label_only_answers_in_task_rows(hay):
             _, lab = mb.batch(step)
             ends |= {int((row != -100).nonzero().max()) for row in lab if (row == -100).any()}
         assert len(ends) > 3 and min(ends) < 500
+        # placement="end": the answer closes every task row
+        at_end = TaskMixtureBatcher(ds, TOK, hay, ["niah"], 512, 8, seed=3, task_fraction=1.0, placement="end")
+        _, lab = at_end.batch(4)
+        assert all(row[-1] != -100 for row in lab)
+        with pytest.raises(ValueError, match="placement"):
+            TaskMixtureBatcher(ds, TOK, hay, ["niah"], 512, 8, seed=3, placement="middle")
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,12 @@ class TaskMixtureBatcher:
 
     def __init__(self, dataset: ShardDataset, tokenizer: Tokenizer, haystack: Haystack, tasks: list[str],
                  seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 task_fraction: float = 0.5, min_length: int | None = None) -> None:
+                 task_fraction: float = 0.5, min_length: int | None = None, placement: str = "random") -> None:
         if not 0.0 <= task_fraction <= 1.0:
             raise ValueError(f"task_fraction={task_fraction}: expected a value in [0, 1]")
+        if placement not in ("random", "end"):
+            raise ValueError(f"placement={placement!r}: expected 'random' or 'end'")
+        self.placement = placement
         self.lm = TokenBatcher(dataset, seq_len, batch_size, seed, rank, world_size)
         self.tokenizer, self.haystack, self.tasks = tokenizer, haystack, expand_tasks(tasks)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
@@ -54,7 +57,7 @@ class TaskMixtureBatcher:
             # segments, and an answer that always closed the row would always sit at the same segment phase,
             # with the question in its own segment; at test time the answer may begin a new segment, where
             # only the memory still holds the question (benchmarks/RESULTS.md section 4d)
-            end = int(rng.integers(len(row), total + 1))
+            end = int(rng.integers(len(row), total + 1)) if self.placement == "random" else total
             start = end - len(row)
             ids[r, start:end] = torch.tensor(row)
             labels[r] = -100
