@@ -129,10 +129,6 @@ class RotaryEmbedding(torch.nn.Module):
         ang = torch.cat([ang, ang], dim=-1)
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
-    def apply(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x: (B, H, T, hd), positions: (T,) -> same shape."""
-        return self.rotate(x, *self.cos_sin(positions, x.dtype))
-
     @staticmethod
     def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x: (B, H, T, hd) with tables from :meth:`cos_sin` (computed once for queries, keys and memory keys
