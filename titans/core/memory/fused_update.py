@@ -46,6 +46,8 @@ from torch import Tensor
 from titans.core.memory.functional import decay_coefficients, get_activation
 
 SUPPORTED_DEPTHS = (1, 2)
+# the memory core's tensor inputs, in argument order: the names of the gradient dictionaries of both backwards
+CORE_INPUTS = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
 
 
 def _silu_grad2(z: Tensor) -> Tensor:
@@ -294,7 +296,7 @@ def core_backward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS
     """Reverse loop of :func:`chunk_backward`; returns the gradients of every core input."""
     C = chunk_size
     N = q.shape[2] // C
-    out = {name: [None] * N for name in ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")}
+    out = {name: [None] * N for name in CORE_INPUTS}
     for c in range(N - 1, -1, -1):
         sl = slice(c * C, (c + 1) * C)
         W, S = starts[c]
@@ -350,8 +352,7 @@ class MemoryCoreFunction(torch.autograd.Function):
             from titans.core.memory.triton_kernels import memory_core_backward
 
             out = memory_core_backward(*core, list(rest), dy, list(dW), list(dS), C, activation, residual)
-            names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
-            res = dict(zip(names, out[:11]))
+            res = dict(zip(CORE_INPUTS, out[:11]))
             dW, dS = tuple(out[11:11 + L]), tuple(out[11 + L:])
         else:
             starts = [(tuple(rest[i:i + L]), tuple(rest[i + L:i + 2 * L])) for i in range(0, len(rest), 2 * L)]

@@ -48,6 +48,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from titans.core.memory.fused_update import CORE_INPUTS, core_backward_torch, core_forward_torch
+
 try:  # Triton is optional: CPU-only installs import this module and report it unavailable
     import triton
     import triton.language as tl
@@ -716,8 +718,7 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     else:
         _launch(_memory_bwd_kernel, B * H, N,
                 (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *outs), kw)
-    names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
-    res = {n: o.reshape(t.shape).to(t.dtype) for n, o, t in zip(names, outs, like)}
+    res = {n: o.reshape(t.shape).to(t.dtype) for n, o, t in zip(CORE_INPUTS, outs, like)}
     dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dstate[:2][:L], dW))
     dSo = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(dstate[2:][:L], dS))
     return res, dWo, dSo
@@ -753,8 +754,6 @@ def memory_core_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, 
         y, Wn, Sn, starts = core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
                                          activation=activation, residual=residual, save_states=save_states)
     except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here: the same math in torch
-        from titans.core.memory.fused_update import core_forward_torch
-
         kernel_failed(q, W, chunk_size, e)
         with torch.no_grad():
             y, Wn, Sn, st = core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
@@ -787,15 +786,12 @@ def memory_core_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor,
         res, dWo, dSo = core_backward(*core, starts, dy.contiguous(), dW, dS, chunk_size=chunk_size,
                                       activation=activation, residual=residual)
     except Exception as e:  # noqa: BLE001 - the backward kernel cannot compile here: torch loop
-        from titans.core.memory.fused_update import core_backward_torch
-
         kernel_failed(q, dW, chunk_size, e)
         B, H = q.shape[:2]
         with torch.no_grad():
             res, dWo, dSo = core_backward_torch(*core, starts_to_torch(starts, B, H, len(dW)), dy, dW, dS,
                                                 chunk_size=chunk_size, activation=activation, residual=residual)
-    names = ("q", "k", "v", "G", "Bc", "M", "Ml", "m", "Gl", "Bl", "Pl")
-    return [res[n].contiguous() for n in names] + [t.contiguous() for t in (*dWo, *dSo)]
+    return [res[n].contiguous() for n in CORE_INPUTS] + [t.contiguous() for t in (*dWo, *dSo)]
 
 
 @memory_core_backward.register_fake
