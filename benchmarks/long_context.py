@@ -70,6 +70,15 @@ def plot_summary(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_summary(out: Path, summary: dict, report: list[str]) -> None:
+    """summary.json, summary.md and (once a variant has results) summary.png under ``out``; called after
+    every variant so a run stopped by a time limit keeps what it finished."""
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.md", "\n".join(report))
+    if any(v["cells"] for v in summary["variants"].values()):
+        plot_summary(summary, out / "summary.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="+", default=["mac", "mag", "mal", "lmm", "swa"])
@@ -105,8 +114,7 @@ def main() -> None:
             print(f"## {v}: training failed: {e}", flush=True)
             report.append(f"## {v}: training failed after {time.perf_counter() - t0:.0f} s: {e}\n")
             summary["variants"][v] = {"error": str(e), "cells": []}
-            atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-            atomic_write_text(out / "summary.md", "\n".join(report))
+            write_summary(out, summary, report)
             continue
         train_s = time.perf_counter() - t0
         model, cfg = load_model(runs / f"run_{v}", "cuda" if torch.cuda.is_available() else "cpu")
@@ -127,10 +135,7 @@ def main() -> None:
         report.append(text)
         summary["variants"][v] = {k: res[k] for k in ("params", "train_tokens", "train_seconds", "val_bpb",
                                                       "final_train_loss", "skipped_steps", "seconds", "cells")}
-        # written after every variant so a run stopped by a time limit keeps what it finished
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-        atomic_write_text(out / "summary.md", "\n".join(report))
-        plot_summary(summary, out / "summary.png")
+        write_summary(out, summary, report)
 
 
 if __name__ == "__main__":
