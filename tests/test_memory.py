@@ -289,6 +289,17 @@ def test_ablation_switches():
     assert module(conv_kernel=0).conv is None
 
 
+def test_forget_init_sets_the_starting_forgetting_rate():
+    # the gate weights start small (std 0.02), so alpha starts within a few percent of forget_init
+    x = torch.randn(2, 9, 16, dtype=D)
+    for a0 in (1e-3, 1e-5):
+        m = module(forget_init=a0)
+        _, _, alpha, _, _ = m._gates(x, m.init_state(2))
+        assert torch.allclose(alpha, torch.full_like(alpha, a0), rtol=0.3), (a0, alpha.min(), alpha.max())
+    with pytest.raises(ValueError, match="forget_init"):
+        module(forget_init=1.0)
+
+
 def test_state_utilities_and_reset_rows():
     m = module()
     _, s = m(torch.randn(3, 6, 16, dtype=D))

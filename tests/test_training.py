@@ -179,6 +179,18 @@ print("INTERRUPTED", s["interrupted"], s["step"])
     assert (tmp_path / "run" / "checkpoints" / f"step_{step:07d}" / "model.safetensors").is_file()
 
 
+def test_time_limit_stops_with_a_checkpoint_and_an_evaluation(tmp_path):
+    # a limit far below one step's time: the run stops after its first step, evaluated and saved
+    cfg = tiny_cfg(tmp_path, "training.max_steps=1000", "training.eval_every=1000", "training.ckpt_every=1000",
+                   "training.max_time_s=1e-6")
+    s = train(cfg)
+    assert s["time_limited"] and not s["interrupted"]
+    assert s["step"] == 1 and "val_loss" in s
+    assert (tmp_path / "run" / "checkpoints" / "step_0000001" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="max_time_s"):
+        tiny_cfg(tmp_path, "training.max_time_s=0")
+
+
 def test_build_data_uses_stdlib_by_default(tmp_path):
     cfg = tiny_cfg(tmp_path)
     train_ds, val_ds, tok = build_data(cfg.data, tmp_path / "cache", progress=False)

@@ -141,6 +141,15 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _agree(flag: bool, dist: DistInfo, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (single process: ``flag``)."""
+    if dist.world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def clipped_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
                  skip_nonfinite: bool = True) -> tuple[float, bool]:
     """Clip the gradients (``grad_clip`` > 0) and step, unless their norm is NaN / inf and ``skip_nonfinite``:
@@ -233,7 +242,8 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     t_last = time.perf_counter()
     skipped_steps = consecutive_skips = 0
     run_model.train()
-    interrupted = False
+    interrupted = time_up = False
+    t_start = time.perf_counter()
     recent_losses: deque[float] = deque(maxlen=50)  # the summary's train_loss: mean of the last 50 steps
     with _StopFlag() as flag:
         while step < tc.max_steps:
@@ -277,20 +287,28 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
                       "tokens_per_s": tok_s, "grad_norm": grad_norm}
             if skipped_steps:
                 record["skipped_steps"] = skipped_steps
-            if step % cfg.logging.log_every == 0 or step == tc.max_steps:
+            # every rank must agree to stop together, so the rank-0 clock decides
+            time_up = tc.max_time_s is not None and _agree(now - t_start > tc.max_time_s, dist, device)
+            last = step == tc.max_steps or time_up
+            if step % cfg.logging.log_every == 0 or last:
                 log(record)
-            if step % tc.eval_every == 0 or step == tc.max_steps:
+            if step % tc.eval_every == 0 or last:
                 last_eval = evaluate_loss(model, val_ds, cfg.data.seq_len, micro, tc.eval_batches, device,
                                           amp_dtype, bpt)
                 log({"step": step, **last_eval})
                 if dist.is_main:
                     bar.write(f"step {step}: val_loss {last_eval['val_loss']:.4f}  ppl {last_eval['val_ppl']:.2f}  "
                               f"bpb {last_eval['val_bpb']:.4f}")
-            if dist.is_main and (step % tc.ckpt_every == 0 or step == tc.max_steps or flag.stop):
+            if dist.is_main and (step % tc.ckpt_every == 0 or last or flag.stop):
                 save_checkpoint(out_dir, step, model, optimizer, scheduler, {"tokens_seen": tokens_seen}, cfg,
                                 keep=tc.keep_checkpoints)
             if flag.stop:
                 interrupted = True
+                break
+            if time_up:
+                if dist.is_main:
+                    bar.write(f"training.max_time_s={tc.max_time_s:g} reached at step {step}: checkpoint saved, "
+                              "stopping")
                 break
     bar.close()
     if metrics_file is not None:
@@ -299,7 +317,8 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
         writer.close()
     if dist.world_size > 1:
         torch.distributed.barrier()
-    summary = {"step": step, "tokens_seen": tokens_seen, "interrupted": interrupted, "out_dir": str(out_dir),
+    summary = {"step": step, "tokens_seen": tokens_seen, "interrupted": interrupted, "time_limited": time_up,
+               "out_dir": str(out_dir),
                "skipped_steps": skipped_steps,
                "checkpoint": str(out_dir / "checkpoints"), "metrics": str(out_dir / "metrics.jsonl"),
                "tensorboard": str(out_dir / "tensorboard"),

@@ -70,6 +70,8 @@ class ModelConfig(_Strict):
     memory_output_gate: bool = True
     memory_normalize_values: bool = Field(False, description="l2-normalise the memory's values per head (a "
                                           "stable inner loop when value norms grow; RESULTS.md 4e)")
+    memory_forget_init: float = Field(1e-3, gt=0, lt=1, description="initial forgetting rate alpha (1e-3: "
+                                      "half-life ~700 tokens; recall far beyond the training length needs less)")
     memory_backend: Literal["auto", "naive", "chunked", "compiled", "fused", "triton"] = "auto"
 
     @model_validator(mode="after")
@@ -159,6 +161,8 @@ class TrainingConfig(_Strict):
     skip_nonfinite: bool = Field(True, description="skip updates whose gradient norm is NaN / inf")
     max_consecutive_skips: int = Field(20, ge=0,
                                        description="stop with an error after this many skipped steps in a row")
+    max_time_s: float | None = Field(None, gt=0, description="stop (with a checkpoint) after the step that "
+                                     "passes this many seconds of training; None: run all max_steps")
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(20, ge=1)
     ckpt_every: int = Field(500, ge=1)

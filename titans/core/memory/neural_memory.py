@@ -140,6 +140,9 @@ class NeuralMemory(nn.Module):
         gates_per_chunk: one theta / eta / alpha per chunk (from its first token) instead of per token.
         output_gate: sigmoid gate from a linear map of x before the output projection.
         normalize_values: l2-normalise v per head like q and k (the output's RMS norm restores the scale).
+        forget_init: alpha at initialisation (the bias of the forgetting gate): a stored association decays
+            by (1 - alpha) per token, so 1e-3 halves it in ~700 tokens and 1e-5 in ~69,000. Recall far beyond
+            the training length needs a small start, because short training rows never push alpha down.
         backend: "auto" | "naive" | "chunked" | "compiled" | "fused" | "triton" (see ``neural_memory_update``).
     """
 
@@ -148,6 +151,7 @@ class NeuralMemory(nn.Module):
         activation: str = "silu", residual: bool = True, chunk_size: int = 16, conv_kernel: int = 4,
         momentum: bool = True, weight_decay: bool = True, max_lr: float | None = None, gates_per_chunk: bool = False,
         output_gate: bool = True, backend: str = "auto", norm_eps: float = 1e-6, normalize_values: bool = False,
+        forget_init: float = 1e-3,
     ) -> None:
         super().__init__()
         if dim < 1 or heads < 1:
@@ -162,6 +166,9 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
         if conv_kernel < 0:
             raise ValueError(f"conv_kernel={conv_kernel}: expected >= 0")
+        if not 0.0 < forget_init < 1.0:
+            raise ValueError(f"forget_init={forget_init}: expected a value in (0, 1)")
+        self.forget_init = forget_init
         get_activation(activation)
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
         self.activation, self.residual, self.chunk_size = activation, residual, chunk_size
@@ -188,14 +195,15 @@ class NeuralMemory(nn.Module):
         self.reset_gate_parameters()
 
     def reset_gate_parameters(self) -> None:
-        """Start with a stable inner optimisation: strong-ish momentum, slow forgetting (half-life ~700
-        tokens), and a learning rate small enough that a whole chunk's summed step stays stable.
+        """Start with a stable inner optimisation: strong-ish momentum, slow forgetting (alpha =
+        ``forget_init``; the default 1e-3 is a half-life of ~700 tokens), and a
+        learning rate small enough that a whole chunk's summed step stays stable.
 
         Inside a chunk all b gradients are taken at the same weights and summed, and momentum scales the
         step by about 1 / (1 - eta); with l2-normalised keys the inner loss has curvature ~2, so the
         initial theta is theta_0 = max_lr (1 - eta_0) / 2 (= 0.0625 (1 - eta_0) / b at the default max_lr).
         """
-        eta0, alpha0 = 0.73, 1e-3
+        eta0, alpha0 = 0.73, self.forget_init
         with torch.no_grad():
             nn.init.normal_(self.to_gates.weight, std=0.02)
             b = self.to_gates.bias.view(3, self.heads)
