@@ -149,6 +149,18 @@ def test_mixture_batches_label_only_answers_in_task_rows(hay):
         assert all(row[-1] != -100 for row in lab)
         with pytest.raises(ValueError, match="placement"):
             TaskMixtureBatcher(ds, TOK, hay, ["niah"], 512, 8, seed=3, placement="middle")
+        # placement="segments": rows either close on the answer or start it on a segment boundary
+        seg = TaskMixtureBatcher(ds, TOK, hay, ["niah_passkey"], 512, 8, seed=3, task_fraction=1.0,
+                                 placement="segments", segment=128)
+        kinds = []
+        for step in range(4):
+            _, lab = seg.batch(step)
+            for row in lab:
+                pos = (row != -100).nonzero().flatten()
+                kinds.append("end" if int(pos[-1]) == 512 else "boundary" if int(pos[0]) % 128 == 0 else "other")
+        assert "other" not in kinds and 8 <= kinds.count("boundary") <= 24, kinds
+        with pytest.raises(ValueError, match="segment"):
+            TaskMixtureBatcher(ds, TOK, hay, ["niah"], 512, 8, seed=3, placement="segments")
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,8 @@ def make_batcher(cfg: TitansConfig, train_ds, tokenizer, dist: DistInfo):
 
     hay = Haystack(d.haystack_source or d.source, tokenizer, split="train", text_field=d.text_field)
     return TaskMixtureBatcher(train_ds, tokenizer, hay, d.tasks, d.seq_len, cfg.training.batch_size, d.seed,
-                              dist.rank, dist.world_size, d.task_fraction, placement=d.task_placement)
+                              dist.rank, dist.world_size, d.task_fraction, placement=d.task_placement,
+                              segment=cfg.model.window)
 
 
 class _StopFlag:

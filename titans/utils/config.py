@@ -131,9 +131,10 @@ class DataConfig(_Strict):
     tasks: list[str] = Field(default_factory=list, description="long-context tasks mixed into training "
                              "('niah', 'babilong', or names such as 'niah_uuid', 'babilong_qa2')")
     task_fraction: float = Field(0.5, ge=0, le=1, description="share of rows that are task examples")
-    task_placement: Literal["random", "end"] = Field("random", description="where a task example sits in its "
-                                                     "row: at a random position inside LM text, or closing "
-                                                     "the row (the recipe of RESULTS.md 4b/4d)")
+    task_placement: Literal["random", "end", "segments"] = Field(
+        "random", description="where a task example sits in its row: at a random position inside LM text, closing "
+        "the row (the recipe of RESULTS.md 4b/4d), or 'segments': half closing the row, half with the question "
+        "ending on a model.window boundary (the answer opens a fresh MAC segment)")
     haystack_source: str | None = Field(None, description="text for task haystacks (default: source)")
 
     @field_validator("tasks")
