@@ -10,13 +10,25 @@ markdown table and heat maps per variant (issue 6).
         --lengths 1024 4096 16384 65536 --set training.cuda_graphs=true --out results/lc --runs-dir runs/lc
 
 Writes summary.json / summary.md / summary.png (all variants) under --out after each variant.
+
+Small models leave most of a GPU idle (the memory's chunk recurrence is latency-bound), so ``--jobs N``
+trains and evaluates up to N variants at once, each in its own process (its own ``OUT/job_<variant>``
+and ``RUNS/job_<variant>``), and merges their summaries; with ``--mps`` the CUDA MPS daemon runs for the
+duration so the processes share the SMs instead of taking turns (three MAC trainings side by side ran at
+167K tokens/s each, one alone at 243K: benchmarks/RESULTS.md 4f).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,6 +91,74 @@ def write_summary(out: Path, summary: dict, report: list[str]) -> None:
         plot_summary(summary, out / "summary.png")
 
 
+@contextmanager
+def mps_daemon(enabled: bool):
+    """Run the CUDA MPS control daemon (pipe and log directories in a temporary folder) while the block runs;
+    processes started inside inherit its environment and become MPS clients."""
+    if not enabled:
+        yield
+        return
+    exe = shutil.which("nvidia-cuda-mps-control")
+    if exe is None:
+        raise SystemExit("--mps: nvidia-cuda-mps-control is not on PATH (it comes with the NVIDIA driver)")
+    with tempfile.TemporaryDirectory(prefix="titans_mps_") as d:
+        env = {"CUDA_MPS_PIPE_DIRECTORY": f"{d}/pipe", "CUDA_MPS_LOG_DIRECTORY": f"{d}/log"}
+        for path in env.values():
+            os.makedirs(path)
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        subprocess.run([exe, "-d"], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run([exe], input="quit\n", text=True, check=False)
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def run_jobs(args, out: Path, runs: Path) -> None:
+    """One child process of this script per variant, at most ``args.jobs`` at a time; then one summary."""
+    base = [sys.executable, str(Path(__file__).resolve()), "--config", args.config, "--source", args.source,
+            "--steps", str(args.steps), "--tasks", *args.tasks, "--lengths", *map(str, args.lengths),
+            "--depths", *map(str, args.depths), "--samples", str(args.samples), "--piece", str(args.piece)]
+    if args.overrides:
+        base += ["--set", *args.overrides]
+    pending, running, done = list(args.variants), {}, {}
+    with mps_daemon(args.mps):
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                v = pending.pop(0)
+                log = open(out / f"job_{v}.log", "w")
+                cmd = base + ["--variants", v, "--out", str(out / f"job_{v}"), "--runs-dir", str(runs / f"job_{v}")]
+                running[v] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+                print(f"started {v} (log {out / f'job_{v}.log'})", flush=True)
+            time.sleep(1.0)
+            for v, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    done[v] = proc.returncode
+                    del running[v]
+                    print(f"finished {v}: exit status {proc.returncode}", flush=True)
+    summary = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "variants": {}}
+    report = []
+    for v in args.variants:  # in the order asked for, whatever order they finished in
+        child = out / f"job_{v}"
+        if (child / "summary.json").is_file() and v in json.loads((child / "summary.json").read_text())["variants"]:
+            cs = json.loads((child / "summary.json").read_text())
+            summary["device"] = cs["device"]
+            summary["variants"][v] = cs["variants"][v]
+            report.append((child / "summary.md").read_text())
+        else:
+            msg = f"process exited with status {done[v]} before writing results; see {out / f'job_{v}.log'}"
+            summary["variants"][v] = {"error": msg, "cells": []}
+            report.append(f"## {v}: {msg}\n")
+    write_summary(out, summary, report)
+    print("\n".join(report), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="+", default=["mac", "mag", "mal", "lmm", "swa"])
@@ -95,10 +175,19 @@ def main() -> None:
                     help="summary.json, summary.md and summary.png go here")
     ap.add_argument("--runs-dir", default=None,
                     help="checkpoints and per-variant reports (default: OUT); keep them apart when OUT must stay small")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="train and evaluate up to this many variants at once, one process each")
+    ap.add_argument("--mps", action="store_true",
+                    help="with --jobs: run the CUDA MPS daemon meanwhile, so the processes share the GPU's SMs")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: expected >= 1")
     out = Path(args.out)
     runs = Path(args.runs_dir) if args.runs_dir else out
     out.mkdir(parents=True, exist_ok=True)
+    if args.jobs > 1 and len(args.variants) > 1:
+        run_jobs(args, out, runs)
+        return
     summary = {"args": vars(args), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "date": time.strftime("%Y-%m-%d"), "variants": {}}
     report = []
