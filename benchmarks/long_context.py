@@ -5,9 +5,12 @@ markdown table and heat maps per variant (issue 6).
     python benchmarks/long_context.py --variants mac swa --steps 300 --source /usr/share/dictd/gcide.dict.dz \\
         --lengths 2048 4096 8192 16384 --out results/long_context
 
-    # the passkey recipe of benchmarks/RESULTS.md 4d, checkpoints kept out of the (small) output folder
+    # the passkey recipe of benchmarks/RESULTS.md 4d-4f, checkpoints kept out of the (small) output folder
     python benchmarks/long_context.py --config passkey --variants mac mag swa --steps 3000 --tasks niah_passkey \\
         --lengths 1024 4096 16384 65536 --set training.cuda_graphs=true --out results/lc --runs-dir runs/lc
+
+    # MAG with three initialisations side by side on one GPU (what a result owes to the seed)
+    python benchmarks/long_context.py --config passkey --variants mag --seeds 0 1 2 --jobs 3 --mps ...
 
 Writes summary.json / summary.md / summary.png (all variants) under --out after each variant.
 
@@ -119,42 +122,54 @@ def mps_daemon(enabled: bool):
                     os.environ[k] = v
 
 
+def plan_runs(args) -> list[tuple[str, str, list[str]]]:
+    """(variant, run name, extra config overrides) for every training the arguments ask for."""
+    if args.seeds is None:
+        return [(v, v, []) for v in args.variants]
+    return [(v, f"{v}_seed{s}", [f"training.seed={s}"]) for v in args.variants for s in args.seeds]
+
+
 def run_jobs(args, out: Path, runs: Path) -> None:
-    """One child process of this script per variant, at most ``args.jobs`` at a time; then one summary."""
+    """One child process of this script per run (variant x seed), at most ``args.jobs`` at a time; then one
+    summary in the order asked for."""
     base = [sys.executable, str(Path(__file__).resolve()), "--config", args.config, "--source", args.source,
             "--steps", str(args.steps), "--tasks", *args.tasks, "--lengths", *map(str, args.lengths),
             "--depths", *map(str, args.depths), "--samples", str(args.samples), "--piece", str(args.piece)]
     if args.overrides:
         base += ["--set", *args.overrides]
-    pending, running, done = list(args.variants), {}, {}
+    plan = plan_runs(args)
+    pending, running, done = list(plan), {}, {}
     with mps_daemon(args.mps):
         while pending or running:
             while pending and len(running) < args.jobs:
-                v = pending.pop(0)
-                log = open(out / f"job_{v}.log", "w")
-                cmd = base + ["--variants", v, "--out", str(out / f"job_{v}"), "--runs-dir", str(runs / f"job_{v}")]
-                running[v] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
-                print(f"started {v} (log {out / f'job_{v}.log'})", flush=True)
+                v, name, extra = pending.pop(0)
+                log = open(out / f"job_{name}.log", "w")
+                cmd = base + ["--variants", v, "--out", str(out / f"job_{name}"), "--runs-dir",
+                              str(runs / f"job_{name}")]
+                if extra:  # the seed of this run
+                    cmd += ["--seeds", extra[0].split("=")[1]]
+                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+                print(f"started {name} (log {out / f'job_{name}.log'})", flush=True)
             time.sleep(1.0)
-            for v, (proc, log) in list(running.items()):
+            for name, (proc, log) in list(running.items()):
                 if proc.poll() is not None:
                     log.close()
-                    done[v] = proc.returncode
-                    del running[v]
-                    print(f"finished {v}: exit status {proc.returncode}", flush=True)
+                    done[name] = proc.returncode
+                    del running[name]
+                    print(f"finished {name}: exit status {proc.returncode}", flush=True)
     summary = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "variants": {}}
     report = []
-    for v in args.variants:  # in the order asked for, whatever order they finished in
-        child = out / f"job_{v}"
-        if (child / "summary.json").is_file() and v in json.loads((child / "summary.json").read_text())["variants"]:
-            cs = json.loads((child / "summary.json").read_text())
+    for _, name, _ in plan:  # in the order asked for, whatever order they finished in
+        child = out / f"job_{name}" / "summary.json"
+        cs = json.loads(child.read_text()) if child.is_file() else {"variants": {}}
+        if name in cs["variants"]:
             summary["device"] = cs["device"]
-            summary["variants"][v] = cs["variants"][v]
-            report.append((child / "summary.md").read_text())
+            summary["variants"][name] = cs["variants"][name]
+            report.append((child.parent / "summary.md").read_text())
         else:
-            msg = f"process exited with status {done[v]} before writing results; see {out / f'job_{v}.log'}"
-            summary["variants"][v] = {"error": msg, "cells": []}
-            report.append(f"## {v}: {msg}\n")
+            msg = f"process exited with status {done[name]} before writing results; see {out / f'job_{name}.log'}"
+            summary["variants"][name] = {"error": msg, "cells": []}
+            report.append(f"## {name}: {msg}\n")
     write_summary(out, summary, report)
     print("\n".join(report), flush=True)
 
@@ -175,6 +190,9 @@ def main() -> None:
                     help="summary.json, summary.md and summary.png go here")
     ap.add_argument("--runs-dir", default=None,
                     help="checkpoints and per-variant reports (default: OUT); keep them apart when OUT must stay small")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="train every variant once per seed (training.seed; the data stay the same), named "
+                         "VARIANT_seedS: what a result owes to the initialisation")
     ap.add_argument("--jobs", type=int, default=1,
                     help="train and evaluate up to this many variants at once, one process each")
     ap.add_argument("--mps", action="store_true",
@@ -185,45 +203,49 @@ def main() -> None:
     out = Path(args.out)
     runs = Path(args.runs_dir) if args.runs_dir else out
     out.mkdir(parents=True, exist_ok=True)
-    if args.jobs > 1 and len(args.variants) > 1:
+    if args.jobs > 1 and len(plan_runs(args)) > 1:
         run_jobs(args, out, runs)
         return
     summary = {"args": vars(args), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "date": time.strftime("%Y-%m-%d"), "variants": {}}
     report = []
-    for v in args.variants:
+    for v, name, extra in plan_runs(args):
         cfg = load_config(args.config, [f"model.variant={v}", f"data.source={args.source}",
                                         f"training.max_steps={args.steps}", f"training.eval_every={args.steps}",
-                                        f"training.ckpt_every={args.steps}", f"training.out_dir={runs}/run_{v}",
-                                        "logging.progress=false", "logging.tensorboard=false", *args.overrides])
+                                        f"training.ckpt_every={args.steps}", f"training.out_dir={runs}/run_{name}",
+                                        "logging.progress=false", "logging.tensorboard=false", *args.overrides,
+                                        *extra])
         t0 = time.perf_counter()
         try:
             s = train(cfg)
         except RuntimeError as e:  # a diverged run is a result too: record it and go on with the next variant
-            print(f"## {v}: training failed: {e}", flush=True)
-            report.append(f"## {v}: training failed after {time.perf_counter() - t0:.0f} s: {e}\n")
-            summary["variants"][v] = {"error": str(e), "cells": []}
+            print(f"## {name}: training failed: {e}", flush=True)
+            report.append(f"## {name}: training failed after {time.perf_counter() - t0:.0f} s: {e}\n")
+            summary["variants"][name] = {"error": str(e), "cells": []}
             write_summary(out, summary, report)
             continue
         train_s = time.perf_counter() - t0
-        model, cfg = load_model(runs / f"run_{v}", "cuda" if torch.cuda.is_available() else "cpu")
+        model, cfg = load_model(runs / f"run_{name}", "cuda" if torch.cuda.is_available() else "cpu")
         tok = load_tokenizer(cfg.data.tokenizer)
         hay = Haystack(args.source, tok, split="val")
         amp = torch.bfloat16 if torch.cuda.is_available() else None
         res = evaluate_tasks(model, tok, args.tasks, args.lengths, args.depths, args.samples, hay, piece=args.piece,
                              amp_dtype=amp, progress=False)
         res.update(variant=v, params=model.num_parameters(), train_tokens=s["tokens_seen"], train_seconds=train_s,
-                   val_bpb=s.get("val_bpb"), final_train_loss=s.get("train_loss"),
-                   skipped_steps=s.get("skipped_steps"))
-        write_report(res, runs / f"eval_{v}")
-        text = (f"## {v}: params {res['params']:,}, {s['tokens_seen']:,} training tokens in {train_s:.0f} s, "
+                   train_steps=s["step"], time_limited=s.get("time_limited", False), val_bpb=s.get("val_bpb"),
+                   final_train_loss=s.get("train_loss"), skipped_steps=s.get("skipped_steps"))
+        write_report(res, runs / f"eval_{name}")
+        stopped = " (stopped by training.max_time_s)" if res["time_limited"] else ""
+        text = (f"## {name}: params {res['params']:,}, {s['step']} steps{stopped}, {s['tokens_seen']:,} training "
+                f"tokens in {train_s:.0f} s, "
                 f"val bpb {s.get('val_bpb', float('nan')):.3f}, train loss (last 50 steps) {s.get('train_loss')}, "
                 f"{s.get('skipped_steps')} steps skipped (non-finite gradients), evaluation {res['seconds']:.0f} s\n\n"
                 f"{report_tables(res)}\n")
         print(text, flush=True)
         report.append(text)
-        summary["variants"][v] = {k: res[k] for k in ("params", "train_tokens", "train_seconds", "val_bpb",
-                                                      "final_train_loss", "skipped_steps", "seconds", "cells")}
+        summary["variants"][name] = {k: res[k] for k in ("variant", "params", "train_tokens", "train_steps",
+                                                         "time_limited", "train_seconds", "val_bpb",
+                                                         "final_train_loss", "skipped_steps", "seconds", "cells")}
         write_summary(out, summary, report)
 
 
