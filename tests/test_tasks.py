@@ -14,7 +14,7 @@ from titans.core.models import build_model
 from titans.data.preprocessing import ByteTokenizer
 from titans.data.tasks import TASK_NAMES, Haystack, expand_tasks, insert_at, make_example
 from titans.data.tasks.babilong import MOVE_VERBS, NUMBERS
-from titans.inference.long_context import answer_greedy, evaluate_tasks, markdown_table, write_report
+from titans.inference.long_context import answer_greedy, evaluate_tasks, markdown_table, wilson_interval, write_report
 
 TOK = ByteTokenizer()
 
@@ -209,6 +209,24 @@ def test_evaluation_grid_end_to_end(tiny_export, hay, tmp_path):
         assert c["accuracy"] <= min(c["first_token_accuracy"], c["token_accuracy"])
     text = open(paths["table"]).read()
     assert all(t in text for t in ("exact match", "first answer token right", "answer tokens right"))
+    # one pooled row per niah task (over both depths: 4 samples a length), none for babilong (no depths)
+    pooled = [line for line in markdown_table(res).splitlines() if "all (95% CI)" in line]
+    assert len(pooled) == 1 and pooled[0].startswith("| niah_passkey |")
+    k = round(sum(c["accuracy"] * c["samples"] for c in res["cells"] if c["task"] == "niah_passkey"
+                  and c["length"] == 128))
+    lo, hi = wilson_interval(k, 4)
+    assert f"{100 * k / 4:.0f} ({100 * lo:.0f}-{100 * hi:.0f})" in pooled[0].split("|")[3]
+
+
+def test_wilson_interval_matches_the_closed_form():
+    # k = 0 and k = n have closed-form bounds: z^2 / (n + z^2) and n / (n + z^2)
+    z2 = 1.96 ** 2
+    assert wilson_interval(0, 12) == pytest.approx((0.0, z2 / (12 + z2)))
+    assert wilson_interval(12, 12) == pytest.approx((12 / (12 + z2), 1.0))
+    lo, hi = wilson_interval(5, 12)
+    assert lo < 5 / 12 < hi and hi - lo < 0.55
+    with pytest.raises(ValueError, match="k=13"):
+        wilson_interval(13, 12)
 
 
 def test_cli_evaluate_task(tiny_export, tmp_path):

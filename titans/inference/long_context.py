@@ -95,9 +95,21 @@ def evaluate_tasks(model, tokenizer: Tokenizer, tasks: list[str], lengths: list[
             "seconds": time.perf_counter() - t0, "cells": rows}
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion k / n (95% for z = 1.96): the uncertainty a handful of samples
+    per cell leaves (0 of 12 is still compatible with 24%)."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"k={k}, n={n}: expected 0 <= k <= n and n > 0")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def markdown_table(result: dict, metric: str = "accuracy") -> str:
     """Rows: task (and depth); columns: context lengths; cells: ``metric`` of each cell in percent
-    ("accuracy" = exact match, "first_token_accuracy", "token_accuracy" = share of answer tokens right)."""
+    ("accuracy" = exact match, "first_token_accuracy", "token_accuracy" = share of answer tokens right).
+    Exact match adds, for tasks with several depths, a row over all depths with its 95% Wilson interval."""
     lengths = result["lengths"]
     head = "| task | depth | " + " | ".join(f"{L:,}" for L in lengths) + " |"
     lines = [head, "| --- | --- | " + " | ".join("---" for _ in lengths) + " |"]
@@ -110,6 +122,16 @@ def markdown_table(result: dict, metric: str = "accuracy") -> str:
         acc = {c["length"]: c[metric] for c in result["cells"] if c["task"] == task and c["depth"] == depth}
         vals = " | ".join(f"{100 * acc[L]:.0f}" if L in acc else "-" for L in lengths)
         lines.append(f"| {task} | {'all' if depth is None else depth} | {vals} |")
+    if metric == "accuracy":
+        for task in dict.fromkeys(t for t, d in keys if d is not None):
+            vals = []
+            for L in lengths:
+                cs = [c for c in result["cells"] if c["task"] == task and c["length"] == L]
+                n = sum(c["samples"] for c in cs)
+                k = round(sum(c["accuracy"] * c["samples"] for c in cs))
+                lo, hi = wilson_interval(k, n) if n else (math.nan, math.nan)
+                vals.append(f"{100 * k / n:.0f} ({100 * lo:.0f}-{100 * hi:.0f})" if n else "-")
+            lines.append(f"| {task} | all (95% CI) | {' | '.join(vals)} |")
     return "\n".join(lines)
 
 
