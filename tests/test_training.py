@@ -245,3 +245,17 @@ def test_nonfinite_gradients_skip_the_update():
     norm, stepped = clipped_step(model, opt, 1.0)
     assert stepped and math.isfinite(norm)
     assert not torch.equal(before[0], model.weight)
+
+
+def test_every_shipped_config_validates_and_builds():
+    # on the meta device: parameters get shapes but no storage, so even the large config costs nothing
+    from titans.core.models import build_model
+    from titans.utils.config import list_builtin_configs
+
+    names = list_builtin_configs()
+    assert {"default", "small", "base", "large", "experiment", "long_context", "passkey"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        assert model.num_parameters() > 0, name
