@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from titans.core.models import ffn_mult_for_parameters, parameter_count
 from titans.data.preprocessing import load_tokenizer
 from titans.data.tasks import Haystack
 from titans.inference.long_context import evaluate_tasks, report_tables, write_report
@@ -124,9 +125,18 @@ def mps_daemon(enabled: bool):
 
 def plan_runs(args) -> list[tuple[str, str, list[str]]]:
     """(variant, run name, extra config overrides) for every training the arguments ask for."""
-    if args.seeds is None:
-        return [(v, v, []) for v in args.variants]
-    return [(v, f"{v}_seed{s}", [f"training.seed={s}"]) for v in args.variants for s in args.seeds]
+    seeds = [None] if args.seeds is None else args.seeds
+    widen = {}
+    if args.match_params:  # same parameters as the reference variant, through the feed-forward width
+        def model_cfg(v):
+            return load_config(args.config, [f"model.variant={v}", *args.overrides]).model
+
+        target = parameter_count(model_cfg(args.match_params))
+        for v in args.variants:
+            if abs(parameter_count(model_cfg(v)) - target) > 0.01 * target:
+                widen[v] = [f"model.ffn_mult={ffn_mult_for_parameters(model_cfg(v), target):.6f}"]
+    return [(v, v if s is None else f"{v}_seed{s}", widen.get(v, []) + ([] if s is None else [f"training.seed={s}"]))
+            for v in args.variants for s in seeds]
 
 
 def run_jobs(args, out: Path, runs: Path) -> None:
@@ -137,17 +147,19 @@ def run_jobs(args, out: Path, runs: Path) -> None:
             "--depths", *map(str, args.depths), "--samples", str(args.samples), "--piece", str(args.piece)]
     if args.overrides:
         base += ["--set", *args.overrides]
+    if args.match_params:
+        base += ["--match-params", args.match_params]
     plan = plan_runs(args)
     pending, running, done = list(plan), {}, {}
     with mps_daemon(args.mps):
         while pending or running:
             while pending and len(running) < args.jobs:
-                v, name, extra = pending.pop(0)
+                v, name, _ = pending.pop(0)
                 log = open(out / f"job_{name}.log", "w")
                 cmd = base + ["--variants", v, "--out", str(out / f"job_{name}"), "--runs-dir",
                               str(runs / f"job_{name}")]
-                if extra:  # the seed of this run
-                    cmd += ["--seeds", extra[0].split("=")[1]]
+                if name != v:  # the seed of this run (the child widens the same way itself)
+                    cmd += ["--seeds", name.rsplit("_seed", 1)[1]]
                 running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
                 print(f"started {name} (log {out / f'job_{name}.log'})", flush=True)
             time.sleep(1.0)
@@ -193,6 +205,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="train every variant once per seed (training.seed; the data stay the same), named "
                          "VARIANT_seedS: what a result owes to the initialisation")
+    ap.add_argument("--match-params", default=None, metavar="VARIANT",
+                    help="widen the feed-forward (model.ffn_mult) of every variant whose size differs by > 1%% to "
+                         "this variant's parameter count (the issue's same-parameters comparison)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="train and evaluate up to this many variants at once, one process each")
     ap.add_argument("--mps", action="store_true",

@@ -8,7 +8,14 @@ import random
 import pytest
 import torch
 
-from titans.core.models import ModelState, build_model, generate, iter_generate
+from titans.core.models import (
+    ModelState,
+    build_model,
+    ffn_mult_for_parameters,
+    generate,
+    iter_generate,
+    parameter_count,
+)
 from titans.utils.config import ConfigError
 
 VARIANTS = ["mac", "mag", "mal", "lmm", "transformer", "swa"]
@@ -233,3 +240,15 @@ def test_training_forward_compiles_without_graph_breaks(variant):
     ex = dynamo.explain(lambda x: model(x, labels=x, use_cache=False).loss)(ids)
     assert ex.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in ex.break_reasons]
     assert ex.graph_count == 1
+
+
+def test_baseline_widened_to_a_titans_variants_parameter_count():
+    # the same-parameters comparison: SWA (no memory) widened through its feed-forward
+    base = {"vocab_size": 256, "dim": 32, "depth": 2, "heads": 2, "window": 16, "memory_chunk_size": 8}
+    target = parameter_count({**base, "variant": "mac"})
+    swa = {**base, "variant": "swa"}
+    assert parameter_count(swa) < target
+    mult = ffn_mult_for_parameters(swa, target)
+    # a real build agrees with the meta count, also from the value rounded as a config override would be
+    widened = build_model({**swa, "ffn_mult": float(f"{mult:.4f}")}).num_parameters()
+    assert abs(widened - target) <= 24 * 32 * 2 // 2, (widened, target)

@@ -377,3 +377,31 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 def build_model(config: ModelConfig | TitansConfig | Mapping) -> TitansLM:
     """Build a :class:`TitansLM` from a ModelConfig, a full TitansConfig, or a dict of either."""
     return TitansLM(model_config_from(config))
+
+
+def parameter_count(config: ModelConfig | TitansConfig | Mapping) -> int:
+    """Parameters of the model ``config`` describes, built on the meta device (shapes only, no storage)."""
+    with torch.device("meta"):
+        return build_model(config).num_parameters()
+
+
+def ffn_mult_for_parameters(config: ModelConfig | TitansConfig | Mapping, target: int) -> float:
+    """The ``ffn_mult`` that brings the model closest to ``target`` parameters, everything else as given:
+    how a baseline without memory (SWA, Transformer) is widened to a Titans variant's size for a
+    same-parameters comparison.  The feed-forward width moves in steps of 8 channels, so the match is
+    within 24 * dim * depth parameters (or the search range [1/16, 64] is the limit)."""
+    cfg = model_config_from(config)
+
+    def count(mult: float) -> int:
+        return parameter_count(cfg.model_copy(update={"ffn_mult": mult}))
+
+    lo, hi = 1 / 16, 64.0
+    for _ in range(40):  # the count grows with ffn_mult: bisect on it
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if count(mid) < target else (lo, mid)
+    best = min((lo, hi), key=lambda m: abs(count(m) - target))
+    # bisection ends next to a step of the width; return the middle of the best width's plateau, so a value
+    # printed with a few decimals (a config override) still selects that width
+    width = cfg.model_copy(update={"ffn_mult": best}).ffn_hidden
+    mid = (width - 3.5) * 1.5 / cfg.dim
+    return mid if cfg.model_copy(update={"ffn_mult": mid}).ffn_hidden == width else best
