@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 
@@ -228,12 +229,26 @@ def test_chat_end_to_end_through_stdin(export_dir, tmp_path):
     assert "[memory reset]" in out and "[saved" in out and "[loaded" in out and "[unknown command /bogus" in out
 
 
+def test_retention_half_life():
+    from titans.inference.predictor import retention_half_life
+
+    alpha = torch.tensor([[1e-3] * 50, [1e-5] * 50, [0.0] * 50])
+    hl = retention_half_life(alpha)
+    assert hl[0].item() == pytest.approx(math.log(2) / -math.log1p(-1e-3), rel=1e-5)  # ~693 tokens
+    assert hl[1].item() == pytest.approx(69314, rel=1e-3) and math.isinf(hl[2].item())
+
+
 def test_cli_analyze_memory_convert_and_profile(export_dir, tmp_path):
     r = CliRunner().invoke(app, ["analyze-memory", "--checkpoint", str(export_dir), "--text",
                                  "the quick brown fox " * 5, "--output", str(tmp_path / "an")])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "an" / "memory_analysis.json").read_text())
     assert res["layers"] and len(res["layers"][0]["grad_norm"]) == 2
+    for layer in res["layers"]:  # half-life per head, from the traced alphas
+        alpha = torch.tensor(layer["alpha"], dtype=torch.float64)
+        expect = math.log(2) / -torch.log1p(-alpha).mean(-1)
+        assert layer["half_life_tokens"] == pytest.approx(expect.tolist(), rel=1e-5)
+    assert "half-life" in r.output
     assert (tmp_path / "an" / "memory_analysis.png").read_bytes()[:4] == b"\x89PNG"
     r = CliRunner().invoke(app, ["convert-checkpoint", "--checkpoint", str(export_dir), "--out", str(tmp_path / "c")])
     assert r.exit_code == 0 and (tmp_path / "c" / "export.json").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +63,21 @@ class Predictor:
         return out  # type: ignore[return-value]
 
 
+def retention_half_life(alpha: torch.Tensor) -> torch.Tensor:
+    """Tokens after which the forgetting gate has halved a stored association, per row of ``alpha`` (..., T):
+    every update multiplies the weights by (1 - alpha_t) (Eq. 13), so with the mean log decay over the
+    text the half-life is ln 2 / -mean_t log(1 - alpha_t) (inf where alpha is 0).  The reach of recall:
+    a needle further back than a few half-lives is gone (benchmarks/RESULTS.md 4f)."""
+    log_keep = torch.log1p(-alpha.double().clamp(max=1.0)).mean(-1)
+    return (math.log(2) / -log_keep).float()
+
+
 @torch.no_grad()
 def trace_memory(model: TitansLM, ids: torch.Tensor, state: ModelState | None = None) -> list[dict]:
     """Run ``ids`` (1, T) through the model and record, for every memory layer, per head and token:
     the momentary surprise (gradient norm of the inner loss, Eq. 12-13), the inner loss before and after
-    the update, theta / eta / alpha, and the memory weights' Frobenius norms after the pass.
+    the update, theta / eta / alpha, and the memory weights' Frobenius norms after the pass; per head the
+    forgetting half-life in tokens over this text (:func:`retention_half_life`).
 
     Returns one dict per memory layer with tensors of shape (H, T') (T' = tokens the memory read: T for
     MAG / MAL / LMM plus persistent tokens on a fresh state; the attention outputs for MAC)."""
@@ -104,5 +115,6 @@ def trace_memory(model: TitansLM, ids: torch.Tensor, state: ModelState | None = 
         st = r.pop("final_state")
         row = {"layer": i, **{k: torch.cat(v, dim=-1).float().cpu() for k, v in r.items()}}
         row["weight_norms"] = [w[0].float().norm(dim=(-2, -1)).cpu() for w in st.weights]
+        row["half_life"] = retention_half_life(row["alpha"])
         layers.append(row)
     return layers

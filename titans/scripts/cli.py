@@ -348,7 +348,8 @@ def batch_infer(checkpoint: str = typer.Option(...), input: str = typer.Option(.
 def analyze_memory(checkpoint: str = typer.Option(...), text: Optional[str] = typer.Option(None),
                    text_file: Optional[str] = typer.Option(None), output: str = typer.Option("memory_analysis"),
                    max_tokens: int = typer.Option(2048)) -> None:
-    """Per layer and head: surprise per token, theta / eta / alpha, weight norms, inner loss before/after."""
+    """Per layer and head: surprise per token, theta / eta / alpha, weight norms, inner loss before/after, and
+    the forgetting half-life in tokens (how far back recall can reach)."""
     import torch
 
     from titans.inference.predictor import trace_memory
@@ -376,6 +377,7 @@ def analyze_memory(checkpoint: str = typer.Option(...), text: Optional[str] = ty
                         **{k: r[k].tolist() for k in ("grad_norm", "loss_before", "loss_after", "theta", "eta",
                                                       "alpha")},
                         "weight_norms": [w.tolist() for w in r["weight_norms"]],
+                        "half_life_tokens": r["half_life"].tolist(),
                         "mean_loss_before": float(r["loss_before"].mean()),
                         "mean_loss_after": float(r["loss_after"].mean())})
     atomic_write_text(out / "memory_analysis.json", json.dumps({"checkpoint": checkpoint, "tokens": len(ids),
@@ -383,7 +385,8 @@ def analyze_memory(checkpoint: str = typer.Option(...), text: Optional[str] = ty
     _plot_memory(layers, out / "memory_analysis.png")
     for r in summary:
         typer.echo(f"layer {r['layer']}: mean surprise {sum(map(sum, r['grad_norm'])) / (r['heads'] * r['tokens']):.4f}"
-                   f"  inner loss {r['mean_loss_before']:.4f} -> {r['mean_loss_after']:.4f}")
+                   f"  inner loss {r['mean_loss_before']:.4f} -> {r['mean_loss_after']:.4f}  forgetting half-life "
+                   f"per head (tokens) {', '.join(f'{h:,.0f}' for h in r['half_life_tokens'])}")
     typer.echo(f"wrote {out / 'memory_analysis.json'} and {out / 'memory_analysis.png'}")
 
 
