@@ -38,8 +38,9 @@ import torch
 
 from titans.core.models import ffn_mult_for_parameters, parameter_count
 from titans.data.preprocessing import load_tokenizer
-from titans.data.tasks import Haystack
+from titans.data.tasks import Haystack, make_example
 from titans.inference.long_context import evaluate_tasks, report_tables, write_report
+from titans.inference.predictor import trace_memory
 from titans.training.trainer import train
 from titans.utils.checkpoint import load_model
 from titans.utils.config import load_config
@@ -84,6 +85,16 @@ def plot_summary(summary: dict, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.07 * rows / len(tasks), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def gate_half_lives(model, tokenizer, length: int = 4096) -> list[dict] | None:
+    """Per memory layer and head, the forgetting half-life in tokens on one passkey prompt (the reach of
+    recall; benchmarks/RESULTS.md 4f); None for a model without memory."""
+    if not any(b.memory is not None for b in model.blocks):
+        return None
+    ex = make_example("niah_passkey", length, 0, tokenizer, None, depth=0.5)
+    ids = torch.tensor([ex.input_ids], device=next(model.parameters()).device)
+    return [{"layer": r["layer"], "half_life_tokens": r["half_life"].tolist()} for r in trace_memory(model, ids)]
 
 
 def write_summary(out: Path, summary: dict, report: list[str]) -> None:
@@ -246,7 +257,8 @@ def main() -> None:
         amp = torch.bfloat16 if torch.cuda.is_available() else None
         res = evaluate_tasks(model, tok, args.tasks, args.lengths, args.depths, args.samples, hay, piece=args.piece,
                              amp_dtype=amp, progress=False)
-        res.update(variant=v, params=model.num_parameters(), train_tokens=s["tokens_seen"], train_seconds=train_s,
+        res.update(variant=v, half_lives=gate_half_lives(model, tok), params=model.num_parameters(),
+                   train_tokens=s["tokens_seen"], train_seconds=train_s,
                    train_steps=s["step"], time_limited=s.get("time_limited", False), val_bpb=s.get("val_bpb"),
                    final_train_loss=s.get("train_loss"), skipped_steps=s.get("skipped_steps"))
         write_report(res, runs / f"eval_{name}")
@@ -256,11 +268,16 @@ def main() -> None:
                 f"val bpb {s.get('val_bpb', float('nan')):.3f}, train loss (last 50 steps) {s.get('train_loss')}, "
                 f"{s.get('skipped_steps')} steps skipped (non-finite gradients), evaluation {res['seconds']:.0f} s\n\n"
                 f"{report_tables(res)}\n")
+        if res["half_lives"]:
+            text += "\nforgetting half-life per head (tokens, on a 4K passkey prompt):\n\n" + "\n".join(
+                f"- layer {h['layer']}: " + ", ".join(f"{x:,.0f}" for x in h["half_life_tokens"])
+                for h in res["half_lives"]) + "\n"
         print(text, flush=True)
         report.append(text)
         summary["variants"][name] = {k: res[k] for k in ("variant", "params", "train_tokens", "train_steps",
                                                          "time_limited", "train_seconds", "val_bpb",
-                                                         "final_train_loss", "skipped_steps", "seconds", "cells")}
+                                                         "final_train_loss", "skipped_steps", "seconds",
+                                                         "half_lives", "cells")}
         write_summary(out, summary, report)
 
 
