@@ -222,7 +222,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="train and evaluate up to this many variants at once, one process each")
     ap.add_argument("--mps", action="store_true",
-                    help="with --jobs: run the CUDA MPS daemon meanwhile, so the processes share the GPU's SMs")
+                    help="with --jobs: run a private CUDA MPS daemon meanwhile, so the processes share the GPU's SMs "
+                         "(where a daemon already runs, leave this off: the children connect to that one)")
     args = ap.parse_args()
     if args.jobs < 1:
         ap.error(f"--jobs {args.jobs}: expected >= 1")
