@@ -298,6 +298,16 @@ def test_forget_init_sets_the_starting_forgetting_rate():
         assert torch.allclose(alpha, torch.full_like(alpha, a0), rtol=0.3), (a0, alpha.min(), alpha.max())
     with pytest.raises(ValueError, match="forget_init"):
         module(forget_init=1.0)
+    # a bound holds whatever the gate's input, and the start is still forget_init
+    m = module(forget_init=1e-5, max_forget=1e-4)
+    _, _, alpha, _, _ = m._gates(x, m.init_state(2))
+    assert torch.allclose(alpha, torch.full_like(alpha, 1e-5), rtol=0.3)
+    with torch.no_grad():
+        m.to_gates.bias.fill_(50.0)
+    _, _, alpha, _, _ = m._gates(100 * x, m.init_state(2))
+    assert alpha.max() <= 1e-4 and alpha.max() > 0.9e-4
+    with pytest.raises(ValueError, match="max_forget"):
+        module(forget_init=1e-3, max_forget=1e-4)
 
 
 def test_state_utilities_and_reset_rows():

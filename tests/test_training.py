@@ -73,6 +73,8 @@ def test_config_errors_name_key_and_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="window"):
         load_config(None, ["model.window=0"])
+    with pytest.raises(ConfigError, match="memory_max_forget"):  # a bound below the default start 1e-3
+        load_config(None, ["model.memory_max_forget=1e-4"])
     res = CliRunner().invoke(app, ["train", "--config", str(bad)])
     assert res.exit_code == 2
     assert "training.lr" in res.output and "Traceback" not in res.output

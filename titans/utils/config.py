@@ -72,6 +72,8 @@ class ModelConfig(_Strict):
                                           "stable inner loop when value norms grow; RESULTS.md 4e)")
     memory_forget_init: float = Field(1e-3, gt=0, lt=1, description="initial forgetting rate alpha (1e-3: "
                                       "half-life ~700 tokens; recall far beyond the training length needs less)")
+    memory_max_forget: float = Field(1.0, gt=0, le=1, description="bound on the forgetting rate alpha: no head "
+                                     "forgets faster, whatever training does to its gate (1.0: no bound)")
     memory_backend: Literal["auto", "naive", "chunked", "compiled", "fused", "triton"] = "auto"
 
     @model_validator(mode="after")
@@ -81,6 +83,9 @@ class ModelConfig(_Strict):
         kv = self.kv_heads or self.heads
         if self.heads % kv:
             raise ValueError(f"model.kv_heads={kv} must divide model.heads={self.heads}")
+        if self.memory_forget_init >= self.memory_max_forget:
+            raise ValueError(f"model.memory_forget_init={self.memory_forget_init} must be below "
+                             f"model.memory_max_forget={self.memory_max_forget}")
         mh = self.memory_heads or self.heads
         if self.dim % mh:
             raise ValueError(f"model.memory_heads={mh} must divide model.dim={self.dim}")

@@ -143,6 +143,8 @@ class NeuralMemory(nn.Module):
         forget_init: alpha at initialisation (the bias of the forgetting gate): a stored association decays
             by (1 - alpha) per token, so 1e-3 halves it in ~700 tokens and 1e-5 in ~69,000. Recall far beyond
             the training length needs a small start, because short training rows never push alpha down.
+        max_forget: bound on alpha (alpha = max_forget * sigmoid(.)): no head can forget faster than that,
+            whatever training does to its gate (1.0 = no bound, the paper's alpha in [0, 1]).
         backend: "auto" | "naive" | "chunked" | "compiled" | "fused" | "triton" (see ``neural_memory_update``).
     """
 
@@ -151,7 +153,7 @@ class NeuralMemory(nn.Module):
         activation: str = "silu", residual: bool = True, chunk_size: int = 16, conv_kernel: int = 4,
         momentum: bool = True, weight_decay: bool = True, max_lr: float | None = None, gates_per_chunk: bool = False,
         output_gate: bool = True, backend: str = "auto", norm_eps: float = 1e-6, normalize_values: bool = False,
-        forget_init: float = 1e-3,
+        forget_init: float = 1e-3, max_forget: float = 1.0,
     ) -> None:
         super().__init__()
         if dim < 1 or heads < 1:
@@ -166,9 +168,11 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"chunk_size={chunk_size}: expected >= 1")
         if conv_kernel < 0:
             raise ValueError(f"conv_kernel={conv_kernel}: expected >= 0")
-        if not 0.0 < forget_init < 1.0:
-            raise ValueError(f"forget_init={forget_init}: expected a value in (0, 1)")
-        self.forget_init = forget_init
+        if not 0.0 < max_forget <= 1.0:
+            raise ValueError(f"max_forget={max_forget}: expected a value in (0, 1]")
+        if not 0.0 < forget_init < max_forget:
+            raise ValueError(f"forget_init={forget_init}: expected a value in (0, max_forget={max_forget})")
+        self.forget_init, self.max_forget = forget_init, max_forget
         get_activation(activation)
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
         self.activation, self.residual, self.chunk_size = activation, residual, chunk_size
@@ -209,7 +213,8 @@ class NeuralMemory(nn.Module):
             b = self.to_gates.bias.view(3, self.heads)
             b[0].zero_()  # sigmoid(0) = 1/2 of the bound
             b[1].fill_(math.log(eta0 / (1 - eta0)))
-            b[2].fill_(math.log(alpha0 / (1 - alpha0)))
+            a = alpha0 / self.max_forget  # sigmoid(b) = a gives alpha = max_forget * a = alpha0
+            b[2].fill_(math.log(a / (1 - a)))
             if self.conv is not None:
                 # near-identity start: the current token dominates, earlier taps small
                 self.conv.weight.zero_()
@@ -311,7 +316,12 @@ class NeuralMemory(nn.Module):
             chunk_gates = raw[:, :, -1] if T else chunk_gates
         eta = torch.sigmoid(raw[..., 1]) if self.use_momentum else torch.zeros_like(raw[..., 1])
         theta = self.max_lr * (1 - eta) * torch.sigmoid(raw[..., 0])
-        alpha = torch.sigmoid(raw[..., 2]) if self.use_weight_decay else torch.zeros_like(raw[..., 2])
+        if self.use_weight_decay:
+            alpha = torch.sigmoid(raw[..., 2])
+            if self.max_forget < 1.0:
+                alpha = self.max_forget * alpha
+        else:
+            alpha = torch.zeros_like(raw[..., 2])
         return theta, eta, alpha, (raw if self.gates_per_chunk else None), chunk_gates
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:

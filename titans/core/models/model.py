@@ -164,7 +164,7 @@ def _memory_from_config(cfg: ModelConfig) -> NeuralMemory:
         conv_kernel=cfg.memory_conv_kernel, momentum=cfg.memory_momentum, weight_decay=cfg.memory_weight_decay,
         max_lr=cfg.memory_max_lr, gates_per_chunk=cfg.memory_gates_per_chunk, output_gate=cfg.memory_output_gate,
         backend=cfg.memory_backend, norm_eps=cfg.norm_eps, normalize_values=cfg.memory_normalize_values,
-        forget_init=cfg.memory_forget_init)
+        forget_init=cfg.memory_forget_init, max_forget=cfg.memory_max_forget)
 
 
 class TitansBlock(nn.Module):
