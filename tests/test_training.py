@@ -230,6 +230,20 @@ def test_two_process_gloo_ddp_step_equals_single_process_step(tmp_path):
     assert moved > len(a) // 2, (moved, len(a))  # the steps really changed the weights
 
 
+def test_time_limit_stops_every_ddp_rank_together(tmp_path):
+    """rank 0's clock decides for all ranks (a broadcast each step): both stop after step 1, nothing hangs."""
+    args = [f"--set={o}" for o in TINY + ["training.max_steps=1000", "training.eval_every=1000",
+                                          "training.ckpt_every=1000", "training.device=cpu", "training.batch_size=4",
+                                          "training.max_time_s=1e-6"]]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29733",
+                          "-m", "titans.scripts.cli", "train", "--config", "small", *args, f"--out={tmp_path / 'run'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert steps == ["step_0000001"], steps
+
+
 def test_nonfinite_gradients_skip_the_update():
     from titans.training.trainer import clipped_step
 
