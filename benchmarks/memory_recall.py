@@ -35,12 +35,14 @@ def unit(*shape: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def recall_curve(alphas: list[float], distances: list[int], kind: str, dim: int, hidden: int, chunk: int,
-                 theta: float, eta: float, seed: int) -> dict:
-    """Cosine of ``M(k*)`` with ``v*`` after each distance, one row per alpha (float64, batch = alphas)."""
+                 theta: float, eta: float, seed: int, depth: int = 2) -> dict:
+    """Cosine of ``M(k*)`` with ``v*`` after each distance, one row per alpha (float64, batch = alphas), for a
+    memory MLP of ``depth`` layers (dims dim -> hidden ... -> dim; depth 1 is a linear memory)."""
     g = torch.Generator().manual_seed(seed)
     B = len(alphas)
-    weights = [torch.randn(1, 1, dim, hidden, generator=g, dtype=torch.float64) / math.sqrt(dim),
-               torch.randn(1, 1, hidden, dim, generator=g, dtype=torch.float64) / math.sqrt(hidden)]
+    dims = [dim] + [hidden] * (depth - 1) + [dim]
+    weights = [torch.randn(1, 1, dims[i], dims[i + 1], generator=g, dtype=torch.float64) / math.sqrt(dims[i])
+               for i in range(depth)]
     weights = [w.expand(B, 1, *w.shape[2:]).contiguous() for w in weights]
     momentum = [torch.zeros_like(w) for w in weights]
     k_star, v_star = unit(dim, generator=g), unit(dim, generator=g)
@@ -114,6 +116,7 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["filler", "random"], choices=["filler", "random"])
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--memory-depth", type=int, default=2, help="layers of the memory MLP (1 = linear)")
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--theta", type=float, default=0.02, help="inner learning rate per token")
     ap.add_argument("--eta", type=float, default=0.5, help="momentum decay")
@@ -125,7 +128,7 @@ def main() -> None:
         ap.error(f"--distances must be multiples of --chunk {args.chunk}")
     t0 = time.perf_counter()
     curves = [recall_curve(args.alphas, args.distances, kind, args.dim, args.hidden, args.chunk, args.theta,
-                           args.eta, args.seed) for kind in args.kinds]
+                           args.eta, args.seed, args.memory_depth) for kind in args.kinds]
     result = {"args": vars(args), "alphas": args.alphas, "seconds": time.perf_counter() - t0, "curves": curves}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
