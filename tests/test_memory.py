@@ -459,3 +459,40 @@ def test_single_token_step_equals_naive_mid_chunk(L, residual):
                                                   chunk_weights=W0, offset=2, return_chunk_state=True)
     for a, b in zip((y1, *W1, *S1), (y2, *W2, *S2)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_an_association_learned_at_test_time_lasts_as_long_as_the_gate_allows():
+    # benchmarks/memory_recall.py in miniature: one pair written for a chunk, then repeated filler; the read
+    # (no update) finds the value right after the write, and after 512 filler tokens only where alpha is small
+    g = torch.Generator().manual_seed(0)
+    dim, hidden, chunk, alphas = 32, 64, 16, [1e-2, 0.0]
+    B = len(alphas)
+    W = [torch.randn(dim, hidden, generator=g, dtype=D) / dim ** 0.5, torch.randn(hidden, dim, generator=g, dtype=D)
+         / hidden ** 0.5]
+    W = [w.expand(B, 1, *w.shape).contiguous() for w in W]
+    S = [torch.zeros_like(w) for w in W]
+    k_star, v_star = (F.normalize(torch.randn(dim, generator=g, dtype=D), dim=0) for _ in range(2))
+    filler_k, filler_v = (F.normalize(torch.randn(20, dim, generator=g, dtype=D), dim=-1) for _ in range(2))
+
+    def write(k, v, W, S):
+        n = k.shape[0]
+        kk, vv = (t.expand(B, 1, n, dim).contiguous() for t in (k, v))
+        gate = lambda x: torch.tensor(x, dtype=D).view(-1, 1, 1).expand(B, 1, n).contiguous()  # noqa: E731
+        _, W, S = neural_memory_update(kk, kk, vv, gate([0.02] * B), gate([0.5] * B), gate(alphas), W, S,
+                                       chunk_size=chunk, residual=True)
+        return W, S
+
+    def recall(W):
+        out = memory_mlp(k_star.expand(B, 1, 1, dim), W, "silu", True).view(B, dim)
+        return F.cosine_similarity(out, v_star.view(1, dim), dim=-1)
+
+    before = recall(W)
+    W, S = write(k_star.expand(chunk, dim), v_star.expand(chunk, dim), W, S)
+    after = recall(W)
+    assert (after > before + 0.5).all() and (after > 0.7).all(), (before, after)
+    idx = torch.arange(512) % 20
+    W, S = write(filler_k[idx], filler_v[idx], W, S)
+    late = recall(W)
+    assert late[1] > 0.5, late  # alpha = 0 keeps it
+    # alpha = 1e-2 scales every weight by 0.99^512 ~ 0.006: only the residual path is left, M(k*) ~ k*
+    assert abs(late[0] - F.cosine_similarity(k_star, v_star, dim=0)) < 0.02, late
