@@ -35,9 +35,11 @@ def unit(*shape: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def recall_curve(alphas: list[float], distances: list[int], kind: str, dim: int, hidden: int, chunk: int,
-                 theta: float, eta: float, seed: int, depth: int = 2) -> dict:
+                 theta: float, eta: float, seed: int, depth: int = 2, distractor_lr: float = 1.0) -> dict:
     """Cosine of ``M(k*)`` with ``v*`` after each distance, one row per alpha (float64, batch = alphas), for a
-    memory MLP of ``depth`` layers (dims dim -> hidden ... -> dim; depth 1 is a linear memory)."""
+    memory MLP of ``depth`` layers (dims dim -> hidden ... -> dim; depth 1 is a linear memory).  Distractors
+    are written with ``distractor_lr`` x theta: what a data-dependent theta (Eq. 13) gains by writing
+    unsurprising tokens weakly."""
     g = torch.Generator().manual_seed(seed)
     B = len(alphas)
     dims = [dim] + [hidden] * (depth - 1) + [dim]
@@ -48,19 +50,19 @@ def recall_curve(alphas: list[float], distances: list[int], kind: str, dim: int,
     k_star, v_star = unit(dim, generator=g), unit(dim, generator=g)
     filler_k, filler_v = unit(20, dim, generator=g), unit(20, dim, generator=g)
 
-    def gates(n: int):
-        lr = torch.full((B, 1, n), theta, dtype=torch.float64)
+    def gates(n: int, lr_scale: float = 1.0):
+        lr = torch.full((B, 1, n), theta * lr_scale, dtype=torch.float64)
         mom = torch.full((B, 1, n), eta, dtype=torch.float64)
         forget = torch.tensor(alphas, dtype=torch.float64).view(B, 1, 1).expand(B, 1, n).contiguous()
         return lr, mom, forget
 
-    def write(k: torch.Tensor, v: torch.Tensor) -> None:  # k, v: (n, dim), the same for every row
+    def write(k: torch.Tensor, v: torch.Tensor, lr_scale: float = 1.0) -> None:  # k, v: (n, dim), every row
         nonlocal weights, momentum
         n = k.shape[0]
         kk = k.view(1, 1, n, dim).expand(B, 1, n, dim).contiguous()
         vv = v.view(1, 1, n, dim).expand(B, 1, n, dim).contiguous()
-        _, weights, momentum = neural_memory_update(kk, kk, vv, *gates(n), weights, momentum, chunk_size=chunk,
-                                                    activation="silu", residual=True)
+        _, weights, momentum = neural_memory_update(kk, kk, vv, *gates(n, lr_scale), weights, momentum,
+                                                    chunk_size=chunk, activation="silu", residual=True)
 
     def read() -> list[float]:
         out = memory_mlp(k_star.view(1, 1, 1, dim).expand(B, 1, 1, dim), weights, "silu", True)
@@ -77,7 +79,7 @@ def recall_curve(alphas: list[float], distances: list[int], kind: str, dim: int,
                 k, v = filler_k[idx], filler_v[idx]
             else:
                 k, v = unit(n, dim, generator=g), unit(n, dim, generator=g)
-            write(k, v)
+            write(k, v, distractor_lr)
             seen += n
             step += 1
         rows[d] = read()
@@ -120,6 +122,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--theta", type=float, default=0.02, help="inner learning rate per token")
     ap.add_argument("--eta", type=float, default=0.5, help="momentum decay")
+    ap.add_argument("--distractor-lr", type=float, default=1.0,
+                    help="theta of the distractor tokens as a multiple of --theta (selective writing)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/memory_recall.json")
     ap.add_argument("--plot", default=None, help="PNG of recall against distance")
@@ -128,7 +132,7 @@ def main() -> None:
         ap.error(f"--distances must be multiples of --chunk {args.chunk}")
     t0 = time.perf_counter()
     curves = [recall_curve(args.alphas, args.distances, kind, args.dim, args.hidden, args.chunk, args.theta,
-                           args.eta, args.seed, args.memory_depth) for kind in args.kinds]
+                           args.eta, args.seed, args.memory_depth, args.distractor_lr) for kind in args.kinds]
     result = {"args": vars(args), "alphas": args.alphas, "seconds": time.perf_counter() - t0, "curves": curves}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
