@@ -496,3 +496,20 @@ def test_an_association_learned_at_test_time_lasts_as_long_as_the_gate_allows():
     assert late[1] > 0.5, late  # alpha = 0 keeps it
     # alpha = 1e-2 scales every weight by 0.99^512 ~ 0.006: only the residual path is left, M(k*) ~ k*
     assert abs(late[0] - F.cosine_similarity(k_star, v_star, dim=0)) < 0.02, late
+
+
+def test_surprise_scores_the_targets_the_update_fits():
+    # with normalize_values the inner loss is measured against unit-norm values, as the update uses them
+    # (analyze-memory reported losses against the raw values before)
+    from einops import rearrange
+
+    x = torch.randn(2, 9, 16, dtype=D)
+    for norm_v in (False, True):
+        m = module(normalize_values=norm_v)
+        st_ = m.init_state(2)
+        qkv, _ = m._project(x, None)
+        _, k, v = rearrange(qkv, "b t (s h d) -> s b h t d", s=3, h=m.heads)
+        k = F.normalize(k, dim=-1)
+        v = F.normalize(v, dim=-1) if norm_v else v
+        want = ((memory_mlp(k, st_.weights, m.activation, m.residual) - v) ** 2).sum(-1)
+        torch.testing.assert_close(m.surprise(x, st_)["inner_loss"], want)

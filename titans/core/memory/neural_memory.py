@@ -296,6 +296,19 @@ class NeuralMemory(nn.Module):
             proj = proj[..., channels]
         return F.silu(proj), new_cache
 
+    def _split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, 3 * inner) -> q, k, v (B, H, T, head_dim): q and k l2-normalised, v too if configured (the
+        one place both the update and the diagnostics take them from)."""
+        q, k, v = rearrange(qkv, "b t (s h d) -> s b h t d", s=3, h=self.heads)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        if self.normalize_values:
+            # unit-norm targets keep the fitted fast weights O(1), so the curvature bound behind max_lr holds
+            # (unnormalised values of norm ~10 drove the weights x45 within one 256-token segment and the inner
+            # loop to NaN in MAC passkey training; benchmarks/RESULTS.md section 4e)
+            v = F.normalize(v, dim=-1)
+        return q, k, v
+
     def _gates(self, x: Tensor, state: MemoryState):
         """theta, eta, alpha: (B, H, T) each, and the chunk gates to carry."""
         raw = rearrange(self.to_gates(x), "b t (g h) -> b h t g", g=3)
@@ -348,14 +361,7 @@ class NeuralMemory(nn.Module):
         if T == 0:
             return x.new_zeros(B, 0, self.dim), state
         qkv, conv = self._project(x, state.conv)
-        q, k, v = rearrange(qkv, "b t (s h d) -> s b h t d", s=3, h=self.heads)
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
-        if self.normalize_values:
-            # unit-norm targets keep the fitted fast weights O(1), so the curvature bound behind max_lr holds
-            # (unnormalised values of norm ~10 drove the weights x45 within one 256-token segment and the inner
-            # loop to NaN in MAC passkey training; benchmarks/RESULTS.md section 4e)
-            v = F.normalize(v, dim=-1)
+        q, k, v = self._split_qkv(qkv)
         theta, eta, alpha, raw, chunk_gates = self._gates(x, state)
         # The inner loop is an optimiser: it runs in the state's dtype (float32 under bf16 autocast),
         # with autocast off so its matmuls and scans accumulate in full precision.
@@ -433,8 +439,8 @@ class NeuralMemory(nn.Module):
         if state is None:
             state = self.init_state(B, x.device)
         qkv, _ = self._project(x, state.conv)
-        _, k, v = rearrange(qkv, "b t (s h d) -> s b h t d", s=3, h=self.heads)
-        k = F.normalize(k, dim=-1).to(state.weights[0].dtype)
+        _, k, v = self._split_qkv(qkv)
+        k = k.to(state.weights[0].dtype)
         v = v.to(k.dtype)
         from titans.core.memory.functional import _inner_backward
 
