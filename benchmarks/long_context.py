@@ -134,8 +134,8 @@ def mps_daemon(enabled: bool):
                     os.environ[k] = v
 
 
-def plan_runs(args) -> list[tuple[str, str, list[str]]]:
-    """(variant, run name, extra config overrides) for every training the arguments ask for."""
+def plan_runs(args) -> list[tuple[str, int | None, str, list[str]]]:
+    """(variant, seed or None, run name, extra config overrides) for every training the arguments ask for."""
     seeds = [None] if args.seeds is None else args.seeds
     widen = {}
     if args.match_params:  # same parameters as the reference variant, through the feed-forward width
@@ -144,13 +144,14 @@ def plan_runs(args) -> list[tuple[str, str, list[str]]]:
 
         target = parameter_count(model_cfg(args.match_params))
         for v in args.variants:
-            if abs(parameter_count(model_cfg(v)) - target) > 0.01 * target:
-                widen[v] = [f"model.ffn_mult={ffn_mult_for_parameters(model_cfg(v), target):.6f}"]
-    return [(v, v if s is None else f"{v}_seed{s}", widen.get(v, []) + ([] if s is None else [f"training.seed={s}"]))
+            cfg = model_cfg(v)
+            if abs(parameter_count(cfg) - target) > 0.01 * target:
+                widen[v] = [f"model.ffn_mult={ffn_mult_for_parameters(cfg, target):.6f}"]
+    return [(v, s, v if s is None else f"{v}_seed{s}", widen.get(v, []) + ([] if s is None else [f"training.seed={s}"]))
             for v in args.variants for s in seeds]
 
 
-def run_jobs(args, out: Path, runs: Path) -> None:
+def run_jobs(args, plan: list, out: Path, runs: Path) -> None:
     """One child process of this script per run (variant x seed), at most ``args.jobs`` at a time; then one
     summary in the order asked for."""
     base = [sys.executable, str(Path(__file__).resolve()), "--config", args.config, "--source", args.source,
@@ -160,17 +161,16 @@ def run_jobs(args, out: Path, runs: Path) -> None:
         base += ["--set", *args.overrides]
     if args.match_params:
         base += ["--match-params", args.match_params]
-    plan = plan_runs(args)
     pending, running, done = list(plan), {}, {}
     with mps_daemon(args.mps):
         while pending or running:
             while pending and len(running) < args.jobs:
-                v, name, _ = pending.pop(0)
+                v, seed, name, _ = pending.pop(0)
                 log = open(out / f"job_{name}.log", "w")
                 cmd = base + ["--variants", v, "--out", str(out / f"job_{name}"), "--runs-dir",
                               str(runs / f"job_{name}")]
-                if name != v:  # the seed of this run (the child widens the same way itself)
-                    cmd += ["--seeds", name.rsplit("_seed", 1)[1]]
+                if seed is not None:  # the child plans this one run (and widens it the same way) itself
+                    cmd += ["--seeds", str(seed)]
                 running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
                 print(f"started {name} (log {out / f'job_{name}.log'})", flush=True)
             time.sleep(1.0)
@@ -182,7 +182,7 @@ def run_jobs(args, out: Path, runs: Path) -> None:
                     print(f"finished {name}: exit status {proc.returncode}", flush=True)
     summary = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "variants": {}}
     report = []
-    for _, name, _ in plan:  # in the order asked for, whatever order they finished in
+    for _, _, name, _ in plan:  # in the order asked for, whatever order they finished in
         child = out / f"job_{name}" / "summary.json"
         cs = json.loads(child.read_text()) if child.is_file() else {"variants": {}}
         if name in cs["variants"]:
@@ -230,13 +230,14 @@ def main() -> None:
     out = Path(args.out)
     runs = Path(args.runs_dir) if args.runs_dir else out
     out.mkdir(parents=True, exist_ok=True)
-    if args.jobs > 1 and len(plan_runs(args)) > 1:
-        run_jobs(args, out, runs)
+    plan = plan_runs(args)
+    if args.jobs > 1 and len(plan) > 1:
+        run_jobs(args, plan, out, runs)
         return
     summary = {"args": vars(args), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "date": time.strftime("%Y-%m-%d"), "variants": {}}
     report = []
-    for v, name, extra in plan_runs(args):
+    for v, _, name, extra in plan:
         cfg = load_config(args.config, [f"model.variant={v}", f"data.source={args.source}",
                                         f"training.max_steps={args.steps}", f"training.eval_every={args.steps}",
                                         f"training.ckpt_every={args.steps}", f"training.out_dir={runs}/run_{name}",

@@ -70,7 +70,7 @@ def recall_curve(alphas: list[float], distances: list[int], kind: str, dim: int,
 
     before = read()
     write(k_star.expand(chunk, dim), v_star.expand(chunk, dim))  # the needle: one chunk of the same pair
-    rows, seen, step = {0: read()}, 0, 0
+    rows, seen = {0: read()}, 0
     for d in sorted(distances):
         while seen < d:
             n = min(4096, d - seen)
@@ -81,7 +81,6 @@ def recall_curve(alphas: list[float], distances: list[int], kind: str, dim: int,
                 k, v = unit(n, dim, generator=g), unit(n, dim, generator=g)
             write(k, v, distractor_lr)
             seen += n
-            step += 1
         rows[d] = read()
     return {"kind": kind, "before_needle": before,
             "recall": {str(d): {str(a): r[i] for i, a in enumerate(alphas)} for d, r in rows.items()}}
