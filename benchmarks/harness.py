@@ -15,9 +15,11 @@ Writes JSON and a markdown table.  Example (the issue's setting)::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -53,6 +55,9 @@ def _peak_gb(device: torch.device) -> float | None:
 
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
+        # the previous row's model and CUDA graphs sit in reference cycles: collect them, or their private memory
+        # pools stay reserved (MAC 65536 x 1 after the 4096 x 8 rows failed its capture for lack of memory)
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
@@ -129,6 +134,7 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         row.error = "out of memory"
     except Exception as e:  # noqa: BLE001 - a benchmark row records the failure and goes on
         row.error = f"{type(e).__name__}: {e}"[:200]
+        traceback.print_exc()  # the row keeps the message; the log keeps where it came from
     _reset_peak(device)
     return row
 

@@ -277,12 +277,12 @@ class NeuralMemory(nn.Module):
 
     def _project(self, x: Tensor, conv_cache: Tensor | None, channels: slice | None = None):
         """q/k/v (or a channel slice of them) after the causal conv and SiLU; returns (qkv, new_cache)."""
-        proj = self.to_qkv(x)  # (B, T, 3 * inner)
+        # a channel slice (retrieval needs only q) projects with the matching rows of W_QKV: a third of the work
+        proj = self.to_qkv(x) if channels is None else F.linear(x, self.to_qkv.weight[channels])
         new_cache = conv_cache
         if self.conv is not None:
             w, b = self.conv.weight, self.conv.bias
             if channels is not None:
-                proj = proj[..., channels]
                 w, b = w[channels], b[channels]
             seq = proj.transpose(1, 2)  # (B, C, T)
             K = self.conv_kernel
@@ -292,8 +292,6 @@ class NeuralMemory(nn.Module):
                 seq = torch.cat([conv_cache.to(seq.dtype), seq], dim=2)
                 new_cache = seq[:, :, -(K - 1):]
             proj = F.conv1d(seq, w, b, groups=w.shape[0]).transpose(1, 2)
-        elif channels is not None:
-            proj = proj[..., channels]
         return F.silu(proj), new_cache
 
     def _split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
