@@ -14,7 +14,14 @@ from titans.core.models import build_model
 from titans.data.preprocessing import ByteTokenizer
 from titans.data.tasks import TASK_NAMES, Haystack, expand_tasks, insert_at, make_example
 from titans.data.tasks.babilong import MOVE_VERBS, NUMBERS
-from titans.inference.long_context import answer_greedy, evaluate_tasks, markdown_table, wilson_interval, write_report
+from titans.inference.long_context import (
+    answer_greedy,
+    evaluate_tasks,
+    markdown_table,
+    score_answer,
+    wilson_interval,
+    write_report,
+)
 
 TOK = ByteTokenizer()
 
@@ -207,8 +214,11 @@ def test_evaluation_grid_end_to_end(tiny_export, hay, tmp_path):
         right = sum(x == y for a, p in pairs for x, y in zip(a, p))
         assert c["token_accuracy"] == pytest.approx(right / sum(len(a) for a, _ in pairs))
         assert c["accuracy"] <= min(c["first_token_accuracy"], c["token_accuracy"])
+        reordered = sum(a != p and sorted(a) == sorted(p) for a, p in pairs) / len(pairs)
+        assert c["reordered"] == reordered and c["accuracy"] + c["reordered"] <= 1
     text = open(paths["table"]).read()
-    assert all(t in text for t in ("exact match", "first answer token right", "answer tokens right"))
+    assert all(t in text for t in ("exact match", "first answer token right", "answer tokens right",
+                                   "in another order"))
     # one pooled row per niah task (over both depths: 4 samples a length), none for babilong (no depths)
     pooled = [line for line in markdown_table(res).splitlines() if "all (95% CI)" in line]
     assert len(pooled) == 1 and pooled[0].startswith("| niah_passkey |")
@@ -216,6 +226,19 @@ def test_evaluation_grid_end_to_end(tiny_export, hay, tmp_path):
                   and c["length"] == 128))
     lo, hi = wilson_interval(k, 4)
     assert f"{100 * k / 4:.0f} ({100 * lo:.0f}-{100 * hi:.0f})" in pooled[0].split("|")[3]
+
+
+def test_score_answer_counts_partial_credit_and_order_errors():
+    assert score_answer([5, 8, 6, 4, 0, 9], [5, 8, 6, 4, 0]) == {  # tokens past the answer are not scored
+        "exact": True, "first": True, "tokens_right": 5, "reordered": False}
+    assert score_answer([5, 6, 8, 4, 0], [5, 8, 6, 4, 0]) == {  # two digits swapped: a permutation
+        "exact": False, "first": True, "tokens_right": 3, "reordered": True}
+    assert score_answer([5, 6, 6, 4, 0], [5, 8, 6, 4, 0])["reordered"] is False  # a digit lost, not moved
+    assert score_answer([0, 5, 8, 6, 4], [5, 8, 6, 4, 0]) == {
+        "exact": False, "first": False, "tokens_right": 0, "reordered": True}
+    assert score_answer([5], [5, 8])["reordered"] is False  # too short to hold the answer's tokens
+    with pytest.raises(ValueError, match="answer"):
+        score_answer([1], [])
 
 
 def test_wilson_interval_matches_the_closed_form():
