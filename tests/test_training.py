@@ -60,6 +60,35 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
 
 
+def test_init_from_starts_at_the_given_weights_with_a_fresh_run(tmp_path):
+    from safetensors.torch import load_file
+
+    first = tiny_cfg(tmp_path / "a", "training.max_steps=3", "training.eval_every=100", "training.ckpt_every=3")
+    train(first)
+    src = load_file(str(tmp_path / "a" / "run" / "checkpoints" / "step_0000003" / "model.safetensors"))
+    # a learning rate so small that one step moves no weight by more than ~1e-9: the result is the source
+    second = tiny_cfg(tmp_path / "b", "training.max_steps=1", "training.eval_every=100", "training.ckpt_every=1",
+                      "training.warmup_steps=0", "training.lr=1e-12", "data.seq_len=64",
+                      f"training.init_from={tmp_path / 'a' / 'run'}")
+    train(second)
+    got = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "step_0000001" / "model.safetensors"))
+    assert got.keys() == src.keys()
+    assert max((got[k] - src[k]).abs().max().item() for k in src) < 1e-8
+    fresh = tiny_cfg(tmp_path / "c", "training.max_steps=1", "training.eval_every=100", "training.ckpt_every=1",
+                     "training.warmup_steps=0", "training.lr=1e-12", "training.seed=1")
+    train(fresh)
+    other = load_file(str(tmp_path / "c" / "run" / "checkpoints" / "step_0000001" / "model.safetensors"))
+    assert max((other[k] - src[k]).abs().max().item() for k in src) > 1e-3  # the check can fail
+    # the step count starts fresh: one step was run and logged
+    rows = [json.loads(line) for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1]
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        train(tiny_cfg(tmp_path / "d", "training.max_steps=1", f"training.init_from={tmp_path / 'missing'}"))
+    with pytest.raises(CheckpointError, match="has shape"):
+        train(tiny_cfg(tmp_path / "e", "training.max_steps=1", "model.dim=48",
+                       f"training.init_from={tmp_path / 'a' / 'run'}"))
+
+
 def test_config_errors_name_key_and_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  colour: red\n")

@@ -24,7 +24,13 @@ from titans.core.models import build_model
 from titans.data.dataloader import TokenBatcher, build_data, eval_batches
 from titans.training.distributed import DistInfo, init_distributed, wrap_model
 from titans.training.optimizer import build_optimizer, build_scheduler
-from titans.utils.checkpoint import load_checkpoint, resolve_checkpoint, restore_rng_state, save_checkpoint
+from titans.utils.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    resolve_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from titans.utils.config import TitansConfig, save_config
 
 
@@ -208,6 +214,10 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
         state = load_checkpoint(resolve_checkpoint(out_dir), model, optimizer, scheduler)
         start_step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         restore_rng_state(state["rng"])
+    elif tc.init_from:
+        # weights only; shapes are checked key by key (a different window or gate start is allowed: the
+        # architecture's parameters are the same)
+        load_weights(model, resolve_checkpoint(tc.init_from) / "model.safetensors")
     run_model = wrap_model(model, cfg.training, dist, device)
     if tc.compile:
         run_model = torch.compile(run_model)

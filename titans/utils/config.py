@@ -169,6 +169,10 @@ class TrainingConfig(_Strict):
                                        description="stop with an error after this many skipped steps in a row")
     max_time_s: float | None = Field(None, gt=0, description="stop (with a checkpoint) after the step that "
                                      "passes this many seconds of training; None: run all max_steps")
+    init_from: str | None = Field(None, description="start from the model weights of this run folder, checkpoint "
+                                  "or export (the same parameter shapes); optimizer, schedule and step count start "
+                                  "fresh: fine-tuning, or a curriculum such as longer rows after shorter ones. "
+                                  "Ignored when resuming (the run's own checkpoint wins)")
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(20, ge=1)
     ckpt_every: int = Field(500, ge=1)

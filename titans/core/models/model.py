@@ -321,7 +321,10 @@ class TitansLM(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
         B, T = input_ids.shape
-        check_ids = T and not _capturing() and not torch.compiler.is_compiling()  # the check syncs the device
+        # the check syncs the device, so it is skipped while compiling or capturing; is_compiling() comes first so
+        # a compiled model never guards on the capture state (a guard that flips between warm-up and capture
+        # would recompile inside the capture)
+        check_ids = T and not torch.compiler.is_compiling() and not _capturing()
         if check_ids:
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync for both bounds
             if lo < 0 or hi >= self.config.vocab_size:
