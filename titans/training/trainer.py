@@ -93,6 +93,7 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
 
     Calling the result copies the batch into the graph's static input and replays the forward graph;
     ``.backward()`` replays the backward graph, accumulating into ``.grad`` like eager autograd.
+    ``warmup_iters`` eager forward + backward passes run first (they leave ``.grad`` untouched).
     """
     if sample.device.type != "cuda":
         raise ValueError("training.cuda_graphs=true needs a CUDA device")
