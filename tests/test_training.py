@@ -89,6 +89,55 @@ def test_init_from_starts_at_the_given_weights_with_a_fresh_run(tmp_path):
                        f"training.init_from={tmp_path / 'a' / 'run'}"))
 
 
+def test_curriculum_equals_the_stages_run_by_hand_and_resumes_after_a_failed_stage(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import titans.training.trainer as trainer_mod
+
+    common = ["training.eval_every=100", "training.ckpt_every=100", "training.warmup_steps=0"]
+    stages = ("training.curriculum=[{seq_len: 32, max_steps: 3}, "
+              "{seq_len: 64, max_steps: 2, batch_size: 4, lr: 1.0e-3}]")
+    s = train(tiny_cfg(tmp_path / "cur", *common, stages))
+    run = tmp_path / "cur" / "run"
+    assert s["step"] == 5 and s["tokens_seen"] == 3 * 8 * 32 + 2 * 4 * 64 and len(s["stages"]) == 2
+    assert load_config(run / "config.yaml").data.seq_len == 64  # the final model lives in the run folder itself
+    final = load_file(str(run / "checkpoints" / "step_0000002" / "model.safetensors"))
+    # the same two runs by hand: stage 0, then stage 1 from its weights with a fresh optimizer and schedule
+    train(tiny_cfg(tmp_path / "h0", *common, "training.max_steps=3"))
+    train(tiny_cfg(tmp_path / "h1", *common, "training.max_steps=2", "training.batch_size=4", "training.lr=1e-3",
+                   "data.seq_len=64", f"training.init_from={tmp_path / 'h0' / 'run'}"))
+    by_hand = load_file(str(tmp_path / "h1" / "run" / "checkpoints" / "step_0000002" / "model.safetensors"))
+    assert final.keys() == by_hand.keys()
+    assert max((final[k] - by_hand[k]).abs().max().item() for k in final) == 0.0
+    stage0 = load_file(str(run / "stages" / "0_seq32" / "checkpoints" / "step_0000003" / "model.safetensors"))
+    assert max((final[k] - stage0[k]).abs().max().item() for k in final) > 1e-4  # stage 1 trained
+
+    # a second stage that fails part-way; resume skips the finished first stage and reaches the same weights
+    real, calls = trainer_mod._train_run, []
+
+    def failing(cfg, *a, **k):
+        calls.append(cfg.data.seq_len)
+        if cfg.data.seq_len == 64 and calls.count(64) == 1:
+            raise RuntimeError("simulated crash in stage 1")
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr(trainer_mod, "_train_run", failing)
+    cfg = tiny_cfg(tmp_path / "res", *common, stages)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(cfg)
+    record = json.loads((tmp_path / "res" / "run" / "curriculum.json").read_text())
+    assert [st["seq_len"] for st in record["stages"]] == [32]
+    s2 = train(cfg, resume=True)
+    assert calls == [32, 64, 64] and s2["step"] == 5
+    again = load_file(str(tmp_path / "res" / "run" / "checkpoints" / "step_0000002" / "model.safetensors"))
+    assert max((again[k] - final[k]).abs().max().item() for k in final) == 0.0
+    with pytest.raises(ConfigError, match=r"curriculum\[1\]\.batch_size"):
+        tiny_cfg(tmp_path, "training.grad_accum=2",
+                 "training.curriculum=[{seq_len: 32, max_steps: 1}, {seq_len: 64, max_steps: 1, batch_size: 3}]")
+    with pytest.raises(ConfigError, match="max_steps"):
+        tiny_cfg(tmp_path, "training.curriculum=[{seq_len: 32}]")
+
+
 def test_config_errors_name_key_and_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  colour: red\n")

@@ -31,7 +31,7 @@ from titans.utils.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from titans.utils.config import TitansConfig, save_config
+from titans.utils.config import TitansConfig, config_from_dict, save_config
 
 
 def pick_device(name: str, dist: DistInfo) -> torch.device:
@@ -186,7 +186,96 @@ def clipped_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_
 
 
 def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None) -> dict:
-    """Train with ``cfg``; returns a summary (final losses, paths).  See the module docstring."""
+    """Train with ``cfg``; returns a summary (final losses, paths).  See the module docstring.
+
+    With ``training.curriculum`` set, runs its stages one after another (:func:`train_curriculum`).
+    """
+    if cfg.training.curriculum:
+        return train_curriculum(cfg, resume, progress)
+    return _train_run(cfg, resume, progress)
+
+
+def curriculum_stage_configs(cfg: TitansConfig) -> list[TitansConfig]:
+    """The plain (curriculum-free) run config of every stage of ``cfg.training.curriculum``.
+
+    Stage i trains in ``OUT_DIR/stages/<i>_seq<seq_len>``, the last one in ``OUT_DIR`` itself, so the run
+    folder holds the final model like any other run.  ``init_from`` of the stages is set by
+    :func:`train_curriculum` (the first keeps ``training.init_from``).
+    """
+    out = Path(cfg.training.out_dir)
+    stages = cfg.training.curriculum
+    configs = []
+    for i, st in enumerate(stages):
+        data = cfg.model_dump(mode="json")
+        tr = data["training"]
+        tr["curriculum"] = []
+        tr["out_dir"] = str(out if i == len(stages) - 1 else out / "stages" / f"{i}_seq{st.seq_len}")
+        for key in ("batch_size", "max_steps", "max_time_s", "lr", "warmup_steps"):
+            if getattr(st, key) is not None:
+                tr[key] = getattr(st, key)
+        data["data"]["seq_len"] = st.seq_len
+        configs.append(config_from_dict(data, f"training.curriculum[{i}]"))
+    return configs
+
+
+def train_curriculum(cfg: TitansConfig, resume: bool = False, progress: bool | None = None) -> dict:
+    """Run the stages of ``cfg.training.curriculum`` in order, each from the previous stage's final weights
+    (``training.init_from``) with a fresh optimizer, schedule and step count.
+
+    ``OUT_DIR/curriculum.json`` records every finished stage (written atomically after each), so with
+    ``resume`` finished stages are skipped and a stage stopped part-way continues from its own checkpoint.
+    A stage stopped by SIGTERM ends the whole run (not marked finished).  Returns the last stage's summary
+    with ``step``, ``tokens_seen`` and ``skipped_steps`` summed over the stages, ``time_limited`` if any
+    stage hit its time limit, and ``stages``: the summary of each.
+    """
+    from titans.utils.io import atomic_write_text
+
+    out = Path(cfg.training.out_dir)
+    record_path = out / "curriculum.json"
+    configs = curriculum_stage_configs(cfg)
+    record = {"config": cfg.model_dump(mode="json"), "stages": []}
+    if resume and record_path.is_file():
+        try:
+            done = json.loads(record_path.read_text())["stages"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{record_path}: not a curriculum record ({e}); remove it to start over") from None
+        record["stages"] = done
+    prev = cfg.training.init_from
+    summaries = []
+    for i, scfg in enumerate(configs):
+        sdir = Path(scfg.training.out_dir)
+        if i < len(record["stages"]):  # finished before a resume
+            summaries.append(record["stages"][i]["summary"])
+            prev = str(sdir)
+            continue
+        scfg = scfg.model_copy(update={"training": scfg.training.model_copy(update={"init_from": prev})})
+        partial = resume and (sdir / "checkpoints" / "latest").is_file()
+        s = _train_run(scfg, resume=partial, progress=progress, data_cache=out.parent / "data_cache")
+        s = {**s, "stage": i, "seq_len": scfg.data.seq_len}
+        summaries.append(s)
+        if s["interrupted"]:
+            break
+        record["stages"].append({"stage": i, "seq_len": scfg.data.seq_len, "out_dir": str(sdir), "summary": s})
+        if _is_main_process():
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(record_path, json.dumps(record, indent=2))
+        prev = str(sdir)
+    last = summaries[-1]
+    return {**last, "step": sum(s["step"] for s in summaries),
+            "tokens_seen": sum(s["tokens_seen"] for s in summaries),
+            "skipped_steps": sum(s.get("skipped_steps") or 0 for s in summaries),
+            "time_limited": any(s.get("time_limited") for s in summaries),
+            "interrupted": bool(last.get("interrupted")), "stages": summaries}
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = None,
+               data_cache: Path | None = None) -> dict:
+    """One run with the settings of ``cfg`` (its curriculum, if any, is not looked at)."""
     dist = init_distributed(cfg.training)
     device = pick_device(cfg.training.device, dist)
     param_dtype, amp_dtype = pick_dtypes(cfg.training.precision, device)
@@ -197,7 +286,7 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     # rank 0 prepares (and caches) the shards while the other ranks wait, so they never race on them
     if dist.world_size > 1 and not dist.is_main:
         torch.distributed.barrier()
-    train_ds, val_ds, tokenizer = build_data(cfg.data, out_dir.parent / "data_cache",
+    train_ds, val_ds, tokenizer = build_data(cfg.data, data_cache or out_dir.parent / "data_cache",
                                              progress=dist.is_main and cfg.logging.progress)
     if dist.world_size > 1 and dist.is_main:
         torch.distributed.barrier()

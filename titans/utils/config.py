@@ -151,6 +151,23 @@ class DataConfig(_Strict):
         return v
 
 
+class CurriculumStage(_Strict):
+    """One stage of ``training.curriculum``: train on rows of ``seq_len`` tokens, starting from the previous
+    stage's weights with a fresh optimizer, schedule and step count.  A field left unset takes the run's own
+    ``training.*`` value (``max_time_s`` too: then each such stage gets that limit).
+
+    The reach of recall follows the length of the rows a model last trained on (about twice it:
+    benchmarks/RESULTS.md 4j), so short cheap rows first and a few long ones last.
+    """
+
+    seq_len: int = Field(ge=2, description="data.seq_len of this stage")
+    max_steps: int = Field(ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    max_time_s: float | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    warmup_steps: int | None = Field(None, ge=0)
+
+
 class TrainingConfig(_Strict):
     """Optimisation and run control."""
 
@@ -173,6 +190,9 @@ class TrainingConfig(_Strict):
                                   "or export (the same parameter shapes); optimizer, schedule and step count start "
                                   "fresh: fine-tuning, or a curriculum such as longer rows after shorter ones. "
                                   "Ignored when resuming (the run's own checkpoint wins)")
+    curriculum: list[CurriculumStage] = Field(
+        default_factory=list, description="stages run one after another (non-final ones in OUT_DIR/stages/, the "
+        "last in OUT_DIR), each from the previous one's weights; empty: one run with the settings above")
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(20, ge=1)
     ckpt_every: int = Field(500, ge=1)
@@ -194,6 +214,10 @@ class TrainingConfig(_Strict):
         if self.batch_size % self.grad_accum:
             raise ValueError(f"training.grad_accum={self.grad_accum} must divide "
                              f"training.batch_size={self.batch_size}")
+        for i, st in enumerate(self.curriculum):
+            if st.batch_size is not None and st.batch_size % self.grad_accum:
+                raise ValueError(f"training.grad_accum={self.grad_accum} must divide "
+                                 f"training.curriculum[{i}].batch_size={st.batch_size}")
         return self
 
 
