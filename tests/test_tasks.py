@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -104,6 +105,15 @@ def test_babilong_answers_follow_from_the_facts_in_the_text(task, hay):
             assert TOK.decode(ex.input_ids[pos:pos + len(fact) + 2]).strip() == fact
         assert TOK.decode(ex.input_ids).endswith(ex.meta["question"])
         assert _replay([f for _, f in ex.facts], ex.meta["question"]) == ex.answer
+
+
+@pytest.mark.parametrize("task,answers", [("babilong_qa6", {"yes", "no"}), ("babilong_qa7", {"none", "one", "two"})])
+def test_babilong_yes_no_and_counting_answers_are_balanced(task, answers, hay):
+    # asked of a random person these came out ~65% "yes" / ~70% "none": a constant answer scored that much
+    for length in (300, 1500):
+        got = Counter(make_example(task, length, seed, TOK, hay).answer for seed in range(90))
+        assert set(got) <= answers | {"three"}
+        assert max(got.values()) / 90 < 0.5 if task == "babilong_qa7" else 0.35 < got["yes"] / 90 < 0.65, got
 
 
 def test_insert_at_and_errors(hay):
@@ -216,9 +226,11 @@ def test_evaluation_grid_end_to_end(tiny_export, hay, tmp_path):
         assert c["accuracy"] <= min(c["first_token_accuracy"], c["token_accuracy"])
         reordered = sum(a != p and sorted(a) == sorted(p) for a, p in pairs) / len(pairs)
         assert c["reordered"] == reordered and c["accuracy"] + c["reordered"] <= 1
+        majority = max(Counter(a for a, _ in pairs).values()) / len(pairs)
+        assert c["majority_baseline"] == majority and majority >= 1 / len(pairs)
     text = open(paths["table"]).read()
     assert all(t in text for t in ("exact match", "first answer token right", "answer tokens right",
-                                   "in another order"))
+                                   "in another order", "most common answer"))
     # one pooled row per niah task (over both depths: 4 samples a length), none for babilong (no depths)
     pooled = [line for line in markdown_table(res).splitlines() if "all (95% CI)" in line]
     assert len(pooled) == 1 and pooled[0].startswith("| niah_passkey |")

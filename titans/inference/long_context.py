@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -86,9 +87,12 @@ def evaluate_tasks(model, tokenizer: Tokenizer, tasks: list[str], lengths: list[
                               "correct": bool(sc["exact"])})
             bar.update(L * len(group))
             bar.set_postfix(task=task, length=L, acc=f"{correct / max(len(preds), 1):.2f}", refresh=False)
+        # what always giving the cell's most common answer would score: a model stuck on "yes" or "none"
+        # is not reasoning, however high its exact match (BABILong answers come from a few words)
+        majority = max(Counter(e.answer for e in exs).values()) / samples
         rows.append({"task": task, "length": L, "depth": depth, "samples": samples, "accuracy": correct / samples,
                      "first_token_accuracy": first / samples, "token_accuracy": tokens_right / tokens_total,
-                     "reordered": reordered / samples,
+                     "reordered": reordered / samples, "majority_baseline": majority,
                      "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
                      "examples": preds[:4]})
     bar.close()
@@ -159,6 +163,8 @@ def report_tables(result: dict) -> str:
                ("token_accuracy", "answer tokens right")]
     if all("reordered" in c for c in result["cells"]):  # results written before it was counted lack it
         metrics.append(("reordered", "wrong answers made of the right tokens in another order"))
+    if all("majority_baseline" in c for c in result["cells"]):
+        metrics.append(("majority_baseline", "baseline: every example answered with the cell's most common answer"))
     return "\n\n".join(f"{title} (%):\n\n{markdown_table(result, metric)}" for metric, title in metrics)
 
 
