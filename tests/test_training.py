@@ -136,6 +136,15 @@ def test_curriculum_equals_the_stages_run_by_hand_and_resumes_after_a_failed_sta
                  "training.curriculum=[{seq_len: 32, max_steps: 1}, {seq_len: 64, max_steps: 1, batch_size: 3}]")
     with pytest.raises(ConfigError, match="max_steps"):
         tiny_cfg(tmp_path, "training.curriculum=[{seq_len: 32}]")
+    with pytest.raises(ConfigError, match="niah_bogus"):
+        tiny_cfg(tmp_path, "training.curriculum=[{seq_len: 32, max_steps: 1, tasks: [niah_bogus]}]")
+    # a task curriculum: each stage's rows come from its own tasks
+    from titans.training.trainer import curriculum_stage_configs
+
+    staged = curriculum_stage_configs(tiny_cfg(tmp_path, "data.tasks=[niah]", "training.curriculum=[{seq_len: 512, "
+                                               "max_steps: 1, tasks: [niah_passkey]}, {seq_len: 1024, max_steps: 1}]"))
+    assert [c.data.tasks for c in staged] == [["niah_passkey"], ["niah"]]
+    assert [c.data.seq_len for c in staged] == [512, 1024] and not any(c.training.curriculum for c in staged)
 
 
 def test_config_errors_name_key_and_file(tmp_path):

@@ -214,6 +214,8 @@ def curriculum_stage_configs(cfg: TitansConfig) -> list[TitansConfig]:
             if getattr(st, key) is not None:
                 tr[key] = getattr(st, key)
         data["data"]["seq_len"] = st.seq_len
+        if st.tasks is not None:
+            data["data"]["tasks"] = st.tasks
         configs.append(config_from_dict(data, f"training.curriculum[{i}]"))
     return configs
 

@@ -166,6 +166,17 @@ class CurriculumStage(_Strict):
     max_time_s: float | None = Field(None, gt=0)
     lr: float | None = Field(None, gt=0)
     warmup_steps: int | None = Field(None, ge=0)
+    tasks: list[str] | None = Field(None, description="data.tasks of this stage (a task curriculum: an easy "
+                                    "task first, then the mixture)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str] | None) -> list[str] | None:
+        from titans.data.tasks import expand_tasks
+
+        if v is not None:
+            expand_tasks(v)  # raises naming the unknown task
+        return v
 
 
 class TrainingConfig(_Strict):
