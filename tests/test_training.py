@@ -131,6 +131,9 @@ def test_curriculum_equals_the_stages_run_by_hand_and_resumes_after_a_failed_sta
     assert calls == [32, 64, 64] and s2["step"] == 5
     again = load_file(str(tmp_path / "res" / "run" / "checkpoints" / "step_0000002" / "model.safetensors"))
     assert max((again[k] - final[k]).abs().max().item() for k in final) == 0.0
+    with pytest.raises(ValueError, match="not stage 0 of training.curriculum now"):
+        train(tiny_cfg(tmp_path / "res", *common, "training.curriculum=[{seq_len: 48, max_steps: 3}, "
+                       "{seq_len: 64, max_steps: 2}]"), resume=True)
     with pytest.raises(ConfigError, match=r"curriculum\[1\]\.batch_size"):
         tiny_cfg(tmp_path, "training.grad_accum=2",
                  "training.curriculum=[{seq_len: 32, max_steps: 1}, {seq_len: 64, max_steps: 1, batch_size: 3}]")

@@ -241,6 +241,14 @@ def train_curriculum(cfg: TitansConfig, resume: bool = False, progress: bool | N
             done = json.loads(record_path.read_text())["stages"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{record_path}: not a curriculum record ({e}); remove it to start over") from None
+        for st, scfg in zip(done, configs):
+            if st.get("seq_len") != scfg.data.seq_len or st.get("out_dir") != scfg.training.out_dir:
+                raise ValueError(f"{record_path}: finished stage {st.get('stage')} (rows of {st.get('seq_len')} "
+                                 f"tokens in {st.get('out_dir')}) is not stage {st.get('stage')} of "
+                                 "training.curriculum now; resume with the curriculum it was started with")
+        if len(done) > len(configs):
+            raise ValueError(f"{record_path}: records {len(done)} finished stages, training.curriculum has "
+                             f"{len(configs)}")
         record["stages"] = done
     prev = cfg.training.init_from
     summaries = []
