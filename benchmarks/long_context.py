@@ -262,14 +262,21 @@ def main() -> None:
         res.update(variant=v, half_lives=gate_half_lives(model, tok), params=model.num_parameters(),
                    train_tokens=s["tokens_seen"], train_seconds=train_s,
                    train_steps=s["step"], time_limited=s.get("time_limited", False), val_bpb=s.get("val_bpb"),
-                   final_train_loss=s.get("train_loss"), skipped_steps=s.get("skipped_steps"))
+                   final_train_loss=s.get("train_loss"), skipped_steps=s.get("skipped_steps"),
+                   stages=[{"seq_len": st["seq_len"], "steps": st["step"], "tokens": st["tokens_seen"],
+                            "time_limited": st["time_limited"], "train_loss": st.get("train_loss")}
+                           for st in s.get("stages", [])])
         write_report(res, runs / f"eval_{name}")
         stopped = " (stopped by training.max_time_s)" if res["time_limited"] else ""
         text = (f"## {name}: params {res['params']:,}, {s['step']} steps{stopped}, {s['tokens_seen']:,} training "
                 f"tokens in {train_s:.0f} s, "
                 f"val bpb {s.get('val_bpb', float('nan')):.3f}, train loss (last 50 steps) {s.get('train_loss')}, "
                 f"{s.get('skipped_steps')} steps skipped (non-finite gradients), evaluation {res['seconds']:.0f} s\n\n"
-                f"{report_tables(res)}\n")
+                + "".join(f"- curriculum stage {i}: rows of {st['seq_len']}, {st['steps']} steps"
+                          f"{' (time limit)' if st['time_limited'] else ''}, {st['tokens']:,} tokens, train loss "
+                          f"{st['train_loss']}\n" for i, st in enumerate(res["stages"]))
+                + ("\n" if res["stages"] else "")
+                + f"{report_tables(res)}\n")
         if res["half_lives"]:
             text += "\nforgetting half-life per head (tokens, on a 4K passkey prompt):\n\n" + "\n".join(
                 f"- layer {h['layer']}: " + ", ".join(f"{x:,.0f}" for x in h["half_life_tokens"])
@@ -279,7 +286,7 @@ def main() -> None:
         summary["variants"][name] = {k: res[k] for k in ("variant", "params", "train_tokens", "train_steps",
                                                          "time_limited", "train_seconds", "val_bpb",
                                                          "final_train_loss", "skipped_steps", "seconds",
-                                                         "half_lives", "cells")}
+                                                         "half_lives", "stages", "cells")}
         write_summary(out, summary, report)
 
 
