@@ -61,24 +61,29 @@ def plot_summary(summary: dict, path: Path) -> None:
                ("token_accuracy", "answer tokens right (%)")]
     fig, axes = plt.subplots(len(tasks), len(metrics), figsize=(4.5 * len(metrics), 3.2 * len(tasks) + 0.5),
                              squeeze=False)
+    # one colour per variant in every panel (a variant without cells for a task must not shift the others)
+    colours = {name: f"C{k % 10}" for k, name in enumerate(variants)}
     for i, task in enumerate(tasks):
         for j, (metric, label) in enumerate(metrics):
             ax = axes[i][j]
             for name, v in variants.items():
                 cells = [c for c in v["cells"] if c["task"] == task]
-                if not cells:  # a variant whose training failed
+                if not cells:  # a variant whose training failed, or not evaluated on this task
                     continue
                 lengths = sorted({c["length"] for c in cells})
                 ys = [100 * sum(c[metric] for c in cells if c["length"] == L)
                       / sum(1 for c in cells if c["length"] == L) for L in lengths]
-                ax.plot(lengths, ys, marker="o", label=name)
+                ax.plot(lengths, ys, marker="o", label=name, color=colours[name])
             ax.set_xscale("log", base=2)
             ax.set_ylim(-3, 103)
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel(label)
             ax.set_title(task)
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    from matplotlib.lines import Line2D
+
+    labels = [n for n, v in variants.items() if v["cells"]]
+    handles = [Line2D([], [], color=colours[n], marker="o") for n in labels]
     # one legend under the panels: inside them it hid the curves
     rows = -(-len(labels) // 3)
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
