@@ -232,6 +232,7 @@ def train_curriculum(cfg: TitansConfig, resume: bool = False, progress: bool | N
     """
     from titans.utils.io import atomic_write_text
 
+    dist = init_distributed(cfg.training)  # the stages' own calls find the process group already set up
     out = Path(cfg.training.out_dir)
     record_path = out / "curriculum.json"
     configs = curriculum_stage_configs(cfg)
@@ -266,7 +267,7 @@ def train_curriculum(cfg: TitansConfig, resume: bool = False, progress: bool | N
         if s["interrupted"]:
             break
         record["stages"].append({"stage": i, "seq_len": scfg.data.seq_len, "out_dir": str(sdir), "summary": s})
-        if _is_main_process():
+        if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(record_path, json.dumps(record, indent=2))
         prev = str(sdir)
@@ -276,11 +277,6 @@ def train_curriculum(cfg: TitansConfig, resume: bool = False, progress: bool | N
             "skipped_steps": sum(s.get("skipped_steps") or 0 for s in summaries),
             "time_limited": any(s.get("time_limited") for s in summaries),
             "interrupted": bool(last.get("interrupted")), "stages": summaries}
-
-
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
 
 
 def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = None,

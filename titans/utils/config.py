@@ -121,6 +121,15 @@ class ModelConfig(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _check_tasks(tasks: list[str] | None) -> list[str] | None:
+    """``data.tasks`` / a curriculum stage's ``tasks`` as given; raises naming an unknown task."""
+    from titans.data.tasks import expand_tasks
+
+    if tasks is not None:
+        expand_tasks(tasks)
+    return tasks
+
+
 class DataConfig(_Strict):
     """Where training text comes from and how it is tokenized and packed."""
 
@@ -144,11 +153,8 @@ class DataConfig(_Strict):
 
     @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, v: list[str]) -> list[str]:
-        from titans.data.tasks import expand_tasks
-
-        expand_tasks(v)  # raises naming the unknown task
-        return v
+    def _known_tasks(cls, v: list[str] | None) -> list[str] | None:
+        return _check_tasks(v)
 
 
 class CurriculumStage(_Strict):
@@ -172,11 +178,7 @@ class CurriculumStage(_Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str] | None) -> list[str] | None:
-        from titans.data.tasks import expand_tasks
-
-        if v is not None:
-            expand_tasks(v)  # raises naming the unknown task
-        return v
+        return _check_tasks(v)
 
 
 class TrainingConfig(_Strict):
