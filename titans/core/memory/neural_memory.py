@@ -370,6 +370,31 @@ class NeuralMemory(nn.Module):
     def _update(self, q, k, v, theta, eta, alpha, state: MemoryState, T: int, conv, chunk_gates):
         mdtype = state.weights[0].dtype
         args = [t.to(mdtype) for t in (q, k, v, theta, eta, alpha)]
+        y, W, S, W0 = self._update_aligned(args, state, T)
+        return y, MemoryState(W, S, W0, state.seen + T, conv, chunk_gates)
+
+    def _update_aligned(self, args: list[Tensor], state: MemoryState, T: int):
+        """Split a piece on the chunk grid: the tokens that finish the current chunk, the whole chunks, and
+        the start of the last chunk.  The fused / Triton kernels take only whole chunks from a boundary, and
+        a piece rarely is one (the memory of MAG / MAL / LMM reads the persistent tokens first, so every row
+        starts 8 tokens into a chunk): without the split all of it went through the per-chunk loop.  Exact:
+        each part continues from the previous part's state as a later streaming call would."""
+        C = self.chunk_size
+        offset = state.seen % C
+        head = min(T, (C - offset) % C)
+        body = (T - head) // C * C
+        if self.backend in ("auto", "fused", "triton") and body and body < T:
+            ys, st = [], state
+            for a, b in ((0, head), (head, head + body), (head + body, T)):
+                if b > a:
+                    y, W, S, W0 = self._update_piece([t[:, :, a:b] for t in args], st, b - a)
+                    ys.append(y)
+                    st = MemoryState(W, S, W0, st.seen + b - a, None, None)
+            return torch.cat(ys, dim=2), W, S, W0
+        return self._update_piece(args, state, T)
+
+    def _update_piece(self, args: list[Tensor], state: MemoryState, T: int):
+        """One implementation call over ``T`` tokens from ``state``: returns (y, W, S, chunk-start W)."""
         offset = state.seen % self.chunk_size
         # non-strict: an explicit 'triton' meets pieces the kernels do not take (decode steps, pieces that
         # start mid-chunk) while streaming; those take the same exact fallback as 'auto'
@@ -401,7 +426,7 @@ class NeuralMemory(nn.Module):
                 *args, state.weights, state.momentum, chunk_size=self.chunk_size, activation=self.activation,
                 residual=self.residual, chunk_weights=state.chunk_weights, offset=offset,
                 return_chunk_state=True, validate=False, compiled=which == "compiled")
-        return y, MemoryState(W, S, W0, state.seen + T, conv, chunk_gates)
+        return y, W, S, W0
 
     def retrieve(self, x_or_q: Tensor, state: MemoryState | None = None,
                  conv_cache: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
