@@ -252,3 +252,31 @@ def test_baseline_widened_to_a_titans_variants_parameter_count():
     # a real build agrees with the meta count, also from the value rounded as a config override would be
     widened = build_model({**swa, "ffn_mult": float(f"{mult:.4f}")}).num_parameters()
     assert abs(widened - target) <= 24 * 32 * 2 // 2, (widened, target)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_training_rows_give_the_fused_memory_path_their_whole_chunks(variant, monkeypatch):
+    """MAG / MAL / LMM memories read the persistent tokens before the row, so the row starts inside a chunk;
+    its whole chunks must still reach the fused kernels (they once all went through the per-chunk loop)."""
+    import titans.core.memory.fused_update as fu
+
+    calls = []
+    real = fu.neural_memory_update_fused
+
+    def spy(q, *a, **k):
+        calls.append(q.shape[2])
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(fu, "neural_memory_update_fused", spy)
+    C, P, T = 3, 2, 30
+    model = make_model(variant, memory_chunk_size=C, persistent_tokens=P, window=6)
+    for blk in model.blocks:
+        if blk.memory is not None:
+            blk.memory.backend = "fused"
+    model(torch.randint(0, 37, (2, T)))
+    layers = sum(blk.memory is not None for blk in model.blocks)
+    if variant == "mac":  # per 6-token segment from a chunk boundary: every token in whole chunks
+        assert sum(calls) == T * layers
+    else:  # P tokens in, the row's first C - P tokens finish that chunk, then whole chunks
+        whole = (T - (C - P)) // C * C
+        assert calls == [whole] * layers
