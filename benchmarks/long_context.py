@@ -59,6 +59,8 @@ def plot_summary(summary: dict, path: Path) -> None:
     tasks = sorted({c["task"] for v in variants.values() for c in v["cells"]})
     metrics = [("accuracy", "exact match (%)"), ("first_token_accuracy", "first answer token right (%)"),
                ("token_accuracy", "answer tokens right (%)")]
+    if any("forced_token_accuracy" in c for v in variants.values() for c in v["cells"]):  # older results lack it
+        metrics.append(("forced_token_accuracy", "... given the true prefix (%)"))
     fig, axes = plt.subplots(len(tasks), len(metrics), figsize=(4.5 * len(metrics), 3.2 * len(tasks) + 0.5),
                              squeeze=False)
     # one colour per variant in every panel (a variant without cells for a task must not shift the others)
@@ -67,8 +69,8 @@ def plot_summary(summary: dict, path: Path) -> None:
         for j, (metric, label) in enumerate(metrics):
             ax = axes[i][j]
             for name, v in variants.items():
-                cells = [c for c in v["cells"] if c["task"] == task]
-                if not cells:  # a variant whose training failed, or not evaluated on this task
+                cells = [c for c in v["cells"] if c["task"] == task and metric in c]
+                if not cells:  # a variant whose training failed, or not evaluated on this task (or metric)
                     continue
                 lengths = sorted({c["length"] for c in cells})
                 ys = [100 * sum(c[metric] for c in cells if c["length"] == L)

@@ -17,6 +17,8 @@ from titans.data.tasks import TASK_NAMES, Haystack, expand_tasks, insert_at, mak
 from titans.data.tasks.babilong import MOVE_VERBS, NUMBERS
 from titans.inference.long_context import (
     answer_greedy,
+    forced_from,
+    stream_context,
     evaluate_tasks,
     markdown_table,
     score_answer,
@@ -205,6 +207,24 @@ def test_streaming_answers_do_not_depend_on_the_piece_length(tiny_export):
     assert torch.equal(a, b)
 
 
+def test_teacher_forced_predictions_equal_one_forward_over_context_and_answer(tiny_export):
+    """forced_from, from the streamed state, == the argmax of one pass over context + answer (float64)."""
+    from titans.utils.checkpoint import load_model
+
+    model, _ = load_model(tiny_export)
+    model = model.double()
+    g = torch.Generator().manual_seed(3)
+    ctx, ans = torch.randint(0, 256, (2, 133), generator=g), torch.randint(0, 256, (2, 6), generator=g)
+    state, last = stream_context(model, ctx, piece=40)
+    forced = forced_from(model, state, last, ans)
+    full = model(torch.cat([ctx, ans[:, :-1]], 1)).logits[:, ctx.shape[1] - 1:].argmax(-1)
+    assert forced.shape == ans.shape and torch.equal(forced, full)
+    # the streamed state serves greedy decoding afterwards unchanged: same tokens as a fresh read
+    assert torch.equal(answer_greedy(model, ctx, 4, piece=40), answer_greedy(model, ctx, 4, piece=1000))
+    with pytest.raises(ValueError, match="empty context"):
+        stream_context(model, ctx[:, :0])
+
+
 def test_evaluation_grid_end_to_end(tiny_export, hay, tmp_path):
     from titans.utils.checkpoint import load_model
 
@@ -224,13 +244,17 @@ def test_evaluation_grid_end_to_end(tiny_export, hay, tmp_path):
         right = sum(x == y for a, p in pairs for x, y in zip(a, p))
         assert c["token_accuracy"] == pytest.approx(right / sum(len(a) for a, _ in pairs))
         assert c["accuracy"] <= min(c["first_token_accuracy"], c["token_accuracy"])
+        # the true prefix makes the first token the same prediction, and can only be as good at exact answers
+        assert 0.0 <= c["forced_token_accuracy"] <= 1.0
+        if c["accuracy"] == 1.0:
+            assert c["forced_token_accuracy"] == 1.0
         reordered = sum(a != p and sorted(a) == sorted(p) for a, p in pairs) / len(pairs)
         assert c["reordered"] == reordered and c["accuracy"] + c["reordered"] <= 1
         majority = max(Counter(a for a, _ in pairs).values()) / len(pairs)
         assert c["majority_baseline"] == majority and majority >= 1 / len(pairs)
     text = open(paths["table"]).read()
     assert all(t in text for t in ("exact match", "first answer token right", "answer tokens right",
-                                   "in another order", "most common answer"))
+                                   "true answer prefix", "in another order", "most common answer"))
     # one pooled row per niah task (over both depths: 4 samples a length), none for babilong (no depths)
     pooled = [line for line in markdown_table(res).splitlines() if "all (95% CI)" in line]
     assert len(pooled) == 1 and pooled[0].startswith("| niah_passkey |")

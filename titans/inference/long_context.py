@@ -21,29 +21,61 @@ from titans.data.preprocessing import Tokenizer
 from titans.data.tasks import Haystack, expand_tasks, make_example
 
 
-@torch.no_grad()
-def answer_greedy(model, input_ids: torch.Tensor, max_new: int, piece: int = 4096,
-                  amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Stream ``input_ids`` (B, T) through the model in pieces, then decode ``max_new`` tokens greedily.
+def _autocast(dev: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else torch.autocast(dev.type, enabled=False)
 
-    Returns (B, max_new) token ids.  Only the state crosses pieces, so peak memory is that of one piece
-    plus the model state.
-    """
-    dev = input_ids.device
-    ctx = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else torch.autocast(dev.type, enabled=False)
-    state = None
-    with ctx:
+
+@torch.no_grad()
+def stream_context(model, input_ids: torch.Tensor, piece: int = 4096, amp_dtype: torch.dtype | None = None):
+    """Stream ``input_ids`` (B, T) through the model in pieces of ``piece`` tokens, carrying the state.
+
+    Returns ``(state, last_logits (B, vocab))``.  Only the state crosses pieces, so peak memory is that of one
+    piece plus the model state; the state is not modified by later calls (they return new ones), so one read
+    of the context serves both :func:`greedy_from` and :func:`forced_from`."""
+    state = out = None
+    with _autocast(input_ids.device, amp_dtype):
         for s in range(0, input_ids.shape[1], piece):
             out = model(input_ids[:, s:s + piece], state=state)
             state = out.state
-        last = out.logits[:, -1]
-        toks = []
+    if out is None:
+        raise ValueError("input_ids: empty context")
+    return state, out.logits[:, -1]
+
+
+@torch.no_grad()
+def greedy_from(model, state, last: torch.Tensor, max_new: int, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode ``max_new`` tokens greedily from a streamed state: (B, max_new) token ids."""
+    toks = []
+    with _autocast(last.device, amp_dtype):
         for _ in range(max_new):
             nxt = last.float().argmax(-1, keepdim=True)
             toks.append(nxt)
             out = model(nxt, state=state)
             state, last = out.state, out.logits[:, -1]
     return torch.cat(toks, dim=1)
+
+
+@torch.no_grad()
+def forced_from(model, state, last: torch.Tensor, answer_ids: torch.Tensor,
+                amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Teacher-forced predictions: the model's argmax at each answer position given the *true* answer prefix
+    (one forward over ``answer_ids[:, :-1]`` from the streamed state).  answer_ids (B, A) -> (B, A).  Separates
+    what the memory recalls per token from errors that compound in greedy decoding."""
+    preds = [last.float().argmax(-1)]
+    if answer_ids.shape[1] > 1:
+        with _autocast(last.device, amp_dtype):
+            logits = model(answer_ids[:, :-1], state=state).logits
+        preds += list(logits.float().argmax(-1).unbind(1))
+    return torch.stack(preds, dim=1)
+
+
+def answer_greedy(model, input_ids: torch.Tensor, max_new: int, piece: int = 4096,
+                  amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Stream ``input_ids`` (B, T) through the model in pieces, then decode ``max_new`` tokens greedily.
+
+    Returns (B, max_new) token ids."""
+    state, last = stream_context(model, input_ids, piece, amp_dtype)
+    return greedy_from(model, state, last, max_new, amp_dtype)
 
 
 def evaluate_tasks(model, tokenizer: Tokenizer, tasks: list[str], lengths: list[int], depths: list[float],
@@ -67,7 +99,7 @@ def evaluate_tasks(model, tokenizer: Tokenizer, tasks: list[str], lengths: list[
     for task, L, depth in cells:
         exs = [make_example(task, L, seed * 100_003 + i, tokenizer, haystack, depth=depth if depth is not None else 0.5)
                for i in range(samples)]
-        correct = first = tokens_right = tokens_total = reordered = 0
+        correct = first = tokens_right = forced_right = tokens_total = reordered = 0
         preds = []
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -75,12 +107,18 @@ def evaluate_tasks(model, tokenizer: Tokenizer, tasks: list[str], lengths: list[
             group = exs[b:b + batch_size]
             ids = torch.tensor([e.input_ids for e in group], dtype=torch.long, device=dev)
             max_new = max(len(e.answer_ids) for e in group)
-            out = answer_greedy(model, ids, max_new, piece, amp_dtype).tolist()
-            for e, o in zip(group, out):
+            state, last = stream_context(model, ids, piece, amp_dtype)
+            out = greedy_from(model, state, last, max_new, amp_dtype).tolist()
+            # answers of one batch may differ in length: pad (causal, so padding never changes earlier positions)
+            truth = torch.tensor([e.answer_ids + [e.answer_ids[-1]] * (max_new - len(e.answer_ids)) for e in group],
+                                 dtype=torch.long, device=dev)
+            forced = forced_from(model, state, last, truth, amp_dtype).tolist()
+            for e, o, f in zip(group, out, forced):
                 sc = score_answer(o, e.answer_ids)
                 correct += sc["exact"]
                 first += sc["first"]
                 tokens_right += sc["tokens_right"]
+                forced_right += sum(a == b for a, b in zip(f, e.answer_ids))
                 tokens_total += len(e.answer_ids)
                 reordered += sc["reordered"]
                 preds.append({"answer": e.answer, "prediction": tokenizer.decode(o[:len(e.answer_ids)]),
@@ -92,6 +130,7 @@ def evaluate_tasks(model, tokenizer: Tokenizer, tasks: list[str], lengths: list[
         majority = max(Counter(e.answer for e in exs).values()) / samples
         rows.append({"task": task, "length": L, "depth": depth, "samples": samples, "accuracy": correct / samples,
                      "first_token_accuracy": first / samples, "token_accuracy": tokens_right / tokens_total,
+                     "forced_token_accuracy": forced_right / tokens_total,
                      "reordered": reordered / samples, "majority_baseline": majority,
                      "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
                      "examples": preds[:4]})
@@ -130,7 +169,8 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def markdown_table(result: dict, metric: str = "accuracy") -> str:
     """Rows: task (and depth); columns: context lengths; cells: ``metric`` of each cell in percent
-    ("accuracy" = exact match, "first_token_accuracy", "token_accuracy" = share of answer tokens right).
+    ("accuracy" = exact match, "first_token_accuracy", "token_accuracy" = share of answer tokens right,
+    "forced_token_accuracy" = the same with the true answer prefix fed in).
     Exact match adds, for tasks with several depths, a row over all depths with its 95% Wilson interval."""
     lengths = result["lengths"]
     head = "| task | depth | " + " | ".join(f"{L:,}" for L in lengths) + " |"
@@ -161,6 +201,8 @@ def report_tables(result: dict) -> str:
     """Exact match, first answer token and share of answer tokens right, one titled table each."""
     metrics = [("accuracy", "exact match"), ("first_token_accuracy", "first answer token right"),
                ("token_accuracy", "answer tokens right")]
+    if all("forced_token_accuracy" in c for c in result["cells"]):  # older results lack it
+        metrics.append(("forced_token_accuracy", "answer tokens right given the true answer prefix"))
     if all("reordered" in c for c in result["cells"]):  # results written before it was counted lack it
         metrics.append(("reordered", "wrong answers made of the right tokens in another order"))
     if all("majority_baseline" in c for c in result["cells"]):
