@@ -255,19 +255,10 @@ def test_baseline_widened_to_a_titans_variants_parameter_count():
 
 
 @pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
-def test_training_rows_give_the_fused_memory_path_their_whole_chunks(variant, monkeypatch):
+def test_training_rows_give_the_fused_memory_path_their_whole_chunks(variant, fused_call_lengths):
     """MAG / MAL / LMM memories read the persistent tokens before the row, so the row starts inside a chunk;
     its whole chunks must still reach the fused kernels (they once all went through the per-chunk loop)."""
-    import titans.core.memory.fused_update as fu
-
-    calls = []
-    real = fu.neural_memory_update_fused
-
-    def spy(q, *a, **k):
-        calls.append(q.shape[2])
-        return real(q, *a, **k)
-
-    monkeypatch.setattr(fu, "neural_memory_update_fused", spy)
+    calls = fused_call_lengths
     C, P, T = 3, 2, 30
     model = make_model(variant, memory_chunk_size=C, persistent_tokens=P, window=6)
     for blk in model.blocks:

@@ -19,10 +19,7 @@ import torch
 
 from titans.data.preprocessing import Tokenizer
 from titans.data.tasks import Haystack, expand_tasks, make_example
-
-
-def _autocast(dev: torch.device, amp_dtype: torch.dtype | None):
-    return torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else torch.autocast(dev.type, enabled=False)
+from titans.inference.memory_management import autocast_or_off
 
 
 @torch.no_grad()
@@ -33,7 +30,7 @@ def stream_context(model, input_ids: torch.Tensor, piece: int = 4096, amp_dtype:
     piece plus the model state; the state is not modified by later calls (they return new ones), so one read
     of the context serves both :func:`greedy_from` and :func:`forced_from`."""
     state = out = None
-    with _autocast(input_ids.device, amp_dtype):
+    with autocast_or_off(input_ids.device, amp_dtype):
         for s in range(0, input_ids.shape[1], piece):
             out = model(input_ids[:, s:s + piece], state=state)
             state = out.state
@@ -46,7 +43,7 @@ def stream_context(model, input_ids: torch.Tensor, piece: int = 4096, amp_dtype:
 def greedy_from(model, state, last: torch.Tensor, max_new: int, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode ``max_new`` tokens greedily from a streamed state: (B, max_new) token ids."""
     toks = []
-    with _autocast(last.device, amp_dtype):
+    with autocast_or_off(last.device, amp_dtype):
         for _ in range(max_new):
             nxt = last.float().argmax(-1, keepdim=True)
             toks.append(nxt)
@@ -63,7 +60,7 @@ def forced_from(model, state, last: torch.Tensor, answer_ids: torch.Tensor,
     what the memory recalls per token from errors that compound in greedy decoding."""
     preds = [last.float().argmax(-1)]
     if answer_ids.shape[1] > 1:
-        with _autocast(last.device, amp_dtype):
+        with autocast_or_off(last.device, amp_dtype):
             logits = model(answer_ids[:, :-1], state=state).logits
         preds += list(logits.float().argmax(-1).unbind(1))
     return torch.stack(preds, dim=1)

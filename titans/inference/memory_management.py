@@ -41,6 +41,13 @@ STATE_FORMAT_VERSION = 1
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+def autocast_or_off(device: torch.device, amp_dtype: torch.dtype | None):
+    """Autocast to ``amp_dtype`` on ``device``, or explicitly off (so an enclosing autocast does not apply)."""
+    if amp_dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
 class MemoryStateError(ValueError):
     """A saved memory state is missing, truncated, corrupted, or belongs to another model config."""
 
@@ -167,9 +174,7 @@ class MemorySession:
             raise RuntimeError(f"session {self.id!r} is closed or offloaded")
 
     def _amp(self):
-        if self.amp_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_or_off(self.device, self.amp_dtype)
 
     # ------------------------------------------------------------------ reading and writing
     @torch.no_grad()

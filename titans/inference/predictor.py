@@ -11,7 +11,7 @@ import torch
 from titans.core.models.generation import generate as generate_tokens
 from titans.core.models.model import ModelState, TitansLM
 from titans.data.preprocessing import Tokenizer, load_tokenizer
-from titans.inference.memory_management import MemorySession
+from titans.inference.memory_management import MemorySession, autocast_or_off
 from titans.utils.config import TitansConfig
 
 
@@ -52,8 +52,7 @@ class Predictor:
             if not ids:
                 raise ValueError(f"prompt {i}: empty")
             groups.setdefault(len(ids), []).append(i)
-        ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-               else torch.autocast(self.device.type, enabled=False))
+        ctx = autocast_or_off(self.device, self.amp_dtype)
         for idx in groups.values():
             ids = torch.tensor([encoded[i] for i in idx], dtype=torch.long, device=self.device)
             with ctx:
