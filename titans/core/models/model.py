@@ -227,14 +227,15 @@ class TitansBlock(nn.Module):
         """x: (B, T, dim) at absolute positions pos..pos+T-1; ``st`` is updated in place (a fresh object)."""
         if self.variant == "mac" and self.memory is not None:
             # segment by segment, so each piece's retrieval reads the memory as it was before its segment
+            h = self.norm_mix(x)
             C, T = self.window, x.shape[1]
-            pieces, start = [], 0
+            outs, start = [], 0
             while start < T:
                 p = pos + start
                 n = min(C - p % C, T - start)
-                pieces.append(self.mix(x[:, start:start + n], StreamOps(self, st, p, want_cache), persistent))
+                outs.append(self._mac(h[:, start:start + n], StreamOps(self, st, p, want_cache), persistent))
                 start += n
-            x = torch.cat(pieces, dim=1)
+            x = x + torch.cat(outs, dim=1)
         else:
             x = self.mix(x, StreamOps(self, st, pos, want_cache), persistent)
         return self.feed_forward(x)
@@ -244,12 +245,7 @@ class TitansBlock(nn.Module):
         the position (:class:`StreamOps` for ``forward``; the static decode step brings its own), so both run
         this one wiring of the variants.  For MAC the piece lies inside one segment."""
         if self.variant == "mac" and self.memory is not None:
-            # memory as context (Eq. 21-25)
-            h = self.norm_mix(x)
-            retrieved = ops.recall(h)  # h_t = M*_{t-1}(q_t), the memory as it was before this segment
-            y = ops.attend(h, persistent, retrieved)  # y_t = Attn([p || h || S])
-            m = ops.remember(y)  # M_t = M_{t-1}(y_t); m_t = M*_t(y_t)
-            return x + self.gate(y, m)  # o_t = y_t (x) M*_t(y_t)
+            return x + self._mac(self.norm_mix(x), ops, persistent)
         if self.variant == "mal" and self.memory is not None:
             x = x + ops.remember(self.norm_mix(x))
             return x + ops.attend(self.norm_attn(x), ops.prefix, None)
@@ -261,6 +257,13 @@ class TitansBlock(nn.Module):
             return x + self.gate(y, ops.remember(h))
         # attention-only block (baselines, and layers without memory)
         return x + ops.attend(self.norm_mix(x), persistent, None)
+
+    def _mac(self, h: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
+        """Memory as context (Eq. 21-25) over normalised inputs h (B, T, dim) inside one segment."""
+        retrieved = ops.recall(h)  # h_t = M*_{t-1}(q_t), the memory as it was before this segment
+        y = ops.attend(h, persistent, retrieved)  # y_t = Attn([p || h || S])
+        m = ops.remember(y)  # M_t = M_{t-1}(y_t); m_t = M*_t(y_t)
+        return self.gate(y, m)  # o_t = y_t (x) M*_t(y_t)
 
     def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.ffn(self.norm_ffn(x))
