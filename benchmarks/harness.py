@@ -10,6 +10,9 @@ Writes JSON and a markdown table.  Example (the issue's setting)::
     python benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 \\
         --memory-chunk 64 --shapes 4096x8 16384x2 65536x1 --models mac transformer swa \\
         --decode-contexts 1024 1048576 --out bench.json
+
+``--decode-graphs`` times decoding through one replayed CUDA graph (``titans.inference.static_decode``) instead of
+``model(ids, state)``; each decode row records ``decode_mode``.
 """
 
 from __future__ import annotations

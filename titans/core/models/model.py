@@ -19,7 +19,9 @@ memory also reads ``[p] || x``: a fresh state first absorbs the persistent token
 
 Everything is streamable: ``forward(ids, state)`` continues from ``state`` (every layer's
 :class:`MemoryState`, KV cache bounded by the window / segment, MAC's segment snapshot), and one call
-over T tokens equals feeding them in any pieces.
+over T tokens equals feeding them in any pieces.  A block's wiring (:meth:`TitansBlock.mix`) meets its state
+through :class:`LayerOps`: :class:`StreamOps` here, and ``titans.inference.static_decode`` runs the same wiring
+over fixed-shape buffers for decoding in CUDA graphs.
 """
 
 from __future__ import annotations
