@@ -309,7 +309,8 @@ class StaticOps(LayerOps):
         K, V = torch.cat(keys, 2).to(q.dtype), torch.cat(values, 2).to(q.dtype)
         # the mask rule over ring positions: empty slots (-1), tokens out of the window and, for MAC, tokens of
         # earlier segments (kpos // C != qpos // C) are dropped; a dense (1, keys) mask, as decode steps use
-        out = attention(q, K, V, b.mask, pos, st.kv.pos, mem_pos, "reference" if attn.backend == "reference" else "sdpa")
+        backend = "reference" if attn.backend == "reference" else "sdpa"
+        out = attention(q, K, V, b.mask, pos, st.kv.pos, mem_pos, backend)
         return attn.merge_heads(out)
 
     def remember(self, h: Tensor) -> Tensor:
