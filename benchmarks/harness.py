@@ -10,6 +10,9 @@ Writes JSON and a markdown table.  Example (the issue's setting)::
     python benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 \\
         --memory-chunk 64 --shapes 4096x8 16384x2 65536x1 --models mac transformer swa \\
         --decode-contexts 1024 1048576 --out bench.json
+
+``--decode-graphs`` times decoding through one replayed CUDA graph (``titans.inference.static_decode``) instead of
+``model(ids, state)``; each decode row records ``decode_mode``.
 """
 
 from __future__ import annotations
@@ -159,8 +162,11 @@ def profile_step(step, device: torch.device, top: int) -> list[dict]:
 
 @torch.no_grad()
 def time_decode(args, name: str, context: int, device: torch.device) -> dict:
-    """Per-token decode latency and state size after ``context`` tokens of prefill (streamed in pieces)."""
-    out = {"model": name, "context": context}
+    """Per-token decode latency and state size after ``context`` tokens of prefill (streamed in pieces).
+
+    ``--decode-graphs`` times the static step of ``titans.inference.static_decode`` (one CUDA graph replayed per
+    token on CUDA, eager elsewhere) instead of ``model(ids, state)``; ``decode_mode`` records which ran."""
+    out = {"model": name, "context": context, "decode_mode": "eager"}
     try:
         model = build_model(model_config(args, name)).to(device).eval()
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -173,18 +179,35 @@ def time_decode(args, name: str, context: int, device: torch.device) -> dict:
                 state = model(torch.randint(0, args.vocab, (1, n), device=device), state=state).state
                 done += n
             tok = torch.randint(0, args.vocab, (1, 1), device=device)
-            for _ in range(5):
-                state_w = model(tok, state=state).state
+            warm = 5
+            if args.decode_graphs:
+                from titans.inference.static_decode import GraphedDecoder
+
+                # the ring of full causal attention holds every position the run reaches
+                decoder = GraphedDecoder(model, state, max_len=context + warm + args.decode_steps + 1)
+                out["decode_mode"] = "cuda-graph" if decoder.use_graphs else "static-eager"
+
+                def step():
+                    decoder.step(tok)
+                    return decoder.state
+            else:
+                def step():
+                    nonlocal state_w
+                    state_w = model(tok, state=state_w).state
+                    return state_w
+            state_w = state
+            for _ in range(warm):
+                step()
             _reset_peak(device)
             _sync(device)
             times = []
             for _ in range(args.decode_steps):
                 t0 = time.perf_counter()
-                state_w = model(tok, state=state_w).state
+                st = step()
                 _sync(device)
                 times.append(time.perf_counter() - t0)
         times.sort()
-        out.update(latency_ms=1000 * times[len(times) // 2], state_mb=state_w.nbytes() / 2**20,
+        out.update(latency_ms=1000 * times[len(times) // 2], state_mb=st.nbytes() / 2**20,
                    peak_gb=_peak_gb(device))
     except torch.OutOfMemoryError:
         out["error"] = "out of memory"
@@ -204,11 +227,13 @@ def markdown(rows: list[Row], decode: list[dict]) -> str:
         lines.append(f"| {r.model} | {r.seq_len} x {r.batch} | {_fmt(r.train_tokens_per_s)} | "
                      f"{_fmt(r.train_peak_gb, 1)} | {_fmt(r.prefill_tokens_per_s)} | {r.error or ''} |")
     if decode:
-        lines += ["", "| model | context | decode ms/token | state MB | note |", "| --- | --- | --- | --- | --- |"]
+        lines += ["", "| model | context | decode mode | decode ms/token | state MB | note |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for d in decode:
             lat = d.get("latency_ms")
-            lines.append(f"| {d['model']} | {d['context']:,} | {'-' if lat is None else f'{lat:.2f}'} | "
-                         f"{d.get('state_mb', float('nan')):.2f} | {d.get('error', '')} |")
+            lines.append(f"| {d['model']} | {d['context']:,} | {d.get('decode_mode', 'eager')} | "
+                         f"{'-' if lat is None else f'{lat:.2f}'} | {d.get('state_mb', float('nan')):.2f} | "
+                         f"{d.get('error', '')} |")
     return "\n".join(lines)
 
 
@@ -240,6 +265,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode-contexts", type=int, nargs="*", default=[])
     ap.add_argument("--decode-models", nargs="*", default=None)
     ap.add_argument("--decode-steps", type=int, default=20)
+    ap.add_argument("--decode-graphs", action="store_true",
+                    help="time decoding through the static step replayed from one CUDA graph (GraphedDecoder)")
     ap.add_argument("--prefill-piece", type=int, default=8192)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results/harness.json")

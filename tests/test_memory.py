@@ -242,13 +242,13 @@ def test_normalized_values_keep_the_inner_loop_bounded():
             m.to_qkv.weight[64:] *= 50  # the value rows: value norms ~75 instead of ~1
             m.to_gates.bias.view(3, 2)[0].fill_(10.0)  # theta at its bound
         seen = {}
-        update = m._update
+        update = m._update_aligned
 
-        def spy(q, k, v, *rest, update=update, seen=seen):
-            seen["v"] = v
-            return update(q, k, v, *rest)
+        def spy(args, *rest, update=update, seen=seen):
+            seen["v"] = args[2]  # q, k, v, theta, eta, alpha as the update gets them
+            return update(args, *rest)
 
-        m._update = spy
+        m._update_aligned = spy
         y, st_ = m(x)
         final[normalize] = (y, st_)
         if normalize:

@@ -244,13 +244,11 @@ class CausalSelfAttention(nn.Module):
         plain_causal = spec.kind == "causal" and spec.prefix_len == 0
         return "flex" if flex_ok and T >= 128 and not plain_causal else "sdpa"
 
-    def forward(self, x: Tensor, *, mask: MaskSpec, start_pos: int = 0, prefix: Tensor | None = None,
-                memory: Tensor | None = None, cache: KVCache | None = None,
-                return_cache: bool = False) -> tuple[Tensor, KVCache | None]:
+    def check_inputs(self, x: Tensor, mask: MaskSpec, prefix: Tensor | None, memory: Tensor | None) -> None:
+        """Shape checks shared by :meth:`forward` and static decoding (host-side only: no device sync)."""
         if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected shape (B, T, {self.dim}), got {got}")
-        B, T, _ = x.shape
         if mask.memory_tokens != (memory is not None):
             raise ValueError("memory: must be given exactly when mask.memory_tokens is True "
                              f"(memory_tokens={mask.memory_tokens}, memory={'given' if memory is not None else None})")
@@ -262,11 +260,12 @@ class CausalSelfAttention(nn.Module):
         if prefix is not None and (prefix.ndim not in (2, 3) or prefix.shape[-1] != self.dim):
             raise ValueError(f"prefix: expected shape (N_p, {self.dim}) or (B, N_p, {self.dim}), "
                              f"got {tuple(prefix.shape)}")
-        dev = x.device
-        pos = torch.arange(start_pos, start_pos + T, device=dev)
-        if cache is not None and len(cache) and cache.last_position() >= start_pos:
-            raise ValueError(f"start_pos={start_pos}: the cache already holds position {cache.last_position()}")
 
+    def project(self, x: Tensor, pos: Tensor, memory: Tensor | None = None):
+        """Queries, keys and values of x (B, T, D) at absolute positions ``pos`` (T,) (a device tensor: static
+        decoding passes its device position), rotated by RoPE: q (B, H, T, hd), k, v (B, Hkv, T, hd), and the
+        keys / values of the memory tokens ``memory`` (B, T, D) at the same positions (or None, None)."""
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
@@ -274,6 +273,36 @@ class CausalSelfAttention(nn.Module):
         q = self.rope.rotate(q, *rope)
         k, v = self._kv(x)
         k = self.rope.rotate(k, *rope)
+        mk = mv = None
+        if memory is not None:
+            mk, mv = self._kv(memory)
+            mk = self.rope.rotate(mk, *rope)
+        return q, k, v, mk, mv
+
+    def prefix_kv(self, prefix: Tensor, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys / values of the prefix tokens (N_p, D) or (B, N_p, D) (no RoPE: they have no position):
+        (B, Hkv, N_p, hd) each."""
+        pk, pv = self._kv(prefix.to(dtype))
+        if pk.ndim == 3:
+            pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
+        return pk.expand(batch, -1, -1, -1), pv.expand(batch, -1, -1, -1)
+
+    def merge_heads(self, out: Tensor) -> Tensor:
+        """(B, H, T, hd) attention output -> (B, T, D) through the output projection."""
+        B, _, T, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+    def forward(self, x: Tensor, *, mask: MaskSpec, start_pos: int = 0, prefix: Tensor | None = None,
+                memory: Tensor | None = None, cache: KVCache | None = None,
+                return_cache: bool = False) -> tuple[Tensor, KVCache | None]:
+        self.check_inputs(x, mask, prefix, memory)
+        B, T, _ = x.shape
+        dev = x.device
+        pos = torch.arange(start_pos, start_pos + T, device=dev)
+        if cache is not None and len(cache) and cache.last_position() >= start_pos:
+            raise ValueError(f"start_pos={start_pos}: the cache already holds position {cache.last_position()}")
+
+        q, k, v, mk, mv = self.project(x, pos, memory)
         ctx_k, ctx_v, ctx_pos = k, v, pos
         if cache is not None and len(cache):
             ctx_k, ctx_v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
@@ -281,8 +310,6 @@ class CausalSelfAttention(nn.Module):
         keys, values = [ctx_k], [ctx_v]
         mem_k = mem_v = mem_pos = None
         if memory is not None:
-            mk, mv = self._kv(memory)
-            mk = self.rope.rotate(mk, *rope)
             mem_k, mem_v, mem_pos = mk, mv, pos
             if cache is not None and cache.mk is not None and len(cache.mpos):
                 mem_k, mem_v = torch.cat([cache.mk, mk], 2), torch.cat([cache.mv, mv], 2)
@@ -290,16 +317,14 @@ class CausalSelfAttention(nn.Module):
             keys.insert(0, mem_k)
             values.insert(0, mem_v)
         if prefix is not None:
-            pk, pv = self._kv(prefix.to(x.dtype))
-            if pk.ndim == 3:
-                pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
-            keys.insert(0, pk.expand(B, -1, -1, -1))
-            values.insert(0, pv.expand(B, -1, -1, -1))
+            pk, pv = self.prefix_kv(prefix, B, x.dtype)
+            keys.insert(0, pk)
+            values.insert(0, pv)
         K = torch.cat(keys, 2) if len(keys) > 1 else keys[0]
         V = torch.cat(values, 2) if len(values) > 1 else values[0]
         whole = cache is None or len(cache) == 0
         out = attention(q, K, V, mask, pos, ctx_pos, mem_pos, self._pick_backend(mask, dev, T, whole, start_pos))
-        out = self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        out = self.merge_heads(out)
 
         new_cache = None
         if return_cache:

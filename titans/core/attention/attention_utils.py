@@ -84,13 +84,16 @@ def build_dense_mask(spec: MaskSpec, q_pos: Tensor, k_pos: Tensor, mem_pos: Tens
     """(Tq, prefix_len + [Tm] + Tk) bool in the layout [prefix | memory | context].
 
     q_pos (Tq,), k_pos (Tk,) absolute positions of queries and context keys; mem_pos (Tm,) those of
-    memory tokens (defaults to k_pos when ``spec.memory_tokens``).
+    memory tokens (defaults to k_pos when ``spec.memory_tokens``).  A negative key position marks an empty
+    slot (the fixed-capacity ring buffers of static decoding, ``titans.inference.static_decode``): never seen.
     """
+    def visible(keys: Tensor) -> Tensor:
+        return spec.allowed(q_pos[:, None], keys[None, :]) & (keys >= 0)[None, :]
+
     parts = [torch.ones(q_pos.shape[0], spec.prefix_len, dtype=torch.bool, device=q_pos.device)]
     if spec.memory_tokens:
-        mem_pos = k_pos if mem_pos is None else mem_pos
-        parts.append(spec.allowed(q_pos[:, None], mem_pos[None, :]))
-    parts.append(spec.allowed(q_pos[:, None], k_pos[None, :]))
+        parts.append(visible(k_pos if mem_pos is None else mem_pos))
+    parts.append(visible(k_pos))
     return torch.cat(parts, dim=1)
 
 

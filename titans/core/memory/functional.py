@@ -443,6 +443,18 @@ def neural_memory_step(
     return memory_mlp(q, W, activation, residual), W, S  # Eq. 15
 
 
+def select_weights(flag: bool | Tensor, if_true: Sequence[Tensor], if_false: Sequence[Tensor]) -> Weights:
+    """``if_true`` where ``flag`` holds, else ``if_false`` (tuples of tensors of equal shapes).
+
+    A host bool picks a tuple (streaming, where positions are Python ints); a 0-dim bool tensor selects
+    elementwise with ``torch.where``, so a position held on the device decides without a host sync (static
+    decoding: one CUDA graph for every position).
+    """
+    if isinstance(flag, Tensor):
+        return tuple(torch.where(flag, a, b) for a, b in zip(if_true, if_false))
+    return tuple(if_true if flag else if_false)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 

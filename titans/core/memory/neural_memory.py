@@ -43,6 +43,7 @@ from titans.core.memory.functional import (
     neural_memory_update_chunked,
     neural_memory_update_naive,
     resolve_backend,
+    select_weights,
 )
 
 # default bound on the inner step, times the chunk size (see the module docstring for the measurements)
@@ -358,20 +359,47 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"state: batch size {state.batch_size} does not match x's batch size {B}")
         if T == 0:
             return x.new_zeros(B, 0, self.dim), state
+        return self._write_read(x, state, lambda args: self._update_aligned(args, state, T))
+
+    def step(self, x: Tensor, state: MemoryState, offset: Tensor) -> tuple[Tensor, MemoryState]:
+        """One token, with the chunk grid decided on the device (static decoding, CUDA graphs).
+
+        x: (B, 1, dim); ``offset``: 0-dim int64 tensor, the token's index inside its chunk (``state.seen``, a
+        host int, is not read and is returned unchanged).  Same result as ``forward(x, state)``: the chunk's
+        gradients are taken at the current weights when the token opens a chunk, and the chunk-start weights
+        become the new weights when it completes one; ``torch.where`` replaces the host branches.
+        """
+        if self.gates_per_chunk:
+            raise ValueError("memory_gates_per_chunk=True: the per-chunk gates are picked on the host; the static "
+                             "single-token step supports per-token gates only (memory_gates_per_chunk=False)")
+        self._check_x(x)
+        if x.shape[1] != 1:
+            raise ValueError(f"x: expected one token (B, 1, {self.dim}), got {tuple(x.shape)}")
+        starts, ends = offset == 0, (offset + 1) % self.chunk_size == 0
+        y, new = self._write_read(x, state, lambda args: self._token_step(args, state, starts, ends))
+        return y, MemoryState(new.weights, new.momentum, new.chunk_weights, state.seen, new.conv, new.chunk_gates)
+
+    def _write_read(self, x: Tensor, state: MemoryState, update) -> tuple[Tensor, MemoryState]:
+        """Project x, write it into the memory with ``update(args) -> (y, W, S, chunk-start W)`` (args: q, k, v,
+        theta, eta, alpha in the state's dtype) and read back through the output norm / gate / projection."""
         qkv, conv = self._project(x, state.conv)
         q, k, v = self._split_qkv(qkv)
-        theta, eta, alpha, raw, chunk_gates = self._gates(x, state)
+        theta, eta, alpha, _, chunk_gates = self._gates(x, state)
         # The inner loop is an optimiser: it runs in the state's dtype (float32 under bf16 autocast),
         # with autocast off so its matmuls and scans accumulate in full precision.
         with torch.autocast(x.device.type, enabled=False):
-            y, new_state = self._update(q, k, v, theta, eta, alpha, state, T, conv, chunk_gates)
-        return self._output(y, x), new_state
+            mdtype = state.weights[0].dtype
+            y, W, S, W0 = update([t.to(mdtype) for t in (q, k, v, theta, eta, alpha)])
+        return self._output(y, x), MemoryState(W, S, W0, state.seen + x.shape[1], conv, chunk_gates)
 
-    def _update(self, q, k, v, theta, eta, alpha, state: MemoryState, T: int, conv, chunk_gates):
-        mdtype = state.weights[0].dtype
-        args = [t.to(mdtype) for t in (q, k, v, theta, eta, alpha)]
-        y, W, S, W0 = self._update_aligned(args, state, T)
-        return y, MemoryState(W, S, W0, state.seen + T, conv, chunk_gates)
+    def _token_step(self, args: list[Tensor], state: MemoryState, starts: bool | Tensor, ends: bool | Tensor):
+        """The rank-one step of one token: returns (y, W, S, chunk-start W).  ``starts``: the token opens a chunk
+        (its gradient is taken at the current weights); ``ends``: it completes one (the next chunk starts at the
+        new weights).  Host bools while streaming, 0-dim bool tensors in :meth:`step`."""
+        W0 = select_weights(starts, state.weights, state.chunk_weights)
+        y, W, S = neural_memory_step(*args, state.weights, state.momentum, W0, activation=self.activation,
+                                     residual=self.residual)
+        return y, W, S, select_weights(ends, W, W0)
 
     def _update_aligned(self, args: list[Tensor], state: MemoryState, T: int):
         """Split a piece on the chunk grid: the tokens that finish the current chunk, the whole chunks, and
@@ -402,11 +430,8 @@ class NeuralMemory(nn.Module):
                                 self.activation, self.residual, offset, strict=False)
         if T == 1 and which != "naive":
             # a decode step: the rank-one step instead of a one-token chunk
-            W0 = state.weights if (state.chunk_weights is None or offset == 0) else state.chunk_weights
-            y, W, S = neural_memory_step(*args, state.weights, state.momentum, W0, activation=self.activation,
-                                         residual=self.residual)
-            if (offset + 1) % self.chunk_size == 0:
-                W0 = W  # the chunk is complete: the next one takes its gradients at the new weights
+            y, W, S, W0 = self._token_step(args, state, offset == 0 or state.chunk_weights is None,
+                                           (offset + 1) % self.chunk_size == 0)
         elif which in ("fused", "triton"):
             # the fused paths start at a chunk boundary and end on one (T % chunk_size == 0 is part of
             # their support check), so the chunk-start weights of the next chunk are the final weights

@@ -2,17 +2,23 @@
 
 Prefill runs the parallel path over the prompt; each new token then costs O(1) work and memory: the
 neural memory is a fixed-size state and the attention KV caches are bounded by the window / segment.
+``cuda_graphs=True`` decodes through :class:`titans.inference.static_decode.GraphedDecoder` (fixed-shape state,
+one CUDA graph replayed per token) instead of ``model(ids, state)``; same tokens, less launch overhead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from titans.core.models.model import ModelState, TitansLM
+
+if TYPE_CHECKING:
+    from titans.inference.static_decode import StaticDecodeState
 
 
 @dataclass
@@ -80,10 +86,15 @@ def iter_generate(
     model: TitansLM, input_ids, max_new_tokens: int = 64, *, temperature: float = 1.0, top_k: int | None = None,
     top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (),
     seed: int | None = None, state: ModelState | None = None, prefill_chunk: int | None = None,
-) -> Iterator[tuple[Tensor, ModelState]]:
+    cuda_graphs: bool = False,
+) -> Iterator[tuple[Tensor, ModelState | StaticDecodeState]]:
     """Yield ``(next_tokens (B,), state)`` one step at a time; stops after ``max_new_tokens`` or when
     every row has emitted a stop token.  The state returned with each token has *not* yet consumed it.
-    ``prefill_chunk`` splits a long prompt into pieces (same result, bounded activation memory)."""
+    ``prefill_chunk`` splits a long prompt into pieces (same result, bounded activation memory).
+
+    ``cuda_graphs``: decode steps go through a :class:`GraphedDecoder` (on CUDA one captured graph replayed per
+    token; on other devices the same static step runs eagerly).  The states yielded are then its one
+    :class:`StaticDecodeState`, updated in place by later steps: ``.to_model_state()`` gives a normal state."""
     cfg = SamplingConfig(temperature, top_k, top_p, repetition_penalty)
     cfg.validate()
     if max_new_tokens < 0:
@@ -105,18 +116,30 @@ def iter_generate(
         state, logits = out.state, out.logits[:, -1]
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
+    decoder = None
+    if cuda_graphs and max_new_tokens > 1 and logits is not None:
+        from titans.inference.static_decode import GraphedDecoder
+
+        # decode steps consume max_new_tokens - 1 tokens: the ring of full causal attention must hold them all
+        decoder = GraphedDecoder(model, state, max_len=state.position + max_new_tokens)
+        state = decoder.state
+    for i in range(max_new_tokens):
         if logits is None:
             raise ValueError("cannot generate: no logits (empty prompt)")
         nxt = sample_next(apply_repetition_penalty(logits.float(), seen, repetition_penalty), cfg, gen)
         yield nxt, state
+        if i == max_new_tokens - 1:
+            return  # the last token is not consumed (the state yielded with it must stay as it was)
         seen[torch.arange(B, device=ids.device), nxt] = True
         if stop.numel():
             done |= torch.isin(nxt, stop)
             if bool(done.all()):
                 return
-        out = model(nxt.unsqueeze(1), state=state)
-        state, logits = out.state, out.logits[:, -1]
+        if decoder is not None:
+            logits = decoder.step(nxt.unsqueeze(1))
+        else:
+            out = model(nxt.unsqueeze(1), state=state)
+            state, logits = out.state, out.logits[:, -1]
 
 
 @dataclass
@@ -130,11 +153,12 @@ def generate(
     model: TitansLM, input_ids, max_new_tokens: int = 64, *, temperature: float = 1.0, top_k: int | None = None,
     top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens: Sequence[int] = (),
     seed: int | None = None, state: ModelState | None = None, stream: Callable[[int, int], None] | None = None,
-    prefill_chunk: int | None = None,
+    prefill_chunk: int | None = None, cuda_graphs: bool = False,
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` per row.  ``stream(row, token)`` is called for every kept token
     as soon as it is sampled.  Returns the tokens and the final state (which has consumed every kept
-    token, so a chat can continue from it)."""
+    token, so a chat can continue from it).  ``cuda_graphs``: decode through one captured CUDA graph (see
+    :func:`iter_generate`); the state returned is a normal :class:`ModelState` all the same."""
     ids = _as_batch(model, input_ids)
     B = ids.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
@@ -144,7 +168,7 @@ def generate(
     pending = None
     for nxt, st in iter_generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty, stop_tokens=stop_tokens, seed=seed,
-                                 state=state, prefill_chunk=prefill_chunk):
+                                 state=state, prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs):
         last_state, pending = st, nxt
         for r, t in enumerate(nxt.tolist()):
             if finished[r]:
@@ -155,6 +179,8 @@ def generate(
             out[r].append(t)
             if stream is not None:
                 stream(r, t)
+    if last_state is not None and not isinstance(last_state, ModelState):
+        last_state = last_state.to_model_state()  # a static decode state: back to the normal path
     if pending is not None and not all(finished):
         # fold the last sampled token into the state so the caller can continue the stream
         last_state = model(pending.unsqueeze(1), state=last_state).state

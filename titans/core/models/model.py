@@ -19,7 +19,9 @@ memory also reads ``[p] || x``: a fresh state first absorbs the persistent token
 
 Everything is streamable: ``forward(ids, state)`` continues from ``state`` (every layer's
 :class:`MemoryState`, KV cache bounded by the window / segment, MAC's segment snapshot), and one call
-over T tokens equals feeding them in any pieces.
+over T tokens equals feeding them in any pieces.  A block's wiring (:meth:`TitansBlock.mix`) meets its state
+through :class:`LayerOps`: :class:`StreamOps` here, and ``titans.inference.static_decode`` runs the same wiring
+over fixed-shape buffers for decoding in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 
 from titans.core.attention.attention_layer import CausalSelfAttention, KVCache
 from titans.core.attention.attention_utils import MaskSpec
+from titans.core.memory.functional import select_weights
 from titans.core.memory.neural_memory import MemoryState, NeuralMemory
 from titans.core.memory.persistent_memory import PersistentMemory
 from titans.core.models.model_utils import MemoryGate, RMSNorm, SwiGLU
@@ -221,53 +224,108 @@ class TitansBlock(nn.Module):
 
     # -------------------------------------------------------------- forward
 
-    def _attend(self, x: Tensor, st: LayerState, pos: int, prefix: Tensor | None, memory_tokens: Tensor | None,
-                want_cache: bool) -> Tensor:
-        y, cache = self.attn(x, mask=self.mask, start_pos=pos, prefix=prefix, memory=memory_tokens, cache=st.kv,
-                             return_cache=want_cache)
-        st.kv = cache if want_cache else None
-        return y
-
     def forward(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
                 want_cache: bool) -> Tensor:
         """x: (B, T, dim) at absolute positions pos..pos+T-1; ``st`` is updated in place (a fresh object)."""
         if self.variant == "mac" and self.memory is not None:
-            x = x + self._mac(self.norm_mix(x), st, pos, persistent, want_cache)
-        elif self.variant == "mal" and self.memory is not None:
-            m, st.memory = self.memory(self.norm_mix(x), st.memory)
-            x = x + m
-            x = x + self._attend(self.norm_attn(x), st, pos, st.prefix, None, want_cache)
-        elif self.variant == "lmm" and self.memory is not None:
-            m, st.memory = self.memory(self.norm_mix(x), st.memory)
-            x = x + m
-        elif self.variant == "mag" and self.memory is not None:
+            # segment by segment, so each piece's retrieval reads the memory as it was before its segment
             h = self.norm_mix(x)
-            y = self._attend(h, st, pos, persistent, None, want_cache)
-            m, st.memory = self.memory(h, st.memory)
-            x = x + self.gate(y, m)
-        else:  # attention-only block (baselines, and layers without memory)
-            x = x + self._attend(self.norm_mix(x), st, pos, persistent, None, want_cache)
+            C, T = self.window, x.shape[1]
+            outs, start = [], 0
+            while start < T:
+                p = pos + start
+                n = min(C - p % C, T - start)
+                outs.append(self._mac(h[:, start:start + n], StreamOps(self, st, p, want_cache), persistent))
+                start += n
+            x = x + torch.cat(outs, dim=1)
+        else:
+            x = self.mix(x, StreamOps(self, st, pos, want_cache), persistent)
+        return self.feed_forward(x)
+
+    def mix(self, x: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
+        """The sequence mixer with its residual: x (B, T, dim) -> (B, T, dim).  ``ops`` carries the state and
+        the position (:class:`StreamOps` for ``forward``; the static decode step brings its own), so both run
+        this one wiring of the variants.  For MAC the piece lies inside one segment."""
+        if self.variant == "mac" and self.memory is not None:
+            return x + self._mac(self.norm_mix(x), ops, persistent)
+        if self.variant == "mal" and self.memory is not None:
+            x = x + ops.remember(self.norm_mix(x))
+            return x + ops.attend(self.norm_attn(x), ops.prefix, None)
+        if self.variant == "lmm" and self.memory is not None:
+            return x + ops.remember(self.norm_mix(x))
+        if self.variant == "mag" and self.memory is not None:
+            h = self.norm_mix(x)
+            y = ops.attend(h, persistent, None)
+            return x + self.gate(y, ops.remember(h))
+        # attention-only block (baselines, and layers without memory)
+        return x + ops.attend(self.norm_mix(x), persistent, None)
+
+    def _mac(self, h: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
+        """Memory as context (Eq. 21-25) over normalised inputs h (B, T, dim) inside one segment."""
+        retrieved = ops.recall(h)  # h_t = M*_{t-1}(q_t), the memory as it was before this segment
+        y = ops.attend(h, persistent, retrieved)  # y_t = Attn([p || h || S])
+        m = ops.remember(y)  # M_t = M_{t-1}(y_t); m_t = M*_t(y_t)
+        return self.gate(y, m)  # o_t = y_t (x) M*_t(y_t)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.ffn(self.norm_ffn(x))
 
-    def _mac(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool) -> Tensor:
-        """Memory as context (Eq. 21-25), segment by segment so retrieval uses the pre-segment memory."""
-        C = self.window
-        outs = []
-        start = 0
-        T = h.shape[1]
-        while start < T:
-            p = pos + start
-            if p % C == 0:
-                st.segment_weights = st.memory.weights  # memory M_{t-1} as it was before this segment
-            n = min(C - p % C, T - start)
-            seg = h[:, start:start + n]
-            read_state = MemoryState(st.segment_weights, st.memory.momentum, st.segment_weights, st.memory.seen)
-            retrieved, st.read_conv = self.memory.retrieve(seg, read_state, st.read_conv)  # h_t = M*_{t-1}(q_t)
-            y = self._attend(seg, st, p, persistent, retrieved, want_cache)  # y_t = Attn([p || h || S])
-            m, st.memory = self.memory(y, st.memory)  # M_t = M_{t-1}(y_t); m_t = M*_t(y_t)
-            outs.append(self.gate(y, m))  # o_t = y_t (x) M*_t(y_t)
-            start += n
-        return torch.cat(outs, dim=1)
+    def read_segment(self, h: Tensor, memory: MemoryState, segment_weights: tuple[Tensor, ...],
+                     read_conv: Tensor | None, pos: int | Tensor):
+        """MAC's retrieval (Eq. 21): read h (B, T, dim) with the memory weights from before the current segment,
+        taking that snapshot of ``memory.weights`` when ``pos`` (the piece's first position: a host int while
+        streaming, a 0-dim device tensor in static decoding) opens a segment.  Returns ``(retrieved (B, T, dim),
+        segment_weights, read_conv)``, the latter two to keep in the state."""
+        seg = select_weights(pos % self.window == 0, memory.weights, segment_weights)
+        read_state = MemoryState(seg, memory.momentum, seg, memory.seen)
+        retrieved, read_conv = self.memory.retrieve(h, read_state, read_conv)
+        return retrieved, seg, read_conv
+
+
+class LayerOps:
+    """What a block's sequence mixer does with its state, at the position the ops object was made for.
+
+    ``attend(h, prefix, memory_tokens) -> y``: attention over the cached context and h (with MAC's retrieved
+    tokens); ``remember(h) -> m``: write h into the neural memory and read it back; ``recall(h) -> retrieved``:
+    MAC's read with the weights from before the current segment (taking that snapshot at a segment start);
+    ``prefix``: MAL's attention prefix.  Each call updates the state.
+    """
+
+    prefix: Tensor | None
+
+    def attend(self, h: Tensor, prefix: Tensor | None, memory_tokens: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def remember(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def recall(self, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class StreamOps(LayerOps):
+    """:class:`LayerOps` over a :class:`LayerState` at the host position ``pos`` (a piece of any length)."""
+
+    def __init__(self, block: TitansBlock, st: LayerState, pos: int, want_cache: bool) -> None:
+        self.block, self.st, self.pos, self.want_cache = block, st, pos, want_cache
+        self.prefix = st.prefix
+
+    def attend(self, h: Tensor, prefix: Tensor | None, memory_tokens: Tensor | None) -> Tensor:
+        st, b = self.st, self.block
+        y, cache = b.attn(h, mask=b.mask, start_pos=self.pos, prefix=prefix, memory=memory_tokens, cache=st.kv,
+                          return_cache=self.want_cache)
+        st.kv = cache if self.want_cache else None
+        return y
+
+    def remember(self, h: Tensor) -> Tensor:
+        m, self.st.memory = self.block.memory(h, self.st.memory)
+        return m
+
+    def recall(self, h: Tensor) -> Tensor:
+        st = self.st
+        retrieved, st.segment_weights, st.read_conv = self.block.read_segment(h, st.memory, st.segment_weights,
+                                                                              st.read_conv, self.pos)
+        return retrieved
 
 
 # ----------------------------------------------------------------------------- the model
@@ -341,16 +399,22 @@ class TitansLM(nn.Module):
             raise ValueError(f"state: batch size {state.layers[0].memory.batch_size} != input batch {B}")
         pos = state.position
         new_layers = [LayerState(s.memory, s.kv, s.segment_weights, s.read_conv, s.prefix) for s in state.layers]
-        p = self.persistent()
-        x = self.embed(input_ids)
-        for block, st in zip(self.blocks, new_layers):
-            x = block(x, st, pos, p, use_cache)
-        logits = self.lm_head(self.norm(x))
+        logits = self.run_blocks(input_ids, lambda i, block, x, p: block(x, new_layers[i], pos, p, use_cache))
         loss = None
         if labels is not None:
             loss = lm_loss(logits, labels)
         new_state = ModelState(new_layers, pos + T) if use_cache else None
         return TitansOutput(logits=logits, loss=loss, state=new_state)
+
+    def run_blocks(self, input_ids: Tensor, apply) -> Tensor:
+        """Embedding -> ``apply(i, block, x, persistent)`` for every block -> final norm -> LM head.
+        input_ids (B, T) -> logits (B, T, vocab); :meth:`forward` and the static decode step differ only in
+        ``apply`` (how a block meets its state)."""
+        p = self.persistent()
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = apply(i, block, x, p)
+        return self.lm_head(self.norm(x))
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 64, **kwargs):
