@@ -108,6 +108,26 @@ def test_decode_state_is_bounded(variant):
     assert max(sizes) <= s2.nbytes() + 2 * 4 * 2 * 16 * 8 * 2  # at most a window of k/v (+ memory tokens)
 
 
+def _storage_bytes(state) -> int:
+    """Bytes of the distinct storages behind a state's tensors: what the state keeps alive, views included."""
+    storages = {}
+    for t in state.tensors().values():
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm", "swa"])
+def test_state_after_a_long_piece_keeps_no_view_of_the_piece(variant):
+    """A cache kept as a slice of a long piece's projections would hold the whole piece alive (a 16K-token prefill
+    piece left ~0.2 GB behind per model in the decode harness, benchmarks/RESULTS.md section 5): the storage
+    behind the state must not grow with the length of the last piece."""
+    model = make_model(variant)
+    s1 = model(torch.randint(0, 37, (1, 24))).state
+    s2 = model(torch.randint(0, 37, (1, 24 * 40))).state
+    assert _storage_bytes(s2) == _storage_bytes(s1)
+
+
 def test_transformer_cache_grows():
     """The full-attention baseline is the contrast: its cache grows with the context."""
     model = make_model("transformer")

@@ -17,11 +17,11 @@ from titans.data.tasks import TASK_NAMES, Haystack, expand_tasks, insert_at, mak
 from titans.data.tasks.babilong import MOVE_VERBS, NUMBERS
 from titans.inference.long_context import (
     answer_greedy,
-    forced_from,
-    stream_context,
     evaluate_tasks,
+    forced_from,
     markdown_table,
     score_answer,
+    stream_context,
     wilson_interval,
     write_report,
 )

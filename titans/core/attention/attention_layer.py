@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans.core.attention.attention_utils import MaskSpec, RotaryEmbedding, build_dense_mask, flex_mask_mod
+from titans.utils.tensors import keep_last
 
 
 @dataclass
@@ -334,10 +335,10 @@ class CausalSelfAttention(nn.Module):
             last = start_pos + T - 1
             keep = max(0, last - mask.keep_after(last) + 1)  # positions keep_after(last) .. last
             n = min(ctx_pos.shape[0], keep)
-            new_cache = KVCache(ctx_k[:, :, ctx_k.shape[2] - n:], ctx_v[:, :, ctx_v.shape[2] - n:],
-                                ctx_pos[ctx_pos.shape[0] - n:], end=last + 1)
+            new_cache = KVCache(keep_last(ctx_k, n, 2), keep_last(ctx_v, n, 2), keep_last(ctx_pos, n, 0),
+                                end=last + 1)
             if mem_pos is not None:
                 nm = min(mem_pos.shape[0], keep)
-                new_cache.mk, new_cache.mv = mem_k[:, :, mem_k.shape[2] - nm:], mem_v[:, :, mem_v.shape[2] - nm:]
-                new_cache.mpos = mem_pos[mem_pos.shape[0] - nm:]
+                new_cache.mk, new_cache.mv = keep_last(mem_k, nm, 2), keep_last(mem_v, nm, 2)
+                new_cache.mpos = keep_last(mem_pos, nm, 0)
         return out, new_cache

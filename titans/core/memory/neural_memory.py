@@ -45,6 +45,7 @@ from titans.core.memory.functional import (
     resolve_backend,
     select_weights,
 )
+from titans.utils.tensors import keep_last
 
 # default bound on the inner step, times the chunk size (see the module docstring for the measurements)
 DEFAULT_MAX_LR_TIMES_CHUNK = 0.125
@@ -291,7 +292,7 @@ class NeuralMemory(nn.Module):
                 if conv_cache is None:
                     conv_cache = seq.new_zeros(seq.shape[0], seq.shape[1], K - 1)
                 seq = torch.cat([conv_cache.to(seq.dtype), seq], dim=2)
-                new_cache = seq[:, :, -(K - 1):]
+                new_cache = keep_last(seq, K - 1, 2)
             proj = F.conv1d(seq, w, b, groups=w.shape[0]).transpose(1, 2)
         return F.silu(proj), new_cache
 
@@ -325,7 +326,7 @@ class NeuralMemory(nn.Module):
                 carried = chunk_gates.to(raw.dtype).unsqueeze(2).expand_as(picked)
                 picked = torch.where((start < 0).view(1, 1, T, 1), carried, picked)
             raw = picked
-            chunk_gates = raw[:, :, -1] if T else chunk_gates
+            chunk_gates = keep_last(raw, 1, 2).squeeze(2) if T else chunk_gates
         eta = torch.sigmoid(raw[..., 1]) if self.use_momentum else torch.zeros_like(raw[..., 1])
         theta = self.max_lr * (1 - eta) * torch.sigmoid(raw[..., 0])
         if self.use_weight_decay:
