@@ -263,5 +263,12 @@ def test_cli_analyze_memory_convert_and_profile(export_dir, tmp_path):
     st = load_state(tmp_path / "g.safetensors", __import__("titans.utils.checkpoint", fromlist=["x"])
                     .load_model(export_dir)[0])
     assert st.position == 3 + 4
+    gen = ["generate", "--checkpoint", str(export_dir), "--prompt", "abc", "--max-new-tokens", "6",
+           "--temperature", "0"]
+    plain, graphed = CliRunner().invoke(app, gen), CliRunner().invoke(app, [*gen, "--cuda-graphs"])
+    assert plain.exit_code == 0 and graphed.exit_code == 0, graphed.output
+    assert graphed.output == plain.output and len(plain.output) > len("abc\n")
+    both = CliRunner().invoke(app, [*gen, "--cuda-graphs", "--session", str(tmp_path / "g2.safetensors")])
+    assert both.exit_code == 2 and "--cuda-graphs" in both.output
     bad = CliRunner().invoke(app, ["analyze-memory", "--checkpoint", str(tmp_path / "nope"), "--text", "x"])
     assert bad.exit_code == 2 and "error:" in bad.output

@@ -188,14 +188,18 @@ def prepare_data(source: str = typer.Option("stdlib", help="stdlib, file, folder
                f"-> {out}/manifest.json")
 
 
-@app.command(epilog="Example:\n\n  titans generate --checkpoint runs/small --prompt 'def main(' --max-new-tokens 200")
+@app.command(epilog="Example:\n\n  titans generate --checkpoint runs/small --prompt 'def main(' --max-new-tokens 200"
+                     " [--cuda-graphs]")
 def generate(checkpoint: str = typer.Option(...), prompt: Optional[str] = typer.Option(None),
              prompt_file: Optional[str] = typer.Option(None), max_new_tokens: int = typer.Option(200),
              temperature: float = typer.Option(0.8), top_k: Optional[int] = typer.Option(None),
              top_p: Optional[float] = typer.Option(0.95), repetition_penalty: float = typer.Option(1.0),
              seed: Optional[int] = typer.Option(None),
              session: Optional[str] = typer.Option(None, help="memory state file: continue from it if it exists, "
-                                                   "save the updated memory back to it")) -> None:
+                                                   "save the updated memory back to it"),
+             cuda_graphs: bool = typer.Option(False, help="decode through one captured CUDA graph replayed per token "
+                                              "(fixed-shape state; same tokens; on the CPU the same static step "
+                                              "runs eagerly)")) -> None:
     """Generate text from a checkpoint, streaming tokens to the terminal."""
     import torch
 
@@ -212,6 +216,8 @@ def generate(checkpoint: str = typer.Option(...), prompt: Optional[str] = typer.
     except (*_user_errors(), OSError) as e:
         _fail(str(e))
     if session:
+        if cuda_graphs:
+            _fail("--cuda-graphs: not available with --session (the session's memory is streamed by the normal path)")
         _generate_with_session(checkpoint, session, text, max_new_tokens, temperature, top_k, top_p,
                                repetition_penalty, seed)
         return
@@ -227,7 +233,7 @@ def generate(checkpoint: str = typer.Option(...), prompt: Optional[str] = typer.
             buf.clear()
 
     gen(model, tok.encode(text), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, seed=seed, stream=stream)
+        repetition_penalty=repetition_penalty, seed=seed, stream=stream, cuda_graphs=cuda_graphs)
     sys.stdout.write("\n")
 
 
