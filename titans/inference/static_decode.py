@@ -216,9 +216,8 @@ class StaticDecodeState:
                 ls.memory = MemoryState(_clones(m.weights), _clones(m.momentum), _clones(m.chunk_weights),
                                         position + st.seen_offset, None if m.conv is None else m.conv.clone(), None)
             if st.kv is not None and position > 0:
-                # what forward's pruning keeps after the last token: positions keep_after(last) .. last
-                last = position - 1
-                n = min(position, max(0, last - st.mask.keep_after(last) + 1))
+                # what forward's pruning keeps after the last token
+                n = min(position, st.mask.kept_positions(position - 1))
                 ls.kv = KVCache(*st.kv.newest(position, n), end=position)
                 if st.memory_kv is not None:
                     ls.kv.mk, ls.kv.mv, ls.kv.mpos = st.memory_kv.newest(position, n)

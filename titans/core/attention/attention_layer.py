@@ -333,7 +333,7 @@ class CausalSelfAttention(nn.Module):
             # suffix whose length is known on the host: a slice, no boolean indexing (no device sync, no
             # data-dependent shape for torch.compile)
             last = start_pos + T - 1
-            keep = max(0, last - mask.keep_after(last) + 1)  # positions keep_after(last) .. last
+            keep = mask.kept_positions(last)
             n = min(ctx_pos.shape[0], keep)
             new_cache = KVCache(keep_last(ctx_k, n, 2), keep_last(ctx_v, n, 2), keep_last(ctx_pos, n, 0),
                                 end=last + 1)

@@ -61,6 +61,11 @@ class MaskSpec:
             return nxt // self.window * self.window
         return 0
 
+    def kept_positions(self, last_pos: int) -> int:
+        """How many positions a cache keeps after ``last_pos``: ``keep_after(last_pos) .. last_pos`` (at most all of
+        them, ``last_pos + 1``, when the mask drops none)."""
+        return max(0, last_pos - self.keep_after(last_pos) + 1)
+
 
 def causal_mask(T: int, device=None) -> Tensor:
     """(T, T) bool, True = may attend: j <= i."""
