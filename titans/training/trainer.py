@@ -330,8 +330,7 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
             # eight processes under MPS, benchmarks/RESULTS.md 4o): keep training, without graphs, rather than
             # lose the run; a CUDA error that is sticky fails the next eager step anyway
             warnings.warn(f"training.cuda_graphs: the CUDA graph capture failed ({str(e).splitlines()[0]}); this "
-                          "run continues eagerly", RuntimeWarning, stacklevel=2)
-            loss_fn = LossFn(run_model, amp_dtype)
+                          "run continues eagerly", RuntimeWarning, stacklevel=2)  # loss_fn: still the eager one
     bpt = _bytes_per_token(val_ds, tokenizer)
 
     writer = None
