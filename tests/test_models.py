@@ -57,12 +57,13 @@ def test_causality(variant):
         assert not torch.allclose(out[:, j:], base[:, j:]), f"{variant}: token {j} changed nothing"
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + ["mac_residual"])
 @pytest.mark.parametrize("gates_per_chunk", [False, True])
 def test_streaming_equivalence(variant, gates_per_chunk):
     if gates_per_chunk and variant in ("transformer", "swa"):
         pytest.skip("no memory")
-    model = make_model(variant, memory_gates_per_chunk=gates_per_chunk)
+    over = dict(mac_memory_input="residual") if variant == "mac_residual" else {}
+    model = make_model(variant.split("_")[0], memory_gates_per_chunk=gates_per_chunk, **over)
     T = 29  # several windows (4), segments (4) and memory chunks (3), not a multiple of any
     ids = torch.randint(0, 37, (2, T))
     full = model(ids)
@@ -291,3 +292,24 @@ def test_training_rows_give_the_fused_memory_path_their_whole_chunks(variant, fu
     else:  # P tokens in, the row's first C - P tokens finish that chunk, then whole chunks
         whole = (T - (C - P)) // C * C
         assert calls == [whole] * layers
+
+
+def test_mac_memory_input_selects_what_the_memory_writes():
+    """``mac_memory_input=residual`` writes h + y instead of y (same parameters, different outputs); the
+    retrieval (read before the segment) is the same, so the first segment's retrieved tokens agree."""
+    ids = torch.randint(0, 37, (2, 12))
+    paper, residual = make_model("mac"), make_model("mac", mac_memory_input="residual")
+    residual.load_state_dict(paper.state_dict())
+    writes = {}
+    for name, model in (("attention", paper), ("residual", residual)):
+        seen = []
+        hook = model.blocks[0].memory.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+        model(ids)
+        hook.remove()
+        writes[name] = seen
+    # block 0's memory is written once per segment (window 4 -> 3 segments) in both models
+    assert len(writes["attention"]) == len(writes["residual"]) == 3
+    assert not torch.allclose(writes["attention"][0], writes["residual"][0])
+    assert rel(paper(ids).logits, residual(ids).logits) > 1e-6
+    with pytest.raises(ConfigError, match="mac_memory_input"):
+        build_model(tiny_config("mac", mac_memory_input="both"))

@@ -41,10 +41,10 @@ def make_model(variant: str, seed: int = 0, **over):
     return model.eval()
 
 
-@pytest.mark.parametrize("variant", list(CASES))
+@pytest.mark.parametrize("variant, over", [(v, {}) for v in CASES] + [("mac", dict(mac_memory_input="residual"))])
 @torch.no_grad()
-def test_static_step_matches_forward_and_hands_back_the_state(variant):
-    model = make_model(variant)
+def test_static_step_matches_forward_and_hands_back_the_state(variant, over):
+    model = make_model(variant, **over)
     ids = torch.randint(0, VOCAB, (2, PROMPT + STEPS))
     state = model(ids[:, :PROMPT]).state
     static = StaticDecodeState.from_model_state(model, state, max_len=PROMPT + STEPS)

@@ -75,6 +75,9 @@ class ModelConfig(_Strict):
     memory_max_forget: float = Field(1.0, gt=0, le=1, description="bound on the forgetting rate alpha: no head "
                                      "forgets faster, whatever training does to its gate (1.0: no bound)")
     memory_backend: Literal["auto", "naive", "chunked", "compiled", "fused", "triton"] = "auto"
+    mac_memory_input: Literal["attention", "residual"] = Field(
+        "attention", description="what MAC writes into its memory: the attention output y (paper Eq. 24) or "
+        "the block's normalised input plus y (keys then carry the token identities MAG's memory sees)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

@@ -180,6 +180,7 @@ class TitansBlock(nn.Module):
         self.has_memory = cfg.layer_has_memory(layer)
         self.num_persistent = cfg.persistent_tokens
         self.window = cfg.window
+        self.mac_writes_residual = cfg.mac_memory_input == "residual"
         self.norm_mix = RMSNorm(cfg.dim, cfg.norm_eps)
         self.norm_ffn = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden)
@@ -264,8 +265,10 @@ class TitansBlock(nn.Module):
         """Memory as context (Eq. 21-25) over normalised inputs h (B, T, dim) inside one segment."""
         retrieved = ops.recall(h)  # h_t = M*_{t-1}(q_t), the memory as it was before this segment
         y = ops.attend(h, persistent, retrieved)  # y_t = Attn([p || h || S])
-        m = ops.remember(y)  # M_t = M_{t-1}(y_t); m_t = M*_t(y_t)
-        return self.gate(y, m)  # o_t = y_t (x) M*_t(y_t)
+        # M_t = M_{t-1}(y_t); m_t = M*_t(y_t).  The residual option writes h_t + y_t: y alone is a mixture over
+        # the segment, so the same context gives different keys in different surroundings (RESULTS.md 4q)
+        m = ops.remember(h + y if self.mac_writes_residual else y)
+        return self.gate(y, m)  # o_t = y_t (x) m_t
 
     def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.ffn(self.norm_ffn(x))
