@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -16,3 +17,16 @@ def keep_last(t: Tensor, n: int, dim: int) -> Tensor:
     size = t.shape[dim]
     out = t.narrow(dim, size - n, n)
     return out.clone() if 2 * n < size else out
+
+
+def can_cache_tensors() -> bool:
+    """Whether a tensor built now may be kept for later calls (rotary tables, masks, triangles).
+
+    Not while torch.compile traces (the graph recomputes it, and the compiler fuses that arithmetic anyway), nor
+    while a CUDA graph is captured: captured kernels run only at replay, so a tensor kept from the capture would
+    hold garbage for an eager call before the first replay.  The trainer's warm-up before the capture fills the
+    caches, so the captured step only reads them.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
