@@ -284,12 +284,12 @@ class CausalSelfAttention(nn.Module):
             q = self.q_norm(q)
         rope = self.rope.cos_sin(pos, T, q.dtype, x.device)
         q = self.rope.rotate(q, *rope)
-        k, v = self._kv(x)
-        k = self.rope.rotate(k, *rope)
-        mk = mv = None
-        if memory is not None:
-            mk, mv = self._kv(memory)
-            mk = self.rope.rotate(mk, *rope)
+        if memory is None:
+            k, v = self._kv(x)
+            return q, self.rope.rotate(k, *rope), v, None, None
+        # context and memory tokens share positions: one projection and one rotation of both, stacked on the batch
+        k, v = self._kv(torch.cat([x, memory]))
+        (k, mk), (v, mv) = self.rope.rotate(k, *rope).split(B), v.split(B)
         return q, k, v, mk, mv
 
     def prefix_kv(self, prefix: Tensor, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
