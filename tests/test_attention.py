@@ -260,3 +260,37 @@ def test_kept_dense_masks_equal_freshly_built_ones(spec):
             assert got.dtype == torch.bool and torch.equal(got, want), (q0, nq, cached)
             add = dense_mask(spec, runs, torch.device("cpu"), torch.float64)
             assert torch.equal(add, torch.where(want, 0.0, float("-inf")).double())
+
+
+def test_kept_tensors_never_evict_and_stop_keeping_at_capacity():
+    """A kept tensor stays the same object for good (a captured CUDA graph may read it by address); past the
+    capacity new keys are built per call, not kept in place of older ones; nothing is kept while compiling."""
+    from titans.utils.tensors import KeptTensors
+
+    kept, built = KeptTensors(2), []
+
+    def build(i):
+        built.append(i)
+        return torch.full((3,), float(i))
+
+    first = kept.get("a", lambda: build(0))
+    assert kept.get("a", lambda: build(9)) is first and built == [0]
+    kept.get("b", lambda: build(1))
+    c1, c2 = kept.get("c", lambda: build(2)), kept.get("c", lambda: build(3))
+    assert c1 is not c2 and built == [0, 1, 2, 3] and len(kept) == 2  # "c" is never kept ...
+    assert kept.get("a", lambda: build(9)) is first  # ... and "a" never dropped for it
+
+    mod = KeptTensors(4)
+    torch.compile(lambda x: x + mod.get("x", lambda: torch.ones(3)), fullgraph=True, backend="eager")(torch.zeros(3))
+    assert len(mod) == 0
+
+
+def test_rotary_tables_outgrown_stay_alive():
+    """Growing the kept rotary tables keeps the smaller ones referenced (graphs captured on them stay valid)."""
+    from titans.core.attention.attention_utils import RotaryEmbedding
+
+    rope = RotaryEmbedding(8)
+    small = rope.cos_sin(0, 10, torch.float64)[0]
+    base = small.untyped_storage().data_ptr()
+    rope.cos_sin(1000, 10, torch.float64)  # past the first table: grown
+    assert any(t[0].untyped_storage().data_ptr() == base for t in rope._outgrown)

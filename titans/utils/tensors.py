@@ -30,3 +30,29 @@ def can_cache_tensors() -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+class KeptTensors:
+    """Tensors built once and kept for later calls, at most ``capacity`` of them, never evicted.
+
+    Never evicted because a CUDA graph captured after a tensor was kept reads it by address: freeing it (an LRU
+    dropping it) would let the allocator hand its memory to something else and the graph would silently read that.
+    Past capacity (or while :func:`can_cache_tensors` says no) the tensor is built per call, as without a cache.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._kept: dict = {}
+
+    def get(self, key, build):
+        """The tensor kept under ``key`` (hashable), else ``build()``, kept if allowed and there is room."""
+        hit = self._kept.get(key)
+        if hit is not None:
+            return hit
+        out = build()
+        if len(self._kept) < self.capacity and can_cache_tensors():
+            self._kept[key] = out
+        return out
+
+    def __len__(self) -> int:
+        return len(self._kept)

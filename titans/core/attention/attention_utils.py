@@ -12,13 +12,12 @@ Context and memory tokens carry absolute positions; prefix tokens are visible to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from titans.utils.tensors import can_cache_tensors
+from titans.utils.tensors import KeptTensors, can_cache_tensors
 
 
 @dataclass(frozen=True)
@@ -118,9 +117,10 @@ class PositionRuns:
 
 
 # masks kept by dense_mask: at most this many, of at most this many entries each (a MAC segment of 512 tokens
-# with 1024 keys is 2^19; longer whole-sequence masks are rare, large, and built per call as before)
-_KEPT_MASKS = 32
-_KEPT_MASK_ENTRIES = 1 << 22
+# with 1024 keys is 2^19; longer whole-sequence masks are rare, large, and built per call as before), so the
+# kept masks stay below 64 MB even as float32
+_KEPT_MASK_ENTRIES = 1 << 20
+_kept_masks = KeptTensors(16)
 
 
 def dense_mask(spec: MaskSpec, runs: PositionRuns, device: torch.device, dtype: torch.dtype = torch.bool) -> Tensor:
@@ -138,8 +138,9 @@ def dense_mask(spec: MaskSpec, runs: PositionRuns, device: torch.device, dtype: 
 
     q, k, mem = moved(runs.q), moved(runs.k), moved(runs.mem)
     entries = q[1] * (spec.prefix_len + k[1] + (mem[1] if mem is not None else 0))
-    if entries <= _KEPT_MASK_ENTRIES and can_cache_tensors():
-        return _kept_mask(spec, q, k, mem, torch.device(device), dtype)
+    if entries <= _KEPT_MASK_ENTRIES:
+        device = torch.device(device)
+        return _kept_masks.get((spec, q, k, mem, device, dtype), lambda: _mask_of_runs(spec, q, k, mem, device, dtype))
     return _mask_of_runs(spec, q, k, mem, device, dtype)
 
 
@@ -152,8 +153,6 @@ def _mask_of_runs(spec: MaskSpec, q, k, mem, device, dtype: torch.dtype) -> Tens
         return ok
     return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
 
-
-_kept_mask = lru_cache(maxsize=_KEPT_MASKS)(_mask_of_runs)
 
 
 def flex_mask_mod(spec: MaskSpec):
@@ -192,9 +191,10 @@ class RotaryEmbedding(torch.nn.Module):
         # (device, dtype) -> (cos, signed sin) for positions 0..n-1; not buffers: they follow inv_freq, not the
         # module's dtype casts, and stay out of the state dict
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._outgrown: list[tuple[Tensor, Tensor]] = []
 
     def _apply(self, fn, recurse: bool = True):
-        self._tables = {}  # .to() / .double() may move or round inv_freq: the tables follow it
+        self._tables, self._outgrown = {}, []  # .to() / .double() may move or round inv_freq: the tables follow it
         return super()._apply(fn, recurse)
 
     def _tables_at(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -219,6 +219,10 @@ class RotaryEmbedding(torch.nn.Module):
             n = max(256, 1 << max(0, end - 1).bit_length())  # grown in powers of two: few rebuilds
             if not can_cache_tensors():
                 return self._tables_at(torch.arange(positions, end, device=device), dtype)
+            if table is not None:
+                # a captured CUDA graph may read the smaller table by address: it stays alive (at most as much
+                # memory again as the current table, by the doubling)
+                self._outgrown.append(table)
             table = self._tables[key] = self._tables_at(torch.arange(n, device=device), dtype)
         return table[0][positions:end], table[1][positions:end]
 

@@ -51,7 +51,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from titans.utils.tensors import can_cache_tensors
+from titans.utils.tensors import KeptTensors
 
 Weights = tuple[Tensor, ...]
 Backend = Literal["auto", "naive", "chunked", "compiled", "fused", "triton"]
@@ -244,7 +244,7 @@ def _strict_upper(n: int, device: torch.device) -> Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
 
 
-_kept_strict_upper = lru_cache(maxsize=8)(_strict_upper)
+_kept_triangles = KeptTensors(8)
 
 
 def _decay_matrix(a: Tensor) -> Tensor:
@@ -260,7 +260,7 @@ def _decay_matrix(a: Tensor) -> Tensor:
     logs = torch.cumsum(torch.log(a.masked_fill(zero, 1.0)), dim=-1)
     zeros = torch.cumsum(zero, dim=-1)
     # the triangle is a constant: kept (built per call while compiling or capturing a CUDA graph)
-    upper = _kept_strict_upper(n, a.device) if can_cache_tensors() else _strict_upper(n, a.device)
+    upper = _kept_triangles.get((n, a.device), lambda: _strict_upper(n, a.device))
     drop = (zeros.unsqueeze(-1) != zeros.unsqueeze(-2)) | upper  # [s, j]: a zero factor in (j, s], or j > s
     # masked to -inf before the exponential: exactly 0 there, no overflow above the diagonal, zero gradient
     return torch.exp((logs.unsqueeze(-1) - logs.unsqueeze(-2)).masked_fill(drop, float("-inf")))
