@@ -207,3 +207,90 @@ def test_segment_backend_choice_respects_alignment():
     # a piece that starts mid-segment, or a cached decode step, never takes the blocked path
     assert attn._pick_backend(spec, torch.device("cpu"), 64, True, 4) == "sdpa"
     assert attn._pick_backend(spec, torch.device("cpu"), 64, False, 0) == "sdpa"
+
+
+def _rotary_definition(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate-half RoPE written out in float64: pairs (i, i + hd/2) turn by position * theta^(-2i/hd)."""
+    hd = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = positions.double()[:, None] * inv[None, :]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], dim=-1)
+
+
+def test_rotary_tables_kept_equal_fresh_ones_and_the_definition():
+    """cos_sin of a host run slices a kept table (grown on demand, per device / dtype, dropped by .to()); it equals
+    the tables computed from a position tensor (static decoding's path), and rotate equals the definition."""
+    from titans.core.attention.attention_utils import RotaryEmbedding
+
+    rope = RotaryEmbedding(8)
+    x = torch.randn(2, 3, 700, 8, dtype=torch.float64)
+    for start, n in ((0, 5), (3, 1), (250, 20), (0, 700), (513, 100), (7, 1)):  # 700 grows the table past 256
+        pos = torch.arange(start, start + n)
+        for dtype in (torch.float64, torch.float32):
+            kept = rope.cos_sin(start, n, dtype)
+            fresh = rope.cos_sin(pos, n, dtype)
+            for a, b in zip(kept, fresh):
+                assert a.dtype == dtype and a.shape == (n, 8)
+                torch.testing.assert_close(a, b, rtol=0, atol=2 * torch.finfo(dtype).eps)
+        got = RotaryEmbedding.rotate(x[:, :, :n], *rope.cos_sin(start, n, torch.float64))
+        torch.testing.assert_close(got, _rotary_definition(x[:, :, :n], pos), rtol=0, atol=1e-12)
+    assert {k[1] for k in rope._tables} == {torch.float64, torch.float32}
+    rope.float()  # inv_freq rounded to float32: the tables follow it
+    assert not rope._tables
+    pos = torch.arange(40, 60)
+    for a, b in zip(rope.cos_sin(40, 20, torch.float64), rope.cos_sin(pos, 20, torch.float64)):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-16)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_kept_dense_masks_equal_freshly_built_ones(spec):
+    """dense_mask of host runs (moved to a canonical origin and kept) equals build_dense_mask of the positions, as
+    bool and as SDPA's additive float mask, at segment-aligned and unaligned starts, with and without cached keys."""
+    from titans.core.attention.attention_utils import PositionRuns, dense_mask
+
+    for q0, nq, cached in ((0, 6, 0), (6, 6, 0), (12, 6, 0), (13, 3, 1), (7, 1, 4), (30, 4, 2), (19, 5, 0)):
+        k0 = q0 - cached
+        runs = PositionRuns((q0, nq), (k0, cached + nq), (k0, cached + nq) if spec.memory_tokens else None)
+        pos = torch.arange(q0, q0 + nq)
+        keys = torch.arange(k0, q0 + nq)
+        want = build_dense_mask(spec, pos, keys, keys if spec.memory_tokens else None)
+        for _ in range(2):  # built, then kept
+            got = dense_mask(spec, runs, torch.device("cpu"))
+            assert got.dtype == torch.bool and torch.equal(got, want), (q0, nq, cached)
+            add = dense_mask(spec, runs, torch.device("cpu"), torch.float64)
+            assert torch.equal(add, torch.where(want, 0.0, float("-inf")).double())
+
+
+def test_kept_tensors_never_evict_and_stop_keeping_at_capacity():
+    """A kept tensor stays the same object for good (a captured CUDA graph may read it by address); past the
+    capacity new keys are built per call, not kept in place of older ones; nothing is kept while compiling."""
+    from titans.utils.tensors import KeptTensors
+
+    kept, built = KeptTensors(2), []
+
+    def build(i):
+        built.append(i)
+        return torch.full((3,), float(i))
+
+    first = kept.get("a", lambda: build(0))
+    assert kept.get("a", lambda: build(9)) is first and built == [0]
+    kept.get("b", lambda: build(1))
+    c1, c2 = kept.get("c", lambda: build(2)), kept.get("c", lambda: build(3))
+    assert c1 is not c2 and built == [0, 1, 2, 3] and len(kept) == 2  # "c" is never kept ...
+    assert kept.get("a", lambda: build(9)) is first  # ... and "a" never dropped for it
+
+    mod = KeptTensors(4)
+    torch.compile(lambda x: x + mod.get("x", lambda: torch.ones(3)), fullgraph=True, backend="eager")(torch.zeros(3))
+    assert len(mod) == 0
+
+
+def test_rotary_tables_outgrown_stay_alive():
+    """Growing the kept rotary tables keeps the smaller ones referenced (graphs captured on them stay valid)."""
+    from titans.core.attention.attention_utils import RotaryEmbedding
+
+    rope = RotaryEmbedding(8)
+    small = rope.cos_sin(0, 10, torch.float64)[0]
+    base = small.untyped_storage().data_ptr()
+    rope.cos_sin(1000, 10, torch.float64)  # past the first table: grown
+    assert any(t[0].untyped_storage().data_ptr() == base for t in rope._outgrown)

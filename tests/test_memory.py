@@ -390,20 +390,30 @@ def test_compiled_backend_equals_naive_values_and_gradients():
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 16, 33])
-def test_cumprod_scan_equals_cumprod_with_zeros_and_gradients(n):
-    """The CUDA-graph-safe scan used while capturing equals torch.cumprod, zeros (eta = 0) included."""
-    from titans.core.memory.functional import cumprod_scan
+def test_decay_coefficients_running_products_equal_cumprod_with_zeros_and_gradients(n):
+    """G and P (taken from the decay matrix's first column, no cumprod: its backward syncs the host) equal
+    torch.cumprod, exact zeros (eta = 0, alpha = 1) included; gradients too, away from the zeros (as the decay
+    matrix itself, the log-space path passes no gradient through an exact zero)."""
+    from titans.core.memory.functional import decay_coefficients
 
     g = torch.Generator().manual_seed(n)
-    x = torch.rand(3, n, generator=g, dtype=D)
-    x[1, n // 2] = 0.0
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya, yb = cumprod_scan(a), torch.cumprod(b, dim=-1)
-    torch.testing.assert_close(ya, yb, rtol=1e-13, atol=1e-15)
-    w = torch.randn(3, n, generator=g, dtype=D)
-    (ya * w).sum().backward()
-    (yb * w).sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+    eta, keep = (torch.rand(3, n, generator=g, dtype=D) * 0.98 + 0.01 for _ in range(2))
+    eta[1, n // 2] = 0.0
+    keep[2, 0] = 0.0
+    theta = torch.rand(3, n, generator=g, dtype=D)
+    a = [t.clone().requires_grad_() for t in (eta, keep)]
+    b = [t.clone().requires_grad_() for t in (eta, keep)]
+    G, P = decay_coefficients(theta, a[0], a[1])[:2]
+    Gb, Pb = torch.cumprod(b[1], dim=-1), torch.cumprod(b[0], dim=-1)
+    torch.testing.assert_close(G, Gb, rtol=1e-13, atol=0)
+    torch.testing.assert_close(P, Pb, rtol=1e-13, atol=0)
+    assert (P[1, n // 2:] == 0).all() and (G[2] == 0).all()
+    w1, w2 = torch.randn(3, n, generator=g, dtype=D), torch.randn(3, n, generator=g, dtype=D)
+    (G * w1 + P * w2).sum().backward()
+    (Gb * w1 + Pb * w2).sum().backward()
+    for x, y, t in zip(a, b, (eta, keep)):
+        torch.testing.assert_close(x.grad[t != 0], y.grad[t != 0], rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(a[1].grad[2, 0], b[1].grad[2, 0])  # a zero first factor: its own gradient too
 
 
 @pytest.mark.parametrize("n", [2, 7, 16])

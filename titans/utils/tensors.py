@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -16,3 +17,42 @@ def keep_last(t: Tensor, n: int, dim: int) -> Tensor:
     size = t.shape[dim]
     out = t.narrow(dim, size - n, n)
     return out.clone() if 2 * n < size else out
+
+
+def can_cache_tensors() -> bool:
+    """Whether a tensor built now may be kept for later calls (rotary tables, masks, triangles).
+
+    Not while torch.compile traces (the graph recomputes it, and the compiler fuses that arithmetic anyway), nor
+    while a CUDA graph is captured: captured kernels run only at replay, so a tensor kept from the capture would
+    hold garbage for an eager call before the first replay.  The trainer's warm-up before the capture fills the
+    caches, so the captured step only reads them.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+class KeptTensors:
+    """Tensors built once and kept for later calls, at most ``capacity`` of them, never evicted.
+
+    Never evicted because a CUDA graph captured after a tensor was kept reads it by address: freeing it (an LRU
+    dropping it) would let the allocator hand its memory to something else and the graph would silently read that.
+    Past capacity (or while :func:`can_cache_tensors` says no) the tensor is built per call, as without a cache.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._kept: dict = {}
+
+    def get(self, key, build):
+        """The tensor kept under ``key`` (hashable), else ``build()``, kept if allowed and there is room."""
+        hit = self._kept.get(key)
+        if hit is not None:
+            return hit
+        out = build()
+        if len(self._kept) < self.capacity and can_cache_tensors():
+            self._kept[key] = out
+        return out
+
+    def __len__(self) -> int:
+        return len(self._kept)

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from titans.core.attention.attention_utils import MaskSpec, RotaryEmbedding, build_dense_mask, flex_mask_mod
+from titans.core.attention.attention_utils import (
+    MaskSpec,
+    PositionRuns,
+    RotaryEmbedding,
+    build_dense_mask,
+    dense_mask,
+    flex_mask_mod,
+)
 from titans.utils.tensors import keep_last
 
 
@@ -76,11 +83,12 @@ def _compiled_flex():
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, q_pos: Tensor, k_pos: Tensor,
-              mem_pos: Tensor | None = None, backend: str = "reference") -> Tensor:
+              mem_pos: Tensor | None = None, backend: str = "reference", runs: PositionRuns | None = None) -> Tensor:
     """Masked softmax attention over keys laid out as [prefix | memory | context].
 
     q: (B, H, Tq, hd); k, v: (B, Hkv, Tk_total, hd) with Hkv dividing H; q_pos (Tq,), k_pos (Tk,),
-    mem_pos (Tm,) absolute positions.  Returns (B, H, Tq, hd).
+    mem_pos (Tm,) absolute positions.  ``runs``: the same positions as host-side runs when they are (the dense
+    mask is then looked up, not built).  Returns (B, H, Tq, hd).
     """
     H, Hkv = q.shape[1], k.shape[1]
     n_mem = 0 if mem_pos is None else mem_pos.shape[0]
@@ -101,11 +109,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, q_pos: Tensor, k_
         plain_causal = spec.kind == "causal" and spec.prefix_len == 0 and n_mem == 0 and q_pos is k_pos
         if plain_causal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        mask = build_dense_mask(spec, q_pos, k_pos, mem_pos)
+        if runs is None:
+            mask = build_dense_mask(spec, q_pos, k_pos, mem_pos)
+        else:
+            mask = dense_mask(spec, runs, q.device, q.dtype)  # additive, as SDPA would make it
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend != "reference":
         raise ValueError(f"backend={backend!r}: expected 'reference', 'sdpa', 'blocked', 'flex' or 'auto'")
-    mask = build_dense_mask(spec, q_pos, k_pos, mem_pos)
+    mask = build_dense_mask(spec, q_pos, k_pos, mem_pos) if runs is None else dense_mask(spec, runs, q.device)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
@@ -262,22 +273,23 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"prefix: expected shape (N_p, {self.dim}) or (B, N_p, {self.dim}), "
                              f"got {tuple(prefix.shape)}")
 
-    def project(self, x: Tensor, pos: Tensor, memory: Tensor | None = None):
-        """Queries, keys and values of x (B, T, D) at absolute positions ``pos`` (T,) (a device tensor: static
-        decoding passes its device position), rotated by RoPE: q (B, H, T, hd), k, v (B, Hkv, T, hd), and the
+    def project(self, x: Tensor, pos: int | Tensor, memory: Tensor | None = None):
+        """Queries, keys and values of x (B, T, D) at absolute positions ``pos``: a host int, the first of T
+        consecutive positions (streaming: the rotary tables are slices of kept ones), or a (T,) device tensor
+        (static decoding's device position).  Rotated by RoPE: q (B, H, T, hd), k, v (B, Hkv, T, hd), and the
         keys / values of the memory tokens ``memory`` (B, T, D) at the same positions (or None, None)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        rope = self.rope.cos_sin(pos, q.dtype)
+        rope = self.rope.cos_sin(pos, T, q.dtype, x.device)
         q = self.rope.rotate(q, *rope)
-        k, v = self._kv(x)
-        k = self.rope.rotate(k, *rope)
-        mk = mv = None
-        if memory is not None:
-            mk, mv = self._kv(memory)
-            mk = self.rope.rotate(mk, *rope)
+        if memory is None:
+            k, v = self._kv(x)
+            return q, self.rope.rotate(k, *rope), v, None, None
+        # context and memory tokens share positions: one projection and one rotation of both, stacked on the batch
+        k, v = self._kv(torch.cat([x, memory]))
+        (k, mk), (v, mv) = self.rope.rotate(k, *rope).split(B), v.split(B)
         return q, k, v, mk, mv
 
     def prefix_kv(self, prefix: Tensor, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -303,7 +315,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None and len(cache) and cache.last_position() >= start_pos:
             raise ValueError(f"start_pos={start_pos}: the cache already holds position {cache.last_position()}")
 
-        q, k, v, mk, mv = self.project(x, pos, memory)
+        q, k, v, mk, mv = self.project(x, start_pos, memory)
         ctx_k, ctx_v, ctx_pos = k, v, pos
         if cache is not None and len(cache):
             ctx_k, ctx_v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
@@ -324,7 +336,11 @@ class CausalSelfAttention(nn.Module):
         K = torch.cat(keys, 2) if len(keys) > 1 else keys[0]
         V = torch.cat(values, 2) if len(values) > 1 else values[0]
         whole = cache is None or len(cache) == 0
-        out = attention(q, K, V, mask, pos, ctx_pos, mem_pos, self._pick_backend(mask, dev, T, whole, start_pos))
+        runs = None
+        if whole or cache.end == start_pos:  # the cache holds the run just before the piece (as forward keeps it)
+            runs = PositionRuns((start_pos, T), (start_pos + T - ctx_pos.shape[0], ctx_pos.shape[0]),
+                                None if mem_pos is None else (start_pos + T - mem_pos.shape[0], mem_pos.shape[0]))
+        out = attention(q, K, V, mask, pos, ctx_pos, mem_pos, self._pick_backend(mask, dev, T, whole, start_pos), runs)
         out = self.merge_heads(out)
 
         new_cache = None

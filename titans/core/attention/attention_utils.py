@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from titans.utils.tensors import KeptTensors, can_cache_tensors
+
 
 @dataclass(frozen=True)
 class MaskSpec:
@@ -102,6 +104,57 @@ def build_dense_mask(spec: MaskSpec, q_pos: Tensor, k_pos: Tensor, mem_pos: Tens
     return torch.cat(parts, dim=1)
 
 
+@dataclass(frozen=True)
+class PositionRuns:
+    """Positions of one attention call known on the host as contiguous runs, each ``(start, length)``: the
+    queries, the context keys and the memory keys (None without memory tokens).  Training and streaming calls are
+    such runs (the KV cache holds the positions just before the piece), so their dense mask is looked up in
+    :func:`dense_mask` instead of built from position tensors on every call (MAC: every segment)."""
+
+    q: tuple[int, int]
+    k: tuple[int, int]
+    mem: tuple[int, int] | None = None
+
+
+# masks kept by dense_mask: at most this many, of at most this many entries each (a MAC segment of 512 tokens
+# with 1024 keys is 2^19; longer whole-sequence masks are rare, large, and built per call as before), so the
+# kept masks stay below 64 MB even as float32
+_KEPT_MASK_ENTRIES = 1 << 20
+_kept_masks = KeptTensors(16)
+
+
+def dense_mask(spec: MaskSpec, runs: PositionRuns, device: torch.device, dtype: torch.dtype = torch.bool) -> Tensor:
+    """:func:`build_dense_mask` of the runs: bool (True = may attend), or for a float ``dtype`` the additive mask
+    SDPA makes of it (0 where allowed, -inf elsewhere; passing it saves SDPA that conversion per call).
+
+    The rule is invariant under a common shift of all positions (for segment masks a shift by whole segments), so
+    the runs are moved to a canonical origin (the first key, floored to its segment), where every training segment
+    of MAC has the same key, and the mask is kept (unless :func:`can_cache_tensors` says not to)."""
+    first = runs.k[0] if runs.mem is None else min(runs.k[0], runs.mem[0])
+    shift = first // spec.window * spec.window if spec.kind == "segment" else first
+
+    def moved(run):
+        return None if run is None else (run[0] - shift, run[1])
+
+    q, k, mem = moved(runs.q), moved(runs.k), moved(runs.mem)
+    entries = q[1] * (spec.prefix_len + k[1] + (mem[1] if mem is not None else 0))
+    if entries <= _KEPT_MASK_ENTRIES:
+        device = torch.device(device)
+        return _kept_masks.get((spec, q, k, mem, device, dtype), lambda: _mask_of_runs(spec, q, k, mem, device, dtype))
+    return _mask_of_runs(spec, q, k, mem, device, dtype)
+
+
+def _mask_of_runs(spec: MaskSpec, q, k, mem, device, dtype: torch.dtype) -> Tensor:
+    def pos(run):
+        return None if run is None else torch.arange(run[0], run[0] + run[1], device=device)
+
+    ok = build_dense_mask(spec, pos(q), pos(k), pos(mem))
+    if dtype == torch.bool:
+        return ok
+    return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+
+
+
 def flex_mask_mod(spec: MaskSpec):
     """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for keys laid out as [prefix | context].
 
@@ -121,7 +174,12 @@ def flex_mask_mod(spec: MaskSpec):
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Rotary position embedding (rotate-half convention) at absolute positions."""
+    """Rotary position embedding (rotate-half convention) at absolute positions.
+
+    The cos / sin tables of a contiguous run of host positions (training, streaming) are slices of tables kept per
+    (device, dtype) and grown on demand: no per-call arithmetic.  Positions held on the device (static decoding)
+    are computed by the same formula, :meth:`_tables_at`.
+    """
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
@@ -130,17 +188,47 @@ class RotaryEmbedding(torch.nn.Module):
         self.head_dim = head_dim
         inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)
+        # (device, dtype) -> (cos, signed sin) for positions 0..n-1; not buffers: they follow inv_freq, not the
+        # module's dtype casts, and stay out of the state dict
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._outgrown: list[tuple[Tensor, Tensor]] = []
 
-    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _apply(self, fn, recurse: bool = True):
+        self._tables, self._outgrown = {}, []  # .to() / .double() may move or round inv_freq: the tables follow it
+        return super()._apply(fn, recurse)
+
+    def _tables_at(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and signed sin (T, head_dim) of positions (T,): ``sin`` carries the rotate-half sign (its first half
+        negated), so that :meth:`rotate` needs no negation."""
         work = torch.float64 if dtype == torch.float64 else torch.float32
         ang = positions.to(work)[:, None] * self.inv_freq.to(device=positions.device, dtype=work)[None, :]
-        ang = torch.cat([ang, ang], dim=-1)
-        return ang.cos().to(dtype), ang.sin().to(dtype)
+        cos, sin = ang.cos(), ang.sin()
+        return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
+
+    def cos_sin(self, positions: int | Tensor, length: int, dtype: torch.dtype,
+                device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """Tables (length, head_dim) for :meth:`rotate`: ``positions`` is a host int, the first of ``length``
+        consecutive positions (a slice of the kept table), or a (length,) tensor of positions (computed)."""
+        if isinstance(positions, Tensor):
+            return self._tables_at(positions, dtype)
+        device = self.inv_freq.device if device is None else torch.device(device)
+        end = positions + length
+        key = (device, dtype)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < end:
+            n = max(256, 1 << max(0, end - 1).bit_length())  # grown in powers of two: few rebuilds
+            if not can_cache_tensors():
+                return self._tables_at(torch.arange(positions, end, device=device), dtype)
+            if table is not None:
+                # a captured CUDA graph may read the smaller table by address: it stays alive (at most as much
+                # memory again as the current table, by the doubling)
+                self._outgrown.append(table)
+            table = self._tables[key] = self._tables_at(torch.arange(n, device=device), dtype)
+        return table[0][positions:end], table[1][positions:end]
 
     @staticmethod
     def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x: (B, H, T, hd) with tables from :meth:`cos_sin` (computed once for queries, keys and memory keys
-        at the same positions) -> same shape."""
-        x1, x2 = x.chunk(2, dim=-1)
-        rot = torch.cat([-x2, x1], dim=-1)
-        return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
+        at the same positions) -> same shape.  ``x cos + rotate_half(x) sin`` with rotate_half(x) = [-x2, x1]:
+        the sign sits in the table, so [x2, x1] is a roll, and the sum one addcmul (3 kernels instead of 5)."""
+        return torch.addcmul(x * cos.to(x.dtype), x.roll(x.shape[-1] // 2, -1), sin.to(x.dtype))

@@ -51,6 +51,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from titans.utils.tensors import KeptTensors
+
 Weights = tuple[Tensor, ...]
 Backend = Literal["auto", "naive", "chunked", "compiled", "fused", "triton"]
 
@@ -237,25 +239,12 @@ def neural_memory_update_naive(
 # ----------------------------------------------------------------------------- chunked (parallel)
 
 
-def cumprod_scan(x: Tensor) -> Tensor:
-    """Inclusive cumulative product along the last dim by a log-depth (Hillis-Steele) scan of multiplies.
-
-    Equal to ``torch.cumprod`` (up to rounding), but its backward is plain multiplies: ``cumprod``'s
-    backward checks the input for zeros on the host, a device sync that CUDA-graph capture forbids.
-    Used while capturing; eager code keeps the single ``cumprod`` kernel.
-    """
-    n = x.shape[-1]
-    shift = 1
-    while shift < n:
-        x = torch.cat([x[..., :shift], x[..., shift:] * x[..., :-shift]], dim=-1)
-        shift *= 2
-    return x
+def _strict_upper(n: int, device: torch.device) -> Tensor:
+    """(n, n) bool, True where j > s: the entries above the diagonal of a decay matrix."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
 
 
-def _cumprod(x: Tensor) -> Tensor:
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return cumprod_scan(x)
-    return torch.cumprod(x, dim=-1)
+_kept_triangles = KeptTensors(8)
 
 
 def _decay_matrix(a: Tensor) -> Tensor:
@@ -270,10 +259,11 @@ def _decay_matrix(a: Tensor) -> Tensor:
     zero = a == 0
     logs = torch.cumsum(torch.log(a.masked_fill(zero, 1.0)), dim=-1)
     zeros = torch.cumsum(zero, dim=-1)
-    lower = torch.ones(n, n, dtype=torch.bool, device=a.device).tril()  # [s, j]: j <= s
-    keep = (zeros.unsqueeze(-1) == zeros.unsqueeze(-2)) & lower  # no zero factor in (j, s]
+    # the triangle is a constant: kept (built per call while compiling or capturing a CUDA graph)
+    upper = _kept_triangles.get((n, a.device), lambda: _strict_upper(n, a.device))
+    drop = (zeros.unsqueeze(-1) != zeros.unsqueeze(-2)) | upper  # [s, j]: a zero factor in (j, s], or j > s
     # masked to -inf before the exponential: exactly 0 there, no overflow above the diagonal, zero gradient
-    return torch.exp((logs.unsqueeze(-1) - logs.unsqueeze(-2)).masked_fill(~keep, float("-inf")))
+    return torch.exp((logs.unsqueeze(-1) - logs.unsqueeze(-2)).masked_fill(drop, float("-inf")))
 
 
 def decay_coefficients(theta: Tensor, eta: Tensor, keep: Tensor):
@@ -286,11 +276,17 @@ def decay_coefficients(theta: Tensor, eta: Tensor, keep: Tensor):
     (its weight in the momentum at the chunk end).  eta and keep go through one stacked pass (half the kernels).
     """
     gates = torch.stack((eta, keep))
-    D_eta, D_keep = _decay_matrix(gates).unbind(0)
-    P, G = _cumprod(gates).unbind(0)
+    D = _decay_matrix(gates)
+    # the running products from the decay matrix's first column, prod_{s<=t} a_s = a_0 D[t, 0]: no cumprod, whose
+    # backward checks the input for zeros on the host (a sync CUDA-graph capture forbids; a log-depth scan of
+    # multiplies stood in for it there).  D first: the product takes D's contiguous layout, not the gates' (heads
+    # fastest), so the matmul and the reshapes below copy nothing
+    P, G = (D[..., 0] * gates[..., :1]).unbind(0)
+    D_eta, D_keep = D.unbind(0)
     Bc = (D_keep @ P.unsqueeze(-1)).squeeze(-1)
-    M = -(D_keep @ D_eta) * theta.unsqueeze(-2)
-    m = -(theta * D_eta[..., -1, :])
+    neg_theta = -theta  # negated once on (..., n), not on the (..., n, n) product (the same values)
+    M = (D_keep @ D_eta) * neg_theta.unsqueeze(-2)
+    m = neg_theta * D_eta[..., -1, :]
     return G, P, Bc, M, m
 
 

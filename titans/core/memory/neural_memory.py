@@ -299,14 +299,15 @@ class NeuralMemory(nn.Module):
     def _split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, 3 * inner) -> q, k, v (B, H, T, head_dim): q and k l2-normalised, v too if configured (the
         one place both the update and the diagnostics take them from)."""
-        q, k, v = rearrange(qkv, "b t (s h d) -> s b h t d", s=3, h=self.heads)
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
+        qkv = rearrange(qkv, "b t (s h d) -> s b h t d", s=3, h=self.heads)
+        # one normalisation pass over q and k together (rows are normalised independently: the same values)
+        # unit-norm values keep the fitted fast weights O(1), so the curvature bound behind max_lr holds
+        # (unnormalised values of norm ~10 drove the weights x45 within one 256-token segment and the inner
+        # loop to NaN in MAC passkey training; benchmarks/RESULTS.md section 4e)
         if self.normalize_values:
-            # unit-norm targets keep the fitted fast weights O(1), so the curvature bound behind max_lr holds
-            # (unnormalised values of norm ~10 drove the weights x45 within one 256-token segment and the inner
-            # loop to NaN in MAC passkey training; benchmarks/RESULTS.md section 4e)
-            v = F.normalize(v, dim=-1)
+            q, k, v = F.normalize(qkv, dim=-1).unbind(0)
+        else:
+            (q, k), v = F.normalize(qkv[:2], dim=-1).unbind(0), qkv[2]
         return q, k, v
 
     def _gates(self, x: Tensor, state: MemoryState):
@@ -327,23 +328,27 @@ class NeuralMemory(nn.Module):
                 picked = torch.where((start < 0).view(1, 1, T, 1), carried, picked)
             raw = picked
             chunk_gates = keep_last(raw, 1, 2).squeeze(2) if T else chunk_gates
-        eta = torch.sigmoid(raw[..., 1]) if self.use_momentum else torch.zeros_like(raw[..., 1])
-        theta = self.max_lr * (1 - eta) * torch.sigmoid(raw[..., 0])
+        # the three gates' sigmoids in one kernel; unbind, not three selects: its backward is one stack
+        sig_theta, sig_eta, sig_alpha = torch.sigmoid(raw).unbind(-1)
+        eta = sig_eta if self.use_momentum else torch.zeros_like(sig_eta)
+        theta = self.max_lr * (1 - eta) * sig_theta
         if self.use_weight_decay:
-            alpha = torch.sigmoid(raw[..., 2])
+            alpha = sig_alpha
             if self.max_forget < 1.0:
                 alpha = self.max_forget * alpha
         else:
-            alpha = torch.zeros_like(raw[..., 2])
+            alpha = torch.zeros_like(sig_alpha)
         return theta, eta, alpha, (raw if self.gates_per_chunk else None), chunk_gates
 
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
         """Per-head RMS norm, sigmoid gate from x, output projection.  y: (B, H, T, d) -> (B, T, dim)."""
-        y = F.rms_norm(y, (y.shape[-1],), eps=self.norm_eps) * self.out_norm_weight.unsqueeze(1).to(y.dtype)
-        y = rearrange(y, "b h t d -> b t (h d)").to(x.dtype)
+        B, H, T, d = y.shape
+        y = (F.rms_norm(y, (d,), eps=self.norm_eps) * self.out_norm_weight.unsqueeze(1).to(y.dtype)).transpose(1, 2)
         if self.gate is not None:
-            y = y * torch.sigmoid(self.gate(x))
-        return self.to_out(y)
+            # the gate first: the product takes its (B, T, H, d) layout, so heads-to-features below is a view (no
+            # copy for the transpose).  In y's dtype (the state's: float32 under autocast), cast once after
+            y = torch.sigmoid(self.gate(x)).view(B, T, H, d) * y
+        return self.to_out(y.reshape(B, T, H * d).to(x.dtype))
 
     # ------------------------------------------------------------------ forward / retrieve
 
@@ -390,7 +395,10 @@ class NeuralMemory(nn.Module):
         # with autocast off so its matmuls and scans accumulate in full precision.
         with torch.autocast(x.device.type, enabled=False):
             mdtype = state.weights[0].dtype
-            y, W, S, W0 = update([t.to(mdtype) for t in (q, k, v, theta, eta, alpha)])
+            # q, k, v are head-major views of the projection: where a cast is needed it also lays them out
+            # contiguously (as the fused paths take them), one copy instead of a cast and then a copy
+            qkv = [t.to(mdtype, memory_format=torch.contiguous_format) for t in (q, k, v)]
+            y, W, S, W0 = update(qkv + [t.to(mdtype) for t in (theta, eta, alpha)])
         return self._output(y, x), MemoryState(W, S, W0, state.seen + x.shape[1], conv, chunk_gates)
 
     def _token_step(self, args: list[Tensor], state: MemoryState, starts: bool | Tensor, ends: bool | Tensor):

@@ -236,7 +236,9 @@ class TitansBlock(nn.Module):
             while start < T:
                 p = pos + start
                 n = min(C - p % C, T - start)
-                outs.append(self._mac(h[:, start:start + n], StreamOps(self, st, p, want_cache), persistent))
+                # contiguous once here: each projection of a strided slice would copy it (four of them per segment)
+                piece = h[:, start:start + n].contiguous()
+                outs.append(self._mac(piece, StreamOps(self, st, p, want_cache), persistent))
                 start += n
             x = x + torch.cat(outs, dim=1)
         else:
