@@ -1,0 +1,128 @@
+"""What a training step keeps for its backward, by module (issue 7's peak-memory target).
+
+Peak training memory is parameters + optimiser state + the activations autograd saves between forward and
+backward.  This counts the last part exactly, on any device: every tensor saved for backward (``save_for_backward``
+of the memory core included) is recorded once per storage through ``torch.autograd.graph.saved_tensors_hooks`` and
+attributed to the innermost module running when it was saved.  Parameters are not counted.  On the CPU the attention
+is PyTorch's math kernel, which saves its probabilities (flash attention on a GPU keeps only a log-sum-exp per row),
+so the ``attn`` rows overstate the GPU; the memory's rows are the same tensors the GPU path saves (the fused
+``torch`` core saves what the Triton kernels save).
+
+    python benchmarks/saved_activations.py --models mac transformer --seq 4096 --dim 512 --depth 8 --heads 8 \\
+        --window 512 --memory-layers 2 4 6 --memory-chunk 64 --out benchmarks/results/saved_activations.json
+
+Writes JSON and prints a markdown table (MB per sequence of ``--seq`` tokens, batch 1; a batch of B saves B times
+as much).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from titans.core.models import build_model
+
+
+def model_config(args, variant: str) -> dict:
+    return dict(variant=variant, vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads,
+                window=args.window, persistent_tokens=args.persistent, memory_depth=args.memory_depth,
+                memory_chunk_size=args.memory_chunk, memory_layers=args.memory_layers or None,
+                memory_backend=args.memory_backend, memory_conv_kernel=args.memory_conv_kernel)
+
+
+def group_of(path: str) -> str:
+    """A module path -> its row: block numbers dropped (``blocks.3.memory.to_qkv`` -> ``memory.to_qkv``)."""
+    return re.sub(r"^blocks\.\d+\.", "", path) or "(model)"
+
+
+def saved_by_module(model: torch.nn.Module, ids: torch.Tensor, bf16: bool) -> dict[str, dict]:
+    """Run one forward with labels; returns {module group: {"bytes", "tensors", "by_dtype"}} of what is saved."""
+    stack: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = []
+    def enter(mod, args):
+        stack.append(names[mod])
+
+    def leave(mod, args, output):  # returns None: the module's output stays as it is
+        stack.pop()
+
+    for mod in model.modules():
+        hooks.append(mod.register_forward_pre_hook(enter))
+        hooks.append(mod.register_forward_hook(leave))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    out: dict[str, dict] = defaultdict(lambda: {"bytes": 0, "tensors": 0, "by_dtype": defaultdict(int),
+                                                "by_shape": defaultdict(int)})
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key not in seen and key not in params and st.nbytes():
+            seen.add(key)
+            row = out[group_of(stack[-1]) if stack else "(outside modules)"]
+            row["bytes"] += st.nbytes()
+            row["tensors"] += 1
+            dtype = str(t.dtype).replace("torch.", "")
+            row["by_dtype"][dtype] += st.nbytes()
+            row["by_shape"][f"{dtype}{list(t.shape)}"] += st.nbytes()
+        return t
+
+    amp = torch.autocast(ids.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+            loss = model(ids, labels=ids, use_cache=False).loss
+    finally:
+        for h in hooks:
+            h.remove()
+    del loss
+    return {k: {"bytes": v["bytes"], "tensors": v["tensors"], "by_dtype": dict(v["by_dtype"]),
+                "largest": dict(sorted(v["by_shape"].items(), key=lambda x: -x[1])[:6])} for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["mac", "transformer"])
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--persistent", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--memory-depth", type=int, default=2)
+    ap.add_argument("--memory-chunk", type=int, default=64)
+    ap.add_argument("--memory-conv-kernel", type=int, default=4)
+    ap.add_argument("--memory-layers", type=int, nargs="*", default=[2, 4, 6])
+    ap.add_argument("--memory-backend", default="fused", help="fused: the hand-written backward the kernels implement")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bf16 autocast")
+    ap.add_argument("--top", type=int, default=12, help="rows printed per model")
+    ap.add_argument("--out", default="benchmarks/results/saved_activations.json")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    result = {"args": vars(args), "models": {}}
+    for name in args.models:
+        model = build_model(model_config(args, name))
+        ids = torch.randint(0, args.vocab, (1, args.seq))
+        rows = saved_by_module(model, ids, args.bf16)
+        total = sum(r["bytes"] for r in rows.values())
+        result["models"][name] = {"total_bytes": total, "params": model.num_parameters(), "by_module": rows}
+        print(f"\n{name}: {total / 2**20:,.1f} MB saved for backward per {args.seq}-token sequence "
+              f"({model.num_parameters():,} parameters)\n")
+        print("| module | MB | share | tensors | dtypes (MB) |\n| --- | --- | --- | --- | --- |")
+        for k, r in sorted(rows.items(), key=lambda kv: -kv[1]["bytes"])[:args.top]:
+            dt = ", ".join(f"{d} {b / 2**20:.1f}" for d, b in sorted(r["by_dtype"].items(), key=lambda x: -x[1]))
+            print(f"| {k} | {r['bytes'] / 2**20:,.1f} | {100 * r['bytes'] / total:.0f}% | {r['tensors']} | {dt} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nJSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
