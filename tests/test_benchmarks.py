@@ -1,0 +1,46 @@
+"""The benchmark scripts' own logic (no timing): what they count is what they claim to count."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from titans.core.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_saved_activations_count_every_saved_storage_once_and_leave_outputs_alone():
+    sa = _load("saved_activations")
+    torch.manual_seed(0)
+    model = build_model(dict(variant="mac", vocab_size=37, dim=16, depth=2, heads=2, window=4, persistent_tokens=2,
+                             memory_depth=2, memory_chunk_size=2, memory_backend="fused"))
+    ids = torch.randint(0, 37, (1, 12))
+    rows = sa.saved_by_module(model, ids, bf16=False)
+    # an independent count: every saved storage once, parameters excluded
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.nbytes():
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids, use_cache=False).loss
+    assert sum(r["bytes"] for r in rows.values()) == sum(seen.values()) > 0
+    assert rows["memory"]["bytes"] > 0 and rows["attn"]["bytes"] > 0
+    # the hooks are gone afterwards and the forward is unchanged
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    torch.testing.assert_close(model(ids, labels=ids, use_cache=False).loss, loss, rtol=0, atol=0)
+    assert sa.group_of("blocks.3.memory.to_qkv") == "memory.to_qkv" and sa.group_of("") == "(model)"
