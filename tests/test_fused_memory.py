@@ -225,6 +225,90 @@ def test_triton_kernels_under_interpreter():
     assert float(err["FALLBACK"]) <= 2e-5, err  # forward kernel, backward by the torch loop
     assert float(err["MODULE"]) <= 2e-5, err
 
+_BF16_INPUTS_SCRIPT = textwrap.dedent("""
+    import warnings
+    import torch
+    import titans.core.memory.triton_kernels as tk
+    from titans.core.memory.fused_update import neural_memory_update_fused
+    from titans.core.memory.neural_memory import NeuralMemory
+
+    # bf16 q / k / v (what autocast produces) through the kernels equal the same values widened to float32: the
+    # kernels widen them for the launch; y and the state stay float32, the q / k / v gradients come back in bf16
+    g = torch.Generator().manual_seed(5)
+    B, H, T, d, E, C = 1, 2, 32, 16, 32, 16
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H, T, d, generator=g), dim=-1).bfloat16() for _ in range(2))
+    v = torch.randn(B, H, T, d, generator=g).bfloat16()
+    gates = [torch.rand(B, H, T, generator=g) * s for s in (1 / C, 1.0, 0.05)]
+    W = [torch.randn(B, H, d, E, generator=g) / d ** 0.5, torch.randn(B, H, E, d, generator=g) / E ** 0.5]
+    S = [torch.randn_like(w) * 0.01 for w in W]
+
+    def run(qkv):
+        ins = [t.detach().requires_grad_() for t in (*qkv, *gates, *W, *S)]
+        y, Wf, Sf = neural_memory_update_fused(*ins[:6], ins[6:8], ins[8:], chunk_size=C, residual=True, impl="triton")
+        outs = [y, *Wf, *Sf]
+        gg = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=gg)).sum() for o in outs)
+        return outs, torch.autograd.grad(loss, ins)
+
+    def worst(a, b):
+        o1, g1 = a
+        o2, g2 = b
+        assert all(o.dtype == torch.float32 for o in o1), [o.dtype for o in o1]
+        assert all(x.dtype == torch.bfloat16 for x in g1[:3]) and all(x.dtype == torch.float32 for x in g1[3:])
+        pairs = list(zip(o1, o2)) + [(x, y.to(x.dtype)) for x, y in zip(g1, g2)]
+        return max((x - y).abs().max().item() for x, y in pairs)
+
+    print("KERNELS", worst(run((q, k, v)), run((q.float(), k.float(), v.float()))))
+    fwd, bwd = tk.core_forward, tk.core_backward
+    boom = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("simulated compile failure"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tk.core_backward = boom  # backward by the torch loop
+        print("FALLBACK_BWD", worst(run((q, k, v)), run((q.float(), k.float(), v.float()))))
+        tk.FAILED_SHAPES.clear()
+        tk.core_forward = boom  # both directions by the torch loop
+        print("FALLBACK_BOTH", worst(run((q, k, v)), run((q.float(), k.float(), v.float()))))
+    tk.core_forward, tk.core_backward = fwd, bwd
+    tk.FAILED_SHAPES.clear()
+
+    # the module under CPU bf16 autocast: the core saves bf16 q / k / v (no float32 copies of them), the state stays
+    # float32, and the output matches the PyTorch path (which widens q / k / v first) to rounding
+    torch.manual_seed(0)
+    tri = NeuralMemory(dim=32, heads=2, chunk_size=16, depth=2, backend="triton")
+    ref = NeuralMemory(dim=32, heads=2, chunk_size=16, depth=2, backend="fused")
+    ref.load_state_dict(tri.state_dict())
+    x = torch.randn(2, 32, 32)
+    import titans.core.memory.fused_update as fu
+    core, seen = fu.MemoryCoreFunction.apply, []
+
+    def spy(*args):  # args 5-7: q, k, v as the core (and its saved tensors) get them
+        seen.append([a.dtype for a in args[5:8]])
+        return core(*args)
+
+    fu.MemoryCoreFunction.apply = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_tri, st = tri(x)
+        y_ref, _ = ref(x)
+    fu.MemoryCoreFunction.apply = core
+    assert st.weights[0].dtype == torch.float32
+    # the triton module's core call got bf16 q / k / v (no float32 copies kept for its backward), the torch path's
+    # float32 ones
+    assert seen == [[torch.bfloat16] * 3, [torch.float32] * 3], seen
+    print("MODULE_BF16", ((y_tri.float() - y_ref.float()).abs().max() / y_ref.float().abs().max()).item())
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_kernels_take_bf16_inputs_as_their_widened_values():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", _BF16_INPUTS_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    err = dict(line.split() for line in out.stdout.strip().splitlines())
+    assert float(err["KERNELS"]) == 0.0 and float(err["FALLBACK_BWD"]) == 0.0 and float(err["FALLBACK_BOTH"]) == 0.0, err
+    assert float(err["MODULE_BF16"]) <= 2e-2, err  # bf16 projections either way; the kernels vs the torch loop
+
+
 _COMPILE_SCRIPT = textwrap.dedent("""
     import torch
     import titans.core.memory.triton_kernels as tk

@@ -395,16 +395,17 @@ class NeuralMemory(nn.Module):
         # with autocast off so its matmuls and scans accumulate in full precision.
         with torch.autocast(x.device.type, enabled=False):
             mdtype = state.weights[0].dtype
-            # q, k, v are head-major views of the projection: where a cast is needed it also lays them out
-            # contiguously (as the fused paths take them), one copy instead of a cast and then a copy
-            qkv = [t.to(mdtype, memory_format=torch.contiguous_format) for t in (q, k, v)]
-            y, W, S, W0 = update(qkv + [t.to(mdtype) for t in (theta, eta, alpha)])
+            # q, k, v stay in their dtype (bf16 under autocast) until a path needs the state's: the Triton kernels
+            # take them as they are (widened for the launch), so their backward keeps half the bytes (the same values:
+            # a bf16 tensor widened is exact); every PyTorch path casts them first (_in_state_dtype)
+            y, W, S, W0 = update([q, k, v] + [t.to(mdtype) for t in (theta, eta, alpha)])
         return self._output(y, x), MemoryState(W, S, W0, state.seen + x.shape[1], conv, chunk_gates)
 
     def _token_step(self, args: list[Tensor], state: MemoryState, starts: bool | Tensor, ends: bool | Tensor):
         """The rank-one step of one token: returns (y, W, S, chunk-start W).  ``starts``: the token opens a chunk
         (its gradient is taken at the current weights); ``ends``: it completes one (the next chunk starts at the
         new weights).  Host bools while streaming, 0-dim bool tensors in :meth:`step`."""
+        args = _in_state_dtype(args, state)
         W0 = select_weights(starts, state.weights, state.chunk_weights)
         y, W, S = neural_memory_step(*args, state.weights, state.momentum, W0, activation=self.activation,
                                      residual=self.residual)
@@ -437,6 +438,8 @@ class NeuralMemory(nn.Module):
         # start mid-chunk) while streaming; those take the same exact fallback as 'auto'
         which = resolve_backend(self.backend, args[0], args[1], args[2], state.weights, self.chunk_size,
                                 self.activation, self.residual, offset, strict=False)
+        if which != "triton":
+            args = _in_state_dtype(args, state)
         if T == 1 and which != "naive":
             # a decode step: the rank-one step instead of a one-token chunk
             y, W, S, W0 = self._token_step(args, state, offset == 0 or state.chunk_weights is None,
@@ -508,6 +511,13 @@ class NeuralMemory(nn.Module):
         sq = sum((h.pow(2).sum(-1) * d.pow(2).sum(-1)) for h, d in zip(hs, deltas))
         theta, eta, alpha, _, _ = self._gates(x, state)
         return {"inner_loss": loss, "grad_norm": sq.sqrt(), "theta": theta, "eta": eta, "alpha": alpha}
+
+
+def _in_state_dtype(args: list[Tensor], state: MemoryState) -> list[Tensor]:
+    """The update's inputs (q, k, v, theta, eta, alpha) in the state's dtype, q / k / v laid out contiguously (they
+    arrive as head-major views of the projection; one copy does the cast and the layout)."""
+    dtype = state.weights[0].dtype
+    return [t.to(dtype, memory_format=torch.contiguous_format) for t in args[:3]] + [t.to(dtype) for t in args[3:]]
 
 
 __all__ = ["MemoryState", "NeuralMemory"]

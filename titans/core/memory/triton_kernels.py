@@ -14,7 +14,9 @@ forward and two backward instead of ~60 small kernels per chunk.  Each direction
 The equations are exactly those of :func:`~titans.core.memory.fused_update.chunk_forward` and
 :func:`~titans.core.memory.fused_update.chunk_backward` (the readable reference they are tested against).
 
-Precision: inputs, state and accumulation are float32; the operands of the matmuls are rounded to
+Precision: state and accumulation are float32; q / k / v may come in bf16 (autocast): they are widened for the
+launch (a temporary) and saved for the backward as they came, their gradients returned in their dtype, and y and the
+state come out in the state's dtype.  The operands of the matmuls are rounded to
 bf16 on the GPU (tensor cores, and half the shared memory of TF32 operands: the depth-2 kernels do not
 fit in an H100's shared memory otherwise).  Under ``TRITON_INTERPRET=1`` they stay float32 unless
 ``DOT_BF16`` says otherwise.
@@ -691,9 +693,10 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
     starts = _state_buffers(qf, B * H, N, state, L) if keep else [qf.new_empty(1)] * 4
     _launch(_memory_fwd_kernel, B * H, N, (qf, _flat(k), _flat(v), *coef, *state, y, *starts), kw,
             SAVE=keep)
-    Wout = tuple(w.reshape(t.shape).to(q.dtype) for w, t in zip(state[:2][:L], W))
-    Sout = tuple(x.reshape(t.shape).to(q.dtype) for x, t in zip(state[2:][:L], S))
-    return y.reshape(B, H, T, D).to(q.dtype), Wout, Sout, (tuple(starts) if save_states else None)
+    # outputs in the state's dtype: q / k / v may be narrower (bf16 under autocast; widened on load)
+    Wout = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(state[:2][:L], W))
+    Sout = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(state[2:][:L], S))
+    return y.reshape(B, H, T, D).to(W[0].dtype), Wout, Sout, (tuple(starts) if save_states else None)
 
 
 def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, chunk_size, activation, residual):
@@ -755,6 +758,7 @@ def memory_core_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, 
                                          activation=activation, residual=residual, save_states=save_states)
     except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here: the same math in torch
         kernel_failed(q, W, chunk_size, e)
+        q, k, v = (t.to(W[0].dtype) for t in (q, k, v))
         with torch.no_grad():
             y, Wn, Sn, st = core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
                                                activation=activation, residual=residual, save_states=save_states)
@@ -764,7 +768,7 @@ def memory_core_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, 
 
 @memory_core_forward.register_fake
 def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size, activation, residual, save_states):
-    outs = [_fresh(t) for t in (q, *W, *S)]
+    outs = [q.new_empty(q.shape, dtype=W[0].dtype)] + [_fresh(t) for t in (*W, *S)]
     if save_states:
         BH, N = q.shape[0] * q.shape[1], q.shape[2] // chunk_size
         first = q.new_empty(BH, N, *W[0].shape[2:], dtype=torch.float32)
@@ -788,9 +792,12 @@ def memory_core_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor,
     except Exception as e:  # noqa: BLE001 - the backward kernel cannot compile here: torch loop
         kernel_failed(q, dW, chunk_size, e)
         B, H = q.shape[:2]
+        wide = tuple(t.to(dW[0].dtype) for t in core[:3]) + core[3:]
         with torch.no_grad():
-            res, dWo, dSo = core_backward_torch(*core, starts_to_torch(starts, B, H, len(dW)), dy, dW, dS,
+            res, dWo, dSo = core_backward_torch(*wide, starts_to_torch(starts, B, H, len(dW)), dy, dW, dS,
                                                 chunk_size=chunk_size, activation=activation, residual=residual)
+        for name, t in zip(("q", "k", "v"), core):
+            res[name] = res[name].to(t.dtype)
     return [res[n].contiguous() for n in CORE_INPUTS] + [t.contiguous() for t in (*dWo, *dSo)]
 
 
