@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,12 +29,8 @@ import torch
 
 from titans.core.models import build_model
 
-
-def model_config(args, variant: str) -> dict:
-    return dict(variant=variant, vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads,
-                window=args.window, persistent_tokens=args.persistent, memory_depth=args.memory_depth,
-                memory_chunk_size=args.memory_chunk, memory_layers=args.memory_layers or None,
-                memory_backend=args.memory_backend, memory_conv_kernel=args.memory_conv_kernel)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import model_config  # noqa: E402 - the harness's model from the same arguments
 
 
 def group_of(path: str) -> str:
@@ -97,9 +94,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--memory-depth", type=int, default=2)
     ap.add_argument("--memory-chunk", type=int, default=64)
-    ap.add_argument("--memory-conv-kernel", type=int, default=4)
     ap.add_argument("--memory-layers", type=int, nargs="*", default=[2, 4, 6])
     ap.add_argument("--memory-backend", default="fused", help="fused: the hand-written backward the kernels implement")
+    ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bf16 autocast")
     ap.add_argument("--top", type=int, default=12, help="rows printed per model")
     ap.add_argument("--out", default="benchmarks/results/saved_activations.json")

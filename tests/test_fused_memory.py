@@ -142,6 +142,20 @@ def test_pieces_off_the_chunk_grid_run_their_whole_chunks_fused_and_stay_exact(c
             assert _rel(b, a) <= 1e-10
 
 
+def _interpreted(script: str, timeout: int = 600) -> str:
+    """Run ``script`` in a fresh interpreter with ``TRITON_INTERPRET=1`` (the kernels on the CPU; the variable is
+    read when Triton is imported, so it needs its own process); returns its stdout, failing on a non-zero exit."""
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _errors(stdout: str) -> dict[str, str]:
+    """``NAME value`` lines printed by an interpreted script -> {NAME: value}."""
+    return dict(line.split() for line in stdout.strip().splitlines())
+
+
 _INTERPRET_SCRIPT = textwrap.dedent("""
     import os
     import warnings
@@ -210,11 +224,7 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_triton_kernels_under_interpreter():
     """Forward and every gradient of the Triton kernels equal the hand-written torch core (float32)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    err = dict(line.split() for line in out.stdout.strip().splitlines())
+    err = _errors(_interpreted(_INTERPRET_SCRIPT))
     # float32 operands: rounding only (two-pass kernels); the worst entry is a gate gradient summed over
     # many products, 2-3e-5 relative here, three orders below the bf16 operands' error
     assert float(err["FP32"]) <= 5e-5, err  # depth 2: the three-stage backward (default)
@@ -300,12 +310,9 @@ _BF16_INPUTS_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_triton_kernels_take_bf16_inputs_as_their_widened_values():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", _BF16_INPUTS_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    err = dict(line.split() for line in out.stdout.strip().splitlines())
-    assert float(err["KERNELS"]) == 0.0 and float(err["FALLBACK_BWD"]) == 0.0 and float(err["FALLBACK_BOTH"]) == 0.0, err
+    err = _errors(_interpreted(_BF16_INPUTS_SCRIPT))
+    for name in ("KERNELS", "FALLBACK_BWD", "FALLBACK_BOTH"):  # bit for bit: widening bf16 is exact
+        assert float(err[name]) == 0.0, err
     assert float(err["MODULE_BF16"]) <= 2e-2, err  # bf16 projections either way; the kernels vs the torch loop
 
 
@@ -349,11 +356,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                            "checked with torch 2.13")
 def test_triton_custom_ops_compile_under_interpreter():
     """The kernels' custom ops pass opcheck, and torch.compile(fullgraph=True) through them equals eager."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-4, out.stdout
+    stdout = _interpreted(_COMPILE_SCRIPT, timeout=900)
+    assert float(stdout.strip().splitlines()[-1]) <= 1e-4, stdout
 
 
 

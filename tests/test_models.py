@@ -303,7 +303,7 @@ def test_mac_memory_input_selects_what_the_memory_writes():
     writes = {}
     for name, model in (("attention", paper), ("residual", residual)):
         seen = []
-        hook = model.blocks[0].memory.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+        hook = model.blocks[0].memory.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(args[0]))
         model(ids)
         hook.remove()
         writes[name] = seen

@@ -19,6 +19,11 @@ def keep_last(t: Tensor, n: int, dim: int) -> Tensor:
     return out.clone() if 2 * n < size else out
 
 
+def capturing_cuda_graph() -> bool:
+    """True while a CUDA graph is being captured: no host syncs (id-range checks), nothing kept for later calls."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def can_cache_tensors() -> bool:
     """Whether a tensor built now may be kept for later calls (rotary tables, masks, triangles).
 
@@ -27,9 +32,7 @@ def can_cache_tensors() -> bool:
     hold garbage for an eager call before the first replay.  The trainer's warm-up before the capture fills the
     caches, so the captured step only reads them.
     """
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not torch.compiler.is_compiling() and not capturing_cuda_graph()
 
 
 class KeptTensors:

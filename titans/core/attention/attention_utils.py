@@ -154,7 +154,6 @@ def _mask_of_runs(spec: MaskSpec, q, k, mem, device, dtype: torch.dtype) -> Tens
     return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
 
 
-
 def flex_mask_mod(spec: MaskSpec):
     """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for keys laid out as [prefix | context].
 

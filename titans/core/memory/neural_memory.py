@@ -300,11 +300,11 @@ class NeuralMemory(nn.Module):
         """(B, T, 3 * inner) -> q, k, v (B, H, T, head_dim): q and k l2-normalised, v too if configured (the
         one place both the update and the diagnostics take them from)."""
         qkv = rearrange(qkv, "b t (s h d) -> s b h t d", s=3, h=self.heads)
-        # one normalisation pass over q and k together (rows are normalised independently: the same values)
-        # unit-norm values keep the fitted fast weights O(1), so the curvature bound behind max_lr holds
-        # (unnormalised values of norm ~10 drove the weights x45 within one 256-token segment and the inner
-        # loop to NaN in MAC passkey training; benchmarks/RESULTS.md section 4e)
+        # one normalisation pass over the stacked q and k (rows are normalised independently: the same values)
         if self.normalize_values:
+            # unit-norm values keep the fitted fast weights O(1), so the curvature bound behind max_lr holds
+            # (unnormalised values of norm ~10 drove the weights x45 within one 256-token segment and the inner
+            # loop to NaN in MAC passkey training; benchmarks/RESULTS.md section 4e)
             q, k, v = F.normalize(qkv, dim=-1).unbind(0)
         else:
             (q, k), v = F.normalize(qkv[:2], dim=-1).unbind(0), qkv[2]
@@ -382,7 +382,8 @@ class NeuralMemory(nn.Module):
         if x.shape[1] != 1:
             raise ValueError(f"x: expected one token (B, 1, {self.dim}), got {tuple(x.shape)}")
         starts, ends = offset == 0, (offset + 1) % self.chunk_size == 0
-        y, new = self._write_read(x, state, lambda args: self._token_step(args, state, starts, ends))
+        y, new = self._write_read(x, state, lambda args: self._token_step(_in_state_dtype(args, state), state, starts,
+                                                                          ends))
         return y, MemoryState(new.weights, new.momentum, new.chunk_weights, state.seen, new.conv, new.chunk_gates)
 
     def _write_read(self, x: Tensor, state: MemoryState, update) -> tuple[Tensor, MemoryState]:
@@ -404,8 +405,8 @@ class NeuralMemory(nn.Module):
     def _token_step(self, args: list[Tensor], state: MemoryState, starts: bool | Tensor, ends: bool | Tensor):
         """The rank-one step of one token: returns (y, W, S, chunk-start W).  ``starts``: the token opens a chunk
         (its gradient is taken at the current weights); ``ends``: it completes one (the next chunk starts at the
-        new weights).  Host bools while streaming, 0-dim bool tensors in :meth:`step`."""
-        args = _in_state_dtype(args, state)
+        new weights).  Host bools while streaming, 0-dim bool tensors in :meth:`step`.  ``args``: in the state's
+        dtype (:func:`_in_state_dtype`)."""
         W0 = select_weights(starts, state.weights, state.chunk_weights)
         y, W, S = neural_memory_step(*args, state.weights, state.momentum, W0, activation=self.activation,
                                      residual=self.residual)

@@ -40,6 +40,7 @@ from titans.core.memory.neural_memory import MemoryState, NeuralMemory
 from titans.core.memory.persistent_memory import PersistentMemory
 from titans.core.models.model_utils import MemoryGate, RMSNorm, SwiGLU
 from titans.utils.config import ModelConfig, TitansConfig, model_config_from
+from titans.utils.tensors import capturing_cuda_graph
 
 # ----------------------------------------------------------------------------- state
 
@@ -387,7 +388,7 @@ class TitansLM(nn.Module):
         # the check syncs the device, so it is skipped while compiling or capturing; is_compiling() comes first so
         # a compiled model never guards on the capture state (a guard that flips between warm-up and capture
         # would recompile inside the capture)
-        check_ids = T and not torch.compiler.is_compiling() and not _capturing()
+        check_ids = T and not torch.compiler.is_compiling() and not capturing_cuda_graph()
         if check_ids:
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync for both bounds
             if lo < 0 or hi >= self.config.vocab_size:
@@ -430,11 +431,6 @@ class TitansLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def _capturing() -> bool:
-    """True while a CUDA graph is being captured (host syncs such as id-range checks are not allowed)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
