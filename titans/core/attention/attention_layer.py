@@ -162,8 +162,15 @@ def _blocked_sdpa(qb: Tensor, kb: Tensor, vb: Tensor, ok: Tensor, k: Tensor, v: 
         kb = torch.cat([k[:, :, None, :P].expand(B, H, nb, P, hd), kb], 3)
         vb = torch.cat([v[:, :, None, :P].expand(B, H, nb, P, hd), vb], 3)
         ok = torch.cat([torch.ones(*ok.shape[:-1], P, dtype=torch.bool, device=ok.device), ok], -1)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=ok)
-    return out.reshape(B, H, nb * W, hd)[:, :, :T]
+    # SDPA's fused kernels (flash, cuDNN, memory-efficient) take 4-D inputs only: with (B, H, nb, W, hd) it falls
+    # back to the math path, which materialises and saves the float32 probabilities.  Blocks are independent, so
+    # they fold into the head dimension (a view of qb; kb / vb copy once where unfold left them strided)
+    Wk = kb.shape[3]
+    if ok.ndim == 3:  # one mask per block (sliding windows): laid out like the folded heads
+        ok = ok.expand(H, nb, W, Wk).reshape(H * nb, W, Wk)
+    out = F.scaled_dot_product_attention(qb.reshape(B, H * nb, W, hd), kb.reshape(B, H * nb, Wk, hd),
+                                         vb.reshape(B, H * nb, Wk, hd), attn_mask=ok)
+    return out.view(B, H, nb * W, hd)[:, :, :T]
 
 
 def segment_blocked(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
