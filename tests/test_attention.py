@@ -199,6 +199,33 @@ def test_blocked_equals_the_definition(kind, T, window, prefix):
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("kind", ["sliding", "segment"])
+def test_blocked_calls_sdpa_with_4d_tensors_and_takes_any_output_layout(kind, monkeypatch):
+    """SDPA's fused kernels take 4-D inputs only (5-D falls back to the math path, which saves float32
+    probabilities), and on CUDA they return (B, L, H, E)-strided outputs: the blocked path must accept both."""
+    import torch.nn.functional as F
+
+    import titans.core.attention.attention_layer as layer
+
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def sdpa_like_a_fused_kernel(q, k, v, attn_mask=None, **kw):
+        calls.append((q.ndim, k.ndim, v.ndim))
+        out = sdpa(q, k, v, attn_mask=attn_mask, **kw)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, the heads innermost but one
+
+    torch.manual_seed(3)
+    spec = MaskSpec(kind, window=8, prefix_len=2)
+    q = torch.randn(2, 3, 29, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, 31, 8, dtype=torch.float64) for _ in range(2))
+    pos = torch.arange(29)
+    want = loop_attention(q, k, v, spec, pos, pos, None)
+    monkeypatch.setattr(layer.F, "scaled_dot_product_attention", sdpa_like_a_fused_kernel)
+    got = attention(q, k, v, spec, pos, pos, None, backend="blocked")
+    assert calls and all(c == (4, 4, 4) for c in calls)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_segment_backend_choice_respects_alignment():
     attn = CausalSelfAttention(16, 2)
     spec = MaskSpec("segment", window=8, prefix_len=2)

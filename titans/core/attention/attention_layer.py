@@ -170,7 +170,7 @@ def _blocked_sdpa(qb: Tensor, kb: Tensor, vb: Tensor, ok: Tensor, k: Tensor, v: 
         ok = ok.expand(H, nb, W, Wk).reshape(H * nb, W, Wk)
     out = F.scaled_dot_product_attention(qb.reshape(B, H * nb, W, hd), kb.reshape(B, H * nb, Wk, hd),
                                          vb.reshape(B, H * nb, Wk, hd), attn_mask=ok)
-    return out.view(B, H, nb * W, hd)[:, :, :T]
+    return out.reshape(B, H, nb * W, hd)[:, :, :T]  # the fused kernels may return another layout: not a view
 
 
 def segment_blocked(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
