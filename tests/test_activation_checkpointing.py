@@ -182,6 +182,18 @@ def test_checkpointed_training_forward_compiles_without_graph_breaks(variant, mo
     assert ex.graph_count == 1
 
 
+def test_harness_measures_with_the_option(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("harness", ROOT / "benchmarks" / "harness.py")
+    harness = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "harness", harness)  # its dataclasses look their module up there
+    spec.loader.exec_module(harness)
+    res = harness.main(["--models", "mac", "--shapes", "32x1", "--dim", "16", "--depth", "1", "--heads", "2",
+                        "--window", "16", "--memory-chunk", "8", "--warmup", "0", "--iters", "1",
+                        "--activation-checkpointing", "memory", "--device", "cpu", "--out", str(tmp_path / "h.json")])
+    assert res["args"]["activation_checkpointing"] == "memory"
+    assert res["train"][0]["error"] is None and res["train"][0]["train_tokens_per_s"] > 0
+
+
 def test_trainer_takes_the_option_and_trains_the_same(tmp_path):
     from titans.training.trainer import train
 
@@ -237,3 +249,35 @@ def test_triton_memory_core_recomputes_under_interpreter():
     n_ref, n_again = (int(x) for x in res["CALLS"].split())
     assert n_ref == 2 and n_again == 4, res
     assert float(res["ERR"]) <= 1e-6, res
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and Triton")
+@pytest.mark.parametrize("variant", ["mac", "mag"])
+def test_cuda_graphs_capture_the_recomputed_step(variant):
+    """The trainer's CUDA-graph step (graphed_loss: forward and backward captured, bf16 autocast) with the memory
+    recomputed, the Triton kernels inside the regions: the same loss and gradients as without checkpointing."""
+    import titans.core.memory.triton_kernels as tk
+    from titans.training.trainer import graphed_loss
+
+    def grads(mode: str, graphs: bool):
+        torch.manual_seed(0)
+        model = build_model(dict(variant=variant, vocab_size=64, dim=128, depth=2, heads=2, window=64,
+                                 persistent_tokens=4, memory_depth=2, memory_chunk_size=16, memory_backend="triton"))
+        model = model.set_activation_checkpointing(mode).cuda()
+        ids = torch.randint(0, 64, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        if graphs:  # the warm-up before the capture leaves .grad untouched
+            loss = graphed_loss(model, ids, torch.bfloat16)(ids, ids)
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.detach().float(), [p.grad.float().clone() for p in model.parameters()]
+
+    ref_loss, ref = grads("none", graphs=False)
+    for mode, graphs in (("memory", False), ("none", True), ("memory", True), ("full", True)):
+        loss, gs = grads(mode, graphs)
+        assert rel(loss, ref_loss) <= 1e-5, (mode, graphs)
+        assert max(rel(g, r) for g, r in zip(gs, ref)) <= 1e-3, (mode, graphs)
+    assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
