@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from titans.core.models import build_model
+from titans.utils.config import ACTIVATION_CHECKPOINTING
 
 
 @dataclass
@@ -83,7 +84,8 @@ def build(args, name: str, device: torch.device):
             neural_memory_layers=tuple(i + 1 for i in (args.memory_layers or range(args.depth))),
             neural_memory_segment_len=args.memory_chunk)
         return model.to(device), (lambda ids: model(ids, return_loss=True))
-    model = build_model(model_config(args, name)).to(device)
+    model = build_model(model_config(args, name)).set_activation_checkpointing(args.activation_checkpointing)
+    model = model.to(device)
     run = torch.compile(model) if args.compile else model
     return model, (lambda ids: run(ids, labels=ids, use_cache=False).loss)
 
@@ -253,6 +255,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory-backend", default="auto", help="auto | chunked | compiled | fused | triton | naive")
     ap.add_argument("--attention-backend", default="auto", help="auto | sdpa | blocked | flex | reference")
     ap.add_argument("--cuda-graphs", action="store_true", help="capture forward + backward as CUDA graphs")
+    ap.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, default="none",
+                    help="what the training step recomputes in its backward (training.activation_checkpointing): "
+                         "memory = each memory layer's neural-memory work, full = whole blocks")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model (with --cuda-graphs the capture failed on the H100 with torch 2.11, "
                          "benchmarks/RESULTS.md section 6)")

@@ -13,6 +13,11 @@ so the ``attn`` rows overstate the GPU; the memory's rows are the same tensors t
 
 Writes JSON and prints a markdown table (MB per sequence of ``--seq`` tokens, batch 1; a batch of B saves B times
 as much).
+
+``--activation-checkpointing none memory full`` measures each model with each mode
+(``training.activation_checkpointing``; JSON keys ``mac``, ``mac/memory``, ...).  A recomputed region keeps its
+inputs (counted: checkpoint saves them for backward) and none of its own saves; the backward holds one region's
+recomputed saves at a time on top of what is counted here.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 import torch
 
 from titans.core.models import build_model
+from titans.utils.config import ACTIVATION_CHECKPOINTING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import model_config  # noqa: E402 - the harness's model from the same arguments
@@ -97,6 +103,10 @@ def main() -> None:
     ap.add_argument("--memory-layers", type=int, nargs="*", default=[2, 4, 6])
     ap.add_argument("--memory-backend", default="fused", help="fused: the hand-written backward the kernels implement")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--activation-checkpointing", nargs="+", choices=ACTIVATION_CHECKPOINTING, default=["none"],
+                    metavar="MODE", help="none | memory | full, one or more (each model is measured with each): what "
+                    "training.activation_checkpointing recomputes in the backward (memory: each memory layer's "
+                    "neural-memory work; full: whole blocks)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bf16 autocast")
     ap.add_argument("--top", type=int, default=12, help="rows printed per model")
     ap.add_argument("--out", default="benchmarks/results/saved_activations.json")
@@ -104,18 +114,26 @@ def main() -> None:
 
     torch.manual_seed(0)
     result = {"args": vars(args), "models": {}}
-    for name in args.models:
-        model = build_model(model_config(args, name))
+    for name, mode in ((n, m) for n in args.models for m in args.activation_checkpointing):
+        model = build_model(model_config(args, name)).set_activation_checkpointing(mode)
         ids = torch.randint(0, args.vocab, (1, args.seq))
         rows = saved_by_module(model, ids, args.bf16)
         total = sum(r["bytes"] for r in rows.values())
-        result["models"][name] = {"total_bytes": total, "params": model.num_parameters(), "by_module": rows}
-        print(f"\n{name}: {total / 2**20:,.1f} MB saved for backward per {args.seq}-token sequence "
-              f"({model.num_parameters():,} parameters)\n")
+        key = name if mode == "none" else f"{name}/{mode}"  # a model without checkpointing keeps its plain name
+        result["models"][key] = {"total_bytes": total, "params": model.num_parameters(),
+                                 "activation_checkpointing": mode, "by_module": rows}
+        print(f"\n{key}: {total / 2**20:,.1f} MB saved for backward per {args.seq}-token sequence "
+              f"({model.num_parameters():,} parameters, activation checkpointing {mode})\n")
         print("| module | MB | share | tensors | dtypes (MB) |\n| --- | --- | --- | --- | --- |")
         for k, r in sorted(rows.items(), key=lambda kv: -kv[1]["bytes"])[:args.top]:
             dt = ", ".join(f"{d} {b / 2**20:.1f}" for d, b in sorted(r["by_dtype"].items(), key=lambda x: -x[1]))
             print(f"| {k} | {r['bytes'] / 2**20:,.1f} | {100 * r['bytes'] / total:.0f}% | {r['tensors']} | {dt} |")
+    if len(result["models"]) > 1:
+        base = next(iter(result["models"].values()))["total_bytes"]
+        ref = result["models"].get("transformer", {}).get("total_bytes", base)
+        print("\n| model | MB | x transformer |\n| --- | --- | --- |")
+        for key, r in result["models"].items():
+            print(f"| {key} | {r['total_bytes'] / 2**20:,.1f} | {r['total_bytes'] / ref:.2f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nJSON: {args.out}")

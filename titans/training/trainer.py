@@ -302,7 +302,8 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tc.tf32
         torch.backends.cudnn.allow_tf32 = tc.tf32
-    model = build_model(cfg.model).to(device=device, dtype=param_dtype)
+    model = build_model(cfg.model).set_activation_checkpointing(tc.activation_checkpointing)
+    model = model.to(device=device, dtype=param_dtype)
     optimizer = build_optimizer(model, tc, device)
     scheduler = build_scheduler(optimizer, tc)
     start_step, tokens_seen = 0, 0

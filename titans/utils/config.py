@@ -14,13 +14,16 @@ import os
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "transformer", "swa")
 MEMORY_VARIANTS = ("mac", "mag", "mal", "lmm")
+# what a training step recomputes in its backward instead of keeping (``training.activation_checkpointing``)
+ActivationCheckpointing = Literal["none", "memory", "full"]
+ACTIVATION_CHECKPOINTING = get_args(ActivationCheckpointing)
 
 
 class ConfigError(ValueError):
@@ -223,6 +226,12 @@ class TrainingConfig(_Strict):
     # capture forward + backward of a training micro-batch as CUDA graphs (single GPU): removes the
     # per-kernel launch cost that dominates the chunk loop of the memory at small widths
     cuda_graphs: bool = False
+    activation_checkpointing: ActivationCheckpointing = Field(
+        "none", description="recompute activations in the backward instead of keeping them from the forward: "
+        "'memory' recomputes each memory layer's neural-memory work (per MAC segment: the retrieval, and the update "
+        "with its read-back and MAC / MAG's gate), the part whose saved tensors make Titans' memory use; 'full' "
+        "recomputes whole blocks (any variant); 'none' keeps everything.  Training steps only (the results are "
+        "the same; a step costs the recomputation)")
     distributed: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
@@ -258,6 +267,15 @@ class TitansConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     logging: LoggingConfig = LoggingConfig()
     memory: MemoryManagementConfig = MemoryManagementConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> TitansConfig:
+        ac = self.training.activation_checkpointing
+        if ac != "none" and self.model.memory_backend == "naive" and self.model.variant in MEMORY_VARIANTS:
+            raise ValueError(f"training.activation_checkpointing={ac} cannot recompute model.memory_backend=naive (the "
+                             "per-token reference takes its inner gradients with torch.func, which checkpointing's "
+                             "saved-tensor hooks do not support): choose another backend, or 'none'")
+        return self
 
 
 # ----------------------------------------------------------------------------- loading

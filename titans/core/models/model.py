@@ -22,16 +22,23 @@ Everything is streamable: ``forward(ids, state)`` continues from ``state`` (ever
 over T tokens equals feeding them in any pieces.  A block's wiring (:meth:`TitansBlock.mix`) meets its state
 through :class:`LayerOps`: :class:`StreamOps` here, and ``titans.inference.static_decode`` runs the same wiring
 over fixed-shape buffers for decoding in CUDA graphs.
+
+Activation checkpointing (:meth:`TitansLM.set_activation_checkpointing`, ``training.activation_checkpointing``)
+trades compute for memory in training steps: ``memory`` recomputes the neural-memory work of each memory layer
+(per MAC segment) in the backward instead of keeping its saved tensors, ``full`` whole blocks.  A recomputed
+region is a pure function of its inputs (the memory state among them, the new state among its outputs), so the
+backward's second run sees what the first saw.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from titans.core.attention.attention_layer import CausalSelfAttention, KVCache
 from titans.core.attention.attention_utils import MaskSpec
@@ -39,7 +46,7 @@ from titans.core.memory.functional import select_weights
 from titans.core.memory.neural_memory import MemoryState, NeuralMemory
 from titans.core.memory.persistent_memory import PersistentMemory
 from titans.core.models.model_utils import MemoryGate, RMSNorm, SwiGLU
-from titans.utils.config import ModelConfig, TitansConfig, model_config_from
+from titans.utils.config import ACTIVATION_CHECKPOINTING, ModelConfig, TitansConfig, model_config_from
 from titans.utils.tensors import capturing_cuda_graph
 
 # ----------------------------------------------------------------------------- state
@@ -148,6 +155,15 @@ def _map_dataclass(obj, fn):
     return type(obj)(**kwargs)
 
 
+def recompute(fn, *args):
+    """``fn(*args)`` without keeping the tensors it saves for backward: the backward runs ``fn`` on the same
+    arguments again to get them (activation checkpointing, non-reentrant).  ``fn`` must be a pure function of its
+    arguments (no state read or written outside them), as every region of this file is; its outputs may hold
+    dataclasses (a :class:`MemoryState`).  The RNG state is not saved and restored: no region draws random numbers,
+    and reading the CUDA generator's state has no place in a captured CUDA graph."""
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
 @dataclass
 class TitansOutput:
     """``logits`` (B, T, vocab); ``loss`` when labels were given; ``state`` to continue the stream."""
@@ -196,6 +212,7 @@ class TitansBlock(nn.Module):
         # MAL: the memory is its own residual sub-layer before attention
         self.norm_attn = RMSNorm(cfg.dim, cfg.norm_eps) if self.has_memory and self.variant == "mal" else None
         self.mask = self._mask_spec(cfg)
+        self.activation_checkpointing = "none"  # set for the whole model by TitansLM.set_activation_checkpointing
 
     def _mask_spec(self, cfg: ModelConfig) -> MaskSpec | None:
         if not self.uses_attention:
@@ -226,9 +243,34 @@ class TitansBlock(nn.Module):
 
     # -------------------------------------------------------------- forward
 
+    def checkpointing_now(self) -> str:
+        """The activation-checkpointing mode of this call: the configured one in a training step (training mode,
+        autograd recording), else ``"none"`` (evaluation, inference, streaming and decoding under no_grad)."""
+        if self.activation_checkpointing == "none" or not (self.training and torch.is_grad_enabled()):
+            return "none"
+        return self.activation_checkpointing
+
     def forward(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
                 want_cache: bool) -> Tensor:
         """x: (B, T, dim) at absolute positions pos..pos+T-1; ``st`` is updated in place (a fresh object)."""
+        mode = self.checkpointing_now()
+        if mode == "full":
+            # the block as one recomputed region: a snapshot of the state goes in (``st`` changes below, and the
+            # backward's rerun must see the state as it was), the new state comes out
+            x, new = recompute(self._forward_pure, x, replace(st), pos, persistent, want_cache)
+            st.memory, st.kv, st.segment_weights, st.read_conv, st.prefix = (
+                new.memory, new.kv, new.segment_weights, new.read_conv, new.prefix)
+            return x
+        return self._forward(x, st, pos, persistent, want_cache, mode == "memory")
+
+    def _forward_pure(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
+                      want_cache: bool) -> tuple[Tensor, LayerState]:
+        """:meth:`forward` without touching ``st``: returns (output, the new state)."""
+        st = replace(st)
+        return self._forward(x, st, pos, persistent, want_cache, False), st
+
+    def _forward(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
+                 recompute_memory: bool) -> Tensor:
         if self.variant == "mac" and self.memory is not None:
             # segment by segment, so each piece's retrieval reads the memory as it was before its segment
             h = self.norm_mix(x)
@@ -239,11 +281,11 @@ class TitansBlock(nn.Module):
                 n = min(C - p % C, T - start)
                 # contiguous once here: each projection of a strided slice would copy it (four of them per segment)
                 piece = h[:, start:start + n].contiguous()
-                outs.append(self._mac(piece, StreamOps(self, st, p, want_cache), persistent))
+                outs.append(self._mac(piece, StreamOps(self, st, p, want_cache, recompute_memory), persistent))
                 start += n
             x = x + torch.cat(outs, dim=1)
         else:
-            x = self.mix(x, StreamOps(self, st, pos, want_cache), persistent)
+            x = self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
         return self.feed_forward(x)
 
     def mix(self, x: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
@@ -260,7 +302,7 @@ class TitansBlock(nn.Module):
         if self.variant == "mag" and self.memory is not None:
             h = self.norm_mix(x)
             y = ops.attend(h, persistent, None)
-            return x + self.gate(y, ops.remember(h))
+            return x + ops.remember_gated(h, y)
         # attention-only block (baselines, and layers without memory)
         return x + ops.attend(self.norm_mix(x), persistent, None)
 
@@ -270,21 +312,29 @@ class TitansBlock(nn.Module):
         y = ops.attend(h, persistent, retrieved)  # y_t = Attn([p || h || S])
         # M_t = M_{t-1}(y_t); m_t = M*_t(y_t).  The residual option writes h_t + y_t: y alone is a mixture over
         # the segment, so the same context gives different keys in different surroundings (RESULTS.md 4q)
-        m = ops.remember(h + y if self.mac_writes_residual else y)
-        return self.gate(y, m)  # o_t = y_t (x) m_t
+        return ops.remember_gated(h + y if self.mac_writes_residual else y, y)  # o_t = y_t (x) m_t
 
     def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.ffn(self.norm_ffn(x))
 
+    def gated_memory(self, h: Tensor, y: Tensor, memory: MemoryState) -> tuple[Tensor, MemoryState]:
+        """MAC's and MAG's memory branch: write h into the memory, read it back (m) and gate the branch output y
+        with it.  Returns ``(gate(y, m), the new memory state)``; ``memory`` is not modified."""
+        m, memory = self.memory(h, memory)
+        return self.gate(y, m), memory
+
     def read_segment(self, h: Tensor, memory: MemoryState, segment_weights: tuple[Tensor, ...],
-                     read_conv: Tensor | None, pos: int | Tensor):
+                     read_conv: Tensor | None, pos: int | Tensor, recompute_read: bool = False):
         """MAC's retrieval (Eq. 21): read h (B, T, dim) with the memory weights from before the current segment,
         taking that snapshot of ``memory.weights`` when ``pos`` (the piece's first position: a host int while
         streaming, a 0-dim device tensor in static decoding) opens a segment.  Returns ``(retrieved (B, T, dim),
-        segment_weights, read_conv)``, the latter two to keep in the state."""
+        segment_weights, read_conv)``, the latter two to keep in the state.  ``recompute_read``: the read is a
+        recomputed region (activation checkpointing)."""
         seg = select_weights(pos % self.window == 0, memory.weights, segment_weights)
         read_state = MemoryState(seg, memory.momentum, seg, memory.seen)
-        retrieved, read_conv = self.memory.retrieve(h, read_state, read_conv)
+        read = self.memory.retrieve
+        retrieved, read_conv = recompute(read, h, read_state, read_conv) if recompute_read else read(h, read_state,
+                                                                                                      read_conv)
         return retrieved, seg, read_conv
 
 
@@ -292,11 +342,13 @@ class LayerOps:
     """What a block's sequence mixer does with its state, at the position the ops object was made for.
 
     ``attend(h, prefix, memory_tokens) -> y``: attention over the cached context and h (with MAC's retrieved
-    tokens); ``remember(h) -> m``: write h into the neural memory and read it back; ``recall(h) -> retrieved``:
+    tokens); ``remember(h) -> m``: write h into the neural memory and read it back; ``remember_gated(h, y)``:
+    ``gate(y, remember(h))``, MAC's and MAG's memory branch; ``recall(h) -> retrieved``:
     MAC's read with the weights from before the current segment (taking that snapshot at a segment start);
     ``prefix``: MAL's attention prefix.  Each call updates the state.
     """
 
+    block: TitansBlock
     prefix: Tensor | None
 
     def attend(self, h: Tensor, prefix: Tensor | None, memory_tokens: Tensor | None) -> Tensor:
@@ -305,15 +357,23 @@ class LayerOps:
     def remember(self, h: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def remember_gated(self, h: Tensor, y: Tensor) -> Tensor:
+        return self.block.gate(y, self.remember(h))
+
     def recall(self, h: Tensor) -> Tensor:
         raise NotImplementedError
 
 
 class StreamOps(LayerOps):
-    """:class:`LayerOps` over a :class:`LayerState` at the host position ``pos`` (a piece of any length)."""
+    """:class:`LayerOps` over a :class:`LayerState` at the host position ``pos`` (a piece of any length).
 
-    def __init__(self, block: TitansBlock, st: LayerState, pos: int, want_cache: bool) -> None:
+    ``recompute_memory``: the memory's work (``remember``, ``remember_gated`` with its gate, ``recall``) runs as
+    recomputed regions (activation checkpointing ``memory``); the state goes in and comes out of each region."""
+
+    def __init__(self, block: TitansBlock, st: LayerState, pos: int, want_cache: bool,
+                 recompute_memory: bool = False) -> None:
         self.block, self.st, self.pos, self.want_cache = block, st, pos, want_cache
+        self.recompute_memory = recompute_memory
         self.prefix = st.prefix
 
     def attend(self, h: Tensor, prefix: Tensor | None, memory_tokens: Tensor | None) -> Tensor:
@@ -324,13 +384,25 @@ class StreamOps(LayerOps):
         return y
 
     def remember(self, h: Tensor) -> Tensor:
-        m, self.st.memory = self.block.memory(h, self.st.memory)
+        memory = self.block.memory
+        if self.recompute_memory:
+            m, self.st.memory = recompute(memory, h, self.st.memory)
+        else:
+            m, self.st.memory = memory(h, self.st.memory)
         return m
+
+    def remember_gated(self, h: Tensor, y: Tensor) -> Tensor:
+        if not self.recompute_memory:
+            return super().remember_gated(h, y)
+        # the gate inside the region: its norms keep float32 copies of y and m (MAC: ~0.1 GB a 4096-token row)
+        out, self.st.memory = recompute(self.block.gated_memory, h, y, self.st.memory)
+        return out
 
     def recall(self, h: Tensor) -> Tensor:
         st = self.st
         retrieved, st.segment_weights, st.read_conv = self.block.read_segment(h, st.memory, st.segment_weights,
-                                                                              st.read_conv, self.pos)
+                                                                              st.read_conv, self.pos,
+                                                                              self.recompute_memory)
         return retrieved
 
 
@@ -367,6 +439,26 @@ class TitansLM(nn.Module):
                 nn.init.normal_(p, std=std / (2 * self.config.depth) ** 0.5)
 
     # -------------------------------------------------------------- state
+
+    def set_activation_checkpointing(self, mode: str) -> TitansLM:
+        """What training steps recompute in the backward instead of keeping (``training.activation_checkpointing``):
+        ``"none"``, ``"memory"`` (each memory layer's neural-memory work: per MAC segment the retrieval, and the
+        update with its read-back and the gate of MAC / MAG) or ``"full"`` (whole blocks, any variant).  Only in
+        training mode with autograd recording; outputs and gradients are the same.  Returns the model."""
+        if mode not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing={mode!r}: expected one of "
+                             f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+        if mode != "none" and any(b.memory is not None and b.memory.backend == "naive" for b in self.blocks):
+            raise ValueError(f"activation_checkpointing={mode!r}: memory_backend='naive' cannot be recomputed (the "
+                             "per-token reference takes its inner gradients with torch.func, which checkpointing's "
+                             "saved-tensor hooks do not support); choose another backend, or 'none'")
+        for block in self.blocks:
+            block.activation_checkpointing = mode
+        return self
+
+    @property
+    def activation_checkpointing(self) -> str:
+        return self.blocks[0].activation_checkpointing
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         device = device or self.embed.weight.device
