@@ -167,7 +167,9 @@ def test_config_key_and_model_setter_are_checked(tmp_path):
         make_model("lmm", memory_backend="naive").set_activation_checkpointing("memory")
 
 
-@pytest.mark.parametrize(("variant", "mode"), [(v, "memory") for v in MEMORY_VARIANTS] + [("mac", "full")])
+# LMM's region is MAL's (the memory sub-layer), so it is left out here for time
+@pytest.mark.parametrize(("variant", "mode"), [("mac", "memory"), ("mag", "memory"), ("mal", "memory"),
+                                               ("mac", "full")])
 def test_checkpointed_training_forward_compiles_without_graph_breaks(variant, mode):
     """torch.compile traces the recomputed regions (pure functions of their inputs) into the one graph."""
     import torch._dynamo as dynamo
