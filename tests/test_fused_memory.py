@@ -316,6 +316,84 @@ def test_triton_kernels_take_bf16_inputs_as_their_widened_values():
     assert float(err["MODULE_BF16"]) <= 2e-2, err  # bf16 projections either way; the kernels vs the torch loop
 
 
+_BF16_STARTS_SCRIPT = textwrap.dedent("""
+    import os
+    import warnings
+    import torch
+    import titans.core.memory.triton_kernels as tk
+    from titans.core.memory.fused_update import chunk_coefficients, neural_memory_update_fused
+
+    # with bf16 matmul operands (the GPU's mode; the interpreter's bf16-rounded variant here) the kernels keep the
+    # chunk-start states in bf16: every read rounds them to bf16 anyway, so outputs and gradients are bit-equal to
+    # keeping them in float32, for every kernel variant, depth 1 and 2
+    tk.DOT_BF16 = True
+    g = torch.Generator().manual_seed(7)
+
+    def run(L, T, d, E, C):
+        r = lambda *s: torch.randn(*s, generator=g)
+        B, H = 1, 2
+        q, k = (torch.nn.functional.normalize(r(B, H, T, d), dim=-1) for _ in range(2))
+        gates = [torch.rand(B, H, T, generator=g) * s for s in (1 / C, 1.0, 0.05)]
+        dims = [d] + [E] * (L - 1) + [d]
+        W = [r(B, H, dims[i], dims[i + 1]) / dims[i] ** 0.5 for i in range(L)]
+        S = [r(B, H, dims[i], dims[i + 1]) * 0.01 for i in range(L)]
+        base = [q, k, r(B, H, T, d), *gates, *W, *S]
+        res = []
+        for keep_bf16 in (True, False):
+            tk.STARTS_BF16 = keep_bf16
+            ins = [t.detach().clone().requires_grad_() for t in base]
+            y, Wf, Sf = neural_memory_update_fused(*ins[:6], ins[6:6 + L], ins[6 + L:], chunk_size=C, residual=True,
+                                                   impl="triton")
+            outs = [y, *Wf, *Sf]
+            gg = torch.Generator().manual_seed(1)
+            loss = sum((o * torch.randn(o.shape, generator=gg)).sum() for o in outs)
+            res.append(outs + list(torch.autograd.grad(loss, ins)))
+        tk.STARTS_BF16 = True
+        return max((a - b).abs().max().item() for a, b in zip(*res))
+
+    cases = [(1, 48, 16, 16, 16), (2, 64, 16, 32, 16)]
+    print("SPLIT", max(run(*c) for c in cases))  # three-stage depth-2 backward, two-pass forward
+    os.environ["TITANS_TRITON_BWD"] = "fused"
+    print("TWOPASS", run(2, 64, 16, 32, 16))
+    os.environ["TITANS_TRITON_SPLIT"] = "0"
+    print("SINGLE", max(run(*c) for c in cases))
+    os.environ["TITANS_TRITON_SPLIT"] = "1"
+    os.environ["TITANS_TRITON_BWD"] = "split"
+    assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES
+
+    # the op's saved starts are bf16, and its shape function says so (opcheck compares them)
+    B, H, T, d, C = 1, 2, 32, 16, 16
+    qkv = [torch.randn(B, H, T, d, generator=g) for _ in range(3)]
+    coef = [c.contiguous() for c in chunk_coefficients(*(torch.rand(B, H, T, generator=g) * 0.05 for _ in range(3)), C)]
+    W = [torch.randn(B, H, d, 32, generator=g) * 0.2, torch.randn(B, H, 32, d, generator=g) * 0.2]
+    S = [torch.zeros_like(w) for w in W]
+    out = tk.memory_core_forward(*qkv, *coef, W, S, C, "silu", True, True)
+    print("DTYPES", ",".join(str(t.dtype).split(".")[-1] for t in out[5:]))
+    torch.library.opcheck(tk.memory_core_forward, (*qkv, *coef, W, S, C, "silu", True, True))
+    # a forward that fell back to the torch loop hands back starts of the same dtype, and the torch backward reads them
+    boom = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("simulated compile failure"))
+    fwd, bwd = tk.core_forward, tk.core_backward
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tk.core_forward = boom
+        fb = tk.memory_core_forward(*qkv, *coef, W, S, C, "silu", True, True)
+        tk.core_backward = boom
+        grads = tk.memory_core_backward(*qkv, *coef, fb[5:], torch.randn(B, H, T, d, generator=g), W, S, C, "silu", True)
+    tk.core_forward, tk.core_backward = fwd, bwd
+    print("FALLBACK_DTYPES", ",".join(str(t.dtype).split(".")[-1] for t in fb[5:]))
+    print("FALLBACK_FINITE", int(all(torch.isfinite(t).all() for t in grads)))
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_kernels_keep_chunk_starts_in_bf16_without_changing_a_bit():
+    out = _errors(_interpreted(_BF16_STARTS_SCRIPT, timeout=900))
+    for name in ("SPLIT", "TWOPASS", "SINGLE"):
+        assert float(out[name]) == 0.0, out
+    assert out["DTYPES"] == "bfloat16,bfloat16,bfloat16,bfloat16", out
+    assert out["FALLBACK_DTYPES"] == out["DTYPES"] and out["FALLBACK_FINITE"] == "1", out
+
+
 _COMPILE_SCRIPT = textwrap.dedent("""
     import torch
     import titans.core.memory.triton_kernels as tk

@@ -118,6 +118,17 @@ def _dot_bf16(x: Tensor) -> int:
     return (2 if interpreting() else 1) if bf16 else 0
 
 
+# Keep the chunk-start states in bf16 when the matmul operands are bf16 (False: always float32, for comparisons)
+STARTS_BF16 = True
+
+
+def _starts_dtype(dot_bf16: int) -> torch.dtype:
+    """dtype of the saved chunk-start states.  Every kernel reads them through ``_operand``, which rounds them to
+    bf16 when the operands are bf16, so storing them rounded changes no result and halves the largest tensors the
+    memory keeps for its backward (the weights and momentum of every chunk start)."""
+    return torch.bfloat16 if STARTS_BF16 and dot_bf16 else torch.float32
+
+
 if triton is not None:
 
     @triton.jit
@@ -282,9 +293,9 @@ if triton is not None:
             else:
                 w1 = cw1
                 s1 = cs1
-                if SAVE:
-                    tl.store(_mat(SW1 + cc * D * E, D, E), w1)
-                    tl.store(_mat(SS1 + cc * D * E, D, E), s1)
+                if SAVE:  # in the buffers' dtype (bf16 with bf16 operands: what _operand makes of them)
+                    tl.store(_mat(SW1 + cc * D * E, D, E), w1.to(SW1.dtype.element_ty))
+                    tl.store(_mat(SS1 + cc * D * E, D, E), s1.to(SS1.dtype.element_ty))
             kt = tl.trans(k)
             a1 = _dot(q, kt, DOT_BF16) * mmat
             if L == 1:
@@ -303,8 +314,8 @@ if triton is not None:
                     w2 = cw2
                     s2 = cs2
                     if SAVE:
-                        tl.store(_mat(SW2 + cc * E * D, E, D), w2)
-                        tl.store(_mat(SS2 + cc * E * D, E, D), s2)
+                        tl.store(_mat(SW2 + cc * E * D, E, D), w2.to(SW2.dtype.element_ty))
+                        tl.store(_mat(SS2 + cc * E * D, E, D), s2.to(SS2.dtype.element_ty))
                 z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
                 zq = g * _dot(q, w1, DOT_BF16) + b * _dot(q, s1, DOT_BF16) + _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
@@ -598,12 +609,13 @@ def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Except
 
 
 def starts_to_torch(starts, B: int, H: int, L: int):
-    """The kernels' saved chunk-start states (B*H, N, ...) x 4 -> the torch loop's per-chunk (W, S) tuples."""
+    """The kernels' saved chunk-start states (B*H, N, ...) x 4 -> the torch loop's per-chunk (W, S) tuples
+    (float32: the kernels may keep them in bf16)."""
     sw1, sw2, ss1, ss2 = starts
     N = sw1.shape[1]
     ws, ss = (sw1, sw2)[:L], (ss1, ss2)[:L]
-    return [(tuple(w[:, c].reshape(B, H, *w.shape[2:]) for w in ws),
-             tuple(x[:, c].reshape(B, H, *x.shape[2:]) for x in ss)) for c in range(N)]
+    return [(tuple(w[:, c].reshape(B, H, *w.shape[2:]).float() for w in ws),
+             tuple(x[:, c].reshape(B, H, *x.shape[2:]).float() for x in ss)) for c in range(N)]
 
 
 def _num_warps(D: int, E: int) -> int:
@@ -628,10 +640,13 @@ def _split() -> bool:
     return os.environ.get("TITANS_TRITON_SPLIT", "1") != "0"
 
 
-def _state_buffers(like: Tensor, BH: int, N: int, state: list[Tensor], L: int) -> list[Tensor]:
-    """Per-chunk buffers shaped like ``state`` (W1, W2, S1, S2) for N chunks (layer 2: placeholders if L == 1)."""
-    return [like.new_empty(BH, N, *w.shape[1:]) if (L == 2 or i in (0, 2)) else like.new_empty(1)
-            for i, w in enumerate(state)]
+def _state_buffers(like: Tensor, BH: int, N: int, state: list[Tensor], L: int,
+                   dtype: torch.dtype | None = None) -> list[Tensor]:
+    """Per-chunk buffers shaped like ``state`` (W1, W2, S1, S2) for N chunks (layer 2: placeholders if L == 1),
+    in ``like``'s dtype unless ``dtype`` is given."""
+    dtype = dtype or like.dtype
+    return [like.new_empty(BH, N, *w.shape[1:], dtype=dtype) if (L == 2 or i in (0, 2)) else
+            like.new_empty(1, dtype=dtype) for i, w in enumerate(state)]
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -690,7 +705,8 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
     y = torch.empty_like(qf)
     # the two-pass forward always keeps the chunk starts: its second pass reads them
     keep = save_states or (_split() and N > 1)
-    starts = _state_buffers(qf, B * H, N, state, L) if keep else [qf.new_empty(1)] * 4
+    starts = (_state_buffers(qf, B * H, N, state, L, _starts_dtype(kw["DOT_BF16"])) if keep else
+              [qf.new_empty(1)] * 4)
     _launch(_memory_fwd_kernel, B * H, N, (qf, _flat(k), _flat(v), *coef, *state, y, *starts), kw,
             SAVE=keep)
     # outputs in the state's dtype: q / k / v may be narrower (bf16 under autocast; widened on load)
@@ -739,10 +755,11 @@ def _fresh(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _starts_from_torch(starts, L: int) -> list[Tensor]:
-    """The torch loop's per-chunk (W, S) tuples -> the kernels' four (B*H, N, ...) float32 buffers."""
+def _starts_from_torch(starts, L: int, dtype: torch.dtype) -> list[Tensor]:
+    """The torch loop's per-chunk (W, S) tuples -> the kernels' four (B*H, N, ...) buffers in ``dtype`` (the one
+    the kernels would have kept, so the op's outputs have one dtype whichever path ran)."""
     def stack(i: int, j: int) -> Tensor:
-        return torch.stack([_flat(st[i][j]) for st in starts], dim=1)
+        return torch.stack([_flat(st[i][j]) for st in starts], dim=1).to(dtype)
     out = [stack(0, 0), stack(0, L - 1), stack(1, 0), stack(1, L - 1)]
     return out if L == 2 else [out[0], out[0].new_empty(1), out[2], out[2].new_empty(1)]
 
@@ -762,7 +779,7 @@ def memory_core_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, 
         with torch.no_grad():
             y, Wn, Sn, st = core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
                                                activation=activation, residual=residual, save_states=save_states)
-        starts = _starts_from_torch(st, len(W)) if save_states else None
+        starts = _starts_from_torch(st, len(W), _starts_dtype(_dot_bf16(q))) if save_states else None
     return [t.contiguous() for t in (y, *Wn, *Sn, *(starts or ()))]
 
 
@@ -771,9 +788,9 @@ def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size, activation, residu
     outs = [q.new_empty(q.shape, dtype=W[0].dtype)] + [_fresh(t) for t in (*W, *S)]
     if save_states:
         BH, N = q.shape[0] * q.shape[1], q.shape[2] // chunk_size
-        first = q.new_empty(BH, N, *W[0].shape[2:], dtype=torch.float32)
-        second = q.new_empty(BH, N, *W[-1].shape[2:], dtype=torch.float32) if len(W) == 2 else \
-            q.new_empty(1, dtype=torch.float32)
+        sdt = _starts_dtype(_dot_bf16(q))
+        first = q.new_empty(BH, N, *W[0].shape[2:], dtype=sdt)
+        second = q.new_empty(BH, N, *W[-1].shape[2:], dtype=sdt) if len(W) == 2 else q.new_empty(1, dtype=sdt)
         outs += [first, second, _fresh(first), _fresh(second)]
     return outs
 
