@@ -26,6 +26,13 @@ ActivationCheckpointing = Literal["none", "memory", "full"]
 ACTIVATION_CHECKPOINTING = get_args(ActivationCheckpointing)
 
 
+def naive_cannot_recompute(mode: str) -> str:
+    """The error for activation checkpointing over the per-token reference memory (config check and model setter)."""
+    return (f"training.activation_checkpointing={mode} cannot recompute model.memory_backend=naive (the per-token "
+            "reference takes its inner gradients with torch.func, which checkpointing's saved-tensor hooks do not "
+            "support): choose another backend, or 'none'")
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and, when known, the file."""
 
@@ -272,9 +279,7 @@ class TitansConfig(_Strict):
     def _check(self) -> TitansConfig:
         ac = self.training.activation_checkpointing
         if ac != "none" and self.model.memory_backend == "naive" and self.model.variant in MEMORY_VARIANTS:
-            raise ValueError(f"training.activation_checkpointing={ac} cannot recompute model.memory_backend=naive (the "
-                             "per-token reference takes its inner gradients with torch.func, which checkpointing's "
-                             "saved-tensor hooks do not support): choose another backend, or 'none'")
+            raise ValueError(naive_cannot_recompute(ac))
         return self
 
 

@@ -46,7 +46,8 @@ from titans.core.memory.functional import select_weights
 from titans.core.memory.neural_memory import MemoryState, NeuralMemory
 from titans.core.memory.persistent_memory import PersistentMemory
 from titans.core.models.model_utils import MemoryGate, RMSNorm, SwiGLU
-from titans.utils.config import ACTIVATION_CHECKPOINTING, ModelConfig, TitansConfig, model_config_from
+from titans.utils.config import (ACTIVATION_CHECKPOINTING, ModelConfig, TitansConfig, model_config_from,
+                                 naive_cannot_recompute)
 from titans.utils.tensors import capturing_cuda_graph
 
 # ----------------------------------------------------------------------------- state
@@ -449,9 +450,7 @@ class TitansLM(nn.Module):
             raise ValueError(f"activation_checkpointing={mode!r}: expected one of "
                              f"{', '.join(ACTIVATION_CHECKPOINTING)}")
         if mode != "none" and any(b.memory is not None and b.memory.backend == "naive" for b in self.blocks):
-            raise ValueError(f"activation_checkpointing={mode!r}: memory_backend='naive' cannot be recomputed (the "
-                             "per-token reference takes its inner gradients with torch.func, which checkpointing's "
-                             "saved-tensor hooks do not support); choose another backend, or 'none'")
+            raise ValueError(naive_cannot_recompute(mode))
         for block in self.blocks:
             block.activation_checkpointing = mode
         return self
