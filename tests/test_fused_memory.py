@@ -378,7 +378,8 @@ _BF16_STARTS_SCRIPT = textwrap.dedent("""
         tk.core_forward = boom
         fb = tk.memory_core_forward(*qkv, *coef, W, S, C, "silu", True, True)
         tk.core_backward = boom
-        grads = tk.memory_core_backward(*qkv, *coef, fb[5:], torch.randn(B, H, T, d, generator=g), W, S, C, "silu", True)
+        dy = torch.randn(B, H, T, d, generator=g)
+        grads = tk.memory_core_backward(*qkv, *coef, fb[5:], dy, W, S, C, "silu", True)
     tk.core_forward, tk.core_backward = fwd, bwd
     print("FALLBACK_DTYPES", ",".join(str(t.dtype).split(".")[-1] for t in fb[5:]))
     print("FALLBACK_FINITE", int(all(torch.isfinite(t).all() for t in grads)))

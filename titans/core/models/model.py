@@ -46,8 +46,13 @@ from titans.core.memory.functional import select_weights
 from titans.core.memory.neural_memory import MemoryState, NeuralMemory
 from titans.core.memory.persistent_memory import PersistentMemory
 from titans.core.models.model_utils import MemoryGate, RMSNorm, SwiGLU
-from titans.utils.config import (ACTIVATION_CHECKPOINTING, ModelConfig, TitansConfig, model_config_from,
-                                 naive_cannot_recompute)
+from titans.utils.config import (
+    ACTIVATION_CHECKPOINTING,
+    ModelConfig,
+    TitansConfig,
+    model_config_from,
+    naive_cannot_recompute,
+)
 from titans.utils.tensors import capturing_cuda_graph
 
 # ----------------------------------------------------------------------------- state
