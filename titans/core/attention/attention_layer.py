@@ -126,9 +126,10 @@ def sliding_window_blocked(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> T
     """Sliding-window attention over a whole sequence without a T x T mask.
 
     Queries are cut into blocks of W = window tokens; block b attends to [prefix | context tokens of blocks
-    b-1 and b], which covers every key the window allows.  One SDPA call over all blocks with a
-    (blocks, W, P + 2W) mask: memory linear in T.  q: (B, H, T, hd); k, v: (B, H, P + T, hd), keys laid out
-    [prefix | context] with query i at context position i.
+    b-1 and b], which covers every key the window allows.  Block 0 (nothing before it) is one SDPA call over its
+    own keys; blocks 1.. are one call with a single (W, P + 2W) mask, the same relative to every block start, so
+    no mask grows with T or the heads.  q: (B, H, T, hd); k, v: (B, H, P + T, hd), keys laid out [prefix |
+    context] with query i at context position i.
     """
     if spec.kind != "sliding" or spec.memory_tokens:
         raise ValueError("sliding_window_blocked: sliding masks without memory tokens only")
@@ -136,38 +137,37 @@ def sliding_window_blocked(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> T
     P, W = spec.prefix_len, spec.window
     nb = -(-T // W)
     pad = nb * W - T
-    ctx_k, ctx_v = k[:, :, P:], v[:, :, P:]
-    # one block of zeros in front (the keys "before" block 0), and padding at the end to whole blocks
-    ck = F.pad(ctx_k, (0, 0, W, pad))
-    cv = F.pad(ctx_v, (0, 0, W, pad))
+    # padding at the end to whole blocks (padded keys lie after every real query: causally masked)
+    ck = F.pad(k[:, :, P:], (0, 0, 0, pad))
+    cv = F.pad(v[:, :, P:], (0, 0, 0, pad))
     qb = F.pad(q, (0, 0, 0, pad)).view(B, H, nb, W, hd)
-    # keys of block b: padded positions [b W, b W + 2W) = context [(b-1) W, (b+1) W)
-    kb = ck.unfold(2, 2 * W, W).transpose(-1, -2)  # (B, H, nb, 2W, hd)
+    i = torch.arange(W, device=q.device)
+    first = _blocked_sdpa(qb[:, :, :1], ck[:, :, None, :W], cv[:, :, None, :W],
+                          spec.allowed(i[:, None], i[None, :]), k, v, P, min(T, W))
+    if nb == 1:
+        return first
+    # keys of block b >= 1: context [(b-1) W, (b+1) W); query W + i of that window sees keys j in (i, W + i]
+    kb = ck.unfold(2, 2 * W, W).transpose(-1, -2)  # (B, H, nb - 1, 2W, hd)
     vb = cv.unfold(2, 2 * W, W).transpose(-1, -2)
-    blk = torch.arange(nb, device=q.device)
-    q_pos = blk[:, None] * W + torch.arange(W, device=q.device)  # (nb, W)
-    k_pos = (blk[:, None] - 1) * W + torch.arange(2 * W, device=q.device)  # (nb, 2W)
-    ok = spec.allowed(q_pos[:, :, None], k_pos[:, None, :]) & (k_pos >= 0)[:, None, :]
-    ok = ok | (q_pos >= T)[:, :, None]  # padded queries see something (their rows are dropped)
-    return _blocked_sdpa(qb, kb, vb, ok, k, v, P, T)
+    ok = spec.allowed(W + i[:, None], torch.arange(2 * W, device=q.device)[None, :])
+    rest = _blocked_sdpa(qb[:, :, 1:], kb, vb, ok, k, v, P, T - W)
+    return torch.cat([first, rest], dim=2)
 
 
 def _blocked_sdpa(qb: Tensor, kb: Tensor, vb: Tensor, ok: Tensor, k: Tensor, v: Tensor, P: int, T: int) -> Tensor:
     """Prepend the P prefix keys (every query sees them) to every block and run one SDPA call.
 
-    qb: (B, H, nb, W, hd); kb, vb: (B, H, nb, Wk, hd); ok: (..., W, Wk) bool; k, v: the full [prefix | context]
-    keys.  Returns (B, H, T, hd), padded queries dropped."""
+    qb: (B, H, nb, W, hd); kb, vb: (B, H, nb, Wk, hd); ok: (W, Wk) bool, the same for every block; k, v: the full
+    [prefix | context] keys.  Returns (B, H, T, hd) for the first T of the nb * W queries (the rest is padding)."""
     B, H, nb, W, hd = qb.shape
     if P:
         kb = torch.cat([k[:, :, None, :P].expand(B, H, nb, P, hd), kb], 3)
         vb = torch.cat([v[:, :, None, :P].expand(B, H, nb, P, hd), vb], 3)
-        ok = torch.cat([torch.ones(*ok.shape[:-1], P, dtype=torch.bool, device=ok.device), ok], -1)
+        ok = torch.cat([torch.ones(W, P, dtype=torch.bool, device=ok.device), ok], -1)
     # SDPA's fused kernels (flash, cuDNN, memory-efficient) take 4-D inputs only: with (B, H, nb, W, hd) it falls
     # back to the math path, which materialises and saves the float32 probabilities.  Blocks are independent, so
-    # they fold into the head dimension (a view of qb; kb / vb copy once where unfold left them strided)
+    # they fold into the head dimension (a view where qb is contiguous; unfold's strided keys copy once)
     Wk = kb.shape[3]
-    if ok.ndim == 3:  # one mask per block (sliding windows): laid out like the folded heads
-        ok = ok.expand(H, nb, W, Wk).reshape(H * nb, W, Wk)
     out = F.scaled_dot_product_attention(qb.reshape(B, H * nb, W, hd), kb.reshape(B, H * nb, Wk, hd),
                                          vb.reshape(B, H * nb, Wk, hd), attn_mask=ok)
     return out.reshape(B, H, nb * W, hd)[:, :, :T]  # the fused kernels may return another layout: not a view
