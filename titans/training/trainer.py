@@ -324,6 +324,12 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
     if tc.cuda_graphs:
         if dist.world_size > 1 or tc.compile:
             raise ValueError("training.cuda_graphs: single-process runs without training.compile only")
+        if tc.activation_checkpointing != "none":
+            # the harness trains this way (benchmarks/RESULTS.md section 6, session 12), but the GPU test of graphed
+            # against eager gradients with recomputation failed once and has not been re-run since
+            warnings.warn("training.cuda_graphs with training.activation_checkpointing="
+                          f"{tc.activation_checkpointing}: the graphed step's gradients are not yet verified against "
+                          "the eager step's on a GPU", RuntimeWarning, stacklevel=2)
         try:
             loss_fn = graphed_loss(run_model, batcher.batch(start_step)[0][:micro].to(device), amp_dtype)
         except RuntimeError as e:
