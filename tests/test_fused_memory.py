@@ -471,3 +471,58 @@ def test_neural_memory_backend_names_are_checked_and_triton_falls_back_while_str
         tri = NeuralMemory(dim=16, heads=2, chunk_size=4, backend="triton").double()
         tri.load_state_dict(ref.state_dict())
         assert _rel(tri(x)[0], ref(x)[0]) <= 1e-12
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernel_launches_go_through_the_autotuner_and_fall_back_to_fixed_warps(monkeypatch):
+    """On the GPU every launch is tuned (the compile-time arguments are the tuning key, the in-place arguments are
+    restored between trials); under the interpreter, with TITANS_TRITON_AUTOTUNE=0 or after a tuner failure the
+    launch takes the fixed warps.  Fake kernels and a fake autotuner record what they are given."""
+    import triton
+
+    import titans.core.memory.triton_kernels as tk
+
+    launched, tuned_with = [], []
+
+    class Kernel:
+        def __init__(self, name, grid=None):
+            self.__name__, self.grid = name, grid
+
+        def __getitem__(self, grid):
+            return Kernel(self.__name__, grid)
+
+        def __call__(self, *args, **meta):
+            launched.append((self.__name__, self.grid, args, meta))
+
+    def fake_autotune(configs, key, restore_value):
+        tuned_with.append(([(c.num_warps, c.num_stages) for c in configs], key, restore_value))
+        return lambda kernel: Kernel("tuned" + kernel.__name__)
+
+    monkeypatch.setattr(triton, "autotune", fake_autotune)
+    monkeypatch.setattr(tk, "_TUNED", {})
+    monkeypatch.setattr(tk, "AUTOTUNE_FAILED", [])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("TITANS_TRITON_AUTOTUNE", raising=False)
+    meta = dict(N=8, C=64, D=64, E=128, RESIDUAL=True, DOT_BF16=1, num_warps=8)
+    tk._run(Kernel("_memory_bwd3_kernel"), (64, 8), ("x",), dict(meta, STAGE=2))
+    assert tuned_with == [(tk.TUNE_CONFIGS, ["C", "D", "DOT_BF16", "E", "N", "RESIDUAL", "STAGE"],
+                           ["DW1", "DW2", "DS1", "DS2", "DK", "DV"])]
+    name, grid, args, got = launched[-1]
+    assert name == "tuned_memory_bwd3_kernel" and grid == (64, 8) and args == ("x",)
+    assert "num_warps" not in got and got["STAGE"] == 2  # the configuration brings the warps
+    tk._run(Kernel("_memory_bwd3_kernel"), (64,), ("x",), dict(meta, STAGE=1))
+    assert len(tuned_with) == 1 and launched[-1][0] == "tuned_memory_bwd3_kernel"  # one tuner per kernel
+
+    monkeypatch.setenv("TITANS_TRITON_AUTOTUNE", "0")
+    tk._run(Kernel("_memory_fwd_kernel"), (64,), ("x",), dict(meta, MODE=1, L=2, SAVE=True))
+    assert launched[-1][0] == "_memory_fwd_kernel" and launched[-1][3]["num_warps"] == 8
+    monkeypatch.delenv("TITANS_TRITON_AUTOTUNE")
+
+    def broken_autotune(**kw):
+        raise TypeError("autotune() got an unexpected keyword argument 'restore_value'")
+
+    monkeypatch.setattr(triton, "autotune", broken_autotune)
+    with pytest.warns(RuntimeWarning, match="autotuning of the memory kernels failed"):
+        tk._run(Kernel("_memory_fwd_kernel"), (64, 8), ("x",), dict(meta, MODE=2, L=2, SAVE=True))
+    assert launched[-1][0] == "_memory_fwd_kernel" and launched[-1][3]["num_warps"] == 8  # repeated, fixed warps
+    assert tk.AUTOTUNE_FAILED and not tk._autotune()  # given up for the process

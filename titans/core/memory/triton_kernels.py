@@ -34,6 +34,9 @@ parallel, the state-gradient recurrence over the dWn share alone, the dWn share 
 two-pass backward (benchmarks/RESULTS.md section 6), which depth 1 and single-chunk inputs use and
 ``TITANS_TRITON_BWD=fused`` selects for depth 2 too (A/B comparisons).
 
+Launches go through ``triton.autotune`` on the GPU (warps and pipeline stages per shape and pass, in-place arguments
+restored between trials; ``TITANS_TRITON_AUTOTUNE=0`` keeps the fixed warps of ``_num_warps``).
+
 Both directions reach autograd and ``torch.compile`` as the custom ops ``titans::memory_core_forward`` /
 ``titans::memory_core_backward`` (end of this module).
 
@@ -662,20 +665,68 @@ def _state4(W, S) -> list[Tensor]:
     return [Ws[0], Ws[-1], Ss[0], Ss[-1]]
 
 
+# ----------------------------------------------------------------------------- launching (autotuned on the GPU)
+# Every tile spans a whole head dim / hidden / chunk, so what is left to tune per shape and pass is the number of
+# warps (registers per thread: the backward's tiles spill at 8) and of pipeline stages.  The arguments a kernel
+# updates in place are restored between trials.
+TUNE_CONFIGS = [(4, 1), (8, 1), (16, 1), (8, 2)]  # (num_warps, num_stages); each one compiles once per shape
+_IN_PLACE = {"_memory_fwd_kernel": ["W1", "W2", "S1", "S2"],
+             "_memory_bwd_kernel": ["DW1", "DW2", "DS1", "DS2"],
+             "_memory_bwd3_kernel": ["DW1", "DW2", "DS1", "DS2", "DK", "DV"]}
+_TUNED: dict = {}
+AUTOTUNE_FAILED: list[str] = []  # why the tuned launch was given up (then every launch takes the fixed warps)
+
+
+def _autotune() -> bool:
+    """Launch through Triton's autotuner unless ``TITANS_TRITON_AUTOTUNE=0``, under the interpreter (no device
+    timer: one fixed configuration), or after a tuned launch failed in this process."""
+    return os.environ.get("TITANS_TRITON_AUTOTUNE", "1") != "0" and not interpreting() and not AUTOTUNE_FAILED
+
+
+def _tuned(kernel, key: list[str]):
+    """``kernel`` wrapped in ``triton.autotune`` over :data:`TUNE_CONFIGS`, tuned per value of ``key`` (the
+    launch's compile-time arguments: shape, depth, pass), built once per kernel."""
+    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+    if name not in _TUNED:
+        configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in TUNE_CONFIGS]
+        _TUNED[name] = triton.autotune(configs=configs, key=key, restore_value=_IN_PLACE[name])(kernel)
+    return _TUNED[name]
+
+
+def _run(kernel, grid: tuple[int, ...], args, meta: dict) -> None:
+    """One launch: tuned when :func:`_autotune` allows (its first call for a key benchmarks every configuration;
+    the training step's warm-up does that before any CUDA-graph capture), else with ``meta["num_warps"]``.  A tuned
+    launch that raises (say, an autotuner API this Triton lacks) is given up for the process, with a warning, and
+    the launch repeated with the fixed configuration: the tuner fails before the kernel runs, so in-place
+    arguments are untouched."""
+    if _autotune():
+        consts = {k: v for k, v in meta.items() if k != "num_warps"}
+        try:
+            _tuned(kernel, sorted(consts))[grid](*args, **consts)
+            return
+        except Exception as e:  # noqa: BLE001
+            import warnings
+
+            AUTOTUNE_FAILED.append(f"{type(e).__name__}: {str(e)[:200]}")
+            warnings.warn(f"Triton autotuning of the memory kernels failed ({AUTOTUNE_FAILED[-1]}); launching with "
+                          "fixed warps from now on", RuntimeWarning, stacklevel=3)
+    kernel[grid](*args, **meta)
+
+
 def _launch(kernel, BH: int, N: int, args, kw, **fixed) -> None:
     """The two-pass kernels (MODE 1 sequential per (b, h), then MODE 2 per (b, h, chunk)) or the single pass."""
     if _split() and N > 1:
-        kernel[(BH,)](*args, MODE=1, **kw, **fixed)
-        kernel[(BH, N)](*args, MODE=2, **kw, **fixed)
+        _run(kernel, (BH,), args, dict(kw, MODE=1, **fixed))
+        _run(kernel, (BH, N), args, dict(kw, MODE=2, **fixed))
     else:
-        kernel[(BH,)](*args, MODE=0, **kw, **fixed)
+        _run(kernel, (BH,), args, dict(kw, MODE=0, **fixed))
 
 
 def _launch_stages(BH: int, N: int, args, kw) -> None:
     """The three-stage backward: dy share (parallel), state-gradient recurrence (sequential), dWn share."""
-    _memory_bwd3_kernel[(BH, N)](*args, STAGE=0, **kw)
-    _memory_bwd3_kernel[(BH,)](*args, STAGE=1, **kw)
-    _memory_bwd3_kernel[(BH, N)](*args, STAGE=2, **kw)
+    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0))
+    _run(_memory_bwd3_kernel, (BH,), args, dict(kw, STAGE=1))
+    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=2))
 
 
 def _common(q, W, chunk_size, residual, coefs):
