@@ -305,6 +305,10 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "args": vars(args), "train": [asdict(r) for r in rows], "decode": decode,
     }
+    if device.type == "cuda":
+        from titans.core.memory import triton_kernels
+
+        result["triton_autotune"] = triton_kernels.tuning_report()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

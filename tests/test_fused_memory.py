@@ -526,3 +526,5 @@ def test_kernel_launches_go_through_the_autotuner_and_fall_back_to_fixed_warps(m
         tk._run(Kernel("_memory_fwd_kernel"), (64, 8), ("x",), dict(meta, MODE=2, L=2, SAVE=True))
     assert launched[-1][0] == "_memory_fwd_kernel" and launched[-1][3]["num_warps"] == 8  # repeated, fixed warps
     assert tk.AUTOTUNE_FAILED and not tk._autotune()  # given up for the process
+    report = tk.tuning_report()  # what the harness writes into its JSON
+    assert "restore_value" in report["failed"][0] and "_memory_bwd3_kernel" in report

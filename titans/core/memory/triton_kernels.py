@@ -693,6 +693,17 @@ def _tuned(kernel, key: list[str]):
     return _TUNED[name]
 
 
+def tuning_report() -> dict:
+    """What the autotuner chose so far: ``{"failed": [...], kernel: {tuning key: "num_warps=.. num_stages=.."}}``
+    (the harness writes it into its JSON)."""
+    report: dict = {"failed": list(AUTOTUNE_FAILED)}
+    for name, tuner in _TUNED.items():
+        cache = getattr(tuner, "cache", {}) or {}
+        report[name] = {str(key): f"num_warps={cfg.num_warps} num_stages={cfg.num_stages}"
+                        for key, cfg in cache.items()}
+    return report
+
+
 def _run(kernel, grid: tuple[int, ...], args, meta: dict) -> None:
     """One launch: tuned when :func:`_autotune` allows (its first call for a key benchmarks every configuration;
     the training step's warm-up does that before any CUDA-graph capture), else with ``meta["num_warps"]``.  A tuned
