@@ -44,3 +44,36 @@ def test_saved_activations_count_every_saved_storage_once_and_leave_outputs_alon
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     torch.testing.assert_close(model(ids, labels=ids, use_cache=False).loss, loss, rtol=0, atol=0)
     assert sa.group_of("blocks.3.memory.to_qkv") == "memory.to_qkv" and sa.group_of("") == "(model)"
+
+
+def test_op_census_counts_each_operation_of_the_step_once():
+    """The census against an independent count of the same step (forward with labels, backward); views excluded,
+    data movement named, the model's output and gradients unchanged afterwards."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    oc = _load("op_census")
+    torch.manual_seed(0)
+    model = build_model(dict(variant="mag", vocab_size=37, dim=16, depth=2, heads=2, window=4, persistent_tokens=2,
+                             memory_depth=2, memory_chunk_size=2, memory_backend="chunked"))
+    ids = torch.randint(0, 37, (1, 12))
+    r = oc.census(model, ids, bf16=False)
+
+    names = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(oc.op_name(func))
+            return func(*args, **(kwargs or {}))
+
+    params = list(model.parameters())
+    with Count():
+        loss = model(ids, labels=ids, use_cache=False).loss
+        torch.autograd.grad(loss, params)
+    kept = [n for n in names if n not in oc.VIEWS]
+    assert r["total"] == len(kept) == sum(r["ops"].values()) and r["forward"] + r["backward"] == r["total"]
+    assert r["movement"] == sum(n in oc.MOVEMENT for n in kept) > 0
+    assert "view" not in r["ops"] and r["ops"]["mm"] > 0
+    assert sum(sum(c.values()) for c in r["movement_by_module"].values()) == r["movement"]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert all(p.grad is None for p in params)
+    torch.testing.assert_close(model(ids, labels=ids, use_cache=False).loss, loss, rtol=0, atol=0)
