@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from titans.core.models import build_model
+from titans.utils.compiling import compile_fn
 from titans.utils.config import ACTIVATION_CHECKPOINTING
 
 
@@ -86,7 +87,7 @@ def build(args, name: str, device: torch.device):
         return model.to(device), (lambda ids: model(ids, return_loss=True))
     model = build_model(model_config(args, name)).set_activation_checkpointing(args.activation_checkpointing)
     model = model.to(device)
-    run = torch.compile(model) if args.compile else model
+    run = compile_fn(model) if args.compile else model
     return model, (lambda ids: run(ids, labels=ids, use_cache=False).loss)
 
 
@@ -101,7 +102,7 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         if args.cuda_graphs and name != "titans-pytorch":
             from titans.training.trainer import graphed_loss
 
-            graphed = graphed_loss(torch.compile(model) if args.compile else model, ids, torch.bfloat16)
+            graphed = graphed_loss(compile_fn(model) if args.compile else model, ids, torch.bfloat16)
 
             def loss_fn(x):
                 return graphed(x, x)

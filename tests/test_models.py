@@ -263,6 +263,40 @@ def test_training_forward_compiles_without_graph_breaks(variant):
     assert ex.graph_count == 1
 
 
+def test_compiled_memory_read_then_write_has_the_eager_gradients():
+    """The smallest case of the inductor miscompile that ``titans.utils.compiling`` turns off (in-place buffers):
+    MAC's segment step - read the memory, write what was read, pass the state on - twice, compiled with inductor
+    through ``compile_fn``: the same output and parameter gradients as eager in float64.  Plain ``torch.compile``
+    (torch 2.13, CPU) gave gradients 1-6% off here (benchmarks/RESULTS.md section 6, session 13)."""
+    from titans.core.memory.neural_memory import NeuralMemory
+    from titans.utils.compiling import compile_fn
+
+    torch.manual_seed(0)
+    kw = dict(heads=2, depth=2, chunk_size=4, backend="chunked")
+    ref = NeuralMemory(32, **kw).double()
+    mem = NeuralMemory(32, **kw).double()
+    mem.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    w = torch.randn(2, 16, 32, dtype=torch.float64)
+
+    def segments(m, x):
+        state, outs = None, []
+        for s in (0, 8):
+            read, _ = m.retrieve(x[:, s:s + 8], state)
+            y, state = m(x[:, s:s + 8] + read, state)
+            outs.append(y)
+        return torch.cat(outs, 1)
+
+    torch._dynamo.reset()
+    y_ref, y = segments(ref, x), compile_fn(lambda x: segments(mem, x), fullgraph=True, dynamic=False)(x)
+    (y_ref * w).sum().backward()
+    (y * w).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(ref.named_parameters(), mem.parameters()):
+        err = ((q.grad - p.grad).abs().max() / p.grad.abs().max()).item()
+        assert err <= 1e-10, (name, err)
+
+
 def test_baseline_widened_to_a_titans_variants_parameter_count():
     # the issue's same-parameters comparison: SWA (no memory) widened through its feed-forward
     base = {"vocab_size": 256, "dim": 32, "depth": 2, "heads": 2, "window": 16, "memory_chunk_size": 8}

@@ -31,6 +31,7 @@ from titans.utils.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from titans.utils.compiling import compile_fn
 from titans.utils.config import TitansConfig, config_from_dict, save_config
 
 
@@ -317,7 +318,7 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
         load_weights(model, resolve_checkpoint(tc.init_from) / "model.safetensors")
     run_model = wrap_model(model, cfg.training, dist, device)
     if tc.compile:
-        run_model = torch.compile(run_model)
+        run_model = compile_fn(run_model)
     micro = tc.batch_size // tc.grad_accum
     batcher = make_batcher(cfg, train_ds, tokenizer, dist)
     loss_fn = LossFn(run_model, amp_dtype)

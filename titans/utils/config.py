@@ -226,6 +226,8 @@ class TrainingConfig(_Strict):
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
+    # torch.compile the model, through titans.utils.compiling.compile_fn (inductor's in-place buffers off: with them
+    # the compiled gradients differed from eager, benchmarks/RESULTS.md section 6, session 13)
     compile: bool = False
     # float32 matmuls on CUDA (the memory's inner loop and retrieval run in float32 under bf16 autocast) use
     # TF32 tensor cores: 10-bit mantissa products, float32 accumulation

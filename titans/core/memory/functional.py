@@ -357,7 +357,9 @@ def _compiled_chunk():
     # one graph per (shape, dtype, activation): every full chunk of a run reuses it; a last partial
     # chunk compiles once more.  Fusing the ~60 small ops of a chunk is what makes the update fast on
     # GPUs, where the eager loop is bound by kernel launches.
-    return torch.compile(_chunk_named, fullgraph=True, dynamic=False)
+    from titans.utils.compiling import compile_fn
+
+    return compile_fn(_chunk_named, fullgraph=True, dynamic=False)
 
 
 def _run_chunk(compiled: bool, q, k, v, theta, eta, alpha, W, S, W0, activation: str, residual: bool):

@@ -1,0 +1,33 @@
+"""``torch.compile`` as this project calls it: one place for the options every compiled graph of it needs.
+
+Inductor's in-place buffers (``inplace_buffers``: an elementwise result written into the buffer of an input that
+has no later use) give wrong gradients for the memory's training graphs: in float64 on the CPU (torch 2.13) the
+whole compiled model's gradients differed from eager by 3.5% (MAC) to 47% (LMM) of their largest entry, with the
+loss equal; tracing, decompositions and partitioning alone (``aot_eager_decomp_partition``) are exact, and so is
+inductor with ``inplace_buffers=False``.  Found with ``benchmarks/compile_check.py`` and narrowed with inductor's
+``CompilerBisector`` to the lowering of one gradient sum (benchmarks/RESULTS.md section 6, session 13).  The
+smallest case is a memory read followed by a write of what was read, twice with the state passed on (MAC's
+segment step); ``tests/test_models.py`` holds it.  Off on every device: the GPU was not checked, and the option
+costs a few buffers, not kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# inductor configuration for every graph this project compiles (see the module docstring)
+INDUCTOR_OPTIONS: dict[str, Any] = {"inplace_buffers": False}
+
+
+def compile_fn(fn: Callable | torch.nn.Module, backend: str = "inductor", **kwargs) -> Callable:
+    """``torch.compile(fn, backend=backend, **kwargs)`` with :data:`INDUCTOR_OPTIONS` for the inductor backend
+    (other backends take no inductor options).  ``kwargs`` may bring more ``options``; they win."""
+    if backend == "inductor":
+        kwargs["options"] = {**INDUCTOR_OPTIONS, **kwargs.get("options", {})}
+    return torch.compile(fn, backend=backend, **kwargs)
+
+
+__all__ = ["INDUCTOR_OPTIONS", "compile_fn"]
