@@ -382,3 +382,27 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager_training(tmp_path, monk
         fell_back = train(tiny_cfg(tmp_path / "graphs", *common, "training.cuda_graphs=true"))
     assert fell_back["step"] == 3
     assert fell_back["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-6)
+
+
+def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_path, monkeypatch):
+    """``training.compile`` compiles through ``titans.utils.compiling.compile_fn`` (inductor's in-place buffers
+    changed the gradients, benchmarks/RESULTS.md section 6, session 13).  Inductor is too slow for CI here: the
+    trainer's compile is traced with dynamo's eager backend, and compile_fn's options are read off its call."""
+    import titans.training.trainer as trainer_mod
+    import titans.utils.compiling as compiling
+
+    seen = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, **kwargs):
+        seen.append(kwargs)
+        return real_compile(fn, backend="eager")
+
+    monkeypatch.setattr(compiling.torch, "compile", recording_compile)
+    calls = []
+    monkeypatch.setattr(trainer_mod, "compile_fn", lambda m: calls.append(m) or compiling.compile_fn(m))
+    s = train(tiny_cfg(tmp_path, "training.max_steps=2", "training.eval_every=2", "training.compile=true"))
+    assert len(calls) == 1 and math.isfinite(s["val_loss"])
+    assert seen[0]["backend"] == "inductor" and seen[0]["options"] == {"inplace_buffers": False}
+    compiling.compile_fn(torch.nn.Linear(2, 2), backend="aot_eager", fullgraph=True)
+    assert seen[-1] == {"backend": "aot_eager", "fullgraph": True}  # no inductor options for other backends

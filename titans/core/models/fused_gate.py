@@ -43,6 +43,19 @@ def _interpreting() -> bool:
 GATE_FAILED: list[str] = []
 
 
+class GateKernelError(RuntimeError):
+    """A launch of the gate's kernels failed (building or running them); the message names the cause."""
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    # only the launch's own errors become GateKernelError: whatever autograd raises around it (the stop signal of a
+    # checkpointed region's recomputation comes from save_for_backward) must pass through untouched
+    try:
+        kernel[grid](*args, **meta)
+    except Exception as e:  # noqa: BLE001
+        raise GateKernelError(f"{type(e).__name__}: {str(e)[:300]}") from e
+
+
 def fused_gate_applies(y: Tensor, m: Tensor) -> bool:
     """Whether :func:`fused_gate` takes these inputs: Triton present, CUDA (or the interpreter), not compiling,
     float32 / bf16 / fp16 inputs of one shape, a last dim of at most 8192, and no earlier launch failed."""
@@ -127,7 +140,7 @@ class _FusedGate(torch.autograd.Function):
         rm = torch.empty_like(ry)
         meta = _blocks(D)
         grid = (triton.cdiv(R, meta["BLOCK_R"]),)
-        _gate_fwd_kernel[grid](y2, m2, wy.contiguous(), wm.contiguous(), o, ry, rm, R, eps, **meta)
+        _launch(_gate_fwd_kernel, grid, y2, m2, wy.contiguous(), wm.contiguous(), o, ry, rm, R, eps, **meta)
         ctx.save_for_backward(y2, m2, wy, wm, ry, rm)
         ctx.shape = shape
         return o.view(shape)
@@ -141,8 +154,8 @@ class _FusedGate(torch.autograd.Function):
         dy, dm = torch.empty_like(y2), torch.empty_like(m2)
         dwy = torch.empty(grid[0], D, device=y2.device, dtype=torch.float32)
         dwm = torch.empty_like(dwy)
-        _gate_bwd_kernel[grid](do.reshape(R, D).contiguous(), y2, m2, wy.contiguous(), wm.contiguous(), ry, rm,
-                               dy, dm, dwy, dwm, R, **meta)
+        _launch(_gate_bwd_kernel, grid, do.reshape(R, D).contiguous(), y2, m2, wy.contiguous(), wm.contiguous(), ry,
+                rm, dy, dm, dwy, dwm, R, **meta)
         return (dy.view(ctx.shape), dm.view(ctx.shape), dwy.sum(0).to(wy.dtype), dwm.sum(0).to(wm.dtype), None,
                 None)
 
@@ -156,8 +169,8 @@ def fused_gate(y: Tensor, m: Tensor, wy: Tensor, wm: Tensor, eps: float) -> Tens
         out_dtype = torch.promote_types(y.dtype, m.dtype)  # the reference casts the weights to its inputs' dtype
     try:
         return _FusedGate.apply(y, m, wy, wm, eps, out_dtype)
-    except Exception as e:  # noqa: BLE001 - a kernel that cannot be built here must not stop training
-        GATE_FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
+    except GateKernelError as e:  # a kernel that cannot be built here must not stop training
+        GATE_FAILED.append(str(e))
         warnings.warn(f"fused memory gate failed ({GATE_FAILED[0]}); using the PyTorch gate from now on",
                       RuntimeWarning, stacklevel=2)
         return gate_reference(y, m, wy, wm, eps)
