@@ -67,6 +67,25 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def add_model_arguments(ap: argparse.ArgumentParser, *, dim: int = 128, depth: int = 2, heads: int = 4,
+                        window: int = 128, memory_chunk: int = 16, memory_layers: list[int] | None = None,
+                        memory_backend: str = "auto",
+                        memory_backend_help: str = "auto | chunked | compiled | fused | triton | naive") -> None:
+    """The model options :func:`model_config` reads, with each script's defaults (the harness: a small model;
+    the counting scripts: the issue's shape)."""
+    ap.add_argument("--dim", type=int, default=dim)
+    ap.add_argument("--depth", type=int, default=depth)
+    ap.add_argument("--heads", type=int, default=heads)
+    ap.add_argument("--window", type=int, default=window)
+    ap.add_argument("--persistent", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--memory-depth", type=int, default=2)
+    ap.add_argument("--memory-chunk", type=int, default=memory_chunk)
+    ap.add_argument("--memory-layers", type=int, nargs="*", default=memory_layers)
+    ap.add_argument("--memory-backend", default=memory_backend, help=memory_backend_help)
+    ap.add_argument("--attention-backend", default="auto", help="auto | sdpa | blocked | flex | reference")
+
+
 def model_config(args, variant: str) -> dict:
     mem_layers = args.memory_layers if args.memory_layers else None
     return dict(variant=variant, vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads,
@@ -244,17 +263,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mac", "mag", "mal", "lmm", "transformer", "swa"])
     ap.add_argument("--shapes", nargs="*", default=["1024x2"], help="SEQxBATCH entries (none: decode only)")
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--window", type=int, default=128)
-    ap.add_argument("--persistent", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--memory-depth", type=int, default=2)
-    ap.add_argument("--memory-chunk", type=int, default=16)
-    ap.add_argument("--memory-layers", type=int, nargs="*", default=None)
-    ap.add_argument("--memory-backend", default="auto", help="auto | chunked | compiled | fused | triton | naive")
-    ap.add_argument("--attention-backend", default="auto", help="auto | sdpa | blocked | flex | reference")
+    add_model_arguments(ap)
     ap.add_argument("--cuda-graphs", action="store_true", help="capture forward + backward as CUDA graphs")
     ap.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, default="none",
                     help="what the training step recomputes in its backward (training.activation_checkpointing): "

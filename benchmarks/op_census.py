@@ -31,7 +31,7 @@ from titans.core.models import build_model
 from titans.utils.config import ACTIVATION_CHECKPOINTING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import model_config  # noqa: E402 - the harness's model from the same arguments
+from harness import add_model_arguments, model_config  # noqa: E402 - the harness's model from the same arguments
 from saved_activations import group_of  # noqa: E402 - the same module rows
 
 # operations that move or convert data without arithmetic: each one a kernel on the GPU that inductor or a fused
@@ -125,17 +125,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=["mac", "transformer"])
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--depth", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--window", type=int, default=128)
-    ap.add_argument("--persistent", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--memory-depth", type=int, default=2)
-    ap.add_argument("--memory-chunk", type=int, default=64)
-    ap.add_argument("--memory-layers", type=int, nargs="*", default=[2, 4, 6])
-    ap.add_argument("--memory-backend", default="auto", help="triton under TRITON_INTERPRET=1 for the GPU's glue")
-    ap.add_argument("--attention-backend", default="auto")
+    add_model_arguments(ap, dim=256, depth=8, heads=4, window=128, memory_chunk=64, memory_layers=[2, 4, 6],
+                        memory_backend_help="triton under TRITON_INTERPRET=1 for the GPU's glue")
     ap.add_argument("--activation-checkpointing", choices=ACTIVATION_CHECKPOINTING, default="none")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bf16 autocast")
     ap.add_argument("--top", type=int, default=25, help="operations printed per model")

@@ -36,7 +36,7 @@ from titans.core.models import build_model
 from titans.utils.config import ACTIVATION_CHECKPOINTING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import model_config  # noqa: E402 - the harness's model from the same arguments
+from harness import add_model_arguments, model_config  # noqa: E402 - the harness's model from the same arguments
 
 
 def group_of(path: str) -> str:
@@ -92,17 +92,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["mac", "transformer"])
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--depth", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--persistent", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--memory-depth", type=int, default=2)
-    ap.add_argument("--memory-chunk", type=int, default=64)
-    ap.add_argument("--memory-layers", type=int, nargs="*", default=[2, 4, 6])
-    ap.add_argument("--memory-backend", default="fused", help="fused: the hand-written backward the kernels implement")
-    ap.add_argument("--attention-backend", default="auto")
+    add_model_arguments(ap, dim=512, depth=8, heads=8, window=512, memory_chunk=64, memory_layers=[2, 4, 6],
+                        memory_backend="fused", memory_backend_help="fused: the hand-written backward the kernels "
+                        "implement")
     ap.add_argument("--activation-checkpointing", nargs="+", choices=ACTIVATION_CHECKPOINTING, default=["none"],
                     metavar="MODE", help="none | memory | full, one or more (each model is measured with each): what "
                     "training.activation_checkpointing recomputes in the backward (memory: each memory layer's "
