@@ -2,10 +2,11 @@
 
 :func:`gate_reference` is the definition in PyTorch (two RMS norms with learnable weights, a sigmoid, a product);
 :func:`fused_gate` computes the same in one forward and one backward launch.  Why: MAC calls the gate once per
-segment and memory layer, and in PyTorch under autocast it is six kernels forward (two widening casts, two norms,
-sigmoid, product) and about nine backward, and the norms save float32 copies of y and m (~0.1 GB a 4096-token row in
-the issue-7 model).  The kernel computes in float32 and keeps y and m as they came (bf16 under autocast; widening is
-exact) and the two per-row inverse RMS values.
+segment and memory layer, and in PyTorch it is four kernels forward (two norms, sigmoid, product; two more casts where
+autocast widens the norms' inputs) and about nine backward, each reading or writing a (B, T, dim) tensor, and where
+autocast runs the norms in float32 they save float32 copies of y and m.  The kernel computes in float32, saves y and
+m as they came (bf16 under autocast; widening is exact) and the two per-row inverse RMS values, and returns the
+dtype the PyTorch gate returns.
 
 Used by :class:`~titans.core.models.model_utils.MemoryGate` on CUDA (and under ``TRITON_INTERPRET=1`` for the tests),
 outside ``torch.compile`` (inductor fuses the PyTorch definition itself); ``TITANS_FUSED_GATE=0`` turns it off.
@@ -160,13 +161,28 @@ class _FusedGate(torch.autograd.Function):
                 None)
 
 
+# (device type, input dtype, autocast dtype) -> the dtype F.rms_norm returns there under autocast
+_NORM_DTYPES: dict[tuple, torch.dtype] = {}
+
+
+def _norm_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``F.rms_norm`` gives ``x`` here: its own, or under autocast what autocast makes of the norm on this
+    device (the CPU keeps bf16; a device that lists the norm among its float32 operations widens it).  Asked of
+    PyTorch once per device type, input dtype and autocast dtype, with a 1 x 2 tensor."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x.dtype
+    key = (dev, x.dtype, torch.get_autocast_dtype(dev))
+    if key not in _NORM_DTYPES:
+        probe = torch.ones(1, 2, device=x.device, dtype=x.dtype)
+        _NORM_DTYPES[key] = F.rms_norm(probe, (2,), probe[0], 1e-6).dtype
+    return _NORM_DTYPES[key]
+
+
 def fused_gate(y: Tensor, m: Tensor, wy: Tensor, wm: Tensor, eps: float) -> Tensor:
-    """:func:`gate_reference` in one launch each way (see :func:`fused_gate_applies`).  The output dtype is what the
-    reference gives: float32 under autocast (its norms run there in float32), else y's and m's promoted dtype."""
-    if torch.is_autocast_enabled(y.device.type):
-        out_dtype = torch.float32
-    else:
-        out_dtype = torch.promote_types(y.dtype, m.dtype)  # the reference casts the weights to its inputs' dtype
+    """:func:`gate_reference` in one launch each way (see :func:`fused_gate_applies`).  The output dtype is the
+    reference's: the two norms' dtypes (autocast may widen them) promoted by the product."""
+    out_dtype = torch.promote_types(_norm_dtype(y), _norm_dtype(m))
     try:
         return _FusedGate.apply(y, m, wy, wm, eps, out_dtype)
     except GateKernelError as e:  # a kernel that cannot be built here must not stop training
