@@ -8,7 +8,8 @@ inductor with ``inplace_buffers=False``.  Found with ``benchmarks/compile_check.
 ``CompilerBisector`` to the lowering of one gradient sum (benchmarks/RESULTS.md section 6, session 13).  The
 smallest case is a memory read followed by a write of what was read, twice with the state passed on (MAC's
 segment step); ``tests/test_models.py`` holds it.  Off on every device: the GPU was not checked, and the option
-costs a few buffers, not kernels.
+costs a few buffers, not kernels.  Not through here: the FlexAttention kernel (``attention_layer._compiled_flex``),
+a library op whose backward runs only on CUDA, where this option was not tried.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from titans.core.memory.triton_kernels import interpreting
+
 try:  # optional, as for the memory kernels
     import triton
     import triton.language as tl
@@ -33,10 +35,6 @@ def gate_reference(y: Tensor, m: Tensor, wy: Tensor, wm: Tensor, eps: float) -> 
     """``rms_norm(y) * wy * sigmoid(rms_norm(m) * wm)`` over the last dim; y, m: (..., D); wy, wm: (D,)."""
     D = y.shape[-1]
     return F.rms_norm(y, (D,), wy.to(y.dtype), eps) * torch.sigmoid(F.rms_norm(m, (D,), wm.to(m.dtype), eps))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # the first failure of a launch (a Triton that cannot build the kernel here, say), kept for the process: from then
@@ -64,7 +62,7 @@ def fused_gate_applies(y: Tensor, m: Tensor) -> bool:
         return False
     if GATE_FAILED:
         return False
-    if not (y.is_cuda or _interpreting()) or y.shape != m.shape or y.shape[-1] > 8192:
+    if not (y.is_cuda or interpreting()) or y.shape != m.shape or y.shape[-1] > 8192:
         return False
     return all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in (y, m))
 
@@ -123,11 +121,13 @@ if triton is not None:
         tl.store(DWM + pid * D + cols, tl.sum(dz * m_hat, 0), mask=cols < D)
 
 
-def _blocks(D: int) -> dict:
-    # about 4K elements of a tensor per program (32 a thread at 4 warps): the backward holds ~8 such tiles in
-    # float32, more would spill
+def _grid_and_meta(R: int, D: int) -> tuple[tuple[int], dict]:
+    """The launch of either kernel over R rows of D: about 4K elements of a tensor per program (32 a thread at 4
+    warps; the backward holds ~8 such tiles in float32, more would spill)."""
     block_d = triton.next_power_of_2(D)
-    return dict(D=D, BLOCK_R=max(1, min(16, 4096 // block_d)), BLOCK_D=block_d, num_warps=4 if block_d <= 1024 else 8)
+    block_r = max(1, min(16, 4096 // block_d))
+    return (triton.cdiv(R, block_r),), dict(D=D, BLOCK_R=block_r, BLOCK_D=block_d,
+                                            num_warps=4 if block_d <= 1024 else 8)
 
 
 class _FusedGate(torch.autograd.Function):
@@ -139,9 +139,9 @@ class _FusedGate(torch.autograd.Function):
         o = torch.empty(R, D, device=y.device, dtype=out_dtype)
         ry = torch.empty(R, device=y.device, dtype=torch.float32)
         rm = torch.empty_like(ry)
-        meta = _blocks(D)
-        grid = (triton.cdiv(R, meta["BLOCK_R"]),)
-        _launch(_gate_fwd_kernel, grid, y2, m2, wy.contiguous(), wm.contiguous(), o, ry, rm, R, eps, **meta)
+        wy, wm = wy.contiguous(), wm.contiguous()
+        grid, meta = _grid_and_meta(R, D)
+        _launch(_gate_fwd_kernel, grid, y2, m2, wy, wm, o, ry, rm, R, eps, **meta)
         ctx.save_for_backward(y2, m2, wy, wm, ry, rm)
         ctx.shape = shape
         return o.view(shape)
@@ -150,13 +150,12 @@ class _FusedGate(torch.autograd.Function):
     def backward(ctx, do: Tensor):
         y2, m2, wy, wm, ry, rm = ctx.saved_tensors
         R, D = y2.shape
-        meta = _blocks(D)
-        grid = (triton.cdiv(R, meta["BLOCK_R"]),)
+        grid, meta = _grid_and_meta(R, D)
         dy, dm = torch.empty_like(y2), torch.empty_like(m2)
         dwy = torch.empty(grid[0], D, device=y2.device, dtype=torch.float32)
         dwm = torch.empty_like(dwy)
-        _launch(_gate_bwd_kernel, grid, do.reshape(R, D).contiguous(), y2, m2, wy.contiguous(), wm.contiguous(), ry,
-                rm, dy, dm, dwy, dwm, R, **meta)
+        _launch(_gate_bwd_kernel, grid, do.reshape(R, D).contiguous(), y2, m2, wy, wm, ry, rm, dy, dm, dwy, dwm, R,
+                **meta)
         return (dy.view(ctx.shape), dm.view(ctx.shape), dwy.sum(0).to(wy.dtype), dwm.sum(0).to(wm.dtype), None,
                 None)
 
