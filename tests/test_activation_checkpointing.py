@@ -1,6 +1,7 @@
 """Activation checkpointing (``training.activation_checkpointing``, issue 7's memory target): recomputing the
 memory's work (``memory``) or whole blocks (``full``) in the backward changes no loss, gradient or state, only what
-a training step keeps; it is off outside training steps, and the config key is checked."""
+a training step keeps; it is off outside training steps, and the config key is checked.  The memory's small regions
+recomputed in every training step (output norm / gate, MAC's read, decay coefficients) are checked the same way."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import titans.core.models.model as model_module
+import titans.utils.tensors as tensors
 from titans.core.models import build_model
 from titans.utils.config import ConfigError, load_config
 
@@ -50,15 +52,16 @@ def loss_and_grads(model, ids):
 
 @pytest.fixture
 def region_calls(monkeypatch) -> list[str]:
-    """The name of the function of every recomputed region entered during the test (a spy that still runs it)."""
+    """The name of the function of every region the model's activation checkpointing recomputes during the test (a
+    spy that still runs it; the memory's own small always-recomputed regions do not go through it)."""
     calls: list[str] = []
-    real = model_module.checkpoint
+    real = model_module.recompute
 
-    def spy(fn, *args, **kwargs):
+    def spy(fn, *args):
         calls.append(getattr(fn, "__name__", type(fn).__name__))
-        return real(fn, *args, **kwargs)
+        return real(fn, *args)
 
-    monkeypatch.setattr(model_module, "checkpoint", spy)
+    monkeypatch.setattr(model_module, "recompute", spy)
     return calls
 
 
@@ -130,9 +133,7 @@ def test_checkpointing_keeps_strictly_fewer_saved_bytes():
     """What a training step saves for backward (the saved-tensor hooks of benchmarks/saved_activations.py):
     ``memory`` keeps less than ``none`` for every memory variant, and MAC keeps nothing inside its memory;
     ``full`` keeps less than ``memory``."""
-    spec = importlib.util.spec_from_file_location("saved_activations", ROOT / "benchmarks" / "saved_activations.py")
-    sa = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sa)
+    sa = _saved_activations_module()
     ids = torch.randint(0, 37, (1, 24), generator=torch.Generator().manual_seed(3))
     for variant in MEMORY_VARIANTS:
         total = {}
@@ -143,6 +144,35 @@ def test_checkpointing_keeps_strictly_fewer_saved_bytes():
             if variant == "mac" and mode != "none":
                 assert not [k for k in rows if k.startswith(("memory", "gate"))], rows.keys()
         assert total["full"] < total["memory"] < total["none"], (variant, total)
+
+
+def _saved_activations_module():
+    spec = importlib.util.spec_from_file_location("saved_activations", ROOT / "benchmarks" / "saved_activations.py")
+    sa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sa)
+    return sa
+
+
+@pytest.mark.parametrize("variant", MEMORY_VARIANTS)
+def test_cheap_memory_regions_are_recomputed_with_the_same_gradients_and_fewer_saved_bytes(variant, monkeypatch):
+    """The memory's always-recomputed regions (output norm / gate, MAC's read, the decay coefficients;
+    ``titans.utils.tensors.recompute_when_recorded``) with checkpointing ``none``: the same loss and gradients as
+    keeping their tensors, and strictly fewer bytes saved for backward."""
+    sa = _saved_activations_module()
+    ids = torch.randint(0, 37, (2, 24), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(tensors, "RECOMPUTE_CHEAP", on)
+        model = make_model(variant, memory_backend="fused", memory_chunk_size=4)
+        loss, grads = loss_and_grads(model, ids)
+        saved = sum(r["bytes"] for r in sa.saved_by_module(model, ids, bf16=False).values())
+        out[on] = loss, grads, saved
+    (ref_loss, ref_grads, kept), (loss, grads, recomputed) = out[False], out[True]
+    assert rel(loss, ref_loss) <= 1e-14
+    for name, g in ref_grads.items():
+        assert g is not None and grads[name] is not None, name
+        assert rel(grads[name], g) <= 1e-12, name
+    assert recomputed < kept, (variant, recomputed, kept)
 
 
 def test_config_key_and_model_setter_are_checked(tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 def keep_last(t: Tensor, n: int, dim: int) -> Tensor:
@@ -59,3 +62,26 @@ class KeptTensors:
 
     def __len__(self) -> int:
         return len(self._kept)
+
+
+def recompute(fn, *args):
+    """``fn(*args)`` without keeping the tensors it saves for backward: the backward runs ``fn`` on the same
+    arguments again to get them (activation checkpointing, non-reentrant, so regions may nest).  ``fn`` must be a
+    pure function of its arguments and of module parameters (no state read or written outside them); its outputs
+    may hold dataclasses (a ``MemoryState``).  The RNG state is not saved and restored: no region draws random
+    numbers, and reading the CUDA generator's state has no place in a captured CUDA graph."""
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+# Whether recompute_when_recorded recomputes (``TITANS_RECOMPUTE_CHEAP=0`` keeps the tensors: the A/B switch of the
+# benchmarks; the results are the same either way)
+RECOMPUTE_CHEAP = os.environ.get("TITANS_RECOMPUTE_CHEAP", "1") != "0"
+
+
+def recompute_when_recorded(fn, *args):
+    """:func:`recompute` while autograd records (a training step), a plain call otherwise (inference, decoding).
+
+    For cheap regions whose saved tensors outweigh their arithmetic: elementwise chains in float32 over every token
+    (norms, gates, the memory's decay coefficients), a few small matmuls.  The recomputation repeats the same
+    operations on the same inputs, so values and gradients are bit-equal to keeping the tensors."""
+    return recompute(fn, *args) if RECOMPUTE_CHEAP and torch.is_grad_enabled() else fn(*args)

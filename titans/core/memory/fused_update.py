@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from titans.core.memory.functional import decay_coefficients, get_activation
+from titans.utils.tensors import recompute_when_recorded
 
 SUPPORTED_DEPTHS = (1, 2)
 # the memory core's tensor inputs, in argument order: the names of the gradient dictionaries of both backwards
@@ -383,7 +384,9 @@ def neural_memory_update_fused(
     S = tuple(torch.zeros_like(w) for w in W) if momentum is None else tuple(momentum)
     if T == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]), W, S
-    coef = chunk_coefficients(lr, momentum_decay, forget, chunk_size)
+    # recomputed in the backward: the (B, H, N, C, C) decay matrices and masks behind the coefficients are
+    # cheap to rebuild and were a third of what the Triton path kept for a MAC layer (RESULTS.md section 6, session 14)
+    coef = recompute_when_recorded(chunk_coefficients, lr, momentum_decay, forget, chunk_size)
     out = MemoryCoreFunction.apply(impl, chunk_size, activation, residual, L, q.contiguous(), k.contiguous(),
                                    v.contiguous(), *coef, *W, *S)
     return out[0], tuple(out[1:1 + L]), tuple(out[1 + L:])

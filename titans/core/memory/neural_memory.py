@@ -45,7 +45,7 @@ from titans.core.memory.functional import (
     resolve_backend,
     select_weights,
 )
-from titans.utils.tensors import keep_last
+from titans.utils.tensors import keep_last, recompute_when_recorded
 
 # default bound on the inner step, times the chunk size (see the module docstring for the measurements)
 DEFAULT_MAX_LR_TIMES_CHUNK = 0.125
@@ -340,15 +340,24 @@ class NeuralMemory(nn.Module):
             alpha = torch.zeros_like(sig_alpha)
         return theta, eta, alpha, (raw if self.gates_per_chunk else None), chunk_gates
 
-    def _output(self, y: Tensor, x: Tensor) -> Tensor:
-        """Per-head RMS norm, sigmoid gate from x, output projection.  y: (B, H, T, d) -> (B, T, dim)."""
+    def _normed_gated(self, y: Tensor, g: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """Per-head RMS norm with its weight, times ``sigmoid(g)``: y (B, H, T, d), g (B, T, H * d) or None ->
+        (B, T, H * d) in ``dtype``."""
         B, H, T, d = y.shape
         y = (F.rms_norm(y, (d,), eps=self.norm_eps) * self.out_norm_weight.unsqueeze(1).to(y.dtype)).transpose(1, 2)
-        if self.gate is not None:
+        if g is not None:
             # the gate first: the product takes its (B, T, H, d) layout, so heads-to-features below is a view (no
             # copy for the transpose).  In y's dtype (the state's: float32 under autocast), cast once after
-            y = torch.sigmoid(self.gate(x)).view(B, T, H, d) * y
-        return self.to_out(y.reshape(B, T, H * d).to(x.dtype))
+            y = torch.sigmoid(g).view(B, T, H, d) * y
+        return y.reshape(B, T, H * d).to(dtype)
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        """Per-head RMS norm, sigmoid gate from x, output projection.  y: (B, H, T, d) -> (B, T, dim)."""
+        g = self.gate(x) if self.gate is not None else None
+        # recomputed in the backward: kept, the norm's and the gate's float32 intermediates over every token were
+        # ~16 MB a layer per 4096 tokens, more than the memory update itself keeps (benchmarks/RESULTS.md section 6,
+        # session 14); the projections stay outside (their matmuls are not cheap to repeat)
+        return self.to_out(recompute_when_recorded(self._normed_gated, y, g, x.dtype))
 
     # ------------------------------------------------------------------ forward / retrieve
 
@@ -487,10 +496,16 @@ class NeuralMemory(nn.Module):
         inner = self.heads * self.head_dim
         q, new_cache = self._project(x_or_q, conv_cache, channels=slice(0, inner))
         q = F.normalize(rearrange(q, "b t (h d) -> b h t d", h=self.heads), dim=-1)
-        W = state.weights
-        with torch.autocast(x_or_q.device.type, enabled=False):
-            y = memory_mlp(q.to(W[0].dtype), W, self.activation, self.residual)
-        return self._output(y, x_or_q), new_cache
+        g = self.gate(x_or_q) if self.gate is not None else None
+
+        def read(q: Tensor, g: Tensor | None, *W: Tensor) -> Tensor:
+            with torch.autocast(x_or_q.device.type, enabled=False):
+                y = memory_mlp(q.to(W[0].dtype), W, self.activation, self.residual)
+            return self._normed_gated(y, g, x_or_q.dtype)
+
+        # the read and its output norm / gate recomputed in the backward (see _output): the float32 hidden
+        # activations of the memory MLP are the largest tensors of a MAC retrieval
+        return self.to_out(recompute_when_recorded(read, q, g, *state.weights)), new_cache
 
     def surprise(self, x: Tensor, state: MemoryState | None = None) -> dict[str, Tensor]:
         """Diagnostics without updating: per head and token the inner loss at the current weights and

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from titans.core.attention.attention_layer import CausalSelfAttention, KVCache
 from titans.core.attention.attention_utils import MaskSpec
@@ -53,7 +52,7 @@ from titans.utils.config import (
     model_config_from,
     naive_cannot_recompute,
 )
-from titans.utils.tensors import capturing_cuda_graph
+from titans.utils.tensors import capturing_cuda_graph, recompute
 
 # ----------------------------------------------------------------------------- state
 
@@ -159,15 +158,6 @@ def _map_dataclass(obj, fn):
     kwargs = {f: (fn(v) if isinstance(v, Tensor) else v) for f, v in
               ((f, getattr(obj, f)) for f in obj.__dataclass_fields__)}
     return type(obj)(**kwargs)
-
-
-def recompute(fn, *args):
-    """``fn(*args)`` without keeping the tensors it saves for backward: the backward runs ``fn`` on the same
-    arguments again to get them (activation checkpointing, non-reentrant).  ``fn`` must be a pure function of its
-    arguments (no state read or written outside them), as every region of this file is; its outputs may hold
-    dataclasses (a :class:`MemoryState`).  The RNG state is not saved and restored: no region draws random numbers,
-    and reading the CUDA generator's state has no place in a captured CUDA graph."""
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 @dataclass
