@@ -475,9 +475,10 @@ def test_neural_memory_backend_names_are_checked_and_triton_falls_back_while_str
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernel_launches_go_through_the_autotuner_and_fall_back_to_fixed_warps(monkeypatch):
-    """On the GPU every launch is tuned (the compile-time arguments are the tuning key, the in-place arguments are
-    restored between trials); under the interpreter, with TITANS_TRITON_AUTOTUNE=0 or after a tuner failure the
-    launch takes the fixed warps.  Fake kernels and a fake autotuner record what they are given."""
+    """With TITANS_TRITON_AUTOTUNE=1 every GPU launch is tuned (the compile-time arguments are the tuning key, the
+    in-place arguments are restored between trials); by default, under the interpreter, with
+    TITANS_TRITON_AUTOTUNE=0 or after a tuner failure the launch takes the fixed warps.  Fake kernels and a fake
+    autotuner record what they are given."""
     import triton
 
     import titans.core.memory.triton_kernels as tk
@@ -502,7 +503,7 @@ def test_kernel_launches_go_through_the_autotuner_and_fall_back_to_fixed_warps(m
     monkeypatch.setattr(tk, "_TUNED", {})
     monkeypatch.setattr(tk, "AUTOTUNE_FAILED", [])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("TITANS_TRITON_AUTOTUNE", raising=False)
+    monkeypatch.setenv("TITANS_TRITON_AUTOTUNE", "1")
     meta = dict(N=8, C=64, D=64, E=128, RESIDUAL=True, DOT_BF16=1, num_warps=8)
     tk._run(Kernel("_memory_bwd3_kernel"), (64, 8), ("x",), dict(meta, STAGE=2))
     assert tuned_with == [(tk.TUNE_CONFIGS, ["C", "D", "DOT_BF16", "E", "N", "RESIDUAL", "STAGE"],
@@ -516,7 +517,10 @@ def test_kernel_launches_go_through_the_autotuner_and_fall_back_to_fixed_warps(m
     monkeypatch.setenv("TITANS_TRITON_AUTOTUNE", "0")
     tk._run(Kernel("_memory_fwd_kernel"), (64,), ("x",), dict(meta, MODE=1, L=2, SAVE=True))
     assert launched[-1][0] == "_memory_fwd_kernel" and launched[-1][3]["num_warps"] == 8
-    monkeypatch.delenv("TITANS_TRITON_AUTOTUNE")
+    monkeypatch.delenv("TITANS_TRITON_AUTOTUNE")  # the default: fixed warps
+    tk._run(Kernel("_memory_fwd_kernel"), (64,), ("x",), dict(meta, MODE=1, L=1, SAVE=True))
+    assert launched[-1][0] == "_memory_fwd_kernel" and launched[-1][3]["L"] == 1 and len(tuned_with) == 1
+    monkeypatch.setenv("TITANS_TRITON_AUTOTUNE", "1")
 
     def broken_autotune(**kw):
         raise TypeError("autotune() got an unexpected keyword argument 'restore_value'")

@@ -34,8 +34,11 @@ parallel, the state-gradient recurrence over the dWn share alone, the dWn share 
 two-pass backward (benchmarks/RESULTS.md section 6), which depth 1 and single-chunk inputs use and
 ``TITANS_TRITON_BWD=fused`` selects for depth 2 too (A/B comparisons).
 
-Launches go through ``triton.autotune`` on the GPU (warps and pipeline stages per shape and pass, in-place arguments
-restored between trials; ``TITANS_TRITON_AUTOTUNE=0`` keeps the fixed warps of ``_num_warps``).
+With ``TITANS_TRITON_AUTOTUNE=1`` launches go through ``triton.autotune`` on the GPU (warps and pipeline stages per
+shape and pass, in-place arguments restored between trials); by default they take the fixed warps of ``_num_warps``:
+the tuner compiles every configuration of every kernel per shape, which on a fresh H200 took over a minute of the
+first training step (one MAC 4096 x 8 harness row did not finish in 110 s, against 47 s with fixed warps), and
+its gain is not measured yet (benchmarks/RESULTS.md section 6, session 14).
 
 Both directions reach autograd and ``torch.compile`` as the custom ops ``titans::memory_core_forward`` /
 ``titans::memory_core_backward`` (end of this module).
@@ -665,7 +668,7 @@ def _state4(W, S) -> list[Tensor]:
     return [Ws[0], Ws[-1], Ss[0], Ss[-1]]
 
 
-# ----------------------------------------------------------------------------- launching (autotuned on the GPU)
+# ----------------------------------------------------------------------------- launching (autotuned on request)
 # Every tile spans a whole head dim / hidden / chunk, so what is left to tune per shape and pass is the number of
 # warps (registers per thread: the backward's tiles spill at 8) and of pipeline stages.  The arguments a kernel
 # updates in place are restored between trials.
@@ -678,9 +681,10 @@ AUTOTUNE_FAILED: list[str] = []  # why the tuned launch was given up (then every
 
 
 def _autotune() -> bool:
-    """Launch through Triton's autotuner unless ``TITANS_TRITON_AUTOTUNE=0``, under the interpreter (no device
-    timer: one fixed configuration), or after a tuned launch failed in this process."""
-    return os.environ.get("TITANS_TRITON_AUTOTUNE", "1") != "0" and not interpreting() and not AUTOTUNE_FAILED
+    """Launch through Triton's autotuner when ``TITANS_TRITON_AUTOTUNE=1`` (opt-in: see the module docstring),
+    except under the interpreter (no device timer: one fixed configuration) or after a tuned launch failed in this
+    process."""
+    return os.environ.get("TITANS_TRITON_AUTOTUNE", "0") == "1" and not interpreting() and not AUTOTUNE_FAILED
 
 
 def _tuned(kernel, key: list[str]):
