@@ -347,3 +347,35 @@ def test_mac_memory_input_selects_what_the_memory_writes():
     assert rel(paper(ids).logits, residual(ids).logits) > 1e-6
     with pytest.raises(ConfigError, match="mac_memory_input"):
         build_model(tiny_config("mac", mac_memory_input="both"))
+
+
+def test_compile_blocks_compiles_each_block_in_place_with_the_project_options(monkeypatch):
+    """``titans.utils.compiling.compile_blocks`` (regional compilation, ``harness.py --compile-scope blocks``): every
+    block compiled in place with compile_fn's inductor options, parameter names unchanged, and (traced with dynamo's
+    eager backend: inductor is too slow for CI) the same loss and gradients as the uncompiled model in float64."""
+    from titans.utils.compiling import INDUCTOR_OPTIONS, compile_blocks
+
+    cfg = dict(variant="mac", vocab_size=37, dim=16, depth=2, heads=2, window=4, persistent_tokens=2, memory_depth=2,
+               memory_chunk_size=2, attention_backend="reference")
+    torch.manual_seed(0)
+    ref = build_model(cfg).double()
+    model = build_model(cfg).double()
+    model.load_state_dict(ref.state_dict())
+    seen = []
+    real = torch.nn.Module.compile
+
+    def recording(self, **kwargs):
+        seen.append(kwargs)
+        return real(self, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording)
+    assert compile_blocks(model) is model
+    assert len(seen) == len(model.blocks) and all(k["options"] == INDUCTOR_OPTIONS for k in seen)
+    assert all(b._compiled_call_impl is not None for b in model.blocks)  # each block runs compiled from now on
+    assert list(model.state_dict()) == list(ref.state_dict())
+    ids = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    for m in (ref, model):
+        m(ids, labels=ids, use_cache=False).loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
