@@ -406,3 +406,9 @@ def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_
     assert seen[0]["backend"] == "inductor" and seen[0]["options"] == {"inplace_buffers": False}
     compiling.compile_fn(torch.nn.Linear(2, 2), backend="aot_eager", fullgraph=True)
     assert seen[-1] == {"backend": "aot_eager", "fullgraph": True}  # no inductor options for other backends
+    blocks = []
+    monkeypatch.setattr(trainer_mod, "compile_blocks", lambda m: blocks.append(m) or compiling.compile_blocks(m,
+                                                                                                       "eager"))
+    s = train(tiny_cfg(tmp_path / "blocks", "training.max_steps=2", "training.eval_every=2", "training.compile=true",
+                       "training.compile_scope=blocks"))
+    assert len(blocks) == 1 and len(calls) == 1 and math.isfinite(s["val_loss"])  # regional: no whole-model compile

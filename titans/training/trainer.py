@@ -31,7 +31,7 @@ from titans.utils.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from titans.utils.compiling import compile_fn
+from titans.utils.compiling import compile_blocks, compile_fn
 from titans.utils.config import TitansConfig, config_from_dict, save_config
 
 
@@ -316,8 +316,10 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
         # weights only; shapes are checked key by key (a different window or gate start is allowed: the
         # architecture's parameters are the same)
         load_weights(model, resolve_checkpoint(tc.init_from) / "model.safetensors")
+    if tc.compile and tc.compile_scope == "blocks":
+        compile_blocks(model)  # in place, before any wrapping (names unchanged for checkpoints and FSDP)
     run_model = wrap_model(model, cfg.training, dist, device)
-    if tc.compile:
+    if tc.compile and tc.compile_scope == "model":
         run_model = compile_fn(run_model)
     micro = tc.batch_size // tc.grad_accum
     batcher = make_batcher(cfg, train_ds, tokenizer, dist)
@@ -325,12 +327,6 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
     if tc.cuda_graphs:
         if dist.world_size > 1 or tc.compile:
             raise ValueError("training.cuda_graphs: single-process runs without training.compile only")
-        if tc.activation_checkpointing != "none":
-            # the harness trains this way (benchmarks/RESULTS.md section 6, session 12), but the GPU test of graphed
-            # against eager gradients with recomputation failed once and has not been re-run since
-            warnings.warn("training.cuda_graphs with training.activation_checkpointing="
-                          f"{tc.activation_checkpointing}: the graphed step's gradients are not yet verified against "
-                          "the eager step's on a GPU", RuntimeWarning, stacklevel=2)
         try:
             loss_fn = graphed_loss(run_model, batcher.batch(start_step)[0][:micro].to(device), amp_dtype)
         except RuntimeError as e:
