@@ -23,12 +23,18 @@ import torch
 INDUCTOR_OPTIONS: dict[str, Any] = {"inplace_buffers": False}
 
 
+def _with_options(backend: str, kwargs: dict) -> dict:
+    """``kwargs`` with :data:`INDUCTOR_OPTIONS` under ``options`` for the inductor backend (other backends take no
+    inductor options); options the caller brings win."""
+    if backend == "inductor":
+        kwargs = {**kwargs, "options": {**INDUCTOR_OPTIONS, **kwargs.get("options", {})}}
+    return kwargs
+
+
 def compile_fn(fn: Callable | torch.nn.Module, backend: str = "inductor", **kwargs) -> Callable:
     """``torch.compile(fn, backend=backend, **kwargs)`` with :data:`INDUCTOR_OPTIONS` for the inductor backend
     (other backends take no inductor options).  ``kwargs`` may bring more ``options``; they win."""
-    if backend == "inductor":
-        kwargs["options"] = {**INDUCTOR_OPTIONS, **kwargs.get("options", {})}
-    return torch.compile(fn, backend=backend, **kwargs)
+    return torch.compile(fn, backend=backend, **_with_options(backend, kwargs))
 
 
 def compile_blocks(model: torch.nn.Module, backend: str = "inductor", **kwargs) -> torch.nn.Module:
@@ -36,8 +42,7 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor", **kwargs) 
     of :func:`compile_fn`: regional compilation, one graph per block instead of the whole model unrolled over its
     layers and MAC segments (a fraction of the compile time; blocks of the same code share compiled code).
     Returns ``model``."""
-    if backend == "inductor":
-        kwargs["options"] = {**INDUCTOR_OPTIONS, **kwargs.get("options", {})}
+    kwargs = _with_options(backend, kwargs)
     for block in model.blocks:
         block.compile(backend=backend, **kwargs)
     return model
