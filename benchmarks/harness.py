@@ -33,6 +33,7 @@ import torch
 from titans.core.models import build_model
 from titans.utils.compiling import compile_blocks, compile_fn
 from titans.utils.config import ACTIVATION_CHECKPOINTING
+from titans.utils.io import atomic_write_text
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Row:
     train_tokens_per_s: float | None = None
     train_peak_gb: float | None = None
     prefill_tokens_per_s: float | None = None
+    warmup_s: float | None = None  # the warm-up steps, with any compilation and CUDA-graph capture in them
     error: str | None = None
     profile: list[dict] | None = None  # top GPU kernels of one training step (``--profile``)
 
@@ -142,9 +144,11 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+        t0 = time.perf_counter()
         for _ in range(args.warmup):
             step()
         _sync(device)
+        row.warmup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(args.iters):
             step()
@@ -152,9 +156,12 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         dt = (time.perf_counter() - t0) / args.iters
         row.train_tokens_per_s = batch * seq / dt
         row.train_peak_gb = _peak_gb(device)
+        # before the prefill (under --compile a further compilation): a step killed by its time limit keeps this
+        print(f"trained {name} {seq} x {batch}: {row.train_tokens_per_s:,.0f} tokens/s, peak "
+              f"{_fmt(row.train_peak_gb, 2)} GB, warm-up {row.warmup_s:.1f} s", flush=True)
         if args.profile:
             row.profile = profile_step(step, device, args.profile)
-        if name != "titans-pytorch":
+        if name != "titans-pytorch" and args.prefill:
             model.eval()
             with torch.no_grad(), amp:
                 model(ids[:1], use_cache=True)
@@ -294,6 +301,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode-graphs", action="store_true",
                     help="time decoding through the static step replayed from one CUDA graph (GraphedDecoder)")
     ap.add_argument("--prefill-piece", type=int, default=8192)
+    ap.add_argument("--prefill", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time one no-grad forward of a row (--no-prefill: training only; under --compile the "
+                         "prefill is a compilation of its own)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results/harness.json")
     args = ap.parse_args(argv)
@@ -332,7 +342,7 @@ def main(argv=None) -> dict:
         result["triton_autotune"] = triton_kernels.tuning_report()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_text(out, json.dumps(result, indent=2))
     table = markdown(rows, decode)
     for r in rows:
         if r.profile:
@@ -340,7 +350,7 @@ def main(argv=None) -> dict:
                 "| kernel | ms | calls | share |\n| --- | --- | --- | --- |\n" + "\n".join(
                     f"| `{k['name'][:80]}` | {k['ms']:.2f} | {k['calls']} | {100 * k['share']:.1f}% |"
                     for k in r.profile)
-    out.with_suffix(".md").write_text(table + "\n")
+    atomic_write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     return result
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 6 on one GPU: BABILong qa1 for MAC, MAG, MAL, LMM and the SWA baseline (same window, same parameters through
+# the feed-forward width, same training rows and steps), trained side by side under CUDA MPS on short rows and
+# evaluated with the streaming path far beyond them (2K ... 64K tokens).  Everything is written under $OUT.
+#
+# Made for the `device` tool (its machine lacks pydantic and dict-gcide): put the cp312 wheels of pydantic,
+# pydantic-core, annotated-types, typing-inspection and typing-extensions in .whl/ and a copy of
+# /usr/share/dictd/gcide.dict.dz (Debian package dict-gcide) in .carry/, then
+#   run  command: "bash benchmarks/babilong_gpu.sh"   carry: [".whl", ".carry"]   timeout_s: 600
+# Elsewhere: OUT=/tmp/out SOURCE=/usr/share/dictd/gcide.dict.dz bash benchmarks/babilong_gpu.sh
+#
+# The recipe (benchmarks/RESULTS.md 4s/4t found qa1 learnable from short rows on the CPU, ~3,000 steps of 320
+# tokens): 320-token rows first, then 1,024 and 2,048, answers placed at random in their rows (with every row
+# ending on its answer MAL learnt the answer's absolute position instead of the task, 4t).  Every stage is bounded
+# by steps (equal training tokens) and, as a safety for the call's 10 minutes, by time; a stage that stops on time
+# says so in summary.md.  Files: log.txt, out/summary.{json,md,png} and per-variant job logs, runs/ (each run's
+# final weights and metrics, no optimizer state).
+set -u
+OUT=${OUT:?set OUT to a folder for the results}
+SOURCE=${SOURCE:-.carry/gcide.dict.dz}
+STEPS1=${STEPS1:-5000} STEPS2=${STEPS2:-2000} STEPS3=${STEPS3:-1500}
+LENGTHS=${LENGTHS:-2048 4096 8192 16384 65536} SAMPLES=${SAMPLES:-48}
+LIMIT=${LIMIT:-530}  # seconds for training and evaluation of all five
+mkdir -p "$OUT"
+MPS=--mps; command -v nvidia-cuda-mps-control > /dev/null || MPS=""  # CPU dry runs
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+LOG=$OUT/log.txt
+nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
+RUNS=/tmp/babilong_runs
+rm -rf "$RUNS"
+CURRICULUM="[{seq_len: 320, max_steps: $STEPS1, tasks: [babilong_qa1], lr: 1.0e-3, warmup_steps: 100, max_time_s: 200},
+ {seq_len: 1024, max_steps: $STEPS2, batch_size: 4, lr: 5.0e-4, warmup_steps: 50, max_time_s: 110},
+ {seq_len: 2048, max_steps: $STEPS3, batch_size: 2, lr: 3.0e-4, warmup_steps: 20, max_time_s: 100}]"
+timeout "$LIMIT" python3 benchmarks/long_context.py --config niah --variants mac mag mal lmm swa --match-params mag \
+  --jobs 5 $MPS --source "$SOURCE" --steps $STEPS1 --tasks babilong_qa1 --lengths $LENGTHS \
+  --depths 0.5 --samples $SAMPLES --piece 8192 --out "$OUT/out" --runs-dir "$RUNS" \
+  --set model.ffn_mult=4.0 model.mac_memory_input=residual data.task_placement=random training.cuda_graphs=${CUDA_GRAPHS:-true} \
+  training.eval_batches=2 "training.curriculum=$CURRICULUM" >> "$LOG" 2>&1
+echo "long_context.py: exit $?" >> "$LOG"
+# the final weights of each run (no optimizer state), for evaluations with more samples elsewhere
+for run in "$RUNS"/job_*/run_*; do
+  [ -d "$run" ] || continue
+  dest=$OUT/runs/$(basename "$run")
+  mkdir -p "$dest"
+  cp "$run"/config.yaml "$run"/curriculum.json "$run"/metrics.jsonl "$dest"/ 2>/dev/null
+  if [ -f "$run"/checkpoints/latest ]; then
+    last=$(cat "$run"/checkpoints/latest)
+    mkdir -p "$dest/checkpoints/$last"
+    cp "$run"/checkpoints/latest "$dest"/checkpoints/
+    cp "$run/checkpoints/$last"/{model.safetensors,config.yaml,trainer_state.json} "$dest/checkpoints/$last/"
+  fi
+done
+grep -E "^## |exit" "$LOG"
