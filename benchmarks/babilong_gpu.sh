@@ -13,13 +13,15 @@
 # tokens): 320-token rows first, then 1,024 and 2,048, answers placed at random in their rows (with every row
 # ending on its answer MAL learnt the answer's absolute position instead of the task, 4t).  Every stage is bounded
 # by steps (equal training tokens) and, as a safety for the call's 10 minutes, by time; a stage that stops on time
-# says so in summary.md.  Files: log.txt, out/summary.{json,md,png} and per-variant job logs, runs/ (each run's
-# final weights and metrics, no optimizer state).
+# says so in summary.md.  Files: log.txt, results.tar.gz (out/: summary.{json,md,png} and per-variant job logs),
+# runs.tar (runs/: each run's final weights and metrics, no optimizer state).  The data.tasks of every stage is set
+# for the whole run: a stage without its own tasks takes the run's data.tasks (the niah config's [niah]), which
+# turned the first call's 1,024- and 2,048-token stages into S-NIAH training (session 15).
 set -u
 OUT=${OUT:?set OUT to a folder for the results}
 SOURCE=${SOURCE:-.carry/gcide.dict.dz}
-STEPS1=${STEPS1:-5000} STEPS2=${STEPS2:-2000} STEPS3=${STEPS3:-1500}
-LENGTHS=${LENGTHS:-2048 4096 8192 16384 65536} SAMPLES=${SAMPLES:-48}
+STEPS1=${STEPS1:-4000} STEPS2=${STEPS2:-1500} STEPS3=${STEPS3:-1000}
+LENGTHS=${LENGTHS:-2048 4096 8192 16384} SAMPLES=${SAMPLES:-48}
 LIMIT=${LIMIT:-530}  # seconds for training and evaluation of all five
 mkdir -p "$OUT"
 MPS=--mps; command -v nvidia-cuda-mps-control > /dev/null || MPS=""  # CPU dry runs
@@ -30,22 +32,26 @@ export PYTHONUNBUFFERED=1
 LOG=$OUT/log.txt
 nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
 RUNS=/tmp/babilong_runs
-rm -rf "$RUNS"
-CURRICULUM="[{seq_len: 320, max_steps: $STEPS1, tasks: [babilong_qa1], lr: 1.0e-3, warmup_steps: 100, max_time_s: 200},
+rm -rf "$RUNS" /tmp/babilong_out
+CURRICULUM="[{seq_len: 320, max_steps: $STEPS1, lr: 1.0e-3, warmup_steps: 100, max_time_s: 200},
  {seq_len: 1024, max_steps: $STEPS2, batch_size: 4, lr: 5.0e-4, warmup_steps: 50, max_time_s: 110},
  {seq_len: 2048, max_steps: $STEPS3, batch_size: 2, lr: 3.0e-4, warmup_steps: 20, max_time_s: 100}]"
 timeout "$LIMIT" python3 benchmarks/long_context.py --config niah --variants mac mag mal lmm swa --match-params mag \
   --jobs 5 $MPS --source "$SOURCE" --steps $STEPS1 --tasks babilong_qa1 --lengths $LENGTHS \
-  --depths 0.5 --samples $SAMPLES --piece 8192 --out "$OUT/out" --runs-dir "$RUNS" \
-  --set model.ffn_mult=4.0 model.mac_memory_input=residual data.task_placement=random training.cuda_graphs=${CUDA_GRAPHS:-true} \
+  --depths 0.5 --samples $SAMPLES --piece 8192 --out /tmp/babilong_out/out --runs-dir "$RUNS" \
+  --set model.ffn_mult=4.0 model.mac_memory_input=residual "data.tasks=[babilong_qa1]" data.task_placement=random training.cuda_graphs=${CUDA_GRAPHS:-true} \
   training.eval_batches=2 "training.curriculum=$CURRICULUM" >> "$LOG" 2>&1
 echo "long_context.py: exit $?" >> "$LOG"
-# the final weights of each run (no optimizer state), for evaluations with more samples elsewhere
+# the final weights of each run (no optimizer state), for evaluations with more samples elsewhere; the device tool
+# brings back at most 8 files, so everything goes into two archives
+KEEP=/tmp/babilong_keep
+rm -rf "$KEEP"
 for run in "$RUNS"/job_*/run_*; do
   [ -d "$run" ] || continue
-  dest=$OUT/runs/$(basename "$run")
+  dest=$KEEP/runs/$(basename "$run")
   mkdir -p "$dest"
-  cp "$run"/config.yaml "$run"/curriculum.json "$run"/metrics.jsonl "$dest"/ 2>/dev/null
+  cp -r "$run"/config.yaml "$run"/curriculum.json "$run"/metrics.jsonl "$run"/stages "$dest"/ 2>/dev/null
+  find "$dest/stages" -name checkpoints -prune -exec rm -rf {} + 2>/dev/null
   if [ -f "$run"/checkpoints/latest ]; then
     last=$(cat "$run"/checkpoints/latest)
     mkdir -p "$dest/checkpoints/$last"
@@ -53,4 +59,7 @@ for run in "$RUNS"/job_*/run_*; do
     cp "$run/checkpoints/$last"/{model.safetensors,config.yaml,trainer_state.json} "$dest/checkpoints/$last/"
   fi
 done
+tar -czf "$OUT/results.tar.gz" -C /tmp/babilong_out out
+[ -d "$KEEP" ] && tar -cf "$OUT/runs.tar" -C "$KEEP" runs
+cat /tmp/babilong_out/out/summary.md >> "$LOG" 2>/dev/null
 grep -E "^## |exit" "$LOG"
