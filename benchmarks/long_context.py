@@ -270,7 +270,8 @@ def main() -> None:
                    train_tokens=s["tokens_seen"], train_seconds=train_s,
                    train_steps=s["step"], time_limited=s.get("time_limited", False), val_bpb=s.get("val_bpb"),
                    final_train_loss=s.get("train_loss"), skipped_steps=s.get("skipped_steps"),
-                   stages=[{"seq_len": st["seq_len"], "steps": st["step"], "tokens": st["tokens_seen"],
+                   stages=[{"seq_len": st["seq_len"], "tasks": st.get("tasks"), "steps": st["step"],
+                            "tokens": st["tokens_seen"],
                             "time_limited": st["time_limited"], "train_loss": st.get("train_loss")}
                            for st in s.get("stages", [])])
         write_report(res, runs / f"eval_{name}")
@@ -279,7 +280,8 @@ def main() -> None:
                 f"tokens in {train_s:.0f} s, "
                 f"val bpb {s.get('val_bpb', float('nan')):.3f}, train loss (last 50 steps) {s.get('train_loss')}, "
                 f"{s.get('skipped_steps')} steps skipped (non-finite gradients), evaluation {res['seconds']:.0f} s\n\n"
-                + "".join(f"- curriculum stage {i}: rows of {st['seq_len']}, {st['steps']} steps"
+                + "".join(f"- curriculum stage {i}: rows of {st['seq_len']} ({', '.join(st['tasks'] or ['LM'])}), "
+                          f"{st['steps']} steps"
                           f"{' (time limit)' if st['time_limited'] else ''}, {st['tokens']:,} tokens, train loss "
                           f"{st['train_loss']}\n" for i, st in enumerate(res["stages"]))
                 + ("\n" if res["stages"] else "")

@@ -100,6 +100,7 @@ def test_curriculum_equals_the_stages_run_by_hand_and_resumes_after_a_failed_sta
     s = train(tiny_cfg(tmp_path / "cur", *common, stages))
     run = tmp_path / "cur" / "run"
     assert s["step"] == 5 and s["tokens_seen"] == 3 * 8 * 32 + 2 * 4 * 64 and len(s["stages"]) == 2
+    assert [st["tasks"] for st in s["stages"]] == [[], []]  # each stage's record names its data (here: LM alone)
     assert load_config(run / "config.yaml").data.seq_len == 64  # the final model lives in the run folder itself
     final = load_file(str(run / "checkpoints" / "step_0000002" / "model.safetensors"))
     # the same two runs by hand: stage 0, then stage 1 from its weights with a fresh optimizer and schedule

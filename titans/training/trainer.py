@@ -263,7 +263,9 @@ def train_curriculum(cfg: TitansConfig, resume: bool = False, progress: bool | N
         scfg = scfg.model_copy(update={"training": scfg.training.model_copy(update={"init_from": prev})})
         partial = resume and (sdir / "checkpoints" / "latest").is_file()
         s = _train_run(scfg, resume=partial, progress=progress, data_cache=out.parent / "data_cache")
-        s = {**s, "stage": i, "seq_len": scfg.data.seq_len}
+        # the stage's tasks in its record: a stage without its own takes the run's data.tasks, not the previous
+        # stage's (a BABILong curriculum on the niah config once trained S-NIAH from its second stage unnoticed)
+        s = {**s, "stage": i, "seq_len": scfg.data.seq_len, "tasks": list(scfg.data.tasks)}
         summaries.append(s)
         if s["interrupted"]:
             break
