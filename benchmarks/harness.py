@@ -32,7 +32,7 @@ import torch
 
 from titans.core.models import build_model
 from titans.utils.compiling import compile_blocks, compile_fn
-from titans.utils.config import ACTIVATION_CHECKPOINTING
+from titans.utils.config import ACTIVATION_CHECKPOINTING, TrainingConfig
 from titans.utils.io import atomic_write_text
 
 
@@ -286,9 +286,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model (with --cuda-graphs the capture failed on the H100 with torch 2.11, "
                          "benchmarks/RESULTS.md section 6)")
-    ap.add_argument("--compile-scope", choices=["model", "blocks"], default="model",
+    ap.add_argument("--compile-scope", choices=["model", "blocks"],
+                    default=TrainingConfig.model_fields["compile_scope"].default,
                     help="with --compile: the whole model as one graph, or each block on its own (regional "
-                         "compilation: a fraction of the compile time)")
+                         "compilation: a fraction of the compile time); default: the trainer's")
     ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                     help="TF32 tensor cores for float32 matmuls (the trainer's default, training.tf32)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",

@@ -320,3 +320,34 @@ def test_cuda_graphs_capture_the_recomputed_step(variant):
         assert err(loss, ref_loss) <= 1e-3, (mode, graphs, err(loss, ref_loss))
         assert max(errs) <= 2e-2, (mode, graphs, max(errs))
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs CUDA and Triton")
+def test_cuda_graphs_capture_compiled_blocks():
+    """training.compile (blocks) with training.cuda_graphs: the blocks compile (inductor, the project's options) in
+    graphed_loss's eager warm-up and the capture replays them; the same loss and gradients as the eager step up to
+    bf16 rounding.  (The harness timed this path on an H200, session 15; this check was not yet run there.)"""
+    from titans.training.trainer import graphed_loss
+    from titans.utils.compiling import compile_blocks
+
+    def grads(compiled: bool):
+        torch.manual_seed(0)
+        model = build_model(dict(variant="mac", vocab_size=64, dim=128, depth=2, heads=2, window=64,
+                                 persistent_tokens=4, memory_depth=2, memory_chunk_size=16,
+                                 memory_backend="triton")).cuda()
+        ids = torch.randint(0, 64, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        if compiled:
+            loss = graphed_loss(compile_blocks(model), ids, torch.bfloat16)(ids, ids)
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.detach().double(), [p.grad.double().clone() for p in model.parameters()]
+
+    ref_loss, ref = grads(False)
+    loss, gs = grads(True)
+    assert abs(loss - ref_loss) / ref_loss <= 1e-3
+    worst = max(((g - r).norm() / r.norm().clamp_min(1e-30)).item() for g, r in zip(gs, ref))
+    assert worst <= 2e-2, worst

@@ -402,7 +402,8 @@ def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_
     monkeypatch.setattr(compiling.torch, "compile", recording_compile)
     calls = []
     monkeypatch.setattr(trainer_mod, "compile_fn", lambda m: calls.append(m) or compiling.compile_fn(m))
-    s = train(tiny_cfg(tmp_path, "training.max_steps=2", "training.eval_every=2", "training.compile=true"))
+    s = train(tiny_cfg(tmp_path, "training.max_steps=2", "training.eval_every=2", "training.compile=true",
+                       "training.compile_scope=model"))
     assert len(calls) == 1 and math.isfinite(s["val_loss"])
     assert seen[0]["backend"] == "inductor" and seen[0]["options"] == {"inplace_buffers": False}
     compiling.compile_fn(torch.nn.Linear(2, 2), backend="aot_eager", fullgraph=True)
@@ -413,3 +414,12 @@ def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_
     s = train(tiny_cfg(tmp_path / "blocks", "training.max_steps=2", "training.eval_every=2", "training.compile=true",
                        "training.compile_scope=blocks"))
     assert len(blocks) == 1 and len(calls) == 1 and math.isfinite(s["val_loss"])  # regional: no whole-model compile
+    # CUDA graphs take regional compilation only (the blocks compile in the eager warm-up before the capture); here
+    # on the CPU the blocks scope gets as far as the capture's own device check
+    with pytest.raises(ValueError, match="compile_scope=blocks"):
+        train(tiny_cfg(tmp_path / "g1", "training.max_steps=1", "training.compile=true", "training.cuda_graphs=true",
+                       "training.compile_scope=model"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            train(tiny_cfg(tmp_path / "g2", "training.max_steps=1", "training.compile=true",
+                           "training.cuda_graphs=true"))
