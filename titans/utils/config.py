@@ -232,7 +232,7 @@ class TrainingConfig(_Strict):
     # with compile: each block on its own (regional compilation, titans.utils.compiling.compile_blocks: one graph per
     # block instead of the model unrolled over its layers and MAC segments; compiled in 135 s on an H200 for the
     # issue-7 MAC, and with cuda_graphs 307K vs 215K tokens/s eager, benchmarks/RESULTS.md section 6, session 15) or
-    # the whole model as one graph (its compile did not finish within 140 s there)
+    # the whole model as one graph (for MAC never timed to the end on a GPU)
     compile_scope: Literal["model", "blocks"] = "blocks"
     # float32 matmuls on CUDA (the memory's inner loop and retrieval run in float32 under bf16 autocast) use
     # TF32 tensor cores: 10-bit mantissa products, float32 accumulation
