@@ -5,13 +5,16 @@
 # pydantic-core, annotated-types, typing-inspection and typing-extensions into .whl/ (the tool's README says how),
 # then   run  command: "bash benchmarks/gpu_session.sh"   carry: [".whl"]   timeout_s: 600
 # Elsewhere: OUT=/tmp/out bash benchmarks/gpu_session.sh (needs CUDA).  Each step has its own time limit so that the
-# whole call ends inside 10 minutes (the limits add up to 565 s); a step that fails or times out leaves its log, and
-# the next step still runs.
-# Files under $OUT: log.txt, h_*.json (one harness row each), memory_kernels_warps_*.json.
+# whole call ends inside 10 minutes (the limits add up to 560 s, in order of priority); a step that fails or times out
+# leaves its log, and the next step still runs.
+# Files under $OUT: log.txt and results.tar.gz (the device tool brings back at most 8 files: every step writes under
+# $RES, packed at the end): gpu_tests.txt, h_*.json / .md (one harness row each), compile_check_*.json, memory_kernels_*.
 set -u
 OUT=${OUT:?set OUT to a folder for the results}
 export OUT
 mkdir -p "$OUT"
+RES=/tmp/gpu_results
+rm -rf "$RES" && mkdir -p "$RES"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 fi
@@ -31,30 +34,26 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # fresh machine that alone took the 140 s of a tests step (session 14): fixed warps here
 export TITANS_TRITON_AUTOTUNE=0
 
-# 1. the reference rows of the issue's configuration, CUDA graphs, one model and shape per process, training only.
-#    (not "CC": Triton's launcher build reads that name from the environment as the C compiler)
+# 1. the GPU-only tests, with session 15's new one (CUDA graphs over blocks compiled by inductor: its compile is most
+#    of this step's time); 16 passed in session 14
+step 200 gpu-tests sh -c "python3 -m pytest -q -p no:cacheprovider -rfE --durations=0 tests/test_fused_gate.py \
+  tests/test_activation_checkpointing.py tests/test_fused_memory.py tests/test_static_decode.py \
+  tests/test_attention.py -k 'gpu or cuda or graph_replay' > $RES/gpu_tests.txt 2>&1"
+# 2. flat scaling compiled: MAC 65536 x 1, blocks compiled + CUDA graphs (4096 x 8: 307,307 tokens/s in session 15;
+#    eager graphed 65536 x 1: 78,368). (not "CC": Triton's launcher build reads that name as the C compiler)
 HARNESS="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 \
   --memory-chunk 64 --no-prefill"
-step 60 mac-4096x8 $HARNESS --cuda-graphs --models mac --shapes 4096x8 --out "$OUT/h_mac_4096x8.json"
-# 2. regional compilation (each block compiled on its own), eager launches: did not finish in 150 s in session 14
-#    (with the prefill's own compilation in that step); the warm-up time (compilation) lands in the JSON
-step 280 mac-4096x8-compile-blocks $HARNESS --compile --compile-scope blocks --models mac --shapes 4096x8 \
-  --warmup 2 --iters 3 --out "$OUT/h_mac_4096x8_compile_blocks.json"
-# 3. the Transformer compiled too (the fair reference for a compiled MAC; eager with CUDA graphs: 647,246 tokens/s in
-#    session 14)
-step 90 transformer-4096x8-compile $HARNESS --compile --models transformer --shapes 4096x8 --warmup 2 --iters 3 \
-  --out "$OUT/h_transformer_4096x8_compile.json"
-# 4. the memory kernels alone at MAC's per-segment shape (8 x 8 heads x 512 tokens, head 64, hidden 128, chunk 64):
-#    time per pass and stage, with 4 / 8 / 16 warps (the default takes 8 at this size)
-for w in 4 8 16; do
-  step 45 "memory-kernels-warps-$w" env TITANS_TRITON_WARPS=$w python3 benchmarks/memory_kernels.py --backends triton \
-    --parts --shapes 8x8x512x64x128x64x2 --out "$OUT/memory_kernels_warps_$w.json"
-done
-# (next: the compile check on CUDA, `python3 benchmarks/compile_check.py --device cuda --dtype float32 --dim 128
-#  --heads 2 --window 64 --memory-chunk 16 --seq 256 --variants mac mag --memory-backend triton --scope blocks`, and
-#  the autotuner's gain, `env TITANS_TRITON_AUTOTUNE=1 $HARNESS --cuda-graphs --models mac --shapes 4096x8`, each
-#  with a limit of several minutes: both timed out at 80-110 s in session 14; the GPU-only tests:
-#  python3 -m pytest -q tests/test_fused_gate.py tests/test_activation_checkpointing.py tests/test_fused_memory.py
-#  tests/test_static_decode.py tests/test_attention.py -k 'gpu or cuda or graph_replay' (16 passed, session 14))
+step 200 mac-65536x1-compile-graphs $HARNESS --compile --compile-scope blocks --cuda-graphs --models mac \
+  --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_compile_blocks_graphs.json"
+# 3. compiled == eager on CUDA for the other variants (MAC: worst gradient 3.5e-4, session 15)
+step 120 compile-check-cuda python3 benchmarks/compile_check.py --device cuda --dtype float32 --dim 128 --heads 2 \
+  --window 64 --memory-chunk 16 --seq 256 --variants mag mal lmm --memory-backend triton --scope blocks \
+  --out "$RES/compile_check_cuda_blocks.json"
+# 4. the memory kernels with 4 warps (8: the default, 16: 2x slower, session 15; 4 did not finish in 45 s there)
+step 40 memory-kernels-warps-4 env TITANS_TRITON_WARPS=4 python3 benchmarks/memory_kernels.py --backends triton \
+  --parts --shapes 8x8x512x64x128x64x2 --out "$RES/memory_kernels_warps_4.json"
+# (later: the autotuner's gain, `env TITANS_TRITON_AUTOTUNE=1 $HARNESS --cuda-graphs --models mac --shapes 4096x8`,
+#  several minutes of compiles; why MAC's graph capture fails at 2 x 2048-token rows under MPS, benchmarks/RESULTS.md 4u)
 
+tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
 grep '^==' "$LOG"
