@@ -423,3 +423,26 @@ def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_
         with pytest.raises(ValueError, match="needs a CUDA device"):
             train(tiny_cfg(tmp_path / "g2", "training.max_steps=1", "training.compile=true",
                            "training.cuda_graphs=true"))
+
+
+def test_gc_paused_turns_the_collector_off_inside_and_restores_it():
+    """Captures run with Python's cyclic collector off (a collection inside a capture can destroy an earlier
+    capture's graphs there, which invalidates the capture); its state comes back after the block, also on error."""
+    import gc
+
+    from titans.training.trainer import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="inside"), gc_paused():
+        raise RuntimeError("inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a collector that was off stays off
+    finally:
+        gc.enable()

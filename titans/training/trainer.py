@@ -9,13 +9,14 @@ the same loop runs with torch DDP (or FSDP2) and a rank-sliced deterministic bat
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import signal
 import time
 import warnings
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -88,6 +89,26 @@ class LossFn(torch.nn.Module):
             return self.model(ids, labels=labels, use_cache=False).loss
 
 
+@contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off inside the block (and back to its state before, also on error).
+
+    For CUDA-graph captures: graphs of an earlier capture in the process (a curriculum's previous stage) live in
+    reference cycles until a collection, and a collection that happens to run inside a capture destroys them there,
+    a call CUDA does not permit while a stream captures; the capture is invalidated.  MAC's 2,048-token stage failed
+    that way in both GPU calls of benchmarks/RESULTS.md 4u (two "operation not permitted when stream is capturing
+    (function reset)" warnings, the forward and backward graph of a previous capture, then the failed capture);
+    the fix is not yet verified on a GPU.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.dtype | None,
                  warmup_iters: int = 3):
     """Forward + backward of :class:`LossFn` captured as CUDA graphs for (ids, labels) shaped like ``sample``.
@@ -111,8 +132,10 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
             torch.autograd.grad(loss, params, allow_unused=True)  # leaves .grad untouched
             del loss
     torch.cuda.synchronize()
+    gc.collect()  # destroy earlier captures' graphs now, outside any capture (see gc_paused)
     torch.cuda.empty_cache()
-    return torch.cuda.make_graphed_callables(fn, args, num_warmup_iters=0, allow_unused_input=True)
+    with gc_paused():
+        return torch.cuda.make_graphed_callables(fn, args, num_warmup_iters=0, allow_unused_input=True)
 
 
 class _LMBatches:
@@ -455,6 +478,9 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
         writer.close()
     if dist.world_size > 1:
         torch.distributed.barrier()
+    if tc.cuda_graphs:  # this run's graphs sit in reference cycles: free them (and their memory pools) here
+        loss = loss_fn = None  # noqa: F841 - the last step's loss holds the backward graph's nodes too
+        gc.collect()
     summary = {"step": step, "tokens_seen": tokens_seen, "interrupted": interrupted, "time_limited": time_up,
                "out_dir": str(out_dir),
                "skipped_steps": skipped_steps,
