@@ -94,8 +94,9 @@ def gc_paused():
     """Python's cyclic garbage collector off inside the block (and back to its state before, also on error).
 
     For CUDA-graph captures: graphs of an earlier capture in the process (a curriculum's previous stage) live in
-    reference cycles until a collection, and a collection that happens to run inside a capture destroys them there,
-    a call CUDA does not permit while a stream captures; the capture is invalidated.  MAC's 2,048-token stage failed
+    reference cycles until a collection (``torch.cuda.graph`` collects before a capture only with
+    ``torch.compiler.config.force_cudagraph_gc``), and a collection that happens to run inside a capture destroys
+    them there, a call CUDA does not permit while a stream captures; the capture is invalidated.  MAC's 2,048-token stage failed
     that way in both GPU calls of benchmarks/RESULTS.md 4u (two "operation not permitted when stream is capturing
     (function reset)" warnings, the forward and backward graph of a previous capture, then the failed capture);
     the fix is not yet verified on a GPU.
