@@ -430,7 +430,7 @@ def test_gc_paused_turns_the_collector_off_inside_and_restores_it():
     capture's graphs there, which invalidates the capture); its state comes back after the block, also on error."""
     import gc
 
-    from titans.training.trainer import gc_paused
+    from titans.utils.tensors import gc_paused
 
     assert gc.isenabled()
     with gc_paused():

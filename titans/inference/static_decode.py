@@ -22,6 +22,7 @@ position; :meth:`StaticDecodeState.to_model_state` hands the stream back to the 
 
 from __future__ import annotations
 
+import gc
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from titans.core.attention.attention_layer import KVCache, attention
 from titans.core.attention.attention_utils import MaskSpec
 from titans.core.memory.neural_memory import MemoryState
 from titans.core.models.model import LayerOps, LayerState, ModelState, TitansBlock, TitansLM
+from titans.utils.tensors import gc_paused
 
 # ----------------------------------------------------------------------------- state
 
@@ -410,7 +412,8 @@ class GraphedDecoder:
         for t, s in zip(self.state.buffers(), saved):
             t.copy_(s)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph), self._autocast():
+        gc.collect()  # an earlier decoder's graphs, if garbage, go now and not inside this capture (gc_paused)
+        with gc_paused(), torch.cuda.graph(self._graph), self._autocast():
             self._logits = static_decode_step(self.model, self._ids, self.state)
 
     def step(self, ids: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import signal
 import time
 import warnings
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from titans.utils.checkpoint import (
 )
 from titans.utils.compiling import compile_blocks, compile_fn
 from titans.utils.config import TitansConfig, config_from_dict, save_config
+from titans.utils.tensors import gc_paused
 
 
 def pick_device(name: str, dist: DistInfo) -> torch.device:
@@ -87,27 +88,6 @@ class LossFn(torch.nn.Module):
                if self.amp_dtype else nullcontext())
         with ctx:
             return self.model(ids, labels=labels, use_cache=False).loss
-
-
-@contextmanager
-def gc_paused():
-    """Python's cyclic garbage collector off inside the block (and back to its state before, also on error).
-
-    For CUDA-graph captures: graphs of an earlier capture in the process (a curriculum's previous stage) live in
-    reference cycles until a collection (``torch.cuda.graph`` collects before a capture only with
-    ``torch.compiler.config.force_cudagraph_gc``), and a collection that happens to run inside a capture destroys
-    them there, a call CUDA does not permit while a stream captures; the capture is invalidated.  MAC's 2,048-token stage failed
-    that way in both GPU calls of benchmarks/RESULTS.md 4u (two "operation not permitted when stream is capturing
-    (function reset)" warnings, the forward and backward graph of a previous capture, then the failed capture);
-    the fix is not yet verified on a GPU.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.dtype | None,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -25,6 +28,28 @@ def keep_last(t: Tensor, n: int, dim: int) -> Tensor:
 def capturing_cuda_graph() -> bool:
     """True while a CUDA graph is being captured: no host syncs (id-range checks), nothing kept for later calls."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside the block (and back to its state before, also on error).
+
+    For CUDA-graph captures: graphs of an earlier capture in the process (a curriculum's previous stage) live in
+    reference cycles until a collection (``torch.cuda.graph`` collects before a capture only with
+    ``torch.compiler.config.force_cudagraph_gc``), and a collection that happens to run inside a capture destroys
+    them there, a call CUDA does not permit while a stream captures; the capture is invalidated.  MAC's 2,048-token
+    stage failed that way in both GPU calls of benchmarks/RESULTS.md 4u (two "operation not permitted when stream is
+    capturing (function reset)" warnings, the forward and backward graph of a previous capture, then the failed
+    capture); the fix is not yet verified on a GPU.  Callers run ``gc.collect()`` first, so what is already garbage
+    goes before the capture.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def can_cache_tensors() -> bool:
