@@ -56,7 +56,7 @@ echo "part $PART: stages $FIRST-$LAST: $CURRICULUM" >> "$LOG"
 SETS=(--set "data.source=$SOURCE" --set training.cuda_graphs=${CUDA_GRAPHS:-true} --set logging.progress=false
       --set training.eval_batches=2 --set "training.curriculum=$CURRICULUM")
 [ -n "$INIT" ] && SETS+=(--set "training.init_from=$INIT")
-titans train --config niah --out "$RUN" "${SETS[@]}" >> "$LOG" 2>&1
+python3 -m titans train --config niah --out "$RUN" "${SETS[@]}" >> "$LOG" 2>&1
 echo "train: exit $?" >> "$LOG"
 python3 - "$RUN" >> "$LOG" 2>&1 <<'EOF'
 import json
@@ -80,10 +80,10 @@ if [ -f "$RUN/checkpoints/latest" ]; then
   cp "$RUN/checkpoints/$last"/{model.safetensors,config.yaml,trainer_state.json} "$KEEP/checkpoints/$last/"
   tar -cf "$OUT/niah_part$PART.tar" -C /tmp/niah_keep "niah_part$PART"
   mkdir -p /tmp/niah_eval
-  titans evaluate --checkpoint "$RUN" --task niah --data "$SOURCE" --lengths "$LENGTHS" \
+  python3 -m titans evaluate --checkpoint "$RUN" --task niah --data "$SOURCE" --lengths "$LENGTHS" \
     --depths 0.1,0.5,0.9 --samples 8 --piece 8192 --seed 0 --output /tmp/niah_eval/grid >> "$LOG" 2>&1
   for seed in 1 2; do
-    titans evaluate --checkpoint "$RUN" --task niah --data "$SOURCE" --lengths "$FRESH" --depths 0.1,0.5,0.9 \
+    python3 -m titans evaluate --checkpoint "$RUN" --task niah --data "$SOURCE" --lengths "$FRESH" --depths 0.1,0.5,0.9 \
       --samples 10 --piece 8192 --seed $seed --output /tmp/niah_eval/fresh16k_seed$seed >> "$LOG" 2>&1
   done
   tar -czf "$OUT/eval.tar.gz" -C /tmp niah_eval

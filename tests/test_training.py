@@ -179,6 +179,10 @@ def test_cli_help_and_missing_checkpoint():
         assert out.exit_code == 0 and "Example" in out.output
     res = r.invoke(app, ["evaluate", "--checkpoint", "/nonexistent/run"])
     assert res.exit_code == 2 and "nonexistent" in res.output
+    # python -m titans: the same command line without the console script (a source tree on PYTHONPATH)
+    mod = subprocess.run([sys.executable, "-m", "titans", "evaluate", "--checkpoint", "/nonexistent/run"],
+                         capture_output=True, text=True, timeout=120)
+    assert mod.returncode == 2 and "nonexistent" in mod.stdout + mod.stderr
 
 
 def test_shards_round_trip_and_corruption(tmp_path):
