@@ -145,8 +145,12 @@ def test_curriculum_equals_the_stages_run_by_hand_and_resumes_after_a_failed_sta
     # a task curriculum: each stage's rows come from its own tasks
     from titans.training.trainer import curriculum_stage_configs
 
-    staged = curriculum_stage_configs(tiny_cfg(tmp_path, "data.tasks=[niah]", "training.curriculum=[{seq_len: 512, "
-                                               "max_steps: 1, tasks: [niah_passkey]}, {seq_len: 1024, max_steps: 1}]"))
+    cfg = tiny_cfg(tmp_path, "data.tasks=[niah]", "training.curriculum=[{seq_len: 512, max_steps: 1, tasks: "
+                   "[niah_passkey]}, {seq_len: 1024, max_steps: 1}]")
+    # a stage without tasks takes the run's data.tasks, not the previous stage's: allowed, with a warning that says so
+    with pytest.warns(UserWarning, match=r"curriculum\[1\] sets no tasks: it trains on data.tasks=\['niah'\], not on "
+                      r"the previous stage's \['niah_passkey'\]"):
+        staged = curriculum_stage_configs(cfg)
     assert [c.data.tasks for c in staged] == [["niah_passkey"], ["niah"]]
     assert [c.data.seq_len for c in staged] == [512, 1024] and not any(c.training.curriculum for c in staged)
 

@@ -221,6 +221,11 @@ def curriculum_stage_configs(cfg: TitansConfig) -> list[TitansConfig]:
         data["data"]["seq_len"] = st.seq_len
         if st.tasks is not None:
             data["data"]["tasks"] = st.tasks
+        elif i > 0 and stages[i - 1].tasks is not None and stages[i - 1].tasks != cfg.data.tasks:
+            # the documented rule, but easy to miss: a BABILong run on the niah config trained S-NIAH from its second
+            # stage this way (benchmarks/RESULTS.md 4u)
+            warnings.warn(f"training.curriculum[{i}] sets no tasks: it trains on data.tasks={cfg.data.tasks}, not on "
+                          f"the previous stage's {stages[i - 1].tasks}", UserWarning, stacklevel=2)
         configs.append(config_from_dict(data, f"training.curriculum[{i}]"))
     return configs
 
