@@ -283,6 +283,35 @@ def test_triton_memory_core_recomputes_under_interpreter():
     assert float(res["ERR"]) <= 1e-6, res
 
 
+def _gpu_training_step(variant: str, mode: str = "none", graphs: bool = False, compiled: bool = False):
+    """One bf16 training step of a small Triton-backed model on CUDA, seeded: eagerly, or through the trainer's
+    ``graphed_loss`` (its warm-up before the capture leaves ``.grad`` untouched), the blocks compiled first with
+    ``compiled``.  Returns the loss and every parameter's gradient in float64."""
+    from titans.training.trainer import graphed_loss
+    from titans.utils.compiling import compile_blocks
+
+    torch.manual_seed(0)
+    model = build_model(dict(variant=variant, vocab_size=64, dim=128, depth=2, heads=2, window=64,
+                             persistent_tokens=4, memory_depth=2, memory_chunk_size=16, memory_backend="triton"))
+    model = model.set_activation_checkpointing(mode).cuda()
+    if compiled:
+        compile_blocks(model)
+    ids = torch.randint(0, 64, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    if graphs:
+        loss = graphed_loss(model, ids, torch.bfloat16)(ids, ids)
+    else:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    torch.cuda.synchronize()
+    # in float64: a float32 clamp of 1e-300 is 0, and a parameter without gradient would give 0 / 0
+    return loss.detach().double(), [p.grad.double().clone() for p in model.parameters()]
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
                     reason="needs CUDA and Triton")
 @pytest.mark.parametrize("variant", ["mac", "mag"])
@@ -290,34 +319,13 @@ def test_cuda_graphs_capture_the_recomputed_step(variant):
     """The trainer's CUDA-graph step (graphed_loss: forward and backward captured, bf16 autocast) with the memory
     recomputed, the Triton kernels inside the regions: the same loss and gradients as without checkpointing."""
     import titans.core.memory.triton_kernels as tk
-    from titans.training.trainer import graphed_loss
 
-    def grads(mode: str, graphs: bool):
-        torch.manual_seed(0)
-        model = build_model(dict(variant=variant, vocab_size=64, dim=128, depth=2, heads=2, window=64,
-                                 persistent_tokens=4, memory_depth=2, memory_chunk_size=16, memory_backend="triton"))
-        model = model.set_activation_checkpointing(mode).cuda()
-        ids = torch.randint(0, 64, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-        if graphs:  # the warm-up before the capture leaves .grad untouched
-            loss = graphed_loss(model, ids, torch.bfloat16)(ids, ids)
-        else:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        torch.cuda.synchronize()
-        return loss.detach().float(), [p.grad.float().clone() for p in model.parameters()]
-
-    def err(a: torch.Tensor, b: torch.Tensor) -> float:
-        # in float64: a float32 clamp of 1e-300 is 0, and a parameter without gradient would give 0 / 0
-        a, b = a.double(), b.double()
-        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-    ref_loss, ref = grads("none", graphs=False)
+    ref_loss, ref = _gpu_training_step(variant)
     for mode, graphs in (("memory", False), ("none", True), ("memory", True), ("full", True)):
-        loss, gs = grads(mode, graphs)
-        errs = [err(g, r) for g, r in zip(gs, ref)]
+        loss, gs = _gpu_training_step(variant, mode, graphs)
+        errs = [_rel_err(g, r) for g, r in zip(gs, ref)]
         # graphed vs eager differ by bf16 rounding (benchmarks/gpu_checks.py measured gradients to 5.8e-3)
-        assert err(loss, ref_loss) <= 1e-3, (mode, graphs, err(loss, ref_loss))
+        assert _rel_err(loss, ref_loss) <= 1e-3, (mode, graphs, _rel_err(loss, ref_loss))
         assert max(errs) <= 2e-2, (mode, graphs, max(errs))
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
 
@@ -328,26 +336,8 @@ def test_cuda_graphs_capture_compiled_blocks():
     """training.compile (blocks) with training.cuda_graphs: the blocks compile (inductor, the project's options) in
     graphed_loss's eager warm-up and the capture replays them; the same loss and gradients as the eager step up to
     bf16 rounding.  (The harness timed this path on an H200, session 15; this check was not yet run there.)"""
-    from titans.training.trainer import graphed_loss
-    from titans.utils.compiling import compile_blocks
-
-    def grads(compiled: bool):
-        torch.manual_seed(0)
-        model = build_model(dict(variant="mac", vocab_size=64, dim=128, depth=2, heads=2, window=64,
-                                 persistent_tokens=4, memory_depth=2, memory_chunk_size=16,
-                                 memory_backend="triton")).cuda()
-        ids = torch.randint(0, 64, (2, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-        if compiled:
-            loss = graphed_loss(compile_blocks(model), ids, torch.bfloat16)(ids, ids)
-        else:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        torch.cuda.synchronize()
-        return loss.detach().double(), [p.grad.double().clone() for p in model.parameters()]
-
-    ref_loss, ref = grads(False)
-    loss, gs = grads(True)
+    ref_loss, ref = _gpu_training_step("mac")
+    loss, gs = _gpu_training_step("mac", graphs=True, compiled=True)
     assert abs(loss - ref_loss) / ref_loss <= 1e-3
-    worst = max(((g - r).norm() / r.norm().clamp_min(1e-30)).item() for g, r in zip(gs, ref))
+    worst = max(_rel_err(g, r) for g, r in zip(gs, ref))
     assert worst <= 2e-2, worst
