@@ -434,14 +434,24 @@ def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_
 
 
 def test_gc_paused_turns_the_collector_off_inside_and_restores_it():
-    """Captures run with Python's cyclic collector off (a collection inside a capture can destroy an earlier
-    capture's graphs there, which invalidates the capture); its state comes back after the block, also on error."""
+    """Captures run after a full collection with Python's cyclic collector off (a collection inside a capture can
+    destroy an earlier capture's graphs there, which invalidates the capture); its state comes back after the block,
+    also on error."""
     import gc
+    import weakref
 
     from titans.utils.tensors import gc_paused
 
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.self = cycle
+    dead = weakref.ref(cycle)
+    del cycle  # garbage only a collection frees
     assert gc.isenabled()
     with gc_paused():
+        assert dead() is None  # collected on entry, before the block
         assert not gc.isenabled()
     assert gc.isenabled()
     with pytest.raises(RuntimeError, match="inside"), gc_paused():

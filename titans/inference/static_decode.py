@@ -22,7 +22,6 @@ position; :meth:`StaticDecodeState.to_model_state` hands the stream back to the 
 
 from __future__ import annotations
 
-import gc
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -412,7 +411,7 @@ class GraphedDecoder:
         for t, s in zip(self.state.buffers(), saved):
             t.copy_(s)
         self._graph = torch.cuda.CUDAGraph()
-        gc.collect()  # an earlier decoder's graphs, if garbage, go now and not inside this capture (gc_paused)
+        # an earlier decoder's graphs, if garbage, are destroyed before this capture and not inside it
         with gc_paused(), torch.cuda.graph(self._graph), self._autocast():
             self._logits = static_decode_step(self.model, self._ids, self.state)
 

@@ -113,9 +113,8 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
             torch.autograd.grad(loss, params, allow_unused=True)  # leaves .grad untouched
             del loss
     torch.cuda.synchronize()
-    gc.collect()  # destroy earlier captures' graphs now, outside any capture (see gc_paused)
-    torch.cuda.empty_cache()
-    with gc_paused():
+    with gc_paused():  # earlier captures' graphs are destroyed on entry, before their memory goes back, not inside
+        torch.cuda.empty_cache()
         return torch.cuda.make_graphed_callables(fn, args, num_warmup_iters=0, allow_unused_input=True)
 
 

@@ -32,7 +32,8 @@ def capturing_cuda_graph() -> bool:
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off inside the block (and back to its state before, also on error).
+    """A full collection, then Python's cyclic garbage collector off inside the block (and back to its state before,
+    also on error).
 
     For CUDA-graph captures: graphs of an earlier capture in the process (a curriculum's previous stage) live in
     reference cycles until a collection (``torch.cuda.graph`` collects before a capture only with
@@ -40,9 +41,10 @@ def gc_paused() -> Iterator[None]:
     them there, a call CUDA does not permit while a stream captures; the capture is invalidated.  MAC's 2,048-token
     stage failed that way in both GPU calls of benchmarks/RESULTS.md 4u (two "operation not permitted when stream is
     capturing (function reset)" warnings, the forward and backward graph of a previous capture, then the failed
-    capture); the fix is not yet verified on a GPU.  Callers run ``gc.collect()`` first, so what is already garbage
-    goes before the capture.
+    capture); the fix is not yet verified on a GPU.  The collection on entry destroys what is already garbage before
+    the capture begins.
     """
+    gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:
