@@ -14,7 +14,7 @@
 # ending on its answer MAL learnt the answer's absolute position instead of the task, 4t).  Every stage is bounded
 # by steps (equal training tokens) and, as a safety for the call's 10 minutes, by time; a stage that stops on time
 # says so in summary.md.  Files: log.txt, results.tar.gz (out/: summary.{json,md,png} and per-variant job logs),
-# runs.tar (runs/: each run's final weights and metrics, no optimizer state).  The data.tasks of every stage is set
+# runs.tar (runs/: each run's final weights as an inference export, and its metrics; no optimizer state).  The data.tasks of every stage is set
 # for the whole run: a stage without its own tasks takes the run's data.tasks (the niah config's [niah]), which
 # turned the first call's 1,024- and 2,048-token stages into S-NIAH training (session 15).
 set -u
@@ -49,15 +49,9 @@ rm -rf "$KEEP"
 for run in "$RUNS"/job_*/run_*; do
   [ -d "$run" ] || continue
   dest=$KEEP/runs/$(basename "$run")
-  mkdir -p "$dest"
-  cp -r "$run"/config.yaml "$run"/curriculum.json "$run"/metrics.jsonl "$run"/stages "$dest"/ 2>/dev/null
+  python3 -m titans convert-checkpoint --checkpoint "$run" --out "$dest" >> "$LOG" 2>&1 || mkdir -p "$dest"
+  cp -r "$run"/curriculum.json "$run"/metrics.jsonl "$run"/stages "$dest"/ 2>/dev/null
   find "$dest/stages" -name checkpoints -prune -exec rm -rf {} + 2>/dev/null
-  if [ -f "$run"/checkpoints/latest ]; then
-    last=$(cat "$run"/checkpoints/latest)
-    mkdir -p "$dest/checkpoints/$last"
-    cp "$run"/checkpoints/latest "$dest"/checkpoints/
-    cp "$run/checkpoints/$last"/{model.safetensors,config.yaml,trainer_state.json} "$dest/checkpoints/$last/"
-  fi
 done
 tar -czf "$OUT/results.tar.gz" -C /tmp/babilong_out out
 [ -d "$KEEP" ] && tar -cf "$OUT/runs.tar" -C "$KEEP" runs

@@ -69,15 +69,11 @@ for st in record["stages"]:
           f"{s['step']} steps, {s['tokens_seen']:,} tokens, time limit hit: {s['time_limited']}, "
           f"train loss {s['train_loss']}")
 EOF
-# the final weights (no optimizer state) as one archive: the next part's .carry/niah_part$PART
+# the final weights (an inference export: no optimizer state) as one archive: the next part's .carry/niah_part$PART
 KEEP=/tmp/niah_keep/niah_part$PART
-rm -rf /tmp/niah_keep && mkdir -p "$KEEP/checkpoints"
-if [ -f "$RUN/checkpoints/latest" ]; then
-  last=$(cat "$RUN/checkpoints/latest")
-  cp "$RUN/config.yaml" "$RUN/curriculum.json" "$RUN/metrics.jsonl" "$KEEP/"
-  cp "$RUN/checkpoints/latest" "$KEEP/checkpoints/"
-  mkdir -p "$KEEP/checkpoints/$last"
-  cp "$RUN/checkpoints/$last"/{model.safetensors,config.yaml,trainer_state.json} "$KEEP/checkpoints/$last/"
+rm -rf /tmp/niah_keep
+if python3 -m titans convert-checkpoint --checkpoint "$RUN" --out "$KEEP" >> "$LOG" 2>&1; then
+  cp "$RUN/curriculum.json" "$RUN/metrics.jsonl" "$KEEP/"
   tar -cf "$OUT/niah_part$PART.tar" -C /tmp/niah_keep "niah_part$PART"
   mkdir -p /tmp/niah_eval
   python3 -m titans evaluate --checkpoint "$RUN" --task niah --data "$SOURCE" --lengths "$LENGTHS" \
