@@ -5,7 +5,7 @@
 #
 #   PART=1: stages 0-5 of training.curriculum from scratch (~111M tokens); PART=2: stages 6-9 (~113M tokens) from
 #   .carry/niah_part1 (the previous call's weights: unpack its niah_part1.tar into .carry/); both then evaluate.
-#   run  command: "PART=1 bash benchmarks/niah_gpu.sh"   carry: [".whl", ".carry"]   timeout_s: 600
+#   run  command: "PART=1 EVAL=0 bash benchmarks/niah_gpu.sh"   carry: [".whl", ".carry"]   timeout_s: 600
 # Elsewhere: OUT=/tmp/out SOURCE=/usr/share/dictd/gcide.dict.dz PART=1 bash benchmarks/niah_gpu.sh
 #
 # Each stage keeps its steps (so the tokens of 4q/4r) but gets a time limit, its share of BUDGET seconds in
@@ -19,6 +19,7 @@ PART=${PART:-1}
 BUDGET=${BUDGET:-430}
 SCALE=${SCALE:-1}  # multiplies every stage's steps (a CPU dry run: SCALE=0.001 CUDA_GRAPHS=false LENGTHS=512,1024)
 LENGTHS=${LENGTHS:-2048,4096,8192,16384,65536} FRESH=${FRESH:-16384}
+EVAL=${EVAL:-1}  # EVAL=0: keep the weights, skip the evaluation (a first part whose numbers are not needed)
 mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
@@ -75,6 +76,8 @@ rm -rf /tmp/niah_keep
 if python3 -m titans convert-checkpoint --checkpoint "$RUN" --out "$KEEP" >> "$LOG" 2>&1; then
   cp "$RUN/curriculum.json" "$RUN/metrics.jsonl" "$KEEP/"
   tar -cf "$OUT/niah_part$PART.tar" -C /tmp/niah_keep "niah_part$PART"
+fi
+if [ -f "$OUT/niah_part$PART.tar" ] && [ "$EVAL" = 1 ]; then
   mkdir -p /tmp/niah_eval
   python3 -m titans evaluate --checkpoint "$RUN" --task niah --data "$SOURCE" --lengths "$LENGTHS" \
     --depths 0.1,0.5,0.9 --samples 8 --piece 8192 --seed 0 --output /tmp/niah_eval/grid >> "$LOG" 2>&1
