@@ -493,6 +493,7 @@ if triton is not None:
         DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
         NW1, NW2, NS1, NS2,  # stage 1 writes, stage 2 reads: the gradient of each chunk's end state (BH, N, ...)
         X1, X2, XS1, XS2,  # stage 0 writes, stage 1 reads: the dy share of each chunk's state-gradient update
+        ZS, US, HS,  # stage 0's scratch (BH, N, C, E): z, u and dh, read back instead of held in registers
         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
@@ -514,43 +515,73 @@ if triton is not None:
             z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
             ht = tl.trans(h)
             if STAGE == 0:
-                s1 = _operand(tl.load(_mat(SS1 + cc * D * E, D, E)), DOT_BF16)
-                s2 = _operand(tl.load(_mat(SS2 + cc * E * D, E, D)), DOT_BF16)
-                dy = tl.load(_mat(DY + tok, C, D))
+                # Ordered so that few tiles are live at once (the stage spills to local memory otherwise): each
+                # state share is stored as soon as it exists (x1 / x2 completed by a load-add), and q W1 / q S1
+                # are computed again for the layer-1 read-out instead of held across layer 2's.
+                zsp = _mat(ZS + cc * C * E, C, E)
+                usp = _mat(US + cc * C * E, C, E)
+                tl.store(zsp, z)
+                tl.store(usp, u)
+                s1p = _mat(SS1 + cc * D * E, D, E)
+                s2p = _mat(SS2 + cc * E * D, E, D)
                 # the query side of the chunk: zq = G (q W1) + B (q S1) + A1 dl, y = G (hq W2) + B (hq S2) + A2 err
                 qk = _dot(q, kt, DOT_BF16)
                 a1 = qk * mmat
-                qw1 = _dot(q, w1, DOT_BF16)
-                qs1 = _dot(q, s1, DOT_BF16)
-                zq = g * qw1 + b * qs1 + _dot(a1, dl, DOT_BF16)
+                zq = g * _dot(q, w1, DOT_BF16) + b * _dot(q, _operand(tl.load(s1p), DOT_BF16), DOT_BF16) + _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
                 hh = _dot(hq, ht, DOT_BF16)
-                dg, dbc, dhq, dh, derr, x2, xs2, dmat = _readout_bwd(
-                    dy, hq, h, _dot(hq, w2, DOT_BF16), _dot(hq, s2, DOT_BF16), w2, s2, g, b, hh, mmat, hh * mmat,
-                    err, DOT_BF16)
-                dzq = dhq * _silu_grad(zq)
-                dg1, dbc1, dq, dk, ddl, x1, xs1, dmat1 = _readout_bwd(
-                    dzq, q, k, qw1, qs1, w1, s1, g, b, qk, mmat, a1, dl, DOT_BF16)
-                dg += dg1
-                dbc += dbc1
-                dmat += dmat1
-                du, dp, dz = _through_inner(ddl, derr, dh, z, ag, u, w2, DOT_BF16)
-                x2 += _dot(tl.trans(du), err, DOT_BF16) + _dot(ht, dp, DOT_BF16)
-                x1 += _dot(kt, dz, DOT_BF16)
+                dy = tl.load(_mat(DY + tok, C, D))
+                # back through y (the steps of _readout_bwd, each share stored when done)
+                x2p = _mat(X2 + cc * E * D, E, D)
+                hqt = tl.trans(hq)
+                tl.store(_mat(XS2 + cc * E * D, E, D), _dot(hqt, b * dy, DOT_BF16))
+                tl.store(x2p, _dot(hqt, g * dy, DOT_BF16))
+                dg = tl.sum(dy * _dot(hq, w2, DOT_BF16), 1)
+                dbc = tl.sum(dy * _dot(hq, _operand(tl.load(s2p), DOT_BF16), DOT_BF16), 1)
+                da2 = _dot(dy, tl.trans(err), DOT_BF16)
+                dxk2 = da2 * mmat
+                dmp = _mat(DM + cc * C * C, C, C)
+                tl.store(dmp, da2 * hh)
+                derr = _dot(tl.trans(hh * mmat), dy, DOT_BF16)
+                dhsp = _mat(HS + cc * C * E, C, E)
+                tl.store(dhsp, _dot(tl.trans(dxk2), hq, DOT_BF16))
+                dzq = (_dot(g * dy, tl.trans(w2), DOT_BF16) + _dot(b * dy, tl.trans(_operand(tl.load(s2p), DOT_BF16)), DOT_BF16)
+                       + _dot(dxk2, h, DOT_BF16)) * _silu_grad(zq)
+                # back through zq
+                x1p = _mat(X1 + cc * D * E, D, E)
+                qt = tl.trans(q)
+                tl.store(_mat(XS1 + cc * D * E, D, E), _dot(qt, b * dzq, DOT_BF16))
+                tl.store(x1p, _dot(qt, g * dzq, DOT_BF16))
+                dg += tl.sum(dzq * _dot(q, w1, DOT_BF16), 1)
+                dbc += tl.sum(dzq * _dot(q, _operand(tl.load(s1p), DOT_BF16), DOT_BF16), 1)
+                tl.store(DG + bh * T + c * C + rc, dg)
+                tl.store(DBC + bh * T + c * C + rc, dbc)
+                # z and u again from the scratch: held across the read-outs they spilled
+                tl.debug_barrier()
+                z = tl.load(zsp)
+                u = tl.load(usp)
+                ag = _silu_grad(z)
+                h = _silu(z)
+                ht = tl.trans(h)
+                da1 = _dot(dzq, tl.trans(u * ag), DOT_BF16)
+                dxk1 = da1 * mmat
+                dq = _dot(g * dzq, tl.trans(w1), DOT_BF16) + _dot(b * dzq, tl.trans(_operand(tl.load(s1p), DOT_BF16)), DOT_BF16)
+                dq += _dot(dxk1, k, DOT_BF16)
+                if RESIDUAL:
+                    dq += dy
+                tl.store(_mat(DQ + tok, C, D), dq)
+                dk = _dot(tl.trans(dxk1), q, DOT_BF16)
+                ddl = _dot(tl.trans(a1), dzq, DOT_BF16)
+                du, dp, dz = _through_inner(ddl, derr, tl.load(dhsp), z, ag, u, w2, DOT_BF16)
+                tl.debug_barrier()  # the shares and dM stored above by other threads are complete
+                tl.store(dmp, tl.load(dmp) + da1 * qk)
+                tl.store(x2p, tl.load(x2p) + _dot(tl.trans(du), err, DOT_BF16) + _dot(ht, dp, DOT_BF16))
+                tl.store(x1p, tl.load(x1p) + _dot(kt, dz, DOT_BF16))
                 dk += _dot(dz, tl.trans(w1), DOT_BF16)
                 if RESIDUAL:
                     dk += dp
-                    dq += dy
-                tl.store(_mat(X1 + cc * D * E, D, E), x1)
-                tl.store(_mat(XS1 + cc * D * E, D, E), xs1)
-                tl.store(_mat(X2 + cc * E * D, E, D), x2)
-                tl.store(_mat(XS2 + cc * E * D, E, D), xs2)
-                tl.store(_mat(DQ + tok, C, D), dq)
                 tl.store(_mat(DK + tok, C, D), dk)  # the dy share; stage 2 adds the dWn share
                 tl.store(_mat(DV + tok, C, D), -dp)
-                tl.store(DG + bh * T + c * C + rc, dg)
-                tl.store(DBC + bh * T + c * C + rc, dbc)
-                tl.store(_mat(DM + cc * C * C, C, C), dmat)
             else:
                 if STAGE == 1:
                     dw1n = tl.load(dw1p)
@@ -566,12 +597,21 @@ if triton is not None:
                     ds1n = _operand(tl.load(_mat(NS1 + cc * D * E, D, E)), DOT_BF16)
                     dw2n = _operand(tl.load(_mat(NW2 + cc * E * D, E, D)), DOT_BF16)
                     ds2n = _operand(tl.load(_mat(NS2 + cc * E * D, E, D)), DOT_BF16)
+                    # the per-chunk sums first (each product's tiles die early; products and sums in float32)
+                    s1 = _operand(tl.load(_mat(SS1 + cc * D * E, D, E)), DOT_BF16)
+                    s2 = _operand(tl.load(_mat(SS2 + cc * E * D, E, D)), DOT_BF16)
+                    tl.store(DGL + cc, _inner(w1, dw1n) + _inner(w2, dw2n))
+                    tl.store(DBL + cc, _inner(s1, dw1n) + _inner(s2, dw2n))
+                    tl.store(DPL + cc, _inner(s1, ds1n) + _inner(s2, ds2n))
                 # the dWn share: W1' = ... + k^T (Ml dl), S1' = ... + k^T (m dl), W2' = ... + h^T (Ml err), ...
                 kdw = _dot(k, dw1n, DOT_BF16)
                 kds = _dot(k, ds1n, DOT_BF16)
                 hdw = _dot(h, dw2n, DOT_BF16)
                 hds = _dot(h, ds2n, DOT_BF16)
                 ddl = ml * kdw + mm * kds
+                if STAGE == 2:
+                    tl.store(DML + cc * C + rc, tl.sum(dl * kdw, 1) + tl.sum(err * hdw, 1))
+                    tl.store(DMM + cc * C + rc, tl.sum(dl * kds, 1) + tl.sum(err * hds, 1))
                 dh = _dot(ml * err, tl.trans(dw2n), DOT_BF16) + _dot(mm * err, tl.trans(ds2n), DOT_BF16)
                 du, dp, dz = _through_inner(ddl, ml * hdw + mm * hds, dh, z, ag, u, w2, DOT_BF16)
                 if STAGE == 1:
@@ -587,8 +627,6 @@ if triton is not None:
                     tl.store(ds2p, new_ds2)
                     tl.debug_barrier()  # the next chunk reads what other threads wrote
                 else:
-                    s1 = _operand(tl.load(_mat(SS1 + cc * D * E, D, E)), DOT_BF16)
-                    s2 = _operand(tl.load(_mat(SS2 + cc * E * D, E, D)), DOT_BF16)
                     dk = _dot(ml * dl, tl.trans(dw1n), DOT_BF16) + _dot(mm * dl, tl.trans(ds1n), DOT_BF16)
                     dk += _dot(dz, tl.trans(w1), DOT_BF16)
                     if RESIDUAL:
@@ -597,12 +635,6 @@ if triton is not None:
                     dvp = _mat(DV + tok, C, D)
                     tl.store(dkp, tl.load(dkp) + dk)
                     tl.store(dvp, tl.load(dvp) - dp)
-                    tl.store(DML + cc * C + rc, tl.sum(dl * kdw, 1) + tl.sum(err * hdw, 1))
-                    tl.store(DMM + cc * C + rc, tl.sum(dl * kds, 1) + tl.sum(err * hds, 1))
-                    # both factors may be bf16 operand tiles here: products and sums in float32
-                    tl.store(DGL + cc, _inner(w1, dw1n) + _inner(w2, dw2n))
-                    tl.store(DBL + cc, _inner(s1, dw1n) + _inner(s2, dw2n))
-                    tl.store(DPL + cc, _inner(s1, ds1n) + _inner(s2, ds2n))
 
 def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Exception) -> None:
     """Record a compile failure (say, out of shared memory on a smaller GPU) so ``supports`` says no."""
@@ -798,7 +830,8 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     ends = _state_buffers(qf, B * H, N, dstate, L) if (three_stage or _split() and N > 1) else [qf.new_empty(1)] * 4
     if three_stage:
         shares = _state_buffers(qf, B * H, N, dstate, L)  # X1, X2, XS1, XS2: the dy share per chunk
-        args = (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *shares, *outs)
+        scratch = [qf.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(3)]  # ZS, US, HS
+        args = (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *shares, *scratch, *outs)
         _launch_stages(B * H, N, args, {key: val for key, val in kw.items() if key != "L"})
     else:
         _launch(_memory_bwd_kernel, B * H, N,

@@ -1,0 +1,117 @@
+"""Static resources of every pass of the Triton memory kernels, built for a Hopper GPU on any machine (issue 7).
+
+Registers per thread, spilled stack bytes per thread (local memory: the backward's main cost, RESULTS.md section 6),
+shared memory and tensor-core instruction counts of each launch the kernels make (forward passes, the two-pass and
+three-stage backward), from a cross-compilation for ``sm_90a`` with Triton's own toolchain: no GPU needed, so
+kernel restructurings can be compared before any device time is spent.  Numbers come from this machine's Triton
+(the GPU may run another version, whose code generation differs somewhat); timings still need the GPU
+(``memory_kernels.py --parts``).
+
+    python benchmarks/kernel_resources.py --shape 64x128x64x2 --warps 8 --out benchmarks/results/kernel_resources.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+
+def _kernels():
+    from titans.core.memory import triton_kernels as tk
+
+    if not tk.triton_available():
+        raise SystemExit(f"Triton is not installed here ({tk._TRITON_ERROR})")
+    return tk
+
+
+def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tuple[str, object, dict]]:
+    """(name, kernel, compile-time arguments) of each launch of one forward and one backward, as the launcher
+    makes them (``triton_kernels._launch`` / ``_launch_stages``)."""
+    tk = _kernels()
+    base = dict(N=N, C=C, D=D, E=E, RESIDUAL=residual, DOT_BF16=1)
+    out = [(f"forward pass {m}", tk._memory_fwd_kernel, dict(base, L=L, SAVE=True, MODE=m)) for m in (1, 2)]
+    if L == 2:
+        out += [(f"backward stage {s}", tk._memory_bwd3_kernel, dict(base, STAGE=s)) for s in (0, 1, 2)]
+    out += [(f"two-pass backward pass {m}", tk._memory_bwd_kernel, dict(base, L=L, MODE=m)) for m in (1, 2)]
+    return out
+
+
+def _signature(kernel, const: dict) -> dict:
+    """Pointer types of the kernels' arguments: float32 buffers, the saved chunk starts in bf16 (what the
+    launcher passes with bf16 matmul operands)."""
+    sig = {}
+    for p in kernel.params:
+        if p.name in const:
+            sig[p.name] = "constexpr"
+        elif p.name in ("SW1", "SW2", "SS1", "SS2"):
+            sig[p.name] = "*bf16"
+        else:
+            sig[p.name] = "*fp32"
+    return sig
+
+
+def resources(kernel, const: dict, warps: int, stages: int = 1, arch: int = 90) -> dict:
+    """Cross-compile one launch and read its resource usage from the cubin (``cuobjdump -res-usage``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(kernel.arg_names)
+    src = ASTSource(fn=kernel, signature=_signature(kernel, const),
+                    constexprs={(names.index(k),): v for k, v in const.items()})
+    t0 = time.perf_counter()
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps,
+                                                                                    num_stages=stages))
+    seconds = time.perf_counter() - t0
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    ptx = compiled.asm["ptx"]
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+            "shared_bytes": int(fields["SHARED"]), "wgmma": ptx.count("wgmma.mma_async"),
+            "mma_sync": ptx.count("mma.sync"), "compile_s": round(seconds, 1)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="64x128x64x2", help="DxExCxL: head dim, hidden, chunk, memory depth")
+    ap.add_argument("--chunks", type=int, default=8, help="chunks per call (N; MAC's 512-token segment: 8)")
+    ap.add_argument("--warps", type=int, nargs="+", default=[8])
+    ap.add_argument("--residual", action="store_true")
+    ap.add_argument("--out", default=None, help="JSON file (a markdown table is printed)")
+    args = ap.parse_args(argv)
+    import triton
+
+    D, E, C, L = (int(x) for x in args.shape.split("x"))
+    rows = []
+    for warps in args.warps:
+        for name, kernel, const in launches(D, E, C, L, args.chunks, args.residual):
+            rows.append({"launch": name, "warps": warps, **resources(kernel, const, warps)})
+            print(f"{name:28s} warps {warps:2d}: {rows[-1]}", flush=True)
+    print("\n| launch | warps | registers | spilled stack B/thread | shared B | wgmma |\n| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['launch']} | {r['warps']} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} | "
+              f"{r['wgmma']} |")
+    if args.out:
+        record = {"date": date.today().isoformat(), "triton": triton.__version__, "target": "sm_90a",
+                  "shape": {"D": D, "E": E, "C": C, "L": L, "N": args.chunks, "residual": args.residual},
+                  "rows": rows}
+        from titans.utils.io import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "0")
+    main()
