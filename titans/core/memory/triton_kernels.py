@@ -502,6 +502,13 @@ if triton is not None:
         rc = tl.arange(0, C)
         T = N * C
         dw1p, ds1p, dw2p, ds2p = _state_ptrs(DW1, DS1, DW2, DS2, bh, D, E)
+        if STAGE == 1:  # the final state's gradient is the last chunk's end-state gradient (see the walk below)
+            last = bh * N + N - 1
+            tl.store(_mat(NW1 + last * D * E, D, E), tl.load(dw1p))
+            tl.store(_mat(NS1 + last * D * E, D, E), tl.load(ds1p))
+            tl.store(_mat(NW2 + last * E * D, E, D), tl.load(dw2p))
+            tl.store(_mat(NS2 + last * E * D, E, D), tl.load(ds2p))
+            tl.debug_barrier()
         for i in range(N if STAGE == 1 else 1):
             if STAGE == 1:
                 c = N - 1 - i
@@ -584,14 +591,27 @@ if triton is not None:
                 tl.store(_mat(DV + tok, C, D), -dp)
             else:
                 if STAGE == 1:
-                    dw1n = tl.load(dw1p)
-                    ds1n = tl.load(ds1p)
-                    dw2n = tl.load(dw2p)
-                    ds2n = tl.load(ds2p)
-                    tl.store(_mat(NW1 + cc * D * E, D, E), dw1n)
-                    tl.store(_mat(NS1 + cc * D * E, D, E), ds1n)
-                    tl.store(_mat(NW2 + cc * E * D, E, D), dw2n)
-                    tl.store(_mat(NS2 + cc * E * D, E, D), ds2n)
+                    # The state gradient walks through NW / NS: chunk c reads its end-state gradient from slot c
+                    # and writes its start-state gradient (chunk c - 1's end) to slot c - 1 (chunk 0: to DW / DS,
+                    # the op's output), so each part of the update is stored as soon as it is known, with no
+                    # overwrite in place: the float32 tiles die at once, the walk holds bf16 operand copies.
+                    dw1n = tl.load(_mat(NW1 + cc * D * E, D, E))
+                    ds1n = tl.load(_mat(NS1 + cc * D * E, D, E))
+                    dw2n = tl.load(_mat(NW2 + cc * E * D, E, D))
+                    ds2n = tl.load(_mat(NS2 + cc * E * D, E, D))
+                    first = c == 0
+                    tw1 = _mat(tl.where(first, DW1 + bh * D * E, NW1 + (cc - 1) * D * E), D, E)
+                    ts1 = _mat(tl.where(first, DS1 + bh * D * E, NS1 + (cc - 1) * D * E), D, E)
+                    tw2 = _mat(tl.where(first, DW2 + bh * E * D, NW2 + (cc - 1) * E * D), E, D)
+                    ts2 = _mat(tl.where(first, DS2 + bh * E * D, NS2 + (cc - 1) * E * D), E, D)
+                    tl.store(ts1, bl * dw1n + pl * ds1n + tl.load(_mat(XS1 + cc * D * E, D, E)))
+                    tl.store(ts2, bl * dw2n + pl * ds2n + tl.load(_mat(XS2 + cc * E * D, E, D)))
+                    tl.store(tw1, gl * dw1n + tl.load(_mat(X1 + cc * D * E, D, E)))
+                    tl.store(tw2, gl * dw2n + tl.load(_mat(X2 + cc * E * D, E, D)))
+                    dw1n = _operand(dw1n, DOT_BF16)
+                    ds1n = _operand(ds1n, DOT_BF16)
+                    dw2n = _operand(dw2n, DOT_BF16)
+                    ds2n = _operand(ds2n, DOT_BF16)
                 else:
                     dw1n = _operand(tl.load(_mat(NW1 + cc * D * E, D, E)), DOT_BF16)
                     ds1n = _operand(tl.load(_mat(NS1 + cc * D * E, D, E)), DOT_BF16)
@@ -615,16 +635,9 @@ if triton is not None:
                 dh = _dot(ml * err, tl.trans(dw2n), DOT_BF16) + _dot(mm * err, tl.trans(ds2n), DOT_BF16)
                 du, dp, dz = _through_inner(ddl, ml * hdw + mm * hds, dh, z, ag, u, w2, DOT_BF16)
                 if STAGE == 1:
-                    new_dw1 = gl * dw1n + _dot(kt, dz, DOT_BF16) + tl.load(_mat(X1 + cc * D * E, D, E))
-                    new_ds1 = bl * dw1n + pl * ds1n + tl.load(_mat(XS1 + cc * D * E, D, E))
-                    new_dw2 = (gl * dw2n + _dot(tl.trans(du), err, DOT_BF16) + _dot(ht, dp, DOT_BF16)
-                               + tl.load(_mat(X2 + cc * E * D, E, D)))
-                    new_ds2 = bl * dw2n + pl * ds2n + tl.load(_mat(XS2 + cc * E * D, E, D))
-                    tl.debug_barrier()  # every thread has read the old state gradient before it is overwritten
-                    tl.store(dw1p, new_dw1)
-                    tl.store(ds1p, new_ds1)
-                    tl.store(dw2p, new_dw2)
-                    tl.store(ds2p, new_ds2)
+                    tl.debug_barrier()  # the parts stored above by other threads are complete
+                    tl.store(tw1, tl.load(tw1) + _dot(kt, dz, DOT_BF16))
+                    tl.store(tw2, tl.load(tw2) + _dot(tl.trans(du), err, DOT_BF16) + _dot(ht, dp, DOT_BF16))
                     tl.debug_barrier()  # the next chunk reads what other threads wrote
                 else:
                     dk = _dot(ml * dl, tl.trans(dw1n), DOT_BF16) + _dot(mm * dl, tl.trans(ds1n), DOT_BF16)
