@@ -99,7 +99,8 @@ def main(argv=None) -> None:
         for name, kernel, const in launches(D, E, C, L, args.chunks, args.residual):
             rows.append({"launch": name, "warps": warps, **resources(kernel, const, warps)})
             print(f"{name:28s} warps {warps:2d}: {rows[-1]}", flush=True)
-    print("\n| launch | warps | registers | spilled stack B/thread | shared B | wgmma |\n| --- | --- | --- | --- | --- | --- |")
+    print("\n| launch | warps | registers | spilled stack B/thread | shared B | wgmma |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['launch']} | {r['warps']} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} | "
               f"{r['wgmma']} |")

@@ -177,6 +177,11 @@ if triton is not None:
             return x
 
     @triton.jit
+    def _load_operand(ptrs, BF16: tl.constexpr):
+        # a read-only state tile loaded again where it is used (held from an earlier load, it spilled)
+        return _operand(tl.load(ptrs), BF16)
+
+    @triton.jit
     def _mat(ptr, R: tl.constexpr, Cn: tl.constexpr):
         r = tl.arange(0, R)
         c = tl.arange(0, Cn)
@@ -493,7 +498,7 @@ if triton is not None:
         DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
         NW1, NW2, NS1, NS2,  # stage 1 writes, stage 2 reads: the gradient of each chunk's end state (BH, N, ...)
         X1, X2, XS1, XS2,  # stage 0 writes, stage 1 reads: the dy share of each chunk's state-gradient update
-        ZS, US, HS,  # stage 0's scratch (BH, N, C, E): z, u and dh, read back instead of held in registers
+        ZS, US, LS, HS, QS,  # stage 0's scratch (BH, N, C, E): z, u, dl, dh, silu'(zq), read back, not held
         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
@@ -522,20 +527,27 @@ if triton is not None:
             z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
             ht = tl.trans(h)
             if STAGE == 0:
-                # Ordered so that few tiles are live at once (the stage spills to local memory otherwise): each
-                # state share is stored as soon as it exists (x1 / x2 completed by a load-add), and q W1 / q S1
-                # are computed again for the layer-1 read-out instead of held across layer 2's.
+                # Ordered so that few tiles are live at once (held across both read-outs they spilled to local
+                # memory, ~5 KB a thread): each state share is stored as soon as it exists (x1 / x2 completed by
+                # a load-add), z, u, dl, dh and silu'(zq) go to a scratch and are read back where needed, and
+                # q W1 / q S1 / S1 / S2 are computed or loaded again instead of held.  Everything read back was
+                # stored by other threads too: each read follows a block barrier.
                 zsp = _mat(ZS + cc * C * E, C, E)
                 usp = _mat(US + cc * C * E, C, E)
+                lsp = _mat(LS + cc * C * E, C, E)
                 tl.store(zsp, z)
                 tl.store(usp, u)
+                tl.store(lsp, dl)
                 s1p = _mat(SS1 + cc * D * E, D, E)
                 s2p = _mat(SS2 + cc * E * D, E, D)
                 # the query side of the chunk: zq = G (q W1) + B (q S1) + A1 dl, y = G (hq W2) + B (hq S2) + A2 err
                 qk = _dot(q, kt, DOT_BF16)
                 a1 = qk * mmat
-                zq = g * _dot(q, w1, DOT_BF16) + b * _dot(q, _operand(tl.load(s1p), DOT_BF16), DOT_BF16) + _dot(a1, dl, DOT_BF16)
+                zq = g * _dot(q, w1, DOT_BF16) + b * _dot(q, _load_operand(s1p, DOT_BF16), DOT_BF16)
+                zq += _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
+                sqp = _mat(QS + cc * C * E, C, E)
+                tl.store(sqp, _silu_grad(zq))
                 hh = _dot(hq, ht, DOT_BF16)
                 dy = tl.load(_mat(DY + tok, C, D))
                 # back through y (the steps of _readout_bwd, each share stored when done)
@@ -544,7 +556,7 @@ if triton is not None:
                 tl.store(_mat(XS2 + cc * E * D, E, D), _dot(hqt, b * dy, DOT_BF16))
                 tl.store(x2p, _dot(hqt, g * dy, DOT_BF16))
                 dg = tl.sum(dy * _dot(hq, w2, DOT_BF16), 1)
-                dbc = tl.sum(dy * _dot(hq, _operand(tl.load(s2p), DOT_BF16), DOT_BF16), 1)
+                dbc = tl.sum(dy * _dot(hq, _load_operand(s2p, DOT_BF16), DOT_BF16), 1)
                 da2 = _dot(dy, tl.trans(err), DOT_BF16)
                 dxk2 = da2 * mmat
                 dmp = _mat(DM + cc * C * C, C, C)
@@ -552,37 +564,37 @@ if triton is not None:
                 derr = _dot(tl.trans(hh * mmat), dy, DOT_BF16)
                 dhsp = _mat(HS + cc * C * E, C, E)
                 tl.store(dhsp, _dot(tl.trans(dxk2), hq, DOT_BF16))
-                dzq = (_dot(g * dy, tl.trans(w2), DOT_BF16) + _dot(b * dy, tl.trans(_operand(tl.load(s2p), DOT_BF16)), DOT_BF16)
-                       + _dot(dxk2, h, DOT_BF16)) * _silu_grad(zq)
+                tl.debug_barrier()  # silu'(zq), dh, dM and x2's share, stored above, from every thread
+                dhq = _dot(g * dy, tl.trans(w2), DOT_BF16) + _dot(dxk2, h, DOT_BF16)
+                dzq = (dhq + _dot(b * dy, tl.trans(_load_operand(s2p, DOT_BF16)), DOT_BF16)) * tl.load(sqp)
                 # back through zq
                 x1p = _mat(X1 + cc * D * E, D, E)
                 qt = tl.trans(q)
                 tl.store(_mat(XS1 + cc * D * E, D, E), _dot(qt, b * dzq, DOT_BF16))
                 tl.store(x1p, _dot(qt, g * dzq, DOT_BF16))
                 dg += tl.sum(dzq * _dot(q, w1, DOT_BF16), 1)
-                dbc += tl.sum(dzq * _dot(q, _operand(tl.load(s1p), DOT_BF16), DOT_BF16), 1)
+                dbc += tl.sum(dzq * _dot(q, _load_operand(s1p, DOT_BF16), DOT_BF16), 1)
                 tl.store(DG + bh * T + c * C + rc, dg)
                 tl.store(DBC + bh * T + c * C + rc, dbc)
-                # z and u again from the scratch: held across the read-outs they spilled
-                tl.debug_barrier()
-                z = tl.load(zsp)
-                u = tl.load(usp)
-                ag = _silu_grad(z)
-                h = _silu(z)
-                ht = tl.trans(h)
-                da1 = _dot(dzq, tl.trans(u * ag), DOT_BF16)
+                # the rest reads back from the scratch what the read-outs would have spilled
+                tl.debug_barrier()  # x1's share, stored above, from every thread (the load-add below)
+                dl = tl.load(lsp)
+                da1 = _dot(dzq, tl.trans(dl), DOT_BF16)
+                tl.store(dmp, tl.load(dmp) + da1 * qk)
                 dxk1 = da1 * mmat
-                dq = _dot(g * dzq, tl.trans(w1), DOT_BF16) + _dot(b * dzq, tl.trans(_operand(tl.load(s1p), DOT_BF16)), DOT_BF16)
+                dq = _dot(g * dzq, tl.trans(w1), DOT_BF16) + _dot(b * dzq, tl.trans(_load_operand(s1p, DOT_BF16)),
+                                                                 DOT_BF16)
                 dq += _dot(dxk1, k, DOT_BF16)
                 if RESIDUAL:
                     dq += dy
                 tl.store(_mat(DQ + tok, C, D), dq)
                 dk = _dot(tl.trans(dxk1), q, DOT_BF16)
                 ddl = _dot(tl.trans(a1), dzq, DOT_BF16)
-                du, dp, dz = _through_inner(ddl, derr, tl.load(dhsp), z, ag, u, w2, DOT_BF16)
-                tl.debug_barrier()  # the shares and dM stored above by other threads are complete
-                tl.store(dmp, tl.load(dmp) + da1 * qk)
-                tl.store(x2p, tl.load(x2p) + _dot(tl.trans(du), err, DOT_BF16) + _dot(ht, dp, DOT_BF16))
+                z = tl.load(zsp)
+                ag = _silu_grad(z)
+                du, dp, dz = _through_inner(ddl, derr, tl.load(dhsp), z, ag, tl.load(usp), w2, DOT_BF16)
+                tl.store(x2p, tl.load(x2p) + _dot(tl.trans(du), err, DOT_BF16) + _dot(tl.trans(_silu(z)), dp,
+                                                                                      DOT_BF16))
                 tl.store(x1p, tl.load(x1p) + _dot(kt, dz, DOT_BF16))
                 dk += _dot(dz, tl.trans(w1), DOT_BF16)
                 if RESIDUAL:
@@ -843,7 +855,7 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     ends = _state_buffers(qf, B * H, N, dstate, L) if (three_stage or _split() and N > 1) else [qf.new_empty(1)] * 4
     if three_stage:
         shares = _state_buffers(qf, B * H, N, dstate, L)  # X1, X2, XS1, XS2: the dy share per chunk
-        scratch = [qf.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(3)]  # ZS, US, HS
+        scratch = [qf.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(5)]  # ZS, US, LS, HS, QS
         args = (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *shares, *scratch, *outs)
         _launch_stages(B * H, N, args, {key: val for key, val in kw.items() if key != "L"})
     else:
