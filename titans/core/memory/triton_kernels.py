@@ -32,7 +32,11 @@ Depth 2 (more than one chunk) takes a three-stage backward (``_memory_bwd3_kerne
 parallel, the state-gradient recurrence over the dWn share alone, the dWn share in parallel): on an H100
 23.3 vs 23.6 ms forward + backward at 8x8x4096 and 169.7K vs 165.3K MAC training tokens/s against the
 two-pass backward (benchmarks/RESULTS.md section 6), which depth 1 and single-chunk inputs use and
-``TITANS_TRITON_BWD=fused`` selects for depth 2 too (A/B comparisons).
+``TITANS_TRITON_BWD=fused`` selects for depth 2 too (A/B comparisons).  Its stages are written for few live
+tiles (a chunk's activations and state tiles exceed the register file, and what does not fit spills to local
+memory): results are stored as soon as they are known, stage 0 keeps five activation tiles in a global
+scratch instead of registers, and stage 1's state gradient moves from slot to slot of the end-state buffers
+instead of being overwritten in place (``benchmarks/kernel_resources.py`` reports each launch's spills).
 
 With ``TITANS_TRITON_AUTOTUNE=1`` launches go through ``triton.autotune`` on the GPU (warps and pipeline stages per
 shape and pass, in-place arguments restored between trials); by default they take the fixed warps of ``_num_warps``:
