@@ -502,7 +502,8 @@ if triton is not None:
         DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
         NW1, NW2, NS1, NS2,  # stage 1 writes, stage 2 reads: the gradient of each chunk's end state (BH, N, ...)
         X1, X2, XS1, XS2,  # stage 0 writes, stage 1 reads: the dy share of each chunk's state-gradient update
-        ZS, US, LS, HS, QS,  # stage 0's scratch (BH, N, C, E): z, u, dl, dh, silu'(zq), read back, not held
+        ZS, US, LS, HS, QS, ES,  # scratch (BH, N, C, E) written by stage 0: z, u, dl, dh, silu'(zq), and err
+        # (BH, N, C, D); read back there instead of held in registers, and by stages 1 and 2 instead of recomputed
         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
@@ -528,7 +529,20 @@ if triton is not None:
             w1 = _operand(tl.load(_mat(SW1 + cc * D * E, D, E)), DOT_BF16)
             w2 = _operand(tl.load(_mat(SW2 + cc * E * D, E, D)), DOT_BF16)
             kt = tl.trans(k)
-            z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
+            zsp = _mat(ZS + cc * C * E, C, E)
+            usp = _mat(US + cc * C * E, C, E)
+            lsp = _mat(LS + cc * C * E, C, E)
+            esp = _mat(ES + cc * C * D, C, D)
+            if STAGE == 0:
+                z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
+                tl.store(zsp, z)
+                tl.store(usp, u)
+                tl.store(lsp, dl)
+                tl.store(esp, err)
+            else:  # the chunk's inner forward as stage 0 stored it (the same values as recomputing it)
+                z = tl.load(zsp)
+                err = tl.load(esp)
+                h = _silu(z)
             ht = tl.trans(h)
             if STAGE == 0:
                 # Ordered so that few tiles are live at once (held across both read-outs they spilled to local
@@ -536,12 +550,6 @@ if triton is not None:
                 # a load-add), z, u, dl, dh and silu'(zq) go to a scratch and are read back where needed, and
                 # q W1 / q S1 / S1 / S2 are computed or loaded again instead of held.  Everything read back was
                 # stored by other threads too: each read follows a block barrier.
-                zsp = _mat(ZS + cc * C * E, C, E)
-                usp = _mat(US + cc * C * E, C, E)
-                lsp = _mat(LS + cc * C * E, C, E)
-                tl.store(zsp, z)
-                tl.store(usp, u)
-                tl.store(lsp, dl)
                 s1p = _mat(SS1 + cc * D * E, D, E)
                 s2p = _mat(SS2 + cc * E * D, E, D)
                 # the query side of the chunk: zq = G (q W1) + B (q S1) + A1 dl, y = G (hq W2) + B (hq S2) + A2 err
@@ -597,8 +605,8 @@ if triton is not None:
                 z = tl.load(zsp)
                 ag = _silu_grad(z)
                 du, dp, dz = _through_inner(ddl, derr, tl.load(dhsp), z, ag, tl.load(usp), w2, DOT_BF16)
-                tl.store(x2p, tl.load(x2p) + _dot(tl.trans(du), err, DOT_BF16) + _dot(tl.trans(_silu(z)), dp,
-                                                                                      DOT_BF16))
+                tl.store(x2p, tl.load(x2p) + _dot(tl.trans(du), tl.load(esp), DOT_BF16)
+                         + _dot(tl.trans(_silu(z)), dp, DOT_BF16))
                 tl.store(x1p, tl.load(x1p) + _dot(kt, dz, DOT_BF16))
                 dk += _dot(dz, tl.trans(w1), DOT_BF16)
                 if RESIDUAL:
@@ -646,16 +654,17 @@ if triton is not None:
                 hds = _dot(h, ds2n, DOT_BF16)
                 ddl = ml * kdw + mm * kds
                 if STAGE == 2:
-                    tl.store(DML + cc * C + rc, tl.sum(dl * kdw, 1) + tl.sum(err * hdw, 1))
-                    tl.store(DMM + cc * C + rc, tl.sum(dl * kds, 1) + tl.sum(err * hds, 1))
+                    tl.store(DML + cc * C + rc, tl.sum(tl.load(lsp) * kdw, 1) + tl.sum(err * hdw, 1))
+                    tl.store(DMM + cc * C + rc, tl.sum(tl.load(lsp) * kds, 1) + tl.sum(err * hds, 1))
                 dh = _dot(ml * err, tl.trans(dw2n), DOT_BF16) + _dot(mm * err, tl.trans(ds2n), DOT_BF16)
-                du, dp, dz = _through_inner(ddl, ml * hdw + mm * hds, dh, z, ag, u, w2, DOT_BF16)
+                du, dp, dz = _through_inner(ddl, ml * hdw + mm * hds, dh, z, _silu_grad(z), tl.load(usp), w2, DOT_BF16)
                 if STAGE == 1:
                     tl.debug_barrier()  # the parts stored above by other threads are complete
                     tl.store(tw1, tl.load(tw1) + _dot(kt, dz, DOT_BF16))
                     tl.store(tw2, tl.load(tw2) + _dot(tl.trans(du), err, DOT_BF16) + _dot(ht, dp, DOT_BF16))
                     tl.debug_barrier()  # the next chunk reads what other threads wrote
                 else:
+                    dl = tl.load(lsp)
                     dk = _dot(ml * dl, tl.trans(dw1n), DOT_BF16) + _dot(mm * dl, tl.trans(ds1n), DOT_BF16)
                     dk += _dot(dz, tl.trans(w1), DOT_BF16)
                     if RESIDUAL:
@@ -860,6 +869,7 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     if three_stage:
         shares = _state_buffers(qf, B * H, N, dstate, L)  # X1, X2, XS1, XS2: the dy share per chunk
         scratch = [qf.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(5)]  # ZS, US, LS, HS, QS
+        scratch.append(qf.new_empty(B * H, N, chunk_size, D))  # ES
         args = (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *shares, *scratch, *outs)
         _launch_stages(B * H, N, args, {key: val for key, val in kw.items() if key != "L"})
     else:
