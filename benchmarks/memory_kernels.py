@@ -2,9 +2,11 @@
 
 For each shape: forward and forward+backward time of ``neural_memory_update`` with the ``chunked``
 (autograd), ``fused`` (hand-written backward, PyTorch loop) and ``triton`` (fused kernels) backends,
-achieved TFLOP/s of the Triton kernels (the matmul FLOPs of the equations as the kernels compute them,
-including the backward's recomputation), the measured bf16 / tf32 matmul peak of the same GPU, and the
-relative error of Triton's outputs and of every gradient against the float32 PyTorch core.
+achieved TFLOP/s of the Triton kernels (a fixed count: the matmul FLOPs of the equations as the first, single-pass
+kernels computed them, with the backward's recomputation; the three-stage backward recomputes less since session 16,
+so its rate is of equation work, not executed instructions), the measured bf16 / tf32 matmul peak of the same GPU, and
+the relative error of Triton's outputs and of every gradient against the float32 PyTorch core (the ``fused`` backend,
+run for the check even when only ``triton`` is timed); the script fails when that error exceeds bf16 tolerance.
 
     python benchmarks/memory_kernels.py --out benchmarks/results/memory_kernels.json
 """
@@ -173,7 +175,9 @@ def main(argv=None):
             row["ms"][be] = {"forward": f_ms, "forward_backward": fb_ms, "peak_gb": peak}
             if be == "fused":
                 ref = [t.detach() for t in outs + grads]
-            if be == "triton" and ref is not None:
+            if be == "triton" and ref is None:  # Triton timed alone: still checked against the PyTorch core
+                ref = [t.detach() for t in sum(run("fused", ins, L, C), [])]
+            if be == "triton":
                 names = ["y"] + [f"W{i}" for i in range(L)] + [f"S{i}" for i in range(L)] + \
                     ["dq", "dk", "dv", "dlr", "deta", "dalpha"] + [f"dW{i}" for i in range(L)] + \
                     [f"dS{i}" for i in range(L)]
@@ -210,9 +214,15 @@ def main(argv=None):
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
+    bad = []
     for r in rows:
         if "triton_rel_err" in r:
-            print(r["shape"], "max rel err", max(r["triton_rel_err"].values()))
+            worst = max(r["triton_rel_err"].values())
+            print(r["shape"], "max rel err", worst)
+            if not worst <= 5e-2:  # the bf16-operand bound of tests/test_fused_memory.py (NaN fails too)
+                bad.append(f"{r['shape']}: {worst}")
+    if bad:
+        raise SystemExit(f"Triton kernels differ from the PyTorch core beyond bf16 tolerance: {bad}")
     return result
 
 
