@@ -219,6 +219,23 @@ def test_shards_round_trip_and_corruption(tmp_path):
         ShardDataset(tmp_path / "shards", "train")
 
 
+def test_shards_are_written_through_temp_files_of_their_own(tmp_path):
+    """Two runs sharing a data cache may tokenize it at once: a shard's temp file must be unique to its writer (a
+    fixed ``<shard>.tmp`` made one run's rename fail when the other had already renamed it). A directory standing
+    where that fixed name would be stands in for the other writer."""
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for i in range(20):
+        (src / f"doc{i}.txt").write_text(f"some text to tokenize {i}\n" * 50)
+    out = tmp_path / "shards"
+    for name in ("train_000.bin.tmp", "val_000.bin.tmp"):
+        (out / name).mkdir(parents=True)
+    m = prepare_shards(str(src), out, ByteTokenizer(), val_fraction=0.5, progress=False)
+    ShardDataset(out, "train").verify()
+    assert m["splits"]["train"]["tokens"] > 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+
 def test_checkpoint_round_trip_and_errors(tmp_path):
     cfg = tiny_cfg(tmp_path)
     model = build_model(cfg.model)

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 
 from titans.data.preprocessing import Tokenizer
-from titans.utils.io import atomic_write_text
+from titans.utils.io import atomic_write_text, atomic_write_with
 
 MANIFEST_VERSION = 1
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".csv", ".json"}
@@ -212,9 +212,8 @@ def prepare_shards(source: str, out_dir: str | Path, tokenizer: Tokenizer, *, te
                 return
             name = f"{split}_{len(shards):03d}.bin"  # noqa: B023 - flush runs inside its own iteration
             arr = np.concatenate(buf)
-            tmp = out / (name + ".tmp")
-            arr.tofile(tmp)
-            tmp.replace(out / name)
+            # a temp file of its own (two runs that share a data cache may tokenize it at once), fsync, rename
+            atomic_write_with(out / name, arr.tofile)
             shards.append({"file": name, "tokens": int(arr.shape[0]), "sha256": _sha256(out / name)})  # noqa: B023
             buf, buffered = [], 0
 
