@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import platform
 import time
 import traceback
@@ -45,6 +46,10 @@ class Row:
     train_peak_gb: float | None = None
     prefill_tokens_per_s: float | None = None
     warmup_s: float | None = None  # the warm-up steps, with any compilation and CUDA-graph capture in them
+    # the loss of the first warm-up step and of the last timed step (a speed row is also a smoke test: a
+    # non-finite loss marks the row as an error; random tokens, so the loss should stay near log(vocab))
+    train_loss_first: float | None = None
+    train_loss_last: float | None = None
     error: str | None = None
     profile: list[dict] | None = None  # top GPU kernels of one training step (``--profile``)
 
@@ -143,22 +148,31 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return loss.detach()
 
         t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
+        for i in range(args.warmup):
+            loss = step()
+            if i == 0:
+                row.train_loss_first = loss.float().item()
         _sync(device)
         row.warmup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(args.iters):
-            step()
+            loss = step()
         _sync(device)
         dt = (time.perf_counter() - t0) / args.iters
+        row.train_loss_last = loss.float().item()
+        if row.train_loss_first is None:  # no warm-up steps
+            row.train_loss_first = row.train_loss_last
+        if not (math.isfinite(row.train_loss_first) and math.isfinite(row.train_loss_last)):
+            row.error = f"non-finite loss ({row.train_loss_first} first, {row.train_loss_last} last)"
         row.train_tokens_per_s = batch * seq / dt
         row.train_peak_gb = _peak_gb(device)
         # before the prefill (under --compile a further compilation): a step killed by its time limit keeps this
         print(f"trained {name} {seq} x {batch}: {row.train_tokens_per_s:,.0f} tokens/s, peak "
-              f"{_fmt(row.train_peak_gb, 2)} GB, warm-up {row.warmup_s:.1f} s", flush=True)
+              f"{_fmt(row.train_peak_gb, 2)} GB, warm-up {row.warmup_s:.1f} s, loss {row.train_loss_first:.3f} -> "
+              f"{row.train_loss_last:.3f}", flush=True)
         if args.profile:
             row.profile = profile_step(step, device, args.profile)
         if name != "titans-pytorch" and args.prefill:

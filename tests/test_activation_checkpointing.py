@@ -224,6 +224,26 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch):
                         "--activation-checkpointing", "memory", "--device", "cpu", "--out", str(tmp_path / "h.json")])
     assert res["args"]["activation_checkpointing"] == "memory"
     assert res["train"][0]["error"] is None and res["train"][0]["train_tokens_per_s"] > 0
+    # random tokens of a 256-symbol vocabulary: the loss is near log(256) = 5.55
+    assert 4.0 < res["train"][0]["train_loss_last"] < 7.0
+
+
+def test_harness_marks_a_non_finite_loss_as_an_error(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("harness", ROOT / "benchmarks" / "harness.py")
+    harness = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "harness", harness)
+    spec.loader.exec_module(harness)
+    real = harness.build
+
+    def diverging(args, name, device):  # the real model, its loss turned into NaN (a broken kernel, say)
+        model, loss_fn = real(args, name, device)
+        return model, (lambda ids: loss_fn(ids) * float("nan"))
+
+    monkeypatch.setattr(harness, "build", diverging)
+    res = harness.main(["--models", "transformer", "--shapes", "16x1", "--dim", "16", "--depth", "1", "--heads", "2",
+                        "--window", "8", "--warmup", "1", "--iters", "1", "--device", "cpu", "--no-prefill",
+                        "--out", str(tmp_path / "h.json")])
+    assert "non-finite loss" in res["train"][0]["error"]
 
 
 def test_trainer_takes_the_option_and_trains_the_same(tmp_path):
