@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from titans.core.memory.fused_update import neural_memory_update_fused
 from titans.core.memory.neural_memory import NeuralMemory
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _inputs(L, B=2, H=2, T=12, d=4, E=6, dtype=torch.float64, seed=0):
@@ -532,3 +534,27 @@ def test_kernel_launches_go_through_the_autotuner_and_fall_back_to_fixed_warps(m
     assert tk.AUTOTUNE_FAILED and not tk._autotune()  # given up for the process
     report = tk.tuning_report()  # what the harness writes into its JSON
     assert "restore_value" in report["failed"][0] and "_memory_bwd3_kernel" in report
+
+
+def _cuda_tools_in_triton() -> bool:
+    if not HAS_TRITON:
+        return False
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file()
+
+
+@pytest.mark.skipif(not _cuda_tools_in_triton(), reason="needs Triton with its NVIDIA toolchain")
+def test_kernel_resources_cross_compiles_a_launch_without_a_gpu():
+    """benchmarks/kernel_resources.py builds a memory-kernel launch for sm_90a on this machine (no GPU) and reads
+    its registers and spills back (tiny shape: a few seconds)."""
+    spec = importlib.util.spec_from_file_location("kernel_resources", ROOT / "benchmarks" / "kernel_resources.py")
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    names = [name for name, _, _ in kr.launches(16, 32, 16, 2, 2, False)]
+    assert names[:5] == ["forward pass 1", "forward pass 2", "backward stage 0", "backward stage 1",
+                         "backward stage 2"]
+    name, kernel, const = kr.launches(16, 32, 16, 2, 2, False)[3]
+    res = kr.resources(kernel, const, warps=4)
+    assert 0 < res["registers"] <= 255 and res["stack_bytes"] >= 0
+    assert res["wgmma"] + res["mma_sync"] > 0  # the dots became tensor-core instructions
