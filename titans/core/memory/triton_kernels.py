@@ -547,7 +547,7 @@ if triton is not None:
             if STAGE == 0:
                 # Ordered so that few tiles are live at once (held across both read-outs they spilled to local
                 # memory, ~5 KB a thread): each state share is stored as soon as it exists (x1 / x2 completed by
-                # a load-add), z, u, dl, dh and silu'(zq) go to a scratch and are read back where needed, and
+                # a load-add), z, u, dl, err, dh and silu'(zq) go to a scratch and are read back where needed, and
                 # q W1 / q S1 / S1 / S2 are computed or loaded again instead of held.  Everything read back was
                 # stored by other threads too: each read follows a block barrier.
                 s1p = _mat(SS1 + cc * D * E, D, E)
@@ -653,7 +653,7 @@ if triton is not None:
                 hdw = _dot(h, dw2n, DOT_BF16)
                 hds = _dot(h, ds2n, DOT_BF16)
                 ddl = ml * kdw + mm * kds
-                if STAGE == 2:
+                if STAGE == 2:  # dl read at each use: loaded once and held to dk below, stage 2 spilled 10% more
                     tl.store(DML + cc * C + rc, tl.sum(tl.load(lsp) * kdw, 1) + tl.sum(err * hdw, 1))
                     tl.store(DMM + cc * C + rc, tl.sum(tl.load(lsp) * kds, 1) + tl.sum(err * hds, 1))
                 dh = _dot(ml * err, tl.trans(dw2n), DOT_BF16) + _dot(mm * err, tl.trans(ds2n), DOT_BF16)
