@@ -214,11 +214,17 @@ def test_checkpointed_training_forward_compiles_without_graph_breaks(variant, mo
     assert ex.graph_count == 1
 
 
-def test_harness_measures_with_the_option(tmp_path, monkeypatch):
+def _load_harness(monkeypatch):
+    """benchmarks/harness.py as a module (it is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("harness", ROOT / "benchmarks" / "harness.py")
     harness = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "harness", harness)  # its dataclasses look their module up there
     spec.loader.exec_module(harness)
+    return harness
+
+
+def test_harness_measures_with_the_option(tmp_path, monkeypatch):
+    harness = _load_harness(monkeypatch)
     res = harness.main(["--models", "mac", "--shapes", "32x1", "--dim", "16", "--depth", "1", "--heads", "2",
                         "--window", "16", "--memory-chunk", "8", "--warmup", "0", "--iters", "1",
                         "--activation-checkpointing", "memory", "--device", "cpu", "--out", str(tmp_path / "h.json")])
@@ -229,10 +235,7 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch):
 
 
 def test_harness_marks_a_non_finite_loss_as_an_error(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("harness", ROOT / "benchmarks" / "harness.py")
-    harness = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "harness", harness)
-    spec.loader.exec_module(harness)
+    harness = _load_harness(monkeypatch)
     real = harness.build
 
     def diverging(args, name, device):  # the real model, its loss turned into NaN (a broken kernel, say)
