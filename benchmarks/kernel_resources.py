@@ -39,6 +39,7 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
     out = [(f"forward pass {m}", tk._memory_fwd_kernel, dict(base, L=L, SAVE=True, MODE=m)) for m in (1, 2)]
     if L == 2:
         out += [(f"backward stage {s}", tk._memory_bwd3_kernel, dict(base, STAGE=s)) for s in (0, 1, 2)]
+        out.append(("backward, stages overlapped", tk._memory_bwd3_overlap_kernel, base))
     out += [(f"two-pass backward pass {m}", tk._memory_bwd_kernel, dict(base, L=L, MODE=m)) for m in (1, 2)]
     return out
 
@@ -52,6 +53,8 @@ def _signature(kernel, const: dict) -> dict:
             sig[p.name] = "constexpr"
         elif p.name in ("SW1", "SW2", "SS1", "SS2"):
             sig[p.name] = "*bf16"
+        elif p.name in ("TICKET", "FLAGS"):
+            sig[p.name] = "*i32"
         else:
             sig[p.name] = "*fp32"
     return sig

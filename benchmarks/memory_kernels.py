@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import date
 from pathlib import Path
 
@@ -115,7 +116,12 @@ def parts(ins, L, C, iters) -> dict:
         else:
             launch(kernel, (BH,), args, kw, "MODE 0", MODE=0, **fixed)
 
-    def timed_stages(BH, N, args, kw):
+    def timed_stages(BH, N, args, kw, overlap):
+        if overlap:  # one launch for the three stages (TITANS_TRITON_BWD=overlap)
+            sync = (torch.zeros(1, dtype=torch.int32, device=args[0].device),
+                    torch.zeros(2 * BH * N, dtype=torch.int32, device=args[0].device))
+            launch(tk._memory_bwd3_overlap_kernel, (BH * (2 * N + 1),), (*args, *sync), kw, "STAGES 0-2")
+            return
         for stage, grid in ((0, (BH, N)), (1, (BH,)), (2, (BH, N))):
             launch(tk._memory_bwd3_kernel, grid, args, kw, f"STAGE {stage}", STAGE=stage)
 
@@ -196,7 +202,7 @@ def main(argv=None):
         ins = ref = None
         torch.cuda.empty_cache()
     result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "matmul_peak_tflops": peaks, "rows": rows}
+              "backward": os.environ.get("TITANS_TRITON_BWD", "split"), "matmul_peak_tflops": peaks, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

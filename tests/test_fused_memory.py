@@ -191,6 +191,8 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
     cases = [(1, False, 32, 16, 16, 16), (1, True, 48, 32, 32, 16), (2, False, 32, 16, 32, 16),
              (2, True, 64, 32, 64, 16)]
     print("FP32", max(compare(*c) for c in cases))  # default: the three-stage depth-2 backward
+    os.environ["TITANS_TRITON_BWD"] = "overlap"  # the same three stages in one launch
+    print("OVERLAP", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_BWD"] = "fused"  # the two-pass backward for depth 2 as well
     print("TWOPASS", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_SPLIT"] = "0"  # the single-pass kernels
@@ -230,6 +232,7 @@ def test_triton_kernels_under_interpreter():
     # float32 operands: rounding only (two-pass kernels); the worst entry is a gate gradient summed over
     # many products, 2-3e-5 relative here, three orders below the bf16 operands' error
     assert float(err["FP32"]) <= 5e-5, err  # depth 2: the three-stage backward (default)
+    assert float(err["OVERLAP"]) <= 5e-5, err  # depth 2: its stages in one launch
     assert float(err["TWOPASS"]) <= 5e-5, err  # depth 2: the two-pass backward
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
     assert float(err["TWOPASS_BF16"]) <= 5e-2, err
@@ -443,11 +446,11 @@ def test_triton_custom_ops_compile_under_interpreter():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("backward", ["fused", "split"])
+@pytest.mark.parametrize("backward", ["fused", "split", "overlap"])
 def test_triton_kernels_on_gpu(backward, monkeypatch):
     import titans.core.memory.triton_kernels as tk
 
-    monkeypatch.setenv("TITANS_TRITON_BWD", backward)  # the two-pass or the three-stage backward
+    monkeypatch.setenv("TITANS_TRITON_BWD", backward)  # two-pass, three-stage, or three stages in one launch
     g = torch.Generator(device="cuda").manual_seed(0)
     B, H, T, d, E, C = 2, 4, 256, 64, 128, 64
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
@@ -552,9 +555,20 @@ def test_kernel_resources_cross_compiles_a_launch_without_a_gpu():
     kr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kr)
     names = [name for name, _, _ in kr.launches(16, 32, 16, 2, 2, False)]
-    assert names[:5] == ["forward pass 1", "forward pass 2", "backward stage 0", "backward stage 1",
-                         "backward stage 2"]
-    name, kernel, const = kr.launches(16, 32, 16, 2, 2, False)[3]
-    res = kr.resources(kernel, const, warps=4)
-    assert 0 < res["registers"] <= 255 and res["stack_bytes"] >= 0
-    assert res["wgmma"] + res["mma_sync"] > 0  # the dots became tensor-core instructions
+    assert names[:6] == ["forward pass 1", "forward pass 2", "backward stage 0", "backward stage 1",
+                         "backward stage 2", "backward, stages overlapped"]
+    for i in (3, 5):  # a stage, and the three in one launch (its flags and ticket: int32 atomics)
+        name, kernel, const = kr.launches(16, 32, 16, 2, 2, False)[i]
+        res = kr.resources(kernel, const, warps=4)
+        assert 0 < res["registers"] <= 255 and res["stack_bytes"] >= 0, name
+        assert res["wgmma"] + res["mma_sync"] > 0, name  # the dots became tensor-core instructions
+
+
+def test_backward_mode_names_the_allowed_values(monkeypatch):
+    import titans.core.memory.triton_kernels as tk
+
+    monkeypatch.setenv("TITANS_TRITON_BWD", "overlapped")
+    with pytest.raises(ValueError, match="TITANS_TRITON_BWD='overlapped'.*split, overlap, fused"):
+        tk._backward_mode()
+    monkeypatch.setenv("TITANS_TRITON_BWD", "overlap")
+    assert tk._backward_mode() == "overlap"

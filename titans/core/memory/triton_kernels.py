@@ -495,20 +495,33 @@ if triton is not None:
     # per-token gradients (stage 2, parallel).  The depth-2 default (TITANS_TRITON_BWD=fused: two-pass).
 
     @triton.jit
-    def _memory_bwd3_kernel(
-        Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
-        SW1, SW2, SS1, SS2,  # chunk-start states from the forward (BH, N, ...)
-        DY,
-        DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
-        NW1, NW2, NS1, NS2,  # stage 1 writes, stage 2 reads: the gradient of each chunk's end state (BH, N, ...)
-        X1, X2, XS1, XS2,  # stage 0 writes, stage 1 reads: the dy share of each chunk's state-gradient update
-        ZS, US, LS, HS, QS, ES,  # scratch (BH, N, C, E) written by stage 0: z, u, dl, dh, silu'(zq), and err
-        # (BH, N, C, D); read back there instead of held in registers, and by stages 1 and 2 instead of recomputed
-        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+    def _wait(flag):
+        """Spin until another program has released ``flag`` (one thread polls with acquire semantics; the block
+        barrier after it orders every thread's later loads behind what the releasing program stored)."""
+        seen = tl.atomic_add(flag, 0, sem="acquire")
+        while seen == 0:
+            seen = tl.atomic_add(flag, 0, sem="acquire")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _release(flag):
+        """Publish everything this program stored so far to programs that :func:`_wait` on ``flag``."""
+        tl.debug_barrier()
+        tl.atomic_xchg(flag, 1, sem="release")
+
+    @triton.jit
+    def _bwd3_stage(
+        Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2,
+        X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES, DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+        bh, c0, F0, F1,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr, SYNC: tl.constexpr,
     ):
-        bh = tl.program_id(0).to(tl.int64)
+        """One stage's work for program ``bh``: chunk ``c0`` (stages 0 and 2) or the walk over all chunks
+        (stage 1).  With ``SYNC`` (one launch for all three stages, ``_memory_bwd3_overlap_kernel``) the stages
+        hand each chunk on through flags (BH, N): stage 0 releases ``F0[bh, c]`` when chunk c's dy share is
+        stored; the walk waits on it before chunk c and releases ``F1[bh, c]`` once the gradient of chunk c's end
+        state is complete, which stage 2's chunk c waits on."""
         rc = tl.arange(0, C)
         T = N * C
         dw1p, ds1p, dw2p, ds2p = _state_ptrs(DW1, DS1, DW2, DS2, bh, D, E)
@@ -518,12 +531,19 @@ if triton is not None:
             tl.store(_mat(NS1 + last * D * E, D, E), tl.load(ds1p))
             tl.store(_mat(NW2 + last * E * D, E, D), tl.load(dw2p))
             tl.store(_mat(NS2 + last * E * D, E, D), tl.load(ds2p))
-            tl.debug_barrier()
+            if SYNC:
+                _release(F1 + last)
+            else:
+                tl.debug_barrier()
         for i in range(N if STAGE == 1 else 1):
             if STAGE == 1:
                 c = N - 1 - i
+                if SYNC:
+                    _wait(F0 + bh * N + c)
             else:
-                c = tl.program_id(1).to(tl.int64)
+                c = c0
+                if SYNC and STAGE == 2:
+                    _wait(F1 + bh * N + c)
             tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
                 Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
             w1 = _operand(tl.load(_mat(SW1 + cc * D * E, D, E)), DOT_BF16)
@@ -613,6 +633,8 @@ if triton is not None:
                     dk += dp
                 tl.store(_mat(DK + tok, C, D), dk)  # the dy share; stage 2 adds the dWn share
                 tl.store(_mat(DV + tok, C, D), -dp)
+                if SYNC:
+                    _release(F0 + cc)
             else:
                 if STAGE == 1:
                     # The state gradient walks through NW / NS: chunk c reads its end-state gradient from slot c
@@ -662,7 +684,13 @@ if triton is not None:
                     tl.debug_barrier()  # the parts stored above by other threads are complete
                     tl.store(tw1, tl.load(tw1) + _dot(kt, dz, DOT_BF16))
                     tl.store(tw2, tl.load(tw2) + _dot(tl.trans(du), err, DOT_BF16) + _dot(ht, dp, DOT_BF16))
-                    tl.debug_barrier()  # the next chunk reads what other threads wrote
+                    if SYNC:  # slot c - 1 is complete: chunk c - 1's stage 2 may start (and the walk reads it)
+                        if c > 0:
+                            _release(F1 + cc - 1)
+                        else:
+                            tl.debug_barrier()
+                    else:
+                        tl.debug_barrier()  # the next chunk reads what other threads wrote
                 else:
                     dl = tl.load(lsp)
                     dk = _dot(ml * dl, tl.trans(dw1n), DOT_BF16) + _dot(mm * dl, tl.trans(ds1n), DOT_BF16)
@@ -673,6 +701,62 @@ if triton is not None:
                     dvp = _mat(DV + tok, C, D)
                     tl.store(dkp, tl.load(dkp) + dk)
                     tl.store(dvp, tl.load(dvp) - dp)
+
+    @triton.jit
+    def _memory_bwd3_kernel(
+        Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
+        SW1, SW2, SS1, SS2,  # chunk-start states from the forward (BH, N, ...)
+        DY,
+        DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
+        NW1, NW2, NS1, NS2,  # stage 1 writes, stage 2 reads: the gradient of each chunk's end state (BH, N, ...)
+        X1, X2, XS1, XS2,  # stage 0 writes, stage 1 reads: the dy share of each chunk's state-gradient update
+        ZS, US, LS, HS, QS, ES,  # scratch (BH, N, C, E) written by stage 0: z, u, dl, dh, silu'(zq), and err
+        # (BH, N, C, D); read back there instead of held in registers, and by stages 1 and 2 instead of recomputed
+        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
+    ):
+        """One stage per launch, grid (BH, N) for stages 0 and 2 and (BH,) for stage 1."""
+        _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2,
+                    NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
+                    DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+                    tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), DW1, DW1, N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False)
+
+    # The three stages in one launch.  Stage 1 walks the chunks with one program per (batch, head), a few dozen
+    # programs on a GPU of ~130 SMs; launched one after another, stage 2 starts only when the slowest walk ends.
+    # Here the grid holds all three stages' programs (BH x N of stage 0, BH walks, BH x N of stage 2, each
+    # stage's chunks latest first, the order the walk needs them), and chunk c of a stage starts as soon as its
+    # input exists, so stage 2 fills the SMs the walks leave idle.  A program's role is its ticket, the order in
+    # which programs took one from an atomic counter, not its program id: a program only waits on programs with
+    # earlier tickets, which are running or done, so the waits cannot deadlock whatever order the GPU schedules
+    # programs in.  (The interpreter runs the programs one after another in ticket order: no wait spins there.)
+    @triton.jit
+    def _memory_bwd3_overlap_kernel(
+        Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2,
+        X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES, DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+        TICKET, FLAGS,  # int32, zero at launch: the ticket counter (1,) and the hand-on flags (2, BH, N)
+        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr,
+    ):
+        BH = tl.num_programs(0) // (2 * N + 1)
+        t = tl.atomic_add(TICKET, 1).to(tl.int64)
+        F1 = FLAGS + BH * N
+        if t < BH * N:
+            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2,
+                        NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
+                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+                        t % BH, N - 1 - t // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 0, True)
+        elif t < BH * N + BH:
+            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2,
+                        NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
+                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+                        t - BH * N, 0, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 1, True)
+        else:
+            j = t - BH * N - BH
+            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2,
+                        NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
+                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+                        j % BH, N - 1 - j // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 2, True)
 
 def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Exception) -> None:
     """Record a compile failure (say, out of shared memory on a smaller GPU) so ``supports`` says no."""
@@ -701,13 +785,18 @@ def _num_warps(D: int, E: int) -> int:
     return 4 if D * E <= 64 * 64 else 8
 
 
-def _three_stage_backward() -> bool:
-    """The depth-2 backward in three stages (see ``_memory_bwd3_kernel``) unless ``TITANS_TRITON_BWD=fused``
-    asks for the two-pass one."""
+BACKWARDS = ("split", "overlap", "fused")
+
+
+def _backward_mode() -> str:
+    """The depth-2 backward: ``split`` (default), three stages launched one after another (see
+    ``_memory_bwd3_kernel``); ``overlap``, the same stages in one launch that hands chunks on as they are done
+    (``_memory_bwd3_overlap_kernel``); ``fused``, the two-pass backward.  Set by ``TITANS_TRITON_BWD``."""
     mode = os.environ.get("TITANS_TRITON_BWD", "split")
-    if mode not in ("split", "fused"):
-        raise ValueError(f"TITANS_TRITON_BWD={mode!r}: expected 'split' (three-stage) or 'fused' (two-pass)")
-    return mode == "split"
+    if mode not in BACKWARDS:
+        raise ValueError(f"TITANS_TRITON_BWD={mode!r}: expected one of {', '.join(BACKWARDS)} ('split': three "
+                         "stages, 'overlap': the three stages in one launch, 'fused': two-pass)")
+    return mode
 
 
 def _split() -> bool:
@@ -745,7 +834,8 @@ def _state4(W, S) -> list[Tensor]:
 TUNE_CONFIGS = [(4, 1), (8, 1), (16, 1), (8, 2)]  # (num_warps, num_stages); each one compiles once per shape
 _IN_PLACE = {"_memory_fwd_kernel": ["W1", "W2", "S1", "S2"],
              "_memory_bwd_kernel": ["DW1", "DW2", "DS1", "DS2"],
-             "_memory_bwd3_kernel": ["DW1", "DW2", "DS1", "DS2", "DK", "DV"]}
+             "_memory_bwd3_kernel": ["DW1", "DW2", "DS1", "DS2", "DK", "DV"],
+             "_memory_bwd3_overlap_kernel": ["DW1", "DW2", "DS1", "DS2", "DK", "DV", "TICKET", "FLAGS"]}
 _TUNED: dict = {}
 AUTOTUNE_FAILED: list[str] = []  # why the tuned launch was given up (then every launch takes the fixed warps)
 
@@ -807,8 +897,15 @@ def _launch(kernel, BH: int, N: int, args, kw, **fixed) -> None:
         _run(kernel, (BH,), args, dict(kw, MODE=0, **fixed))
 
 
-def _launch_stages(BH: int, N: int, args, kw) -> None:
-    """The three-stage backward: dy share (parallel), state-gradient recurrence (sequential), dWn share."""
+def _launch_stages(BH: int, N: int, args, kw, overlap: bool) -> None:
+    """The three-stage backward: dy share (parallel), state-gradient recurrence (sequential), dWn share; three
+    launches, or one (``overlap``) whose programs hand chunks on through flags."""
+    if overlap:
+        like = args[0]
+        sync = (torch.zeros(1, dtype=torch.int32, device=like.device),
+                torch.zeros(2 * BH * N, dtype=torch.int32, device=like.device))
+        _run(_memory_bwd3_overlap_kernel, (BH * (2 * N + 1),), (*args, *sync), kw)
+        return
     _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0))
     _run(_memory_bwd3_kernel, (BH,), args, dict(kw, STAGE=1))
     _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=2))
@@ -863,7 +960,8 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     # the saved starts come back from autograd (or a compiled graph) as they were stored; the kernel indexes
     # them as dense buffers, so make sure they are
     starts = [t.contiguous() for t in starts]
-    three_stage = L == 2 and N > 1 and _three_stage_backward()
+    mode = _backward_mode()
+    three_stage = L == 2 and N > 1 and mode != "fused"
     # the gradient of each chunk's end state, written by the walking pass for the parallel one
     ends = _state_buffers(qf, B * H, N, dstate, L) if (three_stage or _split() and N > 1) else [qf.new_empty(1)] * 4
     if three_stage:
@@ -871,7 +969,7 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
         scratch = [qf.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(5)]  # ZS, US, LS, HS, QS
         scratch.append(qf.new_empty(B * H, N, chunk_size, D))  # ES
         args = (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *shares, *scratch, *outs)
-        _launch_stages(B * H, N, args, {key: val for key, val in kw.items() if key != "L"})
+        _launch_stages(B * H, N, args, {key: val for key, val in kw.items() if key != "L"}, mode == "overlap")
     else:
         _launch(_memory_bwd_kernel, B * H, N,
                 (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *outs), kw)
