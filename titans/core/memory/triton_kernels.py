@@ -720,7 +720,8 @@ if triton is not None:
         _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2,
                     NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                     DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
-                    tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), DW1, DW1, N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False)
+                    tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), DW1, DW1,  # (no flags)
+                    N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False)
 
     # The three stages in one launch.  Stage 1 walks the chunks with one program per (batch, head), a few dozen
     # programs on a GPU of ~130 SMs; launched one after another, stage 2 starts only when the slowest walk ends.
