@@ -4,6 +4,7 @@
 # Made for the `device` tool, whose machine lacks pydantic: first download here the cp312 wheels of pydantic,
 # pydantic-core, annotated-types, typing-inspection and typing-extensions into .whl/ (the tool's README says how),
 # then   run  command: "bash benchmarks/gpu_session.sh"   carry: [".whl"]   timeout_s: 600
+# (or "PART=2 BWD=overlap bash benchmarks/gpu_session.sh": MAC 65536 x 1 compiled + graphed)
 # Elsewhere: OUT=/tmp/out bash benchmarks/gpu_session.sh (needs CUDA).  Each step has its own time limit so that the
 # whole call ends inside 10 minutes (the limits add up to 590 s, in order of priority); a step that fails or times out
 # leaves its log, and the next step still runs.
@@ -33,6 +34,20 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # Triton's autotuner (opt-in, TITANS_TRITON_AUTOTUNE=1) compiles every configuration of every kernel per shape; on a
 # fresh machine that alone took the 140 s of a tests step (session 14): fixed warps here
 export TITANS_TRITON_AUTOTUNE=0
+
+PART=${PART:-1}  # session 17: PART=1 the overlapped backward, PART=2 flat scaling (below)
+BWD=${BWD:-split}  # PART=2: the depth-2 backward to time with (TITANS_TRITON_BWD)
+if [ "$PART" = 2 ]; then
+  # flat scaling compiled: MAC 65536 x 1, blocks compiled + CUDA graphs (compile alone took ~135 s in session 15;
+  # session 16's 140 s step and session 17's first call ran out of time) (not "CC": Triton's launcher build reads
+  # that name as the C compiler)
+  step 330 mac-65536x1-compile-graphs env TITANS_TRITON_BWD=$BWD python3 benchmarks/harness.py --dim 512 --depth 8 \
+    --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 --no-prefill --compile --compile-scope blocks \
+    --cuda-graphs --models mac --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_$BWD.json"
+  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
+  grep '^==' "$LOG"
+  exit 0
+fi
 
 # Session 17: the three backward stages in one launch (TITANS_TRITON_BWD=overlap) against three launches ("split",
 # the default; checked against the PyTorch core on the H200 in session 17's first call: worst relative error 0.0073
