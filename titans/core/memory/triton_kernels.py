@@ -32,9 +32,12 @@ Depth 2 (more than one chunk) takes a three-stage backward (``_memory_bwd3_kerne
 parallel, the state-gradient recurrence over the dWn share alone, the dWn share in parallel): on an H100
 23.3 vs 23.6 ms forward + backward at 8x8x4096 and 169.7K vs 165.3K MAC training tokens/s against the
 two-pass backward (benchmarks/RESULTS.md section 6), which depth 1 and single-chunk inputs use and
-``TITANS_TRITON_BWD=fused`` selects for depth 2 too (A/B comparisons).  Its stages are written for few live
-tiles (a chunk's activations and state tiles exceed the register file, and what does not fit spills to local
-memory): results are stored as soon as they are known, stage 0 keeps five activation tiles in a global
+``TITANS_TRITON_BWD=fused`` selects for depth 2 too (A/B comparisons).  By default the three stages run in one
+launch (``_memory_bwd3_overlap_kernel``) whose programs hand each chunk on to the next stage through flags, so the
+parallel stages fill the SMs the sequential walk leaves idle (``TITANS_TRITON_BWD=split``: three launches; MAC
+328.6K vs 321.4K training tokens/s on an H200, benchmarks/RESULTS.md section 6, session 17).  The stages are
+written for few live tiles (a chunk's activations and state tiles exceed the register file, and what does not fit
+spills to local memory): results are stored as soon as they are known, stage 0 keeps five activation tiles in a global
 scratch instead of registers, and stage 1's state gradient moves from slot to slot of the end-state buffers
 instead of being overwritten in place (``benchmarks/kernel_resources.py`` reports each launch's spills).
 
@@ -790,10 +793,11 @@ BACKWARDS = ("split", "overlap", "fused")
 
 
 def _backward_mode() -> str:
-    """The depth-2 backward: ``split`` (default), three stages launched one after another (see
-    ``_memory_bwd3_kernel``); ``overlap``, the same stages in one launch that hands chunks on as they are done
-    (``_memory_bwd3_overlap_kernel``); ``fused``, the two-pass backward.  Set by ``TITANS_TRITON_BWD``."""
-    mode = os.environ.get("TITANS_TRITON_BWD", "split")
+    """The depth-2 backward: ``overlap`` (default), the three stages of ``_memory_bwd3_kernel`` in one launch that
+    hands chunks on as they are done (``_memory_bwd3_overlap_kernel``; on an H200 1.43 vs 1.60 ms at MAC's segment
+    shape, 10.25 vs 11.26 ms at 8x8x4096); ``split``, the three stages launched one after another; ``fused``, the
+    two-pass backward.  Set by ``TITANS_TRITON_BWD``."""
+    mode = os.environ.get("TITANS_TRITON_BWD", "overlap")
     if mode not in BACKWARDS:
         raise ValueError(f"TITANS_TRITON_BWD={mode!r}: expected one of {', '.join(BACKWARDS)} ('split': three "
                          "stages, 'overlap': the three stages in one launch, 'fused': two-pass)")
