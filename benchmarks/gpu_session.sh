@@ -35,8 +35,19 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # fresh machine that alone took the 140 s of a tests step (session 14): fixed warps here
 export TITANS_TRITON_AUTOTUNE=0
 
-PART=${PART:-1}  # session 17: PART=1 the overlapped backward, PART=2 flat scaling (below)
+PART=${PART:-1}  # session 17: PART=1 the overlapped backward, PART=2 flat scaling, PART=3 segment compile
 BWD=${BWD:-split}  # PART=2: the depth-2 backward to time with (TITANS_TRITON_BWD)
+if [ "$PART" = 3 ]; then
+  # MAC's memory blocks compile one segment's step (session 17: the whole block unrolled its segment loop, and
+  # 65536 x 1 did not compile in 330 s): both shapes, blocks compiled + CUDA graphs, one process each
+  H3="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
+    --no-prefill --compile --compile-scope blocks --cuda-graphs --models mac"
+  step 100 mac-4096x8-segment-compile $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_segc.json"
+  step 110 mac-65536x1-segment-compile $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_segc.json"
+  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
+  grep '^==' "$LOG"
+  exit 0
+fi
 if [ "$PART" = 2 ]; then
   # flat scaling compiled: MAC 65536 x 1, blocks compiled + CUDA graphs (compile alone took ~135 s in session 15;
   # session 16's 140 s step and session 17's first call ran out of time) (not "CC": Triton's launcher build reads

@@ -349,33 +349,72 @@ def test_mac_memory_input_selects_what_the_memory_writes():
         build_model(tiny_config("mac", mac_memory_input="both"))
 
 
-def test_compile_blocks_compiles_each_block_in_place_with_the_project_options(monkeypatch):
+@pytest.mark.parametrize("checkpointing", ["none", "memory", "full"])
+def test_compile_blocks_compiles_each_block_in_place_with_the_project_options(monkeypatch, checkpointing):
     """``titans.utils.compiling.compile_blocks`` (regional compilation, ``harness.py --compile-scope blocks``): every
-    block compiled in place with compile_fn's inductor options, parameter names unchanged, and (traced with dynamo's
-    eager backend: inductor is too slow for CI) the same loss and gradients as the uncompiled model in float64."""
+    block compiled in place with compile_fn's inductor options (MAC's memory blocks: their segment step, mixer norm and
+    feed-forward), parameter names unchanged, and (traced with dynamo's eager backend: inductor is too slow for CI)
+    the same loss and gradients as the uncompiled model in float64, with each activation-checkpointing mode."""
     from titans.utils.compiling import INDUCTOR_OPTIONS, compile_blocks
 
     cfg = dict(variant="mac", vocab_size=37, dim=16, depth=2, heads=2, window=4, persistent_tokens=2, memory_depth=2,
-               memory_chunk_size=2, attention_backend="reference")
+               memory_chunk_size=2, attention_backend="reference", memory_layers=[0])
     torch.manual_seed(0)
-    ref = build_model(cfg).double()
-    model = build_model(cfg).double()
+    ref = build_model(cfg).double().set_activation_checkpointing(checkpointing)
+    model = build_model(cfg).double().set_activation_checkpointing(checkpointing)
     model.load_state_dict(ref.state_dict())
     seen = []
-    real = torch.nn.Module.compile
+    real_module, real_fn = torch.nn.Module.compile, torch.compile
 
-    def recording(self, **kwargs):
+    def recording_module(self, **kwargs):
         seen.append(kwargs)
-        return real(self, backend="eager")
+        return real_module(self, backend="eager")
 
-    monkeypatch.setattr(torch.nn.Module, "compile", recording)
+    def recording_fn(fn, **kwargs):
+        if kwargs != {"backend": "eager"}:  # (not nn.Module.compile's own call from recording_module)
+            seen.append(kwargs)
+        return real_fn(fn, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording_module)
+    monkeypatch.setattr(torch, "compile", recording_fn)
     assert compile_blocks(model) is model
-    assert len(seen) == len(model.blocks) and all(k["options"] == INDUCTOR_OPTIONS for k in seen)
-    assert all(b._compiled_call_impl is not None for b in model.blocks)  # each block runs compiled from now on
+    mac, plain = model.blocks
+    assert mac.compile_regions == ("mac_segment", "norm_mix", "feed_forward") and plain.compile_regions == ()
+    assert len(seen) == 4 and all(k["options"] == INDUCTOR_OPTIONS for k in seen)
+    assert plain._compiled_call_impl is not None and mac.norm_mix._compiled_call_impl is not None
+    assert {"mac_segment", "feed_forward"} <= set(vars(mac))  # the compiled methods, on the instance
     assert list(model.state_dict()) == list(ref.state_dict())
     ids = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     for m in (ref, model):
+        m.train()
         m(ids, labels=ids, use_cache=False).loss.backward()
     for (name, p), q in zip(ref.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_compiled_mac_graphs_do_not_grow_with_the_sequence():
+    """MAC's memory blocks compile one segment's step, reused for every segment: the graphs dynamo builds for a
+    training step of 4 segments and of 16 are the same ones (compiling the whole block unrolled its segment loop,
+    ~190 graph nodes a segment: 128 segments at 65536 tokens did not compile in 330 s on an H200)."""
+    from titans.utils.compiling import compile_blocks
+
+    cfg = dict(variant="mac", vocab_size=37, dim=16, depth=2, heads=2, window=4, persistent_tokens=2, memory_depth=2,
+               memory_chunk_size=2, attention_backend="reference", memory_layers=[0])
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    sizes = []
+    for segments in (4, 16):
+        torch._dynamo.reset()
+        graphs.clear()
+        torch.manual_seed(0)
+        model = compile_blocks(build_model(cfg), backend=counting)
+        ids = torch.randint(0, 37, (1, 4 * segments), generator=torch.Generator().manual_seed(1))
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        sizes.append(list(graphs))
+    assert sizes[0] == sizes[1], sizes
+    assert len(sizes[0]) <= 6, sizes  # norm, segment step (first segment, then any), feed-forward, the other block

@@ -38,13 +38,23 @@ def compile_fn(fn: Callable | torch.nn.Module, backend: str = "inductor", **kwar
 
 
 def compile_blocks(model: torch.nn.Module, backend: str = "inductor", **kwargs) -> torch.nn.Module:
-    """Compile each of ``model.blocks`` in place (``nn.Module.compile``, parameter names unchanged) with the options
-    of :func:`compile_fn`: regional compilation, one graph per block instead of the whole model unrolled over its
-    layers and MAC segments (a fraction of the compile time; blocks of the same code share compiled code).
+    """Compile each of ``model.blocks`` in place (parameter names unchanged) with the options of
+    :func:`compile_fn`: regional compilation, one graph per block instead of the whole model unrolled over its
+    layers and MAC segments (a fraction of the compile time; blocks of the same code share compiled code).  A block
+    that names ``compile_regions`` (MAC's memory blocks, which loop over segments) gets those compiled instead of
+    its whole forward: submodules through ``nn.Module.compile``, methods replaced by their compiled versions.
     Returns ``model``."""
     kwargs = _with_options(backend, kwargs)
     for block in model.blocks:
-        block.compile(backend=backend, **kwargs)
+        regions = getattr(block, "compile_regions", ())
+        if not regions:
+            block.compile(backend=backend, **kwargs)
+        for name in regions:
+            part = getattr(block, name)
+            if isinstance(part, torch.nn.Module):
+                part.compile(backend=backend, **kwargs)
+            else:
+                setattr(block, name, torch.compile(part, backend=backend, **kwargs))
     return model
 
 

@@ -212,6 +212,10 @@ class RotaryEmbedding(torch.nn.Module):
             return self._tables_at(positions, dtype)
         device = self.inv_freq.device if device is None else torch.device(device)
         end = positions + length
+        if torch.compiler.is_compiling():
+            # computed in the graph (fused by the compiler) for any position: sizing or reading the kept table
+            # would make the graph depend on the position's value, one recompile per MAC segment
+            return self._tables_at(torch.arange(positions, end, device=device), dtype)
         key = (device, dtype)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < end:

@@ -277,7 +277,7 @@ class TitansBlock(nn.Module):
                 n = min(C - p % C, T - start)
                 # contiguous once here: each projection of a strided slice would copy it (four of them per segment)
                 piece = h[:, start:start + n].contiguous()
-                outs.append(self._mac(piece, StreamOps(self, st, p, want_cache, recompute_memory), persistent))
+                outs.append(self.mac_segment(piece, st, p, persistent, want_cache, recompute_memory))
                 start += n
             x = x + torch.cat(outs, dim=1)
         else:
@@ -301,6 +301,20 @@ class TitansBlock(nn.Module):
             return x + ops.remember_gated(h, y)
         # attention-only block (baselines, and layers without memory)
         return x + ops.attend(self.norm_mix(x), persistent, None)
+
+    def mac_segment(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
+                    recompute_memory: bool) -> Tensor:
+        """MAC over one segment (or a piece of one) of normalised inputs h (B, T, dim) at host position ``pos``,
+        ``st`` updated in place.  The region :func:`~titans.utils.compiling.compile_blocks` compiles in MAC's
+        memory blocks: one segment's graph, reused for every segment (the block's whole forward unrolls its
+        segment loop, a graph and a compile time growing with the sequence: 128 segments at 65536 tokens)."""
+        return self._mac(h, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
+
+    @property
+    def compile_regions(self) -> tuple[str, ...]:
+        """What regional compilation compiles in this block: MAC's memory blocks, the segment step, the mixer's norm
+        and the feed-forward (see :meth:`mac_segment`); other blocks, the whole block (empty tuple)."""
+        return ("mac_segment", "norm_mix", "feed_forward") if self.variant == "mac" and self.memory is not None else ()
 
     def _mac(self, h: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
         """Memory as context (Eq. 21-25) over normalised inputs h (B, T, dim) inside one segment."""
