@@ -38,12 +38,19 @@ export TITANS_TRITON_AUTOTUNE=0
 PART=${PART:-1}  # session 17: PART=1 the overlapped backward, PART=2 flat scaling, PART=3 segment compile
 BWD=${BWD:-split}  # PART=2: the depth-2 backward to time with (TITANS_TRITON_BWD)
 if [ "$PART" = 3 ]; then
-  # MAC's memory blocks compile one segment's step (session 17: the whole block unrolled its segment loop, and
-  # 65536 x 1 did not compile in 330 s): both shapes, blocks compiled + CUDA graphs, one process each
+  # MAC's memory blocks compile one segment's step (session 17, not yet run on a GPU: the whole block unrolled its
+  # segment loop, and 65536 x 1 did not compile in 330 s): both shapes, blocks compiled + CUDA graphs, one process
+  # each, then the whole-block scope at 4096 x 8 for an A/B and the GPU test of compiled + graphed == eager
   H3="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
     --no-prefill --compile --compile-scope blocks --cuda-graphs --models mac"
-  step 100 mac-4096x8-segment-compile $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_segc.json"
-  step 110 mac-65536x1-segment-compile $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_segc.json"
+  step 120 mac-4096x8-segment-compile $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_segc.json"
+  step 150 mac-65536x1-segment-compile $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_segc.json"
+  # the same 4096 x 8 row with MAC's memory blocks compiled whole (sessions 15-17's scope: 328,568 tokens/s)
+  step 170 mac-4096x8-block-compile env TITANS_COMPILE_MAC_SEGMENTS=0 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
+    --out "$RES/h_mac_4096x8_blockc.json"
+  # compiled + graphed == eager on CUDA (MAC, MAG), with the segment regions
+  step 120 gpu-test-compiled-blocks sh -c "python3 -m pytest -q -p no:cacheprovider -rfE \
+    tests/test_activation_checkpointing.py -k 'compiled_blocks' > $RES/gpu_test_compiled_blocks.txt 2>&1"
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
   grep '^==' "$LOG"
   exit 0

@@ -383,6 +383,9 @@ def test_compile_blocks_compiles_each_block_in_place_with_the_project_options(mo
     assert len(seen) == 4 and all(k["options"] == INDUCTOR_OPTIONS for k in seen)
     assert plain._compiled_call_impl is not None and mac.norm_mix._compiled_call_impl is not None
     assert {"mac_segment", "feed_forward"} <= set(vars(mac))  # the compiled methods, on the instance
+    monkeypatch.setenv("TITANS_COMPILE_MAC_SEGMENTS", "0")  # the A/B switch: MAC's memory blocks compiled whole
+    assert mac.compile_regions == ()
+    monkeypatch.delenv("TITANS_COMPILE_MAC_SEGMENTS")
     assert list(model.state_dict()) == list(ref.state_dict())
     ids = torch.randint(0, 37, (2, 11), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()

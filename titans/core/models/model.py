@@ -32,6 +32,8 @@ backward's second run sees what the first saw.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -313,8 +315,11 @@ class TitansBlock(nn.Module):
     @property
     def compile_regions(self) -> tuple[str, ...]:
         """What regional compilation compiles in this block: MAC's memory blocks, the segment step, the mixer's norm
-        and the feed-forward (see :meth:`mac_segment`); other blocks, the whole block (empty tuple)."""
-        return ("mac_segment", "norm_mix", "feed_forward") if self.variant == "mac" and self.memory is not None else ()
+        and the feed-forward (see :meth:`mac_segment`); other blocks, the whole block (empty tuple).
+        ``TITANS_COMPILE_MAC_SEGMENTS=0`` compiles MAC's memory blocks whole again (A/B timing on a GPU)."""
+        if self.variant != "mac" or self.memory is None or os.environ.get("TITANS_COMPILE_MAC_SEGMENTS", "1") == "0":
+            return ()
+        return ("mac_segment", "norm_mix", "feed_forward")
 
     def _mac(self, h: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
         """Memory as context (Eq. 21-25) over normalised inputs h (B, T, dim) inside one segment."""
