@@ -43,14 +43,18 @@ if [ "$PART" = 3 ]; then
   # each, then the whole-block scope at 4096 x 8 for an A/B and the GPU test of compiled + graphed == eager
   H3="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
     --no-prefill --compile --compile-scope blocks --cuda-graphs --models mac"
+  # first the one-launch backward again: after session 17's timing its stage 2 was found to wait on the walk only
+  # (not on its chunk's stage 0, whose scratch it reads and whose dk / dv it adds to); fixed, checked here
+  step 70 memory-kernels-overlap python3 benchmarks/memory_kernels.py --backends triton --parts \
+    --shapes 8x8x512x64x128x64x2 1x8x512x64x128x64x2 --out "$RES/memory_kernels_overlap.json"
   step 120 mac-4096x8-segment-compile $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_segc.json"
   step 150 mac-65536x1-segment-compile $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_segc.json"
-  # the same 4096 x 8 row with MAC's memory blocks compiled whole (sessions 15-17's scope: 328,568 tokens/s)
-  step 170 mac-4096x8-block-compile env TITANS_COMPILE_MAC_SEGMENTS=0 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
-    --out "$RES/h_mac_4096x8_blockc.json"
   # compiled + graphed == eager on CUDA (MAC, MAG), with the segment regions
-  step 120 gpu-test-compiled-blocks sh -c "python3 -m pytest -q -p no:cacheprovider -rfE \
+  step 100 gpu-test-compiled-blocks sh -c "python3 -m pytest -q -p no:cacheprovider -rfE \
     tests/test_activation_checkpointing.py -k 'compiled_blocks' > $RES/gpu_test_compiled_blocks.txt 2>&1"
+  # the same 4096 x 8 row with MAC's memory blocks compiled whole (sessions 15-17's scope: 328,568 tokens/s)
+  step 150 mac-4096x8-block-compile env TITANS_COMPILE_MAC_SEGMENTS=0 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
+    --out "$RES/h_mac_4096x8_blockc.json"
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
   grep '^==' "$LOG"
   exit 0

@@ -524,7 +524,7 @@ if triton is not None:
         (stage 1).  With ``SYNC`` (one launch for all three stages, ``_memory_bwd3_overlap_kernel``) the stages
         hand each chunk on through flags (BH, N): stage 0 releases ``F0[bh, c]`` when chunk c's dy share is
         stored; the walk waits on it before chunk c and releases ``F1[bh, c]`` once the gradient of chunk c's end
-        state is complete, which stage 2's chunk c waits on."""
+        state is complete; stage 2's chunk c waits on both."""
         rc = tl.arange(0, C)
         T = N * C
         dw1p, ds1p, dw2p, ds2p = _state_ptrs(DW1, DS1, DW2, DS2, bh, D, E)
@@ -546,6 +546,10 @@ if triton is not None:
             else:
                 c = c0
                 if SYNC and STAGE == 2:
+                    # the walk releases chunk c's end-state gradient before it needs (and waits on) chunk c's stage 0
+                    # (right at its start for the last chunk), and this stage reads stage 0's scratch and adds to its
+                    # dk / dv: both flags, not the walk's alone
+                    _wait(F0 + bh * N + c)
                     _wait(F1 + bh * N + c)
             tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
                 Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
