@@ -77,3 +77,42 @@ def test_op_census_counts_each_operation_of_the_step_once():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert all(p.grad is None for p in params)
     torch.testing.assert_close(model(ids, labels=ids, use_cache=False).loss, loss, rtol=0, atol=0)
+
+
+def test_babilong_compare_pools_seeds_by_length_with_wilson_intervals(tmp_path):
+    """Two evaluation seeds of one model pool by context length (examples, exact matches, majority-answer matches),
+    the interval is Wilson's over the pooled counts, and JSON, table and plot are written; a folder without
+    ``results.json`` or without the task is named in the error."""
+    import json
+
+    import pytest
+
+    from titans.inference.long_context import wilson_interval
+
+    bc = _load("babilong_compare")
+
+    def evaluation(name, seed, acc):
+        d = tmp_path / name
+        d.mkdir()
+        cells = [{"task": "babilong_qa3", "length": L, "depth": 0.5, "samples": 10, "accuracy": a,
+                  "majority_baseline": 0.2} for L, a in acc.items()]
+        (d / "results.json").write_text(json.dumps({"seed": seed, "cells": cells}))
+        return str(d)
+
+    a1, a2 = evaluation("mal1", 1, {320: 0.6, 640: 0.3}), evaluation("mal2", 2, {320: 0.4, 640: 0.5})
+    b1 = evaluation("swa1", 1, {320: 0.2, 640: 0.1})
+    rec = bc.main(["--task", "babilong_qa3", "--model", f"mal={a1},{a2}", "--model", f"swa={b1}",
+                   "--out", str(tmp_path / "out.json"), "--plot", str(tmp_path / "out.png")])
+    mal = rec["models"]["mal"]
+    assert mal["320"]["n"] == 20 and mal["320"]["correct"] == 10 and mal["320"]["majority"] == 4
+    assert mal["640"]["correct"] == 8 and mal["640"]["seeds"] == [1, 2]
+    lo, hi = wilson_interval(8, 20)
+    assert mal["640"]["wilson95"] == [round(100 * lo), round(100 * hi)]
+    assert rec["models"]["swa"]["320"]["exact_match"] == 0.2
+    assert json.loads((tmp_path / "out.json").read_text()) == rec
+    assert "| mal | 50% (" in (tmp_path / "out.md").read_text()
+    assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        bc.main(["--task", "babilong_qa3", "--model", f"x={tmp_path}", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(ValueError, match="no cells of task 'babilong_qa7'"):
+        bc.main(["--task", "babilong_qa7", "--model", f"x={a1}", "--out", str(tmp_path / "x.json")])

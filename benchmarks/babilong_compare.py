@@ -1,0 +1,122 @@
+"""Compare models on one long-context task from their ``titans evaluate`` outputs (issue 6).
+
+Each model brings one or more ``titans evaluate --output DIR`` folders (one per evaluation seed: fresh examples);
+their cells are pooled by context length, exact match gets its 95% Wilson interval, and the rate of always giving the
+most common answer (the ``majority_baseline`` of each cell, pooled the same way) is the line to beat: BABILong answers
+come from a few words, so a model stuck on one answer can look good.  Writes JSON, a markdown table and a PNG.
+
+    python benchmarks/babilong_compare.py --task babilong_qa3 \\
+        --model mal=runs/eval_mal_s1,runs/eval_mal_s2 --model swa=runs/eval_swa_s1,runs/eval_swa_s2 \\
+        --out benchmarks/results/babilong_qa3.json --plot docs/babilong_qa3.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import date
+from pathlib import Path
+
+from titans.inference.long_context import wilson_interval
+from titans.utils.io import atomic_write_text
+
+
+def pooled(dirs: list[Path], task: str) -> dict[int, dict]:
+    """Per context length: examples, exact-match count, majority-answer count and seeds, over the folders' cells of
+    ``task`` (every depth)."""
+    out: dict[int, dict] = {}
+    for d in dirs:
+        path = d / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a `titans evaluate --output` folder (no results.json)")
+        res = json.loads(path.read_text())
+        cells = [c for c in res["cells"] if c["task"] == task]
+        if not cells:
+            raise ValueError(f"{path}: no cells of task {task!r} (it has {sorted({c['task'] for c in res['cells']})})")
+        for c in cells:
+            row = out.setdefault(int(c["length"]), {"n": 0, "correct": 0, "majority": 0, "seeds": []})
+            row["n"] += c["samples"]
+            row["correct"] += round(c["accuracy"] * c["samples"])
+            row["majority"] += round(c["majority_baseline"] * c["samples"])
+            if res.get("seed") not in row["seeds"]:
+                row["seeds"].append(res.get("seed"))
+    for row in out.values():
+        lo, hi = wilson_interval(row["correct"], row["n"])
+        row.update(exact_match=row["correct"] / row["n"], wilson95=[round(100 * lo), round(100 * hi)],
+                   majority_rate=row["majority"] / row["n"])
+    return dict(sorted(out.items()))
+
+
+def table(task: str, models: dict[str, dict[int, dict]]) -> str:
+    lengths = sorted({L for rows in models.values() for L in rows})
+    lines = [f"| {task}: model | " + " | ".join(f"{L:,}" for L in lengths) + " |",
+             "| --- | " + " | ".join("---" for _ in lengths) + " |"]
+    for name, rows in models.items():
+        cells = [f"{100 * rows[L]['exact_match']:.0f}% ({rows[L]['wilson95'][0]}-{rows[L]['wilson95'][1]})"
+                 if L in rows else "-" for L in lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    first = next(iter(models.values()))
+    lines.append("| majority answer | " + " | ".join(f"{100 * first[L]['majority_rate']:.0f}%" if L in first else "-"
+                                                    for L in lengths) + " |")
+    return "\n".join(lines)
+
+
+def plot(task: str, models: dict[str, dict[int, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in models.items():
+        Ls = list(rows)
+        acc = [100 * rows[L]["exact_match"] for L in Ls]
+        err = [[a - rows[L]["wilson95"][0] for a, L in zip(acc, Ls)],
+               [rows[L]["wilson95"][1] - a for a, L in zip(acc, Ls)]]
+        ax.errorbar(Ls, acc, yerr=err, marker="o", capsize=3, label=name)
+    first = next(iter(models.values()))
+    ax.plot(list(first), [100 * r["majority_rate"] for r in first.values()], "k--", label="majority answer")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(first), [f"{L:,}" for L in first])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("exact match (%, 95% Wilson)")
+    ax.set_ylim(0, 100)
+    ax.set_title(task)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True, help="the task name in the evaluations (e.g. babilong_qa3)")
+    ap.add_argument("--model", action="append", required=True, metavar="NAME=DIR[,DIR...]",
+                    help="a model and its evaluation folders (one per seed; pooled)")
+    ap.add_argument("--note", default="", help="how the models were trained and evaluated (kept in the JSON)")
+    ap.add_argument("--out", required=True, help="JSON file (the markdown table goes next to it as .md)")
+    ap.add_argument("--plot", default=None, help="PNG file")
+    args = ap.parse_args(argv)
+    models = {}
+    for spec in args.model:
+        name, sep, dirs = spec.partition("=")
+        if not sep or not dirs:
+            raise SystemExit(f"--model {spec!r}: expected NAME=DIR[,DIR...]")
+        models[name] = pooled([Path(d) for d in dirs.split(",")], args.task)
+    record = {"date": date.today().isoformat(), "task": args.task, "note": args.note,
+              "models": {name: {str(L): row for L, row in rows.items()} for name, rows in models.items()}}
+    out = Path(args.out)
+    md = table(args.task, models)
+    atomic_write_text(out, json.dumps(record, indent=1))
+    atomic_write_text(out.with_suffix(".md"), md + "\n")
+    if args.plot:
+        plot(args.task, models, Path(args.plot))
+    print(md)
+    return record
+
+
+if __name__ == "__main__":
+    main()
