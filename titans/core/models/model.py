@@ -33,7 +33,6 @@ backward's second run sees what the first saw.
 from __future__ import annotations
 
 import os
-
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
