@@ -452,7 +452,10 @@ def test_triton_kernels_on_gpu(backward, monkeypatch):
 
     monkeypatch.setenv("TITANS_TRITON_BWD", backward)  # two-pass, three-stage, or three stages in one launch
     g = torch.Generator(device="cuda").manual_seed(0)
-    B, H, T, d, E, C = 2, 4, 256, 64, 128, 64
+    # 8 chunks, as at MAC's 512-token segment: the kernels' compile-time arguments are those of memory_kernels.py's
+    # 8x8x512 shape, so a GPU session that ran it first finds them in Triton's cache (a new N compiles every kernel
+    # again: in session 17's first call one parametrisation of three fit in 90 s)
+    B, H, T, d, E, C = 2, 4, 512, 64, 128, 64
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     q, k = (torch.nn.functional.normalize(r(B, H, T, d), dim=-1) for _ in range(2))
     gates = [torch.rand(B, H, T, device="cuda", generator=g) * s for s in (1 / C, 1.0, 0.05)]
