@@ -4,7 +4,9 @@
 # Made for the `device` tool, whose machine lacks pydantic: first download here the cp312 wheels of pydantic,
 # pydantic-core, annotated-types, typing-inspection and typing-extensions into .whl/ (the tool's README says how),
 # then   run  command: "bash benchmarks/gpu_session.sh"   carry: [".whl"]   timeout_s: 600
-# (or "PART=2 BWD=overlap bash benchmarks/gpu_session.sh": MAC 65536 x 1 compiled + graphed)
+# (or "PART=2 BWD=overlap bash benchmarks/gpu_session.sh": MAC 65536 x 1 compiled + graphed, whole blocks; "PART=3
+# bash benchmarks/gpu_session.sh", the next session's first call: the race fix of the one-launch backward, MAC's
+# per-segment compile at 4096 x 8 and 65536 x 1, its GPU test, a profile of the compiled step)
 # Elsewhere: OUT=/tmp/out bash benchmarks/gpu_session.sh (needs CUDA).  Each step has its own time limit so that the
 # whole call ends inside 10 minutes (the limits add up to 590 s, in order of priority); a step that fails or times out
 # leaves its log, and the next step still runs.
@@ -40,7 +42,7 @@ BWD=${BWD:-split}  # PART=2: the depth-2 backward to time with (TITANS_TRITON_BW
 if [ "$PART" = 3 ]; then
   # MAC's memory blocks compile one segment's step (session 17, not yet run on a GPU: the whole block unrolled its
   # segment loop, and 65536 x 1 did not compile in 330 s): both shapes, blocks compiled + CUDA graphs, one process
-  # each, then the whole-block scope at 4096 x 8 for an A/B and the GPU test of compiled + graphed == eager
+  # each, the GPU test of compiled + graphed == eager, and a profile of the compiled step
   H3="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
     --no-prefill --compile --compile-scope blocks --cuda-graphs --models mac"
   # first the one-launch backward again: after session 17's timing its stage 2 was found to wait on the walk only
@@ -52,9 +54,14 @@ if [ "$PART" = 3 ]; then
   # compiled + graphed == eager on CUDA (MAC, MAG), with the segment regions
   step 100 gpu-test-compiled-blocks sh -c "python3 -m pytest -q -p no:cacheprovider -rfE \
     tests/test_activation_checkpointing.py -k 'compiled_blocks' > $RES/gpu_test_compiled_blocks.txt 2>&1"
-  # the same 4096 x 8 row with MAC's memory blocks compiled whole (sessions 15-17's scope: 328,568 tokens/s)
-  step 150 mac-4096x8-block-compile env TITANS_COMPILE_MAC_SEGMENTS=0 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
-    --out "$RES/h_mac_4096x8_blockc.json"
+  # where the compiled step's time goes (no CUDA graphs, so the profiler sees each kernel; inductor's cache is warm
+  # from the 4096 x 8 row above): MAC spends ~59 of its ~100 ms a step outside the memory kernels, the compiled
+  # Transformer ~33 ms in all
+  step 90 mac-4096x8-profile python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 \
+    --memory-layers 2 4 6 --memory-chunk 64 --no-prefill --compile --compile-scope blocks --models mac \
+    --shapes 4096x8 --warmup 2 --iters 2 --profile 40 --out "$RES/h_mac_4096x8_profile.json"
+  # (if time is left in a later call: the 4096 x 8 row with MAC's memory blocks compiled whole, the A/B of the
+  #  compile scopes: env TITANS_COMPILE_MAC_SEGMENTS=0 $H3 --shapes 4096x8; sessions 15-17's scope: 328,568 tokens/s)
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
   grep '^==' "$LOG"
   exit 0
