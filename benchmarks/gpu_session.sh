@@ -50,6 +50,11 @@ if [ "$PART" = 3 ]; then
   step 70 memory-kernels-overlap python3 benchmarks/memory_kernels.py --backends triton --parts \
     --shapes 8x8x512x64x128x64x2 1x8x512x64x128x64x2 --out "$RES/memory_kernels_overlap.json"
   step 120 mac-4096x8-segment-compile $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_segc.json"
+  # the issue's baseline in the same call: the FlashAttention Transformer, eager with CUDA graphs (session 14:
+  # 647,246 tokens/s; MAC's 0.508x of session 17 is against that older row)
+  step 45 transformer-4096x8-eager-graphs python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 \
+    --no-prefill --cuda-graphs --models transformer --shapes 4096x8 --warmup 2 --iters 5 \
+    --out "$RES/h_transformer_4096x8.json"
   step 150 mac-65536x1-segment-compile $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_segc.json"
   # compiled + graphed == eager on CUDA (MAC, MAG), with the segment regions
   step 100 gpu-test-compiled-blocks sh -c "python3 -m pytest -q -p no:cacheprovider -rfE \
