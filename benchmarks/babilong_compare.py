@@ -47,6 +47,23 @@ def pooled(dirs: list[Path], task: str) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
+def prior(path: Path, task: str) -> dict[str, dict[int, dict]]:
+    """Models of ``task`` from an earlier record: this script's JSON (``models``) or session 16's
+    ``babilong_cpu_session16.json`` layout (``tasks`` -> ``qa3`` -> model), whose rows have the same fields."""
+    record = json.loads(path.read_text())
+    if "models" in record:
+        if record.get("task") != task:
+            raise ValueError(f"{path}: holds task {record.get('task')!r}, not {task!r}")
+        models = record["models"]
+    else:
+        short = task.removeprefix("babilong_")
+        if short not in record.get("tasks", {}):
+            raise ValueError(f"{path}: no task {short!r} (it has {sorted(record.get('tasks', {}))})")
+        models = record["tasks"][short]
+    return {name: {int(L): row for L, row in sorted(rows.items(), key=lambda kv: int(kv[0]))}
+            for name, rows in models.items()}
+
+
 def table(task: str, models: dict[str, dict[int, dict]]) -> str:
     lengths = sorted({L for rows in models.values() for L in rows})
     lines = [f"| {task}: model | " + " | ".join(f"{L:,}" for L in lengths) + " |",
@@ -96,11 +113,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--task", required=True, help="the task name in the evaluations (e.g. babilong_qa3)")
     ap.add_argument("--model", action="append", required=True, metavar="NAME=DIR[,DIR...]",
                     help="a model and its evaluation folders (one per seed; pooled)")
+    ap.add_argument("--prior", nargs="*", default=[], metavar="JSON",
+                    help="earlier records whose models of this task join the table and plot (listed first)")
     ap.add_argument("--note", default="", help="how the models were trained and evaluated (kept in the JSON)")
     ap.add_argument("--out", required=True, help="JSON file (the markdown table goes next to it as .md)")
     ap.add_argument("--plot", default=None, help="PNG file")
     args = ap.parse_args(argv)
     models = {}
+    for path in args.prior:
+        models.update(prior(Path(path), args.task))
     for spec in args.model:
         name, sep, dirs = spec.partition("=")
         if not sep or not dirs:

@@ -112,6 +112,12 @@ def test_babilong_compare_pools_seeds_by_length_with_wilson_intervals(tmp_path):
     assert json.loads((tmp_path / "out.json").read_text()) == rec
     assert "| mal | 50% (" in (tmp_path / "out.md").read_text()
     assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+    # an earlier record's models join (this script's JSON, or session 16's layout: tasks -> qa3 -> model)
+    old = tmp_path / "s16.json"
+    old.write_text(json.dumps({"tasks": {"qa3": {"swa16": rec["models"]["swa"]}}}))
+    both = bc.main(["--task", "babilong_qa3", "--prior", str(old), str(tmp_path / "out.json"), "--model",
+                    f"mag={b1}", "--out", str(tmp_path / "both.json")])
+    assert list(both["models"]) == ["swa16", "mal", "swa", "mag"] and both["models"]["mal"] == mal
     with pytest.raises(FileNotFoundError, match="results.json"):
         bc.main(["--task", "babilong_qa3", "--model", f"x={tmp_path}", "--out", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match="no cells of task 'babilong_qa7'"):
