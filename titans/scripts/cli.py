@@ -79,8 +79,11 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
              buckets: int = typer.Option(8, help="position buckets for loss-by-position"),
              task: list[str] = typer.Option([], help="niah | babilong | a task name (niah_uuid, babilong_qa2, "
                                             "...); repeatable.  Runs the long-context grid instead"),
-             lengths: list[str] = typer.Option(["1024,2048,4096,8192,16384"],
-                                               help="context lengths in tokens, comma-separated or repeated"),
+             lengths: list[str] = typer.Option(
+                 ["1024,2048,4096,8192,16384"],
+                 help="context lengths in tokens, comma-separated or repeated (exact: the answer follows the last "
+                      "token; for MAC a multiple of its window puts the answer at a segment start, its worst case: "
+                      "RESULTS.md 4y)"),
              depths: list[str] = typer.Option(["0,0.25,0.5,0.75,1"],
                                               help="needle depths in [0, 1], comma-separated or repeated"),
              samples: int = typer.Option(10, help="examples per cell"),
