@@ -118,9 +118,7 @@ def parts(ins, L, C, iters) -> dict:
 
     def timed_stages(BH, N, args, kw, overlap):
         if overlap:  # one launch for the three stages (TITANS_TRITON_BWD=overlap)
-            sync = (torch.zeros(1, dtype=torch.int32, device=args[0].device),
-                    torch.zeros(2 * BH * N, dtype=torch.int32, device=args[0].device))
-            launch(tk._memory_bwd3_overlap_kernel, (BH * (2 * N + 1),), (*args, *sync), kw, "STAGES 0-2")
+            launch(tk._memory_bwd3_overlap_kernel, *tk.overlap_launch(BH, N, args), kw, "STAGES 0-2")
             return
         for stage, grid in ((0, (BH, N)), (1, (BH,)), (2, (BH, N))):
             launch(tk._memory_bwd3_kernel, grid, args, kw, f"STAGE {stage}", STAGE=stage)

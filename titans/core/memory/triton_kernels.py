@@ -906,14 +906,19 @@ def _launch(kernel, BH: int, N: int, args, kw, **fixed) -> None:
         _run(kernel, (BH,), args, dict(kw, MODE=0, **fixed))
 
 
+def overlap_launch(BH: int, N: int, args) -> tuple[tuple[int], tuple]:
+    """Grid and arguments of ``_memory_bwd3_overlap_kernel`` for the three-stage backward's ``args``: one program
+    per stage-0 chunk, walk and stage-2 chunk, and the zeroed ticket counter and hand-on flags it needs."""
+    device = args[0].device
+    sync = (torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(2 * BH * N, dtype=torch.int32, device=device))
+    return (BH * (2 * N + 1),), (*args, *sync)
+
+
 def _launch_stages(BH: int, N: int, args, kw, overlap: bool) -> None:
     """The three-stage backward: dy share (parallel), state-gradient recurrence (sequential), dWn share; three
     launches, or one (``overlap``) whose programs hand chunks on through flags."""
     if overlap:
-        like = args[0]
-        sync = (torch.zeros(1, dtype=torch.int32, device=like.device),
-                torch.zeros(2 * BH * N, dtype=torch.int32, device=like.device))
-        _run(_memory_bwd3_overlap_kernel, (BH * (2 * N + 1),), (*args, *sync), kw)
+        _run(_memory_bwd3_overlap_kernel, *overlap_launch(BH, N, args), kw)
         return
     _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0))
     _run(_memory_bwd3_kernel, (BH,), args, dict(kw, STAGE=1))
