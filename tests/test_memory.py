@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from titans.core.memory import (
     MemoryState,
     NeuralMemory,
+    causal_depthwise_conv,
     memory_mlp,
     neural_memory_update,
     neural_memory_update_chunked,
@@ -523,3 +524,47 @@ def test_surprise_scores_the_targets_the_update_fits():
         v = F.normalize(v, dim=-1) if norm_v else v
         want = ((memory_mlp(k, st_.weights, m.activation, m.residual) - v) ** 2).sum(-1)
         torch.testing.assert_close(m.surprise(x, st_)["inner_loss"], want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 9), C=st.integers(1, 5), K=st.integers(1, 6), with_cache=st.booleans(),
+       with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_causal_depthwise_conv_shifted_sum_equals_conv1d(B, T, C, K, with_cache, with_bias, seed):
+    """The fused shifted-sum form (used under torch.compile) against F.conv1d: outputs, carried cache and every
+    gradient in float64; and streamed in two pieces it equals one pass."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g, dtype=D, requires_grad=True)
+    w = torch.randn(C, 1, K, generator=g, dtype=D, requires_grad=True)
+    b = torch.randn(C, generator=g, dtype=D, requires_grad=True) if with_bias else None
+    cache = torch.randn(B, C, K - 1, generator=g, dtype=D, requires_grad=True) if with_cache and K > 1 else None
+    leaves = [t for t in (x, w, b, cache) if t is not None]
+    outs = {}
+    for shifted in (False, True):
+        y, new = causal_depthwise_conv(x, cache, w, b, shifted=shifted)
+        assert y.shape == (B, T, C) and y.dtype == D
+        probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=D)
+        loss = (y * probe).sum() + (new.sum() if new is not None and new.requires_grad else 0)
+        outs[shifted] = (y.detach(), None if new is None else new.detach(), torch.autograd.grad(loss, leaves))
+    (y0, n0, g0), (y1, n1, g1) = outs[False], outs[True]
+    assert torch.allclose(y0, y1, rtol=0, atol=1e-12)
+    assert (n0 is None) == (n1 is None) and (n0 is None or torch.equal(n0, n1))
+    for a, c in zip(g0, g1):
+        assert torch.allclose(a, c, rtol=0, atol=1e-12)
+    if K > 1 and T >= 2:  # streaming: the cache carries exactly what the second piece needs
+        cut = T // 2
+        ya, ca = causal_depthwise_conv(x.detach()[:, :cut], None, w.detach(), None, shifted=True)
+        yb, cb = causal_depthwise_conv(x.detach()[:, cut:], ca, w.detach(), None, shifted=True)
+        yo, co = causal_depthwise_conv(x.detach(), None, w.detach(), None, shifted=False)
+        assert torch.allclose(torch.cat([ya, yb], 1), yo, rtol=0, atol=1e-12) and torch.equal(cb, co)
+
+
+def test_causal_depthwise_conv_rounds_once_and_names_bad_shapes():
+    x = torch.randn(2, 8, 4).bfloat16()
+    w, b = torch.randn(4, 1, 3), torch.randn(4)
+    y, _ = causal_depthwise_conv(x, None, w, b, shifted=True)
+    exact, _ = causal_depthwise_conv(x.double(), None, w.double(), b.double(), shifted=False)
+    assert y.dtype == torch.bfloat16
+    # float32 products and sum, one rounding: within half a bf16 ulp of the float64 result
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    with pytest.raises(ValueError, match=r"weight \(5, 1, 3\)"):
+        causal_depthwise_conv(x, None, torch.randn(5, 1, 3), None)

@@ -9,10 +9,11 @@ from titans.core.memory.functional import (
     retrieve,
     validate_memory_inputs,
 )
-from titans.core.memory.neural_memory import MemoryState, NeuralMemory
+from titans.core.memory.neural_memory import MemoryState, NeuralMemory, causal_depthwise_conv
 from titans.core.memory.persistent_memory import PersistentMemory
 
 __all__ = [
-    "ACTIVATIONS", "MemoryState", "NeuralMemory", "PersistentMemory", "memory_mlp", "neural_memory_update",
+    "ACTIVATIONS", "MemoryState", "NeuralMemory", "PersistentMemory", "causal_depthwise_conv",
+    "memory_mlp", "neural_memory_update",
     "neural_memory_update_chunked", "neural_memory_update_naive", "retrieve", "validate_memory_inputs",
 ]

@@ -124,6 +124,54 @@ class MemoryState:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
+def causal_depthwise_conv(x: Tensor, cache: Tensor | None, weight: Tensor, bias: Tensor | None,
+                          shifted: bool | None = None) -> tuple[Tensor, Tensor | None]:
+    """Causal depthwise convolution along time (the paper's conv after the q/k/v projections, Sec. 4.4).
+
+    ``y[b, t, c] = bias[c] + sum_j weight[c, 0, j] * xp[b, t + j, c]`` with ``xp = cat(cache^T, x)`` along time.
+    x (B, T, C); cache (B, C, K - 1), the last K - 1 inputs of the previous call (None: zeros); weight (C, 1, K);
+    bias (C,) or None.  Returns ``(y (B, T, C) in x's dtype, new cache (B, C, K - 1))`` (the cache is None when
+    K = 1 and none was given).
+
+    Two computations of the same sum: ``F.conv1d`` over the (B, C, T) transpose (``shifted=False``, the eager
+    default), and a sum of K shifted products in the (B, T, C) layout (``shifted=True``, the default while
+    torch.compile traces), which inductor fuses into one pointwise kernel, backward included, with no transposes:
+    on the GPU the conv1d path ran CUDA's generic depthwise kernels, 6% of a compiled MAC training step
+    (benchmarks/RESULTS.md section 6, session 18).  The products are summed in float32 and rounded to x's dtype
+    once (float64 stays float64); tests compare the two in float64.
+    """
+    if x.ndim != 3 or weight.ndim != 3 or weight.shape[1] != 1 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"causal_depthwise_conv: x {tuple(x.shape)} and weight {tuple(weight.shape)}: expected "
+                         "(B, T, C) and (C, 1, K)")
+    K = weight.shape[-1]
+    if shifted is None:
+        shifted = torch.compiler.is_compiling()
+    new_cache = cache
+    if not shifted:
+        seq = x.transpose(1, 2)  # (B, C, T)
+        if K > 1:
+            if cache is None:
+                cache = seq.new_zeros(seq.shape[0], seq.shape[1], K - 1)
+            seq = torch.cat([cache.to(seq.dtype), seq], dim=2)
+            new_cache = keep_last(seq, K - 1, 2)
+        return F.conv1d(seq, weight, bias, groups=weight.shape[0]).transpose(1, 2), new_cache
+    T = x.shape[1]
+    xp = x
+    if K > 1:
+        if cache is None:
+            cache = x.new_zeros(x.shape[0], x.shape[2], K - 1)
+        xp = torch.cat([cache.to(x.dtype).transpose(1, 2), x], dim=1)  # (B, T + K - 1, C)
+        new_cache = keep_last(xp, K - 1, 1).transpose(1, 2)
+    acc = torch.promote_types(x.dtype, torch.float32)  # float32 for bf16 / fp16 inputs, float64 stays float64
+    w = weight[:, 0, :].to(acc)  # (C, K)
+    y = xp[:, 0:T].to(acc) * w[:, 0]
+    for j in range(1, K):
+        y = y + xp[:, j:j + T].to(acc) * w[:, j]
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), new_cache
+
+
 class NeuralMemory(nn.Module):
     """Multi-head deep neural memory that learns at test time.
 
@@ -286,14 +334,7 @@ class NeuralMemory(nn.Module):
             w, b = self.conv.weight, self.conv.bias
             if channels is not None:
                 w, b = w[channels], b[channels]
-            seq = proj.transpose(1, 2)  # (B, C, T)
-            K = self.conv_kernel
-            if K > 1:
-                if conv_cache is None:
-                    conv_cache = seq.new_zeros(seq.shape[0], seq.shape[1], K - 1)
-                seq = torch.cat([conv_cache.to(seq.dtype), seq], dim=2)
-                new_cache = keep_last(seq, K - 1, 2)
-            proj = F.conv1d(seq, w, b, groups=w.shape[0]).transpose(1, 2)
+            proj, new_cache = causal_depthwise_conv(proj, conv_cache, w, b)
         return F.silu(proj), new_cache
 
     def _split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
