@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on one GPU: BABILong qa1 for MAC, MAG, MAL, LMM and the SWA baseline (same window, same parameters through
+# Issue 6 on one GPU: BABILong qa1 (or TASK=qa3 ...) for MAC, MAG, MAL, LMM and the SWA baseline (same window, same parameters through
 # the feed-forward width, same training rows and steps), trained side by side under CUDA MPS on short rows and
 # evaluated with the streaming path far beyond them (2K ... 64K tokens).  Everything is written under $OUT.
 #
@@ -23,6 +23,8 @@ SOURCE=${SOURCE:-.carry/gcide.dict.dz}
 STEPS1=${STEPS1:-4000} STEPS2=${STEPS2:-1500} STEPS3=${STEPS3:-1000}
 LENGTHS=${LENGTHS:-2048 4096 8192 16384} SAMPLES=${SAMPLES:-48}
 LIMIT=${LIMIT:-530}  # seconds for training and evaluation of all five
+TASK=${TASK:-qa1}  # the BABILong task (qa1 ... qa7): session 15 ran qa1, session 18 qa3
+PLACEMENT=${PLACEMENT:-random}  # data.task_placement (random / end / segments)
 mkdir -p "$OUT"
 MPS=--mps; command -v nvidia-cuda-mps-control > /dev/null || MPS=""  # CPU dry runs
 if [ -d .whl ]; then
@@ -37,9 +39,9 @@ CURRICULUM="[{seq_len: 320, max_steps: $STEPS1, lr: 1.0e-3, warmup_steps: 100, m
  {seq_len: 1024, max_steps: $STEPS2, batch_size: 4, lr: 5.0e-4, warmup_steps: 50, max_time_s: 110},
  {seq_len: 2048, max_steps: $STEPS3, batch_size: 2, lr: 3.0e-4, warmup_steps: 20, max_time_s: 100}]"
 timeout "$LIMIT" python3 benchmarks/long_context.py --config niah --variants mac mag mal lmm swa --match-params mag \
-  --jobs 5 $MPS --source "$SOURCE" --steps $STEPS1 --tasks babilong_qa1 --lengths $LENGTHS \
+  --jobs 5 $MPS --source "$SOURCE" --steps $STEPS1 --tasks babilong_$TASK --lengths $LENGTHS \
   --depths 0.5 --samples $SAMPLES --piece 8192 --out /tmp/babilong_out/out --runs-dir "$RUNS" \
-  --set model.ffn_mult=4.0 model.mac_memory_input=residual "data.tasks=[babilong_qa1]" data.task_placement=random training.cuda_graphs=${CUDA_GRAPHS:-true} \
+  --set model.ffn_mult=4.0 model.mac_memory_input=residual "data.tasks=[babilong_$TASK]" data.task_placement=$PLACEMENT training.cuda_graphs=${CUDA_GRAPHS:-true} \
   training.eval_batches=2 "training.curriculum=$CURRICULUM" >> "$LOG" 2>&1
 echo "long_context.py: exit $?" >> "$LOG"
 # the final weights of each run (no optimizer state), for evaluations with more samples elsewhere; the device tool
