@@ -22,7 +22,8 @@ OUT=${OUT:?set OUT to a folder for the results}
 SOURCE=${SOURCE:-.carry/gcide.dict.dz}
 STEPS1=${STEPS1:-4000} STEPS2=${STEPS2:-1500} STEPS3=${STEPS3:-1000}
 LENGTHS=${LENGTHS:-2048 4096 8192 16384} SAMPLES=${SAMPLES:-48}
-LIMIT=${LIMIT:-530}  # seconds for training and evaluation of all five
+LIMIT=${LIMIT:-530}  # seconds for training and evaluation of all five (session 18, qa3 with 8 lengths x 32 samples and
+# LIMIT=430: MAC's streamed evaluation, latency-bound at 64-token segments, did not finish; its weights came back)
 TASK=${TASK:-qa1}  # the BABILong task (qa1 ... qa7): session 15 ran qa1, session 18 qa3
 PLACEMENT=${PLACEMENT:-random}  # data.task_placement (random / end / segments)
 mkdir -p "$OUT"

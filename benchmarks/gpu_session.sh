@@ -53,7 +53,7 @@ if [ "$PART" = 4 ]; then
   exit 0
 fi
 if [ "$PART" = 3 ]; then
-  # MAC's memory blocks compile one segment's step (session 17, not yet run on a GPU: the whole block unrolled its
+  # MAC's memory blocks compile one segment's step (session 17; run in session 18: the whole block unrolled its
   # segment loop, and 65536 x 1 did not compile in 330 s): both shapes, blocks compiled + CUDA graphs, one process
   # each, the GPU test of compiled + graphed == eager, and a profile of the compiled step
   H3="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \

@@ -5,14 +5,15 @@
 #
 #   PART=1: stages 0-5 of training.curriculum from scratch (~111M tokens); PART=2: stages 6-9 (~113M tokens) from
 #   .carry/niah_part1 (the previous call's weights: unpack its niah_part1.tar into .carry/); both then evaluate.
-#   PART=3 (beyond the recipe, session 17, not yet run): one more uuid-weighted stage of 16K rows from .carry/niah_part2.
+#   PART=3 (beyond the recipe, written in session 17, run in session 18: RESULTS.md 4z): one more uuid-weighted stage
+#   of 16K rows from .carry/niah_part2.
 #   run  command: "PART=1 EVAL=0 bash benchmarks/niah_gpu.sh"   carry: [".whl", ".carry"]   timeout_s: 600
 # Elsewhere: OUT=/tmp/out SOURCE=/usr/share/dictd/gcide.dict.dz PART=1 bash benchmarks/niah_gpu.sh
 #
 # Each stage keeps its steps (so the tokens of 4q/4r) but gets a time limit, its share of BUDGET seconds in
 # proportion to its tokens, so the call ends in time on a slower machine; a stage stopped by its limit says so in
 # the log.  Files: log.txt, niah_partN.tar (the final weights, no optimizer state), eval.tar.gz (the grid 2K-64K
-# and 30 fresh examples a task at 16K, seeds 1 and 2).  Not yet run (written in session 15 without device time).
+# and 30 fresh examples a task at 16K, seeds 1 and 2).  Parts 1-2 ran in session 16 (RESULTS.md 4w), part 3 in 18 (4z).
 set -u
 OUT=${OUT:?set OUT to a folder for the results}
 SOURCE=${SOURCE:-.carry/gcide.dict.dz}
