@@ -84,17 +84,23 @@ def plot(task: str, models: dict[str, dict[int, dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in models.items():
-        Ls = list(rows)
+    # lengths at even spacing (pairs such as 2,024 / 2,048, on and off MAC's segment grid, would overlap on a
+    # length axis), each model shifted a little so that the intervals stay apart
+    lengths = sorted({L for rows in models.values() for L in rows})
+    where = {L: i for i, L in enumerate(lengths)}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(lengths) + 2), 4))
+    width = 0.5 / max(len(models), 1)
+    for k, (name, rows) in enumerate(models.items()):
+        Ls = sorted(rows)
+        xs = [where[L] + (k - (len(models) - 1) / 2) * width for L in Ls]
         acc = [100 * rows[L]["exact_match"] for L in Ls]
         err = [[a - rows[L]["wilson95"][0] for a, L in zip(acc, Ls)],
                [rows[L]["wilson95"][1] - a for a, L in zip(acc, Ls)]]
-        ax.errorbar(Ls, acc, yerr=err, marker="o", capsize=3, label=name)
+        ax.errorbar(xs, acc, yerr=err, marker="o", capsize=3, label=name)
     first = next(iter(models.values()))
-    ax.plot(list(first), [100 * r["majority_rate"] for r in first.values()], "k--", label="majority answer")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(first), [f"{L:,}" for L in first])
+    ax.plot([where[L] for L in sorted(first)], [100 * first[L]["majority_rate"] for L in sorted(first)], "k--",
+            label="majority answer")
+    ax.set_xticks(range(len(lengths)), [f"{L:,}" for L in lengths], rotation=30 if len(lengths) > 5 else 0)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("exact match (%, 95% Wilson)")
     ax.set_ylim(0, 100)
