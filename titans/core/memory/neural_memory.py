@@ -161,7 +161,7 @@ def causal_depthwise_conv(x: Tensor, cache: Tensor | None, weight: Tensor, bias:
         if cache is None:
             cache = x.new_zeros(x.shape[0], x.shape[2], K - 1)
         xp = torch.cat([cache.to(x.dtype).transpose(1, 2), x], dim=1)  # (B, T + K - 1, C)
-        new_cache = keep_last(xp, K - 1, 1).transpose(1, 2)
+        new_cache = keep_last(xp, K - 1, 1).transpose(1, 2).contiguous()  # the (B, C, K - 1) layout, saveable
     acc = torch.promote_types(x.dtype, torch.float32)  # float32 for bf16 / fp16 inputs, float64 stays float64
     w = weight[:, 0, :].to(acc)  # (C, K)
     y = xp[:, 0:T].to(acc) * w[:, 0]
