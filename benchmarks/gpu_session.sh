@@ -40,14 +40,15 @@ export TITANS_TRITON_AUTOTUNE=0
 PART=${PART:-1}  # session 17: PART=1 the overlapped backward, PART=2 flat scaling, PART=3 segment compile;
 # session 18: PART=4 the fused convolution
 BWD=${BWD:-split}  # PART=2: the depth-2 backward to time with (TITANS_TRITON_BWD)
+# MAC at the issue's shape, blocks compiled + CUDA graphs (PART=3 and 4 add the shape and the output)
+H3="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
+  --no-prefill --compile --compile-scope blocks --cuda-graphs --models mac"
 if [ "$PART" = 4 ]; then
   # session 18: the memory's q/k/v convolution as a fused sum of shifted products under torch.compile (CUDA's generic
   # depthwise conv kernels were 6% of the compiled step in PART=3's profile); MAC 4096 x 8 as in PART=3 (351,589
   # tokens/s there, with conv1d; its losses 5.649 -> 5.365 to compare: the fused form's exactness is checked on the CPU,
   # compile_check.py)
-  step 110 mac-4096x8-shifted-conv python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 \
-    --memory-layers 2 4 6 --memory-chunk 64 --no-prefill --compile --compile-scope blocks --cuda-graphs --models mac \
-    --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_shifted_conv.json"
+  step 110 mac-4096x8-shifted-conv $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_shifted_conv.json"
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
   grep '^==' "$LOG"
   exit 0
@@ -56,8 +57,6 @@ if [ "$PART" = 3 ]; then
   # MAC's memory blocks compile one segment's step (session 17; run in session 18: the whole block unrolled its
   # segment loop, and 65536 x 1 did not compile in 330 s): both shapes, blocks compiled + CUDA graphs, one process
   # each, the GPU test of compiled + graphed == eager, and a profile of the compiled step
-  H3="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
-    --no-prefill --compile --compile-scope blocks --cuda-graphs --models mac"
   # first the one-launch backward again: after session 17's timing its stage 2 was found to wait on the walk only
   # (not on its chunk's stage 0, whose scratch it reads and whose dk / dv it adds to); fixed, checked here
   step 70 memory-kernels-overlap python3 benchmarks/memory_kernels.py --backends triton --parts \
