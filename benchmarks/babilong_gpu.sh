@@ -24,7 +24,11 @@ STEPS1=${STEPS1:-4000} STEPS2=${STEPS2:-1500} STEPS3=${STEPS3:-1000}
 LENGTHS=${LENGTHS:-2048 4096 8192 16384} SAMPLES=${SAMPLES:-48}
 LIMIT=${LIMIT:-530}  # seconds for training and evaluation of all five (session 18, qa3 with 8 lengths x 32 samples and
 # LIMIT=430: MAC's streamed evaluation, latency-bound at 64-token segments, did not finish; its weights came back)
-TASK=${TASK:-qa1}  # the BABILong task (qa1 ... qa7): session 15 ran qa1, session 18 qa3
+TASK=${TASK:-qa1}  # the BABILong task (qa1 ... qa7), or several separated by spaces ("qa2 qa6 qa7": every model trains on
+# their mixture and is evaluated on each): session 15 ran qa1, session 18 qa3, session 19 "qa2 qa6 qa7"
+TASK_NAMES=$(for t in $TASK; do printf 'babilong_%s ' "$t"; done)
+TASK_LIST=$(echo $TASK_NAMES | sed 's/ /, /g')
+T1=${T1:-200} T2=${T2:-110} T3=${T3:-100}  # each stage's time limit (s), a safety for the call's 10 minutes
 PLACEMENT=${PLACEMENT:-random}  # data.task_placement (random / end / segments)
 mkdir -p "$OUT"
 MPS=--mps; command -v nvidia-cuda-mps-control > /dev/null || MPS=""  # CPU dry runs
@@ -36,13 +40,13 @@ LOG=$OUT/log.txt
 nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
 RUNS=/tmp/babilong_runs
 rm -rf "$RUNS" /tmp/babilong_out
-CURRICULUM="[{seq_len: 320, max_steps: $STEPS1, lr: 1.0e-3, warmup_steps: 100, max_time_s: 200},
- {seq_len: 1024, max_steps: $STEPS2, batch_size: 4, lr: 5.0e-4, warmup_steps: 50, max_time_s: 110},
- {seq_len: 2048, max_steps: $STEPS3, batch_size: 2, lr: 3.0e-4, warmup_steps: 20, max_time_s: 100}]"
+CURRICULUM="[{seq_len: 320, max_steps: $STEPS1, lr: 1.0e-3, warmup_steps: 100, max_time_s: $T1},
+ {seq_len: 1024, max_steps: $STEPS2, batch_size: 4, lr: 5.0e-4, warmup_steps: 50, max_time_s: $T2},
+ {seq_len: 2048, max_steps: $STEPS3, batch_size: 2, lr: 3.0e-4, warmup_steps: 20, max_time_s: $T3}]"
 timeout "$LIMIT" python3 benchmarks/long_context.py --config niah --variants mac mag mal lmm swa --match-params mag \
-  --jobs 5 $MPS --source "$SOURCE" --steps $STEPS1 --tasks babilong_$TASK --lengths $LENGTHS \
+  --jobs 5 $MPS --source "$SOURCE" --steps $STEPS1 --tasks $TASK_NAMES --lengths $LENGTHS \
   --depths 0.5 --samples $SAMPLES --piece 8192 --out /tmp/babilong_out/out --runs-dir "$RUNS" \
-  --set model.ffn_mult=4.0 model.mac_memory_input=residual "data.tasks=[babilong_$TASK]" data.task_placement=$PLACEMENT training.cuda_graphs=${CUDA_GRAPHS:-true} \
+  --set model.ffn_mult=4.0 model.mac_memory_input=residual "data.tasks=[$TASK_LIST]" data.task_placement=$PLACEMENT training.cuda_graphs=${CUDA_GRAPHS:-true} \
   training.eval_batches=2 "training.curriculum=$CURRICULUM" >> "$LOG" 2>&1
 echo "long_context.py: exit $?" >> "$LOG"
 # the final weights of each run (no optimizer state), for evaluations with more samples elsewhere; the device tool
