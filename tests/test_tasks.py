@@ -311,3 +311,29 @@ def test_cli_evaluate_task(tiny_export, tmp_path):
     bad_len = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_export), "--task", "niah_uuid",
                                        "--lengths", "300,4k"])
     assert bad_len.exit_code == 2 and "'4k' is not a whole number" in bad_len.output
+
+
+def test_cli_evaluate_precision_reaches_the_evaluation(tiny_export, tmp_path, monkeypatch):
+    """--precision picks the evaluation's arithmetic (bf16 autocast also on the CPU), and the results say which."""
+    import titans.inference.long_context as lc
+    from titans.scripts.cli import app
+
+    seen = []
+    real = lc.evaluate_tasks
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("amp_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lc, "evaluate_tasks", spy)
+    for precision, amp, label in (("bf16", torch.bfloat16, "bf16 autocast"), ("fp32", None, "float32"),
+                                  ("auto", None, "float32")):  # auto on the CPU: float32
+        out = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_export), "--task", "niah_passkey",
+                                       "--lengths", "300", "--depths", "0.5", "--samples", "1", "--data", "stdlib",
+                                       "--precision", precision, "--output", str(tmp_path / precision)])
+        assert out.exit_code == 0, out.output
+        assert seen[-1] == amp
+        assert json.loads((tmp_path / precision / "results.json").read_text())["precision"] == label
+    bad = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_export), "--task", "niah_passkey",
+                                   "--precision", "fp16"])
+    assert bad.exit_code == 2 and "--precision 'fp16'" in bad.output

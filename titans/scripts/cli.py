@@ -89,6 +89,9 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
              samples: int = typer.Option(10, help="examples per cell"),
              piece: int = typer.Option(4096, help="streaming piece length (tokens per forward)"),
              seed: int = typer.Option(0),
+             precision: str = typer.Option(
+                 "auto", help="with --task: auto (bf16 autocast on CUDA, float32 on the CPU), bf16 (autocast on any "
+                              "device: the numerics a GPU-trained model saw) or fp32"),
              output: Optional[str] = typer.Option(None, help="write JSON results here (with --task: a folder for "
                                                   "JSON, table and heat-map PNGs)")) -> None:
     """Loss, perplexity, bits per byte, and loss by position bucket; or, with --task, long-context accuracy."""
@@ -99,7 +102,7 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
 
     if task:
         _evaluate_tasks(checkpoint, data, task, _numbers(lengths, int, "lengths"), _numbers(depths, float, "depths"),
-                        samples, piece, seed, output)
+                        samples, piece, seed, output, precision)
         return
     try:
         model, cfg = load_model(checkpoint)
@@ -136,7 +139,7 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
         atomic_write_text(output, json.dumps(res, indent=2))
 
 
-def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, seed, output) -> None:
+def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, seed, output, precision="auto") -> None:
     import torch
 
     from titans.data.preprocessing import load_tokenizer
@@ -150,6 +153,8 @@ def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, se
             raise ValueError(f"--depths: values must be in [0, 1], got {depths}")
         if any(L < 64 for L in lengths):
             raise ValueError(f"--lengths: values must be >= 64, got {lengths}")
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"--precision {precision!r}: expected auto, bf16 or fp32")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, cfg = load_model(checkpoint, device)
         tok = load_tokenizer(cfg.data.tokenizer)
@@ -162,9 +167,12 @@ def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, se
             make_example(n, min(lengths), seed, tok, hay)
     except (*_user_errors(), OSError) as e:
         _fail(str(e))
-    amp = torch.bfloat16 if device == "cuda" else None
+    # the same examples can score differently in float32 and in bf16 (uuid at 16K: RESULTS.md 4ab), so the
+    # arithmetic is a setting and goes into the results
+    amp = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device == "cuda") else None
     res = evaluate_tasks(model, tok, names, lengths, depths, samples, hay, seed=seed, piece=piece, amp_dtype=amp)
     res["checkpoint"] = checkpoint
+    res["precision"] = "bf16 autocast" if amp is not None else "float32"
     typer.echo(report_tables(res))
     if output:
         paths = write_report(res, output)
