@@ -6,7 +6,9 @@
 #   PART=1: stages 0-5 of training.curriculum from scratch (~111M tokens); PART=2: stages 6-9 (~113M tokens) from
 #   .carry/niah_part1 (the previous call's weights: unpack its niah_part1.tar into .carry/); both then evaluate.
 #   PART=3 (beyond the recipe, written in session 17, run in session 18: RESULTS.md 4z): one more uuid-weighted stage
-#   of 16K rows from .carry/niah_part2.
+#   of 16K rows from .carry/niah_part2.  PART=4 (session 19): from .carry/niah_part3, one more 16K stage with five uuid
+#   rows to each passkey / number row at half PART=3's rate; its fresh examples are also scored for the model it
+#   started from (the same examples before and after).
 #   run  command: "PART=1 EVAL=0 bash benchmarks/niah_gpu.sh"   carry: [".whl", ".carry"]   timeout_s: 600
 # Elsewhere: OUT=/tmp/out SOURCE=/usr/share/dictd/gcide.dict.dz PART=1 bash benchmarks/niah_gpu.sh
 #
@@ -21,6 +23,7 @@ PART=${PART:-1}
 BUDGET=${BUDGET:-430}
 SCALE=${SCALE:-1}  # multiplies every stage's steps (a CPU dry run: SCALE=0.001 CUDA_GRAPHS=false LENGTHS=512,1024)
 LENGTHS=${LENGTHS:-2048,4096,8192,16384,65536} FRESH=${FRESH:-16384}
+FRESH_SEEDS=${FRESH_SEEDS:-1 2}  # each seed: 10 fresh examples a task and depth (0.1 / 0.5 / 0.9) at $FRESH tokens
 EVAL=${EVAL:-1}  # EVAL=0: keep the weights, skip the evaluation (a first part whose numbers are not needed)
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -34,7 +37,8 @@ case $PART in
   1) FIRST=0; LAST=5; INIT="" ;;
   2) FIRST=6; LAST=9; INIT=.carry/niah_part1 ;;
   3) FIRST=""; LAST=""; INIT=.carry/niah_part2 ;;
-  *) echo "PART=$PART: expected 1, 2 or 3" >&2; exit 2 ;;
+  4) FIRST=""; LAST=""; INIT=.carry/niah_part3 ;;
+  *) echo "PART=$PART: expected 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
 if [ -n "$INIT" ] && [ ! -f "$INIT/model.safetensors" ]; then
   echo "PART=$PART starts from $INIT, which holds no model.safetensors: unpack the previous part's niah_part*.tar" \
@@ -44,9 +48,11 @@ fi
 # the stages of this part, each with its time share, as one --set value.  PART=3 goes beyond the recipe (not in the
 # config): uuid is the task the recipe's runs missed at 16K (RESULTS.md 4w: 67% and 88% on fresh examples; passkey
 # and number 100%), so one more stage of 16K rows, three uuid rows for each passkey / number row, at a lower rate
-if [ "$PART" = 3 ]; then
-  CURRICULUM=$(python3 -c "import json; print(json.dumps([dict(seq_len=16384, batch_size=1, lr=1e-4, warmup_steps=20,
-    max_steps=max(1, round(6000 * $SCALE)), max_time_s=$BUDGET, tasks=['niah', 'niah_uuid', 'niah_uuid', 'niah_uuid'])]))")
+if [ "$PART" -ge 3 ]; then
+  LR=1e-4; UUID_ROWS=3
+  [ "$PART" = 4 ] && LR=5e-5 && UUID_ROWS=5
+  CURRICULUM=$(python3 -c "import json; print(json.dumps([dict(seq_len=16384, batch_size=1, lr=$LR, warmup_steps=20,
+    max_steps=max(1, round(6000 * $SCALE)), max_time_s=$BUDGET, tasks=['niah'] + ['niah_uuid'] * $UUID_ROWS)]))")
 else
 CURRICULUM=$(python3 - "$FIRST" "$LAST" "$BUDGET" "$SCALE" <<'EOF'
 import json
@@ -96,9 +102,14 @@ if [ -f "$OUT/niah_part$PART.tar" ] && [ "$EVAL" = 1 ]; then
   mkdir -p /tmp/niah_eval
   python3 -m titans evaluate --checkpoint "$RUN" --task niah --data "$SOURCE" --lengths "$LENGTHS" \
     --depths 0.1,0.5,0.9 --samples 8 --piece 8192 --seed 0 --output /tmp/niah_eval/grid >> "$LOG" 2>&1
-  for seed in 1 2; do
+  for seed in $FRESH_SEEDS; do
     python3 -m titans evaluate --checkpoint "$RUN" --task niah --data "$SOURCE" --lengths "$FRESH" --depths 0.1,0.5,0.9 \
       --samples 10 --piece 8192 --seed $seed --output /tmp/niah_eval/fresh16k_seed$seed >> "$LOG" 2>&1
+    if [ "$PART" = 4 ]; then  # the starting model on the same examples
+      python3 -m titans evaluate --checkpoint "$INIT" --task niah_uuid --data "$SOURCE" --lengths "$FRESH" \
+        --depths 0.1,0.5,0.9 --samples 10 --piece 8192 --seed $seed --output /tmp/niah_eval/before_fresh16k_seed$seed \
+        >> "$LOG" 2>&1
+    fi
   done
   tar -czf "$OUT/eval.tar.gz" -C /tmp niah_eval
 fi
