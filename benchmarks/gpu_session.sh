@@ -38,11 +38,24 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 export TITANS_TRITON_AUTOTUNE=0
 
 PART=${PART:-1}  # session 17: PART=1 the overlapped backward, PART=2 flat scaling, PART=3 segment compile;
-# session 18: PART=4 the fused convolution
+# session 18: PART=4 the fused convolution; session 19: PART=5 flat scaling of MAC (again, with the fused convolution)
+# and of MAG
 BWD=${BWD:-split}  # PART=2: the depth-2 backward to time with (TITANS_TRITON_BWD)
 # MAC at the issue's shape, blocks compiled + CUDA graphs (PART=3 and 4 add the shape and the output)
 H3="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
   --no-prefill --compile --compile-scope blocks --cuda-graphs --models mac"
+if [ "$PART" = 5 ]; then
+  # session 19: MAC 65536 x 1 with the fused convolution (session 18 with conv1d: 115,102 tokens/s = 0.327x its 4096 x
+  # 8), and the same two shapes for MAG, whose memory reads the whole sequence in one chunked pass (no segment loop)
+  # but walks it with 8 programs at batch 1 too: is its scaling any flatter?
+  step 100 mac-65536x1-shifted-conv $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_shifted_conv.json"
+  H5=${H3/--models mac/--models mag}
+  step 100 mag-4096x8 $H5 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mag_4096x8.json"
+  step 100 mag-65536x1 $H5 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mag_65536x1.json"
+  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
+  grep '^==' "$LOG"
+  exit 0
+fi
 if [ "$PART" = 4 ]; then
   # session 18: the memory's q/k/v convolution as a fused sum of shifted products under torch.compile (CUDA's generic
   # depthwise conv kernels were 6% of the compiled step in PART=3's profile); MAC 4096 x 8 as in PART=3 (351,589
