@@ -21,26 +21,47 @@ from titans.inference.long_context import wilson_interval
 from titans.utils.io import atomic_write_text
 
 
-def pooled(dirs: list[Path], task: str) -> dict[int, dict]:
-    """Per context length: examples, exact-match count, majority-answer count and seeds, over the folders' cells of
-    ``task`` (every depth)."""
-    out: dict[int, dict] = {}
+def length_groups(lengths, within: int) -> dict[int, int]:
+    """Each length -> the length it is pooled under: a run of lengths, each at most ``within`` tokens above the one
+    before, forms a group named by its longest (a pair on and off MAC's segment grid, 2,024 / 2,048: one ~2K cell)."""
+    out: dict[int, int] = {}
+    group: list[int] = []
+    for L in sorted(set(lengths)):
+        if group and L - group[-1] > within:
+            out.update({g: group[-1] for g in group})
+            group = []
+        group.append(L)
+    out.update({g: group[-1] for g in group})
+    return out
+
+
+def pooled(dirs: list[Path], task: str, within: int = 0) -> dict[int, dict]:
+    """Per context length: examples, exact-match count, majority-answer count, seeds and the lengths pooled, over
+    the folders' cells of ``task`` (every depth); lengths at most ``within`` tokens apart pool under the longest."""
+    cells = []
     for d in dirs:
         path = d / "results.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not a `titans evaluate --output` folder (no results.json)")
         res = json.loads(path.read_text())
-        cells = [c for c in res["cells"] if c["task"] == task]
-        if not cells:
+        mine = [c for c in res["cells"] if c["task"] == task]
+        if not mine:
             raise ValueError(f"{path}: no cells of task {task!r} (it has {sorted({c['task'] for c in res['cells']})})")
-        for c in cells:
-            row = out.setdefault(int(c["length"]), {"n": 0, "correct": 0, "majority": 0, "seeds": []})
-            row["n"] += c["samples"]
-            row["correct"] += round(c["accuracy"] * c["samples"])
-            row["majority"] += round(c["majority_baseline"] * c["samples"])
-            if res.get("seed") not in row["seeds"]:
-                row["seeds"].append(res.get("seed"))
+        cells += [(res.get("seed"), c) for c in mine]
+    group = length_groups([int(c["length"]) for _, c in cells], within)
+    out: dict[int, dict] = {}
+    for seed, c in cells:
+        row = out.setdefault(group[int(c["length"])], {"n": 0, "correct": 0, "majority": 0, "seeds": [],
+                                                         "lengths": []})
+        row["n"] += c["samples"]
+        row["correct"] += round(c["accuracy"] * c["samples"])
+        row["majority"] += round(c["majority_baseline"] * c["samples"])
+        if seed not in row["seeds"]:
+            row["seeds"].append(seed)
+        if int(c["length"]) not in row["lengths"]:
+            row["lengths"].append(int(c["length"]))
     for row in out.values():
+        row["lengths"].sort()
         lo, hi = wilson_interval(row["correct"], row["n"])
         row.update(exact_match=row["correct"] / row["n"], wilson95=[round(100 * lo), round(100 * hi)],
                    majority_rate=row["majority"] / row["n"])
@@ -121,6 +142,8 @@ def main(argv=None) -> dict:
                     help="a model and its evaluation folders (one per seed; pooled)")
     ap.add_argument("--prior", nargs="*", default=[], metavar="JSON",
                     help="earlier records whose models of this task join the table and plot (listed first)")
+    ap.add_argument("--within", type=int, default=0, metavar="TOKENS",
+                    help="pool lengths at most this many tokens apart under the longest (on / off-grid pairs)")
     ap.add_argument("--note", default="", help="how the models were trained and evaluated (kept in the JSON)")
     ap.add_argument("--out", required=True, help="JSON file (the markdown table goes next to it as .md)")
     ap.add_argument("--plot", default=None, help="PNG file")
@@ -132,7 +155,7 @@ def main(argv=None) -> dict:
         name, sep, dirs = spec.partition("=")
         if not sep or not dirs:
             raise SystemExit(f"--model {spec!r}: expected NAME=DIR[,DIR...]")
-        models[name] = pooled([Path(d) for d in dirs.split(",")], args.task)
+        models[name] = pooled([Path(d) for d in dirs.split(",")], args.task, args.within)
     record = {"date": date.today().isoformat(), "task": args.task, "note": args.note,
               "models": {name: {str(L): row for L, row in rows.items()} for name, rows in models.items()}}
     out = Path(args.out)

@@ -118,6 +118,14 @@ def test_babilong_compare_pools_seeds_by_length_with_wilson_intervals(tmp_path):
     both = bc.main(["--task", "babilong_qa3", "--prior", str(old), str(tmp_path / "out.json"), "--model",
                     f"mag={b1}", "--out", str(tmp_path / "both.json")])
     assert list(both["models"]) == ["swa16", "mal", "swa", "mag"] and both["models"]["mal"] == mal
+    # --within pools the lengths of a pair (on and off MAC's segment grid) under the longer one, and no others
+    assert bc.length_groups([2048, 2024, 4096, 4072, 8192, 100], 24) == {100: 100, 2024: 2048, 2048: 2048,
+                                                                          4072: 4096, 4096: 4096, 8192: 8192}
+    c1 = evaluation("mac1", 1, {300: 0.5, 320: 0.3, 640: 0.4})
+    pair = bc.main(["--task", "babilong_qa3", "--model", f"mac={c1},{a2}", "--within", "24",
+                    "--out", str(tmp_path / "pair.json")])["models"]["mac"]
+    assert list(pair) == ["320", "640"] and pair["320"]["lengths"] == [300, 320]
+    assert pair["320"]["n"] == 30 and pair["320"]["correct"] == 5 + 3 + 4 and pair["640"]["correct"] == 4 + 5
     with pytest.raises(FileNotFoundError, match="results.json"):
         bc.main(["--task", "babilong_qa3", "--model", f"x={tmp_path}", "--out", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match="no cells of task 'babilong_qa7'"):
