@@ -48,7 +48,13 @@ if [ "$PART" = 5 ]; then
   # session 19: MAC 65536 x 1 with the fused convolution (session 18 with conv1d: 115,102 tokens/s = 0.327x its 4096 x
   # 8), and the same two shapes for MAG, whose memory reads the whole sequence in one chunked pass (no segment loop)
   # but walks it with 8 programs at batch 1 too: is its scaling any flatter?
-  step 100 mac-65536x1-shifted-conv $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_shifted_conv.json"
+  # (session 19's call gave this step 100 s on a fresh machine, and it did not finish: 150 s)
+  step 150 mac-65536x1-shifted-conv $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_shifted_conv.json"
+  # where batch 1's time goes (compiled, no CUDA graphs, inductor's cache warm from the step above): PART=3's profile
+  # was of 4096 x 8; at 65536 x 1 the memory kernels are ~0.32 s of the ~0.57 s step (section 6, session 17)
+  step 100 mac-65536x1-profile python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 \
+    --memory-layers 2 4 6 --memory-chunk 64 --no-prefill --compile --compile-scope blocks --models mac \
+    --shapes 65536x1 --warmup 1 --iters 1 --profile 40 --out "$RES/h_mac_65536x1_profile.json"
   H5=${H3/--models mac/--models mag}
   step 100 mag-4096x8 $H5 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mag_4096x8.json"
   step 100 mag-65536x1 $H5 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mag_65536x1.json"
