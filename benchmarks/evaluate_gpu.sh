@@ -19,6 +19,7 @@ PLAN=${PLAN:?set PLAN to a plan file}
 SOURCE=${SOURCE:-.carry/gcide.dict.dz}
 LIMIT=${LIMIT:-500}
 PIECE=${PIECE:-8192}
+BATCH=${BATCH:-4}  # examples streamed together (titans evaluate --batch-size); session 19's calls ran with 4
 mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
@@ -48,7 +49,7 @@ run_stream() {  # the plan's lines of stream $1, in order, each seed one evaluat
       for t in ${tasks//,/ }; do args+=(--task "$t"); done
       t0=$(date +%s)
       timeout "$left" python3 -m titans evaluate --checkpoint "$ckpt" "${args[@]}" --data "$SOURCE" --lengths "$lengths" \
-        --depths 0.5 --samples "$samples" --piece "$PIECE" --seed "$seed" --output "$EVAL/${name}_seed$seed" \
+        --depths 0.5 --samples "$samples" --piece "$PIECE" --batch-size "$BATCH" --seed "$seed" --output "$EVAL/${name}_seed$seed" \
         > "$EVAL/${name}_seed$seed.log" 2>&1
       echo "$name seed $seed: exit $? in $(( $(date +%s) - t0 )) s" >> "$LOG"
     done

@@ -264,6 +264,21 @@ def test_evaluation_grid_end_to_end(tiny_export, hay, tmp_path):
     assert f"{100 * k / 4:.0f} ({100 * lo:.0f}-{100 * hi:.0f})" in pooled[0].split("|")[3]
 
 
+def test_evaluation_does_not_depend_on_the_batch_size(tiny_export, hay):
+    """Examples streamed together (one cell: one length) answer as they do alone, in float64: --batch-size only
+    changes the speed."""
+    from titans.utils.checkpoint import load_model
+
+    model, _ = load_model(tiny_export)
+    model = model.double()
+    runs = [evaluate_tasks(model, TOK, ["niah_uuid", "babilong_qa1"], [300], [0.5], 4, hay, piece=48, batch_size=b,
+                           progress=False) for b in (1, 3, 4)]  # every example is kept (4): all predictions compared
+    for a, b in zip(runs, runs[1:]):
+        for ca, cb in zip(a["cells"], b["cells"]):
+            assert ca["examples"] == cb["examples"]
+            assert {k: v for k, v in ca.items() if k != "examples"} == {k: v for k, v in cb.items() if k != "examples"}
+
+
 def test_score_answer_counts_partial_credit_and_order_errors():
     assert score_answer([5, 8, 6, 4, 0, 9], [5, 8, 6, 4, 0]) == {  # tokens past the answer are not scored
         "exact": True, "first": True, "tokens_right": 5, "reordered": False}
@@ -313,27 +328,35 @@ def test_cli_evaluate_task(tiny_export, tmp_path):
     assert bad_len.exit_code == 2 and "'4k' is not a whole number" in bad_len.output
 
 
-def test_cli_evaluate_precision_reaches_the_evaluation(tiny_export, tmp_path, monkeypatch):
-    """--precision picks the evaluation's arithmetic (bf16 autocast also on the CPU), and the results say which."""
+def test_cli_evaluate_precision_and_batch_size_reach_the_evaluation(tiny_export, tmp_path, monkeypatch):
+    """--precision picks the evaluation's arithmetic (bf16 autocast also on the CPU), and the results say which;
+    --batch-size is passed on, and a bad value is named."""
     import titans.inference.long_context as lc
     from titans.scripts.cli import app
 
-    seen = []
+    seen, sizes = [], []
     real = lc.evaluate_tasks
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("amp_dtype"))
+        sizes.append(kwargs.get("batch_size"))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lc, "evaluate_tasks", spy)
+    out = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_export), "--task", "niah_passkey",
+                                   "--lengths", "300", "--samples", "1", "--data", "stdlib", "--batch-size", "0"])
+    assert out.exit_code == 2 and "--batch-size 0" in out.output and not sizes
     for precision, amp, label in (("bf16", torch.bfloat16, "bf16 autocast"), ("fp32", None, "float32"),
                                   ("auto", None, "float32")):  # auto on the CPU: float32
         out = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_export), "--task", "niah_passkey",
                                        "--lengths", "300", "--depths", "0.5", "--samples", "1", "--data", "stdlib",
                                        "--precision", precision, "--output", str(tmp_path / precision)])
         assert out.exit_code == 0, out.output
-        assert seen[-1] == amp
+        assert seen[-1] == amp and sizes[-1] == 4  # the default batch
         assert json.loads((tmp_path / precision / "results.json").read_text())["precision"] == label
+    out = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_export), "--task", "niah_passkey",
+                                   "--lengths", "300", "--samples", "3", "--data", "stdlib", "--batch-size", "2"])
+    assert out.exit_code == 0 and sizes[-1] == 2
     bad = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tiny_export), "--task", "niah_passkey",
                                    "--precision", "fp16"])
     assert bad.exit_code == 2 and "--precision 'fp16'" in bad.output

@@ -89,6 +89,9 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
              samples: int = typer.Option(10, help="examples per cell"),
              piece: int = typer.Option(4096, help="streaming piece length (tokens per forward)"),
              seed: int = typer.Option(0),
+             batch_size: int = typer.Option(4, help="with --task: examples streamed together (one cell's examples "
+                                            "have one length; a latency-bound model, MAC at small windows, reads "
+                                            "more tokens a second in larger batches)"),
              precision: str = typer.Option(
                  "auto", help="with --task: auto (bf16 autocast on CUDA, float32 on the CPU), bf16 (autocast on any "
                               "device: the numerics a GPU-trained model saw) or fp32"),
@@ -102,7 +105,7 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
 
     if task:
         _evaluate_tasks(checkpoint, data, task, _numbers(lengths, int, "lengths"), _numbers(depths, float, "depths"),
-                        samples, piece, seed, output, precision)
+                        samples, piece, seed, output, precision, batch_size)
         return
     try:
         model, cfg = load_model(checkpoint)
@@ -139,7 +142,8 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
         atomic_write_text(output, json.dumps(res, indent=2))
 
 
-def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, seed, output, precision="auto") -> None:
+def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, seed, output, precision="auto",
+                    batch_size=4) -> None:
     import torch
 
     from titans.data.preprocessing import load_tokenizer
@@ -155,6 +159,8 @@ def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, se
             raise ValueError(f"--lengths: values must be >= 64, got {lengths}")
         if precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"--precision {precision!r}: expected auto, bf16 or fp32")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size {batch_size}: expected >= 1")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, cfg = load_model(checkpoint, device)
         tok = load_tokenizer(cfg.data.tokenizer)
@@ -170,7 +176,8 @@ def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, se
     # the same examples can score differently in float32 and in bf16 (uuid at 16K: RESULTS.md 4ab), so the
     # arithmetic is a setting and goes into the results
     amp = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device == "cuda") else None
-    res = evaluate_tasks(model, tok, names, lengths, depths, samples, hay, seed=seed, piece=piece, amp_dtype=amp)
+    res = evaluate_tasks(model, tok, names, lengths, depths, samples, hay, seed=seed, piece=piece,
+                         batch_size=batch_size, amp_dtype=amp)
     res["checkpoint"] = checkpoint
     res["precision"] = "bf16 autocast" if amp is not None else "float32"
     typer.echo(report_tables(res))
