@@ -48,9 +48,10 @@ run_stream() {  # the plan's lines of stream $1, in order, each seed one evaluat
       args=()
       for t in ${tasks//,/ }; do args+=(--task "$t"); done
       t0=$(date +%s)
-      timeout "$left" python3 -m titans evaluate --checkpoint "$ckpt" "${args[@]}" --data "$SOURCE" --lengths "$lengths" \
-        --depths 0.5 --samples "$samples" --piece "$PIECE" --batch-size "$BATCH" --seed "$seed" --output "$EVAL/${name}_seed$seed" \
-        > "$EVAL/${name}_seed$seed.log" 2>&1
+      # stdin from /dev/null: the loop reads the plan from its stdin, which a child must not consume
+      timeout "$left" python3 -m titans evaluate --checkpoint "$ckpt" "${args[@]}" --data "$SOURCE" \
+        --lengths "$lengths" --depths 0.5 --samples "$samples" --piece "$PIECE" --batch-size "$BATCH" --seed "$seed" \
+        --output "$EVAL/${name}_seed$seed" < /dev/null > "$EVAL/${name}_seed$seed.log" 2>&1
       echo "$name seed $seed: exit $? in $(( $(date +%s) - t0 )) s" >> "$LOG"
     done
   done
