@@ -38,26 +38,38 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 export TITANS_TRITON_AUTOTUNE=0
 
 PART=${PART:-1}  # session 17: PART=1 the overlapped backward, PART=2 flat scaling, PART=3 segment compile;
-# session 18: PART=4 the fused convolution; session 19: PART=5 flat scaling of MAC (again, with the fused convolution)
-# and of MAG
+# session 18: PART=4 the fused convolution; session 19: PART=5 flat scaling of MAC (again, with the fused convolution;
+# and segment-major with a stream per block), PART=6 of MAG
 BWD=${BWD:-split}  # PART=2: the depth-2 backward to time with (TITANS_TRITON_BWD)
 # MAC at the issue's shape, blocks compiled + CUDA graphs (PART=3 and 4 add the shape and the output)
 H3="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
   --no-prefill --compile --compile-scope blocks --cuda-graphs --models mac"
 if [ "$PART" = 5 ]; then
   # session 19: MAC 65536 x 1 with the fused convolution (session 18 with conv1d: 115,102 tokens/s = 0.327x its 4096 x
-  # 8), and the same two shapes for MAG, whose memory reads the whole sequence in one chunked pass (no segment loop)
-  # but walks it with 8 programs at batch 1 too: is its scaling any flatter?
+  # 8); PART=6: the same two shapes for MAG, whose memory reads the whole sequence in one chunked pass (no segment
+  # loop) but walks it with 8 programs at batch 1 too: is its scaling any flatter?
   # (session 19's call gave this step 100 s on a fresh machine, and it did not finish: 150 s)
   step 150 mac-65536x1-shifted-conv $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_shifted_conv.json"
+  # the same row segment-major with one CUDA stream per block (titans.training.wavefront, session 19: exact on the CPU,
+  # never run on a GPU): the three memory layers' segment chains overlap; first its GPU test (streams == one stream)
+  step 60 gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    > $RES/gpu_test_wavefront.txt 2>&1"
+  step 150 mac-65536x1-wavefront $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 \
+    --out "$RES/h_mac_65536x1_wavefront.json"
   # where batch 1's time goes (compiled, no CUDA graphs, inductor's cache warm from the step above): PART=3's profile
   # was of 4096 x 8; at 65536 x 1 the memory kernels are ~0.32 s of the ~0.57 s step (section 6, session 17)
   step 100 mac-65536x1-profile python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 \
     --memory-layers 2 4 6 --memory-chunk 64 --no-prefill --compile --compile-scope blocks --models mac \
     --shapes 65536x1 --warmup 1 --iters 1 --profile 40 --out "$RES/h_mac_65536x1_profile.json"
-  H5=${H3/--models mac/--models mag}
-  step 100 mag-4096x8 $H5 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mag_4096x8.json"
-  step 100 mag-65536x1 $H5 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mag_65536x1.json"
+  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
+  grep '^==' "$LOG"
+  exit 0
+fi
+if [ "$PART" = 6 ]; then
+  # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
+  H6=${H3/--models mac/--models mag}
+  step 150 mag-4096x8 $H6 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mag_4096x8.json"
+  step 150 mag-65536x1 $H6 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mag_65536x1.json"
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
   grep '^==' "$LOG"
   exit 0

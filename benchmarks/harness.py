@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from titans.core.models import build_model
+from titans.training.wavefront import wavefront_loss
 from titans.utils.compiling import compile_blocks, compile_fn
 from titans.utils.config import ACTIVATION_CHECKPOINTING, TrainingConfig
 from titans.utils.io import atomic_write_text
@@ -115,6 +116,8 @@ def build(args, name: str, device: torch.device):
     model = model.to(device)
     if args.compile and args.compile_scope == "blocks":
         compile_blocks(model)
+    if getattr(args, "wavefront", False):
+        return model, (lambda ids: wavefront_loss(model, ids))
     run = run_model(args, model)
     return model, (lambda ids: run(ids, labels=ids, use_cache=False).loss)
 
@@ -304,6 +307,9 @@ def main(argv=None) -> dict:
                     default=TrainingConfig.model_fields["compile_scope"].default,
                     help="with --compile: the whole model as one graph, or each block on its own (regional "
                          "compilation: a fraction of the compile time); default: the trainer's")
+    ap.add_argument("--wavefront", action="store_true",
+                    help="train segment-major with one CUDA stream per block (titans.training.wavefront: the memory "
+                         "layers' segment chains overlap; for batch 1)")
     ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                     help="TF32 tensor cores for float32 matmuls (the trainer's default, training.tf32)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -322,6 +328,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results/harness.json")
     args = ap.parse_args(argv)
+    if args.wavefront and args.compile and args.compile_scope == "model":
+        ap.error("--wavefront calls the blocks one segment at a time: use it with --compile-scope blocks")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
