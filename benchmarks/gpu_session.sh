@@ -42,8 +42,10 @@ PART=${PART:-1}  # session 17: PART=1 the overlapped backward, PART=2 flat scali
 # and segment-major with a stream per block), PART=6 of MAG
 BWD=${BWD:-split}  # PART=2: the depth-2 backward to time with (TITANS_TRITON_BWD)
 # MAC at the issue's shape, blocks compiled + CUDA graphs (PART=3 and 4 add the shape and the output)
-H3="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
-  --no-prefill --compile --compile-scope blocks --cuda-graphs --models mac"
+# (HP: the same without CUDA graphs, for the profiles: the profiler then sees each kernel)
+HP="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
+  --no-prefill --compile --compile-scope blocks --models mac"
+H3="$HP --cuda-graphs"
 if [ "$PART" = 5 ]; then
   # session 19: MAC 65536 x 1 with the fused convolution (session 18 with conv1d: 115,102 tokens/s = 0.327x its 4096 x
   # 8); PART=6: the same two shapes for MAG, whose memory reads the whole sequence in one chunked pass (no segment
@@ -58,16 +60,15 @@ if [ "$PART" = 5 ]; then
     --out "$RES/h_mac_65536x1_wavefront.json"
   # where batch 1's time goes (compiled, no CUDA graphs, inductor's cache warm from the step above): PART=3's profile
   # was of 4096 x 8; at 65536 x 1 the memory kernels are ~0.32 s of the ~0.57 s step (section 6, session 17)
-  step 100 mac-65536x1-profile python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 \
-    --memory-layers 2 4 6 --memory-chunk 64 --no-prefill --compile --compile-scope blocks --models mac \
-    --shapes 65536x1 --warmup 1 --iters 1 --profile 40 --out "$RES/h_mac_65536x1_profile.json"
+  step 100 mac-65536x1-profile $HP --shapes 65536x1 --warmup 1 --iters 1 --profile 40 \
+    --out "$RES/h_mac_65536x1_profile.json"
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
   grep '^==' "$LOG"
   exit 0
 fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
-  H6=${H3/--models mac/--models mag}
+  H6="${HP/--models mac/--models mag} --cuda-graphs"
   step 150 mag-4096x8 $H6 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mag_4096x8.json"
   step 150 mag-65536x1 $H6 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mag_65536x1.json"
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
@@ -105,9 +106,8 @@ if [ "$PART" = 3 ]; then
   # where the compiled step's time goes (no CUDA graphs, so the profiler sees each kernel; inductor's cache is warm
   # from the 4096 x 8 row above): MAC spends ~59 of its ~100 ms a step outside the memory kernels, the compiled
   # Transformer ~33 ms in all
-  step 90 mac-4096x8-profile python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 \
-    --memory-layers 2 4 6 --memory-chunk 64 --no-prefill --compile --compile-scope blocks --models mac \
-    --shapes 4096x8 --warmup 2 --iters 2 --profile 40 --out "$RES/h_mac_4096x8_profile.json"
+  step 90 mac-4096x8-profile $HP --shapes 4096x8 --warmup 2 --iters 2 --profile 40 \
+    --out "$RES/h_mac_4096x8_profile.json"
   # (if time is left in a later call: the 4096 x 8 row with MAC's memory blocks compiled whole, the A/B of the
   #  compile scopes: env TITANS_COMPILE_MAC_SEGMENTS=0 $H3 --shapes 4096x8; sessions 15-17's scope: 328,568 tokens/s)
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
