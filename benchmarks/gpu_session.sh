@@ -30,6 +30,11 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, note the exit status
   timeout "$limit" "$@" >> "$LOG" 2>&1
   echo "== $name: exit $? after $((SECONDS - t0))s" >> "$LOG"
 }
+finish() {  # every step's results in one archive (the device tool brings back few files), the steps' exit lines
+  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
+  grep '^==' "$LOG"
+  exit 0
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$LOG" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$LOG" 2>&1
 
@@ -62,18 +67,14 @@ if [ "$PART" = 5 ]; then
   # was of 4096 x 8; at 65536 x 1 the memory kernels are ~0.32 s of the ~0.57 s step (section 6, session 17)
   step 100 mac-65536x1-profile $HP --shapes 65536x1 --warmup 1 --iters 1 --profile 40 \
     --out "$RES/h_mac_65536x1_profile.json"
-  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
-  grep '^==' "$LOG"
-  exit 0
+  finish
 fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
   step 150 mag-4096x8 $H6 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mag_4096x8.json"
   step 150 mag-65536x1 $H6 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mag_65536x1.json"
-  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
-  grep '^==' "$LOG"
-  exit 0
+  finish
 fi
 if [ "$PART" = 4 ]; then
   # session 18: the memory's q/k/v convolution as a fused sum of shifted products under torch.compile (CUDA's generic
@@ -81,9 +82,7 @@ if [ "$PART" = 4 ]; then
   # tokens/s there, with conv1d; its losses 5.649 -> 5.365 to compare: the fused form's exactness is checked on the CPU,
   # compile_check.py)
   step 110 mac-4096x8-shifted-conv $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_shifted_conv.json"
-  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
-  grep '^==' "$LOG"
-  exit 0
+  finish
 fi
 if [ "$PART" = 3 ]; then
   # MAC's memory blocks compile one segment's step (session 17; run in session 18: the whole block unrolled its
@@ -110,9 +109,7 @@ if [ "$PART" = 3 ]; then
     --out "$RES/h_mac_4096x8_profile.json"
   # (if time is left in a later call: the 4096 x 8 row with MAC's memory blocks compiled whole, the A/B of the
   #  compile scopes: env TITANS_COMPILE_MAC_SEGMENTS=0 $H3 --shapes 4096x8; sessions 15-17's scope: 328,568 tokens/s)
-  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
-  grep '^==' "$LOG"
-  exit 0
+  finish
 fi
 if [ "$PART" = 2 ]; then
   # flat scaling compiled: MAC 65536 x 1, blocks compiled + CUDA graphs (compile alone took ~135 s in session 15;
@@ -121,9 +118,7 @@ if [ "$PART" = 2 ]; then
   step 330 mac-65536x1-compile-graphs env TITANS_TRITON_BWD=$BWD python3 benchmarks/harness.py --dim 512 --depth 8 \
     --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 --no-prefill --compile --compile-scope blocks \
     --cuda-graphs --models mac --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_$BWD.json"
-  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
-  grep '^==' "$LOG"
-  exit 0
+  finish
 fi
 
 # Session 17: the three backward stages in one launch (TITANS_TRITON_BWD=overlap) against three launches ("split",
@@ -148,5 +143,4 @@ step 90 kernel-test-overlap sh -c "python3 -m pytest -q -p no:cacheprovider -rfE
 # (later: MAC 65536 x 1 compiled + graphed needs > 140 s (compile ~135 s); compile_check.py --device cuda for MAG /
 #  MAL / LMM; the autotuner's gain)
 
-tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
-grep '^==' "$LOG"
+finish
