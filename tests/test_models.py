@@ -297,6 +297,32 @@ def test_compiled_memory_read_then_write_has_the_eager_gradients():
         assert err <= 1e-10, (name, err)
 
 
+def test_compiled_mac_attention_streams_segment_by_segment():
+    """A MAC attention block compiled with inductor, streamed one segment at a time (the wavefront's order, and
+    streaming's): its kept cache is the current segment's tokens, a length dynamo makes symbolic from the second
+    position on; returned as a view, inductor's output-stride check failed (AssertionError, torch 2.13), so
+    ``keep_last`` copies under compile.  Logits and caches equal eager in float64."""
+    from titans.utils.compiling import compile_blocks
+
+    cfg = dict(variant="mac", vocab_size=37, dim=16, depth=1, heads=2, window=8, persistent_tokens=2,
+               memory_layers=[])
+    torch.manual_seed(0)
+    ref = build_model(cfg).double()
+    model = build_model(cfg).double()
+    model.load_state_dict(ref.state_dict())
+    torch._dynamo.reset()
+    compile_blocks(model)
+    ids = torch.randint(0, 37, (2, 32), generator=torch.Generator().manual_seed(1))
+    sa = sb = None
+    for a in range(0, 32, 8):
+        oa, ob = ref(ids[:, a:a + 8], state=sa), model(ids[:, a:a + 8], state=sb)
+        sa, sb = oa.state, ob.state
+        torch.testing.assert_close(ob.logits, oa.logits, rtol=1e-12, atol=1e-12)
+        ka, kb = sa.layers[0].kv, sb.layers[0].kv
+        torch.testing.assert_close(kb.k, ka.k, rtol=0, atol=0)
+        assert torch.equal(kb.pos, ka.pos)
+
+
 def test_baseline_widened_to_a_titans_variants_parameter_count():
     # the issue's same-parameters comparison: SWA (no memory) widened through its feed-forward
     base = {"vocab_size": 256, "dim": 32, "depth": 2, "heads": 2, "window": 16, "memory_chunk_size": 8}

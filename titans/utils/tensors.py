@@ -22,6 +22,11 @@ def keep_last(t: Tensor, n: int, dim: int) -> Tensor:
     """
     size = t.shape[dim]
     out = t.narrow(dim, size - n, n)
+    if torch.compiler.is_compiling():
+        # a graph output that is a view of symbolic length (MAC's segment cache: the current segment's tokens) trips
+        # inductor's output-stride check (AssertionError in require_strides, torch 2.13), and inductor drops a clone
+        # as a no-op: a copy into a fresh dense tensor stays
+        return torch.empty(out.shape, dtype=out.dtype, device=out.device).copy_(out)
     return out.clone() if 2 * n < size else out
 
 
