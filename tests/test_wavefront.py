@@ -68,26 +68,3 @@ def test_wavefront_streams_equal_one_stream_on_cuda(variant):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
-
-def test_compiled_wavefront_graphs_do_not_grow_with_the_sequence():
-    """Blocks compiled in place (regional compilation) and called one segment at a time: dynamo builds the same
-    graphs for 4 segments and for 16 (positions become symbolic once, not a recompile per segment)."""
-    from titans.utils.compiling import compile_blocks
-
-    cfg = dict(variant="mac", vocab_size=37, dim=16, depth=3, heads=2, window=4, persistent_tokens=2,
-               memory_depth=2, memory_chunk_size=2, attention_backend="reference", memory_layers=[1])
-    graphs, sizes = [], []
-
-    def counting(gm, example_inputs):
-        graphs.append(len(gm.graph.nodes))
-        return gm.forward
-
-    for segments in (4, 16):
-        torch._dynamo.reset()
-        graphs.clear()
-        torch.manual_seed(0)
-        model = compile_blocks(build_model(cfg), backend=counting)
-        ids = torch.randint(0, 37, (1, 4 * segments), generator=torch.Generator().manual_seed(1))
-        wavefront_loss(model, ids).backward()
-        sizes.append(list(graphs))
-    assert sizes[0] == sizes[1] and len(sizes[0]) <= 8, sizes
