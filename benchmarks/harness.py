@@ -116,7 +116,7 @@ def build(args, name: str, device: torch.device):
     model = model.to(device)
     if args.compile and args.compile_scope == "blocks":
         compile_blocks(model)
-    if getattr(args, "wavefront", False):
+    if args.wavefront:
         return model, (lambda ids: wavefront_loss(model, ids))
     run = run_model(args, model)
     return model, (lambda ids: run(ids, labels=ids, use_cache=False).loss)

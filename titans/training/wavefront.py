@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from titans.core.models.model import LayerState, TitansLM, lm_loss
+from titans.core.models.model import TitansLM, lm_loss
 
 
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
@@ -43,8 +43,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     if use_streams and dev.type != "cuda":
         raise ValueError(f"streams=True needs a CUDA device, got {dev}")
     persistent = model.persistent()
-    state = model.init_state(B, dev)
-    layers = [LayerState(s.memory, s.kv, s.segment_weights, s.read_conv, s.prefix) for s in state.layers]
+    layers = model.init_state(B, dev).layers  # a fresh state: its layer states are updated in place below
     main = torch.cuda.current_stream(dev) if use_streams else None
     side = _streams(dev, len(model.blocks)) if use_streams else []
     for st in side:  # each side stream starts after what the caller queued (the initial state; a capture's start)
@@ -53,6 +52,9 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     def on(i: int):  # block i's stream, or nothing to switch
         return torch.cuda.stream(side[i]) if use_streams else nullcontext()
 
+    # not model.run_blocks: its head would run on the caller's stream, and the caller's stream waiting on a segment's
+    # last block would hold the next segment's embedding (and so every block of it) until that segment is through,
+    # the layer-by-layer order again.  The caller's stream only embeds; it joins the side streams once, at the end.
     outs = []
     for start in range(0, T, seg):
         x = model.embed(input_ids[:, start:start + seg])  # on the caller's stream
@@ -62,11 +64,10 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
                 x.record_stream(side[i])  # and its memory is not reused by its producer while block i reads it
             with on(i):
                 x = block(x, layers[i], start, persistent, True)
-        with on(len(side) - 1):
+        with on(len(side) - 1):  # the head on the last block's stream
             logits = model.lm_head(model.norm(x))
         if use_streams:
-            main.wait_stream(side[-1])
-            logits.record_stream(main)
+            logits.record_stream(main)  # read by the caller's stream (the concatenation below) after the join
         outs.append(logits)
     for st in side:  # the caller's stream goes on after every block's last segment (a capture joins here)
         main.wait_stream(st)
