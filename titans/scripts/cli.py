@@ -142,8 +142,8 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
         atomic_write_text(output, json.dumps(res, indent=2))
 
 
-def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, seed, output, precision="auto",
-                    batch_size=4) -> None:
+def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, seed, output, precision,
+                    batch_size) -> None:
     import torch
 
     from titans.data.preprocessing import load_tokenizer
