@@ -7,6 +7,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from titans.core.models import (
     ModelState,
@@ -16,6 +18,7 @@ from titans.core.models import (
     iter_generate,
     parameter_count,
 )
+from titans.core.models.model import segment_pieces
 from titans.utils.config import ConfigError
 
 VARIANTS = ["mac", "mag", "mal", "lmm", "transformer", "swa"]
@@ -461,3 +464,34 @@ def test_compiled_mac_graphs_do_not_grow_with_the_sequence(step, most):
     # one pass: norm, segment step (first segment, then any), feed-forward, the other block; the wavefront adds the
     # other block's first and later segments
     assert len(sizes[0]) <= most, sizes
+
+
+@given(pos=hst.integers(0, 40), length=hst.integers(0, 40), segment=hst.integers(1, 9))
+@settings(max_examples=200, deadline=None)
+def test_segment_pieces_cut_at_segment_boundaries(pos, length, segment):
+    sizes = segment_pieces(pos, length, segment)
+    assert sum(sizes) == length and all(n > 0 for n in sizes)
+    ends = [pos + sum(sizes[:i + 1]) for i in range(len(sizes))]
+    assert all(e % segment == 0 for e in ends[:-1])  # every piece but the last ends on a boundary
+    starts = [pos] + ends[:-1]
+    assert all(s // segment == (e - 1) // segment for s, e in zip(starts, ends))  # no piece crosses one
+
+
+def test_mac_cuts_its_segments_with_one_split():
+    """MAC's segment loop takes its pieces with one split (one concatenation backward), not a slice per piece: each
+    slice's backward fills a zero gradient of the whole sequence, O(T^2 / C) traffic at long T."""
+    model = make_model("mac").train()
+    ids = torch.randint(0, 37, (1, 13))
+    loss = model(ids, labels=ids).loss
+    seen, todo, names, sequence_slices = set(), [loss.grad_fn], [], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        if names[-1] == "SliceBackward0" and tuple(fn._saved_self_sym_sizes) == (1, 13, 16):
+            sequence_slices.append((fn._saved_dim, fn._saved_start, fn._saved_end))  # a piece of a block's input
+        todo.extend(f for f, _ in fn.next_functions)
+    assert names.count("SplitWithSizesBackward0") == 2  # one per MAC block (depth 2)
+    assert sequence_slices == []  # the code before the split had 4 a block: (1, 0, 4), (1, 4, 8), ...

@@ -146,6 +146,21 @@ class ModelState:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
+def segment_pieces(pos: int, length: int, segment: int) -> list[int]:
+    """Lengths of the pieces that cut ``length`` tokens starting at absolute position ``pos`` at MAC's segment
+    boundaries (multiples of ``segment``): the first piece ends at the next boundary, the last may be short.
+    ``segment_pieces(700, 1000, 512) == [324, 512, 164]``."""
+    if segment < 1 or pos < 0 or length < 0:
+        raise ValueError(f"segment_pieces: expected segment >= 1, pos >= 0, length >= 0; got {segment}, {pos}, "
+                         f"{length}")
+    sizes, p, end = [], pos, pos + length
+    while p < end:
+        n = min(segment - p % segment, end - p)
+        sizes.append(n)
+        p += n
+    return sizes
+
+
 def _dataclass_tensors(obj) -> dict[str, Tensor]:
     return {f: getattr(obj, f) for f in obj.__dataclass_fields__ if isinstance(getattr(obj, f), Tensor)}
 
@@ -271,15 +286,16 @@ class TitansBlock(nn.Module):
         if self.variant == "mac" and self.memory is not None:
             # segment by segment, so each piece's retrieval reads the memory as it was before its segment
             h = self.norm_mix(x)
-            C, T = self.window, x.shape[1]
-            outs, start = [], 0
-            while start < T:
-                p = pos + start
-                n = min(C - p % C, T - start)
-                # contiguous once here: each projection of a strided slice would copy it (four of them per segment)
-                piece = h[:, start:start + n].contiguous()
-                outs.append(self.mac_segment(piece, st, p, persistent, want_cache, recompute_memory))
-                start += n
+            sizes = segment_pieces(pos, x.shape[1], self.window)
+            # one split, not a slice per piece: a slice's backward writes its piece into a zero gradient of h's full
+            # size, and autograd then sums those, O(T^2 / C) memory traffic (MAC 65536 x 1 on an H200: ~40 ms of a
+            # ~540 ms step in fills and adds; benchmarks/RESULTS.md section 6, session 20); split's backward is
+            # one concatenation
+            outs, p = [], pos
+            for piece in h.split(sizes, dim=1):
+                # contiguous once here: each projection of a strided piece would copy it (four of them per segment)
+                outs.append(self.mac_segment(piece.contiguous(), st, p, persistent, want_cache, recompute_memory))
+                p += piece.shape[1]
             x = x + torch.cat(outs, dim=1)
         else:
             x = self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
