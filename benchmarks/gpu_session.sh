@@ -44,7 +44,8 @@ export TITANS_TRITON_AUTOTUNE=0
 
 PART=${PART:-1}  # session 17: PART=1 the overlapped backward, PART=2 flat scaling, PART=3 segment compile;
 # session 18: PART=4 the fused convolution; session 19: PART=5 flat scaling of MAC (again, with the fused convolution;
-# and segment-major with a stream per block), PART=6 of MAG
+# and segment-major with a stream per block), PART=6 of MAG; session 20: PART=7 the one-split segments, the wavefront
+# with the three-launch backward, warps at batch 1
 BWD=${BWD:-split}  # PART=2: the depth-2 backward to time with (TITANS_TRITON_BWD)
 # MAC at the shape, blocks compiled + CUDA graphs (PART=3 and 4 add the shape and the output)
 # (HP: the same without CUDA graphs, for the profiles: the profiler then sees each kernel)
@@ -67,6 +68,24 @@ if [ "$PART" = 5 ]; then
   # was of 4096 x 8; at 65536 x 1 the memory kernels are ~0.32 s of the ~0.57 s step (section 6, session 17)
   step 100 mac-65536x1-profile $HP --shapes 65536x1 --warmup 1 --iters 1 --profile 40 \
     --out "$RES/h_mac_65536x1_profile.json"
+  finish
+fi
+if [ "$PART" = 7 ]; then
+  # session 20: PART=5 gave MAC 65536 x 1 120,808 tokens/s one-pass and 121,594 with the wavefront (no gain), and its
+  # profile had ~40 ms of full-length fills and adds from the backward of the segment slices (now one split)
+  step 150 mac-65536x1-one-split $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_one_split.json"
+  # the one-launch backward keeps 136 programs (spinning ones too) on 132 SMs, so no other stream's kernel can run
+  # beside it: the wavefront with the three-launch backward, whose walk is 8 programs; then its timeline (the
+  # profiler's kernels with CUDA graphs: how many ran side by side)
+  step 100 mac-65536x1-wavefront-bwd-split env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 --warmup 2 \
+    --iters 3 --out "$RES/h_mac_65536x1_wavefront_bwd_split.json"
+  step 80 mac-65536x1-wavefront-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 --warmup 1 \
+    --iters 1 --profile 30 --out "$RES/h_mac_65536x1_wavefront_timeline.json"
+  # the memory kernels at batch 1 with 4 and 16 warps a program (default 8 at D=64, E=128): fewer spills a thread?
+  for w in 4 16; do
+    step 45 memory-kernels-warps-$w env TITANS_TRITON_WARPS=$w python3 benchmarks/memory_kernels.py --backends triton \
+      --parts --shapes 1x8x512x64x128x64x2 --out "$RES/memory_kernels_b1_warps$w.json"
+  done
   finish
 fi
 if [ "$PART" = 6 ]; then

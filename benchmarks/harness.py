@@ -53,6 +53,8 @@ class Row:
     train_loss_last: float | None = None
     error: str | None = None
     profile: list[dict] | None = None  # top GPU kernels of one training step (``--profile``)
+    # the same step's kernels on a timeline: summed time, time with any kernel running, streams (``--profile``)
+    profile_timeline: dict | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -177,7 +179,7 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
               f"{_fmt(row.train_peak_gb, 2)} GB, warm-up {row.warmup_s:.1f} s, loss {row.train_loss_first:.3f} -> "
               f"{row.train_loss_last:.3f}", flush=True)
         if args.profile:
-            row.profile = profile_step(step, device, args.profile)
+            row.profile, row.profile_timeline = profile_step(step, device, args.profile)
         if name != "titans-pytorch" and args.prefill:
             model.eval()
             with torch.no_grad(), amp:
@@ -196,9 +198,10 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
     return row
 
 
-def profile_step(step, device: torch.device, top: int) -> list[dict]:
-    """Device time per kernel name over one training step (torch.profiler), largest first.  Kernels inside
-    a CUDA graph are not seen one by one: profile without ``--cuda-graphs`` for the breakdown."""
+def profile_step(step, device: torch.device, top: int) -> tuple[list[dict], dict | None]:
+    """Device time per kernel name over one training step (torch.profiler), largest first, and the kernels' timeline
+    (:func:`kernel_overlap`; None off CUDA).  Kernels inside a CUDA graph are not seen one by one: profile without
+    ``--cuda-graphs`` for the breakdown."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -210,8 +213,35 @@ def profile_step(step, device: torch.device, top: int) -> list[dict]:
               (device.type != "cuda" or e.device_type.name == "CUDA")]
     total = sum(getattr(e, attr) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [{"name": e.key[:120], "ms": getattr(e, attr) / 1e3, "calls": e.count,
-             "share": getattr(e, attr) / total} for e in events[:top]]
+    kernels = [{"name": e.key[:120], "ms": getattr(e, attr) / 1e3, "calls": e.count,
+                "share": getattr(e, attr) / total} for e in events[:top]]
+    if device.type != "cuda":
+        return kernels, None
+    spans = [(e.time_range.start, e.time_range.end, e.device_resource_id) for e in prof.events()
+             if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
+    return kernels, kernel_overlap(spans)
+
+
+def kernel_overlap(spans: list[tuple[float, float, int]]) -> dict:
+    """How much the GPU's kernels ran side by side: ``spans`` are (start, end, stream) in microseconds.
+
+    Returns kernel_ms (summed kernel time), busy_ms (time with at least one kernel running: the union of the
+    spans), span_ms (first start to last end), concurrency = kernel_ms / busy_ms (1.0: one kernel at a time),
+    idle_share = 1 - busy_ms / span_ms (the device waiting on the host or on nothing) and the number of streams."""
+    if not spans:
+        return {"kernel_ms": 0.0, "busy_ms": 0.0, "span_ms": 0.0, "concurrency": None, "idle_share": None,
+                "streams": 0, "kernels": 0}
+    busy, end = 0.0, float("-inf")
+    for a, b, _ in sorted(spans):
+        if b <= end:
+            continue
+        busy += b - max(a, end)
+        end = b
+    kernel = sum(b - a for a, b, _ in spans)
+    span = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)
+    return {"kernel_ms": kernel / 1e3, "busy_ms": busy / 1e3, "span_ms": span / 1e3,
+            "concurrency": kernel / busy if busy else None, "idle_share": 1 - busy / span if span else None,
+            "streams": len({s for _, _, s in spans}), "kernels": len(spans)}
 
 
 @torch.no_grad()
@@ -373,6 +403,12 @@ def main(argv=None) -> dict:
                 "| kernel | ms | calls | share |\n| --- | --- | --- | --- |\n" + "\n".join(
                     f"| `{k['name'][:80]}` | {k['ms']:.2f} | {k['calls']} | {100 * k['share']:.1f}% |"
                     for k in r.profile)
+        if r.profile_timeline and r.profile_timeline["kernels"]:
+            t = r.profile_timeline
+            table += (f"\n\nTimeline: {t['kernels']} kernels on {t['streams']} streams, {t['kernel_ms']:.1f} ms of "
+                      f"kernel time in {t['busy_ms']:.1f} ms with a kernel running (concurrency "
+                      f"{t['concurrency']:.2f}), {t['span_ms']:.1f} ms first to last "
+                      f"(idle {100 * t['idle_share']:.0f}%)")
     atomic_write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     return result

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from titans.core.memory.functional import neural_memory_update
+from titans.utils.io import atomic_write_text
 
 
 def kernel_flops(B, H, T, D, E, C, L) -> tuple[float, float]:
@@ -199,11 +200,14 @@ def main(argv=None):
         rows.append(row)
         ins = ref = None
         torch.cuda.empty_cache()
+    from titans.core.memory import triton_kernels as tk
+
     result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "backward": os.environ.get("TITANS_TRITON_BWD", "split"), "matmul_peak_tflops": peaks, "rows": rows}
+              "backward": tk._backward_mode(), "warps": os.environ.get("TITANS_TRITON_WARPS"),
+              "triton_autotune": tk.tuning_report(), "matmul_peak_tflops": peaks, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    atomic_write_text(out, json.dumps(result, indent=2))
     lines = ["| B x H x T, D, E, C, L | backend | fwd ms | fwd+bwd ms | peak GB | Triton TFLOP/s fwd / fwd+bwd |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -216,7 +220,7 @@ def main(argv=None):
             lines.append(f"| {r['shape']} | {be} | {m['forward']:.2f} | {m['forward_backward']:.2f} | "
                          f"{m['peak_gb']:.2f} | {tfs} |")
     table = "\n".join(lines)
-    out.with_suffix(".md").write_text(table + "\n")
+    atomic_write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     bad = []
     for r in rows:

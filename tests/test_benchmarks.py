@@ -130,3 +130,15 @@ def test_babilong_compare_pools_seeds_by_length_with_wilson_intervals(tmp_path):
         bc.main(["--task", "babilong_qa3", "--model", f"x={tmp_path}", "--out", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match="no cells of task 'babilong_qa7'"):
         bc.main(["--task", "babilong_qa7", "--model", f"x={a1}", "--out", str(tmp_path / "x.json")])
+
+
+def test_kernel_overlap_measures_the_union_of_kernel_spans():
+    harness = _load("harness")
+    # stream 7: 0-10 and 20-30; stream 8: 5-25 overlaps both; 40-50 alone after a 10 us gap
+    t = harness.kernel_overlap([(0, 10, 7), (20, 30, 7), (5, 25, 8), (40, 50, 7)])
+    assert t["kernel_ms"] == 50 / 1e3 and t["busy_ms"] == 40 / 1e3 and t["span_ms"] == 50 / 1e3
+    assert abs(t["concurrency"] - 1.25) < 1e-12 and abs(t["idle_share"] - 0.2) < 1e-12
+    assert t["streams"] == 2 and t["kernels"] == 4
+    nested = harness.kernel_overlap([(0, 100, 1), (10, 20, 2), (30, 40, 3)])  # kernels inside a longer one
+    assert nested["busy_ms"] == 0.1 and abs(nested["concurrency"] - 1.2) < 1e-12
+    assert harness.kernel_overlap([])["concurrency"] is None
