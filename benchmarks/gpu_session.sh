@@ -29,6 +29,7 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, note the exit status
   echo "== $name (limit ${limit}s)" >> "$LOG"
   timeout "$limit" "$@" >> "$LOG" 2>&1
   echo "== $name: exit $? after $((SECONDS - t0))s" >> "$LOG"
+  tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results  # after every step: a call cut short keeps what it measured
 }
 finish() {  # every step's results in one archive (the device tool brings back few files), the steps' exit lines
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
@@ -86,6 +87,23 @@ if [ "$PART" = 7 ]; then
     step 45 memory-kernels-warps-$w env TITANS_TRITON_WARPS=$w python3 benchmarks/memory_kernels.py --backends triton \
       --parts --shapes 1x8x512x64x128x64x2 --out "$RES/memory_kernels_b1_warps$w.json"
   done
+  finish
+fi
+if [ "$PART" = 8 ]; then
+  # session 20: PART=5 and 7's "--wavefront --cuda-graphs" rows captured the one-pass forward (the harness handed
+  # graphed_loss the model, not the wavefront step; fixed): the wavefront under CUDA graphs for the first time, its
+  # GPU tests first (now with graphed wavefront == eager one-pass), then both backwards, the timeline (PART=7's
+  # one-pass timeline: 82,310 kernels, concurrency 1.00), and 4096 x 8 with the one-split segments (the flat ratio's
+  # other side, session 18: 364,432 tokens/s)
+  step 70 gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    > $RES/gpu_test_wavefront.txt 2>&1"
+  step 190 mac-65536x1-wavefront-graphed $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 \
+    --out "$RES/h_mac_65536x1_wavefront_graphed.json"
+  step 100 mac-65536x1-wavefront-graphed-bwd-split env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
+    --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_wavefront_graphed_bwd_split.json"
+  step 80 mac-65536x1-wavefront-graphed-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
+    --warmup 1 --iters 1 --profile 20 --out "$RES/h_mac_65536x1_wavefront_graphed_timeline.json"
+  step 110 mac-4096x8-one-split $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_one_split.json"
   finish
 fi
 if [ "$PART" = 6 ]; then

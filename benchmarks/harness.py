@@ -141,7 +141,9 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         if args.cuda_graphs and name != "titans-pytorch":
             from titans.training.trainer import graphed_loss
 
-            graphed = graphed_loss(run_model(args, model), ids, torch.bfloat16)
+            # the step build() made, captured: with --wavefront the segment-major forward (sessions 19-20 captured
+            # the one-pass forward here whatever --wavefront said: those "wavefront" rows were one-pass rows)
+            graphed = graphed_loss(run_model(args, model), ids, torch.bfloat16, wavefront=args.wavefront)
 
             def loss_fn(x):
                 return graphed(x, x)

@@ -68,3 +68,46 @@ def test_wavefront_streams_equal_one_stream_on_cuda(variant):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
+
+
+def test_trainer_loss_unit_takes_the_wavefront():
+    """LossFn (what training.cuda_graphs captures) with ``wavefront=True`` is the segment-major loss: the same value
+    as the one-pass LossFn, and really the wavefront's graph (no whole-sequence MAC split in it)."""
+    from titans.training.trainer import LossFn
+
+    model = _model("mac")
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(2))
+    one_pass, wave = LossFn(model)(ids, ids), LossFn(model, wavefront=True)(ids, ids)
+    torch.testing.assert_close(wave, one_pass, rtol=1e-12, atol=1e-12)
+    assert _count_nodes(one_pass, "SplitWithSizesBackward0") == 1  # the one-pass MAC block cuts 64 tokens once
+    assert _count_nodes(wave, "SplitWithSizesBackward0") == 64 // 16  # the wavefront: one call a segment
+
+
+def _count_nodes(loss, name: str) -> int:
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    return sum(type(fn).__name__ == name for fn in seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture of the streams)")
+def test_graphed_wavefront_equals_eager_on_cuda():
+    """graphed_loss(..., wavefront=True): the side streams captured in the forward and backward graphs give the eager
+    one-pass loss and gradients (float32, no autocast)."""
+    from titans.training.trainer import graphed_loss
+
+    model = _model("mac", dim=64, window=32).float().cuda()
+    ids = torch.randint(0, 64, (2, 256), device="cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = model(ids, labels=ids, use_cache=False).loss
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    loss = graphed_loss(model, ids, None, wavefront=True)(ids, ids)
+    loss.backward()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for p, b in zip(params, ref_grads):
+        if b is not None:
+            torch.testing.assert_close(p.grad, b, rtol=1e-4, atol=1e-5)

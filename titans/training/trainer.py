@@ -25,6 +25,7 @@ from titans.core.models import build_model
 from titans.data.dataloader import TokenBatcher, build_data, eval_batches
 from titans.training.distributed import DistInfo, init_distributed, wrap_model
 from titans.training.optimizer import build_optimizer, build_scheduler
+from titans.training.wavefront import wavefront_loss
 from titans.utils.checkpoint import (
     load_checkpoint,
     load_weights,
@@ -77,21 +78,25 @@ class LossFn(torch.nn.Module):
     """``(ids, labels) (B, T) -> mean next-token loss`` of ``model``, under autocast when ``amp_dtype`` is set.
 
     The unit captured by :func:`graphed_loss` (autocast's weight cache is off, as CUDA graphs require).
+    ``wavefront``: the forward segment-major with a CUDA stream per block (:mod:`titans.training.wavefront`, the same
+    loss and gradients).
     """
 
-    def __init__(self, model: torch.nn.Module, amp_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, amp_dtype: torch.dtype | None = None, wavefront: bool = False) -> None:
         super().__init__()
-        self.model, self.amp_dtype = model, amp_dtype
+        self.model, self.amp_dtype, self.wavefront = model, amp_dtype, wavefront
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ctx = (torch.autocast(ids.device.type, dtype=self.amp_dtype, cache_enabled=False)
                if self.amp_dtype else nullcontext())
         with ctx:
+            if self.wavefront:
+                return wavefront_loss(self.model, ids, labels)
             return self.model(ids, labels=labels, use_cache=False).loss
 
 
 def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.dtype | None,
-                 warmup_iters: int = 3):
+                 warmup_iters: int = 3, wavefront: bool = False):
     """Forward + backward of :class:`LossFn` captured as CUDA graphs for (ids, labels) shaped like ``sample``.
 
     Calling the result copies the batch into the graph's static input and replays the forward graph;
@@ -100,7 +105,7 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
     """
     if sample.device.type != "cuda":
         raise ValueError("training.cuda_graphs=true needs a CUDA device")
-    fn, args = LossFn(model, amp_dtype), (sample, sample.clone())
+    fn, args = LossFn(model, amp_dtype, wavefront), (sample, sample.clone())
     # Warm up here (lazy initialisation, kernel compilation and autotuning must not happen inside a capture),
     # then give the warm-up's cached blocks back to the driver: the capture allocates from a private pool, so
     # otherwise a step's activation memory is reserved twice (MAC 65536 x 1: 43 GB reserved with the warm-up's
