@@ -202,8 +202,8 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
 
 def profile_step(step, device: torch.device, top: int) -> tuple[list[dict], dict | None]:
     """Device time per kernel name over one training step (torch.profiler), largest first, and the kernels' timeline
-    (:func:`kernel_overlap`; None off CUDA).  Kernels inside a CUDA graph are not seen one by one: profile without
-    ``--cuda-graphs`` for the breakdown."""
+    (:func:`kernel_overlap`; None off CUDA).  With torch 2.11 on an H200 the profiler lists the kernels a CUDA graph
+    replays one by one too (session 20: 82,310 kernels of a graphed MAC 65536 x 1 step)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
