@@ -247,9 +247,16 @@ class TrainingConfig(_Strict):
         "recomputes whole blocks (any variant); 'none' keeps everything.  Training steps only (the results are "
         "the same; a step costs the recomputation)")
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    wavefront: bool = Field(
+        False, description="the training forward segment-major with one CUDA stream per block "
+        "(titans.training.wavefront): the same loss and gradients; at batch 1 the memory layers' segment chains can "
+        "run side by side.  Single process, and with compile only with compile_scope=blocks")
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
+        if self.wavefront and self.compile and self.compile_scope == "model":
+            raise ValueError("training.wavefront calls the blocks one segment at a time: with training.compile it "
+                             "needs training.compile_scope=blocks")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"training.grad_accum={self.grad_accum} must divide "
                              f"training.batch_size={self.batch_size}")
