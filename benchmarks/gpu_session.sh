@@ -106,6 +106,13 @@ if [ "$PART" = 8 ]; then
   step 110 mac-4096x8-one-split $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_one_split.json"
   finish
 fi
+if [ "$PART" = 9 ]; then
+  # session 20: PART=8's graphed-wavefront test failed its capture (the eager reference's graph, still alive, tied
+  # the gradient accumulators to the default stream); the test lets it go first: the wavefront tests again
+  step 90 gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    > $RES/gpu_test_wavefront.txt 2>&1"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -104,6 +104,10 @@ def test_graphed_wavefront_equals_eager_on_cuda():
     params = [p for p in model.parameters() if p.requires_grad]
     ref = model(ids, labels=ids, use_cache=False).loss
     ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    # the reference's graph let go before the capture: while it lives, the parameters' gradient accumulators are
+    # tied to the default stream, and the captured backward's dependence on that stream invalidates the capture
+    # (cudaErrorStreamCaptureImplicit, session 20's GPU run of this test); training captures before any eager step
+    ref = ref.detach()
     loss = graphed_loss(model, ids, None, wavefront=True)(ids, ids)
     loss.backward()
     torch.cuda.synchronize()
