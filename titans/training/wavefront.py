@@ -11,8 +11,10 @@ convolution cache from one segment to the next), which equals the one-pass forwa
 every gradient with ``model(ids, labels=ids)`` in float64.
 
 On the CPU (or with ``streams=False``) the same segment-major loop runs on the current stream: no overlap, the same
-numbers.  NOT yet timed on a GPU (session 19 wrote it with no device time left): ``benchmarks/harness.py
---wavefront`` measures it.
+numbers.  Measured (benchmarks/RESULTS.md section 6, session 20; H200, compiled blocks, CUDA graphs,
+``TITANS_TRITON_BWD=split``): MAC 65536 x 1 at 209.0K tokens/s against 130.5K one-pass (kernels ~3 deep on 20
+streams), 0.565x MAC's 4096 x 8 rate.  The trainer's ``training.wavefront`` and ``benchmarks/harness.py --wavefront``
+use it.
 """
 
 from __future__ import annotations
