@@ -113,6 +113,18 @@ if [ "$PART" = 9 ]; then
     > $RES/gpu_test_wavefront.txt 2>&1"
   finish
 fi
+if [ "$PART" = 10 ]; then
+  # next after session 20 (not run yet): the wavefront (209.0K tokens/s at 65536 x 1 with 512-token steps) spent
+  # twice the one-pass kernel time, much of it in the attention-only blocks' 128 small steps each: 2 and 4 segments
+  # a step (fewer, longer kernels; a coarser overlap)
+  for st in 1024 2048; do
+    step 150 mac-65536x1-wavefront-step-$st env TITANS_TRITON_BWD=split $H3 --wavefront --wavefront-step $st \
+      --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_wavefront_step$st.json"
+  done
+  step 90 gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    > $RES/gpu_test_wavefront.txt 2>&1"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

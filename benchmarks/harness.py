@@ -119,7 +119,7 @@ def build(args, name: str, device: torch.device):
     if args.compile and args.compile_scope == "blocks":
         compile_blocks(model)
     if args.wavefront:
-        return model, (lambda ids: wavefront_loss(model, ids))
+        return model, (lambda ids: wavefront_loss(model, ids, segment=args.wavefront_step))
     run = run_model(args, model)
     return model, (lambda ids: run(ids, labels=ids, use_cache=False).loss)
 
@@ -143,7 +143,8 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
 
             # the step build() made, captured: with --wavefront the segment-major forward (sessions 19-20 captured
             # the one-pass forward here whatever --wavefront said: those "wavefront" rows were one-pass rows)
-            graphed = graphed_loss(run_model(args, model), ids, torch.bfloat16, wavefront=args.wavefront)
+            graphed = graphed_loss(run_model(args, model), ids, torch.bfloat16, wavefront=args.wavefront,
+                                   wavefront_step=args.wavefront_step)
 
             def loss_fn(x):
                 return graphed(x, x)
@@ -342,6 +343,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--wavefront", action="store_true",
                     help="train segment-major with one CUDA stream per block (titans.training.wavefront: the memory "
                          "layers' segment chains overlap; for batch 1)")
+    ap.add_argument("--wavefront-step", type=int, default=None, metavar="TOKENS",
+                    help="with --wavefront: tokens each block takes a step (default: the window, MAC's segment); "
+                         "several segments a step mean fewer, longer kernels for the attention-only blocks and a "
+                         "coarser overlap (the same loss: any piece sizes stream exactly)")
     ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                     help="TF32 tensor cores for float32 matmuls (the trainer's default, training.tf32)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",

@@ -18,10 +18,11 @@ def _model(variant: str, **kw):
 
 
 @pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm", "swa", "transformer"])
-@pytest.mark.parametrize("segment,T", [(None, 80), (24, 75)])
+@pytest.mark.parametrize("segment,T", [(None, 80), (24, 75), (48, 80)])
 def test_wavefront_equals_the_one_pass_forward(variant, segment, T):
     """Segment by segment through all blocks (the states carried, with their gradients) == model(ids, labels=ids):
-    on MAC's segment grid and off it (24-token steps over 75 tokens: pieces cross MAC segments and memory chunks)."""
+    on MAC's segment grid and off it (24-token steps over 75 tokens: pieces cross MAC segments and memory chunks), and
+    three segments a step (``benchmarks/harness.py --wavefront-step``)."""
     model = _model(variant)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (2, T), generator=g)

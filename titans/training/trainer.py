@@ -82,21 +82,22 @@ class LossFn(torch.nn.Module):
     loss and gradients).
     """
 
-    def __init__(self, model: torch.nn.Module, amp_dtype: torch.dtype | None = None, wavefront: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, amp_dtype: torch.dtype | None = None, wavefront: bool = False,
+                 wavefront_step: int | None = None) -> None:
         super().__init__()
-        self.model, self.amp_dtype, self.wavefront = model, amp_dtype, wavefront
+        self.model, self.amp_dtype, self.wavefront, self.wavefront_step = model, amp_dtype, wavefront, wavefront_step
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ctx = (torch.autocast(ids.device.type, dtype=self.amp_dtype, cache_enabled=False)
                if self.amp_dtype else nullcontext())
         with ctx:
             if self.wavefront:
-                return wavefront_loss(self.model, ids, labels)
+                return wavefront_loss(self.model, ids, labels, segment=self.wavefront_step)
             return self.model(ids, labels=labels, use_cache=False).loss
 
 
 def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.dtype | None,
-                 warmup_iters: int = 3, wavefront: bool = False):
+                 warmup_iters: int = 3, wavefront: bool = False, wavefront_step: int | None = None):
     """Forward + backward of :class:`LossFn` captured as CUDA graphs for (ids, labels) shaped like ``sample``.
 
     Calling the result copies the batch into the graph's static input and replays the forward graph;
@@ -105,7 +106,7 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
     """
     if sample.device.type != "cuda":
         raise ValueError("training.cuda_graphs=true needs a CUDA device")
-    fn, args = LossFn(model, amp_dtype, wavefront), (sample, sample.clone())
+    fn, args = LossFn(model, amp_dtype, wavefront, wavefront_step), (sample, sample.clone())
     # Warm up here (lazy initialisation, kernel compilation and autotuning must not happen inside a capture),
     # then give the warm-up's cached blocks back to the driver: the capture allocates from a private pool, so
     # otherwise a step's activation memory is reserved twice (MAC 65536 x 1: 43 GB reserved with the warm-up's
