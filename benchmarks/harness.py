@@ -365,6 +365,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results/harness.json")
     args = ap.parse_args(argv)
+    if args.wavefront_step is not None and not args.wavefront:
+        ap.error("--wavefront-step is the step of --wavefront: give both")
     if args.wavefront and args.compile and args.compile_scope == "model":
         ap.error("--wavefront calls the blocks one segment at a time: use it with --compile-scope blocks")
     device = torch.device(args.device)

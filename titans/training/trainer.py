@@ -79,7 +79,7 @@ class LossFn(torch.nn.Module):
 
     The unit captured by :func:`graphed_loss` (autocast's weight cache is off, as CUDA graphs require).
     ``wavefront``: the forward segment-major with a CUDA stream per block (:mod:`titans.training.wavefront`, the same
-    loss and gradients).
+    loss and gradients), ``wavefront_step`` tokens a block step (default: the model's window).
     """
 
     def __init__(self, model: torch.nn.Module, amp_dtype: torch.dtype | None = None, wavefront: bool = False,
