@@ -19,3 +19,22 @@ def fused_call_lengths(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(fu, "neural_memory_update_fused", spy)
     return lengths
+
+
+@pytest.fixture
+def autograd_nodes():
+    """``nodes(tensor) -> list``: every node of the autograd graph behind ``tensor`` (its grad_fn and all it reaches),
+    each once; for tests that check how a computation is recorded (e.g. which backward ops a loss has)."""
+
+    def nodes(tensor) -> list:
+        seen, order, todo = set(), [], [tensor.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            order.append(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+        return order
+
+    return nodes

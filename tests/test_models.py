@@ -477,21 +477,14 @@ def test_segment_pieces_cut_at_segment_boundaries(pos, length, segment):
     assert all(s // segment == (e - 1) // segment for s, e in zip(starts, ends))  # no piece crosses one
 
 
-def test_mac_cuts_its_segments_with_one_split():
+def test_mac_cuts_its_segments_with_one_split(autograd_nodes):
     """MAC's segment loop takes its pieces with one split (one concatenation backward), not a slice per piece: each
     slice's backward fills a zero gradient of the whole sequence, O(T^2 / C) traffic at long T."""
     model = make_model("mac").train()
     ids = torch.randint(0, 37, (1, 13))
-    loss = model(ids, labels=ids).loss
-    seen, todo, names, sequence_slices = set(), [loss.grad_fn], [], []
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        if names[-1] == "SliceBackward0" and tuple(fn._saved_self_sym_sizes) == (1, 13, 16):
-            sequence_slices.append((fn._saved_dim, fn._saved_start, fn._saved_end))  # a piece of a block's input
-        todo.extend(f for f, _ in fn.next_functions)
+    nodes = autograd_nodes(model(ids, labels=ids).loss)
+    names = [type(fn).__name__ for fn in nodes]
+    sequence_slices = [(fn._saved_dim, fn._saved_start, fn._saved_end) for fn in nodes  # pieces of a block's input
+                       if type(fn).__name__ == "SliceBackward0" and tuple(fn._saved_self_sym_sizes) == (1, 13, 16)]
     assert names.count("SplitWithSizesBackward0") == 2  # one per MAC block (depth 2)
     assert sequence_slices == []  # the code before the split had 4 a block: (1, 0, 4), (1, 4, 8), ...

@@ -71,7 +71,7 @@ def test_wavefront_streams_equal_one_stream_on_cuda(variant):
 
 
 
-def test_trainer_loss_unit_takes_the_wavefront():
+def test_trainer_loss_unit_takes_the_wavefront(autograd_nodes):
     """LossFn (what training.cuda_graphs captures) with ``wavefront=True`` is the segment-major loss: the same value
     as the one-pass LossFn, and really the wavefront's graph (no whole-sequence MAC split in it)."""
     from titans.training.trainer import LossFn
@@ -80,18 +80,11 @@ def test_trainer_loss_unit_takes_the_wavefront():
     ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(2))
     one_pass, wave = LossFn(model)(ids, ids), LossFn(model, wavefront=True)(ids, ids)
     torch.testing.assert_close(wave, one_pass, rtol=1e-12, atol=1e-12)
-    assert _count_nodes(one_pass, "SplitWithSizesBackward0") == 1  # the one-pass MAC block cuts 64 tokens once
-    assert _count_nodes(wave, "SplitWithSizesBackward0") == 64 // 16  # the wavefront: one call a segment
+    def splits(loss) -> int:
+        return sum(type(fn).__name__ == "SplitWithSizesBackward0" for fn in autograd_nodes(loss))
 
-
-def _count_nodes(loss, name: str) -> int:
-    seen, todo = set(), [loss.grad_fn]
-    while todo:
-        fn = todo.pop()
-        if fn is not None and fn not in seen:
-            seen.add(fn)
-            todo.extend(f for f, _ in fn.next_functions)
-    return sum(type(fn).__name__ == name for fn in seen)
+    assert splits(one_pass) == 1  # the one-pass MAC block cuts 64 tokens once
+    assert splits(wave) == 64 // 16  # the wavefront: one call a segment
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture of the streams)")
