@@ -31,6 +31,10 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, note the exit status
   echo "== $name: exit $? after $((SECONDS - t0))s" >> "$LOG"
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results  # after every step: a call cut short keeps what it measured
 }
+test_wavefront() {  # test_wavefront SECONDS: tests/test_wavefront.py on the GPU (its CUDA tests), output under $RES
+  step "$1" gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    > $RES/gpu_test_wavefront.txt 2>&1"
+}
 finish() {  # every step's results in one archive (the device tool brings back few files), the steps' exit lines
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
   grep '^==' "$LOG"
@@ -61,8 +65,7 @@ if [ "$PART" = 5 ]; then
   step 150 mac-65536x1-shifted-conv $H3 --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_shifted_conv.json"
   # the same row segment-major with one CUDA stream per block (titans.training.wavefront, session 19: exact on the CPU,
   # never run on a GPU): the three memory layers' segment chains overlap; first its GPU test (streams == one stream)
-  step 60 gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
-    > $RES/gpu_test_wavefront.txt 2>&1"
+  test_wavefront 60
   step 150 mac-65536x1-wavefront $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 \
     --out "$RES/h_mac_65536x1_wavefront.json"
   # where batch 1's time goes (compiled, no CUDA graphs, inductor's cache warm from the step above): PART=3's profile
@@ -95,8 +98,7 @@ if [ "$PART" = 8 ]; then
   # GPU tests first (now with graphed wavefront == eager one-pass), then both backwards, the timeline (PART=7's
   # one-pass timeline: 82,310 kernels, concurrency 1.00), and 4096 x 8 with the one-split segments (the flat ratio's
   # other side, session 18: 364,432 tokens/s)
-  step 70 gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
-    > $RES/gpu_test_wavefront.txt 2>&1"
+  test_wavefront 70
   step 190 mac-65536x1-wavefront-graphed $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 \
     --out "$RES/h_mac_65536x1_wavefront_graphed.json"
   step 100 mac-65536x1-wavefront-graphed-bwd-split env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
@@ -109,8 +111,7 @@ fi
 if [ "$PART" = 9 ]; then
   # session 20: PART=8's graphed-wavefront test failed its capture (the eager reference's graph, still alive, tied
   # the gradient accumulators to the default stream); the test lets it go first: the wavefront tests again
-  step 90 gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
-    > $RES/gpu_test_wavefront.txt 2>&1"
+  test_wavefront 90
   finish
 fi
 if [ "$PART" = 10 ]; then
@@ -121,8 +122,7 @@ if [ "$PART" = 10 ]; then
     step 150 mac-65536x1-wavefront-step-$st env TITANS_TRITON_BWD=split $H3 --wavefront --wavefront-step $st \
       --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_wavefront_step$st.json"
   done
-  step 90 gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
-    > $RES/gpu_test_wavefront.txt 2>&1"
+  test_wavefront 90
   finish
 fi
 if [ "$PART" = 6 ]; then
