@@ -122,6 +122,8 @@ if [ "$PART" = 10 ]; then
     step 150 mac-65536x1-wavefront-step-$st env TITANS_TRITON_BWD=split $H3 --wavefront --wavefront-step $st \
       --shapes 65536x1 --warmup 2 --iters 3 --out "$RES/h_mac_65536x1_wavefront_step$st.json"
   done
+  step 80 mac-65536x1-wavefront-step-2048-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --wavefront-step 2048 \
+    --shapes 65536x1 --warmup 1 --iters 1 --profile 30 --out "$RES/h_mac_65536x1_wavefront_step2048_timeline.json"
   test_wavefront 90
   finish
 fi
