@@ -230,10 +230,13 @@ def kernel_overlap(spans: list[tuple[float, float, int]]) -> dict:
 
     Returns kernel_ms (summed kernel time), busy_ms (time with at least one kernel running: the union of the
     spans), span_ms (first start to last end), concurrency = kernel_ms / busy_ms (1.0: one kernel at a time),
-    idle_share = 1 - busy_ms / span_ms (the device waiting on the host or on nothing) and the number of streams."""
+    idle_share = 1 - busy_ms / span_ms (the device waiting on the host or on nothing), the number of streams, and
+    ``per_stream``: for each stream (busiest first) its kernels, kernel_ms and span_ms (its first kernel's start to
+    its last kernel's end); a stream whose kernel_ms is close to the step's span_ms is the critical path (its
+    kernels run back to back), one far below it spends its span waiting on other streams."""
     if not spans:
         return {"kernel_ms": 0.0, "busy_ms": 0.0, "span_ms": 0.0, "concurrency": None, "idle_share": None,
-                "streams": 0, "kernels": 0}
+                "streams": 0, "kernels": 0, "per_stream": []}
     busy, end = 0.0, float("-inf")
     for a, b, _ in sorted(spans):
         if b <= end:
@@ -242,9 +245,15 @@ def kernel_overlap(spans: list[tuple[float, float, int]]) -> dict:
         end = b
     kernel = sum(b - a for a, b, _ in spans)
     span = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)
+    by_stream: dict[int, list[tuple[float, float]]] = {}
+    for a, b, st in spans:
+        by_stream.setdefault(st, []).append((a, b))
+    per_stream = sorted(({"stream": st, "kernels": len(v), "kernel_ms": sum(b - a for a, b in v) / 1e3,
+                          "span_ms": (max(b for _, b in v) - min(a for a, _ in v)) / 1e3}
+                         for st, v in by_stream.items()), key=lambda r: -r["kernel_ms"])
     return {"kernel_ms": kernel / 1e3, "busy_ms": busy / 1e3, "span_ms": span / 1e3,
             "concurrency": kernel / busy if busy else None, "idle_share": 1 - busy / span if span else None,
-            "streams": len({s for _, _, s in spans}), "kernels": len(spans)}
+            "streams": len(by_stream), "kernels": len(spans), "per_stream": per_stream}
 
 
 @torch.no_grad()
@@ -417,7 +426,9 @@ def main(argv=None) -> dict:
             table += (f"\n\nTimeline: {t['kernels']} kernels on {t['streams']} streams, {t['kernel_ms']:.1f} ms of "
                       f"kernel time in {t['busy_ms']:.1f} ms with a kernel running (concurrency "
                       f"{t['concurrency']:.2f}), {t['span_ms']:.1f} ms first to last "
-                      f"(idle {100 * t['idle_share']:.0f}%)")
+                      f"(idle {100 * t['idle_share']:.0f}%); busiest streams (kernel ms / span ms): " +
+                      ", ".join(f"{p['stream']}: {p['kernel_ms']:.1f} / {p['span_ms']:.1f}"
+                                for p in t["per_stream"][:8]))
     atomic_write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     return result

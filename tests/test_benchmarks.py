@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -15,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    # registered before it runs, as importlib's own recipe does: a dataclass with string annotations looks its
+    # module up in sys.modules (alone, `-k kernel_overlap` failed there)
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
@@ -139,6 +143,9 @@ def test_kernel_overlap_measures_the_union_of_kernel_spans():
     assert t["kernel_ms"] == 50 / 1e3 and t["busy_ms"] == 40 / 1e3 and t["span_ms"] == 50 / 1e3
     assert abs(t["concurrency"] - 1.25) < 1e-12 and abs(t["idle_share"] - 0.2) < 1e-12
     assert t["streams"] == 2 and t["kernels"] == 4
+    assert [(r["stream"], r["kernels"]) for r in t["per_stream"]] == [(7, 3), (8, 1)]  # busiest first
+    assert t["per_stream"][0]["kernel_ms"] == 30 / 1e3 and t["per_stream"][0]["span_ms"] == 50 / 1e3
+    assert t["per_stream"][1]["kernel_ms"] == 20 / 1e3 and t["per_stream"][1]["span_ms"] == 20 / 1e3
     nested = harness.kernel_overlap([(0, 100, 1), (10, 20, 2), (30, 40, 3)])  # kernels inside a longer one
     assert nested["busy_ms"] == 0.1 and abs(nested["concurrency"] - 1.2) < 1e-12
     assert harness.kernel_overlap([])["concurrency"] is None
