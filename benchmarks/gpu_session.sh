@@ -127,6 +127,21 @@ if [ "$PART" = 10 ]; then
   test_wavefront 90
   finish
 fi
+if [ "$PART" = 11 ]; then
+  # session 21: PART=10 gave 218.6K (1024-token steps) and 223.1K (2048) against 209.0K (512); the memory kernels ran
+  # 1.5x longer beside the other streams (bwd3 296 ms in the step against 196 ms one-pass): the memory blocks' streams
+  # at high priority (now the default), and their feed-forward on streams of their own; per-stream timelines
+  test_wavefront 60
+  WF="env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3"
+  step 130 mac-65536x1-wf2048-priority $WF --wavefront-step 2048 --profile 30 \
+    --out "$RES/h_mac_65536x1_wf2048_priority.json"
+  step 90 mac-65536x1-wf2048-priority-ffn env TITANS_WAVEFRONT_FFN_STREAMS=1 $WF --wavefront-step 2048 --profile 30 \
+    --out "$RES/h_mac_65536x1_wf2048_priority_ffn.json"
+  step 70 mac-65536x1-wf2048-plain env TITANS_WAVEFRONT_PRIORITY=0 $WF --wavefront-step 2048 \
+    --out "$RES/h_mac_65536x1_wf2048_plain.json"
+  step 90 mac-65536x1-wf512-priority $WF --out "$RES/h_mac_65536x1_wf512_priority.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

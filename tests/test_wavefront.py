@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from titans.core.models import build_model
+from titans.core.models.model import ModelState
 from titans.training.wavefront import wavefront_logits, wavefront_loss
 
 
@@ -51,17 +52,45 @@ def test_wavefront_logits_and_errors():
             wavefront_logits(model, ids, streams=True)
 
 
+@pytest.mark.parametrize("variant", ["mac", "mag", "transformer"])
+def test_block_mixer_then_feed_forward_is_the_block(variant):
+    """forward_mixer then feed_forward (the wavefront's split of a memory block over two streams) == the block's
+    forward, states included; full checkpointing (one recomputed region) refuses the split by name."""
+    model = _model(variant).train()
+    block, x = model.blocks[1], torch.randn(2, 40, 32, dtype=torch.float64)
+    p = model.persistent()
+    st_a, st_b = model.init_state(2).layers[1], model.init_state(2).layers[1]
+    a = block(x, st_a, 0, p, True)
+    b = block.feed_forward(block.forward_mixer(x, st_b, 0, p, True))
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    state_a, state_b = ModelState([st_a]).tensors(), ModelState([st_b]).tensors()
+    assert state_a.keys() == state_b.keys() and len(state_a) > 1  # the position and the layer's own state
+    for name, t in state_a.items():
+        torch.testing.assert_close(state_b[name], t, rtol=0, atol=0, msg=name)
+    model.set_activation_checkpointing("full")
+    with pytest.raises(ValueError, match="full activation checkpointing"):
+        block.forward_mixer(x, st_b, 40, p, True)
+
+
+def test_wavefront_switches_name_a_bad_value(monkeypatch):
+    monkeypatch.setenv("TITANS_WAVEFRONT_PRIORITY", "yes")
+    with pytest.raises(ValueError, match="TITANS_WAVEFRONT_PRIORITY='yes': expected 0 or 1"):
+        wavefront_logits(_model("mac"), torch.zeros(1, 16, dtype=torch.long))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (one stream per block)")
 @pytest.mark.parametrize("variant", ["mac", "mag"])
-def test_wavefront_streams_equal_one_stream_on_cuda(variant):
-    """Each block on its own CUDA stream: the same loss and gradients as the segment-major loop on one stream
-    (float32: the kernels are the same, only their order on the device differs)."""
+@pytest.mark.parametrize("priority,ffn_streams", [(False, False), (True, False), (True, True)])
+def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_streams):
+    """Each block on its own CUDA stream (the memory blocks' at high priority; their feed-forward on streams of
+    their own): the same loss and gradients as the segment-major loop on one stream (float32: the kernels are the
+    same, only their order on the device differs)."""
     model = _model(variant, dim=64, window=32).float().cuda()
     ids = torch.randint(0, 64, (2, 256), device="cuda")
     params = list(model.parameters())
     out = []
     for streams in (False, True):
-        loss = wavefront_loss(model, ids, streams=streams)
+        loss = wavefront_loss(model, ids, streams=streams, priority=priority, ffn_streams=ffn_streams)
         out.append((loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)))
     torch.cuda.synchronize()
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)

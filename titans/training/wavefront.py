@@ -19,6 +19,7 @@ use it.
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -28,12 +29,17 @@ from titans.core.models.model import TitansLM, lm_loss
 
 
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
-                     streams: bool | None = None) -> Tensor:
+                     streams: bool | None = None, priority: bool | None = None,
+                     ffn_streams: bool | None = None) -> Tensor:
     """Logits (B, T, vocab) of ``input_ids`` (B, T) computed segment-major (see the module docstring).
 
     segment: tokens per step (default: the model's window, MAC's segment); streams: one CUDA stream per block
-    (default: on CUDA).  Gradients flow through the carried states, so ``lm_loss`` of the result trains the model
-    exactly as ``model(input_ids, labels=input_ids)`` does."""
+    (default: on CUDA).  With streams, ``priority``: the memory blocks' streams get the device's highest priority
+    (their segment chains are the step's critical paths; the other blocks' kernels fill in around them);
+    ``ffn_streams``: a memory block's feed-forward runs on a second stream of its own, off the chain (the next
+    segment's mixer does not wait for it).  Both default to ``TITANS_WAVEFRONT_PRIORITY`` /
+    ``TITANS_WAVEFRONT_FFN_STREAMS`` ("1" / "0" when unset).  Gradients flow through the carried states, so
+    ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)`` does."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
     seg = segment or model.config.window
@@ -44,11 +50,20 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     use_streams = dev.type == "cuda" if streams is None else streams
     if use_streams and dev.type != "cuda":
         raise ValueError(f"streams=True needs a CUDA device, got {dev}")
+    priority = _switch("TITANS_WAVEFRONT_PRIORITY", True) if priority is None else priority
+    ffn_streams = _switch("TITANS_WAVEFRONT_FFN_STREAMS", False) if ffn_streams is None else ffn_streams
     persistent = model.persistent()
     layers = model.init_state(B, dev).layers  # a fresh state: its layer states are updated in place below
     main = torch.cuda.current_stream(dev) if use_streams else None
-    side = _streams(dev, len(model.blocks)) if use_streams else []
-    for st in side:  # each side stream starts after what the caller queued (the initial state; a capture's start)
+    n = len(model.blocks)
+    urgent = [use_streams and priority and b.memory is not None for b in model.blocks]
+    side = [_stream(dev, ("block", i), urgent[i]) for i in range(n)] if use_streams else []
+    # the feed-forward on a stream of its own: only where the block is not compiled whole (MAC's memory blocks
+    # compile their regions; a whole-compiled block called in parts would run its parts uncompiled)
+    split = [use_streams and ffn_streams and b.memory is not None and b.checkpointing_now() != "full"
+             and getattr(b, "_compiled_call_impl", None) is None for b in model.blocks]
+    ffn = {i: _stream(dev, ("ffn", i), False) for i in range(n) if split[i]}
+    for st in side + list(ffn.values()):  # each starts after what the caller queued (the initial state; a capture)
         st.wait_stream(main)
 
     def on(i: int):  # block i's stream, or nothing to switch
@@ -57,38 +72,61 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     # not model.run_blocks: its head would run on the caller's stream, and the caller's stream waiting on a segment's
     # last block would hold the next segment's embedding (and so every block of it) until that segment is through,
     # the layer-by-layer order again.  The caller's stream only embeds; it joins the side streams once, at the end.
+    def hand_to(x: Tensor, made_on, stream):  # stream reads x next: wait for its producer, keep its memory alive
+        if use_streams:
+            stream.wait_stream(made_on)
+            x.record_stream(stream)
+        return stream
+
     outs = []
     for start in range(0, T, seg):
         x = model.embed(input_ids[:, start:start + seg])  # on the caller's stream
+        made_on = main
         for i, block in enumerate(model.blocks):
-            if use_streams:
-                side[i].wait_stream(main if i == 0 else side[i - 1])  # this segment's input is ready
-                x.record_stream(side[i])  # and its memory is not reused by its producer while block i reads it
+            made_on = hand_to(x, made_on, side[i] if use_streams else None)
             with on(i):
-                x = block(x, layers[i], start, persistent, True)
-        with on(len(side) - 1):  # the head on the last block's stream
+                if not split[i]:
+                    x = block(x, layers[i], start, persistent, True)
+                    continue
+                x = block.forward_mixer(x, layers[i], start, persistent, True)
+            made_on = hand_to(x, made_on, ffn[i])
+            with torch.cuda.stream(ffn[i]):
+                x = block.feed_forward(x)
+        with torch.cuda.stream(made_on) if use_streams else nullcontext():  # the head where x was made
             logits = model.lm_head(model.norm(x))
         if use_streams:
             logits.record_stream(main)  # read by the caller's stream (the concatenation below) after the join
         outs.append(logits)
-    for st in side:  # the caller's stream goes on after every block's last segment (a capture joins here)
+    for st in side + list(ffn.values()):  # the caller's stream goes on after everything (a capture joins here)
         main.wait_stream(st)
     return torch.cat(outs, dim=1)
 
 
-_STREAMS: dict[tuple[str, int], list] = {}
+def _switch(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
 
 
-def _streams(device: torch.device, n: int) -> list:
-    """n side streams of ``device``, the same ones on every call (a step captured in a CUDA graph and its warm-up
-    runs use the same streams; streams are not created per step)."""
-    key = (str(device), n)
+_STREAMS: dict[tuple, torch.cuda.Stream] = {}
+
+
+def _stream(device: torch.device, role: tuple, urgent: bool):
+    """The side stream of ``role`` on ``device`` (highest priority when ``urgent``), the same one on every call: a
+    step captured in a CUDA graph and its warm-up runs use the same streams; streams are not created per step."""
+    key = (str(device), role, urgent)
     if key not in _STREAMS:
-        _STREAMS[key] = [torch.cuda.Stream(device) for _ in range(n)]
+        # priorities outside the device's range are clamped to it: -100 is the highest the device has
+        _STREAMS[key] = torch.cuda.Stream(device, priority=-100 if urgent else 0)
     return _STREAMS[key]
 
 
 def wavefront_loss(model: TitansLM, input_ids: Tensor, labels: Tensor | None = None, segment: int | None = None,
-                   streams: bool | None = None) -> Tensor:
+                   streams: bool | None = None, priority: bool | None = None,
+                   ffn_streams: bool | None = None) -> Tensor:
     """The language-modelling loss of :func:`wavefront_logits` (labels default to the inputs, shifted inside)."""
-    return lm_loss(wavefront_logits(model, input_ids, segment, streams), input_ids if labels is None else labels)
+    return lm_loss(wavefront_logits(model, input_ids, segment, streams, priority, ffn_streams),
+                   input_ids if labels is None else labels)

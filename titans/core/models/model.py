@@ -275,6 +275,16 @@ class TitansBlock(nn.Module):
             return x
         return self._forward(x, st, pos, persistent, want_cache, mode == "memory")
 
+    def forward_mixer(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
+                      want_cache: bool) -> Tensor:
+        """:meth:`forward` without the feed-forward (x -> x + mixer(x)); ``feed_forward`` of the result is the
+        block's output.  The wavefront runs the two on different streams.  Not with ``full`` checkpointing (the
+        block is one recomputed region there)."""
+        mode = self.checkpointing_now()
+        if mode == "full":
+            raise ValueError("forward_mixer: full activation checkpointing recomputes the whole block; call forward")
+        return self._mixer(x, st, pos, persistent, want_cache, mode == "memory")
+
     def _forward_pure(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
                       want_cache: bool) -> tuple[Tensor, LayerState]:
         """:meth:`forward` without touching ``st``: returns (output, the new state)."""
@@ -283,6 +293,10 @@ class TitansBlock(nn.Module):
 
     def _forward(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
                  recompute_memory: bool) -> Tensor:
+        return self.feed_forward(self._mixer(x, st, pos, persistent, want_cache, recompute_memory))
+
+    def _mixer(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
+               recompute_memory: bool) -> Tensor:
         if self.variant == "mac" and self.memory is not None:
             # segment by segment, so each piece's retrieval reads the memory as it was before its segment
             h = self.norm_mix(x)
@@ -296,10 +310,8 @@ class TitansBlock(nn.Module):
                 # contiguous once here: each projection of a strided piece would copy it (four of them per segment)
                 outs.append(self.mac_segment(piece.contiguous(), st, p, persistent, want_cache, recompute_memory))
                 p += piece.shape[1]
-            x = x + torch.cat(outs, dim=1)
-        else:
-            x = self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
-        return self.feed_forward(x)
+            return x + torch.cat(outs, dim=1)
+        return self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
 
     def mix(self, x: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
         """The sequence mixer with its residual: x (B, T, dim) -> (B, T, dim).  ``ops`` carries the state and
