@@ -139,6 +139,8 @@ if [ "$PART" = 11 ]; then
     --out "$RES/h_mac_65536x1_wf2048_priority_ffn.json"
   step 70 mac-65536x1-wf2048-plain env TITANS_WAVEFRONT_PRIORITY=0 $WF --wavefront-step 2048 \
     --out "$RES/h_mac_65536x1_wf2048_plain.json"
+  # the flat ratio's other side in the same call (session 20: 370,025)
+  step 100 mac-4096x8 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8.json"
   step 90 mac-65536x1-wf512-priority $WF --out "$RES/h_mac_65536x1_wf512_priority.json"
   finish
 fi
