@@ -485,11 +485,21 @@ def test_gc_paused_turns_the_collector_off_inside_and_restores_it():
 
 def test_wavefront_training_follows_the_one_pass_loss_curve(tmp_path):
     """``training.wavefront=true`` trains with the segment-major forward (titans.training.wavefront): the same losses
-    as the one-pass forward up to float32 rounding; with the whole model compiled it is refused by name."""
+    as the one-pass forward up to float32 rounding, with the default and with a longer step
+    (``training.wavefront_step``); with the whole model compiled, or a step without the wavefront, it is refused by
+    name."""
     common = ["training.max_steps=3", "training.eval_every=100", "training.ckpt_every=100"]
     one_pass = train(tiny_cfg(tmp_path / "one", *common))
     wave = train(tiny_cfg(tmp_path / "wave", *common, "training.wavefront=true"))
     assert wave["step"] == 3
     assert wave["train_loss"] == pytest.approx(one_pass["train_loss"], rel=1e-5)
+    # 24-token steps over 32-token rows: pieces that cross the 16-token segments, the same losses again
+    cfg = tiny_cfg(tmp_path / "wave24", *common, "training.wavefront=true", "training.wavefront_step=24")
+    assert cfg.training.wavefront_step == 24 and cfg.model.window < 24 < cfg.data.seq_len
+    assert train(cfg)["train_loss"] == pytest.approx(one_pass["train_loss"], rel=1e-5)
     with pytest.raises(ConfigError, match="training.wavefront"):
         tiny_cfg(tmp_path / "bad", "training.wavefront=true", "training.compile=true", "training.compile_scope=model")
+    with pytest.raises(ConfigError, match="training.wavefront_step is the step of training.wavefront"):
+        tiny_cfg(tmp_path / "bad", "training.wavefront_step=1024")
+    with pytest.raises(ConfigError, match="wavefront_step"):
+        tiny_cfg(tmp_path / "bad", "training.wavefront=true", "training.wavefront_step=0")

@@ -342,7 +342,7 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
     if tc.wavefront and dist.world_size > 1:
         # DDP / FSDP hook into the wrapper's forward, which the segment-major loop does not call
         raise ValueError("training.wavefront: single-process runs only")
-    loss_fn = LossFn(run_model, amp_dtype, tc.wavefront)
+    loss_fn = LossFn(run_model, amp_dtype, tc.wavefront, tc.wavefront_step)
     if tc.cuda_graphs:
         # with regional compilation the blocks compile during graphed_loss's eager warm-up, before the capture
         # (benchmarks/RESULTS.md section 6, session 15: MAC 4096 x 8 on an H200, 215K -> 307K tokens/s); the whole
@@ -352,7 +352,7 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
                              "together with training.compile_scope=blocks")
         try:
             loss_fn = graphed_loss(run_model, batcher.batch(start_step)[0][:micro].to(device), amp_dtype,
-                                   wavefront=tc.wavefront)
+                                   wavefront=tc.wavefront, wavefront_step=tc.wavefront_step)
         except RuntimeError as e:
             # a capture can fail where the eager step works (seen once for a MAL stage of 16K-token rows among
             # eight processes under MPS, benchmarks/RESULTS.md 4o): keep training, without graphs, rather than
