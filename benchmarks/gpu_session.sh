@@ -144,6 +144,22 @@ if [ "$PART" = 11 ]; then
   step 90 mac-65536x1-wf512-priority $WF --out "$RES/h_mac_65536x1_wf512_priority.json"
   finish
 fi
+if [ "$PART" = 12 ]; then
+  # session 21: PART=11 gave 228.8K (priority), 230.3K (+ feed-forward streams), 225.3K (plain) at 2048-token steps,
+  # one run each: a second run of each (alternating), the two-pass memory backward in the wavefront, and decode's peak
+  # memory at 1K and 1M of context after the fix of the prefill's leftover views (session 10: 0.32 vs 0.67 GB)
+  WF="env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+  step 150 mac-65536x1-wf2048-priority-ffn env TITANS_WAVEFRONT_FFN_STREAMS=1 $WF \
+    --out "$RES/h_mac_65536x1_wf2048_priority_ffn_2.json"
+  step 60 mac-65536x1-wf2048-plain env TITANS_WAVEFRONT_PRIORITY=0 $WF --out "$RES/h_mac_65536x1_wf2048_plain_2.json"
+  step 60 mac-65536x1-wf2048-priority $WF --out "$RES/h_mac_65536x1_wf2048_priority_2.json"
+  step 70 mac-65536x1-wf2048-priority-ffn-bwd-fused env TITANS_WAVEFRONT_FFN_STREAMS=1 ${WF/BWD=split/BWD=fused} \
+    --out "$RES/h_mac_65536x1_wf2048_priority_ffn_bwd_fused.json"
+  step 150 decode-mac-graphs python3 benchmarks/harness.py --models mac --shapes --dim 512 --depth 8 --heads 8 \
+    --window 512 --memory-layers 2 4 6 --memory-chunk 64 --decode-contexts 1024 1048576 --decode-models mac \
+    --decode-steps 30 --decode-graphs --prefill-piece 16384 --out "$RES/h_decode_mac_graphs.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
