@@ -312,12 +312,56 @@ def test_kept_tensors_never_evict_and_stop_keeping_at_capacity():
     assert len(mod) == 0
 
 
-def test_rotary_tables_outgrown_stay_alive():
-    """Growing the kept rotary tables keeps the smaller ones referenced (graphs captured on them stay valid)."""
+def test_rotary_tables_read_by_a_capture_stay_alive_others_go(monkeypatch):
+    """Growing the kept rotary tables keeps a smaller one referenced only if a CUDA-graph capture read it (the graph
+    reads it by address); a table no capture read is let go.  Past ``max_kept`` positions the tables are computed
+    per call (equal to the kept ones) and the kept table is let go: a long stream holds no tables that grow with it."""
+    from titans.core.attention import attention_utils
     from titans.core.attention.attention_utils import RotaryEmbedding
 
-    rope = RotaryEmbedding(8)
-    small = rope.cos_sin(0, 10, torch.float64)[0]
-    base = small.untyped_storage().data_ptr()
-    rope.cos_sin(1000, 10, torch.float64)  # past the first table: grown
-    assert any(t[0].untyped_storage().data_ptr() == base for t in rope._outgrown)
+    rope = RotaryEmbedding(8, max_kept=4096)
+    plain = rope.cos_sin(0, 10, torch.float64)[0].untyped_storage().data_ptr()  # a 256-position table
+    rope.cos_sin(300, 10, torch.float64)  # grown to 512: the first table, never captured, is not kept
+    assert not rope._outgrown and rope._tables[(torch.device("cpu"), torch.float64)][0].shape[0] == 512
+    monkeypatch.setattr(attention_utils, "capturing_cuda_graph", lambda: True)
+    captured = rope.cos_sin(0, 10, torch.float64)[0].untyped_storage().data_ptr()  # read inside a "capture"
+    monkeypatch.undo()
+    assert captured != plain
+    rope.cos_sin(1000, 10, torch.float64)  # grown to 1024: the captured table stays alive
+    assert [t[0].untyped_storage().data_ptr() for t in rope._outgrown] == [captured]
+    # past max_kept: computed, equal to the kept table's slice, and the kept table let go
+    want = rope.cos_sin(4000, 90, torch.float64)
+    got = rope.cos_sin(4000, 100, torch.float64)
+    assert not rope._tables and len(rope._outgrown) == 1
+    for a, b in zip(got, want):
+        assert a.shape == (100, 8)
+        torch.testing.assert_close(a[:90], b, rtol=0, atol=0)
+
+
+def test_a_long_stream_keeps_no_rotary_tables():
+    """Streaming a model past the kept positions leaves no rotary table behind (session 21: a 1M-token prefill on
+    the GPU left 4 GB of them), and the stream's output is the same as with every table kept."""
+    from titans.core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(dict(variant="mac", vocab_size=64, dim=32, depth=2, heads=2, window=16, persistent_tokens=2,
+                             memory_depth=2, memory_chunk_size=8, memory_layers=[1])).double().eval()
+    ids = torch.randint(0, 64, (1, 96))
+
+    def stream():
+        state, outs = None, []
+        with torch.no_grad():
+            for piece in ids.split(32, dim=1):
+                out = model(piece, state=state)
+                state = out.state
+                outs.append(out.logits)
+        return torch.cat(outs, dim=1)
+
+    ropes = [b.attn.rope for b in model.blocks]
+    kept = stream()
+    assert all(r._tables for r in ropes)
+    for r in ropes:
+        r.max_kept = 64  # the stream goes to 96
+    computed = stream()
+    assert not any(r._tables or r._outgrown for r in ropes)
+    torch.testing.assert_close(computed, kept, rtol=0, atol=0)

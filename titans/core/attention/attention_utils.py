@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from titans.utils.tensors import KeptTensors, can_cache_tensors
+from titans.utils.tensors import KeptTensors, can_cache_tensors, capturing_cuda_graph
 
 
 @dataclass(frozen=True)
@@ -176,25 +176,37 @@ class RotaryEmbedding(torch.nn.Module):
     """Rotary position embedding (rotate-half convention) at absolute positions.
 
     The cos / sin tables of a contiguous run of host positions (training, streaming) are slices of tables kept per
-    (device, dtype) and grown on demand: no per-call arithmetic.  Positions held on the device (static decoding)
-    are computed by the same formula, :meth:`_tables_at`.
+    (device, dtype) and grown on demand: no per-call arithmetic.  Only the first ``max_kept`` positions are kept:
+    a run that reaches past them is computed per call and the kept table let go, so a stream of any length holds
+    no memory that grows with it (a 1M-token prefill kept 4 GB of tables across 8 layers, benchmarks/RESULTS.md
+    section 6, session 21).  Positions held on the device (static decoding) are computed by the same formula,
+    :meth:`_tables_at`; a computed table equals the kept table's slice exactly (the same elementwise arithmetic).
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, max_kept: int = 1 << 16) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim}: rotary embedding needs an even head dim")
-        self.head_dim = head_dim
+        self.head_dim, self.max_kept = head_dim, max_kept
         inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)
         # (device, dtype) -> (cos, signed sin) for positions 0..n-1; not buffers: they follow inv_freq, not the
         # module's dtype casts, and stay out of the state dict
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._captured: set[tuple[torch.device, torch.dtype]] = set()  # tables read by a CUDA-graph capture
         self._outgrown: list[tuple[Tensor, Tensor]] = []
 
     def _apply(self, fn, recurse: bool = True):
-        self._tables, self._outgrown = {}, []  # .to() / .double() may move or round inv_freq: the tables follow it
+        # .to() / .double() may move or round inv_freq: the tables follow it
+        self._tables, self._captured, self._outgrown = {}, set(), []
         return super()._apply(fn, recurse)
+
+    def _let_go(self, key) -> None:
+        """Drop the kept table of ``key``; one a captured CUDA graph read (by address) stays alive with the graph."""
+        table = self._tables.pop(key, None)
+        if table is not None and key in self._captured:
+            self._outgrown.append(table)
+        self._captured.discard(key)
 
     def _tables_at(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos and signed sin (T, head_dim) of positions (T,): ``sin`` carries the rotate-half sign (its first half
@@ -218,15 +230,18 @@ class RotaryEmbedding(torch.nn.Module):
             return self._tables_at(torch.arange(positions, end, device=device), dtype)
         key = (device, dtype)
         table = self._tables.get(key)
+        if end > self.max_kept:  # past the kept positions: computed, and the stream no longer needs the table
+            if can_cache_tensors():
+                self._let_go(key)
+            return self._tables_at(torch.arange(positions, end, device=device), dtype)
         if table is None or table[0].shape[0] < end:
-            n = max(256, 1 << max(0, end - 1).bit_length())  # grown in powers of two: few rebuilds
+            n = min(self.max_kept, max(256, 1 << max(0, end - 1).bit_length()))  # doubling: few rebuilds
             if not can_cache_tensors():
                 return self._tables_at(torch.arange(positions, end, device=device), dtype)
-            if table is not None:
-                # a captured CUDA graph may read the smaller table by address: it stays alive (at most as much
-                # memory again as the current table, by the doubling)
-                self._outgrown.append(table)
+            self._let_go(key)
             table = self._tables[key] = self._tables_at(torch.arange(n, device=device), dtype)
+        if capturing_cuda_graph():
+            self._captured.add(key)  # the capture reads this table by address: keep it alive after it is replaced
         return table[0][positions:end], table[1][positions:end]
 
     @staticmethod
