@@ -11,10 +11,12 @@ convolution cache from one segment to the next), which equals the one-pass forwa
 every gradient with ``model(ids, labels=ids)`` in float64.
 
 On the CPU (or with ``streams=False``) the same segment-major loop runs on the current stream: no overlap, the same
-numbers.  Measured (benchmarks/RESULTS.md section 6, session 20; H200, compiled blocks, CUDA graphs,
-``TITANS_TRITON_BWD=split``): MAC 65536 x 1 at 209.0K tokens/s against 130.5K one-pass (kernels ~3 deep on 20
-streams), 0.565x MAC's 4096 x 8 rate.  The trainer's ``training.wavefront`` and ``benchmarks/harness.py --wavefront``
-use it.
+numbers.  Measured (benchmarks/RESULTS.md section 6, sessions 20-21; H200, compiled blocks, CUDA graphs,
+``TITANS_TRITON_BWD=split``): MAC 65536 x 1 at 209.0K tokens/s against 130.5K one-pass with 512-token steps
+(kernels ~3 deep on 20 streams), 230.3-230.7K with 2048-token steps, the memory blocks' streams at high priority and
+their feed-forwards on streams of their own: 0.625x MAC's 4096 x 8 rate.  What bounds it now: each memory block's
+backward chain (128 segments, ~146 kernels and ~1.45 ms a segment) runs back to back for most of the step.  The
+trainer's ``training.wavefront`` / ``training.wavefront_step`` and ``benchmarks/harness.py --wavefront`` use it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     (their segment chains are the step's critical paths; the other blocks' kernels fill in around them);
     ``ffn_streams``: a memory block's feed-forward runs on a second stream of its own, off the chain (the next
     segment's mixer does not wait for it).  Both default to ``TITANS_WAVEFRONT_PRIORITY`` /
-    ``TITANS_WAVEFRONT_FFN_STREAMS`` ("1" / "0" when unset).  Gradients flow through the carried states, so
+    ``TITANS_WAVEFRONT_FFN_STREAMS`` ("1" when unset).  Gradients flow through the carried states, so
     ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)`` does."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
@@ -51,7 +53,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     if use_streams and dev.type != "cuda":
         raise ValueError(f"streams=True needs a CUDA device, got {dev}")
     priority = _switch("TITANS_WAVEFRONT_PRIORITY", True) if priority is None else priority
-    ffn_streams = _switch("TITANS_WAVEFRONT_FFN_STREAMS", False) if ffn_streams is None else ffn_streams
+    ffn_streams = _switch("TITANS_WAVEFRONT_FFN_STREAMS", True) if ffn_streams is None else ffn_streams
     persistent = model.persistent()
     layers = model.init_state(B, dev).layers  # a fresh state: its layer states are updated in place below
     main = torch.cuda.current_stream(dev) if use_streams else None
