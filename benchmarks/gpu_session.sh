@@ -163,8 +163,8 @@ fi
 if [ "$PART" = 13 ]; then
   # session 21: PART=12's decode after a 1M-token prefill peaked at 4.30 GB (0.29 at 1K): the rotary tables kept
   # for every position streamed, in every layer; now only the first 65,536 positions are kept
-  step 100 decode-mac-graphs python3 benchmarks/harness.py --models mac --shapes --dim 512 --depth 8 --heads 8 \
-    --window 512 --memory-layers 2 4 6 --memory-chunk 64 --decode-contexts 1024 65536 1048576 --decode-models mac \
+  step 80 decode-mac-graphs python3 benchmarks/harness.py --models mac --shapes --dim 512 --depth 8 --heads 8 \
+    --window 512 --memory-layers 2 4 6 --memory-chunk 64 --decode-contexts 1024 1048576 --decode-models mac \
     --decode-steps 30 --decode-graphs --prefill-piece 16384 --out "$RES/h_decode_mac_graphs_bounded_rope.json"
   finish
 fi
