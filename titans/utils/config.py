@@ -250,12 +250,13 @@ class TrainingConfig(_Strict):
     wavefront: bool = Field(
         False, description="the training forward segment-major with one CUDA stream per block "
         "(titans.training.wavefront): the same loss and gradients; at batch 1 the memory layers' segment chains run "
-        "side by side (MAC 65536 x 1 on an H200 with CUDA graphs: 209K vs 131K tokens/s, best with the environment's "
-        "TITANS_TRITON_BWD=split).  Single process, and with compile only with compile_scope=blocks")
+        "side by side (MAC 65536 x 1 on an H200 with CUDA graphs: 209K vs 131K tokens/s; 231K with "
+        "wavefront_step=2048; best with the environment's TITANS_TRITON_BWD=split).  Single process, and with compile only with compile_scope=blocks")
     wavefront_step: int | None = Field(
         None, ge=1, description="with training.wavefront: tokens each block takes a step (default: the model's "
         "window, MAC's segment; any size is exact).  Longer steps mean fewer, longer kernels and a coarser overlap: "
-        "MAC 65536 x 1 on an H200, 209.0K tokens/s with 512-token steps, 218.6K with 1024, 223.1K with 2048")
+        "MAC 65536 x 1 on an H200 (session 21, before the stream priority and feed-forward streams that now add 3%): "
+        "209.0K tokens/s with 512-token steps, 218.6K with 1024, 223.1K with 2048")
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
