@@ -438,7 +438,7 @@ if __name__ == "__main__":
     main()
     if torch.cuda.is_available():
         # the results are written (atomically) and printed: leave without the interpreter's teardown, which on the
-        # H200 hung past the step's time limit in 5 of ~20 CUDA runs after complete rows (sessions 20-21; with CUDA
+        # H200 hung past the step's time limit in 4 of ~25 CUDA runs after complete rows (sessions 20-21; with CUDA
         # graphs on side streams, the profiler or new Triton kernels; not diagnosed), costing device time
         import os
         import sys
