@@ -168,6 +168,14 @@ if [ "$PART" = 13 ]; then
     --decode-steps 30 --decode-graphs --prefill-piece 16384 --out "$RES/h_decode_mac_graphs_bounded_rope.json"
   finish
 fi
+if [ "$PART" = 14 ]; then
+  # next after session 21 (not run yet): decode after a 1M-token prefill still peaked 33 MB (1.11x) above 1K's 0.290 GB
+  # after the rotary fix (one 16,384 x 512 float32 piece's worth, not found on the CPU path): where it was allocated
+  step 100 decode-mac-graphs-snapshot python3 benchmarks/harness.py --models mac --shapes --dim 512 --depth 8 \
+    --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 --decode-contexts 1024 1048576 --decode-models mac \
+    --decode-steps 30 --decode-graphs --decode-snapshot --prefill-piece 16384 --out "$RES/h_decode_mac_snapshot.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

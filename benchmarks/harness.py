@@ -265,6 +265,8 @@ def time_decode(args, name: str, context: int, device: torch.device) -> dict:
     out = {"model": name, "context": context, "decode_mode": "eager"}
     try:
         model = build_model(model_config(args, name)).to(device).eval()
+        if args.decode_snapshot and device.type == "cuda":  # allocation stacks, for live_after_prefill below
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         state = None
         piece = args.prefill_piece
@@ -294,6 +296,9 @@ def time_decode(args, name: str, context: int, device: torch.device) -> dict:
             state_w = state
             for _ in range(warm):
                 step()
+            if args.decode_snapshot and device.type == "cuda":
+                out["live_after_prefill"] = live_allocations(torch.cuda.memory._snapshot())
+                torch.cuda.memory._record_memory_history(enabled=None)
             _reset_peak(device)
             _sync(device)
             times = []
@@ -310,6 +315,32 @@ def time_decode(args, name: str, context: int, device: torch.device) -> dict:
     except Exception as e:  # noqa: BLE001
         out["error"] = f"{type(e).__name__}: {e}"[:200]
     return out
+
+
+def live_allocations(snapshot: dict, top: int = 12) -> list[dict]:
+    """The live GPU allocations of a ``torch.cuda.memory._snapshot()``, grouped by where they were allocated (the
+    innermost frames under ``titans/``, else the innermost Python frames), largest total first: what a decode step
+    keeps from its prefill.  Each entry: MB, count, where (``file:line name`` frames)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for seg in snapshot.get("segments", []):
+        for block in seg.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            frames = [f"{_short_path(f.get('filename', '?'))}:{f.get('line', '?')} {f.get('name', '?')}"
+                      for f in block.get("frames", []) if str(f.get("filename", "")).endswith(".py")]
+            ours = [f for f in frames if f.startswith("titans/")]
+            where = tuple((ours or frames)[:3]) or ("(no Python frame recorded)",)
+            entry = groups.setdefault(where, [0, 0])
+            entry[0] += int(block.get("size", 0))
+            entry[1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"mb": size / 2**20, "count": n, "where": list(where)} for where, (size, n) in rows]
+
+
+def _short_path(path: str) -> str:
+    """``.../titans/core/x.py`` -> ``titans/core/x.py``; ``.../site-packages/torch/x.py`` -> ``torch/x.py``."""
+    i = path.rfind("/titans/")
+    return path[i + 1:] if i >= 0 else path.split("site-packages/")[-1]
 
 
 def _fmt(x: float | None, digits: int = 0) -> str:
@@ -368,6 +399,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode-graphs", action="store_true",
                     help="time decoding through the static step replayed from one CUDA graph (GraphedDecoder)")
     ap.add_argument("--prefill-piece", type=int, default=8192)
+    ap.add_argument("--decode-snapshot", action="store_true",
+                    help="record allocation stacks during the prefill (CUDA) and list the live allocations before "
+                         "the timed decode steps, grouped by where they were made (live_after_prefill)")
     ap.add_argument("--prefill", action=argparse.BooleanOptionalAction, default=True,
                     help="also time one no-grad forward of a row (--no-prefill: training only; under --compile the "
                          "prefill is a compilation of its own)")

@@ -149,3 +149,25 @@ def test_kernel_overlap_measures_the_union_of_kernel_spans():
     nested = harness.kernel_overlap([(0, 100, 1), (10, 20, 2), (30, 40, 3)])  # kernels inside a longer one
     assert nested["busy_ms"] == 0.1 and abs(nested["concurrency"] - 1.2) < 1e-12
     assert harness.kernel_overlap([])["concurrency"] is None
+
+
+def test_live_allocations_group_the_live_blocks_of_a_snapshot_by_their_titans_frames():
+    harness = _load("harness")
+
+    def frame(path, line, name):
+        return {"filename": path, "line": line, "name": name}
+
+    table = [frame("/x/site-packages/torch/nn/functional.py", 10, "linear"),
+             frame("/w/titans/core/attention/attention_utils.py", 240, "cos_sin"), frame("<built-in>", 0, "?")]
+    other = [frame("/x/site-packages/torch/nn/modules/module.py", 5, "_call_impl")]
+    snap = {"segments": [
+        {"blocks": [{"state": "active_allocated", "size": 3 << 20, "frames": table},
+                    {"state": "inactive", "size": 100 << 20, "frames": table},  # freed: not counted
+                    {"state": "active_allocated", "size": 1 << 20, "frames": other}]},
+        {"blocks": [{"state": "active_allocated", "size": 2 << 20, "frames": table},
+                    {"state": "active_allocated", "size": 1 << 19}]}]}
+    rows = harness.live_allocations(snap)
+    assert rows[0] == {"mb": 5.0, "count": 2, "where": ["titans/core/attention/attention_utils.py:240 cos_sin"]}
+    assert rows[1] == {"mb": 1.0, "count": 1, "where": ["torch/nn/modules/module.py:5 _call_impl"]}
+    assert rows[2] == {"mb": 0.5, "count": 1, "where": ["(no Python frame recorded)"]}
+    assert harness.live_allocations(snap, top=1) == rows[:1]
