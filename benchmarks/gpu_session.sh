@@ -176,6 +176,21 @@ if [ "$PART" = 14 ]; then
     --decode-steps 30 --decode-graphs --decode-snapshot --prefill-piece 16384 --out "$RES/h_decode_mac_snapshot.json"
   finish
 fi
+if [ "$PART" = 15 ]; then
+  # next after session 21 (not run yet): the wavefront's best (230.7K tokens/s at MAC 65536 x 1) with the stream views
+  # (TITANS_WAVEFRONT_STREAM_VIEWS=1: the persistent tokens and the tied embedding read through one view per stream,
+  # one cross-stream gradient accumulation per stream instead of per block and segment: 1,024 + 256 a step); its GPU
+  # tests first, then the views and without them twice each, alternating, and the views' per-stream timeline
+  test_wavefront 70
+  WF="env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+  step 150 mac-65536x1-wf2048-views env TITANS_WAVEFRONT_STREAM_VIEWS=1 $WF --out "$RES/h_wf2048_views.json"
+  step 70 mac-65536x1-wf2048-no-views env TITANS_WAVEFRONT_STREAM_VIEWS=0 $WF --out "$RES/h_wf2048_no_views.json"
+  step 70 mac-65536x1-wf2048-views-2 env TITANS_WAVEFRONT_STREAM_VIEWS=1 $WF --out "$RES/h_wf2048_views_2.json"
+  step 70 mac-65536x1-wf2048-no-views-2 env TITANS_WAVEFRONT_STREAM_VIEWS=0 $WF --out "$RES/h_wf2048_no_views_2.json"
+  step 100 mac-65536x1-wf2048-views-timeline env TITANS_WAVEFRONT_STREAM_VIEWS=1 $WF --profile 30 \
+    --out "$RES/h_wf2048_views_timeline.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -39,6 +39,33 @@ def test_wavefront_equals_the_one_pass_forward(variant, segment, T):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("variant,kw", [("mac", {}), ("mag", {}), ("mac", {"persistent_tokens": 0,
+                                                                             "tie_embeddings": False})])
+def test_stream_views_keep_the_loss_and_gradients_and_sum_per_stream(variant, kw, autograd_nodes):
+    """``stream_views``: the persistent tokens and the tied embedding / head weight read through one view per
+    stream == the one-pass loss and gradients (float64); the persistent tokens' accumulator then receives one
+    gradient per block (its views), not one per block and segment."""
+    model = _model(variant, **kw)
+    ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(3))
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = model(ids, labels=ids, use_cache=False).loss
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    loss = wavefront_loss(model, ids, stream_views=True)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    tokens = model.persistent.tokens
+    if tokens is not None:
+        feeding = [fn for fn in autograd_nodes(loss) for f, _ in fn.next_functions
+                   if type(f).__name__ == "AccumulateGrad" and f.variable is tokens]
+        views = [fn for fn in feeding if type(fn).__name__ == "ViewBackward0"]
+        # one view a block; MAG's fresh memory state absorbs the tokens once more (init_state, before the loop)
+        assert len(views) == len(model.blocks) and len(feeding) - len(views) == (variant == "mag")
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_wavefront_logits_and_errors():
     model = _model("mac")
     ids = torch.randint(0, 64, (1, 40))
@@ -80,8 +107,9 @@ def test_wavefront_switches_name_a_bad_value(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (one stream per block)")
 @pytest.mark.parametrize("variant", ["mac", "mag"])
-@pytest.mark.parametrize("priority,ffn_streams", [(False, False), (True, False), (True, True)])
-def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_streams):
+@pytest.mark.parametrize("priority,ffn_streams,views", [(False, False, False), (True, False, False),
+                                                         (True, True, False), (True, True, True)])
+def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_streams, views):
     """Each block on its own CUDA stream (the memory blocks' at high priority; their feed-forward on streams of
     their own): the same loss and gradients as the segment-major loop on one stream (float32: the kernels are the
     same, only their order on the device differs)."""
@@ -90,7 +118,8 @@ def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_strea
     params = list(model.parameters())
     out = []
     for streams in (False, True):
-        loss = wavefront_loss(model, ids, streams=streams, priority=priority, ffn_streams=ffn_streams)
+        loss = wavefront_loss(model, ids, streams=streams, priority=priority, ffn_streams=ffn_streams,
+                              stream_views=views)
         out.append((loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)))
     torch.cuda.synchronize()
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)

@@ -26,13 +26,14 @@ from contextlib import nullcontext
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 
 from titans.core.models.model import TitansLM, lm_loss
 
 
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
                      streams: bool | None = None, priority: bool | None = None,
-                     ffn_streams: bool | None = None) -> Tensor:
+                     ffn_streams: bool | None = None, stream_views: bool | None = None) -> Tensor:
     """Logits (B, T, vocab) of ``input_ids`` (B, T) computed segment-major (see the module docstring).
 
     segment: tokens per step (default: the model's window, MAC's segment); streams: one CUDA stream per block
@@ -40,8 +41,13 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     (their segment chains are the step's critical paths; the other blocks' kernels fill in around them);
     ``ffn_streams``: a memory block's feed-forward runs on a second stream of its own, off the chain (the next
     segment's mixer does not wait for it).  Both default to ``TITANS_WAVEFRONT_PRIORITY`` /
-    ``TITANS_WAVEFRONT_FFN_STREAMS`` ("1" when unset).  Gradients flow through the carried states, so
-    ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)`` does."""
+    ``TITANS_WAVEFRONT_FFN_STREAMS`` ("1" when unset).  ``stream_views`` (``TITANS_WAVEFRONT_STREAM_VIEWS``, "0"
+    when unset: not timed yet): the parameters several streams read - the persistent tokens (every block, every
+    segment) and the tied embedding / head weight (the caller's stream, the last block's) - are read through one
+    view per stream, so autograd sums each stream's gradients on that stream and the parameter receives one sum a
+    stream instead of one cross-stream accumulation per block and segment.  Gradients flow through the carried
+    states, so ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)``
+    does."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
     seg = segment or model.config.window
@@ -71,6 +77,20 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     def on(i: int):  # block i's stream, or nothing to switch
         return torch.cuda.stream(side[i]) if use_streams else nullcontext()
 
+    views = _switch("TITANS_WAVEFRONT_STREAM_VIEWS", False) if stream_views is None else stream_views
+    persistent_on = [persistent] * n  # what block i reads as the persistent tokens
+    embed = model.embed
+    if views:
+        if persistent is not None:
+            for i in range(n):
+                with on(i):  # made on block i's stream: its gradient is summed there
+                    persistent_on[i] = persistent.view_as(persistent)
+        emb_weight = model.embed.weight.view_as(model.embed.weight)  # on the caller's stream, where it embeds
+
+        def embed(ids: Tensor) -> Tensor:
+            return functional_call(model.embed, {"weight": emb_weight}, (ids,))
+    head_weight = None  # the head's view, made on the head's stream at the first segment
+
     # not model.run_blocks: its head would run on the caller's stream, and the caller's stream waiting on a segment's
     # last block would hold the next segment's embedding (and so every block of it) until that segment is through,
     # the layer-by-layer order again.  The caller's stream only embeds; it joins the side streams once, at the end.
@@ -82,20 +102,25 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
 
     outs = []
     for start in range(0, T, seg):
-        x = model.embed(input_ids[:, start:start + seg])  # on the caller's stream
+        x = embed(input_ids[:, start:start + seg])  # on the caller's stream
         made_on = main
         for i, block in enumerate(model.blocks):
             made_on = hand_to(x, made_on, side[i] if use_streams else None)
             with on(i):
                 if not split[i]:
-                    x = block(x, layers[i], start, persistent, True)
+                    x = block(x, layers[i], start, persistent_on[i], True)
                     continue
-                x = block.forward_mixer(x, layers[i], start, persistent, True)
+                x = block.forward_mixer(x, layers[i], start, persistent_on[i], True)
             made_on = hand_to(x, made_on, ffn[i])
             with torch.cuda.stream(ffn[i]):
                 x = block.feed_forward(x)
         with torch.cuda.stream(made_on) if use_streams else nullcontext():  # the head where x was made
-            logits = model.lm_head(model.norm(x))
+            if views:
+                if head_weight is None:
+                    head_weight = model.lm_head.weight.view_as(model.lm_head.weight)
+                logits = functional_call(model.lm_head, {"weight": head_weight}, (model.norm(x),))
+            else:
+                logits = model.lm_head(model.norm(x))
         if use_streams:
             logits.record_stream(main)  # read by the caller's stream (the concatenation below) after the join
         outs.append(logits)
@@ -127,8 +152,8 @@ def _stream(device: torch.device, role: tuple, urgent: bool):
 
 
 def wavefront_loss(model: TitansLM, input_ids: Tensor, labels: Tensor | None = None, segment: int | None = None,
-                   streams: bool | None = None, priority: bool | None = None,
-                   ffn_streams: bool | None = None) -> Tensor:
+                   streams: bool | None = None, priority: bool | None = None, ffn_streams: bool | None = None,
+                   stream_views: bool | None = None) -> Tensor:
     """The language-modelling loss of :func:`wavefront_logits` (labels default to the inputs, shifted inside)."""
-    return lm_loss(wavefront_logits(model, input_ids, segment, streams, priority, ffn_streams),
+    return lm_loss(wavefront_logits(model, input_ids, segment, streams, priority, ffn_streams, stream_views),
                    input_ids if labels is None else labels)
