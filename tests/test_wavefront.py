@@ -79,11 +79,13 @@ def test_wavefront_logits_and_errors():
             wavefront_logits(model, ids, streams=True)
 
 
-@pytest.mark.parametrize("variant", ["mac", "mag", "transformer"])
-def test_block_mixer_then_feed_forward_is_the_block(variant):
+@pytest.mark.parametrize("variant,checkpointing", [("mac", "none"), ("mac", "memory"), ("mag", "none"),
+                                                   ("transformer", "none")])
+def test_block_mixer_then_feed_forward_is_the_block(variant, checkpointing):
     """forward_mixer then feed_forward (the wavefront's split of a memory block over two streams) == the block's
-    forward, states included; full checkpointing (one recomputed region) refuses the split by name."""
-    model = _model(variant).train()
+    forward, states included (also with the memory's work recomputed); full checkpointing (one recomputed region)
+    refuses the split by name."""
+    model = _model(variant).train().set_activation_checkpointing(checkpointing)
     block, x = model.blocks[1], torch.randn(2, 40, 32, dtype=torch.float64)
     p = model.persistent()
     st_a, st_b = model.init_state(2).layers[1], model.init_state(2).layers[1]
