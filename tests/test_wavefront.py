@@ -27,13 +27,19 @@ def test_wavefront_equals_the_one_pass_forward(variant, segment, T):
     model = _model(variant)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (2, T), generator=g)
-    params = [p for p in model.parameters() if p.requires_grad]
+    _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=segment))
+
+
+def _assert_one_pass_loss_and_grads(model, ids, loss) -> None:
+    """``loss`` (a wavefront loss of ``ids``, its graph alive) == ``model(ids, labels=ids)``: the value and the
+    gradient of every parameter (float64 tolerances)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
     ref = model(ids, labels=ids, use_cache=False).loss
     ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
-    loss = wavefront_loss(model, ids, segment=segment)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
-    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+    for (name, _), a, b in zip(named, grads, ref_grads):
         assert (a is None) == (b is None), name
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
@@ -47,11 +53,7 @@ def test_stream_views_keep_the_loss_and_gradients_and_sum_per_stream(variant, kw
     gradient per block (its views), not one per block and segment."""
     model = _model(variant, **kw)
     ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(3))
-    params = [p for p in model.parameters() if p.requires_grad]
-    ref = model(ids, labels=ids, use_cache=False).loss
-    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     loss = wavefront_loss(model, ids, stream_views=True)
-    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     tokens = model.persistent.tokens
     if tokens is not None:
         feeding = [fn for fn in autograd_nodes(loss) for f, _ in fn.next_functions
@@ -59,11 +61,7 @@ def test_stream_views_keep_the_loss_and_gradients_and_sum_per_stream(variant, kw
         views = [fn for fn in feeding if type(fn).__name__ == "ViewBackward0"]
         # one view a block; MAG's fresh memory state absorbs the tokens once more (init_state, before the loop)
         assert len(views) == len(model.blocks) and len(feeding) - len(views) == (variant == "mag")
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
-        assert (a is None) == (b is None), name
-        if b is not None:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    _assert_one_pass_loss_and_grads(model, ids, loss)
 
 
 def test_wavefront_logits_and_errors():
