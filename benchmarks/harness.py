@@ -298,7 +298,6 @@ def time_decode(args, name: str, context: int, device: torch.device) -> dict:
                 step()
             if args.decode_snapshot and device.type == "cuda":
                 out["live_after_prefill"] = live_allocations(torch.cuda.memory._snapshot())
-                torch.cuda.memory._record_memory_history(enabled=None)
             _reset_peak(device)
             _sync(device)
             times = []
@@ -314,6 +313,9 @@ def time_decode(args, name: str, context: int, device: torch.device) -> dict:
         out["error"] = "out of memory"
     except Exception as e:  # noqa: BLE001
         out["error"] = f"{type(e).__name__}: {e}"[:200]
+    finally:
+        if args.decode_snapshot and device.type == "cuda":  # also after a failed context: the next one starts clean
+            torch.cuda.memory._record_memory_history(enabled=None)
     return out
 
 
