@@ -4,12 +4,15 @@ the host, and drives ``generate(..., cuda_graphs=True)``; on CUDA the captured g
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from titans.core.models import build_model, generate
 from titans.inference.static_decode import GraphedDecoder, StaticDecodeState, static_decode_step
+from titans.utils.tensors import side_stream
 
 VOCAB, WINDOW, CHUNK = 37, 8, 4
 PROMPT = 11  # a multiple of neither the memory chunk (4) nor the window / MAC segment (8)
@@ -155,3 +158,33 @@ def test_graph_replay_matches_the_eager_static_step(variant):
     nxt = ids[:, -5:]
     torch.testing.assert_close(model(nxt, graphed.to_model_state()).logits,
                                model(nxt, eager.to_model_state()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_side_stream_names_a_cpu_device_in_its_error():
+    with pytest.raises(ValueError, match="CUDA device, got cpu"):
+        side_stream("cpu", "decode-warmup")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.no_grad()
+def test_decoders_made_one_after_another_leave_no_memory_behind():
+    """A decoder warms up on a side stream; a fresh stream per decoder left one cuBLAS workspace per decoder alive
+    for the rest of the process (32 MiB on Hopper: decode's whole peak growth from 1K to 1M tokens of context in
+    benchmarks/RESULTS.md section 6, session 22).  Now the streams are the process's own, handed out again."""
+    assert side_stream("cuda", "decode-warmup") is side_stream("cuda", "decode-warmup")
+    assert side_stream("cuda", "decode-warmup") is not side_stream("cuda", "decode-warmup", urgent=True)
+    model = make_model("mac").float().cuda()
+    ids = torch.randint(0, VOCAB, (1, PROMPT + 1), device="cuda")
+    state = model(ids[:, :PROMPT]).state
+
+    def allocated_after_one_decoder() -> int:
+        decoder = GraphedDecoder(model, state, max_len=PROMPT + 2, use_graphs=True)
+        decoder.step(ids[:, PROMPT:])
+        del decoder
+        gc.collect()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    first = allocated_after_one_decoder()
+    later = [allocated_after_one_decoder() for _ in range(3)]
+    assert all(abs(a - first) < 2**20 for a in later), (first, later)

@@ -32,7 +32,7 @@ from titans.core.attention.attention_layer import KVCache, attention
 from titans.core.attention.attention_utils import MaskSpec
 from titans.core.memory.neural_memory import MemoryState
 from titans.core.models.model import LayerOps, LayerState, ModelState, TitansBlock, TitansLM
-from titans.utils.tensors import gc_paused
+from titans.utils.tensors import gc_paused, side_stream
 
 # ----------------------------------------------------------------------------- state
 
@@ -402,7 +402,7 @@ class GraphedDecoder:
         saved = [t.clone() for t in self.state.buffers()]
         # warm-up on a side stream (lazy initialisation, workspaces) as torch.cuda.graph asks; it advances the
         # state, which is restored before the capture (capturing runs nothing)
-        side = torch.cuda.Stream(dev)
+        side = side_stream(dev, "decode-warmup")  # one per process: a stream per decoder leaks a cuBLAS workspace
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side), self._autocast():
             for _ in range(warmup):

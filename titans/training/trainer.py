@@ -35,7 +35,7 @@ from titans.utils.checkpoint import (
 )
 from titans.utils.compiling import compile_blocks, compile_fn
 from titans.utils.config import TitansConfig, config_from_dict, save_config
-from titans.utils.tensors import gc_paused
+from titans.utils.tensors import gc_paused, side_stream
 
 
 def pick_device(name: str, dist: DistInfo) -> torch.device:
@@ -113,7 +113,7 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
     # cache kept, on an 80 GB GPU that also holds anything else the process reserved).
     params = tuple(p for p in fn.parameters() if p.requires_grad)
     torch.cuda.synchronize()
-    with torch.cuda.stream(torch.cuda.Stream()):
+    with torch.cuda.stream(side_stream(sample.device, "graph-warmup")):  # a stream per call leaks a cuBLAS workspace
         for _ in range(warmup_iters):
             loss = fn(*args)
             torch.autograd.grad(loss, params, allow_unused=True)  # leaves .grad untouched

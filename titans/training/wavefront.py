@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from titans.core.models.model import TitansLM, lm_loss
+from titans.utils.tensors import side_stream
 
 
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
@@ -66,12 +67,12 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     main = torch.cuda.current_stream(dev) if use_streams else None
     n = len(model.blocks)
     urgent = [use_streams and priority and b.memory is not None for b in model.blocks]
-    side = [_stream(dev, ("block", i), urgent[i]) for i in range(n)] if use_streams else []
+    side = [side_stream(dev, ("wavefront-block", i), urgent[i]) for i in range(n)] if use_streams else []
     # the feed-forward on a stream of its own: only where the block is not compiled whole (MAC's memory blocks
     # compile their regions; a whole-compiled block called in parts would run its parts uncompiled)
     split = [use_streams and ffn_streams and b.memory is not None and b.checkpointing_now() != "full"
              and getattr(b, "_compiled_call_impl", None) is None for b in model.blocks]
-    ffn = {i: _stream(dev, ("ffn", i), False) for i in range(n) if split[i]}
+    ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
     for st in side + list(ffn.values()):  # each starts after what the caller queued (the initial state; a capture)
         st.wait_stream(main)
 
@@ -137,19 +138,6 @@ def _switch(name: str, default: bool) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{name}={value!r}: expected 0 or 1")
     return value == "1"
-
-
-_STREAMS: dict[tuple, torch.cuda.Stream] = {}
-
-
-def _stream(device: torch.device, role: tuple, urgent: bool):
-    """The side stream of ``role`` on ``device`` (highest priority when ``urgent``), the same one on every call: a
-    step captured in a CUDA graph and its warm-up runs use the same streams; streams are not created per step."""
-    key = (str(device), role, urgent)
-    if key not in _STREAMS:
-        # priorities outside the device's range are clamped to it: -100 is the highest the device has
-        _STREAMS[key] = torch.cuda.Stream(device, priority=-100 if urgent else 0)
-    return _STREAMS[key]
 
 
 def wavefront_loss(model: TitansLM, input_ids: Tensor, labels: Tensor | None = None, segment: int | None = None,

@@ -35,6 +35,31 @@ def capturing_cuda_graph() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+_SIDE_STREAMS: dict[tuple, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device | str, role: tuple | str = "side", urgent: bool = False) -> torch.cuda.Stream:
+    """The CUDA stream of ``role`` on ``device`` (the device's highest priority when ``urgent``): made once per
+    process and handed out again on every call.
+
+    Why not a fresh ``torch.cuda.Stream()`` per use: PyTorch keeps a cuBLAS workspace (32 MiB on Hopper) for every
+    stream a matmul ever ran on, for the life of the process, so a stream made per call leaks one workspace per call.
+    A decoder made per context (the harness's decode rows: a warm-up stream each) kept the previous one's workspace,
+    which was all of decode's peak memory growth from 1K to 1M tokens of context (0.290 -> 0.323 GB;
+    benchmarks/RESULTS.md section 6, session 22).  A step captured in a CUDA graph and its warm-up runs also need the
+    same streams."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"side_stream: CUDA streams need a CUDA device, got {device}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), role, urgent)
+    if key not in _SIDE_STREAMS:
+        # priorities outside the device's range are clamped to it: -100 is the highest the device has
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device, priority=-100 if urgent else 0)
+    return _SIDE_STREAMS[key]
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """A full collection, then Python's cyclic garbage collector off inside the block (and back to its state before,
