@@ -191,6 +191,22 @@ if [ "$PART" = 15 ]; then
     --out "$RES/h_wf2048_views_timeline.json"
   finish
 fi
+if [ "$PART" = 16 ]; then
+  # session 22: PART=14's snapshot put decode's 33 MB at 1M on one more 32 MiB allocation under the static decode's
+  # attention projection (a cuBLAS workspace: the 1M decoder's fresh warm-up stream; the 1K decoder's stayed alive);
+  # now one warm-up stream per process (side_stream).  Decode again (1K, 1M), the GPU tests of the static decode and
+  # the wavefront, then PART=15's stream views against none at MAC 65536 x 1
+  step 80 decode-mac-graphs-snapshot python3 benchmarks/harness.py --models mac --shapes --dim 512 --depth 8 \
+    --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 --decode-contexts 1024 1048576 --decode-models mac \
+    --decode-steps 30 --decode-graphs --decode-snapshot --prefill-piece 16384 --out "$RES/h_decode_mac_side_stream.json"
+  step 60 gpu-test-static-decode sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_static_decode.py \
+    > $RES/gpu_test_static_decode.txt 2>&1"
+  test_wavefront 70
+  WF="env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+  step 150 mac-65536x1-wf2048-views env TITANS_WAVEFRONT_STREAM_VIEWS=1 $WF --out "$RES/h_wf2048_views.json"
+  step 70 mac-65536x1-wf2048-no-views env TITANS_WAVEFRONT_STREAM_VIEWS=0 $WF --out "$RES/h_wf2048_no_views.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
