@@ -203,7 +203,10 @@ if triton is not None:
         T = N * C
         tok = bh * T * D + c * C * D
         cc = bh * N + c
-        return (tok, cc, tl.load(_mat(Q + tok, C, D)), tl.load(_mat(K + tok, C, D)), tl.load(_mat(V + tok, C, D)),
+        # q, k, v in the dtype they come in (bf16 under autocast), widened here: a host-side float32 copy of each
+        # was three more launches per call, on the chain a long MAC row waits on
+        return (tok, cc, tl.load(_mat(Q + tok, C, D)).to(tl.float32), tl.load(_mat(K + tok, C, D)).to(tl.float32),
+                tl.load(_mat(V + tok, C, D)).to(tl.float32),
                 tl.load(G + bh * T + c * C + rc)[:, None], tl.load(BC + bh * T + c * C + rc)[:, None],
                 tl.load(_mat(M + cc * C * C, C, C)), tl.load(ML + cc * C + rc)[:, None],
                 tl.load(MM + cc * C + rc)[:, None], tl.load(GL + cc), tl.load(BL + cc), tl.load(PL + cc))
@@ -278,7 +281,8 @@ if triton is not None:
     @triton.jit
     def _memory_fwd_kernel(
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
-        W1, W2, S1, S2,  # state buffers (BH, ...), updated in place: initial in, final out
+        IW1, IW2, IS1, IS2,  # the initial state (BH, ...), read
+        W1, W2, S1, S2,  # the final state (BH, ...), written (not the initial state's buffers: no copy of them first)
         Y, SW1, SW2, SS1, SS2,  # output and the saved chunk-start states (BH, N, ...)
         # N (chunks) is a compile-time constant: one specialisation per sequence length, and the
         # interpreter (CPU tests) needs a Python int for the loop bound
@@ -291,13 +295,14 @@ if triton is not None:
         #         of the work that does not feed the recurrence runs with N times the parallelism.
         bh = tl.program_id(0).to(tl.int64)
         w1p, s1p, w2p, s2p = _state_ptrs(W1, S1, W2, S2, bh, D, E)
+        iw1p, is1p, iw2p, is2p = _state_ptrs(IW1, IS1, IW2, IS2, bh, D, E)
         # the walking modes carry the state in registers from chunk to chunk (one load before the walk, one
         # store after it): no round trip through memory and no block-wide barrier in the sequential chain
         # (MODE 2 leaves these loads unused and the compiler drops them; so does depth 1 for layer 2)
-        cw1 = tl.load(w1p)
-        cs1 = tl.load(s1p)
-        cw2 = tl.load(w2p)
-        cs2 = tl.load(s2p)
+        cw1 = tl.load(iw1p)
+        cs1 = tl.load(is1p)
+        cw2 = tl.load(iw2p)
+        cs2 = tl.load(is2p)
         for i in range(1 if MODE == 2 else N):
             if MODE == 2:
                 c = tl.program_id(1).to(tl.int64)
@@ -364,7 +369,8 @@ if triton is not None:
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
         SW1, SW2, SS1, SS2,  # chunk-start states from the forward (BH, N, ...)
         DY,
-        DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
+        IDW1, IDW2, IDS1, IDS2,  # the final state's gradient (BH, ...), read
+        DW1, DW2, DS1, DS2,  # running state gradients (BH, ...): the final state's copied in, the initial one's out
         NW1, NW2, NS1, NS2,  # MODE 1 writes, MODE 2 reads: the gradient of each chunk's end state (BH, N, ...)
         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
@@ -378,6 +384,14 @@ if triton is not None:
         rc = tl.arange(0, C)
         T = N * C
         dw1p, ds1p, dw2p, ds2p = _state_ptrs(DW1, DS1, DW2, DS2, bh, D, E)
+        if MODE != 2:  # the walk runs in place on DW / DS: the incoming gradient copied in first (in-kernel)
+            idw1p, ids1p, idw2p, ids2p = _state_ptrs(IDW1, IDS1, IDW2, IDS2, bh, D, E)
+            tl.store(dw1p, tl.load(idw1p))
+            tl.store(ds1p, tl.load(ids1p))
+            if L == 2:
+                tl.store(dw2p, tl.load(idw2p))
+                tl.store(ds2p, tl.load(ids2p))
+            tl.debug_barrier()  # the first chunk's loads read what other threads stored
         for i in range(1 if MODE == 2 else N):
             if MODE == 2:
                 c = tl.program_id(1).to(tl.int64)
@@ -385,7 +399,7 @@ if triton is not None:
                 c = N - 1 - i
             tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
                 Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
-            dy = tl.load(_mat(DY + tok, C, D))
+            dy = tl.load(_mat(DY + tok, C, D)).to(tl.float32)
             w1, s1, dw1n, ds1n = _layer_tiles(SW1, SS1, NW1, NS1, dw1p, ds1p, cc, D, E, MODE, DOT_BF16)
             kt = tl.trans(k)
             qk = _dot(q, kt, DOT_BF16)
@@ -514,7 +528,8 @@ if triton is not None:
 
     @triton.jit
     def _bwd3_stage(
-        Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2,
+        Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2, DW1, DW2, DS1, DS2,
+        NW1, NW2, NS1, NS2,
         X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES, DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         bh, c0, F0, F1,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
@@ -527,7 +542,7 @@ if triton is not None:
         state is complete; stage 2's chunk c waits on both."""
         rc = tl.arange(0, C)
         T = N * C
-        dw1p, ds1p, dw2p, ds2p = _state_ptrs(DW1, DS1, DW2, DS2, bh, D, E)
+        dw1p, ds1p, dw2p, ds2p = _state_ptrs(IDW1, IDS1, IDW2, IDS2, bh, D, E)  # the final state's gradient, read
         if STAGE == 1:  # the final state's gradient is the last chunk's end-state gradient (see the walk below)
             last = bh * N + N - 1
             tl.store(_mat(NW1 + last * D * E, D, E), tl.load(dw1p))
@@ -588,7 +603,7 @@ if triton is not None:
                 sqp = _mat(QS + cc * C * E, C, E)
                 tl.store(sqp, _silu_grad(zq))
                 hh = _dot(hq, ht, DOT_BF16)
-                dy = tl.load(_mat(DY + tok, C, D))
+                dy = tl.load(_mat(DY + tok, C, D)).to(tl.float32)
                 # back through y (the steps of _readout_bwd, each share stored when done)
                 x2p = _mat(X2 + cc * E * D, E, D)
                 hqt = tl.trans(hq)
@@ -714,7 +729,8 @@ if triton is not None:
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
         SW1, SW2, SS1, SS2,  # chunk-start states from the forward (BH, N, ...)
         DY,
-        DW1, DW2, DS1, DS2,  # state gradients (BH, ...), in place: of the final state in, of the initial out
+        IDW1, IDW2, IDS1, IDS2,  # the final state's gradient (BH, ...), read by stage 1
+        DW1, DW2, DS1, DS2,  # the initial state's gradient (BH, ...), written by stage 1
         NW1, NW2, NS1, NS2,  # stage 1 writes, stage 2 reads: the gradient of each chunk's end state (BH, N, ...)
         X1, X2, XS1, XS2,  # stage 0 writes, stage 1 reads: the dy share of each chunk's state-gradient update
         ZS, US, LS, HS, QS, ES,  # scratch (BH, N, C, E) written by stage 0: z, u, dl, dh, silu'(zq), and err
@@ -724,8 +740,8 @@ if triton is not None:
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
     ):
         """One stage per launch, grid (BH, N) for stages 0 and 2 and (BH,) for stage 1."""
-        _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2,
-                    NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
+        _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
+                    DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                     DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
                     tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), DW1, DW1,  # (no flags)
                     N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False)
@@ -740,8 +756,8 @@ if triton is not None:
     # programs in.  (The interpreter runs the programs one after another in ticket order: no wait spins there.)
     @triton.jit
     def _memory_bwd3_overlap_kernel(
-        Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2,
-        X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES, DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+        Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2, DW1, DW2, DS1, DS2,
+        NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES, DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         TICKET, FLAGS,  # int32, zero at launch: the ticket counter (1,) and the hand-on flags (2, BH, N)
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr,
@@ -750,18 +766,21 @@ if triton is not None:
         t = tl.atomic_add(TICKET, 1).to(tl.int64)
         F1 = FLAGS + BH * N
         if t < BH * N:
-            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2,
+            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
+                        DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
                         t % BH, N - 1 - t // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 0, True)
         elif t < BH * N + BH:
-            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2,
+            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
+                        DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
                         t - BH * N, 0, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 1, True)
         else:
             j = t - BH * N - BH
-            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, DW1, DW2, DS1, DS2,
+            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
+                        DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
                         j % BH, N - 1 - j // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 2, True)
@@ -828,12 +847,26 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, *t.shape[2:]).float().contiguous()
 
 
+def _rows(t: Tensor) -> Tensor:
+    """(B, H, ...) -> contiguous (B*H, ...) in t's own dtype: q, k, v and dy, which the kernels widen as they load
+    them (a host-side float32 copy was one more launch each)."""
+    return t.reshape(-1, *t.shape[2:]).contiguous()
+
+
 def _state4(W, S) -> list[Tensor]:
     """A state (or state gradient) as the kernels' four contiguous float32 buffers W1, W2, S1, S2 (B*H, ...),
-    fresh copies (the kernels update them in place); layer 2 repeats layer 1 as a placeholder when L == 1."""
-    Ws = [_flat(w).clone() for w in W]
-    Ss = [_flat(x).clone() for x in S]
+    read-only to the kernels (views where the state already is float32 and contiguous, no copy); layer 2 repeats
+    layer 1 as a placeholder when L == 1."""
+    Ws = [_flat(w) for w in W]
+    Ss = [_flat(x) for x in S]
     return [Ws[0], Ws[-1], Ss[0], Ss[-1]]
+
+
+def _outputs4(state: list[Tensor], L: int) -> list[Tensor]:
+    """Fresh buffers for the four the kernels write (the final state, or the initial state's gradient), shaped like
+    ``state``'s (:func:`_state4`); with L == 1 the layer-2 placeholders alias layer 1's (never written)."""
+    w1, s1 = torch.empty_like(state[0]), torch.empty_like(state[2])
+    return [w1, torch.empty_like(state[1]) if L == 2 else w1, s1, torch.empty_like(state[3]) if L == 2 else s1]
 
 
 # ----------------------------------------------------------------------------- launching (autotuned on request)
@@ -841,10 +874,10 @@ def _state4(W, S) -> list[Tensor]:
 # warps (registers per thread: the backward's tiles spill at 8) and of pipeline stages.  The arguments a kernel
 # updates in place are restored between trials.
 TUNE_CONFIGS = [(4, 1), (8, 1), (16, 1), (8, 2)]  # (num_warps, num_stages); each one compiles once per shape
-_IN_PLACE = {"_memory_fwd_kernel": ["W1", "W2", "S1", "S2"],
-             "_memory_bwd_kernel": ["DW1", "DW2", "DS1", "DS2"],
-             "_memory_bwd3_kernel": ["DW1", "DW2", "DS1", "DS2", "DK", "DV"],
-             "_memory_bwd3_overlap_kernel": ["DW1", "DW2", "DS1", "DS2", "DK", "DV", "TICKET", "FLAGS"]}
+# (the state and its gradient come in and go out in separate buffers: a trial rerun reads the same inputs; the
+# three-stage backward's stage 2 adds to stage 0's dk / dv, and the one-launch version counts tickets and flags)
+_IN_PLACE = {"_memory_fwd_kernel": [], "_memory_bwd_kernel": [], "_memory_bwd3_kernel": ["DK", "DV"],
+             "_memory_bwd3_overlap_kernel": ["DK", "DV", "TICKET", "FLAGS"]}
 _TUNED: dict = {}
 AUTOTUNE_FAILED: list[str] = []  # why the tuned launch was given up (then every launch takes the fixed warps)
 
@@ -947,14 +980,15 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
         raise RuntimeError(f"Triton is not available: {_TRITON_ERROR}")
     L = len(W)
     B, H, T, D, N, coef, kw = _common(q, W, chunk_size, residual, (G, Bc, M, Ml, m, Gl, Bl, Pl))
-    qf = _flat(q)
-    state = _state4(W, S)
-    y = torch.empty_like(qf)
+    qf = _rows(q)
+    initial = _state4(W, S)
+    state = _outputs4(initial, L)
+    y = torch.empty(qf.shape, dtype=initial[0].dtype, device=qf.device)
     # the two-pass forward always keeps the chunk starts: its second pass reads them
     keep = save_states or (_split() and N > 1)
-    starts = (_state_buffers(qf, B * H, N, state, L, _starts_dtype(kw["DOT_BF16"])) if keep else
-              [qf.new_empty(1)] * 4)
-    _launch(_memory_fwd_kernel, B * H, N, (qf, _flat(k), _flat(v), *coef, *state, y, *starts), kw,
+    starts = (_state_buffers(y, B * H, N, state, L, _starts_dtype(kw["DOT_BF16"])) if keep else
+              [y.new_empty(1)] * 4)
+    _launch(_memory_fwd_kernel, B * H, N, (qf, _rows(k), _rows(v), *coef, *initial, *state, y, *starts), kw,
             SAVE=keep)
     # outputs in the state's dtype: q / k / v may be narrower (bf16 under autocast; widened on load)
     Wout = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(state[:2][:L], W))
@@ -968,25 +1002,30 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     L = len(dW)
     like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
     B, H, T, D, N, coef, kw = _common(q, dW, chunk_size, residual, like[3:])
-    qf = _flat(q)
-    dstate = _state4(dW, dS)
-    outs = [torch.empty_like(qf) for _ in range(3)] + [torch.empty_like(t) for t in coef]
+    qf = _rows(q)
+    dfinal = _state4(dW, dS)
+    dstate = _outputs4(dfinal, L)
+    outs = [torch.empty(qf.shape, dtype=dfinal[0].dtype, device=qf.device) for _ in range(3)]
+    outs += [torch.empty_like(t) for t in coef]
     # the saved starts come back from autograd (or a compiled graph) as they were stored; the kernel indexes
     # them as dense buffers, so make sure they are
     starts = [t.contiguous() for t in starts]
     mode = _backward_mode()
     three_stage = L == 2 and N > 1 and mode != "fused"
     # the gradient of each chunk's end state, written by the walking pass for the parallel one
-    ends = _state_buffers(qf, B * H, N, dstate, L) if (three_stage or _split() and N > 1) else [qf.new_empty(1)] * 4
+    wide = outs[0]  # a float32 tensor on the device: the buffers below are float32 like it
+    ends = (_state_buffers(wide, B * H, N, dstate, L) if (three_stage or _split() and N > 1) else
+            [wide.new_empty(1)] * 4)
     if three_stage:
-        shares = _state_buffers(qf, B * H, N, dstate, L)  # X1, X2, XS1, XS2: the dy share per chunk
-        scratch = [qf.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(5)]  # ZS, US, LS, HS, QS
-        scratch.append(qf.new_empty(B * H, N, chunk_size, D))  # ES
-        args = (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *shares, *scratch, *outs)
+        shares = _state_buffers(wide, B * H, N, dstate, L)  # X1, X2, XS1, XS2: the dy share per chunk
+        scratch = [wide.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(5)]  # ZS, US, LS, HS, QS
+        scratch.append(wide.new_empty(B * H, N, chunk_size, D))  # ES
+        args = (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *shares, *scratch,
+                *outs)
         _launch_stages(B * H, N, args, {key: val for key, val in kw.items() if key != "L"}, mode == "overlap")
     else:
         _launch(_memory_bwd_kernel, B * H, N,
-                (qf, _flat(k), _flat(v), *coef, *starts, _flat(dy), *dstate, *ends, *outs), kw)
+                (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *outs), kw)
     res = {n: o.reshape(t.shape).to(t.dtype) for n, o, t in zip(CORE_INPUTS, outs, like)}
     dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dstate[:2][:L], dW))
     dSo = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(dstate[2:][:L], dS))
