@@ -207,6 +207,20 @@ if [ "$PART" = 16 ]; then
   step 70 mac-65536x1-wf2048-no-views env TITANS_WAVEFRONT_STREAM_VIEWS=0 $WF --out "$RES/h_wf2048_no_views.json"
   finish
 fi
+if [ "$PART" = 17 ]; then
+  # session 22: the memory kernels load q / k / v / dy in their own dtype and read the state from the caller's buffers
+  # (seven fewer copy launches a call each way, ~14 of the ~220 a memory block's segment chain launches); their GPU
+  # tests, their time at MAC's segment shape, then MAC 65536 x 1 (wavefront, 2048-token steps, twice) and 4096 x 8
+  step 90 kernel-tests sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    > $RES/gpu_test_fused_memory.txt 2>&1"
+  step 45 memory-kernels-split-b1 env TITANS_TRITON_BWD=split python3 benchmarks/memory_kernels.py --backends triton \
+    --parts --shapes 1x8x512x64x128x64x2 --out "$RES/memory_kernels_b1_split.json"
+  WF="env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+  step 150 mac-65536x1-wf2048 $WF --out "$RES/h_wf2048.json"
+  step 70 mac-65536x1-wf2048-2 $WF --out "$RES/h_wf2048_2.json"
+  step 100 mac-4096x8 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
