@@ -221,6 +221,31 @@ if [ "$PART" = 17 ]; then
   step 100 mac-4096x8 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8.json"
   finish
 fi
+if [ "$PART" = 18 ]; then
+  # session 22: PART=17's kernel tests ran out of their 90 s before the GPU ones: those alone; then each pass of the
+  # memory kernels at MAC's segment shape with 16 warps (PART=17: 8), and MAC 65536 x 1 with 16 warps for the
+  # passes where that was >= 5% faster (TITANS_TRITON_PASS_WARPS), if any
+  step 150 kernel-tests-gpu sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py -k on_gpu \
+    > $RES/gpu_test_fused_memory_on_gpu.txt 2>&1"
+  step 60 memory-kernels-split-b1-warps16 env TITANS_TRITON_BWD=split TITANS_TRITON_WARPS=16 python3 \
+    benchmarks/memory_kernels.py --backends triton --parts --shapes 1x8x512x64x128x64x2 \
+    --out "$RES/memory_kernels_b1_split_warps16.json"
+  SPEC=$(python3 - "$RES/memory_kernels_b1_split_warps16.json" <<'PY' 2>> "$LOG"
+import json, sys
+w8 = json.load(open("benchmarks/results/memory_kernels_h200_session22_b1_split.json"))["rows"][0]["triton_parts"]
+w16 = json.load(open(sys.argv[1]))["rows"][0]["triton_parts"]
+names = {"_memory_fwd_kernel MODE 1": "fwd1", "_memory_fwd_kernel MODE 2": "fwd2", "_memory_bwd3_kernel STAGE 0":
+         "stage0", "_memory_bwd3_kernel STAGE 1": "stage1", "_memory_bwd3_kernel STAGE 2": "stage2"}
+print(",".join(f"{p}=16" for k, p in names.items() if w16["pass_ms"][k] < 0.95 * w8["pass_ms"][k]))
+PY
+)
+  echo "passes faster with 16 warps: '$SPEC'" >> "$LOG"
+  if [ -n "$SPEC" ]; then
+    step 150 mac-65536x1-wf2048-pass-warps env TITANS_TRITON_BWD=split TITANS_TRITON_PASS_WARPS="$SPEC" $H3 \
+      --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_pass_warps.json"
+  fi
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

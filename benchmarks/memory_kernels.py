@@ -106,7 +106,8 @@ def parts(ins, L, C, iters) -> dict:
     def launch(kernel, grid, args, kw, key, **const):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        kernel[grid](*args, **kw, **const)
+        meta = dict(kw, **const)
+        kernel[grid](*args, **dict(meta, num_warps=tk.pass_warps(kernel, meta)))
         e.record()
         times.setdefault(f"{kernel.fn.__name__} {key}", []).append((s, e))
 
@@ -204,6 +205,7 @@ def main(argv=None):
 
     result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "backward": tk._backward_mode(), "warps": os.environ.get("TITANS_TRITON_WARPS"),
+              "pass_warps": os.environ.get("TITANS_TRITON_PASS_WARPS"),
               "triton_autotune": tk.tuning_report(), "matmul_peak_tflops": peaks, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

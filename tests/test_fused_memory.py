@@ -466,6 +466,12 @@ def test_triton_kernels_on_gpu(backward, monkeypatch):
     o2, g2 = _run(lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton"), ins, 2, chunk_size=C)
     for a, b in zip(o2 + list(g2), o1 + list(g1)):
         assert _rel(a, b) <= 5e-2  # bf16 tensor-core operands
+    if backward == "split":  # q / k / v in bf16, as autocast hands them over: loaded as they are, widened in registers
+        narrow = [t.detach().bfloat16().requires_grad_() if i < 3 else t for i, t in enumerate(ins)]
+        o3, g3 = _run(lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton"), narrow, 2, chunk_size=C)
+        assert all(x.dtype == torch.bfloat16 for x in g3[:3])
+        for a, b in zip(o3 + list(g3), o1 + list(g1)):
+            assert _rel(a.float(), b) <= 5e-2
     assert (d, E, 2, C) not in tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
 
 
@@ -540,6 +546,19 @@ def test_kernel_launches_go_through_the_autotuner_and_fall_back_to_fixed_warps(m
     assert tk.AUTOTUNE_FAILED and not tk._autotune()  # given up for the process
     report = tk.tuning_report()  # what the harness writes into its JSON
     assert "restore_value" in report["failed"][0] and "_memory_bwd3_kernel" in report
+
+    # TITANS_TRITON_PASS_WARPS picks the warps of single passes of a fixed-warps launch
+    monkeypatch.setenv("TITANS_TRITON_PASS_WARPS", "stage0=16, fwd1=4")
+    tk._run(Kernel("_memory_bwd3_kernel"), (64, 8), ("x",), dict(meta, STAGE=0))
+    assert launched[-1][3]["num_warps"] == 16 and launched[-1][3]["STAGE"] == 0
+    tk._run(Kernel("_memory_bwd3_kernel"), (64,), ("x",), dict(meta, STAGE=1))
+    assert launched[-1][3]["num_warps"] == 8  # not named: the fixed warps
+    tk._run(Kernel("_memory_fwd_kernel"), (64,), ("x",), dict(meta, MODE=1, L=2, SAVE=True))
+    assert launched[-1][3]["num_warps"] == 4
+    for bad in ("stage3=16", "fwd1=6", "fwd1"):
+        monkeypatch.setenv("TITANS_TRITON_PASS_WARPS", bad)
+        with pytest.raises(ValueError, match="TITANS_TRITON_PASS_WARPS=.*passes from fwd0, .*overlap"):
+            tk._run(Kernel("_memory_fwd_kernel"), (64,), ("x",), dict(meta, MODE=1, L=2, SAVE=True))
 
 
 def _cuda_tools_in_triton() -> bool:

@@ -812,6 +812,39 @@ def _num_warps(D: int, E: int) -> int:
     return 4 if D * E <= 64 * 64 else 8
 
 
+PASSES = ("fwd0", "fwd1", "fwd2", "bwd0", "bwd1", "bwd2", "stage0", "stage1", "stage2", "overlap")
+
+
+def pass_name(kernel, meta: dict) -> str:
+    """The launch's pass, as ``TITANS_TRITON_PASS_WARPS`` names it: ``fwd<MODE>`` / ``bwd<MODE>`` (the forward and the
+    two-pass backward), ``stage<STAGE>`` (the three-stage backward's launches), ``overlap`` (its one launch)."""
+    name = kernel.fn.__name__ if hasattr(kernel, "fn") else getattr(kernel, "__name__", str(kernel))
+    if name.endswith("_memory_fwd_kernel"):
+        return f"fwd{meta.get('MODE', 0)}"
+    if name.endswith("_memory_bwd_kernel"):
+        return f"bwd{meta.get('MODE', 0)}"
+    if name.endswith("_memory_bwd3_kernel"):
+        return f"stage{meta.get('STAGE', 0)}"
+    return "overlap"
+
+
+def pass_warps(kernel, meta: dict) -> int:
+    """Warps for this launch: ``TITANS_TRITON_PASS_WARPS`` ("stage0=16,fwd1=4": per pass, see :func:`pass_name`;
+    for A/B timing of the passes, which differ in work per program and parallelism) over ``meta["num_warps"]``."""
+    spec = os.environ.get("TITANS_TRITON_PASS_WARPS", "").strip()
+    if not spec:
+        return meta["num_warps"]
+    chosen = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in PASSES or not value.strip().isdigit() or not _pow2(int(value)):
+            raise ValueError(f"TITANS_TRITON_PASS_WARPS={spec!r}: expected pass=warps items, passes from "
+                             f"{', '.join(PASSES)}, warps a power of two (got {item!r})")
+        chosen[key] = int(value)
+    return chosen.get(pass_name(kernel, meta), meta["num_warps"])
+
+
 BACKWARDS = ("split", "overlap", "fused")
 
 
@@ -927,7 +960,7 @@ def _run(kernel, grid: tuple[int, ...], args, meta: dict) -> None:
             AUTOTUNE_FAILED.append(f"{type(e).__name__}: {str(e)[:200]}")
             warnings.warn(f"Triton autotuning of the memory kernels failed ({AUTOTUNE_FAILED[-1]}); launching with "
                           "fixed warps from now on", RuntimeWarning, stacklevel=3)
-    kernel[grid](*args, **meta)
+    kernel[grid](*args, **dict(meta, num_warps=pass_warps(kernel, meta)))
 
 
 def _launch(kernel, BH: int, N: int, args, kw, **fixed) -> None:
