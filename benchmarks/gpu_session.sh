@@ -246,6 +246,13 @@ PY
   fi
   finish
 fi
+if [ "$PART" = 19 ]; then
+  # session 22: PART=18's GPU kernel tests were cut at 150 s after two of three (a fresh machine compiles each backward's
+  # kernels): the three-launch one alone, which also feeds bf16 q / k / v (the kernels load them as they are)
+  step 200 kernel-tests-gpu-split sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'on_gpu and split' > $RES/gpu_test_fused_memory_on_gpu_split.txt 2>&1"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
