@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from titans.core.memory.functional import neural_memory_update, neural_memory_update_chunked
-from titans.core.memory.fused_update import neural_memory_update_fused
+from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split
 from titans.core.memory.neural_memory import NeuralMemory
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -59,6 +59,36 @@ def test_fused_equals_chunked_float64(L, residual, activation):
         assert _rel(a, b) <= 1e-12
     for a, b in zip(g2, g1):  # every input: q, k, v, theta, eta, alpha, weights, momentum
         assert _rel(a, b) <= 1e-10
+
+
+@pytest.mark.parametrize("L", [1, 2])
+@pytest.mark.parametrize("residual", [False, True])
+def test_split_core_equals_the_fused_core_float64(L, residual):
+    """The core as a walk (state, chunk starts) and a later read-out: the same y, state and every gradient as
+    the one-node core, in float64; the read-out's backward needs dy only, the walk's the state's gradient only."""
+    C = 4
+    ins = _inputs(L, residual and 1 or 2, T=12, d=4, E=6 if L == 2 else 4)
+
+    def run(split: bool, wanted=(True, True)):
+        xs = [t.detach().clone().requires_grad_() for t in ins]
+        W, S = xs[6:6 + L], xs[6 + L:]
+        if split:
+            Wn, Sn, pending = neural_memory_update_split(*xs[:6], W, S, chunk_size=C, residual=residual)
+            y = pending.read() if wanted[0] else None
+        else:
+            y, Wn, Sn = neural_memory_update_fused(*xs[:6], W, S, chunk_size=C, residual=residual)
+        g = torch.Generator().manual_seed(3)
+        outs = ([y] if wanted[0] else []) + (list(Wn) + list(Sn) if wanted[1] else [])
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, xs, allow_unused=True)
+        return outs, [torch.zeros_like(x) if gr is None else gr for x, gr in zip(xs, grads)]
+
+    for wanted in ((True, True), (True, False), (False, True)):  # y and the state, the read-out alone, the walk alone
+        (o1, g1), (o2, g2) = run(False, wanted), run(True, wanted)
+        for a, b in zip(o1 + g1, o2 + g2):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="sequence length 10 must be a positive multiple of chunk_size=4"):
+        neural_memory_update_split(*(t[:, :, :10] for t in ins[:6]), ins[6:6 + L], ins[6 + L:], chunk_size=C)
 
 
 def test_fused_gradcheck():
@@ -163,7 +193,7 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
     import warnings
     import torch
     import titans.core.memory.triton_kernels as tk
-    from titans.core.memory.fused_update import neural_memory_update_fused
+    from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split
     from titans.core.memory.neural_memory import NeuralMemory
 
     def compare(L, residual, T, d, E, C):
@@ -244,7 +274,7 @@ _BF16_INPUTS_SCRIPT = textwrap.dedent("""
     import warnings
     import torch
     import titans.core.memory.triton_kernels as tk
-    from titans.core.memory.fused_update import neural_memory_update_fused
+    from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split
     from titans.core.memory.neural_memory import NeuralMemory
 
     # bf16 q / k / v (what autocast produces) through the kernels equal the same values widened to float32: the

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -293,8 +294,13 @@ def core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size
 
 
 def core_backward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, chunk_size, activation,
-                        residual):
-    """Reverse loop of :func:`chunk_backward`; returns the gradients of every core input."""
+                        residual, shares=None):
+    """Reverse loop of :func:`chunk_backward`; returns the gradients of every core input.
+
+    ``shares``: per chunk, a ``(dW, dS)`` added to the gradient of that chunk's start state: the read-out's share
+    (:func:`core_readout_backward_torch`) when the core runs split in two, the walk's backward then taking
+    ``dy = 0``.  Every gradient is linear in (dy, the final state's gradient), so the two halves add up to the
+    whole."""
     C = chunk_size
     N = q.shape[2] // C
     out = {name: [None] * N for name in CORE_INPUTS}
@@ -307,11 +313,69 @@ def core_backward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS
         for name, gr in zip(out, grads[:11]):
             out[name][c] = gr
         dW, dS = grads[11], grads[12]
+        if shares is not None:
+            dW = tuple(a + b for a, b in zip(dW, shares[c][0]))
+            dS = tuple(a + b for a, b in zip(dS, shares[c][1]))
     cat = {"q": 2, "k": 2, "v": 2, "G": -1, "Bc": -1}
     res = {name: torch.cat(out[name], dim=cat[name]) for name in cat}
     for name in ("M", "Ml", "m", "Gl", "Bl", "Pl"):
         res[name] = torch.stack(out[name], dim=2)
     return res, dW, dS
+
+
+def core_readout_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, *, chunk_size, activation, residual):
+    """The read-out half of :func:`core_forward_torch`: y from each chunk's start state (``starts``, as the
+    forward saved them), every chunk on its own."""
+    C = chunk_size
+    ys = [chunk_forward(q[:, :, c * C:(c + 1) * C], k[:, :, c * C:(c + 1) * C], v[:, :, c * C:(c + 1) * C],
+                        G[..., c * C:(c + 1) * C], Bc[..., c * C:(c + 1) * C], M[:, :, c], Ml[:, :, c], m[:, :, c],
+                        Gl[:, :, c], Bl[:, :, c], Pl[:, :, c], W, S, activation, residual)[0]
+          for c, (W, S) in enumerate(starts)]
+    return torch.cat(ys, dim=2)
+
+
+def core_readout_backward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, *, chunk_size, activation,
+                                residual):
+    """The read-out's share of :func:`core_backward_torch`: what dy alone gives, chunk by chunk (none of it waits
+    on the state gradient).  Returns ``(grads, shares)``: the gradients of the core inputs (zero for Ml, m, Gl,
+    Bl, Pl, which only the state reads) and, per chunk, ``(dW, dS)`` of its start state."""
+    C = chunk_size
+    out = {name: [] for name in CORE_INPUTS}
+    shares = []
+    for c, (W, S) in enumerate(starts):
+        sl = slice(c * C, (c + 1) * C)
+        grads = chunk_backward(q[:, :, sl], k[:, :, sl], v[:, :, sl], G[..., sl], Bc[..., sl], M[:, :, c],
+                               Ml[:, :, c], m[:, :, c], Gl[:, :, c], Bl[:, :, c], Pl[:, :, c], W, S, dy[:, :, sl],
+                               tuple(map(torch.zeros_like, W)), tuple(map(torch.zeros_like, S)), activation, residual)
+        for name, gr in zip(out, grads[:11]):
+            out[name].append(gr)
+        shares.append((grads[11], grads[12]))
+    cat = {"q": 2, "k": 2, "v": 2, "G": -1, "Bc": -1}
+    res = {name: torch.cat(out[name], dim=cat[name]) for name in cat}
+    for name in ("M", "Ml", "m", "Gl", "Bl", "Pl"):
+        res[name] = torch.stack(out[name], dim=2)
+    return res, shares
+
+
+def stack_starts(starts, L: int, dtype: torch.dtype | None = None) -> list[Tensor]:
+    """Per-chunk ``(W, S)`` tuples (each (B, H, ...)) -> the kernels' four (B*H, N, ...) buffers W1, W2, S1, S2
+    (layer 2: a one-element placeholder when L == 1), in ``dtype`` if given."""
+    def stack(i: int, j: int) -> Tensor:
+        t = torch.stack([st[i][j].reshape(-1, *st[i][j].shape[2:]) for st in starts], dim=1)
+        return t if dtype is None else t.to(dtype)
+    out = [stack(0, 0), stack(0, L - 1), stack(1, 0), stack(1, L - 1)]
+    return out if L == 2 else [out[0], out[0].new_empty(1), out[2], out[2].new_empty(1)]
+
+
+def unstack_starts(starts, B: int, H: int, L: int, dtype: torch.dtype | None = None):
+    """The inverse of :func:`stack_starts`: four (B*H, N, ...) buffers -> per-chunk ``(W, S)`` tuples (B, H, ...)."""
+    sw1, sw2, ss1, ss2 = starts
+    ws, ss = (sw1, sw2)[:L], (ss1, ss2)[:L]
+
+    def one(x: Tensor, c: int) -> Tensor:
+        t = x[:, c].reshape(B, H, *x.shape[2:])
+        return t if dtype is None else t.to(dtype)
+    return [(tuple(one(w, c) for w in ws), tuple(one(x, c) for x in ss)) for c in range(sw1.shape[1])]
 
 
 # ----------------------------------------------------------------------------- autograd function
@@ -390,3 +454,145 @@ def neural_memory_update_fused(
     out = MemoryCoreFunction.apply(impl, chunk_size, activation, residual, L, q.contiguous(), k.contiguous(),
                                    v.contiguous(), *coef, *W, *S)
     return out[0], tuple(out[1:1 + L]), tuple(out[1 + L:])
+
+
+# ----------------------------------------------------------------------------- the core split in two
+# MemoryCoreFunction is one autograd node: its backward waits for the final state's gradient (which, in MAC, comes
+# down the chain of segments) before it can start on the read-out's gradient dy (which does not depend on it).  Split
+# in a walk (the state and each chunk's start state) and a read-out (y from those starts), the read-out's backward
+# (the three-stage backward's stage 0) runs as soon as dy exists, on whatever stream its forward ran: the wavefront
+# puts it beside the chain instead of on it.  Every gradient is linear in (dy, the final state's gradient), so the
+# read-out's share (the gradient of each chunk's start state, passed to the walk as the gradient of its starts) and
+# the walk's share add up to MemoryCoreFunction's.  The starts travel in float32 (their gradient is the share).
+
+
+class MemoryWalkFunction(torch.autograd.Function):
+    """The state half of the memory core: ``(*W, *S, *starts)`` with ``starts`` the four (B*H, N, ...) float32
+    buffers of :func:`stack_starts`.  Backward: the gradient of the final state and, as that of the starts, the
+    read-out's per-chunk shares; returns the gradients of k, v, Ml, m, Gl, Bl, Pl and of the initial state."""
+
+    @staticmethod
+    def forward(ctx, impl, chunk_size, activation, residual, L, q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, *state):
+        W, S = tuple(state[:L]), tuple(state[L:])
+        core = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+        if impl == "triton":
+            from titans.core.memory.triton_kernels import memory_walk_forward
+
+            out = memory_walk_forward(*core, list(W), list(S), chunk_size, activation, residual)
+            Wn, Sn, starts = out[:L], out[L:2 * L], out[2 * L:]
+        else:
+            with torch.no_grad():
+                _, Wn, Sn, st = core_forward_torch(*core, W, S, chunk_size=chunk_size, activation=activation,
+                                                   residual=residual, save_states=True)
+            starts = stack_starts(st, L)  # in the state's dtype (float64 in the exactness tests)
+        ctx.save_for_backward(*core, *starts)
+        ctx.cfg = (impl, chunk_size, activation, residual, L, q.shape[0], q.shape[1])
+        if L == 1:  # the layer-2 placeholders
+            ctx.mark_non_differentiable(starts[1], starts[3])
+        return (*Wn, *Sn, *starts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        impl, C, activation, residual, L, B, H = ctx.cfg
+        saved = ctx.saved_tensors
+        core, starts = saved[:11], saved[11:]
+        dW, dS, shares = tuple(grads[:L]), tuple(grads[L:2 * L]), grads[2 * L:]
+        if impl == "triton":
+            from titans.core.memory.triton_kernels import memory_walk_backward
+
+            out = memory_walk_backward(*core, list(starts), list(shares), list(dW), list(dS), C, activation,
+                                       residual)
+            res = dict(zip(("k", "v", "Ml", "m", "Gl", "Bl", "Pl"), out[:7]))
+            dW, dS = tuple(out[7:7 + L]), tuple(out[7 + L:])
+        else:
+            st, sh = unstack_starts(starts, B, H, L), unstack_starts(shares, B, H, L)
+            with torch.no_grad():
+                res, dW, dS = core_backward_torch(*core, st, torch.zeros_like(core[0]), dW, dS, chunk_size=C,
+                                                  activation=activation, residual=residual, shares=sh)
+        return (None,) * 6 + (res["k"], res["v"], None, None, None, res["Ml"], res["m"], res["Gl"], res["Bl"],
+                              res["Pl"], *dW, *dS)
+
+
+class MemoryReadoutFunction(torch.autograd.Function):
+    """The read-out half of the memory core: y (B, H, T, d) from the walk's ``starts``.  Backward (dy alone): the
+    gradients of q, k, v, G, Bc, M and, as that of the starts, each chunk's start-state share."""
+
+    @staticmethod
+    def forward(ctx, impl, chunk_size, activation, residual, L, q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, *starts):
+        core = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+        B, H = q.shape[:2]
+        if impl == "triton":
+            from titans.core.memory.triton_kernels import memory_readout_forward
+
+            y = memory_readout_forward(*core, list(starts), chunk_size, activation, residual)
+        else:
+            with torch.no_grad():
+                y = core_readout_torch(*core, unstack_starts(starts, B, H, L),
+                                       chunk_size=chunk_size, activation=activation, residual=residual)
+        ctx.save_for_backward(*core, *starts)
+        ctx.cfg = (impl, chunk_size, activation, residual, L, B, H)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        impl, C, activation, residual, L, B, H = ctx.cfg
+        saved = ctx.saved_tensors
+        core, starts = saved[:11], saved[11:]
+        if impl == "triton":
+            from titans.core.memory.triton_kernels import memory_readout_backward
+
+            out = memory_readout_backward(*core, list(starts), dy, C, activation, residual)
+            res = dict(zip(("q", "k", "v", "G", "Bc", "M"), out[:6]))
+            shares = list(out[6:])
+        else:
+            with torch.no_grad():
+                res, sh = core_readout_backward_torch(*core, unstack_starts(starts, B, H, L), dy,
+                                                      chunk_size=C, activation=activation, residual=residual)
+            shares = stack_starts(sh, L)
+        if L == 1:
+            shares = [shares[0], None, shares[2], None]
+        return (None,) * 5 + (res["q"], res["k"], res["v"], res["G"], res["Bc"], res["M"]) + (None,) * 5 + tuple(
+            shares)
+
+
+@dataclass
+class PendingReadout:
+    """The read-out of a memory update whose state half already ran (:func:`neural_memory_update_split`): what
+    :meth:`read` needs, kept until it is called (on another CUDA stream, say)."""
+
+    impl: str
+    chunk_size: int
+    activation: str
+    residual: bool
+    core: tuple[Tensor, ...]
+    starts: tuple[Tensor, ...]
+    depth: int
+
+    def read(self) -> Tensor:
+        """y (B, H, T, d), equal to :func:`neural_memory_update_fused`'s."""
+        return MemoryReadoutFunction.apply(self.impl, self.chunk_size, self.activation, self.residual, self.depth,
+                                           *self.core, *self.starts)
+
+
+def neural_memory_update_split(
+    q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum_decay: Tensor, forget: Tensor,
+    weights: Sequence[Tensor], momentum: Sequence[Tensor] | None = None, *, chunk_size: int,
+    activation: str = "silu", residual: bool = False, impl: str = "torch",
+):
+    """:func:`neural_memory_update_fused` in two autograd nodes: returns ``(W, S, pending)``, the new state now
+    and ``pending.read()`` -> y later.  Same values and gradients (tested in float64); the read-out's backward does
+    not wait for the state's gradient.  ``impl="triton"`` takes memory depth 2 (the three-stage backward)."""
+    L = len(weights)
+    if L not in SUPPORTED_DEPTHS or (impl == "triton" and L != 2):
+        raise ValueError(f"weights: the split memory update supports depth {SUPPORTED_DEPTHS} ('triton': 2), got {L}")
+    T = q.shape[2]
+    if T == 0 or T % chunk_size:
+        raise ValueError(f"q: sequence length {T} must be a positive multiple of chunk_size={chunk_size}")
+    W = tuple(weights)
+    S = tuple(torch.zeros_like(w) for w in W) if momentum is None else tuple(momentum)
+    coef = recompute_when_recorded(chunk_coefficients, lr, momentum_decay, forget, chunk_size)
+    core = (q.contiguous(), k.contiguous(), v.contiguous(), *coef)
+    out = MemoryWalkFunction.apply(impl, chunk_size, activation, residual, L, *core, *W, *S)
+    pending = PendingReadout(impl, chunk_size, activation, residual, core, tuple(out[2 * L:]), L)
+    return tuple(out[:L]), tuple(out[L:2 * L]), pending
+

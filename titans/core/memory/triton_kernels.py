@@ -63,7 +63,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from titans.core.memory.fused_update import CORE_INPUTS, core_backward_torch, core_forward_torch
+from titans.core.memory.fused_update import (
+    CORE_INPUTS,
+    core_backward_torch,
+    core_forward_torch,
+    stack_starts,
+    unstack_starts,
+)
 
 try:  # Triton is optional: CPU-only installs import this module and report it unavailable
     import triton
@@ -795,16 +801,6 @@ def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Except
                   "path for these shapes", RuntimeWarning, stacklevel=3)
 
 
-def starts_to_torch(starts, B: int, H: int, L: int):
-    """The kernels' saved chunk-start states (B*H, N, ...) x 4 -> the torch loop's per-chunk (W, S) tuples
-    (float32: the kernels may keep them in bf16)."""
-    sw1, sw2, ss1, ss2 = starts
-    N = sw1.shape[1]
-    ws, ss = (sw1, sw2)[:L], (ss1, ss2)[:L]
-    return [(tuple(w[:, c].reshape(B, H, *w.shape[2:]).float() for w in ws),
-             tuple(x[:, c].reshape(B, H, *x.shape[2:]).float() for x in ss)) for c in range(N)]
-
-
 def _num_warps(D: int, E: int) -> int:
     override = os.environ.get("TITANS_TRITON_WARPS")
     if override:
@@ -1077,15 +1073,6 @@ def _fresh(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _starts_from_torch(starts, L: int, dtype: torch.dtype) -> list[Tensor]:
-    """The torch loop's per-chunk (W, S) tuples -> the kernels' four (B*H, N, ...) buffers in ``dtype`` (the one
-    the kernels would have kept, so the op's outputs have one dtype whichever path ran)."""
-    def stack(i: int, j: int) -> Tensor:
-        return torch.stack([_flat(st[i][j]) for st in starts], dim=1).to(dtype)
-    out = [stack(0, 0), stack(0, L - 1), stack(1, 0), stack(1, L - 1)]
-    return out if L == 2 else [out[0], out[0].new_empty(1), out[2], out[2].new_empty(1)]
-
-
 @torch.library.custom_op("titans::memory_core_forward", mutates_args=())
 def memory_core_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, M: Tensor, Ml: Tensor, m: Tensor,
                         Gl: Tensor, Bl: Tensor, Pl: Tensor, W: list[Tensor], S: list[Tensor], chunk_size: int,
@@ -1101,7 +1088,7 @@ def memory_core_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, 
         with torch.no_grad():
             y, Wn, Sn, st = core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
                                                activation=activation, residual=residual, save_states=save_states)
-        starts = _starts_from_torch(st, len(W), _starts_dtype(_dot_bf16(q))) if save_states else None
+        starts = stack_starts(st, len(W), _starts_dtype(_dot_bf16(q))) if save_states else None
     return [t.contiguous() for t in (y, *Wn, *Sn, *(starts or ()))]
 
 
@@ -1133,7 +1120,7 @@ def memory_core_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor,
         B, H = q.shape[:2]
         wide = tuple(t.to(dW[0].dtype) for t in core[:3]) + core[3:]
         with torch.no_grad():
-            res, dWo, dSo = core_backward_torch(*wide, starts_to_torch(starts, B, H, len(dW)), dy, dW, dS,
+            res, dWo, dSo = core_backward_torch(*wide, unstack_starts(starts, B, H, len(dW), torch.float32), dy, dW, dS,
                                                 chunk_size=chunk_size, activation=activation, residual=residual)
         for name, t in zip(("q", "k", "v"), core):
             res[name] = res[name].to(t.dtype)
