@@ -193,7 +193,7 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
     import warnings
     import torch
     import titans.core.memory.triton_kernels as tk
-    from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split
+    from titans.core.memory.fused_update import neural_memory_update_fused
     from titans.core.memory.neural_memory import NeuralMemory
 
     def compare(L, residual, T, d, E, C):
@@ -270,11 +270,59 @@ def test_triton_kernels_under_interpreter():
     assert float(err["FALLBACK"]) <= 2e-5, err  # forward kernel, backward by the torch loop
     assert float(err["MODULE"]) <= 2e-5, err
 
+_SPLIT_SCRIPT = textwrap.dedent("""
+    import torch
+    import titans.core.memory.triton_kernels as tk
+    from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split
+
+    def compare(residual, T, d, E, C, wanted):
+        g = torch.Generator().manual_seed(residual * 7 + T)
+        r = lambda *s: torch.randn(*s, generator=g)
+        B, H = 2, 2
+        q, k = (torch.nn.functional.normalize(r(B, H, T, d), dim=-1) for _ in range(2))
+        v = r(B, H, T, d)
+        gates = [torch.rand(B, H, T, generator=g) * s for s in (1 / C, 1.0, 0.05)]
+        W = [r(B, H, d, E) / d ** 0.5, r(B, H, E, d) / E ** 0.5]
+        S = [r(B, H, d, E) * 0.01, r(B, H, E, d) * 0.01]
+        res = {}
+        for split in (False, True):
+            ins = [t.detach().clone().requires_grad_() for t in (q, k, v, *gates, *W, *S)]
+            if split:
+                Wf, Sf, pending = neural_memory_update_split(*ins[:6], ins[6:8], ins[8:], chunk_size=C,
+                                                             residual=residual, impl="triton")
+                y = pending.read() if wanted[0] else None
+            else:
+                y, Wf, Sf = neural_memory_update_fused(*ins[:6], ins[6:8], ins[8:], chunk_size=C,
+                                                       residual=residual, impl="torch")
+            outs = ([y] if wanted[0] else []) + (list(Wf) + list(Sf) if wanted[1] else [])
+            gg = torch.Generator().manual_seed(1)
+            loss = sum((o * torch.randn(o.shape, generator=gg)).sum() for o in outs)
+            grads = torch.autograd.grad(loss, ins, allow_unused=True)
+            res[split] = outs + [torch.zeros_like(x) if gr is None else gr for x, gr in zip(ins, grads)]
+        return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(res[True], res[False]))
+
+    worst = max(compare(res, T, d, E, 16, wanted) for res, T, d, E in ((False, 32, 16, 32), (True, 64, 16, 16))
+                for wanted in ((True, True), (True, False), (False, True)))
+    assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the split kernels ran (no fallback to the torch loop)
+    print("SPLIT_CORE", worst)
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_split_core_under_interpreter():
+    """The core split in a walk op (forward pass 1; backward stages 1-2 recomputing the chunk's inner forward) and a
+    read-out op (pass 2; stage 0, whose per-chunk start-state shares reach the walk as its starts' gradient) equals
+    the one-node torch core: y, state and every gradient, with y and the state both used, y alone, the state
+    alone (float32 operands under TRITON_INTERPRET=1)."""
+    err = _errors(_interpreted(_SPLIT_SCRIPT))
+    assert float(err["SPLIT_CORE"]) <= 5e-5, err
+
+
 _BF16_INPUTS_SCRIPT = textwrap.dedent("""
     import warnings
     import torch
     import titans.core.memory.triton_kernels as tk
-    from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split
+    from titans.core.memory.fused_update import neural_memory_update_fused
     from titans.core.memory.neural_memory import NeuralMemory
 
     # bf16 q / k / v (what autocast produces) through the kernels equal the same values widened to float32: the

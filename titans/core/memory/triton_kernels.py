@@ -67,6 +67,8 @@ from titans.core.memory.fused_update import (
     CORE_INPUTS,
     core_backward_torch,
     core_forward_torch,
+    core_readout_backward_torch,
+    core_readout_torch,
     stack_starts,
     unstack_starts,
 )
@@ -540,12 +542,15 @@ if triton is not None:
         bh, c0, F0, F1,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr, SYNC: tl.constexpr,
+        RECOMPUTE: tl.constexpr, ACCUMULATE: tl.constexpr,
     ):
         """One stage's work for program ``bh``: chunk ``c0`` (stages 0 and 2) or the walk over all chunks
         (stage 1).  With ``SYNC`` (one launch for all three stages, ``_memory_bwd3_overlap_kernel``) the stages
         hand each chunk on through flags (BH, N): stage 0 releases ``F0[bh, c]`` when chunk c's dy share is
         stored; the walk waits on it before chunk c and releases ``F1[bh, c]`` once the gradient of chunk c's end
-        state is complete; stage 2's chunk c waits on both."""
+        state is complete; stage 2's chunk c waits on both.  ``RECOMPUTE`` (the core split in two, stage 0 run by
+        another op): stages 1 and 2 compute the chunk's inner forward and store it to the scratch themselves;
+        ``ACCUMULATE``: stage 2 adds its dk / dv share to stage 0's (else it stores its own alone)."""
         rc = tl.arange(0, C)
         T = N * C
         dw1p, ds1p, dw2p, ds2p = _state_ptrs(IDW1, IDS1, IDW2, IDS2, bh, D, E)  # the final state's gradient, read
@@ -581,12 +586,14 @@ if triton is not None:
             usp = _mat(US + cc * C * E, C, E)
             lsp = _mat(LS + cc * C * E, C, E)
             esp = _mat(ES + cc * C * D, C, D)
-            if STAGE == 0:
+            if STAGE == 0 or RECOMPUTE:
                 z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
                 tl.store(zsp, z)
                 tl.store(usp, u)
                 tl.store(lsp, dl)
                 tl.store(esp, err)
+                if STAGE != 0:
+                    tl.debug_barrier()  # read back below, also by other threads
             else:  # the chunk's inner forward as stage 0 stored it (the same values as recomputing it)
                 z = tl.load(zsp)
                 err = tl.load(esp)
@@ -727,8 +734,12 @@ if triton is not None:
                         dk += dp
                     dkp = _mat(DK + tok, C, D)
                     dvp = _mat(DV + tok, C, D)
-                    tl.store(dkp, tl.load(dkp) + dk)
-                    tl.store(dvp, tl.load(dvp) - dp)
+                    if ACCUMULATE:
+                        tl.store(dkp, tl.load(dkp) + dk)
+                        tl.store(dvp, tl.load(dvp) - dp)
+                    else:
+                        tl.store(dkp, dk)
+                        tl.store(dvp, -dp)
 
     @triton.jit
     def _memory_bwd3_kernel(
@@ -744,13 +755,14 @@ if triton is not None:
         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
+        RECOMPUTE: tl.constexpr = False, ACCUMULATE: tl.constexpr = True,
     ):
         """One stage per launch, grid (BH, N) for stages 0 and 2 and (BH,) for stage 1."""
         _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
                     DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                     DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
                     tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), DW1, DW1,  # (no flags)
-                    N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False)
+                    N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False, RECOMPUTE, ACCUMULATE)
 
     # The three stages in one launch.  Stage 1 walks the chunks with one program per (batch, head), a few dozen
     # programs on a GPU of ~130 SMs; launched one after another, stage 2 starts only when the slowest walk ends.
@@ -776,20 +788,20 @@ if triton is not None:
                         DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
-                        t % BH, N - 1 - t // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 0, True)
+                        t % BH, N - 1 - t // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 0, True, False, True)
         elif t < BH * N + BH:
             _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
                         DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
-                        t - BH * N, 0, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 1, True)
+                        t - BH * N, 0, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 1, True, False, True)
         else:
             j = t - BH * N - BH
             _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
                         DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
-                        j % BH, N - 1 - j // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 2, True)
+                        j % BH, N - 1 - j // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 2, True, False, True)
 
 def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Exception) -> None:
     """Record a compile failure (say, out of shared memory on a smaller GPU) so ``supports`` says no."""
@@ -1061,6 +1073,90 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     return res, dWo, dSo
 
 
+# ----------------------------------------------------------------------------- the core split in two
+# (``fused_update.MemoryWalkFunction`` / ``MemoryReadoutFunction``, depth 2): the forward's two passes as two ops,
+# and the three-stage backward's stage 0 (the read-out's share) apart from stages 1 and 2 (the walk's), which then
+# compute the chunk's inner forward themselves (RECOMPUTE) and store their dk / dv share alone (ACCUMULATE off).
+# The chunk starts stay float32 here: their gradient is the read-out's share, carried in their dtype.
+
+
+def _split_args(q, starts, chunk_size, residual, coefs):
+    """:func:`_common` for the split ops (the hidden size and depth read from the starts) and a placeholder for
+    the pointers a launch does not touch."""
+    B, H, T, D, N, coef, kw = _common(q, starts[:2], chunk_size, residual, coefs)
+    return B, H, T, D, N, coef, kw, coef[0].new_empty(1)
+
+
+def core_walk(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, activation, residual):
+    """The forward's walking pass alone: ``(W, S, starts)``, the final state and each chunk's start state (four
+    float32 (B*H, N, ...) buffers)."""
+    L = len(W)
+    B, H, T, D, N, coef, kw = _common(q, W, chunk_size, residual, (G, Bc, M, Ml, m, Gl, Bl, Pl))
+    initial = _state4(W, S)
+    state = _outputs4(initial, L)
+    starts = _state_buffers(state[0], B * H, N, state, L, torch.float32)
+    _run(_memory_fwd_kernel, (B * H,), (_rows(q), _rows(k), _rows(v), *coef, *initial, *state, state[0].new_empty(1),
+                                        *starts), dict(kw, MODE=1, SAVE=True))
+    Wout = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(state[:2][:L], W))
+    Sout = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(state[2:][:L], S))
+    return Wout, Sout, starts
+
+
+def core_readout(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, *, chunk_size, activation, residual):
+    """The forward's per-chunk pass alone: y (B, H, T, d) float32 from the chunk starts of :func:`core_walk`."""
+    B, H, T, D, N, coef, kw, _ = _split_args(q, starts, chunk_size, residual, (G, Bc, M, Ml, m, Gl, Bl, Pl))
+    y = torch.empty(B * H, T, D, dtype=torch.float32, device=q.device)
+    # the state pointers of pass 2 are never read or written there (the starts stand in for them)
+    _run(_memory_fwd_kernel, (B * H, N), (_rows(q), _rows(k), _rows(v), *coef, *starts, *starts, y, *starts),
+         dict(kw, MODE=2, SAVE=True))
+    return y.reshape(B, H, T, D)
+
+
+def core_readout_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, *, chunk_size, activation, residual):
+    """Stage 0 alone: ``(grads of q, k, v, G, Bc, M, shares)`` with ``shares`` the gradient of each chunk's start
+    state through y (four buffers shaped like ``starts``)."""
+    like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+    B, H, T, D, N, coef, kw, none = _split_args(q, starts, chunk_size, residual, like[3:])
+    E = starts[0].shape[-1]
+    wide = [torch.empty(B * H, T, D, dtype=torch.float32, device=q.device) for _ in range(3)]  # dq, dk, dv
+    dcoef = [torch.empty_like(t) for t in coef[:3]]  # dG, dBc, dM
+    shares = [torch.empty_like(t) for t in starts]
+    scratch = [wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(5)] + [wide[0].new_empty(B * H, N,
+                                                                                                   chunk_size, D)]
+    args = (_rows(q), _rows(k), _rows(v), *coef, *starts, _rows(dy), *[none] * 12, *shares, *scratch, *wide, *dcoef,
+            *[none] * 5)
+    _run(_memory_bwd3_kernel, (B * H, N), args, dict({key: val for key, val in kw.items() if key != "L"}, STAGE=0))
+    grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[:3])] + [g.reshape(t.shape) for g, t in
+                                                                                  zip(dcoef, like[3:6])]
+    return grads, shares
+
+
+def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW, dS, *, chunk_size, activation,
+                       residual):
+    """Stages 1 and 2 alone, the read-out's ``shares`` added to each chunk's start-state gradient: ``(grads of k,
+    v, Ml, m, Gl, Bl, Pl, dW, dS)`` with dW / dS those of the initial state."""
+    like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+    B, H, T, D, N, coef, kw, none = _split_args(q, starts, chunk_size, residual, like[3:])
+    E = starts[0].shape[-1]
+    dfinal = _state4(dW, dS)
+    dstate = _outputs4(dfinal, 2)
+    ends = _state_buffers(dstate[0], B * H, N, dstate, 2)
+    wide = [torch.empty(B * H, T, D, dtype=torch.float32, device=q.device) for _ in range(2)]  # dk, dv
+    dcoef = [torch.empty_like(t) for t in coef[3:]]  # dMl, dm, dGl, dBl, dPl
+    zs, us, ls = (wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(3))
+    es = wide[0].new_empty(B * H, N, chunk_size, D)
+    args = (_rows(q), _rows(k), _rows(v), *coef, *starts, none, *dfinal, *dstate, *ends,
+            *[t.contiguous() for t in shares], zs, us, ls, none, none, es, none, *wide, none, none, none, *dcoef)
+    kw = dict({key: val for key, val in kw.items() if key != "L"}, RECOMPUTE=True, ACCUMULATE=False)
+    _run(_memory_bwd3_kernel, (B * H,), args, dict(kw, STAGE=1))
+    _run(_memory_bwd3_kernel, (B * H, N), args, dict(kw, STAGE=2))
+    grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[1:3])] + [g.reshape(t.shape) for g, t in
+                                                                                   zip(dcoef, like[6:])]
+    dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dstate[:2], dW))
+    dSo = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(dstate[2:], dS))
+    return grads, dWo, dSo
+
+
 # ----------------------------------------------------------------------------- custom ops
 # The kernels enter autograd (and torch.compile, which sees each direction as one opaque op with a shape
 # function instead of tracing into the launch code) as two torch.library custom ops.  A kernel that does not
@@ -1130,3 +1226,105 @@ def memory_core_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor,
 @memory_core_backward.register_fake
 def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, chunk_size, activation, residual):
     return [_fresh(t) for t in (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, *dW, *dS)]
+
+
+@torch.library.custom_op("titans::memory_walk_forward", mutates_args=())
+def memory_walk_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, M: Tensor, Ml: Tensor, m: Tensor,
+                        Gl: Tensor, Bl: Tensor, Pl: Tensor, W: list[Tensor], S: list[Tensor], chunk_size: int,
+                        activation: str, residual: bool) -> list[Tensor]:
+    """``[*W, *S, *starts]`` of :func:`core_walk` (the starts: four float32 buffers)."""
+    W, S = tuple(W), tuple(S)
+    try:
+        Wn, Sn, starts = core_walk(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
+                                   activation=activation, residual=residual)
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here: the same math in torch
+        kernel_failed(q, W, chunk_size, e)
+        q, k, v = (t.to(W[0].dtype) for t in (q, k, v))
+        with torch.no_grad():
+            _, Wn, Sn, st = core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
+                                               activation=activation, residual=residual, save_states=True)
+        starts = stack_starts(st, len(W), torch.float32)
+    return [t.contiguous() for t in (*Wn, *Sn, *starts)]
+
+
+@memory_walk_forward.register_fake
+def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size, activation, residual):
+    BH, N = q.shape[0] * q.shape[1], q.shape[2] // chunk_size
+    starts = [q.new_empty(BH, N, *t.shape[2:], dtype=torch.float32) for t in (W[0], W[-1], S[0], S[-1])]
+    return [_fresh(t) for t in (*W, *S)] + starts
+
+
+@torch.library.custom_op("titans::memory_readout_forward", mutates_args=())
+def memory_readout_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, M: Tensor, Ml: Tensor, m: Tensor,
+                           Gl: Tensor, Bl: Tensor, Pl: Tensor, starts: list[Tensor], chunk_size: int, activation: str,
+                           residual: bool) -> Tensor:
+    """y (B, H, T, d) float32 of :func:`core_readout`."""
+    core = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+    try:
+        y = core_readout(*core, starts, chunk_size=chunk_size, activation=activation, residual=residual)
+    except Exception as e:  # noqa: BLE001
+        kernel_failed(q, starts[:2], chunk_size, e)
+        with torch.no_grad():
+            y = core_readout_torch(*(t.float() for t in core[:3]), *core[3:],
+                                   unstack_starts(starts, q.shape[0], q.shape[1], 2), chunk_size=chunk_size,
+                                   activation=activation, residual=residual)
+    return y.contiguous()
+
+
+@memory_readout_forward.register_fake
+def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, chunk_size, activation, residual):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("titans::memory_readout_backward", mutates_args=())
+def memory_readout_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, M: Tensor, Ml: Tensor,
+                            m: Tensor, Gl: Tensor, Bl: Tensor, Pl: Tensor, starts: list[Tensor], dy: Tensor,
+                            chunk_size: int, activation: str, residual: bool) -> list[Tensor]:
+    """``[dq, dk, dv, dG, dBc, dM, *shares]`` of :func:`core_readout_backward`."""
+    core = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+    try:
+        grads, shares = core_readout_backward(*core, starts, dy.contiguous(), chunk_size=chunk_size,
+                                              activation=activation, residual=residual)
+    except Exception as e:  # noqa: BLE001
+        kernel_failed(q, starts[:2], chunk_size, e)
+        with torch.no_grad():
+            res, sh = core_readout_backward_torch(*(t.float() for t in core[:3]), *core[3:],
+                                                  unstack_starts(starts, q.shape[0], q.shape[1], 2), dy.float(),
+                                                  chunk_size=chunk_size, activation=activation, residual=residual)
+        grads = [res[n].to(t.dtype) for n, t in zip(CORE_INPUTS[:6], core)]
+        shares = stack_starts(sh, 2, torch.float32)
+    return [t.contiguous() for t in (*grads, *shares)]
+
+
+@memory_readout_backward.register_fake
+def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, chunk_size, activation, residual):
+    return [_fresh(t) for t in (q, k, v, G, Bc, M, *starts)]
+
+
+@torch.library.custom_op("titans::memory_walk_backward", mutates_args=())
+def memory_walk_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, M: Tensor, Ml: Tensor, m: Tensor,
+                         Gl: Tensor, Bl: Tensor, Pl: Tensor, starts: list[Tensor], shares: list[Tensor],
+                         dW: list[Tensor], dS: list[Tensor], chunk_size: int, activation: str,
+                         residual: bool) -> list[Tensor]:
+    """``[dk, dv, dMl, dm, dGl, dBl, dPl, *dW, *dS]`` of :func:`core_walk_backward`."""
+    core = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+    dW, dS = tuple(dW), tuple(dS)
+    try:
+        grads, dWo, dSo = core_walk_backward(*core, starts, shares, dW, dS, chunk_size=chunk_size,
+                                             activation=activation, residual=residual)
+    except Exception as e:  # noqa: BLE001
+        kernel_failed(q, dW, chunk_size, e)
+        B, H = q.shape[:2]
+        wide = tuple(t.to(dW[0].dtype) for t in core[:3]) + core[3:]
+        with torch.no_grad():
+            res, dWo, dSo = core_backward_torch(*wide, unstack_starts(starts, B, H, 2, dW[0].dtype),
+                                                torch.zeros_like(wide[0]), dW, dS, chunk_size=chunk_size,
+                                                activation=activation, residual=residual,
+                                                shares=unstack_starts(shares, B, H, 2, dW[0].dtype))
+        grads = [res["k"].to(k.dtype), res["v"].to(v.dtype)] + [res[n] for n in CORE_INPUTS[6:]]
+    return [t.contiguous() for t in (*grads, *dWo, *dSo)]
+
+
+@memory_walk_backward.register_fake
+def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW, dS, chunk_size, activation, residual):
+    return [_fresh(t) for t in (k, v, Ml, m, Gl, Bl, Pl, *dW, *dS)]
