@@ -99,6 +99,49 @@ def test_block_mixer_then_feed_forward_is_the_block(variant, checkpointing):
         block.forward_mixer(x, st_b, 40, p, True)
 
 
+@pytest.mark.parametrize("pos,T", [(0, 40), (4, 40), (16, 48)])
+def test_block_mixer_with_readouts_apart_is_the_mixer(pos, T):
+    """MAC's mixer with each segment's memory read-out and gate handed to a callback (forward_mixer_split, which the
+    wavefront runs on a second stream) == forward_mixer: output, states and every gradient, float64; on and off the
+    segment grid (a piece starting mid-segment: memory written from mid-chunk takes the one-node path).  The
+    callback is called once per segment and for the residual sum; other blocks and checkpointing are refused."""
+    model = _model("mac").train()
+    block, p = model.blocks[1], model.persistent()
+    x = torch.randn(2, T, 32, dtype=torch.float64, requires_grad=True)
+    params = [x] + [q for q in block.parameters() if q.requires_grad]
+
+    def run(split: bool):
+        st = model.init_state(2).layers[1]
+        if pos:  # a state from an earlier piece
+            block.forward_mixer(torch.randn(2, pos, 32, dtype=torch.float64,
+                                            generator=torch.Generator().manual_seed(2)), st, 0, p, True)
+        calls = []
+
+        def run_readout(fn, *args):
+            calls.append(fn.__name__)
+            return fn(*args)
+
+        out = (block.forward_mixer_split(x, st, pos, p, True, run_readout) if split else
+               block.forward_mixer(x, st, pos, p, True))
+        loss = (out * torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))).sum()
+        return out, ModelState([st]).tensors(), torch.autograd.grad(loss, params, allow_unused=True), calls
+
+    (a, sa, ga, _), (b, sb, gb, calls) = run(False), run(True)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert sa.keys() == sb.keys()
+    for name, t in sa.items():
+        torch.testing.assert_close(sb[name], t, rtol=1e-12, atol=1e-12, msg=name)
+    for u, v in zip(gb, ga):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+    segments = len(range(pos // 16 * 16, pos + T, 16))
+    assert calls == ["mac_readout"] * segments + ["_residual_sum"], calls
+    with pytest.raises(ValueError, match="a MAC block with memory, this is 'mac' layer 0 \\(without memory\\)"):
+        model.blocks[0].forward_mixer_split(x, model.init_state(2).layers[0], 0, p, True)
+    model.set_activation_checkpointing("memory")
+    with pytest.raises(ValueError, match="not with activation checkpointing"):
+        block.forward_mixer_split(x, model.init_state(2).layers[1], 0, p, True)
+
+
 def test_wavefront_switches_name_a_bad_value(monkeypatch):
     monkeypatch.setenv("TITANS_WAVEFRONT_PRIORITY", "yes")
     with pytest.raises(ValueError, match="TITANS_WAVEFRONT_PRIORITY='yes': expected 0 or 1"):

@@ -436,9 +436,51 @@ class NeuralMemory(nn.Module):
                                                                           ends))
         return y, MemoryState(new.weights, new.momentum, new.chunk_weights, state.seen, new.conv, new.chunk_gates)
 
+    def write(self, x: Tensor, state: MemoryState | None = None) -> tuple[MemoryRead, MemoryState]:
+        """Write x into the memory now and read it back later: returns ``(read, new state)`` with ``read.read()``
+        equal to ``forward(x, state)[0]`` (values and gradients; tested in float64).
+
+        Where the fused paths take the piece (whole chunks from a chunk boundary; Triton: memory depth 2) the
+        update runs as two autograd nodes (:func:`~titans.core.memory.fused_update.neural_memory_update_split`):
+        the state now, the read-out in ``read.read()``, whose backward needs only its output's gradient.  MAC's
+        wavefront calls it on another CUDA stream, so that backward runs beside the chain of segments instead of
+        on it.  Elsewhere the read-out is computed here and ``read`` holds it."""
+        self._check_x(x)
+        B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B, x.device)
+        if state.batch_size != B:
+            raise ValueError(f"state: batch size {state.batch_size} does not match x's batch size {B}")
+        C = self.chunk_size
+        if T == 0 or T % C or state.seen % C:
+            out, new = self.forward(x, state)
+            return MemoryRead(self, out, x, done=True), new
+
+        def update(args: list[Tensor]):
+            which = resolve_backend(self.backend, args[0], args[1], args[2], state.weights, C, self.activation,
+                                    self.residual, 0, strict=False)
+            if which == "fused" or which == "triton" and len(state.weights) == 2:
+                from titans.core.memory.fused_update import neural_memory_update_split
+
+                if which == "fused":
+                    args = _in_state_dtype(args, state)
+                W, S, pending = neural_memory_update_split(*args, state.weights, state.momentum, chunk_size=C,
+                                                           activation=self.activation, residual=self.residual,
+                                                           impl="torch" if which == "fused" else "triton")
+                return pending, W, S, W
+            return self._update_aligned(args, state, T)
+
+        y, new = self._write(x, state, update)
+        return MemoryRead(self, y, x), new
+
     def _write_read(self, x: Tensor, state: MemoryState, update) -> tuple[Tensor, MemoryState]:
         """Project x, write it into the memory with ``update(args) -> (y, W, S, chunk-start W)`` (args: q, k, v,
         theta, eta, alpha in the state's dtype) and read back through the output norm / gate / projection."""
+        y, new = self._write(x, state, update)
+        return self._output(y, x), new
+
+    def _write(self, x: Tensor, state: MemoryState, update):
+        """:meth:`_write_read` without the read-back: ``(y or a pending read-out, new state)``."""
         qkv, conv = self._project(x, state.conv)
         q, k, v = self._split_qkv(qkv)
         theta, eta, alpha, _, chunk_gates = self._gates(x, state)
@@ -450,7 +492,7 @@ class NeuralMemory(nn.Module):
             # take them as they are (widened for the launch), so their backward keeps half the bytes (the same values:
             # a bf16 tensor widened is exact); every PyTorch path casts them first (_in_state_dtype)
             y, W, S, W0 = update([q, k, v] + [t.to(mdtype) for t in (theta, eta, alpha)])
-        return self._output(y, x), MemoryState(W, S, W0, state.seen + x.shape[1], conv, chunk_gates)
+        return y, MemoryState(W, S, W0, state.seen + x.shape[1], conv, chunk_gates)
 
     def _token_step(self, args: list[Tensor], state: MemoryState, starts: bool | Tensor, ends: bool | Tensor):
         """The rank-one step of one token: returns (y, W, S, chunk-start W).  ``starts``: the token opens a chunk
@@ -570,6 +612,28 @@ class NeuralMemory(nn.Module):
         return {"inner_loss": loss, "grad_norm": sq.sqrt(), "theta": theta, "eta": eta, "alpha": alpha}
 
 
+@dataclass
+class MemoryRead:
+    """What :meth:`NeuralMemory.write` leaves to read: the memory's output for its input x (B, T, dim), through
+    :meth:`read`.  ``y``: the core's read-out (B, H, T, d), or a pending one (the split core), or with ``done``
+    the finished output."""
+
+    memory: NeuralMemory
+    y: object
+    x: Tensor
+    done: bool = False
+
+    def read(self) -> Tensor:
+        """The memory's output (B, T, dim) for x, as ``NeuralMemory.forward`` returns it."""
+        if self.done:
+            return self.y
+        y = self.y
+        if not isinstance(y, Tensor):
+            with torch.autocast(self.x.device.type, enabled=False):  # the core's arithmetic, as in _write
+                y = y.read()
+        return self.memory._output(y, self.x)
+
+
 def _in_state_dtype(args: list[Tensor], state: MemoryState) -> list[Tensor]:
     """The update's inputs (q, k, v, theta, eta, alpha) in the state's dtype, q / k / v laid out contiguously (they
     arrive as head-major views of the projection; one copy does the cast and the layout)."""
@@ -577,4 +641,4 @@ def _in_state_dtype(args: list[Tensor], state: MemoryState) -> list[Tensor]:
     return [t.to(dtype, memory_format=torch.contiguous_format) for t in args[:3]] + [t.to(dtype) for t in args[3:]]
 
 
-__all__ = ["MemoryState", "NeuralMemory"]
+__all__ = ["MemoryRead", "MemoryState", "NeuralMemory"]

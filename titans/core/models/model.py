@@ -285,6 +285,44 @@ class TitansBlock(nn.Module):
             raise ValueError("forward_mixer: full activation checkpointing recomputes the whole block; call forward")
         return self._mixer(x, st, pos, persistent, want_cache, mode == "memory")
 
+    def forward_mixer_split(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
+                            run_readout=None) -> Tensor:
+        """:meth:`forward_mixer` of a MAC memory block with each segment's read-out - the memory read back after
+        the segment's write (``M*_t(y_t)``: the core's read-out, the output norm, gate and projection) and MAC's
+        gate - called as ``run_readout(fn, *args)`` (default: ``fn(*args)``), as is the residual sum at the end.
+        The wavefront runs them on another CUDA stream: the read-out's backward needs only the gradient of the
+        block's output, not the memory-state gradient that walks back along the segments, so it leaves that
+        chain (:meth:`NeuralMemory.write`).  Same values and gradients as :meth:`forward_mixer` (tested in float64);
+        without activation checkpointing."""
+        if self.variant != "mac" or self.memory is None:
+            raise ValueError(f"forward_mixer_split: a MAC block with memory, this is {self.variant!r} layer "
+                             f"{self.layer} ({'with' if self.memory is not None else 'without'} memory)")
+        if self.checkpointing_now() != "none":
+            raise ValueError("forward_mixer_split: not with activation checkpointing (its recomputed regions hold the "
+                             "memory's write and read together); call forward_mixer")
+        run = run_readout or (lambda fn, *args: fn(*args))
+        h = self.norm_mix(x)
+        outs, p = [], pos
+        for piece in h.split(segment_pieces(pos, x.shape[1], self.window), dim=1):
+            y, read = self.mac_chain(piece.contiguous(), st, p, persistent, want_cache)
+            outs.append(run(self.mac_readout, y, read))
+            p += piece.shape[1]
+        return run(_residual_sum, x, *outs)
+
+    def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool):
+        """MAC over one segment of normalised inputs h (B, T, dim) up to the memory's write (Eq. 21-24):
+        ``(y, read)``, the attention output and the :class:`MemoryRead` of ``M*_t(y_t)``; ``st`` updated in place.
+        ``mac_readout(y, read)`` completes it: the two equal :meth:`mac_segment`."""
+        ops = StreamOps(self, st, pos, want_cache)
+        retrieved = ops.recall(h)  # h_t = M*_{t-1}(q_t)
+        y = ops.attend(h, persistent, retrieved)  # y_t = Attn([p || h || S])
+        read, st.memory = self.memory.write(h + y if self.mac_writes_residual else y, st.memory)  # M_t = M_{t-1}(y_t)
+        return y, read
+
+    def mac_readout(self, y: Tensor, read) -> Tensor:
+        """o_t = y_t (x) M*_t(y_t) (Eq. 25) of :meth:`mac_chain`'s segment."""
+        return self.gate(y, read.read())
+
     def _forward_pure(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
                       want_cache: bool) -> tuple[Tensor, LayerState]:
         """:meth:`forward` without touching ``st``: returns (output, the new state)."""
@@ -346,7 +384,8 @@ class TitansBlock(nn.Module):
         ``TITANS_COMPILE_MAC_SEGMENTS=0`` compiles MAC's memory blocks whole again (A/B timing on a GPU)."""
         if self.variant != "mac" or self.memory is None or os.environ.get("TITANS_COMPILE_MAC_SEGMENTS", "1") == "0":
             return ()
-        return ("mac_segment", "norm_mix", "feed_forward")
+        # mac_chain / mac_readout: the wavefront's split segment (forward_mixer_split); compiled when first called
+        return ("mac_segment", "mac_chain", "mac_readout", "norm_mix", "feed_forward")
 
     def _mac(self, h: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
         """Memory as context (Eq. 21-25) over normalised inputs h (B, T, dim) inside one segment."""
@@ -378,6 +417,11 @@ class TitansBlock(nn.Module):
         retrieved, read_conv = recompute(read, h, read_state, read_conv) if recompute_read else read(h, read_state,
                                                                                                       read_conv)
         return retrieved, seg, read_conv
+
+
+def _residual_sum(x: Tensor, *pieces: Tensor) -> Tensor:
+    """x + the pieces (B, T_i, dim) concatenated along the sequence: a MAC block's mixer output from its segments'."""
+    return x + torch.cat(pieces, dim=1)
 
 
 class LayerOps:
