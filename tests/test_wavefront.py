@@ -142,6 +142,17 @@ def test_block_mixer_with_readouts_apart_is_the_mixer(pos, T):
         block.forward_mixer_split(x, model.init_state(2).layers[1], 0, p, True)
 
 
+@pytest.mark.parametrize("variant,segment,T", [("mac", None, 80), ("mac", 24, 75), ("mac", 48, 80),
+                                               ("mag", None, 80)])
+def test_wavefront_with_readouts_apart_equals_the_one_pass_forward(variant, segment, T):
+    """readout_streams=True (MAC's segment read-outs through forward_mixer_split; on the CPU on the one stream) ==
+    model(ids, labels=ids): loss and every gradient, float64, on and off MAC's segment grid; other variants
+    unchanged."""
+    model = _model(variant)
+    ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
+    _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=segment, readout_streams=True))
+
+
 def test_wavefront_switches_name_a_bad_value(monkeypatch):
     monkeypatch.setenv("TITANS_WAVEFRONT_PRIORITY", "yes")
     with pytest.raises(ValueError, match="TITANS_WAVEFRONT_PRIORITY='yes': expected 0 or 1"):
@@ -150,19 +161,20 @@ def test_wavefront_switches_name_a_bad_value(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (one stream per block)")
 @pytest.mark.parametrize("variant", ["mac", "mag"])
-@pytest.mark.parametrize("priority,ffn_streams,views", [(False, False, False), (True, False, False),
-                                                         (True, True, False), (True, True, True)])
-def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_streams, views):
+@pytest.mark.parametrize("priority,ffn_streams,views,readouts", [
+    (False, False, False, False), (True, False, False, False), (True, True, False, False), (True, True, True, False),
+    (True, True, False, True), (True, False, False, True)])
+def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_streams, views, readouts):
     """Each block on its own CUDA stream (the memory blocks' at high priority; their feed-forward on streams of
-    their own): the same loss and gradients as the segment-major loop on one stream (float32: the kernels are the
-    same, only their order on the device differs)."""
+    their own; MAC's segment read-outs there too): the same loss and gradients as the segment-major loop on one
+    stream (float32: the kernels are the same, only their order on the device differs)."""
     model = _model(variant, dim=64, window=32).float().cuda()
     ids = torch.randint(0, 64, (2, 256), device="cuda")
     params = list(model.parameters())
     out = []
     for streams in (False, True):
         loss = wavefront_loss(model, ids, streams=streams, priority=priority, ffn_streams=ffn_streams,
-                              stream_views=views)
+                              stream_views=views, readout_streams=readouts)
         out.append((loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)))
     torch.cuda.synchronize()
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ of the step.  The trainer's ``training.wavefront`` / ``training.wavefront_step``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import nullcontext
 
@@ -35,7 +36,8 @@ from titans.utils.tensors import side_stream
 
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
                      streams: bool | None = None, priority: bool | None = None,
-                     ffn_streams: bool | None = None, stream_views: bool | None = None) -> Tensor:
+                     ffn_streams: bool | None = None, stream_views: bool | None = None,
+                     readout_streams: bool | None = None) -> Tensor:
     """Logits (B, T, vocab) of ``input_ids`` (B, T) computed segment-major (see the module docstring).
 
     segment: tokens per step (default: the model's window, MAC's segment); streams: one CUDA stream per block
@@ -47,7 +49,11 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     when unset: not timed yet): the parameters several streams read - the persistent tokens (every block, every
     segment) and the tied embedding / head weight (the caller's stream, the last block's) - are read through one
     view per stream, so autograd sums each stream's gradients on that stream and the parameter receives one sum a
-    stream instead of one cross-stream accumulation per block and segment.  Gradients flow through the carried
+    stream instead of one cross-stream accumulation per block and segment.  ``readout_streams``
+    (``TITANS_WAVEFRONT_READOUT_STREAMS``, "0" when unset: not timed yet): in MAC's memory blocks each segment's
+    memory read-out and gate run on the feed-forward's stream (:meth:`TitansBlock.forward_mixer_split`), so their
+    backward (the memory backward's first stage among it, ~0.27 ms a segment on an H200) runs beside the segment
+    chain instead of on it; on the CPU the same split runs on one stream.  Gradients flow through the carried
     states, so ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)``
     does."""
     if input_ids.ndim != 2:
@@ -62,6 +68,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
         raise ValueError(f"streams=True needs a CUDA device, got {dev}")
     priority = _switch("TITANS_WAVEFRONT_PRIORITY", True) if priority is None else priority
     ffn_streams = _switch("TITANS_WAVEFRONT_FFN_STREAMS", True) if ffn_streams is None else ffn_streams
+    readouts = _switch("TITANS_WAVEFRONT_READOUT_STREAMS", False) if readout_streams is None else readout_streams
     persistent = model.persistent()
     layers = model.init_state(B, dev).layers  # a fresh state: its layer states are updated in place below
     main = torch.cuda.current_stream(dev) if use_streams else None
@@ -70,14 +77,30 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     side = [side_stream(dev, ("wavefront-block", i), urgent[i]) for i in range(n)] if use_streams else []
     # the feed-forward on a stream of its own: only where the block is not compiled whole (MAC's memory blocks
     # compile their regions; a whole-compiled block called in parts would run its parts uncompiled)
-    split = [use_streams and ffn_streams and b.memory is not None and b.checkpointing_now() != "full"
-             and getattr(b, "_compiled_call_impl", None) is None for b in model.blocks]
+    whole = [getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks]
+    # MAC's memory blocks with their segments' read-outs apart (forward_mixer_split), on the feed-forward's stream
+    readout = [readouts and b.variant == "mac" and b.memory is not None and b.checkpointing_now() == "none"
+               and not whole[i] for i, b in enumerate(model.blocks)]
+    split = [use_streams and (ffn_streams or readout[i]) and b.memory is not None and b.checkpointing_now() != "full"
+             and not whole[i] for i, b in enumerate(model.blocks)]
     ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
     for st in side + list(ffn.values()):  # each starts after what the caller queued (the initial state; a capture)
         st.wait_stream(main)
 
     def on(i: int):  # block i's stream, or nothing to switch
         return torch.cuda.stream(side[i]) if use_streams else nullcontext()
+
+    def readout_on(i: int):  # forward_mixer_split's callback: the read-out on block i's feed-forward stream
+        if not use_streams:
+            return None
+
+        def run(fn, *args):
+            ffn[i].wait_stream(side[i])
+            for t in _tensors(args):  # made on block i's stream (or before): kept alive for the other one's use
+                t.record_stream(ffn[i])
+            with torch.cuda.stream(ffn[i]):
+                return fn(*args)
+        return run
 
     views = _switch("TITANS_WAVEFRONT_STREAM_VIEWS", False) if stream_views is None else stream_views
     persistent_on = [persistent] * n  # what block i reads as the persistent tokens
@@ -108,13 +131,18 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
         made_on = main
         for i, block in enumerate(model.blocks):
             made_on = hand_to(x, made_on, side[i] if use_streams else None)
-            with on(i):
-                if not split[i]:
+            if not (split[i] or readout[i]):
+                with on(i):
                     x = block(x, layers[i], start, persistent_on[i], True)
-                    continue
-                x = block.forward_mixer(x, layers[i], start, persistent_on[i], True)
-            made_on = hand_to(x, made_on, ffn[i])
-            with torch.cuda.stream(ffn[i]):
+                continue
+            with on(i):
+                if readout[i]:  # its residual sum, the mixer's last step, ran on the feed-forward's stream
+                    x = block.forward_mixer_split(x, layers[i], start, persistent_on[i], True, readout_on(i))
+                else:
+                    x = block.forward_mixer(x, layers[i], start, persistent_on[i], True)
+            if use_streams:
+                made_on = ffn[i] if readout[i] else hand_to(x, made_on, ffn[i])
+            with torch.cuda.stream(ffn[i]) if use_streams else nullcontext():
                 x = block.feed_forward(x)
         with torch.cuda.stream(made_on) if use_streams else nullcontext():  # the head where x was made
             if views:
@@ -131,6 +159,18 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     return torch.cat(outs, dim=1)
 
 
+def _tensors(obj):
+    """The tensors in ``obj``: a tensor, a tuple / list, or a dataclass (a MemoryRead and what it holds)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name))
+
+
 def _switch(name: str, default: bool) -> bool:
     value = os.environ.get(name)
     if value is None:
@@ -142,7 +182,7 @@ def _switch(name: str, default: bool) -> bool:
 
 def wavefront_loss(model: TitansLM, input_ids: Tensor, labels: Tensor | None = None, segment: int | None = None,
                    streams: bool | None = None, priority: bool | None = None, ffn_streams: bool | None = None,
-                   stream_views: bool | None = None) -> Tensor:
+                   stream_views: bool | None = None, readout_streams: bool | None = None) -> Tensor:
     """The language-modelling loss of :func:`wavefront_logits` (labels default to the inputs, shifted inside)."""
-    return lm_loss(wavefront_logits(model, input_ids, segment, streams, priority, ffn_streams, stream_views),
-                   input_ids if labels is None else labels)
+    return lm_loss(wavefront_logits(model, input_ids, segment, streams, priority, ffn_streams, stream_views,
+                                    readout_streams), input_ids if labels is None else labels)
