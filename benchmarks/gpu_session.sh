@@ -253,6 +253,14 @@ if [ "$PART" = 19 ]; then
     -k 'on_gpu and split' > $RES/gpu_test_fused_memory_on_gpu_split.txt 2>&1"
   finish
 fi
+if [ "$PART" = 20 ]; then
+  # session 22: MAC's segment read-outs on the feed-forward's stream (TITANS_WAVEFRONT_READOUT_STREAMS=1): the memory
+  # core split in a walk and a read-out, whose backward (stage 0 among it, 0.27 ms a segment) leaves the chain; the
+  # same row as PART=16/17's (230.1-231.0K without it); one run (the device time left)
+  step 150 mac-65536x1-wf2048-readouts env TITANS_TRITON_BWD=split TITANS_WAVEFRONT_READOUT_STREAMS=1 $H3 --wavefront \
+    --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_readouts.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
