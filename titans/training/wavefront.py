@@ -14,10 +14,11 @@ On the CPU (or with ``streams=False``) the same segment-major loop runs on the c
 numbers.  Measured (benchmarks/RESULTS.md section 6, sessions 20-21; H200, compiled blocks, CUDA graphs,
 ``TITANS_TRITON_BWD=split``): MAC 65536 x 1 at 209.0K tokens/s against 130.5K one-pass with 512-token steps
 (kernels ~3 deep on 20 streams), 230.3-230.7K with 2048-token steps, the memory blocks' streams at high priority and
-their feed-forwards on streams of their own: 0.625-0.626x MAC's 4096 x 8 rate (368.3K).  What bounds it now:
-each memory block's backward chain (128 segments, ~146 kernels and ~1.45 ms a segment) runs back to back for most
-of the step.  The trainer's ``training.wavefront`` / ``training.wavefront_step`` and ``benchmarks/harness.py
---wavefront`` use it.
+their feed-forwards on streams of their own: 0.625-0.626x MAC's 4096 x 8 rate (368.3K; session 22: 0.624x).  What
+bounds it now: each memory block's backward chain (128 segments, ~146 kernels and ~1.45 ms a segment) runs back to
+back for most of the step, about half of it in the memory kernels.  ``readout_streams`` (not timed yet) takes the
+memory read-out's share of that backward off the chain.  The trainer's ``training.wavefront`` /
+``training.wavefront_step`` and ``benchmarks/harness.py --wavefront`` use it.
 """
 
 from __future__ import annotations
