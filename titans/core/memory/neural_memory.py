@@ -325,6 +325,16 @@ class NeuralMemory(nn.Module):
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name}: expected shape (B, T, {self.dim}), got {got}")
 
+    def _input_and_state(self, x: Tensor, state: MemoryState | None) -> tuple[int, int, MemoryState]:
+        """x checked, its batch size and length, and the state to update (a fresh one for None; checked)."""
+        self._check_x(x)
+        B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B, x.device)
+        if state.batch_size != B:
+            raise ValueError(f"state: batch size {state.batch_size} does not match x's batch size {B}")
+        return B, T, state
+
     def _project(self, x: Tensor, conv_cache: Tensor | None, channels: slice | None = None):
         """q/k/v (or a channel slice of them) after the causal conv and SiLU; returns (qkv, new_cache)."""
         # a channel slice (retrieval needs only q) projects with the matching rows of W_QKV: a third of the work
@@ -407,12 +417,7 @@ class NeuralMemory(nn.Module):
 
         x: (B, T, dim) -> y (B, T, dim) with y_t = M_t(q_t) after token t's update; returns the new state.
         """
-        self._check_x(x)
-        B, T, _ = x.shape
-        if state is None:
-            state = self.init_state(B, x.device)
-        if state.batch_size != B:
-            raise ValueError(f"state: batch size {state.batch_size} does not match x's batch size {B}")
+        B, T, state = self._input_and_state(x, state)
         if T == 0:
             return x.new_zeros(B, 0, self.dim), state
         return self._write_read(x, state, lambda args: self._update_aligned(args, state, T))
@@ -445,12 +450,7 @@ class NeuralMemory(nn.Module):
         the state now, the read-out in ``read.read()``, whose backward needs only its output's gradient.  MAC's
         wavefront calls it on another CUDA stream, so that backward runs beside the chain of segments instead of
         on it.  Elsewhere the read-out is computed here and ``read`` holds it."""
-        self._check_x(x)
-        B, T, _ = x.shape
-        if state is None:
-            state = self.init_state(B, x.device)
-        if state.batch_size != B:
-            raise ValueError(f"state: batch size {state.batch_size} does not match x's batch size {B}")
+        B, T, state = self._input_and_state(x, state)
         C = self.chunk_size
         if T == 0 or T % C or state.seen % C:
             out, new = self.forward(x, state)

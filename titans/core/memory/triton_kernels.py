@@ -1164,6 +1164,16 @@ def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW,
 # equations, converting the saved chunk-start states between the two layouts.
 
 
+def _forward_fallback(error: Exception, core, W, S, chunk_size: int, activation: str, residual: bool, save: bool):
+    """A forward kernel that cannot compile here (recorded, see :func:`kernel_failed`): the same math by the torch
+    loop, ``(y, W, S, per-chunk starts)``."""
+    kernel_failed(core[0], W, chunk_size, error)
+    wide = tuple(t.to(W[0].dtype) for t in core[:3]) + tuple(core[3:])
+    with torch.no_grad():
+        return core_forward_torch(*wide, W, S, chunk_size=chunk_size, activation=activation, residual=residual,
+                                  save_states=save)
+
+
 def _fresh(t: Tensor) -> Tensor:
     """A contiguous tensor shaped like ``t`` (the ops' outputs are contiguous whatever the inputs' strides)."""
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
@@ -1179,11 +1189,8 @@ def memory_core_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, 
         y, Wn, Sn, starts = core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
                                          activation=activation, residual=residual, save_states=save_states)
     except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here: the same math in torch
-        kernel_failed(q, W, chunk_size, e)
-        q, k, v = (t.to(W[0].dtype) for t in (q, k, v))
-        with torch.no_grad():
-            y, Wn, Sn, st = core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
-                                               activation=activation, residual=residual, save_states=save_states)
+        y, Wn, Sn, st = _forward_fallback(e, (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl), W, S, chunk_size, activation,
+                                          residual, save_states)
         starts = stack_starts(st, len(W), _starts_dtype(_dot_bf16(q))) if save_states else None
     return [t.contiguous() for t in (y, *Wn, *Sn, *(starts or ()))]
 
@@ -1238,11 +1245,8 @@ def memory_walk_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, 
         Wn, Sn, starts = core_walk(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
                                    activation=activation, residual=residual)
     except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here: the same math in torch
-        kernel_failed(q, W, chunk_size, e)
-        q, k, v = (t.to(W[0].dtype) for t in (q, k, v))
-        with torch.no_grad():
-            _, Wn, Sn, st = core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
-                                               activation=activation, residual=residual, save_states=True)
+        _, Wn, Sn, st = _forward_fallback(e, (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl), W, S, chunk_size, activation,
+                                          residual, True)
         starts = stack_starts(st, len(W), torch.float32)
     return [t.contiguous() for t in (*Wn, *Sn, *starts)]
 
