@@ -188,26 +188,32 @@ def _errors(stdout: str) -> dict[str, str]:
     return dict(line.split() for line in stdout.strip().splitlines())
 
 
-_INTERPRET_SCRIPT = textwrap.dedent("""
-    import os
-    import warnings
+# the interpreted scripts' memory inputs at the model's scales: l2-normalised q / k, theta <= 1 / C, small
+# forgetting, 1/sqrt(fan-in) weights
+_MEMORY_INPUTS = textwrap.dedent("""
     import torch
-    import titans.core.memory.triton_kernels as tk
-    from titans.core.memory.fused_update import neural_memory_update_fused
-    from titans.core.memory.neural_memory import NeuralMemory
 
-    def compare(L, residual, T, d, E, C):
-        g = torch.Generator().manual_seed(L * 10 + residual)
+    def memory_inputs(L, T, d, E, C, seed, B=1, H=2):
+        g = torch.Generator().manual_seed(seed)
         r = lambda *s: torch.randn(*s, generator=g)
-        B, H = 1, 2
-        # the model's scales: l2-normalised q / k, theta <= 1 / C, small forgetting, 1/sqrt(fan-in) weights
         q, k = (torch.nn.functional.normalize(r(B, H, T, d), dim=-1) for _ in range(2))
         v = r(B, H, T, d)
         gates = [torch.rand(B, H, T, generator=g) * s for s in (1 / C, 1.0, 0.05)]
         dims = [d] + [E] * (L - 1) + [d]
         W = [r(B, H, dims[i], dims[i + 1]) / dims[i] ** 0.5 for i in range(L)]
         S = [r(B, H, dims[i], dims[i + 1]) * 0.01 for i in range(L)]
-        ins = [t.requires_grad_() for t in (q, k, v, *gates, *W, *S)]
+        return [q, k, v, *gates, *W, *S]
+""")
+
+_INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
+    import os
+    import warnings
+    import titans.core.memory.triton_kernels as tk
+    from titans.core.memory.fused_update import neural_memory_update_fused
+    from titans.core.memory.neural_memory import NeuralMemory
+
+    def compare(L, residual, T, d, E, C):
+        ins = [t.requires_grad_() for t in memory_inputs(L, T, d, E, C, L * 10 + residual)]
         res = {}
         for impl in ("torch", "triton"):
             y, Wf, Sf = neural_memory_update_fused(*ins[:6], ins[6:6 + L], ins[6 + L:], chunk_size=C,
@@ -270,23 +276,16 @@ def test_triton_kernels_under_interpreter():
     assert float(err["FALLBACK"]) <= 2e-5, err  # forward kernel, backward by the torch loop
     assert float(err["MODULE"]) <= 2e-5, err
 
-_SPLIT_SCRIPT = textwrap.dedent("""
-    import torch
+
+_SPLIT_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     import titans.core.memory.triton_kernels as tk
     from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split
 
     def compare(residual, T, d, E, C, wanted):
-        g = torch.Generator().manual_seed(residual * 7 + T)
-        r = lambda *s: torch.randn(*s, generator=g)
-        B, H = 2, 2
-        q, k = (torch.nn.functional.normalize(r(B, H, T, d), dim=-1) for _ in range(2))
-        v = r(B, H, T, d)
-        gates = [torch.rand(B, H, T, generator=g) * s for s in (1 / C, 1.0, 0.05)]
-        W = [r(B, H, d, E) / d ** 0.5, r(B, H, E, d) / E ** 0.5]
-        S = [r(B, H, d, E) * 0.01, r(B, H, E, d) * 0.01]
+        base = memory_inputs(2, T, d, E, C, residual * 7 + T, B=2)
         res = {}
         for split in (False, True):
-            ins = [t.detach().clone().requires_grad_() for t in (q, k, v, *gates, *W, *S)]
+            ins = [t.detach().clone().requires_grad_() for t in base]
             if split:
                 Wf, Sf, pending = neural_memory_update_split(*ins[:6], ins[6:8], ins[8:], chunk_size=C,
                                                              residual=residual, impl="triton")
