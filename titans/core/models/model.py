@@ -301,12 +301,8 @@ class TitansBlock(nn.Module):
             raise ValueError("forward_mixer_split: not with activation checkpointing (its recomputed regions hold the "
                              "memory's write and read together); call forward_mixer")
         run = run_readout or (lambda fn, *args: fn(*args))
-        h = self.norm_mix(x)
-        outs, p = [], pos
-        for piece in h.split(segment_pieces(pos, x.shape[1], self.window), dim=1):
-            y, read = self.mac_chain(piece.contiguous(), st, p, persistent, want_cache)
-            outs.append(run(self.mac_readout, y, read))
-            p += piece.shape[1]
+        outs = self._over_segments(x, pos, lambda piece, p: run(self.mac_readout, *self.mac_chain(
+            piece, st, p, persistent, want_cache)))
         return run(_residual_sum, x, *outs)
 
     def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool):
@@ -336,20 +332,26 @@ class TitansBlock(nn.Module):
     def _mixer(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
                recompute_memory: bool) -> Tensor:
         if self.variant == "mac" and self.memory is not None:
-            # segment by segment, so each piece's retrieval reads the memory as it was before its segment
-            h = self.norm_mix(x)
-            sizes = segment_pieces(pos, x.shape[1], self.window)
-            # one split, not a slice per piece: a slice's backward writes its piece into a zero gradient of h's full
-            # size, and autograd then sums those, O(T^2 / C) memory traffic (MAC 65536 x 1 on an H200: ~40 ms of a
-            # ~540 ms step in fills and adds; benchmarks/RESULTS.md section 6, session 20); split's backward is
-            # one concatenation
-            outs, p = [], pos
-            for piece in h.split(sizes, dim=1):
-                # contiguous once here: each projection of a strided piece would copy it (four of them per segment)
-                outs.append(self.mac_segment(piece.contiguous(), st, p, persistent, want_cache, recompute_memory))
-                p += piece.shape[1]
-            return x + torch.cat(outs, dim=1)
+            outs = self._over_segments(x, pos, lambda piece, p: self.mac_segment(piece, st, p, persistent, want_cache,
+                                                                                 recompute_memory))
+            return _residual_sum(x, *outs)
         return self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
+
+    def _over_segments(self, x: Tensor, pos: int, step) -> list[Tensor]:
+        """MAC's memory blocks: ``step(piece, position)`` for each segment piece of ``norm_mix(x)`` (x (B, T, dim)
+        at host position ``pos``) in order, so each piece's retrieval reads the memory as it was before its
+        segment; returns the steps' outputs."""
+        h = self.norm_mix(x)
+        # one split, not a slice per piece: a slice's backward writes its piece into a zero gradient of h's full
+        # size, and autograd then sums those, O(T^2 / C) memory traffic (MAC 65536 x 1 on an H200: ~40 ms of a
+        # ~540 ms step in fills and adds; benchmarks/RESULTS.md section 6, session 20); split's backward is
+        # one concatenation
+        outs, p = [], pos
+        for piece in h.split(segment_pieces(pos, x.shape[1], self.window), dim=1):
+            # contiguous once here: each projection of a strided piece would copy it (four of them per segment)
+            outs.append(step(piece.contiguous(), p))
+            p += piece.shape[1]
+        return outs
 
     def mix(self, x: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
         """The sequence mixer with its residual: x (B, T, dim) -> (B, T, dim).  ``ops`` carries the state and
