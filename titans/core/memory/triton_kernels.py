@@ -903,6 +903,12 @@ def _state4(W, S) -> list[Tensor]:
     return [Ws[0], Ws[-1], Ss[0], Ss[-1]]
 
 
+def _states_like(buffers: list[Tensor], like) -> tuple[Tensor, ...]:
+    """Kernel state buffers (B*H, ...) back to the shapes and dtypes of ``like`` (the state / its gradient passed
+    in), one per tensor of ``like``."""
+    return tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(buffers, like))
+
+
 def _outputs4(state: list[Tensor], L: int) -> list[Tensor]:
     """Fresh buffers for the four the kernels write (the final state, or the initial state's gradient), shaped like
     ``state``'s (:func:`_state4`); with L == 1 the layer-2 placeholders alias layer 1's (never written)."""
@@ -1032,8 +1038,7 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
     _launch(_memory_fwd_kernel, B * H, N, (qf, _rows(k), _rows(v), *coef, *initial, *state, y, *starts), kw,
             SAVE=keep)
     # outputs in the state's dtype: q / k / v may be narrower (bf16 under autocast; widened on load)
-    Wout = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(state[:2][:L], W))
-    Sout = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(state[2:][:L], S))
+    Wout, Sout = _states_like(state[:2], W), _states_like(state[2:], S)
     return y.reshape(B, H, T, D).to(W[0].dtype), Wout, Sout, (tuple(starts) if save_states else None)
 
 
@@ -1063,13 +1068,12 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
         scratch.append(wide.new_empty(B * H, N, chunk_size, D))  # ES
         args = (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *shares, *scratch,
                 *outs)
-        _launch_stages(B * H, N, args, {key: val for key, val in kw.items() if key != "L"}, mode == "overlap")
+        _launch_stages(B * H, N, args, _stage_kw(kw), mode == "overlap")
     else:
         _launch(_memory_bwd_kernel, B * H, N,
                 (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *outs), kw)
     res = {n: o.reshape(t.shape).to(t.dtype) for n, o, t in zip(CORE_INPUTS, outs, like)}
-    dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dstate[:2][:L], dW))
-    dSo = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(dstate[2:][:L], dS))
+    dWo, dSo = _states_like(dstate[:2], dW), _states_like(dstate[2:], dS)
     return res, dWo, dSo
 
 
@@ -1078,6 +1082,11 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
 # and the three-stage backward's stage 0 (the read-out's share) apart from stages 1 and 2 (the walk's), which then
 # compute the chunk's inner forward themselves (RECOMPUTE) and store their dk / dv share alone (ACCUMULATE off).
 # The chunk starts stay float32 here: their gradient is the read-out's share, carried in their dtype.
+
+
+def _stage_kw(kw: dict, **extra) -> dict:
+    """The three-stage backward's compile-time keywords: :func:`_common`'s without the depth (always 2 there)."""
+    return dict({key: val for key, val in kw.items() if key != "L"}, **extra)
 
 
 def _split_args(q, starts, chunk_size, residual, coefs):
@@ -1097,8 +1106,7 @@ def core_walk(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, activat
     starts = _state_buffers(state[0], B * H, N, state, L, torch.float32)
     _run(_memory_fwd_kernel, (B * H,), (_rows(q), _rows(k), _rows(v), *coef, *initial, *state, state[0].new_empty(1),
                                         *starts), dict(kw, MODE=1, SAVE=True))
-    Wout = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(state[:2][:L], W))
-    Sout = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(state[2:][:L], S))
+    Wout, Sout = _states_like(state[:2], W), _states_like(state[2:], S)
     return Wout, Sout, starts
 
 
@@ -1125,7 +1133,7 @@ def core_readout_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, *, c
                                                                                                    chunk_size, D)]
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, _rows(dy), *[none] * 12, *shares, *scratch, *wide, *dcoef,
             *[none] * 5)
-    _run(_memory_bwd3_kernel, (B * H, N), args, dict({key: val for key, val in kw.items() if key != "L"}, STAGE=0))
+    _run(_memory_bwd3_kernel, (B * H, N), args, _stage_kw(kw, STAGE=0))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[:3])] + [g.reshape(t.shape) for g, t in
                                                                                   zip(dcoef, like[3:6])]
     return grads, shares
@@ -1147,13 +1155,12 @@ def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW,
     es = wide[0].new_empty(B * H, N, chunk_size, D)
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, none, *dfinal, *dstate, *ends,
             *[t.contiguous() for t in shares], zs, us, ls, none, none, es, none, *wide, none, none, none, *dcoef)
-    kw = dict({key: val for key, val in kw.items() if key != "L"}, RECOMPUTE=True, ACCUMULATE=False)
+    kw = _stage_kw(kw, RECOMPUTE=True, ACCUMULATE=False)
     _run(_memory_bwd3_kernel, (B * H,), args, dict(kw, STAGE=1))
     _run(_memory_bwd3_kernel, (B * H, N), args, dict(kw, STAGE=2))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[1:3])] + [g.reshape(t.shape) for g, t in
                                                                                    zip(dcoef, like[6:])]
-    dWo = tuple(w.reshape(t.shape).to(t.dtype) for w, t in zip(dstate[:2], dW))
-    dSo = tuple(x.reshape(t.shape).to(t.dtype) for x, t in zip(dstate[2:], dS))
+    dWo, dSo = _states_like(dstate[:2], dW), _states_like(dstate[2:], dS)
     return grads, dWo, dSo
 
 
