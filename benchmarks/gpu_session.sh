@@ -261,6 +261,17 @@ if [ "$PART" = 20 ]; then
     --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_readouts.json"
   finish
 fi
+if [ "$PART" = 21 ]; then
+  # session 23: PART=20 (never run) and its baseline in the same call, so that the two rows share a machine; then the
+  # split core's GPU kernel tests (PART=19, cut in session 22)
+  step 150 mac-65536x1-wf2048-readouts env TITANS_TRITON_BWD=split TITANS_WAVEFRONT_READOUT_STREAMS=1 $H3 --wavefront \
+    --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_readouts.json"
+  step 130 mac-65536x1-wf2048-baseline env TITANS_TRITON_BWD=split $H3 --wavefront \
+    --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_baseline.json"
+  step 200 kernel-tests-gpu-split sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'on_gpu and split' > $RES/gpu_test_fused_memory_on_gpu_split.txt 2>&1"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
