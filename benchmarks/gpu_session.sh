@@ -272,6 +272,23 @@ if [ "$PART" = 21 ]; then
     -k 'on_gpu and split' > $RES/gpu_test_fused_memory_on_gpu_split.txt 2>&1"
   finish
 fi
+if [ "$PART" = 22 ]; then
+  # session 23: PART=21 put the read-outs on the feed-forward's stream at 193.0K vs 226.0K without (slower: the split
+  # walk recomputes each chunk's inner forward, 128 vs 100 tensor-core instructions).  Now the forward's walk stores
+  # the inner forward (z, u, dl, err) and no backward stage recomputes it (TITANS_TRITON_SAVE_INNER, default on):
+  # 65536 x 1 with it, without it (the control, same machine), with it and the read-outs apart; MAC 4096 x 8 with it
+  # (the speed and memory targets: +1.75 KB a token, head and memory layer); the GPU kernel tests of both backwards
+  WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+  step 150 mac-65536x1-wf2048-inner env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_inner.json"
+  step 115 mac-65536x1-wf2048-recompute env TITANS_TRITON_BWD=split TITANS_TRITON_SAVE_INNER=0 $WF \
+    --out "$RES/h_wf2048_recompute.json"
+  step 115 mac-65536x1-wf2048-inner-readouts env TITANS_TRITON_BWD=split TITANS_WAVEFRONT_READOUT_STREAMS=1 $WF \
+    --out "$RES/h_wf2048_inner_readouts.json"
+  step 110 mac-4096x8-inner $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_inner.json"
+  step 90 kernel-tests-gpu sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'on_gpu and (split or overlap)' > $RES/gpu_test_fused_memory_on_gpu.txt 2>&1"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import time
 import traceback
@@ -441,7 +442,10 @@ def main(argv=None) -> dict:
     result = {
         "date": str(date.today()),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "args": vars(args), "train": [asdict(r) for r in rows], "decode": decode,
+        "torch": torch.__version__, "args": vars(args),
+        # the A/B switches (TITANS_TRITON_*, TITANS_WAVEFRONT_*, ...) a row ran under: read from the environment
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TITANS_")},
+        "train": [asdict(r) for r in rows], "decode": decode,
     }
     if device.type == "cuda":
         from titans.core.memory import triton_kernels

@@ -36,16 +36,19 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
     makes them (``triton_kernels._launch`` / ``_launch_stages``)."""
     tk = _kernels()
     base = dict(N=N, C=C, D=D, E=E, RESIDUAL=residual, DOT_BF16=1)
-    out = [(f"forward pass {m}", tk._memory_fwd_kernel, dict(base, L=L, SAVE=True, MODE=m)) for m in (1, 2)]
+    # (the defaulted constexprs named too: a cross-compilation takes an unnamed one for a pointer argument)
+    # depth 2: the walk stores each chunk's inner forward for the backward (triton_kernels._save_inner)
+    out = [(f"forward pass {m}", tk._memory_fwd_kernel, dict(base, L=L, SAVE=True, MODE=m, INNER=L == 2 and m == 1))
+           for m in (1, 2)]
     if L == 2:
-        # (the defaulted constexprs named too: a cross-compilation takes an unnamed one for a pointer argument)
         out += [(f"backward stage {s}", tk._memory_bwd3_kernel, dict(base, STAGE=s, RECOMPUTE=False,
-                                                                    ACCUMULATE=True)) for s in (0, 1, 2)]
-        out.append(("backward, stages overlapped", tk._memory_bwd3_overlap_kernel, base))
-        # the core split in a walk and a read-out (the wavefront's readout_streams): stages 1 and 2 compute the
-        # chunk's inner forward themselves and store their dk / dv alone
-        out += [(f"backward stage {s}, split core", tk._memory_bwd3_kernel,
-                 dict(base, STAGE=s, RECOMPUTE=True, ACCUMULATE=False)) for s in (1, 2)]
+                                                                    ACCUMULATE=True, INNER=True)) for s in (0, 1, 2)]
+        out.append(("backward, stages overlapped", tk._memory_bwd3_overlap_kernel, dict(base, INNER=True)))
+        # the core split in a walk and a read-out (the wavefront's readout_streams): stages 1 and 2 store their
+        # dk / dv alone; "recomputed": without the forward's inner forward (TITANS_TRITON_SAVE_INNER=0)
+        out += [(f"backward stage {s}, split core{', recomputed' if rec else ''}", tk._memory_bwd3_kernel,
+                 dict(base, STAGE=s, RECOMPUTE=rec, ACCUMULATE=False, INNER=not rec))
+                for rec in (False, True) for s in (1, 2)]
     out += [(f"two-pass backward pass {m}", tk._memory_bwd_kernel, dict(base, L=L, MODE=m)) for m in (1, 2)]
     return out
 
@@ -57,7 +60,7 @@ def _signature(kernel, const: dict) -> dict:
     for p in kernel.params:
         if p.name in const:
             sig[p.name] = "constexpr"
-        elif p.name in ("SW1", "SW2", "SS1", "SS2") and not const.get("RECOMPUTE"):
+        elif p.name in ("SW1", "SW2", "SS1", "SS2") and const.get("ACCUMULATE", True):
             sig[p.name] = "*bf16"  # (the split core keeps its chunk starts in float32)
         elif p.name in ("TICKET", "FLAGS"):
             sig[p.name] = "*i32"

@@ -229,6 +229,11 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     print("FP32", max(compare(*c) for c in cases))  # default: the three-stage depth-2 backward in one launch
     os.environ["TITANS_TRITON_BWD"] = "split"  # the same three stages in three launches
     print("SPLIT", max(compare(*c) for c in cases if c[0] == 2))
+    os.environ["TITANS_TRITON_SAVE_INNER"] = "0"  # the stages recompute each chunk's inner forward (the forward
+    print("RECOMPUTED_SPLIT", max(compare(*c) for c in cases if c[0] == 2))  # keeps only the starts)
+    os.environ["TITANS_TRITON_BWD"] = "overlap"
+    print("RECOMPUTED", max(compare(*c) for c in cases if c[0] == 2))
+    os.environ["TITANS_TRITON_SAVE_INNER"] = "1"
     os.environ["TITANS_TRITON_BWD"] = "fused"  # the two-pass backward for depth 2 as well
     print("TWOPASS", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_SPLIT"] = "0"  # the single-pass kernels
@@ -269,6 +274,8 @@ def test_triton_kernels_under_interpreter():
     # many products, 2-3e-5 relative here, three orders below the bf16 operands' error
     assert float(err["FP32"]) <= 5e-5, err  # depth 2: the three-stage backward in one launch (default)
     assert float(err["SPLIT"]) <= 5e-5, err  # depth 2: its stages in three launches
+    # without the forward's saved inner forward (TITANS_TRITON_SAVE_INNER=0), both
+    assert float(err["RECOMPUTED_SPLIT"]) <= 5e-5 and float(err["RECOMPUTED"]) <= 5e-5, err
     assert float(err["TWOPASS"]) <= 5e-5, err  # depth 2: the two-pass backward
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
     assert float(err["TWOPASS_BF16"]) <= 5e-2, err
@@ -300,21 +307,25 @@ _SPLIT_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
             res[split] = outs + [torch.zeros_like(x) if gr is None else gr for x, gr in zip(ins, grads)]
         return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(res[True], res[False]))
 
-    worst = max(compare(res, T, d, E, 16, wanted) for res, T, d, E in ((False, 32, 16, 32), (True, 64, 16, 16))
-                for wanted in ((True, True), (True, False), (False, True)))
+    import os
+    for save in ("1", "0"):  # the walk's backward reading the forward's inner forward, or recomputing it
+        os.environ["TITANS_TRITON_SAVE_INNER"] = save
+        worst = max(compare(res, T, d, E, 16, wanted) for res, T, d, E in ((False, 32, 16, 32), (True, 64, 16, 16))
+                    for wanted in ((True, True), (True, False), (False, True)))
+        print(f"SPLIT_CORE_{save}", worst)
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the split kernels ran (no fallback to the torch loop)
-    print("SPLIT_CORE", worst)
 """)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_triton_split_core_under_interpreter():
-    """The core split in a walk op (forward pass 1; backward stages 1-2 recomputing the chunk's inner forward) and a
+    """The core split in a walk op (forward pass 1; backward stages 1-2, reading the chunk's inner forward the walk
+    stored or recomputing it) and a
     read-out op (pass 2; stage 0, whose per-chunk start-state shares reach the walk as its starts' gradient) equals
     the one-node torch core: y, state and every gradient, with y and the state both used, y alone, the state
     alone (float32 operands under TRITON_INTERPRET=1)."""
     err = _errors(_interpreted(_SPLIT_SCRIPT))
-    assert float(err["SPLIT_CORE"]) <= 5e-5, err
+    assert float(err["SPLIT_CORE_1"]) <= 5e-5 and float(err["SPLIT_CORE_0"]) <= 5e-5, err
 
 
 _BF16_INPUTS_SCRIPT = textwrap.dedent("""
@@ -443,7 +454,8 @@ _BF16_STARTS_SCRIPT = textwrap.dedent("""
     os.environ["TITANS_TRITON_BWD"] = "overlap"
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES
 
-    # the op's saved starts are bf16, and its shape function says so (opcheck compares them)
+    # the op's saved starts are bf16, and its shape function says so (opcheck compares them); depth 2 adds each
+    # chunk's inner forward (z, u, dl, err) in float32, stored by the forward's walk for the backward
     B, H, T, d, C = 1, 2, 32, 16, 16
     qkv = [torch.randn(B, H, T, d, generator=g) for _ in range(3)]
     coef = [c.contiguous() for c in chunk_coefficients(*(torch.rand(B, H, T, generator=g) * 0.05 for _ in range(3)), C)]
@@ -464,6 +476,11 @@ _BF16_STARTS_SCRIPT = textwrap.dedent("""
         grads = tk.memory_core_backward(*qkv, *coef, fb[5:], dy, W, S, C, "silu", True)
     tk.core_forward, tk.core_backward = fwd, bwd
     print("FALLBACK_DTYPES", ",".join(str(t.dtype).split(".")[-1] for t in fb[5:]))
+    # the kernel's inner forward (bf16 operands) is fused_update.stack_inner's (the fallback's; float32 operands) at
+    # the kernel's own chunk starts
+    from titans.core.memory.fused_update import stack_inner
+    ref = stack_inner(qkv[1], qkv[2], out[5:9], C, "silu", True)
+    print("INNER_FALLBACK", max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(out[9:], ref)))
     print("FALLBACK_FINITE", int(all(torch.isfinite(t).all() for t in grads)))
 """)
 
@@ -473,8 +490,9 @@ def test_triton_kernels_keep_chunk_starts_in_bf16_without_changing_a_bit():
     out = _errors(_interpreted(_BF16_STARTS_SCRIPT, timeout=900))
     for name in ("SPLIT", "TWOPASS", "SINGLE"):
         assert float(out[name]) == 0.0, out
-    assert out["DTYPES"] == "bfloat16,bfloat16,bfloat16,bfloat16", out
+    assert out["DTYPES"] == "bfloat16,bfloat16,bfloat16,bfloat16,float32,float32,float32,float32", out
     assert out["FALLBACK_DTYPES"] == out["DTYPES"] and out["FALLBACK_FINITE"] == "1", out
+    assert float(out["INNER_FALLBACK"]) <= 2e-2, out  # bf16 operands against float32 ones
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
@@ -511,13 +529,16 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
     # the split core's four ops (MAC's wavefront with its read-outs apart): opcheck, and a fullgraph compile of
     # NeuralMemory.write (returning the state and the pending read) and of the read, equal to eager
-    starts = tk.memory_walk_forward(*qkv, *coef, W, S, C, "silu", True)[4:]
+    walk = tk.memory_walk_forward(*qkv, *coef, W, S, C, "silu", True)
+    starts, inner = walk[4:8], walk[8:]  # the chunk starts, then each chunk's inner forward for the walk's backward
+    assert len(inner) == 4
     torch.library.opcheck(tk.memory_walk_forward, (*qkv, *coef, W, S, C, "silu", True))
     torch.library.opcheck(tk.memory_readout_forward, (*qkv, *coef, starts, C, "silu", True))
     torch.library.opcheck(tk.memory_readout_backward, (*qkv, *coef, starts, torch.randn(B, H, T, d, generator=g), C,
                                                        "silu", True))
-    torch.library.opcheck(tk.memory_walk_backward, (*qkv, *coef, starts, [torch.randn_like(s) for s in starts], W, S,
-                                                    C, "silu", True))
+    for saved in (starts + inner, starts):  # reading the inner forward, or recomputing it
+        torch.library.opcheck(tk.memory_walk_backward, (*qkv, *coef, saved, [torch.randn_like(s) for s in starts], W,
+                                                        S, C, "silu", True))
     tri.zero_grad()
     read, st = tri.write(x)
     assert not isinstance(read.y, torch.Tensor)  # the split core ran
@@ -572,6 +593,17 @@ def test_triton_kernels_on_gpu(backward, monkeypatch):
         assert all(x.dtype == torch.bfloat16 for x in g3[:3])
         for a, b in zip(o3 + list(g3), o1 + list(g1)):
             assert _rel(a.float(), b) <= 5e-2
+        # the core split in a walk and a read-out (the wavefront's read-out streams), its walk's backward reading
+        # the inner forward the forward stored, or recomputing it
+        def split_core(*a, **kw):
+            Wn, Sn, pending = neural_memory_update_split(*a, **kw, impl="triton")
+            return pending.read(), Wn, Sn
+
+        for save in ("1", "0"):
+            monkeypatch.setenv("TITANS_TRITON_SAVE_INNER", save)
+            o4, g4 = _run(split_core, ins, 2, chunk_size=C)
+            for a, b in zip(o4 + list(g4), o1 + list(g1)):
+                assert _rel(a, b) <= 5e-2
     assert (d, E, 2, C) not in tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
 
 

@@ -367,6 +367,22 @@ def stack_starts(starts, L: int, dtype: torch.dtype | None = None) -> list[Tenso
     return out if L == 2 else [out[0], out[0].new_empty(1), out[2], out[2].new_empty(1)]
 
 
+def stack_inner(k: Tensor, v: Tensor, starts, chunk_size: int, activation: str, residual: bool) -> list[Tensor]:
+    """Each chunk's inner forward at its start weights (depth 2), as the fused forward's walk stores it for the
+    three-stage backward: ``[z, u, dl]`` (B*H, N, C, E) and ``err`` (B*H, N, C, d), float32, with z = k W1,
+    err = 2 (silu(z) W2 [+ k] - v) (the inner loss gradient of Eq. 12), u = err W2^T, dl = u * act'(z).  k, v
+    (B, H, T, d); ``starts`` the four (B*H, N, ...) buffers of :func:`stack_starts`."""
+    BH, N = starts[0].shape[:2]
+    act = get_activation(activation)
+    kc, vc = (t.reshape(BH, N, chunk_size, t.shape[-1]).float() for t in (k, v))
+    w1, w2 = starts[0].float(), starts[1].float()
+    z = kc @ w1
+    p = act.fn(z) @ w2
+    err = 2 * ((p + kc if residual else p) - vc)
+    u = err @ w2.transpose(-1, -2)
+    return [z, u, u * act.grad(z), err]
+
+
 def unstack_starts(starts, B: int, H: int, L: int, dtype: torch.dtype | None = None):
     """The inverse of :func:`stack_starts`: four (B*H, N, ...) buffers -> per-chunk ``(W, S)`` tuples (B, H, ...)."""
     sw1, sw2, ss1, ss2 = starts
@@ -479,13 +495,15 @@ class MemoryWalkFunction(torch.autograd.Function):
             from titans.core.memory.triton_kernels import memory_walk_forward
 
             out = memory_walk_forward(*core, list(W), list(S), chunk_size, activation, residual)
-            Wn, Sn, starts = out[:L], out[L:2 * L], out[2 * L:]
+            # the chunks' inner forward, if the walk saved it, goes to the backward only
+            Wn, Sn, starts, inner = out[:L], out[L:2 * L], out[2 * L:2 * L + 4], out[2 * L + 4:]
         else:
             with torch.no_grad():
                 _, Wn, Sn, st = core_forward_torch(*core, W, S, chunk_size=chunk_size, activation=activation,
                                                    residual=residual, save_states=True)
             starts = stack_starts(st, L)  # in the state's dtype (float64 in the exactness tests)
-        ctx.save_for_backward(*core, *starts)
+            inner = []
+        ctx.save_for_backward(*core, *starts, *inner)
         ctx.cfg = (impl, chunk_size, activation, residual, L, q.shape[0], q.shape[1])
         if L == 1:  # the layer-2 placeholders
             ctx.mark_non_differentiable(starts[1], starts[3])
@@ -495,7 +513,7 @@ class MemoryWalkFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         impl, C, activation, residual, L, B, H = ctx.cfg
         saved = ctx.saved_tensors
-        core, starts = saved[:11], saved[11:]
+        core, starts = saved[:11], saved[11:]  # the four starts, then the inner forward if saved
         dW, dS, shares = tuple(grads[:L]), tuple(grads[L:2 * L]), grads[2 * L:]
         if impl == "triton":
             from titans.core.memory.triton_kernels import memory_walk_backward
@@ -505,7 +523,7 @@ class MemoryWalkFunction(torch.autograd.Function):
             res = dict(zip(("k", "v", "Ml", "m", "Gl", "Bl", "Pl"), out[:7]))
             dW, dS = tuple(out[7:7 + L]), tuple(out[7 + L:])
         else:
-            st, sh = unstack_starts(starts, B, H, L), unstack_starts(shares, B, H, L)
+            st, sh = unstack_starts(starts[:4], B, H, L), unstack_starts(shares, B, H, L)
             with torch.no_grad():
                 res, dW, dS = core_backward_torch(*core, st, torch.zeros_like(core[0]), dW, dS, chunk_size=C,
                                                   activation=activation, residual=residual, shares=sh)

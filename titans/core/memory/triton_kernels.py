@@ -25,8 +25,11 @@ State: the forward's walking pass carries the fast weights and momentum in regis
 (one load and one store per sequence; faster than a round trip through memory with barriers per chunk,
 measured on an H100).  The backward's walking pass keeps the state gradient in its output buffers (hot in
 L2) instead: carried in registers next to its activations it needed more than an H100's shared memory.
-The forward stores each chunk's starting state for the backward, which recomputes the chunk (the chunk's
-activations are never kept).  Read-only state tiles are held as bf16 operands (fewer register spills).
+The forward stores each chunk's starting state for the backward.  With depth 2 (the three-stage backward) its walk
+also stores the chunk's inner forward (z, u, dl, err at the start weights: what the update needs anyway, 1.75 KB a
+token and head in float32), which the backward would otherwise recompute in its sequential walk
+(``TITANS_TRITON_SAVE_INNER=0``: recompute it, keeping only the starts).  Read-only state tiles are held as bf16
+operands (fewer register spills).
 
 Depth 2 (more than one chunk) takes a three-stage backward (``_memory_bwd3_kernel``: the dy share in
 parallel, the state-gradient recurrence over the dWn share alone, the dWn share in parallel): on an H100
@@ -69,6 +72,7 @@ from titans.core.memory.fused_update import (
     core_forward_torch,
     core_readout_backward_torch,
     core_readout_torch,
+    stack_inner,
     stack_starts,
     unstack_starts,
 )
@@ -292,10 +296,13 @@ if triton is not None:
         IW1, IW2, IS1, IS2,  # the initial state (BH, ...), read
         W1, W2, S1, S2,  # the final state (BH, ...), written (not the initial state's buffers: no copy of them first)
         Y, SW1, SW2, SS1, SS2,  # output and the saved chunk-start states (BH, N, ...)
+        ZS, US, LS, ES,  # with INNER (depth 2, walking modes): each chunk's inner forward z, u, dl (BH, N, C, E), err
+        # (BH, N, C, D), which the walk computes for its update anyway: the backward reads them instead of recomputing
         # N (chunks) is a compile-time constant: one specialisation per sequence length, and the
         # interpreter (CPU tests) needs a Python int for the loop bound
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
         RESIDUAL: tl.constexpr, SAVE: tl.constexpr, DOT_BF16: tl.constexpr, MODE: tl.constexpr,
+        INNER: tl.constexpr = False,
     ):
         # MODE 0: one program per (b, h) walks all chunks and writes y and the state.
         # MODE 1: the same walk, state only (y's matmuls are dead code and removed), saving chunk starts.
@@ -348,6 +355,11 @@ if triton is not None:
                         tl.store(_mat(SW2 + cc * E * D, E, D), w2.to(SW2.dtype.element_ty))
                         tl.store(_mat(SS2 + cc * E * D, E, D), s2.to(SS2.dtype.element_ty))
                 z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
+                if INNER and MODE != 2:
+                    tl.store(_mat(ZS + cc * C * E, C, E), z)
+                    tl.store(_mat(US + cc * C * E, C, E), u)
+                    tl.store(_mat(LS + cc * C * E, C, E), dl)
+                    tl.store(_mat(ES + cc * C * D, C, D), err)
                 zq = g * _dot(q, w1, DOT_BF16) + b * _dot(q, s1, DOT_BF16) + _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
                 ht = tl.trans(h)
@@ -542,7 +554,7 @@ if triton is not None:
         bh, c0, F0, F1,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr, SYNC: tl.constexpr,
-        RECOMPUTE: tl.constexpr, ACCUMULATE: tl.constexpr,
+        RECOMPUTE: tl.constexpr, ACCUMULATE: tl.constexpr, INNER: tl.constexpr,
     ):
         """One stage's work for program ``bh``: chunk ``c0`` (stages 0 and 2) or the walk over all chunks
         (stage 1).  With ``SYNC`` (one launch for all three stages, ``_memory_bwd3_overlap_kernel``) the stages
@@ -550,7 +562,8 @@ if triton is not None:
         stored; the walk waits on it before chunk c and releases ``F1[bh, c]`` once the gradient of chunk c's end
         state is complete; stage 2's chunk c waits on both.  ``RECOMPUTE`` (the core split in two, stage 0 run by
         another op): stages 1 and 2 compute the chunk's inner forward and store it to the scratch themselves;
-        ``ACCUMULATE``: stage 2 adds its dk / dv share to stage 0's (else it stores its own alone)."""
+        ``ACCUMULATE``: stage 2 adds its dk / dv share to stage 0's (else it stores its own alone).  ``INNER``: the
+        forward's walk stored each chunk's inner forward (z, u, dl, err) in the scratch: no stage computes it."""
         rc = tl.arange(0, C)
         T = N * C
         dw1p, ds1p, dw2p, ds2p = _state_ptrs(IDW1, IDS1, IDW2, IDS2, bh, D, E)  # the final state's gradient, read
@@ -586,7 +599,7 @@ if triton is not None:
             usp = _mat(US + cc * C * E, C, E)
             lsp = _mat(LS + cc * C * E, C, E)
             esp = _mat(ES + cc * C * D, C, D)
-            if STAGE == 0 or RECOMPUTE:
+            if not INNER and (STAGE == 0 or RECOMPUTE):
                 z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
                 tl.store(zsp, z)
                 tl.store(usp, u)
@@ -594,10 +607,12 @@ if triton is not None:
                 tl.store(esp, err)
                 if STAGE != 0:
                     tl.debug_barrier()  # read back below, also by other threads
-            else:  # the chunk's inner forward as stage 0 stored it (the same values as recomputing it)
+            else:  # the chunk's inner forward as stage 0 or the forward stored it (the values recomputing gives)
                 z = tl.load(zsp)
                 err = tl.load(esp)
                 h = _silu(z)
+                if STAGE == 0:
+                    dl = tl.load(lsp)
             ht = tl.trans(h)
             if STAGE == 0:
                 # Ordered so that few tiles are live at once (held across both read-outs they spilled to local
@@ -755,14 +770,14 @@ if triton is not None:
         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
-        RECOMPUTE: tl.constexpr = False, ACCUMULATE: tl.constexpr = True,
+        RECOMPUTE: tl.constexpr = False, ACCUMULATE: tl.constexpr = True, INNER: tl.constexpr = False,
     ):
         """One stage per launch, grid (BH, N) for stages 0 and 2 and (BH,) for stage 1."""
         _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
                     DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                     DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
                     tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), DW1, DW1,  # (no flags)
-                    N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False, RECOMPUTE, ACCUMULATE)
+                    N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False, RECOMPUTE, ACCUMULATE, INNER)
 
     # The three stages in one launch.  Stage 1 walks the chunks with one program per (batch, head), a few dozen
     # programs on a GPU of ~130 SMs; launched one after another, stage 2 starts only when the slowest walk ends.
@@ -778,7 +793,7 @@ if triton is not None:
         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES, DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
         TICKET, FLAGS,  # int32, zero at launch: the ticket counter (1,) and the hand-on flags (2, BH, N)
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr = False,
     ):
         BH = tl.num_programs(0) // (2 * N + 1)
         t = tl.atomic_add(TICKET, 1).to(tl.int64)
@@ -788,20 +803,20 @@ if triton is not None:
                         DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
-                        t % BH, N - 1 - t // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 0, True, False, True)
+                        t % BH, N - 1 - t // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 0, True, False, True, INNER)
         elif t < BH * N + BH:
             _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
                         DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
-                        t - BH * N, 0, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 1, True, False, True)
+                        t - BH * N, 0, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 1, True, False, True, INNER)
         else:
             j = t - BH * N - BH
             _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
                         DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
-                        j % BH, N - 1 - j // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 2, True, False, True)
+                        j % BH, N - 1 - j // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 2, True, False, True, INNER)
 
 def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Exception) -> None:
     """Record a compile failure (say, out of shared memory on a smaller GPU) so ``supports`` says no."""
@@ -872,6 +887,20 @@ def _split() -> bool:
     """Two-pass kernels (a sequential pass for the recurrence, then a pass parallel over chunks for the
     per-token outputs) unless ``TITANS_TRITON_SPLIT=0`` asks for the single-pass ones."""
     return os.environ.get("TITANS_TRITON_SPLIT", "1") != "0"
+
+
+def _save_inner(L: int, N: int) -> bool:
+    """Whether the forward's walk stores each chunk's inner forward for the backward: depth 2 with the three-stage
+    backward (the only one that reads it), unless ``TITANS_TRITON_SAVE_INNER=0``."""
+    return (L == 2 and N > 1 and _backward_mode() != "fused"
+            and os.environ.get("TITANS_TRITON_SAVE_INNER", "1") != "0")
+
+
+def _inner_buffers(like: Tensor, BH: int, N: int, C: int, D: int, E: int) -> list[Tensor]:
+    """Fresh float32 buffers for :func:`~titans.core.memory.fused_update.stack_inner`'s z, u, dl (BH, N, C, E) and
+    err (BH, N, C, D)."""
+    return [like.new_empty(BH, N, C, E, dtype=torch.float32) for _ in range(3)] + [
+        like.new_empty(BH, N, C, D, dtype=torch.float32)]
 
 
 def _state_buffers(like: Tensor, BH: int, N: int, state: list[Tensor], L: int,
@@ -1021,7 +1050,8 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
     sequence).
 
     Arguments as :func:`titans.core.memory.fused_update.core_forward_torch`.  Returns ``(y, W, S, starts)``
-    with ``starts`` a tuple of the chunk-start state tensors (B*H, N, ...) or None.
+    with ``starts`` a tuple of the chunk-start state tensors (B*H, N, ...), followed by the chunks' inner forward
+    (:func:`_save_inner`), or None.
     """
     if triton is None:
         raise RuntimeError(f"Triton is not available: {_TRITON_ERROR}")
@@ -1035,16 +1065,20 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
     keep = save_states or (_split() and N > 1)
     starts = (_state_buffers(y, B * H, N, state, L, _starts_dtype(kw["DOT_BF16"])) if keep else
               [y.new_empty(1)] * 4)
-    _launch(_memory_fwd_kernel, B * H, N, (qf, _rows(k), _rows(v), *coef, *initial, *state, y, *starts), kw,
-            SAVE=keep)
+    inner = save_states and _save_inner(L, N)
+    scratch = _inner_buffers(y, B * H, N, chunk_size, D, W[0].shape[-1]) if inner else [y.new_empty(1)] * 4
+    _launch(_memory_fwd_kernel, B * H, N, (qf, _rows(k), _rows(v), *coef, *initial, *state, y, *starts, *scratch),
+            kw, SAVE=keep, INNER=inner)
     # outputs in the state's dtype: q / k / v may be narrower (bf16 under autocast; widened on load)
     Wout, Sout = _states_like(state[:2], W), _states_like(state[2:], S)
-    return y.reshape(B, H, T, D).to(W[0].dtype), Wout, Sout, (tuple(starts) if save_states else None)
+    return (y.reshape(B, H, T, D).to(W[0].dtype), Wout, Sout,
+            (tuple(starts) + (tuple(scratch) if inner else ()) if save_states else None))
 
 
 def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, chunk_size, activation, residual):
     """Fused backward of the memory core; returns ``(grads, dW, dS)`` like
-    :func:`titans.core.memory.fused_update.core_backward_torch`."""
+    :func:`titans.core.memory.fused_update.core_backward_torch`.  ``starts``: the forward's (four buffers, then the
+    chunks' inner forward if it saved it)."""
     L = len(dW)
     like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
     B, H, T, D, N, coef, kw = _common(q, dW, chunk_size, residual, like[3:])
@@ -1055,7 +1089,7 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     outs += [torch.empty_like(t) for t in coef]
     # the saved starts come back from autograd (or a compiled graph) as they were stored; the kernel indexes
     # them as dense buffers, so make sure they are
-    starts = [t.contiguous() for t in starts]
+    starts, inner = [t.contiguous() for t in starts[:4]], starts[4:]
     mode = _backward_mode()
     three_stage = L == 2 and N > 1 and mode != "fused"
     # the gradient of each chunk's end state, written by the walking pass for the parallel one
@@ -1066,9 +1100,11 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
         shares = _state_buffers(wide, B * H, N, dstate, L)  # X1, X2, XS1, XS2: the dy share per chunk
         scratch = [wide.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(5)]  # ZS, US, LS, HS, QS
         scratch.append(wide.new_empty(B * H, N, chunk_size, D))  # ES
+        if inner:  # the forward's z, u, dl, err in place of stage 0's (read only)
+            scratch = [*inner[:3], *scratch[3:5], inner[3]]
         args = (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *shares, *scratch,
                 *outs)
-        _launch_stages(B * H, N, args, _stage_kw(kw), mode == "overlap")
+        _launch_stages(B * H, N, args, _stage_kw(kw, INNER=bool(inner)), mode == "overlap")
     else:
         _launch(_memory_bwd_kernel, B * H, N,
                 (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *outs), kw)
@@ -1097,17 +1133,19 @@ def _split_args(q, starts, chunk_size, residual, coefs):
 
 
 def core_walk(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, activation, residual):
-    """The forward's walking pass alone: ``(W, S, starts)``, the final state and each chunk's start state (four
-    float32 (B*H, N, ...) buffers)."""
+    """The forward's walking pass alone: ``(W, S, starts, inner)``, the final state, each chunk's start state (four
+    float32 (B*H, N, ...) buffers) and, if :func:`_save_inner`, each chunk's inner forward (else empty)."""
     L = len(W)
     B, H, T, D, N, coef, kw = _common(q, W, chunk_size, residual, (G, Bc, M, Ml, m, Gl, Bl, Pl))
     initial = _state4(W, S)
     state = _outputs4(initial, L)
     starts = _state_buffers(state[0], B * H, N, state, L, torch.float32)
+    save = _save_inner(L, N)
+    scratch = _inner_buffers(state[0], B * H, N, chunk_size, D, W[0].shape[-1]) if save else [state[0].new_empty(1)] * 4
     _run(_memory_fwd_kernel, (B * H,), (_rows(q), _rows(k), _rows(v), *coef, *initial, *state, state[0].new_empty(1),
-                                        *starts), dict(kw, MODE=1, SAVE=True))
+                                        *starts, *scratch), dict(kw, MODE=1, SAVE=True, INNER=save))
     Wout, Sout = _states_like(state[:2], W), _states_like(state[2:], S)
-    return Wout, Sout, starts
+    return Wout, Sout, starts, (scratch if save else [])
 
 
 def core_readout(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, *, chunk_size, activation, residual):
@@ -1115,8 +1153,8 @@ def core_readout(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, *, chunk_size, ac
     B, H, T, D, N, coef, kw, _ = _split_args(q, starts, chunk_size, residual, (G, Bc, M, Ml, m, Gl, Bl, Pl))
     y = torch.empty(B * H, T, D, dtype=torch.float32, device=q.device)
     # the state pointers of pass 2 are never read or written there (the starts stand in for them)
-    _run(_memory_fwd_kernel, (B * H, N), (_rows(q), _rows(k), _rows(v), *coef, *starts, *starts, y, *starts),
-         dict(kw, MODE=2, SAVE=True))
+    _run(_memory_fwd_kernel, (B * H, N), (_rows(q), _rows(k), _rows(v), *coef, *starts, *starts, y, *starts,
+                                          *starts), dict(kw, MODE=2, SAVE=True))
     return y.reshape(B, H, T, D)
 
 
@@ -1142,8 +1180,10 @@ def core_readout_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, *, c
 def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW, dS, *, chunk_size, activation,
                        residual):
     """Stages 1 and 2 alone, the read-out's ``shares`` added to each chunk's start-state gradient: ``(grads of k,
-    v, Ml, m, Gl, Bl, Pl, dW, dS)`` with dW / dS those of the initial state."""
+    v, Ml, m, Gl, Bl, Pl, dW, dS)`` with dW / dS those of the initial state.  ``starts``: :func:`core_walk`'s four,
+    then its inner forward if it saved it (else the stages recompute it)."""
     like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+    starts, inner = starts[:4], starts[4:]
     B, H, T, D, N, coef, kw, none = _split_args(q, starts, chunk_size, residual, like[3:])
     E = starts[0].shape[-1]
     dfinal = _state4(dW, dS)
@@ -1151,11 +1191,14 @@ def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW,
     ends = _state_buffers(dstate[0], B * H, N, dstate, 2)
     wide = [torch.empty(B * H, T, D, dtype=torch.float32, device=q.device) for _ in range(2)]  # dk, dv
     dcoef = [torch.empty_like(t) for t in coef[3:]]  # dMl, dm, dGl, dBl, dPl
-    zs, us, ls = (wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(3))
-    es = wide[0].new_empty(B * H, N, chunk_size, D)
+    if inner:
+        zs, us, ls, es = inner
+    else:
+        zs, us, ls = (wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(3))
+        es = wide[0].new_empty(B * H, N, chunk_size, D)
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, none, *dfinal, *dstate, *ends,
             *[t.contiguous() for t in shares], zs, us, ls, none, none, es, none, *wide, none, none, none, *dcoef)
-    kw = _stage_kw(kw, RECOMPUTE=True, ACCUMULATE=False)
+    kw = _stage_kw(kw, RECOMPUTE=not inner, ACCUMULATE=False, INNER=bool(inner))
     _run(_memory_bwd3_kernel, (B * H,), args, dict(kw, STAGE=1))
     _run(_memory_bwd3_kernel, (B * H, N), args, dict(kw, STAGE=2))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[1:3])] + [g.reshape(t.shape) for g, t in
@@ -1190,7 +1233,8 @@ def _fresh(t: Tensor) -> Tensor:
 def memory_core_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, M: Tensor, Ml: Tensor, m: Tensor,
                         Gl: Tensor, Bl: Tensor, Pl: Tensor, W: list[Tensor], S: list[Tensor], chunk_size: int,
                         activation: str, residual: bool, save_states: bool) -> list[Tensor]:
-    """``[y, *W, *S, *starts]`` (starts: four buffers, only with ``save_states``) of :func:`core_forward`."""
+    """``[y, *W, *S, *starts]`` (starts: four buffers and the inner forward of :func:`_save_inner`, only with
+    ``save_states``) of :func:`core_forward`."""
     W, S = tuple(W), tuple(S)
     try:
         y, Wn, Sn, starts = core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
@@ -1199,6 +1243,8 @@ def memory_core_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, 
         y, Wn, Sn, st = _forward_fallback(e, (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl), W, S, chunk_size, activation,
                                           residual, save_states)
         starts = stack_starts(st, len(W), _starts_dtype(_dot_bf16(q))) if save_states else None
+        if save_states and _save_inner(len(W), q.shape[2] // chunk_size):  # what the fake promised
+            starts += stack_inner(k, v, starts, chunk_size, activation, residual)
     return [t.contiguous() for t in (y, *Wn, *Sn, *(starts or ()))]
 
 
@@ -1211,6 +1257,8 @@ def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size, activation, residu
         first = q.new_empty(BH, N, *W[0].shape[2:], dtype=sdt)
         second = q.new_empty(BH, N, *W[-1].shape[2:], dtype=sdt) if len(W) == 2 else q.new_empty(1, dtype=sdt)
         outs += [first, second, _fresh(first), _fresh(second)]
+        if _save_inner(len(W), N):
+            outs += _inner_buffers(q, BH, N, chunk_size, q.shape[-1], W[0].shape[-1])
     return outs
 
 
@@ -1230,7 +1278,8 @@ def memory_core_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor,
         B, H = q.shape[:2]
         wide = tuple(t.to(dW[0].dtype) for t in core[:3]) + core[3:]
         with torch.no_grad():
-            res, dWo, dSo = core_backward_torch(*wide, unstack_starts(starts, B, H, len(dW), torch.float32), dy, dW, dS,
+            res, dWo, dSo = core_backward_torch(*wide, unstack_starts(starts[:4], B, H, len(dW), torch.float32), dy, dW,
+                                                dS,
                                                 chunk_size=chunk_size, activation=activation, residual=residual)
         for name, t in zip(("q", "k", "v"), core):
             res[name] = res[name].to(t.dtype)
@@ -1246,23 +1295,27 @@ def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, chunk_size, acti
 def memory_walk_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, M: Tensor, Ml: Tensor, m: Tensor,
                         Gl: Tensor, Bl: Tensor, Pl: Tensor, W: list[Tensor], S: list[Tensor], chunk_size: int,
                         activation: str, residual: bool) -> list[Tensor]:
-    """``[*W, *S, *starts]`` of :func:`core_walk` (the starts: four float32 buffers)."""
+    """``[*W, *S, *starts, *inner]`` of :func:`core_walk` (the starts: four float32 buffers; the inner forward: four
+    more if :func:`_save_inner`, else none)."""
     W, S = tuple(W), tuple(S)
     try:
-        Wn, Sn, starts = core_walk(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
-                                   activation=activation, residual=residual)
+        Wn, Sn, starts, inner = core_walk(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size=chunk_size,
+                                          activation=activation, residual=residual)
     except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here: the same math in torch
         _, Wn, Sn, st = _forward_fallback(e, (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl), W, S, chunk_size, activation,
                                           residual, True)
         starts = stack_starts(st, len(W), torch.float32)
-    return [t.contiguous() for t in (*Wn, *Sn, *starts)]
+        inner = (stack_inner(k, v, starts, chunk_size, activation, residual)
+                 if _save_inner(len(W), q.shape[2] // chunk_size) else [])
+    return [t.contiguous() for t in (*Wn, *Sn, *starts, *inner)]
 
 
 @memory_walk_forward.register_fake
 def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size, activation, residual):
     BH, N = q.shape[0] * q.shape[1], q.shape[2] // chunk_size
     starts = [q.new_empty(BH, N, *t.shape[2:], dtype=torch.float32) for t in (W[0], W[-1], S[0], S[-1])]
-    return [_fresh(t) for t in (*W, *S)] + starts
+    inner = _inner_buffers(q, BH, N, chunk_size, q.shape[-1], W[0].shape[-1]) if _save_inner(len(W), N) else []
+    return [_fresh(t) for t in (*W, *S)] + starts + inner
 
 
 @torch.library.custom_op("titans::memory_readout_forward", mutates_args=())
@@ -1328,7 +1381,7 @@ def memory_walk_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor,
         B, H = q.shape[:2]
         wide = tuple(t.to(dW[0].dtype) for t in core[:3]) + core[3:]
         with torch.no_grad():
-            res, dWo, dSo = core_backward_torch(*wide, unstack_starts(starts, B, H, 2, dW[0].dtype),
+            res, dWo, dSo = core_backward_torch(*wide, unstack_starts(starts[:4], B, H, 2, dW[0].dtype),
                                                 torch.zeros_like(wide[0]), dW, dS, chunk_size=chunk_size,
                                                 activation=activation, residual=residual,
                                                 shares=unstack_starts(shares, B, H, 2, dW[0].dtype))
