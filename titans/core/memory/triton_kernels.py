@@ -229,18 +229,29 @@ if triton is not None:
         return tl.sum(tl.sum(a.to(tl.float32) * b.to(tl.float32), 1), 0)
 
     @triton.jit
-    def _mlp_at_start(k, v, w1, w2, RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr):
+    def _mlp_at_start(k, v, w1, w2, RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, zp, up, lp, ep,
+                      STORE: tl.constexpr):
         """The chunk's inner forward at its start weights: z = k W1, h = silu(z), err = 2 (h W2 [+ k] - v),
-        u = err W2^T, dl = u * silu'(z)."""
+        u = err W2^T, dl = u * silu'(z); with ``STORE`` each also stored (to zp, up, lp, ep) as soon as it exists,
+        so a caller that does not use it again holds it no longer (fewer spills than storing after the return)."""
         z = _dot(k, w1, DOT_BF16)
+        if STORE:
+            tl.store(zp, z)
         h = _silu(z)
         ag = _silu_grad(z)
         p = _dot(h, w2, DOT_BF16)
         if RESIDUAL:
             p += k
         err = 2 * (p - v)
+        if STORE:
+            tl.store(ep, err)
         u = _dot(err, tl.trans(w2), DOT_BF16)
-        return z, h, ag, err, u, u * ag
+        if STORE:
+            tl.store(up, u)
+        dl = u * ag
+        if STORE:
+            tl.store(lp, dl)
+        return z, h, ag, err, u, dl
 
     @triton.jit
     def _through_inner(ddl, derr, dh, z, ag, u, w2, DOT_BF16: tl.constexpr):
@@ -354,12 +365,9 @@ if triton is not None:
                     if SAVE:
                         tl.store(_mat(SW2 + cc * E * D, E, D), w2.to(SW2.dtype.element_ty))
                         tl.store(_mat(SS2 + cc * E * D, E, D), s2.to(SS2.dtype.element_ty))
-                z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
-                if INNER and MODE != 2:
-                    tl.store(_mat(ZS + cc * C * E, C, E), z)
-                    tl.store(_mat(US + cc * C * E, C, E), u)
-                    tl.store(_mat(LS + cc * C * E, C, E), dl)
-                    tl.store(_mat(ES + cc * C * D, C, D), err)
+                z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16, _mat(ZS + cc * C * E, C, E),
+                                                     _mat(US + cc * C * E, C, E), _mat(LS + cc * C * E, C, E),
+                                                     _mat(ES + cc * C * D, C, D), INNER and MODE != 2)
                 zq = g * _dot(q, w1, DOT_BF16) + b * _dot(q, s1, DOT_BF16) + _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
                 ht = tl.trans(h)
@@ -458,7 +466,7 @@ if triton is not None:
                 dbl += _inner(s2, dw2n)
                 dpl += _inner(s2, ds2n)
                 # recompute the chunk's forward
-                z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
+                z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16, Q, Q, Q, Q, False)
                 zq = g * qw1 + b * qs1 + _dot(a1, dl, DOT_BF16)
                 hq = _silu(zq)
                 ht = tl.trans(h)
@@ -600,11 +608,7 @@ if triton is not None:
             lsp = _mat(LS + cc * C * E, C, E)
             esp = _mat(ES + cc * C * D, C, D)
             if not INNER and (STAGE == 0 or RECOMPUTE):
-                z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16)
-                tl.store(zsp, z)
-                tl.store(usp, u)
-                tl.store(lsp, dl)
-                tl.store(esp, err)
+                z, h, ag, err, u, dl = _mlp_at_start(k, v, w1, w2, RESIDUAL, DOT_BF16, zsp, usp, lsp, esp, True)
                 if STAGE != 0:
                     tl.debug_barrier()  # read back below, also by other threads
             else:  # the chunk's inner forward as stage 0 or the forward stored it (the values recomputing gives)
