@@ -229,11 +229,11 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     print("FP32", max(compare(*c) for c in cases))  # default: the three-stage depth-2 backward in one launch
     os.environ["TITANS_TRITON_BWD"] = "split"  # the same three stages in three launches
     print("SPLIT", max(compare(*c) for c in cases if c[0] == 2))
-    os.environ["TITANS_TRITON_SAVE_INNER"] = "0"  # the stages recompute each chunk's inner forward (the forward
-    print("RECOMPUTED_SPLIT", max(compare(*c) for c in cases if c[0] == 2))  # keeps only the starts)
+    os.environ["TITANS_TRITON_SAVE_INNER"] = "1"  # the forward's walk stores each chunk's inner forward, which no
+    print("INNER_SPLIT", max(compare(*c) for c in cases if c[0] == 2))  # backward stage recomputes then
     os.environ["TITANS_TRITON_BWD"] = "overlap"
-    print("RECOMPUTED", max(compare(*c) for c in cases if c[0] == 2))
-    os.environ["TITANS_TRITON_SAVE_INNER"] = "1"
+    print("INNER", max(compare(*c) for c in cases if c[0] == 2))
+    os.environ["TITANS_TRITON_SAVE_INNER"] = "0"
     os.environ["TITANS_TRITON_BWD"] = "fused"  # the two-pass backward for depth 2 as well
     print("TWOPASS", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_SPLIT"] = "0"  # the single-pass kernels
@@ -274,8 +274,8 @@ def test_triton_kernels_under_interpreter():
     # many products, 2-3e-5 relative here, three orders below the bf16 operands' error
     assert float(err["FP32"]) <= 5e-5, err  # depth 2: the three-stage backward in one launch (default)
     assert float(err["SPLIT"]) <= 5e-5, err  # depth 2: its stages in three launches
-    # without the forward's saved inner forward (TITANS_TRITON_SAVE_INNER=0), both
-    assert float(err["RECOMPUTED_SPLIT"]) <= 5e-5 and float(err["RECOMPUTED"]) <= 5e-5, err
+    # with the forward's inner forward saved for the backward (TITANS_TRITON_SAVE_INNER=1), both
+    assert float(err["INNER_SPLIT"]) <= 5e-5 and float(err["INNER"]) <= 5e-5, err
     assert float(err["TWOPASS"]) <= 5e-5, err  # depth 2: the two-pass backward
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
     assert float(err["TWOPASS_BF16"]) <= 5e-2, err
@@ -454,13 +454,17 @@ _BF16_STARTS_SCRIPT = textwrap.dedent("""
     os.environ["TITANS_TRITON_BWD"] = "overlap"
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES
 
-    # the op's saved starts are bf16, and its shape function says so (opcheck compares them); depth 2 adds each
-    # chunk's inner forward (z, u, dl, err) in float32, stored by the forward's walk for the backward
+    # the op's saved starts are bf16, and its shape function says so (opcheck compares them); with
+    # TITANS_TRITON_SAVE_INNER=1 depth 2 adds each chunk's inner forward (z, u, dl, err) in float32, stored by the
+    # forward's walk for the backward
     B, H, T, d, C = 1, 2, 32, 16, 16
     qkv = [torch.randn(B, H, T, d, generator=g) for _ in range(3)]
     coef = [c.contiguous() for c in chunk_coefficients(*(torch.rand(B, H, T, generator=g) * 0.05 for _ in range(3)), C)]
     W = [torch.randn(B, H, d, 32, generator=g) * 0.2, torch.randn(B, H, 32, d, generator=g) * 0.2]
     S = [torch.zeros_like(w) for w in W]
+    print("DTYPES_DEFAULT", ",".join(str(t.dtype).split(".")[-1] for t in
+                                     tk.memory_core_forward(*qkv, *coef, W, S, C, "silu", True, True)[5:]))
+    os.environ["TITANS_TRITON_SAVE_INNER"] = "1"
     out = tk.memory_core_forward(*qkv, *coef, W, S, C, "silu", True, True)
     print("DTYPES", ",".join(str(t.dtype).split(".")[-1] for t in out[5:]))
     torch.library.opcheck(tk.memory_core_forward, (*qkv, *coef, W, S, C, "silu", True, True))
@@ -490,12 +494,16 @@ def test_triton_kernels_keep_chunk_starts_in_bf16_without_changing_a_bit():
     out = _errors(_interpreted(_BF16_STARTS_SCRIPT, timeout=900))
     for name in ("SPLIT", "TWOPASS", "SINGLE"):
         assert float(out[name]) == 0.0, out
+    assert out["DTYPES_DEFAULT"] == "bfloat16,bfloat16,bfloat16,bfloat16", out
+    # with TITANS_TRITON_SAVE_INNER=1, each chunk's inner forward follows in float32
     assert out["DTYPES"] == "bfloat16,bfloat16,bfloat16,bfloat16,float32,float32,float32,float32", out
     assert out["FALLBACK_DTYPES"] == out["DTYPES"] and out["FALLBACK_FINITE"] == "1", out
     assert float(out["INNER_FALLBACK"]) <= 2e-2, out  # bf16 operands against float32 ones
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["TITANS_TRITON_SAVE_INNER"] = "1"  # the walk op's inner-forward outputs checked too
     import torch
     import titans.core.memory.triton_kernels as tk
     from titans.core.memory.fused_update import chunk_coefficients

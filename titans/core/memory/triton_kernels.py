@@ -25,11 +25,11 @@ State: the forward's walking pass carries the fast weights and momentum in regis
 (one load and one store per sequence; faster than a round trip through memory with barriers per chunk,
 measured on an H100).  The backward's walking pass keeps the state gradient in its output buffers (hot in
 L2) instead: carried in registers next to its activations it needed more than an H100's shared memory.
-The forward stores each chunk's starting state for the backward.  With depth 2 (the three-stage backward) its walk
-also stores the chunk's inner forward (z, u, dl, err at the start weights: what the update needs anyway, 1.75 KB a
-token and head in float32), which the backward would otherwise recompute in its sequential walk
-(``TITANS_TRITON_SAVE_INNER=0``: recompute it, keeping only the starts).  Read-only state tiles are held as bf16
-operands (fewer register spills).
+The forward stores each chunk's starting state for the backward, which recomputes the chunk's inner forward.  With
+``TITANS_TRITON_SAVE_INNER=1`` (depth 2, the three-stage backward) the forward's walk also stores that inner forward
+(z, u, dl, err at the start weights: what the update computes anyway, 1.75 KB a token and head in float32) and no
+backward stage recomputes it (off by default: no faster, more memory; see ``_save_inner``).  Read-only state tiles
+are held as bf16 operands (fewer register spills).
 
 Depth 2 (more than one chunk) takes a three-stage backward (``_memory_bwd3_kernel``: the dy share in
 parallel, the state-gradient recurrence over the dWn share alone, the dWn share in parallel): on an H100
@@ -894,10 +894,13 @@ def _split() -> bool:
 
 
 def _save_inner(L: int, N: int) -> bool:
-    """Whether the forward's walk stores each chunk's inner forward for the backward: depth 2 with the three-stage
-    backward (the only one that reads it), unless ``TITANS_TRITON_SAVE_INNER=0``."""
+    """Whether the forward's walk stores each chunk's inner forward for the backward: ``TITANS_TRITON_SAVE_INNER=1``
+    and depth 2 with the three-stage backward (the only one that reads it).  Off by default: MAC 65536 x 1 on an
+    H200 trained at 226.3K tokens/s with it and 227.5K without, in 23.5 vs 20.7 GB (benchmarks/RESULTS.md section 6,
+    session 23): it spares stage 0 three small matmuls a chunk, beside the chain's walk, and costs 1.75 KB a token
+    and head."""
     return (L == 2 and N > 1 and _backward_mode() != "fused"
-            and os.environ.get("TITANS_TRITON_SAVE_INNER", "1") != "0")
+            and os.environ.get("TITANS_TRITON_SAVE_INNER", "0") == "1")
 
 
 def _inner_buffers(like: Tensor, BH: int, N: int, C: int, D: int, E: int) -> list[Tensor]:
