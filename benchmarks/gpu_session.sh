@@ -293,7 +293,7 @@ if [ "$PART" = 23 ]; then
   # session 23: PART=22's kernel-test step was cut (its rows ran long on a fresh machine): the three-launch backward's
   # GPU test with the forward's inner forward saved (TITANS_TRITON_SAVE_INNER=1, now opt-in), which also runs the split
   # core with and without it; the device time left fits this step alone
-  step 200 kernel-tests-gpu-inner sh -c "TITANS_TRITON_SAVE_INNER=1 python3 -m pytest -q -p no:cacheprovider -rfE \
+  step 170 kernel-tests-gpu-inner sh -c "TITANS_TRITON_SAVE_INNER=1 python3 -m pytest -q -p no:cacheprovider -rfE \
     tests/test_fused_memory.py -k 'on_gpu and split' > $RES/gpu_test_fused_memory_on_gpu_inner.txt 2>&1"
   finish
 fi
