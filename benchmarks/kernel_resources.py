@@ -37,18 +37,23 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
     tk = _kernels()
     base = dict(N=N, C=C, D=D, E=E, RESIDUAL=residual, DOT_BF16=1)
     # (the defaulted constexprs named too: a cross-compilation takes an unnamed one for a pointer argument)
-    # depth 2: the walk stores each chunk's inner forward for the backward (triton_kernels._save_inner)
-    out = [(f"forward pass {m}", tk._memory_fwd_kernel, dict(base, L=L, SAVE=True, MODE=m, INNER=L == 2 and m == 1))
+    out = [(f"forward pass {m}", tk._memory_fwd_kernel, dict(base, L=L, SAVE=True, MODE=m, INNER=False))
            for m in (1, 2)]
     if L == 2:
-        out += [(f"backward stage {s}", tk._memory_bwd3_kernel, dict(base, STAGE=s, RECOMPUTE=False,
-                                                                    ACCUMULATE=True, INNER=True)) for s in (0, 1, 2)]
-        out.append(("backward, stages overlapped", tk._memory_bwd3_overlap_kernel, dict(base, INNER=True)))
+        out += [(f"backward stage {s}", tk._memory_bwd3_kernel, dict(base, STAGE=s, RECOMPUTE=False, ACCUMULATE=True,
+                                                                    INNER=False)) for s in (0, 1, 2)]
+        out.append(("backward, stages overlapped", tk._memory_bwd3_overlap_kernel, dict(base, INNER=False)))
+        # "inner saved": with TITANS_TRITON_SAVE_INNER=1 the forward's walk stores each chunk's inner forward and no
+        # backward stage recomputes it (triton_kernels._save_inner)
+        out.append(("forward pass 1, inner saved", tk._memory_fwd_kernel, dict(base, L=L, SAVE=True, MODE=1,
+                                                                               INNER=True)))
+        out.append(("backward stage 0, inner saved", tk._memory_bwd3_kernel, dict(base, STAGE=0, RECOMPUTE=False,
+                                                                                  ACCUMULATE=True, INNER=True)))
         # the core split in a walk and a read-out (the wavefront's readout_streams): stages 1 and 2 store their
-        # dk / dv alone; "recomputed": without the forward's inner forward (TITANS_TRITON_SAVE_INNER=0)
-        out += [(f"backward stage {s}, split core{', recomputed' if rec else ''}", tk._memory_bwd3_kernel,
-                 dict(base, STAGE=s, RECOMPUTE=rec, ACCUMULATE=False, INNER=not rec))
-                for rec in (False, True) for s in (1, 2)]
+        # dk / dv alone and recompute the chunk's inner forward, unless the forward saved it
+        out += [(f"backward stage {s}, split core{', inner saved' if inner else ''}", tk._memory_bwd3_kernel,
+                 dict(base, STAGE=s, RECOMPUTE=not inner, ACCUMULATE=False, INNER=inner))
+                for inner in (False, True) for s in (1, 2)]
     out += [(f"two-pass backward pass {m}", tk._memory_bwd_kernel, dict(base, L=L, MODE=m)) for m in (1, 2)]
     return out
 

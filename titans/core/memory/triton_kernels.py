@@ -307,8 +307,8 @@ if triton is not None:
         IW1, IW2, IS1, IS2,  # the initial state (BH, ...), read
         W1, W2, S1, S2,  # the final state (BH, ...), written (not the initial state's buffers: no copy of them first)
         Y, SW1, SW2, SS1, SS2,  # output and the saved chunk-start states (BH, N, ...)
-        ZS, US, LS, ES,  # with INNER (depth 2, walking modes): each chunk's inner forward z, u, dl (BH, N, C, E), err
-        # (BH, N, C, D), which the walk computes for its update anyway: the backward reads them instead of recomputing
+        ZS, US, LS, ES,  # with INNER (depth 2, walking modes; TITANS_TRITON_SAVE_INNER=1): each chunk's inner forward
+        # z, u, dl (BH, N, C, E), err (BH, N, C, D), computed for the update anyway, stored for the backward
         # N (chunks) is a compile-time constant: one specialisation per sequence length, and the
         # interpreter (CPU tests) needs a Python int for the loop bound
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
@@ -1105,10 +1105,11 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
             [wide.new_empty(1)] * 4)
     if three_stage:
         shares = _state_buffers(wide, B * H, N, dstate, L)  # X1, X2, XS1, XS2: the dy share per chunk
-        scratch = [wide.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(5)]  # ZS, US, LS, HS, QS
-        scratch.append(wide.new_empty(B * H, N, chunk_size, D))  # ES
-        if inner:  # the forward's z, u, dl, err in place of stage 0's (read only)
-            scratch = [*inner[:3], *scratch[3:5], inner[3]]
+        # ZS, US, LS, HS, QS (B*H, N, C, E) and ES (B*H, N, C, D); with the forward's inner forward, its z, u, dl and
+        # err stand in for the first three and the last (read only)
+        fresh = [wide.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(2 if inner else 5)]
+        scratch = ([*inner[:3], *fresh, inner[3]] if inner else
+                   [*fresh, wide.new_empty(B * H, N, chunk_size, D)])
         args = (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *shares, *scratch,
                 *outs)
         _launch_stages(B * H, N, args, _stage_kw(kw, INNER=bool(inner)), mode == "overlap")
