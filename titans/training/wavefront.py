@@ -16,9 +16,9 @@ numbers.  Measured (benchmarks/RESULTS.md section 6, sessions 20-21; H200, compi
 (kernels ~3 deep on 20 streams), 230.3-230.7K with 2048-token steps, the memory blocks' streams at high priority and
 their feed-forwards on streams of their own: 0.625-0.626x MAC's 4096 x 8 rate (368.3K; session 22: 0.624x).  What
 bounds it now: each memory block's backward chain (128 segments, ~146 kernels and ~1.45 ms a segment) runs back to
-back for most of the step, about half of it in the memory kernels.  ``readout_streams`` (not timed yet) takes the
-memory read-out's share of that backward off the chain.  The trainer's ``training.wavefront`` /
-``training.wavefront_step`` and ``benchmarks/harness.py --wavefront`` use it.
+back for most of the step, about half of it in the memory kernels.  ``readout_streams`` takes the memory read-out's
+share of that backward off the chain, and was 14.6% slower for it (193.0K vs 226.0K tokens/s, session 23).  The
+trainer's ``training.wavefront`` / ``training.wavefront_step`` and ``benchmarks/harness.py --wavefront`` use it.
 """
 
 from __future__ import annotations
@@ -46,17 +46,16 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     (their segment chains are the step's critical paths; the other blocks' kernels fill in around them);
     ``ffn_streams``: a memory block's feed-forward runs on a second stream of its own, off the chain (the next
     segment's mixer does not wait for it).  Both default to ``TITANS_WAVEFRONT_PRIORITY`` /
-    ``TITANS_WAVEFRONT_FFN_STREAMS`` ("1" when unset).  ``stream_views`` (``TITANS_WAVEFRONT_STREAM_VIEWS``, "0"
-    when unset: not timed yet): the parameters several streams read - the persistent tokens (every block, every
-    segment) and the tied embedding / head weight (the caller's stream, the last block's) - are read through one
-    view per stream, so autograd sums each stream's gradients on that stream and the parameter receives one sum a
-    stream instead of one cross-stream accumulation per block and segment.  ``readout_streams``
-    (``TITANS_WAVEFRONT_READOUT_STREAMS``, "0" when unset: not timed yet): in MAC's memory blocks each segment's
-    memory read-out and gate run on the feed-forward's stream (:meth:`TitansBlock.forward_mixer_split`), so their
-    backward (the memory backward's first stage among it, ~0.27 ms a segment on an H200) runs beside the segment
-    chain instead of on it; on the CPU the same split runs on one stream.  Gradients flow through the carried
-    states, so ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)``
-    does."""
+    ``TITANS_WAVEFRONT_FFN_STREAMS`` ("1" when unset).  ``stream_views`` (``TITANS_WAVEFRONT_STREAM_VIEWS``, "0" when
+    unset: no measurable effect, session 22): the parameters several streams read - the persistent tokens (every
+    block, every segment) and the tied embedding / head weight (the caller's stream, the last block's) - are read
+    through one view per stream, so autograd sums each stream's gradients on that stream and the parameter receives
+    one sum a stream instead of one cross-stream accumulation per block and segment.  ``readout_streams``
+    (``TITANS_WAVEFRONT_READOUT_STREAMS``, "0" when unset: 14.6% slower, session 23): in MAC's memory blocks each
+    segment's memory read-out and gate run on the feed-forward's stream (:meth:`TitansBlock.forward_mixer_split`), so
+    their backward (the memory backward's first stage among it, ~0.27 ms a segment on an H200) runs beside the
+    segment chain instead of on it; on the CPU the same split runs on one stream.  Gradients flow through the carried
+    states, so ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)`` does."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
     seg = segment or model.config.window

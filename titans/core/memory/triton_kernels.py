@@ -51,7 +51,8 @@ first training step (one MAC 4096 x 8 harness row did not finish in 110 s, again
 its gain is not measured yet (benchmarks/RESULTS.md section 6, session 14).
 
 Both directions reach autograd and ``torch.compile`` as the custom ops ``titans::memory_core_forward`` /
-``titans::memory_core_backward`` (end of this module).
+``titans::memory_core_backward``, and the core split in a walk and a read-out as four more
+(``titans::memory_walk_*`` / ``titans::memory_readout_*``; end of this module).
 
 Supported (checked on an H100, see ``supports``): memory depth 1 (head dim 32-128) and depth 2 with SiLU
 (head dim 64, hidden 64 or 128), chunk sizes 16-64, sequence length a multiple of the chunk size.
@@ -1217,7 +1218,7 @@ def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW,
 
 # ----------------------------------------------------------------------------- custom ops
 # The kernels enter autograd (and torch.compile, which sees each direction as one opaque op with a shape
-# function instead of tracing into the launch code) as two torch.library custom ops.  A kernel that does not
+# function instead of tracing into the launch code) as torch.library custom ops.  A kernel that does not
 # compile on this machine (shared memory, say) falls back inside the op to the PyTorch loop of the same
 # equations, converting the saved chunk-start states between the two layouts.
 
