@@ -278,6 +278,16 @@ def _split(t: Tensor, C: int):
     return t.split(C, dim=2)
 
 
+def _gathered(per_chunk: dict[str, list[Tensor]]) -> dict[str, Tensor]:
+    """Per-chunk gradients of the core inputs -> whole-sequence ones: the token tensors concatenated along time, the
+    per-chunk coefficient matrices and vectors stacked along the chunk axis."""
+    cat = {"q": 2, "k": 2, "v": 2, "G": -1, "Bc": -1}
+    res = {name: torch.cat(per_chunk[name], dim=cat[name]) for name in cat}
+    for name in ("M", "Ml", "m", "Gl", "Bl", "Pl"):
+        res[name] = torch.stack(per_chunk[name], dim=2)
+    return res
+
+
 def core_forward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, activation, residual,
                        save_states: bool):
     """Loop :func:`chunk_forward` over chunks; returns y, final W, S and (optionally) each chunk's start state."""
@@ -316,21 +326,17 @@ def core_backward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS
         if shares is not None:
             dW = tuple(a + b for a, b in zip(dW, shares[c][0]))
             dS = tuple(a + b for a, b in zip(dS, shares[c][1]))
-    cat = {"q": 2, "k": 2, "v": 2, "G": -1, "Bc": -1}
-    res = {name: torch.cat(out[name], dim=cat[name]) for name in cat}
-    for name in ("M", "Ml", "m", "Gl", "Bl", "Pl"):
-        res[name] = torch.stack(out[name], dim=2)
-    return res, dW, dS
+    return _gathered(out), dW, dS
 
 
 def core_readout_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, *, chunk_size, activation, residual):
     """The read-out half of :func:`core_forward_torch`: y from each chunk's start state (``starts``, as the
     forward saved them), every chunk on its own."""
     C = chunk_size
-    ys = [chunk_forward(q[:, :, c * C:(c + 1) * C], k[:, :, c * C:(c + 1) * C], v[:, :, c * C:(c + 1) * C],
-                        G[..., c * C:(c + 1) * C], Bc[..., c * C:(c + 1) * C], M[:, :, c], Ml[:, :, c], m[:, :, c],
-                        Gl[:, :, c], Bl[:, :, c], Pl[:, :, c], W, S, activation, residual)[0]
-          for c, (W, S) in enumerate(starts)]
+    ys = [chunk_forward(qc, kc, vc, gc, bc, M[:, :, c], Ml[:, :, c], m[:, :, c], Gl[:, :, c], Bl[:, :, c],
+                        Pl[:, :, c], W, S, activation, residual)[0]
+          for c, ((W, S), qc, kc, vc, gc, bc) in enumerate(zip(starts, _split(q, C), _split(k, C), _split(v, C),
+                                                                G.split(C, -1), Bc.split(C, -1)))]
     return torch.cat(ys, dim=2)
 
 
@@ -350,11 +356,7 @@ def core_readout_backward_torch(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy
         for name, gr in zip(out, grads[:11]):
             out[name].append(gr)
         shares.append((grads[11], grads[12]))
-    cat = {"q": 2, "k": 2, "v": 2, "G": -1, "Bc": -1}
-    res = {name: torch.cat(out[name], dim=cat[name]) for name in cat}
-    for name in ("M", "Ml", "m", "Gl", "Bl", "Pl"):
-        res[name] = torch.stack(out[name], dim=2)
-    return res, shares
+    return _gathered(out), shares
 
 
 def stack_starts(starts, L: int, dtype: torch.dtype | None = None) -> list[Tensor]:
