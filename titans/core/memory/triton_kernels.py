@@ -14,11 +14,11 @@ forward and two backward instead of ~60 small kernels per chunk.  Each direction
 The equations are exactly those of :func:`~titans.core.memory.fused_update.chunk_forward` and
 :func:`~titans.core.memory.fused_update.chunk_backward` (the readable reference they are tested against).
 
-Precision: state and accumulation are float32; q / k / v may come in bf16 (autocast): they are widened for the
-launch (a temporary) and saved for the backward as they came, their gradients returned in their dtype, and y and the
-state come out in the state's dtype.  The operands of the matmuls are rounded to
-bf16 on the GPU (tensor cores, and half the shared memory of TF32 operands: the depth-2 kernels do not
-fit in an H100's shared memory otherwise).  Under ``TRITON_INTERPRET=1`` they stay float32 unless
+Precision: state and accumulation are float32; q / k / v may come in bf16 (autocast): the kernels load them as they
+are and widen them in registers, they are saved for the backward as they came, their gradients returned in their
+dtype, and y and the state come out in the state's dtype.  The operands of the matmuls are rounded to bf16 on the
+GPU (tensor cores, and half the shared memory of TF32 operands: the depth-2 kernels do not fit in an H100's shared
+memory otherwise).  Under ``TRITON_INTERPRET=1`` they stay float32 unless
 ``DOT_BF16`` says otherwise.
 
 State: the forward's walking pass carries the fast weights and momentum in registers from chunk to chunk
