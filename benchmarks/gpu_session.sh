@@ -297,6 +297,25 @@ if [ "$PART" = 23 ]; then
     tests/test_fused_memory.py -k 'on_gpu and split' > $RES/gpu_test_fused_memory_on_gpu_inner.txt 2>&1"
   finish
 fi
+if [ "$PART" = 24 ]; then
+  # session 24: the walks spread over P programs a head (TITANS_TRITON_WALK_PARTS; one (C, D) all-reduce a chunk
+  # through global memory).  Each pass at MAC's segment shape at batch 1 for P = 1, 2, 4 (8 warps) and 2, 4 (4 warps),
+  # the parts' GPU tests (the all-reduce runs only on a GPU), then MAC 65536 x 1 with P = 4
+  MK="python3 benchmarks/memory_kernels.py --backends triton --parts --shapes 1x8x512x64x128x64x2"
+  for P in 1 2 4; do
+    step 70 "kernels-b1-parts$P" env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_PARTS=$P $MK \
+      --out "$RES/memory_kernels_b1_parts$P.json"
+  done
+  for P in 2 4; do
+    step 45 "kernels-b1-parts$P-warps4" env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_PARTS=$P \
+      TITANS_TRITON_PASS_WARPS=fwd1=4,stage1=4 $MK --out "$RES/memory_kernels_b1_parts${P}_warps4.json"
+  done
+  step 120 kernel-tests-gpu-parts sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'walks_over_parts' > $RES/gpu_test_fused_memory_parts.txt 2>&1"
+  step 150 mac-65536x1-wf2048-parts4 env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_PARTS=4 $H3 --wavefront \
+    --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_parts4.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

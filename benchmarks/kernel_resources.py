@@ -55,7 +55,19 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
                  dict(base, STAGE=s, RECOMPUTE=not inner, ACCUMULATE=False, INNER=inner))
                 for inner in (False, True) for s in (1, 2)]
     out += [(f"two-pass backward pass {m}", tk._memory_bwd_kernel, dict(base, L=L, MODE=m)) for m in (1, 2)]
+    if L == 2:  # the walks over P programs a head (TITANS_TRITON_WALK_PARTS, triton_kernels._walk_parts)
+        for parts in (2, 4):
+            if E // parts >= 16:
+                out.append((f"forward pass 1, {parts} parts", tk._memory_walk_parts_kernel,
+                            dict(base, P=parts, INNER=False)))
+                out.append((f"backward stage 1, {parts} parts", tk._memory_walk_bwd_parts_kernel,
+                            dict({k: v for k, v in base.items() if k != "RESIDUAL"}, P=parts)))
     return out
+
+
+def only(rows: list, pattern: str | None) -> list:
+    """The launches whose name contains ``pattern`` (all without one)."""
+    return [r for r in rows if pattern is None or pattern in r[0]]
 
 
 def _signature(kernel, const: dict) -> dict:
@@ -67,7 +79,7 @@ def _signature(kernel, const: dict) -> dict:
             sig[p.name] = "constexpr"
         elif p.name in ("SW1", "SW2", "SS1", "SS2") and const.get("ACCUMULATE", True):
             sig[p.name] = "*bf16"  # (the split core keeps its chunk starts in float32)
-        elif p.name in ("TICKET", "FLAGS"):
+        elif p.name in ("TICKET", "FLAGS", "F"):
             sig[p.name] = "*i32"
         else:
             sig[p.name] = "*fp32"
@@ -106,6 +118,7 @@ def main(argv=None) -> None:
     ap.add_argument("--chunks", type=int, default=8, help="chunks per call (N; MAC's 512-token segment: 8)")
     ap.add_argument("--warps", type=int, nargs="+", default=[8])
     ap.add_argument("--residual", action="store_true")
+    ap.add_argument("--only", default=None, help="the launches whose name contains this (e.g. 'parts')")
     ap.add_argument("--out", default=None, help="JSON file (a markdown table is printed)")
     args = ap.parse_args(argv)
     import triton
@@ -113,7 +126,7 @@ def main(argv=None) -> None:
     D, E, C, L = (int(x) for x in args.shape.split("x"))
     rows = []
     for warps in args.warps:
-        for name, kernel, const in launches(D, E, C, L, args.chunks, args.residual):
+        for name, kernel, const in only(launches(D, E, C, L, args.chunks, args.residual), args.only):
             rows.append({"launch": name, "warps": warps, **resources(kernel, const, warps)})
             print(f"{name:28s} warps {warps:2d}: {rows[-1]}", flush=True)
     print("\n| launch | warps | registers | spilled stack B/thread | shared B | wgmma |")

@@ -101,37 +101,23 @@ def parts(ins, L, C, iters) -> dict:
     from titans.core.memory import triton_kernels as tk
 
     times: dict[str, list] = {}
-    originals = tk._launch, tk._launch_stages
+    original = tk._run
 
-    def launch(kernel, grid, args, kw, key, **const):
+    def timed_run(kernel, grid, args, meta):  # every launch goes through _run: time each, keyed by its pass
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        meta = dict(kw, **const)
-        kernel[grid](*args, **dict(meta, num_warps=tk.pass_warps(kernel, meta)))
+        original(kernel, grid, args, meta)
         e.record()
-        times.setdefault(f"{kernel.fn.__name__} {key}", []).append((s, e))
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        times.setdefault(f"{name} {tk.pass_name(kernel, meta)} grid {'x'.join(map(str, grid))}", []).append((s, e))
 
-    def timed_launch(kernel, BH, N, args, kw, **fixed):
-        if tk._split() and N > 1:
-            launch(kernel, (BH,), args, kw, "MODE 1", MODE=1, **fixed)
-            launch(kernel, (BH, N), args, kw, "MODE 2", MODE=2, **fixed)
-        else:
-            launch(kernel, (BH,), args, kw, "MODE 0", MODE=0, **fixed)
-
-    def timed_stages(BH, N, args, kw, overlap):
-        if overlap:  # one launch for the three stages (TITANS_TRITON_BWD=overlap)
-            launch(tk._memory_bwd3_overlap_kernel, *tk.overlap_launch(BH, N, args), kw, "STAGES 0-2")
-            return
-        for stage, grid in ((0, (BH, N)), (1, (BH,)), (2, (BH, N))):
-            launch(tk._memory_bwd3_kernel, grid, args, kw, f"STAGE {stage}", STAGE=stage)
-
-    tk._launch, tk._launch_stages = timed_launch, timed_stages
+    tk._run = timed_run
     try:
         for _ in range(iters):
             run("triton", ins, L, C)
         torch.cuda.synchronize()
     finally:
-        tk._launch, tk._launch_stages = originals
+        tk._run = original
     passes = {k: sum(s.elapsed_time(e) for s, e in v) / len(v) for k, v in times.items()}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run("triton", ins, L, C)

@@ -231,6 +231,21 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     print("SPLIT", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_SAVE_INNER"] = "1"  # the forward's walk stores each chunk's inner forward, which no
     print("INNER_SPLIT", max(compare(*c) for c in cases if c[0] == 2))  # backward stage recomputes then
+    # the walks spread over P programs a head (the interpreter runs their lockstep twins: its programs run one at a
+    # time); hidden 32 takes 2 parts, hidden 64 takes 4
+    launched, run = [], tk._run
+    tk._run = lambda kernel, grid, args, meta: (launched.append((kernel.fn.__name__, meta.get("P"))),
+                                                run(kernel, grid, args, meta))
+    os.environ["TITANS_TRITON_WALK_PARTS"] = "4"
+    print("PARTS_INNER", max(compare(*c) for c in cases if c[0] == 2))
+    os.environ["TITANS_TRITON_SAVE_INNER"] = "0"
+    print("PARTS", max(compare(*c) for c in cases if c[0] == 2))
+    assert {("_memory_walk_parts_lockstep_kernel", 2), ("_memory_walk_parts_lockstep_kernel", 4),
+            ("_memory_walk_bwd_parts_lockstep_kernel", 2), ("_memory_walk_bwd_parts_lockstep_kernel", 4)} <= set(
+        launched), set(launched)
+    tk._run = run
+    os.environ["TITANS_TRITON_WALK_PARTS"] = "1"
+    os.environ["TITANS_TRITON_SAVE_INNER"] = "1"
     os.environ["TITANS_TRITON_BWD"] = "overlap"
     print("INNER", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_SAVE_INNER"] = "0"
@@ -276,6 +291,8 @@ def test_triton_kernels_under_interpreter():
     assert float(err["SPLIT"]) <= 5e-5, err  # depth 2: its stages in three launches
     # with the forward's inner forward saved for the backward (TITANS_TRITON_SAVE_INNER=1), both
     assert float(err["INNER_SPLIT"]) <= 5e-5 and float(err["INNER"]) <= 5e-5, err
+    # the walks over 2 and 4 programs a head (TITANS_TRITON_WALK_PARTS), with and without the inner forward saved
+    assert float(err["PARTS"]) <= 5e-5 and float(err["PARTS_INNER"]) <= 5e-5, err
     assert float(err["TWOPASS"]) <= 5e-5, err  # depth 2: the two-pass backward
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
     assert float(err["TWOPASS_BF16"]) <= 5e-2, err
@@ -574,23 +591,29 @@ def test_triton_custom_ops_compile_under_interpreter():
 
 
 
+def _gpu_memory_inputs(C: int = 64) -> list[torch.Tensor]:
+    """The GPU kernel tests' memory inputs: depth 2, head dim 64, hidden 128, 8 chunks of C, B=2, H=4."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    # 8 chunks, as at MAC's 512-token segment: the kernels' compile-time arguments are those of memory_kernels.py's
+    # 8x8x512 shape, so a GPU session that ran it first finds them in Triton's cache (a new N compiles every kernel
+    # again: in session 17's first call one parametrisation of three fit in 90 s)
+    B, H, T, d, E = 2, 4, 8 * C, 64, 128
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    q, k = (torch.nn.functional.normalize(r(B, H, T, d), dim=-1) for _ in range(2))
+    gates = [torch.rand(B, H, T, device="cuda", generator=g) * s for s in (1 / C, 1.0, 0.05)]
+    W = [r(B, H, d, E) / d**0.5, r(B, H, E, d) / E**0.5]
+    S = [torch.zeros_like(w) for w in W]
+    return [t.requires_grad_() for t in (q, k, r(B, H, T, d), *gates, *W, *S)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("backward", ["fused", "split", "overlap"])
 def test_triton_kernels_on_gpu(backward, monkeypatch):
     import titans.core.memory.triton_kernels as tk
 
     monkeypatch.setenv("TITANS_TRITON_BWD", backward)  # two-pass, three-stage, or three stages in one launch
-    g = torch.Generator(device="cuda").manual_seed(0)
-    # 8 chunks, as at MAC's 512-token segment: the kernels' compile-time arguments are those of memory_kernels.py's
-    # 8x8x512 shape, so a GPU session that ran it first finds them in Triton's cache (a new N compiles every kernel
-    # again: in session 17's first call one parametrisation of three fit in 90 s)
-    B, H, T, d, E, C = 2, 4, 512, 64, 128, 64
-    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
-    q, k = (torch.nn.functional.normalize(r(B, H, T, d), dim=-1) for _ in range(2))
-    gates = [torch.rand(B, H, T, device="cuda", generator=g) * s for s in (1 / C, 1.0, 0.05)]
-    W = [r(B, H, d, E) / d**0.5, r(B, H, E, d) / E**0.5]
-    S = [torch.zeros_like(w) for w in W]
-    ins = [t.requires_grad_() for t in (q, k, r(B, H, T, d), *gates, *W, *S)]
+    C, d, E = 64, 64, 128
+    ins = _gpu_memory_inputs(C)
     o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=C)
     o2, g2 = _run(lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton"), ins, 2, chunk_size=C)
     for a, b in zip(o2 + list(g2), o1 + list(g1)):
@@ -613,6 +636,33 @@ def test_triton_kernels_on_gpu(backward, monkeypatch):
             for a, b in zip(o4 + list(g4), o1 + list(g1)):
                 assert _rel(a, b) <= 5e-2
     assert (d, E, 2, C) not in tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("parts", [2, 4])
+@pytest.mark.parametrize("inner", ["0", "1"])
+def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
+    """The walks spread over P programs a head (TITANS_TRITON_WALK_PARTS; their all-reduce through global memory runs
+    only here, the interpreter runs lockstep twins) == the PyTorch core, float32 and bf16 q / k / v."""
+    import titans.core.memory.triton_kernels as tk
+
+    monkeypatch.setenv("TITANS_TRITON_BWD", "split")
+    monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", str(parts))
+    monkeypatch.setenv("TITANS_TRITON_SAVE_INNER", inner)
+    C = 64
+    ins = _gpu_memory_inputs(C)
+    launched, run = [], tk._run
+    monkeypatch.setattr(tk, "_run", lambda kernel, grid, args, meta: (launched.append((kernel.fn.__name__, grid)),
+                                                                       run(kernel, grid, args, meta)))
+    o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=C)
+    triton_core = lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton")  # noqa: E731
+    for narrow in (False, True):
+        case = [t.detach().bfloat16().requires_grad_() if narrow and i < 3 else t for i, t in enumerate(ins)]
+        o2, g2 = _run(triton_core, case, 2, chunk_size=C)
+        for a, b in zip(o2 + list(g2), o1 + list(g1)):
+            assert _rel(a.float(), b) <= 5e-2
+    assert {("_memory_walk_parts_kernel", (8, parts)), ("_memory_walk_bwd_parts_kernel", (8, parts))} <= set(launched)
+    assert (64, 128, 2, C) not in tk.FAILED_SHAPES
 
 
 def test_neural_memory_backend_names_are_checked_and_triton_falls_back_while_streaming():

@@ -823,6 +823,334 @@ if triton is not None:
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
                         j % BH, N - 1 - j // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 2, True, False, True, INNER)
 
+    # ------------------------------------------------------------------ the walks spread over P programs a head
+    # At batch 1 the sequential walks run one program per head (8 at MAC's shape, on a GPU of 132 SMs), each holding
+    # a head's whole state (or state gradient) and spilling part of it.  Here P programs share a head: program
+    # ``part`` holds the columns part * E / P ... of W1 / S1 (D, E) and the same rows of W2 / S2 (E, D), i.e. a block
+    # of the hidden units.  Everything a chunk step computes is then local to the block except one (C, D) sum over
+    # the hidden units a step (h W2 forward; the gradient reaching err backward), which the P programs all-reduce
+    # through global memory (:func:`_all_reduce`).  The arithmetic is that of ``_memory_fwd_kernel`` MODE 1 and
+    # ``_bwd3_stage`` STAGE 1, regrouped by block; the ``*_lockstep`` kernels run the same helpers with the P parts in
+    # one program, one after another (the interpreter runs programs one at a time, so its parts could never meet).
+
+    @triton.jit
+    def _blk(ptr, R: tl.constexpr, Cn: tl.constexpr, stride: tl.constexpr):
+        """Pointers to an (R, Cn) block of a row-major matrix with rows ``stride`` long, starting at ``ptr``."""
+        r = tl.arange(0, R)
+        c = tl.arange(0, Cn)
+        return ptr + r[:, None] * stride + c[None, :]
+
+    @triton.jit
+    def _publish(flag, value):
+        """Set ``flag`` to ``value`` once everything this program stored so far is visible to other programs."""
+        tl.debug_barrier()
+        tl.atomic_xchg(flag, value, sem="release")
+
+    @triton.jit
+    def _await(flag, value):
+        """Spin until ``flag`` >= ``value`` (acquire), then order every thread's later loads behind it."""
+        seen = tl.atomic_add(flag, 0, sem="acquire")
+        while seen < value:
+            seen = tl.atomic_add(flag, 0, sem="acquire")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _all_reduce(X, F, bh, part, i, tile, P: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
+        """The sum of ``tile`` (C, D) over the P programs of head ``bh`` at step ``i``: each stores its own in slot
+        X[bh, i % 2, part] (X: (BH, 2, P, C, D)), publishes F[bh, part] = i + 1 and waits for every partner's; all
+        then add the P slots in part order, the same float32 sum in each.  Two generations of slots: a program
+        overwrites a slot two steps later, after every partner published the step after the one that read it.
+        Loads bypass L1 (``.cg``): the slot's previous generation may still sit there."""
+        base = X + (bh * 2 + i % 2) * P * C * D
+        tl.store(_mat(base + part * C * D, C, D), tile)
+        _publish(F + bh * P + part, i + 1)
+        for f in tl.static_range(P):
+            _await(F + bh * P + f, i + 1)
+        total = tl.load(_mat(base, C, D), cache_modifier=".cg")
+        for f in tl.static_range(1, P):
+            total += tl.load(_mat(base + f * C * D, C, D), cache_modifier=".cg")
+        return total
+
+    @triton.jit
+    def _walk_chunk(K, V, ML, MM, GL, BL, PL, bh, c, N: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
+        """What a walk reads of chunk c: k, v (C, D) widened, the momentum weights Ml, m (C, 1), G_C, B_C, P_C."""
+        rc = tl.arange(0, C)
+        tok = bh * N * C * D + c * C * D
+        cc = bh * N + c
+        return (tl.load(_mat(K + tok, C, D)).to(tl.float32), tl.load(_mat(V + tok, C, D)).to(tl.float32),
+                tl.load(ML + cc * C + rc)[:, None], tl.load(MM + cc * C + rc)[:, None], tl.load(GL + cc),
+                tl.load(BL + cc), tl.load(PL + cc))
+
+    @triton.jit
+    def _walk_fwd_share(k, w1, w2, DOT_BF16: tl.constexpr):
+        """A block's part of the chunk's inner forward: z = k W1[:, blk], h = silu(z), and its share h W2[blk] of
+        h W2 (C, D)."""
+        z = _dot(k, w1, DOT_BF16)
+        h = _silu(z)
+        return z, h, _dot(h, w2, DOT_BF16)
+
+    @triton.jit
+    def _walk_fwd_step(k, v, p, z, h, w1, s1, w2, s2, ml, mm, gl, bl, pl, RESIDUAL: tl.constexpr,
+                       DOT_BF16: tl.constexpr):
+        """The rest of a chunk step for a block, given the all-reduced p = h W2: err = 2 (p [+ k] - v), u = err
+        W2[blk]^T, dl = u * silu'(z) and the block's next start state (Eq. 13-14 with the chunk's decay and momentum
+        weights): W1' = G_C W1 + B_C S1 + k^T (Ml dl), S1' = P_C S1 + k^T (m dl), the same for layer 2 with h, err."""
+        if RESIDUAL:
+            p += k
+        err = 2 * (p - v)
+        u = _dot(err, tl.trans(w2), DOT_BF16)
+        dl = u * _silu_grad(z)
+        kt = tl.trans(k)
+        ht = tl.trans(h)
+        return (err, u, dl, gl * w1 + bl * s1 + _dot(kt, ml * dl, DOT_BF16), pl * s1 + _dot(kt, mm * dl, DOT_BF16),
+                gl * w2 + bl * s2 + _dot(ht, ml * err, DOT_BF16), pl * s2 + _dot(ht, mm * err, DOT_BF16))
+
+    @triton.jit
+    def _walk_fwd_save(SW1, SW2, SS1, SS2, cc, o1, o2, w1, s1, w2, s2, D: tl.constexpr, E: tl.constexpr,
+                       EP: tl.constexpr):
+        """A block of chunk cc's start state into the starts buffers (in their dtype)."""
+        tl.store(_blk(SW1 + cc * D * E + o1, D, EP, E), w1.to(SW1.dtype.element_ty))
+        tl.store(_blk(SS1 + cc * D * E + o1, D, EP, E), s1.to(SS1.dtype.element_ty))
+        tl.store(_mat(SW2 + cc * E * D + o2, EP, D), w2.to(SW2.dtype.element_ty))
+        tl.store(_mat(SS2 + cc * E * D + o2, EP, D), s2.to(SS2.dtype.element_ty))
+
+    @triton.jit
+    def _walk_fwd_inner(ZS, US, LS, ES, cc, o1, part, z, u, dl, err, C: tl.constexpr, D: tl.constexpr,
+                        E: tl.constexpr, EP: tl.constexpr):
+        """INNER: a block of chunk cc's inner forward (z, u, dl) and, from part 0, err."""
+        tl.store(_blk(ZS + cc * C * E + o1, C, EP, E), z)
+        tl.store(_blk(US + cc * C * E + o1, C, EP, E), u)
+        tl.store(_blk(LS + cc * C * E + o1, C, EP, E), dl)
+        if part == 0:
+            tl.store(_mat(ES + cc * C * D, C, D), err)
+
+    @triton.jit
+    def _memory_walk_parts_kernel(
+        K, V, ML, MM, GL, BL, PL,
+        IW1, IW2, IS1, IS2,  # the initial state (BH, ...), read
+        W1, W2, S1, S2,  # the final state (BH, ...), written
+        SW1, SW2, SS1, SS2,  # each chunk's start state (BH, N, ...), written
+        ZS, US, LS, ES,  # with INNER, each chunk's inner forward (as _memory_fwd_kernel stores it)
+        X, F,  # the all-reduce's slots (BH, 2, P, C, D) float32 and flags (BH, P) int32, zero at launch
+        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr,
+    ):
+        """The forward's walk (``_memory_fwd_kernel`` MODE 1, depth 2) with grid (BH, P): program (bh, part) carries
+        its block of the state in registers from chunk to chunk."""
+        EP: tl.constexpr = E // P
+        bh = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1).to(tl.int64)
+        o1 = part * EP
+        o2 = part * EP * D
+        w1 = tl.load(_blk(IW1 + bh * D * E + o1, D, EP, E))
+        s1 = tl.load(_blk(IS1 + bh * D * E + o1, D, EP, E))
+        w2 = tl.load(_mat(IW2 + bh * E * D + o2, EP, D))
+        s2 = tl.load(_mat(IS2 + bh * E * D + o2, EP, D))
+        for c in range(N):
+            k, v, ml, mm, gl, bl, pl = _walk_chunk(K, V, ML, MM, GL, BL, PL, bh, c, N, C, D)
+            cc = bh * N + c
+            _walk_fwd_save(SW1, SW2, SS1, SS2, cc, o1, o2, w1, s1, w2, s2, D, E, EP)
+            z, h, share = _walk_fwd_share(k, w1, w2, DOT_BF16)
+            p = _all_reduce(X, F, bh, part, c, share, P, C, D)
+            err, u, dl, w1, s1, w2, s2 = _walk_fwd_step(k, v, p, z, h, w1, s1, w2, s2, ml, mm, gl, bl, pl,
+                                                        RESIDUAL, DOT_BF16)
+            if INNER:
+                _walk_fwd_inner(ZS, US, LS, ES, cc, o1, part, z, u, dl, err, C, D, E, EP)
+        tl.store(_blk(W1 + bh * D * E + o1, D, EP, E), w1)
+        tl.store(_blk(S1 + bh * D * E + o1, D, EP, E), s1)
+        tl.store(_mat(W2 + bh * E * D + o2, EP, D), w2)
+        tl.store(_mat(S2 + bh * E * D + o2, EP, D), s2)
+
+    @triton.jit
+    def _memory_walk_parts_lockstep_kernel(
+        K, V, ML, MM, GL, BL, PL, IW1, IW2, IS1, IS2, W1, W2, S1, S2, SW1, SW2, SS1, SS2, ZS, US, LS, ES, X, F,
+        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr,
+    ):
+        """:func:`_memory_walk_parts_kernel` with grid (BH,): the P parts one after another in one program, the
+        running state in the final-state buffers, the all-reduce a sum of the slots in the same order (for the
+        interpreter)."""
+        EP: tl.constexpr = E // P
+        bh = tl.program_id(0).to(tl.int64)
+        for part in range(P):
+            o1 = part * EP
+            o2 = part * EP * D
+            tl.store(_blk(W1 + bh * D * E + o1, D, EP, E), tl.load(_blk(IW1 + bh * D * E + o1, D, EP, E)))
+            tl.store(_blk(S1 + bh * D * E + o1, D, EP, E), tl.load(_blk(IS1 + bh * D * E + o1, D, EP, E)))
+            tl.store(_mat(W2 + bh * E * D + o2, EP, D), tl.load(_mat(IW2 + bh * E * D + o2, EP, D)))
+            tl.store(_mat(S2 + bh * E * D + o2, EP, D), tl.load(_mat(IS2 + bh * E * D + o2, EP, D)))
+        for c in range(N):
+            k, v, ml, mm, gl, bl, pl = _walk_chunk(K, V, ML, MM, GL, BL, PL, bh, c, N, C, D)
+            cc = bh * N + c
+            base = X + bh * 2 * P * C * D
+            for part in range(P):
+                w1 = tl.load(_blk(W1 + bh * D * E + part * EP, D, EP, E))
+                w2 = tl.load(_mat(W2 + bh * E * D + part * EP * D, EP, D))
+                z, h, share = _walk_fwd_share(k, w1, w2, DOT_BF16)
+                tl.store(_mat(base + part * C * D, C, D), share)
+            p = tl.load(_mat(base, C, D))
+            for f in range(1, P):
+                p += tl.load(_mat(base + f * C * D, C, D))
+            for part in range(P):
+                o1 = part * EP
+                o2 = part * EP * D
+                w1p = _blk(W1 + bh * D * E + o1, D, EP, E)
+                s1p = _blk(S1 + bh * D * E + o1, D, EP, E)
+                w2p = _mat(W2 + bh * E * D + o2, EP, D)
+                s2p = _mat(S2 + bh * E * D + o2, EP, D)
+                w1 = tl.load(w1p)
+                s1 = tl.load(s1p)
+                w2 = tl.load(w2p)
+                s2 = tl.load(s2p)
+                _walk_fwd_save(SW1, SW2, SS1, SS2, cc, o1, o2, w1, s1, w2, s2, D, E, EP)
+                z, h, share = _walk_fwd_share(k, w1, w2, DOT_BF16)
+                err, u, dl, w1, s1, w2, s2 = _walk_fwd_step(k, v, p, z, h, w1, s1, w2, s2, ml, mm, gl, bl, pl,
+                                                            RESIDUAL, DOT_BF16)
+                if INNER:
+                    _walk_fwd_inner(ZS, US, LS, ES, cc, o1, part, z, u, dl, err, C, D, E, EP)
+                tl.store(w1p, w1)
+                tl.store(s1p, s1)
+                tl.store(w2p, w2)
+                tl.store(s2p, s2)
+
+    @triton.jit
+    def _walk_bwd_open(NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, DW1, DW2, DS1, DS2, bh, cc, c, o1, o2, gl, bl, pl,
+                       D: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, DOT_BF16: tl.constexpr):
+        """A block's start of the backward walk's chunk step (``_bwd3_stage`` STAGE 1): reads the block of chunk c's
+        end-state gradient (slot cc), stores the parts of its start-state gradient known at once - to slot cc - 1,
+        or for chunk 0 to the initial state's gradient - and returns those targets and the read block as operands."""
+        first = c == 0
+        dw1n = tl.load(_blk(NW1 + cc * D * E + o1, D, EP, E))
+        ds1n = tl.load(_blk(NS1 + cc * D * E + o1, D, EP, E))
+        dw2n = tl.load(_mat(NW2 + cc * E * D + o2, EP, D))
+        ds2n = tl.load(_mat(NS2 + cc * E * D + o2, EP, D))
+        tw1 = _blk(tl.where(first, DW1 + bh * D * E, NW1 + (cc - 1) * D * E) + o1, D, EP, E)
+        ts1 = _blk(tl.where(first, DS1 + bh * D * E, NS1 + (cc - 1) * D * E) + o1, D, EP, E)
+        tw2 = _mat(tl.where(first, DW2 + bh * E * D, NW2 + (cc - 1) * E * D) + o2, EP, D)
+        ts2 = _mat(tl.where(first, DS2 + bh * E * D, NS2 + (cc - 1) * E * D) + o2, EP, D)
+        tl.store(ts1, bl * dw1n + pl * ds1n + tl.load(_blk(XS1 + cc * D * E + o1, D, EP, E)))
+        tl.store(ts2, bl * dw2n + pl * ds2n + tl.load(_mat(XS2 + cc * E * D + o2, EP, D)))
+        tl.store(tw1, gl * dw1n + tl.load(_blk(X1 + cc * D * E + o1, D, EP, E)))
+        tl.store(tw2, gl * dw2n + tl.load(_mat(X2 + cc * E * D + o2, EP, D)))
+        return (tw1, tw2, _operand(dw1n, DOT_BF16), _operand(ds1n, DOT_BF16), _operand(dw2n, DOT_BF16),
+                _operand(ds2n, DOT_BF16))
+
+    @triton.jit
+    def _walk_bwd_share(k, z, err, w2, dw1n, ds1n, dw2n, ds2n, ml, mm, DOT_BF16: tl.constexpr):
+        """A block's part of the chunk's state-gradient step up to the all-reduce: ddl and dh (C, EP) through the
+        dWn share, du = ddl * silu'(z), and the block's share of the gradient reaching err (C, D):
+        Ml (h dW2n[blk]) + m (h dS2n[blk]) + du W2[blk]."""
+        h = _silu(z)
+        ddl = ml * _dot(k, dw1n, DOT_BF16) + mm * _dot(k, ds1n, DOT_BF16)
+        dh = _dot(ml * err, tl.trans(dw2n), DOT_BF16) + _dot(mm * err, tl.trans(ds2n), DOT_BF16)
+        du = ddl * _silu_grad(z)
+        share = ml * _dot(h, dw2n, DOT_BF16) + mm * _dot(h, ds2n, DOT_BF16) + _dot(du, w2, DOT_BF16)
+        return h, ddl, dh, du, share
+
+    @triton.jit
+    def _walk_bwd_close(tw1, tw2, k, z, u, err, h, w2, ddl, dh, du, derr, DOT_BF16: tl.constexpr):
+        """The rest of the step, given the all-reduced gradient reaching err: dp = 2 derr, dz, and the block's
+        remaining parts of the start-state gradient, added to what :func:`_walk_bwd_open` stored."""
+        dp = 2 * derr
+        dh += _dot(dp, tl.trans(w2), DOT_BF16)
+        dz = ddl * u * _silu_grad2(z) + dh * _silu_grad(z)
+        tl.debug_barrier()  # what _walk_bwd_open stored, from every thread
+        tl.store(tw1, tl.load(tw1) + _dot(tl.trans(k), dz, DOT_BF16))
+        tl.store(tw2, tl.load(tw2) + _dot(tl.trans(du), err, DOT_BF16) + _dot(tl.trans(h), dp, DOT_BF16))
+        tl.debug_barrier()  # the next step reads this slot
+
+    @triton.jit
+    def _walk_bwd_seed(IDW1, IDW2, IDS1, IDS2, NW1, NW2, NS1, NS2, bh, o1, o2, N: tl.constexpr, D: tl.constexpr,
+                       E: tl.constexpr, EP: tl.constexpr):
+        """The final state's gradient (a block of it) is the last chunk's end-state gradient: into slot N - 1."""
+        last = bh * N + N - 1
+        tl.store(_blk(NW1 + last * D * E + o1, D, EP, E), tl.load(_blk(IDW1 + bh * D * E + o1, D, EP, E)))
+        tl.store(_blk(NS1 + last * D * E + o1, D, EP, E), tl.load(_blk(IDS1 + bh * D * E + o1, D, EP, E)))
+        tl.store(_mat(NW2 + last * E * D + o2, EP, D), tl.load(_mat(IDW2 + bh * E * D + o2, EP, D)))
+        tl.store(_mat(NS2 + last * E * D + o2, EP, D), tl.load(_mat(IDS2 + bh * E * D + o2, EP, D)))
+
+    @triton.jit
+    def _memory_walk_bwd_parts_kernel(
+        K, ML, MM, GL, BL, PL, SW2,
+        IDW1, IDW2, IDS1, IDS2,  # the final state's gradient (BH, ...), read
+        DW1, DW2, DS1, DS2,  # the initial state's gradient (BH, ...), written
+        NW1, NW2, NS1, NS2,  # each chunk's end-state gradient (BH, N, ...), written (stage 2 reads them)
+        X1, X2, XS1, XS2,  # stage 0's dy share of each chunk's start-state gradient, read
+        ZS, US, ES,  # each chunk's inner forward z, u (BH, N, C, E) and err (BH, N, C, D), read
+        X, F,  # the all-reduce's slots and flags, as in _memory_walk_parts_kernel
+        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
+        DOT_BF16: tl.constexpr,
+    ):
+        """The three-stage backward's walk (stage 1, reading the inner forward from the scratch) with grid (BH, P):
+        program (bh, part) walks its block of the state gradient back through the chunks."""
+        EP: tl.constexpr = E // P
+        bh = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1).to(tl.int64)
+        o1 = part * EP
+        o2 = part * EP * D
+        _walk_bwd_seed(IDW1, IDW2, IDS1, IDS2, NW1, NW2, NS1, NS2, bh, o1, o2, N, D, E, EP)
+        tl.debug_barrier()
+        for i in range(N):
+            c = N - 1 - i
+            cc = bh * N + c
+            k, v, ml, mm, gl, bl, pl = _walk_chunk(K, K, ML, MM, GL, BL, PL, bh, c, N, C, D)
+            tw1, tw2, dw1n, ds1n, dw2n, ds2n = _walk_bwd_open(NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, DW1, DW2, DS1,
+                                                              DS2, bh, cc, c, o1, o2, gl, bl, pl, D, E, EP, DOT_BF16)
+            z = tl.load(_blk(ZS + cc * C * E + o1, C, EP, E))
+            err = tl.load(_mat(ES + cc * C * D, C, D))
+            w2 = _operand(tl.load(_mat(SW2 + cc * E * D + o2, EP, D)), DOT_BF16)
+            h, ddl, dh, du, share = _walk_bwd_share(k, z, err, w2, dw1n, ds1n, dw2n, ds2n, ml, mm, DOT_BF16)
+            derr = _all_reduce(X, F, bh, part, i, share, P, C, D)
+            _walk_bwd_close(tw1, tw2, k, z, tl.load(_blk(US + cc * C * E + o1, C, EP, E)), err, h, w2, ddl, dh, du,
+                            derr, DOT_BF16)
+
+    @triton.jit
+    def _memory_walk_bwd_parts_lockstep_kernel(
+        K, ML, MM, GL, BL, PL, SW2, IDW1, IDW2, IDS1, IDS2, DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2,
+        X1, X2, XS1, XS2, ZS, US, ES, X, F,
+        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
+        DOT_BF16: tl.constexpr,
+    ):
+        """:func:`_memory_walk_bwd_parts_kernel` with grid (BH,): the P parts one after another in one program (for
+        the interpreter; see :func:`_memory_walk_parts_lockstep_kernel`)."""
+        EP: tl.constexpr = E // P
+        bh = tl.program_id(0).to(tl.int64)
+        for part in range(P):
+            _walk_bwd_seed(IDW1, IDW2, IDS1, IDS2, NW1, NW2, NS1, NS2, bh, part * EP, part * EP * D, N, D, E, EP)
+        for i in range(N):
+            c = N - 1 - i
+            cc = bh * N + c
+            k, v, ml, mm, gl, bl, pl = _walk_chunk(K, K, ML, MM, GL, BL, PL, bh, c, N, C, D)
+            err = tl.load(_mat(ES + cc * C * D, C, D))
+            base = X + bh * 2 * P * C * D
+            for part in range(P):  # every part's share first (the slots they read stay unchanged until the close)
+                o1 = part * EP
+                o2 = part * EP * D
+                dw1n = _operand(tl.load(_blk(NW1 + cc * D * E + o1, D, EP, E)), DOT_BF16)
+                ds1n = _operand(tl.load(_blk(NS1 + cc * D * E + o1, D, EP, E)), DOT_BF16)
+                dw2n = _operand(tl.load(_mat(NW2 + cc * E * D + o2, EP, D)), DOT_BF16)
+                ds2n = _operand(tl.load(_mat(NS2 + cc * E * D + o2, EP, D)), DOT_BF16)
+                z = tl.load(_blk(ZS + cc * C * E + o1, C, EP, E))
+                w2 = _operand(tl.load(_mat(SW2 + cc * E * D + o2, EP, D)), DOT_BF16)
+                h, ddl, dh, du, share = _walk_bwd_share(k, z, err, w2, dw1n, ds1n, dw2n, ds2n, ml, mm, DOT_BF16)
+                tl.store(_mat(base + part * C * D, C, D), share)
+            derr = tl.load(_mat(base, C, D))
+            for f in range(1, P):
+                derr += tl.load(_mat(base + f * C * D, C, D))
+            for part in range(P):
+                o1 = part * EP
+                o2 = part * EP * D
+                tw1, tw2, dw1n, ds1n, dw2n, ds2n = _walk_bwd_open(NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, DW1, DW2,
+                                                                  DS1, DS2, bh, cc, c, o1, o2, gl, bl, pl, D, E, EP,
+                                                                  DOT_BF16)
+                z = tl.load(_blk(ZS + cc * C * E + o1, C, EP, E))
+                w2 = _operand(tl.load(_mat(SW2 + cc * E * D + o2, EP, D)), DOT_BF16)
+                h, ddl, dh, du, share = _walk_bwd_share(k, z, err, w2, dw1n, ds1n, dw2n, ds2n, ml, mm, DOT_BF16)
+                _walk_bwd_close(tw1, tw2, k, z, tl.load(_blk(US + cc * C * E + o1, C, EP, E)), err, h, w2, ddl, dh,
+                                du, derr, DOT_BF16)
+
+
+
 def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Exception) -> None:
     """Record a compile failure (say, out of shared memory on a smaller GPU) so ``supports`` says no."""
     import warnings
@@ -853,6 +1181,10 @@ def pass_name(kernel, meta: dict) -> str:
         return f"bwd{meta.get('MODE', 0)}"
     if name.endswith("_memory_bwd3_kernel"):
         return f"stage{meta.get('STAGE', 0)}"
+    if "_memory_walk_bwd_parts" in name:  # the walks spread over P programs a head: the passes they stand in for
+        return "stage1"
+    if "_memory_walk_parts" in name:
+        return "fwd1"
     return "overlap"
 
 
@@ -902,6 +1234,61 @@ def _save_inner(L: int, N: int) -> bool:
     and head."""
     return (L == 2 and N > 1 and _backward_mode() != "fused"
             and os.environ.get("TITANS_TRITON_SAVE_INNER", "0") == "1")
+
+
+MAX_WALK_PROGRAMS = 32
+
+
+def _walk_parts(BH: int, E: int, L: int) -> int:
+    """Programs per (batch, head) for the sequential walks (the forward's pass 1 and the three-stage backward's stage
+    1): ``TITANS_TRITON_WALK_PARTS`` (1, 2, 4 or 8; default 1), lowered until each program holds at least 16 hidden
+    units (the smallest matmul tile) and the walk has at most :data:`MAX_WALK_PROGRAMS` programs.  Depth 2 only.
+
+    The P programs of a head wait for each other once per chunk, so they must all be resident at once: with at most
+    32 programs a walk, the three memory layers' walks that the wavefront runs side by side hold at most 96 SMs
+    waiting, and a partner not yet resident always finds an SM (any other kernel's programs finish without waiting).
+    At batch >= 4 a walk has >= 32 heads and keeps one program each."""
+    raw = os.environ.get("TITANS_TRITON_WALK_PARTS", "1")
+    if raw not in ("1", "2", "4", "8"):
+        raise ValueError(f"TITANS_TRITON_WALK_PARTS={raw!r}: expected 1, 2, 4 or 8 (programs a head for the walks)")
+    parts = int(raw) if L == 2 else 1
+    while parts > 1 and (E // parts < 16 or BH * parts > MAX_WALK_PROGRAMS):
+        parts //= 2
+    return parts
+
+
+def _walk_sync(like: Tensor, BH: int, P: int, C: int, D: int) -> tuple[Tensor, Tensor]:
+    """The all-reduce's slots (BH, 2, P, C, D) float32 and its flags (BH * P) int32, zero, for one parts launch."""
+    return (like.new_empty(BH, 2, P, C, D, dtype=torch.float32),
+            torch.zeros(BH * P, dtype=torch.int32, device=like.device))
+
+
+def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict) -> None:
+    """A walk spread over P programs a head: grid (BH, P), or under the interpreter the lockstep twin, grid (BH,)."""
+    if interpreting():
+        _run(lockstep, (BH,), args, meta)
+    else:
+        _run(kernel, (BH, P), args, meta)
+
+
+def _walk_forward_parts(BH: int, N: int, P: int, fwd_args: tuple, kw: dict, inner: bool) -> None:
+    """The forward's walk (pass 1) over P programs a head, from ``_memory_fwd_kernel``'s arguments (``fwd_args``:
+    q, k, v, 8 coefficients, initial state, final state, y, starts, inner scratch)."""
+    a = fwd_args
+    C, D = kw["C"], kw["D"]
+    meta = dict({key: val for key, val in kw.items() if key != "L"}, P=P, INNER=inner)
+    args = (a[1], a[2], *a[6:11], *a[11:19], *a[20:28], *_walk_sync(a[0], BH, P, C, D))
+    _run_walk(_memory_walk_parts_kernel, _memory_walk_parts_lockstep_kernel, BH, P, args, meta)
+
+
+def _walk_backward_parts(BH: int, N: int, P: int, stage_args: tuple, kw: dict) -> None:
+    """The three-stage backward's walk (stage 1, reading the scratch) over P programs a head, from
+    ``_memory_bwd3_kernel``'s arguments."""
+    a = stage_args
+    C, D = kw["C"], kw["D"]
+    meta = {key: val for key, val in kw.items() if key not in ("RESIDUAL", "INNER", "RECOMPUTE", "ACCUMULATE")}
+    args = (a[1], *a[6:11], a[12], *a[16:32], a[32], a[33], a[37], *_walk_sync(a[0], BH, P, C, D))
+    _run_walk(_memory_walk_bwd_parts_kernel, _memory_walk_bwd_parts_lockstep_kernel, BH, P, args, dict(meta, P=P))
 
 
 def _inner_buffers(like: Tensor, BH: int, N: int, C: int, D: int, E: int) -> list[Tensor]:
@@ -961,7 +1348,9 @@ TUNE_CONFIGS = [(4, 1), (8, 1), (16, 1), (8, 2)]  # (num_warps, num_stages); eac
 # (the state and its gradient come in and go out in separate buffers: a trial rerun reads the same inputs; the
 # three-stage backward's stage 2 adds to stage 0's dk / dv, and the one-launch version counts tickets and flags)
 _IN_PLACE = {"_memory_fwd_kernel": [], "_memory_bwd_kernel": [], "_memory_bwd3_kernel": ["DK", "DV"],
-             "_memory_bwd3_overlap_kernel": ["DK", "DV", "TICKET", "FLAGS"]}
+             "_memory_bwd3_overlap_kernel": ["DK", "DV", "TICKET", "FLAGS"], "_memory_walk_parts_kernel": ["F"],
+             "_memory_walk_bwd_parts_kernel": ["F"], "_memory_walk_parts_lockstep_kernel": [],
+             "_memory_walk_bwd_parts_lockstep_kernel": []}
 _TUNED: dict = {}
 AUTOTUNE_FAILED: list[str] = []  # why the tuned launch was given up (then every launch takes the fixed warps)
 
@@ -1031,14 +1420,18 @@ def overlap_launch(BH: int, N: int, args) -> tuple[tuple[int], tuple]:
     return (BH * (2 * N + 1),), (*args, *sync)
 
 
-def _launch_stages(BH: int, N: int, args, kw, overlap: bool) -> None:
-    """The three-stage backward: dy share (parallel), state-gradient recurrence (sequential), dWn share; three
-    launches, or one (``overlap``) whose programs hand chunks on through flags."""
+def _launch_stages(BH: int, N: int, args, kw, overlap: bool, parts: int = 1) -> None:
+    """The three-stage backward: dy share (parallel), state-gradient recurrence (sequential; over ``parts``
+    programs a head, :func:`_walk_parts`), dWn share; three launches, or one (``overlap``) whose programs hand
+    chunks on through flags."""
     if overlap:
         _run(_memory_bwd3_overlap_kernel, *overlap_launch(BH, N, args), kw)
         return
     _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0))
-    _run(_memory_bwd3_kernel, (BH,), args, dict(kw, STAGE=1))
+    if parts > 1:
+        _walk_backward_parts(BH, N, parts, args, kw)
+    else:
+        _run(_memory_bwd3_kernel, (BH,), args, dict(kw, STAGE=1))
     _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=2))
 
 
@@ -1075,8 +1468,13 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
               [y.new_empty(1)] * 4)
     inner = save_states and _save_inner(L, N)
     scratch = _inner_buffers(y, B * H, N, chunk_size, D, W[0].shape[-1]) if inner else [y.new_empty(1)] * 4
-    _launch(_memory_fwd_kernel, B * H, N, (qf, _rows(k), _rows(v), *coef, *initial, *state, y, *starts, *scratch),
-            kw, SAVE=keep, INNER=inner)
+    args = (qf, _rows(k), _rows(v), *coef, *initial, *state, y, *starts, *scratch)
+    parts = _walk_parts(B * H, W[0].shape[-1], L) if _split() and N > 1 else 1
+    if parts > 1:  # pass 1 over P programs a head, then pass 2 as usual
+        _walk_forward_parts(B * H, N, parts, args, kw, inner)
+        _run(_memory_fwd_kernel, (B * H, N), args, dict(kw, MODE=2, SAVE=keep, INNER=inner))
+    else:
+        _launch(_memory_fwd_kernel, B * H, N, args, kw, SAVE=keep, INNER=inner)
     # outputs in the state's dtype: q / k / v may be narrower (bf16 under autocast; widened on load)
     Wout, Sout = _states_like(state[:2], W), _states_like(state[2:], S)
     return (y.reshape(B, H, T, D).to(W[0].dtype), Wout, Sout,
@@ -1113,7 +1511,8 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
                    [*fresh, wide.new_empty(B * H, N, chunk_size, D)])
         args = (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *shares, *scratch,
                 *outs)
-        _launch_stages(B * H, N, args, _stage_kw(kw, INNER=bool(inner)), mode == "overlap")
+        _launch_stages(B * H, N, args, _stage_kw(kw, INNER=bool(inner)), mode == "overlap",
+                       _walk_parts(B * H, dW[0].shape[-1], L))
     else:
         _launch(_memory_bwd_kernel, B * H, N,
                 (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *outs), kw)
@@ -1151,8 +1550,12 @@ def core_walk(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, activat
     starts = _state_buffers(state[0], B * H, N, state, L, torch.float32)
     save = _save_inner(L, N)
     scratch = _inner_buffers(state[0], B * H, N, chunk_size, D, W[0].shape[-1]) if save else [state[0].new_empty(1)] * 4
-    _run(_memory_fwd_kernel, (B * H,), (_rows(q), _rows(k), _rows(v), *coef, *initial, *state, state[0].new_empty(1),
-                                        *starts, *scratch), dict(kw, MODE=1, SAVE=True, INNER=save))
+    args = (_rows(q), _rows(k), _rows(v), *coef, *initial, *state, state[0].new_empty(1), *starts, *scratch)
+    parts = _walk_parts(B * H, W[0].shape[-1], L)
+    if parts > 1:
+        _walk_forward_parts(B * H, N, parts, args, kw, save)
+    else:
+        _run(_memory_fwd_kernel, (B * H,), args, dict(kw, MODE=1, SAVE=True, INNER=save))
     Wout, Sout = _states_like(state[:2], W), _states_like(state[2:], S)
     return Wout, Sout, starts, (scratch if save else [])
 
