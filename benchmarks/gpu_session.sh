@@ -316,6 +316,21 @@ if [ "$PART" = 24 ]; then
     --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_parts4.json"
   finish
 fi
+if [ "$PART" = 25 ]; then
+  # session 24: PART=24 timed the walks over parts (forward walk 0.242 -> 0.165 ms, backward 0.374 -> 0.271 with 2
+  # parts at 8 warps) and MAC 65536 x 1 at 255.7K tokens/s with 4 parts - but 4 parts at 8 warps hit an illegal memory
+  # access in the kernel benchmark and test, so 64 hidden units a program at least now, 2 parts the default.  Its GPU
+  # tests (every backward mode, the parts with and without the inner forward), then MAC 65536 x 1 with 2 parts and with
+  # one (the control, same machine)
+  step 150 kernel-tests-gpu sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'on_gpu' > $RES/gpu_test_fused_memory_on_gpu.txt 2>&1"
+  WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+  step 150 mac-65536x1-wf2048-parts2 env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_parts2.json"
+  step 130 mac-65536x1-wf2048-parts1 env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_PARTS=1 $WF \
+    --out "$RES/h_wf2048_parts1.json"
+  step 120 mac-65536x1-wf2048-parts2-again env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_parts2_again.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -226,6 +226,7 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
 
     cases = [(1, False, 32, 16, 16, 16), (1, True, 48, 32, 32, 16), (2, False, 32, 16, 32, 16),
              (2, True, 64, 32, 64, 16)]
+    os.environ["TITANS_TRITON_WALK_PARTS"] = "1"  # one program a head walks (the walks over parts: PARTS below)
     print("FP32", max(compare(*c) for c in cases))  # default: the three-stage depth-2 backward in one launch
     os.environ["TITANS_TRITON_BWD"] = "split"  # the same three stages in three launches
     print("SPLIT", max(compare(*c) for c in cases if c[0] == 2))
@@ -639,7 +640,7 @@ def test_triton_kernels_on_gpu(backward, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("parts", [2, 4])
+@pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("inner", ["0", "1"])
 def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
     """The walks spread over P programs a head (TITANS_TRITON_WALK_PARTS; their all-reduce through global memory runs
@@ -661,7 +662,8 @@ def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
         o2, g2 = _run(triton_core, case, 2, chunk_size=C)
         for a, b in zip(o2 + list(g2), o1 + list(g1)):
             assert _rel(a.float(), b) <= 5e-2
-    assert {("_memory_walk_parts_kernel", (8, parts)), ("_memory_walk_bwd_parts_kernel", (8, parts))} <= set(launched)
+    walks = {("_memory_walk_parts_kernel", (8, parts)), ("_memory_walk_bwd_parts_kernel", (8, parts))}
+    assert walks <= set(launched) if parts > 1 else not walks & set(launched)
     assert (64, 128, 2, C) not in tk.FAILED_SHAPES
 
 
@@ -784,3 +786,26 @@ def test_backward_mode_names_the_allowed_values(monkeypatch):
         tk._backward_mode()
     monkeypatch.setenv("TITANS_TRITON_BWD", "overlap")
     assert tk._backward_mode() == "overlap"
+
+
+def test_walk_parts_are_checked_and_lowered_to_what_fits(monkeypatch):
+    """TITANS_TRITON_WALK_PARTS names 1, 2, 4 or 8 programs a head (default 2); each keeps >= MIN_WALK_UNITS hidden
+    units (16 under the interpreter), a walk has at most MAX_WALK_PROGRAMS programs (its parts wait for each other,
+    so all must be resident), depth 1 keeps one."""
+    import titans.core.memory.triton_kernels as tk
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", "3")
+    with pytest.raises(ValueError, match="TITANS_TRITON_WALK_PARTS='3'"):
+        tk._walk_parts(8, 128, 2)
+    monkeypatch.delenv("TITANS_TRITON_WALK_PARTS")
+    assert tk._walk_parts(8, 128, 2) == 2  # the default: MAC's memory at batch 1 (8 heads, hidden 128)
+    assert tk._walk_parts(8, 64, 2) == 1  # 64 hidden units a program at least
+    monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", "8")
+    assert tk._walk_parts(8, 128, 2) == 2
+    assert tk._walk_parts(4, 512, 2) == 8  # 4 heads x 8 = 32 programs of 64 units
+    assert tk._walk_parts(8, 512, 2) == 4  # 32 programs at most
+    assert tk._walk_parts(64, 128, 2) == 1  # batch 8 x 8 heads: one program a head already fills the GPU
+    assert tk._walk_parts(8, 128, 1) == 1
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tk._walk_parts(8, 128, 2) == 4 and tk._walk_parts(2, 32, 2) == 2  # 16 units under the interpreter

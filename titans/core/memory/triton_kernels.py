@@ -1237,22 +1237,29 @@ def _save_inner(L: int, N: int) -> bool:
 
 
 MAX_WALK_PROGRAMS = 32
+# hidden units a program of a walk holds at least: 64 on the GPU (4 parts of hidden 128, 32 units a program, hit an
+# illegal memory access at 8 warps on an H200 with Triton 3.6 - not diagnosed; at 4 warps they ran, slower than 2
+# parts at 8: benchmarks/RESULTS.md section 6, session 24); 16 (the smallest matmul tile) under the interpreter
+MIN_WALK_UNITS = 64
 
 
 def _walk_parts(BH: int, E: int, L: int) -> int:
     """Programs per (batch, head) for the sequential walks (the forward's pass 1 and the three-stage backward's stage
-    1): ``TITANS_TRITON_WALK_PARTS`` (1, 2, 4 or 8; default 1), lowered until each program holds at least 16 hidden
-    units (the smallest matmul tile) and the walk has at most :data:`MAX_WALK_PROGRAMS` programs.  Depth 2 only.
+    1): ``TITANS_TRITON_WALK_PARTS`` (1, 2, 4 or 8; default 2), lowered until each program holds at least
+    :data:`MIN_WALK_UNITS` hidden units and the walk has at most :data:`MAX_WALK_PROGRAMS` programs.  Depth 2 only.
+    On an H200 at MAC's segment at batch 1 (1 x 8 heads x 512 tokens, hidden 128) two parts took the forward's walk
+    from 0.242 to 0.165 ms and the backward's from 0.374 to 0.271 ms (benchmarks/RESULTS.md section 6, session 24).
 
     The P programs of a head wait for each other once per chunk, so they must all be resident at once: with at most
     32 programs a walk, the three memory layers' walks that the wavefront runs side by side hold at most 96 SMs
     waiting, and a partner not yet resident always finds an SM (any other kernel's programs finish without waiting).
-    At batch >= 4 a walk has >= 32 heads and keeps one program each."""
-    raw = os.environ.get("TITANS_TRITON_WALK_PARTS", "1")
+    At batch >= 4 (8 heads) a walk has >= 32 heads and keeps one program each."""
+    raw = os.environ.get("TITANS_TRITON_WALK_PARTS", "2")
     if raw not in ("1", "2", "4", "8"):
         raise ValueError(f"TITANS_TRITON_WALK_PARTS={raw!r}: expected 1, 2, 4 or 8 (programs a head for the walks)")
     parts = int(raw) if L == 2 else 1
-    while parts > 1 and (E // parts < 16 or BH * parts > MAX_WALK_PROGRAMS):
+    units = 16 if interpreting() else MIN_WALK_UNITS
+    while parts > 1 and (E // parts < units or BH * parts > MAX_WALK_PROGRAMS):
         parts //= 2
     return parts
 
