@@ -331,6 +331,17 @@ if [ "$PART" = 25 ]; then
   step 120 mac-65536x1-wf2048-parts2-again env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_parts2_again.json"
   finish
 fi
+if [ "$PART" = 26 ]; then
+  # session 24: PART=25 timed MAC 65536 x 1 at 254.5K / 251.4K tokens/s with the walks over 2 parts (the default now)
+  # and 231.4K with one (same machine); its kernel-test step was cut at 150 s.  The parts' GPU tests (with and without
+  # the inner forward saved; the one-program walks as the control) and the three-launch backward's, then the timeline
+  # of the 65536 x 1 step with 2 parts (where the chain's time goes now)
+  step 220 kernel-tests-gpu-parts sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'walks_over_parts or (on_gpu and split)' > $RES/gpu_test_fused_memory_parts.txt 2>&1"
+  step 150 mac-65536x1-wf2048-parts2-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
+    --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_parts2_timeline.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
