@@ -14,9 +14,10 @@ On the CPU (or with ``streams=False``) the same segment-major loop runs on the c
 numbers.  Measured (benchmarks/RESULTS.md section 6, sessions 20-21; H200, compiled blocks, CUDA graphs,
 ``TITANS_TRITON_BWD=split``): MAC 65536 x 1 at 209.0K tokens/s against 130.5K one-pass with 512-token steps
 (kernels ~3 deep on 20 streams), 230.3-230.7K with 2048-token steps, the memory blocks' streams at high priority and
-their feed-forwards on streams of their own: 0.625-0.626x MAC's 4096 x 8 rate (368.3K; session 22: 0.624x).  What
-bounds it now: each memory block's backward chain (128 segments, ~146 kernels and ~1.45 ms a segment) runs back to
-back for most of the step, about half of it in the memory kernels.  ``readout_streams`` takes the memory read-out's
+their feed-forwards on streams of their own: 0.625-0.626x MAC's 4096 x 8 rate (368.3K; session 22: 0.624x); with the
+memory walks over two programs a head (session 24) 251-255K, 0.686x.  What bounds it: each memory block's backward
+chain (128 segments, ~146 kernels and ~1.45 ms a segment in session 21) runs back to back for most of the step,
+about half of it in the memory kernels.  ``readout_streams`` takes the memory read-out's
 share of that backward off the chain, and was 14.6% slower for it (193.0K vs 226.0K tokens/s, session 23).  The
 trainer's ``training.wavefront`` / ``training.wavefront_step`` and ``benchmarks/harness.py --wavefront`` use it.
 """

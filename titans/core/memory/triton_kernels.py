@@ -31,6 +31,14 @@ The forward stores each chunk's starting state for the backward, which recompute
 backward stage recomputes it (off by default: no faster, more memory; see ``_save_inner``).  Read-only state tiles
 are held as bf16 operands (fewer register spills).
 
+Walks over parts (depth 2): at batch 1 a walk has one program per head, 8 at MAC's shape on a GPU of 132 SMs.  By
+default (``TITANS_TRITON_WALK_PARTS``, :func:`_walk_parts`) the forward's walk and the three-stage backward's (three
+launches) run over 2 programs a head where that keeps a walk within 32 programs, each holding a block of the hidden
+units and all-reducing one (C, D) tile a chunk with its partner through global memory
+(``_memory_walk_parts_kernel`` / ``_memory_walk_bwd_parts_kernel``): on an H200 the two walks of a MAC segment took
+0.436 instead of 0.616 ms and MAC 65536 x 1 trained at 253K instead of 231K tokens/s (benchmarks/RESULTS.md section
+6, session 24).
+
 Depth 2 (more than one chunk) takes a three-stage backward (``_memory_bwd3_kernel``: the dy share in
 parallel, the state-gradient recurrence over the dWn share alone, the dWn share in parallel): on an H100
 23.3 vs 23.6 ms forward + backward at 8x8x4096 and 169.7K vs 165.3K MAC training tokens/s against the
