@@ -342,6 +342,19 @@ if [ "$PART" = 26 ]; then
     --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_parts2_timeline.json"
   finish
 fi
+if [ "$PART" = 27 ]; then
+  # session 24: the memory read-out off the chain (TITANS_WAVEFRONT_READOUT_STREAMS=1, 14.6% slower in session 23, its
+  # walk's backward recomputing each chunk's inner forward) with the inner forward saved, so that walk reads it and
+  # runs over 2 parts like the one-node core's; the default (2 parts, one-node core) as the control; then the split
+  # core's GPU test (with and without the inner forward, bf16 q / k / v)
+  WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+  step 150 mac-65536x1-wf2048-readouts-inner env TITANS_TRITON_BWD=split TITANS_WAVEFRONT_READOUT_STREAMS=1 \
+    TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_readouts_inner.json"
+  step 110 mac-65536x1-wf2048-parts2-control env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_parts2_control.json"
+  step 120 kernel-tests-gpu-split sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'on_gpu and split' > $RES/gpu_test_fused_memory_on_gpu_split.txt 2>&1"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -326,11 +326,18 @@ _SPLIT_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
         return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(res[True], res[False]))
 
     import os
+    launched, run = [], tk._run
+    tk._run = lambda kernel, grid, args, meta: (launched.append(kernel.fn.__name__), run(kernel, grid, args, meta))
     for save in ("1", "0"):  # the walk's backward reading the forward's inner forward, or recomputing it
         os.environ["TITANS_TRITON_SAVE_INNER"] = save
+        launched.clear()
         worst = max(compare(res, T, d, E, 16, wanted) for res, T, d, E in ((False, 32, 16, 32), (True, 64, 16, 16))
                     for wanted in ((True, True), (True, False), (False, True)))
         print(f"SPLIT_CORE_{save}", worst)
+        # hidden 32 walks over 2 parts (the default; lockstep twins here); the backward's walk only where it reads
+        # the inner forward
+        assert "_memory_walk_parts_lockstep_kernel" in launched, launched
+        assert ("_memory_walk_bwd_parts_lockstep_kernel" in launched) == (save == "1"), launched
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the split kernels ran (no fallback to the torch loop)
 """)
 

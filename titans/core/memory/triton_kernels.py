@@ -1626,7 +1626,11 @@ def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW,
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, none, *dfinal, *dstate, *ends,
             *[t.contiguous() for t in shares], zs, us, ls, none, none, es, none, *wide, none, none, none, *dcoef)
     kw = _stage_kw(kw, RECOMPUTE=not inner, ACCUMULATE=False, INNER=bool(inner))
-    _run(_memory_bwd3_kernel, (B * H,), args, dict(kw, STAGE=1))
+    parts = _walk_parts(B * H, E, 2) if inner else 1  # (the walks over parts read the inner forward, never recompute)
+    if parts > 1:
+        _walk_backward_parts(B * H, N, parts, args, kw)
+    else:
+        _run(_memory_bwd3_kernel, (B * H,), args, dict(kw, STAGE=1))
     _run(_memory_bwd3_kernel, (B * H, N), args, dict(kw, STAGE=2))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[1:3])] + [g.reshape(t.shape) for g, t in
                                                                                    zip(dcoef, like[6:])]
