@@ -244,9 +244,16 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     assert {("_memory_walk_parts_lockstep_kernel", 2), ("_memory_walk_parts_lockstep_kernel", 4),
             ("_memory_walk_bwd_parts_lockstep_kernel", 2), ("_memory_walk_bwd_parts_lockstep_kernel", 4)} <= set(
         launched), set(launched)
-    tk._run = run
+    # the GPU's walk kernels themselves (all-reduce, flags) with one program a head: no partner to wait for here
+    launched.clear()
     os.environ["TITANS_TRITON_WALK_PARTS"] = "1"
+    tk.PARTS_KERNELS_FROM = 1
+    print("PARTS_ONE", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_SAVE_INNER"] = "1"
+    print("PARTS_ONE_INNER", max(compare(*c) for c in cases if c[0] == 2))
+    assert {("_memory_walk_parts_kernel", 1), ("_memory_walk_bwd_parts_kernel", 1)} <= set(launched), set(launched)
+    tk.PARTS_KERNELS_FROM = 2
+    tk._run = run
     os.environ["TITANS_TRITON_BWD"] = "overlap"
     print("INNER", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_SAVE_INNER"] = "0"
@@ -294,6 +301,8 @@ def test_triton_kernels_under_interpreter():
     assert float(err["INNER_SPLIT"]) <= 5e-5 and float(err["INNER"]) <= 5e-5, err
     # the walks over 2 and 4 programs a head (TITANS_TRITON_WALK_PARTS), with and without the inner forward saved
     assert float(err["PARTS"]) <= 5e-5 and float(err["PARTS_INNER"]) <= 5e-5, err
+    # the GPU's parts kernels (their all-reduce and flags) with one program a head
+    assert float(err["PARTS_ONE"]) <= 5e-5 and float(err["PARTS_ONE_INNER"]) <= 5e-5, err
     assert float(err["TWOPASS"]) <= 5e-5, err  # depth 2: the two-pass backward
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
     assert float(err["TWOPASS_BF16"]) <= 5e-2, err
@@ -669,7 +678,7 @@ def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
         o2, g2 = _run(triton_core, case, 2, chunk_size=C)
         for a, b in zip(o2 + list(g2), o1 + list(g1)):
             assert _rel(a.float(), b) <= 5e-2
-    walks = {("_memory_walk_parts_kernel", (8, parts)), ("_memory_walk_bwd_parts_kernel", (8, parts))}
+    walks = {("_memory_walk_parts_kernel", (parts, 8)), ("_memory_walk_bwd_parts_kernel", (parts, 8))}
     assert walks <= set(launched) if parts > 1 else not walks & set(launched)
     assert (64, 128, 2, C) not in tk.FAILED_SHAPES
 
@@ -814,5 +823,11 @@ def test_walk_parts_are_checked_and_lowered_to_what_fits(monkeypatch):
     assert tk._walk_parts(8, 512, 2) == 4  # 32 programs at most
     assert tk._walk_parts(64, 128, 2) == 1  # batch 8 x 8 heads: one program a head already fills the GPU
     assert tk._walk_parts(8, 128, 1) == 1
+    monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", "2")
+    monkeypatch.setattr(tk, "_SMS", {0: 132, 1: 46})  # an H200; a GPU of 46 SMs: at most 11 programs a walk there
+    assert tk._walk_parts(8, 128, 2, torch.device("cuda", 0)) == 2
+    assert tk._walk_parts(8, 128, 2, torch.device("cuda", 1)) == 1 and tk._walk_parts(4, 128, 2, torch.device(
+        "cuda", 1)) == 2
+    monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", "8")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert tk._walk_parts(8, 128, 2) == 4 and tk._walk_parts(2, 32, 2) == 2  # 16 units under the interpreter

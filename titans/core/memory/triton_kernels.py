@@ -943,11 +943,11 @@ if triton is not None:
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr,
     ):
-        """The forward's walk (``_memory_fwd_kernel`` MODE 1, depth 2) with grid (BH, P): program (bh, part) carries
+        """The forward's walk (``_memory_fwd_kernel`` MODE 1, depth 2) with grid (P, BH): program (part, bh) carries
         its block of the state in registers from chunk to chunk."""
         EP: tl.constexpr = E // P
-        bh = tl.program_id(0).to(tl.int64)
-        part = tl.program_id(1).to(tl.int64)
+        part = tl.program_id(0).to(tl.int64)  # a head's parts are neighbours in launch order (see _run_walk)
+        bh = tl.program_id(1).to(tl.int64)
         o1 = part * EP
         o2 = part * EP * D
         w1 = tl.load(_blk(IW1 + bh * D * E + o1, D, EP, E))
@@ -1089,11 +1089,11 @@ if triton is not None:
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
         DOT_BF16: tl.constexpr,
     ):
-        """The three-stage backward's walk (stage 1, reading the inner forward from the scratch) with grid (BH, P):
-        program (bh, part) walks its block of the state gradient back through the chunks."""
+        """The three-stage backward's walk (stage 1, reading the inner forward from the scratch) with grid (P, BH):
+        program (part, bh) walks its block of the state gradient back through the chunks."""
         EP: tl.constexpr = E // P
-        bh = tl.program_id(0).to(tl.int64)
-        part = tl.program_id(1).to(tl.int64)
+        part = tl.program_id(0).to(tl.int64)  # a head's parts are neighbours in launch order (see _run_walk)
+        bh = tl.program_id(1).to(tl.int64)
         o1 = part * EP
         o2 = part * EP * D
         _walk_bwd_seed(IDW1, IDW2, IDS1, IDS2, NW1, NW2, NS1, NS2, bh, o1, o2, N, D, E, EP)
@@ -1251,7 +1251,20 @@ MAX_WALK_PROGRAMS = 32
 MIN_WALK_UNITS = 64
 
 
-def _walk_parts(BH: int, E: int, L: int) -> int:
+_SMS: dict = {}
+
+
+def _multiprocessors(device: torch.device | None) -> int | None:
+    """SMs of a CUDA device (cached), None elsewhere."""
+    if device is None or device.type != "cuda":
+        return None
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
+
+
+def _walk_parts(BH: int, E: int, L: int, device: torch.device | None = None) -> int:
     """Programs per (batch, head) for the sequential walks (the forward's pass 1 and the three-stage backward's stage
     1): ``TITANS_TRITON_WALK_PARTS`` (1, 2, 4 or 8; default 2), lowered until each program holds at least
     :data:`MIN_WALK_UNITS` hidden units and the walk has at most :data:`MAX_WALK_PROGRAMS` programs.  Depth 2 only.
@@ -1260,14 +1273,17 @@ def _walk_parts(BH: int, E: int, L: int) -> int:
 
     The P programs of a head wait for each other once per chunk, so they must all be resident at once: with at most
     32 programs a walk, the three memory layers' walks that the wavefront runs side by side hold at most 96 SMs
-    waiting, and a partner not yet resident always finds an SM (any other kernel's programs finish without waiting).
-    At batch >= 4 (8 heads) a walk has >= 32 heads and keeps one program each."""
+    waiting, and a partner not yet resident always finds an SM (any other kernel's programs finish without waiting);
+    on a GPU with fewer SMs the bound is a quarter of its SMs (``device``).  At batch >= 4 (8 heads) a walk has >= 32
+    heads and keeps one program each."""
     raw = os.environ.get("TITANS_TRITON_WALK_PARTS", "2")
     if raw not in ("1", "2", "4", "8"):
         raise ValueError(f"TITANS_TRITON_WALK_PARTS={raw!r}: expected 1, 2, 4 or 8 (programs a head for the walks)")
     parts = int(raw) if L == 2 else 1
     units = 16 if interpreting() else MIN_WALK_UNITS
-    while parts > 1 and (E // parts < units or BH * parts > MAX_WALK_PROGRAMS):
+    sms = _multiprocessors(device)
+    most = MAX_WALK_PROGRAMS if sms is None else min(MAX_WALK_PROGRAMS, sms // 4)
+    while parts > 1 and (E // parts < units or BH * parts > most):
         parts //= 2
     return parts
 
@@ -1278,12 +1294,22 @@ def _walk_sync(like: Tensor, BH: int, P: int, C: int, D: int) -> tuple[Tensor, T
             torch.zeros(BH * P, dtype=torch.int32, device=like.device))
 
 
+# the smallest part count that takes the walks over parts (tests set 1: the GPU kernels, all-reduce and flags
+# included, then run under the interpreter with one program a head, where no partner has to be waited for)
+PARTS_KERNELS_FROM = 2
+
+
 def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict) -> None:
-    """A walk spread over P programs a head: grid (BH, P), or under the interpreter the lockstep twin, grid (BH,)."""
-    if interpreting():
+    """A walk spread over P programs a head: grid (P, BH), or under the interpreter (P > 1) the lockstep twin, grid
+    (BH,).
+
+    The part is the grid's first axis so that a head's P programs are neighbours in launch order (the GPU hands out
+    a grid's programs in linear order): a program waits only for partners launched right after it, and at most one
+    head per walk can be cut at the edge of what is resident, whatever else runs beside it."""
+    if interpreting() and P > 1:
         _run(lockstep, (BH,), args, meta)
     else:
-        _run(kernel, (BH, P), args, meta)
+        _run(kernel, (P, BH), args, meta)
 
 
 def _walk_forward_parts(BH: int, N: int, P: int, fwd_args: tuple, kw: dict, inner: bool) -> None:
@@ -1443,7 +1469,7 @@ def _launch_stages(BH: int, N: int, args, kw, overlap: bool, parts: int = 1) -> 
         _run(_memory_bwd3_overlap_kernel, *overlap_launch(BH, N, args), kw)
         return
     _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0))
-    if parts > 1:
+    if parts >= PARTS_KERNELS_FROM:
         _walk_backward_parts(BH, N, parts, args, kw)
     else:
         _run(_memory_bwd3_kernel, (BH,), args, dict(kw, STAGE=1))
@@ -1484,8 +1510,8 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
     inner = save_states and _save_inner(L, N)
     scratch = _inner_buffers(y, B * H, N, chunk_size, D, W[0].shape[-1]) if inner else [y.new_empty(1)] * 4
     args = (qf, _rows(k), _rows(v), *coef, *initial, *state, y, *starts, *scratch)
-    parts = _walk_parts(B * H, W[0].shape[-1], L) if _split() and N > 1 else 1
-    if parts > 1:  # pass 1 over P programs a head, then pass 2 as usual
+    parts = _walk_parts(B * H, W[0].shape[-1], L, q.device) if _split() and N > 1 else 1
+    if parts >= PARTS_KERNELS_FROM:  # pass 1 over P programs a head, then pass 2 as usual
         _walk_forward_parts(B * H, N, parts, args, kw, inner)
         _run(_memory_fwd_kernel, (B * H, N), args, dict(kw, MODE=2, SAVE=keep, INNER=inner))
     else:
@@ -1527,7 +1553,7 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
         args = (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *shares, *scratch,
                 *outs)
         _launch_stages(B * H, N, args, _stage_kw(kw, INNER=bool(inner)), mode == "overlap",
-                       _walk_parts(B * H, dW[0].shape[-1], L))
+                       _walk_parts(B * H, dW[0].shape[-1], L, q.device))
     else:
         _launch(_memory_bwd_kernel, B * H, N,
                 (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *outs), kw)
@@ -1566,8 +1592,8 @@ def core_walk(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, activat
     save = _save_inner(L, N)
     scratch = _inner_buffers(state[0], B * H, N, chunk_size, D, W[0].shape[-1]) if save else [state[0].new_empty(1)] * 4
     args = (_rows(q), _rows(k), _rows(v), *coef, *initial, *state, state[0].new_empty(1), *starts, *scratch)
-    parts = _walk_parts(B * H, W[0].shape[-1], L)
-    if parts > 1:
+    parts = _walk_parts(B * H, W[0].shape[-1], L, q.device)
+    if parts >= PARTS_KERNELS_FROM:
         _walk_forward_parts(B * H, N, parts, args, kw, save)
     else:
         _run(_memory_fwd_kernel, (B * H,), args, dict(kw, MODE=1, SAVE=True, INNER=save))
@@ -1626,8 +1652,9 @@ def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW,
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, none, *dfinal, *dstate, *ends,
             *[t.contiguous() for t in shares], zs, us, ls, none, none, es, none, *wide, none, none, none, *dcoef)
     kw = _stage_kw(kw, RECOMPUTE=not inner, ACCUMULATE=False, INNER=bool(inner))
-    parts = _walk_parts(B * H, E, 2) if inner else 1  # (the walks over parts read the inner forward, never recompute)
-    if parts > 1:
+    # the walks over parts read the inner forward (never recompute it)
+    parts = _walk_parts(B * H, E, 2, q.device) if inner else 1
+    if parts >= PARTS_KERNELS_FROM:
         _walk_backward_parts(B * H, N, parts, args, kw)
     else:
         _run(_memory_bwd3_kernel, (B * H,), args, dict(kw, STAGE=1))
