@@ -874,6 +874,11 @@ if triton is not None:
         _publish(F + bh * P + part, i + 1)
         for f in tl.static_range(P):
             _await(F + bh * P + f, i + 1)
+        return _slots_sum(base, P, C, D)
+
+    @triton.jit
+    def _slots_sum(base, P: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
+        """The P (C, D) tiles stored from ``base`` on, added in part order (loads past L1: see :func:`_all_reduce`)."""
         total = tl.load(_mat(base, C, D), cache_modifier=".cg")
         for f in tl.static_range(1, P):
             total += tl.load(_mat(base + f * C * D, C, D), cache_modifier=".cg")
@@ -996,9 +1001,7 @@ if triton is not None:
                 w2 = tl.load(_mat(W2 + bh * E * D + part * EP * D, EP, D))
                 z, h, share = _walk_fwd_share(k, w1, w2, DOT_BF16)
                 tl.store(_mat(base + part * C * D, C, D), share)
-            p = tl.load(_mat(base, C, D))
-            for f in range(1, P):
-                p += tl.load(_mat(base + f * C * D, C, D))
+            p = _slots_sum(base, P, C, D)
             for part in range(P):
                 o1 = part * EP
                 o2 = part * EP * D
@@ -1142,9 +1145,7 @@ if triton is not None:
                 w2 = _operand(tl.load(_mat(SW2 + cc * E * D + o2, EP, D)), DOT_BF16)
                 h, ddl, dh, du, share = _walk_bwd_share(k, z, err, w2, dw1n, ds1n, dw2n, ds2n, ml, mm, DOT_BF16)
                 tl.store(_mat(base + part * C * D, C, D), share)
-            derr = tl.load(_mat(base, C, D))
-            for f in range(1, P):
-                derr += tl.load(_mat(base + f * C * D, C, D))
+            derr = _slots_sum(base, P, C, D)
             for part in range(P):
                 o1 = part * EP
                 o2 = part * EP * D
