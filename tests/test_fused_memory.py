@@ -254,6 +254,19 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     assert {("_memory_walk_parts_kernel", 1), ("_memory_walk_bwd_parts_kernel", 1)} <= set(launched), set(launched)
     tk.PARTS_KERNELS_FROM = 2
     tk._run = run
+    # walks over parts that Triton cannot fit on a GPU: one program a head instead, for the rest of the process
+    import triton.runtime.errors as terr
+    real_walk = tk._run_walk
+    tk._run_walk = lambda *a, **k: (_ for _ in ()).throw(terr.OutOfResources(300000, 232448, "shared memory"))
+    os.environ["TITANS_TRITON_WALK_PARTS"] = "2"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        print("PARTS_FALLBACK", max(compare(*c) for c in cases if c[0] == 2))
+    assert tk.PARTS_FAILED and any("walks over parts failed" in str(w.message) for w in caught), tk.PARTS_FAILED
+    assert tk._walk_parts(2, 32, 2) == 1 and not tk.FAILED_SHAPES  # the other kernels still run
+    tk._run_walk = real_walk
+    tk.PARTS_FAILED.clear()
+    os.environ["TITANS_TRITON_WALK_PARTS"] = "1"
     os.environ["TITANS_TRITON_BWD"] = "overlap"
     print("INNER", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_SAVE_INNER"] = "0"
@@ -303,6 +316,7 @@ def test_triton_kernels_under_interpreter():
     assert float(err["PARTS"]) <= 5e-5 and float(err["PARTS_INNER"]) <= 5e-5, err
     # the GPU's parts kernels (their all-reduce and flags) with one program a head
     assert float(err["PARTS_ONE"]) <= 5e-5 and float(err["PARTS_ONE_INNER"]) <= 5e-5, err
+    assert float(err["PARTS_FALLBACK"]) <= 5e-5, err  # parts that do not fit: one program a head, same numbers
     assert float(err["TWOPASS"]) <= 5e-5, err  # depth 2: the two-pass backward
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
     assert float(err["TWOPASS_BF16"]) <= 5e-2, err

@@ -91,6 +91,10 @@ try:  # Triton is optional: CPU-only installs import this module and report it u
     import triton.language as tl
 
     _TRITON_ERROR: str | None = None
+    try:  # what Triton raises for a kernel it cannot compile or fit on this GPU (before running it)
+        from triton.errors import TritonError as _CompileError
+    except ImportError:  # older Triton
+        from triton.compiler.errors import CompilationError as _CompileError
 except Exception as e:  # noqa: BLE001
     triton = None
     tl = None
@@ -1280,7 +1284,7 @@ def _walk_parts(BH: int, E: int, L: int, device: torch.device | None = None) -> 
     raw = os.environ.get("TITANS_TRITON_WALK_PARTS", "2")
     if raw not in ("1", "2", "4", "8"):
         raise ValueError(f"TITANS_TRITON_WALK_PARTS={raw!r}: expected 1, 2, 4 or 8 (programs a head for the walks)")
-    parts = int(raw) if L == 2 else 1
+    parts = int(raw) if L == 2 and not PARTS_FAILED else 1
     units = 16 if interpreting() else MIN_WALK_UNITS
     sms = _multiprocessors(device)
     most = MAX_WALK_PROGRAMS if sms is None else min(MAX_WALK_PROGRAMS, sms // 4)
@@ -1313,6 +1317,26 @@ def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict) -> None:
         _run(kernel, (P, BH), args, meta)
 
 
+PARTS_FAILED: list[str] = []  # why the walks over parts were given up in this process (then one program a head)
+
+
+def _parts_or(launch, fallback) -> None:
+    """``launch()`` (a walk over parts), or - if Triton cannot compile or fit it here (``TritonError``: say, shared
+    memory or registers on another GPU) - the one-program walk ``fallback()`` for this and every later call, with a
+    warning.  Such errors come before the kernel runs, so nothing was written."""
+    if not PARTS_FAILED:
+        try:
+            launch()
+            return
+        except _CompileError as e:
+            import warnings
+
+            PARTS_FAILED.append(f"{type(e).__name__}: {str(e)[:200]}")
+            warnings.warn(f"Triton memory walks over parts failed ({PARTS_FAILED[-1]}); one program a head from now on",
+                          RuntimeWarning, stacklevel=3)
+    fallback()
+
+
 def _walk_forward_parts(BH: int, N: int, P: int, fwd_args: tuple, kw: dict, inner: bool) -> None:
     """The forward's walk (pass 1) over P programs a head, from ``_memory_fwd_kernel``'s arguments (``fwd_args``:
     q, k, v, 8 coefficients, initial state, final state, y, starts, inner scratch)."""
@@ -1320,7 +1344,8 @@ def _walk_forward_parts(BH: int, N: int, P: int, fwd_args: tuple, kw: dict, inne
     C, D = kw["C"], kw["D"]
     meta = dict({key: val for key, val in kw.items() if key != "L"}, P=P, INNER=inner)
     args = (a[1], a[2], *a[6:11], *a[11:19], *a[20:28], *_walk_sync(a[0], BH, P, C, D))
-    _run_walk(_memory_walk_parts_kernel, _memory_walk_parts_lockstep_kernel, BH, P, args, meta)
+    _parts_or(lambda: _run_walk(_memory_walk_parts_kernel, _memory_walk_parts_lockstep_kernel, BH, P, args, meta),
+              lambda: _run(_memory_fwd_kernel, (BH,), fwd_args, dict(kw, MODE=1, SAVE=True, INNER=inner)))
 
 
 def _walk_backward_parts(BH: int, N: int, P: int, stage_args: tuple, kw: dict) -> None:
@@ -1330,7 +1355,9 @@ def _walk_backward_parts(BH: int, N: int, P: int, stage_args: tuple, kw: dict) -
     C, D = kw["C"], kw["D"]
     meta = {key: val for key, val in kw.items() if key not in ("RESIDUAL", "INNER", "RECOMPUTE", "ACCUMULATE")}
     args = (a[1], *a[6:11], a[12], *a[16:32], a[32], a[33], a[37], *_walk_sync(a[0], BH, P, C, D))
-    _run_walk(_memory_walk_bwd_parts_kernel, _memory_walk_bwd_parts_lockstep_kernel, BH, P, args, dict(meta, P=P))
+    _parts_or(lambda: _run_walk(_memory_walk_bwd_parts_kernel, _memory_walk_bwd_parts_lockstep_kernel, BH, P, args,
+                                dict(meta, P=P)),
+              lambda: _run(_memory_bwd3_kernel, (BH,), stage_args, dict(kw, STAGE=1)))
 
 
 def _inner_buffers(like: Tensor, BH: int, N: int, C: int, D: int, E: int) -> list[Tensor]:
