@@ -171,3 +171,25 @@ def test_live_allocations_group_the_live_blocks_of_a_snapshot_by_their_titans_fr
     assert rows[1] == {"mb": 1.0, "count": 1, "where": ["torch/nn/modules/module.py:5 _call_impl"]}
     assert rows[2] == {"mb": 0.5, "count": 1, "where": ["(no Python frame recorded)"]}
     assert harness.live_allocations(snap, top=1) == rows[:1]
+
+
+def test_segment_graph_ops_counts_matmuls_and_the_weight_gradients_among_them():
+    """benchmarks/segment_graph_ops.py: of a linear layer's backward graph, the weight gradient is the one matmul with
+    the weight's shape; the input gradient (another matmul) and the bias gradient (a reduction) are not."""
+    sgo = _load("segment_graph_ops")
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    lin = torch.nn.Linear(8, 6)
+    f = torch.compile(lambda x: torch.tanh(lin(x)), backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    f(torch.randn(5, 8, requires_grad=True)).sum().backward()
+    fwd, bwd = (sgo.count_ops(g, {(6, 8), (8, 6)}) for g in graphs)
+    assert fwd["matmuls"] == 1 and fwd["weight_shaped_matmuls"] == 0
+    assert bwd["matmuls"] == 2 and bwd["weight_shaped_matmuls"] == 1 and bwd["weight_shaped"] == [(6, 8)]
+    assert bwd["reductions"] >= 1 and bwd["ops"] == sum(bwd["by_op"].values())

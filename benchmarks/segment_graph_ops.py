@@ -1,0 +1,105 @@
+"""What one MAC segment step puts on the chain of segments: the ops of its compiled forward and backward graphs.
+
+At batch 1 a MAC memory block's segments form a chain (each segment's retrieval reads the memory its predecessor
+wrote), and the training step waits for it: per segment the backward's graph (one autograd node) runs as a whole
+before the previous segment's can start (benchmarks/RESULTS.md section 6, sessions 21-24).  This script compiles
+``TitansBlock.mac_segment`` through AOTAutograd with a backend that only records the graphs, runs one training step,
+and counts each graph's ops: matmuls, the matmuls whose output has a weight's shape (weight gradients: the chain does
+not need them, a candidate to defer off it), reductions, dtype copies and the memory's custom ops.  Op counts do not
+depend on sizes, so the default model is small; on the CPU the memory kernels need ``TRITON_INTERPRET=1`` to enter
+the graph as the custom ops the GPU runs (else the PyTorch core is traced instead).
+
+    TRITON_INTERPRET=1 python benchmarks/segment_graph_ops.py --out benchmarks/results/segment_graph_ops.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+from datetime import date
+from pathlib import Path
+
+import torch
+
+MATMULS = ("mm", "bmm", "addmm", "baddbmm")
+
+
+def count_ops(gm: torch.fx.GraphModule, weight_shapes: set[tuple[int, ...]]) -> dict:
+    """Op counts of an FX graph (by aten name), its matmuls and those with a weight-shaped output."""
+    ops: collections.Counter = collections.Counter()
+    weight_grads, shapes = 0, []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target)
+        short = name.rsplit(".", 1)[0] if name.startswith("titans.") else name.removeprefix("aten.").split(".")[0]
+        ops[short] += 1
+        val = node.meta.get("val")
+        if short in MATMULS and isinstance(val, torch.Tensor) and tuple(val.shape) in weight_shapes:
+            weight_grads += 1
+            shapes.append(tuple(val.shape))
+    return {"ops": sum(ops.values()), "matmuls": sum(ops[m] for m in MATMULS), "weight_shaped_matmuls": weight_grads,
+            "reductions": ops["sum"] + ops["mean"], "dtype_copies": ops["_to_copy"],
+            "weight_shaped": shapes, "custom_ops": sorted(k for k in ops if k.startswith("titans")),
+            "by_op": dict(ops.most_common())}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=2)
+    # a segment of 48 tokens: no activation (48 or 96 rows with the retrieved tokens) has a weight's shape by chance
+    ap.add_argument("--window", type=int, default=48, help="MAC's segment")
+    ap.add_argument("--memory-chunk", type=int, default=16)
+    ap.add_argument("--segments", type=int, default=3)
+    ap.add_argument("--memory-backend", default="triton" if os.environ.get("TRITON_INTERPRET") == "1" else "auto",
+                    help="default: triton under TRITON_INTERPRET=1 (the custom ops the GPU runs), else auto")
+    ap.add_argument("--out", default=None, help="JSON file (a summary is printed)")
+    args = ap.parse_args(argv)
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from titans.core.models.model import build_model
+    from titans.utils.config import ModelConfig
+
+    graphs: dict[str, list] = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="mac", dim=args.dim, depth=3, heads=args.heads, window=args.window, persistent_tokens=4,
+                      memory_layers=[1], memory_chunk_size=args.memory_chunk, memory_depth=2,
+                      memory_backend=args.memory_backend)
+    model = build_model(cfg)
+    block = model.blocks[1]
+    weight_shapes = {s for mod in block.modules() if isinstance(mod, torch.nn.Linear)
+                     for s in (tuple(mod.weight.shape), tuple(mod.weight.shape)[::-1])}
+    block.mac_segment = torch.compile(block.mac_segment, backend=aot_autograd(fw_compiler=keep("forward"),
+                                                                               bw_compiler=keep("backward")))
+    ids = torch.randint(0, cfg.vocab_size, (1, args.segments * args.window))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    # one graph per distinct segment position (the first segment, any later one): the later one is the chain's
+    result = {"date": str(date.today()), "torch": torch.__version__, "config": vars(args),
+              "graphs": {kind: [count_ops(gm, weight_shapes) for gm in gms] for kind, gms in graphs.items()}}
+    for kind, rows in result["graphs"].items():
+        for i, r in enumerate(rows):
+            print(f"{kind} graph {i}: {r['ops']} ops, {r['matmuls']} matmuls ({r['weight_shaped_matmuls']} with a "
+                  f"weight's shape), {r['reductions']} reductions, {r['dtype_copies']} dtype copies, custom ops "
+                  f"{r['custom_ops']}")
+    if args.out:
+        from titans.utils.io import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
