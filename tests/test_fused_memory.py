@@ -692,8 +692,9 @@ def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
         o2, g2 = _run(triton_core, case, 2, chunk_size=C)
         for a, b in zip(o2 + list(g2), o1 + list(g1)):
             assert _rel(a.float(), b) <= 5e-2
-    walks = {("_memory_walk_parts_kernel", (parts, 8)), ("_memory_walk_bwd_parts_kernel", (parts, 8))}
-    assert walks <= set(launched) if parts > 1 else not walks & set(launched)
+    used = tk._walk_parts(8, 128, 2, ins[0].device)  # 2 unless the GPU has too few SMs for 16 programs a walk
+    walks = {("_memory_walk_parts_kernel", (used, 8)), ("_memory_walk_bwd_parts_kernel", (used, 8))}
+    assert walks <= set(launched) if used > 1 else not any("parts" in name for name, _ in launched)
     assert (64, 128, 2, C) not in tk.FAILED_SHAPES
 
 
