@@ -214,10 +214,16 @@ if triton is not None:
         return _operand(tl.load(ptrs), BF16)
 
     @triton.jit
-    def _mat(ptr, R: tl.constexpr, Cn: tl.constexpr):
+    def _blk(ptr, R: tl.constexpr, Cn: tl.constexpr, stride: tl.constexpr):
+        """Pointers to an (R, Cn) block of a row-major matrix with rows ``stride`` long, starting at ``ptr``."""
         r = tl.arange(0, R)
         c = tl.arange(0, Cn)
-        return ptr + r[:, None] * Cn + c[None, :]
+        return ptr + r[:, None] * stride + c[None, :]
+
+    @triton.jit
+    def _mat(ptr, R: tl.constexpr, Cn: tl.constexpr):
+        """Pointers to a contiguous (R, Cn) matrix at ``ptr``."""
+        return _blk(ptr, R, Cn, Cn)
 
     @triton.jit
     def _load_chunk(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N: tl.constexpr, C: tl.constexpr,
@@ -228,13 +234,10 @@ if triton is not None:
         T = N * C
         tok = bh * T * D + c * C * D
         cc = bh * N + c
-        # q, k, v in the dtype they come in (bf16 under autocast), widened here: a host-side float32 copy of each
-        # was three more launches per call, on the chain a long MAC row waits on
-        return (tok, cc, tl.load(_mat(Q + tok, C, D)).to(tl.float32), tl.load(_mat(K + tok, C, D)).to(tl.float32),
-                tl.load(_mat(V + tok, C, D)).to(tl.float32),
+        k, v, ml, mm, gl, bl, pl = _walk_chunk(K, V, ML, MM, GL, BL, PL, bh, c, N, C, D)
+        return (tok, cc, tl.load(_mat(Q + tok, C, D)).to(tl.float32), k, v,
                 tl.load(G + bh * T + c * C + rc)[:, None], tl.load(BC + bh * T + c * C + rc)[:, None],
-                tl.load(_mat(M + cc * C * C, C, C)), tl.load(ML + cc * C + rc)[:, None],
-                tl.load(MM + cc * C + rc)[:, None], tl.load(GL + cc), tl.load(BL + cc), tl.load(PL + cc))
+                tl.load(_mat(M + cc * C * C, C, C)), ml, mm, gl, bl, pl)
 
     @triton.jit
     def _inner(a, b):
@@ -554,18 +557,15 @@ if triton is not None:
 
     @triton.jit
     def _wait(flag):
-        """Spin until another program has released ``flag`` (one thread polls with acquire semantics; the block
-        barrier after it orders every thread's later loads behind what the releasing program stored)."""
-        seen = tl.atomic_add(flag, 0, sem="acquire")
-        while seen == 0:
-            seen = tl.atomic_add(flag, 0, sem="acquire")
-        tl.debug_barrier()
+        """Spin until another program has released ``flag`` (:func:`_await` of 1: one thread polls with acquire
+        semantics; the block barrier after it orders every thread's later loads behind what the releasing program
+        stored)."""
+        _await(flag, 1)
 
     @triton.jit
     def _release(flag):
         """Publish everything this program stored so far to programs that :func:`_wait` on ``flag``."""
-        tl.debug_barrier()
-        tl.atomic_xchg(flag, 1, sem="release")
+        _publish(flag, 1)
 
     @triton.jit
     def _bwd3_stage(
@@ -587,13 +587,9 @@ if triton is not None:
         forward's walk stored each chunk's inner forward (z, u, dl, err) in the scratch: no stage computes it."""
         rc = tl.arange(0, C)
         T = N * C
-        dw1p, ds1p, dw2p, ds2p = _state_ptrs(IDW1, IDS1, IDW2, IDS2, bh, D, E)  # the final state's gradient, read
         if STAGE == 1:  # the final state's gradient is the last chunk's end-state gradient (see the walk below)
             last = bh * N + N - 1
-            tl.store(_mat(NW1 + last * D * E, D, E), tl.load(dw1p))
-            tl.store(_mat(NS1 + last * D * E, D, E), tl.load(ds1p))
-            tl.store(_mat(NW2 + last * E * D, E, D), tl.load(dw2p))
-            tl.store(_mat(NS2 + last * E * D, E, D), tl.load(ds2p))
+            _walk_bwd_seed(IDW1, IDW2, IDS1, IDS2, NW1, NW2, NS1, NS2, bh, 0, 0, N, D, E, E)
             if SYNC:
                 _release(F1 + last)
             else:
@@ -708,23 +704,9 @@ if triton is not None:
                     # and writes its start-state gradient (chunk c - 1's end) to slot c - 1 (chunk 0: to DW / DS,
                     # the op's output), so each part of the update is stored as soon as it is known, with no
                     # overwrite in place: the float32 tiles die at once, the walk holds bf16 operand copies.
-                    dw1n = tl.load(_mat(NW1 + cc * D * E, D, E))
-                    ds1n = tl.load(_mat(NS1 + cc * D * E, D, E))
-                    dw2n = tl.load(_mat(NW2 + cc * E * D, E, D))
-                    ds2n = tl.load(_mat(NS2 + cc * E * D, E, D))
-                    first = c == 0
-                    tw1 = _mat(tl.where(first, DW1 + bh * D * E, NW1 + (cc - 1) * D * E), D, E)
-                    ts1 = _mat(tl.where(first, DS1 + bh * D * E, NS1 + (cc - 1) * D * E), D, E)
-                    tw2 = _mat(tl.where(first, DW2 + bh * E * D, NW2 + (cc - 1) * E * D), E, D)
-                    ts2 = _mat(tl.where(first, DS2 + bh * E * D, NS2 + (cc - 1) * E * D), E, D)
-                    tl.store(ts1, bl * dw1n + pl * ds1n + tl.load(_mat(XS1 + cc * D * E, D, E)))
-                    tl.store(ts2, bl * dw2n + pl * ds2n + tl.load(_mat(XS2 + cc * E * D, E, D)))
-                    tl.store(tw1, gl * dw1n + tl.load(_mat(X1 + cc * D * E, D, E)))
-                    tl.store(tw2, gl * dw2n + tl.load(_mat(X2 + cc * E * D, E, D)))
-                    dw1n = _operand(dw1n, DOT_BF16)
-                    ds1n = _operand(ds1n, DOT_BF16)
-                    dw2n = _operand(dw2n, DOT_BF16)
-                    ds2n = _operand(ds2n, DOT_BF16)
+                    tw1, tw2, dw1n, ds1n, dw2n, ds2n = _walk_bwd_open(NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, DW1, DW2,
+                                                                      DS1, DS2, bh, cc, c, 0, 0, gl, bl, pl, D, E, E,
+                                                                      DOT_BF16)
                 else:
                     dw1n = _operand(tl.load(_mat(NW1 + cc * D * E, D, E)), DOT_BF16)
                     ds1n = _operand(tl.load(_mat(NS1 + cc * D * E, D, E)), DOT_BF16)
@@ -846,13 +828,6 @@ if triton is not None:
     # one program, one after another (the interpreter runs programs one at a time, so its parts could never meet).
 
     @triton.jit
-    def _blk(ptr, R: tl.constexpr, Cn: tl.constexpr, stride: tl.constexpr):
-        """Pointers to an (R, Cn) block of a row-major matrix with rows ``stride`` long, starting at ``ptr``."""
-        r = tl.arange(0, R)
-        c = tl.arange(0, Cn)
-        return ptr + r[:, None] * stride + c[None, :]
-
-    @triton.jit
     def _publish(flag, value):
         """Set ``flag`` to ``value`` once everything this program stored so far is visible to other programs."""
         tl.debug_barrier()
@@ -890,7 +865,9 @@ if triton is not None:
 
     @triton.jit
     def _walk_chunk(K, V, ML, MM, GL, BL, PL, bh, c, N: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
-        """What a walk reads of chunk c: k, v (C, D) widened, the momentum weights Ml, m (C, 1), G_C, B_C, P_C."""
+        """What a walk reads of chunk c: k, v (C, D) widened, the momentum weights Ml, m (C, 1), G_C, B_C, P_C.
+        k and v come in the dtype they have (bf16 under autocast) and are widened here: a host-side float32 copy of
+        each was more launches per call, on the chain a long MAC row waits on."""
         rc = tl.arange(0, C)
         tok = bh * N * C * D + c * C * D
         cc = bh * N + c
