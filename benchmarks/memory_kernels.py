@@ -108,8 +108,8 @@ def parts(ins, L, C, iters) -> dict:
         s.record()
         original(kernel, grid, args, meta)
         e.record()
-        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        times.setdefault(f"{name} {tk.pass_name(kernel, meta)} grid {'x'.join(map(str, grid))}", []).append((s, e))
+        key = f"{tk.kernel_name(kernel)} {tk.pass_name(kernel, meta)} grid {'x'.join(map(str, grid))}"
+        times.setdefault(key, []).append((s, e))
 
     tk._run = timed_run
     try:

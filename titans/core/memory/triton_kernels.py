@@ -1161,10 +1161,15 @@ def _num_warps(D: int, E: int) -> int:
 PASSES = ("fwd0", "fwd1", "fwd2", "bwd0", "bwd1", "bwd2", "stage0", "stage1", "stage2", "overlap")
 
 
+def kernel_name(kernel) -> str:
+    """A kernel's function name (a ``triton.jit`` kernel, or its autotuned wrapper, keeps it on ``fn``)."""
+    return kernel.fn.__name__ if hasattr(kernel, "fn") else getattr(kernel, "__name__", str(kernel))
+
+
 def pass_name(kernel, meta: dict) -> str:
     """The launch's pass, as ``TITANS_TRITON_PASS_WARPS`` names it: ``fwd<MODE>`` / ``bwd<MODE>`` (the forward and the
     two-pass backward), ``stage<STAGE>`` (the three-stage backward's launches), ``overlap`` (its one launch)."""
-    name = kernel.fn.__name__ if hasattr(kernel, "fn") else getattr(kernel, "__name__", str(kernel))
+    name = kernel_name(kernel)
     if name.endswith("_memory_fwd_kernel"):
         return f"fwd{meta.get('MODE', 0)}"
     if name.endswith("_memory_bwd_kernel"):
@@ -1411,7 +1416,7 @@ def _autotune() -> bool:
 def _tuned(kernel, key: list[str]):
     """``kernel`` wrapped in ``triton.autotune`` over :data:`TUNE_CONFIGS`, tuned per value of ``key`` (the
     launch's compile-time arguments: shape, depth, pass), built once per kernel."""
-    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+    name = kernel_name(kernel)
     if name not in _TUNED:
         configs = [triton.Config({}, num_warps=w, num_stages=st) for w, st in TUNE_CONFIGS]
         _TUNED[name] = triton.autotune(configs=configs, key=key, restore_value=_IN_PLACE[name])(kernel)
