@@ -55,7 +55,9 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
                  dict(base, STAGE=s, RECOMPUTE=not inner, ACCUMULATE=False, INNER=inner))
                 for inner in (False, True) for s in (1, 2)]
     out += [(f"two-pass backward pass {m}", tk._memory_bwd_kernel, dict(base, L=L, MODE=m)) for m in (1, 2)]
-    if L == 2:  # the walks over P programs a head (TITANS_TRITON_WALK_PARTS, triton_kernels._walk_parts)
+    # the walks over P programs a head (TITANS_TRITON_WALK_PARTS, triton_kernels._walk_parts); 4 parts of hidden 128
+    # (32 units a program) are below what the launcher takes on a GPU (MIN_WALK_UNITS), listed for comparison
+    if L == 2:
         for parts in (2, 4):
             if E // parts >= 16:
                 out.append((f"forward pass 1, {parts} parts", tk._memory_walk_parts_kernel,
