@@ -57,6 +57,12 @@ BWD=${BWD:-split}  # PART=2: the depth-2 backward to time with (TITANS_TRITON_BW
 HP="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --memory-layers 2 4 6 --memory-chunk 64 \
   --no-prefill --compile --compile-scope blocks --models mac"
 H3="$HP --cuda-graphs"
+# MAC 65536 x 1 with the wavefront in 2048-token steps (sessions 21-24's flat-scaling rows)
+WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+kernel_tests() {  # kernel_tests SECONDS NAME FILTER FILE: tests/test_fused_memory.py -k FILTER, output in $RES/FILE
+  step "$1" "$2" sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py -k '$3' \
+    > $RES/$4 2>&1"
+}
 if [ "$PART" = 5 ]; then
   # session 19: MAC 65536 x 1 with the fused convolution (session 18 with conv1d: 115,102 tokens/s = 0.327x its 4096 x
   # 8); PART=6: the same two shapes for MAG, whose memory reads the whole sequence in one chunked pass (no segment
@@ -249,8 +255,7 @@ fi
 if [ "$PART" = 19 ]; then
   # session 22: PART=18's GPU kernel tests were cut at 150 s after two of three (a fresh machine compiles each backward's
   # kernels): the three-launch one alone, which also feeds bf16 q / k / v (the kernels load them as they are)
-  step 200 kernel-tests-gpu-split sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
-    -k 'on_gpu and split' > $RES/gpu_test_fused_memory_on_gpu_split.txt 2>&1"
+  kernel_tests 200 kernel-tests-gpu-split 'on_gpu and split' gpu_test_fused_memory_on_gpu_split.txt
   finish
 fi
 if [ "$PART" = 20 ]; then
@@ -268,8 +273,7 @@ if [ "$PART" = 21 ]; then
     --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_readouts.json"
   step 130 mac-65536x1-wf2048-baseline env TITANS_TRITON_BWD=split $H3 --wavefront \
     --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_baseline.json"
-  step 200 kernel-tests-gpu-split sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
-    -k 'on_gpu and split' > $RES/gpu_test_fused_memory_on_gpu_split.txt 2>&1"
+  kernel_tests 200 kernel-tests-gpu-split 'on_gpu and split' gpu_test_fused_memory_on_gpu_split.txt
   finish
 fi
 if [ "$PART" = 22 ]; then
@@ -278,15 +282,13 @@ if [ "$PART" = 22 ]; then
   # the inner forward (z, u, dl, err) and no backward stage recomputes it (TITANS_TRITON_SAVE_INNER, default on):
   # 65536 x 1 with it, without it (the control, same machine), with it and the read-outs apart; MAC 4096 x 8 with it
   # (the speed and memory targets: +1.75 KB a token, head and memory layer); the GPU kernel tests of both backwards
-  WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
   step 150 mac-65536x1-wf2048-inner env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_inner.json"
   step 115 mac-65536x1-wf2048-recompute env TITANS_TRITON_BWD=split TITANS_TRITON_SAVE_INNER=0 $WF \
     --out "$RES/h_wf2048_recompute.json"
   step 115 mac-65536x1-wf2048-inner-readouts env TITANS_TRITON_BWD=split TITANS_WAVEFRONT_READOUT_STREAMS=1 $WF \
     --out "$RES/h_wf2048_inner_readouts.json"
   step 110 mac-4096x8-inner $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_inner.json"
-  step 90 kernel-tests-gpu sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
-    -k 'on_gpu and (split or overlap)' > $RES/gpu_test_fused_memory_on_gpu.txt 2>&1"
+  kernel_tests 90 kernel-tests-gpu 'on_gpu and (split or overlap)' gpu_test_fused_memory_on_gpu.txt
   finish
 fi
 if [ "$PART" = 23 ]; then
@@ -310,8 +312,7 @@ if [ "$PART" = 24 ]; then
     step 45 "kernels-b1-parts$P-warps4" env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_PARTS=$P \
       TITANS_TRITON_PASS_WARPS=fwd1=4,stage1=4 $MK --out "$RES/memory_kernels_b1_parts${P}_warps4.json"
   done
-  step 120 kernel-tests-gpu-parts sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
-    -k 'walks_over_parts' > $RES/gpu_test_fused_memory_parts.txt 2>&1"
+  kernel_tests 120 kernel-tests-gpu-parts 'walks_over_parts' gpu_test_fused_memory_parts.txt
   step 150 mac-65536x1-wf2048-parts4 env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_PARTS=4 $H3 --wavefront \
     --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_parts4.json"
   finish
@@ -322,9 +323,7 @@ if [ "$PART" = 25 ]; then
   # access in the kernel benchmark and test, so 64 hidden units a program at least now, 2 parts the default.  Its GPU
   # tests (every backward mode, the parts with and without the inner forward), then MAC 65536 x 1 with 2 parts and with
   # one (the control, same machine)
-  step 150 kernel-tests-gpu sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
-    -k 'on_gpu' > $RES/gpu_test_fused_memory_on_gpu.txt 2>&1"
-  WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+  kernel_tests 150 kernel-tests-gpu 'on_gpu' gpu_test_fused_memory_on_gpu.txt
   step 150 mac-65536x1-wf2048-parts2 env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_parts2.json"
   step 130 mac-65536x1-wf2048-parts1 env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_PARTS=1 $WF \
     --out "$RES/h_wf2048_parts1.json"
@@ -336,8 +335,7 @@ if [ "$PART" = 26 ]; then
   # and 231.4K with one (same machine); its kernel-test step was cut at 150 s.  The parts' GPU tests (with and without
   # the inner forward saved; the one-program walks as the control) and the three-launch backward's, then the timeline
   # of the 65536 x 1 step with 2 parts (where the chain's time goes now)
-  step 220 kernel-tests-gpu-parts sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
-    -k 'walks_over_parts or (on_gpu and split)' > $RES/gpu_test_fused_memory_parts.txt 2>&1"
+  kernel_tests 220 kernel-tests-gpu-parts 'walks_over_parts or (on_gpu and split)' gpu_test_fused_memory_parts.txt
   step 150 mac-65536x1-wf2048-parts2-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
     --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_parts2_timeline.json"
   finish
@@ -347,12 +345,10 @@ if [ "$PART" = 27 ]; then
   # walk's backward recomputing each chunk's inner forward) with the inner forward saved, so that walk reads it and
   # runs over 2 parts like the one-node core's; the default (2 parts, one-node core) as the control; then the split
   # core's GPU test (with and without the inner forward, bf16 q / k / v)
-  WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
   step 150 mac-65536x1-wf2048-readouts-inner env TITANS_TRITON_BWD=split TITANS_WAVEFRONT_READOUT_STREAMS=1 \
     TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_readouts_inner.json"
   step 110 mac-65536x1-wf2048-parts2-control env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_parts2_control.json"
-  step 120 kernel-tests-gpu-split sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
-    -k 'on_gpu and split' > $RES/gpu_test_fused_memory_on_gpu_split.txt 2>&1"
+  kernel_tests 120 kernel-tests-gpu-split 'on_gpu and split' gpu_test_fused_memory_on_gpu_split.txt
   finish
 fi
 if [ "$PART" = 28 ]; then
@@ -361,9 +357,7 @@ if [ "$PART" = 28 ]; then
   # with 2 parts and with one (same machine; PART=25: 254.5K / 251.4K vs 231.4K), then MAC 4096 x 8 (its one-launch
   # backward shares the walks' helpers since the review: same arithmetic, static spills 3,648 vs 3,600 B a thread)
   # (every backward mode's GPU test: the one-launch backward's code changed too; 5 of these took 174 s in PART=26)
-  step 230 kernel-tests-gpu sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
-    -k 'on_gpu' > $RES/gpu_test_fused_memory_on_gpu.txt 2>&1"
-  WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+  kernel_tests 230 kernel-tests-gpu 'on_gpu' gpu_test_fused_memory_on_gpu.txt
   step 130 mac-65536x1-wf2048-parts2 env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_parts2.json"
   step 110 mac-65536x1-wf2048-parts1 env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_PARTS=1 $WF \
     --out "$RES/h_wf2048_parts1.json"
