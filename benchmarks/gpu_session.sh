@@ -313,8 +313,8 @@ if [ "$PART" = 24 ]; then
       TITANS_TRITON_PASS_WARPS=fwd1=4,stage1=4 $MK --out "$RES/memory_kernels_b1_parts${P}_warps4.json"
   done
   kernel_tests 120 kernel-tests-gpu-parts 'walks_over_parts' gpu_test_fused_memory_parts.txt
-  step 150 mac-65536x1-wf2048-parts4 env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_PARTS=4 $H3 --wavefront \
-    --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 --out "$RES/h_wf2048_parts4.json"
+  step 150 mac-65536x1-wf2048-parts4 env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_PARTS=4 $WF \
+    --out "$RES/h_wf2048_parts4.json"
   finish
 fi
 if [ "$PART" = 25 ]; then
