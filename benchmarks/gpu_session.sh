@@ -364,6 +364,20 @@ if [ "$PART" = 28 ]; then
   step 100 mac-4096x8 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8.json"
   finish
 fi
+if [ "$PART" = 29 ]; then
+  # session 25: PART=28 (never started: no machine) first - every backward mode's GPU test after session 24's grid
+  # order (P, BH), SM bound and helper refactor, and MAC 65536 x 1 with the default settings (2 parts; PART=25:
+  # 254.5K / 251.4K) - then two kernel-count experiments on the same row: inductor's horizontal fusion of independent
+  # kernels (combo_kernels, through TITANS_INDUCTOR_OPTIONS; the backward chain is ~140 kernels a segment) and
+  # 4096-token wavefront steps (session 21: 512 -> 1024 -> 2048 gave +4.6%, +2.1%)
+  kernel_tests 210 kernel-tests-gpu 'on_gpu' gpu_test_fused_memory_on_gpu.txt
+  step 120 mac-65536x1-wf2048 env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048.json"
+  step 150 mac-65536x1-wf2048-combo env TITANS_TRITON_BWD=split TITANS_INDUCTOR_OPTIONS='{"combo_kernels": true}' \
+    $WF --out "$RES/h_wf2048_combo.json"
+  step 110 mac-65536x1-wf4096 env TITANS_TRITON_BWD=split ${WF/--wavefront-step 2048/--wavefront-step 4096} \
+    --out "$RES/h_wf4096.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

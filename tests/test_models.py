@@ -426,6 +426,26 @@ def test_compile_blocks_compiles_each_block_in_place_with_the_project_options(mo
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def test_inductor_options_from_the_environment(monkeypatch):
+    """``TITANS_INDUCTOR_OPTIONS`` (GPU timing experiments) adds inductor options to every compile of the project;
+    bad JSON, a non-object, an unknown option and ``inplace_buffers`` (wrong gradients) are refused by name."""
+    from titans.utils.compiling import INDUCTOR_OPTIONS, _with_options, env_inductor_options
+
+    monkeypatch.delenv("TITANS_INDUCTOR_OPTIONS", raising=False)
+    assert env_inductor_options() == {}
+    assert _with_options("inductor", {})["options"] == INDUCTOR_OPTIONS
+    monkeypatch.setenv("TITANS_INDUCTOR_OPTIONS", '{"combo_kernels": true, "aggressive_fusion": true}')
+    opts = _with_options("inductor", {"options": {"aggressive_fusion": False}})["options"]
+    assert opts == {"inplace_buffers": False, "combo_kernels": True, "aggressive_fusion": False}  # the caller wins
+    assert "options" not in _with_options("eager", {})
+    for text, words in [("{combo", "not JSON"), ("[1]", "JSON object"), ('{"no_such_option": 1}', "no_such_option"),
+                        ('{"inplace_buffers": true}', "inplace_buffers stays off")]:
+        monkeypatch.setenv("TITANS_INDUCTOR_OPTIONS", text)
+        with pytest.raises(ValueError, match="TITANS_INDUCTOR_OPTIONS") as err:
+            env_inductor_options()
+        assert words in str(err.value)
+
+
 def _one_pass_loss(model, ids):
     return model(ids, labels=ids, use_cache=False).loss
 

@@ -10,10 +10,16 @@ smallest case is a memory read followed by a write of what was read, twice with 
 segment step); ``tests/test_models.py`` holds it.  Off on every device: the GPU was not checked, and the option
 costs a few buffers, not kernels.  Not through here: the FlexAttention kernel (``attention_layer._compiled_flex``),
 a library op whose backward runs only on CUDA, where this option was not tried.
+
+``TITANS_INDUCTOR_OPTIONS`` (a JSON object, e.g. ``'{"combo_kernels": true}'``) adds inductor options for timing
+experiments on a GPU (issue 7: MAC's batch-1 step is ~140 small kernels a segment); it cannot turn
+``inplace_buffers`` back on.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,13 +27,39 @@ import torch
 
 # inductor configuration for every graph this project compiles (see the module docstring)
 INDUCTOR_OPTIONS: dict[str, Any] = {"inplace_buffers": False}
+OPTIONS_ENV = "TITANS_INDUCTOR_OPTIONS"
+
+
+def env_inductor_options() -> dict[str, Any]:
+    """The inductor options ``TITANS_INDUCTOR_OPTIONS`` asks for (empty when unset), checked: a JSON object whose
+    keys are inductor configuration names, and never ``inplace_buffers`` (wrong gradients, see the module
+    docstring).  Raises ``ValueError`` naming the variable and the bad part."""
+    text = os.environ.get(OPTIONS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{OPTIONS_ENV}: not JSON ({err}): {text!r}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{OPTIONS_ENV}: a JSON object of inductor options, got {type(options).__name__}: {text!r}")
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise ValueError(f"{OPTIONS_ENV}: unknown inductor option(s) {unknown}")
+    if options.get("inplace_buffers", False):
+        raise ValueError(f"{OPTIONS_ENV}: inplace_buffers stays off (it gives wrong gradients for the memory's "
+                         "training graphs; titans/utils/compiling.py)")
+    return options
 
 
 def _with_options(backend: str, kwargs: dict) -> dict:
-    """``kwargs`` with :data:`INDUCTOR_OPTIONS` under ``options`` for the inductor backend (other backends take no
-    inductor options); options the caller brings win."""
+    """``kwargs`` with :data:`INDUCTOR_OPTIONS` and :func:`env_inductor_options` under ``options`` for the inductor
+    backend (other backends take no inductor options); options the caller brings win."""
     if backend == "inductor":
-        kwargs = {**kwargs, "options": {**INDUCTOR_OPTIONS, **kwargs.get("options", {})}}
+        kwargs = {**kwargs, "options": {**INDUCTOR_OPTIONS, **env_inductor_options(), **kwargs.get("options", {})}}
     return kwargs
 
 
@@ -58,4 +90,4 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor", **kwargs) 
     return model
 
 
-__all__ = ["INDUCTOR_OPTIONS", "compile_blocks", "compile_fn"]
+__all__ = ["INDUCTOR_OPTIONS", "compile_blocks", "compile_fn", "env_inductor_options"]
