@@ -378,6 +378,21 @@ if [ "$PART" = 29 ]; then
     --out "$RES/h_wf4096.json"
   finish
 fi
+if [ "$PART" = 30 ]; then
+  # session 25: PART=29's kernel tests were cut at 210 s after three passes (a fresh machine) and its default 65536 x 1
+  # row at 120 s (compiling); its combo-kernels row gave 265,994 tokens/s (PART=25: 254.5K / 251.4K by default) and
+  # 4096-token steps 157,207. Now: the walks' parts GPU test (grid (P, BH), never run yet), the default row and the
+  # combo row on one machine, and MAC 4096 x 8 with combo kernels and without (the ratio's denominator)
+  COMBO='{"combo_kernels": true}'
+  kernel_tests 120 kernel-tests-gpu-parts 'on_gpu and parts' gpu_test_fused_memory_on_gpu_parts.txt
+  step 160 mac-65536x1-wf2048 env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048.json"
+  step 100 mac-65536x1-wf2048-combo env TITANS_TRITON_BWD=split TITANS_INDUCTOR_OPTIONS="$COMBO" $WF \
+    --out "$RES/h_wf2048_combo.json"
+  step 100 mac-4096x8-combo env TITANS_INDUCTOR_OPTIONS="$COMBO" $H3 --shapes 4096x8 --warmup 2 --iters 5 \
+    --out "$RES/h_mac_4096x8_combo.json"
+  step 90 mac-4096x8 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
