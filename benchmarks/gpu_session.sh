@@ -393,6 +393,18 @@ if [ "$PART" = 30 ]; then
   step 90 mac-4096x8 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8.json"
   finish
 fi
+if [ "$PART" = 31 ]; then
+  # session 25: PART=30 on one machine: MAC 65536 x 1 249,909 tokens/s by default, 261,607 with combo kernels (+4.7%),
+  # MAC 4096 x 8 362,934 by default; its 4096 x 8 combo row was cut at 100 s (compiling). That row first (the
+  # ratio's denominator with the same options), then the parts GPU tests PART=30 did not reach (the inner forward
+  # saved; PART=30 passed [0-1] and [0-2])
+  step 220 mac-4096x8-combo env TITANS_INDUCTOR_OPTIONS='{"combo_kernels": true}' $H3 --shapes 4096x8 --warmup 2 \
+    --iters 5 --out "$RES/h_mac_4096x8_combo.json"
+  step 140 kernel-tests-gpu-parts-inner sh -c "python3 -m pytest -q -p no:cacheprovider -rfE \
+    'tests/test_fused_memory.py::test_triton_walks_over_parts_on_gpu[1-2]' \
+    'tests/test_fused_memory.py::test_triton_walks_over_parts_on_gpu[1-1]' > $RES/gpu_test_parts_inner.txt 2>&1"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
