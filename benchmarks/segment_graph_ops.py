@@ -10,6 +10,7 @@ depend on sizes, so the default model is small; on the CPU the memory kernels ne
 the graph as the custom ops the GPU runs (else the PyTorch core is traced instead).
 
     TRITON_INTERPRET=1 python benchmarks/segment_graph_ops.py --out benchmarks/results/segment_graph_ops.json
+    TRITON_INTERPRET=1 python benchmarks/segment_graph_ops.py --defer-weight-grads   # the graphs with deferral
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--segments", type=int, default=3)
     ap.add_argument("--memory-backend", default="triton" if os.environ.get("TRITON_INTERPRET") == "1" else "auto",
                     help="default: triton under TRITON_INTERPRET=1 (the custom ops the GPU runs), else auto")
+    ap.add_argument("--defer-weight-grads", action="store_true",
+                    help="TITANS_DEFER_WEIGHT_GRADS=1: the projections' weight gradients leave the segment graphs "
+                         "(titans.utils.weight_grads)")
     ap.add_argument("--out", default=None, help="JSON file (a summary is printed)")
     args = ap.parse_args(argv)
+    os.environ["TITANS_DEFER_WEIGHT_GRADS"] = "1" if args.defer_weight_grads else "0"
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 

@@ -85,7 +85,11 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     split = [use_streams and (ffn_streams or readout[i]) and b.memory is not None and b.checkpointing_now() != "full"
              and not whole[i] for i, b in enumerate(model.blocks)]
     ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
-    for st in side + list(ffn.values()):  # each starts after what the caller queued (the initial state; a capture)
+    # deferred weight gradients (TITANS_DEFER_WEIGHT_GRADS=1): a memory block's sums over its segments run on a
+    # stream of their own, off the block's chain (titans.utils.weight_grads)
+    wgrad = {i: side_stream(dev, ("wavefront-weight-grads", i)) for i in range(n)
+             if use_streams and model.blocks[i].memory is not None and model.blocks[i].variant == "mac"}
+    for st in side + list(ffn.values()) + list(wgrad.values()):  # each starts after what the caller queued
         st.wait_stream(main)
 
     def on(i: int):  # block i's stream, or nothing to switch
@@ -126,37 +130,43 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
             x.record_stream(stream)
         return stream
 
-    outs = []
-    for start in range(0, T, seg):
-        x = embed(input_ids[:, start:start + seg])  # on the caller's stream
-        made_on = main
-        for i, block in enumerate(model.blocks):
-            made_on = hand_to(x, made_on, side[i] if use_streams else None)
-            if not (split[i] or readout[i]):
+    for i, stream in wgrad.items():
+        model.blocks[i].weight_grad_stream = stream
+    try:
+        outs = []
+        for start in range(0, T, seg):
+            x = embed(input_ids[:, start:start + seg])  # on the caller's stream
+            made_on = main
+            for i, block in enumerate(model.blocks):
+                made_on = hand_to(x, made_on, side[i] if use_streams else None)
+                if not (split[i] or readout[i]):
+                    with on(i):
+                        x = block(x, layers[i], start, persistent_on[i], True)
+                    continue
                 with on(i):
-                    x = block(x, layers[i], start, persistent_on[i], True)
-                continue
-            with on(i):
-                if readout[i]:  # its residual sum, the mixer's last step, ran on the feed-forward's stream
-                    x = block.forward_mixer_split(x, layers[i], start, persistent_on[i], True, readout_on(i))
+                    if readout[i]:  # its residual sum, the mixer's last step, ran on the feed-forward's stream
+                        x = block.forward_mixer_split(x, layers[i], start, persistent_on[i], True, readout_on(i))
+                    else:
+                        x = block.forward_mixer(x, layers[i], start, persistent_on[i], True)
+                if use_streams:
+                    made_on = ffn[i] if readout[i] else hand_to(x, made_on, ffn[i])
+                with torch.cuda.stream(ffn[i]) if use_streams else nullcontext():
+                    x = block.feed_forward(x)
+            with torch.cuda.stream(made_on) if use_streams else nullcontext():  # the head where x was made
+                if views:
+                    if head_weight is None:
+                        head_weight = model.lm_head.weight.view_as(model.lm_head.weight)
+                    logits = functional_call(model.lm_head, {"weight": head_weight}, (model.norm(x),))
                 else:
-                    x = block.forward_mixer(x, layers[i], start, persistent_on[i], True)
+                    logits = model.lm_head(model.norm(x))
             if use_streams:
-                made_on = ffn[i] if readout[i] else hand_to(x, made_on, ffn[i])
-            with torch.cuda.stream(ffn[i]) if use_streams else nullcontext():
-                x = block.feed_forward(x)
-        with torch.cuda.stream(made_on) if use_streams else nullcontext():  # the head where x was made
-            if views:
-                if head_weight is None:
-                    head_weight = model.lm_head.weight.view_as(model.lm_head.weight)
-                logits = functional_call(model.lm_head, {"weight": head_weight}, (model.norm(x),))
-            else:
-                logits = model.lm_head(model.norm(x))
-        if use_streams:
-            logits.record_stream(main)  # read by the caller's stream (the concatenation below) after the join
-        outs.append(logits)
-    for st in side + list(ffn.values()):  # the caller's stream goes on after everything (a capture joins here)
-        main.wait_stream(st)
+                logits.record_stream(main)  # read by the caller's stream (the concatenation below) after the join
+            outs.append(logits)
+    finally:
+        for i in wgrad:
+            model.blocks[i].weight_grad_stream = None
+    for st in side + list(ffn.values()) + list(wgrad.values()):  # the caller's stream goes on after everything
+        main.wait_stream(st)  # (a capture joins here)
     return torch.cat(outs, dim=1)
 
 

@@ -27,6 +27,7 @@ from titans.core.attention.attention_utils import (
     flex_mask_mod,
 )
 from titans.utils.tensors import keep_last
+from titans.utils.weight_grads import TappedLinear
 
 
 @dataclass
@@ -221,9 +222,9 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"backend={backend!r}: expected 'auto', 'reference', 'sdpa', 'blocked' or 'flex'")
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.backend = backend
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
-        self.kv_proj = nn.Linear(dim, 2 * kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * head_dim, dim, bias=False)
+        self.q_proj = TappedLinear(dim, heads * head_dim, bias=False)
+        self.kv_proj = TappedLinear(dim, 2 * kv_heads * head_dim, bias=False)
+        self.o_proj = TappedLinear(heads * head_dim, dim, bias=False)
         self.rope = RotaryEmbedding(head_dim, rope_theta)
         self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None

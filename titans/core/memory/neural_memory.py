@@ -46,6 +46,7 @@ from titans.core.memory.functional import (
     select_weights,
 )
 from titans.utils.tensors import keep_last, recompute_when_recorded
+from titans.utils.weight_grads import TappedLinear
 
 # default bound on the inner step, times the chunk size (see the module docstring for the measurements)
 DEFAULT_MAX_LR_TIMES_CHUNK = 0.125
@@ -234,9 +235,9 @@ class NeuralMemory(nn.Module):
         self.gates_per_chunk, self.backend = gates_per_chunk, backend
         self.conv_kernel = conv_kernel
         inner = heads * head_dim
-        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_qkv = TappedLinear(dim, 3 * inner, bias=False)
         self.conv = nn.Conv1d(3 * inner, 3 * inner, conv_kernel, groups=3 * inner, bias=True) if conv_kernel else None
-        self.to_gates = nn.Linear(dim, 3 * heads, bias=True)
+        self.to_gates = TappedLinear(dim, 3 * heads, bias=True)
         hidden = max(1, int(round(expansion * head_dim)))
         dims = [head_dim] + [hidden] * (depth - 1) + [head_dim]
         self.memory_dims = tuple(dims)
@@ -244,8 +245,8 @@ class NeuralMemory(nn.Module):
             nn.Parameter(torch.randn(heads, dims[i], dims[i + 1]) / math.sqrt(dims[i])) for i in range(depth))
         self.out_norm_weight = nn.Parameter(torch.ones(heads, head_dim))
         self.norm_eps = norm_eps
-        self.gate = nn.Linear(dim, inner, bias=False) if output_gate else None
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.gate = TappedLinear(dim, inner, bias=False) if output_gate else None
+        self.to_out = TappedLinear(inner, dim, bias=False)
         self.reset_gate_parameters()
 
     def reset_gate_parameters(self) -> None:
@@ -338,7 +339,7 @@ class NeuralMemory(nn.Module):
     def _project(self, x: Tensor, conv_cache: Tensor | None, channels: slice | None = None):
         """q/k/v (or a channel slice of them) after the causal conv and SiLU; returns (qkv, new_cache)."""
         # a channel slice (retrieval needs only q) projects with the matching rows of W_QKV: a third of the work
-        proj = self.to_qkv(x) if channels is None else F.linear(x, self.to_qkv.weight[channels])
+        proj = self.to_qkv.project_rows(x, channels)
         new_cache = conv_cache
         if self.conv is not None:
             w, b = self.conv.weight, self.conv.bias

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -54,6 +55,7 @@ from titans.utils.config import (
     naive_cannot_recompute,
 )
 from titans.utils.tensors import capturing_cuda_graph, recompute
+from titans.utils.weight_grads import LinearUse, segment_taps
 
 # ----------------------------------------------------------------------------- state
 
@@ -302,7 +304,7 @@ class TitansBlock(nn.Module):
                              "memory's write and read together); call forward_mixer")
         run = run_readout or (lambda fn, *args: fn(*args))
         outs = self._over_segments(x, pos, lambda piece, p: run(self.mac_readout, *self.mac_chain(
-            piece, st, p, persistent, want_cache)))
+            piece, st, p, persistent, want_cache)), persistent)
         return run(_residual_sum, x, *outs)
 
     def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool):
@@ -333,11 +335,11 @@ class TitansBlock(nn.Module):
                recompute_memory: bool) -> Tensor:
         if self.variant == "mac" and self.memory is not None:
             outs = self._over_segments(x, pos, lambda piece, p: self.mac_segment(piece, st, p, persistent, want_cache,
-                                                                                 recompute_memory))
+                                                                                 recompute_memory), persistent)
             return _residual_sum(x, *outs)
         return self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
 
-    def _over_segments(self, x: Tensor, pos: int, step) -> list[Tensor]:
+    def _over_segments(self, x: Tensor, pos: int, step, persistent: Tensor | None = None) -> list[Tensor]:
         """MAC's memory blocks: ``step(piece, position)`` for each segment piece of ``norm_mix(x)`` (x (B, T, dim)
         at host position ``pos``) in order, so each piece's retrieval reads the memory as it was before its
         segment; returns the steps' outputs."""
@@ -346,12 +348,52 @@ class TitansBlock(nn.Module):
         # size, and autograd then sums those, O(T^2 / C) memory traffic (MAC 65536 x 1 on an H200: ~40 ms of a
         # ~540 ms step in fills and adds; benchmarks/RESULTS.md section 6, session 20); split's backward is
         # one concatenation
+        lengths = segment_pieces(pos, x.shape[1], self.window)
         outs, p = [], pos
-        for piece in h.split(segment_pieces(pos, x.shape[1], self.window), dim=1):
-            # contiguous once here: each projection of a strided piece would copy it (four of them per segment)
-            outs.append(step(piece.contiguous(), p))
-            p += piece.shape[1]
+        deferred = self._deferred_weight_grads(h, lengths, persistent)
+        with deferred if deferred is not None else nullcontext() as run_piece:
+            for s, piece in enumerate(h.split(lengths, dim=1)):
+                with run_piece(s) if run_piece is not None else nullcontext():
+                    # contiguous once here: each projection of a strided piece would copy it (four a segment)
+                    outs.append(step(piece.contiguous(), p))
+                p += piece.shape[1]
         return outs
+
+    weight_grad_stream = None  # where deferred weight gradients are summed (the wavefront sets a CUDA stream)
+
+    def _deferred_weight_grads(self, h: Tensor, lengths: list[int], persistent: Tensor | None):
+        """``TITANS_DEFER_WEIGHT_GRADS=1`` (off by default; see :mod:`titans.utils.weight_grads`): the segment
+        steps' projections hand their weight gradients to one sum per projection over the segments of this call,
+        when autograd records, the pieces have one length and no checkpointing region would run them twice.
+        Returns None, or a context that yields ``run_piece(s)``, the context segment s runs in."""
+        on = (os.environ.get("TITANS_DEFER_WEIGHT_GRADS", "0") == "1" and torch.is_grad_enabled()
+              and self.checkpointing_now() == "none" and len(set(lengths)) == 1
+              and not torch.compiler.is_compiling())
+        if not on:
+            return None
+        shape = None if persistent is None else tuple(persistent.shape)
+        return segment_taps(self.weight_grad_uses(h.shape[0], lengths[0], shape), len(lengths),
+                            self.weight_grad_stream)
+
+    def weight_grad_uses(self, batch: int, length: int, persistent_shape: tuple[int, ...] | None):
+        """The projections one MAC segment step calls (:meth:`_mac`; :meth:`mac_chain` then :meth:`mac_readout`),
+        each with its uses in call order (:class:`~titans.utils.weight_grads.LinearUse`): the retrieval (the
+        query rows of W_QKV, the output gate, the output projection), attention (queries; keys / values of the
+        segment and the retrieved tokens stacked on the batch, then of the persistent tokens; the output), the
+        write (W_QKV whole, the gates) and the read-back (output gate, output projection).  Checked at every use."""
+        mem, attn = self.memory, self.attn
+        x = (batch, length, mem.dim)
+        inner = (batch, length, mem.heads * mem.head_dim)
+        plan = [(mem.to_qkv, [LinearUse(x, slice(0, inner[-1])), LinearUse(x)]),
+                (mem.to_gates, [LinearUse(x)]),
+                (mem.to_out, [LinearUse(inner)] * 2)]
+        if mem.gate is not None:
+            plan.append((mem.gate, [LinearUse(x)] * 2))
+        kv = [LinearUse((2 * batch, length, attn.dim))]
+        if persistent_shape is not None:
+            kv.append(LinearUse(tuple(persistent_shape)))
+        return plan + [(attn.q_proj, [LinearUse(x)]), (attn.kv_proj, kv),
+                       (attn.o_proj, [LinearUse((batch, length, attn.heads * attn.head_dim))])]
 
     def mix(self, x: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
         """The sequence mixer with its residual: x (B, T, dim) -> (B, T, dim).  ``ops`` carries the state and

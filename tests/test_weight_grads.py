@@ -1,0 +1,143 @@
+"""Deferred weight gradients (``TITANS_DEFER_WEIGHT_GRADS=1``, ``titans.utils.weight_grads``): MAC's memory blocks
+hand each projection's (x, dy) per segment to one sum per projection; loss and every gradient equal the per-segment
+gradients in float64 - eager, compiled per segment (dynamo + AOTAutograd), the wavefront, with the variants' options
+- and a wiring that does not match the declared uses fails by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from titans.core.models import build_model
+from titans.utils.weight_grads import LinearGradFanout, LinearUse, TappedLinear, segment_taps
+
+
+def _mac(**over):
+    cfg = dict(variant="mac", vocab_size=37, dim=16, depth=2, heads=2, window=4, persistent_tokens=2, memory_depth=2,
+               memory_chunk_size=2, memory_expansion=1.5, attention_backend="reference", memory_layers=[0])
+    cfg.update(over)
+    torch.manual_seed(0)
+    model = build_model(cfg).double()
+    with torch.no_grad():  # random slow weights, biases included, so that every term matters
+        for name, p in model.named_parameters():
+            if "init_weights" not in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return model.train()
+
+
+def _grads(model, loss_fn, monkeypatch, defer: bool):
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "1" if defer else "0")
+    for p in model.parameters():
+        p.grad = None
+    loss = loss_fn(model)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _one_pass(ids):
+    return lambda m: m(ids, labels=ids, use_cache=False).loss
+
+
+def _assert_same(model, loss_fn, monkeypatch, fanouts_expected: int):
+    calls = []
+    real = LinearGradFanout.backward
+
+    def counting(ctx, *grads):
+        calls.append(len(grads))
+        return real(ctx, *grads)
+
+    monkeypatch.setattr(LinearGradFanout, "backward", staticmethod(counting))
+    loss0, g0 = _grads(model, loss_fn, monkeypatch, defer=False)
+    assert not calls
+    loss1, g1 = _grads(model, loss_fn, monkeypatch, defer=True)
+    assert len(calls) == fanouts_expected  # the sums ran: the deferral was on
+    torch.testing.assert_close(loss1, loss0, rtol=1e-13, atol=1e-13)
+    assert set(g1) == set(g0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-11, atol=1e-12, msg=name)
+    assert all(m.taps is None and m.uses == 0 for m in model.modules() if isinstance(m, TappedLinear))
+
+
+@pytest.mark.parametrize("over", [{}, dict(memory_output_gate=False, persistent_tokens=0),
+                                  dict(mac_memory_input="residual", kv_heads=1, qk_norm=True)],
+                         ids=["default", "no_gate_no_persistent", "residual_gqa_qknorm"])
+def test_deferred_weight_grads_equal_per_segment_grads(monkeypatch, over):
+    model = _mac(**over)
+    ids = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(1))  # 3 segments of 4
+    n_linear = 7 if over.get("memory_output_gate", True) else 6  # tapped projections of the memory block
+    _assert_same(model, _one_pass(ids), monkeypatch, n_linear)
+
+
+def test_deferred_weight_grads_in_the_wavefront_and_compiled_segments(monkeypatch):
+    """The wavefront calls each block a 2-segment step at a time (one sum per projection and step), and the
+    compiled segment step (regional compilation, traced by dynamo and AOTAutograd: ``aot_eager``) reads the taps
+    as graph inputs: the same gradients; no recompilation from one segment to the next."""
+    from titans.training.wavefront import wavefront_loss
+    from titans.utils.compiling import compile_blocks
+
+    model = _mac()
+    ids = torch.randint(0, 37, (2, 16), generator=torch.Generator().manual_seed(2))  # 4 segments
+    _assert_same(model, lambda m: wavefront_loss(m, ids, segment=8), monkeypatch, 2 * 7)
+    torch._dynamo.reset()
+    compile_blocks(model, backend="aot_eager")
+    _assert_same(model, _one_pass(ids), monkeypatch, 7)
+    longer = torch.randint(0, 37, (2, 24), generator=torch.Generator().manual_seed(4))  # 6 segments
+    _grads(model, _one_pass(longer), monkeypatch, defer=False)  # (the new length recompiles the whole-row regions)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    _grads(model, _one_pass(longer), monkeypatch, defer=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the taps are inputs, not constants
+
+
+def test_taps_check_the_declared_uses():
+    """A call beyond the declared uses, a shape or rows other than declared, or fewer calls than declared raise
+    naming the projection; the taps are cleared either way."""
+    lin = TappedLinear(4, 6, bias=True).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with segment_taps([(lin, [LinearUse((2, 3, 4))])], 1) as piece:
+        with pytest.raises(RuntimeError, match=r"TappedLinear\(4, 6\) was called 2 times in a segment, 1 declared"):
+            with piece(0):
+                lin(x)
+                lin(x)
+        assert lin.taps is None
+        with pytest.raises(RuntimeError, match=r"use 0 got x \(2, 3, 4\) with rows slice\(0, 2, None\), declared"):
+            with piece(0):
+                lin.project_rows(x, slice(0, 2))
+        with pytest.raises(RuntimeError, match=r"was called 0 times in segment 0, 1 declared"):
+            with piece(0):
+                pass
+    assert lin.taps is None and lin.uses == 0
+
+
+@pytest.mark.parametrize("group_tokens", [8192, 6])
+def test_fanout_sums_rows_and_bias_over_segments_and_uses(monkeypatch, group_tokens):
+    """The fanout alone: two segments, a whole-weight use and a row-slice use of a biased projection; its gradients
+    equal autograd's through plain ``F.linear`` (float64), including a segment whose output does not reach the
+    loss; summed in one matmul a use or (``WGRAD_TOKENS`` = 6) one a segment."""
+    import titans.utils.weight_grads as wg
+
+    monkeypatch.setattr(wg, "WGRAD_TOKENS", group_tokens)
+    torch.manual_seed(3)
+    lin = TappedLinear(5, 6, bias=True).double()
+    xs = [torch.randn(2, 3, 5, dtype=torch.float64) for _ in range(2)]
+    uses = [LinearUse((2, 3, 5)), LinearUse((2, 3, 5), slice(2, 5))]
+    weights = [torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(2, 3, 3, dtype=torch.float64)]
+
+    def loss_of(run):
+        total = 0
+        for s, x in enumerate(xs):
+            with run(s):
+                a, b = lin(x), lin.project_rows(x, slice(2, 5))
+            total = total + (a * weights[0]).sum()
+            if s == 0:  # segment 1's row-slice use does not reach the loss: its taps get no gradient
+                total = total + (b * weights[1]).sum()
+        return total
+
+    with segment_taps([(lin, uses)], 2) as piece:
+        loss_of(piece).backward()
+    got = (lin.weight.grad.clone(), lin.bias.grad.clone())
+    lin.weight.grad = lin.bias.grad = None
+    from contextlib import nullcontext
+
+    loss_of(lambda s: nullcontext()).backward()
+    torch.testing.assert_close(got[0], lin.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], lin.bias.grad, rtol=1e-12, atol=1e-12)

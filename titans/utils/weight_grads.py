@@ -1,0 +1,222 @@
+"""Weight gradients of linear layers taken once over many segments instead of once per segment.
+
+Why: at batch 1 a MAC memory block's training step is a chain of segment steps (each segment's retrieval reads the
+memory its predecessor wrote), and each segment's backward also computes the weight gradient of every projection it
+used - a small matmul, its cast to float32 and an add into ``.grad`` per projection, use and segment - though nothing
+later in the chain needs them (MAC 65536 x 1 on an H200: ~140 kernels a segment on the chain, 11 of its 34 matmuls
+weight gradients; benchmarks/RESULTS.md section 6, session 24).  Here the segments' backward passes hand on, per
+projection use, the two factors of that gradient - the input x_s and the output gradient dy_s - and one node per
+projection sums ``dW = sum_s dy_s^T x_s`` (and ``db = sum_s dy_s``) in one matmul over all segments when the last
+of them has been through (optionally on another CUDA stream, off the chain).
+
+How, inside autograd (so every caller - eager, ``torch.compile``, CUDA graphs, the wavefront - gets the same
+gradients without a flush call): :class:`LinearGradFanout` takes the weight (and bias) and returns, for every
+segment and use, two placeholder tensors ("taps": zero-stride, nothing allocated).  During a segment
+:class:`TappedLinear` computes ``y = x W^T + b`` through :class:`_TappedLinearFn`, whose backward returns ``dy W`` for
+x, nothing for W and b, and x and dy themselves as the taps' gradients.  The fanout's backward receives every tap's
+gradient and returns the sums for W and b.  The arithmetic is the chain rule regrouped: tested equal to the per-
+segment gradients in float64 (``tests/test_weight_grads.py``).
+
+Which projections a segment uses, with which input shapes and in which order, is declared by the block
+(:meth:`titans.core.models.model.TitansBlock.weight_grad_uses`); every use checks the declaration and the count is
+checked after each segment, so a wiring change fails loudly instead of mixing up gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class LinearUse:
+    """One use of a :class:`TappedLinear` inside a segment: the input's shape and the rows of the weight it
+    projects with (``None``: all of them; a slice: ``F.linear(x, W[rows])``, e.g. the memory's query-only
+    projection)."""
+
+    x_shape: tuple[int, ...]
+    rows: slice | None = None
+
+
+def compute_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a linear layer's matmul runs in here: autocast's on the weight's device when it is on, else the
+    weight's (the taps carry x and dy in it, so autograd need not cast their gradients)."""
+    dev = weight.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+
+
+def _rows_of(weight: Tensor, rows: slice | None) -> Tensor:
+    return weight if rows is None else weight[rows]
+
+
+class _TappedLinearFn(torch.autograd.Function):
+    """``F.linear(x, W[rows], b[rows])`` whose backward gives x its gradient and hands x and dy to the taps
+    (their gradients) instead of computing W's and b's.  The operands are cast once to the taps' dtype (autocast's:
+    what ``F.linear`` would multiply in) and kept so, for the backward's ``dy W`` and for the taps."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tap_x: Tensor, tap_dy: Tensor) -> Tensor:
+        dtype = tap_x.dtype
+        xc, wc = x.to(dtype), weight.to(dtype)
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(xc, wc)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(xc, wc, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        dx = (dy @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return dx, None, None, x, dy
+
+
+class TappedLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) that can hand its weight gradient to a
+    :class:`LinearGradFanout`: while :func:`segment_taps` has given it taps, its i-th call in a segment runs
+    through :class:`_TappedLinearFn` with the i-th pair.  Without taps it is ``nn.Linear``.
+    :meth:`project_rows` projects with a slice of the weight's rows (``F.linear(x, W[rows], b[rows])``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.taps: list[tuple[LinearUse, Tensor, Tensor]] | None = None  # this segment's uses, in call order
+        self.uses = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project_rows(x, None)
+
+    def project_rows(self, x: Tensor, rows: slice | None) -> Tensor:
+        weight = _rows_of(self.weight, rows)
+        bias = None if self.bias is None else _rows_of(self.bias, rows)
+        if self.taps is None:
+            return F.linear(x, weight, bias)
+        if self.uses >= len(self.taps):
+            raise RuntimeError(f"weight-gradient taps: {self._label()} was called {self.uses + 1} times in a segment, "
+                               f"{len(self.taps)} declared (TitansBlock.weight_grad_uses)")
+        use, tap_x, tap_dy = self.taps[self.uses]
+        if tuple(x.shape) != use.x_shape or rows != use.rows:
+            raise RuntimeError(f"weight-gradient taps: {self._label()} use {self.uses} got x {tuple(x.shape)} with "
+                               f"rows {rows}, declared x {use.x_shape} with rows {use.rows} "
+                               "(TitansBlock.weight_grad_uses)")
+        self.uses += 1
+        return _TappedLinearFn.apply(x, weight, bias, tap_x, tap_dy)
+
+    def _label(self) -> str:
+        return f"TappedLinear({self.in_features}, {self.out_features})"
+
+
+class LinearGradFanout(torch.autograd.Function):
+    """forward(weight, bias, uses, pieces, dtype) -> for each of ``pieces`` segments and each use, the pair
+    (tap_x, tap_dy) of zero-stride placeholders shaped like x and y; backward: the taps' gradients (x_s, dy_s)
+    -> ``dW = sum_{s, use} dy^T x`` placed in the use's rows, ``db = sum dy`` (one matmul per use and
+    ``WGRAD_TOKENS`` tokens of segments, in the taps' dtype, added in the weight's)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Tensor | None, uses: Sequence[LinearUse], pieces: int,
+                dtype: torch.dtype):
+        ctx.set_materialize_grads(False)
+        ctx.uses, ctx.pieces, ctx.has_bias = tuple(uses), pieces, bias is not None
+        out_rows = [weight.shape[0] if u.rows is None else len(range(*u.rows.indices(weight.shape[0])))
+                    for u in uses]
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        taps = []
+        for _ in range(pieces):
+            for use, n_out in zip(uses, out_rows):
+                y_shape = (*use.x_shape[:-1], n_out)
+                taps.append(weight.new_empty_strided(use.x_shape, (0,) * len(use.x_shape), dtype=dtype))
+                taps.append(weight.new_empty_strided(y_shape, (0,) * len(y_shape), dtype=dtype))
+        return tuple(taps)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        uses, n = ctx.uses, len(ctx.uses)
+        dw = db = None
+        for i, use in enumerate(uses):
+            pairs = [(grads[2 * (s * n + i)], grads[2 * (s * n + i) + 1]) for s in range(ctx.pieces)]
+            pairs = [(x, dy) for x, dy in pairs if x is not None and dy is not None]
+            if not pairs:  # a segment whose output did not reach the loss
+                continue
+            for group in _token_groups(pairs, WGRAD_TOKENS):
+                x = torch.cat([p[0].reshape(-1, p[0].shape[-1]) for p in group])
+                dy = torch.cat([p[1].reshape(-1, p[1].shape[-1]) for p in group])
+                dw = _add_rows(dw, (dy.t() @ x).to(ctx.weight_dtype), use.rows, ctx.weight_shape)
+                if ctx.has_bias:
+                    db = _add_rows(db, dy.sum(0, dtype=ctx.weight_dtype), use.rows, ctx.weight_shape[:1])
+        return dw, db, None, None, None
+
+
+# tokens a weight-gradient matmul sums before its (compute-dtype) result is added in the weight's dtype: a bf16
+# product rounds once per group, as the per-segment gradients rounded once per segment
+WGRAD_TOKENS = 8192
+
+
+def _token_groups(pairs: list[tuple[Tensor, Tensor]], tokens: int) -> Iterator[list[tuple[Tensor, Tensor]]]:
+    """``pairs`` (x, dy) in runs of about ``tokens`` rows each (at least one pair a run)."""
+    group, n = [], 0
+    for pair in pairs:
+        group.append(pair)
+        n += pair[0].numel() // pair[0].shape[-1]
+        if n >= tokens:
+            yield group
+            group, n = [], 0
+    if group:
+        yield group
+
+
+def _add_rows(total: Tensor | None, part: Tensor, rows: slice | None, shape) -> Tensor:
+    """total (or zeros of ``shape``) with ``part`` added into ``rows`` (all rows: no zeros made)."""
+    if rows is None:
+        return part if total is None else total + part
+    total = part.new_zeros(shape) if total is None else total
+    total[rows] += part
+    return total
+
+
+@contextmanager
+def segment_taps(plan: Sequence[tuple[TappedLinear, Sequence[LinearUse]]], pieces: int,
+                 stream: torch.cuda.Stream | None = None) -> Iterator:
+    """Deferred weight gradients over ``pieces`` segment steps: yields ``piece(s)``, a context manager to run
+    segment s in.  ``plan``: each tapped projection with its declared uses per segment.  ``stream``: where the
+    fanouts run (their backward, the sums, runs there too; CUDA only).  Only while autograd records."""
+    fanouts = []
+    ctx = torch.cuda.stream(stream) if stream is not None else _nothing()
+    with ctx:
+        for linear, uses in plan:
+            taps = LinearGradFanout.apply(linear.weight, linear.bias, tuple(uses), pieces,
+                                          compute_dtype(linear.weight))
+            fanouts.append((linear, uses, taps))
+
+    @contextmanager
+    def piece(s: int):
+        for linear, uses, taps in fanouts:
+            n = len(uses)
+            linear.taps = [(u, taps[2 * (s * n + i)], taps[2 * (s * n + i) + 1]) for i, u in enumerate(uses)]
+            linear.uses = 0
+        try:
+            yield
+            for linear, uses, _ in fanouts:
+                if linear.uses != len(uses):
+                    raise RuntimeError(f"weight-gradient taps: {linear._label()} was called {linear.uses} times "
+                                       f"in segment {s}, {len(uses)} declared (TitansBlock.weight_grad_uses)")
+        finally:
+            for linear, _, _ in fanouts:
+                linear.taps, linear.uses = None, 0
+
+    try:
+        yield piece
+    finally:
+        for linear, _, _ in fanouts:
+            linear.taps, linear.uses = None, 0
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+__all__ = ["LinearGradFanout", "LinearUse", "TappedLinear", "compute_dtype", "segment_taps"]
