@@ -141,3 +141,29 @@ def test_fanout_sums_rows_and_bias_over_segments_and_uses(monkeypatch, group_tok
     loss_of(lambda s: nullcontext()).backward()
     torch.testing.assert_close(got[0], lin.weight.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got[1], lin.bias.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_deferred_weight_grads_on_gpu_with_streams(monkeypatch):
+    """On a GPU: the wavefront with its streams (the sums on a stream of their own per memory block) and the
+    one-pass step under bf16 autocast: the deferred gradients equal the per-segment ones up to the summation order
+    (float32) and bf16 rounding (autocast)."""
+    from titans.training.wavefront import wavefront_loss
+
+    torch.manual_seed(0)
+    cfg = dict(variant="mac", vocab_size=256, dim=128, depth=3, heads=2, window=64, persistent_tokens=4,
+               memory_depth=2, memory_chunk_size=16, memory_layers=[1, 2])
+    model = build_model(cfg).cuda().train()
+    ids = torch.randint(0, 256, (1, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    cases = [(lambda m: wavefront_loss(m, ids, segment=128), None, 1e-4),
+             (lambda m: m(ids, labels=ids, use_cache=False).loss, torch.bfloat16, 3e-2)]
+    for loss_fn, amp, tol in cases:
+        def run(m, fn=loss_fn, amp=amp):
+            with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+                return fn(m)
+        _, g0 = _grads(model, run, monkeypatch, defer=False)
+        _, g1 = _grads(model, run, monkeypatch, defer=True)
+        assert set(g1) == set(g0)
+        for name in g0:
+            err = ((g1[name] - g0[name]).abs().max() / g0[name].abs().max().clamp_min(1e-12)).item()
+            assert err <= tol, (name, err)
