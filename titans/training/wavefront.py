@@ -18,7 +18,9 @@ their feed-forwards on streams of their own: 0.625-0.626x MAC's 4096 x 8 rate (3
 memory walks over two programs a head (session 24) 251-255K, 0.686x.  What bounds it: each memory block's backward
 chain (128 segments, ~146 kernels and ~1.45 ms a segment in session 21) runs back to back for most of the step,
 about half of it in the memory kernels.  ``readout_streams`` takes the memory read-out's
-share of that backward off the chain, and was 14.6% slower for it (193.0K vs 226.0K tokens/s, session 23).  The
+share of that backward off the chain, and was 14.6% slower for it (193.0K vs 226.0K tokens/s, session 23).  With
+``TITANS_DEFER_WEIGHT_GRADS=1`` a memory block's projections sum their weight gradients over each step's segments on a
+stream of their own (:mod:`titans.utils.weight_grads`; session 25, not yet timed).  The
 trainer's ``training.wavefront`` / ``training.wavefront_step`` and ``benchmarks/harness.py --wavefront`` use it.
 """
 
