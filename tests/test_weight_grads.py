@@ -80,12 +80,13 @@ def test_deferred_weight_grads_in_the_wavefront_and_compiled_segments(monkeypatc
     _assert_same(model, lambda m: wavefront_loss(m, ids, segment=8), monkeypatch, 2 * 7)
     torch._dynamo.reset()
     compile_blocks(model, backend="aot_eager")
+    counts = torch._dynamo.utils.counters["stats"]
+    _grads(model, _one_pass(ids), monkeypatch, defer=False)
+    plain = counts["unique_graphs"]
     _assert_same(model, _one_pass(ids), monkeypatch, 7)
-    longer = torch.randint(0, 37, (2, 24), generator=torch.Generator().manual_seed(4))  # 6 segments
-    _grads(model, _one_pass(longer), monkeypatch, defer=False)  # (the new length recompiles the whole-row regions)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    _grads(model, _one_pass(longer), monkeypatch, defer=True)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the taps are inputs, not constants
+    # the taps of 4 segments are graph inputs, not constants: at most one more graph for the first segment (its
+    # state differs, as without taps) and one for the later ones
+    assert counts["unique_graphs"] - plain <= 2
 
 
 def test_taps_check_the_declared_uses():
