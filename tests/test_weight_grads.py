@@ -61,11 +61,14 @@ def _assert_same(model, loss_fn, monkeypatch, fanouts_expected: int):
 @pytest.mark.parametrize("over", [{}, dict(memory_output_gate=False, persistent_tokens=0),
                                   dict(mac_memory_input="residual", kv_heads=1, qk_norm=True)],
                          ids=["default", "no_gate_no_persistent", "residual_gqa_qknorm"])
-def test_deferred_weight_grads_equal_per_segment_grads(monkeypatch, over):
+@pytest.mark.parametrize("T", [12, 13], ids=["3_segments", "3_segments_and_1_token"])
+def test_deferred_weight_grads_equal_per_segment_grads(monkeypatch, over, T):
+    """One sum per projection and piece length: 3 segments of 4 tokens, and with a 1-token piece after them (a
+    training row of seq_len + 1 tokens cut at the segments)."""
     model = _mac(**over)
-    ids = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(1))  # 3 segments of 4
+    ids = torch.randint(0, 37, (2, T), generator=torch.Generator().manual_seed(1))
     n_linear = 7 if over.get("memory_output_gate", True) else 6  # tapped projections of the memory block
-    _assert_same(model, _one_pass(ids), monkeypatch, n_linear)
+    _assert_same(model, _one_pass(ids), monkeypatch, n_linear * (1 if T == 12 else 2))
 
 
 def test_deferred_weight_grads_in_the_wavefront_and_compiled_segments(monkeypatch):
@@ -94,7 +97,7 @@ def test_taps_check_the_declared_uses():
     naming the projection; the taps are cleared either way."""
     lin = TappedLinear(4, 6, bias=True).double()
     x = torch.randn(2, 3, 4, dtype=torch.float64)
-    with segment_taps([(lin, [LinearUse((2, 3, 4))])], 1) as piece:
+    with segment_taps(lambda n: [(lin, [LinearUse((2, n, 4))])], [3]) as piece:
         with pytest.raises(RuntimeError, match=r"TappedLinear\(4, 6\) was called 2 times in a segment, 1 declared"):
             with piece(0):
                 lin(x)
@@ -133,7 +136,7 @@ def test_fanout_sums_rows_and_bias_over_segments_and_uses(monkeypatch, group_tok
                 total = total + (b * weights[1]).sum()
         return total
 
-    with segment_taps([(lin, uses)], 2) as piece:
+    with segment_taps(lambda n: [(lin, uses)], [3, 3]) as piece:
         loss_of(piece).backward()
     got = (lin.weight.grad.clone(), lin.bias.grad.clone())
     lin.weight.grad = lin.bias.grad = None

@@ -24,7 +24,7 @@ checked after each segment, so a wiring change fails loudly instead of mixing up
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -178,40 +178,48 @@ def _add_rows(total: Tensor | None, part: Tensor, rows: slice | None, shape) -> 
 
 
 @contextmanager
-def segment_taps(plan: Sequence[tuple[TappedLinear, Sequence[LinearUse]]], pieces: int,
-                 stream: torch.cuda.Stream | None = None) -> Iterator:
-    """Deferred weight gradients over ``pieces`` segment steps: yields ``piece(s)``, a context manager to run
-    segment s in.  ``plan``: each tapped projection with its declared uses per segment.  ``stream``: where the
-    fanouts run (their backward, the sums, runs there too; CUDA only).  Only while autograd records."""
-    fanouts = []
-    ctx = torch.cuda.stream(stream) if stream is not None else _nothing()
-    with ctx:
-        for linear, uses in plan:
-            taps = LinearGradFanout.apply(linear.weight, linear.bias, tuple(uses), pieces,
-                                          compute_dtype(linear.weight))
-            fanouts.append((linear, uses, taps))
+def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[LinearUse]]]],
+                 lengths: Sequence[int], stream: torch.cuda.Stream | None = None) -> Iterator:
+    """Deferred weight gradients over segment steps of ``lengths`` tokens each: yields ``piece(s)``, a context
+    manager to run segment s in.  ``plan_of(length)``: each tapped projection with its declared uses in a segment
+    of that length; one :class:`LinearGradFanout` per projection and distinct length.  ``stream``: where the fanouts
+    run (their backward, the sums, runs there too; CUDA only).  Only while autograd records."""
+    groups: dict[int, list[int]] = {}
+    for s, n in enumerate(lengths):
+        groups.setdefault(n, []).append(s)
+    per_piece: list[list] = [[] for _ in lengths]  # piece s: (linear, uses, taps of s)
+    with torch.cuda.stream(stream) if stream is not None else _nothing():
+        for n, pieces in groups.items():
+            for linear, uses in plan_of(n):
+                taps = LinearGradFanout.apply(linear.weight, linear.bias, tuple(uses), len(pieces),
+                                              compute_dtype(linear.weight))
+                k = len(uses)
+                for j, s in enumerate(pieces):
+                    per_piece[s].append((linear, [(u, taps[2 * (j * k + i)], taps[2 * (j * k + i) + 1])
+                                                  for i, u in enumerate(uses)]))
+    linears = {id(lin): lin for entries in per_piece for lin, _ in entries}.values()
+
+    def clear():
+        for linear in linears:
+            linear.taps, linear.uses = None, 0
 
     @contextmanager
     def piece(s: int):
-        for linear, uses, taps in fanouts:
-            n = len(uses)
-            linear.taps = [(u, taps[2 * (s * n + i)], taps[2 * (s * n + i) + 1]) for i, u in enumerate(uses)]
-            linear.uses = 0
+        for linear, taps in per_piece[s]:
+            linear.taps, linear.uses = taps, 0
         try:
             yield
-            for linear, uses, _ in fanouts:
-                if linear.uses != len(uses):
+            for linear, taps in per_piece[s]:
+                if linear.uses != len(taps):
                     raise RuntimeError(f"weight-gradient taps: {linear._label()} was called {linear.uses} times "
-                                       f"in segment {s}, {len(uses)} declared (TitansBlock.weight_grad_uses)")
+                                       f"in segment {s}, {len(taps)} declared (TitansBlock.weight_grad_uses)")
         finally:
-            for linear, _, _ in fanouts:
-                linear.taps, linear.uses = None, 0
+            clear()
 
     try:
         yield piece
     finally:
-        for linear, _, _ in fanouts:
-            linear.taps, linear.uses = None, 0
+        clear()
 
 
 @contextmanager

@@ -363,17 +363,15 @@ class TitansBlock(nn.Module):
 
     def _deferred_weight_grads(self, h: Tensor, lengths: list[int], persistent: Tensor | None):
         """``TITANS_DEFER_WEIGHT_GRADS=1`` (off by default; see :mod:`titans.utils.weight_grads`): the segment
-        steps' projections hand their weight gradients to one sum per projection over the segments of this call,
-        when autograd records, the pieces have one length and no checkpointing region would run them twice.
+        steps' projections hand their weight gradients to one sum per projection (and piece length) over the
+        segments of this call, when autograd records and no checkpointing region would run them twice.
         Returns None, or a context that yields ``run_piece(s)``, the context segment s runs in."""
         on = (os.environ.get("TITANS_DEFER_WEIGHT_GRADS", "0") == "1" and torch.is_grad_enabled()
-              and self.checkpointing_now() == "none" and len(set(lengths)) == 1
-              and not torch.compiler.is_compiling())
+              and self.checkpointing_now() == "none" and not torch.compiler.is_compiling())
         if not on:
             return None
         shape = None if persistent is None else tuple(persistent.shape)
-        return segment_taps(self.weight_grad_uses(h.shape[0], lengths[0], shape), len(lengths),
-                            self.weight_grad_stream)
+        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n, shape), lengths, self.weight_grad_stream)
 
     def weight_grad_uses(self, batch: int, length: int, persistent_shape: tuple[int, ...] | None):
         """The projections one MAC segment step calls (:meth:`_mac`; :meth:`mac_chain` then :meth:`mac_readout`),
