@@ -55,18 +55,18 @@ def _rows_of(weight: Tensor, rows: slice | None) -> Tensor:
 
 
 class _TappedLinearFn(torch.autograd.Function):
-    """``F.linear(x, W[rows], b[rows])`` whose backward gives x its gradient and hands x and dy to the taps
-    (their gradients) instead of computing W's and b's.  The operands are cast once to the taps' dtype (autocast's:
-    what ``F.linear`` would multiply in) and kept so, for the backward's ``dy W`` and for the taps."""
+    """``F.linear(x, W[rows], b[rows])`` with W and b already in the compute dtype (cast once per call by the
+    fanout), whose backward gives x its gradient and hands x and dy to the taps (their gradients) instead of
+    computing W's and b's.  x is cast to the taps' dtype (autocast's: what ``F.linear`` would multiply in) and kept
+    so, for the taps."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tap_x: Tensor, tap_dy: Tensor) -> Tensor:
-        dtype = tap_x.dtype
-        xc, wc = x.to(dtype), weight.to(dtype)
+        xc = x.to(tap_x.dtype)
         ctx.x_dtype = x.dtype
-        ctx.save_for_backward(xc, wc)
+        ctx.save_for_backward(xc, weight)
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(xc, wc, None if bias is None else bias.to(dtype))
+            return F.linear(xc, weight, bias)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -84,35 +84,37 @@ class TappedLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.taps: list[tuple[LinearUse, Tensor, Tensor]] | None = None  # this segment's uses, in call order
+        # this segment's uses in call order: (use, weight and bias in the compute dtype, tap_x, tap_dy)
+        self.taps: list[tuple[LinearUse, Tensor, Tensor | None, Tensor, Tensor]] | None = None
         self.uses = 0
 
     def forward(self, x: Tensor) -> Tensor:
         return self.project_rows(x, None)
 
     def project_rows(self, x: Tensor, rows: slice | None) -> Tensor:
-        weight = _rows_of(self.weight, rows)
-        bias = None if self.bias is None else _rows_of(self.bias, rows)
         if self.taps is None:
-            return F.linear(x, weight, bias)
+            return F.linear(x, _rows_of(self.weight, rows), None if self.bias is None else _rows_of(self.bias, rows))
         if self.uses >= len(self.taps):
             raise RuntimeError(f"weight-gradient taps: {self._label()} was called {self.uses + 1} times in a segment, "
                                f"{len(self.taps)} declared (TitansBlock.weight_grad_uses)")
-        use, tap_x, tap_dy = self.taps[self.uses]
+        use, weight, bias, tap_x, tap_dy = self.taps[self.uses]
         if tuple(x.shape) != use.x_shape or rows != use.rows:
             raise RuntimeError(f"weight-gradient taps: {self._label()} use {self.uses} got x {tuple(x.shape)} with "
                                f"rows {rows}, declared x {use.x_shape} with rows {use.rows} "
                                "(TitansBlock.weight_grad_uses)")
         self.uses += 1
-        return _TappedLinearFn.apply(x, weight, bias, tap_x, tap_dy)
+        return _TappedLinearFn.apply(x, _rows_of(weight, rows), None if bias is None else _rows_of(bias, rows),
+                                     tap_x, tap_dy)
 
     def _label(self) -> str:
         return f"TappedLinear({self.in_features}, {self.out_features})"
 
 
 class LinearGradFanout(torch.autograd.Function):
-    """forward(weight, bias, uses, pieces, dtype) -> for each of ``pieces`` segments and each use, the pair
-    (tap_x, tap_dy) of zero-stride placeholders shaped like x and y; backward: the taps' gradients (x_s, dy_s)
+    """forward(weight, bias, uses, pieces, dtype) -> the weight and bias in ``dtype`` (cast once for all the
+    segments: each segment's graph cast them again under autocast), then for each of ``pieces`` segments and each
+    use the pair (tap_x, tap_dy) of zero-stride placeholders shaped like x and y; backward: the taps' gradients
+    (x_s, dy_s)
     -> ``dW = sum_{s, use} dy^T x`` placed in the use's rows, ``db = sum dy`` (one matmul per use and
     ``WGRAD_TOKENS`` tokens of segments, in the taps' dtype, added in the weight's)."""
 
@@ -124,7 +126,10 @@ class LinearGradFanout(torch.autograd.Function):
         out_rows = [weight.shape[0] if u.rows is None else len(range(*u.rows.indices(weight.shape[0])))
                     for u in uses]
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        taps = []
+        # copies, not the parameters themselves (an output that is an input would alias it)
+        wc = weight.to(dtype, copy=True)
+        bc = None if bias is None else bias.to(dtype, copy=True)
+        taps = [wc, bc]
         for _ in range(pieces):
             for use, n_out in zip(uses, out_rows):
                 y_shape = (*use.x_shape[:-1], n_out)
@@ -134,6 +139,7 @@ class LinearGradFanout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        grads = grads[2:]  # the cast weight and bias: their uses hand their gradients to the taps instead
         uses, n = ctx.uses, len(ctx.uses)
         dw = db = None
         for i, use in enumerate(uses):
@@ -187,16 +193,25 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
     groups: dict[int, list[int]] = {}
     for s, n in enumerate(lengths):
         groups.setdefault(n, []).append(s)
-    per_piece: list[list] = [[] for _ in lengths]  # piece s: (linear, uses, taps of s)
+    per_piece: list[list] = [[] for _ in lengths]  # piece s: (linear, its uses' entries in s)
+    here = torch.cuda.current_stream() if stream is not None else None
+    if stream is not None:
+        stream.wait_stream(here)
     with torch.cuda.stream(stream) if stream is not None else _nothing():
         for n, pieces in groups.items():
             for linear, uses in plan_of(n):
-                taps = LinearGradFanout.apply(linear.weight, linear.bias, tuple(uses), len(pieces),
-                                              compute_dtype(linear.weight))
+                wc, bc, *taps = LinearGradFanout.apply(linear.weight, linear.bias, tuple(uses), len(pieces),
+                                                       compute_dtype(linear.weight))
+                if stream is not None:  # cast on the fanout's stream, read on this one
+                    for t in (wc, bc):
+                        if t is not None:
+                            t.record_stream(here)
                 k = len(uses)
                 for j, s in enumerate(pieces):
-                    per_piece[s].append((linear, [(u, taps[2 * (j * k + i)], taps[2 * (j * k + i) + 1])
+                    per_piece[s].append((linear, [(u, wc, bc, taps[2 * (j * k + i)], taps[2 * (j * k + i) + 1])
                                                   for i, u in enumerate(uses)]))
+    if stream is not None:
+        here.wait_stream(stream)
     linears = {id(lin): lin for entries in per_piece for lin, _ in entries}.values()
 
     def clear():
