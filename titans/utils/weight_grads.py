@@ -147,6 +147,10 @@ class LinearGradFanout(torch.autograd.Function):
             pairs = [(x, dy) for x, dy in pairs if x is not None and dy is not None]
             if not pairs:  # a segment whose output did not reach the loss
                 continue
+            if pairs[0][0].is_cuda:  # made on the segments' stream, read on this one (the wavefront's own stream):
+                here = torch.cuda.current_stream(pairs[0][0].device)  # not reused before these reads are done
+                for t in (t for pair in pairs for t in pair):
+                    t.record_stream(here)
             for group in _token_groups(pairs, WGRAD_TOKENS):
                 x = torch.cat([p[0].reshape(-1, p[0].shape[-1]) for p in group])
                 dy = torch.cat([p[1].reshape(-1, p[1].shape[-1]) for p in group])
