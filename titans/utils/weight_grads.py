@@ -6,12 +6,13 @@ used - a small matmul, its cast to float32 and an add into ``.grad`` per project
 later in the chain needs them (MAC 65536 x 1 on an H200: ~140 kernels a segment on the chain, 11 of its 34 matmuls
 weight gradients; benchmarks/RESULTS.md section 6, session 24).  Here the segments' backward passes hand on, per
 projection use, the two factors of that gradient - the input x_s and the output gradient dy_s - and one node per
-projection sums ``dW = sum_s dy_s^T x_s`` (and ``db = sum_s dy_s``) in one matmul over all segments when the last
-of them has been through (optionally on another CUDA stream, off the chain).
+projection (and piece length) sums ``dW = sum_s dy_s^T x_s`` (and ``db = sum_s dy_s``) in one matmul per use and
+``WGRAD_TOKENS`` tokens when the last of them has been through (optionally on another CUDA stream, off the chain).
 
 How, inside autograd (so every caller - eager, ``torch.compile``, CUDA graphs, the wavefront - gets the same
-gradients without a flush call): :class:`LinearGradFanout` takes the weight (and bias) and returns, for every
-segment and use, two placeholder tensors ("taps": zero-stride, nothing allocated).  During a segment
+gradients without a flush call): :class:`LinearGradFanout` takes the weight (and bias) and returns them cast once
+to the compute dtype (each segment's graph cast them again under autocast) and, for every segment and use, two
+placeholder tensors ("taps": zero-stride, nothing allocated).  During a segment
 :class:`TappedLinear` computes ``y = x W^T + b`` through :class:`_TappedLinearFn`, whose backward returns ``dy W`` for
 x, nothing for W and b, and x and dy themselves as the taps' gradients.  The fanout's backward receives every tap's
 gradient and returns the sums for W and b.  The arithmetic is the chain rule regrouped: tested equal to the per-
