@@ -171,3 +171,14 @@ def test_deferred_weight_grads_on_gpu_with_streams(monkeypatch):
         for name in g0:
             err = ((g1[name] - g0[name]).abs().max() / g0[name].abs().max().clamp_min(1e-12)).item()
             assert err <= tol, (name, err)
+
+
+def test_deferral_is_refused_with_fsdp(monkeypatch):
+    """FSDP2 reduce-scatters a block's gradients when its input gradients are done, which the deferred sums need not
+    precede: ``training.distributed=fsdp`` with ``TITANS_DEFER_WEIGHT_GRADS=1`` stops before sharding, by name."""
+    from titans.training.distributed import DistInfo, wrap_model
+    from titans.utils.config import TrainingConfig
+
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "1")
+    with pytest.raises(ValueError, match="TITANS_DEFER_WEIGHT_GRADS=1 does not work with training.distributed=fsdp"):
+        wrap_model(_mac(), TrainingConfig(distributed="fsdp"), DistInfo(0, 2, 0), torch.device("cpu"))
