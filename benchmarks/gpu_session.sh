@@ -408,14 +408,15 @@ fi
 if [ "$PART" = 32 ]; then
   # session 25, after its device time: deferred weight gradients (TITANS_DEFER_WEIGHT_GRADS=1, titans/utils/weight_grads.py:
   # a MAC segment's backward graph 628 -> 557 ops, 34 -> 23 matmuls on the CPU; the sums on a stream of their own
-  # in the wavefront). Its GPU test, then MAC 65536 x 1 by default, deferred, deferred + combo kernels (PART=30:
-  # 249.9K default, 261.6K combo), then MAC 4096 x 8 deferred + combo (PART=31 combo alone: 375.6K), and combo kernels' float64 compile check on the GPU
+  # in the wavefront). MAC 65536 x 1 by default and deferred, its GPU test, then deferred + combo kernels (PART=30:
+  # 249.9K default, 261.6K combo), then MAC 4096 x 8 deferred + combo (PART=31 combo alone: 375.6K), and combo
+  # kernels' float64 compile check on the GPU
   COMBO='{"combo_kernels": true}'
-  step 80 gpu-test-weight-grads sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_weight_grads.py \
-    > $RES/gpu_test_weight_grads.txt 2>&1"
   step 140 mac-65536x1-wf2048 env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048.json"
   step 100 mac-65536x1-wf2048-deferred env TITANS_TRITON_BWD=split TITANS_DEFER_WEIGHT_GRADS=1 $WF \
     --out "$RES/h_wf2048_deferred.json"
+  step 80 gpu-test-weight-grads sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_weight_grads.py \
+    -k gpu > $RES/gpu_test_weight_grads.txt 2>&1"
   step 100 mac-65536x1-wf2048-deferred-combo env TITANS_TRITON_BWD=split TITANS_DEFER_WEIGHT_GRADS=1 \
     TITANS_INDUCTOR_OPTIONS="$COMBO" $WF --out "$RES/h_wf2048_deferred_combo.json"
   step 130 mac-4096x8-deferred-combo env TITANS_DEFER_WEIGHT_GRADS=1 TITANS_INDUCTOR_OPTIONS="$COMBO" $H3 \
