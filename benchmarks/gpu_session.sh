@@ -426,6 +426,20 @@ if [ "$PART" = 32 ]; then
     --scope blocks --variants mac --out "$RES/compile_check_cuda_combo.json"
   finish
 fi
+if [ "$PART" = 33 ]; then
+  # session 25 (for the call after PART=32): where a 65536 x 1 step's time goes with the weight gradients deferred,
+  # against session 24's timeline (benchmarks/results/harness_h200_session24_mac_65536x1_wf2048_parts2_timeline.json:
+  # ~17,800 kernels and ~157 ms of kernel time on each memory block's backward stream); with and without combo
+  # kernels
+  COMBO='{"combo_kernels": true}'
+  step 170 mac-65536x1-wf2048-deferred-timeline env TITANS_TRITON_BWD=split TITANS_DEFER_WEIGHT_GRADS=1 $H3 \
+    --wavefront --shapes 65536x1 --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 \
+    --out "$RES/h_wf2048_deferred_timeline.json"
+  step 150 mac-65536x1-wf2048-deferred-combo-timeline env TITANS_TRITON_BWD=split TITANS_DEFER_WEIGHT_GRADS=1 \
+    TITANS_INDUCTOR_OPTIONS="$COMBO" $H3 --wavefront --shapes 65536x1 --warmup 1 --iters 1 --wavefront-step 2048 \
+    --profile 30 --out "$RES/h_wf2048_deferred_combo_timeline.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
