@@ -426,6 +426,37 @@ def test_compile_blocks_compiles_each_block_in_place_with_the_project_options(mo
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def test_mac_projects_the_persistent_tokens_once_per_block_call(monkeypatch):
+    """MAC's memory blocks give every segment the persistent tokens' keys and values projected once per call
+    (``TitansBlock._segment_prefix``): one projection for 3 segments, and the same loss and gradients in float64 as
+    projecting them in each segment (the attention's own path, taken when it gets the tokens themselves)."""
+    from titans.core.models.model import TitansBlock
+
+    model = make_model("mac", memory_layers=[0]).train()
+    ids = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(5))  # 3 segments of 4
+    attn = model.blocks[0].attn
+    calls = []
+    real = type(attn).prefix_kv
+    monkeypatch.setattr(type(attn), "prefix_kv", lambda self, *a: calls.append(self is attn) or real(self, *a))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    assert calls.count(True) == 1
+    calls.clear()
+    monkeypatch.setattr(TitansBlock, "_segment_prefix", lambda self, persistent, h: persistent)
+    ref_loss, ref = loss_and_grads()
+    assert calls.count(True) == 3  # the tokens themselves: the attention projects them per segment
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-13, atol=1e-13)
+    assert grads.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-11, atol=1e-12, msg=name)
+
+
 def test_inductor_options_from_the_environment(monkeypatch):
     """``TITANS_INDUCTOR_OPTIONS`` (GPU timing experiments) adds inductor options to every compile of the project;
     bad JSON, a non-object, an unknown option and ``inplace_buffers`` (wrong gradients) are refused by name."""

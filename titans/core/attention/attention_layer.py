@@ -203,6 +203,16 @@ def _block_mask(spec: MaskSpec, Tq: int, Tk: int, device: torch.device):
     return create_block_mask(flex_mask_mod(spec), B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
 
 
+@dataclass
+class PrefixKV:
+    """The keys and values of prefix tokens (B, Hkv, N_p, hd) each, from :meth:`CausalSelfAttention.prefix_kv`:
+    given to ``forward`` as its ``prefix`` when one caller attends over the same prefix many times (MAC's segments:
+    the persistent tokens' projection once per block call, not once per segment)."""
+
+    k: Tensor
+    v: Tensor
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with RoPE, optional RMS qk-norm and grouped-query heads.
 
@@ -264,7 +274,8 @@ class CausalSelfAttention(nn.Module):
         plain_causal = spec.kind == "causal" and spec.prefix_len == 0
         return "flex" if flex_ok and T >= 128 and not plain_causal else "sdpa"
 
-    def check_inputs(self, x: Tensor, mask: MaskSpec, prefix: Tensor | None, memory: Tensor | None) -> None:
+    def check_inputs(self, x: Tensor, mask: MaskSpec, prefix: Tensor | PrefixKV | None,
+                     memory: Tensor | None) -> None:
         """Shape checks shared by :meth:`forward` and static decoding (host-side only: no device sync)."""
         if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -274,6 +285,12 @@ class CausalSelfAttention(nn.Module):
                              f"(memory_tokens={mask.memory_tokens}, memory={'given' if memory is not None else None})")
         if memory is not None and memory.shape != x.shape:
             raise ValueError(f"memory: expected shape {tuple(x.shape)} (aligned with x), got {tuple(memory.shape)}")
+        if isinstance(prefix, PrefixKV):
+            want = (x.shape[0], self.kv_heads, mask.prefix_len, self.head_dim)
+            if tuple(prefix.k.shape) != want or tuple(prefix.v.shape) != want:
+                raise ValueError(f"prefix: PrefixKV keys / values of shape {tuple(prefix.k.shape)} / "
+                                 f"{tuple(prefix.v.shape)}, expected {want}")
+            return
         n_prefix = 0 if prefix is None else prefix.shape[-2]
         if n_prefix != mask.prefix_len:
             raise ValueError(f"prefix: has {n_prefix} tokens but mask.prefix_len={mask.prefix_len}")
@@ -313,7 +330,7 @@ class CausalSelfAttention(nn.Module):
         B, _, T, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
-    def forward(self, x: Tensor, *, mask: MaskSpec, start_pos: int = 0, prefix: Tensor | None = None,
+    def forward(self, x: Tensor, *, mask: MaskSpec, start_pos: int = 0, prefix: Tensor | PrefixKV | None = None,
                 memory: Tensor | None = None, cache: KVCache | None = None,
                 return_cache: bool = False) -> tuple[Tensor, KVCache | None]:
         self.check_inputs(x, mask, prefix, memory)
@@ -338,7 +355,7 @@ class CausalSelfAttention(nn.Module):
             keys.insert(0, mem_k)
             values.insert(0, mem_v)
         if prefix is not None:
-            pk, pv = self.prefix_kv(prefix, B, x.dtype)
+            pk, pv = (prefix.k, prefix.v) if isinstance(prefix, PrefixKV) else self.prefix_kv(prefix, B, x.dtype)
             keys.insert(0, pk)
             values.insert(0, pv)
         K = torch.cat(keys, 2) if len(keys) > 1 else keys[0]

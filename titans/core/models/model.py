@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from titans.core.attention.attention_layer import CausalSelfAttention, KVCache
+from titans.core.attention.attention_layer import CausalSelfAttention, KVCache, PrefixKV
 from titans.core.attention.attention_utils import MaskSpec
 from titans.core.memory.functional import select_weights
 from titans.core.memory.neural_memory import MemoryState, NeuralMemory
@@ -303,11 +303,11 @@ class TitansBlock(nn.Module):
             raise ValueError("forward_mixer_split: not with activation checkpointing (its recomputed regions hold the "
                              "memory's write and read together); call forward_mixer")
         run = run_readout or (lambda fn, *args: fn(*args))
-        outs = self._over_segments(x, pos, lambda piece, p: run(self.mac_readout, *self.mac_chain(
-            piece, st, p, persistent, want_cache)), persistent)
+        outs = self._over_segments(x, pos, lambda piece, p, prefix: run(self.mac_readout, *self.mac_chain(
+            piece, st, p, prefix, want_cache)), persistent)
         return run(_residual_sum, x, *outs)
 
-    def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool):
+    def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool):
         """MAC over one segment of normalised inputs h (B, T, dim) up to the memory's write (Eq. 21-24):
         ``(y, read)``, the attention output and the :class:`MemoryRead` of ``M*_t(y_t)``; ``st`` updated in place.
         ``mac_readout(y, read)`` completes it: the two equal :meth:`mac_segment`."""
@@ -334,34 +334,41 @@ class TitansBlock(nn.Module):
     def _mixer(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
                recompute_memory: bool) -> Tensor:
         if self.variant == "mac" and self.memory is not None:
-            outs = self._over_segments(x, pos, lambda piece, p: self.mac_segment(piece, st, p, persistent, want_cache,
-                                                                                 recompute_memory), persistent)
+            outs = self._over_segments(x, pos, lambda piece, p, prefix: self.mac_segment(
+                piece, st, p, prefix, want_cache, recompute_memory), persistent)
             return _residual_sum(x, *outs)
         return self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
 
     def _over_segments(self, x: Tensor, pos: int, step, persistent: Tensor | None = None) -> list[Tensor]:
-        """MAC's memory blocks: ``step(piece, position)`` for each segment piece of ``norm_mix(x)`` (x (B, T, dim)
-        at host position ``pos``) in order, so each piece's retrieval reads the memory as it was before its
-        segment; returns the steps' outputs."""
+        """MAC's memory blocks: ``step(piece, position, prefix)`` for each segment piece of ``norm_mix(x)`` (x
+        (B, T, dim) at host position ``pos``) in order, so each piece's retrieval reads the memory as it was before
+        its segment; returns the steps' outputs.  ``prefix``: the persistent tokens' keys and values
+        (:class:`PrefixKV`), projected once for all the pieces (every segment attends over the same ones)."""
         h = self.norm_mix(x)
+        prefix = self._segment_prefix(persistent, h)
         # one split, not a slice per piece: a slice's backward writes its piece into a zero gradient of h's full
         # size, and autograd then sums those, O(T^2 / C) memory traffic (MAC 65536 x 1 on an H200: ~40 ms of a
         # ~540 ms step in fills and adds; benchmarks/RESULTS.md section 6, session 20); split's backward is
         # one concatenation
         lengths = segment_pieces(pos, x.shape[1], self.window)
         outs, p = [], pos
-        deferred = self._deferred_weight_grads(h, lengths, persistent)
+        deferred = self._deferred_weight_grads(h, lengths)
         with deferred if deferred is not None else nullcontext() as run_piece:
             for s, piece in enumerate(h.split(lengths, dim=1)):
                 with run_piece(s) if run_piece is not None else nullcontext():
                     # contiguous once here: each projection of a strided piece would copy it (four a segment)
-                    outs.append(step(piece.contiguous(), p))
+                    outs.append(step(piece.contiguous(), p, prefix))
                 p += piece.shape[1]
         return outs
 
+    def _segment_prefix(self, persistent: Tensor | None, h: Tensor) -> PrefixKV | None:
+        """The persistent tokens' keys and values for every segment of h (B, T, dim), projected once (per segment
+        this was a matmul, casts and a gradient add into the persistent tokens on each segment's chain)."""
+        return None if persistent is None else PrefixKV(*self.attn.prefix_kv(persistent, h.shape[0], h.dtype))
+
     weight_grad_stream = None  # where deferred weight gradients are summed (the wavefront sets a CUDA stream)
 
-    def _deferred_weight_grads(self, h: Tensor, lengths: list[int], persistent: Tensor | None):
+    def _deferred_weight_grads(self, h: Tensor, lengths: list[int]):
         """``TITANS_DEFER_WEIGHT_GRADS=1`` (off by default; see :mod:`titans.utils.weight_grads`): the segment
         steps' projections hand their weight gradients to one sum per projection (and piece length) over the
         segments of this call, when autograd records and no checkpointing region would run them twice.
@@ -370,15 +377,15 @@ class TitansBlock(nn.Module):
               and self.checkpointing_now() == "none" and not torch.compiler.is_compiling())
         if not on:
             return None
-        shape = None if persistent is None else tuple(persistent.shape)
-        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n, shape), lengths, self.weight_grad_stream)
+        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n), lengths, self.weight_grad_stream)
 
-    def weight_grad_uses(self, batch: int, length: int, persistent_shape: tuple[int, ...] | None):
+    def weight_grad_uses(self, batch: int, length: int):
         """The projections one MAC segment step calls (:meth:`_mac`; :meth:`mac_chain` then :meth:`mac_readout`),
         each with its uses in call order (:class:`~titans.utils.weight_grads.LinearUse`): the retrieval (the
         query rows of W_QKV, the output gate, the output projection), attention (queries; keys / values of the
-        segment and the retrieved tokens stacked on the batch, then of the persistent tokens; the output), the
-        write (W_QKV whole, the gates) and the read-back (output gate, output projection).  Checked at every use."""
+        segment and the retrieved tokens stacked on the batch - the persistent tokens' are projected before the
+        segments, :meth:`_over_segments`; the output), the write (W_QKV whole, the gates) and the read-back (output
+        gate, output projection).  Checked at every use."""
         mem, attn = self.memory, self.attn
         x = (batch, length, mem.dim)
         inner = (batch, length, mem.heads * mem.head_dim)
@@ -387,10 +394,7 @@ class TitansBlock(nn.Module):
                 (mem.to_out, [LinearUse(inner)] * 2)]
         if mem.gate is not None:
             plan.append((mem.gate, [LinearUse(x)] * 2))
-        kv = [LinearUse((2 * batch, length, attn.dim))]
-        if persistent_shape is not None:
-            kv.append(LinearUse(tuple(persistent_shape)))
-        return plan + [(attn.q_proj, [LinearUse(x)]), (attn.kv_proj, kv),
+        return plan + [(attn.q_proj, [LinearUse(x)]), (attn.kv_proj, [LinearUse((2 * batch, length, attn.dim))]),
                        (attn.o_proj, [LinearUse((batch, length, attn.heads * attn.head_dim))])]
 
     def mix(self, x: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
@@ -411,12 +415,14 @@ class TitansBlock(nn.Module):
         # attention-only block (baselines, and layers without memory)
         return x + ops.attend(self.norm_mix(x), persistent, None)
 
-    def mac_segment(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
+    def mac_segment(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool,
                     recompute_memory: bool) -> Tensor:
         """MAC over one segment (or a piece of one) of normalised inputs h (B, T, dim) at host position ``pos``,
         ``st`` updated in place.  The region :func:`~titans.utils.compiling.compile_blocks` compiles in MAC's
         memory blocks: one segment's graph, reused for every segment (the block's whole forward unrolls its
-        segment loop, a graph and a compile time growing with the sequence: 128 segments at 65536 tokens)."""
+        segment loop, a graph and a compile time growing with the sequence: 128 segments at 65536 tokens).
+        ``persistent``: the persistent tokens, or their keys and values (:class:`PrefixKV`, from
+        :meth:`_over_segments`)."""
         return self._mac(h, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
 
     @property
