@@ -427,8 +427,9 @@ def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_
     monkeypatch.setattr(compiling.torch, "compile", recording_compile)
     calls = []
     monkeypatch.setattr(trainer_mod, "compile_fn", lambda m: calls.append(m) or compiling.compile_fn(m))
+    # one segment and a 1-token piece a row (seq_len 16 + 1, window 16): the whole-model trace unrolls fewer segments
     s = train(tiny_cfg(tmp_path, "training.max_steps=2", "training.eval_every=2", "training.compile=true",
-                       "training.compile_scope=model"))
+                       "training.compile_scope=model", "data.seq_len=16"))
     assert len(calls) == 1 and math.isfinite(s["val_loss"])
     assert seen[0]["backend"] == "inductor" and seen[0]["options"] == {"inplace_buffers": False}
     compiling.compile_fn(torch.nn.Linear(2, 2), backend="aot_eager", fullgraph=True)
@@ -437,7 +438,7 @@ def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_
     monkeypatch.setattr(trainer_mod, "compile_blocks", lambda m: blocks.append(m) or compiling.compile_blocks(m,
                                                                                                        "eager"))
     s = train(tiny_cfg(tmp_path / "blocks", "training.max_steps=2", "training.eval_every=2", "training.compile=true",
-                       "training.compile_scope=blocks"))
+                       "training.compile_scope=blocks", "data.seq_len=16"))
     assert len(blocks) == 1 and len(calls) == 1 and math.isfinite(s["val_loss"])  # regional: no whole-model compile
     # CUDA graphs take regional compilation only (the blocks compile in the eager warm-up before the capture); here
     # on the CPU the blocks scope gets as far as the capture's own device check
