@@ -504,3 +504,19 @@ def test_wavefront_training_follows_the_one_pass_loss_curve(tmp_path):
         tiny_cfg(tmp_path / "bad", "training.wavefront_step=1024")
     with pytest.raises(ConfigError, match="wavefront_step"):
         tiny_cfg(tmp_path / "bad", "training.wavefront=true", "training.wavefront_step=0")
+
+
+def test_inductor_options_from_the_config_reach_the_compile(tmp_path, monkeypatch):
+    """``training.inductor_options`` is checked when the config loads (unknown names and inplace_buffers refused,
+    naming the key) and handed to the compile of the model."""
+    import titans.training.trainer as trainer_mod
+
+    for bad, words in [("{no_such_option: true}", "no_such_option"), ("{inplace_buffers: true}", "stays off")]:
+        with pytest.raises(ConfigError, match="training.inductor_options") as err:
+            tiny_cfg(tmp_path, f"training.inductor_options={bad}")
+        assert words in str(err.value)
+    seen = []
+    monkeypatch.setattr(trainer_mod, "compile_blocks", lambda m, **kw: seen.append(kw) or m)  # (not compiled here)
+    train(tiny_cfg(tmp_path, "training.max_steps=1", "training.eval_every=1", "training.compile=true",
+                   "training.inductor_options={combo_kernels: true}"))
+    assert seen == [{"options": {"combo_kernels": True}}]

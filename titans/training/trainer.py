@@ -333,10 +333,10 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
         # architecture's parameters are the same)
         load_weights(model, resolve_checkpoint(tc.init_from) / "model.safetensors")
     if tc.compile and tc.compile_scope == "blocks":
-        compile_blocks(model)  # in place, before any wrapping (names unchanged for checkpoints and FSDP)
+        compile_blocks(model, **_options(tc))  # in place, before any wrapping (names unchanged for checkpoints, FSDP)
     run_model = wrap_model(model, cfg.training, dist, device)
     if tc.compile and tc.compile_scope == "model":
-        run_model = compile_fn(run_model)
+        run_model = compile_fn(run_model, **_options(tc))
     micro = tc.batch_size // tc.grad_accum
     batcher = make_batcher(cfg, train_ds, tokenizer, dist)
     if tc.wavefront and dist.world_size > 1:
@@ -483,6 +483,11 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
                "tensorboard": str(out_dir / "tensorboard"),
                "train_loss": sum(recent_losses) / len(recent_losses) if recent_losses else None, **last_eval}
     return summary
+
+
+def _options(tc) -> dict:
+    """compile_fn / compile_blocks keyword arguments for ``training.inductor_options`` (none when empty)."""
+    return {"options": dict(tc.inductor_options)} if tc.inductor_options else {}
 
 
 def _bytes_per_token(val_ds, tokenizer, sample_tokens: int = 100_000) -> float:

@@ -12,8 +12,9 @@ costs a few buffers, not kernels.  Not through here: the FlexAttention kernel (`
 a library op whose backward runs only on CUDA, where this option was not tried.
 
 ``TITANS_INDUCTOR_OPTIONS`` (a JSON object, e.g. ``'{"combo_kernels": true}'``) adds inductor options for timing
-experiments on a GPU (issue 7: MAC's batch-1 step is ~140 small kernels a segment); it cannot turn
-``inplace_buffers`` back on.
+experiments on a GPU (issue 7: MAC's batch-1 step is ~140 small kernels a segment); the trainer's
+``training.inductor_options`` does the same from the config and wins over it.  Neither can turn ``inplace_buffers``
+back on.
 """
 
 from __future__ import annotations
@@ -43,14 +44,21 @@ def env_inductor_options() -> dict[str, Any]:
         raise ValueError(f"{OPTIONS_ENV}: not JSON ({err}): {text!r}") from None
     if not isinstance(options, dict):
         raise ValueError(f"{OPTIONS_ENV}: a JSON object of inductor options, got {type(options).__name__}: {text!r}")
+    return check_inductor_options(options, OPTIONS_ENV)
+
+
+def check_inductor_options(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """``options`` if every key is an inductor configuration name and ``inplace_buffers`` is not turned on (wrong
+    gradients, see the module docstring); else ``ValueError`` naming ``where`` (the environment variable or config
+    key they came from) and the bad keys."""
     import torch._inductor.config as inductor_config
 
     known = inductor_config.get_config_copy()
     unknown = sorted(k for k in options if k not in known)
     if unknown:
-        raise ValueError(f"{OPTIONS_ENV}: unknown inductor option(s) {unknown}")
+        raise ValueError(f"{where}: unknown inductor option(s) {unknown}")
     if options.get("inplace_buffers", False):
-        raise ValueError(f"{OPTIONS_ENV}: inplace_buffers stays off (it gives wrong gradients for the memory's "
+        raise ValueError(f"{where}: inplace_buffers stays off (it gives wrong gradients for the memory's "
                          "training graphs; titans/utils/compiling.py)")
     return options
 
@@ -90,4 +98,4 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor", **kwargs) 
     return model
 
 
-__all__ = ["INDUCTOR_OPTIONS", "compile_blocks", "compile_fn", "env_inductor_options"]
+__all__ = ["INDUCTOR_OPTIONS", "check_inductor_options", "compile_blocks", "compile_fn", "env_inductor_options"]

@@ -234,6 +234,11 @@ class TrainingConfig(_Strict):
     # issue-7 MAC, and with cuda_graphs 307K vs 215K tokens/s eager, benchmarks/RESULTS.md section 6, session 15) or
     # the whole model as one graph (for MAC never timed to the end on a GPU)
     compile_scope: Literal["model", "blocks"] = "blocks"
+    inductor_options: dict[str, bool | int | float | str] = Field(
+        default_factory=dict, description="with compile: inductor options for every compile of the model (checked "
+        "against inductor's configuration names; inplace_buffers stays off), e.g. {combo_kernels: true}: MAC on an "
+        "H200, 261.6K vs 249.9K tokens/s at 65536 x 1 and 375.6K vs 362.9K at 4096 x 8 (session 25; its float64 "
+        "compile check on a GPU is pending, so off by default)")
     # float32 matmuls on CUDA (the memory's inner loop and retrieval run in float32 under bf16 autocast) use
     # TF32 tensor cores: 10-bit mantissa products, float32 accumulation
     tf32: bool = True
@@ -258,6 +263,15 @@ class TrainingConfig(_Strict):
         "window, MAC's segment; any size is exact).  Longer steps mean fewer, longer kernels and a coarser overlap: "
         "MAC 65536 x 1 on an H200 (session 21, before the stream priority and feed-forward streams that now add 3%): "
         "209.0K tokens/s with 512-token steps, 218.6K with 1024, 223.1K with 2048")
+
+    @field_validator("inductor_options")
+    @classmethod
+    def _known_inductor_options(cls, value: dict) -> dict:
+        if value:
+            from titans.utils.compiling import check_inductor_options
+
+            check_inductor_options(value, "training.inductor_options")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
