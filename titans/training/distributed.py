@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from titans.utils.config import TrainingConfig
+from titans.utils.weight_grads import deferral_requested
 
 
 @dataclass
@@ -41,7 +42,7 @@ def wrap_model(model: nn.Module, cfg: TrainingConfig, dist: DistInfo, device: to
     if dist.world_size <= 1:
         return model
     if cfg.distributed == "fsdp":
-        if os.environ.get("TITANS_DEFER_WEIGHT_GRADS", "0") == "1":
+        if deferral_requested():
             # FSDP2 reduce-scatters a block's gradients once the gradients of its inputs are done; the deferred
             # sums (titans.utils.weight_grads) are not on that path and could land after it
             raise ValueError("TITANS_DEFER_WEIGHT_GRADS=1 does not work with training.distributed=fsdp (use ddp, "

@@ -36,6 +36,7 @@ from torch.func import functional_call
 
 from titans.core.models.model import TitansLM, lm_loss
 from titans.utils.tensors import side_stream
+from titans.utils.weight_grads import deferral_requested
 
 
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
@@ -88,9 +89,10 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
              and not whole[i] for i, b in enumerate(model.blocks)]
     ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
     # deferred weight gradients (TITANS_DEFER_WEIGHT_GRADS=1): a memory block's sums over its segments run on a
-    # stream of their own, off the block's chain (titans.utils.weight_grads)
+    # stream of their own, off the block's chain (titans.utils.weight_grads); without it no such streams, no joins
     wgrad = {i: side_stream(dev, ("wavefront-weight-grads", i)) for i in range(n)
-             if use_streams and model.blocks[i].memory is not None and model.blocks[i].variant == "mac"}
+             if use_streams and deferral_requested() and model.blocks[i].memory is not None
+             and model.blocks[i].variant == "mac"}
     for st in side + list(ffn.values()) + list(wgrad.values()):  # each starts after what the caller queued
         st.wait_stream(main)
 

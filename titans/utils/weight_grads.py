@@ -25,8 +25,9 @@ checked after each segment, so a wiring change fails loudly instead of mixing up
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,14 @@ class LinearUse:
 
     x_shape: tuple[int, ...]
     rows: slice | None = None
+
+
+DEFER_ENV = "TITANS_DEFER_WEIGHT_GRADS"
+
+
+def deferral_requested() -> bool:
+    """Whether ``TITANS_DEFER_WEIGHT_GRADS=1`` asks for deferred weight gradients (off by default)."""
+    return os.environ.get(DEFER_ENV, "0") == "1"
 
 
 def compute_dtype(weight: Tensor) -> torch.dtype:
@@ -115,8 +124,7 @@ class LinearGradFanout(torch.autograd.Function):
     """forward(weight, bias, uses, pieces, dtype) -> the weight and bias in ``dtype`` (cast once for all the
     segments: each segment's graph cast them again under autocast), then for each of ``pieces`` segments and each
     use the pair (tap_x, tap_dy) of zero-stride placeholders shaped like x and y; backward: the taps' gradients
-    (x_s, dy_s)
-    -> ``dW = sum_{s, use} dy^T x`` placed in the use's rows, ``db = sum dy`` (one matmul per use and
+    (x_s, dy_s) -> ``dW = sum_{s, use} dy^T x`` placed in the use's rows, ``db = sum dy`` (one matmul per use and
     ``WGRAD_TOKENS`` tokens of segments, in the taps' dtype, added in the weight's)."""
 
     @staticmethod
@@ -202,7 +210,7 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
     here = torch.cuda.current_stream() if stream is not None else None
     if stream is not None:
         stream.wait_stream(here)
-    with torch.cuda.stream(stream) if stream is not None else _nothing():
+    with torch.cuda.stream(stream) if stream is not None else nullcontext():
         for n, pieces in groups.items():
             for linear, uses in plan_of(n):
                 wc, bc, *taps = LinearGradFanout.apply(linear.weight, linear.bias, tuple(uses), len(pieces),
@@ -242,9 +250,4 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
         clear()
 
 
-@contextmanager
-def _nothing():
-    yield
-
-
-__all__ = ["LinearGradFanout", "LinearUse", "TappedLinear", "compute_dtype", "segment_taps"]
+__all__ = ["LinearGradFanout", "LinearUse", "TappedLinear", "compute_dtype", "deferral_requested", "segment_taps"]

@@ -55,7 +55,7 @@ from titans.utils.config import (
     naive_cannot_recompute,
 )
 from titans.utils.tensors import capturing_cuda_graph, recompute
-from titans.utils.weight_grads import LinearUse, segment_taps
+from titans.utils.weight_grads import LinearUse, deferral_requested, segment_taps
 
 # ----------------------------------------------------------------------------- state
 
@@ -373,7 +373,7 @@ class TitansBlock(nn.Module):
         steps' projections hand their weight gradients to one sum per projection (and piece length) over the
         segments of this call, when autograd records and no checkpointing region would run them twice.
         Returns None, or a context that yields ``run_piece(s)``, the context segment s runs in."""
-        on = (os.environ.get("TITANS_DEFER_WEIGHT_GRADS", "0") == "1" and torch.is_grad_enabled()
+        on = (deferral_requested() and torch.is_grad_enabled()
               and self.checkpointing_now() == "none" and not torch.compiler.is_compiling())
         if not on:
             return None
