@@ -440,6 +440,21 @@ if [ "$PART" = 33 ]; then
     --profile 30 --out "$RES/h_wf2048_deferred_combo_timeline.json"
   finish
 fi
+if [ "$PART" = 34 ]; then
+  # session 26: PART=32 (one machine) gave MAC 65536 x 1 250.5K by default, 261.3K with the weight gradients deferred,
+  # 270.4K deferred + combo kernels, and 4096 x 8 deferred + combo 364.2K (0.742x); its combo compile check was cut
+  # at 40 s (197 s on the 2-core CPU).  Before either becomes the default: 4096 x 8 by default, deferred, and
+  # deferred + combo on one machine, then combo kernels' float64 compile check on the GPU with room
+  COMBO='{"combo_kernels": true}'
+  step 130 mac-4096x8 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8.json"
+  step 100 mac-4096x8-deferred env TITANS_DEFER_WEIGHT_GRADS=1 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
+    --out "$RES/h_mac_4096x8_deferred.json"
+  step 100 mac-4096x8-deferred-combo env TITANS_DEFER_WEIGHT_GRADS=1 TITANS_INDUCTOR_OPTIONS="$COMBO" $H3 \
+    --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_deferred_combo.json"
+  step 180 compile-check-combo env TITANS_INDUCTOR_OPTIONS="$COMBO" python3 benchmarks/compile_check.py --device cuda \
+    --scope blocks --variants mac --out "$RES/compile_check_cuda_combo.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
