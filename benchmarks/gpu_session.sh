@@ -455,6 +455,18 @@ if [ "$PART" = 34 ]; then
     --scope blocks --variants mac --out "$RES/compile_check_cuda_combo.json"
   finish
 fi
+if [ "$PART" = 35 ]; then
+  # session 26: PART=34 (one machine): MAC 4096 x 8 369.8K by default, 365.7K deferred, 370.6K deferred + combo; the
+  # combo compile check exact on the GPU (2.2e-15).  Now the defaults: combo kernels on, weight gradients deferred in
+  # the wavefront.  Their float64 compile check for MAG / MAL / LMM on the GPU, MAC 65536 x 1 with the defaults (no
+  # switch in the environment but the backward mode), and its timeline (PART=33's, with the defaults)
+  step 200 compile-check-defaults python3 benchmarks/compile_check.py --device cuda --scope blocks \
+    --variants mag mal lmm --out "$RES/compile_check_cuda_defaults.json"
+  step 140 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
+  step 150 mac-65536x1-wf2048-defaults-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
+    --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_defaults_timeline.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -468,6 +468,9 @@ def test_inductor_options_from_the_environment(monkeypatch):
     monkeypatch.setenv("TITANS_INDUCTOR_OPTIONS", '{"combo_kernels": true, "aggressive_fusion": true}')
     opts = _with_options("inductor", {"options": {"aggressive_fusion": False}})["options"]
     assert opts == {"inplace_buffers": False, "combo_kernels": True, "aggressive_fusion": False}  # the caller wins
+    assert INDUCTOR_OPTIONS["combo_kernels"]  # on by default, and the environment turns it off
+    monkeypatch.setenv("TITANS_INDUCTOR_OPTIONS", '{"combo_kernels": false}')
+    assert _with_options("inductor", {})["options"] == {"inplace_buffers": False, "combo_kernels": False}
     assert "options" not in _with_options("eager", {})
     for text, words in [("{combo", "not JSON"), ("[1]", "JSON object"), ('{"no_such_option": 1}', "no_such_option"),
                         ('{"inplace_buffers": true}', "inplace_buffers stays off")]:

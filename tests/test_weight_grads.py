@@ -179,10 +179,64 @@ def test_deferred_weight_grads_on_gpu_with_streams(monkeypatch):
 
 def test_deferral_is_refused_with_fsdp(monkeypatch):
     """FSDP2 reduce-scatters a block's gradients when its input gradients are done, which the deferred sums need not
-    precede: ``training.distributed=fsdp`` with ``TITANS_DEFER_WEIGHT_GRADS=1`` stops before sharding, by name."""
+    precede: ``training.distributed=fsdp`` with ``TITANS_DEFER_WEIGHT_GRADS=1`` stops before sharding, and
+    ``training.defer_weight_grads=true`` with it when the config loads, by name; the default (the wavefront only,
+    which is single-process) passes the check."""
+    from pydantic import ValidationError
+
     from titans.training.distributed import DistInfo, wrap_model
     from titans.utils.config import TrainingConfig
 
     monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "1")
-    with pytest.raises(ValueError, match="TITANS_DEFER_WEIGHT_GRADS=1 does not work with training.distributed=fsdp"):
+    with pytest.raises(ValueError, match="TITANS_DEFER_WEIGHT_GRADS=1\\) do not work with training.distributed=fsdp"):
         wrap_model(_mac(), TrainingConfig(distributed="fsdp"), DistInfo(0, 2, 0), torch.device("cpu"))
+    with pytest.raises(ValidationError, match="defer_weight_grads=true does not work with training.distributed=fsdp"):
+        TrainingConfig(distributed="fsdp", defer_weight_grads=True)
+    monkeypatch.delenv("TITANS_DEFER_WEIGHT_GRADS")
+    assert not _mac().defers_weight_grads(in_wavefront=False)
+
+
+def test_deferral_by_default_in_the_wavefront_only(monkeypatch):
+    """Deferral's default is the wavefront (batch-1 rows, where the segment chain is the critical path): the sums
+    run there and not in the one-pass forward; ``set_weight_grad_deferral(True / False)`` (``training.
+    defer_weight_grads``) turns it on / off everywhere, ``TITANS_DEFER_WEIGHT_GRADS`` overrides both, a bad value of
+    it is refused by name.  Only MAC's memory blocks defer."""
+    from titans.training.wavefront import wavefront_loss
+
+    calls = []
+    real = LinearGradFanout.backward
+
+    def counting(ctx, *grads):
+        calls.append(len(grads))
+        return real(ctx, *grads)
+
+    monkeypatch.setattr(LinearGradFanout, "backward", staticmethod(counting))
+    monkeypatch.delenv("TITANS_DEFER_WEIGHT_GRADS", raising=False)
+    model = _mac()
+    ids = torch.randint(0, 37, (1, 8), generator=torch.Generator().manual_seed(4))
+
+    def fanouts(loss_fn) -> int:
+        calls.clear()
+        loss_fn(model).backward()
+        return len(calls)
+
+    one_pass, wavefront = _one_pass(ids), (lambda m: wavefront_loss(m, ids))
+    assert fanouts(one_pass) == 0 and fanouts(wavefront) > 0
+    assert not any(b.in_wavefront for b in model.blocks)  # reset after the call
+    model.set_weight_grad_deferral(True)
+    assert fanouts(one_pass) > 0
+    model.set_weight_grad_deferral(False)
+    assert fanouts(wavefront) == 0
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "1")
+    assert fanouts(one_pass) > 0
+    model.set_weight_grad_deferral(None)
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "0")
+    assert fanouts(wavefront) == 0
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "yes")
+    with pytest.raises(ValueError, match="TITANS_DEFER_WEIGHT_GRADS='yes'"):
+        model.defers_weight_grads()
+    with pytest.raises(ValueError, match="defer_weight_grads='auto'"):
+        model.set_weight_grad_deferral("auto")
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "1")
+    mag = build_model(dict(variant="mag", vocab_size=37, dim=16, depth=1, heads=2, window=4, memory_layers=[0]))
+    assert not mag.defers_weight_grads(in_wavefront=True)

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from titans.utils.config import TrainingConfig
-from titans.utils.weight_grads import deferral_requested
 
 
 @dataclass
@@ -42,11 +41,13 @@ def wrap_model(model: nn.Module, cfg: TrainingConfig, dist: DistInfo, device: to
     if dist.world_size <= 1:
         return model
     if cfg.distributed == "fsdp":
-        if deferral_requested():
+        defers = getattr(model, "defers_weight_grads", None)
+        if defers is not None and defers(in_wavefront=False):  # (the wavefront is single-process)
             # FSDP2 reduce-scatters a block's gradients once the gradients of its inputs are done; the deferred
             # sums (titans.utils.weight_grads) are not on that path and could land after it
-            raise ValueError("TITANS_DEFER_WEIGHT_GRADS=1 does not work with training.distributed=fsdp (use ddp, "
-                             "or unset it)")
+            raise ValueError("deferred weight gradients (training.defer_weight_grads=true or "
+                             "TITANS_DEFER_WEIGHT_GRADS=1) do not work with training.distributed=fsdp (use ddp, or "
+                             "leave them to the wavefront)")
         from torch.distributed.fsdp import fully_shard
 
         for block in getattr(model, "blocks", []):

@@ -320,6 +320,7 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
         torch.backends.cuda.matmul.allow_tf32 = tc.tf32
         torch.backends.cudnn.allow_tf32 = tc.tf32
     model = build_model(cfg.model).set_activation_checkpointing(tc.activation_checkpointing)
+    model.set_weight_grad_deferral(tc.defer_weight_grads)
     model = model.to(device=device, dtype=param_dtype)
     optimizer = build_optimizer(model, tc, device)
     scheduler = build_scheduler(optimizer, tc)

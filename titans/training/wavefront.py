@@ -18,9 +18,9 @@ their feed-forwards on streams of their own: 0.625-0.626x MAC's 4096 x 8 rate (3
 memory walks over two programs a head (session 24) 251-255K, 0.686x.  What bounds it: each memory block's backward
 chain (128 segments, ~146 kernels and ~1.45 ms a segment in session 21) runs back to back for most of the step,
 about half of it in the memory kernels.  ``readout_streams`` takes the memory read-out's
-share of that backward off the chain, and was 14.6% slower for it (193.0K vs 226.0K tokens/s, session 23).  With
-``TITANS_DEFER_WEIGHT_GRADS=1`` a memory block's projections sum their weight gradients over each step's segments on a
-stream of their own (:mod:`titans.utils.weight_grads`; session 25, not yet timed).  The
+share of that backward off the chain, and was 14.6% slower for it (193.0K vs 226.0K tokens/s, session 23).  Here a
+memory block's projections sum their weight gradients over each step's segments on a stream of their own by default
+(:mod:`titans.utils.weight_grads`; session 26: 261.3K vs 250.5K tokens/s, 270.4K with inductor's combo kernels).  The
 trainer's ``training.wavefront`` / ``training.wavefront_step`` and ``benchmarks/harness.py --wavefront`` use it.
 """
 
@@ -36,7 +36,6 @@ from torch.func import functional_call
 
 from titans.core.models.model import TitansLM, lm_loss
 from titans.utils.tensors import side_stream
-from titans.utils.weight_grads import deferral_requested
 
 
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
@@ -88,11 +87,10 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     split = [use_streams and (ffn_streams or readout[i]) and b.memory is not None and b.checkpointing_now() != "full"
              and not whole[i] for i, b in enumerate(model.blocks)]
     ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
-    # deferred weight gradients (TITANS_DEFER_WEIGHT_GRADS=1): a memory block's sums over its segments run on a
-    # stream of their own, off the block's chain (titans.utils.weight_grads); without it no such streams, no joins
+    # deferred weight gradients (on by default here, TitansBlock.defers_weight_grads): a memory block's sums over its
+    # segments run on a stream of their own, off the block's chain (titans.utils.weight_grads); without, no joins
     wgrad = {i: side_stream(dev, ("wavefront-weight-grads", i)) for i in range(n)
-             if use_streams and deferral_requested() and model.blocks[i].memory is not None
-             and model.blocks[i].variant == "mac"}
+             if use_streams and model.blocks[i].defers_weight_grads(in_wavefront=True)}
     for st in side + list(ffn.values()) + list(wgrad.values()):  # each starts after what the caller queued
         st.wait_stream(main)
 
@@ -136,6 +134,8 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
 
     for i, stream in wgrad.items():
         model.blocks[i].weight_grad_stream = stream
+    for block in model.blocks:
+        block.in_wavefront = True
     try:
         outs = []
         for start in range(0, T, seg):
@@ -169,6 +169,8 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     finally:
         for i in wgrad:
             model.blocks[i].weight_grad_stream = None
+        for block in model.blocks:
+            block.in_wavefront = False
     for st in side + list(ffn.values()) + list(wgrad.values()):  # the caller's stream goes on after everything
         main.wait_stream(st)  # (a capture joins here)
     return torch.cat(outs, dim=1)

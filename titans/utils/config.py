@@ -251,6 +251,12 @@ class TrainingConfig(_Strict):
         "with its read-back and MAC / MAG's gate), the part whose saved tensors make Titans' memory use; 'full' "
         "recomputes whole blocks (any variant); 'none' keeps everything.  Training steps only (the results are "
         "the same; a step costs the recomputation)")
+    defer_weight_grads: bool | None = Field(
+        None, description="MAC's memory blocks sum their projections' weight gradients over a call's segments "
+        "instead of per segment (titans.utils.weight_grads; the same gradients up to summation order): true / false "
+        "always / never; null (default) inside training.wavefront only, where the segment chain is the step's "
+        "critical path (MAC 65536 x 1 on an H200: 261.3K vs 250.5K tokens/s; one pass at 4096 x 8: 365.7K vs 369.8K, "
+        "session 26).  Not with distributed=fsdp.  TITANS_DEFER_WEIGHT_GRADS=1 / 0 overrides it")
     distributed: Literal["ddp", "fsdp"] = "ddp"
     wavefront: bool = Field(
         False, description="the training forward segment-major with one CUDA stream per block "
@@ -281,6 +287,9 @@ class TrainingConfig(_Strict):
         if self.wavefront and self.compile and self.compile_scope == "model":
             raise ValueError("training.wavefront calls the blocks one segment at a time: with training.compile it "
                              "needs training.compile_scope=blocks")
+        if self.defer_weight_grads and self.distributed == "fsdp":
+            raise ValueError("training.defer_weight_grads=true does not work with training.distributed=fsdp (FSDP2 "
+                             "reduce-scatters a block's gradients before the deferred sums are done)")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"training.grad_accum={self.grad_accum} must divide "
                              f"training.batch_size={self.batch_size}")

@@ -18,6 +18,12 @@ x, nothing for W and b, and x and dy themselves as the taps' gradients.  The fan
 gradient and returns the sums for W and b.  The arithmetic is the chain rule regrouped: tested equal to the per-
 segment gradients in float64 (``tests/test_weight_grads.py``).
 
+When: by default inside the wavefront (:mod:`titans.training.wavefront`: batch-1 rows, where the segment chain is
+the step's critical path; MAC 65536 x 1 on an H200, 261.3K vs 250.5K tokens/s, session 26) and not in the one-pass
+forward (MAC 4096 x 8: 365.7K vs 369.8K, the same machine: there the sums only cost memory);
+``training.defer_weight_grads`` (:meth:`titans.core.models.model.TitansLM.set_weight_grad_deferral`) chooses
+otherwise, and ``TITANS_DEFER_WEIGHT_GRADS=1`` / ``0`` overrides both.
+
 Which projections a segment uses, with which input shapes and in which order, is declared by the block
 (:meth:`titans.core.models.model.TitansBlock.weight_grad_uses`); every use checks the declaration and the count is
 checked after each segment, so a wiring change fails loudly instead of mixing up gradients.
@@ -48,9 +54,14 @@ class LinearUse:
 DEFER_ENV = "TITANS_DEFER_WEIGHT_GRADS"
 
 
-def deferral_requested() -> bool:
-    """Whether ``TITANS_DEFER_WEIGHT_GRADS=1`` asks for deferred weight gradients (off by default)."""
-    return os.environ.get(DEFER_ENV, "0") == "1"
+def deferral_wanted(configured: bool) -> bool:
+    """Whether to defer weight gradients: ``TITANS_DEFER_WEIGHT_GRADS`` (``1`` / ``0``, for timing experiments) wins
+    over the ``configured`` choice; unset or empty, the configured choice stands.  Any other value raises
+    ``ValueError`` naming the variable."""
+    text = os.environ.get(DEFER_ENV, "").strip()
+    if text not in ("", "0", "1"):
+        raise ValueError(f"{DEFER_ENV}={text!r}: expected 1 (defer weight gradients), 0 (do not) or unset")
+    return configured if not text else text == "1"
 
 
 def compute_dtype(weight: Tensor) -> torch.dtype:
@@ -250,4 +261,4 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
         clear()
 
 
-__all__ = ["LinearGradFanout", "LinearUse", "TappedLinear", "compute_dtype", "deferral_requested", "segment_taps"]
+__all__ = ["LinearGradFanout", "LinearUse", "TappedLinear", "compute_dtype", "deferral_wanted", "segment_taps"]

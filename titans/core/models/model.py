@@ -55,7 +55,7 @@ from titans.utils.config import (
     naive_cannot_recompute,
 )
 from titans.utils.tensors import capturing_cuda_graph, recompute
-from titans.utils.weight_grads import LinearUse, deferral_requested, segment_taps
+from titans.utils.weight_grads import LinearUse, deferral_wanted, segment_taps
 
 # ----------------------------------------------------------------------------- state
 
@@ -227,6 +227,8 @@ class TitansBlock(nn.Module):
         self.norm_attn = RMSNorm(cfg.dim, cfg.norm_eps) if self.has_memory and self.variant == "mal" else None
         self.mask = self._mask_spec(cfg)
         self.activation_checkpointing = "none"  # set for the whole model by TitansLM.set_activation_checkpointing
+        self.defer_weight_grads: bool | None = None  # set by TitansLM.set_weight_grad_deferral; None: in the wavefront
+        self.in_wavefront = False  # True while titans.training.wavefront calls this block
 
     def _mask_spec(self, cfg: ModelConfig) -> MaskSpec | None:
         if not self.uses_attention:
@@ -368,12 +370,22 @@ class TitansBlock(nn.Module):
 
     weight_grad_stream = None  # where deferred weight gradients are summed (the wavefront sets a CUDA stream)
 
+    def defers_weight_grads(self, in_wavefront: bool) -> bool:
+        """Whether this block's training segments defer their projections' weight gradients
+        (:mod:`titans.utils.weight_grads`; MAC memory blocks only): as configured (:attr:`defer_weight_grads`;
+        ``None``: inside the wavefront, where the segment chain is the step's critical path), unless
+        ``TITANS_DEFER_WEIGHT_GRADS`` says otherwise."""
+        if self.variant != "mac" or self.memory is None:
+            return False
+        configured = in_wavefront if self.defer_weight_grads is None else self.defer_weight_grads
+        return deferral_wanted(configured)
+
     def _deferred_weight_grads(self, h: Tensor, lengths: list[int]):
-        """``TITANS_DEFER_WEIGHT_GRADS=1`` (off by default; see :mod:`titans.utils.weight_grads`): the segment
-        steps' projections hand their weight gradients to one sum per projection (and piece length) over the
-        segments of this call, when autograd records and no checkpointing region would run them twice.
+        """Deferred weight gradients (:meth:`defers_weight_grads`): the segment steps' projections hand their weight
+        gradients to one sum per projection (and piece length) over the segments of this call, when autograd
+        records and no checkpointing region would run them twice.
         Returns None, or a context that yields ``run_piece(s)``, the context segment s runs in."""
-        on = (deferral_requested() and torch.is_grad_enabled()
+        on = (self.defers_weight_grads(self.in_wavefront) and torch.is_grad_enabled()
               and self.checkpointing_now() == "none" and not torch.compiler.is_compiling())
         if not on:
             return None
@@ -591,6 +603,21 @@ class TitansLM(nn.Module):
     @property
     def activation_checkpointing(self) -> str:
         return self.blocks[0].activation_checkpointing
+
+    def set_weight_grad_deferral(self, defer: bool | None) -> TitansLM:
+        """Whether MAC's memory blocks sum their projections' weight gradients over a call's segments instead of per
+        segment (``training.defer_weight_grads``, :mod:`titans.utils.weight_grads`): ``True`` / ``False`` always /
+        never, ``None`` (the default) inside the wavefront only.  The gradients are the same up to summation
+        order; ``TITANS_DEFER_WEIGHT_GRADS=1`` / ``0`` overrides.  Returns the model."""
+        if defer not in (None, True, False):
+            raise ValueError(f"defer_weight_grads={defer!r}: expected true, false or null (in the wavefront only)")
+        for block in self.blocks:
+            block.defer_weight_grads = defer
+        return self
+
+    def defers_weight_grads(self, in_wavefront: bool = False) -> bool:
+        """Whether any block defers its weight gradients in a training step (in the wavefront or not)."""
+        return any(b.defers_weight_grads(in_wavefront) for b in self.blocks)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         device = device or self.embed.weight.device
