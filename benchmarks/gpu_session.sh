@@ -467,6 +467,16 @@ if [ "$PART" = 35 ]; then
     --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_defaults_timeline.json"
   finish
 fi
+if [ "$PART" = 36 ]; then
+  # session 26 (for the next session's first call): PART=35's compile check with the defaults (combo kernels on)
+  # finished MAG only (exact, 1.1e-15; 110 s a variant on a fresh machine) before its 200 s: MAL and LMM; then the
+  # flat-scaling pair with the defaults on one machine (PART=35: 65536 x 1 279.5K, its 4096 x 8 not timed there)
+  step 260 compile-check-defaults-mal-lmm python3 benchmarks/compile_check.py --device cuda --scope blocks \
+    --variants mal lmm --out "$RES/compile_check_cuda_defaults_mal_lmm.json"
+  step 140 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
+  step 130 mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

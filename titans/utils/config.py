@@ -236,9 +236,9 @@ class TrainingConfig(_Strict):
     compile_scope: Literal["model", "blocks"] = "blocks"
     inductor_options: dict[str, bool | int | float | str] = Field(
         default_factory=dict, description="with compile: inductor options for every compile of the model (checked "
-        "against inductor's configuration names; inplace_buffers stays off), e.g. {combo_kernels: true}: MAC on an "
-        "H200, 261.6K vs 249.9K tokens/s at 65536 x 1 and 375.6K vs 362.9K at 4096 x 8 (session 25; its float64 "
-        "compile check on a GPU is pending, so off by default)")
+        "against inductor's configuration names; inplace_buffers stays off) over the project's defaults "
+        "(titans.utils.compiling.INDUCTOR_OPTIONS: combo_kernels on, MAC on an H200 270.4K vs 261.3K tokens/s at "
+        "65536 x 1, session 26), e.g. {combo_kernels: false}")
     # float32 matmuls on CUDA (the memory's inner loop and retrieval run in float32 under bf16 autocast) use
     # TF32 tensor cores: 10-bit mantissa products, float32 accumulation
     tf32: bool = True
