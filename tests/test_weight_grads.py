@@ -38,7 +38,8 @@ def _one_pass(ids):
     return lambda m: m(ids, labels=ids, use_cache=False).loss
 
 
-def _assert_same(model, loss_fn, monkeypatch, fanouts_expected: int):
+def _count_fanouts(monkeypatch) -> list:
+    """A list that gets one entry each time a :class:`LinearGradFanout` node's backward runs (a sum was made)."""
     calls = []
     real = LinearGradFanout.backward
 
@@ -47,6 +48,11 @@ def _assert_same(model, loss_fn, monkeypatch, fanouts_expected: int):
         return real(ctx, *grads)
 
     monkeypatch.setattr(LinearGradFanout, "backward", staticmethod(counting))
+    return calls
+
+
+def _assert_same(model, loss_fn, monkeypatch, fanouts_expected: int):
+    calls = _count_fanouts(monkeypatch)
     loss0, g0 = _grads(model, loss_fn, monkeypatch, defer=False)
     assert not calls
     loss1, g1 = _grads(model, loss_fn, monkeypatch, defer=True)
@@ -203,14 +209,7 @@ def test_deferral_by_default_in_the_wavefront_only(monkeypatch):
     it is refused by name.  Only MAC's memory blocks defer."""
     from titans.training.wavefront import wavefront_loss
 
-    calls = []
-    real = LinearGradFanout.backward
-
-    def counting(ctx, *grads):
-        calls.append(len(grads))
-        return real(ctx, *grads)
-
-    monkeypatch.setattr(LinearGradFanout, "backward", staticmethod(counting))
+    calls = _count_fanouts(monkeypatch)
     monkeypatch.delenv("TITANS_DEFER_WEIGHT_GRADS", raising=False)
     model = _mac()
     ids = torch.randint(0, 37, (1, 8), generator=torch.Generator().manual_seed(4))
