@@ -34,9 +34,10 @@ import torch
 
 from titans.core.models import build_model
 from titans.training.wavefront import wavefront_loss
-from titans.utils.compiling import compile_blocks, compile_fn
+from titans.utils.compiling import compile_blocks, compile_fn, inductor_options
 from titans.utils.config import ACTIVATION_CHECKPOINTING, TrainingConfig
 from titans.utils.io import atomic_write_text
+from titans.utils.weight_grads import deferral_wanted
 
 
 @dataclass
@@ -445,6 +446,11 @@ def main(argv=None) -> dict:
         "torch": torch.__version__, "args": vars(args),
         # the A/B switches (TITANS_TRITON_*, TITANS_WAVEFRONT_*, ...) a row ran under: read from the environment
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TITANS_")},
+        # what the defaults were when this ran (they change between sessions: combo kernels and the deferral in
+        # the wavefront became defaults in session 26): inductor's options for --compile, and whether MAC's memory
+        # blocks defer their weight gradients in one pass / in the wavefront (the environment included)
+        "defaults": {"inductor_options": inductor_options(),
+                     "defer_weight_grads": {"one_pass": deferral_wanted(False), "wavefront": deferral_wanted(True)}},
         "train": [asdict(r) for r in rows], "decode": decode,
     }
     if device.type == "cuda":

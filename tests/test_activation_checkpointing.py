@@ -225,11 +225,16 @@ def _load_harness(monkeypatch):
 
 def test_harness_measures_with_the_option(tmp_path, monkeypatch):
     harness = _load_harness(monkeypatch)
+    for name in ("TITANS_DEFER_WEIGHT_GRADS", "TITANS_INDUCTOR_OPTIONS"):
+        monkeypatch.delenv(name, raising=False)
     res = harness.main(["--models", "mac", "--shapes", "32x1", "--dim", "16", "--depth", "1", "--heads", "2",
                         "--window", "16", "--memory-chunk", "8", "--warmup", "0", "--iters", "1",
                         "--activation-checkpointing", "memory", "--device", "cpu", "--out", str(tmp_path / "h.json")])
     assert res["args"]["activation_checkpointing"] == "memory"
     assert res["train"][0]["error"] is None and res["train"][0]["train_tokens_per_s"] > 0
+    # the defaults a row ran under are recorded (they change between sessions)
+    assert res["defaults"]["inductor_options"]["inplace_buffers"] is False
+    assert res["defaults"]["defer_weight_grads"] == {"one_pass": False, "wavefront": True}
     # random tokens of a 256-symbol vocabulary: the loss is near log(256) = 5.55
     assert 4.0 < res["train"][0]["train_loss_last"] < 7.0
 

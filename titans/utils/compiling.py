@@ -67,11 +67,17 @@ def check_inductor_options(options: dict[str, Any], where: str) -> dict[str, Any
     return options
 
 
+def inductor_options(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The inductor options a compile of the project gets: :data:`INDUCTOR_OPTIONS`, then
+    :func:`env_inductor_options`, then ``extra`` (the caller's; later ones win)."""
+    return {**INDUCTOR_OPTIONS, **env_inductor_options(), **(extra or {})}
+
+
 def _with_options(backend: str, kwargs: dict) -> dict:
-    """``kwargs`` with :data:`INDUCTOR_OPTIONS` and :func:`env_inductor_options` under ``options`` for the inductor
-    backend (other backends take no inductor options); options the caller brings win."""
+    """``kwargs`` with :func:`inductor_options` under ``options`` for the inductor backend (other backends take no
+    inductor options); options the caller brings win."""
     if backend == "inductor":
-        kwargs = {**kwargs, "options": {**INDUCTOR_OPTIONS, **env_inductor_options(), **kwargs.get("options", {})}}
+        kwargs = {**kwargs, "options": inductor_options(kwargs.get("options"))}
     return kwargs
 
 
