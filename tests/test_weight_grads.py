@@ -1,7 +1,8 @@
-"""Deferred weight gradients (``TITANS_DEFER_WEIGHT_GRADS=1``, ``titans.utils.weight_grads``): MAC's memory blocks
-hand each projection's (x, dy) per segment to one sum per projection; loss and every gradient equal the per-segment
-gradients in float64 - eager, compiled per segment (dynamo + AOTAutograd), the wavefront, with the variants' options
-- and a wiring that does not match the declared uses fails by name."""
+"""Deferred weight gradients (``titans.utils.weight_grads``; by default in the wavefront,
+``training.defer_weight_grads``, forced here with ``TITANS_DEFER_WEIGHT_GRADS``): MAC's memory blocks hand each
+projection's (x, dy) per segment to one sum per projection; loss and every gradient equal the per-segment gradients
+in float64 - eager, compiled per segment (dynamo + AOTAutograd), the wavefront, with the variants' options - and a
+wiring that does not match the declared uses fails by name."""
 
 from __future__ import annotations
 
