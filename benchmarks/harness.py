@@ -222,37 +222,54 @@ def profile_step(step, device: torch.device, top: int) -> tuple[list[dict], dict
                 "share": getattr(e, attr) / total} for e in events[:top]]
     if device.type != "cuda":
         return kernels, None
-    spans = [(e.time_range.start, e.time_range.end, e.device_resource_id) for e in prof.events()
+    spans = [(e.time_range.start, e.time_range.end, e.device_resource_id, e.name) for e in prof.events()
              if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
     return kernels, kernel_overlap(spans)
 
 
-def kernel_overlap(spans: list[tuple[float, float, int]]) -> dict:
-    """How much the GPU's kernels ran side by side: ``spans`` are (start, end, stream) in microseconds.
+# the busiest streams whose kernels are listed by name (``top_kernels``): the chains of a wavefront step
+STREAM_DETAIL, STREAM_TOP = 8, 15
+
+
+def kernel_overlap(spans: list[tuple]) -> dict:
+    """How much the GPU's kernels ran side by side: ``spans`` are (start, end, stream) in microseconds, or
+    (start, end, stream, kernel name).
 
     Returns kernel_ms (summed kernel time), busy_ms (time with at least one kernel running: the union of the
     spans), span_ms (first start to last end), concurrency = kernel_ms / busy_ms (1.0: one kernel at a time),
     idle_share = 1 - busy_ms / span_ms (the device waiting on the host or on nothing), the number of streams, and
     ``per_stream``: for each stream (busiest first) its kernels, kernel_ms and span_ms (its first kernel's start to
     its last kernel's end); a stream whose kernel_ms is close to the step's span_ms is the critical path (its
-    kernels run back to back), one far below it spends its span waiting on other streams."""
+    kernels run back to back), one far below it spends its span waiting on other streams.  With names, the
+    ``STREAM_DETAIL`` busiest streams also list ``top_kernels`` (name, calls, ms; the ``STREAM_TOP`` longest in
+    total): what a chain is made of."""
     if not spans:
         return {"kernel_ms": 0.0, "busy_ms": 0.0, "span_ms": 0.0, "concurrency": None, "idle_share": None,
                 "streams": 0, "kernels": 0, "per_stream": []}
     busy, end = 0.0, float("-inf")
-    for a, b, _ in sorted(spans):
+    for a, b, *_ in sorted(spans, key=lambda sp: sp[:2]):
         if b <= end:
             continue
         busy += b - max(a, end)
         end = b
-    kernel = sum(b - a for a, b, _ in spans)
-    span = max(b for _, b, _ in spans) - min(a for a, _, _ in spans)
-    by_stream: dict[int, list[tuple[float, float]]] = {}
-    for a, b, st in spans:
-        by_stream.setdefault(st, []).append((a, b))
-    per_stream = sorted(({"stream": st, "kernels": len(v), "kernel_ms": sum(b - a for a, b in v) / 1e3,
-                          "span_ms": (max(b for _, b in v) - min(a for a, _ in v)) / 1e3}
+    kernel = sum(sp[1] - sp[0] for sp in spans)
+    span = max(sp[1] for sp in spans) - min(sp[0] for sp in spans)
+    by_stream: dict[int, list[tuple]] = {}
+    for sp in spans:
+        by_stream.setdefault(sp[2], []).append(sp)
+    per_stream = sorted(({"stream": st, "kernels": len(v), "kernel_ms": sum(sp[1] - sp[0] for sp in v) / 1e3,
+                          "span_ms": (max(sp[1] for sp in v) - min(sp[0] for sp in v)) / 1e3}
                          for st, v in by_stream.items()), key=lambda r: -r["kernel_ms"])
+    for row in per_stream[:STREAM_DETAIL]:
+        named = [sp for sp in by_stream[row["stream"]] if len(sp) > 3]
+        if named:
+            totals: dict[str, list[float]] = {}
+            for a, b, _, name in named:
+                entry = totals.setdefault(name[:120], [0, 0.0])
+                entry[0] += 1
+                entry[1] += (b - a) / 1e3
+            row["top_kernels"] = [{"name": n, "calls": c, "ms": ms} for n, (c, ms) in
+                                  sorted(totals.items(), key=lambda kv: -kv[1][1])[:STREAM_TOP]]
     return {"kernel_ms": kernel / 1e3, "busy_ms": busy / 1e3, "span_ms": span / 1e3,
             "concurrency": kernel / busy if busy else None, "idle_share": 1 - busy / span if span else None,
             "streams": len(by_stream), "kernels": len(spans), "per_stream": per_stream}

@@ -146,6 +146,11 @@ def test_kernel_overlap_measures_the_union_of_kernel_spans():
     assert [(r["stream"], r["kernels"]) for r in t["per_stream"]] == [(7, 3), (8, 1)]  # busiest first
     assert t["per_stream"][0]["kernel_ms"] == 30 / 1e3 and t["per_stream"][0]["span_ms"] == 50 / 1e3
     assert t["per_stream"][1]["kernel_ms"] == 20 / 1e3 and t["per_stream"][1]["span_ms"] == 20 / 1e3
+    assert "top_kernels" not in t["per_stream"][0]  # no names given
+    named = harness.kernel_overlap([(0, 10, 7, "mm"), (20, 22, 7, "add"), (30, 32, 7, "add"), (5, 25, 8, "walk")])
+    assert named["per_stream"][0]["top_kernels"] == [{"name": "walk", "calls": 1, "ms": 20 / 1e3}]
+    assert named["per_stream"][1]["top_kernels"] == [{"name": "mm", "calls": 1, "ms": 10 / 1e3},
+                                                     {"name": "add", "calls": 2, "ms": 4 / 1e3}]
     nested = harness.kernel_overlap([(0, 100, 1), (10, 20, 2), (30, 40, 3)])  # kernels inside a longer one
     assert nested["busy_ms"] == 0.1 and abs(nested["concurrency"] - 1.2) < 1e-12
     assert harness.kernel_overlap([])["concurrency"] is None

@@ -103,6 +103,52 @@ def test_deferred_weight_grads_in_the_wavefront_and_compiled_segments(monkeypatc
     assert 1 <= len(entries) <= 2
 
 
+def _grad_edges(loss: torch.Tensor, params: dict) -> dict[str, int]:
+    """How many autograd edges lead into each parameter's ``AccumulateGrad`` node (``params``: name -> parameter):
+    each is one gradient the engine adds into ``.grad`` (or into the node's input) where it arrives."""
+    by_id = {id(p): n for n, p in params.items()}
+    counts = dict.fromkeys(params, 0)
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            if type(nxt).__name__ == "AccumulateGrad" and id(nxt.variable) in by_id:
+                counts[by_id[id(nxt.variable)]] += 1
+            todo.append(nxt)
+    return counts
+
+
+@pytest.mark.parametrize("conv", [True, False], ids=["conv", "no_conv"])
+def test_elementwise_parameters_reach_grad_once_per_call(monkeypatch, conv):
+    """The elementwise parameters a MAC segment reads (the memory's convolution and output norm, the gate's norms:
+    ``TitansBlock.segment_params``) through ``segment_param``: deferred, each segment reads its own stand-in and the
+    parameter's ``AccumulateGrad`` has one incoming gradient per block call (the stand-ins' sum) instead of one or
+    more per segment; the gradients equal the per-segment ones (``_assert_same`` above covers every parameter) and
+    the stand-ins are cleared after the call."""
+    model = _mac() if conv else _mac(memory_conv_kernel=0)
+    block = model.blocks[0]
+    wanted = {"memory.out_norm_weight", "memory.conv.weight", "memory.conv.bias", "gate.norm_y.weight",
+              "gate.norm_m.weight"}
+    names = {n: p for n, p in block.named_parameters() if n in wanted}
+    assert len(names) == (5 if conv else 3)
+    assert len(block.segment_params()) == len(names)
+    ids = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(3))  # 3 segments
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "0")
+    per_segment = _grad_edges(model(ids, labels=ids, use_cache=False).loss, names)
+    assert all(n >= 3 for n in per_segment.values()), per_segment  # at least one a segment
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "1")
+    loss = model(ids, labels=ids, use_cache=False).loss
+    assert _grad_edges(loss, names) == dict.fromkeys(names, 1)
+    assert block.memory.__dict__.get("segment_params") is None and block.gate.__dict__.get("segment_params") is None
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in names.values())
+
+
 def test_taps_check_the_declared_uses():
     """A call beyond the declared uses, a shape or rows other than declared, or fewer calls than declared raise
     naming the projection; the taps are cleared either way."""

@@ -35,6 +35,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 import torch.nn.functional as F
@@ -207,13 +208,40 @@ def _add_rows(total: Tensor | None, part: Tensor, rows: slice | None, shape) -> 
     return total
 
 
+def segment_param(module: nn.Module, name: str) -> Tensor:
+    """``module``'s parameter ``name`` (dotted, e.g. ``"conv.weight"``), or the stand-in :func:`segment_taps` gave
+    it for the segment running now: a view of the same values whose gradient goes to one sum over the segments
+    instead of an add into ``.grad`` per segment.  Modules read the elementwise parameters a MAC segment uses through
+    this (norm weights, the memory's convolution)."""
+    stand_ins = module.__dict__.get("segment_params")
+    if stand_ins is not None:
+        return stand_ins[name]
+    return reduce(getattr, name.split("."), module)
+
+
+def _param_stand_ins(params: Sequence[tuple[nn.Module, str]], pieces: int) -> list[dict[nn.Module, dict[str, Tensor]]]:
+    """For each of ``pieces`` segments, each module's stand-ins ``{name: view}`` of ``params`` ((module, dotted
+    name) pairs).  The views are ``p.expand(pieces, ...).unbind(0)``: nothing is allocated, and autograd gathers
+    their gradients in one node (unbind's backward, a stack; expand's, a sum) that adds to ``.grad`` once, after
+    the last segment's gradient arrived - the per-segment adds leave the segments' chain."""
+    out: list[dict[nn.Module, dict[str, Tensor]]] = [{} for _ in range(pieces)]
+    for module, name in params:
+        p = reduce(getattr, name.split("."), module)
+        for s, view in enumerate(p.expand(pieces, *p.shape).unbind(0)):
+            out[s].setdefault(module, {})[name] = view
+    return out
+
+
 @contextmanager
 def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[LinearUse]]]],
-                 lengths: Sequence[int], stream: torch.cuda.Stream | None = None) -> Iterator:
+                 lengths: Sequence[int], stream: torch.cuda.Stream | None = None,
+                 params: Sequence[tuple[nn.Module, str]] = ()) -> Iterator:
     """Deferred weight gradients over segment steps of ``lengths`` tokens each: yields ``piece(s)``, a context
     manager to run segment s in.  ``plan_of(length)``: each tapped projection with its declared uses in a segment
-    of that length; one :class:`LinearGradFanout` per projection and distinct length.  ``stream``: where the fanouts
-    run (their backward, the sums, runs there too; CUDA only).  Only while autograd records."""
+    of that length; one :class:`LinearGradFanout` per projection and distinct length.  ``params``: elementwise
+    parameters ((module, dotted name) pairs) the segments read through :func:`segment_param`, each segment its own
+    stand-in (:func:`_param_stand_ins`).  ``stream``: where the fanouts and the stand-ins' gradient sums run (their
+    backward runs there too; CUDA only).  Only while autograd records."""
     groups: dict[int, list[int]] = {}
     for s, n in enumerate(lengths):
         groups.setdefault(n, []).append(s)
@@ -222,6 +250,7 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
     if stream is not None:
         stream.wait_stream(here)
     with torch.cuda.stream(stream) if stream is not None else nullcontext():
+        stand_ins = _param_stand_ins(params, len(lengths))
         for n, pieces in groups.items():
             for linear, uses in plan_of(n):
                 wc, bc, *taps = LinearGradFanout.apply(linear.weight, linear.bias, tuple(uses), len(pieces),
@@ -237,15 +266,20 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
     if stream is not None:
         here.wait_stream(stream)
     linears = {id(lin): lin for entries in per_piece for lin, _ in entries}.values()
+    modules = list(stand_ins[0]) if stand_ins else []
 
     def clear():
         for linear in linears:
             linear.taps, linear.uses = None, 0
+        for module in modules:
+            module.segment_params = None
 
     @contextmanager
     def piece(s: int):
         for linear, taps in per_piece[s]:
             linear.taps, linear.uses = taps, 0
+        for module, views in stand_ins[s].items():
+            module.segment_params = views
         try:
             yield
             for linear, taps in per_piece[s]:
@@ -261,4 +295,5 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
         clear()
 
 
-__all__ = ["LinearGradFanout", "LinearUse", "TappedLinear", "compute_dtype", "deferral_wanted", "segment_taps"]
+__all__ = ["LinearGradFanout", "LinearUse", "TappedLinear", "compute_dtype", "deferral_wanted", "segment_param",
+           "segment_taps"]

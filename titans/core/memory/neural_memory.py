@@ -46,7 +46,7 @@ from titans.core.memory.functional import (
     select_weights,
 )
 from titans.utils.tensors import keep_last, recompute_when_recorded
-from titans.utils.weight_grads import TappedLinear
+from titans.utils.weight_grads import TappedLinear, segment_param
 
 # default bound on the inner step, times the chunk size (see the module docstring for the measurements)
 DEFAULT_MAX_LR_TIMES_CHUNK = 0.125
@@ -342,7 +342,8 @@ class NeuralMemory(nn.Module):
         proj = self.to_qkv.project_rows(x, channels)
         new_cache = conv_cache
         if self.conv is not None:
-            w, b = self.conv.weight, self.conv.bias
+            # segment_param: a MAC segment's own stand-in of the parameter while weight gradients are deferred
+            w, b = segment_param(self, "conv.weight"), segment_param(self, "conv.bias")
             if channels is not None:
                 w, b = w[channels], b[channels]
             proj, new_cache = causal_depthwise_conv(proj, conv_cache, w, b)
@@ -392,11 +393,11 @@ class NeuralMemory(nn.Module):
             alpha = torch.zeros_like(sig_alpha)
         return theta, eta, alpha, (raw if self.gates_per_chunk else None), chunk_gates
 
-    def _normed_gated(self, y: Tensor, g: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """Per-head RMS norm with its weight, times ``sigmoid(g)``: y (B, H, T, d), g (B, T, H * d) or None ->
-        (B, T, H * d) in ``dtype``."""
+    def _normed_gated(self, y: Tensor, g: Tensor | None, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """Per-head RMS norm with its ``weight`` (``out_norm_weight`` (H, d) or its segment stand-in), times
+        ``sigmoid(g)``: y (B, H, T, d), g (B, T, H * d) or None -> (B, T, H * d) in ``dtype``."""
         B, H, T, d = y.shape
-        y = (F.rms_norm(y, (d,), eps=self.norm_eps) * self.out_norm_weight.unsqueeze(1).to(y.dtype)).transpose(1, 2)
+        y = (F.rms_norm(y, (d,), eps=self.norm_eps) * weight.unsqueeze(1).to(y.dtype)).transpose(1, 2)
         if g is not None:
             # the gate first: the product takes its (B, T, H, d) layout, so heads-to-features below is a view (no
             # copy for the transpose).  In y's dtype (the state's: float32 under autocast), cast once after
@@ -409,7 +410,8 @@ class NeuralMemory(nn.Module):
         # recomputed in the backward: kept, the norm's and the gate's float32 intermediates over every token were
         # ~16 MB a layer per 4096 tokens, more than the memory update itself keeps (benchmarks/RESULTS.md section 6,
         # session 14); the projections stay outside (their matmuls are not cheap to repeat)
-        return self.to_out(recompute_when_recorded(self._normed_gated, y, g, x.dtype))
+        return self.to_out(recompute_when_recorded(self._normed_gated, y, g, segment_param(self, "out_norm_weight"),
+                                                   x.dtype))
 
     # ------------------------------------------------------------------ forward / retrieve
 
@@ -582,14 +584,15 @@ class NeuralMemory(nn.Module):
         q = F.normalize(rearrange(q, "b t (h d) -> b h t d", h=self.heads), dim=-1)
         g = self.gate(x_or_q) if self.gate is not None else None
 
-        def read(q: Tensor, g: Tensor | None, *W: Tensor) -> Tensor:
+        def read(q: Tensor, g: Tensor | None, w_out: Tensor, *W: Tensor) -> Tensor:
             with torch.autocast(x_or_q.device.type, enabled=False):
                 y = memory_mlp(q.to(W[0].dtype), W, self.activation, self.residual)
-            return self._normed_gated(y, g, x_or_q.dtype)
+            return self._normed_gated(y, g, w_out, x_or_q.dtype)
 
         # the read and its output norm / gate recomputed in the backward (see _output): the float32 hidden
         # activations of the memory MLP are the largest tensors of a MAC retrieval
-        return self.to_out(recompute_when_recorded(read, q, g, *state.weights)), new_cache
+        return self.to_out(recompute_when_recorded(read, q, g, segment_param(self, "out_norm_weight"),
+                                                   *state.weights)), new_cache
 
     def surprise(self, x: Tensor, state: MemoryState | None = None) -> dict[str, Tensor]:
         """Diagnostics without updating: per head and token the inner loss at the current weights and

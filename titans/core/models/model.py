@@ -389,7 +389,20 @@ class TitansBlock(nn.Module):
               and self.checkpointing_now() == "none" and not torch.compiler.is_compiling())
         if not on:
             return None
-        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n), lengths, self.weight_grad_stream)
+        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n), lengths, self.weight_grad_stream,
+                            self.segment_params())
+
+    def segment_params(self) -> list[tuple[nn.Module, str]]:
+        """The elementwise parameters one MAC segment step reads through
+        :func:`~titans.utils.weight_grads.segment_param` ((module, dotted name) pairs): the memory's convolution
+        and output norm, the gate's two norms.  Deferred, each segment reads its own stand-in and their gradients
+        reach ``.grad`` in one sum per block call instead of an add per segment on the chain (session 26's count:
+        8 such adds a segment)."""
+        mem = self.memory
+        params = [(mem, "out_norm_weight"), (self.gate, "norm_y.weight"), (self.gate, "norm_m.weight")]
+        if mem.conv is not None:
+            params += [(mem, "conv.weight"), (mem, "conv.bias")]
+        return params
 
     def weight_grad_uses(self, batch: int, length: int):
         """The projections one MAC segment step calls (:meth:`_mac`; :meth:`mac_chain` then :meth:`mac_readout`),

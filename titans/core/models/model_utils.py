@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from titans.core.models.fused_gate import fused_gate, fused_gate_applies
+from titans.utils.weight_grads import segment_param
 
 
 class RMSNorm(nn.Module):
@@ -49,9 +50,12 @@ class MemoryGate(nn.Module):
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
         # one Triton launch each way on CUDA (titans.core.models.fused_gate: fewer kernels per MAC segment, and
         # y / m kept as they came instead of the norms' float32 copies); the same equation in PyTorch elsewhere
+        # the weights through segment_param: a MAC segment's own stand-ins while weight gradients are deferred
+        w_y, w_m = segment_param(self, "norm_y.weight"), segment_param(self, "norm_m.weight")
         if fused_gate_applies(y, m):
-            return fused_gate(y, m, self.norm_y.weight, self.norm_m.weight, self.norm_y.eps)
-        return self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+            return fused_gate(y, m, w_y, w_m, self.norm_y.eps)
+        return F.rms_norm(y, (y.shape[-1],), w_y.to(y.dtype), self.norm_y.eps) * torch.sigmoid(
+            F.rms_norm(m, (m.shape[-1],), w_m.to(m.dtype), self.norm_m.eps))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
