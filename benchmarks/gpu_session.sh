@@ -477,6 +477,22 @@ if [ "$PART" = 36 ]; then
   step 130 mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
   finish
 fi
+if [ "$PART" = 37 ]; then
+  # session 27: PART=36 (one machine): MAL / LMM compile check exact with combo kernels on the GPU (1.2e-15 / 8.3e-16),
+  # MAC 4096 x 8 372.8K by default, its 65536 x 1 cut at 140 s (compiling on a fresh machine).  New since: the
+  # elementwise parameters' gradients deferred too (segment_param stand-ins), the memory coefficients contiguous
+  # where they are computed and dq / dk / dv cast in the compiled graph (13 eager launches a MAC segment fewer on the
+  # chain on the CPU count).  MAC 65536 x 1 with the defaults (room to compile), the deferral's GPU test, the
+  # step's timeline with each busy stream's kernels by name, then the three-launch backward's GPU test (its q / k / v
+  # gradients now leave the op in float32)
+  step 200 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
+  step 60 gpu-test-weight-grads sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_weight_grads.py \
+    -k gpu > $RES/gpu_test_weight_grads.txt 2>&1"
+  step 150 mac-65536x1-wf2048-defaults-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
+    --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_defaults_timeline.json"
+  kernel_tests 140 gpu-test-kernels-split 'on_gpu and split' gpu_test_fused_memory_split.txt
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

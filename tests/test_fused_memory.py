@@ -109,6 +109,20 @@ def test_fused_without_momentum_and_backend_dispatch():
         assert _rel(x, y) <= 1e-10
 
 
+def test_chunk_coefficients_are_dense_and_equal_their_strided_definitions():
+    """The kernels read dense buffers: every coefficient comes out contiguous (a strided view was an eager copy at
+    the custom op's entry, forward and backward, on a MAC segment's chain), with the values of the views it
+    replaces (Ml the last row of M; Gl, Bl, Pl the chunk-end values)."""
+    from titans.core.memory.fused_update import chunk_coefficients
+
+    g = torch.Generator().manual_seed(5)
+    lr, eta, forget = (torch.rand(2, 3, 12, generator=g, dtype=torch.float64) for _ in range(3))
+    G, Bc, M, Ml, m, Gl, Bl, Pl = coef = chunk_coefficients(lr, eta, forget, 4)
+    assert all(t.is_contiguous() for t in coef)
+    assert torch.equal(Ml, M[..., -1, :]) and torch.equal(Gl, G.reshape(2, 3, 3, 4)[..., -1])
+    assert torch.equal(Bl, Bc.reshape(2, 3, 3, 4)[..., -1]) and Pl.shape == (2, 3, 3) and m.shape == (2, 3, 3, 4)
+
+
 def test_fused_errors():
     q, k, v, lr, eta, alpha, W1, W2, *_ = _inputs(2, T=10)
     with pytest.raises(ValueError, match="multiple of chunk_size"):

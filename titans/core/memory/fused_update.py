@@ -93,8 +93,11 @@ def chunk_coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk
     N = T // C
     G, P, Bc, M, m = decay_coefficients(lr.reshape(B, H, N, C), momentum_decay.reshape(B, H, N, C),
                                         1 - forget.reshape(B, H, N, C))
-    return (G.reshape(B, H, T), Bc.reshape(B, H, T), M, M[..., -1, :], m,
-            G[..., -1], Bc[..., -1], P[..., -1])
+    # contiguous here, where the compiler writes them as it computes them: the kernels read dense buffers, and the
+    # strided views (Ml, m, Gl, Bl, Pl) were five copies a call at the custom op's entry, forward and backward, each
+    # an eager launch on a MAC segment's chain
+    return tuple(t.contiguous() for t in (G.reshape(B, H, T), Bc.reshape(B, H, T), M, M[..., -1, :], m,
+                                          G[..., -1], Bc[..., -1], P[..., -1]))
 
 
 # ----------------------------------------------------------------------------- one chunk, by hand
@@ -435,7 +438,8 @@ class MemoryCoreFunction(torch.autograd.Function):
             from titans.core.memory.triton_kernels import memory_core_backward
 
             out = memory_core_backward(*core, list(rest), dy, list(dW), list(dS), C, activation, residual)
-            res = dict(zip(CORE_INPUTS, out[:11]))
+            # q, k, v's gradients come back in float32: cast here, in the traced graph (fused into the next kernel)
+            res = dict(zip(CORE_INPUTS, [g.to(t.dtype) for g, t in zip(out[:3], core)] + list(out[3:11])))
             dW, dS = tuple(out[11:11 + L]), tuple(out[11 + L:])
         else:
             starts = [(tuple(rest[i:i + L]), tuple(rest[i + L:i + 2 * L])) for i in range(0, len(rest), 2 * L)]

@@ -1534,8 +1534,8 @@ def core_forward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, acti
 
 def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, chunk_size, activation, residual):
     """Fused backward of the memory core; returns ``(grads, dW, dS)`` like
-    :func:`titans.core.memory.fused_update.core_backward_torch`.  ``starts``: the forward's (four buffers, then the
-    chunks' inner forward if it saved it)."""
+    :func:`titans.core.memory.fused_update.core_backward_torch`, with q, k and v's gradients in float32.
+    ``starts``: the forward's (four buffers, then the chunks' inner forward if it saved it)."""
     L = len(dW)
     like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
     B, H, T, D, N, coef, kw = _common(q, dW, chunk_size, residual, like[3:])
@@ -1567,7 +1567,10 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     else:
         _launch(_memory_bwd_kernel, B * H, N,
                 (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *outs), kw)
-    res = {n: o.reshape(t.shape).to(t.dtype) for n, o, t in zip(CORE_INPUTS, outs, like)}
+    # q, k and v's gradients stay float32: the caller casts them in its (compiled) graph, where the cast joins the
+    # next kernel instead of being three eager launches here
+    res = {n: o.reshape(t.shape) if n in ("q", "k", "v") else o.reshape(t.shape).to(t.dtype)
+           for n, o, t in zip(CORE_INPUTS, outs, like)}
     dWo, dSo = _states_like(dstate[:2], dW), _states_like(dstate[2:], dS)
     return res, dWo, dSo
 
@@ -1735,7 +1738,8 @@ def memory_core_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor,
                          m: Tensor, Gl: Tensor, Bl: Tensor, Pl: Tensor, starts: list[Tensor], dy: Tensor,
                          dW: list[Tensor], dS: list[Tensor], chunk_size: int, activation: str,
                          residual: bool) -> list[Tensor]:
-    """Gradients ``[dq, dk, dv, dG, dBc, dM, dMl, dm, dGl, dBl, dPl, *dW, *dS]`` of :func:`core_backward`."""
+    """Gradients ``[dq, dk, dv, dG, dBc, dM, dMl, dm, dGl, dBl, dPl, *dW, *dS]`` of :func:`core_backward` (dq, dk,
+    dv in float32 whatever q, k and v's dtype: the caller casts them)."""
     core = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
     dW, dS = tuple(dW), tuple(dS)
     try:
@@ -1749,14 +1753,15 @@ def memory_core_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor,
             res, dWo, dSo = core_backward_torch(*wide, unstack_starts(starts[:4], B, H, len(dW), torch.float32), dy, dW,
                                                 dS,
                                                 chunk_size=chunk_size, activation=activation, residual=residual)
-        for name, t in zip(("q", "k", "v"), core):
-            res[name] = res[name].to(t.dtype)
+        for name in ("q", "k", "v"):
+            res[name] = res[name].float()
     return [res[n].contiguous() for n in CORE_INPUTS] + [t.contiguous() for t in (*dWo, *dSo)]
 
 
 @memory_core_backward.register_fake
 def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, chunk_size, activation, residual):
-    return [_fresh(t) for t in (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, *dW, *dS)]
+    return ([q.new_empty(t.shape, dtype=torch.float32) for t in (q, k, v)] +
+            [_fresh(t) for t in (G, Bc, M, Ml, m, Gl, Bl, Pl, *dW, *dS)])
 
 
 @torch.library.custom_op("titans::memory_walk_forward", mutates_args=())
