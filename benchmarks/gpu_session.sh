@@ -493,6 +493,28 @@ if [ "$PART" = 37 ]; then
   kernel_tests 140 gpu-test-kernels-split 'on_gpu and split' gpu_test_fused_memory_split.txt
   finish
 fi
+if [ "$PART" = 38 ]; then
+  # session 27: PART=37 gave MAC 65536 x 1 276.4K with this session's changes (session 26, another machine: 279.5K);
+  # its timeline: each backward chain 9,498 kernels (10,611) in the same 166 ms span, the forward chains 2.9 ms more
+  # kernel time (a new 25 us fused kernel a segment: q / k normalise with the coefficients made contiguous?).  Same
+  # machine A/B: this tree, session 26's code (git archive of 2c3ed80 in old_s26/, copied by the caller), this tree
+  # with the coefficients' strided views back (monkeypatched), and MAC 4096 x 8 for the flat ratio
+  step 170 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
+  step 160 mac-65536x1-wf2048-session26-code sh -c "cd old_s26 && PYTHONPATH=/tmp/site:\$PWD TITANS_TRITON_BWD=split \
+    $WF --out $RES/h_wf2048_session26_code.json"
+  step 130 mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
+  STRIDED="import runpy, sys; import titans.core.memory.fused_update as f; from titans.core.memory.functional import \
+decay_coefficients as dc
+def strided(lr, eta, forget, C):
+    B, H, T = lr.shape; N = T // C
+    G, P, Bc, M, m = dc(lr.reshape(B, H, N, C), eta.reshape(B, H, N, C), 1 - forget.reshape(B, H, N, C))
+    return (G.reshape(B, H, T), Bc.reshape(B, H, T), M, M[..., -1, :], m, G[..., -1], Bc[..., -1], P[..., -1])
+f.chunk_coefficients = strided; sys.argv = ['benchmarks/harness.py'] + sys.argv[1:]
+runpy.run_path('benchmarks/harness.py', run_name='__main__')"
+  step 125 mac-65536x1-wf2048-strided-coefficients env TITANS_TRITON_BWD=split python3 -c "$STRIDED" \
+    ${WF#python3 benchmarks/harness.py} --out "$RES/h_wf2048_strided_coefficients.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
