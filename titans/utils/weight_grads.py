@@ -24,6 +24,11 @@ forward (MAC 4096 x 8: 365.7K vs 369.8K, the same machine: there the sums only c
 ``training.defer_weight_grads`` (:meth:`titans.core.models.model.TitansLM.set_weight_grad_deferral`) chooses
 otherwise, and ``TITANS_DEFER_WEIGHT_GRADS=1`` / ``0`` overrides both.
 
+The elementwise parameters a segment reads (norm weights, the memory's convolution: ``TitansBlock.segment_params``)
+go the same way by plain autograd: :func:`segment_taps` hands each segment a stand-in of each, a view of
+``p.expand(pieces, ...).unbind(0)`` read through :func:`segment_param`, so their gradients are gathered by one node
+and reach ``.grad`` once per block call instead of one add per segment on the chain.
+
 Which projections a segment uses, with which input shapes and in which order, is declared by the block
 (:meth:`titans.core.models.model.TitansBlock.weight_grad_uses`); every use checks the declaration and the count is
 checked after each segment, so a wiring change fails loudly instead of mixing up gradients.
