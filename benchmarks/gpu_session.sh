@@ -515,6 +515,12 @@ runpy.run_path('benchmarks/harness.py', run_name='__main__')"
     ${WF#python3 benchmarks/harness.py} --out "$RES/h_wf2048_strided_coefficients.json"
   finish
 fi
+if [ "$PART" = 39 ]; then
+  # session 27, the device time left (~180 s of a command): the one-launch backward's GPU test (the default below the
+  # wavefront, e.g. MAC 4096 x 8), now that dq / dk / dv leave the op in float32 (PART=37 checked the three-launch one)
+  kernel_tests 170 gpu-test-kernels-overlap 'on_gpu and overlap' gpu_test_fused_memory_overlap.txt
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
