@@ -521,6 +521,17 @@ if [ "$PART" = 39 ]; then
   kernel_tests 170 gpu-test-kernels-overlap 'on_gpu and overlap' gpu_test_fused_memory_overlap.txt
   finish
 fi
+if [ "$PART" = 40 ]; then
+  # session 27 (for the next session's first call): the backward walk took 0.386 ms a segment in the 65536 x 1 step
+  # (PART=37's timeline) against 0.271 ms alone (session 24): do the memory ops contend with each other?  The op's
+  # forward + backward at MAC's segment shape on 1, 2 and 3 streams in one CUDA graph (benchmarks/memory_contention.py,
+  # new, never run on a GPU), then MAC 65536 x 1 and 4096 x 8 with the defaults on one machine
+  step 150 memory-contention env TITANS_TRITON_BWD=split python3 benchmarks/memory_contention.py \
+    --out "$RES/memory_contention.json"
+  step 170 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
+  step 130 mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from titans.core.models import build_model
@@ -198,3 +199,20 @@ def test_segment_graph_ops_counts_matmuls_and_the_weight_gradients_among_them():
     assert fwd["matmuls"] == 1 and fwd["weight_shaped_matmuls"] == 0
     assert bwd["matmuls"] == 2 and bwd["weight_shaped_matmuls"] == 1 and bwd["weight_shaped"] == [(6, 8)]
     assert bwd["reductions"] >= 1 and bwd["ops"] == sum(bwd["by_op"].values())
+
+
+def test_memory_contention_names_what_it_needs_and_averages_kernels():
+    """benchmarks/memory_contention.py (GPU only) stops on a machine without CUDA with a message naming it, and its
+    per-kernel means divide each kernel's device time by its launches, longest total first."""
+    from types import SimpleNamespace
+
+    mc = _load("memory_contention")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU and Triton"):
+            mc.main(["--out", "unused.json"])
+    events = [SimpleNamespace(key="walk", device_time_total=300.0, count=2),
+              SimpleNamespace(key="stage", device_time_total=400.0, count=8),
+              SimpleNamespace(key="host-only", device_time_total=0.0, count=3)]
+    means = mc._kernel_means(SimpleNamespace(key_averages=lambda: events))
+    assert means == {"stage": {"mean_us": 50.0, "calls": 8}, "walk": {"mean_us": 150.0, "calls": 2}}
+    assert list(means) == ["stage", "walk"]

@@ -1,0 +1,132 @@
+"""Does the memory op slow down when several run side by side, as the wavefront runs them (issue 7)?
+
+In MAC's 65536 x 1 training step (the wavefront, three memory blocks on three CUDA streams) the backward walk over
+parts took 0.386 ms a segment, against 0.271 ms timed alone (benchmarks/RESULTS.md section 6, sessions 24 and 27).
+This script separates contention between the memory ops themselves from everything else in the step: it captures
+in one CUDA graph the forward and backward of the Triton memory op at MAC's segment shape (batch 1, 8 heads, 512
+tokens) on N streams at once (each with its own inputs), replays it, and reports the replay time and each kernel's
+mean duration (torch.profiler) for every N.  If three side by side take as long as one, the walks do not contend and
+the slowdown in the step comes from the other streams' kernels; if the walk's mean duration grows with N, it is the
+walks (SMs, memory, or the parts' all-reduce partners).
+
+    TITANS_TRITON_BWD=split python benchmarks/memory_contention.py --out benchmarks/results/memory_contention.json
+
+Needs CUDA and Triton (it exits with a message naming what is missing otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import date
+from pathlib import Path
+
+
+def _kernel_means(prof) -> dict[str, dict]:
+    """Mean device time (us) and launches per kernel name of a profiled replay."""
+    out = {}
+    for e in prof.key_averages():
+        if e.device_time_total > 0 and e.count:
+            out[e.key[:100]] = {"mean_us": e.device_time_total / e.count, "calls": e.count}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["mean_us"] * kv[1]["calls"]))
+
+
+def measure(shape: str, counts: list[int], iters: int, make_inputs, timed) -> list[dict]:
+    """For each N in ``counts``: the memory op's forward + backward at ``shape`` (BxHxTxDxExCxL) on N streams in one
+    CUDA graph; the replay's ms (mean of ``iters``) and the kernels' mean durations in one profiled replay.
+    ``make_inputs`` / ``timed``: memory_kernels.py's (the same inputs and timer as its rows)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from titans.core.memory.functional import neural_memory_update
+
+    B, H, T, D, E, C, L = (int(x) for x in shape.split("x"))
+    rows = []
+    for n in counts:
+        inputs = [make_inputs(B, H, T, D, E, C, L, seed=i) for i in range(n)]
+        g = torch.Generator(device="cuda").manual_seed(100)
+        # the loss weights made before the capture (a generator created inside it would not be registered)
+        weights = []
+        for ins in inputs:
+            with torch.no_grad():
+                y, W, S = neural_memory_update(*ins[:6], tuple(ins[6:6 + L]), tuple(ins[6 + L:]), chunk_size=C,
+                                               backend="triton")
+            weights.append([torch.randn(o.shape, device="cuda", generator=g) for o in (y, *W, *S)])
+        streams = [torch.cuda.Stream() for _ in range(n)]
+
+        def step(streams=streams, inputs=inputs, weights=weights):
+            here = torch.cuda.current_stream()
+            for s, ins, w in zip(streams, inputs, weights):
+                s.wait_stream(here)
+                with torch.cuda.stream(s):
+                    y, W, S = neural_memory_update(*ins[:6], tuple(ins[6:6 + L]), tuple(ins[6 + L:]), chunk_size=C,
+                                                   backend="triton")
+                    loss = sum((o * wo).sum() for o, wo in zip((y, *W, *S), w))
+                    torch.autograd.grad(loss, ins)
+            for s in streams:
+                here.wait_stream(s)
+
+        warm = torch.cuda.Stream()  # warm-up (kernel compiles, allocator) off the default stream, as capture needs
+        warm.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warm):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(warm)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        ms = timed(graph.replay, iters)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.replay()
+            torch.cuda.synchronize()
+        rows.append({"streams": n, "replay_ms": ms, "kernels": _kernel_means(prof)})
+        print(json.dumps({"shape": shape, "streams": n, "replay_ms": ms}), flush=True)
+    return rows
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="1x8x512x64x128x64x2", help="BxHxTxDxExCxL (default: MAC's segment at batch 1)")
+    ap.add_argument("--streams", nargs="+", type=int, default=[1, 2, 3], help="how many ops side by side")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--out", default="benchmarks/results/memory_contention.json")
+    args = ap.parse_args(argv)
+    import importlib.util
+    import os
+
+    import torch
+
+    from titans.core.memory.triton_kernels import triton_available
+
+    if not torch.cuda.is_available() or not triton_available():
+        raise SystemExit("memory_contention.py needs a CUDA GPU and Triton "
+                         f"(CUDA available: {torch.cuda.is_available()}, Triton: {triton_available()})")
+    # memory_kernels.py's inputs and timer, loaded by path (benchmarks/ is not a package)
+    spec = importlib.util.spec_from_file_location("memory_kernels", Path(__file__).with_name("memory_kernels.py"))
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    rows = measure(args.shape, args.streams, args.iters, kernels.make_inputs, kernels.timed)
+    from titans.core.memory import triton_kernels as tk
+    from titans.utils.io import atomic_write_text
+
+    result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "shape": args.shape, "backward": tk._backward_mode(),
+              "walk_parts": os.environ.get("TITANS_TRITON_WALK_PARTS"), "rows": rows}
+    out = Path(args.out)
+    atomic_write_text(out, json.dumps(result, indent=2))
+    names = sorted({k for r in rows for k in list(r["kernels"])[:6]})
+    lines = ["| kernel | " + " | ".join(f"{r['streams']} side by side (us)" for r in rows) + " |",
+             "| --- |" + " --- |" * len(rows),
+             "| whole replay (ms) | " + " | ".join(f"{r['replay_ms']:.3f}" for r in rows) + " |"]
+    for name in names:
+        cells = [f"{r['kernels'][name]['mean_us']:.1f}" if name in r["kernels"] else "-" for r in rows]
+        lines.append(f"| `{name[:60]}` | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    atomic_write_text(out.with_suffix(".md"), table + "\n")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
