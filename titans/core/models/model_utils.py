@@ -48,10 +48,10 @@ class MemoryGate(nn.Module):
         self.norm_m = RMSNorm(dim, eps)
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
-        # one Triton launch each way on CUDA (titans.core.models.fused_gate: fewer kernels per MAC segment, and
-        # y / m kept as they came instead of the norms' float32 copies); the same equation in PyTorch elsewhere
         # the weights through segment_param: a MAC segment's own stand-ins while weight gradients are deferred
         w_y, w_m = segment_param(self, "norm_y.weight"), segment_param(self, "norm_m.weight")
+        # one Triton launch each way on CUDA (titans.core.models.fused_gate: fewer kernels per MAC segment, and
+        # y / m kept as they came instead of the norms' float32 copies); the same equation in PyTorch elsewhere
         if fused_gate_applies(y, m):
             return fused_gate(y, m, w_y, w_m, self.norm_y.eps)
         return F.rms_norm(y, (y.shape[-1],), w_y.to(y.dtype), self.norm_y.eps) * torch.sigmoid(
