@@ -40,7 +40,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import reduce
 
 import torch
 import torch.nn.functional as F
@@ -219,9 +218,7 @@ def segment_param(module: nn.Module, name: str) -> Tensor:
     instead of an add into ``.grad`` per segment.  Modules read the elementwise parameters a MAC segment uses through
     this (norm weights, the memory's convolution)."""
     stand_ins = module.__dict__.get("segment_params")
-    if stand_ins is not None:
-        return stand_ins[name]
-    return reduce(getattr, name.split("."), module)
+    return module.get_parameter(name) if stand_ins is None else stand_ins[name]
 
 
 def _param_stand_ins(params: Sequence[tuple[nn.Module, str]], pieces: int) -> list[dict[nn.Module, dict[str, Tensor]]]:
@@ -231,7 +228,7 @@ def _param_stand_ins(params: Sequence[tuple[nn.Module, str]], pieces: int) -> li
     the last segment's gradient arrived - the per-segment adds leave the segments' chain."""
     out: list[dict[nn.Module, dict[str, Tensor]]] = [{} for _ in range(pieces)]
     for module, name in params:
-        p = reduce(getattr, name.split("."), module)
+        p = module.get_parameter(name)
         for s, view in enumerate(p.expand(pieces, *p.shape).unbind(0)):
             out[s].setdefault(module, {})[name] = view
     return out
