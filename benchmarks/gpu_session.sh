@@ -63,6 +63,25 @@ kernel_tests() {  # kernel_tests SECONDS NAME FILTER FILE: tests/test_fused_memo
   step "$1" "$2" sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py -k '$3' \
     > $RES/$4 2>&1"
 }
+# sessions 26-27's rows with the defaults (no switch but the backward mode at batch 1), each under its limit SECONDS
+mac_65536x1_defaults() {  # the flat-scaling row: MAC 65536 x 1 through the wavefront
+  step "$1" mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
+}
+mac_4096x8_defaults() {  # its denominator: MAC 4096 x 8 in one pass
+  step "$1" mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
+}
+mac_65536x1_timeline() {  # one 65536 x 1 step under the profiler, each busy stream's kernels by name
+  step "$1" mac-65536x1-wf2048-defaults-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
+    --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_defaults_timeline.json"
+}
+combo_compile_check() {  # combo kernels' float64 compile check of MAC on the GPU (session 26, before they became default)
+  step "$1" compile-check-combo env TITANS_INDUCTOR_OPTIONS='{"combo_kernels": true}' python3 \
+    benchmarks/compile_check.py --device cuda --scope blocks --variants mac --out "$RES/compile_check_cuda_combo.json"
+}
+weight_grad_tests() {  # tests/test_weight_grads.py's GPU case (streams, bf16)
+  step "$1" gpu-test-weight-grads sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_weight_grads.py \
+    -k gpu > $RES/gpu_test_weight_grads.txt 2>&1"
+}
 if [ "$PART" = 5 ]; then
   # session 19: MAC 65536 x 1 with the fused convolution (session 18 with conv1d: 115,102 tokens/s = 0.327x its 4096 x
   # 8); PART=6: the same two shapes for MAG, whose memory reads the whole sequence in one chunked pass (no segment
@@ -415,15 +434,13 @@ if [ "$PART" = 32 ]; then
   step 140 mac-65536x1-wf2048 env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048.json"
   step 100 mac-65536x1-wf2048-deferred env TITANS_TRITON_BWD=split TITANS_DEFER_WEIGHT_GRADS=1 $WF \
     --out "$RES/h_wf2048_deferred.json"
-  step 80 gpu-test-weight-grads sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_weight_grads.py \
-    -k gpu > $RES/gpu_test_weight_grads.txt 2>&1"
+  weight_grad_tests 80
   step 100 mac-65536x1-wf2048-deferred-combo env TITANS_TRITON_BWD=split TITANS_DEFER_WEIGHT_GRADS=1 \
     TITANS_INDUCTOR_OPTIONS="$COMBO" $WF --out "$RES/h_wf2048_deferred_combo.json"
   step 130 mac-4096x8-deferred-combo env TITANS_DEFER_WEIGHT_GRADS=1 TITANS_INDUCTOR_OPTIONS="$COMBO" $H3 \
     --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_deferred_combo.json"
   # combo kernels' exactness on the GPU (float64, MAC's compiled segment regions; inductor's own check of them)
-  step 40 compile-check-combo env TITANS_INDUCTOR_OPTIONS="$COMBO" python3 benchmarks/compile_check.py --device cuda \
-    --scope blocks --variants mac --out "$RES/compile_check_cuda_combo.json"
+  combo_compile_check 40
   finish
 fi
 if [ "$PART" = 33 ]; then
@@ -451,8 +468,7 @@ if [ "$PART" = 34 ]; then
     --out "$RES/h_mac_4096x8_deferred.json"
   step 100 mac-4096x8-deferred-combo env TITANS_DEFER_WEIGHT_GRADS=1 TITANS_INDUCTOR_OPTIONS="$COMBO" $H3 \
     --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_deferred_combo.json"
-  step 180 compile-check-combo env TITANS_INDUCTOR_OPTIONS="$COMBO" python3 benchmarks/compile_check.py --device cuda \
-    --scope blocks --variants mac --out "$RES/compile_check_cuda_combo.json"
+  combo_compile_check 180
   finish
 fi
 if [ "$PART" = 35 ]; then
@@ -462,9 +478,8 @@ if [ "$PART" = 35 ]; then
   # switch in the environment but the backward mode), and its timeline (PART=33's, with the defaults)
   step 200 compile-check-defaults python3 benchmarks/compile_check.py --device cuda --scope blocks \
     --variants mag mal lmm --out "$RES/compile_check_cuda_defaults.json"
-  step 140 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
-  step 150 mac-65536x1-wf2048-defaults-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
-    --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_defaults_timeline.json"
+  mac_65536x1_defaults 140
+  mac_65536x1_timeline 150
   finish
 fi
 if [ "$PART" = 36 ]; then
@@ -473,8 +488,8 @@ if [ "$PART" = 36 ]; then
   # flat-scaling pair with the defaults on one machine (PART=35: 65536 x 1 279.5K, its 4096 x 8 not timed there)
   step 260 compile-check-defaults-mal-lmm python3 benchmarks/compile_check.py --device cuda --scope blocks \
     --variants mal lmm --out "$RES/compile_check_cuda_defaults_mal_lmm.json"
-  step 140 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
-  step 130 mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
+  mac_65536x1_defaults 140
+  mac_4096x8_defaults 130
   finish
 fi
 if [ "$PART" = 37 ]; then
@@ -485,11 +500,9 @@ if [ "$PART" = 37 ]; then
   # chain on the CPU count).  MAC 65536 x 1 with the defaults (room to compile), the deferral's GPU test, the
   # step's timeline with each busy stream's kernels by name, then the three-launch backward's GPU test (its q / k / v
   # gradients now leave the op in float32)
-  step 200 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
-  step 60 gpu-test-weight-grads sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_weight_grads.py \
-    -k gpu > $RES/gpu_test_weight_grads.txt 2>&1"
-  step 150 mac-65536x1-wf2048-defaults-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
-    --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_defaults_timeline.json"
+  mac_65536x1_defaults 200
+  weight_grad_tests 60
+  mac_65536x1_timeline 150
   kernel_tests 140 gpu-test-kernels-split 'on_gpu and split' gpu_test_fused_memory_split.txt
   finish
 fi
@@ -499,10 +512,10 @@ if [ "$PART" = 38 ]; then
   # kernel time (a new 25 us fused kernel a segment: q / k normalise with the coefficients made contiguous?).  Same
   # machine A/B: this tree, session 26's code (git archive of 2c3ed80 in old_s26/, copied by the caller), this tree
   # with the coefficients' strided views back (monkeypatched), and MAC 4096 x 8 for the flat ratio
-  step 170 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
+  mac_65536x1_defaults 170
   step 160 mac-65536x1-wf2048-session26-code sh -c "cd old_s26 && PYTHONPATH=/tmp/site:\$PWD TITANS_TRITON_BWD=split \
     $WF --out $RES/h_wf2048_session26_code.json"
-  step 130 mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
+  mac_4096x8_defaults 130
   STRIDED="import runpy, sys; import titans.core.memory.fused_update as f; from titans.core.memory.functional import \
 decay_coefficients as dc
 def strided(lr, eta, forget, C):
@@ -528,8 +541,8 @@ if [ "$PART" = 40 ]; then
   # new, never run on a GPU), then MAC 65536 x 1 and 4096 x 8 with the defaults on one machine
   step 150 memory-contention env TITANS_TRITON_BWD=split python3 benchmarks/memory_contention.py \
     --out "$RES/memory_contention.json"
-  step 170 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
-  step 130 mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
+  mac_65536x1_defaults 170
+  mac_4096x8_defaults 130
   finish
 fi
 if [ "$PART" = 6 ]; then
