@@ -545,6 +545,21 @@ if [ "$PART" = 40 ]; then
   mac_4096x8_defaults 130
   finish
 fi
+if [ "$PART" = 41 ]; then
+  # session 28: PART=40 (one machine): the backward walk 0.200 ms alone in a CUDA graph, 0.231 / 0.247 with 2 / 3 side
+  # by side, 0.386 in the step; MAC 65536 x 1 276.2K vs 4096 x 8 375.3K (0.736x).  A walk program at 8 warps and 255
+  # registers a thread holds a whole SM's register file, so it starts only on an SM that every other kernel has left;
+  # at 4 warps (half an SM; 0.266 vs 0.271 ms alone in session 24) it may start sooner beside the other streams.
+  # In-step A/B of the warps of the backward passes (TITANS_TRITON_PASS_WARPS), the defaults last as the control
+  step 100 memory-contention-stage1-w4 env TITANS_TRITON_BWD=split TITANS_TRITON_PASS_WARPS=stage1=4 python3 \
+    benchmarks/memory_contention.py --out "$RES/memory_contention_stage1_w4.json"
+  step 160 mac-65536x1-wf2048-stage1-w4 env TITANS_TRITON_BWD=split TITANS_TRITON_PASS_WARPS=stage1=4 $WF \
+    --out "$RES/h_wf2048_stage1_w4.json"
+  step 100 mac-65536x1-wf2048-stages-w4 env TITANS_TRITON_BWD=split TITANS_TRITON_PASS_WARPS=stage0=4,stage1=4,stage2=4 \
+    $WF --out "$RES/h_wf2048_stages_w4.json"
+  mac_65536x1_defaults 100
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
