@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
 
     result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": args.shape, "backward": tk._backward_mode(),
-              "walk_parts": os.environ.get("TITANS_TRITON_WALK_PARTS"), "rows": rows}
+              "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TITANS_")}, "rows": rows}
     out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=2))
     names = sorted({k for r in rows for k in list(r["kernels"])[:6]})
