@@ -573,6 +573,16 @@ if [ "$PART" = 42 ]; then
   mac_65536x1_defaults 100
   finish
 fi
+if [ "$PART" = 43 ]; then
+  # session 28: PART=42 (one machine): the walk with the state gradient in registers 277.8K vs 274.9K (+1.1%, the
+  # noise; alone in a graph 0.220 vs 0.200 ms slotted in PART=40): not the lever.  The ~60 small inductor kernels a
+  # segment of each backward chain (10-15 us each): MAC 65536 x 1 with inductor's aggressive fusion (fuses nodes
+  # that share no buffer too), then the defaults as the control
+  step 160 mac-65536x1-wf2048-aggressive env TITANS_TRITON_BWD=split \
+    TITANS_INDUCTOR_OPTIONS='{"aggressive_fusion": true}' $WF --out "$RES/h_wf2048_aggressive.json"
+  mac_65536x1_defaults 95
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
