@@ -564,7 +564,8 @@ if [ "$PART" = 42 ]; then
   # session 28: PART=41 (one machine): the backward passes at 4 warps gain nothing in the step (stage 1 at 4: 272.1K,
   # stages 0-2 at 4: 268.9K, 8 warps: 273.2K) and the 4-warp walks slow each other more (0.309 vs 0.247 ms three side
   # by side).  Now the backward walk with the state gradient carried in registers (TITANS_TRITON_WALK_CARRY=registers,
-  # new): its GPU test, the contention script, MAC 65536 x 1 with it, then the defaults as the control
+  # new): its GPU test, the contention script, MAC 65536 x 1 with it, then the defaults as the control (the switch was
+  # removed after this call, no faster: commit 5ec4a2c has it)
   kernel_tests 120 gpu-test-walk-carry "walks_over_parts_on_gpu and registers" gpu_test_walk_carry.txt
   step 60 memory-contention-carry env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CARRY=registers python3 \
     benchmarks/memory_contention.py --out "$RES/memory_contention_carry.json"

@@ -62,10 +62,8 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
             if E // parts >= 16:
                 out.append((f"forward pass 1, {parts} parts", tk._memory_walk_parts_kernel,
                             dict(base, P=parts, INNER=False)))
-                for carry in (0, 1):  # the state gradient in the end-state buffers' slots, or in registers
-                    out.append((f"backward stage 1, {parts} parts" + (", carried" if carry else ""),
-                                tk._memory_walk_bwd_parts_kernel,
-                                dict({k: v for k, v in base.items() if k != "RESIDUAL"}, P=parts, CARRY=carry)))
+                out.append((f"backward stage 1, {parts} parts", tk._memory_walk_bwd_parts_kernel,
+                            dict({k: v for k, v in base.items() if k != "RESIDUAL"}, P=parts)))
     return out
 
 

@@ -250,7 +250,6 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     # time); hidden 32 takes 2 parts, hidden 64 takes 4
     launched, run = [], tk._run
     tk._run = lambda kernel, grid, args, meta: (launched.append((kernel.fn.__name__, meta.get("P"))),
-                                                meta.get("CARRY") and launched.append(("carried", meta["P"])),
                                                 run(kernel, grid, args, meta))
     os.environ["TITANS_TRITON_WALK_PARTS"] = "4"
     print("PARTS_INNER", max(compare(*c) for c in cases if c[0] == 2))
@@ -266,11 +265,7 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     print("PARTS_ONE", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_SAVE_INNER"] = "1"
     print("PARTS_ONE_INNER", max(compare(*c) for c in cases if c[0] == 2))
-    os.environ["TITANS_TRITON_WALK_CARRY"] = "registers"  # the backward's walk with the state gradient in registers
-    print("PARTS_ONE_CARRY", max(compare(*c) for c in cases if c[0] == 2))
-    os.environ["TITANS_TRITON_WALK_CARRY"] = "memory"
-    assert {("_memory_walk_parts_kernel", 1), ("_memory_walk_bwd_parts_kernel", 1), ("carried", 1)} <= set(
-        launched), set(launched)
+    assert {("_memory_walk_parts_kernel", 1), ("_memory_walk_bwd_parts_kernel", 1)} <= set(launched), set(launched)
     tk.PARTS_KERNELS_FROM = 2
     tk._run = run
     # walks over parts that Triton cannot fit on a GPU: one program a head instead, for the rest of the process
@@ -335,7 +330,6 @@ def test_triton_kernels_under_interpreter():
     assert float(err["PARTS"]) <= 5e-5 and float(err["PARTS_INNER"]) <= 5e-5, err
     # the GPU's parts kernels (their all-reduce and flags) with one program a head
     assert float(err["PARTS_ONE"]) <= 5e-5 and float(err["PARTS_ONE_INNER"]) <= 5e-5, err
-    assert float(err["PARTS_ONE_CARRY"]) <= 5e-5, err  # the state gradient carried in registers instead
     assert float(err["PARTS_FALLBACK"]) <= 5e-5, err  # parts that do not fit: one program a head, same numbers
     assert float(err["TWOPASS"]) <= 5e-5, err  # depth 2: the two-pass backward
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
@@ -692,17 +686,14 @@ def test_triton_kernels_on_gpu(backward, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("inner", ["0", "1"])
-@pytest.mark.parametrize("carry", ["memory", "registers"])
-def test_triton_walks_over_parts_on_gpu(parts, inner, carry, monkeypatch):
+def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
     """The walks spread over P programs a head (TITANS_TRITON_WALK_PARTS; their all-reduce through global memory runs
-    only here, the interpreter runs lockstep twins) == the PyTorch core, float32 and bf16 q / k / v; the backward's
-    walk with the state gradient in the end-state buffers or in registers (TITANS_TRITON_WALK_CARRY)."""
+    only here, the interpreter runs lockstep twins) == the PyTorch core, float32 and bf16 q / k / v."""
     import titans.core.memory.triton_kernels as tk
 
     monkeypatch.setenv("TITANS_TRITON_BWD", "split")
     monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", str(parts))
     monkeypatch.setenv("TITANS_TRITON_SAVE_INNER", inner)
-    monkeypatch.setenv("TITANS_TRITON_WALK_CARRY", carry)
     C = 64
     ins = _gpu_memory_inputs(C)
     launched, run = [], tk._run
@@ -869,16 +860,3 @@ def test_walk_parts_are_checked_and_lowered_to_what_fits(monkeypatch):
     monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", "8")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert tk._walk_parts(8, 128, 2) == 4 and tk._walk_parts(2, 32, 2) == 2  # 16 units under the interpreter
-
-
-def test_walk_carry_is_checked(monkeypatch):
-    """TITANS_TRITON_WALK_CARRY names where the backward's walk keeps the state gradient: the kernel's CARRY."""
-    import titans.core.memory.triton_kernels as tk
-
-    monkeypatch.delenv("TITANS_TRITON_WALK_CARRY", raising=False)
-    assert tk._walk_carry() == 0
-    monkeypatch.setenv("TITANS_TRITON_WALK_CARRY", "registers")
-    assert tk._walk_carry() == 1
-    monkeypatch.setenv("TITANS_TRITON_WALK_CARRY", "regs")
-    with pytest.raises(ValueError, match="TITANS_TRITON_WALK_CARRY='regs'"):
-        tk._walk_carry()

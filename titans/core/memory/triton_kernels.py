@@ -1040,22 +1040,15 @@ if triton is not None:
         return h, ddl, dh, du, share
 
     @triton.jit
-    def _walk_bwd_rest(k, z, u, err, h, w2, ddl, dh, du, derr, DOT_BF16: tl.constexpr):
+    def _walk_bwd_close(tw1, tw2, k, z, u, err, h, w2, ddl, dh, du, derr, DOT_BF16: tl.constexpr):
         """The rest of the step, given the all-reduced gradient reaching err: dp = 2 derr, dz, and the block's
-        remaining terms of the start-state gradient: k^T dz (layer 1), du^T err and h^T dp (layer 2)."""
+        remaining parts of the start-state gradient, added to what :func:`_walk_bwd_open` stored."""
         dp = 2 * derr
         dh += _dot(dp, tl.trans(w2), DOT_BF16)
         dz = ddl * u * _silu_grad2(z) + dh * _silu_grad(z)
-        return (_dot(tl.trans(k), dz, DOT_BF16), _dot(tl.trans(du), err, DOT_BF16),
-                _dot(tl.trans(h), dp, DOT_BF16))
-
-    @triton.jit
-    def _walk_bwd_close(tw1, tw2, k, z, u, err, h, w2, ddl, dh, du, derr, DOT_BF16: tl.constexpr):
-        """:func:`_walk_bwd_rest`'s terms added to what :func:`_walk_bwd_open` stored."""
-        a1, a2, b2 = _walk_bwd_rest(k, z, u, err, h, w2, ddl, dh, du, derr, DOT_BF16)
         tl.debug_barrier()  # what _walk_bwd_open stored, from every thread
-        tl.store(tw1, tl.load(tw1) + a1)
-        tl.store(tw2, tl.load(tw2) + a2 + b2)
+        tl.store(tw1, tl.load(tw1) + _dot(tl.trans(k), dz, DOT_BF16))
+        tl.store(tw2, tl.load(tw2) + _dot(tl.trans(du), err, DOT_BF16) + _dot(tl.trans(h), dp, DOT_BF16))
         tl.debug_barrier()  # the next step reads this slot
 
     @triton.jit
@@ -1069,12 +1062,24 @@ if triton is not None:
         tl.store(_mat(NS2 + last * E * D + o2, EP, D), tl.load(_mat(IDS2 + bh * E * D + o2, EP, D)))
 
     @triton.jit
-    def _walk_bwd_slotted(K, ML, MM, GL, BL, PL, SW2, IDW1, IDW2, IDS1, IDS2, DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2,
-                          X1, X2, XS1, XS2, ZS, US, ES, X, F, bh, part, o1, o2, N: tl.constexpr, C: tl.constexpr,
-                          D: tl.constexpr, E: tl.constexpr, P: tl.constexpr, EP: tl.constexpr,
-                          DOT_BF16: tl.constexpr):
-        """``_memory_walk_bwd_parts_kernel`` without CARRY: the block of the state gradient moves from slot to slot
-        of the end-state buffers (:func:`_walk_bwd_open` / :func:`_walk_bwd_close`)."""
+    def _memory_walk_bwd_parts_kernel(
+        K, ML, MM, GL, BL, PL, SW2,
+        IDW1, IDW2, IDS1, IDS2,  # the final state's gradient (BH, ...), read
+        DW1, DW2, DS1, DS2,  # the initial state's gradient (BH, ...), written
+        NW1, NW2, NS1, NS2,  # each chunk's end-state gradient (BH, N, ...), written (stage 2 reads them)
+        X1, X2, XS1, XS2,  # stage 0's dy share of each chunk's start-state gradient, read
+        ZS, US, ES,  # each chunk's inner forward z, u (BH, N, C, E) and err (BH, N, C, D), read
+        X, F,  # the all-reduce's slots and flags, as in _memory_walk_parts_kernel
+        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
+        DOT_BF16: tl.constexpr,
+    ):
+        """The three-stage backward's walk (stage 1, reading the inner forward from the scratch) with grid (P, BH):
+        program (part, bh) walks its block of the state gradient back through the chunks."""
+        EP: tl.constexpr = E // P
+        part = tl.program_id(0).to(tl.int64)  # a head's parts are neighbours in launch order (see _run_walk)
+        bh = tl.program_id(1).to(tl.int64)
+        o1 = part * EP
+        o2 = part * EP * D
         _walk_bwd_seed(IDW1, IDW2, IDS1, IDS2, NW1, NW2, NS1, NS2, bh, o1, o2, N, D, E, EP)
         tl.debug_barrier()
         for i in range(N):
@@ -1090,74 +1095,6 @@ if triton is not None:
             derr = _all_reduce(X, F, bh, part, i, share, P, C, D)
             _walk_bwd_close(tw1, tw2, k, z, tl.load(_blk(US + cc * C * E + o1, C, EP, E)), err, h, w2, ddl, dh, du,
                             derr, DOT_BF16)
-
-    @triton.jit
-    def _walk_bwd_carried(K, ML, MM, GL, BL, PL, SW2, IDW1, IDW2, IDS1, IDS2, DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2,
-                          X1, X2, XS1, XS2, ZS, US, ES, X, F, bh, part, o1, o2, N: tl.constexpr, C: tl.constexpr,
-                          D: tl.constexpr, E: tl.constexpr, P: tl.constexpr, EP: tl.constexpr,
-                          DOT_BF16: tl.constexpr):
-        """``_memory_walk_bwd_parts_kernel`` with CARRY: the block (gw1, gs1, gw2, gs2) of the state gradient at the
-        end of the chunk in registers; per chunk (last first) it is stored as that chunk's end-state gradient (for
-        stage 2) and becomes the start-state gradient: gs' = B_C gw + P_C gs + XS, gw' = G_C gw + X + the chunk's
-        own terms (the same sums, in the same order, as :func:`_walk_bwd_open` and :func:`_walk_bwd_close`)."""
-        gw1 = tl.load(_blk(IDW1 + bh * D * E + o1, D, EP, E))
-        gs1 = tl.load(_blk(IDS1 + bh * D * E + o1, D, EP, E))
-        gw2 = tl.load(_mat(IDW2 + bh * E * D + o2, EP, D))
-        gs2 = tl.load(_mat(IDS2 + bh * E * D + o2, EP, D))
-        for i in range(N):
-            c = N - 1 - i
-            cc = bh * N + c
-            k, v, ml, mm, gl, bl, pl = _walk_chunk(K, K, ML, MM, GL, BL, PL, bh, c, N, C, D)
-            tl.store(_blk(NW1 + cc * D * E + o1, D, EP, E), gw1)
-            tl.store(_blk(NS1 + cc * D * E + o1, D, EP, E), gs1)
-            tl.store(_mat(NW2 + cc * E * D + o2, EP, D), gw2)
-            tl.store(_mat(NS2 + cc * E * D + o2, EP, D), gs2)
-            z = tl.load(_blk(ZS + cc * C * E + o1, C, EP, E))
-            err = tl.load(_mat(ES + cc * C * D, C, D))
-            w2 = _operand(tl.load(_mat(SW2 + cc * E * D + o2, EP, D)), DOT_BF16)
-            h, ddl, dh, du, share = _walk_bwd_share(k, z, err, w2, _operand(gw1, DOT_BF16), _operand(gs1, DOT_BF16),
-                                                    _operand(gw2, DOT_BF16), _operand(gs2, DOT_BF16), ml, mm,
-                                                    DOT_BF16)
-            derr = _all_reduce(X, F, bh, part, i, share, P, C, D)
-            a1, a2, b2 = _walk_bwd_rest(k, z, tl.load(_blk(US + cc * C * E + o1, C, EP, E)), err, h, w2, ddl, dh,
-                                        du, derr, DOT_BF16)
-            gs1 = bl * gw1 + pl * gs1 + tl.load(_blk(XS1 + cc * D * E + o1, D, EP, E))
-            gs2 = bl * gw2 + pl * gs2 + tl.load(_mat(XS2 + cc * E * D + o2, EP, D))
-            gw1 = gl * gw1 + tl.load(_blk(X1 + cc * D * E + o1, D, EP, E)) + a1
-            gw2 = gl * gw2 + tl.load(_mat(X2 + cc * E * D + o2, EP, D)) + a2 + b2
-        tl.store(_blk(DW1 + bh * D * E + o1, D, EP, E), gw1)
-        tl.store(_blk(DS1 + bh * D * E + o1, D, EP, E), gs1)
-        tl.store(_mat(DW2 + bh * E * D + o2, EP, D), gw2)
-        tl.store(_mat(DS2 + bh * E * D + o2, EP, D), gs2)
-
-    @triton.jit
-    def _memory_walk_bwd_parts_kernel(
-        K, ML, MM, GL, BL, PL, SW2,
-        IDW1, IDW2, IDS1, IDS2,  # the final state's gradient (BH, ...), read
-        DW1, DW2, DS1, DS2,  # the initial state's gradient (BH, ...), written
-        NW1, NW2, NS1, NS2,  # each chunk's end-state gradient (BH, N, ...), written (stage 2 reads them)
-        X1, X2, XS1, XS2,  # stage 0's dy share of each chunk's start-state gradient, read
-        ZS, US, ES,  # each chunk's inner forward z, u (BH, N, C, E) and err (BH, N, C, D), read
-        X, F,  # the all-reduce's slots and flags, as in _memory_walk_parts_kernel
-        N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
-        DOT_BF16: tl.constexpr, CARRY: tl.constexpr = 0,
-    ):
-        """The three-stage backward's walk (stage 1, reading the inner forward from the scratch) with grid (P, BH):
-        program (part, bh) walks its block of the state gradient back through the chunks.  ``CARRY`` 1: the block
-        rides in registers from chunk to chunk (as the forward's walk carries the state) and each chunk's end-state
-        gradient is only stored for stage 2; 0: it moves from slot to slot of the end-state buffers (stored, reloaded
-        behind a barrier, added to, stored again: four round trips through L2 a chunk on the chain)."""
-        EP: tl.constexpr = E // P
-        part = tl.program_id(0).to(tl.int64)  # a head's parts are neighbours in launch order (see _run_walk)
-        bh = tl.program_id(1).to(tl.int64)
-        o1 = part * EP
-        o2 = part * EP * D
-        if CARRY:
-            _walk_bwd_carried(K, ML, MM, GL, BL, PL, SW2, IDW1, IDW2, IDS1, IDS2, DW1, DW2, DS1, DS2, NW1, NW2, NS1,
-                              NS2, X1, X2, XS1, XS2, ZS, US, ES, X, F, bh, part, o1, o2, N, C, D, E, P, EP, DOT_BF16)
-        else:
-            _walk_bwd_slotted(K, ML, MM, GL, BL, PL, SW2, IDW1, IDW2, IDS1, IDS2, DW1, DW2, DS1, DS2, NW1, NW2, NS1,
-                              NS2, X1, X2, XS1, XS2, ZS, US, ES, X, F, bh, part, o1, o2, N, C, D, E, P, EP, DOT_BF16)
 
     @triton.jit
     def _memory_walk_bwd_parts_lockstep_kernel(
@@ -1344,25 +1281,14 @@ def _walk_sync(like: Tensor, BH: int, P: int, C: int, D: int) -> tuple[Tensor, T
             torch.zeros(BH * P, dtype=torch.int32, device=like.device))
 
 
-def _walk_carry() -> int:
-    """Where the backward's walk over parts keeps the state gradient from chunk to chunk (``CARRY`` of
-    ``_memory_walk_bwd_parts_kernel``): ``TITANS_TRITON_WALK_CARRY`` ``registers`` (1) or ``memory`` (0, default:
-    the end-state buffers' slots)."""
-    raw = os.environ.get("TITANS_TRITON_WALK_CARRY", "memory")
-    if raw not in ("memory", "registers"):
-        raise ValueError(f"TITANS_TRITON_WALK_CARRY={raw!r}: expected 'memory' or 'registers' (where the backward's "
-                         "walk keeps the state gradient between chunks)")
-    return int(raw == "registers")
-
-
 # the smallest part count that takes the walks over parts (tests set 1: the GPU kernels, all-reduce and flags
 # included, then run under the interpreter with one program a head, where no partner has to be waited for)
 PARTS_KERNELS_FROM = 2
 
 
-def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict, own: dict | None = None) -> None:
+def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict) -> None:
     """A walk spread over P programs a head: grid (P, BH), or under the interpreter (P > 1) the lockstep twin, grid
-    (BH,).  ``own``: compile-time arguments only the grid (P, BH) kernel takes.
+    (BH,).
 
     The part is the grid's first axis so that a head's P programs are neighbours in launch order (the GPU hands out
     a grid's programs in linear order): a program waits only for partners launched right after it, and at most one
@@ -1370,7 +1296,7 @@ def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict, own: dict | N
     if interpreting() and P > 1:
         _run(lockstep, (BH,), args, meta)
     else:
-        _run(kernel, (P, BH), args, dict(meta, **(own or {})))
+        _run(kernel, (P, BH), args, meta)
 
 
 PARTS_FAILED: list[str] = []  # why the walks over parts were given up in this process (then one program a head)
@@ -1412,7 +1338,7 @@ def _walk_backward_parts(BH: int, N: int, P: int, stage_args: tuple, kw: dict) -
     meta = {key: val for key, val in kw.items() if key not in ("RESIDUAL", "INNER", "RECOMPUTE", "ACCUMULATE")}
     args = (a[1], *a[6:11], a[12], *a[16:32], a[32], a[33], a[37], *_walk_sync(a[0], BH, P, C, D))
     _parts_or(lambda: _run_walk(_memory_walk_bwd_parts_kernel, _memory_walk_bwd_parts_lockstep_kernel, BH, P, args,
-                                dict(meta, P=P), dict(CARRY=_walk_carry())),
+                                dict(meta, P=P)),
               lambda: _run(_memory_bwd3_kernel, (BH,), stage_args, dict(kw, STAGE=1)))
 
 
