@@ -584,6 +584,20 @@ if [ "$PART" = 43 ]; then
   mac_65536x1_defaults 95
   finish
 fi
+if [ "$PART" = 44 ]; then
+  # session 28 (for the next session's first call): PART=43 (one machine): inductor's aggressive fusion 280.6K vs
+  # 280.5K by default: no change; none of 4 warps, the register-carried walk, aggressive fusion moved the step.  The
+  # step's CUDA graph runs ~20 streams' branches side by side on CUDA's default 8 hardware work queues, where branches
+  # sharing a queue wait on each other (false dependencies): MAC 65536 x 1 with 32 queues, then the defaults; then
+  # one memory layer alone (layer 4) under the profiler: its walks and stages without the other two chains beside
+  step 160 mac-65536x1-wf2048-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_connections32.json"
+  mac_65536x1_defaults 100
+  step 150 mac-65536x1-wf2048-one-memory-layer-timeline env TITANS_TRITON_BWD=split $H3 --memory-layers 4 \
+    --wavefront --shapes 65536x1 --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 \
+    --out "$RES/h_wf2048_one_memory_layer_timeline.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -59,6 +59,16 @@ class Row:
     profile_timeline: dict | None = None
 
 
+# environment variables a row's numbers depend on: the project's A/B switches (TITANS_TRITON_*, TITANS_WAVEFRONT_*,
+# TITANS_INDUCTOR_OPTIONS, ...) and the number of hardware work queues CUDA maps streams (and a graph's branches) to
+SWITCHES = ("TITANS_", "CUDA_DEVICE_MAX_CONNECTIONS")
+
+
+def run_switches() -> dict[str, str]:
+    """The switches of :data:`SWITCHES` set in this process's environment, by name."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(SWITCHES)}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -461,8 +471,7 @@ def main(argv=None) -> dict:
         "date": str(date.today()),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "args": vars(args),
-        # the A/B switches (TITANS_TRITON_*, TITANS_WAVEFRONT_*, ...) a row ran under: read from the environment
-        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TITANS_")},
+        "env": run_switches(),
         # what the defaults were when this ran (they change between sessions: combo kernels and the deferral in
         # the wavefront became defaults in session 26): inductor's options for --compile, and whether MAC's memory
         # blocks defer their weight gradients in one pass / in the wavefront (the environment included)

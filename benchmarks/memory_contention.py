@@ -93,7 +93,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="benchmarks/results/memory_contention.json")
     args = ap.parse_args(argv)
     import importlib.util
-    import os
 
     import torch
 
@@ -106,13 +105,16 @@ def main(argv=None) -> dict:
     spec = importlib.util.spec_from_file_location("memory_kernels", Path(__file__).with_name("memory_kernels.py"))
     kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernels)
+    spec = importlib.util.spec_from_file_location("harness", Path(__file__).with_name("harness.py"))
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
     rows = measure(args.shape, args.streams, args.iters, kernels.make_inputs, kernels.timed)
     from titans.core.memory import triton_kernels as tk
     from titans.utils.io import atomic_write_text
 
     result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "shape": args.shape, "backward": tk._backward_mode(),
-              "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("TITANS_")}, "rows": rows}
+              "env": harness.run_switches(), "rows": rows}
     out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=2))
     names = sorted({k for r in rows for k in list(r["kernels"])[:6]})

@@ -157,6 +157,16 @@ def test_kernel_overlap_measures_the_union_of_kernel_spans():
     assert harness.kernel_overlap([])["concurrency"] is None
 
 
+def test_run_switches_record_the_project_switches_and_cuda_work_queues(monkeypatch):
+    harness = _load("harness")
+    monkeypatch.setenv("TITANS_TRITON_BWD", "split")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES_NOT_A_SWITCH", "0")
+    got = harness.run_switches()
+    assert got["TITANS_TRITON_BWD"] == "split" and got["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
+    assert "CUDA_VISIBLE_DEVICES_NOT_A_SWITCH" not in got and all(k.startswith(harness.SWITCHES) for k in got)
+
+
 def test_live_allocations_group_the_live_blocks_of_a_snapshot_by_their_titans_frames():
     harness = _load("harness")
 
