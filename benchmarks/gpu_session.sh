@@ -588,11 +588,15 @@ if [ "$PART" = 44 ]; then
   # session 28 (for the next session's first call): PART=43 (one machine): inductor's aggressive fusion 280.6K vs
   # 280.5K by default: no change; none of 4 warps, the register-carried walk, aggressive fusion moved the step.  The
   # step's CUDA graph runs ~20 streams' branches side by side on CUDA's default 8 hardware work queues, where branches
-  # sharing a queue wait on each other (false dependencies): MAC 65536 x 1 with 32 queues, then the defaults; then
-  # one memory layer alone (layer 4) under the profiler: its walks and stages without the other two chains beside
-  step 160 mac-65536x1-wf2048-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 TITANS_TRITON_BWD=split $WF \
+  # sharing a queue wait on each other (false dependencies): MAC 65536 x 1 by default, then with 32 queues; then
+  # the memory ops with 4096^2 bf16 matmuls on a stream beside them (does a throughput neighbour stretch the walk from
+  # 0.247 to the step's 0.386 ms?); one memory layer alone (layer 4) under the profiler: its walks and stages without
+  # the other two chains beside
+  mac_65536x1_defaults 170
+  step 100 mac-65536x1-wf2048-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 TITANS_TRITON_BWD=split $WF \
     --out "$RES/h_wf2048_connections32.json"
-  mac_65536x1_defaults 100
+  step 60 memory-contention-background env TITANS_TRITON_BWD=split python3 benchmarks/memory_contention.py \
+    --background 0 4096 --out "$RES/memory_contention_background.json"
   step 150 mac-65536x1-wf2048-one-memory-layer-timeline env TITANS_TRITON_BWD=split $H3 --memory-layers 4 \
     --wavefront --shapes 65536x1 --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 \
     --out "$RES/h_wf2048_one_memory_layer_timeline.json"

@@ -7,9 +7,13 @@ in one CUDA graph the forward and backward of the Triton memory op at MAC's segm
 tokens) on N streams at once (each with its own inputs), replays it, and reports the replay time and each kernel's
 mean duration (torch.profiler) for every N.  If three side by side take as long as one, the walks do not contend and
 the slowdown in the step comes from the other streams' kernels; if the walk's mean duration grows with N, it is the
-walks (SMs, memory, or the parts' all-reduce partners).
+walks (SMs, memory, or the parts' all-reduce partners).  ``--background 0 4096`` repeats every row with bf16
+matmuls of 4096 x 4096 on one more stream beside the memory ops: how much a throughput kernel next door (the step's
+weight-gradient and feed-forward matmuls) stretches them.  Session 28 (H200): the backward walk 0.200 ms alone,
+0.247 three side by side, 0.386 in the step.
 
-    TITANS_TRITON_BWD=split python benchmarks/memory_contention.py --out benchmarks/results/memory_contention.json
+    TITANS_TRITON_BWD=split python benchmarks/memory_contention.py --background 0 4096 \
+        --out benchmarks/results/memory_contention.json
 
 Needs CUDA and Triton (it exits with a message naming what is missing otherwise).
 """
@@ -31,9 +35,13 @@ def _kernel_means(prof) -> dict[str, dict]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["mean_us"] * kv[1]["calls"]))
 
 
-def measure(shape: str, counts: list[int], iters: int, make_inputs, timed) -> list[dict]:
+def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, background: int = 0,
+            background_reps: int = 6) -> list[dict]:
     """For each N in ``counts``: the memory op's forward + backward at ``shape`` (BxHxTxDxExCxL) on N streams in one
     CUDA graph; the replay's ms (mean of ``iters``) and the kernels' mean durations in one profiled replay.
+    ``background`` > 0: a further stream in the same graph runs ``background_reps`` bf16 matmuls of two
+    (background x background) matrices beside them, a throughput kernel that fills every SM (as the step's
+    weight-gradient and feed-forward matmuls do next to the memory blocks' chains).
     ``make_inputs`` / ``timed``: memory_kernels.py's (the same inputs and timer as its rows)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -53,9 +61,17 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed) -> li
                                                backend="triton")
             weights.append([torch.randn(o.shape, device="cuda", generator=g) for o in (y, *W, *S)])
         streams = [torch.cuda.Stream() for _ in range(n)]
+        load = ([torch.randn(background, background, device="cuda", dtype=torch.bfloat16, generator=g)
+                 for _ in range(3)] if background else [])
+        beside = torch.cuda.Stream()
 
-        def step(streams=streams, inputs=inputs, weights=weights):
+        def step(streams=streams, inputs=inputs, weights=weights, load=load, beside=beside):
             here = torch.cuda.current_stream()
+            if load:
+                beside.wait_stream(here)
+                with torch.cuda.stream(beside):
+                    for _ in range(background_reps):
+                        torch.mm(load[0], load[1], out=load[2])
             for s, ins, w in zip(streams, inputs, weights):
                 s.wait_stream(here)
                 with torch.cuda.stream(s):
@@ -63,7 +79,7 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed) -> li
                                                    backend="triton")
                     loss = sum((o * wo).sum() for o, wo in zip((y, *W, *S), w))
                     torch.autograd.grad(loss, ins)
-            for s in streams:
+            for s in streams + ([beside] if load else []):
                 here.wait_stream(s)
 
         warm = torch.cuda.Stream()  # warm-up (kernel compiles, allocator) off the default stream, as capture needs
@@ -80,8 +96,8 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed) -> li
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graph.replay()
             torch.cuda.synchronize()
-        rows.append({"streams": n, "replay_ms": ms, "kernels": _kernel_means(prof)})
-        print(json.dumps({"shape": shape, "streams": n, "replay_ms": ms}), flush=True)
+        rows.append({"streams": n, "background": background, "replay_ms": ms, "kernels": _kernel_means(prof)})
+        print(json.dumps({"shape": shape, "streams": n, "background": background, "replay_ms": ms}), flush=True)
     return rows
 
 
@@ -90,6 +106,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape", default="1x8x512x64x128x64x2", help="BxHxTxDxExCxL (default: MAC's segment at batch 1)")
     ap.add_argument("--streams", nargs="+", type=int, default=[1, 2, 3], help="how many ops side by side")
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--background", nargs="+", type=int, default=[0],
+                    help="matmul sizes to run beside the memory ops on one more stream, one set of rows each "
+                         "(0: none)")
+    ap.add_argument("--background-reps", type=int, default=6, help="matmuls a replay on that stream")
     ap.add_argument("--out", default="benchmarks/results/memory_contention.json")
     args = ap.parse_args(argv)
     import importlib.util
@@ -108,7 +128,8 @@ def main(argv=None) -> dict:
     spec = importlib.util.spec_from_file_location("harness", Path(__file__).with_name("harness.py"))
     harness = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(harness)
-    rows = measure(args.shape, args.streams, args.iters, kernels.make_inputs, kernels.timed)
+    rows = [r for size in args.background for r in measure(args.shape, args.streams, args.iters, kernels.make_inputs,
+                                                           kernels.timed, size, args.background_reps)]
     from titans.core.memory import triton_kernels as tk
     from titans.utils.io import atomic_write_text
 
@@ -118,7 +139,9 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=2))
     names = sorted({k for r in rows for k in list(r["kernels"])[:6]})
-    lines = ["| kernel | " + " | ".join(f"{r['streams']} side by side (us)" for r in rows) + " |",
+    heads = [f"{r['streams']} side by side" + (f", {r['background']}^2 matmuls beside" if r["background"] else "")
+             for r in rows]
+    lines = ["| kernel | " + " | ".join(f"{h} (us)" for h in heads) + " |",
              "| --- |" + " --- |" * len(rows),
              "| whole replay (ms) | " + " | ".join(f"{r['replay_ms']:.3f}" for r in rows) + " |"]
     for name in names:
