@@ -101,6 +101,21 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, backg
     return rows
 
 
+def markdown(rows: list[dict]) -> str:
+    """A table: one column per row of :func:`measure` (streams, matmuls beside), the replay's ms, then the mean us a
+    launch of each row's six longest kernels (by total time)."""
+    names = sorted({k for r in rows for k in list(r["kernels"])[:6]})
+    heads = [f"{r['streams']} side by side" + (f", {r['background']}^2 matmuls beside" if r.get("background") else "")
+             for r in rows]
+    lines = ["| kernel | " + " | ".join(f"{h} (us)" for h in heads) + " |",
+             "| --- |" + " --- |" * len(rows),
+             "| whole replay (ms) | " + " | ".join(f"{r['replay_ms']:.3f}" for r in rows) + " |"]
+    for name in names:
+        cells = [f"{r['kernels'][name]['mean_us']:.1f}" if name in r["kernels"] else "-" for r in rows]
+        lines.append(f"| `{name[:60]}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1x8x512x64x128x64x2", help="BxHxTxDxExCxL (default: MAC's segment at batch 1)")
@@ -138,16 +153,7 @@ def main(argv=None) -> dict:
               "env": harness.run_switches(), "rows": rows}
     out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=2))
-    names = sorted({k for r in rows for k in list(r["kernels"])[:6]})
-    heads = [f"{r['streams']} side by side" + (f", {r['background']}^2 matmuls beside" if r["background"] else "")
-             for r in rows]
-    lines = ["| kernel | " + " | ".join(f"{h} (us)" for h in heads) + " |",
-             "| --- |" + " --- |" * len(rows),
-             "| whole replay (ms) | " + " | ".join(f"{r['replay_ms']:.3f}" for r in rows) + " |"]
-    for name in names:
-        cells = [f"{r['kernels'][name]['mean_us']:.1f}" if name in r["kernels"] else "-" for r in rows]
-        lines.append(f"| `{name[:60]}` | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = markdown(rows)
     atomic_write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     return result

@@ -226,3 +226,9 @@ def test_memory_contention_names_what_it_needs_and_averages_kernels():
     means = mc._kernel_means(SimpleNamespace(key_averages=lambda: events))
     assert means == {"stage": {"mean_us": 50.0, "calls": 8}, "walk": {"mean_us": 150.0, "calls": 2}}
     assert list(means) == ["stage", "walk"]
+    rows = [{"streams": 1, "background": 0, "replay_ms": 0.7, "kernels": means},
+            {"streams": 3, "background": 4096, "replay_ms": 1.25, "kernels": {"walk": {"mean_us": 250.0, "calls": 3}}}]
+    lines = mc.markdown(rows).splitlines()
+    assert lines[0] == "| kernel | 1 side by side (us) | 3 side by side, 4096^2 matmuls beside (us) |"
+    assert lines[2] == "| whole replay (ms) | 0.700 | 1.250 |"
+    assert lines[3:] == ["| `stage` | 50.0 | - |", "| `walk` | 150.0 | 250.0 |"]
