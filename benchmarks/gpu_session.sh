@@ -591,10 +591,12 @@ if [ "$PART" = 44 ]; then
   # sharing a queue wait on each other (false dependencies): MAC 65536 x 1 by default, then with 32 queues; then
   # the memory ops with 4096^2 bf16 matmuls on a stream beside them (does a throughput neighbour stretch the walk from
   # 0.247 to the step's 0.386 ms?); one memory layer alone (layer 4) under the profiler: its walks and stages without
-  # the other two chains beside
-  mac_65536x1_defaults 170
-  step 100 mac-65536x1-wf2048-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 TITANS_TRITON_BWD=split $WF \
-    --out "$RES/h_wf2048_connections32.json"
+  # the other two chains beside.  The two 65536 x 1 rows also profile one step after their timed ones (the timeline's
+  # new "beside": what ran next to the walks and stages)
+  step 185 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --profile 30 \
+    --out "$RES/h_wf2048_defaults.json"
+  step 115 mac-65536x1-wf2048-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 TITANS_TRITON_BWD=split $WF \
+    --profile 30 --out "$RES/h_wf2048_connections32.json"
   step 60 memory-contention-background env TITANS_TRITON_BWD=split python3 benchmarks/memory_contention.py \
     --background 0 4096 --out "$RES/memory_contention_background.json"
   step 150 mac-65536x1-wf2048-one-memory-layer-timeline env TITANS_TRITON_BWD=split $H3 --memory-layers 4 \

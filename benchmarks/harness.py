@@ -234,7 +234,9 @@ def profile_step(step, device: torch.device, top: int) -> tuple[list[dict], dict
         return kernels, None
     spans = [(e.time_range.start, e.time_range.end, e.device_resource_id, e.name) for e in prof.events()
              if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
-    return kernels, kernel_overlap(spans)
+    timeline = kernel_overlap(spans)
+    timeline["beside"] = {pattern: kernels_beside(spans, pattern) for pattern in BESIDE}
+    return kernels, timeline
 
 
 # the busiest streams whose kernels are listed by name (``top_kernels``): the chains of a wavefront step
@@ -283,6 +285,37 @@ def kernel_overlap(spans: list[tuple]) -> dict:
     return {"kernel_ms": kernel / 1e3, "busy_ms": busy / 1e3, "span_ms": span / 1e3,
             "concurrency": kernel / busy if busy else None, "idle_share": 1 - busy / span if span else None,
             "streams": len(by_stream), "kernels": len(spans), "per_stream": per_stream}
+
+
+# the memory kernels whose neighbours a timeline lists (``beside``): the longest kernels of a wavefront step's chains,
+# which run 1.4-1.9x longer there than alone (benchmarks/RESULTS.md section 6, session 28)
+BESIDE = ("_memory_walk_bwd_parts_kernel", "_memory_bwd3_kernel", "_memory_walk_parts_kernel")
+
+
+def kernels_beside(spans: list[tuple], pattern: str, top: int = STREAM_TOP) -> dict | None:
+    """What ran beside the kernels whose name contains ``pattern``; ``spans`` as for :func:`kernel_overlap`, with
+    names.  Returns their launches and summed ms, ``concurrent`` (the other kernels running at the same time,
+    averaged over their time: 0 = always alone) and ``neighbours``: per kernel name, how long it overlapped them
+    (ms, and as a share of their time; the ``top`` largest).  Their own kind on other streams counts as a neighbour
+    (the other memory blocks' walks).  None when no kernel matches."""
+    import numpy as np
+
+    hits = [i for i, sp in enumerate(spans) if len(sp) > 3 and pattern in sp[3]]
+    if not hits:
+        return None
+    starts = np.array([sp[0] for sp in spans], dtype=np.float64)
+    ends = np.array([sp[1] for sp in spans], dtype=np.float64)
+    names = [sp[3][:120] if len(sp) > 3 else "?" for sp in spans]
+    overlap: dict[str, float] = {}
+    for i in hits:  # a vectorised pass over every span per target: no assumption on how long a neighbour runs
+        shared = np.minimum(ends, ends[i]) - np.maximum(starts, starts[i])
+        shared[i] = 0.0
+        for j in np.nonzero(shared > 0)[0]:
+            overlap[names[j]] = overlap.get(names[j], 0.0) + float(shared[j])
+    total = float(sum(ends[i] - starts[i] for i in hits))
+    return {"launches": len(hits), "ms": total / 1e3, "concurrent": sum(overlap.values()) / total,
+            "neighbours": [{"name": n, "ms": o / 1e3, "share": o / total}
+                           for n, o in sorted(overlap.items(), key=lambda kv: -kv[1])[:top]]}
 
 
 @torch.no_grad()
@@ -501,6 +534,11 @@ def main(argv=None) -> dict:
                       f"(idle {100 * t['idle_share']:.0f}%); busiest streams (kernel ms / span ms): " +
                       ", ".join(f"{p['stream']}: {p['kernel_ms']:.1f} / {p['span_ms']:.1f}"
                                 for p in t["per_stream"][:8]))
+            for pattern, near in (t.get("beside") or {}).items():
+                if near:
+                    table += (f"\n\nBeside `{pattern}` ({near['launches']} launches, {near['ms']:.1f} ms, "
+                              f"{near['concurrent']:.2f} other kernels at once): " +
+                              ", ".join(f"`{n['name'][:60]}` {100 * n['share']:.0f}%" for n in near["neighbours"][:8]))
     atomic_write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     return result

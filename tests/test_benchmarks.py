@@ -157,6 +157,22 @@ def test_kernel_overlap_measures_the_union_of_kernel_spans():
     assert harness.kernel_overlap([])["concurrency"] is None
 
 
+def test_kernels_beside_lists_what_overlapped_the_named_kernels():
+    harness = _load("harness")
+    # two walks (0-100 on stream 1, 150-250 on stream 2); a matmul 50-200 on stream 3 overlaps both (50 + 50), an
+    # add 90-95 the first, a walk of stream 2 (150-250) overlaps nothing of stream 1's; a norm 300-310 neither
+    spans = [(0, 100, 1, "walk"), (150, 250, 2, "walk"), (50, 200, 3, "mm"), (90, 95, 4, "add"), (300, 310, 1, "norm")]
+    got = harness.kernels_beside(spans, "walk")
+    assert got["launches"] == 2 and got["ms"] == 200 / 1e3
+    assert got["neighbours"] == [{"name": "mm", "ms": 100 / 1e3, "share": 0.5},
+                                 {"name": "add", "ms": 5 / 1e3, "share": 0.025}]
+    assert abs(got["concurrent"] - 105 / 200) < 1e-12
+    # walks meeting each other count (the other memory blocks' walks), a kernel is never its own neighbour
+    both = harness.kernels_beside([(0, 100, 1, "walk"), (40, 140, 2, "walk")], "walk")
+    assert both["neighbours"] == [{"name": "walk", "ms": 120 / 1e3, "share": 0.6}] and both["concurrent"] == 0.6
+    assert harness.kernels_beside(spans, "stage") is None
+
+
 def test_run_switches_record_the_project_switches_and_cuda_work_queues(monkeypatch):
     harness = _load("harness")
     monkeypatch.setenv("TITANS_TRITON_BWD", "split")
