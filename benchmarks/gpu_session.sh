@@ -604,6 +604,20 @@ if [ "$PART" = 44 ]; then
     --out "$RES/h_wf2048_one_memory_layer_timeline.json"
   finish
 fi
+if [ "$PART" = 45 ]; then
+  # session 28 (for the next session's second call, after PART=44): cuBLAS matmuls asked to leave SMs free
+  # (TITANS_MATMUL_SM_CARVEOUT, torch's experimental carveout: new): first the contention script with 4096^2 matmuls
+  # beside the memory ops and 48 SMs carved out (does the walk get back what the neighbour took; do the matmuls run on
+  # fewer SMs, i.e. longer?), then MAC 65536 x 1 with 32 and with 64 SMs carved out, then the defaults
+  step 60 memory-contention-background-carveout48 env TITANS_TRITON_BWD=split TITANS_MATMUL_SM_CARVEOUT=48 python3 \
+    benchmarks/memory_contention.py --background 0 4096 --out "$RES/memory_contention_background_carveout48.json"
+  step 170 mac-65536x1-wf2048-carveout32 env TITANS_MATMUL_SM_CARVEOUT=32 TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_carveout32.json"
+  step 100 mac-65536x1-wf2048-carveout64 env TITANS_MATMUL_SM_CARVEOUT=64 TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_carveout64.json"
+  mac_65536x1_defaults 100
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

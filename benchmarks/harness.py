@@ -37,6 +37,7 @@ from titans.training.wavefront import wavefront_loss
 from titans.utils.compiling import compile_blocks, compile_fn, inductor_options
 from titans.utils.config import ACTIVATION_CHECKPOINTING, TrainingConfig
 from titans.utils.io import atomic_write_text
+from titans.utils.tensors import matmul_sm_carveout
 from titans.utils.weight_grads import deferral_wanted
 
 
@@ -480,6 +481,7 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
+    matmul_sm_carveout()  # TITANS_MATMUL_SM_CARVEOUT, when set (recorded with the other switches)
     models = list(args.models)
     try:
         import titans_pytorch  # noqa: F401

@@ -132,6 +132,7 @@ def main(argv=None) -> dict:
     import torch
 
     from titans.core.memory.triton_kernels import triton_available
+    from titans.utils.tensors import matmul_sm_carveout
 
     if not torch.cuda.is_available() or not triton_available():
         raise SystemExit("memory_contention.py needs a CUDA GPU and Triton "
@@ -143,6 +144,7 @@ def main(argv=None) -> dict:
     spec = importlib.util.spec_from_file_location("harness", Path(__file__).with_name("harness.py"))
     harness = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(harness)
+    matmul_sm_carveout()  # TITANS_MATMUL_SM_CARVEOUT, when set: the background matmuls leave that many SMs free
     rows = [r for size in args.background for r in measure(args.shape, args.streams, args.iters, kernels.make_inputs,
                                                            kernels.timed, size, args.background_reps)]
     from titans.core.memory import triton_kernels as tk

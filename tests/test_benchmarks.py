@@ -183,6 +183,24 @@ def test_run_switches_record_the_project_switches_and_cuda_work_queues(monkeypat
     assert "CUDA_VISIBLE_DEVICES_NOT_A_SWITCH" not in got and all(k.startswith(harness.SWITCHES) for k in got)
 
 
+def test_matmul_sm_carveout_is_read_checked_and_applied(monkeypatch):
+    """TITANS_MATMUL_SM_CARVEOUT (the harness's and memory_contention.py's timing switch) sets torch's SM carveout
+    for matmuls; unset it changes nothing; a bad value names the variable."""
+    from titans.utils.tensors import matmul_sm_carveout
+
+    monkeypatch.delenv("TITANS_MATMUL_SM_CARVEOUT", raising=False)
+    assert matmul_sm_carveout() is None and torch._C._get_sm_carveout_experimental() is None
+    for bad in ("-3", "many", "1.5"):
+        monkeypatch.setenv("TITANS_MATMUL_SM_CARVEOUT", bad)
+        with pytest.raises(ValueError, match="TITANS_MATMUL_SM_CARVEOUT"):
+            matmul_sm_carveout()
+    monkeypatch.setenv("TITANS_MATMUL_SM_CARVEOUT", "24")
+    try:
+        assert matmul_sm_carveout() == 24 and torch._C._get_sm_carveout_experimental() == 24
+    finally:
+        torch._C._set_sm_carveout_experimental(None)
+
+
 def test_live_allocations_group_the_live_blocks_of_a_snapshot_by_their_titans_frames():
     harness = _load("harness")
 

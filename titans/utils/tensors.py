@@ -60,6 +60,27 @@ def side_stream(device: torch.device | str, role: tuple | str = "side", urgent: 
     return _SIDE_STREAMS[key]
 
 
+CARVEOUT_ENV = "TITANS_MATMUL_SM_CARVEOUT"
+
+
+def matmul_sm_carveout() -> int | None:
+    """``TITANS_MATMUL_SM_CARVEOUT=N`` (a timing switch, issue 7): cuBLAS matmuls are asked to leave N of the GPU's
+    SMs to kernels on other streams (torch's experimental SM carveout), so that the latency-bound memory kernels of a
+    wavefront step's chains find SMs beside the weight-gradient and feed-forward matmuls.  Applied here, for the
+    whole process; returns N, or None when unset (nothing changed).  A value that is not a whole number >= 0
+    raises ``ValueError`` naming the variable."""
+    raw = os.environ.get(CARVEOUT_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{CARVEOUT_ENV}={raw!r}: expected a whole number of SMs >= 0 for the matmuls to leave free")
+    sms = int(raw)
+    if not hasattr(torch._C, "_set_sm_carveout_experimental"):
+        raise RuntimeError(f"{CARVEOUT_ENV}: this torch ({torch.__version__}) has no SM carveout for matmuls")
+    torch._C._set_sm_carveout_experimental(sms)
+    return sms
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """A full collection, then Python's cyclic garbage collector off inside the block (and back to its state before,
