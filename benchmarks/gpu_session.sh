@@ -595,9 +595,9 @@ if [ "$PART" = 44 ]; then
   # new "beside": what ran next to the walks and stages)
   step 185 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --profile 30 \
     --out "$RES/h_wf2048_defaults.json"
-  step 115 mac-65536x1-wf2048-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 TITANS_TRITON_BWD=split $WF \
+  step 130 mac-65536x1-wf2048-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 TITANS_TRITON_BWD=split $WF \
     --profile 30 --out "$RES/h_wf2048_connections32.json"
-  step 60 memory-contention-background env TITANS_TRITON_BWD=split python3 benchmarks/memory_contention.py \
+  step 80 memory-contention-background env TITANS_TRITON_BWD=split python3 benchmarks/memory_contention.py \
     --background 0 4096 --out "$RES/memory_contention_background.json"
   step 150 mac-65536x1-wf2048-one-memory-layer-timeline env TITANS_TRITON_BWD=split $H3 --memory-layers 4 \
     --wavefront --shapes 65536x1 --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 \
