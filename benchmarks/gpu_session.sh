@@ -609,7 +609,7 @@ if [ "$PART" = 45 ]; then
   # (TITANS_MATMUL_SM_CARVEOUT, torch's experimental carveout: new): first the contention script with 4096^2 matmuls
   # beside the memory ops and 48 SMs carved out (does the walk get back what the neighbour took; do the matmuls run on
   # fewer SMs, i.e. longer?), then MAC 65536 x 1 with 32 and with 64 SMs carved out, then the defaults
-  step 60 memory-contention-background-carveout48 env TITANS_TRITON_BWD=split TITANS_MATMUL_SM_CARVEOUT=48 python3 \
+  step 80 memory-contention-background-carveout48 env TITANS_TRITON_BWD=split TITANS_MATMUL_SM_CARVEOUT=48 python3 \
     benchmarks/memory_contention.py --background 0 4096 --out "$RES/memory_contention_background_carveout48.json"
   step 170 mac-65536x1-wf2048-carveout32 env TITANS_MATMUL_SM_CARVEOUT=32 TITANS_TRITON_BWD=split $WF \
     --out "$RES/h_wf2048_carveout32.json"
