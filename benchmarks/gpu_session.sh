@@ -64,8 +64,9 @@ kernel_tests() {  # kernel_tests SECONDS NAME FILTER FILE: tests/test_fused_memo
     > $RES/$4 2>&1"
 }
 # sessions 26-27's rows with the defaults (no switch but the backward mode at batch 1), each under its limit SECONDS
-mac_65536x1_defaults() {  # the flat-scaling row: MAC 65536 x 1 through the wavefront
-  step "$1" mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_defaults.json"
+mac_65536x1_defaults() {  # the flat-scaling row: MAC 65536 x 1 through the wavefront (SECONDS [harness options])
+  local limit=$1; shift
+  step "$limit" mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF "$@" --out "$RES/h_wf2048_defaults.json"
 }
 mac_4096x8_defaults() {  # its denominator: MAC 4096 x 8 in one pass
   step "$1" mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
@@ -593,8 +594,7 @@ if [ "$PART" = 44 ]; then
   # 0.247 to the step's 0.386 ms?); one memory layer alone (layer 4) under the profiler: its walks and stages without
   # the other two chains beside.  The two 65536 x 1 rows also profile one step after their timed ones (the timeline's
   # new "beside": what ran next to the walks and stages)
-  step 185 mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF --profile 30 \
-    --out "$RES/h_wf2048_defaults.json"
+  mac_65536x1_defaults 185 --profile 30
   step 130 mac-65536x1-wf2048-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 TITANS_TRITON_BWD=split $WF \
     --profile 30 --out "$RES/h_wf2048_connections32.json"
   step 80 memory-contention-background env TITANS_TRITON_BWD=split python3 benchmarks/memory_contention.py \
