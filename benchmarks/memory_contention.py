@@ -116,6 +116,20 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sibling(name: str):
+    """The module of ``benchmarks/<name>.py``, loaded by path (benchmarks/ is not a package) and registered in
+    ``sys.modules`` before it runs, as importlib's recipe does: a dataclass with string annotations (the harness's
+    ``Row``) looks its module up there, and loading the harness without it failed."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1x8x512x64x128x64x2", help="BxHxTxDxExCxL (default: MAC's segment at batch 1)")
@@ -127,8 +141,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--background-reps", type=int, default=6, help="matmuls a replay on that stream")
     ap.add_argument("--out", default="benchmarks/results/memory_contention.json")
     args = ap.parse_args(argv)
-    import importlib.util
-
     import torch
 
     from titans.core.memory.triton_kernels import triton_available
@@ -137,13 +149,8 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available() or not triton_available():
         raise SystemExit("memory_contention.py needs a CUDA GPU and Triton "
                          f"(CUDA available: {torch.cuda.is_available()}, Triton: {triton_available()})")
-    # memory_kernels.py's inputs and timer, loaded by path (benchmarks/ is not a package)
-    spec = importlib.util.spec_from_file_location("memory_kernels", Path(__file__).with_name("memory_kernels.py"))
-    kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernels)
-    spec = importlib.util.spec_from_file_location("harness", Path(__file__).with_name("harness.py"))
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+    kernels = sibling("memory_kernels")  # its inputs and timer
+    harness = sibling("harness")  # run_switches
     matmul_sm_carveout()  # TITANS_MATMUL_SM_CARVEOUT, when set: the background matmuls leave that many SMs free
     rows = [r for size in args.background for r in measure(args.shape, args.streams, args.iters, kernels.make_inputs,
                                                            kernels.timed, size, args.background_reps)]

@@ -245,7 +245,7 @@ def test_segment_graph_ops_counts_matmuls_and_the_weight_gradients_among_them():
     assert bwd["reductions"] >= 1 and bwd["ops"] == sum(bwd["by_op"].values())
 
 
-def test_memory_contention_names_what_it_needs_and_averages_kernels():
+def test_memory_contention_names_what_it_needs_and_averages_kernels(monkeypatch):
     """benchmarks/memory_contention.py (GPU only) stops on a machine without CUDA with a message naming it, and its
     per-kernel means divide each kernel's device time by its launches, longest total first."""
     from types import SimpleNamespace
@@ -260,6 +260,10 @@ def test_memory_contention_names_what_it_needs_and_averages_kernels():
     means = mc._kernel_means(SimpleNamespace(key_averages=lambda: events))
     assert means == {"stage": {"mean_us": 50.0, "calls": 8}, "walk": {"mean_us": 150.0, "calls": 2}}
     assert list(means) == ["stage", "walk"]
+    # its siblings load by path as the GPU run loads them (the harness's dataclass needs its module registered;
+    # not left over from the tests above)
+    monkeypatch.delitem(sys.modules, "harness", raising=False)
+    assert mc.sibling("harness").run_switches is not None and callable(mc.sibling("memory_kernels").make_inputs)
     rows = [{"streams": 1, "background": 0, "replay_ms": 0.7, "kernels": means},
             {"streams": 3, "background": 4096, "replay_ms": 1.25, "kernels": {"walk": {"mean_us": 250.0, "calls": 3}}}]
     lines = mc.markdown(rows).splitlines()
