@@ -618,6 +618,30 @@ if [ "$PART" = 45 ]; then
   mac_65536x1_defaults 100
   finish
 fi
+if [ "$PART" = 46 ]; then
+  # session 29: PART=44 (one machine): 32 hardware work queues 276.8K vs 281.5K by default (no gain); 4096^2 matmuls
+  # beside the memory ops stretch the backward walk only 5% (211 vs 200 us alone; three walks side by side: 284);
+  # one memory layer alone: its walk 0.263 ms a segment in the step, against 0.349 with the three chains.  So the
+  # walks slow each other, not the matmuls.  Is it their programs waiting for a partner to get an SM (a walk over 2
+  # parts spins until both run), or each program running slower?  TITANS_TRITON_WALK_CLOCK=1 (new) stamps every walk
+  # program's start, first all-reduce and end: first the contention script, then MAC 65536 x 1 with three memory
+  # layers and with one, then the defaults without the clock (its cost), then the clock's GPU test.  The GPU's SM
+  # clock and power are sampled all along (smi.csv: is the step's clock lower than the script's?)
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 200 > "$RES/smi.csv" 2>&1 &
+  SMI=$!
+  step 80 memory-contention-walk-clock env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 \
+    benchmarks/memory_contention.py --background 0 4096 --out "$RES/memory_contention_walk_clock.json"
+  step 185 mac-65536x1-wf2048-walk-clock env TITANS_TRITON_WALK_CLOCK=1 TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_walk_clock.json"
+  step 100 mac-65536x1-wf2048-one-memory-layer-walk-clock env TITANS_TRITON_WALK_CLOCK=1 TITANS_TRITON_BWD=split \
+    $H3 --memory-layers 4 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048 \
+    --out "$RES/h_wf2048_one_memory_layer_walk_clock.json"
+  mac_65536x1_defaults 100
+  kernel_tests 90 gpu-test-walk-clock walk_clock gpu_test_walk_clock.txt
+  kill $SMI
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

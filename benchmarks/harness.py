@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from titans.core.memory.triton_kernels import walk_clock_on
 from titans.core.models import build_model
 from titans.training.wavefront import wavefront_loss
 from titans.utils.compiling import compile_blocks, compile_fn, inductor_options
@@ -58,6 +59,8 @@ class Row:
     profile: list[dict] | None = None  # top GPU kernels of one training step (``--profile``)
     # the same step's kernels on a timeline: summed time, time with any kernel running, streams (``--profile``)
     profile_timeline: dict | None = None
+    # with TITANS_TRITON_WALK_CLOCK=1: the memory walks' programs in one more step (:func:`walk_clock_stats`)
+    walk_clock: dict | None = None
 
 
 # environment variables a row's numbers depend on: the project's A/B switches (TITANS_TRITON_*, TITANS_WAVEFRONT_*,
@@ -194,6 +197,8 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         print(f"trained {name} {seq} x {batch}: {row.train_tokens_per_s:,.0f} tokens/s, peak "
               f"{_fmt(row.train_peak_gb, 2)} GB, warm-up {row.warmup_s:.1f} s, loss {row.train_loss_first:.3f} -> "
               f"{row.train_loss_last:.3f}", flush=True)
+        if device.type == "cuda" and walk_clock_on():
+            row.walk_clock = walk_clock_step(step, device)
         if args.profile:
             row.profile, row.profile_timeline = profile_step(step, device, args.profile)
         if name != "titans-pytorch" and args.prefill:
@@ -212,6 +217,64 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         traceback.print_exc()  # the row keeps the message; the log keeps where it came from
     _reset_peak(device)
     return row
+
+
+def walk_clock_stats(entries: list[tuple[str, int, torch.Tensor]]) -> dict[str, dict]:
+    """What the memory walks' programs did, per walk kind ("forward" / "backward"), from the stamps of
+    ``titans.core.memory.triton_kernels.WALK_CLOCKS`` (kind, parts P, (BH * P, 4) int64: each program's start, its
+    first all-reduce done, its end - GPU clock, ns - and its SM).  Entries without stamps (zeroed by
+    ``walk_clocks_reset`` and not run since) are left out.  Per kind: the launches, and their means (us) of ``span``
+    (a launch's first program start to its last program end), ``program`` (a program's start to its end),
+    ``late_partner`` (per head, its last part's start after its first part's: how long the first spun, holding an
+    SM, waiting for a partner to be given one), ``worst_late_partner``, ``paired`` (a program's end after its head's
+    last start: the walk once all its parts run), ``first_sync`` (a program's start to its first all-reduce done),
+    ``start_spread`` (a launch's last program start after its first) and ``sms`` (distinct SMs a launch)."""
+    out: dict[str, dict] = {}
+    for kind in sorted({k for k, _, _ in entries}):
+        rows = []
+        for _, P, stamps in (e for e in entries if e[0] == kind):
+            s = stamps.detach().cpu().double().view(-1, P, 4)
+            if not bool((s[..., 0] > 0).all()):
+                continue
+            start, synced, end = s[..., 0], s[..., 1], s[..., 2]
+            late = start.amax(1) - start.amin(1)
+            rows.append([end.max() - start.min(), (end - start).mean(), late.mean(), late.max(),
+                         (end - start.amax(1, keepdim=True)).mean(), (synced - start).mean(),
+                         start.max() - start.min(), float(s[..., 3].unique().numel())])
+        if rows:
+            mean = torch.tensor(rows, dtype=torch.float64).mean(0)
+            names = ("span", "program", "late_partner", "worst_late_partner", "paired", "first_sync", "start_spread")
+            out[kind] = {"launches": len(rows), **{f"{n}_us": float(mean[i]) / 1e3 for i, n in enumerate(names)},
+                         "worst_late_partner_us": max(r[3] for r in rows) / 1e3, "sms": float(mean[7])}
+    return out
+
+
+def walk_clock_step(step, device: torch.device) -> dict[str, dict]:
+    """One more training ``step`` with the walk clock's earlier stamps zeroed: :func:`walk_clock_stats` of it."""
+    from titans.core.memory import triton_kernels
+
+    triton_kernels.walk_clocks_reset()
+    _sync(device)
+    step()
+    _sync(device)
+    stats = walk_clock_stats(triton_kernels.WALK_CLOCKS)
+    for kind, st in stats.items():
+        print(f"walk clock, {kind}: {st['launches']} launches, span {st['span_us']:.1f} us, program "
+              f"{st['program_us']:.1f}, late partner {st['late_partner_us']:.1f} (worst "
+              f"{st['worst_late_partner_us']:.1f}), paired {st['paired_us']:.1f}, first sync {st['first_sync_us']:.1f},"
+              f" start spread {st['start_spread_us']:.1f}, {st['sms']:.1f} SMs", flush=True)
+    return stats
+
+
+def walk_clock_table(stats: dict[str, dict]) -> str:
+    """:func:`walk_clock_stats` as a markdown table, one row per walk kind."""
+    cols = ("span", "program", "late_partner", "worst_late_partner", "paired", "first_sync", "start_spread")
+    lines = ["| walk | launches | " + " | ".join(f"{c.replace('_', ' ')} us" for c in cols) + " | SMs |",
+             "| --- " * (len(cols) + 3) + "|"]
+    for kind, st in stats.items():
+        lines.append(f"| {kind} | {st['launches']} | " + " | ".join(f"{st[c + '_us']:.1f}" for c in cols) +
+                     f" | {st['sms']:.1f} |")
+    return "\n".join(lines)
 
 
 def profile_step(step, device: torch.device, top: int) -> tuple[list[dict], dict | None]:
@@ -541,6 +604,9 @@ def main(argv=None) -> dict:
                     table += (f"\n\nBeside `{pattern}` ({near['launches']} launches, {near['ms']:.1f} ms, "
                               f"{near['concurrent']:.2f} other kernels at once): " +
                               ", ".join(f"`{n['name'][:60]}` {100 * n['share']:.0f}%" for n in near["neighbours"][:8]))
+        if r.walk_clock:
+            table += (f"\n\nThe memory walks' programs, {r.model} {r.seq_len} x {r.batch}, one training step "
+                      f"(TITANS_TRITON_WALK_CLOCK=1):\n\n" + walk_clock_table(r.walk_clock))
     atomic_write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     return result

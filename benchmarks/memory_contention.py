@@ -10,7 +10,8 @@ the slowdown in the step comes from the other streams' kernels; if the walk's me
 walks (SMs, memory, or the parts' all-reduce partners).  ``--background 0 4096`` repeats every row with bf16
 matmuls of 4096 x 4096 on one more stream beside the memory ops: how much a throughput kernel next door (the step's
 weight-gradient and feed-forward matmuls) stretches them.  Session 28 (H200): the backward walk 0.200 ms alone,
-0.247 three side by side, 0.386 in the step.
+0.247 three side by side, 0.386 in the step.  With ``TITANS_TRITON_WALK_CLOCK=1`` each row also reports what the
+walks' programs did (start, partner waits, end: the harness's ``walk_clock_stats``).
 
     TITANS_TRITON_BWD=split python benchmarks/memory_contention.py --background 0 4096 \
         --out benchmarks/results/memory_contention.json
@@ -36,16 +37,19 @@ def _kernel_means(prof) -> dict[str, dict]:
 
 
 def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, background: int = 0,
-            background_reps: int = 6) -> list[dict]:
+            background_reps: int = 6, clock_stats=None) -> list[dict]:
     """For each N in ``counts``: the memory op's forward + backward at ``shape`` (BxHxTxDxExCxL) on N streams in one
     CUDA graph; the replay's ms (mean of ``iters``) and the kernels' mean durations in one profiled replay.
     ``background`` > 0: a further stream in the same graph runs ``background_reps`` bf16 matmuls of two
     (background x background) matrices beside them, a throughput kernel that fills every SM (as the step's
     weight-gradient and feed-forward matmuls do next to the memory blocks' chains).
-    ``make_inputs`` / ``timed``: memory_kernels.py's (the same inputs and timer as its rows)."""
+    ``make_inputs`` / ``timed``: memory_kernels.py's (the same inputs and timer as its rows).  With
+    ``TITANS_TRITON_WALK_CLOCK=1`` one more replay stamps the walks' programs: ``clock_stats`` of them (the
+    harness's ``walk_clock_stats``) as the row's ``walk_clock``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from titans.core.memory import triton_kernels as tk
     from titans.core.memory.functional import neural_memory_update
 
     B, H, T, D, E, C, L = (int(x) for x in shape.split("x"))
@@ -97,22 +101,36 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, backg
             graph.replay()
             torch.cuda.synchronize()
         rows.append({"streams": n, "background": background, "replay_ms": ms, "kernels": _kernel_means(prof)})
+        if clock_stats is not None and tk.walk_clock_on():  # this graph's stamps only: the others are not replayed
+            tk.walk_clocks_reset()
+            graph.replay()
+            torch.cuda.synchronize()
+            rows[-1]["walk_clock"] = clock_stats(tk.WALK_CLOCKS)
         print(json.dumps({"shape": shape, "streams": n, "background": background, "replay_ms": ms}), flush=True)
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def _head(row: dict) -> str:
+    return f"{row['streams']} side by side" + (f", {row['background']}^2 matmuls beside" if row.get("background")
+                                               else "")
+
+
+def markdown(rows: list[dict], clock_table=None) -> str:
     """A table: one column per row of :func:`measure` (streams, matmuls beside), the replay's ms, then the mean us a
-    launch of each row's six longest kernels (by total time)."""
+    launch of each row's six longest kernels (by total time); then each row's walk clock, if it has one, through
+    ``clock_table`` (the harness's ``walk_clock_table``)."""
     names = sorted({k for r in rows for k in list(r["kernels"])[:6]})
-    heads = [f"{r['streams']} side by side" + (f", {r['background']}^2 matmuls beside" if r.get("background") else "")
-             for r in rows]
+    heads = [_head(r) for r in rows]
     lines = ["| kernel | " + " | ".join(f"{h} (us)" for h in heads) + " |",
              "| --- |" + " --- |" * len(rows),
              "| whole replay (ms) | " + " | ".join(f"{r['replay_ms']:.3f}" for r in rows) + " |"]
     for name in names:
         cells = [f"{r['kernels'][name]['mean_us']:.1f}" if name in r["kernels"] else "-" for r in rows]
         lines.append(f"| `{name[:60]}` | " + " | ".join(cells) + " |")
+    for r in rows:
+        if r.get("walk_clock") and clock_table is not None:
+            lines += ["", f"The walks' programs, {_head(r)} (TITANS_TRITON_WALK_CLOCK=1):", "",
+                      clock_table(r["walk_clock"])]
     return "\n".join(lines)
 
 
@@ -150,10 +168,11 @@ def main(argv=None) -> dict:
         raise SystemExit("memory_contention.py needs a CUDA GPU and Triton "
                          f"(CUDA available: {torch.cuda.is_available()}, Triton: {triton_available()})")
     kernels = sibling("memory_kernels")  # its inputs and timer
-    harness = sibling("harness")  # run_switches
+    harness = sibling("harness")  # run_switches, the walk clock's statistics
     matmul_sm_carveout()  # TITANS_MATMUL_SM_CARVEOUT, when set: the background matmuls leave that many SMs free
     rows = [r for size in args.background for r in measure(args.shape, args.streams, args.iters, kernels.make_inputs,
-                                                           kernels.timed, size, args.background_reps)]
+                                                           kernels.timed, size, args.background_reps,
+                                                           harness.walk_clock_stats)]
     from titans.core.memory import triton_kernels as tk
     from titans.utils.io import atomic_write_text
 
@@ -162,7 +181,7 @@ def main(argv=None) -> dict:
               "env": harness.run_switches(), "rows": rows}
     out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=2))
-    table = markdown(rows)
+    table = markdown(rows, harness.walk_clock_table)
     atomic_write_text(out.with_suffix(".md"), table + "\n")
     print(table)
     return result

@@ -262,7 +262,10 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     launched.clear()
     os.environ["TITANS_TRITON_WALK_PARTS"] = "1"
     tk.PARTS_KERNELS_FROM = 1
+    os.environ["TITANS_TRITON_WALK_CLOCK"] = "1"  # asked for, but the clock is PTX: no stamps under the interpreter
     print("PARTS_ONE", max(compare(*c) for c in cases if c[0] == 2))
+    os.environ["TITANS_TRITON_WALK_CLOCK"] = "0"
+    assert not tk.WALK_CLOCKS, tk.WALK_CLOCKS
     os.environ["TITANS_TRITON_SAVE_INNER"] = "1"
     print("PARTS_ONE_INNER", max(compare(*c) for c in cases if c[0] == 2))
     assert {("_memory_walk_parts_kernel", 1), ("_memory_walk_bwd_parts_kernel", 1)} <= set(launched), set(launched)
@@ -710,6 +713,46 @@ def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
     walks = {("_memory_walk_parts_kernel", (used, 8)), ("_memory_walk_bwd_parts_kernel", (used, 8))}
     assert walks <= set(launched) if used > 1 else not any("parts" in name for name, _ in launched)
     assert (64, 128, 2, C) not in tk.FAILED_SHAPES
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+def test_walk_clock_stamps_every_program_of_the_walks_on_gpu(monkeypatch):
+    """TITANS_TRITON_WALK_CLOCK=1: every program of a walk over 2 parts stamps its start, its first all-reduce and
+    its end (start <= synced <= end, on a real SM) and the results are those of the walks without the clock."""
+    import titans.core.memory.triton_kernels as tk
+
+    monkeypatch.setenv("TITANS_TRITON_BWD", "split")
+    monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", "2")
+    ins = _gpu_memory_inputs(64)
+    o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=64, impl="triton")
+    monkeypatch.setenv("TITANS_TRITON_WALK_CLOCK", "1")
+    monkeypatch.setattr(tk, "WALK_CLOCKS", [])
+    o2, g2 = _run(neural_memory_update_fused, ins, 2, chunk_size=64, impl="triton")
+    for a, b in zip(o2 + list(g2), o1 + list(g1)):
+        assert _rel(a, b) <= 1e-6
+    parts = tk._walk_parts(8, 128, 2, ins[0].device)
+    assert [(kind, P) for kind, P, _ in tk.WALK_CLOCKS] == ([("forward", parts), ("backward", parts)]
+                                                            if parts > 1 else [])
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for _, _, stamps in tk.WALK_CLOCKS:
+        s = stamps.cpu()
+        assert s.shape == (8 * parts, 4)
+        assert bool((s[:, 0] > 0).all() and (s[:, 0] <= s[:, 1]).all() and (s[:, 1] <= s[:, 2]).all()), s
+        assert bool(((s[:, 3] >= 0) & (s[:, 3] < sms)).all()), s[:, 3]
+    tk.walk_clocks_reset()
+    assert all(int(stamps.abs().sum()) == 0 for _, _, stamps in tk.WALK_CLOCKS)
+
+
+def test_walk_clock_switch_names_itself(monkeypatch):
+    import titans.core.memory.triton_kernels as tk
+
+    monkeypatch.setenv("TITANS_TRITON_WALK_CLOCK", "yes")
+    with pytest.raises(ValueError, match="TITANS_TRITON_WALK_CLOCK='yes'"):
+        tk.walk_clock_on()
+    monkeypatch.setenv("TITANS_TRITON_WALK_CLOCK", "1")
+    assert tk.walk_clock_on()
+    monkeypatch.delenv("TITANS_TRITON_WALK_CLOCK")
+    assert not tk.walk_clock_on()
 
 
 def test_neural_memory_backend_names_are_checked_and_triton_falls_back_while_streaming():

@@ -919,6 +919,28 @@ if triton is not None:
             tl.store(_mat(ES + cc * C * D, C, D), err)
 
     @triton.jit
+    def _now():
+        """The GPU's nanosecond clock (``%globaltimer``, one clock for every SM): the walk clock's stamps."""
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                         pack=1)
+
+    @triton.jit
+    def _clock_synced(CLK, bh, part, P: tl.constexpr, i):
+        """With the walk clock on: program (part, bh)'s second stamp, once its first all-reduce is done (every
+        partner has started and shared its first tile)."""
+        if i == 0:
+            tl.store(CLK + (bh * P + part) * 4 + 1, _now())
+
+    @triton.jit
+    def _clock_close(CLK, bh, part, P: tl.constexpr, t0):
+        """With the walk clock on: program (part, bh)'s start ``t0``, end (now) and SM into CLK[bh * P + part]."""
+        base = CLK + (bh * P + part) * 4
+        tl.store(base, t0)
+        tl.store(base + 2, _now())
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        tl.store(base + 3, sm.to(tl.int64))
+
+    @triton.jit
     def _memory_walk_parts_kernel(
         K, V, ML, MM, GL, BL, PL,
         IW1, IW2, IS1, IS2,  # the initial state (BH, ...), read
@@ -926,11 +948,14 @@ if triton is not None:
         SW1, SW2, SS1, SS2,  # each chunk's start state (BH, N, ...), written
         ZS, US, LS, ES,  # with INNER, each chunk's inner forward (as _memory_fwd_kernel stores it)
         X, F,  # the all-reduce's slots (BH, 2, P, C, D) float32 and flags (BH, P) int32, zero at launch
+        CLK,  # with CLOCK, the walk clock's stamps (BH * P, 4) int64 (see walk_clock_buffer), else unused
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
-        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr, CLOCK: tl.constexpr = False,
     ):
         """The forward's walk (``_memory_fwd_kernel`` MODE 1, depth 2) with grid (P, BH): program (part, bh) carries
         its block of the state in registers from chunk to chunk."""
+        if CLOCK:
+            t0 = _now()
         EP: tl.constexpr = E // P
         part = tl.program_id(0).to(tl.int64)  # a head's parts are neighbours in launch order (see _run_walk)
         bh = tl.program_id(1).to(tl.int64)
@@ -946,6 +971,8 @@ if triton is not None:
             _walk_fwd_save(SW1, SW2, SS1, SS2, cc, o1, o2, w1, s1, w2, s2, D, E, EP)
             z, h, share = _walk_fwd_share(k, w1, w2, DOT_BF16)
             p = _all_reduce(X, F, bh, part, c, share, P, C, D)
+            if CLOCK:
+                _clock_synced(CLK, bh, part, P, c)
             err, u, dl, w1, s1, w2, s2 = _walk_fwd_step(k, v, p, z, h, w1, s1, w2, s2, ml, mm, gl, bl, pl,
                                                         RESIDUAL, DOT_BF16)
             if INNER:
@@ -954,6 +981,8 @@ if triton is not None:
         tl.store(_blk(S1 + bh * D * E + o1, D, EP, E), s1)
         tl.store(_mat(W2 + bh * E * D + o2, EP, D), w2)
         tl.store(_mat(S2 + bh * E * D + o2, EP, D), s2)
+        if CLOCK:
+            _clock_close(CLK, bh, part, P, t0)
 
     @triton.jit
     def _memory_walk_parts_lockstep_kernel(
@@ -1070,11 +1099,14 @@ if triton is not None:
         X1, X2, XS1, XS2,  # stage 0's dy share of each chunk's start-state gradient, read
         ZS, US, ES,  # each chunk's inner forward z, u (BH, N, C, E) and err (BH, N, C, D), read
         X, F,  # the all-reduce's slots and flags, as in _memory_walk_parts_kernel
+        CLK,  # the walk clock's stamps, as in _memory_walk_parts_kernel
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
-        DOT_BF16: tl.constexpr,
+        DOT_BF16: tl.constexpr, CLOCK: tl.constexpr = False,
     ):
         """The three-stage backward's walk (stage 1, reading the inner forward from the scratch) with grid (P, BH):
         program (part, bh) walks its block of the state gradient back through the chunks."""
+        if CLOCK:
+            t0 = _now()
         EP: tl.constexpr = E // P
         part = tl.program_id(0).to(tl.int64)  # a head's parts are neighbours in launch order (see _run_walk)
         bh = tl.program_id(1).to(tl.int64)
@@ -1093,8 +1125,12 @@ if triton is not None:
             w2 = _operand(tl.load(_mat(SW2 + cc * E * D + o2, EP, D)), DOT_BF16)
             h, ddl, dh, du, share = _walk_bwd_share(k, z, err, w2, dw1n, ds1n, dw2n, ds2n, ml, mm, DOT_BF16)
             derr = _all_reduce(X, F, bh, part, i, share, P, C, D)
+            if CLOCK:
+                _clock_synced(CLK, bh, part, P, i)
             _walk_bwd_close(tw1, tw2, k, z, tl.load(_blk(US + cc * C * E + o1, C, EP, E)), err, h, w2, ddl, dh, du,
                             derr, DOT_BF16)
+        if CLOCK:
+            _clock_close(CLK, bh, part, P, t0)
 
     @triton.jit
     def _memory_walk_bwd_parts_lockstep_kernel(
@@ -1286,17 +1322,45 @@ def _walk_sync(like: Tensor, BH: int, P: int, C: int, D: int) -> tuple[Tensor, T
 PARTS_KERNELS_FROM = 2
 
 
+# With TITANS_TRITON_WALK_CLOCK=1 (a diagnostic, GPU only) every walk over parts stamps, per program, the GPU clock
+# at its start, after its first all-reduce (when every partner has started) and at its end, and its SM: one
+# (kind, P, stamps (BH * P, 4) int64 at row bh * P + part) entry a launch, kind "forward" or "backward".  Under a
+# CUDA graph the entry made at capture is rewritten by every replay; benchmarks/harness.py's walk_clock_stats reads
+# them.
+WALK_CLOCKS: list[tuple[str, int, Tensor]] = []
+
+
+def walk_clock_on() -> bool:
+    """Whether ``TITANS_TRITON_WALK_CLOCK`` ("0" or "1", "0" when unset) asks the walks to stamp their programs."""
+    raw = os.environ.get("TITANS_TRITON_WALK_CLOCK", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"TITANS_TRITON_WALK_CLOCK={raw!r}: expected 0 or 1 (stamp the memory walks' programs)")
+    return raw == "1"
+
+
+def walk_clocks_reset() -> None:
+    """Zero every stamp taken so far (kept, not dropped: a CUDA graph's replays write into the entries of its
+    capture), so that the stamps a later replay or call writes are the only ones left."""
+    for _, _, stamps in WALK_CLOCKS:
+        stamps.zero_()
+
+
 def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict) -> None:
     """A walk spread over P programs a head: grid (P, BH), or under the interpreter (P > 1) the lockstep twin, grid
-    (BH,).
+    (BH,).  ``args`` end with the all-reduce's flags; the GPU kernel also takes the walk clock's stamps (or the flags
+    again, unused, with the clock off).
 
     The part is the grid's first axis so that a head's P programs are neighbours in launch order (the GPU hands out
     a grid's programs in linear order): a program waits only for partners launched right after it, and at most one
     head per walk can be cut at the edge of what is resident, whatever else runs beside it."""
     if interpreting() and P > 1:
         _run(lockstep, (BH,), args, meta)
-    else:
-        _run(kernel, (P, BH), args, meta)
+        return
+    stamps = None
+    if walk_clock_on() and not interpreting():  # the clock is PTX: the interpreter has none
+        stamps = torch.zeros(BH * P, 4, dtype=torch.int64, device=args[-1].device)
+        WALK_CLOCKS.append(("forward" if kernel is _memory_walk_parts_kernel else "backward", P, stamps))
+    _run(kernel, (P, BH), (*args, args[-1] if stamps is None else stamps), dict(meta, CLOCK=stamps is not None))
 
 
 PARTS_FAILED: list[str] = []  # why the walks over parts were given up in this process (then one program a head)
