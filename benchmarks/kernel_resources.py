@@ -61,9 +61,15 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
         for parts in (2, 4):
             if E // parts >= 16:
                 out.append((f"forward pass 1, {parts} parts", tk._memory_walk_parts_kernel,
-                            dict(base, P=parts, INNER=False)))
+                            dict(base, P=parts, INNER=False, CLOCK=False)))
                 out.append((f"backward stage 1, {parts} parts", tk._memory_walk_bwd_parts_kernel,
-                            dict({k: v for k, v in base.items() if k != "RESIDUAL"}, P=parts)))
+                            dict({k: v for k, v in base.items() if k != "RESIDUAL"}, P=parts, CLOCK=False)))
+        # the walks with their programs stamped (TITANS_TRITON_WALK_CLOCK=1, a diagnostic): what the stamps cost
+        if E // 2 >= 16:
+            out.append(("forward pass 1, 2 parts, walk clock", tk._memory_walk_parts_kernel,
+                        dict(base, P=2, INNER=False, CLOCK=True)))
+            out.append(("backward stage 1, 2 parts, walk clock", tk._memory_walk_bwd_parts_kernel,
+                        dict({k: v for k, v in base.items() if k != "RESIDUAL"}, P=2, CLOCK=True)))
     return out
 
 
@@ -83,6 +89,8 @@ def _signature(kernel, const: dict) -> dict:
             sig[p.name] = "*bf16"  # (the split core keeps its chunk starts in float32)
         elif p.name in ("TICKET", "FLAGS", "F"):
             sig[p.name] = "*i32"
+        elif p.name == "CLK":  # the walk clock's stamps
+            sig[p.name] = "*i64"
         else:
             sig[p.name] = "*fp32"
     return sig
