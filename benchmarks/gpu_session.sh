@@ -642,6 +642,26 @@ if [ "$PART" = 46 ]; then
   kill $SMI
   finish
 fi
+if [ "$PART" = 47 ]; then
+  # session 29: PART=46 (one machine; the walk clock's first GPU run; its JSON failed on a tensor, the log kept the
+  # numbers): in MAC 65536 x 1 the backward walk's programs all start within 2.2 us of each other and no partner
+  # waits (late partner 0.1 us a head), yet each program runs 357.6 us (one memory layer: 269.0; alone in a graph
+  # ~200): the walks run slower, they do not wait.  The SM clock stayed at 1980 MHz (smi.csv).  A program owns its
+  # SM (255 registers x 256 threads), so what slows it is outside the SM: the L2 / HBM its loads, stores and
+  # spills go through.  Here the contention script with the clock, its neighbours: matmuls (compute), 256 MB copies
+  # (HBM bandwidth), 16 MB copies (L2 bandwidth; 96 a replay to cover it)
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 200 > "$RES/smi.csv" 2>&1 &
+  SMI=$!
+  step 110 memory-contention-walk-clock env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 \
+    benchmarks/memory_contention.py --background 0 4096 --background-copy 256 \
+    --out "$RES/memory_contention_walk_clock.json"
+  step 70 memory-contention-walk-clock-l2 env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 \
+    benchmarks/memory_contention.py --streams 1 3 --background 0 --background-copy 16 --background-reps 96 \
+    --out "$RES/memory_contention_walk_clock_l2.json"
+  kill $SMI
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -238,9 +238,9 @@ def walk_clock_stats(entries: list[tuple[str, int, torch.Tensor]]) -> dict[str, 
                 continue
             start, synced, end = s[..., 0], s[..., 1], s[..., 2]
             late = start.amax(1) - start.amin(1)
-            rows.append([end.max() - start.min(), (end - start).mean(), late.mean(), late.max(),
-                         (end - start.amax(1, keepdim=True)).mean(), (synced - start).mean(),
-                         start.max() - start.min(), float(s[..., 3].unique().numel())])
+            rows.append([float(x) for x in (end.max() - start.min(), (end - start).mean(), late.mean(), late.max(),
+                                             (end - start.amax(1, keepdim=True)).mean(), (synced - start).mean(),
+                                             start.max() - start.min(), s[..., 3].unique().numel())])
         if rows:
             mean = torch.tensor(rows, dtype=torch.float64).mean(0)
             names = ("span", "program", "late_partner", "worst_late_partner", "paired", "first_sync", "start_spread")

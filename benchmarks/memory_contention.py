@@ -37,12 +37,14 @@ def _kernel_means(prof) -> dict[str, dict]:
 
 
 def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, background: int = 0,
-            background_reps: int = 6, clock_stats=None) -> list[dict]:
+            background_reps: int = 6, clock_stats=None, copy_mb: int = 0) -> list[dict]:
     """For each N in ``counts``: the memory op's forward + backward at ``shape`` (BxHxTxDxExCxL) on N streams in one
     CUDA graph; the replay's ms (mean of ``iters``) and the kernels' mean durations in one profiled replay.
     ``background`` > 0: a further stream in the same graph runs ``background_reps`` bf16 matmuls of two
     (background x background) matrices beside them, a throughput kernel that fills every SM (as the step's
-    weight-gradient and feed-forward matmuls do next to the memory blocks' chains).
+    weight-gradient and feed-forward matmuls do next to the memory blocks' chains).  ``copy_mb`` > 0 instead: that
+    stream copies a buffer of ``copy_mb`` MB ``background_reps`` times, a bandwidth neighbour (HBM when the buffers
+    exceed the L2 cache, the L2 when they fit), as the step's elementwise kernels are.
     ``make_inputs`` / ``timed``: memory_kernels.py's (the same inputs and timer as its rows).  With
     ``TITANS_TRITON_WALK_CLOCK=1`` one more replay stamps the walks' programs: ``clock_stats`` of them (the
     harness's ``walk_clock_stats``) as the row's ``walk_clock``."""
@@ -65,8 +67,11 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, backg
                                                backend="triton")
             weights.append([torch.randn(o.shape, device="cuda", generator=g) for o in (y, *W, *S)])
         streams = [torch.cuda.Stream() for _ in range(n)]
-        load = ([torch.randn(background, background, device="cuda", dtype=torch.bfloat16, generator=g)
-                 for _ in range(3)] if background else [])
+        if copy_mb:
+            load = [torch.zeros(copy_mb * 2**20 // 4, device="cuda") for _ in range(2)]
+        else:
+            load = ([torch.randn(background, background, device="cuda", dtype=torch.bfloat16, generator=g)
+                     for _ in range(3)] if background else [])
         beside = torch.cuda.Stream()
 
         def step(streams=streams, inputs=inputs, weights=weights, load=load, beside=beside):
@@ -75,7 +80,10 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, backg
                 beside.wait_stream(here)
                 with torch.cuda.stream(beside):
                     for _ in range(background_reps):
-                        torch.mm(load[0], load[1], out=load[2])
+                        if copy_mb:
+                            load[1].copy_(load[0])
+                        else:
+                            torch.mm(load[0], load[1], out=load[2])
             for s, ins, w in zip(streams, inputs, weights):
                 s.wait_stream(here)
                 with torch.cuda.stream(s):
@@ -100,17 +108,21 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, backg
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graph.replay()
             torch.cuda.synchronize()
-        rows.append({"streams": n, "background": background, "replay_ms": ms, "kernels": _kernel_means(prof)})
+        rows.append({"streams": n, "background": background, "background_copy_mb": copy_mb, "replay_ms": ms,
+                     "kernels": _kernel_means(prof)})
         if clock_stats is not None and tk.walk_clock_on():  # this graph's stamps only: the others are not replayed
             tk.walk_clocks_reset()
             graph.replay()
             torch.cuda.synchronize()
             rows[-1]["walk_clock"] = clock_stats(tk.WALK_CLOCKS)
-        print(json.dumps({"shape": shape, "streams": n, "background": background, "replay_ms": ms}), flush=True)
+        print(json.dumps({"shape": shape, "streams": n, "background": background, "background_copy_mb": copy_mb,
+                          "replay_ms": ms}), flush=True)
     return rows
 
 
 def _head(row: dict) -> str:
+    if row.get("background_copy_mb"):
+        return f"{row['streams']} side by side, {row['background_copy_mb']} MB copies beside"
     return f"{row['streams']} side by side" + (f", {row['background']}^2 matmuls beside" if row.get("background")
                                                else "")
 
@@ -156,7 +168,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--background", nargs="+", type=int, default=[0],
                     help="matmul sizes to run beside the memory ops on one more stream, one set of rows each "
                          "(0: none)")
-    ap.add_argument("--background-reps", type=int, default=6, help="matmuls a replay on that stream")
+    ap.add_argument("--background-copy", nargs="*", type=int, default=[],
+                    help="buffer sizes in MB: one more set of rows each, with copies of that size beside the memory "
+                         "ops instead of matmuls (a bandwidth neighbour)")
+    ap.add_argument("--background-reps", type=int, default=6, help="matmuls (or copies) a replay on that stream")
     ap.add_argument("--out", default="benchmarks/results/memory_contention.json")
     args = ap.parse_args(argv)
     import torch
@@ -173,6 +188,9 @@ def main(argv=None) -> dict:
     rows = [r for size in args.background for r in measure(args.shape, args.streams, args.iters, kernels.make_inputs,
                                                            kernels.timed, size, args.background_reps,
                                                            harness.walk_clock_stats)]
+    rows += [r for mb in args.background_copy for r in measure(args.shape, args.streams, args.iters,
+                                                               kernels.make_inputs, kernels.timed, 0,
+                                                               args.background_reps, harness.walk_clock_stats, mb)]
     from titans.core.memory import triton_kernels as tk
     from titans.utils.io import atomic_write_text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -183,6 +184,7 @@ def test_walk_clock_stats_read_partner_waits_from_the_stamps():
     got = harness.walk_clock_stats([("backward", 2, stamps), ("backward", 2, torch.zeros(4, 4, dtype=torch.int64)),
                                     ("forward", 2, torch.zeros(4, 4, dtype=torch.int64))])
     assert list(got) == ["backward"]  # the forward's only launch has no stamps
+    assert json.loads(json.dumps(got)) == got  # plain numbers: the row's JSON (tensors here failed on the GPU)
     b = got["backward"]
     assert b["launches"] == 1 and b["sms"] == 4.0
     assert b["span_us"] == 310.0 and b["start_spread_us"] == 30.0
@@ -300,3 +302,5 @@ def test_memory_contention_names_what_it_needs_and_averages_kernels(monkeypatch)
     lines = mc.markdown(rows, harness.walk_clock_table).splitlines()
     assert lines[6] == "The walks' programs, 3 side by side, 4096^2 matmuls beside (TITANS_TRITON_WALK_CLOCK=1):"
     assert lines[-1] == "| backward | 3 | " + "1.0 | " * 7 + "48.0 |"
+    copies = mc.markdown([dict(rows[0], background=0, background_copy_mb=256)]).splitlines()
+    assert copies[0] == "| kernel | 1 side by side, 256 MB copies beside (us) |"
