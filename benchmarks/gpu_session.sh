@@ -662,6 +662,25 @@ if [ "$PART" = 47 ]; then
   kill $SMI
   finish
 fi
+if [ "$PART" = 48 ]; then
+  # session 29: PART=47 (one machine): next to 256 MB copies (HBM), 16 MB copies (L2) or 4096^2 matmuls a lone
+  # backward walk's programs run 207-210 us against 205-208 without: bandwidth neighbours do not slow it; next to
+  # the other memory ops (2 / 3 streams) they run 252 / 307-312 us, with no partner ever waiting to start.  What the
+  # walks share beyond bandwidth is their synchronisation through the L2: a walk's 16 flags sit on one cache line.
+  # The walks' flags a line apart and / or polled with plain loads (TITANS_TRITON_WALK_FLAGS / _POLL, new) in the
+  # contention script with the clock, then MAC 65536 x 1 with both against the defaults, then their GPU tests
+  CW="env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 benchmarks/memory_contention.py --streams 1 3"
+  step 50 contention-flags-lines env TITANS_TRITON_WALK_FLAGS=lines $CW --out "$RES/mc_flags_lines.json"
+  step 40 contention-poll-loads env TITANS_TRITON_WALK_POLL=loads $CW --out "$RES/mc_poll_loads.json"
+  step 40 contention-lines-loads env TITANS_TRITON_WALK_FLAGS=lines TITANS_TRITON_WALK_POLL=loads $CW \
+    --out "$RES/mc_lines_loads.json"
+  step 30 contention-defaults $CW --out "$RES/mc_defaults.json"
+  step 170 mac-65536x1-wf2048-lines-loads env TITANS_TRITON_WALK_FLAGS=lines TITANS_TRITON_WALK_POLL=loads \
+    TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_lines_loads.json"
+  mac_65536x1_defaults 80
+  kernel_tests 60 gpu-test-walk-sync meet_through_every_sync_mode gpu_test_walk_sync.txt
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

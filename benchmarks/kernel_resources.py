@@ -58,18 +58,23 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
     # the walks over P programs a head (TITANS_TRITON_WALK_PARTS, triton_kernels._walk_parts); 4 parts of hidden 128
     # (32 units a program) are below what the launcher takes on a GPU (MIN_WALK_UNITS), listed for comparison
     if L == 2:
+        walk = dict(CLOCK=False, FS=1, POLL_LOADS=False)  # the walks' defaulted compile-time arguments
+        no_res = {k: v for k, v in base.items() if k != "RESIDUAL"}
         for parts in (2, 4):
             if E // parts >= 16:
                 out.append((f"forward pass 1, {parts} parts", tk._memory_walk_parts_kernel,
-                            dict(base, P=parts, INNER=False, CLOCK=False)))
+                            dict(base, P=parts, INNER=False, **walk)))
                 out.append((f"backward stage 1, {parts} parts", tk._memory_walk_bwd_parts_kernel,
-                            dict({k: v for k, v in base.items() if k != "RESIDUAL"}, P=parts, CLOCK=False)))
-        # the walks with their programs stamped (TITANS_TRITON_WALK_CLOCK=1, a diagnostic): what the stamps cost
+                            dict(no_res, P=parts, **walk)))
+        # the walks with their programs stamped (TITANS_TRITON_WALK_CLOCK=1, a diagnostic): what the stamps cost;
+        # with their flags a line apart and polled with loads (TITANS_TRITON_WALK_FLAGS=lines, _POLL=loads)
         if E // 2 >= 16:
-            out.append(("forward pass 1, 2 parts, walk clock", tk._memory_walk_parts_kernel,
-                        dict(base, P=2, INNER=False, CLOCK=True)))
-            out.append(("backward stage 1, 2 parts, walk clock", tk._memory_walk_bwd_parts_kernel,
-                        dict({k: v for k, v in base.items() if k != "RESIDUAL"}, P=2, CLOCK=True)))
+            for what, extra in (("walk clock", dict(walk, CLOCK=True)),
+                                ("flags on lines, polled with loads", dict(walk, FS=32, POLL_LOADS=True))):
+                out.append((f"forward pass 1, 2 parts, {what}", tk._memory_walk_parts_kernel,
+                            dict(base, P=2, INNER=False, **extra)))
+                out.append((f"backward stage 1, 2 parts, {what}", tk._memory_walk_bwd_parts_kernel,
+                            dict(no_res, P=2, **extra)))
     return out
 
 

@@ -266,6 +266,10 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     print("PARTS_ONE", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_WALK_CLOCK"] = "0"
     assert not tk.WALK_CLOCKS, tk.WALK_CLOCKS
+    os.environ["TITANS_TRITON_WALK_FLAGS"] = "lines"  # the flags a line apart, polled with loads
+    os.environ["TITANS_TRITON_WALK_POLL"] = "loads"
+    print("PARTS_ONE_SYNC", max(compare(*c) for c in cases if c[0] == 2))
+    del os.environ["TITANS_TRITON_WALK_FLAGS"], os.environ["TITANS_TRITON_WALK_POLL"]
     os.environ["TITANS_TRITON_SAVE_INNER"] = "1"
     print("PARTS_ONE_INNER", max(compare(*c) for c in cases if c[0] == 2))
     assert {("_memory_walk_parts_kernel", 1), ("_memory_walk_bwd_parts_kernel", 1)} <= set(launched), set(launched)
@@ -333,6 +337,7 @@ def test_triton_kernels_under_interpreter():
     assert float(err["PARTS"]) <= 5e-5 and float(err["PARTS_INNER"]) <= 5e-5, err
     # the GPU's parts kernels (their all-reduce and flags) with one program a head
     assert float(err["PARTS_ONE"]) <= 5e-5 and float(err["PARTS_ONE_INNER"]) <= 5e-5, err
+    assert float(err["PARTS_ONE_SYNC"]) <= 5e-5, err
     assert float(err["PARTS_FALLBACK"]) <= 5e-5, err  # parts that do not fit: one program a head, same numbers
     assert float(err["TWOPASS"]) <= 5e-5, err  # depth 2: the two-pass backward
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
@@ -741,6 +746,40 @@ def test_walk_clock_stamps_every_program_of_the_walks_on_gpu(monkeypatch):
         assert bool(((s[:, 3] >= 0) & (s[:, 3] < sms)).all()), s[:, 3]
     tk.walk_clocks_reset()
     assert all(int(stamps.abs().sum()) == 0 for _, _, stamps in tk.WALK_CLOCKS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("flags,poll", [("lines", "atomic"), ("packed", "loads"), ("lines", "loads")])
+def test_walks_over_parts_meet_through_every_sync_mode_on_gpu(flags, poll, monkeypatch):
+    """The walks over 2 parts with their flags a line apart and / or polled with loads (walk_sync_mode) == the
+    PyTorch core, forward and every gradient, float32 q / k / v."""
+    import titans.core.memory.triton_kernels as tk
+
+    monkeypatch.setenv("TITANS_TRITON_BWD", "split")
+    monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", "2")
+    monkeypatch.setenv("TITANS_TRITON_WALK_FLAGS", flags)
+    monkeypatch.setenv("TITANS_TRITON_WALK_POLL", poll)
+    ins = _gpu_memory_inputs(64)
+    o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=64)
+    o2, g2 = _run(neural_memory_update_fused, ins, 2, chunk_size=64, impl="triton")
+    for a, b in zip(o2 + list(g2), o1 + list(g1)):
+        assert _rel(a, b) <= 5e-2
+    assert (64, 128, 2, 64) not in tk.FAILED_SHAPES and not tk.PARTS_FAILED
+
+
+def test_walk_sync_switches_name_themselves(monkeypatch):
+    import titans.core.memory.triton_kernels as tk
+
+    assert tk.walk_sync_mode() == (1, False)  # the defaults: packed flags, atomic polling
+    monkeypatch.setenv("TITANS_TRITON_WALK_FLAGS", "lines")
+    monkeypatch.setenv("TITANS_TRITON_WALK_POLL", "loads")
+    assert tk.walk_sync_mode() == (32, True)
+    monkeypatch.setenv("TITANS_TRITON_WALK_POLL", "spin")
+    with pytest.raises(ValueError, match="TITANS_TRITON_WALK_POLL='spin'"):
+        tk.walk_sync_mode()
+    monkeypatch.setenv("TITANS_TRITON_WALK_FLAGS", "wide")
+    with pytest.raises(ValueError, match="TITANS_TRITON_WALK_FLAGS='wide'"):
+        tk.walk_sync_mode()
 
 
 def test_walk_clock_switch_names_itself(monkeypatch):

@@ -842,17 +842,34 @@ if triton is not None:
         tl.debug_barrier()
 
     @triton.jit
-    def _all_reduce(X, F, bh, part, i, tile, P: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
+    def _await_loads(flag, value):
+        """:func:`_await` polling with plain loads (``ld.volatile``, every thread; no read-modify-write holding the
+        flag's line at the L2), then one acquire read-modify-write of the flag, which synchronises with the
+        partner's release as the polling one does."""
+        seen = tl.load(flag, volatile=True)
+        while seen < value:
+            seen = tl.load(flag, volatile=True)
+        tl.atomic_add(flag, 0, sem="acquire")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _all_reduce(X, F, bh, part, i, tile, P: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+                    FS: tl.constexpr = 1, POLL_LOADS: tl.constexpr = False):
         """The sum of ``tile`` (C, D) over the P programs of head ``bh`` at step ``i``: each stores its own in slot
-        X[bh, i % 2, part] (X: (BH, 2, P, C, D)), publishes F[bh, part] = i + 1 and waits for every partner's; all
-        then add the P slots in part order, the same float32 sum in each.  Two generations of slots: a program
-        overwrites a slot two steps later, after every partner published the step after the one that read it.
-        Loads bypass L1 (``.cg``): the slot's previous generation may still sit there."""
+        X[bh, i % 2, part] (X: (BH, 2, P, C, D)), publishes its flag F[(bh * P + part) * FS] = i + 1 and waits for
+        every partner's; all then add the P slots in part order, the same float32 sum in each.  Two generations of
+        slots: a program overwrites a slot two steps later, after every partner published the step after the one
+        that read it.  Loads bypass L1 (``.cg``): the slot's previous generation may still sit there.  ``FS``: int32
+        elements from one flag to the next (32: a 128-byte line each); ``POLL_LOADS``: wait with
+        :func:`_await_loads` (see :func:`walk_sync_mode`)."""
         base = X + (bh * 2 + i % 2) * P * C * D
         tl.store(_mat(base + part * C * D, C, D), tile)
-        _publish(F + bh * P + part, i + 1)
+        _publish(F + (bh * P + part) * FS, i + 1)
         for f in tl.static_range(P):
-            _await(F + bh * P + f, i + 1)
+            if POLL_LOADS:
+                _await_loads(F + (bh * P + f) * FS, i + 1)
+            else:
+                _await(F + (bh * P + f) * FS, i + 1)
         return _slots_sum(base, P, C, D)
 
     @triton.jit
@@ -948,9 +965,10 @@ if triton is not None:
         SW1, SW2, SS1, SS2,  # each chunk's start state (BH, N, ...), written
         ZS, US, LS, ES,  # with INNER, each chunk's inner forward (as _memory_fwd_kernel stores it)
         X, F,  # the all-reduce's slots (BH, 2, P, C, D) float32 and flags (BH, P) int32, zero at launch
-        CLK,  # with CLOCK, the walk clock's stamps (BH * P, 4) int64 (see walk_clock_buffer), else unused
+        CLK,  # with CLOCK, the walk clock's stamps (BH * P, 4) int64 (see WALK_CLOCKS), else unused
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr, CLOCK: tl.constexpr = False,
+        FS: tl.constexpr = 1, POLL_LOADS: tl.constexpr = False,  # the all-reduce's flags (walk_sync_mode)
     ):
         """The forward's walk (``_memory_fwd_kernel`` MODE 1, depth 2) with grid (P, BH): program (part, bh) carries
         its block of the state in registers from chunk to chunk."""
@@ -970,7 +988,7 @@ if triton is not None:
             cc = bh * N + c
             _walk_fwd_save(SW1, SW2, SS1, SS2, cc, o1, o2, w1, s1, w2, s2, D, E, EP)
             z, h, share = _walk_fwd_share(k, w1, w2, DOT_BF16)
-            p = _all_reduce(X, F, bh, part, c, share, P, C, D)
+            p = _all_reduce(X, F, bh, part, c, share, P, C, D, FS, POLL_LOADS)
             if CLOCK:
                 _clock_synced(CLK, bh, part, P, c)
             err, u, dl, w1, s1, w2, s2 = _walk_fwd_step(k, v, p, z, h, w1, s1, w2, s2, ml, mm, gl, bl, pl,
@@ -1102,6 +1120,7 @@ if triton is not None:
         CLK,  # the walk clock's stamps, as in _memory_walk_parts_kernel
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
         DOT_BF16: tl.constexpr, CLOCK: tl.constexpr = False,
+        FS: tl.constexpr = 1, POLL_LOADS: tl.constexpr = False,  # the all-reduce's flags (walk_sync_mode)
     ):
         """The three-stage backward's walk (stage 1, reading the inner forward from the scratch) with grid (P, BH):
         program (part, bh) walks its block of the state gradient back through the chunks."""
@@ -1124,7 +1143,7 @@ if triton is not None:
             err = tl.load(_mat(ES + cc * C * D, C, D))
             w2 = _operand(tl.load(_mat(SW2 + cc * E * D + o2, EP, D)), DOT_BF16)
             h, ddl, dh, du, share = _walk_bwd_share(k, z, err, w2, dw1n, ds1n, dw2n, ds2n, ml, mm, DOT_BF16)
-            derr = _all_reduce(X, F, bh, part, i, share, P, C, D)
+            derr = _all_reduce(X, F, bh, part, i, share, P, C, D, FS, POLL_LOADS)
             if CLOCK:
                 _clock_synced(CLK, bh, part, P, i)
             _walk_bwd_close(tw1, tw2, k, z, tl.load(_blk(US + cc * C * E + o1, C, EP, E)), err, h, w2, ddl, dh, du,
@@ -1311,10 +1330,31 @@ def _walk_parts(BH: int, E: int, L: int, device: torch.device | None = None) -> 
     return parts
 
 
+def walk_sync_mode() -> tuple[int, bool]:
+    """How the walks' parts meet at their all-reduce: (flag stride, poll with loads).
+
+    ``TITANS_TRITON_WALK_FLAGS``: "packed" (default; a walk's BH * P flags side by side, 64 bytes at MAC's shape:
+    one cache line, so every program of the walk polls the same line) or "lines" (each flag on a 128-byte line of
+    its own).  ``TITANS_TRITON_WALK_POLL``: "atomic" (default; spin on acquire read-modify-writes) or "loads" (spin
+    on plain loads, then one acquire read-modify-write).  Why: the walk clock showed the walks' programs slowing
+    each other (206 us alone, 307 three side by side, 358 in MAC's 65536 x 1 step) with no partner waiting to start
+    and no slowdown from copies or matmuls beside (benchmarks/RESULTS.md section 6, session 29): what walks share is
+    their synchronisation through the L2."""
+    flags = os.environ.get("TITANS_TRITON_WALK_FLAGS", "packed")
+    poll = os.environ.get("TITANS_TRITON_WALK_POLL", "atomic")
+    if flags not in ("packed", "lines"):
+        raise ValueError(f"TITANS_TRITON_WALK_FLAGS={flags!r}: expected packed or lines")
+    if poll not in ("atomic", "loads"):
+        raise ValueError(f"TITANS_TRITON_WALK_POLL={poll!r}: expected atomic or loads")
+    return (32 if flags == "lines" else 1), poll == "loads"
+
+
 def _walk_sync(like: Tensor, BH: int, P: int, C: int, D: int) -> tuple[Tensor, Tensor]:
-    """The all-reduce's slots (BH, 2, P, C, D) float32 and its flags (BH * P) int32, zero, for one parts launch."""
+    """The all-reduce's slots (BH, 2, P, C, D) float32 and its flags (BH * P flags, ``walk_sync_mode``'s stride
+    apart) int32, zero, for one parts launch."""
+    stride, _ = walk_sync_mode()
     return (like.new_empty(BH, 2, P, C, D, dtype=torch.float32),
-            torch.zeros(BH * P, dtype=torch.int32, device=like.device))
+            torch.zeros(BH * P * stride, dtype=torch.int32, device=like.device))
 
 
 # the smallest part count that takes the walks over parts (tests set 1: the GPU kernels, all-reduce and flags
@@ -1360,7 +1400,9 @@ def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict) -> None:
     if walk_clock_on() and not interpreting():  # the clock is PTX: the interpreter has none
         stamps = torch.zeros(BH * P, 4, dtype=torch.int64, device=args[-1].device)
         WALK_CLOCKS.append(("forward" if kernel is _memory_walk_parts_kernel else "backward", P, stamps))
-    _run(kernel, (P, BH), (*args, args[-1] if stamps is None else stamps), dict(meta, CLOCK=stamps is not None))
+    stride, loads = walk_sync_mode()
+    _run(kernel, (P, BH), (*args, args[-1] if stamps is None else stamps),
+         dict(meta, CLOCK=stamps is not None, FS=stride, POLL_LOADS=loads))
 
 
 PARTS_FAILED: list[str] = []  # why the walks over parts were given up in this process (then one program a head)
