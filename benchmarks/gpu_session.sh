@@ -681,6 +681,15 @@ if [ "$PART" = 48 ]; then
   kernel_tests 60 gpu-test-walk-sync meet_through_every_sync_mode gpu_test_walk_sync.txt
   finish
 fi
+if [ "$PART" = 49 ]; then
+  # session 29: PART=48 (one machine): polling the partners' flags with plain loads took the backward walk's
+  # programs from 206.6 / 289.8 us (alone / three side by side) to 193.6 / 262.8; flags a line apart alone changed
+  # nothing; MAC 65536 x 1 with both 279,337 tokens/s against 273,202 with the former mode.  Both are now the
+  # defaults: the flat-scaling pair with them on one machine
+  mac_65536x1_defaults 160
+  mac_4096x8_defaults 115
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -266,8 +266,8 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     print("PARTS_ONE", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_WALK_CLOCK"] = "0"
     assert not tk.WALK_CLOCKS, tk.WALK_CLOCKS
-    os.environ["TITANS_TRITON_WALK_FLAGS"] = "lines"  # the flags a line apart, polled with loads
-    os.environ["TITANS_TRITON_WALK_POLL"] = "loads"
+    os.environ["TITANS_TRITON_WALK_FLAGS"] = "packed"  # the flags side by side, polled with acquire reads
+    os.environ["TITANS_TRITON_WALK_POLL"] = "atomic"
     print("PARTS_ONE_SYNC", max(compare(*c) for c in cases if c[0] == 2))
     del os.environ["TITANS_TRITON_WALK_FLAGS"], os.environ["TITANS_TRITON_WALK_POLL"]
     os.environ["TITANS_TRITON_SAVE_INNER"] = "1"
@@ -749,10 +749,11 @@ def test_walk_clock_stamps_every_program_of_the_walks_on_gpu(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("flags,poll", [("lines", "atomic"), ("packed", "loads"), ("lines", "loads")])
+@pytest.mark.parametrize("flags,poll", [("lines", "atomic"), ("packed", "loads"), ("packed", "atomic")])
 def test_walks_over_parts_meet_through_every_sync_mode_on_gpu(flags, poll, monkeypatch):
-    """The walks over 2 parts with their flags a line apart and / or polled with loads (walk_sync_mode) == the
-    PyTorch core, forward and every gradient, float32 q / k / v."""
+    """The walks over 2 parts with their flags side by side and / or polled with acquire reads (walk_sync_mode; the
+    default, lines and loads, runs in every other GPU test) == the PyTorch core, forward and every gradient, float32
+    q / k / v."""
     import titans.core.memory.triton_kernels as tk
 
     monkeypatch.setenv("TITANS_TRITON_BWD", "split")
@@ -770,10 +771,12 @@ def test_walks_over_parts_meet_through_every_sync_mode_on_gpu(flags, poll, monke
 def test_walk_sync_switches_name_themselves(monkeypatch):
     import titans.core.memory.triton_kernels as tk
 
-    assert tk.walk_sync_mode() == (1, False)  # the defaults: packed flags, atomic polling
-    monkeypatch.setenv("TITANS_TRITON_WALK_FLAGS", "lines")
-    monkeypatch.setenv("TITANS_TRITON_WALK_POLL", "loads")
-    assert tk.walk_sync_mode() == (32, True)
+    monkeypatch.delenv("TITANS_TRITON_WALK_FLAGS", raising=False)
+    monkeypatch.delenv("TITANS_TRITON_WALK_POLL", raising=False)
+    assert tk.walk_sync_mode() == (32, True)  # the defaults: a flag a line, polled with loads
+    monkeypatch.setenv("TITANS_TRITON_WALK_FLAGS", "packed")
+    monkeypatch.setenv("TITANS_TRITON_WALK_POLL", "atomic")
+    assert tk.walk_sync_mode() == (1, False)
     monkeypatch.setenv("TITANS_TRITON_WALK_POLL", "spin")
     with pytest.raises(ValueError, match="TITANS_TRITON_WALK_POLL='spin'"):
         tk.walk_sync_mode()

@@ -37,7 +37,8 @@ launches) run over 2 programs a head where that keeps a walk within 32 programs,
 units and all-reducing one (C, D) tile a chunk with its partner through global memory
 (``_memory_walk_parts_kernel`` / ``_memory_walk_bwd_parts_kernel``): on an H200 the two walks of a MAC segment took
 0.436 instead of 0.616 ms and MAC 65536 x 1 trained at 253K instead of 231K tokens/s (benchmarks/RESULTS.md section
-6, session 24).
+6, session 24).  A program waits for its partners' flags spinning on plain loads, each flag on a line of its own
+(:func:`walk_sync_mode`: the backward walk 6-9% shorter than with acquire reads through shared memory, session 29).
 
 Depth 2 (more than one chunk) takes a three-stage backward (``_memory_bwd3_kernel``: the dy share in
 parallel, the state-gradient recurrence over the dWn share alone, the dWn share in parallel): on an H100
@@ -1331,21 +1332,22 @@ def _walk_parts(BH: int, E: int, L: int, device: torch.device | None = None) -> 
 
 
 def walk_sync_mode() -> tuple[int, bool]:
-    """How the walks' parts meet at their all-reduce: (flag stride, poll with loads).
+    """How the walks' parts meet at their all-reduce: (flag stride in int32 elements, poll with plain loads).
 
-    ``TITANS_TRITON_WALK_FLAGS``: "packed" (default; a walk's BH * P flags side by side, 64 bytes at MAC's shape:
-    one cache line, so every program of the walk polls the same line) or "lines" (each flag on a 128-byte line of
-    its own).  ``TITANS_TRITON_WALK_POLL``: "atomic" (default; spin on acquire read-modify-writes) or "loads" (spin
-    on plain loads, then one acquire read-modify-write).  Why: the walk clock showed the walks' programs slowing
-    each other (206 us alone, 307 three side by side, 358 in MAC's 65536 x 1 step) with no partner waiting to start
-    and no slowdown from copies or matmuls beside (benchmarks/RESULTS.md section 6, session 29): what walks share is
-    their synchronisation through the L2."""
-    flags = os.environ.get("TITANS_TRITON_WALK_FLAGS", "packed")
-    poll = os.environ.get("TITANS_TRITON_WALK_POLL", "atomic")
+    ``TITANS_TRITON_WALK_POLL``: "loads" (default: every thread spins on ``ld.volatile`` of the partner's flag, then
+    one acquire load orders what follows) or "atomic" (Triton's acquire read of the flag, which one thread makes and
+    hands to the others through shared memory and a barrier on every turn of the spin).  ``TITANS_TRITON_WALK_FLAGS``:
+    "lines" (default: each flag on a 128-byte line of its own) or "packed" (a walk's BH * P flags side by side, all
+    16 on one line at MAC's shape).  Measured on an H200 (benchmarks/RESULTS.md section 6, session 29): the
+    backward walk's programs 193.6 / 262.8 us alone / three side by side with loads against 206.6 / 289.8 with the
+    atomic polling (``memory_contention.py``); lines alone changed nothing there; MAC 65536 x 1 279.3K tokens/s with
+    lines + loads against 273.2K with packed + atomic (one machine)."""
+    flags = os.environ.get("TITANS_TRITON_WALK_FLAGS", "lines")
+    poll = os.environ.get("TITANS_TRITON_WALK_POLL", "loads")
     if flags not in ("packed", "lines"):
-        raise ValueError(f"TITANS_TRITON_WALK_FLAGS={flags!r}: expected packed or lines")
+        raise ValueError(f"TITANS_TRITON_WALK_FLAGS={flags!r}: expected lines or packed")
     if poll not in ("atomic", "loads"):
-        raise ValueError(f"TITANS_TRITON_WALK_POLL={poll!r}: expected atomic or loads")
+        raise ValueError(f"TITANS_TRITON_WALK_POLL={poll!r}: expected loads or atomic")
     return (32 if flags == "lines" else 1), poll == "loads"
 
 
