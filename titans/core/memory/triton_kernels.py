@@ -844,9 +844,11 @@ if triton is not None:
 
     @triton.jit
     def _await_loads(flag, value):
-        """:func:`_await` polling with plain loads (``ld.volatile``, every thread; no read-modify-write holding the
-        flag's line at the L2), then one acquire read-modify-write of the flag, which synchronises with the
-        partner's release as the polling one does."""
+        """:func:`_await` polling with plain loads (``ld.volatile`` by every thread, each warp leaving the spin on
+        its own), then one acquire read of the flag (Triton makes ``atomic_add(flag, 0, "acquire")`` one thread's
+        ``ld.acquire``), which synchronises with the partner's release, and the barrier that orders every thread's
+        later loads behind it.  :func:`_await` instead makes that acquire read on every turn of the spin and hands
+        it to the other threads through shared memory and a barrier."""
         seen = tl.load(flag, volatile=True)
         while seen < value:
             seen = tl.load(flag, volatile=True)
@@ -965,7 +967,7 @@ if triton is not None:
         W1, W2, S1, S2,  # the final state (BH, ...), written
         SW1, SW2, SS1, SS2,  # each chunk's start state (BH, N, ...), written
         ZS, US, LS, ES,  # with INNER, each chunk's inner forward (as _memory_fwd_kernel stores it)
-        X, F,  # the all-reduce's slots (BH, 2, P, C, D) float32 and flags (BH, P) int32, zero at launch
+        X, F,  # the all-reduce's slots (BH, 2, P, C, D) float32 and flags (BH * P, FS apart) int32, zero at launch
         CLK,  # with CLOCK, the walk clock's stamps (BH * P, 4) int64 (see WALK_CLOCKS), else unused
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr, CLOCK: tl.constexpr = False,
@@ -1368,7 +1370,8 @@ PARTS_KERNELS_FROM = 2
 # at its start, after its first all-reduce (when every partner has started) and at its end, and its SM: one
 # (kind, P, stamps (BH * P, 4) int64 at row bh * P + part) entry a launch, kind "forward" or "backward".  Under a
 # CUDA graph the entry made at capture is rewritten by every replay; benchmarks/harness.py's walk_clock_stats reads
-# them.
+# them.  Entries accumulate for the life of the process (512 bytes of GPU memory a launch at MAC's shape): a switch
+# for benchmark runs, not for training.
 WALK_CLOCKS: list[tuple[str, int, Tensor]] = []
 
 
