@@ -58,8 +58,7 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
     # the walks over P programs a head (TITANS_TRITON_WALK_PARTS, triton_kernels._walk_parts); 4 parts of hidden 128
     # (32 units a program) are below what the launcher takes on a GPU (MIN_WALK_UNITS), listed for comparison
     if L == 2:
-        stride, loads = tk.walk_sync_mode()
-        walk = dict(CLOCK=False, FS=stride, POLL_LOADS=loads)  # the walks' compile-time arguments as launched
+        walk = dict(CLOCK=False, **tk.walk_sync_mode())  # the walks' compile-time arguments as launched
         no_res = {k: v for k, v in base.items() if k != "RESIDUAL"}
         for parts in (2, 4):
             if E // parts >= 16:
@@ -68,10 +67,13 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
                 out.append((f"backward stage 1, {parts} parts", tk._memory_walk_bwd_parts_kernel,
                             dict(no_res, P=parts, **walk)))
         # the walks with their programs stamped (TITANS_TRITON_WALK_CLOCK=1, a diagnostic): what the stamps cost;
-        # with their flags side by side, polled with acquire reads (TITANS_TRITON_WALK_FLAGS=packed, _POLL=atomic)
+        # with their flags side by side, polled with acquire reads (TITANS_TRITON_WALK_FLAGS=packed, _POLL=atomic);
+        # waiting on the partner's flag only (TITANS_TRITON_WALK_POLL=partners)
         if E // 2 >= 16:
             for what, extra in (("walk clock", dict(walk, CLOCK=True)),
-                                ("flags packed, polled with acquire reads", dict(walk, FS=1, POLL_LOADS=False))):
+                                ("flags packed, polled with acquire reads",
+                                 dict(walk, FS=1, POLL_LOADS=False, PARTNERS=False)),
+                                ("partners' flags only", dict(walk, POLL_LOADS=True, PARTNERS=True))):
                 out.append((f"forward pass 1, 2 parts, {what}", tk._memory_walk_parts_kernel,
                             dict(base, P=2, INNER=False, **extra)))
                 out.append((f"backward stage 1, 2 parts, {what}", tk._memory_walk_bwd_parts_kernel,
