@@ -68,6 +68,11 @@ mac_65536x1_defaults() {  # the flat-scaling row: MAC 65536 x 1 through the wave
   local limit=$1; shift
   step "$limit" mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF "$@" --out "$RES/h_wf2048_defaults.json"
 }
+smi_start() {  # the GPU's SM clock, power, temperature and clock-event reasons every 200 ms into $RES/smi.csv
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 200 > "$RES/smi.csv" 2>&1 &
+  SMI=$!
+}
 mac_4096x8_defaults() {  # its denominator: MAC 4096 x 8 in one pass
   step "$1" mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
 }
@@ -627,9 +632,7 @@ if [ "$PART" = 46 ]; then
   # program's start, first all-reduce and end: first the contention script, then MAC 65536 x 1 with three memory
   # layers and with one, then the defaults without the clock (its cost), then the clock's GPU test.  The GPU's SM
   # clock and power are sampled all along (smi.csv: is the step's clock lower than the script's?)
-  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-    --format=csv -lms 200 > "$RES/smi.csv" 2>&1 &
-  SMI=$!
+  smi_start
   step 80 memory-contention-walk-clock env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 \
     benchmarks/memory_contention.py --background 0 4096 --out "$RES/memory_contention_walk_clock.json"
   step 185 mac-65536x1-wf2048-walk-clock env TITANS_TRITON_WALK_CLOCK=1 TITANS_TRITON_BWD=split $WF \
@@ -639,7 +642,7 @@ if [ "$PART" = 46 ]; then
     --out "$RES/h_wf2048_one_memory_layer_walk_clock.json"
   mac_65536x1_defaults 100
   kernel_tests 90 gpu-test-walk-clock walk_clock gpu_test_walk_clock.txt
-  kill $SMI
+  kill $SMI  # smi_start's sampler
   finish
 fi
 if [ "$PART" = 47 ]; then
@@ -650,16 +653,14 @@ if [ "$PART" = 47 ]; then
   # SM (255 registers x 256 threads), so what slows it is outside the SM: the L2 / HBM its loads, stores and
   # spills go through.  Here the contention script with the clock, its neighbours: matmuls (compute), 256 MB copies
   # (HBM bandwidth), 16 MB copies (L2 bandwidth; 96 a replay to cover it)
-  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
-    --format=csv -lms 200 > "$RES/smi.csv" 2>&1 &
-  SMI=$!
+  smi_start
   step 110 memory-contention-walk-clock env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 \
     benchmarks/memory_contention.py --background 0 4096 --background-copy 256 \
     --out "$RES/memory_contention_walk_clock.json"
   step 70 memory-contention-walk-clock-l2 env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 \
     benchmarks/memory_contention.py --streams 1 3 --background 0 --background-copy 16 --background-reps 96 \
     --out "$RES/memory_contention_walk_clock_l2.json"
-  kill $SMI
+  kill $SMI  # smi_start's sampler
   finish
 fi
 if [ "$PART" = 48 ]; then
