@@ -696,7 +696,7 @@ if [ "$PART" = 50 ]; then
   # their flags with loads by default, 279,970 vs 376,648 tokens/s = 0.743x.  A walk's program still waits on its
   # own flag (set by itself) each step: one acquire read and barrier more at 2 parts; TITANS_TRITON_WALK_POLL=partners
   # (new, interpreter-tested with one part only) waits on the partner's alone.  The contention script with the clock
-  # (loads, the default, then partners), MAC 65536 x 1 with partners against the defaults, then its GPU tests
+  # (loads, the default, then partners), its GPU tests, MAC 65536 x 1 with partners against the defaults
   CW="env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 benchmarks/memory_contention.py --streams 1 3"
   step 50 contention-loads $CW --out "$RES/mc_loads.json"
   step 40 contention-partners env TITANS_TRITON_WALK_POLL=partners $CW --out "$RES/mc_partners.json"
@@ -704,8 +704,17 @@ if [ "$PART" = 50 ]; then
   step 170 mac-65536x1-wf2048-partners env TITANS_TRITON_WALK_POLL=partners TITANS_TRITON_BWD=split $WF \
     --out "$RES/h_wf2048_partners.json"
   mac_65536x1_defaults 80
-  step 80 mac-65536x1-wf2048-partners-again env TITANS_TRITON_WALK_POLL=partners TITANS_TRITON_BWD=split $WF \
-    --out "$RES/h_wf2048_partners_again.json"
+  # the walks over 4 parts, refused on the GPU since session 24's illegal memory access (forward walk, float32
+  # q / k / v, the former polling); with the loads polling the backward walk over 4 parts spills 408 B a thread
+  # against 1,296 at 2 (kernel_resources.py on the CPU).  Their GPU test (a process of its own), then, if it passed,
+  # MAC 65536 x 1 over 4 parts (MIN_WALK_UNITS lowered for that process only)
+  kernel_tests 60 gpu-test-four-parts four_parts gpu_test_four_parts.txt
+  if grep -qE "^\.\. +\[100%\]" "$RES/gpu_test_four_parts.txt"; then  # both passed (-q prints no summary here)
+    step 90 mac-65536x1-wf2048-four-parts env TITANS_TRITON_WALK_PARTS=4 TITANS_TRITON_BWD=split python3 -c \
+      "import runpy, sys; import titans.core.memory.triton_kernels as tk; tk.MIN_WALK_UNITS = 32; \
+      sys.argv[0] = 'benchmarks/harness.py'; runpy.run_path('benchmarks/harness.py', run_name='__main__')" \
+      ${WF#python3 benchmarks/harness.py} --out "$RES/h_wf2048_four_parts.json"
+  fi
   finish
 fi
 if [ "$PART" = 6 ]; then

@@ -771,6 +771,29 @@ def test_walks_over_parts_meet_through_every_sync_mode_on_gpu(flags, poll, monke
     assert (64, 128, 2, 64) not in tk.FAILED_SHAPES and not tk.PARTS_FAILED
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("narrow", [False, True])
+def test_walks_over_four_parts_on_gpu(narrow, monkeypatch):
+    """The walks over 4 parts (32 hidden units a program), which the launcher refuses on the GPU (MIN_WALK_UNITS:
+    session 24's illegal memory access in the forward walk with float32 q / k / v, polling with acquire reads), here
+    allowed, with the default polling: == the PyTorch core, forward and every gradient, float32 or bf16 q / k / v.
+    Run in a process of its own: an illegal access leaves the CUDA context unusable."""
+    import titans.core.memory.triton_kernels as tk
+
+    monkeypatch.setenv("TITANS_TRITON_BWD", "split")
+    monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", "4")
+    monkeypatch.setattr(tk, "MIN_WALK_UNITS", 32)
+    ins = _gpu_memory_inputs(64)
+    assert tk._walk_parts(8, 128, 2, ins[0].device) == 4
+    o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=64)
+    case = [t.detach().bfloat16().requires_grad_() if narrow and i < 3 else t for i, t in enumerate(ins)]
+    o2, g2 = _run(lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton"), case, 2, chunk_size=64)
+    torch.cuda.synchronize()
+    for a, b in zip(o2 + list(g2), o1 + list(g1)):
+        assert _rel(a.float(), b) <= 5e-2
+    assert not tk.PARTS_FAILED and (64, 128, 2, 64) not in tk.FAILED_SHAPES
+
+
 def test_walk_sync_switches_name_themselves(monkeypatch):
     import titans.core.memory.triton_kernels as tk
 
