@@ -696,11 +696,12 @@ if [ "$PART" = 50 ]; then
   # their flags with loads by default, 279,970 vs 376,648 tokens/s = 0.743x.  A walk's program still waits on its
   # own flag (set by itself) each step: one acquire read and barrier more at 2 parts; TITANS_TRITON_WALK_POLL=partners
   # (new, interpreter-tested with one part only) waits on the partner's alone.  The contention script with the clock
-  # (loads, the default, then partners), its GPU tests, MAC 65536 x 1 with partners against the defaults
+  # (loads, the default, then partners; the clock now also sums each program's time inside its all-reduces),
+  # its GPU tests, MAC 65536 x 1 with partners against the defaults
   CW="env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 benchmarks/memory_contention.py --streams 1 3"
   step 50 contention-loads $CW --out "$RES/mc_loads.json"
   step 40 contention-partners env TITANS_TRITON_WALK_POLL=partners $CW --out "$RES/mc_partners.json"
-  kernel_tests 60 gpu-test-walk-sync meet_through_every_sync_mode gpu_test_walk_sync.txt
+  kernel_tests 60 gpu-test-walk-sync 'meet_through_every_sync_mode or walk_clock' gpu_test_walk_sync.txt
   step 170 mac-65536x1-wf2048-partners env TITANS_TRITON_WALK_POLL=partners TITANS_TRITON_BWD=split $WF \
     --out "$RES/h_wf2048_partners.json"
   mac_65536x1_defaults 80

@@ -219,33 +219,42 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
     return row
 
 
+# walk_clock_stats's per-program measures, in its table's order
+CLOCK_COLUMNS = ("span", "program", "late_partner", "worst_late_partner", "paired", "first_sync", "start_spread",
+                 "all_reduce", "outside")
+
+
 def walk_clock_stats(entries: list[tuple[str, int, torch.Tensor]]) -> dict[str, dict]:
     """What the memory walks' programs did, per walk kind ("forward" / "backward"), from the stamps of
-    ``titans.core.memory.triton_kernels.WALK_CLOCKS`` (kind, parts P, (BH * P, 4) int64: each program's start, its
-    first all-reduce done, its end - GPU clock, ns - and its SM).  Entries without stamps (zeroed by
-    ``walk_clocks_reset`` and not run since) are left out.  Per kind: the launches, and their means (us) of ``span``
-    (a launch's first program start to its last program end), ``program`` (a program's start to its end),
+    ``titans.core.memory.triton_kernels.WALK_CLOCKS`` (kind, parts P, (BH * P, 5) int64: each program's start, its
+    first all-reduce done, its end - GPU clock, ns - its SM and the ns it spent in all-reduces).  Entries without
+    stamps (zeroed by ``walk_clocks_reset`` and not run since) are left out.  Per kind: the launches, and their
+    means (us) of ``span`` (a launch's first program start to its last program end), ``program`` (a program's start
+    to its end),
     ``late_partner`` (per head, its last part's start after its first part's: how long the first spun, holding an
     SM, waiting for a partner to be given one), ``worst_late_partner``, ``paired`` (a program's end after its head's
     last start: the walk once all its parts run), ``first_sync`` (a program's start to its first all-reduce done),
-    ``start_spread`` (a launch's last program start after its first) and ``sms`` (distinct SMs a launch)."""
+    ``start_spread`` (a launch's last program start after its first), ``all_reduce`` (a program's time in its
+    all-reduces: its tile stored, its flag published, its partners' awaited, the slots read), ``outside`` (a
+    program's time outside them: its own loads, stores and arithmetic) and ``sms`` (distinct SMs a launch)."""
     out: dict[str, dict] = {}
     for kind in sorted({k for k, _, _ in entries}):
         rows = []
         for _, P, stamps in (e for e in entries if e[0] == kind):
-            s = stamps.detach().cpu().double().view(-1, P, 4)
+            s = stamps.detach().cpu().double().view(-1, P, 5)
             if not bool((s[..., 0] > 0).all()):
                 continue
             start, synced, end = s[..., 0], s[..., 1], s[..., 2]
             late = start.amax(1) - start.amin(1)
             rows.append([float(x) for x in (end.max() - start.min(), (end - start).mean(), late.mean(), late.max(),
                                              (end - start.amax(1, keepdim=True)).mean(), (synced - start).mean(),
-                                             start.max() - start.min(), s[..., 3].unique().numel())])
+                                             start.max() - start.min(), s[..., 4].mean(),
+                                             (end - start - s[..., 4]).mean(), s[..., 3].unique().numel())])
         if rows:
             mean = torch.tensor(rows, dtype=torch.float64).mean(0)
-            names = ("span", "program", "late_partner", "worst_late_partner", "paired", "first_sync", "start_spread")
-            out[kind] = {"launches": len(rows), **{f"{n}_us": float(mean[i]) / 1e3 for i, n in enumerate(names)},
-                         "worst_late_partner_us": max(r[3] for r in rows) / 1e3, "sms": float(mean[7])}
+            us = {f"{n}_us": float(mean[i]) / 1e3 for i, n in enumerate(CLOCK_COLUMNS)}
+            out[kind] = {"launches": len(rows), **us, "worst_late_partner_us": max(r[3] for r in rows) / 1e3,
+                         "sms": float(mean[-1])}
     return out
 
 
@@ -262,18 +271,18 @@ def walk_clock_step(step, device: torch.device) -> dict[str, dict]:
         print(f"walk clock, {kind}: {st['launches']} launches, span {st['span_us']:.1f} us, program "
               f"{st['program_us']:.1f}, late partner {st['late_partner_us']:.1f} (worst "
               f"{st['worst_late_partner_us']:.1f}), paired {st['paired_us']:.1f}, first sync {st['first_sync_us']:.1f},"
-              f" start spread {st['start_spread_us']:.1f}, {st['sms']:.1f} SMs", flush=True)
+              f" start spread {st['start_spread_us']:.1f}, in all-reduces {st['all_reduce_us']:.1f}, outside "
+              f"{st['outside_us']:.1f}, {st['sms']:.1f} SMs", flush=True)
     return stats
 
 
 def walk_clock_table(stats: dict[str, dict]) -> str:
     """:func:`walk_clock_stats` as a markdown table, one row per walk kind."""
-    cols = ("span", "program", "late_partner", "worst_late_partner", "paired", "first_sync", "start_spread")
-    lines = ["| walk | launches | " + " | ".join(f"{c.replace('_', ' ')} us" for c in cols) + " | SMs |",
-             "| --- " * (len(cols) + 3) + "|"]
+    lines = ["| walk | launches | " + " | ".join(f"{c.replace('_', ' ')} us" for c in CLOCK_COLUMNS) + " | SMs |",
+             "| --- " * (len(CLOCK_COLUMNS) + 3) + "|"]
     for kind, st in stats.items():
-        lines.append(f"| {kind} | {st['launches']} | " + " | ".join(f"{st[c + '_us']:.1f}" for c in cols) +
-                     f" | {st['sms']:.1f} |")
+        lines.append(f"| {kind} | {st['launches']} | " + " | ".join(f"{st.get(c + '_us', float('nan')):.1f}"
+                                                                   for c in CLOCK_COLUMNS) + f" | {st['sms']:.1f} |")
     return "\n".join(lines)
 
 

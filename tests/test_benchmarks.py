@@ -175,14 +175,16 @@ def test_kernels_beside_lists_what_overlapped_the_named_kernels():
 
 
 def test_walk_clock_stats_read_partner_waits_from_the_stamps():
-    """Two heads of 2 parts (rows bh * P + part: start, first all-reduce done, end, SM; ns): head 0's second part
-    starts 30 us after its first, head 1's together; a zeroed launch (before a reset) is left out."""
+    """Two heads of 2 parts (rows bh * P + part: start, first all-reduce done, end, SM, time in all-reduces; ns):
+    head 0's second part starts 30 us after its first, head 1's together; a zeroed launch (before a reset) is left
+    out."""
     harness = _load("harness")
     us = 1000
-    stamps = torch.tensor([[100, 140, 400, 3], [130, 140, 400, 4],  # head 0: late partner 30 us
-                           [110, 120, 410, 5], [110, 121, 410, 6]], dtype=torch.int64) * torch.tensor([us, us, us, 1])
-    got = harness.walk_clock_stats([("backward", 2, stamps), ("backward", 2, torch.zeros(4, 4, dtype=torch.int64)),
-                                    ("forward", 2, torch.zeros(4, 4, dtype=torch.int64))])
+    stamps = torch.tensor([[100, 140, 400, 3, 100], [130, 140, 400, 4, 70],  # head 0: late partner 30 us
+                           [110, 120, 410, 5, 60], [110, 121, 410, 6, 50]],
+                          dtype=torch.int64) * torch.tensor([us, us, us, 1, us])
+    got = harness.walk_clock_stats([("backward", 2, stamps), ("backward", 2, torch.zeros(4, 5, dtype=torch.int64)),
+                                    ("forward", 2, torch.zeros(4, 5, dtype=torch.int64))])
     assert list(got) == ["backward"]  # the forward's only launch has no stamps
     assert json.loads(json.dumps(got)) == got  # plain numbers: the row's JSON (tensors here failed on the GPU)
     b = got["backward"]
@@ -192,9 +194,10 @@ def test_walk_clock_stats_read_partner_waits_from_the_stamps():
     assert b["late_partner_us"] == 15.0 and b["worst_late_partner_us"] == 30.0
     assert b["paired_us"] == (270 + 270 + 300 + 300) / 4
     assert b["first_sync_us"] == (40 + 10 + 10 + 11) / 4
+    assert b["all_reduce_us"] == 70.0 and b["outside_us"] == (200 + 200 + 240 + 250) / 4
     table = harness.walk_clock_table(got).splitlines()
     assert table[0].startswith("| walk | launches | span us | program us | late partner us |")
-    assert table[2] == "| backward | 1 | 310.0 | 292.5 | 15.0 | 30.0 | 285.0 | 17.8 | 30.0 | 4.0 |"
+    assert table[2] == "| backward | 1 | 310.0 | 292.5 | 15.0 | 30.0 | 285.0 | 17.8 | 30.0 | 70.0 | 222.5 | 4.0 |"
 
 
 def test_run_switches_record_the_project_switches_and_cuda_work_queues(monkeypatch):
@@ -296,11 +299,10 @@ def test_memory_contention_names_what_it_needs_and_averages_kernels(monkeypatch)
     assert lines[3:] == ["| `stage` | 50.0 | - |", "| `walk` | 150.0 | 250.0 |"]
     # a row with the walk clock's statistics gets its table below, through the harness's walk_clock_table
     harness = mc.sibling("harness")
-    rows[1]["walk_clock"] = {"backward": {"launches": 3, **{f"{c}_us": 1.0 for c in (
-        "span", "program", "late_partner", "worst_late_partner", "paired", "first_sync", "start_spread")},
-        "sms": 48.0}}
+    rows[1]["walk_clock"] = {"backward": {"launches": 3, **{f"{c}_us": 1.0 for c in harness.CLOCK_COLUMNS},
+                                          "sms": 48.0}}
     lines = mc.markdown(rows, harness.walk_clock_table).splitlines()
     assert lines[6] == "The walks' programs, 3 side by side, 4096^2 matmuls beside (TITANS_TRITON_WALK_CLOCK=1):"
-    assert lines[-1] == "| backward | 3 | " + "1.0 | " * 7 + "48.0 |"
+    assert lines[-1] == "| backward | 3 | " + "1.0 | " * 9 + "48.0 |"
     copies = mc.markdown([dict(rows[0], background=0, background_copy_mb=256)]).splitlines()
     assert copies[0] == "| kernel | 1 side by side, 256 MB copies beside (us) |"

@@ -724,8 +724,9 @@ def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
 def test_walk_clock_stamps_every_program_of_the_walks_on_gpu(monkeypatch):
-    """TITANS_TRITON_WALK_CLOCK=1: every program of a walk over 2 parts stamps its start, its first all-reduce and
-    its end (start <= synced <= end, on a real SM) and the results are those of the walks without the clock."""
+    """TITANS_TRITON_WALK_CLOCK=1: every program of a walk over 2 parts stamps its start, its first all-reduce, its
+    end (start <= synced <= end, on a real SM) and its time in all-reduces (within its run), and the results are
+    those of the walks without the clock."""
     import titans.core.memory.triton_kernels as tk
 
     monkeypatch.setenv("TITANS_TRITON_BWD", "split")
@@ -743,9 +744,10 @@ def test_walk_clock_stamps_every_program_of_the_walks_on_gpu(monkeypatch):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for _, _, stamps in tk.WALK_CLOCKS:
         s = stamps.cpu()
-        assert s.shape == (8 * parts, 4)
+        assert s.shape == (8 * parts, 5)
         assert bool((s[:, 0] > 0).all() and (s[:, 0] <= s[:, 1]).all() and (s[:, 1] <= s[:, 2]).all()), s
         assert bool(((s[:, 3] >= 0) & (s[:, 3] < sms)).all()), s[:, 3]
+        assert bool(((s[:, 4] > 0) & (s[:, 4] <= s[:, 2] - s[:, 0])).all()), s  # time in all-reduces, within it
     tk.walk_clocks_reset()
     assert all(int(stamps.abs().sum()) == 0 for _, _, stamps in tk.WALK_CLOCKS)
 

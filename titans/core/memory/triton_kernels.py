@@ -949,20 +949,25 @@ if triton is not None:
                                          pack=1)
 
     @triton.jit
-    def _clock_synced(CLK, bh, part, P: tl.constexpr, i):
-        """With the walk clock on: program (part, bh)'s second stamp, once its first all-reduce is done (every
-        partner has started and shared its first tile)."""
+    def _clock_synced(CLK, bh, part, P: tl.constexpr, i, before, reducing):
+        """With the walk clock on, after step ``i``'s all-reduce, which began at ``before``: ``reducing`` (the ns
+        spent in this program's all-reduces so far) with this one added; at step 0 also program (part, bh)'s second
+        stamp (every partner has started and shared its first tile).  Stamps: (BH * P, 5) int64 rows of start,
+        first all-reduce done, end, SM, ns in all-reduces."""
+        now = _now()
         if i == 0:
-            tl.store(CLK + (bh * P + part) * 4 + 1, _now())
+            tl.store(CLK + (bh * P + part) * 5 + 1, now)
+        return reducing + (now - before)
 
     @triton.jit
-    def _clock_close(CLK, bh, part, P: tl.constexpr, t0):
-        """With the walk clock on: program (part, bh)'s start ``t0``, end (now) and SM into CLK[bh * P + part]."""
-        base = CLK + (bh * P + part) * 4
+    def _clock_close(CLK, bh, part, P: tl.constexpr, t0, reducing):
+        """With the walk clock on: program (part, bh)'s start ``t0``, end (now), SM and ns in all-reduces."""
+        base = CLK + (bh * P + part) * 5
         tl.store(base, t0)
         tl.store(base + 2, _now())
         sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
         tl.store(base + 3, sm.to(tl.int64))
+        tl.store(base + 4, reducing)
 
     @triton.jit
     def _memory_walk_parts_kernel(
@@ -972,7 +977,7 @@ if triton is not None:
         SW1, SW2, SS1, SS2,  # each chunk's start state (BH, N, ...), written
         ZS, US, LS, ES,  # with INNER, each chunk's inner forward (as _memory_fwd_kernel stores it)
         X, F,  # the all-reduce's slots (BH, 2, P, C, D) float32 and flags (BH * P, FS apart) int32, zero at launch
-        CLK,  # with CLOCK, the walk clock's stamps (BH * P, 4) int64 (see WALK_CLOCKS), else unused
+        CLK,  # with CLOCK, the walk clock's stamps (BH * P, 5) int64 (see _clock_synced, WALK_CLOCKS), else unused
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr, CLOCK: tl.constexpr = False,
         FS: tl.constexpr = 1, POLL_LOADS: tl.constexpr = False, PARTNERS: tl.constexpr = False,  # walk_sync_mode
@@ -981,6 +986,7 @@ if triton is not None:
         its block of the state in registers from chunk to chunk."""
         if CLOCK:
             t0 = _now()
+            reducing = t0 - t0
         EP: tl.constexpr = E // P
         part = tl.program_id(0).to(tl.int64)  # a head's parts are neighbours in launch order (see _run_walk)
         bh = tl.program_id(1).to(tl.int64)
@@ -995,9 +1001,11 @@ if triton is not None:
             cc = bh * N + c
             _walk_fwd_save(SW1, SW2, SS1, SS2, cc, o1, o2, w1, s1, w2, s2, D, E, EP)
             z, h, share = _walk_fwd_share(k, w1, w2, DOT_BF16)
+            if CLOCK:
+                before = _now()
             p = _all_reduce(X, F, bh, part, c, share, P, C, D, FS, POLL_LOADS, PARTNERS)
             if CLOCK:
-                _clock_synced(CLK, bh, part, P, c)
+                reducing = _clock_synced(CLK, bh, part, P, c, before, reducing)
             err, u, dl, w1, s1, w2, s2 = _walk_fwd_step(k, v, p, z, h, w1, s1, w2, s2, ml, mm, gl, bl, pl,
                                                         RESIDUAL, DOT_BF16)
             if INNER:
@@ -1007,7 +1015,7 @@ if triton is not None:
         tl.store(_mat(W2 + bh * E * D + o2, EP, D), w2)
         tl.store(_mat(S2 + bh * E * D + o2, EP, D), s2)
         if CLOCK:
-            _clock_close(CLK, bh, part, P, t0)
+            _clock_close(CLK, bh, part, P, t0, reducing)
 
     @triton.jit
     def _memory_walk_parts_lockstep_kernel(
@@ -1133,6 +1141,7 @@ if triton is not None:
         program (part, bh) walks its block of the state gradient back through the chunks."""
         if CLOCK:
             t0 = _now()
+            reducing = t0 - t0
         EP: tl.constexpr = E // P
         part = tl.program_id(0).to(tl.int64)  # a head's parts are neighbours in launch order (see _run_walk)
         bh = tl.program_id(1).to(tl.int64)
@@ -1150,13 +1159,15 @@ if triton is not None:
             err = tl.load(_mat(ES + cc * C * D, C, D))
             w2 = _operand(tl.load(_mat(SW2 + cc * E * D + o2, EP, D)), DOT_BF16)
             h, ddl, dh, du, share = _walk_bwd_share(k, z, err, w2, dw1n, ds1n, dw2n, ds2n, ml, mm, DOT_BF16)
+            if CLOCK:
+                before = _now()
             derr = _all_reduce(X, F, bh, part, i, share, P, C, D, FS, POLL_LOADS, PARTNERS)
             if CLOCK:
-                _clock_synced(CLK, bh, part, P, i)
+                reducing = _clock_synced(CLK, bh, part, P, i, before, reducing)
             _walk_bwd_close(tw1, tw2, k, z, tl.load(_blk(US + cc * C * E + o1, C, EP, E)), err, h, w2, ddl, dh, du,
                             derr, DOT_BF16)
         if CLOCK:
-            _clock_close(CLK, bh, part, P, t0)
+            _clock_close(CLK, bh, part, P, t0, reducing)
 
     @triton.jit
     def _memory_walk_bwd_parts_lockstep_kernel(
@@ -1372,10 +1383,11 @@ PARTS_KERNELS_FROM = 2
 
 
 # With TITANS_TRITON_WALK_CLOCK=1 (a diagnostic, GPU only) every walk over parts stamps, per program, the GPU clock
-# at its start, after its first all-reduce (when every partner has started) and at its end, and its SM: one
-# (kind, P, stamps (BH * P, 4) int64 at row bh * P + part) entry a launch, kind "forward" or "backward".  Under a
+# at its start, after its first all-reduce (when every partner has started) and at its end, its SM and the ns it
+# spent in all-reduces (its tile stored, its flag published, the partners' awaited, the slots read): one
+# (kind, P, stamps (BH * P, 5) int64 at row bh * P + part) entry a launch, kind "forward" or "backward".  Under a
 # CUDA graph the entry made at capture is rewritten by every replay; benchmarks/harness.py's walk_clock_stats reads
-# them.  Entries accumulate for the life of the process (512 bytes of GPU memory a launch at MAC's shape): a switch
+# them.  Entries accumulate for the life of the process (640 bytes of GPU memory a launch at MAC's shape): a switch
 # for benchmark runs, not for training.
 WALK_CLOCKS: list[tuple[str, int, Tensor]] = []
 
@@ -1408,7 +1420,7 @@ def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict) -> None:
         return
     stamps = None
     if walk_clock_on() and not interpreting():  # the clock is PTX: the interpreter has none
-        stamps = torch.zeros(BH * P, 4, dtype=torch.int64, device=args[-1].device)
+        stamps = torch.zeros(BH * P, 5, dtype=torch.int64, device=args[-1].device)
         WALK_CLOCKS.append(("forward" if kernel is _memory_walk_parts_kernel else "backward", P, stamps))
     _run(kernel, (P, BH), (*args, args[-1] if stamps is None else stamps),
          dict(meta, CLOCK=stamps is not None, **walk_sync_mode()))
