@@ -230,10 +230,10 @@ def walk_clock_stats(entries: list[tuple[str, int, torch.Tensor]]) -> dict[str, 
     first all-reduce done, its end - GPU clock, ns - its SM and the ns it spent in all-reduces).  Entries without
     stamps (zeroed by ``walk_clocks_reset`` and not run since) are left out.  Per kind: the launches, and their
     means (us) of ``span`` (a launch's first program start to its last program end), ``program`` (a program's start
-    to its end),
-    ``late_partner`` (per head, its last part's start after its first part's: how long the first spun, holding an
-    SM, waiting for a partner to be given one), ``worst_late_partner``, ``paired`` (a program's end after its head's
-    last start: the walk once all its parts run), ``first_sync`` (a program's start to its first all-reduce done),
+    to its end), ``late_partner`` (per head, its last part's start after its first part's: how long the first spun,
+    holding an SM, waiting for a partner to be given one), ``worst_late_partner`` (the worst over the launches, not
+    a mean), ``paired`` (a program's end after its head's last start: the walk once all its parts run),
+    ``first_sync`` (a program's start to its first all-reduce done),
     ``start_spread`` (a launch's last program start after its first), ``all_reduce`` (a program's time in its
     all-reduces: its tile stored, its flag published, its partners' awaited, the slots read), ``outside`` (a
     program's time outside them: its own loads, stores and arithmetic) and ``sms`` (distinct SMs a launch)."""

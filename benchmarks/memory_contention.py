@@ -185,12 +185,11 @@ def main(argv=None) -> dict:
     kernels = sibling("memory_kernels")  # its inputs and timer
     harness = sibling("harness")  # run_switches, the walk clock's statistics
     matmul_sm_carveout()  # TITANS_MATMUL_SM_CARVEOUT, when set: the background matmuls leave that many SMs free
-    rows = [r for size in args.background for r in measure(args.shape, args.streams, args.iters, kernels.make_inputs,
-                                                           kernels.timed, size, args.background_reps,
-                                                           harness.walk_clock_stats)]
-    rows += [r for mb in args.background_copy for r in measure(args.shape, args.streams, args.iters,
-                                                               kernels.make_inputs, kernels.timed, 0,
-                                                               args.background_reps, harness.walk_clock_stats, mb)]
+    # one set of rows per neighbour: (matmul size, copy MB), (0, 0) for none
+    neighbours = [(size, 0) for size in args.background] + [(0, mb) for mb in args.background_copy]
+    rows = [r for size, mb in neighbours for r in measure(args.shape, args.streams, args.iters, kernels.make_inputs,
+                                                          kernels.timed, size, args.background_reps,
+                                                          harness.walk_clock_stats, mb)]
     from titans.core.memory import triton_kernels as tk
     from titans.utils.io import atomic_write_text
 

@@ -1370,11 +1370,11 @@ def walk_sync_mode() -> dict[str, int | bool]:
     return {"FS": 32 if flags == "lines" else 1, "POLL_LOADS": poll != "atomic", "PARTNERS": poll == "partners"}
 
 
-def _walk_sync(like: Tensor, BH: int, P: int, C: int, D: int) -> tuple[Tensor, Tensor]:
-    """The all-reduce's slots (BH, 2, P, C, D) float32 and its flags (BH * P flags, ``walk_sync_mode``'s stride
-    apart) int32, zero, for one parts launch."""
+def _walk_sync(like: Tensor, BH: int, P: int, C: int, D: int, stride: int) -> tuple[Tensor, Tensor]:
+    """The all-reduce's slots (BH, 2, P, C, D) float32 and its flags (BH * P flags, ``stride`` int32 elements apart)
+    int32, zero, for one parts launch."""
     return (like.new_empty(BH, 2, P, C, D, dtype=torch.float32),
-            torch.zeros(BH * P * walk_sync_mode()["FS"], dtype=torch.int32, device=like.device))
+            torch.zeros(BH * P * stride, dtype=torch.int32, device=like.device))
 
 
 # the smallest part count that takes the walks over parts (tests set 1: the GPU kernels, all-reduce and flags
@@ -1407,23 +1407,26 @@ def walk_clocks_reset() -> None:
         stamps.zero_()
 
 
-def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict) -> None:
+def _run_walk(kernel, lockstep, BH: int, P: int, args, meta: dict, like: Tensor) -> None:
     """A walk spread over P programs a head: grid (P, BH), or under the interpreter (P > 1) the lockstep twin, grid
-    (BH,).  ``args`` end with the all-reduce's flags; the GPU kernel also takes the walk clock's stamps (or the flags
-    again, unused, with the clock off).
+    (BH,).  ``args``: the kernel's arguments up to its all-reduce's slots and flags, which are made here (on
+    ``like``'s device, laid out as :func:`walk_sync_mode` says, read once for both); the GPU kernel also takes the
+    walk clock's stamps (or the flags again, unused, with the clock off).
 
     The part is the grid's first axis so that a head's P programs are neighbours in launch order (the GPU hands out
     a grid's programs in linear order): a program waits only for partners launched right after it, and at most one
     head per walk can be cut at the edge of what is resident, whatever else runs beside it."""
+    sync = walk_sync_mode()
+    slots, flags = _walk_sync(like, BH, P, meta["C"], meta["D"], sync["FS"])
     if interpreting() and P > 1:
-        _run(lockstep, (BH,), args, meta)
+        _run(lockstep, (BH,), (*args, slots, flags), meta)
         return
     stamps = None
     if walk_clock_on() and not interpreting():  # the clock is PTX: the interpreter has none
-        stamps = torch.zeros(BH * P, 5, dtype=torch.int64, device=args[-1].device)
+        stamps = torch.zeros(BH * P, 5, dtype=torch.int64, device=like.device)
         WALK_CLOCKS.append(("forward" if kernel is _memory_walk_parts_kernel else "backward", P, stamps))
-    _run(kernel, (P, BH), (*args, args[-1] if stamps is None else stamps),
-         dict(meta, CLOCK=stamps is not None, **walk_sync_mode()))
+    _run(kernel, (P, BH), (*args, slots, flags, flags if stamps is None else stamps),
+         dict(meta, CLOCK=stamps is not None, **sync))
 
 
 PARTS_FAILED: list[str] = []  # why the walks over parts were given up in this process (then one program a head)
@@ -1450,10 +1453,10 @@ def _walk_forward_parts(BH: int, N: int, P: int, fwd_args: tuple, kw: dict, inne
     """The forward's walk (pass 1) over P programs a head, from ``_memory_fwd_kernel``'s arguments (``fwd_args``:
     q, k, v, 8 coefficients, initial state, final state, y, starts, inner scratch)."""
     a = fwd_args
-    C, D = kw["C"], kw["D"]
     meta = dict({key: val for key, val in kw.items() if key != "L"}, P=P, INNER=inner)
-    args = (a[1], a[2], *a[6:11], *a[11:19], *a[20:28], *_walk_sync(a[0], BH, P, C, D))
-    _parts_or(lambda: _run_walk(_memory_walk_parts_kernel, _memory_walk_parts_lockstep_kernel, BH, P, args, meta),
+    args = (a[1], a[2], *a[6:11], *a[11:19], *a[20:28])
+    _parts_or(lambda: _run_walk(_memory_walk_parts_kernel, _memory_walk_parts_lockstep_kernel, BH, P, args, meta,
+                                a[0]),
               lambda: _run(_memory_fwd_kernel, (BH,), fwd_args, dict(kw, MODE=1, SAVE=True, INNER=inner)))
 
 
@@ -1461,11 +1464,10 @@ def _walk_backward_parts(BH: int, N: int, P: int, stage_args: tuple, kw: dict) -
     """The three-stage backward's walk (stage 1, reading the scratch) over P programs a head, from
     ``_memory_bwd3_kernel``'s arguments."""
     a = stage_args
-    C, D = kw["C"], kw["D"]
     meta = {key: val for key, val in kw.items() if key not in ("RESIDUAL", "INNER", "RECOMPUTE", "ACCUMULATE")}
-    args = (a[1], *a[6:11], a[12], *a[16:32], a[32], a[33], a[37], *_walk_sync(a[0], BH, P, C, D))
+    args = (a[1], *a[6:11], a[12], *a[16:32], a[32], a[33], a[37])
     _parts_or(lambda: _run_walk(_memory_walk_bwd_parts_kernel, _memory_walk_bwd_parts_lockstep_kernel, BH, P, args,
-                                dict(meta, P=P)),
+                                dict(meta, P=P), a[0]),
               lambda: _run(_memory_bwd3_kernel, (BH,), stage_args, dict(kw, STAGE=1)))
 
 
