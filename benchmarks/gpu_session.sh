@@ -718,6 +718,37 @@ if [ "$PART" = 50 ]; then
   fi
   finish
 fi
+if [ "$PART" = 51 ]; then
+  # session 30: PART=50 (one machine): waiting on the partners' flags only 280,714 vs 280,333 tokens/s by default (no
+  # gain, removed); the walk clock's fifth stamp puts 26 / 35 us of the backward walk's 179 / 246 us (alone / three
+  # side by side) in its all-reduces: the slowdown is in the walk's own loads and arithmetic.  The walks over 4 parts
+  # failed their GPU test with an illegal memory access in the float32 q / k / v case, which took the bf16 case's
+  # process down with it.  Here: which tools there are, each case in a process of its own (float32 with
+  # CUDA_LAUNCH_BLOCKING=1, so that the error names the launch; under compute-sanitizer if the machine has it), MAC
+  # 65536 x 1 over 4 parts if the bf16 case passed (the step's q / k / v are bf16 under autocast), the defaults row
+  # beside it, and the contention script at half the segment (256 tokens: half the working set of the memory ops'
+  # scratch, ~27 MB for three side by side against ~54 MB and the GPU's 50 MB of L2) against 512
+  step 10 tools sh -c "which compute-sanitizer; ls /usr/local/cuda*/bin 2>/dev/null | head -40; nvidia-smi -q | \
+    grep -i -A3 'L2\|cache' | head -20"
+  kernel_tests 60 gpu-test-four-parts-bf16 'four_parts and True' gpu_test_four_parts_bf16.txt
+  step 60 gpu-test-four-parts-f32 sh -c "CUDA_LAUNCH_BLOCKING=1 python3 -m pytest -q -p no:cacheprovider -rfE \
+    tests/test_fused_memory.py -k 'four_parts and False' > $RES/gpu_test_four_parts_f32.txt 2>&1"
+  if command -v compute-sanitizer > /dev/null; then
+    step 90 sanitizer-four-parts-f32 sh -c "compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q \
+      -p no:cacheprovider -rfE tests/test_fused_memory.py -k 'four_parts and False' > $RES/sanitizer_four_parts.txt 2>&1"
+  fi
+  if grep -qE "^\. +\[100%\]" "$RES/gpu_test_four_parts_bf16.txt"; then
+    step 170 mac-65536x1-wf2048-four-parts env TITANS_TRITON_WALK_PARTS=4 TITANS_TRITON_BWD=split python3 -c \
+      "import runpy, sys; import titans.core.memory.triton_kernels as tk; tk.MIN_WALK_UNITS = 32; \
+      sys.argv[0] = 'benchmarks/harness.py'; runpy.run_path('benchmarks/harness.py', run_name='__main__')" \
+      ${WF#python3 benchmarks/harness.py} --out "$RES/h_wf2048_four_parts.json"
+  fi
+  mac_65536x1_defaults 80
+  CW="env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 benchmarks/memory_contention.py --streams 1 3"
+  step 40 contention-256 $CW --shape 1x8x256x64x128x64x2 --out "$RES/mc_256.json"
+  step 40 contention-512 $CW --out "$RES/mc_512.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

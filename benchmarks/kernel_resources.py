@@ -67,13 +67,11 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
                 out.append((f"backward stage 1, {parts} parts", tk._memory_walk_bwd_parts_kernel,
                             dict(no_res, P=parts, **walk)))
         # the walks with their programs stamped (TITANS_TRITON_WALK_CLOCK=1, a diagnostic): what the stamps cost;
-        # with their flags side by side, polled with acquire reads (TITANS_TRITON_WALK_FLAGS=packed, _POLL=atomic);
-        # waiting on the partner's flag only (TITANS_TRITON_WALK_POLL=partners)
+        # with their flags side by side, polled with acquire reads (TITANS_TRITON_WALK_FLAGS=packed, _POLL=atomic)
         if E // 2 >= 16:
             for what, extra in (("walk clock", dict(walk, CLOCK=True)),
                                 ("flags packed, polled with acquire reads",
-                                 dict(walk, FS=1, POLL_LOADS=False, PARTNERS=False)),
-                                ("partners' flags only", dict(walk, POLL_LOADS=True, PARTNERS=True))):
+                                 dict(walk, FS=1, POLL_LOADS=False))):
                 out.append((f"forward pass 1, 2 parts, {what}", tk._memory_walk_parts_kernel,
                             dict(base, P=2, INNER=False, **extra)))
                 out.append((f"backward stage 1, 2 parts, {what}", tk._memory_walk_bwd_parts_kernel,

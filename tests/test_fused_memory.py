@@ -269,8 +269,6 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     os.environ["TITANS_TRITON_WALK_FLAGS"] = "packed"  # the flags side by side, polled with acquire reads
     os.environ["TITANS_TRITON_WALK_POLL"] = "atomic"
     print("PARTS_ONE_SYNC", max(compare(*c) for c in cases if c[0] == 2))
-    os.environ["TITANS_TRITON_WALK_POLL"] = "partners"  # (one part: no partner, no wait at all)
-    print("PARTS_ONE_PARTNERS", max(compare(*c) for c in cases if c[0] == 2))
     del os.environ["TITANS_TRITON_WALK_FLAGS"], os.environ["TITANS_TRITON_WALK_POLL"]
     os.environ["TITANS_TRITON_SAVE_INNER"] = "1"
     print("PARTS_ONE_INNER", max(compare(*c) for c in cases if c[0] == 2))
@@ -339,7 +337,7 @@ def test_triton_kernels_under_interpreter():
     assert float(err["PARTS"]) <= 5e-5 and float(err["PARTS_INNER"]) <= 5e-5, err
     # the GPU's parts kernels (their all-reduce and flags) with one program a head
     assert float(err["PARTS_ONE"]) <= 5e-5 and float(err["PARTS_ONE_INNER"]) <= 5e-5, err
-    assert float(err["PARTS_ONE_SYNC"]) <= 5e-5 and float(err["PARTS_ONE_PARTNERS"]) <= 5e-5, err
+    assert float(err["PARTS_ONE_SYNC"]) <= 5e-5, err
     assert float(err["PARTS_FALLBACK"]) <= 5e-5, err  # parts that do not fit: one program a head, same numbers
     assert float(err["TWOPASS"]) <= 5e-5, err  # depth 2: the two-pass backward
     assert float(err["SINGLE"]) <= 5e-5, err  # the single-pass kernels
@@ -753,8 +751,7 @@ def test_walk_clock_stamps_every_program_of_the_walks_on_gpu(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("flags,poll", [("lines", "atomic"), ("packed", "loads"), ("packed", "atomic"),
-                                        ("lines", "partners")])
+@pytest.mark.parametrize("flags,poll", [("lines", "atomic"), ("packed", "loads"), ("packed", "atomic")])
 def test_walks_over_parts_meet_through_every_sync_mode_on_gpu(flags, poll, monkeypatch):
     """The walks over 2 parts with their flags side by side and / or polled with acquire reads (walk_sync_mode; the
     default, lines and loads, runs in every other GPU test) == the PyTorch core, forward and every gradient, float32
@@ -801,12 +798,10 @@ def test_walk_sync_switches_name_themselves(monkeypatch):
 
     monkeypatch.delenv("TITANS_TRITON_WALK_FLAGS", raising=False)
     monkeypatch.delenv("TITANS_TRITON_WALK_POLL", raising=False)
-    assert tk.walk_sync_mode() == {"FS": 32, "POLL_LOADS": True, "PARTNERS": False}  # a flag a line, loads
+    assert tk.walk_sync_mode() == {"FS": 32, "POLL_LOADS": True}  # a flag a line, loads
     monkeypatch.setenv("TITANS_TRITON_WALK_FLAGS", "packed")
     monkeypatch.setenv("TITANS_TRITON_WALK_POLL", "atomic")
-    assert tk.walk_sync_mode() == {"FS": 1, "POLL_LOADS": False, "PARTNERS": False}
-    monkeypatch.setenv("TITANS_TRITON_WALK_POLL", "partners")
-    assert tk.walk_sync_mode() == {"FS": 1, "POLL_LOADS": True, "PARTNERS": True}
+    assert tk.walk_sync_mode() == {"FS": 1, "POLL_LOADS": False}
     monkeypatch.setenv("TITANS_TRITON_WALK_POLL", "spin")
     with pytest.raises(ValueError, match="TITANS_TRITON_WALK_POLL='spin'"):
         tk.walk_sync_mode()

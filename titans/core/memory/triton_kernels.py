@@ -857,23 +857,19 @@ if triton is not None:
 
     @triton.jit
     def _all_reduce(X, F, bh, part, i, tile, P: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-                    FS: tl.constexpr = 1, POLL_LOADS: tl.constexpr = False, PARTNERS: tl.constexpr = False):
+                    FS: tl.constexpr = 1, POLL_LOADS: tl.constexpr = False):
         """The sum of ``tile`` (C, D) over the P programs of head ``bh`` at step ``i``: each stores its own in slot
         X[bh, i % 2, part] (X: (BH, 2, P, C, D)), publishes its flag F[(bh * P + part) * FS] = i + 1 and waits for
         every partner's; all then add the P slots in part order, the same float32 sum in each.  Two generations of
         slots: a program overwrites a slot two steps later, after every partner published the step after the one
         that read it.  Loads bypass L1 (``.cg``): the slot's previous generation may still sit there.  ``FS``: int32
         elements from one flag to the next (32: a 128-byte line each); ``POLL_LOADS``: wait with
-        :func:`_await_loads`; ``PARTNERS``: wait on the partners' flags only, not on its own (already set: its wait
-        is one more acquire read and barrier a step; see :func:`walk_sync_mode`)."""
+        :func:`_await_loads` (see :func:`walk_sync_mode`)."""
         base = X + (bh * 2 + i % 2) * P * C * D
         tl.store(_mat(base + part * C * D, C, D), tile)
         _publish(F + (bh * P + part) * FS, i + 1)
         for f in tl.static_range(P):
-            if PARTNERS:
-                if f != part:  # (the barrier in _publish already ordered this program's own slot)
-                    _await_loads(F + (bh * P + f) * FS, i + 1)
-            elif POLL_LOADS:
+            if POLL_LOADS:
                 _await_loads(F + (bh * P + f) * FS, i + 1)
             else:
                 _await(F + (bh * P + f) * FS, i + 1)
@@ -980,7 +976,7 @@ if triton is not None:
         CLK,  # with CLOCK, the walk clock's stamps (BH * P, 5) int64 (see _clock_synced, WALK_CLOCKS), else unused
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr, CLOCK: tl.constexpr = False,
-        FS: tl.constexpr = 1, POLL_LOADS: tl.constexpr = False, PARTNERS: tl.constexpr = False,  # walk_sync_mode
+        FS: tl.constexpr = 1, POLL_LOADS: tl.constexpr = False,  # walk_sync_mode
     ):
         """The forward's walk (``_memory_fwd_kernel`` MODE 1, depth 2) with grid (P, BH): program (part, bh) carries
         its block of the state in registers from chunk to chunk."""
@@ -1003,7 +999,7 @@ if triton is not None:
             z, h, share = _walk_fwd_share(k, w1, w2, DOT_BF16)
             if CLOCK:
                 before = _now()
-            p = _all_reduce(X, F, bh, part, c, share, P, C, D, FS, POLL_LOADS, PARTNERS)
+            p = _all_reduce(X, F, bh, part, c, share, P, C, D, FS, POLL_LOADS)
             if CLOCK:
                 reducing = _clock_synced(CLK, bh, part, P, c, before, reducing)
             err, u, dl, w1, s1, w2, s2 = _walk_fwd_step(k, v, p, z, h, w1, s1, w2, s2, ml, mm, gl, bl, pl,
@@ -1135,7 +1131,7 @@ if triton is not None:
         CLK,  # the walk clock's stamps, as in _memory_walk_parts_kernel
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, P: tl.constexpr,
         DOT_BF16: tl.constexpr, CLOCK: tl.constexpr = False,
-        FS: tl.constexpr = 1, POLL_LOADS: tl.constexpr = False, PARTNERS: tl.constexpr = False,  # walk_sync_mode
+        FS: tl.constexpr = 1, POLL_LOADS: tl.constexpr = False,  # walk_sync_mode
     ):
         """The three-stage backward's walk (stage 1, reading the inner forward from the scratch) with grid (P, BH):
         program (part, bh) walks its block of the state gradient back through the chunks."""
@@ -1161,7 +1157,7 @@ if triton is not None:
             h, ddl, dh, du, share = _walk_bwd_share(k, z, err, w2, dw1n, ds1n, dw2n, ds2n, ml, mm, DOT_BF16)
             if CLOCK:
                 before = _now()
-            derr = _all_reduce(X, F, bh, part, i, share, P, C, D, FS, POLL_LOADS, PARTNERS)
+            derr = _all_reduce(X, F, bh, part, i, share, P, C, D, FS, POLL_LOADS)
             if CLOCK:
                 reducing = _clock_synced(CLK, bh, part, P, i, before, reducing)
             _walk_bwd_close(tw1, tw2, k, z, tl.load(_blk(US + cc * C * E + o1, C, EP, E)), err, h, w2, ddl, dh, du,
@@ -1350,24 +1346,24 @@ def _walk_parts(BH: int, E: int, L: int, device: torch.device | None = None) -> 
 
 def walk_sync_mode() -> dict[str, int | bool]:
     """How the walks' parts meet at their all-reduce: the parts kernels' compile-time arguments FS (int32 elements
-    from one flag to the next), POLL_LOADS (spin on plain loads) and PARTNERS (wait on the partners' flags only).
+    from one flag to the next) and POLL_LOADS (spin on plain loads).
 
     ``TITANS_TRITON_WALK_POLL``: "loads" (default: every thread spins on ``ld.volatile`` of each flag, its own
-    included, then one acquire load orders what follows), "partners" (the same, on the partners' flags only: one
-    acquire read and barrier a step fewer at 2 parts; NOT timed on a GPU yet) or "atomic" (Triton's acquire read of
-    the flag, which one thread makes and hands to the others through shared memory and a barrier on every turn of the
+    included, then one acquire load orders what follows) or "atomic" (Triton's acquire read of the flag, which one thread makes and hands to the others through shared memory and a barrier on every turn of the
     spin).  ``TITANS_TRITON_WALK_FLAGS``: "lines" (default: each flag on a 128-byte line of its own) or "packed" (a
     walk's BH * P flags side by side, all 16 on one line at MAC's shape).  Measured on an H200 (benchmarks/RESULTS.md
     section 6, session 29): the backward walk's programs 193.6 / 262.8 us alone / three side by side with loads
     against 206.6 / 289.8 with the atomic polling (``memory_contention.py``); lines alone changed nothing there; MAC
-    65536 x 1 279.3K tokens/s with lines + loads against 273.2K with packed + atomic (one machine)."""
+    65536 x 1 279.3K tokens/s with lines + loads against 273.2K with packed + atomic (one machine).  Session 30: the
+    programs spend 26 / 35 us of 179 / 246 in their all-reduces (alone / three side by side), and waiting on the
+    partners' flags only (not also on its own) trained at 280.7K against 280.3K: not kept."""
     flags = os.environ.get("TITANS_TRITON_WALK_FLAGS", "lines")
     poll = os.environ.get("TITANS_TRITON_WALK_POLL", "loads")
     if flags not in ("packed", "lines"):
         raise ValueError(f"TITANS_TRITON_WALK_FLAGS={flags!r}: expected lines or packed")
-    if poll not in ("atomic", "loads", "partners"):
-        raise ValueError(f"TITANS_TRITON_WALK_POLL={poll!r}: expected loads, partners or atomic")
-    return {"FS": 32 if flags == "lines" else 1, "POLL_LOADS": poll != "atomic", "PARTNERS": poll == "partners"}
+    if poll not in ("atomic", "loads"):
+        raise ValueError(f"TITANS_TRITON_WALK_POLL={poll!r}: expected loads or atomic")
+    return {"FS": 32 if flags == "lines" else 1, "POLL_LOADS": poll == "loads"}
 
 
 def _walk_sync(like: Tensor, BH: int, P: int, C: int, D: int, stride: int) -> tuple[Tensor, Tensor]:
