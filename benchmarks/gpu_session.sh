@@ -749,6 +749,24 @@ if [ "$PART" = 51 ]; then
   step 40 contention-512 $CW --out "$RES/mc_512.json"
   finish
 fi
+if [ "$PART" = 52 ]; then
+  # session 30: PART=51 (one machine): the walks over 4 parts trained at 279,250 tokens/s against 282,591 by default
+  # (no gain); compute-sanitizer put the float32 case's illegal access in a tl.dot of the forward walk over 4 parts
+  # (an out-of-bounds shared-memory read: Triton's code, not the kernel's indexing); the backward walk three side by
+  # side grew less at 256 tokens than at 512.  The 65536 x 1 step's backward chains run ~76 kernels a segment with
+  # ~2.3 us between them (session 27's timeline: 144 ms of kernels in a 166 ms span a chain): inductor's programmatic
+  # dependent launch (a kernel starts while the one before it drains; TORCHINDUCTOR_ENABLE_PDL=1) and its coordinate
+  # descent tuning of the block sizes of the ~60 small kernels a segment, each against the defaults
+  step 10 pdl-present python3 -c "import torch._inductor.config as c; print('enable_pdl', \
+    getattr(c.triton, 'enable_pdl', 'absent'), 'coordinate_descent_tuning', c.coordinate_descent_tuning)"
+  # (the defaults first: each row compiles its own code, the first on a fresh machine also the memory kernels)
+  mac_65536x1_defaults 150
+  step 150 mac-65536x1-wf2048-pdl env TORCHINDUCTOR_ENABLE_PDL=1 TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_pdl.json"
+  step 240 mac-65536x1-wf2048-coordinate-descent env TITANS_INDUCTOR_OPTIONS='{"coordinate_descent_tuning": true}' \
+    TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_coordinate_descent.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
