@@ -1301,9 +1301,11 @@ def _save_inner(L: int, N: int) -> bool:
 
 
 MAX_WALK_PROGRAMS = 32
-# hidden units a program of a walk holds at least: 64 on the GPU (4 parts of hidden 128, 32 units a program, hit an
-# illegal memory access at 8 warps on an H200 with Triton 3.6 - not diagnosed; at 4 warps they ran, slower than 2
-# parts at 8: benchmarks/RESULTS.md section 6, session 24); 16 (the smallest matmul tile) under the interpreter
+# hidden units a program of a walk holds at least: 64 on the GPU, 16 (the smallest matmul tile) under the interpreter.
+# 4 parts of hidden 128 (32 units a program) on an H200 with Triton 3.6: with float32 q / k / v an out-of-bounds
+# shared-memory read inside a tl.dot of the forward walk (compute-sanitizer, session 30: Triton's generated code);
+# with bf16 q / k / v correct, but MAC 65536 x 1 trained no faster than with 2 parts (279.3K vs 282.6K tokens/s;
+# benchmarks/RESULTS.md section 6, sessions 24 and 30)
 MIN_WALK_UNITS = 64
 
 
