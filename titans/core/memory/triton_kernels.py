@@ -1351,8 +1351,9 @@ def walk_sync_mode() -> dict[str, int | bool]:
     from one flag to the next) and POLL_LOADS (spin on plain loads).
 
     ``TITANS_TRITON_WALK_POLL``: "loads" (default: every thread spins on ``ld.volatile`` of each flag, its own
-    included, then one acquire load orders what follows) or "atomic" (Triton's acquire read of the flag, which one thread makes and hands to the others through shared memory and a barrier on every turn of the
-    spin).  ``TITANS_TRITON_WALK_FLAGS``: "lines" (default: each flag on a 128-byte line of its own) or "packed" (a
+    included, then one acquire load orders what follows) or "atomic" (Triton's acquire read of the flag, which one
+    thread makes and hands to the others through shared memory and a barrier on every turn of the spin).
+    ``TITANS_TRITON_WALK_FLAGS``: "lines" (default: each flag on a 128-byte line of its own) or "packed" (a
     walk's BH * P flags side by side, all 16 on one line at MAC's shape).  Measured on an H200 (benchmarks/RESULTS.md
     section 6, session 29): the backward walk's programs 193.6 / 262.8 us alone / three side by side with loads
     against 206.6 / 289.8 with the atomic polling (``memory_contention.py``); lines alone changed nothing there; MAC
