@@ -767,6 +767,20 @@ if [ "$PART" = 52 ]; then
     TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_coordinate_descent.json"
   finish
 fi
+if [ "$PART" = 53 ]; then
+  # session 30: PART=52 (one machine): MAC 65536 x 1 278,176 tokens/s by default, 284,484 with inductor's programmatic
+  # dependent launch (TORCHINDUCTOR_ENABLE_PDL=1, +2.3%), 285,042 with its coordinate descent tuning (+2.5%, but
+  # 233 s to compile against 64-94).  The launch on the issue's shape too (the ratio's denominator), its float64
+  # compile check on the GPU (compiled == eager with the kernels' launches overlapped), and 65536 x 1 again
+  step 110 mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
+  step 100 mac-4096x8-pdl env TORCHINDUCTOR_ENABLE_PDL=1 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
+    --out "$RES/h_mac_4096x8_pdl.json"
+  step 150 mac-65536x1-wf2048-pdl env TORCHINDUCTOR_ENABLE_PDL=1 TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_pdl.json"
+  step 80 compile-check-pdl env TORCHINDUCTOR_ENABLE_PDL=1 python3 benchmarks/compile_check.py --device cuda \
+    --scope blocks --variants mac --out "$RES/compile_check_cuda_pdl.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
