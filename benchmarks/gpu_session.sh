@@ -775,9 +775,9 @@ if [ "$PART" = 53 ]; then
   step 110 mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
   step 100 mac-4096x8-pdl env TORCHINDUCTOR_ENABLE_PDL=1 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
     --out "$RES/h_mac_4096x8_pdl.json"
-  step 150 mac-65536x1-wf2048-pdl env TORCHINDUCTOR_ENABLE_PDL=1 TITANS_TRITON_BWD=split $WF \
+  step 130 mac-65536x1-wf2048-pdl env TORCHINDUCTOR_ENABLE_PDL=1 TITANS_TRITON_BWD=split $WF \
     --out "$RES/h_wf2048_pdl.json"
-  step 80 compile-check-pdl env TORCHINDUCTOR_ENABLE_PDL=1 python3 benchmarks/compile_check.py --device cuda \
+  step 100 compile-check-pdl env TORCHINDUCTOR_ENABLE_PDL=1 python3 benchmarks/compile_check.py --device cuda \
     --scope blocks --variants mac --out "$RES/compile_check_cuda_pdl.json"
   finish
 fi
