@@ -781,6 +781,24 @@ if [ "$PART" = 53 ]; then
     --scope blocks --variants mac --out "$RES/compile_check_cuda_pdl.json"
   finish
 fi
+if [ "$PART" = 54 ]; then
+  # session 30 (for the next session's first call): PART=53 (one machine): programmatic dependent launch no change at
+  # 4096 x 8 (375,456 vs 375,932), 286,227 at 65536 x 1 (0.761x); its compile check cut at 100 s.  The memory
+  # backward's first stage (stage 0, the read-out's share: needs the segment's dy, not the next segment's state
+  # gradient) still runs on each memory block's chain inside the one backward op; TITANS_WAVEFRONT_READOUT_STREAMS=1
+  # puts the read-out (and so stage 0) on the feed-forward's stream, off the chain - 14.6% slower in session 23,
+  # before the walks over parts, deferred weight gradients and combo kernels: re-timed against the defaults, alone
+  # and with programmatic dependent launch; then the latter's float64 compile check with a longer limit
+  PDL='{"triton.enable_pdl": true}'
+  mac_65536x1_defaults 150
+  step 130 mac-65536x1-wf2048-readout-streams env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_readout_streams.json"
+  step 120 mac-65536x1-wf2048-readout-streams-pdl env TITANS_INDUCTOR_OPTIONS="$PDL" \
+    TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_readout_streams_pdl.json"
+  step 150 compile-check-pdl env TITANS_INDUCTOR_OPTIONS="$PDL" python3 benchmarks/compile_check.py --device cuda \
+    --scope blocks --variants mac --out "$RES/compile_check_cuda_pdl.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
