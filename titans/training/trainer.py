@@ -103,6 +103,13 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
     Calling the result copies the batch into the graph's static input and replays the forward graph;
     ``.backward()`` replays the backward graph, accumulating into ``.grad`` like eager autograd.
     ``warmup_iters`` eager forward + backward passes run first (they leave ``.grad`` untouched).
+
+    PyTorch warns once that "The AccumulateGrad node's stream does not match the stream of the node that produced
+    the incoming gradient": ``make_graphed_callables`` keeps the captured forward's outputs, and with them the
+    parameters' AccumulateGrad nodes its capture made on the capture's stream; every later step accumulates through
+    those from the caller's stream, one event wait a parameter, outside the graphs.  Harmless here.  Making the
+    nodes on the caller's stream beforehand would silence it, but would also route the capture's own gradients
+    into the caller's stream mid-capture, which the warning itself says breaks a capture on the default stream.
     """
     if sample.device.type != "cuda":
         raise ValueError("training.cuda_graphs=true needs a CUDA device")
