@@ -410,37 +410,6 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager_training(tmp_path, monk
     assert fell_back["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-6)
 
 
-def test_grad_accumulators_are_the_nodes_later_graphs_accumulate_through():
-    """graphed_loss makes each parameter's AccumulateGrad node on the caller's stream before its warm-up and capture
-    and holds it, so that every later step accumulates through those nodes (not ones made on the capture's stream).
-    While held, a new graph's use of a parameter points at the same node, and a backward accumulates through it."""
-    from titans.training.trainer import grad_accumulators
-
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(3, 2)
-    params = tuple(layer.parameters())
-    nodes = grad_accumulators(params)
-    assert [type(n).__name__ for n in nodes] == ["AccumulateGrad"] * len(params)
-    out = layer(torch.randn(4, 3)).square().sum()
-    used = {id(f) for fn in (out.grad_fn,) for f in _graph_nodes(fn)}
-    assert all(id(n) in used for n in nodes)
-    assert [n.variable is p for n, p in zip(nodes, params)] == [True] * len(params)
-    out.backward()
-    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
-
-
-def _graph_nodes(root):
-    """Every autograd node reachable from ``root``."""
-    seen, todo = [], [root]
-    while todo:
-        node = todo.pop()
-        if node is None or any(node is s for s in seen):
-            continue
-        seen.append(node)
-        todo.extend(f for f, _ in node.next_functions)
-    return seen
-
-
 def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_path, monkeypatch):
     """``training.compile`` compiles through ``titans.utils.compiling.compile_fn`` (inductor's in-place buffers
     changed the gradients, benchmarks/RESULTS.md section 6, session 13).  Inductor is too slow for CI here: the

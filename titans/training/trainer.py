@@ -119,7 +119,6 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
     # otherwise a step's activation memory is reserved twice (MAC 65536 x 1: 43 GB reserved with the warm-up's
     # cache kept, on an 80 GB GPU that also holds anything else the process reserved).
     params = tuple(p for p in fn.parameters() if p.requires_grad)
-    accumulators = grad_accumulators(params)  # before the warm-up and capture streams: see its docstring
     torch.cuda.synchronize()
     with torch.cuda.stream(side_stream(sample.device, "graph-warmup")):  # a stream per call leaks a cuBLAS workspace
         for _ in range(warmup_iters):
@@ -129,20 +128,7 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
     torch.cuda.synchronize()
     with gc_paused():  # earlier captures' graphs are destroyed on entry, before their memory goes back, not inside
         torch.cuda.empty_cache()
-        graphed = torch.cuda.make_graphed_callables(fn, args, num_warmup_iters=0, allow_unused_input=True)
-    graphed.grad_accumulators = accumulators
-    return graphed
-
-
-def grad_accumulators(params) -> list:
-    """Each parameter's ``AccumulateGrad`` node (the one autograd reuses for it while the node lives), made now on
-    the current stream; keep the list alive.  ``make_graphed_callables`` keeps the captured forward's outputs, and
-    with them the nodes its capture used; made there, they belong to the capture's stream, and every later step's
-    backward, which replays on the caller's stream, accumulates through them across streams (PyTorch warns: "The
-    AccumulateGrad node's stream does not match ...", and adds a synchronisation a parameter).  Made here first on
-    the caller's stream and held, they are the ones the warm-up, the capture and every step use."""
-    with torch.enable_grad():
-        return [p.view_as(p).grad_fn.next_functions[0][0] for p in params]
+        return torch.cuda.make_graphed_callables(fn, args, num_warmup_iters=0, allow_unused_input=True)
 
 
 class _LMBatches:
