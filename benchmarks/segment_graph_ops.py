@@ -11,6 +11,7 @@ the graph as the custom ops the GPU runs (else the PyTorch core is traced instea
 
     TRITON_INTERPRET=1 python benchmarks/segment_graph_ops.py --out benchmarks/results/segment_graph_ops.json
     TRITON_INTERPRET=1 python benchmarks/segment_graph_ops.py --defer-weight-grads   # the graphs with deferral
+    TRITON_INTERPRET=1 python benchmarks/segment_graph_ops.py --defer-weight-grads --by-source  # where ops come from
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ def count_ops(gm: torch.fx.GraphModule, weight_shapes: set[tuple[int, ...]]) -> 
             "by_op": dict(ops.most_common())}
 
 
+def by_source(gm: torch.fx.GraphModule, top: int = 40) -> list[tuple[int, str]]:
+    """The graph's ops counted by the line of this package's source they were traced from (the innermost
+    ``titans/`` frame of each node's stack trace; a backward node carries its forward op's): where a graph's ops
+    come from, most first."""
+    import re
+
+    where: collections.Counter = collections.Counter()
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s+(.*)', node.meta.get("stack_trace") or "")
+        loc = next((f"{f.split('/titans/')[-1]}:{line} {fn}: {code.strip()[:80]}"
+                    for f, line, fn, code in reversed(frames) if "/titans/" in f), "(no source line)")
+        where[loc] += 1
+    return [(n, loc) for loc, n in where.most_common(top)]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=128)
@@ -60,6 +78,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--defer-weight-grads", action="store_true",
                     help="TITANS_DEFER_WEIGHT_GRADS=1: the projections' weight gradients leave the segment graphs "
                          "(titans.utils.weight_grads)")
+    ap.add_argument("--by-source", action="store_true",
+                    help="also print a later segment's backward ops by the source line they come from")
     ap.add_argument("--out", default=None, help="JSON file (a summary is printed)")
     args = ap.parse_args(argv)
     os.environ["TITANS_DEFER_WEIGHT_GRADS"] = "1" if args.defer_weight_grads else "0"
@@ -93,12 +113,17 @@ def main(argv=None) -> dict:
     loss.backward()
     # one graph per distinct segment position (the first segment, any later one): the later one is the chain's
     result = {"date": str(date.today()), "torch": torch.__version__, "config": vars(args),
-              "graphs": {kind: [count_ops(gm, weight_shapes) for gm in gms] for kind, gms in graphs.items()}}
+              "graphs": {kind: [dict(count_ops(gm, weight_shapes), by_source=by_source(gm)) for gm in gms]
+                         for kind, gms in graphs.items()}}
     for kind, rows in result["graphs"].items():
         for i, r in enumerate(rows):
             print(f"{kind} graph {i}: {r['ops']} ops, {r['matmuls']} matmuls ({r['weight_shaped_matmuls']} with a "
                   f"weight's shape), {r['reductions']} reductions, {r['dtype_copies']} dtype copies, custom ops "
                   f"{r['custom_ops']}")
+    if args.by_source:  # the chain's graph: the backward of a later segment
+        print("backward graph of a later segment, ops by source line:")
+        for n, loc in result["graphs"]["backward"][-1]["by_source"]:
+            print(f"{n:5d}  {loc}")
     if args.out:
         from titans.utils.io import atomic_write_text
 
