@@ -54,13 +54,16 @@ def by_source(gm: torch.fx.GraphModule, top: int = 40) -> list[tuple[int, str]]:
     come from, most first."""
     import re
 
+    import titans
+
+    package = str(Path(titans.__file__).resolve().parent) + os.sep
     where: collections.Counter = collections.Counter()
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s+(.*)', node.meta.get("stack_trace") or "")
-        loc = next((f"{f.split('/titans/')[-1]}:{line} {fn}: {code.strip()[:80]}"
-                    for f, line, fn, code in reversed(frames) if "/titans/" in f), "(no source line)")
+        loc = next((f"{f.removeprefix(package)}:{line} {fn}: {code.strip()[:80]}"
+                    for f, line, fn, code in reversed(frames) if f.startswith(package)), "(no source line)")
         where[loc] += 1
     return [(n, loc) for loc, n in where.most_common(top)]
 

@@ -272,6 +272,36 @@ def test_segment_graph_ops_counts_matmuls_and_the_weight_gradients_among_them():
     assert bwd["reductions"] >= 1 and bwd["ops"] == sum(bwd["by_op"].values())
 
 
+def test_segment_graph_ops_counts_a_backward_graphs_ops_by_source_line():
+    """segment_graph_ops.by_source: the backward graph of a package function's compile attributes its ops to the
+    function's lines (path relative to the package), most first, and every op is counted once."""
+    import inspect
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from titans.core.memory import functional
+
+    sgo = _load("segment_graph_ops")
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    f = torch.compile(functional._decay_matrix, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    f(torch.rand(2, 6).clamp(0.1, 0.9).requires_grad_()).sum().backward()
+    fwd, bwd = graphs
+    rows = sgo.by_source(bwd, top=100)
+    assert sum(n for n, _ in rows) == sgo.count_ops(bwd, set())["ops"]
+    assert [n for n, _ in rows] == sorted((n for n, _ in rows), reverse=True)
+    first = inspect.getsourcelines(functional._decay_matrix)[1]
+    located = [loc for _, loc in rows if loc.startswith("core/memory/functional.py:")]
+    assert located and all(" _decay_matrix: " in loc and int(loc.split(":")[1].split()[0]) > first for loc in located)
+    assert sum(n for n, loc in rows if loc in located) >= 0.5 * sum(n for n, _ in rows)
+
+
 def test_memory_contention_names_what_it_needs_and_averages_kernels(monkeypatch):
     """benchmarks/memory_contention.py (GPU only) stops on a machine without CUDA with a message naming it, and its
     per-kernel means divide each kernel's device time by its launches, longest total first."""
