@@ -799,6 +799,21 @@ if [ "$PART" = 54 ]; then
     --scope blocks --variants mac --out "$RES/compile_check_cuda_pdl.json"
   finish
 fi
+if [ "$PART" = 55 ]; then
+  # session 30 (for the call after PART=54): the memory's chunk coefficients (Eq. 16-18) as one Triton kernel a
+  # direction (titans/core/memory/coefficient_kernels.py, TITANS_TRITON_COEFFICIENTS=1; == the PyTorch code in float64
+  # under the interpreter): in a MAC segment's backward graph the PyTorch code and its recomputation are ~24% of the
+  # ops (segment_graph_ops.py --by-source), all on the chain.  Its GPU tests, then MAC 65536 x 1 and 4096 x 8 with it
+  # against the defaults
+  kernel_tests 60 gpu-test-coefficients 'chunk_coefficients_on_gpu' gpu_test_coefficients.txt
+  mac_65536x1_defaults 150
+  step 120 mac-65536x1-wf2048-coefficients env TITANS_TRITON_COEFFICIENTS=1 TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_coefficients.json"
+  step 90 mac-4096x8-coefficients env TITANS_TRITON_COEFFICIENTS=1 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
+    --out "$RES/h_mac_4096x8_coefficients.json"
+  mac_4096x8_defaults 90
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -970,3 +970,92 @@ def test_walk_parts_are_checked_and_lowered_to_what_fits(monkeypatch):
     monkeypatch.setenv("TITANS_TRITON_WALK_PARTS", "8")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert tk._walk_parts(8, 128, 2) == 4 and tk._walk_parts(2, 32, 2) == 2  # 16 units under the interpreter
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (TRITON_INTERPRET=1 on the CPU)")
+def test_fused_chunk_coefficients_equal_the_pytorch_code_float64():
+    """The Eq. 16-18 coefficients as one Triton kernel a direction (coefficient_kernels) == chunk_coefficients in
+    float64 under the interpreter: all eight outputs and the three gates' gradients, with exact-zero gates (a zero
+    momentum decay, a forget gate of 1) in some chunks, at chunk 16 and 32; and a whole memory update with
+    TITANS_TRITON_COEFFICIENTS=1 == without."""
+    out = _interpreted(textwrap.dedent("""
+        import os
+        import torch
+        from titans.core.memory.fused_update import chunk_coefficients, neural_memory_update_fused
+        from titans.core.memory.coefficient_kernels import fused_chunk_coefficients
+        torch.manual_seed(0)
+        worst = 0.0
+        for C in (16, 32):
+            B, H, N = 2, 3, 2
+            T = N * C
+            lr = torch.rand(B, H, T, dtype=torch.float64) * 0.1
+            md = torch.rand(B, H, T, dtype=torch.float64) * 0.9 + 0.05
+            fg = torch.rand(B, H, T, dtype=torch.float64) * 0.2
+            md[0, 0, 5] = 0.0
+            md[1, 2, C] = 0.0  # the first gate of a chunk
+            fg[0, 1, 7] = 1.0
+            fg[1, 0, T - 1] = 1.0  # the last
+            a = [t.clone().requires_grad_() for t in (lr, md, fg)]
+            b = [t.clone().requires_grad_() for t in (lr, md, fg)]
+            ref, got = chunk_coefficients(*a, C), fused_chunk_coefficients(*b, C)
+            assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in ref]
+            ws = [torch.randn_like(t) for t in ref]
+            gr = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, ws)), a)
+            gg = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, ws)), b)
+            for x, y in list(zip(ref, got)) + list(zip(gr, gg)):
+                worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)))
+        print("COEF", worst)
+        B, H, T, d, E = 1, 2, 32, 4, 6
+        g = torch.Generator().manual_seed(1)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+        q, k, v = r(B, H, T, d), r(B, H, T, d), r(B, H, T, d)
+        gates = [torch.rand(B, H, T, generator=g, dtype=torch.float64) * s for s in (0.1, 0.9, 0.1)]
+        W = [r(B, H, d, E) * 0.3, r(B, H, E, d) * 0.3]
+        def run():
+            ins = [t.clone().requires_grad_() for t in [q, k, v, *gates, *W]]
+            y, Wn, Sn = neural_memory_update_fused(*ins[:6], ins[6:], chunk_size=16, impl="torch")
+            loss = (y * y).sum() + sum((w * w).sum() for w in (*Wn, *Sn))
+            return [y, *Wn, *Sn, *torch.autograd.grad(loss, ins)]
+        off = run()
+        os.environ["TITANS_TRITON_COEFFICIENTS"] = "1"
+        on = run()
+        print("UPDATE", max(float((x - y).abs().max() / x.abs().max().clamp_min(1e-30)) for x, y in zip(off, on)))
+    """))
+    err = _errors(out)
+    assert float(err["COEF"]) <= 1e-12, err
+    assert float(err["UPDATE"]) <= 1e-12, err
+
+
+def test_fused_coefficients_switch_names_itself(monkeypatch):
+    from titans.core.memory import coefficient_kernels as ck
+
+    monkeypatch.delenv("TITANS_TRITON_COEFFICIENTS", raising=False)
+    assert not ck.coefficients_on()
+    monkeypatch.setenv("TITANS_TRITON_COEFFICIENTS", "1")
+    assert ck.coefficients_on()
+    assert not ck.supports(torch.zeros(1, 1, 12), 12)  # not a power of two (and, here, not CUDA)
+    monkeypatch.setenv("TITANS_TRITON_COEFFICIENTS", "yes")
+    with pytest.raises(ValueError, match="TITANS_TRITON_COEFFICIENTS='yes'"):
+        ck.coefficients_on()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("C", [16, 64])
+def test_fused_chunk_coefficients_on_gpu(C):
+    """The fused coefficients on the GPU (float32, MAC's chunk 64 with its 16-warp backward) == the PyTorch code
+    (float32 matmuls: autocast is off where the memory computes them), outputs and the gates' gradients."""
+    from titans.core.memory.coefficient_kernels import fused_chunk_coefficients
+    from titans.core.memory.fused_update import chunk_coefficients
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, N = 2, 8, 8
+    gates = [torch.rand(B, H, N * C, device="cuda", generator=g) * s for s in (0.1, 0.9, 0.2)]
+    gates[1][0, 0, 3] = 0.0  # an exact zero momentum decay
+    a = [t.clone().requires_grad_() for t in gates]
+    b = [t.clone().requires_grad_() for t in gates]
+    ref, got = chunk_coefficients(*a, C), fused_chunk_coefficients(*b, C)
+    ws = [torch.randn(t.shape, device="cuda", generator=g) for t in ref]
+    gr = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, ws)), a)
+    gg = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, ws)), b)
+    for x, y in list(zip(ref, got)) + list(zip(gr, gg)):
+        assert _rel(y, x) <= 1e-4

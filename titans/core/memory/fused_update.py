@@ -100,6 +100,19 @@ def chunk_coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk
                                           G[..., -1], Bc[..., -1], P[..., -1]))
 
 
+def coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk_size: int):
+    """:func:`chunk_coefficients` as the memory ops take them: with ``TITANS_TRITON_COEFFICIENTS=1`` where the
+    Triton kernels run (:mod:`titans.core.memory.coefficient_kernels`: one kernel a direction, the gates saved),
+    else the PyTorch code, recomputed in the backward while autograd records (the (B, H, N, C, C) decay matrices
+    behind the coefficients are cheap to rebuild and were a third of what the Triton path kept for a MAC layer,
+    RESULTS.md section 6, session 14)."""
+    from titans.core.memory import coefficient_kernels as ck
+
+    if ck.coefficients_on() and ck.supports(lr, chunk_size):
+        return ck.fused_chunk_coefficients(lr, momentum_decay, forget, chunk_size)
+    return recompute_when_recorded(chunk_coefficients, lr, momentum_decay, forget, chunk_size)
+
+
 # ----------------------------------------------------------------------------- one chunk, by hand
 
 
@@ -470,9 +483,7 @@ def neural_memory_update_fused(
     S = tuple(torch.zeros_like(w) for w in W) if momentum is None else tuple(momentum)
     if T == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1]), W, S
-    # recomputed in the backward: the (B, H, N, C, C) decay matrices and masks behind the coefficients are
-    # cheap to rebuild and were a third of what the Triton path kept for a MAC layer (RESULTS.md section 6, session 14)
-    coef = recompute_when_recorded(chunk_coefficients, lr, momentum_decay, forget, chunk_size)
+    coef = coefficients(lr, momentum_decay, forget, chunk_size)
     out = MemoryCoreFunction.apply(impl, chunk_size, activation, residual, L, q.contiguous(), k.contiguous(),
                                    v.contiguous(), *coef, *W, *S)
     return out[0], tuple(out[1:1 + L]), tuple(out[1 + L:])
@@ -614,7 +625,7 @@ def neural_memory_update_split(
         raise ValueError(f"q: sequence length {T} must be a positive multiple of chunk_size={chunk_size}")
     W = tuple(weights)
     S = tuple(torch.zeros_like(w) for w in W) if momentum is None else tuple(momentum)
-    coef = recompute_when_recorded(chunk_coefficients, lr, momentum_decay, forget, chunk_size)
+    coef = coefficients(lr, momentum_decay, forget, chunk_size)
     core = (q.contiguous(), k.contiguous(), v.contiguous(), *coef)
     out = MemoryWalkFunction.apply(impl, chunk_size, activation, residual, L, *core, *W, *S)
     pending = PendingReadout(impl, chunk_size, activation, residual, core, tuple(out[2 * L:]), L)
