@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from titans.core.memory import coefficient_kernels
 from titans.core.memory.functional import decay_coefficients, get_activation
 from titans.utils.tensors import recompute_when_recorded
 
@@ -106,10 +107,8 @@ def coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk_size:
     else the PyTorch code, recomputed in the backward while autograd records (the (B, H, N, C, C) decay matrices
     behind the coefficients are cheap to rebuild and were a third of what the Triton path kept for a MAC layer,
     RESULTS.md section 6, session 14)."""
-    from titans.core.memory import coefficient_kernels as ck
-
-    if ck.coefficients_on() and ck.supports(lr, chunk_size):
-        return ck.fused_chunk_coefficients(lr, momentum_decay, forget, chunk_size)
+    if coefficient_kernels.coefficients_on() and coefficient_kernels.supports(lr, chunk_size):
+        return coefficient_kernels.fused_chunk_coefficients(lr, momentum_decay, forget, chunk_size)
     return recompute_when_recorded(chunk_coefficients, lr, momentum_decay, forget, chunk_size)
 
 
