@@ -1034,6 +1034,8 @@ def test_fused_coefficients_switch_names_itself(monkeypatch):
     monkeypatch.setenv("TITANS_TRITON_COEFFICIENTS", "1")
     assert ck.coefficients_on()
     assert not ck.supports(torch.zeros(1, 1, 12), 12)  # not a power of two (and, here, not CUDA)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert not ck.supports(torch.zeros(1, 1, 16), 16)  # a CPU tensor, no interpreter: the PyTorch code
     monkeypatch.setenv("TITANS_TRITON_COEFFICIENTS", "yes")
     with pytest.raises(ValueError, match="TITANS_TRITON_COEFFICIENTS='yes'"):
         ck.coefficients_on()
