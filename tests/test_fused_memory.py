@@ -976,7 +976,7 @@ def test_walk_parts_are_checked_and_lowered_to_what_fits(monkeypatch):
 def test_fused_chunk_coefficients_equal_the_pytorch_code_float64():
     """The Eq. 16-18 coefficients as one Triton kernel a direction (coefficient_kernels) == chunk_coefficients in
     float64 under the interpreter: all eight outputs and the three gates' gradients, with exact-zero gates (a zero
-    momentum decay, a forget gate of 1) in some chunks, at chunk 16 and 32; and a whole memory update with
+    momentum decay, a forget gate of 1) in some chunks, at chunk 16 and 64; and a whole memory update with
     TITANS_TRITON_COEFFICIENTS=1 == without."""
     out = _interpreted(textwrap.dedent("""
         import os
@@ -985,7 +985,7 @@ def test_fused_chunk_coefficients_equal_the_pytorch_code_float64():
         from titans.core.memory.coefficient_kernels import fused_chunk_coefficients
         torch.manual_seed(0)
         worst = 0.0
-        for C in (16, 32):
+        for C in (16, 64):  # (64: MAC's chunk, the launch's 8 / 16 warps)
             B, H, N = 2, 3, 2
             T = N * C
             lr = torch.rand(B, H, T, dtype=torch.float64) * 0.1
