@@ -84,6 +84,12 @@ combo_compile_check() {  # combo kernels' float64 compile check of MAC on the GP
   step "$1" compile-check-combo env TITANS_INDUCTOR_OPTIONS='{"combo_kernels": true}' python3 \
     benchmarks/compile_check.py --device cuda --scope blocks --variants mac --out "$RES/compile_check_cuda_combo.json"
 }
+mac_65536x1_four_parts() {  # MAC 65536 x 1 with the walks over 4 parts (MIN_WALK_UNITS lowered for this process)
+  step "$1" mac-65536x1-wf2048-four-parts env TITANS_TRITON_WALK_PARTS=4 TITANS_TRITON_BWD=split python3 -c \
+    "import runpy, sys; import titans.core.memory.triton_kernels as tk; tk.MIN_WALK_UNITS = 32; \
+    sys.argv[0] = 'benchmarks/harness.py'; runpy.run_path('benchmarks/harness.py', run_name='__main__')" \
+    ${WF#python3 benchmarks/harness.py} --out "$RES/h_wf2048_four_parts.json"
+}
 weight_grad_tests() {  # tests/test_weight_grads.py's GPU case (streams, bf16)
   step "$1" gpu-test-weight-grads sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_weight_grads.py \
     -k gpu > $RES/gpu_test_weight_grads.txt 2>&1"
@@ -711,10 +717,7 @@ if [ "$PART" = 50 ]; then
   # MAC 65536 x 1 over 4 parts (MIN_WALK_UNITS lowered for that process only)
   kernel_tests 60 gpu-test-four-parts four_parts gpu_test_four_parts.txt
   if grep -qE "^\.\. +\[100%\]" "$RES/gpu_test_four_parts.txt"; then  # both passed (-q prints no summary here)
-    step 90 mac-65536x1-wf2048-four-parts env TITANS_TRITON_WALK_PARTS=4 TITANS_TRITON_BWD=split python3 -c \
-      "import runpy, sys; import titans.core.memory.triton_kernels as tk; tk.MIN_WALK_UNITS = 32; \
-      sys.argv[0] = 'benchmarks/harness.py'; runpy.run_path('benchmarks/harness.py', run_name='__main__')" \
-      ${WF#python3 benchmarks/harness.py} --out "$RES/h_wf2048_four_parts.json"
+    mac_65536x1_four_parts 90
   fi
   finish
 fi
@@ -738,10 +741,7 @@ if [ "$PART" = 51 ]; then
       -p no:cacheprovider -rfE tests/test_fused_memory.py -k 'four_parts and False' > $RES/sanitizer_four_parts.txt 2>&1"
   fi
   if grep -qE "^\. +\[100%\]" "$RES/gpu_test_four_parts_bf16.txt"; then
-    step 170 mac-65536x1-wf2048-four-parts env TITANS_TRITON_WALK_PARTS=4 TITANS_TRITON_BWD=split python3 -c \
-      "import runpy, sys; import titans.core.memory.triton_kernels as tk; tk.MIN_WALK_UNITS = 32; \
-      sys.argv[0] = 'benchmarks/harness.py'; runpy.run_path('benchmarks/harness.py', run_name='__main__')" \
-      ${WF#python3 benchmarks/harness.py} --out "$RES/h_wf2048_four_parts.json"
+    mac_65536x1_four_parts 170
   fi
   mac_65536x1_defaults 80
   CW="env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 benchmarks/memory_contention.py --streams 1 3"
@@ -772,7 +772,7 @@ if [ "$PART" = 53 ]; then
   # dependent launch (TORCHINDUCTOR_ENABLE_PDL=1, +2.3%), 285,042 with its coordinate descent tuning (+2.5%, but
   # 233 s to compile against 64-94).  The launch on the issue's shape too (the ratio's denominator), its float64
   # compile check on the GPU (compiled == eager with the kernels' launches overlapped), and 65536 x 1 again
-  step 110 mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
+  mac_4096x8_defaults 110
   step 100 mac-4096x8-pdl env TORCHINDUCTOR_ENABLE_PDL=1 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
     --out "$RES/h_mac_4096x8_pdl.json"
   step 130 mac-65536x1-wf2048-pdl env TORCHINDUCTOR_ENABLE_PDL=1 TITANS_TRITON_BWD=split $WF \

@@ -43,9 +43,12 @@ def supports(lr: Tensor, chunk_size: int) -> bool:
     """The fused coefficients can run here: Triton, float32 gates on a CUDA device (or float32 / float64 under the
     interpreter, for the tests; float64 matmuls on a GPU were never compiled), a power-of-two chunk of at least 16
     (the smallest matmul tile)."""
-    if triton is None or chunk_size < 16 or chunk_size & (chunk_size - 1):
+    # (imported here: triton_kernels imports fused_update, which imports this module)
+    from titans.core.memory.triton_kernels import _pow2, interpreting
+
+    if triton is None or chunk_size < 16 or not _pow2(chunk_size):
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return lr.dtype in (torch.float32, torch.float64)
     return lr.is_cuda and lr.dtype == torch.float32
 
@@ -166,12 +169,15 @@ def chunk_coefficients_forward(theta: Tensor, eta: Tensor, keep: Tensor, chunk_s
     return outs
 
 
-def _empty_coefficients(theta: Tensor, C: int) -> list[Tensor]:
+def _coefficient_shapes(theta: Tensor, C: int) -> list[tuple[int, ...]]:
+    """The shapes of G, Bc, M, Ml, m, Gl, Bl, Pl for gates (B, H, T) and chunk C."""
     B, H, T = theta.shape
     N = T // C
-    new = theta.new_empty
-    return [new(B, H, T), new(B, H, T), new(B, H, N, C, C), new(B, H, N, C), new(B, H, N, C), new(B, H, N),
-            new(B, H, N), new(B, H, N)]
+    return [(B, H, T), (B, H, T), (B, H, N, C, C), (B, H, N, C), (B, H, N, C), (B, H, N), (B, H, N), (B, H, N)]
+
+
+def _empty_coefficients(theta: Tensor, C: int) -> list[Tensor]:
+    return [theta.new_empty(shape) for shape in _coefficient_shapes(theta, C)]
 
 
 @chunk_coefficients_forward.register_fake
@@ -212,7 +218,7 @@ class ChunkCoefficientsFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         theta, eta, keep = ctx.saved_tensors
         full = [torch.zeros(shape, dtype=theta.dtype, device=theta.device) if g is None else g
-                for g, shape in zip(grads, [t.shape for t in _empty_coefficients(theta, ctx.chunk_size)])]
+                for g, shape in zip(grads, _coefficient_shapes(theta, ctx.chunk_size))]
         dth, deta, dkeep = chunk_coefficients_backward(theta, eta, keep, full, ctx.chunk_size)
         return dth, deta, dkeep, None
 
