@@ -1044,8 +1044,10 @@ def test_fused_coefficients_switch_names_itself(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("C", [16, 64])
 def test_fused_chunk_coefficients_on_gpu(C):
-    """The fused coefficients on the GPU (float32, MAC's chunk 64 with its 16-warp backward) == the PyTorch code
-    (float32 matmuls: autocast is off where the memory computes them), outputs and the gates' gradients."""
+    """The fused coefficients on the GPU (float32, MAC's chunk 64 with its 16-warp backward) against the PyTorch code
+    in float64: outputs and the gates' gradients no further from it than a few times the PyTorch code's own float32
+    error.  (Session 31: the momentum gate's gradient next to an exact-zero decay is ill-conditioned; PyTorch's float32
+    is 3e-4 from float64 there, so a fixed 1e-4 between the two float32 paths failed for both.)"""
     from titans.core.memory.coefficient_kernels import fused_chunk_coefficients
     from titans.core.memory.fused_update import chunk_coefficients
 
@@ -1053,11 +1055,19 @@ def test_fused_chunk_coefficients_on_gpu(C):
     B, H, N = 2, 8, 8
     gates = [torch.rand(B, H, N * C, device="cuda", generator=g) * s for s in (0.1, 0.9, 0.2)]
     gates[1][0, 0, 3] = 0.0  # an exact zero momentum decay
-    a = [t.clone().requires_grad_() for t in gates]
-    b = [t.clone().requires_grad_() for t in gates]
-    ref, got = chunk_coefficients(*a, C), fused_chunk_coefficients(*b, C)
-    ws = [torch.randn(t.shape, device="cuda", generator=g) for t in ref]
-    gr = torch.autograd.grad(sum((t * w).sum() for t, w in zip(ref, ws)), a)
-    gg = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, ws)), b)
-    for x, y in list(zip(ref, got)) + list(zip(gr, gg)):
-        assert _rel(y, x) <= 1e-4
+    ws = None
+
+    def outputs_and_grads(fn, dtype):
+        nonlocal ws
+        a = [t.detach().to(dtype).clone().requires_grad_() for t in gates]
+        out = fn(*a, C)
+        if ws is None:
+            ws = [torch.randn(t.shape, device="cuda", generator=g, dtype=torch.float64) for t in out]
+        grads = torch.autograd.grad(sum((t * w.to(dtype)).sum() for t, w in zip(out, ws)), a)
+        return [t.double() for t in list(out) + list(grads)]
+
+    truth = outputs_and_grads(chunk_coefficients, torch.float64)
+    ref = outputs_and_grads(chunk_coefficients, torch.float32)
+    got = outputs_and_grads(fused_chunk_coefficients, torch.float32)
+    for i, (t, r, y) in enumerate(zip(truth, ref, got)):
+        assert _rel(y, t) <= max(4 * _rel(r, t), 1e-5), (i, _rel(y, t), _rel(r, t))
