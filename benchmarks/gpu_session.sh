@@ -831,6 +831,22 @@ if [ "$PART" = 56 ]; then
     TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_coefficients_pdl.json"
   finish
 fi
+if [ "$PART" = 57 ]; then
+  # session 31: PART=56 (one machine): the fused coefficients' GPU test passes (against float64); 4096 x 8 373,122
+  # tokens/s with them, 372,273 without; 65536 x 1 286,626 with them, 288,719 with them and programmatic dependent
+  # launch.  They are now the default on CUDA.  65536 x 1 with the new defaults and with TITANS_TRITON_COEFFICIENTS=0
+  # on one machine; PART=54's read-out streams (the read-out's backward off each memory block's chain) with the new
+  # defaults; programmatic dependent launch's float64 compile check (cut at 100 s in PART=53)
+  PDL='{"triton.enable_pdl": true}'
+  mac_65536x1_defaults 130
+  step 100 mac-65536x1-wf2048-no-coefficients env TITANS_TRITON_COEFFICIENTS=0 TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_no_coefficients.json"
+  step 110 mac-65536x1-wf2048-readout-streams env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_readout_streams.json"
+  step 150 compile-check-pdl env TITANS_INDUCTOR_OPTIONS="$PDL" python3 benchmarks/compile_check.py --device cuda \
+    --scope blocks --variants mac --out "$RES/compile_check_cuda_pdl.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"

@@ -1016,6 +1016,7 @@ def test_fused_chunk_coefficients_equal_the_pytorch_code_float64():
             y, Wn, Sn = neural_memory_update_fused(*ins[:6], ins[6:], chunk_size=16, impl="torch")
             loss = (y * y).sum() + sum((w * w).sum() for w in (*Wn, *Sn))
             return [y, *Wn, *Sn, *torch.autograd.grad(loss, ins)]
+        os.environ["TITANS_TRITON_COEFFICIENTS"] = "0"
         off = run()
         os.environ["TITANS_TRITON_COEFFICIENTS"] = "1"
         on = run()
@@ -1029,7 +1030,17 @@ def test_fused_chunk_coefficients_equal_the_pytorch_code_float64():
 def test_fused_coefficients_switch_names_itself(monkeypatch):
     from titans.core.memory import coefficient_kernels as ck
 
+    interpret = os.environ.get("TRITON_INTERPRET")
     monkeypatch.delenv("TITANS_TRITON_COEFFICIENTS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ck.coefficients_on()  # unset: on where Triton compiles
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not ck.coefficients_on()  # unset under the interpreter: the PyTorch code
+    if interpret is None:
+        monkeypatch.delenv("TRITON_INTERPRET")
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.setenv("TITANS_TRITON_COEFFICIENTS", "0")
     assert not ck.coefficients_on()
     monkeypatch.setenv("TITANS_TRITON_COEFFICIENTS", "1")
     assert ck.coefficients_on()

@@ -8,8 +8,8 @@ session 30): a dozen or more small kernels a segment.  Here one program per (bat
 two (C, C) decay matrices in registers and writes the eight coefficients; the backward rebuilds them from the gates
 (nothing but the gates is saved) and writes the gates' gradients.  Same outputs and gradients as the PyTorch code,
 its exact-zero handling included (a zero gate gives exact zeros behind it and no gradient through its log); the
-tests compare both in float64 under ``TRITON_INTERPRET=1``.  Opt-in (``TITANS_TRITON_COEFFICIENTS=1``) until timed
-on a GPU.
+tests compare both in float64 under ``TRITON_INTERPRET=1``, and on a GPU both float32 paths with float64.  On by
+default on CUDA (``TITANS_TRITON_COEFFICIENTS=0``: the PyTorch code).
 
 Per chunk, with a in {eta, keep} (C,), L = cumsum(log a) and D[s, j] = exp(L_s - L_j) for j <= s with no zero
 gate in (j, s] (else 0):  P = eta_0 D_eta[:, 0], G = keep_0 D_keep[:, 0], Bc = D_keep P, K = D_keep D_eta,
@@ -31,8 +31,16 @@ except ImportError:  # pragma: no cover - the PyTorch path stands in
 
 
 def coefficients_on() -> bool:
-    """Whether ``TITANS_TRITON_COEFFICIENTS`` ("0" or "1", "0" when unset) asks for the fused coefficients."""
-    raw = os.environ.get("TITANS_TRITON_COEFFICIENTS", "0")
+    """Whether the memory ops take the fused coefficients where :func:`supports` allows: ``TITANS_TRITON_COEFFICIENTS``
+    "1" or "0"; unset, on except under the interpreter (whose CPU tests keep the PyTorch code unless they ask).
+
+    On by default since session 31 (H200, MAC, RESULTS.md section 6): 286,626 / 290,117 tokens/s at 65536 x 1 against
+    283,309 without; 373,122 against 372,273 at 4096 x 8; within PyTorch's own float32 error of float64 on the GPU."""
+    raw = os.environ.get("TITANS_TRITON_COEFFICIENTS")
+    if raw is None:
+        from titans.core.memory.triton_kernels import interpreting
+
+        return not interpreting()
     if raw not in ("0", "1"):
         raise ValueError(f"TITANS_TRITON_COEFFICIENTS={raw!r}: expected 0 or 1 (the memory's chunk coefficients "
                          "as one Triton kernel a direction)")
