@@ -847,6 +847,17 @@ if [ "$PART" = 57 ]; then
     --scope blocks --variants mac --out "$RES/compile_check_cuda_pdl.json"
   finish
 fi
+if [ "$PART" = 58 ]; then
+  # session 31: PART=57 (one machine): MAC 65536 x 1 292,963 tokens/s with the fused coefficients (the new default),
+  # 285,513 without; read-out streams 211,156.  The flat ratio with the new defaults on one machine: 4096 x 8, then
+  # 65536 x 1, then 65536 x 1 with programmatic dependent launch (its GPU compile check passed in PART=57)
+  PDL='{"triton.enable_pdl": true}'
+  mac_4096x8_defaults 150
+  mac_65536x1_defaults 100
+  step 90 mac-65536x1-wf2048-pdl env TITANS_INDUCTOR_OPTIONS="$PDL" TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_pdl.json"
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
