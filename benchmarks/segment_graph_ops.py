@@ -68,6 +68,24 @@ def by_source(gm: torch.fx.GraphModule, top: int = 40) -> list[tuple[int, str]]:
     return [(n, loc) for loc, n in where.most_common(top)]
 
 
+def saved_tensors(gm: torch.fx.GraphModule, top: int = 8) -> dict:
+    """What a backward graph reads from its forward: its inputs that are not incoming gradients (AOTAutograd names
+    those ``tangents_*``): the activations the forward kept for it (and the parameters / inputs it reads, which live
+    anyway).  Their total bytes and the largest few (shape, dtype, MB), largest first.  Sizes scale with the model:
+    compare runs of one configuration (session 31: the fused coefficients add M, G, Bc, Ml, m, Gl, Bl, Pl, which the
+    PyTorch path's recomputation rebuilds in the backward)."""
+    rows = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or node.name.startswith("tangents") or not isinstance(val, torch.Tensor):
+            continue
+        rows.append((val.numel() * val.element_size(), tuple(val.shape), str(val.dtype).removeprefix("torch.")))
+    rows.sort(key=lambda r: -r[0])
+    return {"saved": len(rows), "saved_bytes": sum(r[0] for r in rows),
+            "saved_largest": [{"shape": list(shape), "dtype": dtype, "mb": round(n / 2**20, 4)}
+                              for n, shape, dtype in rows[:top]]}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=int, default=128)
@@ -116,13 +134,15 @@ def main(argv=None) -> dict:
     loss.backward()
     # one graph per distinct segment position (the first segment, any later one): the later one is the chain's
     result = {"date": str(date.today()), "torch": torch.__version__, "config": vars(args),
-              "graphs": {kind: [dict(count_ops(gm, weight_shapes), by_source=by_source(gm)) for gm in gms]
+              "graphs": {kind: [dict(count_ops(gm, weight_shapes), by_source=by_source(gm),
+                                     **(saved_tensors(gm) if kind == "backward" else {})) for gm in gms]
                          for kind, gms in graphs.items()}}
     for kind, rows in result["graphs"].items():
         for i, r in enumerate(rows):
             print(f"{kind} graph {i}: {r['ops']} ops, {r['matmuls']} matmuls ({r['weight_shaped_matmuls']} with a "
                   f"weight's shape), {r['reductions']} reductions, {r['dtype_copies']} dtype copies, custom ops "
-                  f"{r['custom_ops']}")
+                  f"{r['custom_ops']}" + (f"; reads {r['saved']} saved tensors, {r['saved_bytes'] / 2**20:.3f} MB"
+                                          if kind == "backward" else ""))
     if args.by_source:  # the chain's graph: the backward of a later segment
         print("backward graph of a later segment, ops by source line:")
         for n, loc in result["graphs"]["backward"][-1]["by_source"]:

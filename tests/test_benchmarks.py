@@ -272,6 +272,30 @@ def test_segment_graph_ops_counts_matmuls_and_the_weight_gradients_among_them():
     assert bwd["reductions"] >= 1 and bwd["ops"] == sum(bwd["by_op"].values())
 
 
+def test_segment_graph_ops_lists_what_a_backward_graph_reads_from_its_forward():
+    """segment_graph_ops.saved_tensors: of tanh(x W^T + b)'s backward graph, the inputs that are not incoming
+    gradients - W (for x's gradient), x (for W's), tanh's output (for its own backward) - largest first, with their
+    bytes; the gradient flowing in is not counted."""
+    sgo = _load("segment_graph_ops")
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(8, 6)
+    f = torch.compile(lambda x: torch.tanh(lin(x)), backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    f(torch.randn(5, 8, requires_grad=True)).sum().backward()
+    saved = sgo.saved_tensors(graphs[1])
+    assert saved["saved"] == 3 and saved["saved_bytes"] == (8 * 6 + 5 * 8 + 5 * 6) * 4
+    assert [r["shape"] for r in saved["saved_largest"]] == [[8, 6], [5, 8], [5, 6]]
+    assert sgo.saved_tensors(graphs[1], top=1)["saved_largest"] == saved["saved_largest"][:1]
+
+
 def test_segment_graph_ops_counts_a_backward_graphs_ops_by_source_line():
     """segment_graph_ops.by_source: the backward graph of a package function's compile attributes its ops to the
     function's lines (path relative to the package), most first, and every op is counted once."""
