@@ -781,26 +781,8 @@ if [ "$PART" = 53 ]; then
     --scope blocks --variants mac --out "$RES/compile_check_cuda_pdl.json"
   finish
 fi
-if [ "$PART" = 54 ]; then
-  # session 30 (for the next session's first call): PART=53 (one machine): programmatic dependent launch no change at
-  # 4096 x 8 (375,456 vs 375,932), 286,227 at 65536 x 1 (0.761x); its compile check cut at 100 s.  The memory
-  # backward's first stage (stage 0, the read-out's share: needs the segment's dy, not the next segment's state
-  # gradient) still runs on each memory block's chain inside the one backward op; TITANS_WAVEFRONT_READOUT_STREAMS=1
-  # puts the read-out (and so stage 0) on the feed-forward's stream, off the chain - 14.6% slower in session 23,
-  # before the walks over parts, deferred weight gradients and combo kernels: re-timed against the defaults, alone
-  # and with programmatic dependent launch; then the latter's float64 compile check with a longer limit
-  PDL='{"triton.enable_pdl": true}'
-  mac_65536x1_defaults 150
-  step 130 mac-65536x1-wf2048-readout-streams env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_BWD=split $WF \
-    --out "$RES/h_wf2048_readout_streams.json"
-  step 120 mac-65536x1-wf2048-readout-streams-pdl env TITANS_INDUCTOR_OPTIONS="$PDL" \
-    TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048_readout_streams_pdl.json"
-  step 150 compile-check-pdl env TITANS_INDUCTOR_OPTIONS="$PDL" python3 benchmarks/compile_check.py --device cuda \
-    --scope blocks --variants mac --out "$RES/compile_check_cuda_pdl.json"
-  finish
-fi
 if [ "$PART" = 55 ]; then
-  # session 30 (for the call after PART=54): the memory's chunk coefficients (Eq. 16-18) as one Triton kernel a
+  # session 30 (run as session 31's first call): the memory's chunk coefficients (Eq. 16-18) as one Triton kernel a
   # direction (titans/core/memory/coefficient_kernels.py, TITANS_TRITON_COEFFICIENTS=1; == the PyTorch code in float64
   # under the interpreter): in a MAC segment's backward graph the PyTorch code and its recomputation are ~24% of the
   # ops (segment_graph_ops.py --by-source), all on the chain.  Its GPU tests, then MAC 65536 x 1 and 4096 x 8 with it
@@ -835,8 +817,10 @@ if [ "$PART" = 57 ]; then
   # session 31: PART=56 (one machine): the fused coefficients' GPU test passes (against float64); 4096 x 8 373,122
   # tokens/s with them, 372,273 without; 65536 x 1 286,626 with them, 288,719 with them and programmatic dependent
   # launch.  They are now the default on CUDA.  65536 x 1 with the new defaults and with TITANS_TRITON_COEFFICIENTS=0
-  # on one machine; PART=54's read-out streams (the read-out's backward off each memory block's chain) with the new
-  # defaults; programmatic dependent launch's float64 compile check (cut at 100 s in PART=53)
+  # on one machine; the read-out streams (TITANS_WAVEFRONT_READOUT_STREAMS=1: the read-out and the memory backward's
+  # first stage off each memory block's chain, 14.6% slower in session 23, before the walks over parts, deferred
+  # weight gradients and combo kernels) with the new defaults; programmatic dependent launch's float64 compile check
+  # (cut at 100 s in PART=53).  (Replaces session 30's PART=54, never run.)
   PDL='{"triton.enable_pdl": true}'
   mac_65536x1_defaults 130
   step 100 mac-65536x1-wf2048-no-coefficients env TITANS_TRITON_COEFFICIENTS=0 TITANS_TRITON_BWD=split $WF \

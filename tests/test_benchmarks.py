@@ -250,10 +250,9 @@ def test_live_allocations_group_the_live_blocks_of_a_snapshot_by_their_titans_fr
     assert harness.live_allocations(snap, top=1) == rows[:1]
 
 
-def test_segment_graph_ops_counts_matmuls_and_the_weight_gradients_among_them():
-    """benchmarks/segment_graph_ops.py: of a linear layer's backward graph, the weight gradient is the one matmul with
-    the weight's shape; the input gradient (another matmul) and the bias gradient (a reduction) are not."""
-    sgo = _load("segment_graph_ops")
+def _aot_graphs(fn, *inputs):
+    """The forward and backward FX graphs AOTAutograd makes of ``fn`` (compiled afresh), after one backward of
+    ``fn(*inputs).sum()``: what benchmarks/segment_graph_ops.py inspects."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -263,10 +262,21 @@ def test_segment_graph_ops_counts_matmuls_and_the_weight_gradients_among_them():
         graphs.append(gm)
         return make_boxed_func(gm.forward)
 
+    torch._dynamo.reset()
+    torch.compile(fn, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))(*inputs).sum().backward()
+    return graphs
+
+
+def _linear_tanh_graphs():
     lin = torch.nn.Linear(8, 6)
-    f = torch.compile(lambda x: torch.tanh(lin(x)), backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
-    f(torch.randn(5, 8, requires_grad=True)).sum().backward()
-    fwd, bwd = (sgo.count_ops(g, {(6, 8), (8, 6)}) for g in graphs)
+    return _aot_graphs(lambda x: torch.tanh(lin(x)), torch.randn(5, 8, requires_grad=True))
+
+
+def test_segment_graph_ops_counts_matmuls_and_the_weight_gradients_among_them():
+    """benchmarks/segment_graph_ops.py: of a linear layer's backward graph, the weight gradient is the one matmul with
+    the weight's shape; the input gradient (another matmul) and the bias gradient (a reduction) are not."""
+    sgo = _load("segment_graph_ops")
+    fwd, bwd = (sgo.count_ops(g, {(6, 8), (8, 6)}) for g in _linear_tanh_graphs())
     assert fwd["matmuls"] == 1 and fwd["weight_shaped_matmuls"] == 0
     assert bwd["matmuls"] == 2 and bwd["weight_shaped_matmuls"] == 1 and bwd["weight_shaped"] == [(6, 8)]
     assert bwd["reductions"] >= 1 and bwd["ops"] == sum(bwd["by_op"].values())
@@ -277,23 +287,11 @@ def test_segment_graph_ops_lists_what_a_backward_graph_reads_from_its_forward():
     gradients - W (for x's gradient), x (for W's), tanh's output (for its own backward) - largest first, with their
     bytes; the gradient flowing in is not counted."""
     sgo = _load("segment_graph_ops")
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    torch._dynamo.reset()
-    lin = torch.nn.Linear(8, 6)
-    f = torch.compile(lambda x: torch.tanh(lin(x)), backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
-    f(torch.randn(5, 8, requires_grad=True)).sum().backward()
-    saved = sgo.saved_tensors(graphs[1])
+    bwd = _linear_tanh_graphs()[1]
+    saved = sgo.saved_tensors(bwd)
     assert saved["saved"] == 3 and saved["saved_bytes"] == (8 * 6 + 5 * 8 + 5 * 6) * 4
     assert [r["shape"] for r in saved["saved_largest"]] == [[8, 6], [5, 8], [5, 6]]
-    assert sgo.saved_tensors(graphs[1], top=1)["saved_largest"] == saved["saved_largest"][:1]
+    assert sgo.saved_tensors(bwd, top=1)["saved_largest"] == saved["saved_largest"][:1]
 
 
 def test_segment_graph_ops_counts_a_backward_graphs_ops_by_source_line():
@@ -301,22 +299,10 @@ def test_segment_graph_ops_counts_a_backward_graphs_ops_by_source_line():
     function's lines (path relative to the package), most first, and every op is counted once."""
     import inspect
 
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     from titans.core.memory import functional
 
     sgo = _load("segment_graph_ops")
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    torch._dynamo.reset()
-    f = torch.compile(functional._decay_matrix, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
-    f(torch.rand(2, 6).clamp(0.1, 0.9).requires_grad_()).sum().backward()
-    fwd, bwd = graphs
+    fwd, bwd = _aot_graphs(functional._decay_matrix, torch.rand(2, 6).clamp(0.1, 0.9).requires_grad_())
     rows = sgo.by_source(bwd, top=100)
     assert sum(n for n, _ in rows) == sgo.count_ops(bwd, set())["ops"]
     assert [n for n, _ in rows] == sorted((n for n, _ in rows), reverse=True)
