@@ -1086,6 +1086,20 @@ def test_fused_coefficients_switch_names_itself(monkeypatch):
         ck.coefficients_on()
 
 
+def test_fused_coefficients_refuse_gates_that_do_not_fit():
+    """The fused coefficients name what is wrong before any kernel runs: a length that is not a whole number of
+    chunks (the kernels would drop the remainder), gates of different shapes or dtypes."""
+    from titans.core.memory.coefficient_kernels import fused_chunk_coefficients
+
+    g = torch.rand(1, 2, 48)
+    with pytest.raises(ValueError, match="T=48 is not a multiple of chunk_size=32"):
+        fused_chunk_coefficients(g, g, g, 32)
+    with pytest.raises(ValueError, match=r"momentum_decay \(1, 2, 32\)"):
+        fused_chunk_coefficients(g, g[..., :32], g, 16)
+    with pytest.raises(ValueError, match="forget .* torch.float64"):
+        fused_chunk_coefficients(g, g, g.double(), 16)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("C", [16, 64])
 def test_fused_chunk_coefficients_on_gpu(C):

@@ -233,6 +233,13 @@ class ChunkCoefficientsFunction(torch.autograd.Function):
 
 def fused_chunk_coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk_size: int):
     """:func:`~titans.core.memory.fused_update.chunk_coefficients` through the Triton kernels (same signature,
-    outputs and gradients)."""
+    outputs and gradients).  The gates must be (B, H, T) alike, T a multiple of ``chunk_size`` (the kernels take
+    whole chunks: a remainder would be dropped silently, so it is refused)."""
+    gates = {"lr": lr, "momentum_decay": momentum_decay, "forget": forget}
+    if lr.ndim != 3 or any(t.shape != lr.shape or t.dtype != lr.dtype for t in gates.values()):
+        raise ValueError("fused_chunk_coefficients: the gates must be (B, H, T) of one shape and dtype, got "
+                         + ", ".join(f"{k} {tuple(t.shape)} {t.dtype}" for k, t in gates.items()))
+    if lr.shape[-1] % chunk_size:
+        raise ValueError(f"fused_chunk_coefficients: T={lr.shape[-1]} is not a multiple of chunk_size={chunk_size}")
     return ChunkCoefficientsFunction.apply(lr.contiguous(), momentum_decay.contiguous(), (1 - forget).contiguous(),
                                            chunk_size)
