@@ -842,6 +842,17 @@ if [ "$PART" = 58 ]; then
     --out "$RES/h_wf2048_pdl.json"
   finish
 fi
+if [ "$PART" = 59 ]; then
+  # session 31 (for the next session's first call): PART=58 (one machine): 377,787 tokens/s at 4096 x 8, 288,624 at
+  # 65536 x 1 (0.764x), 293,334 with programmatic dependent launch (0.776x), the fused coefficients now the default.
+  # Session 29's timeline had ~77 kernels a segment on each memory block's stream (the backward walk 31% of its
+  # kernel time, stages 0 and 2 23%, float32 cutlass GEMMs of the coefficients 248 calls): the chain re-ranked with the
+  # new defaults, then both shapes on the same machine
+  mac_65536x1_timeline 130
+  mac_4096x8_defaults 110
+  mac_65536x1_defaults 100
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
