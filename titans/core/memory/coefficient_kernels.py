@@ -34,8 +34,9 @@ def coefficients_on() -> bool:
     """Whether the memory ops take the fused coefficients where :func:`supports` allows: ``TITANS_TRITON_COEFFICIENTS``
     "1" or "0"; unset, on except under the interpreter (whose CPU tests keep the PyTorch code unless they ask).
 
-    On by default since session 31 (H200, MAC, RESULTS.md section 6): 286,626 / 290,117 tokens/s at 65536 x 1 against
-    283,309 without; 373,122 against 372,273 at 4096 x 8; within PyTorch's own float32 error of float64 on the GPU."""
+    On by default since session 31 (H200, MAC, RESULTS.md section 6; each pair on one machine): 290,117 and 292,963
+    tokens/s at 65536 x 1 against 283,309 and 285,513 without (+2.4%, +2.6%); 373,122 against 372,273 at 4096 x 8;
+    within 4x PyTorch's own float32 error of float64 on the GPU."""
     raw = os.environ.get("TITANS_TRITON_COEFFICIENTS")
     if raw is None:
         from titans.core.memory.triton_kernels import interpreting

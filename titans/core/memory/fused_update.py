@@ -104,7 +104,8 @@ def chunk_coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk
 def coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk_size: int):
     """:func:`chunk_coefficients` as the memory ops take them: where the Triton kernels run (CUDA, float32; the
     default there, ``TITANS_TRITON_COEFFICIENTS=0`` turns them off) :mod:`titans.core.memory.coefficient_kernels`,
-    one kernel a direction with the gates saved (+2.4-2.6% at MAC 65536 x 1, RESULTS.md section 6, session 31);
+    one kernel a direction with the gates saved (+2.4-2.6% at MAC 65536 x 1, RESULTS.md section 6, session 31;
+    the memory op then keeps the kernel's M for its backward: +0.4 GB there, three layers);
     else the PyTorch code, recomputed in the backward while autograd records (the (B, H, N, C, C) decay matrices
     behind the coefficients are cheap to rebuild and were a third of what the Triton path kept for a MAC layer,
     RESULTS.md section 6, session 14)."""
