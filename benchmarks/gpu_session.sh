@@ -847,7 +847,10 @@ if [ "$PART" = 59 ]; then
   # 65536 x 1 (0.764x), 293,334 with programmatic dependent launch (0.776x), the fused coefficients now the default.
   # Session 29's timeline had ~77 kernels a segment on each memory block's stream (the backward walk 31% of its
   # kernel time, stages 0 and 2 23%, float32 cutlass GEMMs of the coefficients 248 calls): the chain re-ranked with the
-  # new defaults, then both shapes on the same machine
+  # new defaults, then both shapes on the same machine; first every GPU test of the memory kernels, never run with
+  # the fused coefficients as the default
+  step 120 kernel-tests sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    > $RES/gpu_test_fused_memory.txt 2>&1"
   mac_65536x1_timeline 130
   mac_4096x8_defaults 110
   mac_65536x1_defaults 100
