@@ -178,15 +178,12 @@ def chunk_coefficients_forward(theta: Tensor, eta: Tensor, keep: Tensor, chunk_s
     return outs
 
 
-def _coefficient_shapes(theta: Tensor, C: int) -> list[tuple[int, ...]]:
-    """The shapes of G, Bc, M, Ml, m, Gl, Bl, Pl for gates (B, H, T) and chunk C."""
+def _empty_coefficients(theta: Tensor, C: int) -> list[Tensor]:
+    """G, Bc, M, Ml, m, Gl, Bl, Pl, uninitialised, for gates (B, H, T) and chunk C."""
     B, H, T = theta.shape
     N = T // C
-    return [(B, H, T), (B, H, T), (B, H, N, C, C), (B, H, N, C), (B, H, N, C), (B, H, N), (B, H, N), (B, H, N)]
-
-
-def _empty_coefficients(theta: Tensor, C: int) -> list[Tensor]:
-    return [theta.new_empty(shape) for shape in _coefficient_shapes(theta, C)]
+    return [theta.new_empty(shape) for shape in
+            [(B, H, T), (B, H, T), (B, H, N, C, C), (B, H, N, C), (B, H, N, C), (B, H, N), (B, H, N), (B, H, N)]]
 
 
 @chunk_coefficients_forward.register_fake
@@ -225,10 +222,9 @@ class ChunkCoefficientsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        # (autograd materialises an unused output's gradient as zeros: none is None, eager or compiled)
         theta, eta, keep = ctx.saved_tensors
-        full = [torch.zeros(shape, dtype=theta.dtype, device=theta.device) if g is None else g
-                for g, shape in zip(grads, _coefficient_shapes(theta, ctx.chunk_size))]
-        dth, deta, dkeep = chunk_coefficients_backward(theta, eta, keep, full, ctx.chunk_size)
+        dth, deta, dkeep = chunk_coefficients_backward(theta, eta, keep, list(grads), ctx.chunk_size)
         return dth, deta, dkeep, None
 
 
