@@ -856,6 +856,17 @@ if [ "$PART" = 59 ]; then
   mac_65536x1_defaults 100
   finish
 fi
+if [ "$PART" = 60 ]; then
+  # session 32: PART=59 (one machine): the whole tests/test_fused_memory.py was cut at 120 s after 25 passing tests (the
+  # float64 and interpreter-style tests compile for CUDA first), the timeline at 130 s and 4096 x 8 at 110 s (a fresh
+  # machine's first compiles); MAC 65536 x 1 287,585 tokens/s by default.  Every GPU test of the memory kernels but the
+  # walks over 4 parts (refused by the launcher since session 30's compiler bug) with room (sessions 22-25: 210-230 s),
+  # then the flat pair on the same machine
+  kernel_tests 250 kernel-tests-gpu 'on_gpu and not four_parts' gpu_test_fused_memory_on_gpu.txt
+  mac_4096x8_defaults 150
+  mac_65536x1_defaults 100
+  finish
+fi
 if [ "$PART" = 6 ]; then
   # MAG at both shapes (PART=5's limits add up to 460 s; these would not fit beside them)
   H6="${HP/--models mac/--models mag} --cuda-graphs"
