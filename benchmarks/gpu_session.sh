@@ -856,6 +856,21 @@ if [ "$PART" = 59 ]; then
   mac_65536x1_defaults 100
   finish
 fi
+if [ "$PART" = 61 ]; then
+  # session 32: PART=60 (one machine): the first 5 GPU tests of the memory kernels passed in 250 s (the three backward
+  # modes and the walks over 1 and 2 parts without the saved inner forward: every default path, now through the
+  # fused coefficients), then the limit; 4096 x 8 376,989 tokens/s; 65536 x 1 cut at 100 s (compiling).  The other
+  # eight, verbose with their durations and a stack dump of any test still running after 100 s (a hang would show
+  # where it waits)
+  vtests() {  # vtests SECONDS NAME FILTER FILE
+    step "$1" "$2" sh -c "python3 -m pytest -v -p no:cacheprovider -rfE --durations=0 -o faulthandler_timeout=100 \
+      tests/test_fused_memory.py -k '$3' > $RES/$4 2>&1"
+  }
+  vtests 60 gpu-test-coefficients 'chunk_coefficients_on_gpu' gpu_test_coefficients.txt
+  vtests 180 gpu-test-walk-sync-clock 'meet_through_every_sync_mode or walk_clock' gpu_test_walk_sync_clock.txt
+  vtests 200 gpu-test-parts-inner 'walks_over_parts_on_gpu and not 0-' gpu_test_parts_inner.txt
+  finish
+fi
 if [ "$PART" = 60 ]; then
   # session 32: PART=59 (one machine): the whole tests/test_fused_memory.py was cut at 120 s after 25 passing tests (the
   # float64 and interpreter-style tests compile for CUDA first), the timeline at 130 s and 4096 x 8 at 110 s (a fresh
