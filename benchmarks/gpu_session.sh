@@ -856,6 +856,17 @@ if [ "$PART" = 59 ]; then
   mac_65536x1_defaults 100
   finish
 fi
+if [ "$PART" = 62 ]; then
+  # session 32: PART=61 (one machine): the eight other GPU tests of the memory kernels pass (coefficients, sync modes,
+  # walk clock, walks with the saved inner forward), so every GPU test but the refused 4 parts passed with the fused
+  # coefficients as the default.  A fourth same-machine pair for programmatic dependent launch at MAC 65536 x 1
+  # (+2.3%, +0.7%, +1.6% in sessions 30-31), the evidence for making it the default on Hopper
+  PDL='{"triton.enable_pdl": true}'
+  mac_65536x1_defaults 130
+  step 100 mac-65536x1-wf2048-pdl env TITANS_INDUCTOR_OPTIONS="$PDL" TITANS_TRITON_BWD=split $WF \
+    --out "$RES/h_wf2048_pdl.json"
+  finish
+fi
 if [ "$PART" = 61 ]; then
   # session 32: PART=60 (one machine): the first 5 GPU tests of the memory kernels passed in 250 s (the three backward
   # modes and the walks over 1 and 2 parts without the saved inner forward: every default path, now through the
