@@ -856,6 +856,16 @@ if [ "$PART" = 59 ]; then
   mac_65536x1_defaults 100
   finish
 fi
+if [ "$PART" = 63 ]; then
+  # session 32 (for the next session's first call): PART=62 (one machine): MAC 65536 x 1 292,363 tokens/s by default,
+  # 292,268 with programmatic dependent launch (no gain on this fourth machine: stays opt-in).  Session 29's timeline
+  # put ~44% of a memory block's backward chain in its ~70 small kernels a segment and the gaps between them: the
+  # 65536 x 1 timeline with today's defaults (PART=59's was cut at 130 s while compiling), then the flat pair
+  mac_65536x1_timeline 240
+  mac_4096x8_defaults 150
+  mac_65536x1_defaults 100
+  finish
+fi
 if [ "$PART" = 62 ]; then
   # session 32: PART=61 (one machine): the eight other GPU tests of the memory kernels pass (coefficients, sync modes,
   # walk clock, walks with the saved inner forward), so every GPU test but the refused 4 parts passed with the fused
