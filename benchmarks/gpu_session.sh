@@ -856,6 +856,16 @@ if [ "$PART" = 59 ]; then
   mac_65536x1_defaults 100
   finish
 fi
+if [ "$PART" = 64 ]; then
+  # session 32 (with the last 357 s of device time): TITANS_TRITON_BWD=auto, the new default (three launches where
+  # the walk runs over parts, else one): the memory op alone at MAC's segment at batch 1 and 8 with the default,
+  # checked against the PyTorch core and broken down by kernel (which backward ran), then batch 1 with one launch
+  step 100 memory-kernels-auto python3 benchmarks/memory_kernels.py --backends triton --parts --iters 5 \
+    --shapes 1x8x512x64x128x64x2 8x8x512x64x128x64x2 --out "$RES/memory_kernels_auto.json"
+  step 60 memory-kernels-overlap-b1 env TITANS_TRITON_BWD=overlap python3 benchmarks/memory_kernels.py \
+    --backends triton --parts --iters 5 --shapes 1x8x512x64x128x64x2 --out "$RES/memory_kernels_overlap_b1.json"
+  finish
+fi
 if [ "$PART" = 63 ]; then
   # session 32 (for the next session's first call): PART=62 (one machine): MAC 65536 x 1 292,363 tokens/s by default,
   # 292,268 with programmatic dependent launch (no gain on this fourth machine: stays opt-in).  Session 29's timeline

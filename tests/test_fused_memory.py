@@ -241,7 +241,7 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     cases = [(1, False, 32, 16, 16, 16), (1, True, 48, 32, 32, 16), (2, False, 32, 16, 32, 16),
              (2, True, 64, 32, 64, 16)]
     os.environ["TITANS_TRITON_WALK_PARTS"] = "1"  # one program a head walks (the walks over parts: PARTS below)
-    print("FP32", max(compare(*c) for c in cases))  # default: the three-stage depth-2 backward in one launch
+    print("FP32", max(compare(*c) for c in cases))  # default (auto, one program a head): three stages, one launch
     os.environ["TITANS_TRITON_BWD"] = "split"  # the same three stages in three launches
     print("SPLIT", max(compare(*c) for c in cases if c[0] == 2))
     os.environ["TITANS_TRITON_SAVE_INNER"] = "1"  # the forward's walk stores each chunk's inner forward, which no
@@ -515,7 +515,11 @@ _BF16_STARTS_SCRIPT = textwrap.dedent("""
         return max((a - b).abs().max().item() for a, b in zip(*res))
 
     cases = [(1, 48, 16, 16, 16), (2, 64, 16, 32, 16)]
-    print("SPLIT", max(run(*c) for c in cases))  # three-stage depth-2 backward (one launch), two-pass forward
+    # the default: depth 2 takes the three-stage backward, here (hidden 32, 2 parts) three launches with the walks
+    # over parts; then its one-launch variant; the forward two-pass
+    print("SPLIT", max(run(*c) for c in cases))
+    os.environ["TITANS_TRITON_BWD"] = "overlap"
+    print("OVERLAP", run(2, 64, 16, 32, 16))
     os.environ["TITANS_TRITON_BWD"] = "fused"
     print("TWOPASS", run(2, 64, 16, 32, 16))
     os.environ["TITANS_TRITON_SPLIT"] = "0"
@@ -562,7 +566,7 @@ _BF16_STARTS_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_triton_kernels_keep_chunk_starts_in_bf16_without_changing_a_bit():
     out = _errors(_interpreted(_BF16_STARTS_SCRIPT, timeout=900))
-    for name in ("SPLIT", "TWOPASS", "SINGLE"):
+    for name in ("SPLIT", "OVERLAP", "TWOPASS", "SINGLE"):
         assert float(out[name]) == 0.0, out
     assert out["DTYPES_DEFAULT"] == "bfloat16,bfloat16,bfloat16,bfloat16", out
     # with TITANS_TRITON_SAVE_INNER=1, each chunk's inner forward follows in float32
@@ -941,6 +945,49 @@ def test_backward_mode_names_the_allowed_values(monkeypatch):
         tk._backward_mode()
     monkeypatch.setenv("TITANS_TRITON_BWD", "overlap")
     assert tk._backward_mode() == "overlap"
+    monkeypatch.delenv("TITANS_TRITON_BWD")
+    assert tk._backward_mode() == "auto"
+    # auto: one launch where the walk keeps one program a head, three where it runs over parts (its own launch)
+    assert tk._overlapped("auto", 1) and not tk._overlapped("auto", 2)
+    assert tk._overlapped("overlap", 2) and not tk._overlapped("split", 1) and not tk._overlapped("fused", 1)
+
+
+_AUTO_BACKWARD_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
+    import os
+    import titans.core.memory.triton_kernels as tk
+    from titans.core.memory.fused_update import neural_memory_update_fused
+
+    os.environ.pop("TITANS_TRITON_BWD", None)
+    launched, run = [], tk._run
+    tk._run = lambda kernel, grid, args, meta: (launched.append(kernel.fn.__name__), run(kernel, grid, args, meta))
+    for parts in ("1", "2"):
+        os.environ["TITANS_TRITON_WALK_PARTS"] = parts
+        launched.clear()
+        res = {}
+        for impl in ("torch", "triton"):
+            ins = [t.requires_grad_() for t in memory_inputs(2, 32, 16, 32, 16, 3)]
+            y, Wf, Sf = neural_memory_update_fused(*ins[:6], ins[6:8], ins[8:], chunk_size=16, impl=impl)
+            outs = [y, *Wf, *Sf]
+            gg = torch.Generator().manual_seed(1)
+            loss = sum((o * torch.randn(o.shape, generator=gg)).sum() for o in outs)
+            res[impl] = outs + list(torch.autograd.grad(loss, ins))
+        err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(res["triton"], res["torch"]))
+        print("ERR" + parts, err)
+        print("KERNELS" + parts, ",".join(sorted(set(launched))))
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_auto_backward_takes_three_launches_where_the_walk_runs_over_parts():
+    """TITANS_TRITON_BWD unset (auto): with one program a head the three stages run in one launch, with the walk
+    over 2 parts in three launches, the walk's over its parts (the interpreter's lockstep twin); both == the torch
+    core (float32)."""
+    out = _errors(_interpreted(_AUTO_BACKWARD_SCRIPT))
+    one, two = set(out["KERNELS1"].split(",")), set(out["KERNELS2"].split(","))
+    assert "_memory_bwd3_overlap_kernel" in one and not any("parts" in name for name in one), one
+    assert {"_memory_bwd3_kernel", "_memory_walk_bwd_parts_lockstep_kernel"} <= two, two
+    assert "_memory_bwd3_overlap_kernel" not in two, two
+    assert float(out["ERR1"]) <= 5e-5 and float(out["ERR2"]) <= 5e-5, out
 
 
 def test_walk_parts_are_checked_and_lowered_to_what_fits(monkeypatch):

@@ -262,7 +262,8 @@ class TrainingConfig(_Strict):
         False, description="the training forward segment-major with one CUDA stream per block "
         "(titans.training.wavefront): the same loss and gradients; at batch 1 the memory layers' segment chains run "
         "side by side (MAC 65536 x 1 on an H200 with CUDA graphs: 209K vs 131K tokens/s; 231K with "
-        "wavefront_step=2048; best with the environment's TITANS_TRITON_BWD=split).  Single process, and with "
+        "wavefront_step=2048; those rows ran the memory's three-launch backward, TITANS_TRITON_BWD=split, now the "
+        "default where its walk runs over two programs a head: batch <= 2 at 8 heads).  Single process, and with "
         "compile only with compile_scope=blocks")
     wavefront_step: int | None = Field(
         None, ge=1, description="with training.wavefront: tokens each block takes a step (default: the model's "

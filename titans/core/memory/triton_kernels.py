@@ -44,10 +44,12 @@ Depth 2 (more than one chunk) takes a three-stage backward (``_memory_bwd3_kerne
 parallel, the state-gradient recurrence over the dWn share alone, the dWn share in parallel): on an H100
 23.3 vs 23.6 ms forward + backward at 8x8x4096 and 169.7K vs 165.3K MAC training tokens/s against the
 two-pass backward (benchmarks/RESULTS.md section 6), which depth 1 and single-chunk inputs use and
-``TITANS_TRITON_BWD=fused`` selects for depth 2 too (A/B comparisons).  By default the three stages run in one
-launch (``_memory_bwd3_overlap_kernel``) whose programs hand each chunk on to the next stage through flags, so the
-parallel stages fill the SMs the sequential walk leaves idle (``TITANS_TRITON_BWD=split``: three launches; MAC
-328.6K vs 321.4K training tokens/s on an H200, benchmarks/RESULTS.md section 6, session 17).  The stages are
+``TITANS_TRITON_BWD=fused`` selects for depth 2 too (A/B comparisons).  Where the walk keeps one program a head
+(batch >= 4 at MAC's shape) the three stages run by default in one launch (``_memory_bwd3_overlap_kernel``) whose
+programs hand each chunk on to the next stage through flags, so the parallel stages fill the SMs the sequential walk
+leaves idle (MAC 328.6K vs 321.4K training tokens/s on an H200 against three launches, benchmarks/RESULTS.md
+section 6, session 17); where it runs over parts (small batches) they run as three launches, the walk's over its
+parts (``TITANS_TRITON_BWD=auto``, :func:`_overlapped`; ``overlap`` or ``split`` force either).  The stages are
 written for few live tiles (a chunk's activations and state tiles exceed the register file, and what does not fit
 spills to local memory): results are stored as soon as they are known, stage 0 keeps five activation tiles in a global
 scratch instead of registers, and stage 1's state gradient moves from slot to slot of the end-state buffers
@@ -1269,19 +1271,30 @@ def pass_warps(kernel, meta: dict) -> int:
     return chosen.get(pass_name(kernel, meta), meta["num_warps"])
 
 
-BACKWARDS = ("split", "overlap", "fused")
+BACKWARDS = ("auto", "split", "overlap", "fused")
 
 
 def _backward_mode() -> str:
-    """The depth-2 backward: ``overlap`` (default), the three stages of ``_memory_bwd3_kernel`` in one launch that
-    hands chunks on as they are done (``_memory_bwd3_overlap_kernel``; on an H200 1.43 vs 1.60 ms at MAC's segment
-    shape, 10.25 vs 11.26 ms at 8x8x4096); ``split``, the three stages launched one after another; ``fused``, the
-    two-pass backward.  Set by ``TITANS_TRITON_BWD``."""
-    mode = os.environ.get("TITANS_TRITON_BWD", "overlap")
+    """The depth-2 backward, set by ``TITANS_TRITON_BWD``: ``overlap``, the three stages of ``_memory_bwd3_kernel``
+    in one launch that hands chunks on as they are done (``_memory_bwd3_overlap_kernel``; on an H200 1.43 vs 1.60 ms
+    at MAC's segment shape, 10.25 vs 11.26 ms at 8x8x4096); ``split``, the three stages launched one after another;
+    ``fused``, the two-pass backward; ``auto`` (default): :func:`_overlapped` picks ``overlap`` or ``split``."""
+    mode = os.environ.get("TITANS_TRITON_BWD", "auto")
     if mode not in BACKWARDS:
-        raise ValueError(f"TITANS_TRITON_BWD={mode!r}: expected one of {', '.join(BACKWARDS)} ('split': three "
-                         "stages, 'overlap': the three stages in one launch, 'fused': two-pass)")
+        raise ValueError(f"TITANS_TRITON_BWD={mode!r}: expected one of {', '.join(BACKWARDS)} ('auto': split where "
+                         "the walk runs over parts, else overlap; 'split': three stages, 'overlap': the three stages "
+                         "in one launch, 'fused': two-pass)")
     return mode
+
+
+def _overlapped(mode: str, parts: int) -> bool:
+    """Whether the three-stage backward runs in one launch: ``overlap``, or ``auto`` where its walk keeps one program
+    a head (``parts``, :func:`_walk_parts`).  The walks over parts exist only as a launch of their own, and where
+    they run (small batches) the three launches were the faster backward even before them: MAC 65536 x 1 through the
+    wavefront on an H200 209.0K vs 192.6K tokens/s with one program a head (session 20), then 254.5K with two
+    (session 24); at batch 8 (one program a head) one launch was faster, 328.6K vs 321.4K at 4096 x 8 (session 17;
+    benchmarks/RESULTS.md section 6).  Not timed: a one-pass batch-1 step with each."""
+    return mode == "overlap" or (mode == "auto" and parts < PARTS_KERNELS_FROM)
 
 
 def _split() -> bool:
@@ -1690,8 +1703,8 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
                    [*fresh, wide.new_empty(B * H, N, chunk_size, D)])
         args = (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *shares, *scratch,
                 *outs)
-        _launch_stages(B * H, N, args, _stage_kw(kw, INNER=bool(inner)), mode == "overlap",
-                       _walk_parts(B * H, dW[0].shape[-1], L, q.device))
+        parts = _walk_parts(B * H, dW[0].shape[-1], L, q.device)
+        _launch_stages(B * H, N, args, _stage_kw(kw, INNER=bool(inner)), _overlapped(mode, parts), parts)
     else:
         _launch(_memory_bwd_kernel, B * H, N,
                 (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *outs), kw)
