@@ -64,9 +64,10 @@ kernel_tests() {  # kernel_tests SECONDS NAME FILTER FILE: tests/test_fused_memo
     > $RES/$4 2>&1"
 }
 # sessions 26-27's rows with the defaults (no switch but the backward mode at batch 1), each under its limit SECONDS
-mac_65536x1_defaults() {  # the flat-scaling row: MAC 65536 x 1 through the wavefront (SECONDS [harness options])
+mac_65536x1_defaults() {  # the flat-scaling row: MAC 65536 x 1 through the wavefront (SECONDS [harness options]);
+  # until session 32 with TITANS_TRITON_BWD=split set here, since then the default there (auto)
   local limit=$1; shift
-  step "$limit" mac-65536x1-wf2048-defaults env TITANS_TRITON_BWD=split $WF "$@" --out "$RES/h_wf2048_defaults.json"
+  step "$limit" mac-65536x1-wf2048-defaults $WF "$@" --out "$RES/h_wf2048_defaults.json"
 }
 smi_start() {  # the GPU's SM clock, power, temperature and clock-event reasons every 200 ms into $RES/smi.csv
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
@@ -868,12 +869,27 @@ if [ "$PART" = 64 ]; then
 fi
 if [ "$PART" = 63 ]; then
   # session 32 (for the next session's first call): PART=62 (one machine): MAC 65536 x 1 292,363 tokens/s by default,
-  # 292,268 with programmatic dependent launch (no gain on this fourth machine: stays opt-in).  Session 29's timeline
-  # put ~44% of a memory block's backward chain in its ~70 small kernels a segment and the gaps between them: the
-  # 65536 x 1 timeline with today's defaults (PART=59's was cut at 130 s while compiling), then the flat pair
+  # 292,268 with programmatic dependent launch (no gain on this fourth machine: stays opt-in); PART=64: the memory
+  # backward's layout now picks itself (TITANS_TRITON_BWD=auto: three launches at batch 1, as every row here ran).
+  # Session 29's timeline put ~44% of a memory block's backward chain in its ~70 small kernels a segment and their
+  # gaps; among them the recomputation of the memory's cheap regions (the read's MLP, the output norm and gate:
+  # titans.utils.tensors.recompute_when_recorded, chosen in session 14 for memory at 4096 x 8, where keeping them
+  # was 3.6% faster; never timed at 65536 x 1, where memory is plentiful).  Both shapes with and without it
+  mac_65536x1_defaults 130
+  step 110 mac-65536x1-wf2048-kept env TITANS_RECOMPUTE_CHEAP=0 $WF --out "$RES/h_wf2048_kept.json"
+  mac_4096x8_defaults 130
+  step 110 mac-4096x8-kept env TITANS_RECOMPUTE_CHEAP=0 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
+    --out "$RES/h_mac_4096x8_kept.json"
+  finish
+fi
+if [ "$PART" = 65 ]; then
+  # session 32 (for a later call): the 65536 x 1 timeline with today's defaults (PART=59's was cut at 130 s while
+  # compiling), each busy stream's kernels by name: what the ~70 small kernels a segment on each memory block's
+  # backward chain are now; then the default paths' GPU kernel tests (PART=60 passed them in 250 s with room to spare
+  # only for those five)
   mac_65536x1_timeline 240
-  mac_4096x8_defaults 150
-  mac_65536x1_defaults 100
+  kernel_tests 300 kernel-tests-gpu-defaults 'kernels_on_gpu or (walks_over_parts_on_gpu and 0-)' \
+    gpu_test_fused_memory_defaults.txt
   finish
 fi
 if [ "$PART" = 62 ]; then
