@@ -556,7 +556,8 @@ if triton is not None:
     # of dq, dg, dB, dM, the dy share of dk and dv, and X_c, the dy share of the chunk's state-gradient
     # update), a sequential recurrence over the dWn share only (stage 1: dW_c = A_c(dW_{c+1}) + X_c, about a
     # third of the matmuls of the fused walk and no dy-side activations held) and the dWn share of the
-    # per-token gradients (stage 2, parallel).  The depth-2 default (TITANS_TRITON_BWD=fused: two-pass).
+    # per-token gradients (stage 2, parallel).  Depth 2's backward by default (TITANS_TRITON_BWD=fused: the two-pass
+    # backward instead).
 
     @triton.jit
     def _wait(flag):
