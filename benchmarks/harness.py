@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from titans.core.memory.triton_kernels import backward_mode as memory_backward_mode
 from titans.core.memory.triton_kernels import walk_clock_on
 from titans.core.models import build_model
 from titans.training.wavefront import wavefront_loss
@@ -581,9 +582,11 @@ def main(argv=None) -> dict:
         "env": run_switches(),
         # what the defaults were when this ran (they change between sessions: combo kernels and the deferral in
         # the wavefront became defaults in session 26): inductor's options for --compile, and whether MAC's memory
-        # blocks defer their weight gradients in one pass / in the wavefront (the environment included)
+        # blocks defer their weight gradients in one pass / in the wavefront (the environment included), and the
+        # memory backward's launch layout (TITANS_TRITON_BWD; auto since session 32)
         "defaults": {"inductor_options": inductor_options(),
-                     "defer_weight_grads": {"one_pass": deferral_wanted(False), "wavefront": deferral_wanted(True)}},
+                     "defer_weight_grads": {"one_pass": deferral_wanted(False), "wavefront": deferral_wanted(True)},
+                     "memory_backward": memory_backward_mode()},
         "train": [asdict(r) for r in rows], "decode": decode,
     }
     if device.type == "cuda":

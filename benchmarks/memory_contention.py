@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
     from titans.utils.io import atomic_write_text
 
     result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "shape": args.shape, "backward": tk._backward_mode(),
+              "shape": args.shape, "backward": tk.backward_mode(),
               "env": harness.run_switches(), "rows": rows}
     out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=2))

@@ -190,7 +190,7 @@ def main(argv=None):
     from titans.core.memory import triton_kernels as tk
 
     result = {"date": str(date.today()), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "backward": tk._backward_mode(), "warps": os.environ.get("TITANS_TRITON_WARPS"),
+              "backward": tk.backward_mode(), "warps": os.environ.get("TITANS_TRITON_WARPS"),
               "pass_warps": os.environ.get("TITANS_TRITON_PASS_WARPS"),
               "walk_parts": os.environ.get("TITANS_TRITON_WALK_PARTS"),  # None: the default (tk._walk_parts)
               "triton_autotune": tk.tuning_report(), "matmul_peak_tflops": peaks, "rows": rows}

@@ -225,7 +225,7 @@ def _load_harness(monkeypatch):
 
 def test_harness_measures_with_the_option(tmp_path, monkeypatch):
     harness = _load_harness(monkeypatch)
-    for name in ("TITANS_DEFER_WEIGHT_GRADS", "TITANS_INDUCTOR_OPTIONS"):
+    for name in ("TITANS_DEFER_WEIGHT_GRADS", "TITANS_INDUCTOR_OPTIONS", "TITANS_TRITON_BWD"):
         monkeypatch.delenv(name, raising=False)
     res = harness.main(["--models", "mac", "--shapes", "32x1", "--dim", "16", "--depth", "1", "--heads", "2",
                         "--window", "16", "--memory-chunk", "8", "--warmup", "0", "--iters", "1",
@@ -235,6 +235,7 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch):
     # the defaults a row ran under are recorded (they change between sessions)
     assert res["defaults"]["inductor_options"]["inplace_buffers"] is False
     assert res["defaults"]["defer_weight_grads"] == {"one_pass": False, "wavefront": True}
+    assert res["defaults"]["memory_backward"] == "auto"
     # random tokens of a 256-symbol vocabulary: the loss is near log(256) = 5.55
     assert 4.0 < res["train"][0]["train_loss_last"] < 7.0
 

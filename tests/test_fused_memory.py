@@ -942,11 +942,11 @@ def test_backward_mode_names_the_allowed_values(monkeypatch):
 
     monkeypatch.setenv("TITANS_TRITON_BWD", "overlapped")
     with pytest.raises(ValueError, match="TITANS_TRITON_BWD='overlapped'.*split, overlap, fused"):
-        tk._backward_mode()
+        tk.backward_mode()
     monkeypatch.setenv("TITANS_TRITON_BWD", "overlap")
-    assert tk._backward_mode() == "overlap"
+    assert tk.backward_mode() == "overlap"
     monkeypatch.delenv("TITANS_TRITON_BWD")
-    assert tk._backward_mode() == "auto"
+    assert tk.backward_mode() == "auto"
     # auto: one launch where the walk keeps one program a head, three where it runs over parts (its own launch)
     assert tk._overlapped("auto", 1) and not tk._overlapped("auto", 2)
     assert tk._overlapped("overlap", 2) and not tk._overlapped("split", 1) and not tk._overlapped("fused", 1)

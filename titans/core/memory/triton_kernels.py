@@ -1275,7 +1275,7 @@ def pass_warps(kernel, meta: dict) -> int:
 BACKWARDS = ("auto", "split", "overlap", "fused")
 
 
-def _backward_mode() -> str:
+def backward_mode() -> str:
     """The depth-2 backward, set by ``TITANS_TRITON_BWD``: ``overlap``, the three stages of ``_memory_bwd3_kernel``
     in one launch that hands chunks on as they are done (``_memory_bwd3_overlap_kernel``; on an H200 1.43 vs 1.60 ms
     at MAC's segment shape, 10.25 vs 11.26 ms at 8x8x4096); ``split``, the three stages launched one after another;
@@ -1310,7 +1310,7 @@ def _save_inner(L: int, N: int) -> bool:
     H200 trained at 226.3K tokens/s with it and 227.5K without, in 23.5 vs 20.7 GB (benchmarks/RESULTS.md section 6,
     session 23): it spares stage 0 three small matmuls a chunk, beside the chain's walk, and costs 1.75 KB a token
     and head."""
-    return (L == 2 and N > 1 and _backward_mode() != "fused"
+    return (L == 2 and N > 1 and backward_mode() != "fused"
             and os.environ.get("TITANS_TRITON_SAVE_INNER", "0") == "1")
 
 
@@ -1689,7 +1689,7 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     # the saved starts come back from autograd (or a compiled graph) as they were stored; the kernel indexes
     # them as dense buffers, so make sure they are
     starts, inner = [t.contiguous() for t in starts[:4]], starts[4:]
-    mode = _backward_mode()
+    mode = backward_mode()
     three_stage = L == 2 and N > 1 and mode != "fused"
     # the gradient of each chunk's end state, written by the walking pass for the parallel one
     wide = outs[0]  # a float32 tensor on the device: the buffers below are float32 like it
