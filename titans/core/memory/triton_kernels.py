@@ -45,7 +45,7 @@ parallel, the state-gradient recurrence over the dWn share alone, the dWn share 
 23.3 vs 23.6 ms forward + backward at 8x8x4096 and 169.7K vs 165.3K MAC training tokens/s against the
 two-pass backward (benchmarks/RESULTS.md section 6), which depth 1 and single-chunk inputs use and
 ``TITANS_TRITON_BWD=fused`` selects for depth 2 too (A/B comparisons).  Where the walk keeps one program a head
-(batch >= 4 at MAC's shape) the three stages run by default in one launch (``_memory_bwd3_overlap_kernel``) whose
+(batch >= 3 at MAC's 8 heads) the three stages run by default in one launch (``_memory_bwd3_overlap_kernel``) whose
 programs hand each chunk on to the next stage through flags, so the parallel stages fill the SMs the sequential walk
 leaves idle (MAC 328.6K vs 321.4K training tokens/s on an H200 against three launches, benchmarks/RESULTS.md
 section 6, session 17); where it runs over parts (small batches) they run as three launches, the walk's over its
