@@ -219,12 +219,10 @@ _MEMORY_INPUTS = textwrap.dedent("""
         return [q, k, v, *gates, *W, *S]
 """)
 
-_INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
-    import os
-    import warnings
-    import titans.core.memory.triton_kernels as tk
+# the interpreted scripts' check: a memory update of depth L through the Triton kernels against the torch core,
+# forward and every gradient, the worst relative error
+_COMPARE = _MEMORY_INPUTS + textwrap.dedent("""
     from titans.core.memory.fused_update import neural_memory_update_fused
-    from titans.core.memory.neural_memory import NeuralMemory
 
     def compare(L, residual, T, d, E, C):
         ins = [t.requires_grad_() for t in memory_inputs(L, T, d, E, C, L * 10 + residual)]
@@ -237,6 +235,13 @@ _INTERPRET_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
             loss = sum((o * torch.randn(o.shape, generator=gg)).sum() for o in outs)
             res[impl] = outs + list(torch.autograd.grad(loss, ins))
         return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(res["triton"], res["torch"]))
+""")
+
+_INTERPRET_SCRIPT = _COMPARE + textwrap.dedent("""
+    import os
+    import warnings
+    import titans.core.memory.triton_kernels as tk
+    from titans.core.memory.neural_memory import NeuralMemory
 
     cases = [(1, False, 32, 16, 16, 16), (1, True, 48, 32, 32, 16), (2, False, 32, 16, 32, 16),
              (2, True, 64, 32, 64, 16)]
@@ -952,10 +957,9 @@ def test_backward_mode_names_the_allowed_values(monkeypatch):
     assert tk._overlapped("overlap", 2) and not tk._overlapped("split", 1) and not tk._overlapped("fused", 1)
 
 
-_AUTO_BACKWARD_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
+_AUTO_BACKWARD_SCRIPT = _COMPARE + textwrap.dedent("""
     import os
     import titans.core.memory.triton_kernels as tk
-    from titans.core.memory.fused_update import neural_memory_update_fused
 
     os.environ.pop("TITANS_TRITON_BWD", None)
     launched, run = [], tk._run
@@ -963,16 +967,7 @@ _AUTO_BACKWARD_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     for parts in ("1", "2"):
         os.environ["TITANS_TRITON_WALK_PARTS"] = parts
         launched.clear()
-        res = {}
-        for impl in ("torch", "triton"):
-            ins = [t.requires_grad_() for t in memory_inputs(2, 32, 16, 32, 16, 3)]
-            y, Wf, Sf = neural_memory_update_fused(*ins[:6], ins[6:8], ins[8:], chunk_size=16, impl=impl)
-            outs = [y, *Wf, *Sf]
-            gg = torch.Generator().manual_seed(1)
-            loss = sum((o * torch.randn(o.shape, generator=gg)).sum() for o in outs)
-            res[impl] = outs + list(torch.autograd.grad(loss, ins))
-        err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(res["triton"], res["torch"]))
-        print("ERR" + parts, err)
+        print("ERR" + parts, compare(2, False, 32, 16, 32, 16))
         print("KERNELS" + parts, ",".join(sorted(set(launched))))
 """)
 
