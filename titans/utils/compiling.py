@@ -16,9 +16,9 @@ Inductor's combo kernels (horizontal fusion) are on by default: MAC's batch-1 st
 ``'{"combo_kernels": false}'``) changes inductor options for timing experiments; the trainer's
 ``training.inductor_options`` does the same from the config and wins over it.  Neither can turn ``inplace_buffers``
 back on.  Measured opt-ins (MAC on an H200, benchmarks/RESULTS.md section 6, session 30): ``{"triton.enable_pdl":
-true}`` (programmatic dependent launch, Hopper+) +0.7-2.3% at 65536 x 1 (sessions 30-31) and no change at 4096 x 8,
-its float64 GPU compile check passed (session 31); ``{"coordinate_descent_tuning": true}`` +2.5% at 65536 x 1 for
-2.5x the compile time.
+true}`` (programmatic dependent launch, Hopper+) -0.0 to +2.3% at 65536 x 1 over four same-machine pairs (sessions
+30-32, mean +1.1%) and no change at 4096 x 8, its float64 GPU compile check passed (session 31);
+``{"coordinate_descent_tuning": true}`` +2.5% at 65536 x 1 for 2.5x the compile time.
 """
 
 from __future__ import annotations
