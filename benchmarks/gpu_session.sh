@@ -59,9 +59,11 @@ HP="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --m
 H3="$HP --cuda-graphs"
 # MAC 65536 x 1 with the wavefront in 2048-token steps (sessions 21-24's flat-scaling rows)
 WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
-kernel_tests() {  # kernel_tests SECONDS NAME FILTER FILE: tests/test_fused_memory.py -k FILTER, output in $RES/FILE
-  step "$1" "$2" sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py -k '$3' \
-    > $RES/$4 2>&1"
+kernel_tests() {  # kernel_tests SECONDS NAME FILTER FILE [PYTEST OPTIONS]: tests/test_fused_memory.py -k FILTER,
+  # output in $RES/FILE; the options default to -q
+  local limit=$1 name=$2 filter=$3 file=$4; shift 4
+  step "$limit" "$name" sh -c "python3 -m pytest ${*:--q} -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k '$filter' > $RES/$file 2>&1"
 }
 # sessions 26-27's rows with the defaults (no switch but the backward mode at batch 1), each under its limit SECONDS
 mac_65536x1_defaults() {  # the flat-scaling row: MAC 65536 x 1 through the wavefront (SECONDS [harness options]);
@@ -909,13 +911,11 @@ if [ "$PART" = 61 ]; then
   # fused coefficients), then the limit; 4096 x 8 376,989 tokens/s; 65536 x 1 cut at 100 s (compiling).  The other
   # eight, verbose with their durations and a stack dump of any test still running after 100 s (a hang would show
   # where it waits)
-  vtests() {  # vtests SECONDS NAME FILTER FILE
-    step "$1" "$2" sh -c "python3 -m pytest -v -p no:cacheprovider -rfE --durations=0 -o faulthandler_timeout=100 \
-      tests/test_fused_memory.py -k '$3' > $RES/$4 2>&1"
-  }
-  vtests 60 gpu-test-coefficients 'chunk_coefficients_on_gpu' gpu_test_coefficients.txt
-  vtests 180 gpu-test-walk-sync-clock 'meet_through_every_sync_mode or walk_clock' gpu_test_walk_sync_clock.txt
-  vtests 200 gpu-test-parts-inner 'walks_over_parts_on_gpu and not 0-' gpu_test_parts_inner.txt
+  VERBOSE="-v --durations=0 -o faulthandler_timeout=100"
+  kernel_tests 60 gpu-test-coefficients 'chunk_coefficients_on_gpu' gpu_test_coefficients.txt $VERBOSE
+  kernel_tests 180 gpu-test-walk-sync-clock 'meet_through_every_sync_mode or walk_clock' gpu_test_walk_sync_clock.txt \
+    $VERBOSE
+  kernel_tests 200 gpu-test-parts-inner 'walks_over_parts_on_gpu and not 0-' gpu_test_parts_inner.txt $VERBOSE
   finish
 fi
 if [ "$PART" = 60 ]; then
