@@ -79,9 +79,14 @@ smi_start() {  # the GPU's SM clock, power, temperature and clock-event reasons 
 mac_4096x8_defaults() {  # its denominator: MAC 4096 x 8 in one pass
   step "$1" mac-4096x8-defaults $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults.json"
 }
-mac_65536x1_timeline() {  # one 65536 x 1 step under the profiler, each busy stream's kernels by name
-  step "$1" mac-65536x1-wf2048-defaults-timeline env TITANS_TRITON_BWD=split $H3 --wavefront --shapes 65536x1 \
-    --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_defaults_timeline.json"
+mac_65536x1_timeline() {  # one 65536 x 1 step under the profiler, each busy stream's kernels by name, and the busiest
+  # streams' kernels in order (since session 33: h_wf2048_defaults_timeline.mac_65536x1.json.gz) cut into segment
+  # steps by chain_anatomy.py (the busiest backward chain: anatomy.json / .md)
+  step "$1" mac-65536x1-wf2048-defaults-timeline $H3 --wavefront --shapes 65536x1 \
+    --warmup 1 --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_defaults_timeline.json" \
+    --profile-trace "$RES/h_wf2048_defaults_timeline"
+  step 30 chain-anatomy python3 benchmarks/chain_anatomy.py "$RES/h_wf2048_defaults_timeline.mac_65536x1.json.gz" \
+    --out "$RES/anatomy.json"
 }
 combo_compile_check() {  # combo kernels' float64 compile check of MAC on the GPU (session 26, before they became default)
   step "$1" compile-check-combo env TITANS_INDUCTOR_OPTIONS='{"combo_kernels": true}' python3 \
@@ -882,6 +887,18 @@ if [ "$PART" = 63 ]; then
   mac_4096x8_defaults 130
   step 110 mac-4096x8-kept env TITANS_RECOMPUTE_CHEAP=0 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
     --out "$RES/h_mac_4096x8_kept.json"
+  finish
+fi
+if [ "$PART" = 66 ]; then
+  # session 33: PART=63 (one machine): keeping the memory's cheap regions (TITANS_RECOMPUTE_CHEAP=0) was faster at
+  # both shapes (65536 x 1 298.4K vs 292.1K, 4096 x 8 382.7K vs 377.5K; 21.7 / 9.2 GB): the default now.  Where a
+  # segment's backward on a memory block's chain spends its time, kernel by kernel (session 29: ~70 small kernels and
+  # their gaps were ~44% of its ~1.3 ms), then inductor's aggressive fusion (fuses nodes that share no reads: fewer
+  # kernels?) against the defaults on the same machine
+  mac_65536x1_timeline 200
+  mac_65536x1_defaults 100
+  step 120 mac-65536x1-wf2048-aggressive env TITANS_INDUCTOR_OPTIONS='{"aggressive_fusion": true}' $WF \
+    --out "$RES/h_wf2048_aggressive.json"
   finish
 fi
 if [ "$PART" = 65 ]; then

@@ -36,9 +36,10 @@ from titans.core.memory.triton_kernels import backward_mode as memory_backward_m
 from titans.core.memory.triton_kernels import walk_clock_on
 from titans.core.models import build_model
 from titans.training.wavefront import wavefront_loss
+from titans.utils import tensors
 from titans.utils.compiling import compile_blocks, compile_fn, inductor_options
 from titans.utils.config import ACTIVATION_CHECKPOINTING, TrainingConfig
-from titans.utils.io import atomic_write_text
+from titans.utils.io import atomic_write_bytes, atomic_write_text
 from titans.utils.tensors import matmul_sm_carveout
 from titans.utils.weight_grads import deferral_wanted
 
@@ -201,7 +202,8 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
         if device.type == "cuda" and walk_clock_on():
             row.walk_clock = walk_clock_step(step, device)
         if args.profile:
-            row.profile, row.profile_timeline = profile_step(step, device, args.profile)
+            trace = f"{args.profile_trace}.{name}_{seq}x{batch}.json.gz" if args.profile_trace else None
+            row.profile, row.profile_timeline = profile_step(step, device, args.profile, trace)
         if name != "titans-pytorch" and args.prefill:
             model.eval()
             with torch.no_grad(), amp:
@@ -287,10 +289,12 @@ def walk_clock_table(stats: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def profile_step(step, device: torch.device, top: int) -> tuple[list[dict], dict | None]:
+def profile_step(step, device: torch.device, top: int, trace: str | None = None) -> tuple[list[dict], dict | None]:
     """Device time per kernel name over one training step (torch.profiler), largest first, and the kernels' timeline
     (:func:`kernel_overlap`; None off CUDA).  With torch 2.11 on an H200 the profiler lists the kernels a CUDA graph
-    replays one by one too (session 20: 82,310 kernels of a graphed MAC 65536 x 1 step)."""
+    replays one by one too (session 20: 82,310 kernels of a graphed MAC 65536 x 1 step).  ``trace``: also write the
+    ``STREAM_DETAIL`` busiest streams' kernels in launch order to that gzip JSON file (:func:`write_stream_trace`;
+    ``benchmarks/chain_anatomy.py`` reads it)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -310,7 +314,26 @@ def profile_step(step, device: torch.device, top: int) -> tuple[list[dict], dict
              if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
     timeline = kernel_overlap(spans)
     timeline["beside"] = {pattern: kernels_beside(spans, pattern) for pattern in BESIDE}
+    if trace:
+        write_stream_trace(spans, trace)
     return kernels, timeline
+
+
+def write_stream_trace(spans: list[tuple], path: str) -> None:
+    """The ``STREAM_DETAIL`` busiest streams' kernels (``spans``: (start, end, stream, name), microseconds) as gzip
+    JSON: ``{"names": [kernel name, ...], "streams": {stream: [[start, end, name index], ...] in start order}}``,
+    busiest stream first; written atomically."""
+    import gzip
+
+    by_stream: dict[int, list[tuple]] = {}
+    for sp in spans:
+        by_stream.setdefault(sp[2], []).append(sp)
+    busiest = sorted(by_stream, key=lambda st: -sum(b - a for a, b, *_ in by_stream[st]))[:STREAM_DETAIL]
+    names: dict[str, int] = {}
+    streams = {str(st): [[a, b, names.setdefault(name, len(names))] for a, b, _, name in sorted(by_stream[st])]
+               for st in busiest}
+    data = gzip.compress(json.dumps({"names": list(names), "streams": streams}).encode())
+    atomic_write_bytes(Path(path), data)
 
 
 # the busiest streams whose kernels are listed by name (``top_kernels``): the chains of a wavefront step
@@ -529,6 +552,9 @@ def main(argv=None) -> dict:
                     help="TF32 tensor cores for float32 matmuls (the trainer's default, training.tf32)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one training step and keep its N most expensive kernels")
+    ap.add_argument("--profile-trace", default=None, metavar="PREFIX",
+                    help="with --profile: also write the busiest streams' kernels in launch order to "
+                         "PREFIX.MODEL_SEQxBATCH.json.gz (benchmarks/chain_anatomy.py reads them)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--decode-contexts", type=int, nargs="*", default=[])
@@ -583,10 +609,11 @@ def main(argv=None) -> dict:
         # what the defaults were when this ran (they change between sessions: combo kernels and the deferral in
         # the wavefront became defaults in session 26): inductor's options for --compile, and whether MAC's memory
         # blocks defer their weight gradients in one pass / in the wavefront (the environment included), and the
-        # memory backward's launch layout (TITANS_TRITON_BWD; auto since session 32)
+        # memory backward's launch layout (TITANS_TRITON_BWD; auto since session 32), and whether the memory's cheap
+        # regions are recomputed in the backward (TITANS_RECOMPUTE_CHEAP; kept since session 33)
         "defaults": {"inductor_options": inductor_options(),
                      "defer_weight_grads": {"one_pass": deferral_wanted(False), "wavefront": deferral_wanted(True)},
-                     "memory_backward": memory_backward_mode()},
+                     "memory_backward": memory_backward_mode(), "recompute_cheap": tensors.RECOMPUTE_CHEAP},
         "train": [asdict(r) for r in rows], "decode": decode,
     }
     if device.type == "cuda":

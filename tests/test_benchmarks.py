@@ -346,3 +346,35 @@ def test_memory_contention_names_what_it_needs_and_averages_kernels(monkeypatch)
     assert lines[-1] == "| backward | 3 | " + "1.0 | " * 9 + "48.0 |"
     copies = mc.markdown([dict(rows[0], background=0, background_copy_mb=256)]).splitlines()
     assert copies[0] == "| kernel | 1 side by side, 256 MB copies beside (us) |"
+
+
+def test_chain_anatomy_reads_the_harness_trace_and_times_one_period(tmp_path):
+    harness, ca = _load("harness"), _load("chain_anatomy")
+    # stream 5 repeats walk (10 us), gap 2, mm (4), gap 3, add (1), then 6 us idle: a 26 us period; its third period
+    # has an extra kernel (not alike); stream 9 runs less kernel time, so the trace lists stream 5 first
+    spans, t = [(0, 3, 5, "prologue")], 10
+    for p in range(5):
+        spans += [(t, t + 10, 5, "_memory_walk_bwd_parts_kernel"), (t + 12, t + 16, 5, "nvjet_gemm"),
+                  (t + 19, t + 20, 5, "triton_poi_fused_3")]
+        if p == 2:
+            spans.append((t + 21, t + 22, 5, "extra"))
+        t += 26
+    spans += [(0, 30, 9, "flash_bwd")]
+    path = tmp_path / "trace.json.gz"
+    harness.write_stream_trace(spans, str(path))
+    names, streams = ca.load_trace(str(path))
+    assert list(streams) == ["5", "9"] and len(streams["5"]) == 1 + 15 + 1
+    got = ca.anatomy(names, streams["5"], "_memory_walk_bwd")
+    # periods: cut at walks 1-5, the last dropped -> 4, of which 3 alike
+    assert got["periods"] == 4 and got["matched"] == 3 and got["kernels"] == 3
+    assert [(r["name"], r["kind"], r["us"], r["gap_us"]) for r in got["rows"]] == [
+        ("_memory_walk_bwd_parts_kernel", "memory (Triton)", 10, None), ("nvjet_gemm", "matmul", 4, 2),
+        ("triton_poi_fused_3", "inductor (Triton)", 1, 3)]
+    assert got["period_us"] == 26 and got["kernel_us"] == 15 and got["gap_us"] == 11
+    assert got["by_kind"]["matmul"] == {"kernels": 1, "us": 4, "gap_us": 2}
+    out = tmp_path / "anatomy.json"
+    ca.main([str(path), "--out", str(out)])
+    assert json.loads(out.read_text())["stream"] == "5" and "| 1 | `nvjet_gemm` | matmul | 4.0 | 2.0 |" in \
+        out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="no kernel whose name contains"):
+        ca.anatomy(names, streams["9"], "_memory_walk_bwd")

@@ -151,9 +151,11 @@ def recompute(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
-# Whether recompute_when_recorded recomputes (``TITANS_RECOMPUTE_CHEAP=0`` keeps the tensors: the A/B switch of the
-# benchmarks; the results are the same either way)
-RECOMPUTE_CHEAP = os.environ.get("TITANS_RECOMPUTE_CHEAP", "1") != "0"
+# Whether recompute_when_recorded recomputes (``TITANS_RECOMPUTE_CHEAP=1``; the results are the same either way).
+# Off by default since session 33: on an H200, one machine, keeping the tensors was faster at both of issue 7's shapes
+# (MAC 65536 x 1 298.4K vs 292.1K tokens/s, 4096 x 8 382.7K vs 377.5K) for 1.8 GB / 0.8 GB more peak memory (21.7 /
+# 9.2 GB; benchmarks/RESULTS.md section 6, session 33).  Session 14 chose recomputing when memory was the constraint.
+RECOMPUTE_CHEAP = os.environ.get("TITANS_RECOMPUTE_CHEAP", "0") != "0"
 
 
 def recompute_when_recorded(fn, *args):

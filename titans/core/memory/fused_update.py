@@ -106,9 +106,9 @@ def coefficients(lr: Tensor, momentum_decay: Tensor, forget: Tensor, chunk_size:
     default there, ``TITANS_TRITON_COEFFICIENTS=0`` turns them off) :mod:`titans.core.memory.coefficient_kernels`,
     one kernel a direction with the gates saved (+2.4-2.6% at MAC 65536 x 1, RESULTS.md section 6, session 31;
     the memory op then keeps the kernel's M for its backward: +0.4 GB there, three layers);
-    else the PyTorch code, recomputed in the backward while autograd records (the (B, H, N, C, C) decay matrices
-    behind the coefficients are cheap to rebuild and were a third of what the Triton path kept for a MAC layer,
-    RESULTS.md section 6, session 14)."""
+    else the PyTorch code, a cheap region: with ``TITANS_RECOMPUTE_CHEAP=1`` recomputed in the backward while
+    autograd records (the (B, H, N, C, C) decay matrices behind the coefficients are cheap to rebuild and were a
+    third of what the Triton path kept for a MAC layer, RESULTS.md section 6, session 14), kept by default."""
     if coefficient_kernels.coefficients_on() and coefficient_kernels.supports(lr, chunk_size):
         return coefficient_kernels.fused_chunk_coefficients(lr, momentum_decay, forget, chunk_size)
     return recompute_when_recorded(chunk_coefficients, lr, momentum_decay, forget, chunk_size)

@@ -407,9 +407,10 @@ class NeuralMemory(nn.Module):
     def _output(self, y: Tensor, x: Tensor) -> Tensor:
         """Per-head RMS norm, sigmoid gate from x, output projection.  y: (B, H, T, d) -> (B, T, dim)."""
         g = self.gate(x) if self.gate is not None else None
-        # recomputed in the backward: kept, the norm's and the gate's float32 intermediates over every token were
-        # ~16 MB a layer per 4096 tokens, more than the memory update itself keeps (benchmarks/RESULTS.md section 6,
-        # session 14); the projections stay outside (their matmuls are not cheap to repeat)
+        # a cheap region: with TITANS_RECOMPUTE_CHEAP=1 recomputed in the backward (kept, the norm's and the gate's
+        # float32 intermediates over every token are ~16 MB a layer per 4096 tokens, more than the memory update
+        # itself keeps: benchmarks/RESULTS.md section 6, session 14); kept by default since session 33 (faster, for
+        # memory to spare); the projections stay outside (their matmuls are not cheap to repeat)
         return self.to_out(recompute_when_recorded(self._normed_gated, y, g, segment_param(self, "out_norm_weight"),
                                                    x.dtype))
 
@@ -589,8 +590,8 @@ class NeuralMemory(nn.Module):
                 y = memory_mlp(q.to(W[0].dtype), W, self.activation, self.residual)
             return self._normed_gated(y, g, w_out, x_or_q.dtype)
 
-        # the read and its output norm / gate recomputed in the backward (see _output): the float32 hidden
-        # activations of the memory MLP are the largest tensors of a MAC retrieval
+        # the read and its output norm / gate: a cheap region (see _output; with TITANS_RECOMPUTE_CHEAP=1 recomputed
+        # in the backward: the float32 hidden activations of the memory MLP are the largest tensors of a retrieval)
         return self.to_out(recompute_when_recorded(read, q, g, segment_param(self, "out_norm_weight"),
                                                    *state.weights)), new_cache
 

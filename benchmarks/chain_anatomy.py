@@ -1,0 +1,143 @@
+"""The anatomy of one period of a CUDA stream's chain: which kernels a repeating step runs, in order, how long each
+takes and how long the stream waits before it.
+
+At MAC 65536 x 1 each memory block's backward is a chain of 128 segment steps on one stream (issue 7's flat-scaling
+target; benchmarks/RESULTS.md section 6).  ``benchmarks/harness.py --profile N --profile-trace PREFIX`` writes the
+busiest streams' kernels in launch order; this script cuts a stream into periods at each launch of an anchor kernel
+(default: the memory's backward walk), keeps the periods whose kernel sequence is the most common one, and reports
+per position the median kernel time and the median gap before it (the stream idle: launch latency, or waiting on
+another stream), then the period's totals by kind of kernel.
+
+    python benchmarks/chain_anatomy.py TRACE.json.gz [--stream ID] [--anchor NAME] --out anatomy.json
+
+Writes JSON and a markdown table (``--out`` with ``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from titans.utils.io import atomic_write_text
+
+# kinds of kernels, first match wins (substring of the kernel's name)
+KINDS = (
+    ("memory (Triton)", ("_memory_", "_coeff")),
+    ("attention (flash / cuDNN)", ("flash", "sdpa", "fmha", "compute_dot_do_o", "cudnn")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+    ("inductor (Triton)", ("triton_",)),
+    ("aten elementwise / reduction", ("at::native", "elementwise", "reduce_kernel")),
+)
+
+
+def kind_of(name: str) -> str:
+    for kind, patterns in KINDS:
+        if any(p in name for p in patterns):
+            return kind
+    return "other"
+
+
+def load_trace(path: str) -> tuple[list[str], dict[str, list[list]]]:
+    """``(names, streams)`` of a ``--profile-trace`` file: streams map id -> [[start_us, end_us, name index], ...]."""
+    try:
+        data = json.loads(gzip.decompress(Path(path).read_bytes()))
+        return data["names"], data["streams"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path}: not a harness --profile-trace file ({e})") from e
+
+
+def periods(spans: list[list], anchor: int) -> list[list[list]]:
+    """``spans`` cut before each launch of name index ``anchor``; what precedes the first one is dropped, and the
+    last period (cut short by the end of the step) too."""
+    starts = [i for i, sp in enumerate(spans) if sp[2] == anchor]
+    return [spans[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def anatomy(names: list[str], spans: list[list], anchor: str) -> dict:
+    """One period of ``spans`` (one stream, start order) at the anchor kernel whose name contains ``anchor``.
+
+    Returns the modal period's kernels (position, name, kind, median us, median gap before it in us), how many
+    periods matched it out of how many, the medians of the period's span, kernel time and gap time, and the sums
+    by kind of kernel (median over periods per position, summed)."""
+    hits = [i for i, n in enumerate(names) if anchor in n]
+    counts = Counter(sp[2] for sp in spans if sp[2] in hits)
+    if not counts:
+        raise SystemExit(f"no kernel whose name contains {anchor!r} on this stream")
+    anchor_id = counts.most_common(1)[0][0]
+    cut = periods(spans, anchor_id)
+    if not cut:
+        raise SystemExit(f"{names[anchor_id]!r} runs once on this stream: no whole period")
+    modal, matched = Counter(tuple(sp[2] for sp in p) for p in cut).most_common(1)[0]
+    same = [p for p in cut if tuple(sp[2] for sp in p) == modal]
+    rows = []
+    for pos, name_id in enumerate(modal):
+        dur = statistics.median(p[pos][1] - p[pos][0] for p in same)
+        # the gap before the period's first kernel is the previous period's tail: taken from the next kernel after
+        gap = statistics.median(p[pos][0] - p[pos - 1][1] for p in same) if pos else None
+        rows.append({"pos": pos, "name": names[name_id], "kind": kind_of(names[name_id]), "us": dur, "gap_us": gap})
+    # a period's span: its first kernel's start to the next period's first start (the gaps at its end included)
+    nxt = {id(p): q for p, q in zip(cut, cut[1:])}
+    spans_us = [nxt[id(p)][0][0] - p[0][0] for p in same if id(p) in nxt]
+    kernel_us = [sum(sp[1] - sp[0] for sp in p) for p in same]
+    by_kind: dict[str, dict] = {}
+    for r in rows:
+        k = by_kind.setdefault(r["kind"], {"kernels": 0, "us": 0.0, "gap_us": 0.0})
+        k["kernels"] += 1
+        k["us"] += r["us"]
+        k["gap_us"] += r["gap_us"] or 0.0
+    period_us = statistics.median(spans_us) if spans_us else None
+    kernel_med = statistics.median(kernel_us)
+    return {"anchor": names[anchor_id], "periods": len(cut), "matched": matched, "kernels": len(modal),
+            "period_us": period_us, "kernel_us": kernel_med,
+            "gap_us": period_us - kernel_med if period_us is not None else None,
+            "by_kind": by_kind, "rows": rows}
+
+
+def markdown(result: dict, stream: str) -> str:
+    a = result
+    lines = [f"stream {stream}: anchor `{a['anchor'][:60]}`, {a['matched']} of {a['periods']} periods alike, "
+             f"{a['kernels']} kernels a period; median period {a['period_us']:.1f} us = kernels "
+             f"{a['kernel_us']:.1f} + gaps {a['gap_us']:.1f}", "",
+             "| kind | kernels | us | gaps before them, us |", "| --- | --- | --- | --- |"]
+    for kind, k in sorted(a["by_kind"].items(), key=lambda kv: -kv[1]["us"] - kv[1]["gap_us"]):
+        lines.append(f"| {kind} | {k['kernels']} | {k['us']:.1f} | {k['gap_us']:.1f} |")
+    lines += ["", "| # | kernel | kind | us | gap before, us |", "| --- | --- | --- | --- | --- |"]
+    for r in a["rows"]:
+        gap = "" if r["gap_us"] is None else f"{r['gap_us']:.1f}"
+        lines.append(f"| {r['pos']} | `{r['name'][:90]}` | {r['kind']} | {r['us']:.1f} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trace", help="a harness --profile-trace file (.json.gz)")
+    ap.add_argument("--stream", default=None,
+                    help="stream id (default: the busiest stream that runs the anchor kernel)")
+    ap.add_argument("--anchor", default="_memory_walk_bwd",
+                    help="a period starts at each launch of the kernel whose name contains this")
+    ap.add_argument("--out", default=None, help="JSON path; the table goes beside it as .md")
+    args = ap.parse_args(argv)
+    names, streams = load_trace(args.trace)
+    if args.stream is not None:
+        if args.stream not in streams:
+            raise SystemExit(f"stream {args.stream} not in {args.trace} (it has {', '.join(streams)})")
+        stream = args.stream
+    else:
+        with_anchor = [st for st, sp in streams.items() if any(args.anchor in names[s[2]] for s in sp)]
+        if not with_anchor:
+            raise SystemExit(f"no stream in {args.trace} runs a kernel whose name contains {args.anchor!r}")
+        stream = with_anchor[0]  # the trace lists the busiest stream first
+    result = {"trace": args.trace, "stream": stream, **anatomy(names, streams[stream], args.anchor)}
+    table = markdown(result, stream)
+    print(table)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result, indent=1))
+        atomic_write_text(str(Path(args.out).with_suffix(".md")), table)
+
+
+if __name__ == "__main__":
+    main()
