@@ -889,6 +889,24 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 67 ]; then
+  # session 33: PART=66 (one machine): MAC 65536 x 1 294,981 tokens/s by default (the cheap regions kept), 294,746
+  # with aggressive fusion (no gain); the chain's anatomy: a segment's backward 1,217 us = 1,064 of 53 kernels + 154
+  # of gaps, of which the walk 341, stage 0 153 (and ~10 kernels of the output's backward before it: ~90 us) need
+  # only the segment's output gradient, not the chain's.  The read-out streams (stage 0 and the output off the chain)
+  # were 13-28% slower in sessions 23-31, never seen on a timeline: both placements (the feed-forward's stream; a
+  # stream of their own at the chains' priority), the inner forward saved (so the split walk runs over parts)
+  RO="TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1"
+  for where in ffn urgent; do
+    [ $where = urgent ] && RO="$RO TITANS_WAVEFRONT_READOUT_URGENT=1"
+    step 150 "mac-65536x1-wf2048-readouts-$where-timeline" env $RO $H3 --wavefront --shapes 65536x1 --warmup 1 \
+      --iters 1 --wavefront-step 2048 --profile 30 --out "$RES/h_wf2048_readouts_${where}_timeline.json" \
+      --profile-trace "$RES/h_wf2048_readouts_${where}_timeline"
+    step 20 "chain-anatomy-$where" python3 benchmarks/chain_anatomy.py \
+      "$RES/h_wf2048_readouts_${where}_timeline.mac_65536x1.json.gz" --out "$RES/anatomy_readouts_$where.json"
+  done
+  finish
+fi
 if [ "$PART" = 66 ]; then
   # session 33: PART=63 (one machine): keeping the memory's cheap regions (TITANS_RECOMPUTE_CHEAP=0) was faster at
   # both shapes (65536 x 1 298.4K vs 292.1K, 4096 x 8 382.7K vs 377.5K; 21.7 / 9.2 GB): the default now.  Where a

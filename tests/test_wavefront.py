@@ -163,11 +163,15 @@ def test_wavefront_switches_name_a_bad_value(monkeypatch):
 @pytest.mark.parametrize("variant", ["mac", "mag"])
 @pytest.mark.parametrize("priority,ffn_streams,views,readouts", [
     (False, False, False, False), (True, False, False, False), (True, True, False, False), (True, True, True, False),
-    (True, True, False, True), (True, False, False, True)])
-def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_streams, views, readouts):
+    (True, True, False, True), (True, False, False, True), (True, True, False, "urgent")])
+def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_streams, views, readouts, monkeypatch):
     """Each block on its own CUDA stream (the memory blocks' at high priority; their feed-forward on streams of
-    their own; MAC's segment read-outs there too): the same loss and gradients as the segment-major loop on one
-    stream (float32: the kernels are the same, only their order on the device differs)."""
+    their own; MAC's segment read-outs there too, or on urgent streams of their own): the same loss and gradients as
+    the segment-major loop on one stream (float32: the kernels are the same, only their order on the device
+    differs)."""
+    if readouts == "urgent":
+        monkeypatch.setenv("TITANS_WAVEFRONT_READOUT_URGENT", "1")
+        readouts = True
     model = _model(variant, dim=64, window=32).float().cuda()
     ids = torch.randint(0, 64, (2, 256), device="cuda")
     params = list(model.parameters())

@@ -57,7 +57,8 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     (``TITANS_WAVEFRONT_READOUT_STREAMS``, "0" when unset: 14.6% slower, session 23): in MAC's memory blocks each
     segment's memory read-out and gate run on the feed-forward's stream (:meth:`TitansBlock.forward_mixer_split`), so
     their backward (the memory backward's first stage among it, ~0.27 ms a segment on an H200) runs beside the
-    segment chain instead of on it; on the CPU the same split runs on one stream.  Gradients flow through the carried
+    segment chain instead of on it (``TITANS_WAVEFRONT_READOUT_URGENT=1``: on a stream of their own at the chains'
+    priority instead); on the CPU the same split runs on one stream.  Gradients flow through the carried
     states, so ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)`` does."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
@@ -87,11 +88,18 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     split = [use_streams and (ffn_streams or readout[i]) and b.memory is not None and b.checkpointing_now() != "full"
              and not whole[i] for i, b in enumerate(model.blocks)]
     ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
+    # where the read-outs run: the feed-forward's stream, or (TITANS_WAVEFRONT_READOUT_URGENT=1) a stream of their own
+    # at the chains' priority, so that the chain's walk, which waits on its segment's read-out backward (the shares
+    # of the chunk starts' gradient), does not wait behind feed-forward work of normal priority
+    urgent_readouts = use_streams and _switch("TITANS_WAVEFRONT_READOUT_URGENT", False)
+    ro = {i: side_stream(dev, ("wavefront-readout", i), True) if urgent_readouts else ffn[i]
+          for i in range(n) if use_streams and readout[i]}
     # deferred weight gradients (on by default here, TitansBlock.defers_weight_grads): a memory block's sums over its
     # segments run on a stream of their own, off the block's chain (titans.utils.weight_grads); without, no joins
     wgrad = {i: side_stream(dev, ("wavefront-weight-grads", i)) for i in range(n)
              if use_streams and model.blocks[i].defers_weight_grads(in_wavefront=True)}
-    for st in side + list(ffn.values()) + list(wgrad.values()):  # each starts after what the caller queued
+    every = side + list(ffn.values()) + list(ro.values()) + list(wgrad.values())
+    for st in every:  # each starts after what the caller queued
         st.wait_stream(main)
 
     def on(i: int):  # block i's stream, or nothing to switch
@@ -102,10 +110,10 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
             return None
 
         def run(fn, *args):
-            ffn[i].wait_stream(side[i])
+            ro[i].wait_stream(side[i])
             for t in _tensors(args):  # made on block i's stream (or before): kept alive for the other one's use
-                t.record_stream(ffn[i])
-            with torch.cuda.stream(ffn[i]):
+                t.record_stream(ro[i])
+            with torch.cuda.stream(ro[i]):
                 return fn(*args)
         return run
 
@@ -153,7 +161,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
                     else:
                         x = block.forward_mixer(x, layers[i], start, persistent_on[i], True)
                 if use_streams:
-                    made_on = ffn[i] if readout[i] else hand_to(x, made_on, ffn[i])
+                    made_on = hand_to(x, ro[i] if readout[i] else made_on, ffn[i])
                 with torch.cuda.stream(ffn[i]) if use_streams else nullcontext():
                     x = block.feed_forward(x)
             with torch.cuda.stream(made_on) if use_streams else nullcontext():  # the head where x was made
@@ -171,7 +179,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
             model.blocks[i].weight_grad_stream = None
         for block in model.blocks:
             block.in_wavefront = False
-    for st in side + list(ffn.values()) + list(wgrad.values()):  # the caller's stream goes on after everything
+    for st in every:  # the caller's stream goes on after everything
         main.wait_stream(st)  # (a capture joins here)
     return torch.cat(outs, dim=1)
 
