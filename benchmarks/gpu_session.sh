@@ -889,6 +889,19 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 68 ]; then
+  # session 33: PART=67 (one machine): the read-out streams with the inner forward saved 242,255 tokens/s on the
+  # feed-forward's stream, 242,131 on urgent streams of their own (-18% against PART=66's 294,981 by default): less
+  # kernel time (649 vs 783 ms a step) at lower concurrency (2.3 vs 3.4); the step's graph ran on 986 streams, so no
+  # stream held a chain (the anatomy found no period).  The wavefront's CUDA tests (the urgent read-outs new), then
+  # MAC 65536 x 1 with every measured opt-in on top of the new defaults: programmatic dependent launch and coordinate
+  # descent tuning
+  test_wavefront 150
+  step 170 mac-65536x1-wf2048-optins env \
+    TITANS_INDUCTOR_OPTIONS='{"triton.enable_pdl": true, "coordinate_descent_tuning": true}' $WF \
+    --out "$RES/h_wf2048_optins.json"
+  finish
+fi
 if [ "$PART" = 67 ]; then
   # session 33: PART=66 (one machine): MAC 65536 x 1 294,981 tokens/s by default (the cheap regions kept), 294,746
   # with aggressive fusion (no gain); the chain's anatomy: a segment's backward 1,217 us = 1,064 of 53 kernels + 154
