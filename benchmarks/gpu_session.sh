@@ -896,8 +896,8 @@ if [ "$PART" = 68 ]; then
   # stream held a chain (the anatomy found no period).  The wavefront's CUDA tests (the urgent read-outs new), then
   # MAC 65536 x 1 with every measured opt-in on top of the new defaults: programmatic dependent launch and coordinate
   # descent tuning
-  test_wavefront 150
-  step 170 mac-65536x1-wf2048-optins env \
+  test_wavefront 120
+  step 260 mac-65536x1-wf2048-optins env \
     TITANS_INDUCTOR_OPTIONS='{"triton.enable_pdl": true, "coordinate_descent_tuning": true}' $WF \
     --out "$RES/h_wf2048_optins.json"
   finish
