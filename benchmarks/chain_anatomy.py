@@ -127,9 +127,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"stream {args.stream} not in {args.trace} (it has {', '.join(streams)})")
         stream = args.stream
     else:
-        with_anchor = [st for st, sp in streams.items() if any(args.anchor in names[s[2]] for s in sp)]
+        # a chain is a stream that runs the anchor again and again; a CUDA graph's replay may instead spread one
+        # chain's kernels over many streams of the driver's choosing (session 33: 986 streams), and then none does
+        with_anchor = [st for st, sp in streams.items() if sum(args.anchor in names[s[2]] for s in sp) >= 2]
         if not with_anchor:
-            raise SystemExit(f"no stream in {args.trace} runs a kernel whose name contains {args.anchor!r}")
+            raise SystemExit(f"no stream in {args.trace} runs a kernel whose name contains {args.anchor!r} twice: "
+                             "no chain to cut into periods (the replay spread it over several streams?)")
         stream = with_anchor[0]  # the trace lists the busiest stream first
     result = {"trace": args.trace, "stream": stream, **anatomy(names, streams[stream], args.anchor)}
     table = markdown(result, stream)

@@ -889,6 +889,17 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 69 ]; then
+  # session 33: PART=68: the wavefront's CUDA tests pass (50, the urgent read-outs among them); the opt-ins row was cut
+  # at 260 s while compiling with coordinate descent tuning (a fresh machine).  Is the read-out streams' loss (-18%,
+  # PART=67) the CUDA graph's or the streams' own?  Both layouts without CUDA graphs (compiled blocks; launch-bound,
+  # so only their ratio counts)
+  HW="$HP --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+  step 150 mac-65536x1-wf2048-nographs $HW --out "$RES/h_wf2048_nographs.json"
+  step 120 mac-65536x1-wf2048-readouts-nographs env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 \
+    $HW --out "$RES/h_wf2048_readouts_nographs.json"
+  finish
+fi
 if [ "$PART" = 68 ]; then
   # session 33: PART=67 (one machine): the read-out streams with the inner forward saved 242,255 tokens/s on the
   # feed-forward's stream, 242,131 on urgent streams of their own (-18% against PART=66's 294,981 by default): less

@@ -378,3 +378,5 @@ def test_chain_anatomy_reads_the_harness_trace_and_times_one_period(tmp_path):
         out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="no kernel whose name contains"):
         ca.anatomy(names, streams["9"], "_memory_walk_bwd")
+    with pytest.raises(SystemExit, match="twice: no chain"):
+        ca.main([str(path), "--anchor", "flash_bwd"])
