@@ -889,6 +889,20 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 70 ]; then
+  # session 33 (for the next session): PART=67's read-outs apart were 18% slower, each chain's segment step ~1.6 ms
+  # against 1.22 while its read-out stream idled; benchmarks/stream_hand_offs.py (CPU) shows no gradient from a chain
+  # to its read-out stream.  With one memory block (layer 4) no other chain can hold it: the default and the
+  # read-outs apart (inner forward saved) on one machine.  Faster apart here -> the wait comes from another block
+  W1="${WF/--memory-layers 2 4 6/--memory-layers 4}"
+  step 130 mac1-65536x1-wf2048-defaults $W1 --out "$RES/h_mac1_wf2048_defaults.json"
+  step 130 mac1-65536x1-wf2048-readouts env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 $W1 \
+    --out "$RES/h_mac1_wf2048_readouts.json"
+  step 150 mac1-65536x1-wf2048-readouts-timeline env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 \
+    ${W1/--iters 3/--iters 1} --profile 30 --profile-trace "$RES/h_mac1_wf2048_readouts_timeline" \
+    --out "$RES/h_mac1_wf2048_readouts_timeline.json"
+  finish
+fi
 if [ "$PART" = 69 ]; then
   # session 33: PART=68: the wavefront's CUDA tests pass (50, the urgent read-outs among them); the opt-ins row was cut
   # at 260 s while compiling with coordinate descent tuning (a fresh machine).  Is the read-out streams' loss (-18%,

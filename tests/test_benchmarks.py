@@ -380,3 +380,21 @@ def test_chain_anatomy_reads_the_harness_trace_and_times_one_period(tmp_path):
         ca.anatomy(names, streams["9"], "_memory_walk_bwd")
     with pytest.raises(SystemExit, match="twice: no chain"):
         ca.main([str(path), "--anchor", "flash_bwd"])
+
+
+def test_stream_hand_offs_label_the_wavefront_call_sites():
+    sh = _load("stream_hand_offs")
+    apart = sh.hand_offs(readout_streams=True)
+    together = sh.hand_offs(readout_streams=False)
+    # the read-outs apart hand the memory's gradients to their block's chain, and the chain hands nothing back
+    for layer in sh.SMALL["memory_layers"]:
+        assert apart[f"R{layer} -> S{layer}"]["edges"] > 0
+        assert apart[f"F{layer} -> R{layer}"]["edges"] > 0  # the block's output gradient, from its feed-forward
+        assert not any(key.startswith(f"S{layer} -> R") for key in apart)
+        assert together[f"F{layer} -> S{layer}"]["edges"] > 0
+    assert not any("R" in key for key in together)
+    # the same gradients either way: what the read-outs hand over is what the chain kept for itself before
+    assert sum(r["edges"] for k, r in apart.items() if k.endswith("-> W")) == \
+        sum(r["edges"] for k, r in together.items() if k.endswith("-> W"))
+    # attention-only blocks have no stream of their own for the feed-forward, the caller's holds the embedding
+    assert not any(key.startswith(("F0", "F2")) for key in apart) and "S0 -> main" in apart
