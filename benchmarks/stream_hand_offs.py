@@ -4,7 +4,7 @@ the CPU (no GPU needed).
 In :func:`titans.training.wavefront.wavefront_logits` each block runs on a stream of its own (``S<layer>``), a
 memory block's feed-forward on another (``F<layer>``), with ``readout_streams`` MAC's segment read-outs and the
 residual sum on a third (``R<layer>``), the deferred weight-gradient sums on a fourth (``W``); the embedding, the
-initial state and the head on the caller's (``main``; under CUDA the head runs on the last block's stream).
+initial state on the caller's (``main``); the final norm and head on the stream that made the last block's output.
 Autograd runs each backward node on its forward op's stream and makes a consumer's stream wait for the producer's
 whenever a gradient crosses streams, so every edge listed here is a wait in the captured step.  This script builds
 a small MAC model, runs the wavefront forward with each call site labelled (by the autograd sequence numbers its
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -33,9 +34,11 @@ from titans.core.models import build_model
 from titans.training.wavefront import wavefront_logits
 from titans.utils.io import atomic_write_text
 
-# a small MAC with the issue's structure: memory blocks between attention-only ones, memory depth 2, whole chunks
+# a small MAC: memory blocks between attention-only ones, memory depth 2, whole chunks
 SMALL = dict(variant="mac", vocab_size=64, dim=32, depth=4, heads=2, window=16, persistent_tokens=2, memory_depth=2,
              memory_chunk_size=16, memory_layers=[1, 3], memory_backend="fused")
+# the issue's layout at the same small width: memory in blocks 2 / 4 / 6 of 8
+ISSUE_LIKE = dict(SMALL, depth=8, memory_layers=[2, 4, 6])
 
 
 class CallSites:
@@ -49,6 +52,16 @@ class CallSites:
 
     def _next(self) -> int:
         return (self._probe * 1).grad_fn._sequence_nr()  # an op of its own: takes the next number
+
+    def start(self, label: str) -> None:
+        """Open a labelled range by hand (:meth:`stop` closes it), for module hooks."""
+        self._open = (self._next(), label, self._depth)
+        self._depth += 1
+
+    def stop(self) -> None:
+        start, label, depth = self._open
+        self._depth -= 1
+        self._ranges.append((start, self._next(), label, depth))
 
     def run(self, label: str, fn, *args, **kwargs):
         with self.span(label):
@@ -76,8 +89,17 @@ class CallSites:
 
 
 @contextmanager
-def labelled_blocks(sites: CallSites):
-    """TitansBlock's wavefront entry points, each call labelled with the stream it runs on under CUDA."""
+def labelled_blocks(sites: CallSites, model=None):
+    """TitansBlock's wavefront entry points, each call labelled with the stream it runs on under CUDA; with
+    ``model``, also its final norm and head, which run on the stream that made the last block's output (its
+    feed-forward's for a memory block, else its own)."""
+    hooks = []
+    if model is not None:
+        last = model.blocks[-1]
+        head = f"{'F' if last.memory is not None else 'S'}{last.layer}"
+        for module in (model.norm, model.lm_head):
+            hooks.append(module.register_forward_pre_hook(lambda mod, args: sites.start(head)))
+            hooks.append(module.register_forward_hook(lambda mod, args, out: sites.stop()))
     block = model_module.TitansBlock
     saved = {name: getattr(block, name) for name in ("forward", "forward_mixer", "forward_mixer_split",
                                                       "feed_forward")}
@@ -113,50 +135,134 @@ def labelled_blocks(sites: CallSites):
         for name, fn in saved.items():
             setattr(block, name, fn)
         model_module.segment_taps = taps
+        for hook in hooks:
+            hook.remove()
 
 
-def hand_offs(readout_streams: bool, tokens: int = 96, seed: int = 0) -> dict[str, dict]:
-    """``{"producer -> consumer": {"edges": n, "example": [producer node, consumer node]}}`` for the backward edges
-    of one wavefront step of :data:`SMALL` whose ends run on different streams."""
+def traced_step(readout_streams: bool, config: dict, tokens: int, seed: int = 0):
+    """One wavefront forward of ``config`` (a small MAC) over ``tokens`` tokens, its call sites labelled:
+    ``(loss, nodes, label)``, every node of the backward graph and its stream label."""
     torch.manual_seed(seed)
-    model = build_model(SMALL)
+    model = build_model(config)
     sites = CallSites()
-    ids = torch.randint(0, SMALL["vocab_size"], (1, tokens))
-    with labelled_blocks(sites):
-        logits = wavefront_logits(model, ids, segment=2 * SMALL["window"], readout_streams=readout_streams)
+    ids = torch.randint(0, config["vocab_size"], (1, tokens))
+    with labelled_blocks(sites, model):
+        logits = wavefront_logits(model, ids, segment=4 * config["window"], readout_streams=readout_streams)
     loss = logits.float().logsumexp(-1).mean()
-    counts: Counter = Counter()
-    example: dict[str, list[str]] = {}
-    seen, stack = set(), [loss.grad_fn]
+    nodes, seen, stack = [], set(), [loss.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        nodes.append(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return loss, nodes, {node: sites.label(node) for node in nodes}
+
+
+def hand_offs(readout_streams: bool, tokens: int = 96, seed: int = 0) -> dict[str, dict]:
+    """``{"producer -> consumer": {"edges": n, "example": [producer node, consumer node]}}`` for the backward edges
+    of one wavefront step of :data:`SMALL` whose ends run on different streams."""
+    _, nodes, label = traced_step(readout_streams, SMALL, tokens, seed)
+    counts: Counter = Counter()
+    example: dict[str, list[str]] = {}
+    for node in nodes:
         for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            a, b = sites.label(node), sites.label(nxt)
-            if a != b:
-                key = f"{a} -> {b}"
+            if nxt is not None and label[node] != label[nxt]:
+                key = f"{label[node]} -> {label[nxt]}"
                 counts[key] += 1
                 example.setdefault(key, [type(node).__name__, type(nxt).__name__])
-            stack.append(nxt)
     return {key: {"edges": counts[key], "example": example[key]} for key in sorted(counts)}
+
+
+def schedule(order: Sequence, stream: dict, inputs: dict, duration: dict) -> dict:
+    """When each node of a backward ends if every stream runs its nodes in ``order`` (the engine's issue order) one
+    at a time, each node starting once its stream is free and every producer of its inputs (``inputs[node]``, on any
+    stream) has ended; ``duration[node]`` in us.  The kernels of different streams overlap freely (no contention
+    for the GPU's SMs) and waits cost nothing: the dependency structure alone.  Returns {node: end}."""
+    end: dict = {}
+    free: dict = {}
+    for node in order:  # producers come first in the issue order, so one pass settles every node
+        start = max([free.get(stream[node], 0.0)] + [end[p] for p in inputs.get(node, ())])
+        end[node] = free[stream[node]] = start + duration[node]
+    return end
+
+
+# a segment's backward on an H200 at the issue's shape (session 33's chain anatomy, MAC 65536 x 1, us): the memory
+# ops, the rest of a memory block's chain, the read-out's output path, an attention-only block's or feed-forward's
+# backward per wavefront step of 4 segments
+MEMORY_OPS_US = {"MemoryCoreFunctionBackward": 622.0, "MemoryWalkFunctionBackward": 469.0,
+                 "MemoryReadoutFunctionBackward": 153.0}
+CHAIN_US, READOUT_PATH_US, STEP_US = 1217.0, 90.0, 700.0
+
+
+def emulate(readout_streams: bool, steps: int = 8, seed: int = 0) -> dict:
+    """The backward of :data:`ISSUE_LIKE` over ``steps`` wavefront steps of 4 segments, scheduled by
+    :func:`schedule` in the order the autograd engine runs it here, with each node's duration from the H200 chain
+    anatomy (:data:`MEMORY_OPS_US`; the rest of a block's per-segment or per-step time spread evenly over its nodes;
+    the weight-gradient sums, the leaves and the caller's stream free).  Returns the makespan and each stream's
+    first start, last end and busy time, us."""
+    config = ISSUE_LIKE
+    segments = 4 * steps
+    loss, nodes, label = traced_step(readout_streams, config, segments * config["window"], seed)
+    order: list = []
+    handles = [node.register_prehook(lambda grads, node=node: order.append(node)) for node in nodes]
+    loss.backward()
+    for handle in handles:
+        handle.remove()
+    inputs: dict = {}
+    for node in nodes:  # node hands gradients to its next functions: they are its consumers in the backward
+        for nxt, _ in node.next_functions:
+            if nxt is not None:
+                inputs.setdefault(nxt, []).append(node)
+    memory = {f"S{layer}" for layer in config["memory_layers"]}
+    fixed = {n: MEMORY_OPS_US[type(n).__name__] for n in order if type(n).__name__ in MEMORY_OPS_US}
+    free = {n: 0.0 for n in order if label[n] in ("leaf", "main", "W")}
+    spread = Counter(label[n] for n in order if n not in fixed and n not in free)
+    memory_op = MEMORY_OPS_US["MemoryCoreFunctionBackward"]
+    total = {}
+    for lab in spread:
+        if lab in memory:  # the chain without its memory op (and without the read-out path when that is apart)
+            total[lab] = (CHAIN_US - memory_op - (READOUT_PATH_US if readout_streams else 0.0)) * segments
+        elif lab.startswith("R"):
+            total[lab] = READOUT_PATH_US * segments
+        else:
+            total[lab] = STEP_US * steps
+    duration = {n: fixed.get(n, free.get(n, total.get(label[n], 0.0) / max(spread[label[n]], 1))) for n in order}
+    end = schedule(order, label, inputs, duration)
+    streams = {}
+    for n in order:
+        row = streams.setdefault(label[n], {"start": float("inf"), "end": 0.0, "busy": 0.0})
+        row["start"] = min(row["start"], end[n] - duration[n])
+        row["end"] = max(row["end"], end[n])
+        row["busy"] += duration[n]
+    return {"makespan_us": max(end.values()), "segments": segments, "streams": dict(sorted(streams.items()))}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--readout-streams", action="store_true", help="MAC's read-outs on streams of their own")
+    ap.add_argument("--emulate", action="store_true",
+                    help="also schedule the backward of an issue-like MAC (memory in blocks 2 / 4 / 6 of 8) with and "
+                         "without the read-outs apart, from the H200 chain anatomy's kernel times")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
     found = hand_offs(args.readout_streams)
     print("| producer -> consumer | edges | e.g. |\n| --- | --- | --- |")
     for key, row in found.items():
         print(f"| {key} | {row['edges']} | {' -> '.join(row['example'])} |")
+    result = {"readout_streams": args.readout_streams, "model": SMALL, "hand_offs": found}
+    if args.emulate:
+        result["emulated"] = {name: emulate(apart) for name, apart in (("default", False), ("readouts_apart", True))}
+        print("\n| emulated backward | makespan, ms | memory block 6's chain: busy / span, ms | its read-out stream: "
+              "span, ms |\n| --- | --- | --- | --- |")
+        for name, em in result["emulated"].items():
+            chain, ro = em["streams"]["S6"], em["streams"].get("R6")
+            span = f"{ro['start'] / 1e3:.1f} -> {ro['end'] / 1e3:.1f}" if ro else "-"
+            print(f"| {name} ({em['segments']} segments) | {em['makespan_us'] / 1e3:.1f} | {chain['busy'] / 1e3:.1f}"
+                  f" / {(chain['end'] - chain['start']) / 1e3:.1f} | {span} |")
     if args.out:
-        atomic_write_text(args.out, json.dumps({"readout_streams": args.readout_streams, "model": SMALL,
-                                                "hand_offs": found}, indent=1))
+        atomic_write_text(args.out, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
