@@ -898,7 +898,12 @@ if [ "$PART" = 70 ]; then
   step 130 mac1-65536x1-wf2048-defaults $W1 --out "$RES/h_mac1_wf2048_defaults.json"
   step 130 mac1-65536x1-wf2048-readouts env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 $W1 \
     --out "$RES/h_mac1_wf2048_readouts.json"
-  step 150 mac1-65536x1-wf2048-readouts-timeline env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 \
+  # stream_hand_offs.py --emulate: by its dependencies alone the split step is 17% shorter, its read-out streams
+  # ahead of the chains; on the GPU they trail them.  A stream mapped to a hardware work queue another stream's work
+  # holds would: the three-block row with 32 queues (CUDA's default 8; session 29: no change to the default layout)
+  step 120 mac-65536x1-wf2048-readouts-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 \
+    TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_readouts_connections32.json"
+  step 120 mac1-65536x1-wf2048-readouts-timeline env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 \
     ${W1/--iters 3/--iters 1} --profile 30 --profile-trace "$RES/h_mac1_wf2048_readouts_timeline" \
     --out "$RES/h_mac1_wf2048_readouts_timeline.json"
   finish
