@@ -34,6 +34,7 @@ import titans.core.models.model as model_module
 from titans.core.models import build_model
 from titans.training.wavefront import wavefront_logits
 from titans.utils.io import atomic_write_text
+from titans.utils.tensors import autograd_nodes
 
 # a small MAC: memory blocks between attention-only ones, memory depth 2, whole chunks
 SMALL = dict(variant="mac", vocab_size=64, dim=32, depth=4, heads=2, window=16, persistent_tokens=2, memory_depth=2,
@@ -150,14 +151,7 @@ def traced_step(readout_streams: bool, config: dict, tokens: int, seed: int = 0)
     with labelled_blocks(sites, model):
         logits = wavefront_logits(model, ids, segment=4 * config["window"], readout_streams=readout_streams)
     loss = logits.float().logsumexp(-1).mean()
-    nodes, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nodes.append(node)
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    nodes = autograd_nodes(loss)
     return loss, nodes, {node: sites.label(node) for node in nodes}
 
 

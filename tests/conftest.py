@@ -26,15 +26,6 @@ def autograd_nodes():
     """``nodes(tensor) -> list``: every node of the autograd graph behind ``tensor`` (its grad_fn and all it reaches),
     each once; for tests that check how a computation is recorded (e.g. which backward ops a loss has)."""
 
-    def nodes(tensor) -> list:
-        seen, order, todo = set(), [], [tensor.grad_fn]
-        while todo:
-            fn = todo.pop()
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
-            order.append(fn)
-            todo.extend(f for f, _ in fn.next_functions)
-        return order
+    from titans.utils.tensors import autograd_nodes as nodes
 
     return nodes

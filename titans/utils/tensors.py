@@ -165,3 +165,18 @@ def recompute_when_recorded(fn, *args):
     (norms, gates, the memory's decay coefficients), a few small matmuls.  The recomputation repeats the same
     operations on the same inputs, so values and gradients are bit-equal to keeping the tensors."""
     return recompute(fn, *args) if RECOMPUTE_CHEAP and torch.is_grad_enabled() else fn(*args)
+
+
+def autograd_nodes(tensor: Tensor) -> list:
+    """Every node of the autograd graph behind ``tensor`` (its ``grad_fn`` and all it reaches), each once, in
+    depth-first order: how a computation is recorded (the tests' checks of which backward ops a loss has, the
+    benchmarks' count of the gradients the wavefront hands between streams)."""
+    seen, order, todo = set(), [], [tensor.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        order.append(fn)
+        todo.extend(f for f, _ in fn.next_functions)
+    return order
