@@ -54,7 +54,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     block, every segment) and the tied embedding / head weight (the caller's stream, the last block's) - are read
     through one view per stream, so autograd sums each stream's gradients on that stream and the parameter receives
     one sum a stream instead of one cross-stream accumulation per block and segment.  ``readout_streams``
-    (``TITANS_WAVEFRONT_READOUT_STREAMS``, "0" when unset: 14.6% slower, session 23): in MAC's memory blocks each
+    (``TITANS_WAVEFRONT_READOUT_STREAMS``, "0" when unset: 13-28% slower, sessions 23-33): in MAC's memory blocks each
     segment's memory read-out and gate run on the feed-forward's stream (:meth:`TitansBlock.forward_mixer_split`), so
     their backward (the memory backward's first stage among it, ~0.27 ms a segment on an H200) runs beside the
     segment chain instead of on it (``TITANS_WAVEFRONT_READOUT_URGENT=1``: on a stream of their own at the chains'
@@ -90,7 +90,8 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
     # where the read-outs run: the feed-forward's stream, or (TITANS_WAVEFRONT_READOUT_URGENT=1) a stream of their own
     # at the chains' priority, so that the chain's walk, which waits on its segment's read-out backward (the shares
-    # of the chunk starts' gradient), does not wait behind feed-forward work of normal priority
+    # of the chunk starts' gradient), does not wait behind feed-forward work of normal priority (session 33: no
+    # faster, 242.1K vs 242.3K tokens/s at MAC 65536 x 1)
     urgent_readouts = use_streams and _switch("TITANS_WAVEFRONT_READOUT_URGENT", False)
     ro = {i: side_stream(dev, ("wavefront-readout", i), True) if urgent_readouts else ffn[i]
           for i in range(n) if use_streams and readout[i]}
