@@ -170,16 +170,25 @@ def hand_offs(readout_streams: bool, tokens: int = 96, seed: int = 0) -> dict[st
     return {key: {"edges": counts[key], "example": example[key]} for key in sorted(counts)}
 
 
-def schedule(order: Sequence, stream: dict, inputs: dict, duration: dict) -> dict:
+def schedule(order: Sequence, stream: dict, inputs: dict, duration: dict, hand_off_waits: bool = False) -> dict:
     """When each node of a backward ends if every stream runs its nodes in ``order`` (the engine's issue order) one
     at a time, each node starting once its stream is free and every producer of its inputs (``inputs[node]``, on any
-    stream) has ended; ``duration[node]`` in us.  The kernels of different streams overlap freely (no contention
-    for the GPU's SMs) and waits cost nothing: the dependency structure alone.  Returns {node: end}."""
+    stream) has ended; ``duration[node]`` in us.  ``hand_off_waits``: a producer's hand-off also holds everything
+    its consumers' streams are given after it in the issue order (the consumer's stream waits on the producer from
+    the moment of the hand-off, not only the consumer node).  The kernels of different streams overlap freely (no
+    contention for the GPU's SMs) and waits cost nothing: the dependency structure alone.  Returns {node: end}."""
+    consumers: dict = {}
+    if hand_off_waits:
+        for node, producers in inputs.items():
+            for p in producers:
+                consumers.setdefault(p, set()).add(stream[node])
     end: dict = {}
     free: dict = {}
     for node in order:  # producers come first in the issue order, so one pass settles every node
         start = max([free.get(stream[node], 0.0)] + [end[p] for p in inputs.get(node, ())])
         end[node] = free[stream[node]] = start + duration[node]
+        for other in consumers.get(node, ()):
+            free[other] = max(free.get(other, 0.0), end[node])
     return end
 
 
@@ -191,12 +200,12 @@ MEMORY_OPS_US = {"MemoryCoreFunctionBackward": 622.0, "MemoryWalkFunctionBackwar
 CHAIN_US, READOUT_PATH_US, STEP_US = 1217.0, 90.0, 700.0
 
 
-def emulate(readout_streams: bool, steps: int = 8, seed: int = 0) -> dict:
+def emulate(readout_streams: bool, steps: int = 8, seed: int = 0, hand_off_waits: bool = False) -> dict:
     """The backward of :data:`ISSUE_LIKE` over ``steps`` wavefront steps of 4 segments, scheduled by
     :func:`schedule` in the order the autograd engine runs it here, with each node's duration from the H200 chain
     anatomy (:data:`MEMORY_OPS_US`; the rest of a block's per-segment or per-step time spread evenly over its nodes;
-    the weight-gradient sums, the leaves and the caller's stream free).  Returns the makespan and each stream's
-    first start, last end and busy time, us."""
+    the weight-gradient sums, the leaves and the caller's stream free); ``hand_off_waits`` as for :func:`schedule`.
+    Returns the makespan and each stream's first start, last end and busy time, us."""
     config = ISSUE_LIKE
     segments = 4 * steps
     loss, nodes, label = traced_step(readout_streams, config, segments * config["window"], seed)
@@ -224,7 +233,7 @@ def emulate(readout_streams: bool, steps: int = 8, seed: int = 0) -> dict:
         else:
             total[lab] = STEP_US * steps
     duration = {n: fixed.get(n, free.get(n, total.get(label[n], 0.0) / max(spread[label[n]], 1))) for n in order}
-    end = schedule(order, label, inputs, duration)
+    end = schedule(order, label, inputs, duration, hand_off_waits)
     streams = {}
     for n in order:
         row = streams.setdefault(label[n], {"start": float("inf"), "end": 0.0, "busy": 0.0})
@@ -248,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {key} | {row['edges']} | {' -> '.join(row['example'])} |")
     result = {"readout_streams": args.readout_streams, "model": SMALL, "hand_offs": found}
     if args.emulate:
-        result["emulated"] = {name: emulate(apart) for name, apart in (("default", False), ("readouts_apart", True))}
+        result["emulated"] = {f"{name}{', hand-off waits' if waits else ''}": emulate(apart, hand_off_waits=waits)
+                              for waits in (False, True)
+                              for name, apart in (("default", False), ("readouts_apart", True))}
         print("\n| emulated backward | makespan, ms | memory block 6's chain: busy / span, ms | its read-out stream: "
               "span, ms |\n| --- | --- | --- | --- |")
         for name, em in result["emulated"].items():

@@ -408,6 +408,14 @@ def test_schedule_runs_each_stream_in_order_after_its_inputs():
     inputs = {"b1": ["a1"], "c1": ["a2", "b2"]}
     duration = {"a1": 10, "b1": 5, "a2": 3, "b2": 4, "c1": 1}
     assert sh.schedule(order, stream, inputs, duration) == {"a1": 10, "b1": 15, "a2": 13, "b2": 19, "c1": 20}
+    # hand-off waits: a1 hands to B, so b1 waits from then on (no change); b1 hands nothing to A, a2 is free; but a
+    # hand-off from a2 to C holds whatever C is given after it as well
+    order2, stream2 = ["a1", "c0", "a2", "c1"], {"a1": "A", "a2": "A", "c0": "C", "c1": "C"}
+    inputs2, duration2 = {"c1": ["a2"]}, {"a1": 10, "c0": 1, "a2": 3, "c1": 1}
+    assert sh.schedule(order2, stream2, inputs2, duration2) == {"a1": 10, "c0": 1, "a2": 13, "c1": 14}
+    order3 = ["a1", "a2", "c0", "c1"]  # a2 issued before c0: C waits for a2 from then on, c0 too
+    assert sh.schedule(order3, stream2, inputs2, duration2, hand_off_waits=True) == {"a1": 10, "a2": 13, "c0": 14,
+                                                                                      "c1": 15}
 
 
 def test_emulated_wavefront_backward_with_readouts_apart_is_shorter():
