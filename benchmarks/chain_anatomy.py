@@ -10,7 +10,9 @@ another stream), then the period's totals by kind of kernel.
 
     python benchmarks/chain_anatomy.py TRACE.json.gz [--stream ID] [--anchor NAME] --out anatomy.json
 
-Writes JSON and a markdown table (``--out`` with ``.md``).
+Writes JSON and a markdown table (``--out`` with ``.md``).  ``--merged``: the anchor's launches on every stream
+together, the interval from one to the next (with one chain in the step, its period even where a replayed CUDA
+graph spread its kernels over many streams).
 """
 
 from __future__ import annotations
@@ -97,6 +99,20 @@ def anatomy(names: list[str], spans: list[list], anchor: str) -> dict:
             "by_kind": by_kind, "rows": rows}
 
 
+def anchor_intervals(names: list[str], streams: dict[str, list[list]], anchor: str) -> dict:
+    """The launches of every kernel whose name contains ``anchor``, on any stream, in start order: how many, and the
+    median and quartiles of the time from one launch's start to the next's, us.  With one chain in the step (one MAC
+    memory block) that interval is the chain's period, wherever a replayed graph put its kernels."""
+    ids = {i for i, n in enumerate(names) if anchor in n}
+    starts = sorted(sp[0] for spans in streams.values() for sp in spans if sp[2] in ids)
+    if len(starts) < 2:
+        raise SystemExit(f"fewer than two launches of a kernel whose name contains {anchor!r}: no interval")
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    q1, median, q3 = statistics.quantiles(gaps, n=4) if len(gaps) > 1 else (gaps[0],) * 3
+    return {"anchor": anchor, "launches": len(starts), "median_us": median, "q1_us": q1, "q3_us": q3,
+            "first_us": starts[0], "last_us": starts[-1]}
+
+
 def markdown(result: dict, stream: str) -> str:
     a = result
     lines = [f"stream {stream}: anchor `{a['anchor'][:60]}`, {a['matched']} of {a['periods']} periods alike, "
@@ -119,9 +135,19 @@ def main(argv: list[str] | None = None) -> None:
                     help="stream id (default: the busiest stream that runs the anchor kernel)")
     ap.add_argument("--anchor", default="_memory_walk_bwd",
                     help="a period starts at each launch of the kernel whose name contains this")
+    ap.add_argument("--merged", action="store_true",
+                    help="the anchor's launches on every stream together: the interval from one to the next (one "
+                         "chain in the step: its period), instead of one stream's kernels")
     ap.add_argument("--out", default=None, help="JSON path; the table goes beside it as .md")
     args = ap.parse_args(argv)
     names, streams = load_trace(args.trace)
+    if args.merged:
+        got = {"trace": args.trace, **anchor_intervals(names, streams, args.anchor)}
+        print(f"{got['launches']} launches of `{args.anchor}` on any stream: median interval {got['median_us']:.1f} "
+              f"us (quartiles {got['q1_us']:.1f} / {got['q3_us']:.1f})")
+        if args.out:
+            atomic_write_text(args.out, json.dumps(got, indent=1))
+        return
     if args.stream is not None:
         if args.stream not in streams:
             raise SystemExit(f"stream {args.stream} not in {args.trace} (it has {', '.join(streams)})")

@@ -892,20 +892,24 @@ fi
 if [ "$PART" = 70 ]; then
   # session 33 (for the next session): PART=67's read-outs apart were 18% slower, each chain's segment step ~1.6 ms
   # against 1.22 while its read-out stream idled; benchmarks/stream_hand_offs.py (CPU) shows no gradient from a chain
-  # to its read-out stream.  With one memory block (layer 4) no other chain can hold it: the default and the
-  # read-outs apart (inner forward saved) on one machine.  Faster apart here -> the wait comes from another block
+  # to its read-out stream, and its --emulate puts the split step 17-19% shorter by its dependencies alone.  With one
+  # memory block (layer 4) no other chain can hold it: the default and the read-outs apart (inner forward saved),
+  # each on a timeline whose walks give the chain's period (chain_anatomy.py --merged: one chain in the step, however
+  # the replayed graph spread it).  Faster apart here -> the wait comes from another block
   W1="${WF/--memory-layers 2 4 6/--memory-layers 4}"
-  step 130 mac1-65536x1-wf2048-defaults $W1 --out "$RES/h_mac1_wf2048_defaults.json"
-  step 130 mac1-65536x1-wf2048-readouts env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 $W1 \
-    --out "$RES/h_mac1_wf2048_readouts.json"
-  # stream_hand_offs.py --emulate: by its dependencies alone the split step is 17% shorter, its read-out streams
-  # ahead of the chains; on the GPU they trail them.  A stream mapped to a hardware work queue another stream's work
-  # holds would: the three-block row with 32 queues (CUDA's default 8; session 29: no change to the default layout)
+  W1T="${W1/--iters 3/--iters 1} --profile 30"
+  for layout in defaults readouts; do
+    RO=""
+    [ $layout = readouts ] && RO="TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1"
+    step 140 "mac1-65536x1-wf2048-$layout-timeline" env $RO $W1T --out "$RES/h_mac1_wf2048_${layout}_timeline.json" \
+      --profile-trace "$RES/h_mac1_wf2048_${layout}_timeline"
+    step 20 "chain-period-mac1-$layout" python3 benchmarks/chain_anatomy.py \
+      "$RES/h_mac1_wf2048_${layout}_timeline.mac_65536x1.json.gz" --merged --out "$RES/period_mac1_$layout.json"
+  done
+  # a stream mapped to a hardware work queue that another stream's work holds would trail it: the three-block row with
+  # 32 queues (CUDA's default 8; session 29: no change to the default layout)
   step 120 mac-65536x1-wf2048-readouts-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 \
     TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_readouts_connections32.json"
-  step 120 mac1-65536x1-wf2048-readouts-timeline env TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 \
-    ${W1/--iters 3/--iters 1} --profile 30 --profile-trace "$RES/h_mac1_wf2048_readouts_timeline" \
-    --out "$RES/h_mac1_wf2048_readouts_timeline.json"
   finish
 fi
 if [ "$PART" = 69 ]; then

@@ -292,8 +292,8 @@ def walk_clock_table(stats: dict[str, dict]) -> str:
 def profile_step(step, device: torch.device, top: int, trace: str | None = None) -> tuple[list[dict], dict | None]:
     """Device time per kernel name over one training step (torch.profiler), largest first, and the kernels' timeline
     (:func:`kernel_overlap`; None off CUDA).  With torch 2.11 on an H200 the profiler lists the kernels a CUDA graph
-    replays one by one too (session 20: 82,310 kernels of a graphed MAC 65536 x 1 step).  ``trace``: also write the
-    ``STREAM_DETAIL`` busiest streams' kernels in launch order to that gzip JSON file (:func:`write_stream_trace`;
+    replays one by one too (session 20: 82,310 kernels of a graphed MAC 65536 x 1 step).  ``trace``: also write
+    every stream's kernels in launch order to that gzip JSON file (:func:`write_stream_trace`;
     ``benchmarks/chain_anatomy.py`` reads it)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -320,15 +320,15 @@ def profile_step(step, device: torch.device, top: int, trace: str | None = None)
 
 
 def write_stream_trace(spans: list[tuple], path: str) -> None:
-    """The ``STREAM_DETAIL`` busiest streams' kernels (``spans``: (start, end, stream, name), microseconds) as gzip
-    JSON: ``{"names": [kernel name, ...], "streams": {stream: [[start, end, name index], ...] in start order}}``,
-    busiest stream first; written atomically."""
+    """Every stream's kernels (``spans``: (start, end, stream, name), microseconds) as gzip JSON: ``{"names": [kernel
+    name, ...], "streams": {stream: [[start, end, name index], ...] in start order}}``, busiest stream first (a
+    replayed CUDA graph may spread one chain over many streams: session 33, ~990 of them); written atomically."""
     import gzip
 
     by_stream: dict[int, list[tuple]] = {}
     for sp in spans:
         by_stream.setdefault(sp[2], []).append(sp)
-    busiest = sorted(by_stream, key=lambda st: -sum(b - a for a, b, *_ in by_stream[st]))[:STREAM_DETAIL]
+    busiest = sorted(by_stream, key=lambda st: -sum(b - a for a, b, *_ in by_stream[st]))
     names: dict[str, int] = {}
     streams = {str(st): [[a, b, names.setdefault(name, len(names))] for a, b, _, name in sorted(by_stream[st])]
                for st in busiest}
@@ -553,7 +553,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile one training step and keep its N most expensive kernels")
     ap.add_argument("--profile-trace", default=None, metavar="PREFIX",
-                    help="with --profile: also write the busiest streams' kernels in launch order to "
+                    help="with --profile: also write every stream's kernels in launch order to "
                          "PREFIX.MODEL_SEQxBATCH.json.gz (benchmarks/chain_anatomy.py reads them)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)

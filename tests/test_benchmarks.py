@@ -380,6 +380,13 @@ def test_chain_anatomy_reads_the_harness_trace_and_times_one_period(tmp_path):
         ca.anatomy(names, streams["9"], "_memory_walk_bwd")
     with pytest.raises(SystemExit, match="twice: no chain"):
         ca.main([str(path), "--anchor", "flash_bwd"])
+    # every stream together: the walks 26 us apart (and the prologue-free trace's 5 launches)
+    merged = ca.anchor_intervals(names, streams, "_memory_walk_bwd")
+    assert merged["launches"] == 5 and merged["median_us"] == 26 and merged["q1_us"] == merged["q3_us"] == 26
+    ca.main([str(path), "--merged", "--out", str(out)])
+    assert json.loads(out.read_text())["median_us"] == 26
+    with pytest.raises(SystemExit, match="fewer than two launches"):
+        ca.anchor_intervals(names, streams, "flash_bwd")
 
 
 def test_stream_hand_offs_label_the_wavefront_call_sites():
