@@ -12,6 +12,7 @@ the graph as the custom ops the GPU runs (else the PyTorch core is traced instea
     TRITON_INTERPRET=1 python benchmarks/segment_graph_ops.py --out benchmarks/results/segment_graph_ops.json
     TRITON_INTERPRET=1 python benchmarks/segment_graph_ops.py --defer-weight-grads   # the graphs with deferral
     TRITON_INTERPRET=1 python benchmarks/segment_graph_ops.py --defer-weight-grads --by-source  # where ops come from
+    TRITON_INTERPRET=1 python benchmarks/segment_graph_ops.py --defer-weight-grads --readouts-apart  # chain / read-out
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def main(argv=None) -> dict:
                          "(titans.utils.weight_grads)")
     ap.add_argument("--by-source", action="store_true",
                     help="also print a later segment's backward ops by the source line they come from")
+    ap.add_argument("--readouts-apart", action="store_true",
+                    help="the wavefront with MAC's read-outs apart (TITANS_WAVEFRONT_READOUT_STREAMS=1): the segment "
+                         "step as two compiled regions, the chain's (mac_chain) and the read-out's (mac_readout)")
     ap.add_argument("--out", default=None, help="JSON file (a summary is printed)")
     args = ap.parse_args(argv)
     os.environ["TITANS_DEFER_WEIGHT_GRADS"] = "1" if args.defer_weight_grads else "0"
@@ -110,13 +114,17 @@ def main(argv=None) -> dict:
     from titans.core.models.model import build_model
     from titans.utils.config import ModelConfig
 
-    graphs: dict[str, list] = {"forward": [], "backward": []}
+    graphs: dict[str, list] = {}
 
     def keep(kind):
         def compiler(gm, example_inputs):
-            graphs[kind].append(gm)
+            graphs.setdefault(kind, []).append(gm)
             return make_boxed_func(gm.forward)
         return compiler
+
+    def compiled(fn, region=""):
+        return torch.compile(fn, backend=aot_autograd(fw_compiler=keep(f"{region}forward"),
+                                                      bw_compiler=keep(f"{region}backward")))
 
     torch.manual_seed(0)
     cfg = ModelConfig(variant="mac", dim=args.dim, depth=3, heads=args.heads, window=args.window, persistent_tokens=4,
@@ -126,26 +134,34 @@ def main(argv=None) -> dict:
     block = model.blocks[1]
     weight_shapes = {s for mod in block.modules() if isinstance(mod, torch.nn.Linear)
                      for s in (tuple(mod.weight.shape), tuple(mod.weight.shape)[::-1])}
-    block.mac_segment = torch.compile(block.mac_segment, backend=aot_autograd(fw_compiler=keep("forward"),
-                                                                               bw_compiler=keep("backward")))
     ids = torch.randint(0, cfg.vocab_size, (1, args.segments * args.window))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(ids, labels=ids).loss
+    if args.readouts_apart:
+        from titans.training.wavefront import wavefront_loss
+
+        block.mac_chain = compiled(block.mac_chain, "chain ")
+        block.mac_readout = compiled(block.mac_readout, "readout ")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = wavefront_loss(model, ids, readout_streams=True)
+    else:
+        block.mac_segment = compiled(block.mac_segment)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
     loss.backward()
     # one graph per distinct segment position (the first segment, any later one): the later one is the chain's
     result = {"date": str(date.today()), "torch": torch.__version__, "config": vars(args),
               "graphs": {kind: [dict(count_ops(gm, weight_shapes), by_source=by_source(gm),
-                                     **(saved_tensors(gm) if kind == "backward" else {})) for gm in gms]
+                                     **(saved_tensors(gm) if kind.endswith("backward") else {})) for gm in gms]
                          for kind, gms in graphs.items()}}
     for kind, rows in result["graphs"].items():
         for i, r in enumerate(rows):
             print(f"{kind} graph {i}: {r['ops']} ops, {r['matmuls']} matmuls ({r['weight_shaped_matmuls']} with a "
                   f"weight's shape), {r['reductions']} reductions, {r['dtype_copies']} dtype copies, custom ops "
                   f"{r['custom_ops']}" + (f"; reads {r['saved']} saved tensors, {r['saved_bytes'] / 2**20:.3f} MB"
-                                          if kind == "backward" else ""))
+                                          if kind.endswith("backward") else ""))
     if args.by_source:  # the chain's graph: the backward of a later segment
-        print("backward graph of a later segment, ops by source line:")
-        for n, loc in result["graphs"]["backward"][-1]["by_source"]:
+        chain = "chain backward" if args.readouts_apart else "backward"
+        print(f"{chain} graph of a later segment, ops by source line:")
+        for n, loc in result["graphs"][chain][-1]["by_source"]:
             print(f"{n:5d}  {loc}")
     if args.out:
         from titans.utils.io import atomic_write_text

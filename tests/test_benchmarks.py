@@ -439,3 +439,14 @@ def test_emulated_wavefront_backward_with_readouts_apart_is_shorter():
     chain, readout = apart["streams"]["S6"], apart["streams"]["R6"]
     assert chain["end"] - chain["start"] <= 1.001 * chain["busy"]
     assert readout["end"] < (chain["start"] + chain["end"]) / 2
+
+
+def test_segment_graph_ops_splits_the_step_into_the_chain_and_the_readout():
+    """--readouts-apart: the wavefront with MAC's read-outs apart compiles a segment as two regions, the chain's and
+    the read-out's, each with its forward and backward graph (a later segment's chain graph apart from the first's)."""
+    sgo = _load("segment_graph_ops")
+    got = sgo.main(["--readouts-apart", "--dim", "32", "--window", "16", "--memory-chunk", "16", "--segments", "2"])
+    graphs = got["graphs"]
+    assert set(graphs) == {"chain forward", "chain backward", "readout forward", "readout backward"}
+    assert len(graphs["chain backward"]) == 2 and len(graphs["readout backward"]) >= 1  # first and later segments
+    assert graphs["readout backward"][0]["ops"] > 0 and graphs["chain backward"][-1]["matmuls"] > 0
