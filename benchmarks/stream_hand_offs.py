@@ -50,20 +50,18 @@ class CallSites:
     def __init__(self) -> None:
         self._probe = torch.zeros(1, requires_grad=True)
         self._ranges: list[tuple[int, int, str, int]] = []  # (after, last, label, nesting depth)
-        self._depth = 0
+        self._open: list[tuple[int, str]] = []  # the ranges open now, innermost last
 
     def _next(self) -> int:
         return (self._probe * 1).grad_fn._sequence_nr()  # an op of its own: takes the next number
 
     def start(self, label: str) -> None:
-        """Open a labelled range by hand (:meth:`stop` closes it), for module hooks."""
-        self._open = (self._next(), label, self._depth)
-        self._depth += 1
+        """Open a labelled range (:meth:`stop` closes the innermost), by hand for module hooks."""
+        self._open.append((self._next(), label))
 
     def stop(self) -> None:
-        start, label, depth = self._open
-        self._depth -= 1
-        self._ranges.append((start, self._next(), label, depth))
+        start, label = self._open.pop()
+        self._ranges.append((start, self._next(), label, len(self._open)))
 
     def run(self, label: str, fn, *args, **kwargs):
         with self.span(label):
@@ -71,13 +69,11 @@ class CallSites:
 
     @contextmanager
     def span(self, label: str):
-        start = self._next()
-        self._depth += 1
+        self.start(label)
         try:
             yield
         finally:
-            self._depth -= 1
-            self._ranges.append((start, self._next(), label, self._depth))
+            self.stop()
 
     def label(self, node) -> str:
         if type(node).__name__ == "AccumulateGrad":

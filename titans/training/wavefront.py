@@ -99,7 +99,8 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     # segments run on a stream of their own, off the block's chain (titans.utils.weight_grads); without, no joins
     wgrad = {i: side_stream(dev, ("wavefront-weight-grads", i)) for i in range(n)
              if use_streams and model.blocks[i].defers_weight_grads(in_wavefront=True)}
-    every = side + list(ffn.values()) + list(ro.values()) + list(wgrad.values())
+    # each stream once (the read-outs' may be the feed-forward's)
+    every = list(dict.fromkeys(side + list(ffn.values()) + list(ro.values()) + list(wgrad.values())))
     for st in every:  # each starts after what the caller queued
         st.wait_stream(main)
 
@@ -136,7 +137,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     # last block would hold the next segment's embedding (and so every block of it) until that segment is through,
     # the layer-by-layer order again.  The caller's stream only embeds; it joins the side streams once, at the end.
     def hand_to(x: Tensor, made_on, stream):  # stream reads x next: wait for its producer, keep its memory alive
-        if use_streams:
+        if use_streams and stream is not made_on:  # (the read-outs on the feed-forward's stream hand x to itself)
             stream.wait_stream(made_on)
             x.record_stream(stream)
         return stream
