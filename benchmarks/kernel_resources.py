@@ -97,6 +97,8 @@ def _signature(kernel, const: dict) -> dict:
             sig[p.name] = "*i32"
         elif p.name == "CLK":  # the walk clock's stamps
             sig[p.name] = "*i64"
+        elif p.name.startswith("DY_"):  # dy's heads and strides
+            sig[p.name] = "i32"
         else:
             sig[p.name] = "*fp32"
     return sig

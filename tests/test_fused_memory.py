@@ -484,6 +484,55 @@ def test_triton_kernels_take_bf16_inputs_as_their_widened_values():
     assert float(err["MODULE_BF16"]) <= 2e-2, err  # bf16 projections either way; the kernels vs the torch loop
 
 
+_STRIDED_DY_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
+    import os
+    import titans.core.memory.triton_kernels as tk
+    from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split
+
+    # dy reaching the backward as the (B, T, H, D) view a compiled model hands over (its gradient through the heads'
+    # merge) against the same values dense: the kernels read it through its strides, bit for bit the same
+    seen = []
+    run = tk._run
+    tk._run = lambda kernel, grid, args, meta: (seen.append((kernel.fn.__name__, args[15])),
+                                                run(kernel, grid, args, meta))
+
+    def grads(L, split, permuted):
+        ins = [t.requires_grad_() for t in memory_inputs(L, 32, 16, 32, 16, L, B=2)]
+        if split:
+            Wf, Sf, pending = neural_memory_update_split(*ins[:6], ins[6:6 + L], ins[6 + L:], chunk_size=16,
+                                                         impl="triton")
+            y = pending.read()
+        else:
+            y, Wf, Sf = neural_memory_update_fused(*ins[:6], ins[6:6 + L], ins[6 + L:], chunk_size=16, impl="triton")
+        r = torch.randn(y.transpose(1, 2).shape, generator=torch.Generator().manual_seed(1))  # (B, T, H, D)
+        # transposed, y's gradient is r's transpose: a (B, H, T, D) view of r, not dense
+        y_read = (y.transpose(1, 2) * r).sum() if permuted else (y * r.transpose(1, 2).contiguous()).sum()
+        loss = y_read + sum((w * w).sum() for w in (*Wf, *Sf))
+        seen.clear()
+        out = torch.autograd.grad(loss, ins)
+        # the launches that read dy (the walk's alone pass a placeholder)
+        dys = [t for name, t in seen if "_memory_bwd" in name and t.dim() == 4]
+        assert dys and all(t.is_contiguous() != permuted for t in dys), [(t.shape, t.stride()) for t in dys]
+        return out
+
+    worst = 0.0
+    for L, split, mode in ((1, False, "auto"), (2, False, "overlap"), (2, False, "split"), (2, False, "fused"),
+                           (2, True, "auto")):
+        os.environ["TITANS_TRITON_BWD"] = mode
+        for a, b in zip(grads(L, split, True), grads(L, split, False)):
+            worst = max(worst, (a - b).abs().max().item())
+    assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES
+    print("STRIDED_DY", worst)
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_backward_reads_a_strided_dy_without_copying_it():
+    """The compiled model hands the memory backward its dy as a (B, T, H, D) view; the kernels read it through its
+    strides (no copy on the segment chain), every backward mode, with the same gradients bit for bit."""
+    assert float(_errors(_interpreted(_STRIDED_DY_SCRIPT))["STRIDED_DY"]) == 0.0
+
+
 _BF16_STARTS_SCRIPT = textwrap.dedent("""
     import os
     import warnings

@@ -229,6 +229,16 @@ if triton is not None:
         return _blk(ptr, R, Cn, Cn)
 
     @triton.jit
+    def _dy_chunk(DY, bh, c, DY_H, DY_SB, DY_SH, DY_ST, C: tl.constexpr, D: tl.constexpr):
+        """Pointers to chunk c's (C, D) rows of program bh in dy (B, H, T, D), read through its strides (batch,
+        head, token; the last is 1): the compiled backward hands dy over as a (B, T, H, D) view, whose copy to a
+        dense buffer was one more kernel on the segment chain (benchmarks/RESULTS.md, session 34)."""
+        b = bh // DY_H
+        r = tl.arange(0, C)
+        d = tl.arange(0, D)
+        return DY + b * DY_SB + (bh - b * DY_H) * DY_SH + (c * C + r[:, None]) * DY_ST + d[None, :]
+
+    @triton.jit
     def _load_chunk(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N: tl.constexpr, C: tl.constexpr,
                     D: tl.constexpr):
         """Chunk c of program bh: token offset, chunk index, q, k, v (C, D), the per-token coefficients
@@ -420,6 +430,7 @@ if triton is not None:
         DW1, DW2, DS1, DS2,  # running state gradients (BH, ...): the final state's copied in, the initial one's out
         NW1, NW2, NS1, NS2,  # MODE 1 writes, MODE 2 reads: the gradient of each chunk's end state (BH, N, ...)
         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+        DY_H, DY_SB, DY_SH, DY_ST,  # dy's heads and strides (batch, head, token): see _dy_chunk
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, L: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, MODE: tl.constexpr,
     ):
@@ -446,7 +457,7 @@ if triton is not None:
                 c = N - 1 - i
             tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
                 Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
-            dy = tl.load(_mat(DY + tok, C, D)).to(tl.float32)
+            dy = tl.load(_dy_chunk(DY, bh, c, DY_H, DY_SB, DY_SH, DY_ST, C, D)).to(tl.float32)
             w1, s1, dw1n, ds1n = _layer_tiles(SW1, SS1, NW1, NS1, dw1p, ds1p, cc, D, E, MODE, DOT_BF16)
             kt = tl.trans(k)
             qk = _dot(q, kt, DOT_BF16)
@@ -576,7 +587,7 @@ if triton is not None:
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2, DW1, DW2, DS1, DS2,
         NW1, NW2, NS1, NS2,
         X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES, DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
-        bh, c0, F0, F1,
+        DY_H, DY_SB, DY_SH, DY_ST, bh, c0, F0, F1,
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr, SYNC: tl.constexpr,
         RECOMPUTE: tl.constexpr, ACCUMULATE: tl.constexpr, INNER: tl.constexpr,
@@ -648,7 +659,7 @@ if triton is not None:
                 sqp = _mat(QS + cc * C * E, C, E)
                 tl.store(sqp, _silu_grad(zq))
                 hh = _dot(hq, ht, DOT_BF16)
-                dy = tl.load(_mat(DY + tok, C, D)).to(tl.float32)
+                dy = tl.load(_dy_chunk(DY, bh, c, DY_H, DY_SB, DY_SH, DY_ST, C, D)).to(tl.float32)
                 # back through y (the steps of _readout_bwd, each share stored when done)
                 x2p = _mat(X2 + cc * E * D, E, D)
                 hqt = tl.trans(hq)
@@ -771,6 +782,7 @@ if triton is not None:
         ZS, US, LS, HS, QS, ES,  # scratch (BH, N, C, E) written by stage 0: z, u, dl, dh, silu'(zq), and err
         # (BH, N, C, D); read back there instead of held in registers, and by stages 1 and 2 instead of recomputed
         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+        DY_H, DY_SB, DY_SH, DY_ST,  # dy's heads and strides (batch, head, token): see _dy_chunk
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
         RECOMPUTE: tl.constexpr = False, ACCUMULATE: tl.constexpr = True, INNER: tl.constexpr = False,
@@ -778,7 +790,7 @@ if triton is not None:
         """One stage per launch, grid (BH, N) for stages 0 and 2 and (BH,) for stage 1."""
         _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
                     DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
-                    DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+                    DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL, DY_H, DY_SB, DY_SH, DY_ST,
                     tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), DW1, DW1,  # (no flags)
                     N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False, RECOMPUTE, ACCUMULATE, INNER)
 
@@ -794,6 +806,7 @@ if triton is not None:
     def _memory_bwd3_overlap_kernel(
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2, DW1, DW2, DS1, DS2,
         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES, DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+        DY_H, DY_SB, DY_SH, DY_ST,  # dy's heads and strides (batch, head, token): see _dy_chunk
         TICKET, FLAGS,  # int32, zero at launch: the ticket counter (1,) and the hand-on flags (2, BH, N)
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr = False,
@@ -805,20 +818,20 @@ if triton is not None:
             _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
                         DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
-                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL, DY_H, DY_SB, DY_SH, DY_ST,
                         t % BH, N - 1 - t // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 0, True, False, True, INNER)
         elif t < BH * N + BH:
             _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
                         DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
-                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL, DY_H, DY_SB, DY_SH, DY_ST,
                         t - BH * N, 0, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 1, True, False, True, INNER)
         else:
             j = t - BH * N - BH
             _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
                         DW1, DW2, DS1, DS2,
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
-                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL,
+                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL, DY_H, DY_SB, DY_SH, DY_ST,
                         j % BH, N - 1 - j // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 2, True, False, True, INNER)
 
     # ------------------------------------------------------------------ the walks spread over P programs a head
@@ -1511,6 +1524,18 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, *t.shape[2:]).contiguous()
 
 
+def _dy_layout(dy: Tensor) -> tuple[Tensor, int, int, int, int]:
+    """dy (B, H, T, D) as the backward kernels read it (:func:`_dy_chunk`): the tensor itself, its heads and its
+    batch, head and token strides; copied only when its rows are not dense (a last stride other than 1)."""
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    return (dy, dy.shape[1], *dy.stride()[:3])
+
+
+# the dy arguments of a backward launch that reads no dy (the walk's stages 1 and 2)
+_NO_DY = (1, 0, 0, 0)
+
+
 def _state4(W, S) -> list[Tensor]:
     """A state (or state gradient) as the kernels' four contiguous float32 buffers W1, W2, S1, S2 (B*H, ...),
     read-only to the kernels (views where the state already is float32 and contiguous, no copy); layer 2 repeats
@@ -1689,6 +1714,7 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
     # the saved starts come back from autograd (or a compiled graph) as they were stored; the kernel indexes
     # them as dense buffers, so make sure they are
     starts, inner = [t.contiguous() for t in starts[:4]], starts[4:]
+    dy, *dy_args = _dy_layout(dy)
     mode = backward_mode()
     three_stage = L == 2 and N > 1 and mode != "fused"
     # the gradient of each chunk's end state, written by the walking pass for the parallel one
@@ -1702,13 +1728,13 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
         fresh = [wide.new_empty(B * H, N, chunk_size, dW[0].shape[-1]) for _ in range(2 if inner else 5)]
         scratch = ([*inner[:3], *fresh, inner[3]] if inner else
                    [*fresh, wide.new_empty(B * H, N, chunk_size, D)])
-        args = (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *shares, *scratch,
-                *outs)
+        args = (qf, _rows(k), _rows(v), *coef, *starts, dy, *dfinal, *dstate, *ends, *shares, *scratch, *outs,
+                *dy_args)
         parts = _walk_parts(B * H, dW[0].shape[-1], L, q.device)
         _launch_stages(B * H, N, args, _stage_kw(kw, INNER=bool(inner)), _overlapped(mode, parts), parts)
     else:
         _launch(_memory_bwd_kernel, B * H, N,
-                (qf, _rows(k), _rows(v), *coef, *starts, _rows(dy), *dfinal, *dstate, *ends, *outs), kw)
+                (qf, _rows(k), _rows(v), *coef, *starts, dy, *dfinal, *dstate, *ends, *outs, *dy_args), kw)
     # q, k and v's gradients stay float32: the caller casts them in its (compiled) graph, where the cast joins the
     # next kernel instead of being three eager launches here
     res = {n: o.reshape(t.shape) if n in ("q", "k", "v") else o.reshape(t.shape).to(t.dtype)
@@ -1777,8 +1803,9 @@ def core_readout_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, *, c
     shares = [torch.empty_like(t) for t in starts]
     scratch = [wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(5)] + [wide[0].new_empty(B * H, N,
                                                                                                    chunk_size, D)]
-    args = (_rows(q), _rows(k), _rows(v), *coef, *starts, _rows(dy), *[none] * 12, *shares, *scratch, *wide, *dcoef,
-            *[none] * 5)
+    dy, *dy_args = _dy_layout(dy)
+    args = (_rows(q), _rows(k), _rows(v), *coef, *starts, dy, *[none] * 12, *shares, *scratch, *wide, *dcoef,
+            *[none] * 5, *dy_args)
     _run(_memory_bwd3_kernel, (B * H, N), args, _stage_kw(kw, STAGE=0))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[:3])] + [g.reshape(t.shape) for g, t in
                                                                                   zip(dcoef, like[3:6])]
@@ -1805,7 +1832,8 @@ def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW,
         zs, us, ls = (wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(3))
         es = wide[0].new_empty(B * H, N, chunk_size, D)
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, none, *dfinal, *dstate, *ends,
-            *[t.contiguous() for t in shares], zs, us, ls, none, none, es, none, *wide, none, none, none, *dcoef)
+            *[t.contiguous() for t in shares], zs, us, ls, none, none, es, none, *wide, none, none, none, *dcoef,
+            *_NO_DY)
     kw = _stage_kw(kw, RECOMPUTE=not inner, ACCUMULATE=False, INNER=bool(inner))
     # the walks over parts read the inner forward (never recompute it)
     parts = _walk_parts(B * H, E, 2, q.device) if inner else 1
@@ -1885,7 +1913,7 @@ def memory_core_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor,
     core = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
     dW, dS = tuple(dW), tuple(dS)
     try:
-        res, dWo, dSo = core_backward(*core, starts, dy.contiguous(), dW, dS, chunk_size=chunk_size,
+        res, dWo, dSo = core_backward(*core, starts, dy, dW, dS, chunk_size=chunk_size,
                                       activation=activation, residual=residual)
     except Exception as e:  # noqa: BLE001 - the backward kernel cannot compile here: torch loop
         kernel_failed(q, dW, chunk_size, e)
@@ -1962,7 +1990,7 @@ def memory_readout_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tens
     """``[dq, dk, dv, dG, dBc, dM, *shares]`` of :func:`core_readout_backward`."""
     core = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
     try:
-        grads, shares = core_readout_backward(*core, starts, dy.contiguous(), chunk_size=chunk_size,
+        grads, shares = core_readout_backward(*core, starts, dy, chunk_size=chunk_size,
                                               activation=activation, residual=residual)
     except Exception as e:  # noqa: BLE001
         kernel_failed(q, starts[:2], chunk_size, e)
