@@ -457,6 +457,39 @@ def test_mac_projects_the_persistent_tokens_once_per_block_call(monkeypatch):
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-11, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_mac_segments_come_in_the_residual_streams_dtype(split):
+    """Under bf16 autocast a MAC segment's output (bf16) is added to the float32 residual stream.  The segment step
+    returns it widened (in its compiled graph, where the widening fuses), so the eager sum's backward casts no
+    gradient (a kernel a segment on the chain's stream), and one segment is added without a concatenation (a copy):
+    the sum runs one ``add`` forward and backward, and the result is the same float32 sum as before."""
+    from torch.profiler import profile
+
+    from titans.core.models.model import LayerState, TitansBlock, _residual_sum
+
+    model = make_model("mac", memory_layers=[0]).float()
+    block: TitansBlock = model.blocks[0]
+    x = torch.randn(1, 4, model.config.dim, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    st = model.init_state(1, x.device).layers[0]
+    assert isinstance(st, LayerState)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = block.norm_mix(x)
+        if split:
+            out = block.mac_readout(*block.mac_chain(h, st, 0, model.persistent(), True), x.dtype)
+        else:
+            out = block.mac_segment(h, st, 0, model.persistent(), True, False, x.dtype)
+    assert out.dtype == torch.float32
+    x, out = (t.detach().requires_grad_() for t in (x, out))  # the sum's own backward
+    with profile() as prof:
+        total = _residual_sum(x, out)
+        total.sum().backward()
+    names = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is not None
+             and not e.cpu_parent.name.startswith("aten::")]
+    assert "aten::cat" not in names and "aten::_to_copy" not in names and "aten::to" not in names, names
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(_residual_sum(x, out[:, :2], out[:, 2:]), total, rtol=0, atol=0)
+
+
 def test_inductor_options_from_the_environment(monkeypatch):
     """``TITANS_INDUCTOR_OPTIONS`` (GPU timing experiments) adds inductor options to every compile of the project;
     bad JSON, a non-object, an unknown option and ``inplace_buffers`` (wrong gradients) are refused by name."""

@@ -306,7 +306,7 @@ class TitansBlock(nn.Module):
                              "memory's write and read together); call forward_mixer")
         run = run_readout or (lambda fn, *args: fn(*args))
         outs = self._over_segments(x, pos, lambda piece, p, prefix: run(self.mac_readout, *self.mac_chain(
-            piece, st, p, prefix, want_cache)), persistent)
+            piece, st, p, prefix, want_cache), x.dtype), persistent)
         return run(_residual_sum, x, *outs)
 
     def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool):
@@ -319,9 +319,10 @@ class TitansBlock(nn.Module):
         read, st.memory = self.memory.write(h + y if self.mac_writes_residual else y, st.memory)  # M_t = M_{t-1}(y_t)
         return y, read
 
-    def mac_readout(self, y: Tensor, read) -> Tensor:
-        """o_t = y_t (x) M*_t(y_t) (Eq. 25) of :meth:`mac_chain`'s segment."""
-        return self.gate(y, read.read())
+    def mac_readout(self, y: Tensor, read, residual_dtype: torch.dtype | None = None) -> Tensor:
+        """o_t = y_t (x) M*_t(y_t) (Eq. 25) of :meth:`mac_chain`'s segment, in the dtype it has added to a residual
+        stream of ``residual_dtype`` (see :func:`_to_residual`)."""
+        return _to_residual(self.gate(y, read.read()), residual_dtype)
 
     def _forward_pure(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
                       want_cache: bool) -> tuple[Tensor, LayerState]:
@@ -337,7 +338,7 @@ class TitansBlock(nn.Module):
                recompute_memory: bool) -> Tensor:
         if self.variant == "mac" and self.memory is not None:
             outs = self._over_segments(x, pos, lambda piece, p, prefix: self.mac_segment(
-                piece, st, p, prefix, want_cache, recompute_memory), persistent)
+                piece, st, p, prefix, want_cache, recompute_memory, x.dtype), persistent)
             return _residual_sum(x, *outs)
         return self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
 
@@ -441,14 +442,16 @@ class TitansBlock(nn.Module):
         return x + ops.attend(self.norm_mix(x), persistent, None)
 
     def mac_segment(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool,
-                    recompute_memory: bool) -> Tensor:
+                    recompute_memory: bool, residual_dtype: torch.dtype | None = None) -> Tensor:
         """MAC over one segment (or a piece of one) of normalised inputs h (B, T, dim) at host position ``pos``,
         ``st`` updated in place.  The region :func:`~titans.utils.compiling.compile_blocks` compiles in MAC's
         memory blocks: one segment's graph, reused for every segment (the block's whole forward unrolls its
         segment loop, a graph and a compile time growing with the sequence: 128 segments at 65536 tokens).
         ``persistent``: the persistent tokens, or their keys and values (:class:`PrefixKV`, from
-        :meth:`_over_segments`)."""
-        return self._mac(h, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
+        :meth:`_over_segments`).  ``residual_dtype``: the output comes in the dtype it has added to a residual stream
+        of that dtype (:func:`_to_residual`)."""
+        return _to_residual(self._mac(h, StreamOps(self, st, pos, want_cache, recompute_memory), persistent),
+                            residual_dtype)
 
     @property
     def compile_regions(self) -> tuple[str, ...]:
@@ -492,9 +495,18 @@ class TitansBlock(nn.Module):
         return retrieved, seg, read_conv
 
 
+def _to_residual(out: Tensor, residual_dtype: torch.dtype | None) -> Tensor:
+    """``out`` in the dtype of ``residual + out`` for a residual of ``residual_dtype`` (None: as it is).  In a compiled
+    region's graph: under autocast a segment's output is bf16 and the residual stream float32, and the eager sum's
+    backward casts the gradient to bf16 (a kernel a segment on the chain's stream), which the graph fuses."""
+    return out if residual_dtype is None else out.to(torch.promote_types(out.dtype, residual_dtype))
+
+
 def _residual_sum(x: Tensor, *pieces: Tensor) -> Tensor:
-    """x + the pieces (B, T_i, dim) concatenated along the sequence: a MAC block's mixer output from its segments'."""
-    return x + torch.cat(pieces, dim=1)
+    """x + the pieces (B, T_i, dim) concatenated along the sequence: a MAC block's mixer output from its segments'.
+    One piece (the wavefront's calls, a segment each) is added as it is: a concatenation of one tensor is a copy, a
+    kernel on the segment chain's stream."""
+    return x + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
 
 
 class LayerOps:
