@@ -491,20 +491,21 @@ _STRIDED_DY_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
 
     # dy reaching the backward as the (B, T, H, D) view a compiled model hands over (its gradient through the heads'
     # merge) against the same values dense: the kernels read it through its strides, bit for bit the same
+    device = os.environ.get("TITANS_TEST_DEVICE", "cpu")  # the interpreter, or the GPU's kernels
     seen = []
     run = tk._run
     tk._run = lambda kernel, grid, args, meta: (seen.append((kernel.fn.__name__, args[15])),
                                                 run(kernel, grid, args, meta))
 
     def grads(L, split, permuted):
-        ins = [t.requires_grad_() for t in memory_inputs(L, 32, 16, 32, 16, L, B=2)]
+        ins = [t.to(device).requires_grad_() for t in memory_inputs(L, 32, 16, 32, 16, L, B=2)]
         if split:
             Wf, Sf, pending = neural_memory_update_split(*ins[:6], ins[6:6 + L], ins[6 + L:], chunk_size=16,
                                                          impl="triton")
             y = pending.read()
         else:
             y, Wf, Sf = neural_memory_update_fused(*ins[:6], ins[6:6 + L], ins[6 + L:], chunk_size=16, impl="triton")
-        r = torch.randn(y.transpose(1, 2).shape, generator=torch.Generator().manual_seed(1))  # (B, T, H, D)
+        r = torch.randn(y.transpose(1, 2).shape, generator=torch.Generator().manual_seed(1)).to(device)  # (B, T, H, D)
         # transposed, y's gradient is r's transpose: a (B, H, T, D) view of r, not dense
         y_read = (y.transpose(1, 2) * r).sum() if permuted else (y * r.transpose(1, 2).contiguous()).sum()
         loss = y_read + sum((w * w).sum() for w in (*Wf, *Sf))
@@ -531,6 +532,16 @@ def test_triton_backward_reads_a_strided_dy_without_copying_it():
     """The compiled model hands the memory backward its dy as a (B, T, H, D) view; the kernels read it through its
     strides (no copy on the segment chain), every backward mode, with the same gradients bit for bit."""
     assert float(_errors(_interpreted(_STRIDED_DY_SCRIPT))["STRIDED_DY"]) == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+def test_triton_backward_reads_a_strided_dy_on_gpu():
+    """The same on the GPU's compiled kernels (bf16 operands)."""
+    out = subprocess.run([sys.executable, "-c", _STRIDED_DY_SCRIPT], capture_output=True, text=True, timeout=600,
+                         env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                              "TITANS_TEST_DEVICE": "cuda"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(_errors(out.stdout)["STRIDED_DY"]) == 0.0
 
 
 _BF16_STARTS_SCRIPT = textwrap.dedent("""

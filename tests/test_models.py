@@ -490,6 +490,42 @@ def test_mac_segments_come_in_the_residual_streams_dtype(split):
     torch.testing.assert_close(_residual_sum(x, out[:, :2], out[:, 2:]), total, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_segment_outputs_get_their_gradients_without_a_copy(batch):
+    """A MAC block call's segments are compiled regions whose outputs are concatenated; the concatenation's backward
+    hands each a slice of the gradient.  AOTAutograd copies an incoming gradient whose strides differ from the ones
+    it traced (exactly, size-1 dimensions included): at batch 1 the slices are dense, and ``_SegmentConcat`` hands
+    them over with a dense tensor's strides (a view), so no copy runs; at batch 2 they are strided and are copied.
+    Gradients equal ``torch.cat``'s either way (float64)."""
+    from torch.profiler import profile
+
+    from titans.core.models.model import _SegmentConcat
+    from titans.utils.tensors import dense_strides
+
+    region = torch.compile(lambda a: (a * 2).sin(), backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(batch, 12, 3, dtype=torch.float64, generator=g)
+    weights = torch.randn(batch, 12, 3, dtype=torch.float64, generator=g)
+    grads = {}
+    for concat in ("segment", "cat"):
+        x = base.clone().requires_grad_()
+        pieces = [region(p.contiguous()) for p in x.split([4, 4, 4], dim=1)]  # as _over_segments hands them
+        out = _SegmentConcat.apply(*pieces) if concat == "segment" else torch.cat(pieces, dim=1)
+        with profile() as prof:
+            (out * weights).sum().backward()
+        # (a copy into the traced strides, or .contiguous() of a strided gradient)
+        copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::contiguous")
+                  and e.cpu_parent is not None and "CompiledFunctionBackward" in e.cpu_parent.name]
+        assert len(copies) == (3 if batch > 1 or concat == "cat" else 0), (concat, len(copies))
+        grads[concat] = x.grad
+    torch.testing.assert_close(grads["segment"], grads["cat"], rtol=0, atol=0)
+    sliced = torch.zeros(1, 10, 4)[:, 2:5]  # dense, with a batch stride of 40
+    view = dense_strides(sliced)
+    assert view.stride() == (12, 4, 1) and view.data_ptr() == sliced.data_ptr() and torch.equal(view, sliced)
+    strided = torch.zeros(2, 10, 4)[:, 2:5]
+    assert dense_strides(strided) is strided
+
+
 def test_inductor_options_from_the_environment(monkeypatch):
     """``TITANS_INDUCTOR_OPTIONS`` (GPU timing experiments) adds inductor options to every compile of the project;
     bad JSON, a non-object, an unknown option and ``inplace_buffers`` (wrong gradients) are refused by name."""

@@ -30,6 +30,22 @@ def keep_last(t: Tensor, n: int, dim: int) -> Tensor:
     return out.clone() if 2 * n < size else out
 
 
+def dense_strides(t: Tensor) -> Tensor:
+    """``t`` itself, or, when its elements lie densely in row-major order but a dimension of size 1 has another
+    stride (a slice along the sequence of a batch-1 tensor: (1, T, d) with strides (T_all * d, d, 1)), a view of the
+    same memory with the strides of a fresh contiguous tensor.  No copy.  Why: AOTAutograd compares a compiled
+    region's incoming gradient with the strides it traced, exactly, and copies one that differs (a kernel).  While
+    torch.compile traces, ``t`` itself (inside one graph no such copy arises; a stride test would break the graph)."""
+    if torch.compiler.is_compiling() or not t.is_contiguous():
+        return t
+    dense, step = [], 1
+    for n in reversed(t.shape):
+        dense.append(step)
+        step *= n
+    dense = tuple(reversed(dense))
+    return t if t.stride() == dense else t.as_strided(t.shape, dense, t.storage_offset())
+
+
 def capturing_cuda_graph() -> bool:
     """True while a CUDA graph is being captured: no host syncs (id-range checks), nothing kept for later calls."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

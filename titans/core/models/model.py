@@ -54,7 +54,7 @@ from titans.utils.config import (
     model_config_from,
     naive_cannot_recompute,
 )
-from titans.utils.tensors import capturing_cuda_graph, recompute
+from titans.utils.tensors import capturing_cuda_graph, dense_strides, recompute
 from titans.utils.weight_grads import LinearUse, deferral_wanted, segment_taps
 
 # ----------------------------------------------------------------------------- state
@@ -502,11 +502,27 @@ def _to_residual(out: Tensor, residual_dtype: torch.dtype | None) -> Tensor:
     return out if residual_dtype is None else out.to(torch.promote_types(out.dtype, residual_dtype))
 
 
+class _SegmentConcat(torch.autograd.Function):
+    """``torch.cat(pieces, dim=1)`` whose backward hands each piece its slice of the gradient with a dense tensor's
+    strides where the slice is dense (batch 1, :func:`~titans.utils.tensors.dense_strides`): each piece is a compiled
+    segment region's output, and AOTAutograd copies an incoming gradient whose strides differ from those it traced
+    (a (B, T_seg, dim) copy a segment on the chain's stream, MAC 65536 x 1)."""
+
+    @staticmethod
+    def forward(ctx, *pieces: Tensor) -> Tensor:
+        ctx.lengths = [p.shape[1] for p in pieces]
+        return torch.cat(pieces, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return tuple(dense_strides(g) for g in grad.split(ctx.lengths, dim=1))
+
+
 def _residual_sum(x: Tensor, *pieces: Tensor) -> Tensor:
     """x + the pieces (B, T_i, dim) concatenated along the sequence: a MAC block's mixer output from its segments'.
     One piece (the wavefront's calls, a segment each) is added as it is: a concatenation of one tensor is a copy, a
     kernel on the segment chain's stream."""
-    return x + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+    return x + (pieces[0] if len(pieces) == 1 else _SegmentConcat.apply(*pieces))
 
 
 class LayerOps:

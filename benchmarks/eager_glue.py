@@ -1,0 +1,125 @@
+"""The eager operations of a compiled MAC training step: what runs outside inductor's graphs (issue 7's chain glue).
+
+With its blocks compiled (``compile_blocks``: MAC's memory blocks as per-segment regions), a training step still runs
+PyTorch operations between the compiled graphs: residual sums, autograd's gradient sums and casts, the copies
+AOTAutograd makes of gradients that arrive with other strides than it traced, the custom memory ops' own copies.  On a
+GPU each is a kernel on the stream of the block it belongs to, and at batch 1 a memory block's stream is the step's
+critical path (a chain of segments; benchmarks/RESULTS.md section 6).  This counts them on any device from the
+profiler's event tree, one training step after a warm-up (compiling) step: every ATen operation that no other ATen
+operation, compiled graph or custom op called, split into forward and backward (with the autograd node that ran it),
+and per memory-block segment.  On the CPU the memory's Triton kernels run under ``TRITON_INTERPRET=1`` (set here when
+no GPU is present), small shapes::
+
+    python benchmarks/eager_glue.py --out benchmarks/results/eager_glue_cpu.json
+
+Writes JSON and prints a markdown table of the operations that repeat at least once a memory-block segment.  On the
+CPU the wavefront runs each block whole (no feed-forward streams): the GPU's wavefront adds what its stream hand-offs
+need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # before Triton is imported (it reads the variable then)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from titans.core.models import build_model  # noqa: E402
+from titans.training.wavefront import wavefront_loss  # noqa: E402
+from titans.utils.compiling import compile_blocks  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import add_model_arguments, model_config  # noqa: E402 - the harness's model from the same arguments
+
+
+def eager_ops(events) -> Counter:
+    """``(phase, op, autograd node)`` -> count over profiler ``events`` (``FunctionEvent``s with ``cpu_parent``):
+    the ATen operations called by no other ATen operation, compiled graph (``## Call CompiledFxGraph``, inductor's
+    wrapper) or custom op (a ``namespace::`` name other than ``aten::``); ``phase`` is ``backward`` under the autograd
+    engine, else ``forward``; ``node`` the autograd function that ran it (backward) or ``""``."""
+    counts: Counter = Counter()
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        parents, p = [], e.cpu_parent
+        while p is not None:
+            parents.append(p.name)
+            p = p.cpu_parent
+        if any(n.startswith("aten::") or "CompiledFxGraph" in n or ("::" in n and not n.startswith(("aten::",
+               "autograd::", "torch::autograd::"))) for n in parents):
+            continue
+        node = next((n.split("evaluate_function: ")[-1] for n in parents if "evaluate_function" in n), "")
+        counts[("backward" if any(n.startswith("autograd::engine") for n in parents) else "forward", e.name,
+                node)] += 1
+    return counts
+
+
+# operations that launch no kernel (views and metadata)
+NO_KERNEL = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::t", "aten::transpose", "aten::permute",
+             "aten::expand", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::as_strided",
+             "aten::alias", "aten::detach", "aten::unbind", "aten::split", "aten::split_with_sizes", "aten::narrow",
+             "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::_unsafe_view", "aten::lift_fresh",
+             "aten::chunk", "aten::is_same_size", "aten::result_type", "aten::size", "aten::stride"}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    add_model_arguments(ap, dim=64, depth=3, heads=2, window=64, memory_chunk=16, memory_layers=[1],
+                        memory_backend="triton")
+    ap.add_argument("--one-pass", dest="wavefront", action="store_false",
+                    help="the one-pass forward instead of the wavefront's segment-major one")
+    ap.add_argument("--wavefront-step", type=int, default=None, metavar="TOKENS",
+                    help="tokens per wavefront step (default: 4 segments, as the GPU rows' 2048 of MAC's 512)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bf16 autocast")
+    ap.add_argument("--out", default="benchmarks/results/eager_glue.json")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = compile_blocks(build_model(model_config(args, "mac")).to(device).train())
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def step():
+        with amp:
+            loss = (wavefront_loss(model, ids, segment=args.wavefront_step or 4 * args.window) if args.wavefront
+                    else model(ids, labels=ids, use_cache=False).loss)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # compiles
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    counts = eager_ops(prof.events())
+    memory_blocks = sum(b.memory is not None for b in model.blocks)
+    segments = -(-args.seq // args.window)
+    per = max(1, memory_blocks * segments)
+    launches = {k: v for k, v in counts.items() if k[1] not in NO_KERNEL}
+    phase_total = {ph: sum(v for k, v in launches.items() if k[0] == ph) for ph in ("forward", "backward")}
+    rows = sorted(((k, v) for k, v in launches.items() if v >= per), key=lambda kv: (kv[0][0], -kv[1], kv[0]))
+    result = {"args": vars(args), "device": str(device), "memory_blocks": memory_blocks, "segments": segments,
+              "launching_ops": phase_total, "all_ops": sum(counts.values()),
+              "per_memory_block_segment": [{"phase": k[0], "op": k[1], "node": k[2], "count": v,
+                                            "per_segment": v / per} for k, v in rows],
+              "ops": [{"phase": k[0], "op": k[1], "node": k[2], "count": v} for k, v in counts.most_common()]}
+    print(f"eager operations that launch kernels: {phase_total['forward']} forward, {phase_total['backward']} "
+          f"backward ({memory_blocks} memory block(s) x {segments} segments)")
+    print("| phase | operation | autograd node | count | per memory-block segment |\n| --- | --- | --- | --- | --- |")
+    for k, v in rows:
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {v} | {v / per:.2f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
