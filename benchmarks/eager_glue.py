@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # before Triton is imported (it reads the variable then)
+if __name__ == "__main__" and not torch.cuda.is_available():  # before Triton is imported (it reads it then)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from titans.core.models import build_model  # noqa: E402

@@ -450,3 +450,26 @@ def test_segment_graph_ops_splits_the_step_into_the_chain_and_the_readout():
     assert set(graphs) == {"chain forward", "chain backward", "readout forward", "readout backward"}
     assert len(graphs["chain backward"]) == 2 and len(graphs["readout backward"]) >= 1  # first and later segments
     assert graphs["readout backward"][0]["ops"] > 0 and graphs["chain backward"][-1]["matmuls"] > 0
+
+
+def test_eager_glue_counts_the_operations_outside_compiled_graphs_once():
+    """``eager_glue.eager_ops`` keeps the ATen operations no other ATen operation, compiled graph or custom op
+    called, with their phase and autograd node, from a profiler's event tree."""
+    from types import SimpleNamespace
+
+    eg = _load("eager_glue")
+
+    def event(name, parent=None):
+        return SimpleNamespace(name=name, cpu_parent=parent)
+
+    engine = event("autograd::engine::evaluate_function: CompiledFunctionBackward")
+    graph = event("## Call CompiledFxGraph abc ##", engine)
+    custom = event("titans::memory_core_backward", graph)
+    add = event("aten::add", None)
+    copy = event("aten::copy_", engine)
+    events = [add, event("aten::empty", add), copy, event("aten::copy_", copy), event("aten::mm", graph),
+              event("aten::contiguous", custom), event("aten::zeros", engine), event("aten::zeros", engine),
+              event("cudaLaunchKernel", engine)]
+    assert eg.eager_ops(events) == {("forward", "aten::add", ""): 1,
+                                    ("backward", "aten::copy_", "CompiledFunctionBackward"): 1,
+                                    ("backward", "aten::zeros", "CompiledFunctionBackward"): 2}
