@@ -286,3 +286,33 @@ def test_deferral_by_default_in_the_wavefront_only(monkeypatch):
     monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "1")
     mag = build_model(dict(variant="mag", vocab_size=37, dim=16, depth=1, heads=2, window=4, memory_layers=[0]))
     assert not mag.defers_weight_grads(in_wavefront=True)
+
+
+def test_segments_read_their_own_view_of_the_persistent_prefix(monkeypatch):
+    """Deferred, each segment of a block call attends over its own view of the persistent tokens' keys and values
+    (``segment_views``: one unbind of one expand), so their gradients are stacked and summed once per call (on the
+    weight-gradient stream under CUDA) instead of added segment by segment; without deferral the segments share
+    them.  The gradients are the same (``_assert_same`` above, float64)."""
+    from titans.core.models.model import TitansBlock
+
+    model = _mac()
+    ids = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(4))  # 3 segments
+    seen = []
+    real = TitansBlock.mac_segment
+
+    def recording(self, h, st, pos, prefix, *args):
+        seen.append(prefix.k)
+        return real(self, h, st, pos, prefix, *args)
+
+    monkeypatch.setattr(TitansBlock, "mac_segment", recording)
+    for defer in ("0", "1"):
+        monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", defer)
+        seen.clear()
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        assert len(seen) == 3
+        if defer == "0":
+            assert seen[0] is seen[1] is seen[2]
+        else:
+            assert len({id(k) for k in seen}) == 3
+            assert {type(k.grad_fn).__name__ for k in seen} == {"UnbindBackward0"}
+            assert len({k.grad_fn for k in seen}) == 1

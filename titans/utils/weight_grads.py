@@ -221,15 +221,23 @@ def segment_param(module: nn.Module, name: str) -> Tensor:
     return module.get_parameter(name) if stand_ins is None else stand_ins[name]
 
 
+def segment_views(tensors: Sequence[Tensor], pieces: int) -> list[tuple[Tensor, ...]]:
+    """For each of ``pieces`` segments, its own view of each of ``tensors`` (tensors every segment reads).  The views
+    are ``t.expand(pieces, ...).unbind(0)``: nothing is allocated, and autograd gathers their gradients in one node
+    (unbind's backward, a stack; expand's, a sum) once the last segment's gradient arrived, instead of adding each
+    segment's into the tensor's gradient as it comes (an add a segment on the segments' chain).  Made on another CUDA
+    stream, the stack and sum run there."""
+    per_tensor = [t.expand(pieces, *t.shape).unbind(0) for t in tensors]
+    return [tuple(views[s] for views in per_tensor) for s in range(pieces)]
+
+
 def _param_stand_ins(params: Sequence[tuple[nn.Module, str]], pieces: int) -> list[dict[nn.Module, dict[str, Tensor]]]:
     """For each of ``pieces`` segments, each module's stand-ins ``{name: view}`` of ``params`` ((module, dotted
-    name) pairs).  The views are ``p.expand(pieces, ...).unbind(0)``: nothing is allocated, and autograd gathers
-    their gradients in one node (unbind's backward, a stack; expand's, a sum) that adds to ``.grad`` once, after
-    the last segment's gradient arrived - the per-segment adds leave the segments' chain."""
+    name) pairs): :func:`segment_views` of the parameters, whose gradients reach ``.grad`` once."""
+    views = segment_views([module.get_parameter(name) for module, name in params], pieces)
     out: list[dict[nn.Module, dict[str, Tensor]]] = [{} for _ in range(pieces)]
-    for module, name in params:
-        p = module.get_parameter(name)
-        for s, view in enumerate(p.expand(pieces, *p.shape).unbind(0)):
+    for s, piece_views in enumerate(views):
+        for (module, name), view in zip(params, piece_views):
             out[s].setdefault(module, {})[name] = view
     return out
 
@@ -298,4 +306,4 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
 
 
 __all__ = ["LinearGradFanout", "LinearUse", "TappedLinear", "compute_dtype", "deferral_wanted", "segment_param",
-           "segment_taps"]
+           "segment_taps", "segment_views"]

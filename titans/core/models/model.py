@@ -55,7 +55,7 @@ from titans.utils.config import (
     naive_cannot_recompute,
 )
 from titans.utils.tensors import capturing_cuda_graph, dense_strides, recompute
-from titans.utils.weight_grads import LinearUse, deferral_wanted, segment_taps
+from titans.utils.weight_grads import LinearUse, deferral_wanted, segment_taps, segment_views
 
 # ----------------------------------------------------------------------------- state
 
@@ -356,11 +356,17 @@ class TitansBlock(nn.Module):
         lengths = segment_pieces(pos, x.shape[1], self.window)
         outs, p = [], pos
         deferred = self._deferred_weight_grads(h, lengths)
+        prefixes = [prefix] * len(lengths)
+        if deferred is not None and prefix is not None and len(lengths) > 1:
+            # each segment its own view of the prefix, so that its gradients are summed once, on the weight-gradient
+            # stream, not added up segment by segment on the chain's (a bf16 add each, every segment but the first)
+            with torch.cuda.stream(self.weight_grad_stream) if self.weight_grad_stream is not None else nullcontext():
+                prefixes = [PrefixKV(*views) for views in segment_views((prefix.k, prefix.v), len(lengths))]
         with deferred if deferred is not None else nullcontext() as run_piece:
             for s, piece in enumerate(h.split(lengths, dim=1)):
                 with run_piece(s) if run_piece is not None else nullcontext():
                     # contiguous once here: each projection of a strided piece would copy it (four a segment)
-                    outs.append(step(piece.contiguous(), p, prefix))
+                    outs.append(step(piece.contiguous(), p, prefixes[s]))
                 p += piece.shape[1]
         return outs
 
