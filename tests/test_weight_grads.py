@@ -316,3 +316,32 @@ def test_segments_read_their_own_view_of_the_persistent_prefix(monkeypatch):
             assert len({id(k) for k in seen}) == 3
             assert {type(k.grad_fn).__name__ for k in seen} == {"UnbindBackward0"}
             assert len({k.grad_fn for k in seen}) == 1
+
+
+def test_the_wavefront_casts_each_deferred_weight_once_a_step(monkeypatch):
+    """The wavefront calls a memory block once per wavefront step; its deferred projections' weights are cast once
+    for the whole training step (``cast_weights`` with the step's dict), not once a call, and each call's segments
+    read those casts; outside the wavefront no dict is kept.  The gradients equal the per-segment ones
+    (``test_deferred_weight_grads_in_the_wavefront_and_compiled_segments``)."""
+    import titans.utils.weight_grads as wg
+    from titans.training.wavefront import wavefront_loss
+
+    model = _mac()
+    ids = torch.randint(0, 37, (2, 16), generator=torch.Generator().manual_seed(5))  # 4 segments, 2 calls of 2
+    made, real = [], wg.cast_weights
+
+    def counting(linear, dtype, casts=None):
+        fresh = casts is None or (id(linear.weight), id(linear.bias), dtype) not in casts
+        out = real(linear, dtype, casts)
+        if fresh:
+            made.append(out)
+        return out
+
+    monkeypatch.setattr(wg, "cast_weights", counting)
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "1")
+    wavefront_loss(model, ids, segment=8).backward()
+    assert len(made) == 7  # the memory block's tapped projections, once for both calls
+    assert all(b.weight_casts is None for b in model.blocks)  # the step's dict is dropped after it
+    made.clear()
+    model(ids, labels=ids, use_cache=False).loss.backward()  # one call: once as well, no dict kept
+    assert len(made) == 7

@@ -146,6 +146,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
         model.blocks[i].weight_grad_stream = stream
     for block in model.blocks:
         block.in_wavefront = True
+        block.weight_casts = {}  # each weight cast once this step, not once a call (weight_grads.cast_weights)
     try:
         outs = []
         for start in range(0, T, seg):
@@ -181,6 +182,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
             model.blocks[i].weight_grad_stream = None
         for block in model.blocks:
             block.in_wavefront = False
+            block.weight_casts = None
     for st in every:  # the caller's stream goes on after everything
         main.wait_stream(st)  # (a capture joins here)
     return torch.cat(outs, dim=1)

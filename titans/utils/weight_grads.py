@@ -10,9 +10,10 @@ projection (and piece length) sums ``dW = sum_s dy_s^T x_s`` (and ``db = sum_s d
 ``WGRAD_TOKENS`` tokens when the last of them has been through (optionally on another CUDA stream, off the chain).
 
 How, inside autograd (so every caller - eager, ``torch.compile``, CUDA graphs, the wavefront - gets the same
-gradients without a flush call): :class:`LinearGradFanout` takes the weight (and bias) and returns them cast once
-to the compute dtype (each segment's graph cast them again under autocast) and, for every segment and use, two
-placeholder tensors ("taps": zero-stride, nothing allocated).  During a segment
+gradients without a flush call): :class:`LinearGradFanout` takes the weight (and bias) and returns, for every
+segment and use, two placeholder tensors ("taps": zero-stride, nothing allocated); the segments multiply with the
+weight cast once to the compute dtype (:func:`cast_weights`; once a training step in the wavefront, whose calls
+share the casts; without it each segment's graph would cast it again under autocast).  During a segment
 :class:`TappedLinear` computes ``y = x W^T + b`` through :class:`_TappedLinearFn`, whose backward returns ``dy W`` for
 x, nothing for W and b, and x and dy themselves as the taps' gradients.  The fanout's backward receives every tap's
 gradient and returns the sums for W and b.  The arithmetic is the chain rule regrouped: tested equal to the per-
@@ -137,11 +138,11 @@ class TappedLinear(nn.Linear):
 
 
 class LinearGradFanout(torch.autograd.Function):
-    """forward(weight, bias, uses, pieces, dtype) -> the weight and bias in ``dtype`` (cast once for all the
-    segments: each segment's graph cast them again under autocast), then for each of ``pieces`` segments and each
-    use the pair (tap_x, tap_dy) of zero-stride placeholders shaped like x and y; backward: the taps' gradients
+    """forward(weight, bias, uses, pieces, dtype) -> for each of ``pieces`` segments and each use the pair
+    (tap_x, tap_dy) of zero-stride placeholders shaped like x and y, in ``dtype``; backward: the taps' gradients
     (x_s, dy_s) -> ``dW = sum_{s, use} dy^T x`` placed in the use's rows, ``db = sum dy`` (one matmul per use and
-    ``WGRAD_TOKENS`` tokens of segments, in the taps' dtype, added in the weight's)."""
+    ``WGRAD_TOKENS`` tokens of segments, in the taps' dtype, added in the weight's).  The segments multiply with the
+    weight cast by :func:`cast_weights` (its gradient is the taps')."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, bias: Tensor | None, uses: Sequence[LinearUse], pieces: int,
@@ -151,10 +152,7 @@ class LinearGradFanout(torch.autograd.Function):
         out_rows = [weight.shape[0] if u.rows is None else len(range(*u.rows.indices(weight.shape[0])))
                     for u in uses]
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        # copies, not the parameters themselves (an output that is an input would alias it)
-        wc = weight.to(dtype, copy=True)
-        bc = None if bias is None else bias.to(dtype, copy=True)
-        taps = [wc, bc]
+        taps = []
         for _ in range(pieces):
             for use, n_out in zip(uses, out_rows):
                 y_shape = (*use.x_shape[:-1], n_out)
@@ -164,7 +162,6 @@ class LinearGradFanout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = grads[2:]  # the cast weight and bias: their uses hand their gradients to the taps instead
         uses, n = ctx.uses, len(ctx.uses)
         dw = db = None
         for i, use in enumerate(uses):
@@ -242,16 +239,31 @@ def _param_stand_ins(params: Sequence[tuple[nn.Module, str]], pieces: int) -> li
     return out
 
 
+def cast_weights(linear: nn.Linear, dtype: torch.dtype, casts: dict | None = None) -> tuple[Tensor, Tensor | None]:
+    """``linear``'s weight and bias in ``dtype``, detached: the segments' matmuls read them, and their gradients
+    reach the parameters through the taps, not through these.  ``casts``: the ones already made, shared by the calls
+    of one step (the wavefront's: a block called once per wavefront step would otherwise cast its weights anew each
+    call, and keep each call's copies for the backward); keyed by the parameters and the dtype, so a dict made per
+    step never hands out a cast of weights an optimizer has since changed."""
+    key = (id(linear.weight), id(linear.bias), dtype)  # (the parameters outlive the step's dict)
+    if casts is not None and key in casts:
+        return casts[key]
+    weight, bias = linear.weight.detach().to(dtype), None if linear.bias is None else linear.bias.detach().to(dtype)
+    if casts is not None:
+        casts[key] = (weight, bias)
+    return weight, bias
+
+
 @contextmanager
 def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[LinearUse]]]],
                  lengths: Sequence[int], stream: torch.cuda.Stream | None = None,
-                 params: Sequence[tuple[nn.Module, str]] = ()) -> Iterator:
+                 params: Sequence[tuple[nn.Module, str]] = (), casts: dict | None = None) -> Iterator:
     """Deferred weight gradients over segment steps of ``lengths`` tokens each: yields ``piece(s)``, a context
     manager to run segment s in.  ``plan_of(length)``: each tapped projection with its declared uses in a segment
     of that length; one :class:`LinearGradFanout` per projection and distinct length.  ``params``: elementwise
     parameters ((module, dotted name) pairs) the segments read through :func:`segment_param`, each segment its own
     stand-in (:func:`_param_stand_ins`).  ``stream``: where the fanouts and the stand-ins' gradient sums run (their
-    backward runs there too; CUDA only).  Only while autograd records."""
+    backward runs there too; CUDA only).  ``casts``: see :func:`cast_weights`.  Only while autograd records."""
     groups: dict[int, list[int]] = {}
     for s, n in enumerate(lengths):
         groups.setdefault(n, []).append(s)
@@ -263,8 +275,9 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
         stand_ins = _param_stand_ins(params, len(lengths))
         for n, pieces in groups.items():
             for linear, uses in plan_of(n):
-                wc, bc, *taps = LinearGradFanout.apply(linear.weight, linear.bias, tuple(uses), len(pieces),
-                                                       compute_dtype(linear.weight))
+                dtype = compute_dtype(linear.weight)
+                wc, bc = cast_weights(linear, dtype, casts)
+                taps = LinearGradFanout.apply(linear.weight, linear.bias, tuple(uses), len(pieces), dtype)
                 if stream is not None:  # cast on the fanout's stream, read on this one
                     for t in (wc, bc):
                         if t is not None:
@@ -305,5 +318,5 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
         clear()
 
 
-__all__ = ["LinearGradFanout", "LinearUse", "TappedLinear", "compute_dtype", "deferral_wanted", "segment_param",
-           "segment_taps", "segment_views"]
+__all__ = ["LinearGradFanout", "LinearUse", "TappedLinear", "cast_weights", "compute_dtype", "deferral_wanted",
+           "segment_param", "segment_taps", "segment_views"]

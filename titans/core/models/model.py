@@ -376,6 +376,7 @@ class TitansBlock(nn.Module):
         return None if persistent is None else PrefixKV(*self.attn.prefix_kv(persistent, h.shape[0], h.dtype))
 
     weight_grad_stream = None  # where deferred weight gradients are summed (the wavefront sets a CUDA stream)
+    weight_casts = None  # the deferred projections' weights cast once a step (the wavefront sets a dict per step)
 
     def defers_weight_grads(self, in_wavefront: bool) -> bool:
         """Whether this block's training segments defer their projections' weight gradients
@@ -397,7 +398,7 @@ class TitansBlock(nn.Module):
         if not on:
             return None
         return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n), lengths, self.weight_grad_stream,
-                            self.segment_params())
+                            self.segment_params(), self.weight_casts)
 
     def segment_params(self) -> list[tuple[nn.Module, str]]:
         """The elementwise parameters one MAC segment step reads through
