@@ -37,6 +37,7 @@ from titans.utils.compiling import compile_blocks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import add_model_arguments, model_config  # noqa: E402 - the harness's model from the same arguments
+from op_census import VIEWS  # noqa: E402 - one list of the operations that launch no kernel
 
 
 def eager_ops(events) -> Counter:
@@ -61,12 +62,8 @@ def eager_ops(events) -> Counter:
     return counts
 
 
-# operations that launch no kernel (views and metadata)
-NO_KERNEL = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::t", "aten::transpose", "aten::permute",
-             "aten::expand", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::as_strided",
-             "aten::alias", "aten::detach", "aten::unbind", "aten::split", "aten::split_with_sizes", "aten::narrow",
-             "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::_unsafe_view", "aten::lift_fresh",
-             "aten::chunk", "aten::is_same_size", "aten::result_type", "aten::size", "aten::stride"}
+# operations that launch no kernel: op_census's views and metadata, and the metadata queries the profiler also lists
+NO_KERNEL = VIEWS | {"result_type", "size", "stride"}
 
 
 def main(argv=None) -> dict:
@@ -103,7 +100,7 @@ def main(argv=None) -> dict:
     memory_blocks = sum(b.memory is not None for b in model.blocks)
     segments = -(-args.seq // args.window)
     per = max(1, memory_blocks * segments)
-    launches = {k: v for k, v in counts.items() if k[1] not in NO_KERNEL}
+    launches = {k: v for k, v in counts.items() if k[1].removeprefix("aten::") not in NO_KERNEL}
     phase_total = {ph: sum(v for k, v in launches.items() if k[0] == ph) for ph in ("forward", "backward")}
     rows = sorted(((k, v) for k, v in launches.items() if v >= per), key=lambda kv: (kv[0][0], -kv[1], kv[0]))
     result = {"args": vars(args), "device": str(device), "memory_blocks": memory_blocks, "segments": segments,
