@@ -188,13 +188,18 @@ def test_pieces_off_the_chunk_grid_run_their_whole_chunks_fused_and_stay_exact(c
             assert _rel(b, a) <= 1e-10
 
 
+def _script_stdout(script: str, env: dict[str, str], timeout: int = 600) -> str:
+    """Run ``script`` in a fresh interpreter with environment ``env``; returns its stdout, failing on a non-zero
+    exit."""
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 def _interpreted(script: str, timeout: int = 600) -> str:
     """Run ``script`` in a fresh interpreter with ``TRITON_INTERPRET=1`` (the kernels on the CPU; the variable is
     read when Triton is imported, so it needs its own process); returns its stdout, failing on a non-zero exit."""
-    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return _script_stdout(script, {**os.environ, "TRITON_INTERPRET": "1"}, timeout)
 
 
 def _errors(stdout: str) -> dict[str, str]:
@@ -537,11 +542,8 @@ def test_triton_backward_reads_a_strided_dy_without_copying_it():
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
 def test_triton_backward_reads_a_strided_dy_on_gpu():
     """The same on the GPU's compiled kernels (bf16 operands)."""
-    out = subprocess.run([sys.executable, "-c", _STRIDED_DY_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-                              "TITANS_TEST_DEVICE": "cuda"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert float(_errors(out.stdout)["STRIDED_DY"]) == 0.0
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TITANS_TEST_DEVICE": "cuda"}
+    assert float(_errors(_script_stdout(_STRIDED_DY_SCRIPT, env))["STRIDED_DY"]) == 0.0
 
 
 _BF16_STARTS_SCRIPT = textwrap.dedent("""
