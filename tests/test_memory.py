@@ -558,6 +558,49 @@ def test_causal_depthwise_conv_shifted_sum_equals_conv1d(B, T, C, K, with_cache,
         assert torch.allclose(torch.cat([ya, yb], 1), yo, rtol=0, atol=1e-12) and torch.equal(cb, co)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_convolution_cache_gradients_reach_compiled_segments_without_a_copy(batch):
+    """Segment to segment (MAC's compiled segment steps), the convolution cache one step returns is the next step's
+    input, whose gradient is a slice of that step's (B, T + K - 1, C) gradient.  AOTAutograd copies an incoming
+    gradient unless its strides are the traced ones (size-1 dimensions included): the shifted form returns its cache
+    time-major, as the slice lies, and :func:`dense_gradient` between the steps gives a batch-1 slice the strides of
+    a fresh tensor, so no copy runs at batch 1 (at batch 2 the slice is strided: copied).  Values and gradients equal
+    the eager conv1d form's (float64)."""
+    from torch.profiler import profile
+
+    from titans.utils.tensors import dense_gradient
+
+    g = torch.Generator().manual_seed(batch)
+    T, C, K = 6, 5, 4
+    xs = torch.randn(3, batch, T, C, generator=g, dtype=D)
+    w, b = torch.randn(C, 1, K, generator=g, dtype=D), torch.randn(C, generator=g, dtype=D)
+    probe = torch.randn(3, batch, T, C, generator=g, dtype=D)
+    step = torch.compile(lambda x, cache, w, b: causal_depthwise_conv(x, cache, w, b, shifted=True),
+                         backend="aot_eager", dynamic=False)
+    grads = {}
+    for form in ("compiled", "eager"):
+        x = xs.clone().requires_grad_()
+        wl, bl = w.clone().requires_grad_(), b.clone().requires_grad_()
+        cache, loss = None, 0
+        for s in range(3):
+            if form == "compiled":
+                y, cache = step(x[s], cache, wl, bl)
+                cache = dense_gradient(cache)
+            else:
+                y, cache = causal_depthwise_conv(x[s], cache, wl, bl, shifted=False)
+            loss = loss + (y * probe[s]).sum()
+        with profile() as prof:
+            loss.backward()
+        copies = [e for e in prof.events() if e.name == "aten::copy_" and e.cpu_parent is not None
+                  and "CompiledFunctionBackward" in e.cpu_parent.name]
+        if form == "compiled":
+            # two caches handed on (the third, unused, gets a zero gradient that is copied once)
+            assert len(copies) == (1 if batch == 1 else 3), len(copies)
+        grads[form] = (x.grad, wl.grad, bl.grad)
+    for a, c in zip(grads["compiled"], grads["eager"]):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+
+
 def test_causal_depthwise_conv_rounds_once_and_names_bad_shapes():
     x = torch.randn(2, 8, 4).bfloat16()
     w, b = torch.randn(4, 1, 3), torch.randn(4)

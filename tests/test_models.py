@@ -524,6 +524,13 @@ def test_segment_outputs_get_their_gradients_without_a_copy(batch):
     assert view.stride() == (12, 4, 1) and view.data_ptr() == sliced.data_ptr() and torch.equal(view, sliced)
     strided = torch.zeros(2, 10, 4)[:, 2:5]
     assert dense_strides(strided) is strided
+    # any order of the dimensions: a transposed batch-1 slice (a convolution cache's gradient) gets a fresh
+    # transposed tensor's strides
+    transposed = torch.zeros(1, 10, 4)[:, 7:].transpose(1, 2)  # (1, 4, 3), strides (40, 1, 4)
+    view = dense_strides(transposed)
+    assert view.stride() == (12, 1, 4) and view.data_ptr() == transposed.data_ptr()
+    assert view.stride() == torch.empty(1, 3, 4).transpose(1, 2).stride() and torch.equal(view, transposed)
+    assert dense_strides(torch.zeros(2, 10, 4)[:, 7:].transpose(1, 2)).stride() == (40, 1, 4)  # strided: as is
 
 
 def test_inductor_options_from_the_environment(monkeypatch):

@@ -31,19 +31,48 @@ def keep_last(t: Tensor, n: int, dim: int) -> Tensor:
 
 
 def dense_strides(t: Tensor) -> Tensor:
-    """``t`` itself, or, when its elements lie densely in row-major order but a dimension of size 1 has another
-    stride (a slice along the sequence of a batch-1 tensor: (1, T, d) with strides (T_all * d, d, 1)), a view of the
-    same memory with the strides of a fresh contiguous tensor.  No copy.  Why: AOTAutograd compares a compiled
-    region's incoming gradient with the strides it traced, exactly, and copies one that differs (a kernel).  While
-    torch.compile traces, ``t`` itself (inside one graph no such copy arises; a stride test would break the graph)."""
-    if torch.compiler.is_compiling() or not t.is_contiguous():
+    """``t`` itself, or, when its elements lie densely in memory (in any order of its dimensions) but a dimension of
+    size 1 has another stride than a fresh tensor of that layout would give it (a slice along the sequence of a
+    batch-1 tensor: (1, T, d) with strides (T_all * d, d, 1)), a view of the same memory with those strides: a size-1
+    dimension's stride is the largest ``stride * size`` of the dimensions after it (1 if none), as in a contiguous
+    tensor or a transposed one.  No copy.  Why: AOTAutograd compares a compiled region's incoming gradient with the
+    strides it traced, exactly, and copies one that differs (a kernel).  While torch.compile traces, ``t`` itself
+    (inside one graph no such copy arises; a stride test would break the graph)."""
+    if torch.compiler.is_compiling():
         return t
-    dense, step = [], 1
-    for n in reversed(t.shape):
-        dense.append(step)
-        step *= n
-    dense = tuple(reversed(dense))
-    return t if t.stride() == dense else t.as_strided(t.shape, dense, t.storage_offset())
+    dims = sorted((i for i in range(t.ndim) if t.shape[i] != 1), key=lambda i: t.stride(i))
+    step = 1
+    for i in dims:  # innermost first: dense means each dimension steps over the whole of the ones inside it
+        if t.stride(i) != step:
+            return t
+        step *= t.shape[i]
+    strides = list(t.stride())
+    for i in range(t.ndim):
+        if t.shape[i] == 1:
+            strides[i] = max((t.stride(j) * t.shape[j] for j in range(i + 1, t.ndim) if t.shape[j] != 1), default=1)
+    return t if tuple(strides) == t.stride() else t.as_strided(t.shape, strides, t.storage_offset())
+
+
+class DenseGradient(torch.autograd.Function):
+    """The identity, whose backward hands the gradient on through :func:`dense_strides` (a view, no copy): put
+    between a compiled region's output and the next region that reads it (MAC's convolution caches, segment to
+    segment), so that the gradient the second region's backward returns - a slice of a larger one - reaches the
+    first region's backward with the strides it traced, and AOTAutograd does not copy it."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return dense_strides(grad)
+
+
+def dense_gradient(t: Tensor | None) -> Tensor | None:
+    """``t`` through :class:`DenseGradient` when autograd records it, else ``t`` (None stays None)."""
+    if t is None or not (torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
+        return t
+    return DenseGradient.apply(t)
 
 
 def capturing_cuda_graph() -> bool:

@@ -132,7 +132,7 @@ def causal_depthwise_conv(x: Tensor, cache: Tensor | None, weight: Tensor, bias:
     ``y[b, t, c] = bias[c] + sum_j weight[c, 0, j] * xp[b, t + j, c]`` with ``xp = cat(cache^T, x)`` along time.
     x (B, T, C); cache (B, C, K - 1), the last K - 1 inputs of the previous call (None: zeros); weight (C, 1, K);
     bias (C,) or None.  Returns ``(y (B, T, C) in x's dtype, new cache (B, C, K - 1))`` (the cache is None when
-    K = 1 and none was given).
+    K = 1 and none was given; the shifted form's lies in memory time-major, as a transposed (B, K - 1, C)).
 
     Two computations of the same sum: ``F.conv1d`` over the (B, C, T) transpose (``shifted=False``, the eager
     default), and a sum of K shifted products in the (B, T, C) layout (``shifted=True``, the default while
@@ -162,7 +162,11 @@ def causal_depthwise_conv(x: Tensor, cache: Tensor | None, weight: Tensor, bias:
         if cache is None:
             cache = x.new_zeros(x.shape[0], x.shape[2], K - 1)
         xp = torch.cat([cache.to(x.dtype).transpose(1, 2), x], dim=1)  # (B, T + K - 1, C)
-        new_cache = keep_last(xp, K - 1, 1).transpose(1, 2).contiguous()  # the (B, C, K - 1) layout, saveable
+        # (B, C, K - 1) in time-major memory (as xp): the next segment's gradient of it is a slice of its xp's, and
+        # AOTAutograd copies a compiled region's incoming gradient unless its strides are the traced ones
+        # (:func:`~titans.utils.tensors.dense_strides` makes a batch-1 slice's strides those of this tensor)
+        B, C = x.shape[0], x.shape[2]
+        new_cache = x.new_empty((B, K - 1, C)).copy_(xp[:, T:]).transpose(1, 2)
     acc = torch.promote_types(x.dtype, torch.float32)  # float32 for bf16 / fp16 inputs, float64 stays float64
     w = weight[:, 0, :].to(acc)  # (C, K)
     y = xp[:, 0:T].to(acc) * w[:, 0]

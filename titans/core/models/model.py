@@ -54,7 +54,7 @@ from titans.utils.config import (
     model_config_from,
     naive_cannot_recompute,
 )
-from titans.utils.tensors import capturing_cuda_graph, dense_strides, recompute
+from titans.utils.tensors import capturing_cuda_graph, dense_gradient, dense_strides, recompute
 from titans.utils.weight_grads import LinearUse, deferral_wanted, segment_taps, segment_views
 
 # ----------------------------------------------------------------------------- state
@@ -306,7 +306,7 @@ class TitansBlock(nn.Module):
                              "memory's write and read together); call forward_mixer")
         run = run_readout or (lambda fn, *args: fn(*args))
         outs = self._over_segments(x, pos, lambda piece, p, prefix: run(self.mac_readout, *self.mac_chain(
-            piece, st, p, prefix, want_cache), x.dtype), persistent)
+            piece, st, p, prefix, want_cache), x.dtype), persistent, st)
         return run(_residual_sum, x, *outs)
 
     def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool):
@@ -338,15 +338,18 @@ class TitansBlock(nn.Module):
                recompute_memory: bool) -> Tensor:
         if self.variant == "mac" and self.memory is not None:
             outs = self._over_segments(x, pos, lambda piece, p, prefix: self.mac_segment(
-                piece, st, p, prefix, want_cache, recompute_memory, x.dtype), persistent)
+                piece, st, p, prefix, want_cache, recompute_memory, x.dtype), persistent, st)
             return _residual_sum(x, *outs)
         return self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
 
-    def _over_segments(self, x: Tensor, pos: int, step, persistent: Tensor | None = None) -> list[Tensor]:
+    def _over_segments(self, x: Tensor, pos: int, step, persistent: Tensor | None, st: LayerState) -> list[Tensor]:
         """MAC's memory blocks: ``step(piece, position, prefix)`` for each segment piece of ``norm_mix(x)`` (x
         (B, T, dim) at host position ``pos``) in order, so each piece's retrieval reads the memory as it was before
         its segment; returns the steps' outputs.  ``prefix``: the persistent tokens' keys and values
-        (:class:`PrefixKV`), projected once for all the pieces (every segment attends over the same ones)."""
+        (:class:`PrefixKV`), projected once for all the pieces (every segment attends over the same ones).  ``st``:
+        the block's state, which the steps update; its convolution caches are handed from step to step through
+        :func:`~titans.utils.tensors.dense_gradient` (their gradients, slices of the next step's, reach a compiled
+        step's backward with the strides it traced: no copy a segment at batch 1)."""
         h = self.norm_mix(x)
         prefix = self._segment_prefix(persistent, h)
         # one split, not a slice per piece: a slice's backward writes its piece into a zero gradient of h's full
@@ -367,6 +370,9 @@ class TitansBlock(nn.Module):
                 with run_piece(s) if run_piece is not None else nullcontext():
                     # contiguous once here: each projection of a strided piece would copy it (four a segment)
                     outs.append(step(piece.contiguous(), p, prefixes[s]))
+                st.read_conv = dense_gradient(st.read_conv)
+                if st.memory is not None and st.memory.conv is not None:
+                    st.memory = replace(st.memory, conv=dense_gradient(st.memory.conv))
                 p += piece.shape[1]
         return outs
 
