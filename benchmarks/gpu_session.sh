@@ -897,7 +897,9 @@ if [ "$PART" = 71 ]; then
   # (AOTAutograd copied each, strides differing from the traced ones); the persistent prefix's gradients are summed
   # once a call on the weight-gradient stream (were added segment by segment); the deferred projections' weights are
   # cast once a step (were once a call).  Their GPU tests, both rows on one machine, then the chain's anatomy
-  # (session 33: 53 kernels, 1,217 us a segment)
+  # (session 33: 53 kernels, 1,217 us a segment).  Session 35 (its call got no machine): the convolution caches'
+  # gradients reach the next segment's backward with the traced strides too (two copies a segment fewer at batch 1),
+  # in the same rows
   step 120 gpu-test-session34 sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
     tests/test_models.py tests/test_weight_grads.py -k 'strided_dy or on_gpu or residual_streams or without_a_copy' \
     > $RES/gpu_test_session34.txt 2>&1"
