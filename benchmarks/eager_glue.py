@@ -77,6 +77,8 @@ def main(argv=None) -> dict:
                     help="the one-pass forward instead of the wavefront's segment-major one")
     ap.add_argument("--wavefront-step", type=int, default=None, metavar="TOKENS",
                     help="tokens per wavefront step (default: 4 segments, as the GPU rows' 2048 of MAC's 512)")
+    ap.add_argument("--batched-readouts", action="store_true",
+                    help="the wavefront's batched read-outs (TITANS_WAVEFRONT_BATCHED_READOUTS=1)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bf16 autocast")
     ap.add_argument("--out", default="benchmarks/results/eager_glue.json")
     args = ap.parse_args(argv)
@@ -89,7 +91,8 @@ def main(argv=None) -> dict:
 
     def step():
         with amp:
-            loss = (wavefront_loss(model, ids, segment=args.wavefront_step or 4 * args.window) if args.wavefront
+            loss = (wavefront_loss(model, ids, segment=args.wavefront_step or 4 * args.window,
+                                   batched_readouts=args.batched_readouts) if args.wavefront
                     else model(ids, labels=ids, use_cache=False).loss)
         loss.backward()
         model.zero_grad(set_to_none=True)

@@ -91,6 +91,40 @@ def test_split_core_equals_the_fused_core_float64(L, residual):
         neural_memory_update_split(*(t[:, :, :10] for t in ins[:6]), ins[6:6 + L], ins[6 + L:], chunk_size=C)
 
 
+@pytest.mark.parametrize("L", [1, 2])
+def test_stacked_readouts_equal_the_readouts_one_by_one_float64(L):
+    """Three segments' pending read-outs (each its own walk from the previous one's state, as MAC's segments) read as
+    one over their stacked batches (``stack_readouts``) == their read-outs concatenated: y and the gradient of every
+    input (float64, the PyTorch core); mismatched read-outs are refused by name."""
+    from titans.core.memory.fused_update import stack_readouts
+
+    C, B = 4, 2
+    ins = _inputs(L, B=B, T=24, d=4, E=6 if L == 2 else 4)
+
+    def run(stacked: bool):
+        xs = [t.detach().clone().requires_grad_() for t in ins]
+        W, S, pendings = xs[6:6 + L], xs[6 + L:], []
+        for s in range(3):  # three segments of 8 tokens
+            W, S, pending = neural_memory_update_split(*(t[:, :, 8 * s:8 * s + 8] for t in xs[:6]), W, S,
+                                                       chunk_size=C)
+            pendings.append(pending)
+        y = stack_readouts(pendings).read() if stacked else torch.cat([p.read() for p in pendings])
+        assert y.shape == (3 * B, 2, 8, 4)
+        g = torch.Generator().manual_seed(3)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in (y, *W, *S))
+        return [y] + list(torch.autograd.grad(loss, xs))
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    xs = [t.detach() for t in ins]
+    _, _, p8 = neural_memory_update_split(*(t[:, :, :8] for t in xs[:6]), xs[6:6 + L], xs[6 + L:], chunk_size=C)
+    _, _, p4 = neural_memory_update_split(*(t[:, :, :4] for t in xs[:6]), xs[6:6 + L], xs[6 + L:], chunk_size=C)
+    with pytest.raises(ValueError, match=r"read-out 1's q \(2, 2, 4, 4\), the first's \(2, 2, 8, 4\)"):
+        stack_readouts([p8, p4])
+    with pytest.raises(ValueError, match="no read-outs"):
+        stack_readouts([])
+
+
 def test_fused_gradcheck():
     ins = _inputs(2, B=1, H=1, T=4, d=2, E=3)
 
@@ -544,6 +578,53 @@ def test_triton_backward_reads_a_strided_dy_on_gpu():
     """The same on the GPU's compiled kernels (bf16 operands)."""
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TITANS_TEST_DEVICE": "cuda"}
     assert float(_errors(_script_stdout(_STRIDED_DY_SCRIPT, env))["STRIDED_DY"]) == 0.0
+
+
+_STACKED_READOUTS_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
+    import os
+    import titans.core.memory.triton_kernels as tk
+    from titans.core.memory.fused_update import neural_memory_update_split, stack_readouts
+
+    # three segments' Triton read-outs (batch 1, as MAC 65536 x 1) stacked on the batch: one launch of the read-out
+    # kernels instead of three, the same y and gradients as reading them one by one
+    device = os.environ.get("TITANS_TEST_DEVICE", "cpu")  # the interpreter, or the GPU's kernels
+    launched = []
+    run = tk._run
+    tk._run = lambda kernel, grid, args, meta: (launched.append(kernel.fn.__name__), run(kernel, grid, args, meta))
+
+    def outputs(stacked):
+        ins = [t.to(device).requires_grad_() for t in memory_inputs(2, 96, 16, 32, 16, 5, B=1)]
+        W, S, pendings = ins[6:8], ins[8:], []
+        for s in range(3):
+            W, S, pending = neural_memory_update_split(*(t[:, :, 32 * s:32 * s + 32] for t in ins[:6]), W, S,
+                                                       chunk_size=16, impl="triton")
+            pendings.append(pending)
+        launched.clear()
+        y = stack_readouts(pendings).read() if stacked else torch.cat([p.read() for p in pendings])
+        forward = len(launched)
+        r = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        loss = (y * r).sum() + sum((w * w).sum() for w in (*W, *S))
+        return [y, *torch.autograd.grad(loss, ins)], forward
+
+    (a, fa), (b, fb) = outputs(True), outputs(False)
+    assert fb == 3 * fa, (fa, fb)
+    assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES
+    print("STACKED_READOUTS", max(((u - v).abs().max() / v.abs().max().clamp_min(1e-30)).item() for u, v in zip(a, b)))
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_stacked_readouts_equal_the_readouts_one_by_one():
+    """``stack_readouts`` through the Triton kernels (interpreted): three segments' read-outs in one launch each,
+    the same y and gradients as three launches, bit for bit (the same per-program work)."""
+    assert float(_errors(_interpreted(_STACKED_READOUTS_SCRIPT))["STACKED_READOUTS"]) == 0.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+def test_triton_stacked_readouts_on_gpu():
+    """The same on the GPU's compiled kernels."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TITANS_TEST_DEVICE": "cuda"}
+    assert float(_errors(_script_stdout(_STACKED_READOUTS_SCRIPT, env))["STACKED_READOUTS"]) <= 1e-5
 
 
 _BF16_STARTS_SCRIPT = textwrap.dedent("""

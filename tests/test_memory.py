@@ -563,12 +563,12 @@ def test_convolution_cache_gradients_reach_compiled_segments_without_a_copy(batc
     """Segment to segment (MAC's compiled segment steps), the convolution cache one step returns is the next step's
     input, whose gradient is a slice of that step's (B, T + K - 1, C) gradient.  AOTAutograd copies an incoming
     gradient unless its strides are the traced ones (size-1 dimensions included): the shifted form returns its cache
-    time-major, as the slice lies, and :func:`dense_gradient` between the steps gives a batch-1 slice the strides of
-    a fresh tensor, so no copy runs at batch 1 (at batch 2 the slice is strided: copied).  Values and gradients equal
+    time-major, as the slice lies, and :func:`gradient_like` between the steps gives a batch-1 slice the cache's own
+    strides, so no copy runs at batch 1 (at batch 2 the slice is strided: copied).  Values and gradients equal
     the eager conv1d form's (float64)."""
     from torch.profiler import profile
 
-    from titans.utils.tensors import dense_gradient
+    from titans.utils.tensors import gradient_like
 
     g = torch.Generator().manual_seed(batch)
     T, C, K = 6, 5, 4
@@ -585,7 +585,7 @@ def test_convolution_cache_gradients_reach_compiled_segments_without_a_copy(batc
         for s in range(3):
             if form == "compiled":
                 y, cache = step(x[s], cache, wl, bl)
-                cache = dense_gradient(cache)
+                cache = gradient_like(cache)
             else:
                 y, cache = causal_depthwise_conv(x[s], cache, wl, bl, shifted=False)
             loss = loss + (y * probe[s]).sum()

@@ -408,9 +408,10 @@ def test_compile_blocks_compiles_each_block_in_place_with_the_project_options(mo
     monkeypatch.setattr(torch, "compile", recording_fn)
     assert compile_blocks(model) is model
     mac, plain = model.blocks
-    assert mac.compile_regions == ("mac_segment", "mac_chain", "mac_readout", "norm_mix", "feed_forward")
+    assert mac.compile_regions == ("mac_segment", "mac_chain", "mac_readout", "mac_readouts", "norm_mix",
+                                   "feed_forward")
     assert plain.compile_regions == ()
-    assert len(seen) == 6 and all(k["options"] == INDUCTOR_OPTIONS for k in seen)
+    assert len(seen) == 7 and all(k["options"] == INDUCTOR_OPTIONS for k in seen)
     assert plain._compiled_call_impl is not None and mac.norm_mix._compiled_call_impl is not None
     assert {"mac_segment", "feed_forward"} <= set(vars(mac))  # the compiled methods, on the instance
     monkeypatch.setenv("TITANS_COMPILE_MAC_SEGMENTS", "0")  # the A/B switch: MAC's memory blocks compiled whole
@@ -494,13 +495,13 @@ def test_mac_segments_come_in_the_residual_streams_dtype(split):
 def test_segment_outputs_get_their_gradients_without_a_copy(batch):
     """A MAC block call's segments are compiled regions whose outputs are concatenated; the concatenation's backward
     hands each a slice of the gradient.  AOTAutograd copies an incoming gradient whose strides differ from the ones
-    it traced (exactly, size-1 dimensions included): at batch 1 the slices are dense, and ``_SegmentConcat`` hands
-    them over with a dense tensor's strides (a view), so no copy runs; at batch 2 they are strided and are copied.
+    it traced (exactly, size-1 dimensions included): at batch 1 the slices differ from the pieces' strides only at
+    the batch dimension, and ``_SegmentConcat`` hands them over with the pieces' strides (a view), so no copy runs; at batch 2 they are strided and are copied.
     Gradients equal ``torch.cat``'s either way (float64)."""
     from torch.profiler import profile
 
     from titans.core.models.model import _SegmentConcat
-    from titans.utils.tensors import dense_strides
+    from titans.utils.tensors import strides_like
 
     region = torch.compile(lambda a: (a * 2).sin(), backend="aot_eager")
     g = torch.Generator().manual_seed(0)
@@ -520,17 +521,15 @@ def test_segment_outputs_get_their_gradients_without_a_copy(batch):
         grads[concat] = x.grad
     torch.testing.assert_close(grads["segment"], grads["cat"], rtol=0, atol=0)
     sliced = torch.zeros(1, 10, 4)[:, 2:5]  # dense, with a batch stride of 40
-    view = dense_strides(sliced)
+    view = strides_like(sliced, (12, 4, 1))
     assert view.stride() == (12, 4, 1) and view.data_ptr() == sliced.data_ptr() and torch.equal(view, sliced)
     strided = torch.zeros(2, 10, 4)[:, 2:5]
-    assert dense_strides(strided) is strided
-    # any order of the dimensions: a transposed batch-1 slice (a convolution cache's gradient) gets a fresh
-    # transposed tensor's strides
+    assert strides_like(strided, (12, 4, 1)) is strided  # a dimension of size 2 differs: as is (copied later)
+    # any order of the dimensions: a transposed batch-1 slice (a convolution cache's gradient) gets the cache's
     transposed = torch.zeros(1, 10, 4)[:, 7:].transpose(1, 2)  # (1, 4, 3), strides (40, 1, 4)
-    view = dense_strides(transposed)
-    assert view.stride() == (12, 1, 4) and view.data_ptr() == transposed.data_ptr()
-    assert view.stride() == torch.empty(1, 3, 4).transpose(1, 2).stride() and torch.equal(view, transposed)
-    assert dense_strides(torch.zeros(2, 10, 4)[:, 7:].transpose(1, 2)).stride() == (40, 1, 4)  # strided: as is
+    view = strides_like(transposed, (12, 1, 4))
+    assert view.stride() == (12, 1, 4) and view.data_ptr() == transposed.data_ptr() and torch.equal(view, transposed)
+    assert strides_like(transposed, (12, 3, 1)) is transposed  # another element order: as is
 
 
 def test_inductor_options_from_the_environment(monkeypatch):

@@ -99,12 +99,14 @@ def test_block_mixer_then_feed_forward_is_the_block(variant, checkpointing):
         block.forward_mixer(x, st_b, 40, p, True)
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("pos,T", [(0, 40), (4, 40), (16, 48)])
-def test_block_mixer_with_readouts_apart_is_the_mixer(pos, T):
+def test_block_mixer_with_readouts_apart_is_the_mixer(pos, T, batched):
     """MAC's mixer with each segment's memory read-out and gate handed to a callback (forward_mixer_split, which the
     wavefront runs on a second stream) == forward_mixer: output, states and every gradient, float64; on and off the
     segment grid (a piece starting mid-segment: memory written from mid-chunk takes the one-node path).  The
-    callback is called once per segment and for the residual sum; other blocks and checkpointing are refused."""
+    callback is called once per segment and for the residual sum; other blocks and checkpointing are refused.
+    ``batched``: the chains first, then each run of equal-length segments' read-outs at once (``mac_readouts``)."""
     model = _model("mac").train()
     block, p = model.blocks[1], model.persistent()
     x = torch.randn(2, T, 32, dtype=torch.float64, requires_grad=True)
@@ -121,7 +123,7 @@ def test_block_mixer_with_readouts_apart_is_the_mixer(pos, T):
             calls.append(fn.__name__)
             return fn(*args)
 
-        out = (block.forward_mixer_split(x, st, pos, p, True, run_readout) if split else
+        out = (block.forward_mixer_split(x, st, pos, p, True, run_readout, batched) if split else
                block.forward_mixer(x, st, pos, p, True))
         loss = (out * torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))).sum()
         return out, ModelState([st]).tensors(), torch.autograd.grad(loss, params, allow_unused=True), calls
@@ -134,7 +136,11 @@ def test_block_mixer_with_readouts_apart_is_the_mixer(pos, T):
     for u, v in zip(gb, ga):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
     segments = len(range(pos // 16 * 16, pos + T, 16))
-    assert calls == ["mac_readout"] * segments + ["_residual_sum"], calls
+    if not batched:
+        assert calls == ["mac_readout"] * segments + ["_residual_sum"], calls
+    else:  # pieces 16 16 8 / 12 16 12 (off the chunk grid: the one-node update, no stacking) / 16 16 16
+        runs = {0: ["mac_readouts", "mac_readout"], 4: ["mac_readout"] * 3, 16: ["mac_readouts"]}[pos]
+        assert calls == runs + ["_residual_sum"], calls
     with pytest.raises(ValueError, match="a MAC block with memory, this is 'mac' layer 0 \\(without memory\\)"):
         model.blocks[0].forward_mixer_split(x, model.init_state(2).layers[0], 0, p, True)
     model.set_activation_checkpointing("memory")
@@ -151,6 +157,19 @@ def test_wavefront_with_readouts_apart_equals_the_one_pass_forward(variant, segm
     model = _model(variant)
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
     _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=segment, readout_streams=True))
+
+
+@pytest.mark.parametrize("segment,T,apart", [(None, 80, False), (24, 75, False), (48, 80, False), (64, 80, True)])
+def test_wavefront_with_batched_readouts_equals_the_one_pass_forward(segment, T, apart):
+    """batched_readouts=True (a call's segment chains, then their read-outs at once; with readout_streams too, on the
+    CPU on the one stream) == model(ids, labels=ids): loss and every gradient, float64, the weight gradients
+    deferred (the wavefront's default) or not."""
+    model = _model("mac")
+    ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
+    _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=segment, readout_streams=apart,
+                                                               batched_readouts=True))
+    model.set_weight_grad_deferral(False)
+    _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=48, batched_readouts=True))
 
 
 def test_wavefront_switches_name_a_bad_value(monkeypatch):

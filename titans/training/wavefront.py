@@ -41,7 +41,7 @@ from titans.utils.tensors import side_stream
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
                      streams: bool | None = None, priority: bool | None = None,
                      ffn_streams: bool | None = None, stream_views: bool | None = None,
-                     readout_streams: bool | None = None) -> Tensor:
+                     readout_streams: bool | None = None, batched_readouts: bool | None = None) -> Tensor:
     """Logits (B, T, vocab) of ``input_ids`` (B, T) computed segment-major (see the module docstring).
 
     segment: tokens per step (default: the model's window, MAC's segment); streams: one CUDA stream per block
@@ -58,7 +58,11 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     segment's memory read-out and gate run on the feed-forward's stream (:meth:`TitansBlock.forward_mixer_split`), so
     their backward (the memory backward's first stage among it, ~0.27 ms a segment on an H200) runs beside the
     segment chain instead of on it (``TITANS_WAVEFRONT_READOUT_URGENT=1``: on a stream of their own at the chains'
-    priority instead); on the CPU the same split runs on one stream.  Gradients flow through the carried
+    priority instead); on the CPU the same split runs on one stream.  ``batched_readouts``
+    (``TITANS_WAVEFRONT_BATCHED_READOUTS``, "0" when unset; not yet timed on a GPU): MAC's memory blocks run a call's
+    segment chains first and then their read-outs at once (``forward_mixer_split(batched=True)``: one launch of each
+    read-out kernel, forward and backward, for the call's segments instead of one a segment), on the block's stream,
+    or with ``readout_streams`` on the read-out stream.  Gradients flow through the carried
     states, so ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)`` does."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
@@ -73,6 +77,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     priority = _switch("TITANS_WAVEFRONT_PRIORITY", True) if priority is None else priority
     ffn_streams = _switch("TITANS_WAVEFRONT_FFN_STREAMS", True) if ffn_streams is None else ffn_streams
     readouts = _switch("TITANS_WAVEFRONT_READOUT_STREAMS", False) if readout_streams is None else readout_streams
+    batched = _switch("TITANS_WAVEFRONT_BATCHED_READOUTS", False) if batched_readouts is None else batched_readouts
     persistent = model.persistent()
     layers = model.init_state(B, dev).layers  # a fresh state: its layer states are updated in place below
     main = torch.cuda.current_stream(dev) if use_streams else None
@@ -83,8 +88,9 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     # compile their regions; a whole-compiled block called in parts would run its parts uncompiled)
     whole = [getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks]
     # MAC's memory blocks with their segments' read-outs apart (forward_mixer_split), on the feed-forward's stream
-    readout = [readouts and b.variant == "mac" and b.memory is not None and b.checkpointing_now() == "none"
-               and not whole[i] for i, b in enumerate(model.blocks)]
+    readout = [(readouts or batched) and b.variant == "mac" and b.memory is not None
+               and b.checkpointing_now() == "none" and not whole[i] for i, b in enumerate(model.blocks)]
+    apart = [readout[i] and readouts for i in range(n)]  # the read-outs on another stream
     split = [use_streams and (ffn_streams or readout[i]) and b.memory is not None and b.checkpointing_now() != "full"
              and not whole[i] for i, b in enumerate(model.blocks)]
     ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
@@ -94,7 +100,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     # faster, 242.1K vs 242.3K tokens/s at MAC 65536 x 1)
     urgent_readouts = use_streams and _switch("TITANS_WAVEFRONT_READOUT_URGENT", False)
     ro = {i: side_stream(dev, ("wavefront-readout", i), True) if urgent_readouts else ffn[i]
-          for i in range(n) if use_streams and readout[i]}
+          for i in range(n) if use_streams and apart[i]}
     # deferred weight gradients (on by default here, TitansBlock.defers_weight_grads): a memory block's sums over its
     # segments run on a stream of their own, off the block's chain (titans.utils.weight_grads); without, no joins
     wgrad = {i: side_stream(dev, ("wavefront-weight-grads", i)) for i in range(n)
@@ -108,7 +114,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
         return torch.cuda.stream(side[i]) if use_streams else nullcontext()
 
     def readout_on(i: int):  # forward_mixer_split's callback: the read-out on block i's feed-forward stream
-        if not use_streams:
+        if not (use_streams and apart[i]):
             return None
 
         def run(fn, *args):
@@ -160,11 +166,12 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
                     continue
                 with on(i):
                     if readout[i]:  # its residual sum, the mixer's last step, ran on the feed-forward's stream
-                        x = block.forward_mixer_split(x, layers[i], start, persistent_on[i], True, readout_on(i))
+                        x = block.forward_mixer_split(x, layers[i], start, persistent_on[i], True, readout_on(i),
+                                                      batched)
                     else:
                         x = block.forward_mixer(x, layers[i], start, persistent_on[i], True)
                 if use_streams:
-                    made_on = hand_to(x, ro[i] if readout[i] else made_on, ffn[i])
+                    made_on = hand_to(x, ro[i] if apart[i] else made_on, ffn[i])
                 with torch.cuda.stream(ffn[i]) if use_streams else nullcontext():
                     x = block.feed_forward(x)
             with torch.cuda.stream(made_on) if use_streams else nullcontext():  # the head where x was made
@@ -211,7 +218,8 @@ def _switch(name: str, default: bool) -> bool:
 
 def wavefront_loss(model: TitansLM, input_ids: Tensor, labels: Tensor | None = None, segment: int | None = None,
                    streams: bool | None = None, priority: bool | None = None, ffn_streams: bool | None = None,
-                   stream_views: bool | None = None, readout_streams: bool | None = None) -> Tensor:
+                   stream_views: bool | None = None, readout_streams: bool | None = None,
+                   batched_readouts: bool | None = None) -> Tensor:
     """The language-modelling loss of :func:`wavefront_logits` (labels default to the inputs, shifted inside)."""
     return lm_loss(wavefront_logits(model, input_ids, segment, streams, priority, ffn_streams, stream_views,
-                                    readout_streams), input_ids if labels is None else labels)
+                                    readout_streams, batched_readouts), input_ids if labels is None else labels)

@@ -30,49 +30,42 @@ def keep_last(t: Tensor, n: int, dim: int) -> Tensor:
     return out.clone() if 2 * n < size else out
 
 
-def dense_strides(t: Tensor) -> Tensor:
-    """``t`` itself, or, when its elements lie densely in memory (in any order of its dimensions) but a dimension of
-    size 1 has another stride than a fresh tensor of that layout would give it (a slice along the sequence of a
-    batch-1 tensor: (1, T, d) with strides (T_all * d, d, 1)), a view of the same memory with those strides: a size-1
-    dimension's stride is the largest ``stride * size`` of the dimensions after it (1 if none), as in a contiguous
-    tensor or a transposed one.  No copy.  Why: AOTAutograd compares a compiled region's incoming gradient with the
-    strides it traced, exactly, and copies one that differs (a kernel).  While torch.compile traces, ``t`` itself
-    (inside one graph no such copy arises; a stride test would break the graph)."""
-    if torch.compiler.is_compiling():
-        return t
-    dims = sorted((i for i in range(t.ndim) if t.shape[i] != 1), key=lambda i: t.stride(i))
-    step = 1
-    for i in dims:  # innermost first: dense means each dimension steps over the whole of the ones inside it
-        if t.stride(i) != step:
-            return t
-        step *= t.shape[i]
-    strides = list(t.stride())
-    for i in range(t.ndim):
-        if t.shape[i] == 1:
-            strides[i] = max((t.stride(j) * t.shape[j] for j in range(i + 1, t.ndim) if t.shape[j] != 1), default=1)
-    return t if tuple(strides) == t.stride() else t.as_strided(t.shape, strides, t.storage_offset())
+def strides_like(g: Tensor, strides: tuple[int, ...]) -> Tensor:
+    """``g`` itself, or, where its strides differ from ``strides`` only at dimensions of size 1 (whose stride
+    addresses nothing), a view of the same memory with ``strides``.  No copy.  Why: AOTAutograd compares a compiled
+    region's incoming gradient with the strides it traced for that output, exactly, size-1 dimensions included,
+    and copies one that differs (a kernel): a slice along the sequence of a batch-1 gradient, (1, T, d) with strides
+    (T_all d, d, 1), is handed on with the output's own.  While torch.compile traces, ``g`` itself (inside one graph
+    no such copy arises; a stride test would break the graph)."""
+    strides = tuple(strides)
+    if torch.compiler.is_compiling() or g.stride() == strides or len(strides) != g.ndim:
+        return g
+    if any(n != 1 and a != b for n, a, b in zip(g.shape, g.stride(), strides)):
+        return g
+    return g.as_strided(g.shape, strides, g.storage_offset())
 
 
-class DenseGradient(torch.autograd.Function):
-    """The identity, whose backward hands the gradient on through :func:`dense_strides` (a view, no copy): put
-    between a compiled region's output and the next region that reads it (MAC's convolution caches, segment to
-    segment), so that the gradient the second region's backward returns - a slice of a larger one - reaches the
-    first region's backward with the strides it traced, and AOTAutograd does not copy it."""
+class GradientLike(torch.autograd.Function):
+    """The identity, whose backward hands the gradient on through :func:`strides_like` with the strides of the
+    tensor it is the gradient of (a view, no copy): put after a compiled region's output that another region or an
+    eager operation reads (MAC's convolution caches, segment to segment; a block's stacked read-outs), so that the
+    gradient reaches the first region's backward with the strides it traced and AOTAutograd does not copy it."""
 
     @staticmethod
     def forward(ctx, t: Tensor) -> Tensor:
+        ctx.strides = t.stride()
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        return dense_strides(grad)
+        return strides_like(grad, ctx.strides)
 
 
-def dense_gradient(t: Tensor | None) -> Tensor | None:
-    """``t`` through :class:`DenseGradient` when autograd records it, else ``t`` (None stays None)."""
+def gradient_like(t: Tensor | None) -> Tensor | None:
+    """``t`` through :class:`GradientLike` when autograd records it, else ``t`` (None stays None)."""
     if t is None or not (torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
         return t
-    return DenseGradient.apply(t)
+    return GradientLike.apply(t)
 
 
 def capturing_cuda_graph() -> bool:

@@ -610,6 +610,31 @@ class PendingReadout:
                                            *self.core, *self.starts)
 
 
+def stack_readouts(pending: Sequence[PendingReadout]) -> PendingReadout:
+    """Pending read-outs of equal shapes as one over their batches stacked (q (n B, H, T, d), the first's batch
+    first): a chunk's read-out reads only that chunk's inputs and start state, so ``stack_readouts(ps).read()``
+    equals ``torch.cat([p.read() for p in ps])`` (values and gradients; tested in float64), each kernel launched once
+    for the n instead of n times.  MAC's wavefront reads a call's segments so (``TITANS_WAVEFRONT_BATCHED_READOUTS``).
+    The inputs are concatenated (copies); their gradients come back as slices along the batch, dense."""
+    if not pending:
+        raise ValueError("stack_readouts: no read-outs")
+    first = pending[0]
+    cfg = (first.impl, first.chunk_size, first.activation, first.residual, first.depth)
+    shapes = [t.shape for t in first.core]
+    for i, p in enumerate(pending[1:], 1):
+        if (p.impl, p.chunk_size, p.activation, p.residual, p.depth) != cfg:
+            raise ValueError(f"stack_readouts: read-out {i} has (impl, chunk, activation, residual, depth) "
+                             f"{(p.impl, p.chunk_size, p.activation, p.residual, p.depth)}, the first {cfg}")
+        if [t.shape for t in p.core] != shapes:
+            raise ValueError(f"stack_readouts: read-out {i}'s q {tuple(p.core[0].shape)}, the first's "
+                             f"{tuple(first.core[0].shape)}: equal shapes only")
+    core = tuple(torch.cat(ts) for ts in zip(*(p.core for p in pending)))
+    starts = [torch.cat(ts) for ts in zip(*(p.starts for p in pending))]  # (B*H, N, ...) blocks in the same order
+    if first.depth == 1:  # layer 2's one-element placeholders
+        starts[1], starts[3] = first.starts[1], first.starts[3]
+    return PendingReadout(*cfg[:4], core, tuple(starts), first.depth)
+
+
 def neural_memory_update_split(
     q: Tensor, k: Tensor, v: Tensor, lr: Tensor, momentum_decay: Tensor, forget: Tensor,
     weights: Sequence[Tensor], momentum: Sequence[Tensor] | None = None, *, chunk_size: int,
@@ -629,6 +654,9 @@ def neural_memory_update_split(
     coef = coefficients(lr, momentum_decay, forget, chunk_size)
     core = (q.contiguous(), k.contiguous(), v.contiguous(), *coef)
     out = MemoryWalkFunction.apply(impl, chunk_size, activation, residual, L, *core, *W, *S)
+    # the read-out passes no gradient to the per-chunk coefficients (Ml, m, Gl, Bl, Pl): detached, a compiled region
+    # that hands them over gets no zero gradients for them (a fill each on the segment chain)
+    core = core[:6] + tuple(t.detach() for t in core[6:])
     pending = PendingReadout(impl, chunk_size, activation, residual, core, tuple(out[2 * L:]), L)
     return tuple(out[:L]), tuple(out[L:2 * L]), pending
 

@@ -164,9 +164,11 @@ def causal_depthwise_conv(x: Tensor, cache: Tensor | None, weight: Tensor, bias:
         xp = torch.cat([cache.to(x.dtype).transpose(1, 2), x], dim=1)  # (B, T + K - 1, C)
         # (B, C, K - 1) in time-major memory (as xp): the next segment's gradient of it is a slice of its xp's, and
         # AOTAutograd copies a compiled region's incoming gradient unless its strides are the traced ones
-        # (:func:`~titans.utils.tensors.dense_strides` makes a batch-1 slice's strides those of this tensor)
+        # (:func:`~titans.utils.tensors.gradient_like` gives a batch-1 slice this tensor's strides)
+        # (strides given whole, the batch's included: the traced output's and the real one's then agree)
         B, C = x.shape[0], x.shape[2]
-        new_cache = x.new_empty((B, K - 1, C)).copy_(xp[:, T:]).transpose(1, 2)
+        new_cache = torch.empty_strided((B, C, K - 1), ((K - 1) * C, 1, C), dtype=x.dtype, device=x.device)
+        new_cache.copy_(xp[:, T:].transpose(1, 2))
     acc = torch.promote_types(x.dtype, torch.float32)  # float32 for bf16 / fp16 inputs, float64 stays float64
     w = weight[:, 0, :].to(acc)  # (C, K)
     y = xp[:, 0:T].to(acc) * w[:, 0]
@@ -457,12 +459,16 @@ class NeuralMemory(nn.Module):
         update runs as two autograd nodes (:func:`~titans.core.memory.fused_update.neural_memory_update_split`):
         the state now, the read-out in ``read.read()``, whose backward needs only its output's gradient.  MAC's
         wavefront calls it on another CUDA stream, so that backward runs beside the chain of segments instead of
-        on it.  Elsewhere the read-out is computed here and ``read`` holds it."""
+        on it.  Elsewhere the core's read-out is computed here and ``read`` holds it; the output norm, gate and
+        projection run in ``read.read()`` either way."""
         B, T, state = self._input_and_state(x, state)
         C = self.chunk_size
-        if T == 0 or T % C or state.seen % C:
+        if T == 0:
             out, new = self.forward(x, state)
             return MemoryRead(self, out, x, done=True), new
+        if T % C or state.seen % C:  # one node (forward's update); the read-back still waits for read()
+            y, new = self._write(x, state, lambda args: self._update_aligned(args, state, T))
+            return MemoryRead(self, y, x), new
 
         def update(args: list[Tensor]):
             which = resolve_backend(self.backend, args[0], args[1], args[2], state.weights, C, self.activation,
@@ -631,6 +637,26 @@ class MemoryRead:
     y: object
     x: Tensor
     done: bool = False
+
+    @staticmethod
+    def stack(reads: list[MemoryRead]) -> MemoryRead:
+        """Reads of one memory, alike and of equal shapes, as one over their batches stacked (x (n B, T, dim), the
+        first's batch first): ``MemoryRead.stack(rs).read()`` equals ``torch.cat([r.read() for r in rs])``, values
+        and gradients (a pending read-out through :func:`~titans.core.memory.fused_update.stack_readouts`)."""
+        first = reads[0]
+        for i, r in enumerate(reads):
+            if (r.memory is not first.memory or r.done != first.done
+                    or isinstance(r.y, Tensor) != isinstance(first.y, Tensor) or r.x.shape != first.x.shape):
+                raise ValueError(f"MemoryRead.stack: read {i} (x {tuple(r.x.shape)}, done={r.done}) differs from the "
+                                 f"first (x {tuple(first.x.shape)}, done={first.done}): one memory's reads, alike, "
+                                 "of equal shapes")
+        if isinstance(first.y, Tensor):
+            y = torch.cat([r.y for r in reads])
+        else:
+            from titans.core.memory.fused_update import stack_readouts
+
+            y = stack_readouts([r.y for r in reads])
+        return MemoryRead(first.memory, y, torch.cat([r.x for r in reads]), first.done)
 
     def read(self) -> Tensor:
         """The memory's output (B, T, dim) for x, as ``NeuralMemory.forward`` returns it."""

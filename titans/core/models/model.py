@@ -39,12 +39,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from titans.core.attention.attention_layer import CausalSelfAttention, KVCache, PrefixKV
 from titans.core.attention.attention_utils import MaskSpec
 from titans.core.memory.functional import select_weights
-from titans.core.memory.neural_memory import MemoryState, NeuralMemory
+from titans.core.memory.neural_memory import MemoryRead, MemoryState, NeuralMemory
 from titans.core.memory.persistent_memory import PersistentMemory
 from titans.core.models.model_utils import MemoryGate, RMSNorm, SwiGLU
 from titans.utils.config import (
@@ -54,7 +55,7 @@ from titans.utils.config import (
     model_config_from,
     naive_cannot_recompute,
 )
-from titans.utils.tensors import capturing_cuda_graph, dense_gradient, dense_strides, recompute
+from titans.utils.tensors import capturing_cuda_graph, gradient_like, recompute, strides_like
 from titans.utils.weight_grads import LinearUse, deferral_wanted, segment_taps, segment_views
 
 # ----------------------------------------------------------------------------- state
@@ -290,14 +291,17 @@ class TitansBlock(nn.Module):
         return self._mixer(x, st, pos, persistent, want_cache, mode == "memory")
 
     def forward_mixer_split(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
-                            run_readout=None) -> Tensor:
+                            run_readout=None, batched: bool = False) -> Tensor:
         """:meth:`forward_mixer` of a MAC memory block with each segment's read-out - the memory read back after
         the segment's write (``M*_t(y_t)``: the core's read-out, the output norm, gate and projection) and MAC's
         gate - called as ``run_readout(fn, *args)`` (default: ``fn(*args)``), as is the residual sum at the end.
         The wavefront runs them on another CUDA stream: the read-out's backward needs only the gradient of the
         block's output, not the memory-state gradient that walks back along the segments, so it leaves that
         chain (:meth:`NeuralMemory.write`).  Same values and gradients as :meth:`forward_mixer` (tested in float64);
-        without activation checkpointing."""
+        without activation checkpointing.  ``batched``: the segments' chains first, then
+        the read-outs of each run of equal-length segments at once (:meth:`mac_readouts`: each kernel of the
+        read-out, the gate and the projection, and in the backward the memory's read-out stage, launched once for
+        them instead of once a segment), called as ``run_readout(mac_readouts, ...)``."""
         if self.variant != "mac" or self.memory is None:
             raise ValueError(f"forward_mixer_split: a MAC block with memory, this is {self.variant!r} layer "
                              f"{self.layer} ({'with' if self.memory is not None else 'without'} memory)")
@@ -305,8 +309,26 @@ class TitansBlock(nn.Module):
             raise ValueError("forward_mixer_split: not with activation checkpointing (its recomputed regions hold the "
                              "memory's write and read together); call forward_mixer")
         run = run_readout or (lambda fn, *args: fn(*args))
-        outs = self._over_segments(x, pos, lambda piece, p, prefix: run(self.mac_readout, *self.mac_chain(
-            piece, st, p, prefix, want_cache), x.dtype), persistent, st)
+        if not batched:
+            outs = self._over_segments(x, pos, lambda piece, p, prefix: run(self.mac_readout, *self.mac_chain(
+                piece, st, p, prefix, want_cache), x.dtype), persistent, st)
+            return run(_residual_sum, x, *outs)
+        chains = self._over_segments(x, pos, lambda piece, p, prefix: self.mac_chain(piece, st, p, prefix, want_cache),
+                                     persistent, st, readouts_in_segments=False)
+        outs, s = [], 0
+        while s < len(chains):  # runs of segments whose reads stack (equal lengths, alike)
+            e = s + 1
+            while e < len(chains) and _reads_stack(chains[s], chains[e]):
+                e += 1
+            if e - s == 1:
+                outs.append(run(self.mac_readout, *chains[s], x.dtype))
+            else:
+                ys, reads = zip(*chains[s:e])
+                # back along the sequence here, not in the region: a view at batch 1, whose gradient then comes with
+                # the strides the region traced
+                outs.append(rearrange(run(self.mac_readouts, list(ys), list(reads), x.dtype), "(n b) t d -> b (n t) d",
+                                      n=e - s))
+            s = e
         return run(_residual_sum, x, *outs)
 
     def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool):
@@ -323,6 +345,16 @@ class TitansBlock(nn.Module):
         """o_t = y_t (x) M*_t(y_t) (Eq. 25) of :meth:`mac_chain`'s segment, in the dtype it has added to a residual
         stream of ``residual_dtype`` (see :func:`_to_residual`)."""
         return _to_residual(self.gate(y, read.read()), residual_dtype)
+
+    def mac_readouts(self, ys: list[Tensor], reads: list, residual_dtype: torch.dtype | None = None) -> Tensor:
+        """:meth:`mac_readout` of n consecutive segments of equal length at once: ys (B, T, dim) and their
+        :class:`MemoryRead` s -> (n B, T, dim), the segments' outputs stacked on the batch.  Stacked on the batch
+        (:meth:`MemoryRead.stack`; a chunk's read-out reads only its own inputs and start state), so every kernel of
+        the read-out, the gate and the projection runs once for the n; in the backward the memory's read-out stage
+        too, on the chain's stream before the segments' walks (MAC 65536 x 1: ~0.15 ms a segment on an H200,
+        session 33).  The region :func:`~titans.utils.compiling.compile_blocks` compiles (with the class's
+        :meth:`mac_readout`, not the compiled one: one graph)."""
+        return type(self).mac_readout(self, torch.cat(ys), MemoryRead.stack(reads), residual_dtype)
 
     def _forward_pure(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
                       want_cache: bool) -> tuple[Tensor, LayerState]:
@@ -342,14 +374,16 @@ class TitansBlock(nn.Module):
             return _residual_sum(x, *outs)
         return self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
 
-    def _over_segments(self, x: Tensor, pos: int, step, persistent: Tensor | None, st: LayerState) -> list[Tensor]:
+    def _over_segments(self, x: Tensor, pos: int, step, persistent: Tensor | None, st: LayerState,
+                       readouts_in_segments: bool = True) -> list:
         """MAC's memory blocks: ``step(piece, position, prefix)`` for each segment piece of ``norm_mix(x)`` (x
         (B, T, dim) at host position ``pos``) in order, so each piece's retrieval reads the memory as it was before
         its segment; returns the steps' outputs.  ``prefix``: the persistent tokens' keys and values
         (:class:`PrefixKV`), projected once for all the pieces (every segment attends over the same ones).  ``st``:
         the block's state, which the steps update; its convolution caches are handed from step to step through
-        :func:`~titans.utils.tensors.dense_gradient` (their gradients, slices of the next step's, reach a compiled
-        step's backward with the strides it traced: no copy a segment at batch 1)."""
+        :func:`~titans.utils.tensors.gradient_like` (their gradients, slices of the next step's, reach a compiled
+        step's backward with the strides it traced: no copy a segment at batch 1).  ``readouts_in_segments``: whether
+        a step reads the memory back too (deferred weight gradients declare its projections' uses per segment)."""
         h = self.norm_mix(x)
         prefix = self._segment_prefix(persistent, h)
         # one split, not a slice per piece: a slice's backward writes its piece into a zero gradient of h's full
@@ -358,7 +392,7 @@ class TitansBlock(nn.Module):
         # one concatenation
         lengths = segment_pieces(pos, x.shape[1], self.window)
         outs, p = [], pos
-        deferred = self._deferred_weight_grads(h, lengths)
+        deferred = self._deferred_weight_grads(h, lengths, readouts_in_segments)
         prefixes = [prefix] * len(lengths)
         if deferred is not None and prefix is not None and len(lengths) > 1:
             # each segment its own view of the prefix, so that its gradients are summed once, on the weight-gradient
@@ -370,9 +404,9 @@ class TitansBlock(nn.Module):
                 with run_piece(s) if run_piece is not None else nullcontext():
                     # contiguous once here: each projection of a strided piece would copy it (four a segment)
                     outs.append(step(piece.contiguous(), p, prefixes[s]))
-                st.read_conv = dense_gradient(st.read_conv)
+                st.read_conv = gradient_like(st.read_conv)
                 if st.memory is not None and st.memory.conv is not None:
-                    st.memory = replace(st.memory, conv=dense_gradient(st.memory.conv))
+                    st.memory = replace(st.memory, conv=gradient_like(st.memory.conv))
                 p += piece.shape[1]
         return outs
 
@@ -394,7 +428,7 @@ class TitansBlock(nn.Module):
         configured = in_wavefront if self.defer_weight_grads is None else self.defer_weight_grads
         return deferral_wanted(configured)
 
-    def _deferred_weight_grads(self, h: Tensor, lengths: list[int]):
+    def _deferred_weight_grads(self, h: Tensor, lengths: list[int], readouts: bool = True):
         """Deferred weight gradients (:meth:`defers_weight_grads`): the segment steps' projections hand their weight
         gradients to one sum per projection (and piece length) over the segments of this call, when autograd
         records and no checkpointing region would run them twice.
@@ -403,7 +437,7 @@ class TitansBlock(nn.Module):
               and self.checkpointing_now() == "none" and not torch.compiler.is_compiling())
         if not on:
             return None
-        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n), lengths, self.weight_grad_stream,
+        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n, readouts), lengths, self.weight_grad_stream,
                             self.segment_params(), self.weight_casts)
 
     def segment_params(self) -> list[tuple[nn.Module, str]]:
@@ -418,21 +452,23 @@ class TitansBlock(nn.Module):
             params += [(mem, "conv.weight"), (mem, "conv.bias")]
         return params
 
-    def weight_grad_uses(self, batch: int, length: int):
+    def weight_grad_uses(self, batch: int, length: int, readout: bool = True):
         """The projections one MAC segment step calls (:meth:`_mac`; :meth:`mac_chain` then :meth:`mac_readout`),
         each with its uses in call order (:class:`~titans.utils.weight_grads.LinearUse`): the retrieval (the
         query rows of W_QKV, the output gate, the output projection), attention (queries; keys / values of the
         segment and the retrieved tokens stacked on the batch - the persistent tokens' are projected before the
         segments, :meth:`_over_segments`; the output), the write (W_QKV whole, the gates) and the read-back (output
-        gate, output projection).  Checked at every use."""
+        gate, output projection; without ``readout`` not, :meth:`mac_readouts` reading back a run of segments
+        at once with the parameters themselves).  Checked at every use."""
         mem, attn = self.memory, self.attn
         x = (batch, length, mem.dim)
         inner = (batch, length, mem.heads * mem.head_dim)
+        reads = 2 if readout else 1
         plan = [(mem.to_qkv, [LinearUse(x, slice(0, inner[-1])), LinearUse(x)]),
                 (mem.to_gates, [LinearUse(x)]),
-                (mem.to_out, [LinearUse(inner)] * 2)]
+                (mem.to_out, [LinearUse(inner)] * reads)]
         if mem.gate is not None:
-            plan.append((mem.gate, [LinearUse(x)] * 2))
+            plan.append((mem.gate, [LinearUse(x)] * reads))
         return plan + [(attn.q_proj, [LinearUse(x)]), (attn.kv_proj, [LinearUse((2 * batch, length, attn.dim))]),
                        (attn.o_proj, [LinearUse((batch, length, attn.heads * attn.head_dim))])]
 
@@ -473,8 +509,8 @@ class TitansBlock(nn.Module):
         ``TITANS_COMPILE_MAC_SEGMENTS=0`` compiles MAC's memory blocks whole again (A/B timing on a GPU)."""
         if self.variant != "mac" or self.memory is None or os.environ.get("TITANS_COMPILE_MAC_SEGMENTS", "1") == "0":
             return ()
-        # mac_chain / mac_readout: the wavefront's split segment (forward_mixer_split); compiled when first called
-        return ("mac_segment", "mac_chain", "mac_readout", "norm_mix", "feed_forward")
+        # mac_chain / mac_readout(s): the wavefront's split segment (forward_mixer_split); compiled when first called
+        return ("mac_segment", "mac_chain", "mac_readout", "mac_readouts", "norm_mix", "feed_forward")
 
     def _mac(self, h: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
         """Memory as context (Eq. 21-25) over normalised inputs h (B, T, dim) inside one segment."""
@@ -508,6 +544,14 @@ class TitansBlock(nn.Module):
         return retrieved, seg, read_conv
 
 
+def _reads_stack(a: tuple, b: tuple) -> bool:
+    """Whether two segments' ``(y, MemoryRead)`` from :meth:`TitansBlock.mac_chain` read back as one
+    (:meth:`TitansBlock.mac_readouts`): equal shapes, both pending or both done."""
+    (ya, ra), (yb, rb) = a, b
+    return (ya.shape == yb.shape and ra.done == rb.done and isinstance(ra.y, Tensor) == isinstance(rb.y, Tensor)
+            and (isinstance(ra.y, Tensor) or [t.shape for t in ra.y.core] == [t.shape for t in rb.y.core]))
+
+
 def _to_residual(out: Tensor, residual_dtype: torch.dtype | None) -> Tensor:
     """``out`` in the dtype of ``residual + out`` for a residual of ``residual_dtype`` (None: as it is).  In a compiled
     region's graph: under autocast a segment's output is bf16 and the residual stream float32, and the eager sum's
@@ -516,26 +560,27 @@ def _to_residual(out: Tensor, residual_dtype: torch.dtype | None) -> Tensor:
 
 
 class _SegmentConcat(torch.autograd.Function):
-    """``torch.cat(pieces, dim=1)`` whose backward hands each piece its slice of the gradient with a dense tensor's
-    strides where the slice is dense (batch 1, :func:`~titans.utils.tensors.dense_strides`): each piece is a compiled
-    segment region's output, and AOTAutograd copies an incoming gradient whose strides differ from those it traced
-    (a (B, T_seg, dim) copy a segment on the chain's stream, MAC 65536 x 1)."""
+    """``torch.cat(pieces, dim=1)`` whose backward hands each piece its slice of the gradient with the piece's own
+    strides where they differ only at size-1 dimensions (batch 1, :func:`~titans.utils.tensors.strides_like`): each
+    piece is a compiled region's output, and AOTAutograd copies an incoming gradient whose strides differ from those
+    it traced (a (B, T_seg, dim) copy a segment on the chain's stream, MAC 65536 x 1)."""
 
     @staticmethod
     def forward(ctx, *pieces: Tensor) -> Tensor:
         ctx.lengths = [p.shape[1] for p in pieces]
+        ctx.strides = [p.stride() for p in pieces]
         return torch.cat(pieces, dim=1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return tuple(dense_strides(g) for g in grad.split(ctx.lengths, dim=1))
+        return tuple(strides_like(g, s) for g, s in zip(grad.split(ctx.lengths, dim=1), ctx.strides))
 
 
 def _residual_sum(x: Tensor, *pieces: Tensor) -> Tensor:
     """x + the pieces (B, T_i, dim) concatenated along the sequence: a MAC block's mixer output from its segments'.
     One piece (the wavefront's calls, a segment each) is added as it is: a concatenation of one tensor is a copy, a
-    kernel on the segment chain's stream."""
-    return x + (pieces[0] if len(pieces) == 1 else _SegmentConcat.apply(*pieces))
+    kernel on the segment chain's stream (its gradient handed on with the piece's strides, :func:`gradient_like`)."""
+    return x + (gradient_like(pieces[0]) if len(pieces) == 1 else _SegmentConcat.apply(*pieces))
 
 
 class LayerOps:
