@@ -62,6 +62,21 @@ def eager_ops(events) -> Counter:
     return counts
 
 
+def compiled_graph_calls(events) -> dict[str, int]:
+    """How many times the step ran a compiled graph (inductor's ``## Call CompiledFxGraph`` wrapper event), forward
+    and backward (under the autograd engine): on a GPU each call launches its graph's kernels."""
+    out = {"forward": 0, "backward": 0}
+    for e in events:
+        if "CompiledFxGraph" not in e.name:
+            continue
+        p, backward = e.cpu_parent, False
+        while p is not None:
+            backward = backward or p.name.startswith("autograd::engine")
+            p = p.cpu_parent
+        out["backward" if backward else "forward"] += 1
+    return out
+
+
 # operations that launch no kernel: op_census's views and metadata, the metadata queries the profiler also lists, and
 # what the profiler shows above the dispatcher's decomposition into those (an allocation, a view)
 NO_KERNEL = VIEWS | {"result_type", "size", "stride", "new_empty", "new_empty_strided", "view_as"}
@@ -98,9 +113,19 @@ def main(argv=None) -> dict:
         model.zero_grad(set_to_none=True)
 
     step()  # compiles
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step()
+    kernels: Counter = Counter()  # the memory's Triton launches (the custom ops run them, outside the graphs)
+    tk = sys.modules.get("titans.core.memory.triton_kernels")
+    run = tk._run if tk is not None else None
+    if tk is not None:
+        tk._run = lambda kernel, grid, a, meta: (kernels.update([kernel.fn.__name__]), run(kernel, grid, a, meta))[1]
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+    finally:
+        if tk is not None:
+            tk._run = run
     counts = eager_ops(prof.events())
+    graphs = compiled_graph_calls(prof.events())
     memory_blocks = sum(b.memory is not None for b in model.blocks)
     segments = -(-args.seq // args.window)
     per = max(1, memory_blocks * segments)
@@ -108,12 +133,15 @@ def main(argv=None) -> dict:
     phase_total = {ph: sum(v for k, v in launches.items() if k[0] == ph) for ph in ("forward", "backward")}
     rows = sorted(((k, v) for k, v in launches.items() if v >= per), key=lambda kv: (kv[0][0], -kv[1], kv[0]))
     result = {"args": vars(args), "device": str(device), "memory_blocks": memory_blocks, "segments": segments,
-              "launching_ops": phase_total, "all_ops": sum(counts.values()),
+              "launching_ops": phase_total, "all_ops": sum(counts.values()), "compiled_graph_calls": graphs,
+              "memory_kernel_launches": dict(kernels.most_common()),
               "per_memory_block_segment": [{"phase": k[0], "op": k[1], "node": k[2], "count": v,
                                             "per_segment": v / per} for k, v in rows],
               "ops": [{"phase": k[0], "op": k[1], "node": k[2], "count": v} for k, v in counts.most_common()]}
     print(f"eager operations that launch kernels: {phase_total['forward']} forward, {phase_total['backward']} "
-          f"backward ({memory_blocks} memory block(s) x {segments} segments)")
+          f"backward ({memory_blocks} memory block(s) x {segments} segments); compiled graphs called: "
+          f"{graphs['forward']} forward, {graphs['backward']} backward; the memory's Triton launches: "
+          f"{sum(kernels.values())} ({dict(kernels.most_common())})")
     print("| phase | operation | autograd node | count | per memory-block segment |\n| --- | --- | --- | --- | --- |")
     for k, v in rows:
         print(f"| {k[0]} | {k[1]} | {k[2]} | {v} | {v / per:.2f} |")

@@ -889,6 +889,25 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 72 ]; then
+  # session 35 (its call got no machine; the next session's first call): sessions 34-35's launches off the chains
+  # (PART=71's changes, now with the convolution caches' gradients uncopied) and the batched read-outs
+  # (TITANS_WAVEFRONT_BATCHED_READOUTS=1: a wavefront call's four segment chains first, then their read-outs at once,
+  # stacked on the batch: the read-out kernels and the memory's read-out stage 0 launched once a call instead of once
+  # a segment, on the chain's own stream; with the walk over parts reading the saved inner forward, as session 33's
+  # read-outs apart, and without).  GPU tests first, then the flat-scaling rows on one machine
+  step 120 gpu-test-session35 sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    tests/test_models.py tests/test_weight_grads.py -k 'strided_dy or stacked or on_gpu or residual_streams or \
+    without_a_copy' > $RES/gpu_test_session35.txt 2>&1"
+  test_wavefront 50
+  mac_65536x1_defaults 120
+  step 110 mac-65536x1-wf2048-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 \
+    $WF --out "$RES/h_wf2048_batched_readouts.json"
+  mac_4096x8_defaults 100
+  step 90 mac-65536x1-wf2048-batched-readouts-recompute env TITANS_WAVEFRONT_BATCHED_READOUTS=1 \
+    $WF --out "$RES/h_wf2048_batched_readouts_recompute.json"
+  finish
+fi
 if [ "$PART" = 71 ]; then
   # session 34 (CPU only, no GPU lent): launches gone from the memory blocks' streams each segment, found on the
   # CPU (benchmarks/eager_glue.py; TRITON_INTERPRET): the memory backward reads dy through its strides (it was copied

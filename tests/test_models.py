@@ -496,8 +496,8 @@ def test_segment_outputs_get_their_gradients_without_a_copy(batch):
     """A MAC block call's segments are compiled regions whose outputs are concatenated; the concatenation's backward
     hands each a slice of the gradient.  AOTAutograd copies an incoming gradient whose strides differ from the ones
     it traced (exactly, size-1 dimensions included): at batch 1 the slices differ from the pieces' strides only at
-    the batch dimension, and ``_SegmentConcat`` hands them over with the pieces' strides (a view), so no copy runs; at batch 2 they are strided and are copied.
-    Gradients equal ``torch.cat``'s either way (float64)."""
+    the batch dimension, and ``_SegmentConcat`` hands them over with the pieces' strides (a view), so no copy runs;
+    at batch 2 they are strided and are copied.  Gradients equal ``torch.cat``'s either way (float64)."""
     from torch.profiler import profile
 
     from titans.core.models.model import _SegmentConcat

@@ -182,21 +182,26 @@ def test_wavefront_switches_name_a_bad_value(monkeypatch):
 @pytest.mark.parametrize("variant", ["mac", "mag"])
 @pytest.mark.parametrize("priority,ffn_streams,views,readouts", [
     (False, False, False, False), (True, False, False, False), (True, True, False, False), (True, True, True, False),
-    (True, True, False, True), (True, False, False, True), (True, True, False, "urgent")])
+    (True, True, False, True), (True, False, False, True), (True, True, False, "urgent"),
+    (True, True, False, "batched"), (True, False, False, "batched apart")])
 def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_streams, views, readouts, monkeypatch):
     """Each block on its own CUDA stream (the memory blocks' at high priority; their feed-forward on streams of
-    their own; MAC's segment read-outs there too, or on urgent streams of their own): the same loss and gradients as
-    the segment-major loop on one stream (float32: the kernels are the same, only their order on the device
-    differs)."""
+    their own; MAC's segment read-outs there too, or on urgent streams of their own; or batched a call at a time, on
+    the block's stream or apart): the same loss and gradients as the segment-major loop on one stream (float32: the
+    kernels are the same, only their order on the device differs)."""
     if readouts == "urgent":
         monkeypatch.setenv("TITANS_WAVEFRONT_READOUT_URGENT", "1")
         readouts = True
+    segment = None  # the window: a segment a call
+    if isinstance(readouts, str):  # batched read-outs, on the block's stream or (apart) the read-out stream
+        monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_READOUTS", "1")
+        readouts, segment = readouts == "batched apart", 96  # three segments a call, read back at once
     model = _model(variant, dim=64, window=32).float().cuda()
     ids = torch.randint(0, 64, (2, 256), device="cuda")
     params = list(model.parameters())
     out = []
     for streams in (False, True):
-        loss = wavefront_loss(model, ids, streams=streams, priority=priority, ffn_streams=ffn_streams,
+        loss = wavefront_loss(model, ids, segment=segment, streams=streams, priority=priority, ffn_streams=ffn_streams,
                               stream_views=views, readout_streams=readouts)
         out.append((loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)))
     torch.cuda.synchronize()
