@@ -165,7 +165,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
                         x = block(x, layers[i], start, persistent_on[i], True)
                     continue
                 with on(i):
-                    if readout[i]:  # its residual sum, the mixer's last step, ran on the feed-forward's stream
+                    if readout[i]:  # apart, its residual sum, the mixer's last step, ran on the read-out stream
                         x = block.forward_mixer_split(x, layers[i], start, persistent_on[i], True, readout_on(i),
                                                       batched)
                     else:

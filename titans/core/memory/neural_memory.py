@@ -164,8 +164,8 @@ def causal_depthwise_conv(x: Tensor, cache: Tensor | None, weight: Tensor, bias:
         xp = torch.cat([cache.to(x.dtype).transpose(1, 2), x], dim=1)  # (B, T + K - 1, C)
         # (B, C, K - 1) in time-major memory (as xp): the next segment's gradient of it is a slice of its xp's, and
         # AOTAutograd copies a compiled region's incoming gradient unless its strides are the traced ones
-        # (:func:`~titans.utils.tensors.gradient_like` gives a batch-1 slice this tensor's strides)
-        # (strides given whole, the batch's included: the traced output's and the real one's then agree)
+        # (:func:`~titans.utils.tensors.gradient_like` gives a batch-1 slice this tensor's strides); the strides are
+        # given whole, the batch's included, so that the traced output's and the real one's agree
         B, C = x.shape[0], x.shape[2]
         new_cache = torch.empty_strided((B, C, K - 1), ((K - 1) * C, 1, C), dtype=x.dtype, device=x.device)
         new_cache.copy_(xp[:, T:].transpose(1, 2))

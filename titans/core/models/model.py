@@ -348,7 +348,7 @@ class TitansBlock(nn.Module):
 
     def mac_readouts(self, ys: list[Tensor], reads: list, residual_dtype: torch.dtype | None = None) -> Tensor:
         """:meth:`mac_readout` of n consecutive segments of equal length at once: ys (B, T, dim) and their
-        :class:`MemoryRead` s -> (n B, T, dim), the segments' outputs stacked on the batch.  Stacked on the batch
+        :class:`MemoryRead` s -> (n B, T, dim), the segments' outputs stacked on the batch, as their inputs are
         (:meth:`MemoryRead.stack`; a chunk's read-out reads only its own inputs and start state), so every kernel of
         the read-out, the gate and the projection runs once for the n; in the backward the memory's read-out stage
         too, on the chain's stream before the segments' walks (MAC 65536 x 1: ~0.15 ms a segment on an H200,
