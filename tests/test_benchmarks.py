@@ -473,3 +473,13 @@ def test_eager_glue_counts_the_operations_outside_compiled_graphs_once():
     assert eg.eager_ops(events) == {("forward", "aten::add", ""): 1,
                                     ("backward", "aten::copy_", "CompiledFunctionBackward"): 1,
                                     ("backward", "aten::zeros", "CompiledFunctionBackward"): 2}
+
+
+def test_compile_check_of_the_batched_readouts_finds_the_same_step():
+    """``compile_check.py --batched-readouts``: MAC's wavefront step with batched read-outs through its compiled
+    regions (``compile_blocks``; ``aot_eager`` here for time, inductor in RESULTS.md) against the eager one-pass
+    forward, float64: the same loss and gradients (a different computation would show above ~1e-10)."""
+    compile_check = _load("compile_check")
+    r = compile_check.check("mac", "aot_eager", "model", "cpu", torch.float64, 64, "fused", batched_readouts=True)
+    assert r["segments"] == 8 and "batched read-outs" in r["scope"]
+    assert r["loss_error"] <= 1e-12 and r["worst_grad_error"] <= 1e-10, r
