@@ -159,12 +159,15 @@ def test_wavefront_with_readouts_apart_equals_the_one_pass_forward(variant, segm
     _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=segment, readout_streams=True))
 
 
-@pytest.mark.parametrize("segment,T,apart", [(None, 80, False), (24, 75, False), (48, 80, False), (64, 80, True)])
-def test_wavefront_with_batched_readouts_equals_the_one_pass_forward(segment, T, apart):
+@pytest.mark.parametrize("segment,T,apart,kw", [(None, 80, False, {}), (24, 75, False, {}), (48, 80, False, {}),
+                                                (64, 80, True, {}), (48, 80, False, {"memory_depth": 1}),
+                                                (48, 80, False, {"memory_backend": "chunked"})])
+def test_wavefront_with_batched_readouts_equals_the_one_pass_forward(segment, T, apart, kw):
     """batched_readouts=True (a call's segment chains, then their read-outs at once; with readout_streams too, on the
     CPU on the one stream) == model(ids, labels=ids): loss and every gradient, float64, the weight gradients
-    deferred (the wavefront's default) or not."""
-    model = _model("mac")
+    deferred (the wavefront's default) or not; memory depth 1, and a memory backend whose write computes the core's
+    read-out at once (those tensors stacked instead of pending read-outs)."""
+    model = _model("mac", **kw)
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
     _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=segment, readout_streams=apart,
                                                                batched_readouts=True))
