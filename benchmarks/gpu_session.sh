@@ -889,6 +889,21 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 73 ]; then
+  # session 35 (for after PART=72): the batched read-outs on a timeline, cut into the chain's segment steps (against
+  # PART=71's default anatomy: 53 kernels, 1,217 us a segment in session 33), and batched on the read-out stream
+  # (TITANS_WAVEFRONT_READOUT_STREAMS=1 as well: a call's read-outs at once, off the chain)
+  step 170 mac-65536x1-wf2048-batched-readouts-timeline env TITANS_WAVEFRONT_BATCHED_READOUTS=1 \
+    TITANS_TRITON_SAVE_INNER=1 $H3 --wavefront --shapes 65536x1 --warmup 1 --iters 1 --wavefront-step 2048 \
+    --profile 30 --out "$RES/h_wf2048_batched_readouts_timeline.json" \
+    --profile-trace "$RES/h_wf2048_batched_readouts_timeline"
+  step 30 chain-anatomy-batched python3 benchmarks/chain_anatomy.py \
+    "$RES/h_wf2048_batched_readouts_timeline.mac_65536x1.json.gz" --out "$RES/anatomy_batched.json"
+  step 120 mac-65536x1-wf2048-batched-readouts-apart env TITANS_WAVEFRONT_BATCHED_READOUTS=1 \
+    TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_batched_readouts_apart.json"
+  mac_65536x1_defaults 120
+  finish
+fi
 if [ "$PART" = 72 ]; then
   # session 35 (its call got no machine; the next session's first call): sessions 34-35's launches off the chains
   # (PART=71's changes, now with the convolution caches' gradients uncopied) and the batched read-outs
