@@ -609,6 +609,18 @@ class PendingReadout:
         return MemoryReadoutFunction.apply(self.impl, self.chunk_size, self.activation, self.residual, self.depth,
                                            *self.core, *self.starts)
 
+    def _config(self) -> tuple:
+        return self.impl, self.chunk_size, self.activation, self.residual, self.depth
+
+    def mismatch(self, other: PendingReadout) -> str | None:
+        """Why ``other`` cannot be read out stacked with this one (:func:`stack_readouts`), or None: the same
+        configuration and equal shapes only."""
+        if other._config() != self._config():
+            return f" has (impl, chunk, activation, residual, depth) {other._config()}, the first {self._config()}"
+        if [t.shape for t in other.core] != [t.shape for t in self.core]:
+            return f"'s q {tuple(other.core[0].shape)}, the first's {tuple(self.core[0].shape)}: equal shapes only"
+        return None
+
 
 def stack_readouts(pending: Sequence[PendingReadout]) -> PendingReadout:
     """Pending read-outs of equal shapes as one over their batches stacked (q (n B, H, T, d), the first's batch
@@ -619,20 +631,15 @@ def stack_readouts(pending: Sequence[PendingReadout]) -> PendingReadout:
     if not pending:
         raise ValueError("stack_readouts: no read-outs")
     first = pending[0]
-    cfg = (first.impl, first.chunk_size, first.activation, first.residual, first.depth)
-    shapes = [t.shape for t in first.core]
     for i, p in enumerate(pending[1:], 1):
-        if (p.impl, p.chunk_size, p.activation, p.residual, p.depth) != cfg:
-            raise ValueError(f"stack_readouts: read-out {i} has (impl, chunk, activation, residual, depth) "
-                             f"{(p.impl, p.chunk_size, p.activation, p.residual, p.depth)}, the first {cfg}")
-        if [t.shape for t in p.core] != shapes:
-            raise ValueError(f"stack_readouts: read-out {i}'s q {tuple(p.core[0].shape)}, the first's "
-                             f"{tuple(first.core[0].shape)}: equal shapes only")
+        why = first.mismatch(p)
+        if why is not None:
+            raise ValueError(f"stack_readouts: read-out {i}{why}")
     core = tuple(torch.cat(ts) for ts in zip(*(p.core for p in pending)))
-    starts = [torch.cat(ts) for ts in zip(*(p.starts for p in pending))]  # (B*H, N, ...) blocks in the same order
-    if first.depth == 1:  # layer 2's one-element placeholders
-        starts[1], starts[3] = first.starts[1], first.starts[3]
-    return PendingReadout(*cfg[:4], core, tuple(starts), first.depth)
+    # (B*H, N, ...) blocks in the same order; at depth 1 layer 2's one-element placeholders stay the first's
+    starts = tuple(ts[0] if first.depth == 1 and j in (1, 3) else torch.cat(ts)
+                   for j, ts in enumerate(zip(*(p.starts for p in pending))))
+    return PendingReadout(first.impl, first.chunk_size, first.activation, first.residual, core, starts, first.depth)
 
 
 def neural_memory_update_split(

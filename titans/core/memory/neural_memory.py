@@ -638,18 +638,26 @@ class MemoryRead:
     x: Tensor
     done: bool = False
 
+    def mismatch(self, other: MemoryRead) -> str | None:
+        """Why ``other`` cannot be read back stacked with this read (:meth:`stack`), or None: the same memory, both
+        pending read-outs that stack (:meth:`~titans.core.memory.fused_update.PendingReadout.mismatch`) or both
+        tensors of the same kind, x of equal shapes."""
+        if (other.memory is not self.memory or other.done != self.done
+                or isinstance(other.y, Tensor) != isinstance(self.y, Tensor) or other.x.shape != self.x.shape):
+            return (f" (x {tuple(other.x.shape)}, done={other.done}) differs from the first (x {tuple(self.x.shape)}, "
+                    f"done={self.done}): one memory's reads, alike, of equal shapes")
+        return None if isinstance(self.y, Tensor) else self.y.mismatch(other.y)
+
     @staticmethod
     def stack(reads: list[MemoryRead]) -> MemoryRead:
         """Reads of one memory, alike and of equal shapes, as one over their batches stacked (x (n B, T, dim), the
         first's batch first): ``MemoryRead.stack(rs).read()`` equals ``torch.cat([r.read() for r in rs])``, values
         and gradients (a pending read-out through :func:`~titans.core.memory.fused_update.stack_readouts`)."""
         first = reads[0]
-        for i, r in enumerate(reads):
-            if (r.memory is not first.memory or r.done != first.done
-                    or isinstance(r.y, Tensor) != isinstance(first.y, Tensor) or r.x.shape != first.x.shape):
-                raise ValueError(f"MemoryRead.stack: read {i} (x {tuple(r.x.shape)}, done={r.done}) differs from the "
-                                 f"first (x {tuple(first.x.shape)}, done={first.done}): one memory's reads, alike, "
-                                 "of equal shapes")
+        for i, r in enumerate(reads[1:], 1):
+            why = first.mismatch(r)
+            if why is not None:
+                raise ValueError(f"MemoryRead.stack: read {i}{why}")
         if isinstance(first.y, Tensor):
             y = torch.cat([r.y for r in reads])
         else:

@@ -316,9 +316,9 @@ class TitansBlock(nn.Module):
         chains = self._over_segments(x, pos, lambda piece, p, prefix: self.mac_chain(piece, st, p, prefix, want_cache),
                                      persistent, st, readouts_in_segments=False)
         outs, s = [], 0
-        while s < len(chains):  # runs of segments whose reads stack (equal lengths, alike)
+        while s < len(chains):  # runs of segments whose reads stack (MemoryRead.mismatch: equal lengths, alike)
             e = s + 1
-            while e < len(chains) and _reads_stack(chains[s], chains[e]):
+            while e < len(chains) and chains[s][1].mismatch(chains[e][1]) is None:
                 e += 1
             if e - s == 1:
                 outs.append(run(self.mac_readout, *chains[s], x.dtype))
@@ -542,14 +542,6 @@ class TitansBlock(nn.Module):
         retrieved, read_conv = recompute(read, h, read_state, read_conv) if recompute_read else read(h, read_state,
                                                                                                       read_conv)
         return retrieved, seg, read_conv
-
-
-def _reads_stack(a: tuple, b: tuple) -> bool:
-    """Whether two segments' ``(y, MemoryRead)`` from :meth:`TitansBlock.mac_chain` read back as one
-    (:meth:`TitansBlock.mac_readouts`): equal shapes, both pending or both done."""
-    (ya, ra), (yb, rb) = a, b
-    return (ya.shape == yb.shape and ra.done == rb.done and isinstance(ra.y, Tensor) == isinstance(rb.y, Tensor)
-            and (isinstance(ra.y, Tensor) or [t.shape for t in ra.y.core] == [t.shape for t in rb.y.core]))
 
 
 def _to_residual(out: Tensor, residual_dtype: torch.dtype | None) -> Tensor:
