@@ -40,6 +40,7 @@ from titans.utils import tensors
 from titans.utils.compiling import compile_blocks, compile_fn, inductor_options
 from titans.utils.config import ACTIVATION_CHECKPOINTING, TrainingConfig
 from titans.utils.io import atomic_write_bytes, atomic_write_text
+from titans.utils.switches import warn_unknown_switches
 from titans.utils.tensors import matmul_sm_carveout
 from titans.utils.weight_grads import deferral_wanted
 
@@ -572,6 +573,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/results/harness.json")
     args = ap.parse_args(argv)
+    unknown = warn_unknown_switches()  # a misspelt switch would time the default under another name
     if args.wavefront_step is not None and not args.wavefront:
         ap.error("--wavefront-step is the step of --wavefront: give both")
     if args.wavefront and args.compile and args.compile_scope == "model":
@@ -605,7 +607,7 @@ def main(argv=None) -> dict:
         "date": str(date.today()),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "args": vars(args),
-        "env": run_switches(),
+        "env": run_switches(), "unknown_switches": unknown,
         # what the defaults were when this ran (they change between sessions: combo kernels and the deferral in
         # the wavefront became defaults in session 26): inductor's options for --compile, and whether MAC's memory
         # blocks defer their weight gradients in one pass / in the wavefront (the environment included), and the

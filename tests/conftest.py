@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+def _switches_now() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("TITANS_")}
+
+
+@pytest.fixture(autouse=True)
+def switches_left_as_found():
+    """A test that sets a ``TITANS_*`` switch for the process (not through ``monkeypatch``, or a benchmark's ``main``
+    run in-process) would change every test after it: the environment is put back and the leaking test fails."""
+    before = _switches_now()
+    yield
+    after = _switches_now()
+    if after != before:
+        for k in after:
+            os.environ.pop(k)
+        os.environ.update(before)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        pytest.fail(f"the test left TITANS_* switches changed: {changed} (use monkeypatch.setenv)")
 
 
 @pytest.fixture

@@ -441,10 +441,11 @@ def test_emulated_wavefront_backward_with_readouts_apart_is_shorter():
     assert readout["end"] < (chain["start"] + chain["end"]) / 2
 
 
-def test_segment_graph_ops_splits_the_step_into_the_chain_and_the_readout():
+def test_segment_graph_ops_splits_the_step_into_the_chain_and_the_readout(monkeypatch):
     """--readouts-apart: the wavefront with MAC's read-outs apart compiles a segment as two regions, the chain's and
     the read-out's, each with its forward and backward graph (a later segment's chain graph apart from the first's)."""
     sgo = _load("segment_graph_ops")
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "0")  # main sets it for its process: unset again after the test
     got = sgo.main(["--readouts-apart", "--dim", "32", "--window", "16", "--memory-chunk", "16", "--segments", "2"])
     graphs = got["graphs"]
     assert set(graphs) == {"chain forward", "chain backward", "readout forward", "readout backward"}

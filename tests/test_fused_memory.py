@@ -530,7 +530,9 @@ _STRIDED_DY_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
 
     # dy reaching the backward as the (B, T, H, D) view a compiled model hands over (its gradient through the heads'
     # merge) against the same values dense: the kernels read it through its strides, bit for bit the same
-    device = os.environ.get("TITANS_TEST_DEVICE", "cpu")  # the interpreter, or the GPU's kernels
+    from titans.utils.switches import switch_value
+
+    device = switch_value("TITANS_TEST_DEVICE")  # the interpreter, or the GPU's kernels
     seen = []
     run = tk._run
     tk._run = lambda kernel, grid, args, meta: (seen.append((kernel.fn.__name__, args[15])),
@@ -587,7 +589,9 @@ _STACKED_READOUTS_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
 
     # three segments' Triton read-outs (batch 1, as MAC 65536 x 1) stacked on the batch: one launch of the read-out
     # kernels instead of three, the same y and gradients as reading them one by one
-    device = os.environ.get("TITANS_TEST_DEVICE", "cpu")  # the interpreter, or the GPU's kernels
+    from titans.utils.switches import switch_value
+
+    device = switch_value("TITANS_TEST_DEVICE")  # the interpreter, or the GPU's kernels
     launched = []
     run = tk._run
     tk._run = lambda kernel, grid, args, meta: (launched.append(kernel.fn.__name__), run(kernel, grid, args, meta))

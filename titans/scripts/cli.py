@@ -1,4 +1,4 @@
-"""The ``titans`` command line: train, evaluate, prepare-data, generate.
+"""The ``titans`` command line: train, evaluate, prepare-data, generate, ... (``titans --help`` lists them).
 
 User mistakes (missing file, bad config key, checkpoint from another architecture) print one line to
 stderr and exit with code 2; no traceback.
@@ -18,6 +18,14 @@ from titans.utils.config import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Titans: neural long-term memory that learns at test time.")
+
+
+@app.callback()
+def _check_environment() -> None:
+    # a misspelt TITANS_* switch would otherwise change nothing without a word (titans/utils/switches.py)
+    from titans.utils.switches import warn_unknown_switches
+
+    warn_unknown_switches(report=lambda message: typer.echo(f"warning: {message}", err=True))
 
 
 def _fail(msg: str) -> None:
@@ -519,6 +527,34 @@ def profile(config: str = typer.Option("small"), set_: list[str] = typer.Option(
         from titans.utils.io import atomic_write_text
 
         atomic_write_text(output, json.dumps(res, indent=2))
+
+
+@app.command(epilog="Example:\n\n  TITANS_TRITON_BWD=split titans switches")
+def switches(as_json: bool = typer.Option(False, "--json", help="print the table as JSON")) -> None:
+    """The TITANS_* environment switches (implementations of the same computation, for A/B timing of the GPU paths):
+    the values each takes, its default, what is set now."""
+    from titans.utils.switches import switch_table
+
+    rows = switch_table()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("switch", "set", "default", "takes", "what it does", show_lines=False)
+        for r in rows:
+            takes = ", ".join(r["values"]) if isinstance(r["values"], list) else r["values"]
+            now = r["set"] if r["set"] is not None else "-"
+            if "error" in r:
+                now = f"[red]{r['set']} (rejected)[/red]"
+            table.add_row(r["name"], now, r["default"] if r["default"] is not None else "-", takes, r["meaning"])
+        Console().print(table)
+    if any("error" in r for r in rows):
+        for r in rows:
+            if "error" in r:
+                typer.echo(f"error: {r['error']}", err=True)
+        raise typer.Exit(2)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from titans.utils.checkpoint import (
 )
 from titans.utils.compiling import compile_blocks, compile_fn
 from titans.utils.config import TitansConfig, config_from_dict, save_config
+from titans.utils.switches import warn_unknown_switches
 from titans.utils.tensors import gc_paused, side_stream
 
 
@@ -207,6 +208,7 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
 
     With ``training.curriculum`` set, runs its stages one after another (:func:`train_curriculum`).
     """
+    warn_unknown_switches()  # a misspelt TITANS_* switch would otherwise change nothing without a word
     if cfg.training.curriculum:
         return train_curriculum(cfg, resume, progress)
     return _train_run(cfg, resume, progress)

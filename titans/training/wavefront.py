@@ -27,7 +27,6 @@ trainer's ``training.wavefront`` / ``training.wavefront_step`` and ``benchmarks/
 from __future__ import annotations
 
 import dataclasses
-import os
 from contextlib import nullcontext
 
 import torch
@@ -35,6 +34,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from titans.core.models.model import TitansLM, lm_loss
+from titans.utils.switches import switch_on
 from titans.utils.tensors import side_stream
 
 
@@ -74,10 +74,10 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     use_streams = dev.type == "cuda" if streams is None else streams
     if use_streams and dev.type != "cuda":
         raise ValueError(f"streams=True needs a CUDA device, got {dev}")
-    priority = _switch("TITANS_WAVEFRONT_PRIORITY", True) if priority is None else priority
-    ffn_streams = _switch("TITANS_WAVEFRONT_FFN_STREAMS", True) if ffn_streams is None else ffn_streams
-    readouts = _switch("TITANS_WAVEFRONT_READOUT_STREAMS", False) if readout_streams is None else readout_streams
-    batched = _switch("TITANS_WAVEFRONT_BATCHED_READOUTS", False) if batched_readouts is None else batched_readouts
+    priority = switch_on("TITANS_WAVEFRONT_PRIORITY") if priority is None else priority
+    ffn_streams = switch_on("TITANS_WAVEFRONT_FFN_STREAMS") if ffn_streams is None else ffn_streams
+    readouts = switch_on("TITANS_WAVEFRONT_READOUT_STREAMS") if readout_streams is None else readout_streams
+    batched = switch_on("TITANS_WAVEFRONT_BATCHED_READOUTS") if batched_readouts is None else batched_readouts
     persistent = model.persistent()
     layers = model.init_state(B, dev).layers  # a fresh state: its layer states are updated in place below
     main = torch.cuda.current_stream(dev) if use_streams else None
@@ -98,7 +98,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     # at the chains' priority, so that the chain's walk, which waits on its segment's read-out backward (the shares
     # of the chunk starts' gradient), does not wait behind feed-forward work of normal priority (session 33: no
     # faster, 242.1K vs 242.3K tokens/s at MAC 65536 x 1)
-    urgent_readouts = use_streams and _switch("TITANS_WAVEFRONT_READOUT_URGENT", False)
+    urgent_readouts = use_streams and switch_on("TITANS_WAVEFRONT_READOUT_URGENT")
     ro = {i: side_stream(dev, ("wavefront-readout", i), True) if urgent_readouts else ffn[i]
           for i in range(n) if use_streams and apart[i]}
     # deferred weight gradients (on by default here, TitansBlock.defers_weight_grads): a memory block's sums over its
@@ -125,7 +125,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
                 return fn(*args)
         return run
 
-    views = _switch("TITANS_WAVEFRONT_STREAM_VIEWS", False) if stream_views is None else stream_views
+    views = switch_on("TITANS_WAVEFRONT_STREAM_VIEWS") if stream_views is None else stream_views
     persistent_on = [persistent] * n  # what block i reads as the persistent tokens
     embed = model.embed
     if views:
@@ -205,15 +205,6 @@ def _tensors(obj):
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
             yield from _tensors(getattr(obj, f.name))
-
-
-def _switch(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}: expected 0 or 1")
-    return value == "1"
 
 
 def wavefront_loss(model: TitansLM, input_ids: Tensor, labels: Tensor | None = None, segment: int | None = None,

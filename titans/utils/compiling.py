@@ -24,11 +24,12 @@ true}`` (programmatic dependent launch, Hopper+) -0.0 to +2.3% at 65536 x 1 over
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from titans.utils.switches import switch_value
 
 # inductor configuration for every graph this project compiles (see the module docstring)
 # combo_kernels: inductor's horizontal fusion of independent kernels (one launch for several small ones); MAC on an
@@ -42,7 +43,7 @@ def env_inductor_options() -> dict[str, Any]:
     """The inductor options ``TITANS_INDUCTOR_OPTIONS`` asks for (empty when unset), checked: a JSON object whose
     keys are inductor configuration names, and never ``inplace_buffers`` (wrong gradients, see the module
     docstring).  Raises ``ValueError`` naming the variable and the bad part."""
-    text = os.environ.get(OPTIONS_ENV, "").strip()
+    text = switch_value(OPTIONS_ENV) or ""
     if not text:
         return {}
     try:

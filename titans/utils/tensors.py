@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from titans.utils.switches import switch_on, switch_value
 
 
 def keep_last(t: Tensor, n: int, dim: int) -> Tensor:
@@ -107,11 +108,9 @@ def matmul_sm_carveout() -> int | None:
     wavefront step's chains find SMs beside the weight-gradient and feed-forward matmuls.  Applied here, for the
     whole process; returns N, or None when unset (nothing changed).  A value that is not a whole number >= 0
     raises ``ValueError`` naming the variable."""
-    raw = os.environ.get(CARVEOUT_ENV, "").strip()
-    if not raw:
+    raw = switch_value(CARVEOUT_ENV)
+    if raw is None:
         return None
-    if not raw.isdigit():
-        raise ValueError(f"{CARVEOUT_ENV}={raw!r}: expected a whole number of SMs >= 0 for the matmuls to leave free")
     sms = int(raw)
     if not hasattr(torch._C, "_set_sm_carveout_experimental"):
         raise RuntimeError(f"{CARVEOUT_ENV}: this torch ({torch.__version__}) has no SM carveout for matmuls")
@@ -193,7 +192,7 @@ def recompute(fn, *args):
 # Off by default since session 33: on an H200, one machine, keeping the tensors was faster at both of issue 7's shapes
 # (MAC 65536 x 1 298.4K vs 292.1K tokens/s, 4096 x 8 382.7K vs 377.5K) for 1.8 GB / 0.8 GB more peak memory (21.7 /
 # 9.2 GB; benchmarks/RESULTS.md section 6, session 33).  Session 14 chose recomputing when memory was the constraint.
-RECOMPUTE_CHEAP = os.environ.get("TITANS_RECOMPUTE_CHEAP", "0") != "0"
+RECOMPUTE_CHEAP = switch_on("TITANS_RECOMPUTE_CHEAP")
 
 
 def recompute_when_recorded(fn, *args):

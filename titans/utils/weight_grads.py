@@ -37,7 +37,6 @@ checked after each segment, so a wiring change fails loudly instead of mixing up
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from titans.utils.switches import switch_on
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,8 @@ def deferral_wanted(configured: bool) -> bool:
     """Whether to defer weight gradients: ``TITANS_DEFER_WEIGHT_GRADS`` (``1`` / ``0``, for timing experiments) wins
     over the ``configured`` choice; unset or empty, the configured choice stands.  Any other value raises
     ``ValueError`` naming the variable."""
-    text = os.environ.get(DEFER_ENV, "").strip()
-    if text not in ("", "0", "1"):
-        raise ValueError(f"{DEFER_ENV}={text!r}: expected 1 (defer weight gradients), 0 (do not) or unset")
-    return configured if not text else text == "1"
+    wanted = switch_on(DEFER_ENV)
+    return configured if wanted is None else wanted
 
 
 def compute_dtype(weight: Tensor) -> torch.dtype:

@@ -18,10 +18,10 @@ M = K * (-theta)[None, :], Ml = M[C - 1], m = -theta * D_eta[C - 1], Gl, Bl, Pl 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
+
+from titans.utils.switches import switch_on
 
 try:
     import triton
@@ -37,15 +37,12 @@ def coefficients_on() -> bool:
     On by default since session 31 (H200, MAC, RESULTS.md section 6; each pair on one machine): 290,117 and 292,963
     tokens/s at 65536 x 1 against 283,309 and 285,513 without (+2.4%, +2.6%); 373,122 against 372,273 at 4096 x 8;
     within 4x PyTorch's own float32 error of float64 on the GPU."""
-    raw = os.environ.get("TITANS_TRITON_COEFFICIENTS")
-    if raw is None:
+    on = switch_on("TITANS_TRITON_COEFFICIENTS")
+    if on is None:
         from titans.core.memory.triton_kernels import interpreting
 
         return not interpreting()
-    if raw not in ("0", "1"):
-        raise ValueError(f"TITANS_TRITON_COEFFICIENTS={raw!r}: expected 0 or 1 (the memory's chunk coefficients "
-                         "as one Triton kernel a direction)")
-    return raw == "1"
+    return on
 
 
 def supports(lr: Tensor, chunk_size: int) -> bool:

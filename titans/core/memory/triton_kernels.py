@@ -88,6 +88,7 @@ from titans.core.memory.fused_update import (
     stack_starts,
     unstack_starts,
 )
+from titans.utils.switches import SWITCHES, switch_on, switch_value
 
 try:  # Triton is optional: CPU-only installs import this module and report it unavailable
     import triton
@@ -1237,7 +1238,7 @@ def kernel_failed(q: Tensor, W: Sequence[Tensor], chunk_size: int, error: Except
 
 
 def _num_warps(D: int, E: int) -> int:
-    override = os.environ.get("TITANS_TRITON_WARPS")
+    override = switch_value("TITANS_TRITON_WARPS")
     if override:
         return int(override)
     return 4 if D * E <= 64 * 64 else 8
@@ -1271,7 +1272,7 @@ def pass_name(kernel, meta: dict) -> str:
 def pass_warps(kernel, meta: dict) -> int:
     """Warps for this launch: ``TITANS_TRITON_PASS_WARPS`` ("stage0=16,fwd1=4": per pass, see :func:`pass_name`;
     for A/B timing of the passes, which differ in work per program and parallelism) over ``meta["num_warps"]``."""
-    spec = os.environ.get("TITANS_TRITON_PASS_WARPS", "").strip()
+    spec = switch_value("TITANS_TRITON_PASS_WARPS") or ""
     if not spec:
         return meta["num_warps"]
     chosen = {}
@@ -1285,7 +1286,7 @@ def pass_warps(kernel, meta: dict) -> int:
     return chosen.get(pass_name(kernel, meta), meta["num_warps"])
 
 
-BACKWARDS = ("auto", "split", "overlap", "fused")
+BACKWARDS = SWITCHES["TITANS_TRITON_BWD"].values
 
 
 def backward_mode() -> str:
@@ -1293,12 +1294,7 @@ def backward_mode() -> str:
     in one launch that hands chunks on as they are done (``_memory_bwd3_overlap_kernel``; on an H200 1.43 vs 1.60 ms
     at MAC's segment shape, 10.25 vs 11.26 ms at 8x8x4096); ``split``, the three stages launched one after another;
     ``fused``, the two-pass backward; ``auto`` (default): :func:`_overlapped` picks ``overlap`` or ``split``."""
-    mode = os.environ.get("TITANS_TRITON_BWD", "auto")
-    if mode not in BACKWARDS:
-        raise ValueError(f"TITANS_TRITON_BWD={mode!r}: expected one of {', '.join(BACKWARDS)} ('auto': split where "
-                         "the walk runs over parts, else overlap; 'split': three stages, 'overlap': the three stages "
-                         "in one launch, 'fused': two-pass)")
-    return mode
+    return switch_value("TITANS_TRITON_BWD")
 
 
 def _overlapped(mode: str, parts: int) -> bool:
@@ -1314,7 +1310,7 @@ def _overlapped(mode: str, parts: int) -> bool:
 def _split() -> bool:
     """Two-pass kernels (a sequential pass for the recurrence, then a pass parallel over chunks for the
     per-token outputs) unless ``TITANS_TRITON_SPLIT=0`` asks for the single-pass ones."""
-    return os.environ.get("TITANS_TRITON_SPLIT", "1") != "0"
+    return switch_on("TITANS_TRITON_SPLIT")
 
 
 def _save_inner(L: int, N: int) -> bool:
@@ -1324,7 +1320,7 @@ def _save_inner(L: int, N: int) -> bool:
     session 23): it spares stage 0 three small matmuls a chunk, beside the chain's walk, and costs 1.75 KB a token
     and head."""
     return (L == 2 and N > 1 and backward_mode() != "fused"
-            and os.environ.get("TITANS_TRITON_SAVE_INNER", "0") == "1")
+            and switch_on("TITANS_TRITON_SAVE_INNER"))
 
 
 MAX_WALK_PROGRAMS = 32
@@ -1361,10 +1357,7 @@ def _walk_parts(BH: int, E: int, L: int, device: torch.device | None = None) -> 
     waiting, and a partner not yet resident always finds an SM (any other kernel's programs finish without waiting);
     on a GPU with fewer SMs the bound is a quarter of its SMs (``device``).  At batch >= 4 (8 heads) a walk has >= 32
     heads and keeps one program each."""
-    raw = os.environ.get("TITANS_TRITON_WALK_PARTS", "2")
-    if raw not in ("1", "2", "4", "8"):
-        raise ValueError(f"TITANS_TRITON_WALK_PARTS={raw!r}: expected 1, 2, 4 or 8 (programs a head for the walks)")
-    parts = int(raw) if L == 2 and not PARTS_FAILED else 1
+    parts = int(switch_value("TITANS_TRITON_WALK_PARTS")) if L == 2 and not PARTS_FAILED else 1
     units = 16 if interpreting() else MIN_WALK_UNITS
     sms = _multiprocessors(device)
     most = MAX_WALK_PROGRAMS if sms is None else min(MAX_WALK_PROGRAMS, sms // 4)
@@ -1387,12 +1380,7 @@ def walk_sync_mode() -> dict[str, int | bool]:
     65536 x 1 279.3K tokens/s with lines + loads against 273.2K with packed + atomic (one machine).  Session 30: the
     programs spend 26 / 35 us of 179 / 246 in their all-reduces (alone / three side by side), and waiting on the
     partners' flags only (not also on its own) trained at 280.7K against 280.3K: not kept."""
-    flags = os.environ.get("TITANS_TRITON_WALK_FLAGS", "lines")
-    poll = os.environ.get("TITANS_TRITON_WALK_POLL", "loads")
-    if flags not in ("packed", "lines"):
-        raise ValueError(f"TITANS_TRITON_WALK_FLAGS={flags!r}: expected lines or packed")
-    if poll not in ("atomic", "loads"):
-        raise ValueError(f"TITANS_TRITON_WALK_POLL={poll!r}: expected loads or atomic")
+    flags, poll = switch_value("TITANS_TRITON_WALK_FLAGS"), switch_value("TITANS_TRITON_WALK_POLL")
     return {"FS": 32 if flags == "lines" else 1, "POLL_LOADS": poll == "loads"}
 
 
@@ -1420,10 +1408,7 @@ WALK_CLOCKS: list[tuple[str, int, Tensor]] = []
 
 def walk_clock_on() -> bool:
     """Whether ``TITANS_TRITON_WALK_CLOCK`` ("0" or "1", "0" when unset) asks the walks to stamp their programs."""
-    raw = os.environ.get("TITANS_TRITON_WALK_CLOCK", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"TITANS_TRITON_WALK_CLOCK={raw!r}: expected 0 or 1 (stamp the memory walks' programs)")
-    return raw == "1"
+    return switch_on("TITANS_TRITON_WALK_CLOCK")
 
 
 def walk_clocks_reset() -> None:
@@ -1577,7 +1562,7 @@ def _autotune() -> bool:
     """Launch through Triton's autotuner when ``TITANS_TRITON_AUTOTUNE=1`` (opt-in: see the module docstring),
     except under the interpreter (no device timer: one fixed configuration) or after a tuned launch failed in this
     process."""
-    return os.environ.get("TITANS_TRITON_AUTOTUNE", "0") == "1" and not interpreting() and not AUTOTUNE_FAILED
+    return switch_on("TITANS_TRITON_AUTOTUNE") and not interpreting() and not AUTOTUNE_FAILED
 
 
 def _tuned(kernel, key: list[str]):

@@ -14,7 +14,6 @@ outside ``torch.compile`` (inductor fuses the PyTorch definition itself); ``TITA
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from titans.core.memory.triton_kernels import interpreting
+from titans.utils.switches import switch_on
 
 try:  # optional, as for the memory kernels
     import triton
@@ -58,7 +58,7 @@ def _launch(kernel, grid, *args, **meta) -> None:
 def fused_gate_applies(y: Tensor, m: Tensor) -> bool:
     """Whether :func:`fused_gate` takes these inputs: Triton present, CUDA (or the interpreter), not compiling,
     float32 / bf16 / fp16 inputs of one shape, a last dim of at most 8192, and no earlier launch failed."""
-    if triton is None or os.environ.get("TITANS_FUSED_GATE", "1") == "0" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or triton is None or not switch_on("TITANS_FUSED_GATE"):
         return False
     if GATE_FAILED:
         return False

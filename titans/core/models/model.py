@@ -32,7 +32,6 @@ backward's second run sees what the first saw.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -55,6 +54,7 @@ from titans.utils.config import (
     model_config_from,
     naive_cannot_recompute,
 )
+from titans.utils.switches import switch_on
 from titans.utils.tensors import capturing_cuda_graph, gradient_like, recompute, strides_like
 from titans.utils.weight_grads import LinearUse, deferral_wanted, segment_taps, segment_views
 
@@ -507,7 +507,7 @@ class TitansBlock(nn.Module):
         """What regional compilation compiles in this block: MAC's memory blocks, the segment step, the mixer's norm
         and the feed-forward (see :meth:`mac_segment`); other blocks, the whole block (empty tuple).
         ``TITANS_COMPILE_MAC_SEGMENTS=0`` compiles MAC's memory blocks whole again (A/B timing on a GPU)."""
-        if self.variant != "mac" or self.memory is None or os.environ.get("TITANS_COMPILE_MAC_SEGMENTS", "1") == "0":
+        if self.variant != "mac" or self.memory is None or not switch_on("TITANS_COMPILE_MAC_SEGMENTS"):
             return ()
         # mac_chain / mac_readout(s): the wavefront's split segment (forward_mixer_split); compiled when first called
         return ("mac_segment", "mac_chain", "mac_readout", "mac_readouts", "norm_mix", "feed_forward")
