@@ -892,7 +892,8 @@ fi
 if [ "$PART" = 73 ]; then
   # session 35 (for after PART=72): the batched read-outs on a timeline, cut into the chain's segment steps (against
   # PART=71's default anatomy: 53 kernels, 1,217 us a segment in session 33), and batched on the read-out stream
-  # (TITANS_WAVEFRONT_READOUT_STREAMS=1 as well: a call's read-outs at once, off the chain)
+  # (TITANS_WAVEFRONT_READOUT_STREAMS=1 as well: a call's read-outs at once, off the chain); last, the batched
+  # read-outs with the walk recomputing the inner forward (moved here from PART=72 in session 36)
   step 170 mac-65536x1-wf2048-batched-readouts-timeline env TITANS_WAVEFRONT_BATCHED_READOUTS=1 \
     TITANS_TRITON_SAVE_INNER=1 $H3 --wavefront --shapes 65536x1 --warmup 1 --iters 1 --wavefront-step 2048 \
     --profile 30 --out "$RES/h_wf2048_batched_readouts_timeline.json" \
@@ -902,6 +903,8 @@ if [ "$PART" = 73 ]; then
   step 120 mac-65536x1-wf2048-batched-readouts-apart env TITANS_WAVEFRONT_BATCHED_READOUTS=1 \
     TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_batched_readouts_apart.json"
   mac_65536x1_defaults 120
+  step 90 mac-65536x1-wf2048-batched-readouts-recompute env TITANS_WAVEFRONT_BATCHED_READOUTS=1 \
+    $WF --out "$RES/h_wf2048_batched_readouts_recompute.json"
   finish
 fi
 if [ "$PART" = 72 ]; then
@@ -910,7 +913,12 @@ if [ "$PART" = 72 ]; then
   # (TITANS_WAVEFRONT_BATCHED_READOUTS=1: a wavefront call's four segment chains first, then their read-outs at once,
   # stacked on the batch: the read-out kernels and the memory's read-out stage 0 launched once a call instead of once
   # a segment, on the chain's own stream; with the walk over parts reading the saved inner forward, as session 33's
-  # read-outs apart, and without).  GPU tests first, then the flat-scaling rows on one machine
+  # read-outs apart, and without).  GPU tests first, then the flat-scaling rows on one machine.  Session 36 (no GPU
+  # lent either): the elementwise parameters' stand-ins broadcast over the segment's tokens, so a segment's backward
+  # no longer reduces their gradients over its tokens (15 sums over the tokens gone from a later segment's compiled
+  # backward graph, CPU count; session 33's chain had 6 looped reduction kernels, 76 us a segment, which of them
+  # these were is not known): in every row here but the last, which reduces them per segment again
+  # (TITANS_DEFER_PER_TOKEN=0, sessions 26-35)
   step 120 gpu-test-session35 sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
     tests/test_models.py tests/test_weight_grads.py -k 'strided_dy or stacked or on_gpu or residual_streams or \
     without_a_copy' > $RES/gpu_test_session35.txt 2>&1"
@@ -919,8 +927,8 @@ if [ "$PART" = 72 ]; then
   step 110 mac-65536x1-wf2048-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 \
     $WF --out "$RES/h_wf2048_batched_readouts.json"
   mac_4096x8_defaults 100
-  step 90 mac-65536x1-wf2048-batched-readouts-recompute env TITANS_WAVEFRONT_BATCHED_READOUTS=1 \
-    $WF --out "$RES/h_wf2048_batched_readouts_recompute.json"
+  step 90 mac-65536x1-wf2048-per-segment-sums env TITANS_DEFER_PER_TOKEN=0 \
+    $WF --out "$RES/h_wf2048_per_segment_sums.json"
   finish
 fi
 if [ "$PART" = 71 ]; then

@@ -69,9 +69,12 @@ def _assert_same(model, loss_fn, monkeypatch, fanouts_expected: int):
                                   dict(mac_memory_input="residual", kv_heads=1, qk_norm=True)],
                          ids=["default", "no_gate_no_persistent", "residual_gqa_qknorm"])
 @pytest.mark.parametrize("T", [12, 13], ids=["3_segments", "3_segments_and_1_token"])
-def test_deferred_weight_grads_equal_per_segment_grads(monkeypatch, over, T):
+@pytest.mark.parametrize("per_token", ["1", "0"], ids=["per_token", "per_segment"])
+def test_deferred_weight_grads_equal_per_segment_grads(monkeypatch, over, T, per_token):
     """One sum per projection and piece length: 3 segments of 4 tokens, and with a 1-token piece after them (a
-    training row of seq_len + 1 tokens cut at the segments)."""
+    training row of seq_len + 1 tokens cut at the segments); the elementwise parameters' stand-ins over the tokens
+    (the default) or shaped as the parameters (``TITANS_DEFER_PER_TOKEN=0``)."""
+    monkeypatch.setenv("TITANS_DEFER_PER_TOKEN", per_token)
     model = _mac(**over)
     ids = torch.randint(0, 37, (2, T), generator=torch.Generator().manual_seed(1))
     n_linear = 7 if over.get("memory_output_gate", True) else 6  # tapped projections of the memory block
@@ -147,6 +150,50 @@ def test_elementwise_parameters_reach_grad_once_per_call(monkeypatch, conv):
     assert block.memory.__dict__.get("segment_params") is None and block.gate.__dict__.get("segment_params") is None
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in names.values())
+
+
+def _token_reductions(monkeypatch, defer: bool, T: int) -> list[str]:
+    """The sums over a segment's T tokens in the compiled backward graph of a later MAC segment (dynamo +
+    AOTAutograd, the graphs recorded): each as 'input shape -> reduced dims'."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "1" if defer else "0")
+    torch._dynamo.reset()
+    model = _mac(window=T, memory_chunk_size=5, memory_backend="fused")
+    block = model.blocks[0]
+    backward = []
+
+    def keep(gm, example_inputs):
+        backward.append(gm)
+        return make_boxed_func(gm.forward)
+
+    monkeypatch.setattr(block, "mac_segment", torch.compile(block.mac_segment, backend=aot_autograd(
+        fw_compiler=lambda gm, ex: make_boxed_func(gm.forward), bw_compiler=keep)))
+    ids = torch.randint(0, 37, (1, 3 * T), generator=torch.Generator().manual_seed(5))  # 3 segments
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    found = []
+    for node in backward[-1].graph.nodes:  # the graph of a segment after the first
+        if node.op == "call_function" and str(node.target).startswith("aten.sum.dim"):
+            shape = node.args[0].meta["val"].shape
+            dims = [d % len(shape) for d in node.args[1]]
+            if any(shape[d] == T for d in dims):
+                found.append(f"{tuple(shape)} -> {dims}")
+    return found
+
+
+def test_deferred_segments_leave_elementwise_parameter_gradients_per_token(monkeypatch):
+    """Deferred, a segment's stand-ins of its elementwise parameters (the memory's convolution and output norm, the
+    gate's norms) are broadcast over its tokens, so its compiled backward graph reduces nothing over the tokens:
+    those sums (a reduction kernel each at batch 1, on the segment chain) run once per block call off the chain.
+    Without deferral the graph has them (so the check can fail); the gradients are equal either way
+    (``test_deferred_weight_grads_in_the_wavefront_and_compiled_segments``)."""
+    T = 15  # no other dimension of the small model has this size
+    per_segment = _token_reductions(monkeypatch, False, T)
+    assert len(per_segment) >= 5, per_segment  # conv weight taps and bias, the norms' weights
+    assert _token_reductions(monkeypatch, True, T) == []
+    monkeypatch.setenv("TITANS_DEFER_PER_TOKEN", "0")  # the stand-ins shaped as the parameters: reduced again
+    assert len(_token_reductions(monkeypatch, True, T)) >= 5
 
 
 def test_taps_check_the_declared_uses():

@@ -26,9 +26,13 @@ forward (MAC 4096 x 8: 365.7K vs 369.8K, the same machine: there the sums only c
 otherwise, and ``TITANS_DEFER_WEIGHT_GRADS=1`` / ``0`` overrides both.
 
 The elementwise parameters a segment reads (norm weights, the memory's convolution: ``TitansBlock.segment_params``)
-go the same way by plain autograd: :func:`segment_taps` hands each segment a stand-in of each, a view of
-``p.expand(pieces, ...).unbind(0)`` read through :func:`segment_param`, so their gradients are gathered by one node
-and reach ``.grad`` once per block call instead of one add per segment on the chain.
+go the same way by plain autograd: :func:`segment_taps` hands each segment a stand-in of each, read through
+:func:`segment_param`: the parameter broadcast over the segment's tokens, a view ``(batch, tokens, *p.shape)`` of
+``p.expand(pieces, batch, tokens, ...).unbind(0)``.  A segment's backward then leaves the gradient per token (the
+products its pointwise kernels compute anyway, one more store) instead of reducing it over the segment's tokens (a
+reduction kernel per parameter with few programs at batch 1, on the chain: ~6 of a MAC segment's backward kernels
+were such reductions, session 36's count), and one node (unbind's backward, a stack; expand's, the sum over pieces,
+batch and tokens) reduces them once per block call, on the weight-gradient stream, into one add to ``.grad``.
 
 Which projections a segment uses, with which input shapes and in which order, is declared by the block
 (:meth:`titans.core.models.model.TitansBlock.weight_grad_uses`); every use checks the declaration and the count is
@@ -210,9 +214,10 @@ def _add_rows(total: Tensor | None, part: Tensor, rows: slice | None, shape) -> 
 
 def segment_param(module: nn.Module, name: str) -> Tensor:
     """``module``'s parameter ``name`` (dotted, e.g. ``"conv.weight"``), or the stand-in :func:`segment_taps` gave
-    it for the segment running now: a view of the same values whose gradient goes to one sum over the segments
-    instead of an add into ``.grad`` per segment.  Modules read the elementwise parameters a MAC segment uses through
-    this (norm weights, the memory's convolution)."""
+    it for the segment running now: the same values broadcast over the segment's tokens, ``(batch, tokens,
+    *p.shape)``, whose gradient stays per token and goes to one sum over the segments instead of a reduction and an
+    add into ``.grad`` per segment.  Modules read the elementwise parameters a MAC segment uses through this (norm
+    weights, the memory's convolution) and apply them where either shape broadcasts."""
     stand_ins = module.__dict__.get("segment_params")
     return module.get_parameter(name) if stand_ins is None else stand_ins[name]
 
@@ -227,14 +232,25 @@ def segment_views(tensors: Sequence[Tensor], pieces: int) -> list[tuple[Tensor, 
     return [tuple(views[s] for views in per_tensor) for s in range(pieces)]
 
 
-def _param_stand_ins(params: Sequence[tuple[nn.Module, str]], pieces: int) -> list[dict[nn.Module, dict[str, Tensor]]]:
-    """For each of ``pieces`` segments, each module's stand-ins ``{name: view}`` of ``params`` ((module, dotted
-    name) pairs): :func:`segment_views` of the parameters, whose gradients reach ``.grad`` once."""
-    views = segment_views([module.get_parameter(name) for module, name in params], pieces)
-    out: list[dict[nn.Module, dict[str, Tensor]]] = [{} for _ in range(pieces)]
-    for s, piece_views in enumerate(views):
-        for (module, name), view in zip(params, piece_views):
-            out[s].setdefault(module, {})[name] = view
+def _param_stand_ins(params: Sequence[tuple[nn.Module, str]], batch: int,
+                     lengths: Sequence[int]) -> list[dict[nn.Module, dict[str, Tensor]]]:
+    """For each segment (``lengths[s]`` tokens), each module's stand-ins ``{name: view}`` of ``params`` ((module,
+    dotted name) pairs): the parameter broadcast over the segment's tokens, shape ``(batch, lengths[s], *p.shape)``
+    with zero strides, one view each of ``p.expand(n, batch, length, ...).unbind(0)`` for the n segments of each
+    length.  So a segment's backward hands on the gradient per token, and the sum over the segments' tokens runs once
+    a length (expand's backward), where the stand-ins were made.  ``TITANS_DEFER_PER_TOKEN=0`` (A/B timing) gives
+    ``p.shape`` stand-ins instead, each segment reducing its gradient over its tokens (sessions 26-35)."""
+    per_token = switch_on("TITANS_DEFER_PER_TOKEN")
+    groups: dict[int, list[int]] = {}
+    for s, n in enumerate(lengths):
+        groups.setdefault(n, []).append(s)
+    out: list[dict[nn.Module, dict[str, Tensor]]] = [{} for _ in lengths]
+    for module, name in params:
+        p = module.get_parameter(name)
+        for n, pieces in groups.items():
+            tokens = (batch, n) if per_token else ()
+            for s, view in zip(pieces, p.expand(len(pieces), *tokens, *p.shape).unbind(0)):
+                out[s].setdefault(module, {})[name] = view
     return out
 
 
@@ -256,13 +272,15 @@ def cast_weights(linear: nn.Linear, dtype: torch.dtype, casts: dict | None = Non
 @contextmanager
 def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[LinearUse]]]],
                  lengths: Sequence[int], stream: torch.cuda.Stream | None = None,
-                 params: Sequence[tuple[nn.Module, str]] = (), casts: dict | None = None) -> Iterator:
+                 params: Sequence[tuple[nn.Module, str]] = (), casts: dict | None = None,
+                 batch: int = 1) -> Iterator:
     """Deferred weight gradients over segment steps of ``lengths`` tokens each: yields ``piece(s)``, a context
     manager to run segment s in.  ``plan_of(length)``: each tapped projection with its declared uses in a segment
     of that length; one :class:`LinearGradFanout` per projection and distinct length.  ``params``: elementwise
     parameters ((module, dotted name) pairs) the segments read through :func:`segment_param`, each segment its own
-    stand-in (:func:`_param_stand_ins`).  ``stream``: where the fanouts and the stand-ins' gradient sums run (their
-    backward runs there too; CUDA only).  ``casts``: see :func:`cast_weights`.  Only while autograd records."""
+    stand-in over its ``batch`` x length tokens (:func:`_param_stand_ins`).  ``stream``: where the fanouts and the
+    stand-ins' gradient sums run (their backward runs there too; CUDA only).  ``casts``: see :func:`cast_weights`.
+    Only while autograd records."""
     groups: dict[int, list[int]] = {}
     for s, n in enumerate(lengths):
         groups.setdefault(n, []).append(s)
@@ -271,7 +289,7 @@ def segment_taps(plan_of: Callable[[int], Sequence[tuple[TappedLinear, Sequence[
     if stream is not None:
         stream.wait_stream(here)
     with torch.cuda.stream(stream) if stream is not None else nullcontext():
-        stand_ins = _param_stand_ins(params, len(lengths))
+        stand_ins = _param_stand_ins(params, batch, lengths)
         for n, pieces in groups.items():
             for linear, uses in plan_of(n):
                 dtype = compute_dtype(linear.weight)

@@ -131,8 +131,11 @@ def causal_depthwise_conv(x: Tensor, cache: Tensor | None, weight: Tensor, bias:
 
     ``y[b, t, c] = bias[c] + sum_j weight[c, 0, j] * xp[b, t + j, c]`` with ``xp = cat(cache^T, x)`` along time.
     x (B, T, C); cache (B, C, K - 1), the last K - 1 inputs of the previous call (None: zeros); weight (C, 1, K);
-    bias (C,) or None.  Returns ``(y (B, T, C) in x's dtype, new cache (B, C, K - 1))`` (the cache is None when
-    K = 1 and none was given; the shifted form's lies in memory time-major, as a transposed (B, K - 1, C)).
+    bias (C,) or None.  Or weight (B, T, C, 1, K) and bias (B, T, C): the same values broadcast over the tokens (a
+    MAC segment's stand-ins while weight gradients are deferred, :func:`~titans.utils.weight_grads.segment_param`:
+    their gradient stays per token, summed off the segment chain; shifted form only).  Returns ``(y (B, T, C) in
+    x's dtype, new cache (B, C, K - 1))`` (the cache is None when K = 1 and none was given; the shifted form's lies
+    in memory time-major, as a transposed (B, K - 1, C)).
 
     Two computations of the same sum: ``F.conv1d`` over the (B, C, T) transpose (``shifted=False``, the eager
     default), and a sum of K shifted products in the (B, T, C) layout (``shifted=True``, the default while
@@ -141,12 +144,16 @@ def causal_depthwise_conv(x: Tensor, cache: Tensor | None, weight: Tensor, bias:
     (benchmarks/RESULTS.md section 6, session 18).  The products are summed in float32 and rounded to x's dtype
     once (float64 stays float64); tests compare the two in float64.
     """
-    if x.ndim != 3 or weight.ndim != 3 or weight.shape[1] != 1 or weight.shape[0] != x.shape[2]:
+    per_token = weight.ndim == 5
+    if (x.ndim != 3 or weight.ndim not in (3, 5) or weight.shape[-2] != 1 or weight.shape[-3] != x.shape[2]
+            or (per_token and tuple(weight.shape[:2]) != tuple(x.shape[:2]))):
         raise ValueError(f"causal_depthwise_conv: x {tuple(x.shape)} and weight {tuple(weight.shape)}: expected "
-                         "(B, T, C) and (C, 1, K)")
+                         "(B, T, C) and (C, 1, K) or (B, T, C, 1, K)")
     K = weight.shape[-1]
     if shifted is None:
-        shifted = torch.compiler.is_compiling()
+        shifted = torch.compiler.is_compiling() or per_token
+    elif not shifted and per_token:
+        raise ValueError("causal_depthwise_conv: per-token weights (B, T, C, 1, K) need the shifted form")
     new_cache = cache
     if not shifted:
         seq = x.transpose(1, 2)  # (B, C, T)
@@ -170,10 +177,10 @@ def causal_depthwise_conv(x: Tensor, cache: Tensor | None, weight: Tensor, bias:
         new_cache = torch.empty_strided((B, C, K - 1), ((K - 1) * C, 1, C), dtype=x.dtype, device=x.device)
         new_cache.copy_(xp[:, T:].transpose(1, 2))
     acc = torch.promote_types(x.dtype, torch.float32)  # float32 for bf16 / fp16 inputs, float64 stays float64
-    w = weight[:, 0, :].to(acc)  # (C, K)
-    y = xp[:, 0:T].to(acc) * w[:, 0]
+    w = weight[..., 0, :].to(acc)  # (C, K), or (B, T, C, K) per token
+    y = xp[:, 0:T].to(acc) * w[..., 0]
     for j in range(1, K):
-        y = y + xp[:, j:j + T].to(acc) * w[:, j]
+        y = y + xp[:, j:j + T].to(acc) * w[..., j]
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype), new_cache
@@ -350,8 +357,8 @@ class NeuralMemory(nn.Module):
         if self.conv is not None:
             # segment_param: a MAC segment's own stand-in of the parameter while weight gradients are deferred
             w, b = segment_param(self, "conv.weight"), segment_param(self, "conv.bias")
-            if channels is not None:
-                w, b = w[channels], b[channels]
+            if channels is not None:  # (the stand-ins carry the segment's tokens in front)
+                w, b = w[..., channels, :, :], b[..., channels]
             proj, new_cache = causal_depthwise_conv(proj, conv_cache, w, b)
         return F.silu(proj), new_cache
 
@@ -400,10 +407,11 @@ class NeuralMemory(nn.Module):
         return theta, eta, alpha, (raw if self.gates_per_chunk else None), chunk_gates
 
     def _normed_gated(self, y: Tensor, g: Tensor | None, weight: Tensor, dtype: torch.dtype) -> Tensor:
-        """Per-head RMS norm with its ``weight`` (``out_norm_weight`` (H, d) or its segment stand-in), times
-        ``sigmoid(g)``: y (B, H, T, d), g (B, T, H * d) or None -> (B, T, H * d) in ``dtype``."""
+        """Per-head RMS norm with its ``weight`` (``out_norm_weight`` (H, d), or its segment stand-in (B, T, H, d)),
+        times ``sigmoid(g)``: y (B, H, T, d), g (B, T, H * d) or None -> (B, T, H * d) in ``dtype``."""
         B, H, T, d = y.shape
-        y = (F.rms_norm(y, (d,), eps=self.norm_eps) * weight.unsqueeze(1).to(y.dtype)).transpose(1, 2)
+        # the weight applied in the (B, T, H, d) layout, where (H, d) and a per-token stand-in both broadcast
+        y = F.rms_norm(y, (d,), eps=self.norm_eps).transpose(1, 2) * weight.to(y.dtype)
         if g is not None:
             # the gate first: the product takes its (B, T, H, d) layout, so heads-to-features below is a view (no
             # copy for the transpose).  In y's dtype (the state's: float32 under autocast), cast once after

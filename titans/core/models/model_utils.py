@@ -48,14 +48,16 @@ class MemoryGate(nn.Module):
         self.norm_m = RMSNorm(dim, eps)
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
-        # the weights through segment_param: a MAC segment's own stand-ins while weight gradients are deferred
+        # the weights through segment_param: a MAC segment's own stand-ins while weight gradients are deferred, the
+        # weights broadcast over its tokens (B, T, dim), so applied after the norms rather than inside them
         w_y, w_m = segment_param(self, "norm_y.weight"), segment_param(self, "norm_m.weight")
         # one Triton launch each way on CUDA (titans.core.models.fused_gate: fewer kernels per MAC segment, and
         # y / m kept as they came instead of the norms' float32 copies); the same equation in PyTorch elsewhere
-        if fused_gate_applies(y, m):
+        if w_y.ndim == 1 and fused_gate_applies(y, m):
             return fused_gate(y, m, w_y, w_m, self.norm_y.eps)
-        return F.rms_norm(y, (y.shape[-1],), w_y.to(y.dtype), self.norm_y.eps) * torch.sigmoid(
-            F.rms_norm(m, (m.shape[-1],), w_m.to(m.dtype), self.norm_m.eps))
+        d = y.shape[-1]
+        return F.rms_norm(y, (d,), None, self.norm_y.eps) * w_y.to(y.dtype) * torch.sigmoid(
+            F.rms_norm(m, (d,), None, self.norm_m.eps) * w_m.to(m.dtype))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
