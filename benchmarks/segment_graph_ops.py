@@ -69,10 +69,19 @@ def by_source(gm: torch.fx.GraphModule, top: int = 40) -> list[tuple[int, str]]:
     return [(n, loc) for loc, n in where.most_common(top)]
 
 
+def _spanned_bytes(t: torch.Tensor) -> int:
+    """The bytes a tensor's elements span in memory: its size for a dense tensor, less for a broadcast view (zero
+    strides: a deferred segment's parameter stand-ins span the parameter)."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
 def saved_tensors(gm: torch.fx.GraphModule, top: int = 8) -> dict:
     """What a backward graph reads from its forward: its inputs that are not incoming gradients (AOTAutograd names
     those ``tangents_*``): the activations the forward kept for it (and the parameters / inputs it reads, which live
-    anyway).  Their total bytes and the largest few (shape, dtype, MB), largest first.  Sizes scale with the model:
+    anyway).  Their total bytes (what their elements span: a broadcast view counts as what it views) and the largest
+    few (shape, dtype, MB), largest first.  Sizes scale with the model:
     compare runs of one configuration (session 31: the fused coefficients add M, G, Bc, Ml, m, Gl, Bl, Pl, which the
     PyTorch path's recomputation rebuilds in the backward)."""
     rows = []
@@ -80,7 +89,7 @@ def saved_tensors(gm: torch.fx.GraphModule, top: int = 8) -> dict:
         val = node.meta.get("val")
         if node.op != "placeholder" or node.name.startswith("tangents") or not isinstance(val, torch.Tensor):
             continue
-        rows.append((val.numel() * val.element_size(), tuple(val.shape), str(val.dtype).removeprefix("torch.")))
+        rows.append((_spanned_bytes(val), tuple(val.shape), str(val.dtype).removeprefix("torch.")))
     rows.sort(key=lambda r: -r[0])
     return {"saved": len(rows), "saved_bytes": sum(r[0] for r in rows),
             "saved_largest": [{"shape": list(shape), "dtype": dtype, "mb": round(n / 2**20, 4)}

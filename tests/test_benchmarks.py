@@ -292,6 +292,9 @@ def test_segment_graph_ops_lists_what_a_backward_graph_reads_from_its_forward():
     assert saved["saved"] == 3 and saved["saved_bytes"] == (8 * 6 + 5 * 8 + 5 * 6) * 4
     assert [r["shape"] for r in saved["saved_largest"]] == [[8, 6], [5, 8], [5, 6]]
     assert sgo.saved_tensors(bwd, top=1)["saved_largest"] == saved["saved_largest"][:1]
+    # a broadcast view (a deferred segment's parameter stand-in) counts as the bytes it views, not its shape's
+    assert sgo._spanned_bytes(torch.zeros(6).expand(4, 5, 6)) == 6 * 4
+    assert sgo._spanned_bytes(torch.zeros(3, 6)[:, :2]) == (2 * 6 + 2) * 4  # to the last row's second element
 
 
 def test_segment_graph_ops_counts_a_backward_graphs_ops_by_source_line():
