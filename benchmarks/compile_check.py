@@ -19,22 +19,23 @@ import argparse
 import json
 import time
 import types
-from pathlib import Path
 
 import torch
 
 from titans.core.models import build_model
 from titans.utils.compiling import compile_fn
+from titans.utils.io import atomic_write_text
 
 
 def check(variant: str, backend: str, scope: str, device: str, dtype: torch.dtype, seq: int,
           memory_backend: str, dim: int = 32, heads: int = 2, window: int = 8, chunk: int = 4,
-          raw: bool = False, batched_readouts: bool = False) -> dict:
+          raw: bool = False, batched_readouts: bool = False, wavefront: bool = False) -> dict:
     """One training step's loss and gradients, eager vs compiled; returns the errors and the worst parameters.
     ``raw``: plain ``torch.compile`` instead of the project's :func:`~titans.utils.compiling.compile_fn` (which
-    turns off inductor's in-place buffers).  ``batched_readouts``: the compiled side is the training step the
-    wavefront runs with MAC's batched read-outs (regional compilation, :func:`compile_blocks`; steps of four
-    segments), the eager side the one-pass forward."""
+    turns off inductor's in-place buffers).  ``wavefront``: the compiled side is the training step the wavefront
+    runs (regional compilation, :func:`compile_blocks`; steps of four segments; MAC's deferred weight gradients
+    with their per-token stand-ins), with MAC's batched read-outs if ``batched_readouts`` (which implies it); the
+    eager side the one-pass forward."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -45,15 +46,16 @@ def check(variant: str, backend: str, scope: str, device: str, dtype: torch.dtyp
     model = build_model(cfg).to(device=device, dtype=dtype)
     model.load_state_dict(ref.state_dict())
     compile_ = torch.compile if raw else compile_fn
-    if batched_readouts:
+    if wavefront or batched_readouts:
         from titans.training.wavefront import wavefront_loss
         from titans.utils.compiling import compile_blocks
 
         compile_blocks(model, backend=backend)
-        scope = "regions (compile_blocks), the wavefront's batched read-outs"
+        scope = f"regions (compile_blocks), the wavefront{', batched read-outs' if batched_readouts else ''}"
 
         def run(ids, labels, use_cache):  # the same call as the model's below
-            return types.SimpleNamespace(loss=wavefront_loss(model, ids, segment=4 * window, batched_readouts=True))
+            return types.SimpleNamespace(loss=wavefront_loss(model, ids, segment=4 * window,
+                                                             batched_readouts=batched_readouts))
     elif scope == "blocks":
         for i, block in enumerate(model.blocks):
             model.blocks[i] = compile_(block, backend=backend, fullgraph=True, dynamic=False)
@@ -97,6 +99,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--memory-backend", default="chunked")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--wavefront", action="store_true",
+                    help="compiled: the wavefront's step (compile_blocks), against the eager one-pass forward")
     ap.add_argument("--batched-readouts", action="store_true",
                     help="compiled: the wavefront's step with MAC's batched read-outs (compile_blocks)")
     ap.add_argument("--out", default="benchmarks/results/compile_check.json")
@@ -106,12 +110,11 @@ def main(argv=None) -> list[dict]:
         for variant in args.variants:
             r = check(variant, backend, args.scope, args.device, getattr(torch, args.dtype), args.seq,
                       args.memory_backend, args.dim, args.heads, args.window, args.memory_chunk, args.raw,
-                      args.batched_readouts)
+                      args.batched_readouts, args.wavefront)
             print(json.dumps(r), flush=True)
             rows.append(r)
     result = {"args": vars(args), "torch": torch.__version__, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    atomic_write_text(args.out, json.dumps(result, indent=1))
     print("\n| variant | backend | compile | scope | segments | loss error | worst gradient error (parameter) |\n"
           "| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
