@@ -108,14 +108,16 @@ _DECLARED = (
     Switch("TITANS_COMPILE_MAC_SEGMENTS", ON_OFF, "1",
            "regional compilation compiles MAC's memory blocks by segment step; 0: the block whole"),
     Switch("TITANS_FUSED_GATE", ON_OFF, "1",
-           "the memory output's norm and gate as one Triton kernel in eager code; 0: PyTorch ops"),
+           "MAC's / MAG's memory gate, norm_y(y) * sigmoid(norm_m(m)), as one Triton kernel in eager code; "
+           "0: PyTorch ops"),
     # the wavefront's streams (titans/training/wavefront.py)
     Switch("TITANS_WAVEFRONT_PRIORITY", ON_OFF, "1",
            "memory blocks' streams at high priority"),
     Switch("TITANS_WAVEFRONT_FFN_STREAMS", ON_OFF, "1",
            "a memory block's feed-forward on a stream of its own"),
     Switch("TITANS_WAVEFRONT_STREAM_VIEWS", ON_OFF, "0",
-           "hand tensors between streams as views instead of through the caching allocator's record_stream"),
+           "parameters several streams read (persistent tokens, tied embedding) read through one view a stream, "
+           "so each stream sums its own gradients"),
     Switch("TITANS_WAVEFRONT_READOUT_STREAMS", ON_OFF, "0",
            "MAC's segment read-outs on another stream than the segment chain (slower on an H200, sessions 23-33)"),
     Switch("TITANS_WAVEFRONT_READOUT_URGENT", ON_OFF, "0",
