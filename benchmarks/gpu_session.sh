@@ -35,7 +35,11 @@ test_wavefront() {  # test_wavefront SECONDS: tests/test_wavefront.py on the GPU
   step "$1" gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
     > $RES/gpu_test_wavefront.txt 2>&1"
 }
-finish() {  # every step's results in one archive (the device tool brings back few files), the steps' exit lines
+finish() {  # every step's results in one archive (the device tool brings back few files), the steps' exit lines;
+  # first the flat-scaling table of the call's harness rows (benchmarks/flat_scaling.py: ratios to 4096 x 8, PNG)
+  if ls "$RES"/h_*.json > /dev/null 2>&1; then
+    timeout 60 python3 benchmarks/flat_scaling.py "$RES"/h_*.json --out "$RES/flat_scaling" >> "$LOG" 2>&1
+  fi
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results
   grep '^==' "$LOG"
   exit 0

@@ -490,3 +490,39 @@ def test_compile_check_of_the_wavefront_finds_the_same_step(batched):
                             wavefront=True)
     assert r["segments"] == 8 and "the wavefront" in r["scope"] and ("batched read-outs" in r["scope"]) == batched
     assert r["loss_error"] <= 1e-12 and r["worst_grad_error"] <= 1e-10, r
+
+
+def _harness_json(path, rows, env=None):
+    train = [dict(model="mac", seq_len=s, batch=b, train_tokens_per_s=tps, train_peak_gb=1.0, train_loss_first=5.6,
+                  train_loss_last=5.4, error=err) for s, b, tps, err in rows]
+    path.write_text(json.dumps({"date": "2026-12-05", "device": "test", "env": env or {}, "train": train}))
+    return str(path)
+
+
+def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_path):
+    """benchmarks/flat_scaling.py: each row's tokens/s over the 4096 x 8 row run with the same switches (else the
+    one with none), 0.9x marked as met, failed rows listed without a ratio; JSON, markdown and PNG written."""
+    fs = _load("flat_scaling")
+    files = [_harness_json(tmp_path / "ref.json", [(4096, 8, 400_000.0, None)]),
+             _harness_json(tmp_path / "ref_kept.json", [(4096, 8, 500_000.0, None)], {"TITANS_RECOMPUTE_CHEAP": "0"}),
+             _harness_json(tmp_path / "flat.json", [(65536, 1, 300_000.0, None)]),
+             _harness_json(tmp_path / "flat_kept.json", [(65536, 1, 460_000.0, None)],
+                           {"TITANS_RECOMPUTE_CHEAP": "0"}),
+             _harness_json(tmp_path / "flat_batched.json", [(65536, 1, 380_000.0, None)],
+                           {"TITANS_WAVEFRONT_BATCHED_READOUTS": "1", "TITANS_TRITON_AUTOTUNE": "0"}),
+             _harness_json(tmp_path / "oom.json", [(65536, 1, None, "CUDA out of memory")])]
+    result = fs.main(files + ["--out", str(tmp_path / "flat")])
+    by_name = {r["name"]: r for r in result["rows"]}
+    assert by_name["flat"]["ratio"] == pytest.approx(0.75) and by_name["flat"]["meets"] is False
+    assert by_name["flat_kept"]["reference"] == "ref_kept" and by_name["flat_kept"]["ratio"] == pytest.approx(0.92)
+    assert by_name["flat_kept"]["meets"] is True
+    assert by_name["flat_batched"]["reference"] == "ref" and by_name["flat_batched"]["ratio"] == pytest.approx(0.95)
+    assert by_name["flat_batched"]["switches"] == {"TITANS_WAVEFRONT_BATCHED_READOUTS": "1"}  # the fixed setting left
+    assert by_name["oom"]["ratio"] is None and result["references"] == {"mac": "ref"}
+    table = (tmp_path / "flat.md").read_text()
+    assert "failed: CUDA out of memory" in table and "0.920x (met)" in table and "0.750x |" in table
+    assert json.loads((tmp_path / "flat.json").read_text())["target"] == 0.9
+    assert (tmp_path / "flat.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="not a benchmarks/harness.py result"):
+        (tmp_path / "other.json").write_text("{}")
+        fs.main([str(tmp_path / "other.json")])
