@@ -29,13 +29,14 @@ from titans.utils.io import atomic_write_text
 
 def check(variant: str, backend: str, scope: str, device: str, dtype: torch.dtype, seq: int,
           memory_backend: str, dim: int = 32, heads: int = 2, window: int = 8, chunk: int = 4,
-          raw: bool = False, batched_readouts: bool = False, wavefront: bool = False) -> dict:
+          raw: bool = False, batched_readouts: bool = False, wavefront: bool = False,
+          batched_queries: bool = False) -> dict:
     """One training step's loss and gradients, eager vs compiled; returns the errors and the worst parameters.
     ``raw``: plain ``torch.compile`` instead of the project's :func:`~titans.utils.compiling.compile_fn` (which
     turns off inductor's in-place buffers).  ``wavefront``: the compiled side is the training step the wavefront
     runs (regional compilation, :func:`compile_blocks`; steps of four segments; MAC's deferred weight gradients
-    with their per-token stand-ins), with MAC's batched read-outs if ``batched_readouts`` (which implies it); the
-    eager side the one-pass forward."""
+    with their per-token stand-ins), with MAC's batched read-outs if ``batched_readouts`` and its retrievals' inputs
+    made once a call if ``batched_queries`` (either implies it); the eager side the one-pass forward."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -46,16 +47,18 @@ def check(variant: str, backend: str, scope: str, device: str, dtype: torch.dtyp
     model = build_model(cfg).to(device=device, dtype=dtype)
     model.load_state_dict(ref.state_dict())
     compile_ = torch.compile if raw else compile_fn
-    if wavefront or batched_readouts:
+    if wavefront or batched_readouts or batched_queries:
         from titans.training.wavefront import wavefront_loss
         from titans.utils.compiling import compile_blocks
 
         compile_blocks(model, backend=backend)
-        scope = f"regions (compile_blocks), the wavefront{', batched read-outs' if batched_readouts else ''}"
+        scope = (f"regions (compile_blocks), the wavefront{', batched read-outs' if batched_readouts else ''}"
+                 f"{', batched queries' if batched_queries else ''}")
 
         def run(ids, labels, use_cache):  # the same call as the model's below
             return types.SimpleNamespace(loss=wavefront_loss(model, ids, segment=4 * window,
-                                                             batched_readouts=batched_readouts))
+                                                             batched_readouts=batched_readouts,
+                                                             batched_queries=batched_queries))
     elif scope == "blocks":
         for i, block in enumerate(model.blocks):
             model.blocks[i] = compile_(block, backend=backend, fullgraph=True, dynamic=False)
@@ -103,6 +106,8 @@ def main(argv=None) -> list[dict]:
                     help="compiled: the wavefront's step (compile_blocks), against the eager one-pass forward")
     ap.add_argument("--batched-readouts", action="store_true",
                     help="compiled: the wavefront's step with MAC's batched read-outs (compile_blocks)")
+    ap.add_argument("--batched-queries", action="store_true",
+                    help="compiled: the wavefront's step with MAC's retrieval inputs once a call (compile_blocks)")
     ap.add_argument("--out", default="benchmarks/results/compile_check.json")
     args = ap.parse_args(argv)
     rows = []
@@ -110,7 +115,7 @@ def main(argv=None) -> list[dict]:
         for variant in args.variants:
             r = check(variant, backend, args.scope, args.device, getattr(torch, args.dtype), args.seq,
                       args.memory_backend, args.dim, args.heads, args.window, args.memory_chunk, args.raw,
-                      args.batched_readouts, args.wavefront)
+                      args.batched_readouts, args.wavefront, args.batched_queries)
             print(json.dumps(r), flush=True)
             rows.append(r)
     result = {"args": vars(args), "torch": torch.__version__, "rows": rows}

@@ -893,6 +893,21 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 74 ]; then
+  # session 36 (for after PART=72): the retrievals' inputs made once a wavefront call, before its segment chains
+  # (TITANS_WAVEFRONT_BATCHED_QUERIES=1: the query rows of W_QKV, the read convolution, SiLU, l2 norm and the output
+  # gate's projection for the call's four segments at once; a later segment's chain graphs lose 49 of 288 forward and
+  # 64 of 271 backward ops on this CPU), alone and with the batched read-outs (inner forward saved), against the
+  # default on the same machine, and the 4096 x 8 denominator
+  test_wavefront 50
+  mac_65536x1_defaults 120
+  step 110 mac-65536x1-wf2048-batched-queries env TITANS_WAVEFRONT_BATCHED_QUERIES=1 \
+    $WF --out "$RES/h_wf2048_batched_queries.json"
+  step 110 mac-65536x1-wf2048-batched-queries-readouts env TITANS_WAVEFRONT_BATCHED_QUERIES=1 \
+    TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_batched_both.json"
+  mac_4096x8_defaults 100
+  finish
+fi
 if [ "$PART" = 73 ]; then
   # session 35 (for after PART=72): the batched read-outs on a timeline, cut into the chain's segment steps (against
   # PART=71's default anatomy: 53 kernels, 1,217 us a segment in session 33), and batched on the read-out stream

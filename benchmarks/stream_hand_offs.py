@@ -103,12 +103,12 @@ def labelled_blocks(sites: CallSites, model=None):
                                                       "feed_forward")}
     taps = model_module.segment_taps
 
-    def split(self, x, st, pos, persistent, want_cache, run_readout=None, batched=False):
+    def split(self, x, st, pos, persistent, want_cache, run_readout=None, batched=False, queries=False):
         def readout(fn, *args):
             return sites.run(f"R{self.layer}", fn, *args)
 
         return sites.run(f"S{self.layer}", saved["forward_mixer_split"], self, x, st, pos, persistent, want_cache,
-                         readout, batched)
+                         readout, batched, queries)
 
     @contextmanager
     def labelled_taps(*args, **kwargs):

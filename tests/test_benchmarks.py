@@ -479,16 +479,18 @@ def test_eager_glue_counts_the_operations_outside_compiled_graphs_once():
                                     ("backward", "aten::zeros", "CompiledFunctionBackward"): 2}
 
 
-@pytest.mark.parametrize("batched", [True, False], ids=["batched_readouts", "per_segment_readouts"])
-def test_compile_check_of_the_wavefront_finds_the_same_step(batched):
+@pytest.mark.parametrize("batched,queries", [(True, False), (False, False), (False, True)],
+                         ids=["batched_readouts", "per_segment_readouts", "batched_queries"])
+def test_compile_check_of_the_wavefront_finds_the_same_step(batched, queries):
     """``compile_check.py --wavefront [--batched-readouts]``: MAC's wavefront step (deferred weight gradients, the
     elementwise parameters' per-token stand-ins) through its compiled regions (``compile_blocks``; ``aot_eager``
     here for time, inductor in RESULTS.md) against the eager one-pass forward, float64: the same loss and gradients
     (a different computation would show above ~1e-10)."""
     compile_check = _load("compile_check")
     r = compile_check.check("mac", "aot_eager", "model", "cpu", torch.float64, 64, "fused", batched_readouts=batched,
-                            wavefront=True)
+                            wavefront=True, batched_queries=queries)
     assert r["segments"] == 8 and "the wavefront" in r["scope"] and ("batched read-outs" in r["scope"]) == batched
+    assert ("batched queries" in r["scope"]) == queries
     assert r["loss_error"] <= 1e-12 and r["worst_grad_error"] <= 1e-10, r
 
 

@@ -408,10 +408,10 @@ def test_compile_blocks_compiles_each_block_in_place_with_the_project_options(mo
     monkeypatch.setattr(torch, "compile", recording_fn)
     assert compile_blocks(model) is model
     mac, plain = model.blocks
-    assert mac.compile_regions == ("mac_segment", "mac_chain", "mac_readout", "mac_readouts", "norm_mix",
-                                   "feed_forward")
+    assert mac.compile_regions == ("mac_segment", "mac_chain", "mac_readout", "mac_readouts", "mac_queries",
+                                   "norm_mix", "feed_forward")
     assert plain.compile_regions == ()
-    assert len(seen) == 7 and all(k["options"] == INDUCTOR_OPTIONS for k in seen)
+    assert len(seen) == 8 and all(k["options"] == INDUCTOR_OPTIONS for k in seen)
     assert plain._compiled_call_impl is not None and mac.norm_mix._compiled_call_impl is not None
     assert {"mac_segment", "feed_forward"} <= set(vars(mac))  # the compiled methods, on the instance
     monkeypatch.setenv("TITANS_COMPILE_MAC_SEGMENTS", "0")  # the A/B switch: MAC's memory blocks compiled whole

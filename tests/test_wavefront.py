@@ -99,14 +99,17 @@ def test_block_mixer_then_feed_forward_is_the_block(variant, checkpointing):
         block.forward_mixer(x, st_b, 40, p, True)
 
 
-@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("batched,queries", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["per_segment", "batched", "queries", "batched_queries"])
 @pytest.mark.parametrize("pos,T", [(0, 40), (4, 40), (16, 48)])
-def test_block_mixer_with_readouts_apart_is_the_mixer(pos, T, batched):
+def test_block_mixer_with_readouts_apart_is_the_mixer(pos, T, batched, queries):
     """MAC's mixer with each segment's memory read-out and gate handed to a callback (forward_mixer_split, which the
     wavefront runs on a second stream) == forward_mixer: output, states and every gradient, float64; on and off the
     segment grid (a piece starting mid-segment: memory written from mid-chunk takes the one-node path).  The
     callback is called once per segment and for the residual sum; other blocks and checkpointing are refused.
-    ``batched``: the chains first, then each run of equal-length segments' read-outs at once (``mac_readouts``)."""
+    ``batched``: the chains first, then each run of equal-length segments' read-outs at once (``mac_readouts``).
+    ``queries``: the retrievals' queries and gate inputs made once for the call's segments (``mac_queries``, the
+    read convolution's cache carried across the call as segment by segment)."""
     model = _model("mac").train()
     block, p = model.blocks[1], model.persistent()
     x = torch.randn(2, T, 32, dtype=torch.float64, requires_grad=True)
@@ -123,7 +126,7 @@ def test_block_mixer_with_readouts_apart_is_the_mixer(pos, T, batched):
             calls.append(fn.__name__)
             return fn(*args)
 
-        out = (block.forward_mixer_split(x, st, pos, p, True, run_readout, batched) if split else
+        out = (block.forward_mixer_split(x, st, pos, p, True, run_readout, batched, queries) if split else
                block.forward_mixer(x, st, pos, p, True))
         loss = (out * torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))).sum()
         return out, ModelState([st]).tensors(), torch.autograd.grad(loss, params, allow_unused=True), calls
@@ -175,6 +178,22 @@ def test_wavefront_with_batched_readouts_equals_the_one_pass_forward(segment, T,
     _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=48, batched_readouts=True))
 
 
+@pytest.mark.parametrize("segment,T,kw", [(None, 80, {}), (24, 75, {}), (48, 80, {"memory_conv_kernel": 0}),
+                                           (64, 80, {"batched_readouts": True})])
+def test_wavefront_with_batched_queries_equals_the_one_pass_forward(segment, T, kw):
+    """batched_queries=True (what a call's retrievals compute from the block input alone, made once before the
+    segment chains) == model(ids, labels=ids): loss and every gradient, float64, the weight gradients deferred (the
+    wavefront's default; the retrieval's uses then leave the segments' declared uses) or not; on and off the segment
+    grid, without the memory's convolution, and with batched read-outs too."""
+    batched = kw.pop("batched_readouts", False)
+    model = _model("mac", **kw)
+    ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
+    for defer in (True, False):
+        model.set_weight_grad_deferral(defer)
+        _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=segment, batched_queries=True,
+                                                                   batched_readouts=batched))
+
+
 def test_wavefront_switches_name_a_bad_value(monkeypatch):
     monkeypatch.setenv("TITANS_WAVEFRONT_PRIORITY", "yes")
     with pytest.raises(ValueError, match="TITANS_WAVEFRONT_PRIORITY='yes': expected 0 or 1"):
@@ -186,7 +205,7 @@ def test_wavefront_switches_name_a_bad_value(monkeypatch):
 @pytest.mark.parametrize("priority,ffn_streams,views,readouts", [
     (False, False, False, False), (True, False, False, False), (True, True, False, False), (True, True, True, False),
     (True, True, False, True), (True, False, False, True), (True, True, False, "urgent"),
-    (True, True, False, "batched"), (True, False, False, "batched apart")])
+    (True, True, False, "batched"), (True, False, False, "batched apart"), (True, True, False, "queries")])
 def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_streams, views, readouts, monkeypatch):
     """Each block on its own CUDA stream (the memory blocks' at high priority; their feed-forward on streams of
     their own; MAC's segment read-outs there too, or on urgent streams of their own; or batched a call at a time, on
@@ -196,6 +215,9 @@ def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_strea
         monkeypatch.setenv("TITANS_WAVEFRONT_READOUT_URGENT", "1")
         readouts = True
     segment = None  # the window: a segment a call
+    if readouts == "queries":  # the retrievals' inputs made once a call (three segments)
+        monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_QUERIES", "1")
+        readouts, segment = False, 96
     if isinstance(readouts, str):  # batched read-outs, on the block's stream or (apart) the read-out stream
         monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_READOUTS", "1")
         readouts, segment = readouts == "batched apart", 96  # three segments a call, read back at once

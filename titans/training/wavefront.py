@@ -41,7 +41,8 @@ from titans.utils.tensors import side_stream
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
                      streams: bool | None = None, priority: bool | None = None,
                      ffn_streams: bool | None = None, stream_views: bool | None = None,
-                     readout_streams: bool | None = None, batched_readouts: bool | None = None) -> Tensor:
+                     readout_streams: bool | None = None, batched_readouts: bool | None = None,
+                     batched_queries: bool | None = None) -> Tensor:
     """Logits (B, T, vocab) of ``input_ids`` (B, T) computed segment-major (see the module docstring).
 
     segment: tokens per step (default: the model's window, MAC's segment); streams: one CUDA stream per block
@@ -62,7 +63,11 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     (``TITANS_WAVEFRONT_BATCHED_READOUTS``, "0" when unset; not yet timed on a GPU): MAC's memory blocks run a call's
     segment chains first and then their read-outs at once (``forward_mixer_split(batched=True)``: one launch of each
     read-out kernel, forward and backward, for the call's segments instead of one a segment), on the block's stream,
-    or with ``readout_streams`` on the read-out stream.  Gradients flow through the carried
+    or with ``readout_streams`` on the read-out stream.  ``batched_queries`` (``TITANS_WAVEFRONT_BATCHED_QUERIES``, "0"
+    when unset; not yet timed on a GPU): MAC's memory blocks make what a call's retrievals compute from the block
+    input alone (the queries, with their convolution, and the output gate's input) once for the call's segments,
+    before their chains (``forward_mixer_split(queries=True)``), so that no segment's chain runs it, forward or
+    backward.  Gradients flow through the carried
     states, so ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)`` does."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
@@ -78,6 +83,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     ffn_streams = switch_on("TITANS_WAVEFRONT_FFN_STREAMS") if ffn_streams is None else ffn_streams
     readouts = switch_on("TITANS_WAVEFRONT_READOUT_STREAMS") if readout_streams is None else readout_streams
     batched = switch_on("TITANS_WAVEFRONT_BATCHED_READOUTS") if batched_readouts is None else batched_readouts
+    queries = switch_on("TITANS_WAVEFRONT_BATCHED_QUERIES") if batched_queries is None else batched_queries
     persistent = model.persistent()
     layers = model.init_state(B, dev).layers  # a fresh state: its layer states are updated in place below
     main = torch.cuda.current_stream(dev) if use_streams else None
@@ -88,7 +94,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     # compile their regions; a whole-compiled block called in parts would run its parts uncompiled)
     whole = [getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks]
     # MAC's memory blocks with their segments' read-outs apart (forward_mixer_split), on the feed-forward's stream
-    readout = [(readouts or batched) and b.variant == "mac" and b.memory is not None
+    readout = [(readouts or batched or queries) and b.variant == "mac" and b.memory is not None
                and b.checkpointing_now() == "none" and not whole[i] for i, b in enumerate(model.blocks)]
     apart = [readout[i] and readouts for i in range(n)]  # the read-outs on another stream
     split = [use_streams and (ffn_streams or readout[i]) and b.memory is not None and b.checkpointing_now() != "full"
@@ -167,7 +173,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
                 with on(i):
                     if readout[i]:  # apart, its residual sum, the mixer's last step, ran on the read-out stream
                         x = block.forward_mixer_split(x, layers[i], start, persistent_on[i], True, readout_on(i),
-                                                      batched)
+                                                      batched, queries)
                     else:
                         x = block.forward_mixer(x, layers[i], start, persistent_on[i], True)
                 if use_streams:
@@ -210,7 +216,8 @@ def _tensors(obj):
 def wavefront_loss(model: TitansLM, input_ids: Tensor, labels: Tensor | None = None, segment: int | None = None,
                    streams: bool | None = None, priority: bool | None = None, ffn_streams: bool | None = None,
                    stream_views: bool | None = None, readout_streams: bool | None = None,
-                   batched_readouts: bool | None = None) -> Tensor:
+                   batched_readouts: bool | None = None, batched_queries: bool | None = None) -> Tensor:
     """The language-modelling loss of :func:`wavefront_logits` (labels default to the inputs, shifted inside)."""
     return lm_loss(wavefront_logits(model, input_ids, segment, streams, priority, ffn_streams, stream_views,
-                                    readout_streams, batched_readouts), input_ids if labels is None else labels)
+                                    readout_streams, batched_readouts, batched_queries),
+                   input_ids if labels is None else labels)

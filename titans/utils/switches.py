@@ -124,6 +124,9 @@ _DECLARED = (
            "with the read-outs apart, on a stream of their own at the chains' priority"),
     Switch("TITANS_WAVEFRONT_BATCHED_READOUTS", ON_OFF, "0",
            "MAC's read-outs once a wavefront call for its segments, after their chains"),
+    Switch("TITANS_WAVEFRONT_BATCHED_QUERIES", ON_OFF, "0",
+           "MAC's retrieval inputs (queries, output gate) once a wavefront call for its segments, before their "
+           "chains"),
     # tests
     Switch("TITANS_TEST_DEVICE", ("cpu", "cuda"), "cpu",
            "tests only: the device the kernel tests run on (cuda: the GPU twin of an interpreter test)",

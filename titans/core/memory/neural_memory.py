@@ -580,14 +580,27 @@ class NeuralMemory(nn.Module):
                 return_chunk_state=True, validate=False, compiled=which == "compiled")
         return y, W, S, W0
 
+    def retrieval_queries(self, x: Tensor, conv_cache: Tensor | None = None):
+        """What a retrieval computes from its inputs alone, before it reads the memory: x (B, T, dim) -> ``(q, g,
+        new_conv_cache)``, the queries q (B, H, T, d) (the module's W_Q, causal conv over the query stream whose
+        cache is ``conv_cache``, SiLU, l2 norm), the output gate's input g (B, T, H * d) (None without the gate) and
+        the stream's new cache.  :meth:`retrieve` with ``queries=(q, g)`` skips them (MAC's wavefront can compute
+        them for a run of segments at once, off the segment chain)."""
+        self._check_x(x, "x")
+        q, new_cache = self._project(x, conv_cache, channels=slice(0, self.heads * self.head_dim))
+        q = F.normalize(rearrange(q, "b t (h d) -> b h t d", h=self.heads), dim=-1)
+        return q, (self.gate(x) if self.gate is not None else None), new_cache
+
     def retrieve(self, x_or_q: Tensor, state: MemoryState | None = None,
-                 conv_cache: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                 conv_cache: Tensor | None = None,
+                 queries: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor | None]:
         """Read the memory without updating it (Eq. 15).  ``state`` is never modified.
 
         x_or_q: (B, T, dim) inputs (projected to queries with the module's W_Q, causal conv over the
         query stream whose cache is ``conv_cache`` (zeros if None), SiLU, l2 norm) -> (B, T, dim) after
         the output norm / gate / projection; or (B, H, T, d) ready queries -> raw memory output
         (B, H, T, d).  Returns ``(y, new_conv_cache)``; the cache belongs to the caller's query stream.
+        ``queries``: x's ``(q, g)`` as :meth:`retrieval_queries` made them (the cache is then returned as given).
         """
         if x_or_q.ndim == 4:
             if state is None:
@@ -598,10 +611,13 @@ class NeuralMemory(nn.Module):
         B = x_or_q.shape[0]
         if state is None:
             state = self.init_state(B, x_or_q.device)
-        inner = self.heads * self.head_dim
-        q, new_cache = self._project(x_or_q, conv_cache, channels=slice(0, inner))
-        q = F.normalize(rearrange(q, "b t (h d) -> b h t d", h=self.heads), dim=-1)
-        g = self.gate(x_or_q) if self.gate is not None else None
+        if queries is None:
+            q, g, new_cache = self.retrieval_queries(x_or_q, conv_cache)
+        else:
+            (q, g), new_cache = queries, conv_cache
+            if q.shape != (B, self.heads, x_or_q.shape[1], self.head_dim):
+                raise ValueError(f"queries: q {tuple(q.shape)} does not match x_or_q {tuple(x_or_q.shape)} "
+                                 f"({self.heads} heads of {self.head_dim})")
 
         def read(q: Tensor, g: Tensor | None, w_out: Tensor, *W: Tensor) -> Tensor:
             with torch.autocast(x_or_q.device.type, enabled=False):

@@ -291,7 +291,7 @@ class TitansBlock(nn.Module):
         return self._mixer(x, st, pos, persistent, want_cache, mode == "memory")
 
     def forward_mixer_split(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
-                            run_readout=None, batched: bool = False) -> Tensor:
+                            run_readout=None, batched: bool = False, queries: bool = False) -> Tensor:
         """:meth:`forward_mixer` of a MAC memory block with each segment's read-out - the memory read back after
         the segment's write (``M*_t(y_t)``: the core's read-out, the output norm, gate and projection) and MAC's
         gate - called as ``run_readout(fn, *args)`` (default: ``fn(*args)``), as is the residual sum at the end.
@@ -301,7 +301,10 @@ class TitansBlock(nn.Module):
         without activation checkpointing.  ``batched``: the segments' chains first, then
         the read-outs of each run of equal-length segments at once (:meth:`mac_readouts`: each kernel of the
         read-out, the gate and the projection, and in the backward the memory's read-out stage, launched once for
-        them instead of once a segment), called as ``run_readout(mac_readouts, ...)``."""
+        them instead of once a segment), called as ``run_readout(mac_readouts, ...)``.  ``queries``: what the
+        segments' retrievals compute from the block input alone (:meth:`mac_queries`: the queries and the output
+        gate's input) once for them all before their chains, so that neither the forward nor the backward of a
+        segment's chain runs it."""
         if self.variant != "mac" or self.memory is None:
             raise ValueError(f"forward_mixer_split: a MAC block with memory, this is {self.variant!r} layer "
                              f"{self.layer} ({'with' if self.memory is not None else 'without'} memory)")
@@ -310,11 +313,11 @@ class TitansBlock(nn.Module):
                              "memory's write and read together); call forward_mixer")
         run = run_readout or (lambda fn, *args: fn(*args))
         if not batched:
-            outs = self._over_segments(x, pos, lambda piece, p, prefix: run(self.mac_readout, *self.mac_chain(
-                piece, st, p, prefix, want_cache), x.dtype), persistent, st)
+            outs = self._over_segments(x, pos, lambda piece, p, prefix, q=None: run(self.mac_readout, *self.mac_chain(
+                piece, st, p, prefix, want_cache, q), x.dtype), persistent, st, queries=queries)
             return run(_residual_sum, x, *outs)
-        chains = self._over_segments(x, pos, lambda piece, p, prefix: self.mac_chain(piece, st, p, prefix, want_cache),
-                                     persistent, st, readouts_in_segments=False)
+        chains = self._over_segments(x, pos, lambda piece, p, prefix, q=None: self.mac_chain(
+            piece, st, p, prefix, want_cache, q), persistent, st, readouts_in_segments=False, queries=queries)
         outs, s = [], 0
         while s < len(chains):  # runs of segments whose reads stack (MemoryRead.mismatch: equal lengths, alike)
             e = s + 1
@@ -331,15 +334,25 @@ class TitansBlock(nn.Module):
             s = e
         return run(_residual_sum, x, *outs)
 
-    def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool):
+    def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool,
+                  queries: tuple[Tensor, Tensor | None] | None = None):
         """MAC over one segment of normalised inputs h (B, T, dim) up to the memory's write (Eq. 21-24):
         ``(y, read)``, the attention output and the :class:`MemoryRead` of ``M*_t(y_t)``; ``st`` updated in place.
-        ``mac_readout(y, read)`` completes it: the two equal :meth:`mac_segment`."""
+        ``mac_readout(y, read)`` completes it: the two equal :meth:`mac_segment`.  ``queries``: the retrieval's
+        ``(q, g)`` of h from :meth:`mac_queries` (then ``st.read_conv`` is left as it is)."""
         ops = StreamOps(self, st, pos, want_cache)
+        ops.queries = queries
         retrieved = ops.recall(h)  # h_t = M*_{t-1}(q_t)
         y = ops.attend(h, persistent, retrieved)  # y_t = Attn([p || h || S])
         read, st.memory = self.memory.write(h + y if self.mac_writes_residual else y, st.memory)  # M_t = M_{t-1}(y_t)
         return y, read
+
+    def mac_queries(self, h: Tensor, read_conv: Tensor | None):
+        """What MAC's retrievals compute from the block input alone, for a run of segments at once: h (B, L, dim)
+        -> ``(q (B, H, L, d), g (B, L, H * d) or None, the read convolution's new cache)``
+        (:meth:`NeuralMemory.retrieval_queries`; the convolution runs over the run's tokens from ``read_conv``,
+        as segment by segment).  A region :func:`~titans.utils.compiling.compile_blocks` compiles."""
+        return self.memory.retrieval_queries(h, read_conv)
 
     def mac_readout(self, y: Tensor, read, residual_dtype: torch.dtype | None = None) -> Tensor:
         """o_t = y_t (x) M*_t(y_t) (Eq. 25) of :meth:`mac_chain`'s segment, in the dtype it has added to a residual
@@ -375,7 +388,7 @@ class TitansBlock(nn.Module):
         return self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
 
     def _over_segments(self, x: Tensor, pos: int, step, persistent: Tensor | None, st: LayerState,
-                       readouts_in_segments: bool = True) -> list:
+                       readouts_in_segments: bool = True, queries: bool = False) -> list:
         """MAC's memory blocks: ``step(piece, position, prefix)`` for each segment piece of ``norm_mix(x)`` (x
         (B, T, dim) at host position ``pos``) in order, so each piece's retrieval reads the memory as it was before
         its segment; returns the steps' outputs.  ``prefix``: the persistent tokens' keys and values
@@ -383,7 +396,9 @@ class TitansBlock(nn.Module):
         the block's state, which the steps update; its convolution caches are handed from step to step through
         :func:`~titans.utils.tensors.gradient_like` (their gradients, slices of the next step's, reach a compiled
         step's backward with the strides it traced: no copy a segment at batch 1).  ``readouts_in_segments``: whether
-        a step reads the memory back too (deferred weight gradients declare its projections' uses per segment)."""
+        a step reads the memory back too (deferred weight gradients declare its projections' uses per segment).
+        ``queries``: the retrievals' inputs (:meth:`mac_queries`) made once for all the pieces, before them, with the
+        parameters themselves; each step then gets its piece's as ``step(piece, position, prefix, (q, g))``."""
         h = self.norm_mix(x)
         prefix = self._segment_prefix(persistent, h)
         # one split, not a slice per piece: a slice's backward writes its piece into a zero gradient of h's full
@@ -392,7 +407,12 @@ class TitansBlock(nn.Module):
         # one concatenation
         lengths = segment_pieces(pos, x.shape[1], self.window)
         outs, p = [], pos
-        deferred = self._deferred_weight_grads(h, lengths, readouts_in_segments)
+        pieces_queries = None
+        if queries:
+            q, g, st.read_conv = self.mac_queries(h, st.read_conv)
+            pieces_queries = list(zip(q.split(lengths, dim=2),
+                                      g.split(lengths, dim=1) if g is not None else [None] * len(lengths)))
+        deferred = self._deferred_weight_grads(h, lengths, readouts_in_segments, retrieval=not queries)
         prefixes = [prefix] * len(lengths)
         if deferred is not None and prefix is not None and len(lengths) > 1:
             # each segment its own view of the prefix, so that its gradients are summed once, on the weight-gradient
@@ -403,8 +423,12 @@ class TitansBlock(nn.Module):
             for s, piece in enumerate(h.split(lengths, dim=1)):
                 with run_piece(s) if run_piece is not None else nullcontext():
                     # contiguous once here: each projection of a strided piece would copy it (four a segment)
-                    outs.append(step(piece.contiguous(), p, prefixes[s]))
-                st.read_conv = gradient_like(st.read_conv)
+                    if pieces_queries is None:
+                        outs.append(step(piece.contiguous(), p, prefixes[s]))
+                    else:
+                        outs.append(step(piece.contiguous(), p, prefixes[s], pieces_queries[s]))
+                if pieces_queries is None:  # (made once for the pieces otherwise)
+                    st.read_conv = gradient_like(st.read_conv)
                 if st.memory is not None and st.memory.conv is not None:
                     st.memory = replace(st.memory, conv=gradient_like(st.memory.conv))
                 p += piece.shape[1]
@@ -428,7 +452,7 @@ class TitansBlock(nn.Module):
         configured = in_wavefront if self.defer_weight_grads is None else self.defer_weight_grads
         return deferral_wanted(configured)
 
-    def _deferred_weight_grads(self, h: Tensor, lengths: list[int], readouts: bool = True):
+    def _deferred_weight_grads(self, h: Tensor, lengths: list[int], readouts: bool = True, retrieval: bool = True):
         """Deferred weight gradients (:meth:`defers_weight_grads`): the segment steps' projections hand their weight
         gradients to one sum per projection (and piece length) over the segments of this call, when autograd
         records and no checkpointing region would run them twice.
@@ -437,7 +461,8 @@ class TitansBlock(nn.Module):
               and self.checkpointing_now() == "none" and not torch.compiler.is_compiling())
         if not on:
             return None
-        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n, readouts), lengths, self.weight_grad_stream,
+        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n, readouts, retrieval), lengths,
+                            self.weight_grad_stream,
                             self.segment_params(), self.weight_casts, batch=h.shape[0])
 
     def segment_params(self) -> list[tuple[nn.Module, str]]:
@@ -452,23 +477,25 @@ class TitansBlock(nn.Module):
             params += [(mem, "conv.weight"), (mem, "conv.bias")]
         return params
 
-    def weight_grad_uses(self, batch: int, length: int, readout: bool = True):
+    def weight_grad_uses(self, batch: int, length: int, readout: bool = True, retrieval: bool = True):
         """The projections one MAC segment step calls (:meth:`_mac`; :meth:`mac_chain` then :meth:`mac_readout`),
         each with its uses in call order (:class:`~titans.utils.weight_grads.LinearUse`): the retrieval (the
         query rows of W_QKV, the output gate, the output projection), attention (queries; keys / values of the
         segment and the retrieved tokens stacked on the batch - the persistent tokens' are projected before the
         segments, :meth:`_over_segments`; the output), the write (W_QKV whole, the gates) and the read-back (output
         gate, output projection; without ``readout`` not, :meth:`mac_readouts` reading back a run of segments
-        at once with the parameters themselves).  Checked at every use."""
+        at once with the parameters themselves); without ``retrieval`` not the retrieval's query rows of W_QKV and
+        output gate either (:meth:`mac_queries` made them for the segments at once).  Checked at every use."""
         mem, attn = self.memory, self.attn
         x = (batch, length, mem.dim)
         inner = (batch, length, mem.heads * mem.head_dim)
-        reads = 2 if readout else 1
-        plan = [(mem.to_qkv, [LinearUse(x, slice(0, inner[-1])), LinearUse(x)]),
+        reads = 2 if readout else 1  # the output projection: the retrieval's, and the read-back's
+        gates = int(retrieval) + int(readout)
+        plan = [(mem.to_qkv, ([LinearUse(x, slice(0, inner[-1]))] if retrieval else []) + [LinearUse(x)]),
                 (mem.to_gates, [LinearUse(x)]),
                 (mem.to_out, [LinearUse(inner)] * reads)]
-        if mem.gate is not None:
-            plan.append((mem.gate, [LinearUse(x)] * reads))
+        if mem.gate is not None and gates:
+            plan.append((mem.gate, [LinearUse(x)] * gates))
         return plan + [(attn.q_proj, [LinearUse(x)]), (attn.kv_proj, [LinearUse((2 * batch, length, attn.dim))]),
                        (attn.o_proj, [LinearUse((batch, length, attn.heads * attn.head_dim))])]
 
@@ -510,7 +537,7 @@ class TitansBlock(nn.Module):
         if self.variant != "mac" or self.memory is None or not switch_on("TITANS_COMPILE_MAC_SEGMENTS"):
             return ()
         # mac_chain / mac_readout(s): the wavefront's split segment (forward_mixer_split); compiled when first called
-        return ("mac_segment", "mac_chain", "mac_readout", "mac_readouts", "norm_mix", "feed_forward")
+        return ("mac_segment", "mac_chain", "mac_readout", "mac_readouts", "mac_queries", "norm_mix", "feed_forward")
 
     def _mac(self, h: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
         """Memory as context (Eq. 21-25) over normalised inputs h (B, T, dim) inside one segment."""
@@ -530,17 +557,19 @@ class TitansBlock(nn.Module):
         return self.gate(y, m), memory
 
     def read_segment(self, h: Tensor, memory: MemoryState, segment_weights: tuple[Tensor, ...],
-                     read_conv: Tensor | None, pos: int | Tensor, recompute_read: bool = False):
+                     read_conv: Tensor | None, pos: int | Tensor, recompute_read: bool = False,
+                     queries: tuple[Tensor, Tensor | None] | None = None):
         """MAC's retrieval (Eq. 21): read h (B, T, dim) with the memory weights from before the current segment,
         taking that snapshot of ``memory.weights`` when ``pos`` (the piece's first position: a host int while
         streaming, a 0-dim device tensor in static decoding) opens a segment.  Returns ``(retrieved (B, T, dim),
         segment_weights, read_conv)``, the latter two to keep in the state.  ``recompute_read``: the read is a
-        recomputed region (activation checkpointing)."""
+        recomputed region (activation checkpointing).  ``queries``: h's retrieval inputs already made
+        (:meth:`mac_queries`; ``read_conv`` comes back as given)."""
         seg = select_weights(pos % self.window == 0, memory.weights, segment_weights)
         read_state = MemoryState(seg, memory.momentum, seg, memory.seen)
         read = self.memory.retrieve
-        retrieved, read_conv = recompute(read, h, read_state, read_conv) if recompute_read else read(h, read_state,
-                                                                                                      read_conv)
+        retrieved, read_conv = (recompute(read, h, read_state, read_conv, queries) if recompute_read
+                                else read(h, read_state, read_conv, queries))
         return retrieved, seg, read_conv
 
 
@@ -612,6 +641,7 @@ class StreamOps(LayerOps):
         self.block, self.st, self.pos, self.want_cache = block, st, pos, want_cache
         self.recompute_memory = recompute_memory
         self.prefix = st.prefix
+        self.queries = None  # the retrieval's (q, g), made before the segment (TitansBlock.mac_queries)
 
     def attend(self, h: Tensor, prefix: Tensor | None, memory_tokens: Tensor | None) -> Tensor:
         st, b = self.st, self.block
@@ -639,7 +669,7 @@ class StreamOps(LayerOps):
         st = self.st
         retrieved, st.segment_weights, st.read_conv = self.block.read_segment(h, st.memory, st.segment_weights,
                                                                               st.read_conv, self.pos,
-                                                                              self.recompute_memory)
+                                                                              self.recompute_memory, self.queries)
         return retrieved
 
 
