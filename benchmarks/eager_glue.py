@@ -94,6 +94,8 @@ def main(argv=None) -> dict:
                     help="tokens per wavefront step (default: 4 segments, as the GPU rows' 2048 of MAC's 512)")
     ap.add_argument("--batched-readouts", action="store_true",
                     help="the wavefront's batched read-outs (TITANS_WAVEFRONT_BATCHED_READOUTS=1)")
+    ap.add_argument("--batched-queries", action="store_true",
+                    help="the wavefront's batched queries (TITANS_WAVEFRONT_BATCHED_QUERIES=1)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bf16 autocast")
     ap.add_argument("--out", default="benchmarks/results/eager_glue.json")
     args = ap.parse_args(argv)
@@ -107,7 +109,8 @@ def main(argv=None) -> dict:
     def step():
         with amp:
             loss = (wavefront_loss(model, ids, segment=args.wavefront_step or 4 * args.window,
-                                   batched_readouts=args.batched_readouts) if args.wavefront
+                                   batched_readouts=args.batched_readouts,
+                                   batched_queries=args.batched_queries) if args.wavefront
                     else model(ids, labels=ids, use_cache=False).loss)
         loss.backward()
         model.zero_grad(set_to_none=True)

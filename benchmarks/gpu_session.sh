@@ -896,8 +896,8 @@ fi
 if [ "$PART" = 74 ]; then
   # session 36 (for after PART=72): the retrievals' inputs made once a wavefront call, before its segment chains
   # (TITANS_WAVEFRONT_BATCHED_QUERIES=1: the query rows of W_QKV, the read convolution, SiLU, l2 norm and the output
-  # gate's projection for the call's four segments at once; a later segment's chain graphs lose 49 of 288 forward and
-  # 64 of 271 backward ops on this CPU), alone and with the batched read-outs (inner forward saved), against the
+  # gate's projection for the call's four segments at once; a later segment's step graphs lose 49 of 330 forward and
+  # 64 of 351 backward ops on this CPU), alone and with the batched read-outs (inner forward saved), against the
   # default on the same machine, and the 4096 x 8 denominator
   test_wavefront 50
   mac_65536x1_defaults 120

@@ -116,8 +116,8 @@ def main(argv=None) -> dict:
                          "step as two compiled regions, the chain's (mac_chain) and the read-out's (mac_readout)")
     ap.add_argument("--batched-queries", action="store_true",
                     help="the wavefront with MAC's retrieval inputs made once a call "
-                         "(TITANS_WAVEFRONT_BATCHED_QUERIES=1): the segment step as the chain's and the read-out's "
-                         "regions, and the queries' region")
+                         "(TITANS_WAVEFRONT_BATCHED_QUERIES=1), the segments in one call: the segment step's region "
+                         "(or with --readouts-apart the chain's and the read-out's) and the queries' region")
     ap.add_argument("--out", default=None, help="JSON file (a summary is printed)")
     args = ap.parse_args(argv)
     os.environ["TITANS_DEFER_WEIGHT_GRADS"] = "1" if args.defer_weight_grads else "0"
@@ -148,16 +148,21 @@ def main(argv=None) -> dict:
     weight_shapes = {s for mod in block.modules() if isinstance(mod, torch.nn.Linear)
                      for s in (tuple(mod.weight.shape), tuple(mod.weight.shape)[::-1])}
     ids = torch.randint(0, cfg.vocab_size, (1, args.segments * args.window))
-    if args.readouts_apart or args.batched_queries:
+    if args.batched_queries:
+        block.mac_queries = compiled(block.mac_queries, "queries ")
+    if args.readouts_apart:
         from titans.training.wavefront import wavefront_loss
 
         block.mac_chain = compiled(block.mac_chain, "chain ")
         block.mac_readout = compiled(block.mac_readout, "readout ")
-        if args.batched_queries:
-            block.mac_queries = compiled(block.mac_queries, "queries ")
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = wavefront_loss(model, ids, readout_streams=args.readouts_apart,
-                                  batched_queries=args.batched_queries)
+            loss = wavefront_loss(model, ids, readout_streams=True, batched_queries=args.batched_queries)
+    elif args.batched_queries:  # the wavefront, all segments in one call (one queries region for them)
+        from titans.training.wavefront import wavefront_loss
+
+        block.mac_segment = compiled(block.mac_segment)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = wavefront_loss(model, ids, segment=ids.shape[1], batched_queries=True)
     else:
         block.mac_segment = compiled(block.mac_segment)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -175,7 +180,7 @@ def main(argv=None) -> dict:
                   f"{r['custom_ops']}" + (f"; reads {r['saved']} saved tensors, {r['saved_bytes'] / 2**20:.3f} MB"
                                           if kind.endswith("backward") else ""))
     if args.by_source:  # the chain's graph: the backward of a later segment
-        chain = "chain backward" if args.readouts_apart or args.batched_queries else "backward"
+        chain = "chain backward" if args.readouts_apart else "backward"
         print(f"{chain} graph of a later segment, ops by source line:")
         for n, loc in result["graphs"][chain][-1]["by_source"]:
             print(f"{n:5d}  {loc}")

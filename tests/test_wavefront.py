@@ -180,18 +180,30 @@ def test_wavefront_with_batched_readouts_equals_the_one_pass_forward(segment, T,
 
 @pytest.mark.parametrize("segment,T,kw", [(None, 80, {}), (24, 75, {}), (48, 80, {"memory_conv_kernel": 0}),
                                            (64, 80, {"batched_readouts": True})])
-def test_wavefront_with_batched_queries_equals_the_one_pass_forward(segment, T, kw):
+def test_wavefront_with_batched_queries_equals_the_one_pass_forward(segment, T, kw, monkeypatch):
     """batched_queries=True (what a call's retrievals compute from the block input alone, made once before the
-    segment chains) == model(ids, labels=ids): loss and every gradient, float64, the weight gradients deferred (the
+    segment steps) == model(ids, labels=ids): loss and every gradient, float64, the weight gradients deferred (the
     wavefront's default; the retrieval's uses then leave the segments' declared uses) or not; on and off the segment
-    grid, without the memory's convolution, and with batched read-outs too."""
+    grid, without the memory's convolution, and with batched read-outs too.  Without those, the segments keep the
+    one-region step (``mac_segment``; the split into chain and read-out is only for the read-outs' sake)."""
+    from titans.core.models.model import TitansBlock
+
     batched = kw.pop("batched_readouts", False)
     model = _model("mac", **kw)
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
+    steps = []
+    for name in ("mac_segment", "mac_chain", "mac_queries"):
+        real = getattr(TitansBlock, name)
+        monkeypatch.setattr(TitansBlock, name, lambda self, *a, _real=real, _name=name, **k: (
+            steps.append(_name), _real(self, *a, **k))[1])
     for defer in (True, False):
         model.set_weight_grad_deferral(defer)
+        steps.clear()
         _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=segment, batched_queries=True,
                                                                    batched_readouts=batched))
+        calls = -(-T // (segment or model.config.window))  # wavefront calls of the memory block
+        assert steps.count("mac_queries") == calls
+        assert ("mac_chain" in steps) == batched, steps  # (the one-pass reference runs mac_segment too)
 
 
 def test_wavefront_switches_name_a_bad_value(monkeypatch):

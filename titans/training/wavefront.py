@@ -94,12 +94,15 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     # compile their regions; a whole-compiled block called in parts would run its parts uncompiled)
     whole = [getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks]
     # MAC's memory blocks with their segments' read-outs apart (forward_mixer_split), on the feed-forward's stream
-    readout = [(readouts or batched or queries) and b.variant == "mac" and b.memory is not None
+    readout = [(readouts or batched) and b.variant == "mac" and b.memory is not None
                and b.checkpointing_now() == "none" and not whole[i] for i, b in enumerate(model.blocks)]
     apart = [readout[i] and readouts for i in range(n)]  # the read-outs on another stream
     split = [use_streams and (ffn_streams or readout[i]) and b.memory is not None and b.checkpointing_now() != "full"
              and not whole[i] for i, b in enumerate(model.blocks)]
     ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
+    # MAC's memory blocks with their retrievals' inputs made once a call (forward_mixer / forward_mixer_split)
+    queries_on = [queries and b.variant == "mac" and b.memory is not None and b.checkpointing_now() == "none"
+                  and not whole[i] for i, b in enumerate(model.blocks)]
     # where the read-outs run: the feed-forward's stream, or (TITANS_WAVEFRONT_READOUT_URGENT=1) a stream of their own
     # at the chains' priority, so that the chain's walk, which waits on its segment's read-out backward (the shares
     # of the chunk starts' gradient), does not wait behind feed-forward work of normal priority (session 33: no
@@ -166,19 +169,19 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
             made_on = main
             for i, block in enumerate(model.blocks):
                 made_on = hand_to(x, made_on, side[i] if use_streams else None)
-                if not (split[i] or readout[i]):
+                if not (split[i] or readout[i] or queries_on[i]):
                     with on(i):
                         x = block(x, layers[i], start, persistent_on[i], True)
                     continue
                 with on(i):
                     if readout[i]:  # apart, its residual sum, the mixer's last step, ran on the read-out stream
                         x = block.forward_mixer_split(x, layers[i], start, persistent_on[i], True, readout_on(i),
-                                                      batched, queries)
+                                                      batched, queries_on[i])
                     else:
-                        x = block.forward_mixer(x, layers[i], start, persistent_on[i], True)
-                if use_streams:
+                        x = block.forward_mixer(x, layers[i], start, persistent_on[i], True, queries_on[i])
+                if use_streams and i in ffn:
                     made_on = hand_to(x, ro[i] if apart[i] else made_on, ffn[i])
-                with torch.cuda.stream(ffn[i]) if use_streams else nullcontext():
+                with torch.cuda.stream(ffn[i]) if use_streams and i in ffn else on(i):
                     x = block.feed_forward(x)
             with torch.cuda.stream(made_on) if use_streams else nullcontext():  # the head where x was made
                 if views:

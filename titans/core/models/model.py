@@ -281,14 +281,15 @@ class TitansBlock(nn.Module):
         return self._forward(x, st, pos, persistent, want_cache, mode == "memory")
 
     def forward_mixer(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
-                      want_cache: bool) -> Tensor:
+                      want_cache: bool, queries: bool = False) -> Tensor:
         """:meth:`forward` without the feed-forward (x -> x + mixer(x)); ``feed_forward`` of the result is the
         block's output.  The wavefront runs the two on different streams.  Not with ``full`` checkpointing (the
-        block is one recomputed region there)."""
+        block is one recomputed region there).  ``queries`` (MAC's memory blocks): the segments' retrieval inputs
+        made once for them all before their steps (:meth:`mac_queries`, as in :meth:`forward_mixer_split`)."""
         mode = self.checkpointing_now()
         if mode == "full":
             raise ValueError("forward_mixer: full activation checkpointing recomputes the whole block; call forward")
-        return self._mixer(x, st, pos, persistent, want_cache, mode == "memory")
+        return self._mixer(x, st, pos, persistent, want_cache, mode == "memory", queries)
 
     def forward_mixer_split(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
                             run_readout=None, batched: bool = False, queries: bool = False) -> Tensor:
@@ -380,10 +381,10 @@ class TitansBlock(nn.Module):
         return self.feed_forward(self._mixer(x, st, pos, persistent, want_cache, recompute_memory))
 
     def _mixer(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
-               recompute_memory: bool) -> Tensor:
+               recompute_memory: bool, queries: bool = False) -> Tensor:
         if self.variant == "mac" and self.memory is not None:
-            outs = self._over_segments(x, pos, lambda piece, p, prefix: self.mac_segment(
-                piece, st, p, prefix, want_cache, recompute_memory, x.dtype), persistent, st)
+            outs = self._over_segments(x, pos, lambda piece, p, prefix, q=None: self.mac_segment(
+                piece, st, p, prefix, want_cache, recompute_memory, x.dtype, q), persistent, st, queries=queries)
             return _residual_sum(x, *outs)
         return self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
 
@@ -462,8 +463,7 @@ class TitansBlock(nn.Module):
         if not on:
             return None
         return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n, readouts, retrieval), lengths,
-                            self.weight_grad_stream,
-                            self.segment_params(), self.weight_casts, batch=h.shape[0])
+                            self.weight_grad_stream, self.segment_params(), self.weight_casts, batch=h.shape[0])
 
     def segment_params(self) -> list[tuple[nn.Module, str]]:
         """The elementwise parameters one MAC segment step reads through
@@ -518,16 +518,18 @@ class TitansBlock(nn.Module):
         return x + ops.attend(self.norm_mix(x), persistent, None)
 
     def mac_segment(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool,
-                    recompute_memory: bool, residual_dtype: torch.dtype | None = None) -> Tensor:
+                    recompute_memory: bool, residual_dtype: torch.dtype | None = None,
+                    queries: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """MAC over one segment (or a piece of one) of normalised inputs h (B, T, dim) at host position ``pos``,
         ``st`` updated in place.  The region :func:`~titans.utils.compiling.compile_blocks` compiles in MAC's
         memory blocks: one segment's graph, reused for every segment (the block's whole forward unrolls its
         segment loop, a graph and a compile time growing with the sequence: 128 segments at 65536 tokens).
         ``persistent``: the persistent tokens, or their keys and values (:class:`PrefixKV`, from
         :meth:`_over_segments`).  ``residual_dtype``: the output comes in the dtype it has added to a residual stream
-        of that dtype (:func:`_to_residual`)."""
-        return _to_residual(self._mac(h, StreamOps(self, st, pos, want_cache, recompute_memory), persistent),
-                            residual_dtype)
+        of that dtype (:func:`_to_residual`).  ``queries``: the retrieval's ``(q, g)`` of h from :meth:`mac_queries`."""
+        ops = StreamOps(self, st, pos, want_cache, recompute_memory)
+        ops.queries = queries
+        return _to_residual(self._mac(h, ops, persistent), residual_dtype)
 
     @property
     def compile_regions(self) -> tuple[str, ...]:

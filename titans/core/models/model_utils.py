@@ -56,12 +56,11 @@ class MemoryGate(nn.Module):
         if w_y.ndim == 1 and fused_gate_applies(y, m):
             return fused_gate(y, m, w_y, w_m, self.norm_y.eps)
         d = y.shape[-1]
-        # in the weights' dtype (float32 under autocast): a per-token stand-in cast to bf16 would be a per-token copy
-        # that the compiled backward keeps, where the stand-in itself costs nothing
-        wide = torch.promote_types(torch.promote_types(y.dtype, m.dtype), w_y.dtype)
-        out = F.rms_norm(y, (d,), None, self.norm_y.eps).to(wide) * w_y * torch.sigmoid(
-            F.rms_norm(m, (d,), None, self.norm_m.eps).to(wide) * w_m)
-        return out.to(torch.promote_types(y.dtype, m.dtype))
+        # each weight multiplied as it is (float32 under autocast) and the product rounded back to its side's dtype:
+        # a per-token stand-in cast to bf16 would be a per-token copy that the compiled backward keeps (the stand-in
+        # itself costs nothing), and the sigmoid and the last product stay in y's / m's dtype, kept as such
+        a = (F.rms_norm(y, (d,), None, self.norm_y.eps) * w_y).to(y.dtype)
+        return a * torch.sigmoid((F.rms_norm(m, (d,), None, self.norm_m.eps) * w_m).to(m.dtype))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
