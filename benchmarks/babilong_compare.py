@@ -18,7 +18,7 @@ from datetime import date
 from pathlib import Path
 
 from titans.inference.long_context import wilson_interval
-from titans.utils.io import atomic_write_text
+from titans.utils.io import atomic_write_text, atomic_write_with
 
 
 def length_groups(lengths, within: int) -> dict[int, int]:
@@ -128,11 +128,8 @@ def plot(task: str, models: dict[str, dict[int, dict]], path: Path) -> None:
     ax.set_title(task)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv=None) -> dict:

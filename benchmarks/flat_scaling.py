@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from titans.utils.io import atomic_write_text
+from titans.utils.io import atomic_write_text, atomic_write_with
 
 TARGET = 0.9
 
@@ -117,11 +117,8 @@ def plot(result: dict, path: Path) -> None:
     if result["references"]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
