@@ -893,6 +893,20 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 75 ]; then
+  # session 36, second call: PART=72 found the per-token stand-ins 23% slower (224.8K vs 292.6K tokens/s at 65536 x 1),
+  # so the per-segment sums are the default again; the batched read-outs (+4% over the per-token default there) and
+  # the batched queries, alone and together, against the default on one machine, and the 4096 x 8 denominator
+  mac_65536x1_defaults 120
+  step 110 mac-65536x1-wf2048-batched-queries-readouts env TITANS_WAVEFRONT_BATCHED_QUERIES=1 \
+    TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_batched_both.json"
+  step 110 mac-65536x1-wf2048-batched-queries env TITANS_WAVEFRONT_BATCHED_QUERIES=1 \
+    $WF --out "$RES/h_wf2048_batched_queries.json"
+  step 110 mac-65536x1-wf2048-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 \
+    $WF --out "$RES/h_wf2048_batched_readouts.json"
+  mac_4096x8_defaults 100
+  finish
+fi
 if [ "$PART" = 74 ]; then
   # session 36 (for after PART=72): the retrievals' inputs made once a wavefront call, before its segment chains
   # (TITANS_WAVEFRONT_BATCHED_QUERIES=1: the query rows of W_QKV, the read convolution, SiLU, l2 norm and the output

@@ -256,9 +256,9 @@ class TrainingConfig(_Strict):
         "instead of per segment (titans.utils.weight_grads; the same gradients up to summation order): true / false "
         "always / never; null (default) inside training.wavefront only, where the segment chain is the step's "
         "critical path (MAC 65536 x 1 on an H200: 261.3K vs 250.5K tokens/s; one pass at 4096 x 8: 365.7K vs 369.8K, "
-        "session 26); the elementwise parameters' gradients (norms, the memory's convolution) stay per token until "
-        "the call's end, ~19 MB a segment and memory block at MAC's issue-7 shape and batch 1 "
-        "(TITANS_DEFER_PER_TOKEN=0: reduced per segment).  Not with distributed=fsdp.  TITANS_DEFER_WEIGHT_GRADS=1 / 0 "
+        "session 26); with TITANS_DEFER_PER_TOKEN=1 the elementwise parameters' gradients stay per token until the "
+        "call's end (~19 MB a segment and memory block at MAC's issue-7 shape and batch 1; 23% slower on an H200, "
+        "session 36).  Not with distributed=fsdp.  TITANS_DEFER_WEIGHT_GRADS=1 / 0 "
         "overrides it")
     distributed: Literal["ddp", "fsdp"] = "ddp"
     wavefront: bool = Field(

@@ -95,9 +95,10 @@ _DECLARED = (
            "defer the memory blocks' weight gradients to one matmul a step (1) or not (0); unset: the config's "
            "choice (on in the wavefront)",
            "1 (defer weight gradients), 0 (do not) or unset"),
-    Switch("TITANS_DEFER_PER_TOKEN", ON_OFF, "1",
+    Switch("TITANS_DEFER_PER_TOKEN", ON_OFF, "0",
            "deferred, a segment's stand-ins of its elementwise parameters broadcast over its tokens (their gradients "
-           "summed over the tokens once a call, off the chain); 0: one reduction a parameter and segment"),
+           "summed over the tokens once a call, off the chain; 23% slower at MAC 65536 x 1 on an H200, session 36); "
+           "0 (default): one reduction a parameter and segment"),
     Switch("TITANS_MATMUL_SM_CARVEOUT", None, None,
            "cuBLAS matmuls leave this many SMs to other streams (torch's experimental carveout); unset: none",
            "a whole number of SMs >= 0 for the matmuls to leave free", str.isdigit),

@@ -27,12 +27,11 @@ otherwise, and ``TITANS_DEFER_WEIGHT_GRADS=1`` / ``0`` overrides both.
 
 The elementwise parameters a segment reads (norm weights, the memory's convolution: ``TitansBlock.segment_params``)
 go the same way by plain autograd: :func:`segment_taps` hands each segment a stand-in of each, read through
-:func:`segment_param`: the parameter broadcast over the segment's tokens, a view ``(batch, tokens, *p.shape)`` of
-``p.expand(pieces, batch, tokens, ...).unbind(0)``.  A segment's backward then leaves the gradient per token (the
-products its pointwise kernels compute anyway, one more store) instead of reducing it over the segment's tokens (a
-reduction kernel per parameter with few programs at batch 1, on the chain: ~6 of a MAC segment's backward kernels
-were such reductions, session 36's count), and one node (unbind's backward, a stack; expand's, the sum over pieces,
-batch and tokens) reduces them once per block call, on the weight-gradient stream, into one add to ``.grad``.
+:func:`segment_param`, a view of ``p.expand(pieces, ...).unbind(0)``, so their gradients are gathered by one node
+and reach ``.grad`` once per block call instead of one add per segment on the chain.  ``TITANS_DEFER_PER_TOKEN=1``
+broadcasts the stand-ins over the segment's tokens as well, ``(batch, tokens, *p.shape)``, so that a segment's
+backward leaves their gradients per token and the sums over the tokens run once a call off the chain; on an H200 that
+was 23% slower (MAC 65536 x 1: 224.8K vs 292.6K tokens/s, session 36), so it is off by default.
 
 Which projections a segment uses, with which input shapes and in which order, is declared by the block
 (:meth:`titans.core.models.model.TitansBlock.weight_grad_uses`); every use checks the declaration and the count is
@@ -214,8 +213,8 @@ def _add_rows(total: Tensor | None, part: Tensor, rows: slice | None, shape) -> 
 
 def segment_param(module: nn.Module, name: str) -> Tensor:
     """``module``'s parameter ``name`` (dotted, e.g. ``"conv.weight"``), or the stand-in :func:`segment_taps` gave
-    it for the segment running now: the same values broadcast over the segment's tokens, ``(batch, tokens,
-    *p.shape)``, whose gradient stays per token and goes to one sum over the segments instead of a reduction and an
+    it for the segment running now: a view of the same values (with ``TITANS_DEFER_PER_TOKEN=1`` broadcast over the
+    segment's tokens, ``(batch, tokens, *p.shape)``) whose gradient goes to one sum over the segments instead of an
     add into ``.grad`` per segment.  Modules read the elementwise parameters a MAC segment uses through this (norm
     weights, the memory's convolution) and apply them where either shape broadcasts."""
     stand_ins = module.__dict__.get("segment_params")
@@ -235,11 +234,11 @@ def segment_views(tensors: Sequence[Tensor], pieces: int) -> list[tuple[Tensor, 
 def _param_stand_ins(params: Sequence[tuple[nn.Module, str]], batch: int,
                      lengths: Sequence[int]) -> list[dict[nn.Module, dict[str, Tensor]]]:
     """For each segment (``lengths[s]`` tokens), each module's stand-ins ``{name: view}`` of ``params`` ((module,
-    dotted name) pairs): the parameter broadcast over the segment's tokens, shape ``(batch, lengths[s], *p.shape)``
-    with zero strides, one view each of ``p.expand(n, batch, length, ...).unbind(0)`` for the n segments of each
-    length.  So a segment's backward hands on the gradient per token, and the sum over the segments' tokens runs once
-    a length (expand's backward), where the stand-ins were made.  ``TITANS_DEFER_PER_TOKEN=0`` (A/B timing) gives
-    ``p.shape`` stand-ins instead, each segment reducing its gradient over its tokens (sessions 26-35)."""
+    dotted name) pairs): one view each of ``p.expand(n, ...).unbind(0)`` for the n segments of each length, whose
+    gradients reach ``.grad`` once.  With ``TITANS_DEFER_PER_TOKEN=1`` the parameter broadcast over the segment's
+    tokens, shape ``(batch, lengths[s], *p.shape)`` with zero strides: a segment's backward then hands on the
+    gradient per token, and the sum over the segments' tokens runs once a length (expand's backward), where the
+    stand-ins were made - 23% slower on an H200 at MAC 65536 x 1 (session 36), so not the default."""
     per_token = switch_on("TITANS_DEFER_PER_TOKEN")
     groups: dict[int, list[int]] = {}
     for s, n in enumerate(lengths):

@@ -132,7 +132,7 @@ def causal_depthwise_conv(x: Tensor, cache: Tensor | None, weight: Tensor, bias:
     ``y[b, t, c] = bias[c] + sum_j weight[c, 0, j] * xp[b, t + j, c]`` with ``xp = cat(cache^T, x)`` along time.
     x (B, T, C); cache (B, C, K - 1), the last K - 1 inputs of the previous call (None: zeros); weight (C, 1, K);
     bias (C,) or None.  Or weight (B, T, C, 1, K) and bias (B, T, C): the same values broadcast over the tokens (a
-    MAC segment's stand-ins while weight gradients are deferred, :func:`~titans.utils.weight_grads.segment_param`:
+    MAC segment's stand-ins with TITANS_DEFER_PER_TOKEN=1, :func:`~titans.utils.weight_grads.segment_param`:
     their gradient stays per token, summed off the segment chain; shifted form only).  Returns ``(y (B, T, C) in
     x's dtype, new cache (B, C, K - 1))`` (the cache is None when K = 1 and none was given; the shifted form's lies
     in memory time-major, as a transposed (B, K - 1, C)).

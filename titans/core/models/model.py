@@ -468,9 +468,9 @@ class TitansBlock(nn.Module):
     def segment_params(self) -> list[tuple[nn.Module, str]]:
         """The elementwise parameters one MAC segment step reads through
         :func:`~titans.utils.weight_grads.segment_param` ((module, dotted name) pairs): the memory's convolution
-        and output norm, the gate's two norms.  Deferred, each segment reads its own stand-in, broadcast over its
-        tokens, and their gradients reach ``.grad`` in one sum per block call instead of a reduction over the
-        segment's tokens and an add per segment on the chain (session 26's count: 8 such adds a segment)."""
+        and output norm, the gate's two norms.  Deferred, each segment reads its own stand-in (with
+        ``TITANS_DEFER_PER_TOKEN=1`` broadcast over its tokens) and their gradients reach ``.grad`` in one sum per
+        block call instead of an add per segment on the chain (session 26's count: 8 such adds a segment)."""
         mem = self.memory
         params = [(mem, "out_norm_weight"), (self.gate, "norm_y.weight"), (self.gate, "norm_m.weight")]
         if mem.conv is not None:
