@@ -902,9 +902,9 @@ if [ "$PART" = 75 ]; then
     TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_batched_both.json"
   step 110 mac-65536x1-wf2048-batched-queries env TITANS_WAVEFRONT_BATCHED_QUERIES=1 \
     $WF --out "$RES/h_wf2048_batched_queries.json"
+  mac_4096x8_defaults 100
   step 110 mac-65536x1-wf2048-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 \
     $WF --out "$RES/h_wf2048_batched_readouts.json"
-  mac_4096x8_defaults 100
   finish
 fi
 if [ "$PART" = 74 ]; then
