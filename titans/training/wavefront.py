@@ -94,15 +94,16 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     # compile their regions; a whole-compiled block called in parts would run its parts uncompiled)
     whole = [getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks]
     # MAC's memory blocks with their segments' read-outs apart (forward_mixer_split), on the feed-forward's stream
-    readout = [(readouts or batched) and b.variant == "mac" and b.memory is not None
-               and b.checkpointing_now() == "none" and not whole[i] for i, b in enumerate(model.blocks)]
+    # MAC's memory blocks that can run their segments in parts (forward_mixer_split, or forward_mixer's queries)
+    mac_parts = [b.variant == "mac" and b.memory is not None and b.checkpointing_now() == "none" and not whole[i]
+                 for i, b in enumerate(model.blocks)]
+    readout = [(readouts or batched) and mac_parts[i] for i in range(n)]
     apart = [readout[i] and readouts for i in range(n)]  # the read-outs on another stream
     split = [use_streams and (ffn_streams or readout[i]) and b.memory is not None and b.checkpointing_now() != "full"
              and not whole[i] for i, b in enumerate(model.blocks)]
     ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
     # MAC's memory blocks with their retrievals' inputs made once a call (forward_mixer / forward_mixer_split)
-    queries_on = [queries and b.variant == "mac" and b.memory is not None and b.checkpointing_now() == "none"
-                  and not whole[i] for i, b in enumerate(model.blocks)]
+    queries_on = [queries and mac_parts[i] for i in range(n)]
     # where the read-outs run: the feed-forward's stream, or (TITANS_WAVEFRONT_READOUT_URGENT=1) a stream of their own
     # at the chains' priority, so that the chain's walk, which waits on its segment's read-out backward (the shares
     # of the chunk starts' gradient), does not wait behind feed-forward work of normal priority (session 33: no

@@ -234,15 +234,16 @@ def segment_views(tensors: Sequence[Tensor], pieces: int) -> list[tuple[Tensor, 
 def _param_stand_ins(params: Sequence[tuple[nn.Module, str]], batch: int,
                      lengths: Sequence[int]) -> list[dict[nn.Module, dict[str, Tensor]]]:
     """For each segment (``lengths[s]`` tokens), each module's stand-ins ``{name: view}`` of ``params`` ((module,
-    dotted name) pairs): one view each of ``p.expand(n, ...).unbind(0)`` for the n segments of each length, whose
-    gradients reach ``.grad`` once.  With ``TITANS_DEFER_PER_TOKEN=1`` the parameter broadcast over the segment's
-    tokens, shape ``(batch, lengths[s], *p.shape)`` with zero strides: a segment's backward then hands on the
-    gradient per token, and the sum over the segments' tokens runs once a length (expand's backward), where the
-    stand-ins were made - 23% slower on an H200 at MAC 65536 x 1 (session 36), so not the default."""
+    dotted name) pairs): one view each of ``p.expand(len(lengths), ...).unbind(0)``, whose gradients reach ``.grad``
+    once (:func:`segment_views`' way).  With ``TITANS_DEFER_PER_TOKEN=1`` the parameter broadcast over the segment's
+    tokens, shape ``(batch, lengths[s], *p.shape)`` with zero strides (one expand per length): a segment's backward
+    then hands on the gradient per token, and the sum over the segments' tokens runs once a length (expand's
+    backward), where the stand-ins were made - 23% slower on an H200 at MAC 65536 x 1 (session 36), so not the
+    default."""
     per_token = switch_on("TITANS_DEFER_PER_TOKEN")
-    groups: dict[int, list[int]] = {}
+    groups: dict[int, list[int]] = {}  # per token: a view shape per segment length; else one expand for them all
     for s, n in enumerate(lengths):
-        groups.setdefault(n, []).append(s)
+        groups.setdefault(n if per_token else 0, []).append(s)
     out: list[dict[nn.Module, dict[str, Tensor]]] = [{} for _ in lengths]
     for module, name in params:
         p = module.get_parameter(name)

@@ -48,8 +48,8 @@ class MemoryGate(nn.Module):
         self.norm_m = RMSNorm(dim, eps)
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
-        # the weights through segment_param: a MAC segment's own stand-ins while weight gradients are deferred, the
-        # weights broadcast over its tokens (B, T, dim), so applied after the norms rather than inside them
+        # the weights through segment_param: a MAC segment's own stand-ins while weight gradients are deferred (with
+        # TITANS_DEFER_PER_TOKEN=1 broadcast over its tokens (B, T, dim), so applied after the norms, not inside them)
         w_y, w_m = segment_param(self, "norm_y.weight"), segment_param(self, "norm_m.weight")
         # one Triton launch each way on CUDA (titans.core.models.fused_gate: fewer kernels per MAC segment, and
         # y / m kept as they came instead of the norms' float32 copies); the same equation in PyTorch elsewhere
