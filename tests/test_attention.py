@@ -120,20 +120,26 @@ def test_streaming_with_cache_equals_one_pass_and_cache_is_bounded(spec):
     mem = torch.randn(2, T, dim, dtype=torch.float64) if spec.memory_tokens else None
     prefix = torch.randn(spec.prefix_len, dim, dtype=torch.float64) if spec.prefix_len else None
     full, _ = attn(x, mask=spec, prefix=prefix, memory=mem)
-    outs, cache, pos, sizes = [], None, 0, []
-    for n in [1, 4, 1, 9, 3, 1, 10]:
-        piece = x[:, pos:pos + n]
-        m = mem[:, pos:pos + n] if mem is not None else None
-        y, cache = attn(piece, mask=spec, start_pos=pos, prefix=prefix, memory=m, cache=cache, return_cache=True)
-        outs.append(y)
-        sizes.append(len(cache))
-        pos += n
-    assert pos == T
-    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-12)
-    if spec.kind != "causal":
-        assert max(sizes) <= spec.window  # bounded by the window / segment, not by T
-    else:
-        assert sizes[-1] == T
+    # projected: x's queries / keys / values made once for the whole run (MAC's batched segment inputs), sliced per
+    # piece; only the memory tokens are projected in the pieces
+    made = attn.project(x, 0)[:3]
+    for projected in (False, True):
+        outs, cache, pos, sizes = [], None, 0, []
+        for n in [1, 4, 1, 9, 3, 1, 10]:
+            piece = x[:, pos:pos + n]
+            m = mem[:, pos:pos + n] if mem is not None else None
+            qkv = tuple(t[:, :, pos:pos + n] for t in made) if projected else None
+            y, cache = attn(piece, mask=spec, start_pos=pos, prefix=prefix, memory=m, cache=cache, return_cache=True,
+                            projected=qkv)
+            outs.append(y)
+            sizes.append(len(cache))
+            pos += n
+        assert pos == T
+        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-12)
+        if spec.kind != "causal":
+            assert max(sizes) <= spec.window  # bounded by the window / segment, not by T
+        else:
+            assert sizes[-1] == T
 
 
 def test_attention_errors_name_the_problem():
@@ -147,6 +153,10 @@ def test_attention_errors_name_the_problem():
         attn(x, mask=MaskSpec("segment", window=4, memory_tokens=True))
     with pytest.raises(ValueError, match="window"):
         MaskSpec("sliding")
+    q, k, v = attn.project(x, 0)[:3]
+    with pytest.raises(ValueError, match=r"projected: q / k / v of shape \(1, 4, 5, 4\) / \(1, 4, 4, 4\) / "
+                                         r"\(1, 4, 5, 4\), expected \(1, 4, 5, 4\) / \(1, 4, 5, 4\)"):
+        attn(x, mask=MaskSpec(), projected=(q, k[:, :, :4], v))
     with pytest.raises(ValueError, match="kv_heads=3 must divide heads=4"):
         CausalSelfAttention(16, 4, kv_heads=3)
     # a piece that starts inside what the cache already holds: caught from the host-side end position, and

@@ -217,7 +217,7 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal attention with RoPE, optional RMS qk-norm and grouped-query heads.
 
     forward(x (B, T, D), mask=MaskSpec, start_pos, prefix (N_p, D) | (B, N_p, D), memory (B, T, D),
-    cache) -> (out (B, T, D), cache or None).
+    cache, projected=(q, k, v) of x already made by :meth:`project`) -> (out (B, T, D), cache or None).
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None,
@@ -298,12 +298,25 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"prefix: expected shape (N_p, {self.dim}) or (B, N_p, {self.dim}), "
                              f"got {tuple(prefix.shape)}")
 
-    def project(self, x: Tensor, pos: int | Tensor, memory: Tensor | None = None):
+    def project(self, x: Tensor, pos: int | Tensor, memory: Tensor | None = None,
+                projected: tuple[Tensor, Tensor, Tensor] | None = None):
         """Queries, keys and values of x (B, T, D) at absolute positions ``pos``: a host int, the first of T
         consecutive positions (streaming: the rotary tables are slices of kept ones), or a (T,) device tensor
         (static decoding's device position).  Rotated by RoPE: q (B, H, T, hd), k, v (B, Hkv, T, hd), and the
-        keys / values of the memory tokens ``memory`` (B, T, D) at the same positions (or None, None)."""
+        keys / values of the memory tokens ``memory`` (B, T, D) at the same positions (or None, None).
+        ``projected``: x's ``(q, k, v)`` as this method returned them before (made for a longer run at once, MAC's
+        batched segment inputs): only the memory tokens are projected."""
         B, T, _ = x.shape
+        if projected is not None:
+            q, k, v = projected
+            want_q, want_kv = (B, self.heads, T, self.head_dim), (B, self.kv_heads, T, self.head_dim)
+            if tuple(q.shape) != want_q or tuple(k.shape) != want_kv or tuple(v.shape) != want_kv:
+                raise ValueError(f"projected: q / k / v of shape {tuple(q.shape)} / {tuple(k.shape)} / "
+                                 f"{tuple(v.shape)}, expected {want_q} / {want_kv} / {want_kv} for x {tuple(x.shape)}")
+            if memory is None:
+                return q, k, v, None, None
+            mk, mv = self._kv(memory)
+            return q, k, v, self.rope.rotate(mk, *self.rope.cos_sin(pos, T, q.dtype, x.device)), mv
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
@@ -331,8 +344,8 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
     def forward(self, x: Tensor, *, mask: MaskSpec, start_pos: int = 0, prefix: Tensor | PrefixKV | None = None,
-                memory: Tensor | None = None, cache: KVCache | None = None,
-                return_cache: bool = False) -> tuple[Tensor, KVCache | None]:
+                memory: Tensor | None = None, cache: KVCache | None = None, return_cache: bool = False,
+                projected: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, KVCache | None]:
         self.check_inputs(x, mask, prefix, memory)
         B, T, _ = x.shape
         dev = x.device
@@ -340,7 +353,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None and len(cache) and cache.last_position() >= start_pos:
             raise ValueError(f"start_pos={start_pos}: the cache already holds position {cache.last_position()}")
 
-        q, k, v, mk, mv = self.project(x, start_pos, memory)
+        q, k, v, mk, mv = self.project(x, start_pos, memory, projected)
         ctx_k, ctx_v, ctx_pos = k, v, pos
         if cache is not None and len(cache):
             ctx_k, ctx_v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)

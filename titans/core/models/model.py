@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,25 @@ def segment_pieces(pos: int, length: int, segment: int) -> list[int]:
         sizes.append(n)
         p += n
     return sizes
+
+
+class SegmentInputs(NamedTuple):
+    """What a MAC segment step computes from its normalised input h (B, T, dim) alone, made for a run of segments at
+    once (:meth:`TitansBlock.mac_queries`), so that no segment's chain computes it, forward or backward: the
+    retrieval's queries ``q`` (B, H, T, d) and output gate input ``g`` (B, T, H * d) or None
+    (:meth:`NeuralMemory.retrieval_queries`), and attention's rotated queries, keys and values of h ``attn``
+    ((B, H_a, T, hd), (B, H_kv, T, hd) twice: :meth:`CausalSelfAttention.project`)."""
+
+    q: Tensor
+    g: Tensor | None
+    attn: tuple[Tensor, Tensor, Tensor]
+
+    def pieces(self, lengths: list[int]) -> list[SegmentInputs]:
+        """One :class:`SegmentInputs` per piece of ``lengths`` tokens, in order (views: one split each)."""
+        qs = self.q.split(lengths, dim=2)
+        gs = self.g.split(lengths, dim=1) if self.g is not None else [None] * len(lengths)
+        attn = [t.split(lengths, dim=2) for t in self.attn]
+        return [SegmentInputs(q, g, a) for q, g, a in zip(qs, gs, zip(*attn))]
 
 
 def _dataclass_tensors(obj) -> dict[str, Tensor]:
@@ -336,11 +356,11 @@ class TitansBlock(nn.Module):
         return run(_residual_sum, x, *outs)
 
     def mac_chain(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool,
-                  queries: tuple[Tensor, Tensor | None] | None = None):
+                  queries: SegmentInputs | None = None):
         """MAC over one segment of normalised inputs h (B, T, dim) up to the memory's write (Eq. 21-24):
         ``(y, read)``, the attention output and the :class:`MemoryRead` of ``M*_t(y_t)``; ``st`` updated in place.
-        ``mac_readout(y, read)`` completes it: the two equal :meth:`mac_segment`.  ``queries``: the retrieval's
-        ``(q, g)`` of h from :meth:`mac_queries` (then ``st.read_conv`` is left as it is)."""
+        ``mac_readout(y, read)`` completes it: the two equal :meth:`mac_segment`.  ``queries``: h's
+        :class:`SegmentInputs` from :meth:`mac_queries` (then ``st.read_conv`` is left as it is)."""
         ops = StreamOps(self, st, pos, want_cache)
         ops.queries = queries
         retrieved = ops.recall(h)  # h_t = M*_{t-1}(q_t)
@@ -348,12 +368,16 @@ class TitansBlock(nn.Module):
         read, st.memory = self.memory.write(h + y if self.mac_writes_residual else y, st.memory)  # M_t = M_{t-1}(y_t)
         return y, read
 
-    def mac_queries(self, h: Tensor, read_conv: Tensor | None):
-        """What MAC's retrievals compute from the block input alone, for a run of segments at once: h (B, L, dim)
-        -> ``(q (B, H, L, d), g (B, L, H * d) or None, the read convolution's new cache)``
-        (:meth:`NeuralMemory.retrieval_queries`; the convolution runs over the run's tokens from ``read_conv``,
-        as segment by segment).  A region :func:`~titans.utils.compiling.compile_blocks` compiles."""
-        return self.memory.retrieval_queries(h, read_conv)
+    def mac_queries(self, h: Tensor, read_conv: Tensor | None, pos: int) -> tuple[SegmentInputs, Tensor | None]:
+        """What MAC's segment steps compute from the block input alone, for a run of segments at once: h (B, L, dim)
+        at host position ``pos`` -> ``(SegmentInputs, the read convolution's new cache)``: the retrieval's queries
+        and gate input (:meth:`NeuralMemory.retrieval_queries`; the convolution runs over the run's tokens from
+        ``read_conv``, as segment by segment) and attention's queries, keys and values of h (rotated at their
+        positions, as each segment's attention rotates them; only the retrieved tokens' keys and values are left to
+        the segments).  A region :func:`~titans.utils.compiling.compile_blocks` compiles."""
+        q, g, read_conv = self.memory.retrieval_queries(h, read_conv)
+        aq, ak, av, _, _ = self.attn.project(h, pos)
+        return SegmentInputs(q, g, (aq, ak, av)), read_conv
 
     def mac_readout(self, y: Tensor, read, residual_dtype: torch.dtype | None = None) -> Tensor:
         """o_t = y_t (x) M*_t(y_t) (Eq. 25) of :meth:`mac_chain`'s segment, in the dtype it has added to a residual
@@ -398,8 +422,8 @@ class TitansBlock(nn.Module):
         :func:`~titans.utils.tensors.gradient_like` (their gradients, slices of the next step's, reach a compiled
         step's backward with the strides it traced: no copy a segment at batch 1).  ``readouts_in_segments``: whether
         a step reads the memory back too (deferred weight gradients declare its projections' uses per segment).
-        ``queries``: the retrievals' inputs (:meth:`mac_queries`) made once for all the pieces, before them, with the
-        parameters themselves; each step then gets its piece's as ``step(piece, position, prefix, (q, g))``."""
+        ``queries``: the steps' inputs (:meth:`mac_queries`) made once for all the pieces, before them, with the
+        parameters themselves; each step then gets its piece's as ``step(piece, position, prefix, SegmentInputs)``."""
         h = self.norm_mix(x)
         prefix = self._segment_prefix(persistent, h)
         # one split, not a slice per piece: a slice's backward writes its piece into a zero gradient of h's full
@@ -410,10 +434,9 @@ class TitansBlock(nn.Module):
         outs, p = [], pos
         pieces_queries = None
         if queries:
-            q, g, st.read_conv = self.mac_queries(h, st.read_conv)
-            pieces_queries = list(zip(q.split(lengths, dim=2),
-                                      g.split(lengths, dim=1) if g is not None else [None] * len(lengths)))
-        deferred = self._deferred_weight_grads(h, lengths, readouts_in_segments, retrieval=not queries)
+            inputs, st.read_conv = self.mac_queries(h, st.read_conv, pos)
+            pieces_queries = inputs.pieces(lengths)
+        deferred = self._deferred_weight_grads(h, lengths, readouts_in_segments, own_inputs=not queries)
         prefixes = [prefix] * len(lengths)
         if deferred is not None and prefix is not None and len(lengths) > 1:
             # each segment its own view of the prefix, so that its gradients are summed once, on the weight-gradient
@@ -453,7 +476,7 @@ class TitansBlock(nn.Module):
         configured = in_wavefront if self.defer_weight_grads is None else self.defer_weight_grads
         return deferral_wanted(configured)
 
-    def _deferred_weight_grads(self, h: Tensor, lengths: list[int], readouts: bool = True, retrieval: bool = True):
+    def _deferred_weight_grads(self, h: Tensor, lengths: list[int], readouts: bool = True, own_inputs: bool = True):
         """Deferred weight gradients (:meth:`defers_weight_grads`): the segment steps' projections hand their weight
         gradients to one sum per projection (and piece length) over the segments of this call, when autograd
         records and no checkpointing region would run them twice.
@@ -462,7 +485,7 @@ class TitansBlock(nn.Module):
               and self.checkpointing_now() == "none" and not torch.compiler.is_compiling())
         if not on:
             return None
-        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n, readouts, retrieval), lengths,
+        return segment_taps(lambda n: self.weight_grad_uses(h.shape[0], n, readouts, own_inputs), lengths,
                             self.weight_grad_stream, self.segment_params(), self.weight_casts, batch=h.shape[0])
 
     def segment_params(self) -> list[tuple[nn.Module, str]]:
@@ -477,26 +500,31 @@ class TitansBlock(nn.Module):
             params += [(mem, "conv.weight"), (mem, "conv.bias")]
         return params
 
-    def weight_grad_uses(self, batch: int, length: int, readout: bool = True, retrieval: bool = True):
+    def weight_grad_uses(self, batch: int, length: int, readout: bool = True, own_inputs: bool = True):
         """The projections one MAC segment step calls (:meth:`_mac`; :meth:`mac_chain` then :meth:`mac_readout`),
         each with its uses in call order (:class:`~titans.utils.weight_grads.LinearUse`): the retrieval (the
         query rows of W_QKV, the output gate, the output projection), attention (queries; keys / values of the
         segment and the retrieved tokens stacked on the batch - the persistent tokens' are projected before the
         segments, :meth:`_over_segments`; the output), the write (W_QKV whole, the gates) and the read-back (output
         gate, output projection; without ``readout`` not, :meth:`mac_readouts` reading back a run of segments
-        at once with the parameters themselves); without ``retrieval`` not the retrieval's query rows of W_QKV and
-        output gate either (:meth:`mac_queries` made them for the segments at once).  Checked at every use."""
+        at once with the parameters themselves).  Without ``own_inputs`` the step does not project its input h
+        (:meth:`mac_queries` made those projections for the segments at once): not the retrieval's query rows of
+        W_QKV and output gate, nor attention's queries, and attention's keys / values only of the retrieved
+        tokens.  Checked at every use."""
         mem, attn = self.memory, self.attn
         x = (batch, length, mem.dim)
         inner = (batch, length, mem.heads * mem.head_dim)
         reads = 2 if readout else 1  # the output projection: the retrieval's, and the read-back's
-        gates = int(retrieval) + int(readout)
-        plan = [(mem.to_qkv, ([LinearUse(x, slice(0, inner[-1]))] if retrieval else []) + [LinearUse(x)]),
+        gates = int(own_inputs) + int(readout)
+        plan = [(mem.to_qkv, ([LinearUse(x, slice(0, inner[-1]))] if own_inputs else []) + [LinearUse(x)]),
                 (mem.to_gates, [LinearUse(x)]),
                 (mem.to_out, [LinearUse(inner)] * reads)]
         if mem.gate is not None and gates:
             plan.append((mem.gate, [LinearUse(x)] * gates))
-        return plan + [(attn.q_proj, [LinearUse(x)]), (attn.kv_proj, [LinearUse((2 * batch, length, attn.dim))]),
+        if own_inputs:
+            plan.append((attn.q_proj, [LinearUse(x)]))
+        kv_rows = 2 * batch if own_inputs else batch  # the segment's and the retrieved tokens' / the retrieved only
+        return plan + [(attn.kv_proj, [LinearUse((kv_rows, length, attn.dim))]),
                        (attn.o_proj, [LinearUse((batch, length, attn.heads * attn.head_dim))])]
 
     def mix(self, x: Tensor, ops: LayerOps, persistent: Tensor | None) -> Tensor:
@@ -519,14 +547,14 @@ class TitansBlock(nn.Module):
 
     def mac_segment(self, h: Tensor, st: LayerState, pos: int, persistent: Tensor | PrefixKV | None, want_cache: bool,
                     recompute_memory: bool, residual_dtype: torch.dtype | None = None,
-                    queries: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+                    queries: SegmentInputs | None = None) -> Tensor:
         """MAC over one segment (or a piece of one) of normalised inputs h (B, T, dim) at host position ``pos``,
         ``st`` updated in place.  The region :func:`~titans.utils.compiling.compile_blocks` compiles in MAC's
         memory blocks: one segment's graph, reused for every segment (the block's whole forward unrolls its
         segment loop, a graph and a compile time growing with the sequence: 128 segments at 65536 tokens).
         ``persistent``: the persistent tokens, or their keys and values (:class:`PrefixKV`, from
         :meth:`_over_segments`).  ``residual_dtype``: the output comes in the dtype it has added to a residual stream
-        of that dtype (:func:`_to_residual`).  ``queries``: the retrieval's ``(q, g)`` of h from :meth:`mac_queries`."""
+        of that dtype (:func:`_to_residual`).  ``queries``: h's :class:`SegmentInputs` from :meth:`mac_queries`."""
         ops = StreamOps(self, st, pos, want_cache, recompute_memory)
         ops.queries = queries
         return _to_residual(self._mac(h, ops, persistent), residual_dtype)
@@ -643,12 +671,13 @@ class StreamOps(LayerOps):
         self.block, self.st, self.pos, self.want_cache = block, st, pos, want_cache
         self.recompute_memory = recompute_memory
         self.prefix = st.prefix
-        self.queries = None  # the retrieval's (q, g), made before the segment (TitansBlock.mac_queries)
+        self.queries: SegmentInputs | None = None  # h's projections, made before the segment (TitansBlock.mac_queries)
 
     def attend(self, h: Tensor, prefix: Tensor | None, memory_tokens: Tensor | None) -> Tensor:
         st, b = self.st, self.block
         y, cache = b.attn(h, mask=b.mask, start_pos=self.pos, prefix=prefix, memory=memory_tokens, cache=st.kv,
-                          return_cache=self.want_cache)
+                          return_cache=self.want_cache,
+                          projected=self.queries.attn if self.queries is not None else None)
         st.kv = cache if self.want_cache else None
         return y
 
@@ -669,9 +698,10 @@ class StreamOps(LayerOps):
 
     def recall(self, h: Tensor) -> Tensor:
         st = self.st
+        made = (self.queries.q, self.queries.g) if self.queries is not None else None
         retrieved, st.segment_weights, st.read_conv = self.block.read_segment(h, st.memory, st.segment_weights,
                                                                               st.read_conv, self.pos,
-                                                                              self.recompute_memory, self.queries)
+                                                                              self.recompute_memory, made)
         return retrieved
 
 
