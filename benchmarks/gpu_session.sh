@@ -896,14 +896,17 @@ fi
 if [ "$PART" = 75 ]; then
   # session 36, second call: PART=72 found the per-token stand-ins 23% slower (224.8K vs 292.6K tokens/s at 65536 x 1),
   # so the per-segment sums are the default again; the batched read-outs (+4% over the per-token default there) and
-  # the batched queries, alone and together, against the default on one machine, and the 4096 x 8 denominator
-  mac_65536x1_defaults 120
+  # the batched queries, alone and together, against the default on one machine, and the 4096 x 8 denominator.
+  # Session 37: the batched queries now take attention's projections of the segment input too (SegmentInputs); the
+  # wavefront's CUDA tests (streams) after the rows; the first row compiles cold (119 s of 120 in PART=72)
+  mac_65536x1_defaults 130
   step 110 mac-65536x1-wf2048-batched-queries-readouts env TITANS_WAVEFRONT_BATCHED_QUERIES=1 \
     TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_batched_both.json"
   step 110 mac-65536x1-wf2048-batched-queries env TITANS_WAVEFRONT_BATCHED_QUERIES=1 \
     $WF --out "$RES/h_wf2048_batched_queries.json"
   mac_4096x8_defaults 100
-  step 110 mac-65536x1-wf2048-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 \
+  test_wavefront 60
+  step 90 mac-65536x1-wf2048-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 \
     $WF --out "$RES/h_wf2048_batched_readouts.json"
   finish
 fi
