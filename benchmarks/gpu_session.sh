@@ -898,7 +898,9 @@ if [ "$PART" = 75 ]; then
   # so the per-segment sums are the default again; the batched read-outs (+4% over the per-token default there) and
   # the batched queries, alone and together, against the default on one machine, and the 4096 x 8 denominator.
   # Session 37: the batched queries now take attention's projections of the segment input too (SegmentInputs); the
-  # wavefront's CUDA tests (streams) after the rows; the first row compiles cold (119 s of 120 in PART=72)
+  # wavefront's CUDA tests (streams) after the rows; the first row compiles cold (119 s of 120 in PART=72); with the
+  # input norm and the batched inputs on a stream of their own (TITANS_WAVEFRONT_INPUTS_STREAM, default 1) and,
+  # last (may be cut), on the chain's stream
   mac_65536x1_defaults 130
   step 110 mac-65536x1-wf2048-batched-queries-readouts env TITANS_WAVEFRONT_BATCHED_QUERIES=1 \
     TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_batched_both.json"
@@ -906,8 +908,9 @@ if [ "$PART" = 75 ]; then
     $WF --out "$RES/h_wf2048_batched_queries.json"
   mac_4096x8_defaults 100
   test_wavefront 60
-  step 90 mac-65536x1-wf2048-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 \
-    $WF --out "$RES/h_wf2048_batched_readouts.json"
+  step 90 mac-65536x1-wf2048-batched-both-one-stream env TITANS_WAVEFRONT_BATCHED_QUERIES=1 \
+    TITANS_WAVEFRONT_INPUTS_STREAM=0 TITANS_WAVEFRONT_BATCHED_READOUTS=1 TITANS_TRITON_SAVE_INNER=1 $WF \
+    --out "$RES/h_wf2048_batched_both_one_stream.json"
   finish
 fi
 if [ "$PART" = 74 ]; then

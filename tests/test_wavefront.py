@@ -217,18 +217,21 @@ def test_wavefront_switches_name_a_bad_value(monkeypatch):
 @pytest.mark.parametrize("priority,ffn_streams,views,readouts", [
     (False, False, False, False), (True, False, False, False), (True, True, False, False), (True, True, True, False),
     (True, True, False, True), (True, False, False, True), (True, True, False, "urgent"),
-    (True, True, False, "batched"), (True, False, False, "batched apart"), (True, True, False, "queries")])
+    (True, True, False, "batched"), (True, False, False, "batched apart"), (True, True, False, "queries"),
+    (True, True, False, "queries on the chain's stream")])
 def test_wavefront_streams_equal_one_stream_on_cuda(variant, priority, ffn_streams, views, readouts, monkeypatch):
     """Each block on its own CUDA stream (the memory blocks' at high priority; their feed-forward on streams of
     their own; MAC's segment read-outs there too, or on urgent streams of their own; or batched a call at a time, on
     the block's stream or apart): the same loss and gradients as the segment-major loop on one stream (float32: the
-    kernels are the same, only their order on the device differs)."""
+    kernels are the same, only their order on the device differs).  Batched queries: the call's segment inputs on a
+    stream of their own (the default), or on the block's."""
     if readouts == "urgent":
         monkeypatch.setenv("TITANS_WAVEFRONT_READOUT_URGENT", "1")
         readouts = True
     segment = None  # the window: a segment a call
-    if readouts == "queries":  # the retrievals' inputs made once a call (three segments)
+    if readouts in ("queries", "queries on the chain's stream"):  # the segments' inputs once a call (3 segments)
         monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_QUERIES", "1")
+        monkeypatch.setenv("TITANS_WAVEFRONT_INPUTS_STREAM", "0" if readouts != "queries" else "1")
         readouts, segment = False, 96
     if isinstance(readouts, str):  # batched read-outs, on the block's stream or (apart) the read-out stream
         monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_READOUTS", "1")
@@ -266,10 +269,16 @@ def test_trainer_loss_unit_takes_the_wavefront(autograd_nodes):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture of the streams)")
-def test_graphed_wavefront_equals_eager_on_cuda():
+@pytest.mark.parametrize("batched", ["none", "queries and read-outs"])
+def test_graphed_wavefront_equals_eager_on_cuda(batched, monkeypatch):
     """graphed_loss(..., wavefront=True): the side streams captured in the forward and backward graphs give the eager
-    one-pass loss and gradients (float32, no autocast)."""
+    one-pass loss and gradients (float32, no autocast); also with the batched segment inputs (on their stream) and
+    read-outs."""
     from titans.training.trainer import graphed_loss
+
+    if batched != "none":
+        monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_QUERIES", "1")
+        monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_READOUTS", "1")
 
     model = _model("mac", dim=64, window=32).float().cuda()
     ids = torch.randint(0, 64, (2, 256), device="cuda")
@@ -280,7 +289,7 @@ def test_graphed_wavefront_equals_eager_on_cuda():
     # tied to the default stream, and the captured backward's dependence on that stream invalidates the capture
     # (cudaErrorStreamCaptureImplicit, session 20's GPU run of this test); training captures before any eager step
     ref = ref.detach()
-    loss = graphed_loss(model, ids, None, wavefront=True)(ids, ids)
+    loss = graphed_loss(model, ids, None, wavefront=True, wavefront_step=96 if batched != "none" else None)(ids, ids)
     loss.backward()
     torch.cuda.synchronize()
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)

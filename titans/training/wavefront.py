@@ -42,7 +42,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
                      streams: bool | None = None, priority: bool | None = None,
                      ffn_streams: bool | None = None, stream_views: bool | None = None,
                      readout_streams: bool | None = None, batched_readouts: bool | None = None,
-                     batched_queries: bool | None = None) -> Tensor:
+                     batched_queries: bool | None = None, inputs_stream: bool | None = None) -> Tensor:
     """Logits (B, T, vocab) of ``input_ids`` (B, T) computed segment-major (see the module docstring).
 
     segment: tokens per step (default: the model's window, MAC's segment); streams: one CUDA stream per block
@@ -67,7 +67,10 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     when unset; not yet timed on a GPU): MAC's memory blocks make what a call's retrievals compute from the block
     input alone (the queries, with their convolution, and the output gate's input) once for the call's segments,
     before their chains (``forward_mixer_split(queries=True)``), so that no segment's chain runs it, forward or
-    backward.  Gradients flow through the carried
+    backward; with streams and ``inputs_stream`` (``TITANS_WAVEFRONT_INPUTS_STREAM``, "1" when unset) the block's
+    input norm and these run on a stream of their own, forward and backward: the chain's stream only waits for
+    them before the call's first segment (in the forward they can run while the chain is still on the previous
+    call's segments).  Gradients flow through the carried
     states, so ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)`` does."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
@@ -84,6 +87,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     readouts = switch_on("TITANS_WAVEFRONT_READOUT_STREAMS") if readout_streams is None else readout_streams
     batched = switch_on("TITANS_WAVEFRONT_BATCHED_READOUTS") if batched_readouts is None else batched_readouts
     queries = switch_on("TITANS_WAVEFRONT_BATCHED_QUERIES") if batched_queries is None else batched_queries
+    inputs_apart = switch_on("TITANS_WAVEFRONT_INPUTS_STREAM") if inputs_stream is None else inputs_stream
     persistent = model.persistent()
     layers = model.init_state(B, dev).layers  # a fresh state: its layer states are updated in place below
     main = torch.cuda.current_stream(dev) if use_streams else None
@@ -111,12 +115,16 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     urgent_readouts = use_streams and switch_on("TITANS_WAVEFRONT_READOUT_URGENT")
     ro = {i: side_stream(dev, ("wavefront-readout", i), True) if urgent_readouts else ffn[i]
           for i in range(n) if use_streams and apart[i]}
+    # the batched segment inputs' stream (forward_mixer's run_inputs), at the chain's priority: the chain waits on it
+    inp = {i: side_stream(dev, ("wavefront-inputs", i), urgent[i]) for i in range(n)
+           if use_streams and inputs_apart and queries_on[i]}
     # deferred weight gradients (on by default here, TitansBlock.defers_weight_grads): a memory block's sums over its
     # segments run on a stream of their own, off the block's chain (titans.utils.weight_grads); without, no joins
     wgrad = {i: side_stream(dev, ("wavefront-weight-grads", i)) for i in range(n)
              if use_streams and model.blocks[i].defers_weight_grads(in_wavefront=True)}
     # each stream once (the read-outs' may be the feed-forward's)
-    every = list(dict.fromkeys(side + list(ffn.values()) + list(ro.values()) + list(wgrad.values())))
+    every = list(dict.fromkeys(side + list(ffn.values()) + list(ro.values()) + list(inp.values())
+                               + list(wgrad.values())))
     for st in every:  # each starts after what the caller queued
         st.wait_stream(main)
 
@@ -133,6 +141,19 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
                 t.record_stream(ro[i])
             with torch.cuda.stream(ro[i]):
                 return fn(*args)
+        return run
+
+    def inputs_on(i: int):  # forward_mixer(_split)'s callback: the call's segment inputs on block i's inputs stream
+        if i not in inp:
+            return None
+
+        def run(fn, *args):  # x was handed to inp[i] in the loop below; the read convolution's cache was made there
+            with torch.cuda.stream(inp[i]):
+                out = fn(*args)
+            side[i].wait_stream(inp[i])
+            for t in _tensors(out):
+                t.record_stream(side[i])
+            return out
         return run
 
     views = switch_on("TITANS_WAVEFRONT_STREAM_VIEWS") if stream_views is None else stream_views
@@ -169,6 +190,8 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
             x = embed(input_ids[:, start:start + seg])  # on the caller's stream
             made_on = main
             for i, block in enumerate(model.blocks):
+                if i in inp:  # straight from its producer: not behind the chain's previous call
+                    hand_to(x, made_on, inp[i])
                 made_on = hand_to(x, made_on, side[i] if use_streams else None)
                 if not (split[i] or readout[i] or queries_on[i]):
                     with on(i):
@@ -177,9 +200,10 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
                 with on(i):
                     if readout[i]:  # apart, its residual sum, the mixer's last step, ran on the read-out stream
                         x = block.forward_mixer_split(x, layers[i], start, persistent_on[i], True, readout_on(i),
-                                                      batched, queries_on[i])
+                                                      batched, queries_on[i], inputs_on(i))
                     else:
-                        x = block.forward_mixer(x, layers[i], start, persistent_on[i], True, queries_on[i])
+                        x = block.forward_mixer(x, layers[i], start, persistent_on[i], True, queries_on[i],
+                                                inputs_on(i))
                 if use_streams and i in ffn:
                     made_on = hand_to(x, ro[i] if apart[i] else made_on, ffn[i])
                 with torch.cuda.stream(ffn[i]) if use_streams and i in ffn else on(i):
@@ -220,8 +244,9 @@ def _tensors(obj):
 def wavefront_loss(model: TitansLM, input_ids: Tensor, labels: Tensor | None = None, segment: int | None = None,
                    streams: bool | None = None, priority: bool | None = None, ffn_streams: bool | None = None,
                    stream_views: bool | None = None, readout_streams: bool | None = None,
-                   batched_readouts: bool | None = None, batched_queries: bool | None = None) -> Tensor:
+                   batched_readouts: bool | None = None, batched_queries: bool | None = None,
+                   inputs_stream: bool | None = None) -> Tensor:
     """The language-modelling loss of :func:`wavefront_logits` (labels default to the inputs, shifted inside)."""
     return lm_loss(wavefront_logits(model, input_ids, segment, streams, priority, ffn_streams, stream_views,
-                                    readout_streams, batched_readouts, batched_queries),
+                                    readout_streams, batched_readouts, batched_queries, inputs_stream),
                    input_ids if labels is None else labels)

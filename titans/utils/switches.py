@@ -126,8 +126,11 @@ _DECLARED = (
     Switch("TITANS_WAVEFRONT_BATCHED_READOUTS", ON_OFF, "0",
            "MAC's read-outs once a wavefront call for its segments, after their chains"),
     Switch("TITANS_WAVEFRONT_BATCHED_QUERIES", ON_OFF, "0",
-           "MAC's retrieval inputs (queries, output gate) once a wavefront call for its segments, before their "
-           "chains"),
+           "MAC's segment inputs (the retrieval's queries and output gate, attention's queries / keys / values) once "
+           "a wavefront call for its segments, before their chains"),
+    Switch("TITANS_WAVEFRONT_INPUTS_STREAM", ON_OFF, "1",
+           "with batched queries, the block's input norm and the batched inputs on a stream of their own, off the "
+           "segment chain (forward and backward)"),
     # tests
     Switch("TITANS_TEST_DEVICE", ("cpu", "cuda"), "cpu",
            "tests only: the device the kernel tests run on (cuda: the GPU twin of an interpreter test)",

@@ -301,18 +301,20 @@ class TitansBlock(nn.Module):
         return self._forward(x, st, pos, persistent, want_cache, mode == "memory")
 
     def forward_mixer(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None,
-                      want_cache: bool, queries: bool = False) -> Tensor:
+                      want_cache: bool, queries: bool = False, run_inputs=None) -> Tensor:
         """:meth:`forward` without the feed-forward (x -> x + mixer(x)); ``feed_forward`` of the result is the
         block's output.  The wavefront runs the two on different streams.  Not with ``full`` checkpointing (the
-        block is one recomputed region there).  ``queries`` (MAC's memory blocks): the segments' retrieval inputs
-        made once for them all before their steps (:meth:`mac_queries`, as in :meth:`forward_mixer_split`)."""
+        block is one recomputed region there).  ``queries`` (MAC's memory blocks): the segments' inputs made once
+        for them all before their steps (:meth:`mac_queries`, as in :meth:`forward_mixer_split`), called as
+        ``run_inputs(fn, *args)`` (default ``fn(*args)``; the wavefront runs them on another stream)."""
         mode = self.checkpointing_now()
         if mode == "full":
             raise ValueError("forward_mixer: full activation checkpointing recomputes the whole block; call forward")
-        return self._mixer(x, st, pos, persistent, want_cache, mode == "memory", queries)
+        return self._mixer(x, st, pos, persistent, want_cache, mode == "memory", queries, run_inputs)
 
     def forward_mixer_split(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
-                            run_readout=None, batched: bool = False, queries: bool = False) -> Tensor:
+                            run_readout=None, batched: bool = False, queries: bool = False,
+                            run_inputs=None) -> Tensor:
         """:meth:`forward_mixer` of a MAC memory block with each segment's read-out - the memory read back after
         the segment's write (``M*_t(y_t)``: the core's read-out, the output norm, gate and projection) and MAC's
         gate - called as ``run_readout(fn, *args)`` (default: ``fn(*args)``), as is the residual sum at the end.
@@ -324,8 +326,8 @@ class TitansBlock(nn.Module):
         read-out, the gate and the projection, and in the backward the memory's read-out stage, launched once for
         them instead of once a segment), called as ``run_readout(mac_readouts, ...)``.  ``queries``: what the
         segments' retrievals compute from the block input alone (:meth:`mac_queries`: the queries and the output
-        gate's input) once for them all before their chains, so that neither the forward nor the backward of a
-        segment's chain runs it."""
+        gate's input, attention's projections) once for them all before their chains, so that neither the forward
+        nor the backward of a segment's chain runs it; called as ``run_inputs(fn, *args)`` (:meth:`_over_segments`)."""
         if self.variant != "mac" or self.memory is None:
             raise ValueError(f"forward_mixer_split: a MAC block with memory, this is {self.variant!r} layer "
                              f"{self.layer} ({'with' if self.memory is not None else 'without'} memory)")
@@ -335,10 +337,12 @@ class TitansBlock(nn.Module):
         run = run_readout or (lambda fn, *args: fn(*args))
         if not batched:
             outs = self._over_segments(x, pos, lambda piece, p, prefix, q=None: run(self.mac_readout, *self.mac_chain(
-                piece, st, p, prefix, want_cache, q), x.dtype), persistent, st, queries=queries)
+                piece, st, p, prefix, want_cache, q), x.dtype), persistent, st, queries=queries,
+                run_inputs=run_inputs)
             return run(_residual_sum, x, *outs)
         chains = self._over_segments(x, pos, lambda piece, p, prefix, q=None: self.mac_chain(
-            piece, st, p, prefix, want_cache, q), persistent, st, readouts_in_segments=False, queries=queries)
+            piece, st, p, prefix, want_cache, q), persistent, st, readouts_in_segments=False, queries=queries,
+            run_inputs=run_inputs)
         outs, s = [], 0
         while s < len(chains):  # runs of segments whose reads stack (MemoryRead.mismatch: equal lengths, alike)
             e = s + 1
@@ -405,15 +409,16 @@ class TitansBlock(nn.Module):
         return self.feed_forward(self._mixer(x, st, pos, persistent, want_cache, recompute_memory))
 
     def _mixer(self, x: Tensor, st: LayerState, pos: int, persistent: Tensor | None, want_cache: bool,
-               recompute_memory: bool, queries: bool = False) -> Tensor:
+               recompute_memory: bool, queries: bool = False, run_inputs=None) -> Tensor:
         if self.variant == "mac" and self.memory is not None:
             outs = self._over_segments(x, pos, lambda piece, p, prefix, q=None: self.mac_segment(
-                piece, st, p, prefix, want_cache, recompute_memory, x.dtype, q), persistent, st, queries=queries)
+                piece, st, p, prefix, want_cache, recompute_memory, x.dtype, q), persistent, st, queries=queries,
+                run_inputs=run_inputs)
             return _residual_sum(x, *outs)
         return self.mix(x, StreamOps(self, st, pos, want_cache, recompute_memory), persistent)
 
     def _over_segments(self, x: Tensor, pos: int, step, persistent: Tensor | None, st: LayerState,
-                       readouts_in_segments: bool = True, queries: bool = False) -> list:
+                       readouts_in_segments: bool = True, queries: bool = False, run_inputs=None) -> list:
         """MAC's memory blocks: ``step(piece, position, prefix)`` for each segment piece of ``norm_mix(x)`` (x
         (B, T, dim) at host position ``pos``) in order, so each piece's retrieval reads the memory as it was before
         its segment; returns the steps' outputs.  ``prefix``: the persistent tokens' keys and values
@@ -423,19 +428,23 @@ class TitansBlock(nn.Module):
         step's backward with the strides it traced: no copy a segment at batch 1).  ``readouts_in_segments``: whether
         a step reads the memory back too (deferred weight gradients declare its projections' uses per segment).
         ``queries``: the steps' inputs (:meth:`mac_queries`) made once for all the pieces, before them, with the
-        parameters themselves; each step then gets its piece's as ``step(piece, position, prefix, SegmentInputs)``."""
-        h = self.norm_mix(x)
-        prefix = self._segment_prefix(persistent, h)
+        parameters themselves; each step then gets its piece's as ``step(piece, position, prefix, SegmentInputs)``.
+        ``run_inputs(fn, *args)`` runs the input norm and those (:meth:`_call_inputs`; the wavefront, on another
+        stream: their forward and backward then leave the chain's stream, which only waits for them to start)."""
+        lengths = segment_pieces(pos, x.shape[1], self.window)
         # one split, not a slice per piece: a slice's backward writes its piece into a zero gradient of h's full
         # size, and autograd then sums those, O(T^2 / C) memory traffic (MAC 65536 x 1 on an H200: ~40 ms of a
         # ~540 ms step in fills and adds; benchmarks/RESULTS.md section 6, session 20); split's backward is
         # one concatenation
-        lengths = segment_pieces(pos, x.shape[1], self.window)
-        outs, p = [], pos
         pieces_queries = None
         if queries:
-            inputs, st.read_conv = self.mac_queries(h, st.read_conv, pos)
-            pieces_queries = inputs.pieces(lengths)
+            h, pieces, pieces_queries, st.read_conv = (run_inputs or (lambda fn, *args: fn(*args)))(
+                self._call_inputs, x, st.read_conv, pos, lengths)
+        else:
+            h = self.norm_mix(x)
+            pieces = h.split(lengths, dim=1)
+        prefix = self._segment_prefix(persistent, h)
+        outs, p = [], pos
         deferred = self._deferred_weight_grads(h, lengths, readouts_in_segments, own_inputs=not queries)
         prefixes = [prefix] * len(lengths)
         if deferred is not None and prefix is not None and len(lengths) > 1:
@@ -444,7 +453,7 @@ class TitansBlock(nn.Module):
             with torch.cuda.stream(self.weight_grad_stream) if self.weight_grad_stream is not None else nullcontext():
                 prefixes = [PrefixKV(*views) for views in segment_views((prefix.k, prefix.v), len(lengths))]
         with deferred if deferred is not None else nullcontext() as run_piece:
-            for s, piece in enumerate(h.split(lengths, dim=1)):
+            for s, piece in enumerate(pieces):
                 with run_piece(s) if run_piece is not None else nullcontext():
                     # contiguous once here: each projection of a strided piece would copy it (four a segment)
                     if pieces_queries is None:
@@ -457,6 +466,15 @@ class TitansBlock(nn.Module):
                     st.memory = replace(st.memory, conv=gradient_like(st.memory.conv))
                 p += piece.shape[1]
         return outs
+
+    def _call_inputs(self, x: Tensor, read_conv: Tensor | None, pos: int, lengths: list[int]):
+        """The normalised input h = norm_mix(x) of a call's segments (lengths tokens each) and what their steps
+        compute from it alone (:meth:`mac_queries`): ``(h, h's pieces, the pieces' SegmentInputs, the read
+        convolution's new cache)``; split here, so that the splits' backward (a concatenation each) runs where
+        this does."""
+        h = self.norm_mix(x)
+        inputs, read_conv = self.mac_queries(h, read_conv, pos)
+        return h, h.split(lengths, dim=1), inputs.pieces(lengths), read_conv
 
     def _segment_prefix(self, persistent: Tensor | None, h: Tensor) -> PrefixKV | None:
         """The persistent tokens' keys and values for every segment of h (B, T, dim), projected once (per segment
