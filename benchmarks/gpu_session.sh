@@ -893,6 +893,21 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 76 ]; then
+  # session 37, second call: PART=75 timed the batched segment inputs and read-outs at 305.3K tokens/s against the
+  # default's 288.8K (+5.7%, one machine; its 4096 x 8 row ran out of its 100 s), so they are the wavefront's
+  # defaults now, with the inner forward saved by the walk alone (TITANS_TRITON_SAVE_INNER=auto): the flat pair with
+  # the new defaults; the wavefront's CUDA tests (the graphed one with the batched defaults failed in PART=75 against
+  # the one pass, by 4e-5 relative in float32, now against the same wavefront eagerly); the float32 distance to the
+  # one pass with Triton's TF32 dots and with ieee ones (benchmarks/wavefront_float32.py)
+  mac_65536x1_defaults 130
+  mac_4096x8_defaults 160
+  test_wavefront 60
+  step 40 wavefront-float32-tf32 python3 benchmarks/wavefront_float32.py --out "$RES/wavefront_float32_tf32.json"
+  step 40 wavefront-float32-ieee env TRITON_F32_DEFAULT=ieee python3 benchmarks/wavefront_float32.py \
+    --out "$RES/wavefront_float32_ieee.json"
+  finish
+fi
 if [ "$PART" = 75 ]; then
   # session 36, second call: PART=72 found the per-token stand-ins 23% slower (224.8K vs 292.6K tokens/s at 65536 x 1),
   # so the per-segment sums are the default again; the batched read-outs (+4% over the per-token default there) and

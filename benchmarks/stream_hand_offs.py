@@ -34,6 +34,7 @@ import titans.core.models.model as model_module
 from titans.core.models import build_model
 from titans.training.wavefront import wavefront_logits
 from titans.utils.io import atomic_write_text
+from titans.utils.switches import switch_on
 from titans.utils.tensors import autograd_nodes
 
 # a small MAC: memory blocks between attention-only ones, memory depth 2, whole chunks
@@ -103,12 +104,22 @@ def labelled_blocks(sites: CallSites, model=None):
                                                       "feed_forward")}
     taps = model_module.segment_taps
 
-    def split(self, x, st, pos, persistent, want_cache, run_readout=None, batched=False, queries=False):
+    def inputs_on(self, queries):  # the batched segment inputs: on a stream of their own under CUDA (by default)
+        if not (queries and switch_on("TITANS_WAVEFRONT_INPUTS_STREAM")):
+            return None
+        return lambda fn, *args: sites.run(f"I{self.layer}", fn, *args)
+
+    def split(self, x, st, pos, persistent, want_cache, run_readout=None, batched=False, queries=False,
+              run_inputs=None):
         def readout(fn, *args):
             return sites.run(f"R{self.layer}", fn, *args)
 
         return sites.run(f"S{self.layer}", saved["forward_mixer_split"], self, x, st, pos, persistent, want_cache,
-                         readout, batched, queries)
+                         readout, batched, queries, inputs_on(self, queries))
+
+    def mixer(self, x, st, pos, persistent, want_cache, queries=False, run_inputs=None):
+        return sites.run(f"S{self.layer}", saved["forward_mixer"], self, x, st, pos, persistent, want_cache, queries,
+                         inputs_on(self, queries))
 
     @contextmanager
     def labelled_taps(*args, **kwargs):
@@ -121,7 +132,7 @@ def labelled_blocks(sites: CallSites, model=None):
             context.__exit__(None, None, None)
 
     block.forward = lambda self, *a, **k: sites.run(f"S{self.layer}", saved["forward"], self, *a, **k)
-    block.forward_mixer = lambda self, *a, **k: sites.run(f"S{self.layer}", saved["forward_mixer"], self, *a, **k)
+    block.forward_mixer = mixer
     block.forward_mixer_split = split
     # a memory block's feed-forward has a stream of its own; the other blocks run theirs on the block's stream
     block.feed_forward = lambda self, x: sites.run(f"{'F' if self.memory is not None else 'S'}{self.layer}",
@@ -137,24 +148,28 @@ def labelled_blocks(sites: CallSites, model=None):
             hook.remove()
 
 
-def traced_step(readout_streams: bool, config: dict, tokens: int, seed: int = 0):
+def traced_step(readout_streams: bool, config: dict, tokens: int, seed: int = 0, batched: bool = False):
     """One wavefront forward of ``config`` (a small MAC) over ``tokens`` tokens, its call sites labelled:
-    ``(loss, nodes, label)``, every node of the backward graph and its stream label."""
+    ``(loss, nodes, label)``, every node of the backward graph and its stream label.  ``batched``: the batched
+    segment inputs and read-outs (the wavefront's defaults since session 37); without, each segment's own (the
+    layout sessions 33-36 analysed)."""
     torch.manual_seed(seed)
     model = build_model(config)
     sites = CallSites()
     ids = torch.randint(0, config["vocab_size"], (1, tokens))
     with labelled_blocks(sites, model):
-        logits = wavefront_logits(model, ids, segment=4 * config["window"], readout_streams=readout_streams)
+        logits = wavefront_logits(model, ids, segment=4 * config["window"], readout_streams=readout_streams,
+                                  batched_readouts=batched, batched_queries=batched)
     loss = logits.float().logsumexp(-1).mean()
     nodes = autograd_nodes(loss)
     return loss, nodes, {node: sites.label(node) for node in nodes}
 
 
-def hand_offs(readout_streams: bool, tokens: int = 96, seed: int = 0) -> dict[str, dict]:
+def hand_offs(readout_streams: bool, tokens: int = 96, seed: int = 0, batched: bool = False) -> dict[str, dict]:
     """``{"producer -> consumer": {"edges": n, "example": [producer node, consumer node]}}`` for the backward edges
-    of one wavefront step of :data:`SMALL` whose ends run on different streams."""
-    _, nodes, label = traced_step(readout_streams, SMALL, tokens, seed)
+    of one wavefront step of :data:`SMALL` whose ends run on different streams (``batched`` as in
+    :func:`traced_step`)."""
+    _, nodes, label = traced_step(readout_streams, SMALL, tokens, seed, batched)
     counts: Counter = Counter()
     example: dict[str, list[str]] = {}
     for node in nodes:
@@ -242,16 +257,18 @@ def emulate(readout_streams: bool, steps: int = 8, seed: int = 0, hand_off_waits
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--readout-streams", action="store_true", help="MAC's read-outs on streams of their own")
+    ap.add_argument("--batched", action="store_true",
+                    help="the batched segment inputs (on a stream of their own, I) and read-outs (not --emulate's)")
     ap.add_argument("--emulate", action="store_true",
                     help="also schedule the backward of an issue-like MAC (memory in blocks 2 / 4 / 6 of 8) with and "
                          "without the read-outs apart, from the H200 chain anatomy's kernel times")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
-    found = hand_offs(args.readout_streams)
+    found = hand_offs(args.readout_streams, batched=args.batched)
     print("| producer -> consumer | edges | e.g. |\n| --- | --- | --- |")
     for key, row in found.items():
         print(f"| {key} | {row['edges']} | {' -> '.join(row['example'])} |")
-    result = {"readout_streams": args.readout_streams, "model": SMALL, "hand_offs": found}
+    result = {"readout_streams": args.readout_streams, "batched": args.batched, "model": SMALL, "hand_offs": found}
     if args.emulate:
         result["emulated"] = {f"{name}{', hand-off waits' if waits else ''}": emulate(apart, hand_off_waits=waits)
                               for waits in (False, True)

@@ -104,7 +104,7 @@ def test_table_reports_a_rejected_value_instead_of_raising():
     assert set(rows) == set(SWITCHES)
     assert "TITANS_TRITON_BWD='sideways'" in rows["TITANS_TRITON_BWD"]["error"]
     assert rows["TITANS_TRITON_SPLIT"]["set"] == "0" and "error" not in rows["TITANS_TRITON_SPLIT"]
-    assert rows["TITANS_TRITON_SAVE_INNER"]["set"] is None and rows["TITANS_TRITON_SAVE_INNER"]["default"] == "0"
+    assert rows["TITANS_TRITON_SAVE_INNER"]["set"] is None and rows["TITANS_TRITON_SAVE_INNER"]["default"] == "auto"
 
 
 def test_cli_lists_switches_and_warns_about_unknown_ones(monkeypatch):

@@ -60,9 +60,10 @@ _DECLARED = (
            "'split': three stages, 'overlap': the three stages in one launch, 'fused': two-pass)"),
     Switch("TITANS_TRITON_SPLIT", ON_OFF, "1",
            "two-pass memory kernels (a sequential walk, then a pass parallel over chunks); 0: single-pass"),
-    Switch("TITANS_TRITON_SAVE_INNER", ON_OFF, "0",
+    Switch("TITANS_TRITON_SAVE_INNER", ("auto", "0", "1"), "auto",
            "the forward's walk stores each chunk's inner forward for the backward instead of it being recomputed "
-           "(depth 2, three-stage backward)"),
+           "(depth 2, three-stage backward); auto: only the walk alone, whose read-out runs apart (batched "
+           "read-outs), so that its backward walk runs over parts"),
     Switch("TITANS_TRITON_WALK_PARTS", ("1", "2", "4", "8"), "2",
            "programs a (batch, head) for the sequential walks at depth 2 (lowered to fit the GPU)",
            "1, 2, 4 or 8 (programs a head for the walks)"),
@@ -123,9 +124,9 @@ _DECLARED = (
            "MAC's segment read-outs on another stream than the segment chain (slower on an H200, sessions 23-33)"),
     Switch("TITANS_WAVEFRONT_READOUT_URGENT", ON_OFF, "0",
            "with the read-outs apart, on a stream of their own at the chains' priority"),
-    Switch("TITANS_WAVEFRONT_BATCHED_READOUTS", ON_OFF, "0",
+    Switch("TITANS_WAVEFRONT_BATCHED_READOUTS", ON_OFF, "1",
            "MAC's read-outs once a wavefront call for its segments, after their chains"),
-    Switch("TITANS_WAVEFRONT_BATCHED_QUERIES", ON_OFF, "0",
+    Switch("TITANS_WAVEFRONT_BATCHED_QUERIES", ON_OFF, "1",
            "MAC's segment inputs (the retrieval's queries and output gate, attention's queries / keys / values) once "
            "a wavefront call for its segments, before their chains"),
     Switch("TITANS_WAVEFRONT_INPUTS_STREAM", ON_OFF, "1",

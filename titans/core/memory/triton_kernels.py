@@ -28,8 +28,8 @@ L2) instead: carried in registers next to its activations it needed more than an
 The forward stores each chunk's starting state for the backward, which recomputes the chunk's inner forward.  With
 ``TITANS_TRITON_SAVE_INNER=1`` (depth 2, the three-stage backward) the forward's walk also stores that inner forward
 (z, u, dl, err at the start weights: what the update computes anyway, 1.75 KB a token and head in float32) and no
-backward stage recomputes it (off by default: no faster, more memory; see ``_save_inner``).  Read-only state tiles
-are held as bf16 operands (fewer register spills).
+backward stage recomputes it (by default only the walk alone, whose read-out runs apart; see ``_save_inner``).
+Read-only state tiles are held as bf16 operands (fewer register spills).
 
 Walks over parts (depth 2): at batch 1 a walk has one program per head, 8 at MAC's shape on a GPU of 132 SMs.  By
 default (``TITANS_TRITON_WALK_PARTS``, :func:`_walk_parts`) the forward's walk and the three-stage backward's (three
@@ -1313,14 +1313,16 @@ def _split() -> bool:
     return switch_on("TITANS_TRITON_SPLIT")
 
 
-def _save_inner(L: int, N: int) -> bool:
-    """Whether the forward's walk stores each chunk's inner forward for the backward: ``TITANS_TRITON_SAVE_INNER=1``
-    and depth 2 with the three-stage backward (the only one that reads it).  Off by default: MAC 65536 x 1 on an
-    H200 trained at 226.3K tokens/s with it and 227.5K without, in 23.5 vs 20.7 GB (benchmarks/RESULTS.md section 6,
-    session 23): it spares stage 0 three small matmuls a chunk, beside the chain's walk, and costs 1.75 KB a token
-    and head."""
-    return (L == 2 and N > 1 and backward_mode() != "fused"
-            and switch_on("TITANS_TRITON_SAVE_INNER"))
+def _save_inner(L: int, N: int, walk_alone: bool = False) -> bool:
+    """Whether the forward's walk stores each chunk's inner forward for the backward (depth 2 with the three-stage
+    backward, the only one that reads it), by ``TITANS_TRITON_SAVE_INNER``: ``1`` always, ``0`` never, ``auto``
+    (the default) for the walk alone (:func:`memory_walk_forward`: the split core, whose read-out runs apart - MAC's
+    batched read-outs in the wavefront): its backward walk then runs over parts instead of recomputing the inner
+    forward in one program a head.  For the whole core it is no faster and costs 1.75 KB a token and head (MAC
+    65536 x 1 on an H200: 226.3K tokens/s with it, 227.5K without, 23.5 vs 20.7 GB; benchmarks/RESULTS.md section 6,
+    session 23); the batched read-outs ran with it at 305.3K tokens/s (session 37)."""
+    mode = switch_value("TITANS_TRITON_SAVE_INNER")
+    return L == 2 and N > 1 and backward_mode() != "fused" and (mode == "1" or (mode == "auto" and walk_alone))
 
 
 MAX_WALK_PROGRAMS = 32
@@ -1755,7 +1757,7 @@ def core_walk(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, *, chunk_size, activat
     initial = _state4(W, S)
     state = _outputs4(initial, L)
     starts = _state_buffers(state[0], B * H, N, state, L, torch.float32)
-    save = _save_inner(L, N)
+    save = _save_inner(L, N, walk_alone=True)
     scratch = _inner_buffers(state[0], B * H, N, chunk_size, D, W[0].shape[-1]) if save else [state[0].new_empty(1)] * 4
     args = (_rows(q), _rows(k), _rows(v), *coef, *initial, *state, state[0].new_empty(1), *starts, *scratch)
     parts = _walk_parts(B * H, W[0].shape[-1], L, q.device)
@@ -1934,7 +1936,7 @@ def memory_walk_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, 
                                           residual, True)
         starts = stack_starts(st, len(W), torch.float32)
         inner = (stack_inner(k, v, starts, chunk_size, activation, residual)
-                 if _save_inner(len(W), q.shape[2] // chunk_size) else [])
+                 if _save_inner(len(W), q.shape[2] // chunk_size, walk_alone=True) else [])
     return [t.contiguous() for t in (*Wn, *Sn, *starts, *inner)]
 
 
@@ -1942,7 +1944,8 @@ def memory_walk_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tensor, 
 def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, W, S, chunk_size, activation, residual):
     BH, N = q.shape[0] * q.shape[1], q.shape[2] // chunk_size
     starts = [q.new_empty(BH, N, *t.shape[2:], dtype=torch.float32) for t in (W[0], W[-1], S[0], S[-1])]
-    inner = _inner_buffers(q, BH, N, chunk_size, q.shape[-1], W[0].shape[-1]) if _save_inner(len(W), N) else []
+    save = _save_inner(len(W), N, walk_alone=True)
+    inner = _inner_buffers(q, BH, N, chunk_size, q.shape[-1], W[0].shape[-1]) if save else []
     return [_fresh(t) for t in (*W, *S)] + starts + inner
 
 

@@ -177,7 +177,10 @@ class SegmentInputs(NamedTuple):
     attn: tuple[Tensor, Tensor, Tensor]
 
     def pieces(self, lengths: list[int]) -> list[SegmentInputs]:
-        """One :class:`SegmentInputs` per piece of ``lengths`` tokens, in order (views: one split each)."""
+        """One :class:`SegmentInputs` per piece of ``lengths`` tokens, in order (views: one split each; one piece:
+        these inputs themselves, not a split whose backward would copy their gradients)."""
+        if len(lengths) == 1:
+            return [self]
         qs = self.q.split(lengths, dim=2)
         gs = self.g.split(lengths, dim=1) if self.g is not None else [None] * len(lengths)
         attn = [t.split(lengths, dim=2) for t in self.attn]
@@ -474,7 +477,7 @@ class TitansBlock(nn.Module):
         this does."""
         h = self.norm_mix(x)
         inputs, read_conv = self.mac_queries(h, read_conv, pos)
-        return h, h.split(lengths, dim=1), inputs.pieces(lengths), read_conv
+        return h, h.split(lengths, dim=1) if len(lengths) > 1 else [h], inputs.pieces(lengths), read_conv
 
     def _segment_prefix(self, persistent: Tensor | None, h: Tensor) -> PrefixKV | None:
         """The persistent tokens' keys and values for every segment of h (B, T, dim), projected once (per segment
