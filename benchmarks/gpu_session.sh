@@ -893,6 +893,14 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 77 ]; then
+  # session 37, third call: PART=76's graphed wavefront test with the batched inputs and read-outs failed again, now
+  # against the same wavefront run eagerly (4.17602 vs 4.17620; the eager wavefront equals the one pass on the GPU):
+  # which of the batched parts (or three segments a call alone) the captured graphs get wrong
+  step 120 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    -k graphed > $RES/gpu_test_graphed_wavefront.txt 2>&1"
+  finish
+fi
 if [ "$PART" = 76 ]; then
   # session 37, second call: PART=75 timed the batched segment inputs and read-outs at 305.3K tokens/s against the
   # default's 288.8K (+5.7%, one machine; its 4096 x 8 row ran out of its 100 s), so they are the wavefront's
