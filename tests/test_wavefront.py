@@ -272,11 +272,14 @@ def test_trainer_loss_unit_takes_the_wavefront(autograd_nodes):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture of the streams)")
-@pytest.mark.parametrize("step,queries,readouts,inputs_stream", [
-    (None, "0", "0", "1"), (96, "0", "0", "1"), (96, "1", "0", "1"), (96, "0", "1", "1"), (96, "1", "1", "1"),
-    (96, "1", "1", "0")], ids=["a segment a call", "3 a call", "batched queries", "batched read-outs", "both",
-                               "both, queries on the chain's stream"])
-def test_graphed_wavefront_equals_eager_on_cuda(step, queries, readouts, inputs_stream, monkeypatch):
+@pytest.mark.parametrize("step,queries,readouts,inputs_stream,extra", [
+    (None, "0", "0", "1", {}), (96, "0", "0", "1", {}), (96, "1", "0", "1", {}), (96, "0", "1", "1", {}),
+    (96, "1", "1", "1", {}), (96, "1", "1", "0", {}), (96, "0", "1", "1", {"memory_backend": "fused"}),
+    (96, "0", "1", "1", {"TITANS_TRITON_WALK_PARTS": "1"})],
+    ids=["a segment a call", "3 a call", "batched queries", "batched read-outs", "both",
+         "both, queries on the chain's stream", "batched read-outs, PyTorch memory",
+         "batched read-outs, walks in one program a head"])
+def test_graphed_wavefront_equals_eager_on_cuda(step, queries, readouts, inputs_stream, extra, monkeypatch):
     """graphed_loss(..., wavefront=True): the side streams captured in the forward and backward graphs give the eager
     loss and gradients (float32, no autocast): one segment a call against the one-pass forward; three a call, with
     each segment's own inputs and read-outs or the batched ones (their inputs on a stream of their own or on the
@@ -288,7 +291,11 @@ def test_graphed_wavefront_equals_eager_on_cuda(step, queries, readouts, inputs_
     monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_QUERIES", queries)
     monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_READOUTS", readouts)
     monkeypatch.setenv("TITANS_WAVEFRONT_INPUTS_STREAM", inputs_stream)
-    model = _model("mac", dim=64, window=32).float().cuda()
+    for name, value in extra.items():
+        if name.startswith("TITANS_"):
+            monkeypatch.setenv(name, value)
+    model = _model("mac", dim=64, window=32, **{k: v for k, v in extra.items() if not k.startswith("TITANS_")})
+    model = model.float().cuda()
     ids = torch.randint(0, 64, (2, 256), device="cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     ref = (model(ids, labels=ids, use_cache=False).loss if step is None else
