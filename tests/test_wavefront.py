@@ -265,10 +265,11 @@ def test_trainer_loss_unit_takes_the_wavefront(autograd_nodes):
         return sum(type(fn).__name__ == "SplitWithSizesBackward0" for fn in autograd_nodes(loss))
 
     assert splits(one_pass) == 1  # the one-pass MAC block cuts 64 tokens once
-    assert splits(wave) == 64 // 16  # the wavefront: one call a segment, a split of one piece each
-    with pytest.MonkeyPatch.context() as env:  # the batched segment inputs of one segment are the segment's: no split
-        env.setenv("TITANS_WAVEFRONT_BATCHED_QUERIES", "1")
-        assert splits(LossFn(model, wavefront=True)(ids, ids)) == 0
+    # the wavefront: one call a segment, nothing to cut (the batched segment inputs, the default, are the segment's)
+    assert splits(wave) == 0
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TITANS_WAVEFRONT_BATCHED_QUERIES", "0")
+        assert splits(LossFn(model, wavefront=True)(ids, ids)) == 64 // 16  # a split of one piece a call
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture of the streams)")

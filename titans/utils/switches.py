@@ -125,8 +125,9 @@ _DECLARED = (
     Switch("TITANS_WAVEFRONT_READOUT_URGENT", ON_OFF, "0",
            "with the read-outs apart, on a stream of their own at the chains' priority"),
     Switch("TITANS_WAVEFRONT_BATCHED_READOUTS", ON_OFF, "0",
-           "MAC's read-outs once a wavefront call for its segments, after their chains"),
-    Switch("TITANS_WAVEFRONT_BATCHED_QUERIES", ON_OFF, "0",
+           "MAC's read-outs once a wavefront call for its segments, after their chains (under CUDA graphs a different "
+           "loss than eager on an H200, session 37: a bug not yet found)"),
+    Switch("TITANS_WAVEFRONT_BATCHED_QUERIES", ON_OFF, "1",
            "MAC's segment inputs (the retrieval's queries and output gate, attention's queries / keys / values) once "
            "a wavefront call for its segments, before their chains"),
     Switch("TITANS_WAVEFRONT_INPUTS_STREAM", ON_OFF, "1",
