@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
                                     ("wavefront, 3 segments a call, batched inputs and read-outs", 96, True)):
             loss = wavefront_loss(model, ids, segment=step, batched_readouts=batched, batched_queries=batched).item()
             rows.append({"row": name, "loss": loss, "relative": abs(loss - one_pass) / abs(one_pass)})
-    result = {"TRITON_F32_DEFAULT": os.environ.get("TRITON_F32_DEFAULT"), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-              "rows": rows}
+    device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    result = {"TRITON_F32_DEFAULT": os.environ.get("TRITON_F32_DEFAULT"), "device": device, "rows": rows}
     print(f"TRITON_F32_DEFAULT={result['TRITON_F32_DEFAULT']}\n| row | loss | relative to the one pass |\n"
           "| --- | --- | --- |")
     for r in rows:

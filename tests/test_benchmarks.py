@@ -528,3 +528,17 @@ def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_pat
     with pytest.raises(SystemExit, match="not a benchmarks/harness.py result"):
         (tmp_path / "other.json").write_text("{}")
         fs.main([str(tmp_path / "other.json")])
+
+
+def test_wavefront_float32_compares_every_layout_with_the_one_pass(tmp_path):
+    """benchmarks/wavefront_float32.py (run on the GPU to tell Triton's TF32 dots from a wavefront bug): on the CPU,
+    in float32, every eager wavefront layout - a segment a call, three a call with each segment's own inputs and
+    read-outs or the batched ones - gives the one pass's loss, and the JSON lists them."""
+    wf = _load("wavefront_float32")
+    out = tmp_path / "wf32.json"
+    wf.main(["--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and len(result["rows"]) == 4
+    one_pass = result["rows"][0]["loss"]
+    for row in result["rows"]:
+        assert row["relative"] <= 1e-6 and abs(row["loss"] - one_pass) <= 1e-5 * abs(one_pass), row

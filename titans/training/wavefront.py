@@ -60,18 +60,21 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     their backward (the memory backward's first stage among it, ~0.27 ms a segment on an H200) runs beside the
     segment chain instead of on it (``TITANS_WAVEFRONT_READOUT_URGENT=1``: on a stream of their own at the chains'
     priority instead); on the CPU the same split runs on one stream.  ``batched_readouts``
-    (``TITANS_WAVEFRONT_BATCHED_READOUTS``, "0" when unset; not yet timed on a GPU): MAC's memory blocks run a call's
-    segment chains first and then their read-outs at once (``forward_mixer_split(batched=True)``: one launch of each
-    read-out kernel, forward and backward, for the call's segments instead of one a segment), on the block's stream,
-    or with ``readout_streams`` on the read-out stream.  ``batched_queries`` (``TITANS_WAVEFRONT_BATCHED_QUERIES``, "0"
-    when unset; not yet timed on a GPU): MAC's memory blocks make what a call's retrievals compute from the block
-    input alone (the queries, with their convolution, and the output gate's input) once for the call's segments,
-    before their chains (``forward_mixer_split(queries=True)``), so that no segment's chain runs it, forward or
-    backward; with streams and ``inputs_stream`` (``TITANS_WAVEFRONT_INPUTS_STREAM``, "1" when unset) the block's
-    input norm and these run on a stream of their own, forward and backward: the chain's stream only waits for
-    them before the call's first segment (in the forward they can run while the chain is still on the previous
-    call's segments).  Gradients flow through the carried
-    states, so ``lm_loss`` of the result trains the model exactly as ``model(input_ids, labels=input_ids)`` does."""
+    (``TITANS_WAVEFRONT_BATCHED_READOUTS``, "0" when unset): MAC's memory blocks run a call's segment chains first
+    and then their read-outs at once (``forward_mixer_split(batched=True)``: one launch of each read-out kernel,
+    forward and backward, for the call's segments instead of one a segment), on the block's stream, or with
+    ``readout_streams`` on the read-out stream; on an H200 (session 37) captured in CUDA graphs they gave another
+    loss than eagerly (a bug not yet found; eagerly they equal the one pass), so they stay opt-in.
+    ``batched_queries`` (``TITANS_WAVEFRONT_BATCHED_QUERIES``, "1" when unset): MAC's memory blocks make what a
+    call's segment steps compute from the block input alone (the retrieval's queries, with their convolution, and
+    output gate's input; attention's queries, keys and values: :class:`~titans.core.models.model.SegmentInputs`)
+    once for the call's segments, before their chains (``forward_mixer(queries=True)``), so that no segment's chain
+    runs it, forward or backward (+4.2% at MAC 65536 x 1 on an H200, session 37); with streams and
+    ``inputs_stream`` (``TITANS_WAVEFRONT_INPUTS_STREAM``, "1" when unset) the block's input norm and these run on a
+    stream of their own, forward and backward: the chain's stream only waits for them before the call's first
+    segment (in the forward they can run while the chain is still on the previous call's).  Gradients flow through
+    the carried states, so ``lm_loss`` of the result trains the model exactly as
+    ``model(input_ids, labels=input_ids)`` does."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
     seg = segment or model.config.window
