@@ -894,8 +894,9 @@ if [ "$PART" = 63 ]; then
   finish
 fi
 if [ "$PART" = 78 ]; then
-  # for session 38's first call: PART=77's graphed test, now with two more layouts that tell the batched read-outs'
-  # capture bug apart (the PyTorch split core; the walks in one program a head), then the flat pair with session
+  # for session 38's first call: PART=77's graphed test, now with three more layouts that tell the batched read-outs'
+  # capture bug apart (the PyTorch split core; the walks in one program a head; the read-outs apart, the split core
+  # a segment at a time), then the flat pair with session
   # 37's defaults (the batched segment inputs) on one machine, then the wavefront's CUDA tests
   step 90 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
     -k graphed > $RES/gpu_test_graphed_wavefront.txt 2>&1"

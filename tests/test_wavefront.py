@@ -276,17 +276,20 @@ def test_trainer_loss_unit_takes_the_wavefront(autograd_nodes):
 @pytest.mark.parametrize("step,queries,readouts,inputs_stream,extra", [
     (None, "0", "0", "1", {}), (96, "0", "0", "1", {}), (96, "1", "0", "1", {}), (96, "0", "1", "1", {}),
     (96, "1", "1", "1", {}), (96, "1", "1", "0", {}), (96, "0", "1", "1", {"memory_backend": "fused"}),
-    (96, "0", "1", "1", {"TITANS_TRITON_WALK_PARTS": "1"})],
+    (96, "0", "1", "1", {"TITANS_TRITON_WALK_PARTS": "1"}),
+    (96, "0", "0", "1", {"TITANS_WAVEFRONT_READOUT_STREAMS": "1"})],
     ids=["a segment a call", "3 a call", "batched queries", "batched read-outs", "both",
          "both, queries on the chain's stream", "batched read-outs, PyTorch memory",
-         "batched read-outs, walks in one program a head"])
+         "batched read-outs, walks in one program a head", "read-outs apart (the split core, a segment at a time)"])
 def test_graphed_wavefront_equals_eager_on_cuda(step, queries, readouts, inputs_stream, extra, monkeypatch):
     """graphed_loss(..., wavefront=True): the side streams captured in the forward and backward graphs give the eager
     loss and gradients (float32, no autocast): one segment a call against the one-pass forward; three a call, with
     each segment's own inputs and read-outs or the batched ones (their inputs on a stream of their own or on the
     block's), against the same wavefront run eagerly on its streams.  Session 37's GPU calls: with the batched
     inputs and read-outs the graphed loss differed from the eager one (4.17602 vs 4.17620; the eager wavefront equals
-    the one pass on the GPU, ``benchmarks/wavefront_float32.py``)."""
+    the one pass on the GPU, ``benchmarks/wavefront_float32.py``).  Only the batched read-outs and the read-outs
+    apart write through the split core (the walk alone, then the read-out; ``TitansBlock.mac_chain``); the other
+    layouts run a segment's whole core at once."""
     from titans.training.trainer import graphed_loss
 
     monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_QUERIES", queries)

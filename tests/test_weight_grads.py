@@ -91,7 +91,10 @@ def test_deferred_weight_grads_in_the_wavefront_and_compiled_segments(monkeypatc
 
     model = _mac()
     ids = torch.randint(0, 37, (2, 16), generator=torch.Generator().manual_seed(2))  # 4 segments
-    _assert_same(model, lambda m: wavefront_loss(m, ids, segment=8), monkeypatch, 2 * 7)
+    # two wavefront steps, a sum per deferred projection each: 6 (the batched segment inputs, the default, project
+    # attention's queries for the step's segments at once, with the parameter itself), 7 without them
+    _assert_same(model, lambda m: wavefront_loss(m, ids, segment=8), monkeypatch, 2 * 6)
+    _assert_same(model, lambda m: wavefront_loss(m, ids, segment=8, batched_queries=False), monkeypatch, 2 * 7)
     loss0, g0 = _grads(model, _one_pass(ids), monkeypatch, defer=False)  # eager, per-segment gradients
     torch._dynamo.reset()
     compile_blocks(model, backend="aot_eager")
@@ -388,7 +391,9 @@ def test_the_wavefront_casts_each_deferred_weight_once_a_step(monkeypatch):
     monkeypatch.setattr(wg, "cast_weights", counting)
     monkeypatch.setenv("TITANS_DEFER_WEIGHT_GRADS", "1")
     wavefront_loss(model, ids, segment=8).backward()
-    assert len(made) == 7  # the memory block's tapped projections, once for both calls
+    # the memory block's tapped projections, once for both calls (attention's queries are projected with the
+    # batched segment inputs, the default, outside the taps: 6 of the one pass's 7)
+    assert len(made) == 6
     assert all(b.weight_casts is None for b in model.blocks)  # the step's dict is dropped after it
     made.clear()
     model(ids, labels=ids, use_cache=False).loss.backward()  # one call: once as well, no dict kept
