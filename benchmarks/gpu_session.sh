@@ -898,11 +898,15 @@ if [ "$PART" = 78 ]; then
   # capture bug apart (the PyTorch split core; the walks in one program a head; the read-outs apart, the split core
   # a segment at a time), then the flat pair with session
   # 37's defaults (the batched segment inputs) on one machine, then the wavefront's CUDA tests
-  step 90 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+  step 60 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
     -k graphed > $RES/gpu_test_graphed_wavefront.txt 2>&1"
   mac_65536x1_defaults 170
   mac_4096x8_defaults 160
   test_wavefront 70
+  # last (may be cut): 4096-token wavefront steps, 8 segments a call - the batched inputs made for twice the segments
+  # at once, against longer offsets between the blocks' chains (session 21 chose 2048 without batched inputs)
+  step 100 mac-65536x1-wf4096 $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 4096 \
+    --out "$RES/h_wf4096_defaults.json"
   finish
 fi
 if [ "$PART" = 77 ]; then
