@@ -900,6 +900,8 @@ if [ "$PART" = 78 ]; then
   # 37's defaults (the batched segment inputs) on one machine, then the wavefront's CUDA tests
   step 60 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
     -k graphed > $RES/gpu_test_graphed_wavefront.txt 2>&1"
+  # where a captured forward first departs from the eager one, layout by layout (token, segment, call)
+  step 60 graphed-wavefront-diff python3 benchmarks/graphed_wavefront_diff.py --out "$RES/graphed_wavefront_diff.json"
   mac_65536x1_defaults 170
   mac_4096x8_defaults 160
   test_wavefront 70

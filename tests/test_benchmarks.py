@@ -542,3 +542,22 @@ def test_wavefront_float32_compares_every_layout_with_the_one_pass(tmp_path):
     one_pass = result["rows"][0]["loss"]
     for row in result["rows"]:
         assert row["relative"] <= 1e-6 and abs(row["loss"] - one_pass) <= 1e-5 * abs(one_pass), row
+
+
+def test_graphed_wavefront_diff_finds_the_first_differing_token():
+    """benchmarks/graphed_wavefront_diff.py's comparison (its capture needs CUDA): the largest difference, the first
+    token past the tolerance and the largest difference per segment; equal logits have no first token."""
+    gd = _load("graphed_wavefront_diff")
+    a = torch.zeros(2, 12, 5)
+    b = a.clone()
+    assert gd.first_difference(a, b, 4) == {"max": 0.0, "first_token": None, "per_segment": [0.0, 0.0, 0.0]}
+    b[1, 6, 3] = 1e-3
+    b[0, 9, 0] = -2e-3
+    out = gd.first_difference(a, b, 4)
+    assert out["first_token"] == 6 and out["max"] == pytest.approx(2e-3)
+    assert out["per_segment"] == pytest.approx([0.0, 1e-3, 2e-3])
+    with pytest.raises(ValueError, match="logits of shapes"):
+        gd.first_difference(a, b[:, :8], 4)
+    if not torch.cuda.is_available():  # the capture itself: the GPU session's job
+        with pytest.raises(SystemExit, match="needs CUDA"):
+            gd.main([])

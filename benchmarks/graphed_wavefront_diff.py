@@ -1,0 +1,126 @@
+"""Where a CUDA-graph capture of the wavefront's forward first departs from the same forward run eagerly (GPU).
+
+Session 37: with MAC's batched read-outs, ``graphed_loss`` gave another float32 loss than the eager wavefront
+(4.176023 vs 4.176198; eagerly the wavefront equals the one pass bit for bit), and every layout without them agreed.
+This captures ``wavefront_logits`` alone (no backward, no ``make_graphed_callables``) for each layout - with autograd
+recording, as in training, and under ``torch.no_grad()`` - replays it, and compares the logits with an eager call's
+token by token: the largest difference, the first token that differs, and the largest difference per segment.  A
+first difference in the first call's first segment points at a kernel or its arguments; one only from the second
+call on, at something carried from call to call.
+
+    python benchmarks/graphed_wavefront_diff.py --out results/graphed_wavefront_diff.json
+
+The model and data are those of ``tests/test_wavefront.py``'s CUDA tests (MAC, dim 64, window 32, memory in block
+1, 2 x 256 tokens, float32), three segments a wavefront call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from titans.core.models import build_model
+from titans.training.wavefront import wavefront_logits
+from titans.utils.io import atomic_write_text
+
+# (name, switches, model options)
+LAYOUTS = [
+    ("each segment its own inputs and read-outs", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0"}, {}),
+    ("batched inputs", {}, {}),
+    ("batched read-outs", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0", "TITANS_WAVEFRONT_BATCHED_READOUTS": "1"}, {}),
+    ("batched read-outs, PyTorch memory", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
+                                          "TITANS_WAVEFRONT_BATCHED_READOUTS": "1"}, {"memory_backend": "fused"}),
+    ("batched read-outs, walks in one program a head", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
+                                                       "TITANS_WAVEFRONT_BATCHED_READOUTS": "1",
+                                                       "TITANS_TRITON_WALK_PARTS": "1"}, {}),
+    ("read-outs apart", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0", "TITANS_WAVEFRONT_READOUT_STREAMS": "1"}, {}),
+]
+TOLERANCE = 1e-5
+
+
+def first_difference(a: torch.Tensor, b: torch.Tensor, segment: int, tol: float = TOLERANCE) -> dict:
+    """How logits ``a`` and ``b`` (B, T, vocab) differ: the largest absolute difference, the first token position
+    whose difference exceeds ``tol`` (None if none does) and the largest difference per segment of ``segment``
+    tokens."""
+    if a.shape != b.shape:
+        raise ValueError(f"logits of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    per_token = (a.detach().float() - b.detach().float()).abs().amax(dim=(0, 2))  # (T,)
+    over = (per_token > tol).nonzero()
+    per_segment = [float(per_token[s:s + segment].max()) for s in range(0, per_token.shape[0], segment)]
+    return {"max": float(per_token.max()), "first_token": int(over[0]) if len(over) else None,
+            "per_segment": per_segment}
+
+
+@contextmanager
+def switches(env: dict):
+    """The ``TITANS_*`` switches of ``env`` set for the block, the former values back after it."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def compare(model_options: dict, grad: bool, step: int = 96, window: int = 32) -> dict:
+    """Eager against captured-and-replayed ``wavefront_logits`` of the tests' model (see the module docstring)."""
+    torch.manual_seed(0)
+    model = build_model(dict(variant="mac", vocab_size=64, dim=64, depth=3, heads=2, window=window,
+                             persistent_tokens=2, memory_depth=2, memory_chunk_size=8, memory_layers=[1],
+                             **model_options)).float().cuda()
+    ids = torch.randint(0, 64, (2, 256), device="cuda")
+    mode = nullcontext() if grad else torch.no_grad()
+    with mode:
+        eager = wavefront_logits(model, ids, segment=step).detach().clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture, as graphed_loss does
+            for _ in range(2):
+                wavefront_logits(model, ids, segment=step)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = wavefront_logits(model, ids, segment=step)
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = captured.detach().clone()
+        again = wavefront_logits(model, ids, segment=step).detach()  # eager after the capture: the same as before?
+    return {"replay": first_difference(replayed, eager, window), "eager_again": first_difference(again, eager, window)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="JSON path")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("graphed_wavefront_diff.py needs CUDA (it captures CUDA graphs)")
+    rows = []
+    print("| layout | autograd | replay vs eager: max, first token | eager again: max |\n| --- | --- | --- | --- |")
+    for name, env, options in LAYOUTS:
+        for grad in (True, False):
+            with switches(env):
+                try:
+                    res = compare(options, grad)
+                except Exception as e:  # noqa: BLE001 - a layout that cannot be captured is a finding too
+                    res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            rows.append({"layout": name, "switches": env, "model": options, "grad": grad, **res})
+            if "error" in res:
+                print(f"| {name} | {grad} | {res['error']} | - |")
+            else:
+                r, e = res["replay"], res["eager_again"]
+                print(f"| {name} | {grad} | {r['max']:.2e}, {r['first_token']} | {e['max']:.2e} |")
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
