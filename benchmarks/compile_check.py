@@ -30,13 +30,14 @@ from titans.utils.io import atomic_write_text
 def check(variant: str, backend: str, scope: str, device: str, dtype: torch.dtype, seq: int,
           memory_backend: str, dim: int = 32, heads: int = 2, window: int = 8, chunk: int = 4,
           raw: bool = False, batched_readouts: bool = False, wavefront: bool = False,
-          batched_queries: bool = False) -> dict:
+          batched_queries: bool | None = False) -> dict:
     """One training step's loss and gradients, eager vs compiled; returns the errors and the worst parameters.
     ``raw``: plain ``torch.compile`` instead of the project's :func:`~titans.utils.compiling.compile_fn` (which
     turns off inductor's in-place buffers).  ``wavefront``: the compiled side is the training step the wavefront
     runs (regional compilation, :func:`compile_blocks`; steps of four segments; MAC's deferred weight gradients
-    with their per-token stand-ins), with MAC's batched read-outs if ``batched_readouts`` and its retrievals' inputs
-    made once a call if ``batched_queries`` (either implies it); the eager side the one-pass forward."""
+    with their per-token stand-ins), with MAC's batched read-outs if ``batched_readouts`` and its segment inputs
+    made once a call if ``batched_queries`` (either implies it; None: as ``TITANS_WAVEFRONT_BATCHED_QUERIES`` says,
+    on by default); the eager side the one-pass forward."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -50,7 +51,10 @@ def check(variant: str, backend: str, scope: str, device: str, dtype: torch.dtyp
     if wavefront or batched_readouts or batched_queries:
         from titans.training.wavefront import wavefront_loss
         from titans.utils.compiling import compile_blocks
+        from titans.utils.switches import switch_on
 
+        if batched_queries is None:
+            batched_queries = switch_on("TITANS_WAVEFRONT_BATCHED_QUERIES")
         compile_blocks(model, backend=backend)
         scope = (f"regions (compile_blocks), the wavefront{', batched read-outs' if batched_readouts else ''}"
                  f"{', batched queries' if batched_queries else ''}")
@@ -106,8 +110,9 @@ def main(argv=None) -> list[dict]:
                     help="compiled: the wavefront's step (compile_blocks), against the eager one-pass forward")
     ap.add_argument("--batched-readouts", action="store_true",
                     help="compiled: the wavefront's step with MAC's batched read-outs (compile_blocks)")
-    ap.add_argument("--batched-queries", action="store_true",
-                    help="compiled: the wavefront's step with MAC's retrieval inputs once a call (compile_blocks)")
+    ap.add_argument("--batched-queries", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --wavefront: MAC's segment inputs once a call, or not (default: as "
+                         "TITANS_WAVEFRONT_BATCHED_QUERIES says, on); --batched-queries alone implies --wavefront")
     ap.add_argument("--out", default="benchmarks/results/compile_check.json")
     args = ap.parse_args(argv)
     rows = []

@@ -94,11 +94,16 @@ def main(argv=None) -> dict:
                     help="tokens per wavefront step (default: 4 segments, as the GPU rows' 2048 of MAC's 512)")
     ap.add_argument("--batched-readouts", action="store_true",
                     help="the wavefront's batched read-outs (TITANS_WAVEFRONT_BATCHED_READOUTS=1)")
-    ap.add_argument("--batched-queries", action="store_true",
-                    help="the wavefront's batched queries (TITANS_WAVEFRONT_BATCHED_QUERIES=1)")
+    ap.add_argument("--batched-queries", action=argparse.BooleanOptionalAction, default=None,
+                    help="the wavefront's batched segment inputs, or not (default: as TITANS_WAVEFRONT_BATCHED_QUERIES "
+                         "says, on)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 instead of bf16 autocast")
     ap.add_argument("--out", default="benchmarks/results/eager_glue.json")
     args = ap.parse_args(argv)
+    if args.batched_queries is None:  # recorded as it ran
+        from titans.utils.switches import switch_on
+
+        args.batched_queries = switch_on("TITANS_WAVEFRONT_BATCHED_QUERIES")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
