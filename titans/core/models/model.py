@@ -368,8 +368,7 @@ class TitansBlock(nn.Module):
         ``(y, read)``, the attention output and the :class:`MemoryRead` of ``M*_t(y_t)``; ``st`` updated in place.
         ``mac_readout(y, read)`` completes it: the two equal :meth:`mac_segment`.  ``queries``: h's
         :class:`SegmentInputs` from :meth:`mac_queries` (then ``st.read_conv`` is left as it is)."""
-        ops = StreamOps(self, st, pos, want_cache)
-        ops.queries = queries
+        ops = StreamOps(self, st, pos, want_cache, queries=queries)
         retrieved = ops.recall(h)  # h_t = M*_{t-1}(q_t)
         y = ops.attend(h, persistent, retrieved)  # y_t = Attn([p || h || S])
         read, st.memory = self.memory.write(h + y if self.mac_writes_residual else y, st.memory)  # M_t = M_{t-1}(y_t)
@@ -576,8 +575,7 @@ class TitansBlock(nn.Module):
         ``persistent``: the persistent tokens, or their keys and values (:class:`PrefixKV`, from
         :meth:`_over_segments`).  ``residual_dtype``: the output comes in the dtype it has added to a residual stream
         of that dtype (:func:`_to_residual`).  ``queries``: h's :class:`SegmentInputs` from :meth:`mac_queries`."""
-        ops = StreamOps(self, st, pos, want_cache, recompute_memory)
-        ops.queries = queries
+        ops = StreamOps(self, st, pos, want_cache, recompute_memory, queries)
         return _to_residual(self._mac(h, ops, persistent), residual_dtype)
 
     @property
@@ -685,14 +683,16 @@ class StreamOps(LayerOps):
     """:class:`LayerOps` over a :class:`LayerState` at the host position ``pos`` (a piece of any length).
 
     ``recompute_memory``: the memory's work (``remember``, ``remember_gated`` with its gate, ``recall``) runs as
-    recomputed regions (activation checkpointing ``memory``); the state goes in and comes out of each region."""
+    recomputed regions (activation checkpointing ``memory``); the state goes in and comes out of each region.
+    ``queries``: the piece's :class:`SegmentInputs`, made before it (``recall`` and ``attend`` then project only
+    what depends on the memory)."""
 
     def __init__(self, block: TitansBlock, st: LayerState, pos: int, want_cache: bool,
-                 recompute_memory: bool = False) -> None:
+                 recompute_memory: bool = False, queries: SegmentInputs | None = None) -> None:
         self.block, self.st, self.pos, self.want_cache = block, st, pos, want_cache
         self.recompute_memory = recompute_memory
         self.prefix = st.prefix
-        self.queries: SegmentInputs | None = None  # h's projections, made before the segment (TitansBlock.mac_queries)
+        self.queries = queries  # h's projections, made before the segment (TitansBlock.mac_queries), or None
 
     def attend(self, h: Tensor, prefix: Tensor | None, memory_tokens: Tensor | None) -> Tensor:
         st, b = self.st, self.block
