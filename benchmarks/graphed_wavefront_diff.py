@@ -19,13 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 
-from titans.core.models import build_model
 from titans.training.wavefront import wavefront_logits
 from titans.utils.io import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wavefront_float32 import tests_model_and_ids  # noqa: E402 - the tests' model and tokens, as that script's
 
 # (name, switches, model options)
 LAYOUTS = [
@@ -70,13 +74,9 @@ def switches(env: dict):
                 os.environ[k] = v
 
 
-def compare(model_options: dict, grad: bool, step: int = 96, window: int = 32) -> dict:
+def compare(model_options: dict, grad: bool, step: int = 96) -> dict:
     """Eager against captured-and-replayed ``wavefront_logits`` of the tests' model (see the module docstring)."""
-    torch.manual_seed(0)
-    model = build_model(dict(variant="mac", vocab_size=64, dim=64, depth=3, heads=2, window=window,
-                             persistent_tokens=2, memory_depth=2, memory_chunk_size=8, memory_layers=[1],
-                             **model_options)).float().cuda()
-    ids = torch.randint(0, 64, (2, 256), device="cuda")
+    model, ids = tests_model_and_ids("cuda", **model_options)
     mode = nullcontext() if grad else torch.no_grad()
     with mode:
         eager = wavefront_logits(model, ids, segment=step).detach().clone()
@@ -94,6 +94,7 @@ def compare(model_options: dict, grad: bool, step: int = 96, window: int = 32) -
         torch.cuda.synchronize()
         replayed = captured.detach().clone()
         again = wavefront_logits(model, ids, segment=step).detach()  # eager after the capture: the same as before?
+    window = model.config.window
     return {"replay": first_difference(replayed, eager, window), "eager_again": first_difference(again, eager, window)}
 
 

@@ -23,15 +23,21 @@ from titans.training.wavefront import wavefront_loss
 from titans.utils.io import atomic_write_text
 
 
+def tests_model_and_ids(device, **options) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model and tokens of ``tests/test_wavefront.py``'s CUDA tests, float32 on ``device``: MAC, dim 64, depth 3,
+    window 32, memory (depth 2, chunk 8) in block 1 (``options`` override the config), 2 x 256 tokens."""
+    torch.manual_seed(0)
+    model = build_model(dict(variant="mac", vocab_size=64, dim=64, depth=3, heads=2, window=32, persistent_tokens=2,
+                             memory_depth=2, memory_chunk_size=8, memory_layers=[1], **options)).float().to(device)
+    return model, torch.randint(0, 64, (2, 256), generator=torch.Generator().manual_seed(1)).to(device)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # (on the CPU: the PyTorch memory, no Triton)
-    torch.manual_seed(0)
-    model = build_model(dict(variant="mac", vocab_size=64, dim=64, depth=3, heads=2, window=32, persistent_tokens=2,
-                             memory_depth=2, memory_chunk_size=8, memory_layers=[1])).float().to(dev)
-    ids = torch.randint(0, 64, (2, 256), generator=torch.Generator().manual_seed(1)).to(dev)
+    model, ids = tests_model_and_ids(dev)
     with torch.no_grad():
         one_pass = model(ids, labels=ids, use_cache=False).loss.item()
         rows = [{"row": "one pass", "loss": one_pass, "relative": 0.0}]
