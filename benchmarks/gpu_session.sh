@@ -896,8 +896,8 @@ fi
 if [ "$PART" = 78 ]; then
   # for session 38's first call: PART=77's graphed test, now with three more layouts that tell the batched read-outs'
   # capture bug apart (the PyTorch split core; the walks in one program a head; the read-outs apart, the split core
-  # a segment at a time), then the flat pair with session
-  # 37's defaults (the batched segment inputs) on one machine, then the wavefront's CUDA tests
+  # a segment at a time), then the flat pair with session 37's defaults (the batched segment inputs) on one machine,
+  # then the wavefront's CUDA tests
   step 60 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
     -k graphed > $RES/gpu_test_graphed_wavefront.txt 2>&1"
   # where a captured forward first departs from the eager one, layout by layout (token, segment, call)
@@ -925,10 +925,9 @@ if [ "$PART" = 76 ]; then
   # defaults now, with the inner forward saved by the walk alone (TITANS_TRITON_SAVE_INNER=auto): the flat pair with
   # the new defaults; the wavefront's CUDA tests (the graphed one with the batched defaults failed in PART=75 against
   # the one pass, by 4e-5 relative in float32, now against the same wavefront eagerly); the float32 distance to the
-  # one pass with Triton's TF32 dots and with ieee ones (benchmarks/wavefront_float32.py)
-  # (session 37: this row was cut at 130 s compiling on a fresh machine; 170 s now; the batched read-outs are opt-in
-  # again, the batched inputs alone the new default)
-  mac_65536x1_defaults 170
+  # one pass with Triton's TF32 dots and with ieee ones (benchmarks/wavefront_float32.py).  As it ran: its 65536 x 1
+  # row was cut at 130 s compiling; the batched read-outs are opt-in again since, and PART=78 times the new defaults
+  mac_65536x1_defaults 130
   mac_4096x8_defaults 160
   test_wavefront 60
   step 40 wavefront-float32-tf32 python3 benchmarks/wavefront_float32.py --out "$RES/wavefront_float32_tf32.json"

@@ -151,8 +151,8 @@ def labelled_blocks(sites: CallSites, model=None):
 def traced_step(readout_streams: bool, config: dict, tokens: int, seed: int = 0, batched: bool = False):
     """One wavefront forward of ``config`` (a small MAC) over ``tokens`` tokens, its call sites labelled:
     ``(loss, nodes, label)``, every node of the backward graph and its stream label.  ``batched``: the batched
-    segment inputs and read-outs (the wavefront's defaults since session 37); without, each segment's own (the
-    layout sessions 33-36 analysed)."""
+    segment inputs (the wavefront's default since session 37) and read-outs (opt-in); without, each segment's own
+    (the layout sessions 33-36 analysed)."""
     torch.manual_seed(seed)
     model = build_model(config)
     sites = CallSites()
