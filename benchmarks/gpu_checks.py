@@ -39,7 +39,8 @@ def check_cuda_graphs(dev, res) -> None:
         loss_e.backward()
         ge = [p.grad for p in m.parameters()]
         err = max(rel(a, b) for a, b in zip(gg, ge) if b is not None and b.norm() > 0)
-        res["cuda_graphs"].append({"variant": variant, "loss_rel_err": rel(loss_g, loss_e), "grad_rel_err": err})
+        res["cuda_graphs"].append({"variant": variant, "loss_rel_err": rel(loss_g, loss_e), "grad_rel_err": err,
+                                   "capture_check": g.capture_check})
         print(res["cuda_graphs"][-1], flush=True)
 
 

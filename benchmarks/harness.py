@@ -64,6 +64,9 @@ class Row:
     profile_timeline: dict | None = None
     # with TITANS_TRITON_WALK_CLOCK=1: the memory walks' programs in one more step (:func:`walk_clock_stats`)
     walk_clock: dict | None = None
+    # with --cuda-graphs: the captured step's loss against the eager warm-up's on the same batch
+    # (titans.training.trainer.capture_agreement); a row whose capture disagrees timed another computation
+    capture_check: dict | None = None
 
 
 # environment variables a row's numbers depend on: the project's A/B switches (TITANS_TRITON_*, TITANS_WAVEFRONT_*,
@@ -164,6 +167,7 @@ def time_training(args, name: str, seq: int, batch: int, device: torch.device) -
             # the one-pass forward here whatever --wavefront said: those "wavefront" rows were one-pass rows)
             graphed = graphed_loss(run_model(args, model), ids, torch.bfloat16, wavefront=args.wavefront,
                                    wavefront_step=args.wavefront_step)
+            row.capture_check = graphed.capture_check
 
             def loss_fn(x):
                 return graphed(x, x)
@@ -513,8 +517,12 @@ def markdown(rows: list[Row], decode: list[dict]) -> str:
     lines = ["| model | seq x batch | train tokens/s | peak GPU GB | prefill tokens/s | note |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        note = r.error or ""
+        if r.capture_check is not None and not r.capture_check["agrees"]:
+            note = (f"{note}; " if note else "") + (f"capture's loss off the eager one by "
+                                                    f"{r.capture_check['rel_diff']:.1e} (relative)")
         lines.append(f"| {r.model} | {r.seq_len} x {r.batch} | {_fmt(r.train_tokens_per_s)} | "
-                     f"{_fmt(r.train_peak_gb, 1)} | {_fmt(r.prefill_tokens_per_s)} | {r.error or ''} |")
+                     f"{_fmt(r.train_peak_gb, 1)} | {_fmt(r.prefill_tokens_per_s)} | {note} |")
     if decode:
         lines += ["", "| model | context | decode mode | decode ms/token | state MB | note |",
                   "| --- | --- | --- | --- | --- | --- |"]

@@ -200,6 +200,20 @@ def test_walk_clock_stats_read_partner_waits_from_the_stamps():
     assert table[2] == "| backward | 1 | 310.0 | 292.5 | 15.0 | 30.0 | 285.0 | 17.8 | 30.0 | 70.0 | 222.5 | 4.0 |"
 
 
+def test_harness_table_marks_a_row_whose_capture_disagrees():
+    """A --cuda-graphs row keeps graphed_loss's check (the captured loss against the eager one) in its JSON, and the
+    table's note says when the capture computed another loss: that row timed another computation."""
+    from titans.training.trainer import capture_agreement
+
+    harness = _load("harness")
+    good = harness.Row("mac", 4096, 8, 380_000.0, 9.0, capture_check=capture_agreement([4.1] * 3, 4.1))
+    bad = harness.Row("mac", 65536, 1, 305_000.0, 29.4, capture_check=capture_agreement([4.176198] * 3, 4.176023))
+    lines = harness.markdown([good, bad], []).splitlines()
+    assert lines[2].endswith("| 9.0 | - |  |")
+    assert lines[3].endswith("| - | capture's loss off the eager one by 4.2e-05 (relative) |")
+    assert harness.asdict(bad)["capture_check"]["agrees"] is False
+
+
 def test_run_switches_record_the_project_switches_and_cuda_work_queues(monkeypatch):
     harness = _load("harness")
     monkeypatch.setenv("TITANS_TRITON_BWD", "split")

@@ -410,6 +410,48 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager_training(tmp_path, monk
     assert fell_back["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-6)
 
 
+def test_capture_agreement_judges_the_captured_loss_against_the_eager_ones():
+    """The check graphed_loss runs after a capture: the replayed loss against the warm-up's.  Session 37's numbers
+    (MAC's batched read-outs captured on an H200: 4.176023 against the eager 4.176198) disagree; rounding-level
+    differences agree; non-deterministic eager losses widen the tolerance; a non-finite loss never agrees."""
+    from titans.training.trainer import CAPTURE_LOSS_RTOL, capture_agreement
+
+    eager = [4.176197528839111] * 3
+    bad = capture_agreement(eager, 4.176022529602051)
+    assert not bad["agrees"] and bad["rel_diff"] == pytest.approx(4.1904e-05, rel=1e-3)
+    assert bad["eager_spread"] == 0 and bad["tolerance"] == CAPTURE_LOSS_RTOL
+    same = capture_agreement(eager, eager[-1])
+    assert same["agrees"] and same["rel_diff"] == 0 and same["replayed"] == same["eager"] == eager[-1]
+    assert capture_agreement(eager, eager[-1] * (1 + 0.5 * CAPTURE_LOSS_RTOL))["agrees"]
+    noisy = [4.0, 4.0 * (1 + 3e-5), 4.0]  # eager kernels that vary by 3e-5: 1.2e-4 of room
+    assert capture_agreement(noisy, 4.0 * (1 + 1e-4))["agrees"]
+    assert not capture_agreement(noisy, 4.0 * (1 + 2e-4))["agrees"]
+    assert not capture_agreement(eager, float("nan"))["agrees"]
+    assert not capture_agreement([float("inf")] * 2, float("inf"))["agrees"]
+    with pytest.raises(ValueError, match="no eager losses"):
+        capture_agreement([], 1.0)
+
+
+def test_a_capture_that_disagrees_with_the_eager_step_is_not_trained(tmp_path, monkeypatch):
+    """graphed_loss's check (the captured loss against the eager one on the same batch) failing: the trainer warns
+    and trains with the eager step, never calling the captured one; the loss curve is the eager one."""
+    import titans.training.trainer as trainer
+
+    class DisagreeingCapture:
+        capture_check = trainer.capture_agreement([4.176197528839111] * 3, 4.176022529602051)
+
+        def __call__(self, *args):
+            raise AssertionError("a capture whose loss disagrees with the eager step's was trained")
+
+    common = ["training.max_steps=3", "training.eval_every=100", "training.ckpt_every=100"]
+    eager = train(tiny_cfg(tmp_path / "eager", *common))
+    monkeypatch.setattr(trainer, "graphed_loss", lambda *args, **kwargs: DisagreeingCapture())
+    with pytest.warns(RuntimeWarning, match="captured step's loss differs .*4.19e-05.*continues eagerly"):
+        fell_back = train(tiny_cfg(tmp_path / "graphs", *common, "training.cuda_graphs=true"))
+    assert fell_back["step"] == 3
+    assert fell_back["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-6)
+
+
 def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_path, monkeypatch):
     """``training.compile`` compiles through ``titans.utils.compiling.compile_fn`` (inductor's in-place buffers
     changed the gradients, benchmarks/RESULTS.md section 6, session 13).  Inductor is too slow for CI here: the

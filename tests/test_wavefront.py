@@ -309,10 +309,12 @@ def test_graphed_wavefront_equals_eager_on_cuda(step, queries, readouts, inputs_
     # tied to the default stream, and the captured backward's dependence on that stream invalidates the capture
     # (cudaErrorStreamCaptureImplicit, session 20's GPU run of this test); training captures before any eager step
     ref = ref.detach()
-    loss = graphed_loss(model, ids, None, wavefront=True, wavefront_step=step)(ids, ids)
+    graphed = graphed_loss(model, ids, None, wavefront=True, wavefront_step=step)
+    loss = graphed(ids, ids)
     loss.backward()
     torch.cuda.synchronize()
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    assert graphed.capture_check["agrees"], graphed.capture_check  # graphed_loss's own check saw it too
     for p, b in zip(params, ref_grads):
         if b is not None:
             torch.testing.assert_close(p.grad, b, rtol=1e-4, atol=1e-5)

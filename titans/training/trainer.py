@@ -97,13 +97,45 @@ class LossFn(torch.nn.Module):
             return self.model(ids, labels=labels, use_cache=False).loss
 
 
+# how far (relative) a captured step's loss may lie from the eager warm-up's on the same batch: the replay runs the
+# same kernels on the same inputs, so the two agree to rounding (the 6 layouts of tests/test_wavefront.py's graphed
+# test that pass agree within 1e-5); session 37's capture of MAC's batched read-outs was off by 4.2e-5
+CAPTURE_LOSS_RTOL = 1e-5
+
+
+def capture_agreement(eager: list[float], replayed: float, rtol: float = CAPTURE_LOSS_RTOL) -> dict:
+    """Whether a captured step computes what the eager step computes, judged by the loss on one batch: ``eager``,
+    the warm-up passes' losses (on that batch, in order); ``replayed``, the captured forward's.  Returns
+    ``{"eager", "replayed", "rel_diff", "eager_spread", "tolerance", "agrees"}``: the last eager loss, the
+    replayed one, their relative difference, the eager losses' own relative spread (non-deterministic kernels, if
+    any), and whether the difference is within ``max(rtol, 4 x spread)``.  A loss that is not finite on either side
+    does not agree."""
+    if not eager:
+        raise ValueError("capture_agreement: no eager losses to compare with (warmup_iters=0)")
+    ref = eager[-1]
+    scale = max(abs(ref), 1e-30)
+    spread = (max(eager) - min(eager)) / scale
+    diff = abs(replayed - ref) / scale
+    tolerance = max(rtol, 4 * spread)
+    finite = math.isfinite(ref) and math.isfinite(replayed) and math.isfinite(spread)
+    return {"eager": ref, "replayed": replayed, "rel_diff": diff, "eager_spread": spread, "tolerance": tolerance,
+            "agrees": bool(finite and diff <= tolerance)}
+
+
 def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.dtype | None,
-                 warmup_iters: int = 3, wavefront: bool = False, wavefront_step: int | None = None):
+                 warmup_iters: int = 3, wavefront: bool = False, wavefront_step: int | None = None,
+                 check: bool = True):
     """Forward + backward of :class:`LossFn` captured as CUDA graphs for (ids, labels) shaped like ``sample``.
 
     Calling the result copies the batch into the graph's static input and replays the forward graph;
     ``.backward()`` replays the backward graph, accumulating into ``.grad`` like eager autograd.
     ``warmup_iters`` eager forward + backward passes run first (they leave ``.grad`` untouched).
+
+    ``check``: the captured forward is replayed once on ``sample`` and its loss compared with the warm-up's
+    (:func:`capture_agreement`; needs ``warmup_iters >= 1``); the result is the returned module's
+    ``capture_check`` (None unchecked), and a disagreement warns.  A capture can compute something else than the
+    eager step without failing: MAC's batched read-outs (``TITANS_WAVEFRONT_BATCHED_READOUTS=1``) did on an H200
+    (session 37), and the trainer then trains eagerly (:func:`train`).
 
     PyTorch warns once that "The AccumulateGrad node's stream does not match the stream of the node that produced
     the incoming gradient": ``make_graphed_callables`` keeps the captured forward's outputs, and with them the
@@ -121,15 +153,28 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
     # cache kept, on an 80 GB GPU that also holds anything else the process reserved).
     params = tuple(p for p in fn.parameters() if p.requires_grad)
     torch.cuda.synchronize()
+    eager = []
     with torch.cuda.stream(side_stream(sample.device, "graph-warmup")):  # a stream per call leaks a cuBLAS workspace
         for _ in range(warmup_iters):
             loss = fn(*args)
             torch.autograd.grad(loss, params, allow_unused=True)  # leaves .grad untouched
+            eager.append(loss.detach().float())
             del loss
     torch.cuda.synchronize()
     with gc_paused():  # earlier captures' graphs are destroyed on entry, before their memory goes back, not inside
         torch.cuda.empty_cache()
-        return torch.cuda.make_graphed_callables(fn, args, num_warmup_iters=0, allow_unused_input=True)
+        graphed = torch.cuda.make_graphed_callables(fn, args, num_warmup_iters=0, allow_unused_input=True)
+    graphed.capture_check = None
+    if check and eager:
+        with torch.no_grad():  # the forward graph's replay alone (no autograd node: .grad untouched)
+            replayed = float(graphed(*args))
+        graphed.capture_check = report = capture_agreement([float(x) for x in eager], replayed)
+        if not report["agrees"]:
+            warnings.warn(f"CUDA graphs: the captured step's loss {replayed:.7g} differs from the eager step's "
+                          f"{report['eager']:.7g} on the same batch (relative {report['rel_diff']:.2e}, tolerance "
+                          f"{report['tolerance']:.1e}): the graphs compute something else than the eager step",
+                          RuntimeWarning, stacklevel=2)
+    return graphed
 
 
 class _LMBatches:
@@ -361,7 +406,7 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
             raise ValueError("training.cuda_graphs: single-process runs only, and with training.compile only "
                              "together with training.compile_scope=blocks")
         try:
-            loss_fn = graphed_loss(run_model, batcher.batch(start_step)[0][:micro].to(device), amp_dtype,
+            graphed = graphed_loss(run_model, batcher.batch(start_step)[0][:micro].to(device), amp_dtype,
                                    wavefront=tc.wavefront, wavefront_step=tc.wavefront_step)
         except RuntimeError as e:
             # a capture can fail where the eager step works (seen once for a MAL stage of 16K-token rows among
@@ -369,6 +414,19 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
             # lose the run; a CUDA error that is sticky fails the next eager step anyway
             warnings.warn(f"training.cuda_graphs: the CUDA graph capture failed ({str(e).splitlines()[0]}); this "
                           "run continues eagerly", RuntimeWarning, stacklevel=2)  # loss_fn: still the eager one
+        else:
+            check = getattr(graphed, "capture_check", None)
+            if check is not None and not check["agrees"]:
+                # a capture that computes another loss than the eager step would train another model: the eager
+                # step is the reference, so the run goes on with it (loss_fn: still the eager one)
+                warnings.warn(f"training.cuda_graphs: the captured step's loss differs from the eager step's "
+                              f"(relative {check['rel_diff']:.2e}); this run continues eagerly", RuntimeWarning,
+                              stacklevel=2)
+                graphed = None  # its graphs and their memory pool go (they sit in reference cycles)
+                gc.collect()
+                torch.cuda.empty_cache()
+            else:
+                loss_fn = graphed
     bpt = _bytes_per_token(val_ds, tokenizer)
 
     writer = None
