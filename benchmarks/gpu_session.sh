@@ -894,10 +894,12 @@ if [ "$PART" = 63 ]; then
   finish
 fi
 if [ "$PART" = 78 ]; then
-  # for session 38's first call: PART=77's graphed test, now with three more layouts that tell the batched read-outs'
-  # capture bug apart (the PyTorch split core; the walks in one program a head; the read-outs apart, the split core
-  # a segment at a time), then the flat pair with session 37's defaults (the batched segment inputs) on one machine,
-  # then the wavefront's CUDA tests
+  # for the next session with a GPU (session 38 had none): PART=77's graphed test, now with three more layouts that
+  # tell the batched read-outs' capture bug apart (the PyTorch split core; the walks in one program a head; the
+  # read-outs apart, the split core a segment at a time) and graphed_loss's own capture check asserted too, then the
+  # flat pair with session 37's defaults (the batched segment inputs) on one machine (each harness row records the
+  # capture check, session 38: the captured loss against the eager one at full size, bf16), then the wavefront's
+  # CUDA tests
   step 60 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
     -k graphed > $RES/gpu_test_graphed_wavefront.txt 2>&1"
   # where a captured forward first departs from the eager one, layout by layout (token, segment, call)
