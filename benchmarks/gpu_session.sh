@@ -900,13 +900,16 @@ if [ "$PART" = 78 ]; then
   # flat pair with session 37's defaults (the batched segment inputs) on one machine (each harness row records the
   # capture check, session 38: the captured loss against the eager one at full size, bf16), then the wavefront's
   # CUDA tests
-  step 60 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
-    -k graphed > $RES/gpu_test_graphed_wavefront.txt 2>&1"
-  # where a captured forward first departs from the eager one, layout by layout (token, segment, call)
-  step 60 graphed-wavefront-diff python3 benchmarks/graphed_wavefront_diff.py --out "$RES/graphed_wavefront_diff.json"
+  # (session 38 added the op alone: three segments' split walks and their read-outs, stacked or one by one, Triton
+  # and PyTorch, captured by make_graphed_callables against eager, tests/test_fused_memory.py -k captured)
+  step 90 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    tests/test_fused_memory.py -k 'graphed or captured' > $RES/gpu_test_graphed_wavefront.txt 2>&1"
+  # where a captured forward first departs from the eager one, layout by layout (token, segment, call; session 38
+  # added two layouts on the caller's stream alone)
+  step 80 graphed-wavefront-diff python3 benchmarks/graphed_wavefront_diff.py --out "$RES/graphed_wavefront_diff.json"
   mac_65536x1_defaults 170
   mac_4096x8_defaults 160
-  test_wavefront 70
+  test_wavefront 60
   # last (may be cut): 4096-token wavefront steps, 8 segments a call - the batched inputs made for twice the segments
   # at once, against longer offsets between the blocks' chains (session 21 chose 2048 without batched inputs)
   step 100 mac-65536x1-wf4096 $H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 4096 \

@@ -31,7 +31,7 @@ from titans.utils.io import atomic_write_text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wavefront_float32 import tests_model_and_ids  # noqa: E402 - the tests' model and tokens, as that script's
 
-# (name, switches, model options)
+# (name, switches, model options[, wavefront_logits options])
 LAYOUTS = [
     ("each segment its own inputs and read-outs", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0"}, {}),
     ("batched inputs", {}, {}),
@@ -42,6 +42,10 @@ LAYOUTS = [
                                                        "TITANS_WAVEFRONT_BATCHED_READOUTS": "1",
                                                        "TITANS_TRITON_WALK_PARTS": "1"}, {}),
     ("read-outs apart", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0", "TITANS_WAVEFRONT_READOUT_STREAMS": "1"}, {}),
+    # the same segment-major loop on the caller's stream alone: no stream hands anything to another
+    ("batched read-outs, one stream", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
+                                       "TITANS_WAVEFRONT_BATCHED_READOUTS": "1"}, {}, {"streams": False}),
+    ("batched inputs, one stream", {}, {}, {"streams": False}),
 ]
 TOLERANCE = 1e-5
 
@@ -74,26 +78,28 @@ def switches(env: dict):
                 os.environ[k] = v
 
 
-def compare(model_options: dict, grad: bool, step: int = 96) -> dict:
-    """Eager against captured-and-replayed ``wavefront_logits`` of the tests' model (see the module docstring)."""
+def compare(model_options: dict, grad: bool, step: int = 96, call_options: dict | None = None) -> dict:
+    """Eager against captured-and-replayed ``wavefront_logits`` of the tests' model (see the module docstring);
+    ``call_options``: more keywords for ``wavefront_logits`` (``streams=False``: the caller's stream alone)."""
     model, ids = tests_model_and_ids("cuda", **model_options)
+    call = dict(call_options or {}, segment=step)
     mode = nullcontext() if grad else torch.no_grad()
     with mode:
-        eager = wavefront_logits(model, ids, segment=step).detach().clone()
+        eager = wavefront_logits(model, ids, **call).detach().clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture, as graphed_loss does
             for _ in range(2):
-                wavefront_logits(model, ids, segment=step)
+                wavefront_logits(model, ids, **call)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = wavefront_logits(model, ids, segment=step)
+            captured = wavefront_logits(model, ids, **call)
         graph.replay()
         torch.cuda.synchronize()
         replayed = captured.detach().clone()
-        again = wavefront_logits(model, ids, segment=step).detach()  # eager after the capture: the same as before?
+        again = wavefront_logits(model, ids, **call).detach()  # eager after the capture: the same as before?
     window = model.config.window
     return {"replay": first_difference(replayed, eager, window), "eager_again": first_difference(again, eager, window)}
 
@@ -106,14 +112,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("graphed_wavefront_diff.py needs CUDA (it captures CUDA graphs)")
     rows = []
     print("| layout | autograd | replay vs eager: max, first token | eager again: max |\n| --- | --- | --- | --- |")
-    for name, env, options in LAYOUTS:
+    for name, env, options, *call in LAYOUTS:
+        call_options = call[0] if call else {}
         for grad in (True, False):
             with switches(env):
                 try:
-                    res = compare(options, grad)
+                    res = compare(options, grad, call_options=call_options)
                 except Exception as e:  # noqa: BLE001 - a layout that cannot be captured is a finding too
                     res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            rows.append({"layout": name, "switches": env, "model": options, "grad": grad, **res})
+            rows.append({"layout": name, "switches": env, "model": options, "call": call_options, "grad": grad,
+                         **res})
             if "error" in res:
                 print(f"| {name} | {grad} | {res['error']} | - |")
             else:

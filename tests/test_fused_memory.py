@@ -801,9 +801,9 @@ def test_triton_custom_ops_compile_under_interpreter():
 
 
 
-def _gpu_memory_inputs(C: int = 64) -> list[torch.Tensor]:
+def _gpu_memory_inputs(C: int = 64, seed: int = 0) -> list[torch.Tensor]:
     """The GPU kernel tests' memory inputs: depth 2, head dim 64, hidden 128, 8 chunks of C, B=2, H=4."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device="cuda").manual_seed(seed)
     # 8 chunks, as at MAC's 512-token segment: the kernels' compile-time arguments are those of memory_kernels.py's
     # 8x8x512 shape, so a GPU session that ran it first finds them in Triton's cache (a new N compiles every kernel
     # again: in session 17's first call one parametrisation of three fit in 90 s)
@@ -846,6 +846,47 @@ def test_triton_kernels_on_gpu(backward, monkeypatch):
             for a, b in zip(o4 + list(g4), o1 + list(g1)):
                 assert _rel(a, b) <= 5e-2
     assert (d, E, 2, C) not in tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked read-outs", "read-outs one by one"])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_split_core_captured_in_cuda_graphs_equals_eager(stacked, impl):
+    """Session 37: MAC's batched read-outs (a wavefront call's segments walked, then read out stacked on the batch)
+    captured in CUDA graphs gave another loss than eagerly, where the layouts without them agreed.  The op alone, as
+    they run it: three segments' split walks (``neural_memory_update_split``), each from the state the previous one
+    left, then their read-outs stacked (``stack_readouts``) or one by one; forward and backward captured by
+    ``make_graphed_callables`` (as ``graphed_loss`` captures a step) == the same eagerly, float32: the outputs and
+    every input's gradient, bit for bit up to 1e-6 (the same kernels on the same inputs).  Defaults otherwise (the
+    walk alone saves the inner forward; at B * H = 8 the walks run over two programs a head on an H100 / H200)."""
+    from titans.core.memory.fused_update import stack_readouts
+
+    C = 64
+    segments = [_gpu_memory_inputs(C, seed=s) for s in range(3)]
+    ins = [t.detach() for seg in segments for t in seg[:6]] + [t.detach() for t in segments[0][6:]]
+
+    def three_segments(*xs):  # 3 x (q, k, v, lr, eta, alpha), then the initial W1, W2, S1, S2
+        W, S, pending = xs[18:20], xs[20:22], []
+        for s in range(3):
+            W, S, read = neural_memory_update_split(*xs[6 * s:6 * s + 6], W, S, chunk_size=C, impl=impl)
+            pending.append(read)
+        y = stack_readouts(pending).read() if stacked else torch.cat([p.read() for p in pending])
+        return (y, *W, *S)
+
+    def outputs_and_grads(fn):
+        xs = [t.clone().requires_grad_() for t in ins]
+        outs = fn(*xs)
+        g = torch.Generator(device="cuda").manual_seed(5)
+        loss = sum((o * torch.randn(o.shape, device="cuda", generator=g)).sum() for o in outs)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, xs))
+
+    eager = outputs_and_grads(three_segments)
+    graphed = torch.cuda.make_graphed_callables(three_segments, tuple(t.clone().requires_grad_() for t in ins),
+                                                allow_unused_input=True)
+    captured = outputs_and_grads(graphed)
+    torch.cuda.synchronize()
+    worst = max(_rel(a, b) for a, b in zip(captured, eager))
+    assert worst <= 1e-6, worst
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
