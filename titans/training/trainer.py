@@ -135,7 +135,9 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
     (:func:`capture_agreement`; needs ``warmup_iters >= 1``); the result is the returned module's
     ``capture_check`` (None unchecked), and a disagreement warns.  A capture can compute something else than the
     eager step without failing: MAC's batched read-outs (``TITANS_WAVEFRONT_BATCHED_READOUTS=1``) did on an H200
-    (session 37), and the trainer then trains eagerly (:func:`train`).
+    (session 37), and the trainer then trains eagerly (:func:`train`).  The check sees the forward only: a capture
+    whose backward alone went wrong passes it (the backward's non-deterministic kernels - attention's, the
+    embedding's - would make a gradient comparison a matter of tolerances; the GPU tests compare gradients).
 
     PyTorch warns once that "The AccumulateGrad node's stream does not match the stream of the node that produced
     the incoming gradient": ``make_graphed_callables`` keeps the captured forward's outputs, and with them the
