@@ -126,7 +126,8 @@ _DECLARED = (
            "with the read-outs apart, on a stream of their own at the chains' priority"),
     Switch("TITANS_WAVEFRONT_BATCHED_READOUTS", ON_OFF, "0",
            "MAC's read-outs once a wavefront call for its segments, after their chains (under CUDA graphs a different "
-           "loss than eager on an H200, session 37: a bug not yet found)"),
+           "loss than eager on an H200, session 37: a bug not yet found; the trainer compares each capture's "
+           "loss with the eager step's)"),
     Switch("TITANS_WAVEFRONT_BATCHED_QUERIES", ON_OFF, "1",
            "MAC's segment inputs (the retrieval's queries and output gate, attention's queries / keys / values) once "
            "a wavefront call for its segments, before their chains"),
