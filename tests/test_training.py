@@ -408,6 +408,10 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager_training(tmp_path, monk
         fell_back = train(tiny_cfg(tmp_path / "graphs", *common, "training.cuda_graphs=true"))
     assert fell_back["step"] == 3
     assert fell_back["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-6)
+    assert fell_back["cuda_graphs"] == {"used": False, "capture_check": None,
+                                        "why_not": "the capture failed: CUDA error: operation failed due to a "
+                                                   "previous error during capture"}
+    assert "cuda_graphs" not in eager
 
 
 def test_capture_agreement_judges_the_captured_loss_against_the_eager_ones():
@@ -450,6 +454,15 @@ def test_a_capture_that_disagrees_with_the_eager_step_is_not_trained(tmp_path, m
         fell_back = train(tiny_cfg(tmp_path / "graphs", *common, "training.cuda_graphs=true"))
     assert fell_back["step"] == 3
     assert fell_back["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-6)
+    graphs = fell_back["cuda_graphs"]
+    assert not graphs["used"] and graphs["why_not"] == "the captured step's loss differs from the eager step's"
+    assert graphs["capture_check"] == DisagreeingCapture.capture_check
+    # the command line says so after the run
+    sets = [a for o in (*TINY, *common, "training.cuda_graphs=true") for a in ("--set", o)]
+    with pytest.warns(RuntimeWarning, match="continues eagerly"):
+        r = CliRunner().invoke(app, ["train", "--config", "small", "--out", str(tmp_path / "cli"), *sets])
+    assert r.exit_code == 0, r.output
+    assert "CUDA graphs: not used (the captured step's loss differs from the eager step's)" in r.output
 
 
 def test_training_compile_goes_through_compile_fn_with_in_place_buffers_off(tmp_path, monkeypatch):

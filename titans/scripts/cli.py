@@ -73,6 +73,9 @@ def train(config: str = typer.Option("small", help="builtin name (default, small
                f"val_bpb {summary.get('val_bpb', float('nan')):.4f}")
     typer.echo(f"checkpoints: {summary['checkpoint']}\nmetrics: {summary['metrics']}\n"
                f"tensorboard: {summary['tensorboard']}")
+    graphs = summary.get("cuda_graphs")
+    if graphs is not None:  # training.cuda_graphs=true: whether the captured step trained, and if not, why
+        typer.echo("CUDA graphs: used" if graphs["used"] else f"CUDA graphs: not used ({graphs['why_not']})")
 
 
 @app.command(epilog="Examples:\n\n  titans evaluate --checkpoint runs/small --batches 20\n\n"

@@ -400,6 +400,7 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
         # DDP / FSDP hook into the wrapper's forward, which the segment-major loop does not call
         raise ValueError("training.wavefront: single-process runs only")
     loss_fn = LossFn(run_model, amp_dtype, tc.wavefront, tc.wavefront_step)
+    graphs = None  # with training.cuda_graphs, the summary's account of them: used or not, why not, the check
     if tc.cuda_graphs:
         # with regional compilation the blocks compile during graphed_loss's eager warm-up, before the capture
         # (benchmarks/RESULTS.md section 6, session 15: MAC 4096 x 8 on an H200, 215K -> 307K tokens/s); the whole
@@ -416,14 +417,17 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
             # lose the run; a CUDA error that is sticky fails the next eager step anyway
             warnings.warn(f"training.cuda_graphs: the CUDA graph capture failed ({str(e).splitlines()[0]}); this "
                           "run continues eagerly", RuntimeWarning, stacklevel=2)  # loss_fn: still the eager one
+            graphs = {"used": False, "why_not": f"the capture failed: {str(e).splitlines()[0]}", "capture_check": None}
         else:
             check = getattr(graphed, "capture_check", None)
+            graphs = {"used": True, "why_not": None, "capture_check": check}
             if check is not None and not check["agrees"]:
                 # a capture that computes another loss than the eager step would train another model: the eager
                 # step is the reference, so the run goes on with it (loss_fn: still the eager one)
                 warnings.warn(f"training.cuda_graphs: the captured step's loss differs from the eager step's "
                               f"(relative {check['rel_diff']:.2e}); this run continues eagerly", RuntimeWarning,
                               stacklevel=2)
+                graphs.update(used=False, why_not="the captured step's loss differs from the eager step's")
                 graphed = None  # its graphs and their memory pool go (they sit in reference cycles)
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -552,6 +556,8 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
                "checkpoint": str(out_dir / "checkpoints"), "metrics": str(out_dir / "metrics.jsonl"),
                "tensorboard": str(out_dir / "tensorboard"),
                "train_loss": sum(recent_losses) / len(recent_losses) if recent_losses else None, **last_eval}
+    if graphs is not None:
+        summary["cuda_graphs"] = graphs
     return summary
 
 
