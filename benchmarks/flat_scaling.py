@@ -3,8 +3,10 @@
 The target: MAC's training tokens/s at 65536 x 1 at least 0.9x its rate at 4096 x 8, timed on the same machine.
 Every GPU call of ``benchmarks/gpu_session.sh`` writes one ``benchmarks/harness.py`` JSON per row; this reads any
 number of them and prints one markdown table - row, shape, tokens/s, peak GB, loss first -> last, the ``TITANS_*``
-switches the row ran with (the harness records them), and the ratio to the reference - and writes it as JSON and as
-a bar chart (PNG) with the 0.9x line.
+switches the row ran with (the harness records them), whether its CUDA-graph capture computed the eager step's loss
+(the harness's ``capture_check``), and the ratio to the reference - and writes it as JSON and as a bar chart (PNG)
+with the 0.9x line.  A row whose capture computed another loss timed another computation: it never meets the
+target, and never serves as a reference.
 
     python benchmarks/flat_scaling.py /tmp/call72/gpu_results/h_*.json --out benchmarks/results/flat_part72
 
@@ -26,7 +28,8 @@ TARGET = 0.9
 
 
 def load_rows(paths: list[str]) -> list[dict]:
-    """The training rows of harness JSONs: file stem, model, shape, tokens/s, peak GB, losses, switches, error."""
+    """The training rows of harness JSONs: file stem, model, shape, tokens/s, peak GB, losses, switches, error, and
+    whether the row's capture agreed with the eager step (None: not checked)."""
     rows = []
     for path in paths:
         try:
@@ -41,7 +44,9 @@ def load_rows(paths: list[str]) -> list[dict]:
                          "shape": f"{r['seq_len']}x{r['batch']}", "tokens_per_s": r.get("train_tokens_per_s"),
                          "peak_gb": r.get("train_peak_gb"), "loss_first": r.get("train_loss_first"),
                          "loss_last": r.get("train_loss_last"), "switches": switches, "error": r.get("error"),
-                         "device": data.get("device"), "date": data.get("date")})
+                         "device": data.get("device"), "date": data.get("date"),
+                         "capture_agrees": (r.get("capture_check") or {}).get("agrees"),
+                         "capture_rel_diff": (r.get("capture_check") or {}).get("rel_diff")})
     return rows
 
 
@@ -50,7 +55,8 @@ def with_ratios(rows: list[dict], reference_shape: str = "4096x8", reference: st
     the row at ``reference_shape`` of the same model run with the same switches (a switch that changes both shapes,
     such as what the backward keeps, is compared like with like), else the model's default reference - the
     ``reference`` file's row if given, else the first row at that shape run with no switches, else the first."""
-    candidates = [r for r in rows if r["shape"] == reference_shape and not r["error"] and r["tokens_per_s"]]
+    candidates = [r for r in rows if r["shape"] == reference_shape and not r["error"] and r["tokens_per_s"]
+                  and r["capture_agrees"] is not False]
     defaults: dict[str, dict] = {}
     for r in candidates:
         if reference is not None and Path(r["path"]) != Path(reference) and r["name"] != reference:
@@ -66,25 +72,28 @@ def with_ratios(rows: list[dict], reference_shape: str = "4096x8", reference: st
         ok = ref is not None and not r["error"] and r["tokens_per_s"]
         out.append(dict(r, reference=ref["name"] if ref is not None else None,
                         ratio=r["tokens_per_s"] / ref["tokens_per_s"] if ok else None,
-                        meets=(r["tokens_per_s"] / ref["tokens_per_s"] >= TARGET) if ok else None))
+                        meets=(r["tokens_per_s"] / ref["tokens_per_s"] >= TARGET and r["capture_agrees"] is not False)
+                        if ok else None))
     return {"target": TARGET, "reference_shape": reference_shape,
             "references": {m: r["name"] for m, r in defaults.items()}, "rows": out}
 
 
 def markdown(result: dict) -> str:
-    lines = ["| row | model | shape | tokens/s | peak GB | loss first -> last | switches | ratio to "
-             f"{result['reference_shape']} |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| row | model | shape | tokens/s | peak GB | loss first -> last | switches | capture == eager | ratio to "
+             f"{result['reference_shape']} |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         if r["error"]:
-            lines.append(f"| {r['name']} | {r['model']} | {r['shape']} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['name']} | {r['model']} | {r['shape']} | failed: {r['error'][:80]} | | | | | |")
             continue
+        capture = ("" if r["capture_agrees"] is None else "yes" if r["capture_agrees"] else
+                   f"NO ({r['capture_rel_diff']:.1e} relative)")
         loss = (f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"
                 if r["loss_first"] is not None and r["loss_last"] is not None else "")
         switches = " ".join(f"{k}={v}" for k, v in sorted(r["switches"].items())) or "defaults"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}x" + (" (met)" if r["meets"] else "")
         peak = "" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
         lines.append(f"| {r['name']} | {r['model']} | {r['shape']} | {r['tokens_per_s']:,.0f} | {peak} | {loss} | "
-                     f"{switches} | {ratio} |")
+                     f"{switches} | {capture} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -508,17 +508,22 @@ def test_compile_check_of_the_wavefront_finds_the_same_step(batched, queries):
     assert r["loss_error"] <= 1e-12 and r["worst_grad_error"] <= 1e-10, r
 
 
-def _harness_json(path, rows, env=None):
+def _harness_json(path, rows, env=None, capture_check=None):
     train = [dict(model="mac", seq_len=s, batch=b, train_tokens_per_s=tps, train_peak_gb=1.0, train_loss_first=5.6,
-                  train_loss_last=5.4, error=err) for s, b, tps, err in rows]
+                  train_loss_last=5.4, error=err, capture_check=capture_check) for s, b, tps, err in rows]
     path.write_text(json.dumps({"date": "2026-12-05", "device": "test", "env": env or {}, "train": train}))
     return str(path)
 
 
 def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_path):
     """benchmarks/flat_scaling.py: each row's tokens/s over the 4096 x 8 row run with the same switches (else the
-    one with none), 0.9x marked as met, failed rows listed without a ratio; JSON, markdown and PNG written."""
+    one with none), 0.9x marked as met, failed rows listed without a ratio; a row whose CUDA-graph capture computed
+    another loss than the eager step never meets the target nor serves as a reference; JSON, markdown and PNG
+    written."""
+    from titans.training.trainer import capture_agreement
+
     fs = _load("flat_scaling")
+    agrees, disagrees = capture_agreement([4.1] * 3, 4.1), capture_agreement([4.176198] * 3, 4.176023)
     files = [_harness_json(tmp_path / "ref.json", [(4096, 8, 400_000.0, None)]),
              _harness_json(tmp_path / "ref_kept.json", [(4096, 8, 500_000.0, None)], {"TITANS_RECOMPUTE_CHEAP": "0"}),
              _harness_json(tmp_path / "flat.json", [(65536, 1, 300_000.0, None)]),
@@ -526,9 +531,16 @@ def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_pat
                            {"TITANS_RECOMPUTE_CHEAP": "0"}),
              _harness_json(tmp_path / "flat_batched.json", [(65536, 1, 380_000.0, None)],
                            {"TITANS_WAVEFRONT_BATCHED_READOUTS": "1", "TITANS_TRITON_AUTOTUNE": "0"}),
-             _harness_json(tmp_path / "oom.json", [(65536, 1, None, "CUDA out of memory")])]
+             _harness_json(tmp_path / "oom.json", [(65536, 1, None, "CUDA out of memory")]),
+             _harness_json(tmp_path / "flat_checked.json", [(65536, 1, 370_000.0, None)], {"TITANS_X": "1"}, agrees),
+             _harness_json(tmp_path / "flat_wrong.json", [(65536, 1, 390_000.0, None)], {"TITANS_Y": "1"}, disagrees),
+             _harness_json(tmp_path / "ref_wrong.json", [(4096, 8, 100_000.0, None)], {"TITANS_Y": "1"}, disagrees)]
     result = fs.main(files + ["--out", str(tmp_path / "flat")])
     by_name = {r["name"]: r for r in result["rows"]}
+    assert by_name["flat_checked"]["ratio"] == pytest.approx(0.925) and by_name["flat_checked"]["meets"] is True
+    # measured against the default reference, not its own disagreeing one, and not met whatever its ratio
+    assert by_name["flat_wrong"]["reference"] == "ref" and by_name["flat_wrong"]["ratio"] == pytest.approx(0.975)
+    assert by_name["flat_wrong"]["meets"] is False and by_name["flat_checked"]["capture_agrees"] is True
     assert by_name["flat"]["ratio"] == pytest.approx(0.75) and by_name["flat"]["meets"] is False
     assert by_name["flat_kept"]["reference"] == "ref_kept" and by_name["flat_kept"]["ratio"] == pytest.approx(0.92)
     assert by_name["flat_kept"]["meets"] is True
@@ -537,6 +549,7 @@ def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_pat
     assert by_name["oom"]["ratio"] is None and result["references"] == {"mac": "ref"}
     table = (tmp_path / "flat.md").read_text()
     assert "failed: CUDA out of memory" in table and "0.920x (met)" in table and "0.750x |" in table
+    assert "| yes | 0.925x (met) |" in table and "| NO (4.2e-05 relative) | 0.975x |" in table
     assert json.loads((tmp_path / "flat.json").read_text())["target"] == 0.9
     assert (tmp_path / "flat.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="not a benchmarks/harness.py result"):
