@@ -152,12 +152,37 @@ def test_graph_replay_matches_the_eager_static_step(variant):
     state = model(ids[:, :PROMPT]).state
     graphed = GraphedDecoder(model, state, max_len=PROMPT + STEPS, use_graphs=True)
     eager = GraphedDecoder(model, state, max_len=PROMPT + STEPS, use_graphs=False)
+    assert graphed.capture_check["agrees"], graphed.capture_check  # the decoder's own check of its capture
+    assert eager.capture_check is None
     for t in range(PROMPT, PROMPT + STEPS):
         got = graphed.step(ids[:, t:t + 1]).clone()
         torch.testing.assert_close(got, eager.step(ids[:, t:t + 1]), rtol=1e-5, atol=1e-5)
     nxt = ids[:, -5:]
     torch.testing.assert_close(model(nxt, graphed.to_model_state()).logits,
                                model(nxt, eager.to_model_state()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_replay_agreement_judges_replayed_logits_against_the_eager_ones():
+    """The check a GraphedDecoder runs after its capture: equal or rounding-close logits agree; a shift past the
+    tolerance, non-finite logits or other shapes do not (the last raises, naming both)."""
+    from titans.inference.static_decode import CAPTURE_LOGITS_RTOL, replay_agreement
+
+    eager = torch.randn(2, 11, generator=torch.Generator().manual_seed(0))
+    same = replay_agreement(eager, eager.clone())
+    assert same == {"rel_diff": 0.0, "tolerance": CAPTURE_LOGITS_RTOL, "agrees": True}
+    scale = float(eager.abs().max())
+    near = eager.clone()
+    near[1, 3] += 0.5 * CAPTURE_LOGITS_RTOL * scale
+    assert replay_agreement(eager, near)["agrees"]
+    off = eager.clone()
+    off[0, 7] += 4e-5 * scale
+    bad = replay_agreement(eager, off)
+    assert not bad["agrees"] and bad["rel_diff"] == pytest.approx(4e-5, rel=1e-3)
+    nan = eager.clone()
+    nan[0, 0] = float("nan")
+    assert not replay_agreement(eager, nan)["agrees"] and not replay_agreement(nan, eager)["agrees"]
+    with pytest.raises(ValueError, match=r"shapes \(2, 11\) and \(2, 10\)"):
+        replay_agreement(eager, eager[:, :10])
 
 
 def test_side_stream_names_a_cpu_device_in_its_error():

@@ -22,6 +22,7 @@ position; :meth:`StaticDecodeState.to_model_state` hands the stream back to the 
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -355,6 +356,22 @@ def static_decode_step(model: TitansLM, ids: Tensor, state: StaticDecodeState) -
 
 # ----------------------------------------------------------------------------- CUDA graphs
 
+# how far a replayed decode step's logits may lie from the eager step's on the same state (the largest difference
+# over the largest eager logit): the replay runs the same kernels on the same inputs, so they agree to rounding
+CAPTURE_LOGITS_RTOL = 1e-5
+
+
+def replay_agreement(eager: Tensor, replayed: Tensor, rtol: float = CAPTURE_LOGITS_RTOL) -> dict:
+    """Whether a captured decode step computes the eager one: logits of the same step from the same state, eager
+    and replayed, (B, vocab) each.  Returns ``{"rel_diff", "tolerance", "agrees"}``: max |replayed - eager| over
+    max |eager|, the tolerance, and whether it is within it (non-finite logits on either side never agree)."""
+    if eager.shape != replayed.shape:
+        raise ValueError(f"replay_agreement: logits of shapes {tuple(eager.shape)} and {tuple(replayed.shape)}")
+    a, b = eager.detach().double(), replayed.detach().double()
+    finite = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+    diff = float((b - a).abs().max() / a.abs().max().clamp_min(1e-30)) if finite else float("nan")
+    return {"rel_diff": diff, "tolerance": rtol, "agrees": finite and diff <= rtol}
+
 
 class GraphedDecoder:
     """Decode one token per call with :func:`static_decode_step`, replayed from one CUDA graph on CUDA.
@@ -371,6 +388,10 @@ class GraphedDecoder:
     ``use_graphs=False``, the same static step runs eagerly.  Autocast active at construction is applied to every
     step (captured with its weight cache off, which graphs need: the cache is freed when autocast exits).
     ``max_len``: ring capacity for full causal attention; steps beyond it raise.
+
+    After the capture the graph is replayed once from the starting state and its logits compared with the first
+    warm-up step's (:func:`replay_agreement`, in ``capture_check``; None without a capture or a warm-up): a
+    capture that computes something else warns, and the decoder steps eagerly instead.
     """
 
     def __init__(self, model: TitansLM, state: ModelState | StaticDecodeState, *, max_len: int | None = None,
@@ -388,6 +409,7 @@ class GraphedDecoder:
         self._device = device
         self._amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         self._graph = None
+        self.capture_check = None
         if self.use_graphs:
             self._capture(warmup)
 
@@ -404,9 +426,12 @@ class GraphedDecoder:
         # state, which is restored before the capture (capturing runs nothing)
         side = side_stream(dev, "decode-warmup")  # one per process: a stream per decoder leaks a cuBLAS workspace
         side.wait_stream(torch.cuda.current_stream(dev))
+        first = None  # the first warm-up step's logits: from the starting state, as the check's replay below
         with torch.cuda.stream(side), self._autocast():
-            for _ in range(warmup):
-                static_decode_step(self.model, self._ids, self.state)
+            for i in range(warmup):
+                logits = static_decode_step(self.model, self._ids, self.state)
+                if i == 0:
+                    first = logits.clone()
         torch.cuda.current_stream(dev).wait_stream(side)
         for t, s in zip(self.state.buffers(), saved):
             t.copy_(s)
@@ -414,6 +439,16 @@ class GraphedDecoder:
         # an earlier decoder's graphs, if garbage, are destroyed before this capture and not inside it
         with gc_paused(), torch.cuda.graph(self._graph), self._autocast():
             self._logits = static_decode_step(self.model, self._ids, self.state)
+        if first is not None:  # the replay advances the state: it starts from, and goes back to, the saved one
+            self._graph.replay()
+            self.capture_check = replay_agreement(first, self._logits)
+            for t, s in zip(self.state.buffers(), saved):
+                t.copy_(s)
+            if not self.capture_check["agrees"]:
+                warnings.warn(f"GraphedDecoder: the captured decode step's logits differ from the eager step's "
+                              f"(relative {self.capture_check['rel_diff']:.2e}, tolerance {CAPTURE_LOGITS_RTOL:.0e}); "
+                              "decoding eagerly", RuntimeWarning, stacklevel=3)
+                self._graph = self._logits = None
 
     def step(self, ids: Tensor) -> Tensor:
         """ids (B, 1) int64 -> logits (B, vocab) of the next token; the state consumes ids."""
@@ -434,5 +469,5 @@ class GraphedDecoder:
         return self.state.to_model_state()
 
 
-__all__ = ["GraphedDecoder", "RingKV", "StaticDecodeState", "StaticLayerState", "StaticOps", "ring_capacity",
-           "static_decode_step"]
+__all__ = ["GraphedDecoder", "RingKV", "StaticDecodeState", "StaticLayerState", "StaticOps", "replay_agreement",
+           "ring_capacity", "static_decode_step"]
