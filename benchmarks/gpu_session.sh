@@ -901,9 +901,11 @@ if [ "$PART" = 78 ]; then
   # capture check, session 38: the captured loss against the eager one at full size, bf16), then the wavefront's
   # CUDA tests
   # (session 38 added the op alone: three segments' split walks and their read-outs, stacked or one by one, Triton
-  # and PyTorch, captured by make_graphed_callables against eager, tests/test_fused_memory.py -k captured)
-  step 90 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
-    tests/test_fused_memory.py -k 'graphed or captured' > $RES/gpu_test_graphed_wavefront.txt 2>&1"
+  # and PyTorch, captured by make_graphed_callables against eager, tests/test_fused_memory.py -k captured; and the
+  # decoder's replay test, which now asserts GraphedDecoder's own capture check)
+  step 100 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    tests/test_fused_memory.py tests/test_static_decode.py -k 'graphed or captured or graph_replay' \
+    > $RES/gpu_test_graphed_wavefront.txt 2>&1"
   # where a captured forward first departs from the eager one, layout by layout (token, segment, call; session 38
   # added two layouts on the caller's stream alone)
   step 80 graphed-wavefront-diff python3 benchmarks/graphed_wavefront_diff.py --out "$RES/graphed_wavefront_diff.json"
