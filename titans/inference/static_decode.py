@@ -422,6 +422,11 @@ class GraphedDecoder:
         dev = self._device
         self._ids = torch.zeros(self.state.batch_size, 1, dtype=torch.long, device=dev)
         saved = [t.clone() for t in self.state.buffers()]
+
+        def restore() -> None:  # the state as it was before the warm-up (and before the check's replay)
+            for t, s in zip(self.state.buffers(), saved):
+                t.copy_(s)
+
         # warm-up on a side stream (lazy initialisation, workspaces) as torch.cuda.graph asks; it advances the
         # state, which is restored before the capture (capturing runs nothing)
         side = side_stream(dev, "decode-warmup")  # one per process: a stream per decoder leaks a cuBLAS workspace
@@ -433,8 +438,7 @@ class GraphedDecoder:
                 if i == 0:
                     first = logits.clone()
         torch.cuda.current_stream(dev).wait_stream(side)
-        for t, s in zip(self.state.buffers(), saved):
-            t.copy_(s)
+        restore()
         self._graph = torch.cuda.CUDAGraph()
         # an earlier decoder's graphs, if garbage, are destroyed before this capture and not inside it
         with gc_paused(), torch.cuda.graph(self._graph), self._autocast():
@@ -442,8 +446,7 @@ class GraphedDecoder:
         if first is not None:  # the replay advances the state: it starts from, and goes back to, the saved one
             self._graph.replay()
             self.capture_check = replay_agreement(first, self._logits)
-            for t, s in zip(self.state.buffers(), saved):
-                t.copy_(s)
+            restore()
             if not self.capture_check["agrees"]:
                 warnings.warn(f"GraphedDecoder: the captured decode step's logits differ from the eager step's "
                               f"(relative {self.capture_check['rel_diff']:.2e}, tolerance {CAPTURE_LOGITS_RTOL:.0e}); "

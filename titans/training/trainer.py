@@ -419,7 +419,7 @@ def _train_run(cfg: TitansConfig, resume: bool = False, progress: bool | None = 
                           "run continues eagerly", RuntimeWarning, stacklevel=2)  # loss_fn: still the eager one
             graphs = {"used": False, "why_not": f"the capture failed: {str(e).splitlines()[0]}", "capture_check": None}
         else:
-            check = getattr(graphed, "capture_check", None)
+            check = graphed.capture_check
             graphs = {"used": True, "why_not": None, "capture_check": check}
             if check is not None and not check["agrees"]:
                 # a capture that computes another loss than the eager step would train another model: the eager

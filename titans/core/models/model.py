@@ -177,14 +177,17 @@ class SegmentInputs(NamedTuple):
     attn: tuple[Tensor, Tensor, Tensor]
 
     def pieces(self, lengths: list[int]) -> list[SegmentInputs]:
-        """One :class:`SegmentInputs` per piece of ``lengths`` tokens, in order (views: one split each; one piece:
-        these inputs themselves, not a split whose backward would copy their gradients)."""
-        if len(lengths) == 1:
-            return [self]
-        qs = self.q.split(lengths, dim=2)
-        gs = self.g.split(lengths, dim=1) if self.g is not None else [None] * len(lengths)
-        attn = [t.split(lengths, dim=2) for t in self.attn]
+        """One :class:`SegmentInputs` per piece of ``lengths`` tokens, in order (:func:`_split_pieces` of each)."""
+        qs = _split_pieces(self.q, lengths, 2)
+        gs = _split_pieces(self.g, lengths, 1) if self.g is not None else [None] * len(lengths)
+        attn = [_split_pieces(t, lengths, 2) for t in self.attn]
         return [SegmentInputs(q, g, a) for q, g, a in zip(qs, gs, zip(*attn))]
+
+
+def _split_pieces(t: Tensor, lengths: list[int], dim: int) -> list[Tensor]:
+    """t cut along ``dim`` into pieces of ``lengths``: one split (views), or for one piece t itself, not a split of
+    one piece, whose backward would copy its gradient."""
+    return list(t.split(lengths, dim=dim)) if len(lengths) > 1 else [t]
 
 
 def _dataclass_tensors(obj) -> dict[str, Tensor]:
@@ -476,7 +479,7 @@ class TitansBlock(nn.Module):
         this does."""
         h = self.norm_mix(x)
         inputs, read_conv = self.mac_queries(h, read_conv, pos)
-        return h, h.split(lengths, dim=1) if len(lengths) > 1 else [h], inputs.pieces(lengths), read_conv
+        return h, _split_pieces(h, lengths, 1), inputs.pieces(lengths), read_conv
 
     def _segment_prefix(self, persistent: Tensor | None, h: Tensor) -> PrefixKV | None:
         """The persistent tokens' keys and values for every segment of h (B, T, dim), projected once (per segment
