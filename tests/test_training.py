@@ -17,7 +17,14 @@ from titans.data.dataset import ShardDataset, prepare_shards
 from titans.data.preprocessing import ByteTokenizer
 from titans.scripts.cli import app
 from titans.training.trainer import train
-from titans.utils.checkpoint import CheckpointError, export_model, load_model, save_weights
+from titans.utils.checkpoint import (
+    CheckpointError,
+    export_model,
+    load_model,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 from titans.utils.config import ConfigError, load_config
 
 TINY = ["model.dim=32", "model.depth=2", "model.heads=2", "model.window=16", "model.memory_chunk_size=8",
@@ -189,6 +196,23 @@ def test_cli_help_and_missing_checkpoint():
     assert mod.returncode == 2 and "nonexistent" in mod.stdout + mod.stderr
 
 
+def test_every_command_and_option_says_what_it_is():
+    """``titans CMD --help`` explains every option (help text on each, an example on each command), and a bad
+    ``profile --device`` is a one-line usage error, not a traceback."""
+    import click
+    import typer.main
+
+    group = typer.main.get_command(app)
+    missing = []
+    for name, cmd in group.commands.items():
+        assert cmd.help and cmd.epilog and "Example" in cmd.epilog, name
+        missing += [f"{name} {p.opts[0]}" for p in cmd.params
+                    if isinstance(p, click.Option) and p.name != "help" and not (p.help or "").strip()]
+    assert not missing, f"options without help text: {missing}"
+    res = CliRunner().invoke(app, ["profile", "--device", "cdua"])
+    assert res.exit_code == 2 and "--device" in res.output and "Traceback" not in res.output
+
+
 def test_shards_round_trip_and_corruption(tmp_path):
     src = tmp_path / "corpus"
     src.mkdir()
@@ -251,6 +275,31 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(tmp_path / "export")
+
+
+def test_a_run_its_checkpoints_folder_and_its_latest_file_all_name_the_latest_checkpoint(tmp_path):
+    """``--checkpoint`` takes whatever a user copies from a run: the run folder, its ``checkpoints`` folder, the
+    ``latest`` pointer file itself (its text names the step folder), or a step folder; a pointer to a checkpoint
+    that is gone, or any other file, is an error that names what is wrong."""
+    cfg = tiny_cfg(tmp_path)
+    model = build_model(cfg.model)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    run = tmp_path / "run"
+    save_checkpoint(run, 3, model, opt, sched, {}, cfg)
+    step = save_checkpoint(run, 7, model, opt, sched, {}, cfg)
+    for given in (run, run / "checkpoints", run / "checkpoints" / "latest", step, str(run)):
+        assert resolve_checkpoint(given) == step, given
+    assert resolve_checkpoint(run / "checkpoints" / "step_0000003") == run / "checkpoints" / "step_0000003"
+    (step / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="step_0000007.*holds no model.safetensors"):
+        resolve_checkpoint(run / "checkpoints" / "latest")
+    with pytest.raises(CheckpointError, match="a file; expected"):
+        resolve_checkpoint(run / "checkpoints" / "step_0000003" / "config.yaml")
+    with pytest.raises(CheckpointError, match="no such"):
+        resolve_checkpoint(run / "nothing")
+    with pytest.raises(CheckpointError, match="no checkpoints/latest"):
+        resolve_checkpoint(tmp_path)
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):

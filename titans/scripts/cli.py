@@ -47,6 +47,19 @@ def _numbers(values: list[str], kind: type, option: str) -> list:
     return out
 
 
+# the help of options several commands share (one wording each)
+CHECKPOINT_HELP = ("run folder (its latest checkpoint), its checkpoints folder or checkpoints/latest file, a step "
+                   "folder, or an export")
+MAX_NEW_TOKENS_HELP = "tokens to generate (in chat: at most, a reply)"
+TEMPERATURE_HELP = "sampling temperature (0: greedy, always the most likely token)"
+TOP_K_HELP = "sample among the k most likely tokens only (default: no limit)"
+TOP_P_HELP = "nucleus sampling: among the most likely tokens whose probabilities sum to p (1: off)"
+REPETITION_PENALTY_HELP = "> 1 makes tokens already in the context less likely (1: off)"
+SEED_HELP = "random seed of the sampling, for a repeatable run (default: a fresh one each run)"
+CONFIG_HELP = "builtin name (default, small, base, large, experiment) or YAML"
+SET_HELP = "override, e.g. training.lr=3e-4 (repeatable)"
+
+
 def _user_errors():
     from titans.utils.checkpoint import CheckpointError
 
@@ -55,8 +68,8 @@ def _user_errors():
 
 @app.command(epilog="Examples:\n\n  titans train --config small\n\n"
              "  titans train --config base --set training.lr=3e-4 --set data.source=/usr/share/dictd/gcide.dict.dz")
-def train(config: str = typer.Option("small", help="builtin name (default, small, base, large, experiment) or YAML"),
-          set_: list[str] = typer.Option([], "--set", help="override, e.g. training.lr=3e-4 (repeatable)"),
+def train(config: str = typer.Option("small", help=CONFIG_HELP),
+          set_: list[str] = typer.Option([], "--set", help=SET_HELP),
           out: Optional[str] = typer.Option(None, help="run folder (training.out_dir)"),
           resume: bool = typer.Option(False, help="continue from the run folder's latest checkpoint")) -> None:
     """Train a model (default: the small MAC on the Python standard library's own source)."""
@@ -82,7 +95,7 @@ def train(config: str = typer.Option("small", help="builtin name (default, small
              "  titans evaluate --checkpoint runs/niah --task niah --lengths 2048,16384,65536 "
              "--depths 0,0.5,1 --samples 20 --output results/niah\n\n"
              "  titans evaluate --checkpoint runs/niah --task babilong --lengths 4096,16384 --output results/babilong")
-def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint folder or export"),
+def evaluate(checkpoint: str = typer.Option(..., help=CHECKPOINT_HELP),
              data: Optional[str] = typer.Option(None, help="data source (default: the run's own validation data); "
                                                 "with --task: the haystack text"),
              batches: int = typer.Option(20, help="validation batches"),
@@ -99,7 +112,8 @@ def evaluate(checkpoint: str = typer.Option(..., help="run folder, checkpoint fo
                                               help="needle depths in [0, 1], comma-separated or repeated"),
              samples: int = typer.Option(10, help="examples per cell"),
              piece: int = typer.Option(4096, help="streaming piece length (tokens per forward)"),
-             seed: int = typer.Option(0),
+             seed: int = typer.Option(0, help="with --task: seed of the generated examples (haystack, needles, "
+                                  "questions)"),
              batch_size: int = typer.Option(4, help="with --task: examples streamed together (one cell's examples "
                                             "have one length; a latency-bound model, MAC at small windows, reads "
                                             "more tokens a second in larger batches)"),
@@ -202,8 +216,11 @@ def _evaluate_tasks(checkpoint, data, tasks, lengths, depths, samples, piece, se
 def prepare_data(source: str = typer.Option("stdlib", help="stdlib, file, folder, glob, .jsonl, .gz, HF dataset dir"),
                  out: str = typer.Option(..., help="output folder for shards + manifest.json"),
                  tokenizer: str = typer.Option("byte", help="'byte' or a local tokenizer.json / folder"),
-                 text_field: str = typer.Option("text"), val_fraction: float = typer.Option(0.05),
-                 max_bytes: Optional[int] = typer.Option(None)) -> None:
+                 text_field: str = typer.Option("text", help="the text's field in JSONL records and HF datasets"),
+                 val_fraction: float = typer.Option(0.05, help="share of the documents held out for validation "
+                                                    "(chosen by a stable hash of each document's name)"),
+                 max_bytes: Optional[int] = typer.Option(None, help="stop after about this many bytes of text "
+                                                         "(default: all of it)")) -> None:
     """Tokenize a corpus once into memory-mapped shards."""
     from titans.data.dataset import prepare_shards
     from titans.data.preprocessing import load_tokenizer
@@ -219,11 +236,15 @@ def prepare_data(source: str = typer.Option("stdlib", help="stdlib, file, folder
 
 @app.command(epilog="Example:\n\n  titans generate --checkpoint runs/small --prompt 'def main(' --max-new-tokens 200"
                      " [--cuda-graphs]")
-def generate(checkpoint: str = typer.Option(...), prompt: Optional[str] = typer.Option(None),
-             prompt_file: Optional[str] = typer.Option(None), max_new_tokens: int = typer.Option(200),
-             temperature: float = typer.Option(0.8), top_k: Optional[int] = typer.Option(None),
-             top_p: Optional[float] = typer.Option(0.95), repetition_penalty: float = typer.Option(1.0),
-             seed: Optional[int] = typer.Option(None),
+def generate(checkpoint: str = typer.Option(..., help=CHECKPOINT_HELP),
+             prompt: Optional[str] = typer.Option(None, help="the text to continue"),
+             prompt_file: Optional[str] = typer.Option(None, help="a file holding the text to continue"),
+             max_new_tokens: int = typer.Option(200, help=MAX_NEW_TOKENS_HELP),
+             temperature: float = typer.Option(0.8, help=TEMPERATURE_HELP),
+             top_k: Optional[int] = typer.Option(None, help=TOP_K_HELP),
+             top_p: Optional[float] = typer.Option(0.95, help=TOP_P_HELP),
+             repetition_penalty: float = typer.Option(1.0, help=REPETITION_PENALTY_HELP),
+             seed: Optional[int] = typer.Option(None, help=SEED_HELP),
              session: Optional[str] = typer.Option(None, help="memory state file: continue from it if it exists, "
                                                    "save the updated memory back to it"),
              cuda_graphs: bool = typer.Option(False, help="decode through one captured CUDA graph replayed per token "
@@ -296,11 +317,12 @@ def _load_predictor(checkpoint: str):
 
 @app.command(epilog="Example:\n\n  titans chat --checkpoint runs/small\n\n"
              "Commands inside the chat: /reset, /save PATH, /load PATH, /stats, /quit")
-def chat(checkpoint: str = typer.Option(...), max_new_tokens: int = typer.Option(200),
-         temperature: float = typer.Option(0.8), top_p: Optional[float] = typer.Option(0.95),
-         seed: Optional[int] = typer.Option(None), session: Optional[str] = typer.Option(None,
-                                                                                   help="start from this saved memory")
-         ) -> None:
+def chat(checkpoint: str = typer.Option(..., help=CHECKPOINT_HELP),
+         max_new_tokens: int = typer.Option(200, help=MAX_NEW_TOKENS_HELP),
+         temperature: float = typer.Option(0.8, help=TEMPERATURE_HELP),
+         top_p: Optional[float] = typer.Option(0.95, help=TOP_P_HELP),
+         seed: Optional[int] = typer.Option(None, help=SEED_HELP),
+         session: Optional[str] = typer.Option(None, help="start from this saved memory")) -> None:
     """Interactive chat whose neural memory keeps learning across turns (reads turns from stdin)."""
     from titans.inference.memory_management import MemoryStateError
 
@@ -360,11 +382,15 @@ def chat(checkpoint: str = typer.Option(...), max_new_tokens: int = typer.Option
 
 @app.command("batch-infer", epilog="Example:\n\n  titans batch-infer --checkpoint runs/small "
              "--input prompts.jsonl --output results.jsonl")
-def batch_infer(checkpoint: str = typer.Option(...), input: str = typer.Option(..., help="JSONL: {id, prompt}"),
+def batch_infer(checkpoint: str = typer.Option(..., help=CHECKPOINT_HELP),
+                input: str = typer.Option(..., help="JSONL: {id, prompt}"),
                 output: str = typer.Option(..., help="JSONL results (appended; existing ids are skipped)"),
-                batch_size: int = typer.Option(8), max_new_tokens: int = typer.Option(100),
-                temperature: float = typer.Option(0.8), top_p: Optional[float] = typer.Option(0.95),
-                seed: Optional[int] = typer.Option(0)) -> None:
+                batch_size: int = typer.Option(8, help="prompts generated together"),
+                max_new_tokens: int = typer.Option(100, help=MAX_NEW_TOKENS_HELP),
+                temperature: float = typer.Option(0.8, help=TEMPERATURE_HELP),
+                top_p: Optional[float] = typer.Option(0.95, help=TOP_P_HELP),
+                seed: Optional[int] = typer.Option(0, help="random seed of the sampling (the same results each "
+                                                   "run by default)")) -> None:
     """Batched generation over a JSONL file, with a progress bar; resumable."""
     from titans.inference.batch_inference import run_batch_inference
 
@@ -380,9 +406,11 @@ def batch_infer(checkpoint: str = typer.Option(...), input: str = typer.Option(.
 
 @app.command("analyze-memory", epilog="Example:\n\n  titans analyze-memory --checkpoint runs/small "
              "--text-file notes.txt --output analysis/")
-def analyze_memory(checkpoint: str = typer.Option(...), text: Optional[str] = typer.Option(None),
-                   text_file: Optional[str] = typer.Option(None), output: str = typer.Option("memory_analysis"),
-                   max_tokens: int = typer.Option(2048)) -> None:
+def analyze_memory(checkpoint: str = typer.Option(..., help=CHECKPOINT_HELP),
+                   text: Optional[str] = typer.Option(None, help="the text the memory reads"),
+                   text_file: Optional[str] = typer.Option(None, help="a file holding the text the memory reads"),
+                   output: str = typer.Option("memory_analysis", help="folder for memory_analysis.json and .png"),
+                   max_tokens: int = typer.Option(2048, help="read at most this many tokens of the text")) -> None:
     """Per layer and head: surprise per token, theta / eta / alpha, weight norms, inner loss before/after, and
     the forgetting half-life in tokens (how far back recall can reach)."""
     import torch
@@ -455,7 +483,7 @@ def _plot_memory(layers, path: Path) -> None:
 
 @app.command("convert-checkpoint", epilog="Example:\n\n  titans convert-checkpoint --checkpoint runs/small "
              "--out exports/small")
-def convert_checkpoint(checkpoint: str = typer.Option(..., help="training run / checkpoint / older export"),
+def convert_checkpoint(checkpoint: str = typer.Option(..., help=CHECKPOINT_HELP + " (an older one)"),
                        out: str = typer.Option(..., help="export folder")) -> None:
     """Training checkpoint (or an older export) to an inference export: safetensors + config + export.json."""
     from titans.utils.checkpoint import export_model, load_model
@@ -469,10 +497,13 @@ def convert_checkpoint(checkpoint: str = typer.Option(..., help="training run / 
 
 
 @app.command(epilog="Example:\n\n  titans profile --config base --seq-len 4096 --batch 2")
-def profile(config: str = typer.Option("small"), set_: list[str] = typer.Option([], "--set"),
-            seq_len: int = typer.Option(1024), batch: int = typer.Option(2), steps: int = typer.Option(3),
-            device: str = typer.Option("auto"), trace: Optional[str] = typer.Option(None, help="torch.profiler "
-                                                                                       "trace (Chrome JSON) path"),
+def profile(config: str = typer.Option("small", help=CONFIG_HELP),
+            set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+            seq_len: int = typer.Option(1024, help="tokens per sequence"),
+            batch: int = typer.Option(2, help="sequences per step"),
+            steps: int = typer.Option(3, help="timed training steps (after one warm-up step)"),
+            device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N"),
+            trace: Optional[str] = typer.Option(None, help="torch.profiler trace (Chrome JSON) path"),
             output: Optional[str] = typer.Option(None, help="write JSON here")) -> None:
     """Parameters, FLOPs per token by component, peak memory and tokens/s of a config."""
     import time
@@ -487,8 +518,13 @@ def profile(config: str = typer.Option("small"), set_: list[str] = typer.Option(
         cfg = load_config(config, list(set_))
     except _user_errors() as e:
         _fail(str(e))
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    try:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+    except RuntimeError:
+        _fail(f"--device: {device!r} is not a device (auto, cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {device}: this machine has no CUDA device")
     model = build_model(cfg.model).to(dev)
     fl = flops_per_token(cfg.model, seq_len)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq_len), device=dev)

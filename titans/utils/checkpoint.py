@@ -148,20 +148,29 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run dir (its latest checkpoint), a checkpoint dir, or an export dir -> the folder holding weights."""
+    """The folder holding the weights of ``path``: a checkpoint or export folder itself, a run folder (its
+    ``checkpoints/latest``), a run's ``checkpoints`` folder (its ``latest``), or the ``latest`` file itself (what a
+    training run prints and the name users reach for).  Raises :class:`CheckpointError` naming the path and, where
+    ``latest`` names a checkpoint that is gone or has no weights, that checkpoint."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint, run or export folder")
-    if (p / "model.safetensors").is_file():
+    if p.is_dir() and (p / "model.safetensors").is_file():
         return p
-    latest = p / "checkpoints" / "latest"
-    if not latest.is_file() and (p / "latest").is_file():
-        latest = p / "latest"
-    if latest.is_file():
-        cand = latest.parent / latest.read_text().strip()
-        if (cand / "model.safetensors").is_file():
-            return cand
-    raise CheckpointError(f"{p}: holds no model.safetensors and no checkpoints/latest")
+    if p.is_file():
+        if p.name != "latest":
+            raise CheckpointError(f"{p}: a file; expected a checkpoint, run or export folder (or a checkpoints/latest "
+                                  "pointer)")
+        latest = p
+    else:
+        latest = next((c for c in (p / "checkpoints" / "latest", p / "latest") if c.is_file()), None)
+        if latest is None:
+            raise CheckpointError(f"{p}: holds no model.safetensors and no checkpoints/latest")
+    name = latest.read_text().strip()
+    cand = latest.parent / name
+    if not name or not (cand / "model.safetensors").is_file():
+        raise CheckpointError(f"{latest}: names checkpoint {name!r}, which holds no model.safetensors ({cand})")
+    return cand
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
