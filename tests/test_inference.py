@@ -206,10 +206,12 @@ def test_batch_infer_resumes_and_skips_bad_lines(export_dir, tmp_path):
     r = CliRunner().invoke(app, args)
     assert "generated 0, already done 3" in r.output
     with inp.open("a") as f:
-        f.write('{"id": "e", "prompt": "print("}\n')
+        f.write('{"id": "e", "prompt": "print("}\n{"id": 7, "prompt": "x = "}\n')
     r = CliRunner().invoke(app, args)
-    assert "generated 1" in r.output
-    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b", "d", "e"]
+    assert "generated 2" in r.output
+    # ids come back as the input gave them (a number stays a number), and a resumed run skips them all the same
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b", "d", "e", 7]
+    assert "generated 0, already done 5" in CliRunner().invoke(app, args).output
 
 
 def test_chat_end_to_end_through_stdin(export_dir, tmp_path):

@@ -66,7 +66,8 @@ def run_batch_inference(predictor: Predictor, input_path: str | Path, output_pat
             for n_new, items in by_len.items():
                 outs = predictor.generate([r["prompt"] for _, r in items], n_new, **sampling)
                 for (rid, rec), text in zip(items, outs):
-                    f.write(json.dumps({"id": rid, "prompt": rec["prompt"], "completion": text}) + "\n")
+                    # the id as the input gave it (a number stays a number); compared as text for resuming
+                    f.write(json.dumps({"id": rec.get("id", rid), "prompt": rec["prompt"], "completion": text}) + "\n")
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(group))
