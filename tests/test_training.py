@@ -243,6 +243,14 @@ def test_shards_round_trip_and_corruption(tmp_path):
         ShardDataset(tmp_path / "shards", "train")
 
 
+def test_a_source_too_small_for_a_split_says_how_to_fix_it(tmp_path):
+    """One file goes to one split whole: the empty split's error names the source, the split and the knob."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("hello world\n")
+    with pytest.raises(ValueError, match=r"'.*corpus': the val split is empty.*data.val_fraction"):
+        prepare_shards(str(tmp_path / "corpus"), tmp_path / "shards", ByteTokenizer(), progress=False)
+
+
 def test_shards_are_written_through_temp_files_of_their_own(tmp_path):
     """Two runs sharing a data cache may tokenize it at once: a shard's temp file must be unique to its writer (a
     fixed ``<shard>.tmp`` made one run's rename fail when the other had already renamed it). A directory standing

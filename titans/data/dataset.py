@@ -235,7 +235,9 @@ def prepare_shards(source: str, out_dir: str | Path, tokenizer: Tokenizer, *, te
         bar.close()
         if total == 0:
             raise ValueError(f"data source {source!r}: the {split} split is empty (val_fraction={val_fraction}, "
-                             f"max_bytes={max_bytes})")
+                             f"max_bytes={max_bytes}); documents (files, records, rows) go to one split or the other "
+                             "whole, by a stable hash of their name or index: with few documents give more, or change "
+                             "val_fraction (data.val_fraction, prepare-data --val-fraction)")
         manifest["splits"][split] = {"tokens": total, "shards": shards}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
