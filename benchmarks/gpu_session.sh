@@ -893,6 +893,22 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 79 ]; then
+  # session 39 (no GPU lent; for after PART=78): the 14 matmuls on a memory block's backward chain (session 33's
+  # anatomy: 101 us + 41 us of gaps a segment, cuBLAS kernels of 5-11 us for batch-1 projections) and the ~25
+  # inductor kernels around them: inductor's Triton matmul templates, autotuned against cuBLAS at compile time with
+  # their elementwise neighbours fused into them (max_autotune_gemm, never tried here), against the defaults on the
+  # same machine; then the two measured opt-ins together (programmatic dependent launch +1.1% over four pairs,
+  # coordinate descent tuning +2.5% once; their joint row was cut while compiling in session 33's PART=68), with the
+  # matmul templates, last (may be cut)
+  mac_65536x1_defaults 150
+  step 250 mac-65536x1-wf2048-max-autotune-gemm env TITANS_INDUCTOR_OPTIONS='{"max_autotune_gemm": true}' $WF \
+    --out "$RES/h_wf2048_max_autotune_gemm.json"
+  step 180 mac-65536x1-wf2048-max-autotune-gemm-optins env \
+    TITANS_INDUCTOR_OPTIONS='{"max_autotune_gemm": true, "triton.enable_pdl": true, "coordinate_descent_tuning": true}' \
+    $WF --out "$RES/h_wf2048_max_autotune_gemm_optins.json"
+  finish
+fi
 if [ "$PART" = 78 ]; then
   # for the next session with a GPU (session 38 had none): PART=77's graphed test, now with three more layouts that
   # tell the batched read-outs' capture bug apart (the PyTorch split core; the walks in one program a head; the
