@@ -149,8 +149,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The folder holding the weights of ``path``: a checkpoint or export folder itself, a run folder (its
-    ``checkpoints/latest``), a run's ``checkpoints`` folder (its ``latest``), or the ``latest`` file itself (what a
-    training run prints and the name users reach for).  Raises :class:`CheckpointError` naming the path and, where
+    ``checkpoints/latest``), a run's ``checkpoints`` folder (its ``latest``; the folder a training run prints), or
+    that ``latest`` file itself.  Raises :class:`CheckpointError` naming the path and, where
     ``latest`` names a checkpoint that is gone or has no weights, that checkpoint."""
     p = Path(path)
     if not p.exists():
