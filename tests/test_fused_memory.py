@@ -632,6 +632,115 @@ def test_triton_stacked_readouts_on_gpu():
     assert float(_errors(_script_stdout(_STACKED_READOUTS_SCRIPT, env))["STACKED_READOUTS"]) <= 1e-5
 
 
+_POISONED_BUFFERS_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
+    import os
+    import torch
+    from titans.utils.switches import switch_value
+
+    # every buffer made without values (torch.empty / empty_like / empty_strided, Tensor.new_empty) filled with NaN
+    # (integers with -7) while POISON is on: a kernel or wrapper that reads a buffer it did not write, or an output
+    # it leaves partly unwritten, then gives NaN or other values than with the allocator's memory as it comes
+    # (which after an identical pass holds that pass's values: how such a read hides eagerly, and shows under a
+    # CUDA graph's fresh memory pool)
+    POISON, COUNT = [False], [0]
+
+    def poisoned(make):
+        def fn(*a, **k):
+            t = make(*a, **k)
+            if POISON[0]:
+                COUNT[0] += 1
+                with torch.no_grad():
+                    t.fill_(float("nan") if t.is_floating_point() else -7)
+            return t
+        return fn
+
+    torch.empty, torch.empty_like, torch.empty_strided = map(poisoned, (torch.empty, torch.empty_like,
+                                                                         torch.empty_strided))
+    new_empty = poisoned(torch.Tensor.new_empty)
+    torch.Tensor.new_empty = lambda self, *a, **k: new_empty(self, *a, **k)
+
+    import titans.core.memory.triton_kernels as tk
+    from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split, stack_readouts
+    from titans.core.models import build_model
+    from titans.training.wavefront import wavefront_loss
+
+    device = switch_value("TITANS_TEST_DEVICE") or "cpu"  # the interpreter, or the GPU's kernels
+    gpu = device == "cuda"
+    # the kernels' shapes: the GPU's smallest supported (head dim 64), tiny under the interpreter
+    d, E, C = (64, 128, 64) if gpu else (16, 32, 16)
+    os.environ["TITANS_TRITON_COEFFICIENTS"] = "1"  # the fused coefficients too (the interpreter's default is off)
+
+    def op(layout):  # three segments' memory update: split (read-outs stacked) or one node
+        ins = [t.to(device).requires_grad_() for t in memory_inputs(2, 6 * C, d, E, C, 5, B=1)]
+        W, S = ins[6:8], ins[8:]
+        if layout == "fused":
+            y, W, S = neural_memory_update_fused(*ins[:6], W, S, chunk_size=C, impl="triton")
+        else:
+            pendings = []
+            for s in range(3):
+                W, S, pending = neural_memory_update_split(*(t[:, :, 2 * C * s:2 * C * (s + 1)] for t in ins[:6]),
+                                                           W, S, chunk_size=C, impl="triton")
+                pendings.append(pending)
+            y = stack_readouts(pendings).read()
+        r = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        loss = (y * r).sum() + sum((w * w).sum() for w in (*W, *S))
+        return [y, *W, *S, *torch.autograd.grad(loss, ins)]
+
+    def model(batched, streams=False):  # MAC through the wavefront, a memory block's segments batched or not
+        torch.manual_seed(0)
+        m = build_model(dict(variant="mac", vocab_size=64, dim=2 * d, depth=3, heads=2, window=2 * C,
+                             persistent_tokens=2, memory_depth=2, memory_chunk_size=C, memory_expansion=E // d,
+                             memory_backend="triton", memory_layers=[1])).to(device)
+        ids = torch.randint(0, 64, (1, 6 * C), generator=torch.Generator().manual_seed(1)).to(device)
+        loss = wavefront_loss(m, ids, segment=6 * C if batched else 2 * C, streams=streams,
+                              batched_readouts=batched, batched_queries=batched)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in m.parameters()]
+
+    cases = [("op stacked", lambda: op("stacked"), {"TITANS_TRITON_SAVE_INNER": "auto"}),
+             ("op stacked, inner recomputed", lambda: op("stacked"), {"TITANS_TRITON_SAVE_INNER": "0"})]
+    cases += [(f"op fused, backward {b}", lambda: op("fused"), {"TITANS_TRITON_BWD": b})
+              for b in ("auto", "overlap", "fused")]
+    cases += [("model batched", lambda: model(True), {}), ("model per segment", lambda: model(False), {})]
+    if gpu:
+        cases += [("model batched, streams", lambda: model(True, True), {})]
+    bad = []
+    for name, run, env in cases:
+        os.environ.update(env)
+        clean = run()
+        POISON[0] = True
+        dirty = run()
+        POISON[0] = False
+        bad += [f"{name}: output {i}" for i, (a, b) in enumerate(zip(dirty, clean))
+                if not torch.isfinite(b).all() or not torch.equal(a, b)]
+        for key in env:
+            os.environ.pop(key)
+    assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
+    assert COUNT[0] > 100, COUNT[0]  # the poison reached the kernels' buffers
+    print("POISONED", len(bad), "|".join(bad))
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_paths_never_read_a_buffer_they_did_not_write_under_interpreter():
+    """Every buffer the memory's kernel paths make without values is filled with NaN first: the outputs and all
+    gradients are bit for bit those of a run on the allocator's memory as it comes - the split core with stacked
+    read-outs, the one-node core in each backward mode, and MAC through the wavefront with its segments batched
+    and not.  Session 37's batched read-outs computed another loss under a CUDA graph (fresh memory) than eagerly;
+    on the CPU no buffer read before it is written explains it."""
+    out = _interpreted(_POISONED_BUFFERS_SCRIPT).strip().splitlines()[-1]
+    assert out.startswith("POISONED 0"), out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+def test_triton_paths_never_read_a_buffer_they_did_not_write_on_gpu():
+    """The same with the GPU's kernels (the walks over parts themselves, not their lockstep twins), and the
+    wavefront on its CUDA streams."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TITANS_TEST_DEVICE": "cuda"}
+    out = _script_stdout(_POISONED_BUFFERS_SCRIPT, env).strip().splitlines()[-1]
+    assert out.startswith("POISONED 0"), out
+
+
 _BF16_STARTS_SCRIPT = textwrap.dedent("""
     import os
     import warnings
