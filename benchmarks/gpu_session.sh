@@ -900,11 +900,16 @@ if [ "$PART" = 79 ]; then
   # their elementwise neighbours fused into them (max_autotune_gemm, never tried here), against the defaults on the
   # same machine; then the two measured opt-ins together (programmatic dependent launch +1.1% over four pairs,
   # coordinate descent tuning +2.5% once; their joint row was cut while compiling in session 33's PART=68), with the
-  # matmul templates, last (may be cut)
+  # matmul templates, last (may be cut).  First (session 39): the memory's kernel paths with every empty buffer
+  # filled with NaN against the plain run, bit for bit, on the GPU's own kernels (the walks over parts, not their
+  # interpreter twins) and the wavefront on its streams: a read of memory nobody wrote would explain the batched
+  # read-outs' other loss under CUDA graphs (the capture's fresh pool) - on the CPU there is none
+  step 80 gpu-test-poisoned-buffers sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'never_read_a_buffer_they_did_not_write_on_gpu' > $RES/gpu_test_poisoned_buffers.txt 2>&1"
   mac_65536x1_defaults 150
   step 250 mac-65536x1-wf2048-max-autotune-gemm env TITANS_INDUCTOR_OPTIONS='{"max_autotune_gemm": true}' $WF \
     --out "$RES/h_wf2048_max_autotune_gemm.json"
-  step 180 mac-65536x1-wf2048-max-autotune-gemm-optins env \
+  step 110 mac-65536x1-wf2048-max-autotune-gemm-optins env \
     TITANS_INDUCTOR_OPTIONS='{"max_autotune_gemm": true, "triton.enable_pdl": true, "coordinate_descent_tuning": true}' \
     $WF --out "$RES/h_wf2048_max_autotune_gemm_optins.json"
   finish
