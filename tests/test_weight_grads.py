@@ -188,16 +188,16 @@ def _token_reductions(monkeypatch, defer: bool, T: int) -> list[str]:
 def test_deferred_segments_leave_elementwise_parameter_gradients_per_token(monkeypatch):
     """Deferred with ``TITANS_DEFER_PER_TOKEN=1``, a segment's stand-ins of its elementwise parameters (the memory's
     convolution and output norm, the gate's norms) are broadcast over its tokens, so its compiled backward graph
-    reduces nothing over the tokens: those sums run once per block call off the chain.  Without deferral, and with
-    the default stand-ins shaped as the parameters, the graph has them (so the check can fail); the gradients are
-    equal either way (``test_deferred_weight_grads_equal_per_segment_grads``)."""
+    reduces nothing over the tokens: those sums run once per block call off the chain.  With the default stand-ins
+    shaped as the parameters the graph has them (so the check can fail; without deferral too, which session 39 left
+    out for the suite's time); the gradients are equal either way
+    (``test_deferred_weight_grads_equal_per_segment_grads``)."""
     T = 15  # no other dimension of the small model has this size
-    per_segment = _token_reductions(monkeypatch, False, T)
-    assert len(per_segment) >= 5, per_segment  # conv weight taps and bias, the norms' weights
     monkeypatch.setenv("TITANS_DEFER_PER_TOKEN", "1")
     assert _token_reductions(monkeypatch, True, T) == []
     monkeypatch.setenv("TITANS_DEFER_PER_TOKEN", "0")  # the stand-ins shaped as the parameters (the default): reduced
-    assert len(_token_reductions(monkeypatch, True, T)) >= 5
+    reduced = _token_reductions(monkeypatch, True, T)
+    assert len(reduced) >= 5, reduced  # conv weight taps and bias, the norms' weights
 
 
 def test_taps_check_the_declared_uses():
