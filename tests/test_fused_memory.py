@@ -704,6 +704,14 @@ _POISONED_BUFFERS_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     cases += [("model batched", lambda: model(True), {}), ("model per segment", lambda: model(False), {})]
     if gpu:
         cases += [("model batched, streams", lambda: model(True, True), {})]
+    def agree(a, b, exact):  # bit for bit, but for the models on the GPU: attention's backward there may accumulate
+        # in any order (atomics), so no NaN the plain run lacks and the values within rounding
+        if not torch.isfinite(b).all():
+            return False
+        if exact:
+            return torch.equal(a, b)
+        return bool(torch.isfinite(a).all()) and ((a - b).abs().max() <= 1e-3 * b.abs().max().clamp_min(1e-30)).item()
+
     bad = []
     for name, run, env in cases:
         os.environ.update(env)
@@ -711,8 +719,8 @@ _POISONED_BUFFERS_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
         POISON[0] = True
         dirty = run()
         POISON[0] = False
-        bad += [f"{name}: output {i}" for i, (a, b) in enumerate(zip(dirty, clean))
-                if not torch.isfinite(b).all() or not torch.equal(a, b)]
+        exact = not (gpu and name.startswith("model"))
+        bad += [f"{name}: output {i}" for i, (a, b) in enumerate(zip(dirty, clean)) if not agree(a, b, exact)]
         for key in env:
             os.environ.pop(key)
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the kernels ran (no fallback to the torch loop)
@@ -736,7 +744,8 @@ def test_triton_paths_never_read_a_buffer_they_did_not_write_under_interpreter()
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
 def test_triton_paths_never_read_a_buffer_they_did_not_write_on_gpu():
     """The same with the GPU's kernels (the walks over parts themselves, not their lockstep twins), and the
-    wavefront on its CUDA streams."""
+    wavefront on its CUDA streams; bit for bit where attention's backward is not involved, else within rounding and
+    with no NaN the plain run lacks (a poisoned read gives NaN)."""
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "TITANS_TEST_DEVICE": "cuda"}
     out = _script_stdout(_POISONED_BUFFERS_SCRIPT, env).strip().splitlines()[-1]
     assert out.startswith("POISONED 0"), out
