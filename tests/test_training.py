@@ -198,7 +198,7 @@ def test_cli_help_and_missing_checkpoint():
 
 def test_every_command_and_option_says_what_it_is():
     """``titans CMD --help`` explains every option (help text on each, an example on each command), and a bad
-    ``profile --device`` is a one-line usage error, not a traceback."""
+    device (``profile --device``, ``training.device``) is a one-line usage error, not a traceback."""
     import typer.main
 
     group = typer.main.get_command(app)
@@ -210,7 +210,10 @@ def test_every_command_and_option_says_what_it_is():
     missing = [f"{name} {p.opts[0]}" for name, p in options if not (p.help or "").strip()]
     assert len(options) > 40 and not missing, f"options without help text: {missing}"
     res = CliRunner().invoke(app, ["profile", "--device", "cdua"])
-    assert res.exit_code == 2 and "--device" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "--device: 'cdua' is not a device" in res.output and "Traceback" not in res.output
+    # the same check (trainer.pick_device) names the config key in training
+    res = CliRunner().invoke(app, ["train", "--set", "training.device=cdua", "--set", "training.max_steps=1"])
+    assert res.exit_code == 2 and "training.device: 'cdua' is not a device" in res.output
 
 
 def test_shards_round_trip_and_corruption(tmp_path):

@@ -511,6 +511,8 @@ def profile(config: str = typer.Option("small", help=CONFIG_HELP),
     import torch
 
     from titans.core.models import build_model
+    from titans.training.distributed import DistInfo
+    from titans.training.trainer import pick_device
     from titans.utils.config import load_config
     from titans.utils.profiling import flops_per_token
 
@@ -519,12 +521,9 @@ def profile(config: str = typer.Option("small", help=CONFIG_HELP),
     except _user_errors() as e:
         _fail(str(e))
     try:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
-    except RuntimeError:
-        _fail(f"--device: {device!r} is not a device (auto, cpu, cuda or cuda:N)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        _fail(f"--device {device}: this machine has no CUDA device")
+        dev = pick_device(device, DistInfo(), "--device")
+    except ValueError as e:
+        _fail(str(e))
     model = build_model(cfg.model).to(dev)
     fl = flops_per_token(cfg.model, seq_len)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq_len), device=dev)

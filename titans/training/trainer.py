@@ -39,12 +39,20 @@ from titans.utils.switches import warn_unknown_switches
 from titans.utils.tensors import gc_paused, side_stream
 
 
-def pick_device(name: str, dist: DistInfo) -> torch.device:
+def pick_device(name: str, dist: DistInfo, what: str = "training.device") -> torch.device:
+    """``auto`` (this rank's GPU where CUDA is available, else the CPU) or a device name; a name that is not a
+    device, or CUDA on a machine without it, raises ``ValueError`` naming ``what`` (the setting it came from)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank)
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{what}: {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what}: {name!r} asks for CUDA, and this machine has no CUDA device")
+    return device
 
 
 def pick_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
