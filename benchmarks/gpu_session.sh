@@ -893,6 +893,22 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 80 ]; then
+  # session 40 (first GPU call of the session if one comes; PART=78 / 79 after it): the flat pair with session 37's
+  # defaults on one machine, and the hardware work queues. Since session 37 a memory block's work spans four streams
+  # (its chain, feed-forward, batched inputs, deferred weight gradients: 12 for the three blocks) and the replayed
+  # graph spreads them over hundreds of driver streams, all multiplexed onto CUDA_DEVICE_MAX_CONNECTIONS hardware
+  # queues (8 by default): a chain that shares a queue with other work waits behind it (session 29: 32 queues no gain,
+  # with fewer streams). Then session 33's read-outs apart (-17% by their dependencies alone, emulated; +18% measured
+  # with 8 queues) with 32 queues (PART=70's last row, never run)
+  mac_65536x1_defaults 170
+  step 90 mac-65536x1-wf2048-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 $WF \
+    --out "$RES/h_wf2048_connections32.json"
+  mac_4096x8_defaults 150
+  step 140 mac-65536x1-wf2048-readouts-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 \
+    TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1 $WF --out "$RES/h_wf2048_readouts_connections32.json"
+  finish
+fi
 if [ "$PART" = 79 ]; then
   # session 39 (no GPU lent; for after PART=78): the 14 matmuls on a memory block's backward chain (session 33's
   # anatomy: 101 us + 41 us of gaps a segment, cuBLAS kernels of 5-11 us for batch-1 projections) and the ~25
