@@ -893,6 +893,56 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 84 ]; then
+  # session 40, the last of the session's device time on the same H100: PART=78's graphed tests (the batched
+  # read-outs' capture bug, three new layouts) and PART=79's poisoned-buffer GPU test
+  step 100 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    tests/test_fused_memory.py tests/test_static_decode.py -k 'graphed or captured or graph_replay' \
+    > $RES/gpu_test_graphed_wavefront.txt 2>&1"
+  step 80 gpu-test-poisoned-buffers sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'never_read_a_buffer_they_did_not_write_on_gpu' > $RES/gpu_test_poisoned_buffers.txt 2>&1"
+  finish
+fi
+if [ "$PART" = 83 ]; then
+  # session 40: PART=82 (the same H100, 32 queues): 4096-token steps 284,500 by default, 282,461 with the read-outs
+  # apart.  The same machine: 4096-token steps with 8 queues, and 4096 x 8 with 32 queues (the ratio's denominator
+  # if 32 became the default)
+  step 90 mac-65536x1-wf4096-connections8 ${WF/--wavefront-step 2048/--wavefront-step 4096} \
+    --out "$RES/h_wf4096_connections8.json"
+  step 100 mac-4096x8-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
+    --out "$RES/h_mac_4096x8_connections32.json"
+  finish
+fi
+if [ "$PART" = 82 ]; then
+  # session 40: PART=81 (the same H100): the read-outs apart 243,029 tokens/s with 8 queues, 284,923 with 32 (the
+  # default 277,671): the queues were session 33's loss.  The same machine: with 32 queues, 4096-token wavefront
+  # steps (8 segments a call) for the read-outs apart and the default, then the read-outs apart with programmatic
+  # dependent launch
+  RO="TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1"
+  C32="CUDA_DEVICE_MAX_CONNECTIONS=32"
+  step 110 mac-65536x1-wf4096-readouts-connections32 env $C32 $RO ${WF/--wavefront-step 2048/--wavefront-step 4096} \
+    --out "$RES/h_wf4096_readouts_connections32.json"
+  step 100 mac-65536x1-wf4096-connections32 env $C32 ${WF/--wavefront-step 2048/--wavefront-step 4096} \
+    --out "$RES/h_wf4096_connections32.json"
+  step 110 mac-65536x1-wf2048-readouts-connections32-pdl env $C32 $RO TITANS_INDUCTOR_OPTIONS='{"triton.enable_pdl": true}' \
+    $WF --out "$RES/h_wf2048_readouts_connections32_pdl.json"
+  finish
+fi
+if [ "$PART" = 81 ]; then
+  # session 40: PART=80 on an H100 put the read-outs apart with 32 queues at 285,327 tokens/s against 278,355 by
+  # default (8 queues; 276,397 with 32): faster, where session 33 (H200, 8 queues) had them 18% slower.  The same
+  # machine if still held: the read-outs apart with 8 queues (is it the queues?), again with 32, with 32 and urgent
+  # read-out streams, and the default again (the noise)
+  RO="TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1"
+  step 130 mac-65536x1-wf2048-readouts-connections8 env $RO $WF --out "$RES/h_wf2048_readouts_connections8.json"
+  step 100 mac-65536x1-wf2048-readouts-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 $RO $WF \
+    --out "$RES/h_wf2048_readouts_connections32.json"
+  step 100 mac-65536x1-wf2048-readouts-urgent-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 \
+    TITANS_WAVEFRONT_READOUT_URGENT=1 $RO $WF --out "$RES/h_wf2048_readouts_urgent_connections32.json"
+  mac_65536x1_defaults 100
+  mac_4096x8_defaults 100
+  finish
+fi
 if [ "$PART" = 80 ]; then
   # session 40 (first GPU call of the session if one comes; PART=78 / 79 after it): the flat pair with session 37's
   # defaults on one machine, and the hardware work queues. Since session 37 a memory block's work spans four streams
