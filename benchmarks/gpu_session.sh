@@ -893,6 +893,20 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 85 ]; then
+  # for the next session with a GPU (after session 40): the harness now sets CUDA_DEVICE_MAX_CONNECTIONS=32 itself
+  # for --wavefront rows (titans.utils.tensors.widen_hardware_queues; session 40 on an H100: 4096-token steps 284.5K
+  # with 32 queues against 260.5K with 8, the default 2048-token row 276.4K / 278.4K).  The flat pair on one machine
+  # with the new defaults, 4096-token steps and 2048, then the read-outs apart (285.3K / 284.9K on the H100), then
+  # PART=78's graphed test (every split-core layout failed on the H100, the PyTorch memory too)
+  WF4="${WF/--wavefront-step 2048/--wavefront-step 4096}"
+  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  mac_4096x8_defaults 150
+  mac_65536x1_defaults 110
+  step 110 mac-65536x1-wf2048-readouts env TITANS_WAVEFRONT_READOUT_STREAMS=1 $WF \
+    --out "$RES/h_wf2048_readouts.json"
+  finish
+fi
 if [ "$PART" = 84 ]; then
   # session 40, the last of the session's device time on the same H100: PART=78's graphed tests (the batched
   # read-outs' capture bug, three new layouts) and PART=79's poisoned-buffer GPU test

@@ -41,7 +41,7 @@ from titans.utils.compiling import compile_blocks, compile_fn, inductor_options
 from titans.utils.config import ACTIVATION_CHECKPOINTING, TrainingConfig
 from titans.utils.io import atomic_write_bytes, atomic_write_text
 from titans.utils.switches import warn_unknown_switches
-from titans.utils.tensors import matmul_sm_carveout
+from titans.utils.tensors import matmul_sm_carveout, widen_hardware_queues
 from titans.utils.weight_grads import deferral_wanted
 
 
@@ -586,6 +586,8 @@ def main(argv=None) -> dict:
         ap.error("--wavefront-step is the step of --wavefront: give both")
     if args.wavefront and args.compile and args.compile_scope == "model":
         ap.error("--wavefront calls the blocks one segment at a time: use it with --compile-scope blocks")
+    if args.wavefront:  # before CUDA starts (recorded with the switches): the wavefront's streams, a queue each
+        widen_hardware_queues()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -227,6 +227,8 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch):
     harness = _load_harness(monkeypatch)
     for name in ("TITANS_DEFER_WEIGHT_GRADS", "TITANS_INDUCTOR_OPTIONS", "TITANS_TRITON_BWD"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")  # so that the test's end unsets what the harness sets
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
     res = harness.main(["--models", "mac", "--shapes", "32x1", "--dim", "16", "--depth", "1", "--heads", "2",
                         "--window", "16", "--memory-chunk", "8", "--warmup", "0", "--iters", "1",
                         "--activation-checkpointing", "memory", "--device", "cpu", "--out", str(tmp_path / "h.json")])
@@ -238,6 +240,12 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch):
     assert res["defaults"]["memory_backward"] == "auto"
     # random tokens of a 256-symbol vocabulary: the loss is near log(256) = 5.55
     assert 4.0 < res["train"][0]["train_loss_last"] < 7.0
+    # --wavefront asks CUDA for 32 hardware queues before it starts, and the row records it; without, nothing set
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in res["env"]
+    wave = harness.main(["--models", "mac", "--shapes", "32x1", "--dim", "16", "--depth", "1", "--heads", "2",
+                         "--window", "16", "--memory-chunk", "8", "--warmup", "0", "--iters", "1", "--wavefront",
+                         "--device", "cpu", "--no-prefill", "--out", str(tmp_path / "w.json")])
+    assert wave["train"][0]["error"] is None and wave["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
 
 
 def test_harness_marks_a_non_finite_loss_as_an_error(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -600,14 +601,19 @@ def test_gc_paused_turns_the_collector_off_inside_and_restores_it():
         gc.enable()
 
 
-def test_wavefront_training_follows_the_one_pass_loss_curve(tmp_path):
+def test_wavefront_training_follows_the_one_pass_loss_curve(tmp_path, monkeypatch):
     """``training.wavefront=true`` trains with the segment-major forward (titans.training.wavefront): the same losses
     as the one-pass forward up to float32 rounding, with the default and with a longer step
     (``training.wavefront_step``); with the whole model compiled, or a step without the wavefront, it is refused by
-    name."""
+    name.  A wavefront run asks CUDA for 32 hardware queues before it starts (CUDA_DEVICE_MAX_CONNECTIONS; a run
+    without the wavefront leaves the variable alone)."""
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")  # so that the test's end unsets what train sets
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
     common = ["training.max_steps=3", "training.eval_every=100", "training.ckpt_every=100"]
     one_pass = train(tiny_cfg(tmp_path / "one", *common))
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
     wave = train(tiny_cfg(tmp_path / "wave", *common, "training.wavefront=true"))
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
     assert wave["step"] == 3
     assert wave["train_loss"] == pytest.approx(one_pass["train_loss"], rel=1e-5)
     # 24-token steps over 32-token rows: pieces that cross the 16-token segments, the same losses again

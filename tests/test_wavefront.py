@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -318,3 +320,36 @@ def test_graphed_wavefront_equals_eager_on_cuda(step, queries, readouts, inputs_
     for p, b in zip(params, ref_grads):
         if b is not None:
             torch.testing.assert_close(p.grad, b, rtol=1e-4, atol=1e-5)
+
+
+def test_hardware_queues_widened_before_cuda_starts_and_a_warning_after(monkeypatch):
+    """widen_hardware_queues sets CUDA_DEVICE_MAX_CONNECTIONS=32 while CUDA has not started and the variable is unset;
+    a value the user set stays (a bad one is named); after CUDA started it changes nothing and says so (None), and
+    note_hardware_queues then warns once a process, as it does for a user's value below 32."""
+    import titans.utils.tensors as tensors
+
+    name = "CUDA_DEVICE_MAX_CONNECTIONS"
+    monkeypatch.setenv(name, "8")  # restored (unset) at the test's end, whatever the calls below set
+    monkeypatch.delenv(name)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert tensors.widen_hardware_queues() == 32 and tensors.os.environ[name] == "32"
+    monkeypatch.setenv(name, "16")
+    assert tensors.widen_hardware_queues() == 16 and tensors.os.environ[name] == "16"
+    monkeypatch.setenv(name, "many")
+    with pytest.raises(ValueError, match=name):
+        tensors.widen_hardware_queues()
+    monkeypatch.delenv(name)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert tensors.widen_hardware_queues() is None and name not in tensors.os.environ
+    monkeypatch.setattr(tensors, "_queues_warned", False)
+    with pytest.warns(RuntimeWarning, match=f"share 8 hardware work queues.*{name}={32}"):
+        tensors.note_hardware_queues()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensors.note_hardware_queues()  # once a process
+        monkeypatch.setattr(tensors, "_queues_warned", False)
+        monkeypatch.setenv(name, "32")
+        tensors.note_hardware_queues()  # enough queues: silent
+    monkeypatch.setenv(name, "4")
+    with pytest.warns(RuntimeWarning, match=f"share 4 hardware work queues \\({name}=4\\)"):
+        tensors.note_hardware_queues()

@@ -36,7 +36,7 @@ from titans.utils.checkpoint import (
 from titans.utils.compiling import compile_blocks, compile_fn
 from titans.utils.config import TitansConfig, config_from_dict, save_config
 from titans.utils.switches import warn_unknown_switches
-from titans.utils.tensors import gc_paused, side_stream
+from titans.utils.tensors import gc_paused, side_stream, widen_hardware_queues
 
 
 def pick_device(name: str, dist: DistInfo, what: str = "training.device") -> torch.device:
@@ -264,6 +264,9 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     With ``training.curriculum`` set, runs its stages one after another (:func:`train_curriculum`).
     """
     warn_unknown_switches()  # a misspelt TITANS_* switch would otherwise change nothing without a word
+    stages = [cfg] + (curriculum_stage_configs(cfg) if cfg.training.curriculum else [])
+    if any(c.training.wavefront for c in stages):
+        widen_hardware_queues()  # before CUDA starts: the wavefront's streams, each on a hardware queue of its own
     if cfg.training.curriculum:
         return train_curriculum(cfg, resume, progress)
     return _train_run(cfg, resume, progress)

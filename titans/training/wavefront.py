@@ -22,6 +22,13 @@ share of that backward off the chain, and was 14.6% slower for it (193.0K vs 226
 memory block's projections sum their weight gradients over each step's segments on a stream of their own by default
 (:mod:`titans.utils.weight_grads`; session 26: 261.3K vs 250.5K tokens/s, 270.4K with inductor's combo kernels).  The
 trainer's ``training.wavefront`` / ``training.wavefront_step`` and ``benchmarks/harness.py --wavefront`` use it.
+
+The streams need hardware queues of their own: CUDA multiplexes a process's streams onto
+``CUDA_DEVICE_MAX_CONNECTIONS`` work queues (8 by default), and a stream that shares a queue waits behind the other
+stream's work.  The trainer and the harness set 32 before CUDA starts
+(:func:`~titans.utils.tensors.widen_hardware_queues`), and a wavefront with fewer warns once.  On an H100 (session
+40, MAC 65536 x 1) the read-outs apart ran at 243.0K tokens/s with 8 queues and 285.3K with 32 - session 33's
+18% loss of that layout on an H200 was the queues - and 4096-token steps at 260.5K and 284.5K.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from torch.func import functional_call
 
 from titans.core.models.model import TitansLM, lm_loss
 from titans.utils.switches import switch_on
-from titans.utils.tensors import side_stream
+from titans.utils.tensors import note_hardware_queues, side_stream
 
 
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
@@ -85,6 +92,8 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     use_streams = dev.type == "cuda" if streams is None else streams
     if use_streams and dev.type != "cuda":
         raise ValueError(f"streams=True needs a CUDA device, got {dev}")
+    if use_streams:
+        note_hardware_queues()  # warns once if the streams share CUDA's default 8 hardware queues
     priority = switch_on("TITANS_WAVEFRONT_PRIORITY") if priority is None else priority
     ffn_streams = switch_on("TITANS_WAVEFRONT_FFN_STREAMS") if ffn_streams is None else ffn_streams
     readouts = switch_on("TITANS_WAVEFRONT_READOUT_STREAMS") if readout_streams is None else readout_streams

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -97,6 +99,53 @@ def side_stream(device: torch.device | str, role: tuple | str = "side", urgent: 
         # priorities outside the device's range are clamped to it: -100 is the highest the device has
         _SIDE_STREAMS[key] = torch.cuda.Stream(device, priority=-100 if urgent else 0)
     return _SIDE_STREAMS[key]
+
+
+QUEUES_ENV = "CUDA_DEVICE_MAX_CONNECTIONS"
+# CUDA's most; its default is 8
+WAVEFRONT_QUEUES = 32
+_queues_warned = False
+
+
+def widen_hardware_queues(queues: int = WAVEFRONT_QUEUES) -> int | None:
+    """Ask CUDA for ``queues`` hardware work queues (``CUDA_DEVICE_MAX_CONNECTIONS``, 8 by default) for the streams
+    of this process, where that still works: the variable unset and CUDA not yet started in the process (the driver
+    reads it once, when it makes the device's context).  Returns the queues the process has or will have (None:
+    unknown, the variable unset and CUDA already started: CUDA's default).  A value the user set is left as it is.
+
+    Why (issue 7): every stream a process uses (a captured CUDA graph's branches too) is multiplexed onto these
+    queues, and work on one queue runs in order, so a stream whose kernels share a queue with another's waits behind
+    them even where nothing orders the two.  The wavefront (:mod:`titans.training.wavefront`) puts each memory
+    block's chain, feed-forward, batched inputs and weight-gradient sums on streams of their own (12 and more for
+    MAC's three memory blocks).  On an H100 (benchmarks/RESULTS.md section 6, session 40), MAC 65536 x 1: the
+    memory read-outs on streams of their own 243.0K tokens/s with 8 queues and 284.9-285.3K with 32; 4096-token
+    steps 260.5K with 8 and 284.5K with 32; the default layout 277.7-278.4K with 8, 276.4K with 32; MAC 4096 x 8 in
+    one pass 339.8-340.1K either way."""
+    raw = os.environ.get(QUEUES_ENV)
+    if raw is not None:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{QUEUES_ENV}={raw!r}: expected a whole number of hardware queues (1-32)") from None
+    if torch.cuda.is_initialized():
+        return None
+    os.environ[QUEUES_ENV] = str(queues)
+    return queues
+
+
+def note_hardware_queues(queues: int = WAVEFRONT_QUEUES) -> None:
+    """Warn once a process when CUDA runs with fewer than ``queues`` hardware work queues
+    (:func:`widen_hardware_queues` came too late, or the user set fewer): the wavefront's streams then wait on one
+    another's queues (a layout 15% slower on an H100, session 40)."""
+    global _queues_warned
+    have = widen_hardware_queues(queues)
+    if _queues_warned or (have is not None and have >= queues):
+        return
+    _queues_warned = True
+    warnings.warn(f"the wavefront's CUDA streams share {have or 8} hardware work queues ({QUEUES_ENV}"
+                  f"{'=' + str(have) if have else ' unset, CUDA already started'}): set {QUEUES_ENV}={queues} before "
+                  "CUDA starts (the trainer and benchmarks/harness.py do, for training.wavefront / --wavefront) - "
+                  "streams that share a queue wait on each other's work", RuntimeWarning, stacklevel=3)
 
 
 CARVEOUT_ENV = "TITANS_MATMUL_SM_CARVEOUT"
