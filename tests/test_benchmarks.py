@@ -588,3 +588,9 @@ def test_graphed_wavefront_diff_finds_the_first_differing_token():
     if not torch.cuda.is_available():  # the capture itself: the GPU session's job
         with pytest.raises(SystemExit, match="needs CUDA"):
             gd.main([])
+    # --keep-alive's mode holds what every op returns, a temporary Python dropped included, and lets go on exit
+    x = torch.arange(6.0)
+    with gd.KeepOutputs() as keep:
+        total = (x * 2).sum()
+    assert float(total) == 30.0 and len(keep.kept) == 2
+    assert torch.equal(keep.kept[0], x * 2) and keep.kept[1] is total
