@@ -62,7 +62,8 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     block, every segment) and the tied embedding / head weight (the caller's stream, the last block's) - are read
     through one view per stream, so autograd sums each stream's gradients on that stream and the parameter receives
     one sum a stream instead of one cross-stream accumulation per block and segment.  ``readout_streams``
-    (``TITANS_WAVEFRONT_READOUT_STREAMS``, "0" when unset: 13-28% slower, sessions 23-33): in MAC's memory blocks each
+    (``TITANS_WAVEFRONT_READOUT_STREAMS``, "0" when unset: 13-28% slower with CUDA's 8 hardware queues, sessions 23-33;
+    2.6% faster with 32 on an H100, session 40, for 4 GB more): in MAC's memory blocks each
     segment's memory read-out and gate run on the feed-forward's stream (:meth:`TitansBlock.forward_mixer_split`), so
     their backward (the memory backward's first stage among it, ~0.27 ms a segment on an H200) runs beside the
     segment chain instead of on it (``TITANS_WAVEFRONT_READOUT_URGENT=1``: on a stream of their own at the chains'

@@ -121,13 +121,15 @@ _DECLARED = (
            "parameters several streams read (persistent tokens, tied embedding) read through one view a stream, "
            "so each stream sums its own gradients"),
     Switch("TITANS_WAVEFRONT_READOUT_STREAMS", ON_OFF, "0",
-           "MAC's segment read-outs on another stream than the segment chain (slower on an H200, sessions 23-33)"),
+           "MAC's segment read-outs on another stream than the segment chain (13-28% slower with CUDA's 8 hardware "
+           "queues, sessions 23-33; +2.6% with 32 on an H100, session 40, for 4 GB more; uncompiled, its CUDA-graph "
+           "capture gives another loss, a bug not yet found)"),
     Switch("TITANS_WAVEFRONT_READOUT_URGENT", ON_OFF, "0",
            "with the read-outs apart, on a stream of their own at the chains' priority"),
     Switch("TITANS_WAVEFRONT_BATCHED_READOUTS", ON_OFF, "0",
            "MAC's read-outs once a wavefront call for its segments, after their chains (under CUDA graphs a different "
-           "loss than eager on an H200, session 37: a bug not yet found; the trainer compares each capture's "
-           "loss with the eager step's)"),
+           "loss than eager, uncompiled, on an H200 and an H100, sessions 37 and 40: the split core's capture bug, "
+           "not yet found; the trainer compares each capture's loss with the eager step's)"),
     Switch("TITANS_WAVEFRONT_BATCHED_QUERIES", ON_OFF, "1",
            "MAC's segment inputs (the retrieval's queries and output gate, attention's queries / keys / values) once "
            "a wavefront call for its segments, before their chains"),
