@@ -912,14 +912,15 @@ if [ "$PART" = 85 ]; then
   # for the next session with a GPU (after session 40): the harness now sets CUDA_DEVICE_MAX_CONNECTIONS=32 itself
   # for --wavefront rows (titans.utils.tensors.widen_hardware_queues; session 40 on an H100: 4096-token steps 284.5K
   # with 32 queues against 260.5K with 8, the default 2048-token row 276.4K / 278.4K).  The flat pair on one machine
-  # with the new defaults, 4096-token steps and 2048, then the read-outs apart (285.3K / 284.9K on the H100), then
-  # PART=78's graphed test (every split-core layout failed on the H100, the PyTorch memory too)
+  # with the new defaults and 4096-token steps, then the read-outs apart (285.3K / 284.9K on the H100), then
+  # the per-token stand-ins (TITANS_DEFER_PER_TOKEN=1: 23% slower on an H200 in session 36 with 8 queues, cause not
+  # found - their sums run on the weight-gradient streams, which shared queues with the chains)
   WF4="${WF/--wavefront-step 2048/--wavefront-step 4096}"
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   mac_4096x8_defaults 150
-  mac_65536x1_defaults 110
   step 110 mac-65536x1-wf2048-readouts env TITANS_WAVEFRONT_READOUT_STREAMS=1 $WF \
     --out "$RES/h_wf2048_readouts.json"
+  step 110 mac-65536x1-wf4096-per-token env TITANS_DEFER_PER_TOKEN=1 $WF4 --out "$RES/h_wf4096_per_token.json"
   finish
 fi
 if [ "$PART" = 84 ]; then
