@@ -594,3 +594,36 @@ def test_graphed_wavefront_diff_finds_the_first_differing_token():
         total = (x * 2).sum()
     assert float(total) == 30.0 and len(keep.kept) == 2
     assert torch.equal(keep.kept[0], x * 2) and keep.kept[1] is total
+
+
+def test_stream_hazards_finds_a_missing_wait_and_a_missing_record_stream_and_passes_the_right_hand_off():
+    """benchmarks/stream_hazards.py's checker on hand-offs between two stand-in streams: a read on another stream
+    than the writer's without a wait is found; so is a tensor made on one stream, read on another and freed without
+    ``record_stream`` (the allocating stream could reuse its block before the read); the same hand-off with the wait
+    and ``record_stream`` is clean."""
+    sh = _load("stream_hazards")
+
+    def hand_off(wait: bool, record: bool):
+        main = torch.cuda.current_stream()
+        side = checker.stream("side")
+        x = torch.arange(8.0) * 2  # made on main
+        if wait:
+            side.wait_stream(main)
+        with torch.cuda.stream(side):
+            if record:
+                x.record_stream(side)
+            y = x + 1  # read on side
+        del x  # freed while main has not waited on side
+        main.wait_stream(side)
+        return y
+
+    found = {}
+    for wait, record in ((False, True), (True, False), (True, True)):
+        checker = sh.StreamHazards()
+        with checker.patched(), checker:
+            out = hand_off(wait, record)
+        assert torch.equal(out, torch.arange(8.0) * 2 + 1)
+        found[wait, record] = {h["kind"] for h in checker.hazards}
+    assert found[False, True] == {"read before write"}
+    assert found[True, False] == {"freed while in use"}
+    assert found[True, True] == set()

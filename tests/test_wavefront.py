@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -353,3 +354,28 @@ def test_hardware_queues_widened_before_cuda_starts_and_a_warning_after(monkeypa
     monkeypatch.setenv(name, "4")
     with pytest.warns(RuntimeWarning, match=f"share 4 hardware work queues \\({name}=4\\)"):
         tensors.note_hardware_queues()
+
+
+def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monkeypatch):
+    """The wavefront's forward on the CPU with stand-in CUDA streams (benchmarks/stream_hazards.py): in every layout
+    of graphed_wavefront_diff.py (each segment's own inputs and read-outs, batched inputs, batched read-outs with the
+    PyTorch memory, the read-outs apart), no read of a tensor another stream wrote without a wait, no write over
+    another stream's access, and no tensor freed while another stream's read of it may be pending.  Session 40: the
+    fresh state, made on the caller's stream and read on the blocks', was freed mid-call without ``record_stream``:
+    the layouts whose first memory write let go of it (the split core) computed another loss when captured."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("stream_hazards", bench / "stream_hazards.py")
+    sh = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "stream_hazards", sh)
+    spec.loader.exec_module(sh)
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # (the wavefront on streams asks for them)
+    rows = sh.main([])["rows"]
+    assert len(rows) == 6
+    for row in rows:
+        assert row["hazards"] == [], row["layout"]
+        assert row["logits_sum"] is not None and math.isfinite(row["logits_sum"])

@@ -90,9 +90,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
         raise ValueError(f"segment: expected >= 1, got {seg}")
     B, T = input_ids.shape
     dev = input_ids.device
-    use_streams = dev.type == "cuda" if streams is None else streams
-    if use_streams and dev.type != "cuda":
-        raise ValueError(f"streams=True needs a CUDA device, got {dev}")
+    use_streams = _use_streams(streams, dev)
     if use_streams:
         note_hardware_queues()  # warns once if the streams share CUDA's default 8 hardware queues
     priority = switch_on("TITANS_WAVEFRONT_PRIORITY") if priority is None else priority
@@ -140,6 +138,18 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
                                + list(wgrad.values())))
     for st in every:  # each starts after what the caller queued
         st.wait_stream(main)
+    if use_streams:
+        # the fresh state was made on the caller's stream and is read on block i's streams (the chain's, and the
+        # batched inputs' for the read convolution's cache); a segment replacing it frees it mid-call, and the caller's
+        # stream, which waits on no block until the end, would then hand its memory to its next allocation (the next
+        # segment's embedding) while the block may not have read it yet - in a CUDA graph's replay it did not: every
+        # layout whose first write let go of the initial momentum (the split core) computed another loss (session 40,
+        # found on the CPU by benchmarks/stream_hazards.py)
+        for i in range(n):
+            for t in _tensors(layers[i]):
+                for st in (side[i], inp.get(i)):
+                    if st is not None:
+                        t.record_stream(st)
 
     def on(i: int):  # block i's stream, or nothing to switch
         return torch.cuda.stream(side[i]) if use_streams else nullcontext()
@@ -240,6 +250,15 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     for st in every:  # the caller's stream goes on after everything
         main.wait_stream(st)  # (a capture joins here)
     return torch.cat(outs, dim=1)
+
+
+def _use_streams(streams: bool | None, dev: torch.device) -> bool:
+    """Whether the wavefront runs on CUDA streams: ``streams``, by default on CUDA; True elsewhere raises.
+    ``benchmarks/stream_hazards.py`` replaces it to run the streams' layout on the CPU with stand-in streams."""
+    use = dev.type == "cuda" if streams is None else streams
+    if use and dev.type != "cuda":
+        raise ValueError(f"streams=True needs a CUDA device, got {dev}")
+    return use
 
 
 def _tensors(obj):
