@@ -55,6 +55,8 @@ LAYOUTS = [
                                                        "TITANS_WAVEFRONT_BATCHED_READOUTS": "1",
                                                        "TITANS_TRITON_WALK_PARTS": "1"}, {}),
     ("read-outs apart", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0", "TITANS_WAVEFRONT_READOUT_STREAMS": "1"}, {}),
+    ("batched read-outs apart", {"TITANS_WAVEFRONT_BATCHED_READOUTS": "1", "TITANS_WAVEFRONT_READOUT_STREAMS": "1"},
+     {}),
     # the same segment-major loop on the caller's stream alone: no stream hands anything to another
     ("batched read-outs, one stream", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
                                        "TITANS_WAVEFRONT_BATCHED_READOUTS": "1"}, {}, {"streams": False}),

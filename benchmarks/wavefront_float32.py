@@ -27,8 +27,9 @@ def tests_model_and_ids(device, **options) -> tuple[torch.nn.Module, torch.Tenso
     """The model and tokens of ``tests/test_wavefront.py``'s CUDA tests, float32 on ``device``: MAC, dim 64, depth 3,
     window 32, memory (depth 2, chunk 8) in block 1 (``options`` override the config), 2 x 256 tokens."""
     torch.manual_seed(0)
-    model = build_model(dict(variant="mac", vocab_size=64, dim=64, depth=3, heads=2, window=32, persistent_tokens=2,
-                             memory_depth=2, memory_chunk_size=8, memory_layers=[1], **options)).float().to(device)
+    cfg = dict(variant="mac", vocab_size=64, dim=64, depth=3, heads=2, window=32, persistent_tokens=2, memory_depth=2,
+               memory_chunk_size=8, memory_layers=[1])
+    model = build_model({**cfg, **options}).float().to(device)
     return model, torch.randint(0, 64, (2, 256), generator=torch.Generator().manual_seed(1)).to(device)
 
 

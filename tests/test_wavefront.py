@@ -145,7 +145,7 @@ def test_block_mixer_with_readouts_apart_is_the_mixer(pos, T, batched, queries):
     if not batched:
         assert calls == ["mac_readout"] * segments + ["_residual_sum"], calls
     else:  # pieces 16 16 8 / 12 16 12 (off the chunk grid: the one-node update, no stacking) / 16 16 16
-        runs = {0: ["mac_readouts", "mac_readout"], 4: ["mac_readout"] * 3, 16: ["mac_readouts"]}[pos]
+        runs = {0: ["mac_readouts_along", "mac_readout"], 4: ["mac_readout"] * 3, 16: ["mac_readouts_along"]}[pos]
         assert calls == runs + ["_residual_sum"], calls
     with pytest.raises(ValueError, match="a MAC block with memory, this is 'mac' layer 0 \\(without memory\\)"):
         model.blocks[0].forward_mixer_split(x, model.init_state(2).layers[0], 0, p, True)
@@ -362,7 +362,9 @@ def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monke
     PyTorch memory, the read-outs apart), no read of a tensor another stream wrote without a wait, no write over
     another stream's access, and no tensor freed while another stream's read of it may be pending.  Session 40: the
     fresh state, made on the caller's stream and read on the blocks', was freed mid-call without ``record_stream``:
-    the layouts whose first memory write let go of it (the split core) computed another loss when captured."""
+    the layouts whose first memory write let go of it (the split core) computed another loss when captured.  And the
+    batched read-outs apart put their outputs back along the sequence on the block's stream, a copy at batch > 1
+    that read them unordered."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -375,7 +377,12 @@ def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monke
     spec.loader.exec_module(sh)
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # (the wavefront on streams asks for them)
     rows = sh.main([])["rows"]
-    assert len(rows) == 6
+    assert len(rows) == 7
+    # and the switches and variants the diff's layouts leave out
+    more = [({"TITANS_WAVEFRONT_STREAM_VIEWS": "1", "TITANS_WAVEFRONT_READOUT_STREAMS": "1",
+              "TITANS_WAVEFRONT_READOUT_URGENT": "1"}, {}), ({"TITANS_DEFER_PER_TOKEN": "1"}, {}),
+            ({}, {"memory_layers": [0, 2]}), ({}, {"memory_depth": 1})]
+    rows += [dict(sh.wavefront_hazards(env, options), layout=f"{env} {options}") for env, options in more]
     for row in rows:
         assert row["hazards"] == [], row["layout"]
         assert row["logits_sum"] is not None and math.isfinite(row["logits_sum"])

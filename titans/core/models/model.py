@@ -359,9 +359,12 @@ class TitansBlock(nn.Module):
             else:
                 ys, reads = zip(*chains[s:e])
                 # back along the sequence here, not in the region: a view at batch 1, whose gradient then comes with
-                # the strides the region traced
-                outs.append(rearrange(run(self.mac_readouts, list(ys), list(reads), x.dtype), "(n b) t d -> b (n t) d",
-                                      n=e - s))
+                # the strides the region traced; inside run, on the read-outs' stream: at batch > 1 it is a copy,
+                # which on the block's stream read the read-outs unordered (benchmarks/stream_hazards.py)
+                def mac_readouts_along(ys_, reads_, dtype, n=e - s):
+                    return rearrange(self.mac_readouts(ys_, reads_, dtype), "(n b) t d -> b (n t) d", n=n)
+
+                outs.append(run(mac_readouts_along, list(ys), list(reads), x.dtype))
             s = e
         return run(_residual_sum, x, *outs)
 
