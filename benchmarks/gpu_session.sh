@@ -893,17 +893,30 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 87 ]; then
+  # after PART=85 / 86 (prepared in session 40): with 32 queues, the per-token stand-ins (TITANS_DEFER_PER_TOKEN=1:
+  # 23% slower on an H200 in session 36 with 8 queues, cause not found - their sums run on the weight-gradient
+  # streams, which shared queues with the chains) and the batched read-outs apart (2048-token steps)
+  WF4="${WF/--wavefront-step 2048/--wavefront-step 4096}"
+  step 170 mac-65536x1-wf4096-per-token env TITANS_DEFER_PER_TOKEN=1 $WF4 --out "$RES/h_wf4096_per_token.json"
+  step 130 mac-65536x1-wf2048-batched-readouts-apart env TITANS_WAVEFRONT_READOUT_STREAMS=1 \
+    TITANS_WAVEFRONT_BATCHED_READOUTS=1 $WF --out "$RES/h_wf2048_batched_readouts_apart.json"
+  step 110 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  mac_4096x8_defaults 150
+  finish
+fi
 if [ "$PART" = 86 ]; then
   # for a session with a GPU (after session 40, after PART=85): the split core's capture bug.  Session 40's PART=84
   # on an H100: every layout through the split core failed graphed_loss's test (4.176023 vs 4.176198), the PyTorch
-  # memory and the read-outs apart a segment at a time too - not the Triton kernels.  Where a captured forward first
-  # departs, each layout captured as it is and with every tensor of the capture held alive (no block of the pool
-  # reused: agreement then means a reuse the graph does not order), and each layout's eager step under PyTorch's
-  # CUDA sanitizer (two streams on one tensor without a synchronisation)
-  step 240 graphed-wavefront-diff-keep-alive-sanitize python3 benchmarks/graphed_wavefront_diff.py --keep-alive \
-    --sanitize --out "$RES/graphed_wavefront_diff.json"
+  # memory and the read-outs apart a segment at a time too - not the Triton kernels.  Later that session
+  # benchmarks/stream_hazards.py found on the CPU the fresh state freed mid-call without record_stream (fixed), so
+  # first the graphed tests (all ten layouts should pass now), then where a captured forward first departs, each
+  # layout captured as it is and with every tensor of the capture held alive (no block of the pool reused), and each
+  # layout's eager step under PyTorch's CUDA sanitizer (two streams on one tensor without a synchronisation)
   step 100 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
     -k 'graphed' > $RES/gpu_test_graphed_wavefront.txt 2>&1"
+  step 240 graphed-wavefront-diff-keep-alive-sanitize python3 benchmarks/graphed_wavefront_diff.py --keep-alive \
+    --sanitize --out "$RES/graphed_wavefront_diff.json"
   step 80 gpu-test-poisoned-buffers sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
     -k 'never_read_a_buffer_they_did_not_write_on_gpu' > $RES/gpu_test_poisoned_buffers.txt 2>&1"
   finish
@@ -913,14 +926,15 @@ if [ "$PART" = 85 ]; then
   # for --wavefront rows (titans.utils.tensors.widen_hardware_queues; session 40 on an H100: 4096-token steps 284.5K
   # with 32 queues against 260.5K with 8, the default 2048-token row 276.4K / 278.4K).  The flat pair on one machine
   # with the new defaults and 4096-token steps, then the read-outs apart (285.3K / 284.9K on the H100), then
-  # the per-token stand-ins (TITANS_DEFER_PER_TOKEN=1: 23% slower on an H200 in session 36 with 8 queues, cause not
-  # found - their sums run on the weight-gradient streams, which shared queues with the chains)
+  # the batched read-outs (+1.4% on an H200 in session 37, but their capture computed another loss: the fresh state
+  # freed mid-call without record_stream, fixed later in session 40 - each row's capture_check says whether it holds)
   WF4="${WF/--wavefront-step 2048/--wavefront-step 4096}"
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   mac_4096x8_defaults 150
   step 110 mac-65536x1-wf2048-readouts env TITANS_WAVEFRONT_READOUT_STREAMS=1 $WF \
     --out "$RES/h_wf2048_readouts.json"
-  step 110 mac-65536x1-wf4096-per-token env TITANS_DEFER_PER_TOKEN=1 $WF4 --out "$RES/h_wf4096_per_token.json"
+  step 110 mac-65536x1-wf4096-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 $WF4 \
+    --out "$RES/h_wf4096_batched_readouts.json"
   finish
 fi
 if [ "$PART" = 84 ]; then

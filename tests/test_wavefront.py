@@ -280,10 +280,12 @@ def test_trainer_loss_unit_takes_the_wavefront(autograd_nodes):
     (None, "0", "0", "1", {}), (96, "0", "0", "1", {}), (96, "1", "0", "1", {}), (96, "0", "1", "1", {}),
     (96, "1", "1", "1", {}), (96, "1", "1", "0", {}), (96, "0", "1", "1", {"memory_backend": "fused"}),
     (96, "0", "1", "1", {"TITANS_TRITON_WALK_PARTS": "1"}),
-    (96, "0", "0", "1", {"TITANS_WAVEFRONT_READOUT_STREAMS": "1"})],
+    (96, "0", "0", "1", {"TITANS_WAVEFRONT_READOUT_STREAMS": "1"}),
+    (96, "1", "1", "1", {"TITANS_WAVEFRONT_READOUT_STREAMS": "1"})],
     ids=["a segment a call", "3 a call", "batched queries", "batched read-outs", "both",
          "both, queries on the chain's stream", "batched read-outs, PyTorch memory",
-         "batched read-outs, walks in one program a head", "read-outs apart (the split core, a segment at a time)"])
+         "batched read-outs, walks in one program a head", "read-outs apart (the split core, a segment at a time)",
+         "batched read-outs apart"])
 def test_graphed_wavefront_equals_eager_on_cuda(step, queries, readouts, inputs_stream, extra, monkeypatch):
     """graphed_loss(..., wavefront=True): the side streams captured in the forward and backward graphs give the eager
     loss and gradients (float32, no autocast): one segment a call against the one-pass forward; three a call, with
@@ -292,7 +294,10 @@ def test_graphed_wavefront_equals_eager_on_cuda(step, queries, readouts, inputs_
     inputs and read-outs the graphed loss differed from the eager one (4.17602 vs 4.17620; the eager wavefront equals
     the one pass on the GPU, ``benchmarks/wavefront_float32.py``).  Only the batched read-outs and the read-outs
     apart write through the split core (the walk alone, then the read-out; ``TitansBlock.mac_chain``); the other
-    layouts run a segment's whole core at once."""
+    layouts run a segment's whole core at once.  Session 40 (an H100): every split-core layout failed, the PyTorch
+    memory too; then ``benchmarks/stream_hazards.py`` found on the CPU that the wavefront freed the fresh state (made
+    on the caller's stream) mid-call while the blocks' streams read it, without ``record_stream`` (fixed; the
+    split core's first write lets go of the initial momentum, the whole core keeps it for its backward)."""
     from titans.training.trainer import graphed_loss
 
     monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_QUERIES", queries)
