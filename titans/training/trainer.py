@@ -143,7 +143,8 @@ def graphed_loss(model: torch.nn.Module, sample: torch.Tensor, amp_dtype: torch.
     (:func:`capture_agreement`; needs ``warmup_iters >= 1``); the result is the returned module's
     ``capture_check`` (None unchecked), and a disagreement warns.  A capture can compute something else than the
     eager step without failing: MAC's batched read-outs (``TITANS_WAVEFRONT_BATCHED_READOUTS=1``) did on an H200
-    (session 37), and the trainer then trains eagerly (:func:`train`).  The check sees the forward only: a capture
+    (session 37: the wavefront freed its fresh state mid-call without ``record_stream``, fixed in session 40), and
+    the trainer then trains eagerly (:func:`train`).  The check sees the forward only: a capture
     whose backward alone went wrong passes it (the backward's non-deterministic kernels - attention's, the
     embedding's - would make a gradient comparison a matter of tolerances; the GPU tests compare gradients).
 

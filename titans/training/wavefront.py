@@ -72,7 +72,8 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     and then their read-outs at once (``forward_mixer_split(batched=True)``: one launch of each read-out kernel,
     forward and backward, for the call's segments instead of one a segment), on the block's stream, or with
     ``readout_streams`` on the read-out stream; on an H200 (session 37) captured in CUDA graphs they gave another
-    loss than eagerly (a bug not yet found; eagerly they equal the one pass), so they stay opt-in.
+    loss than eagerly (eagerly they equal the one pass): the fresh state was freed mid-call without
+    ``record_stream`` (fixed in session 40, not yet verified on a GPU), so they stay opt-in.
     ``batched_queries`` (``TITANS_WAVEFRONT_BATCHED_QUERIES``, "1" when unset): MAC's memory blocks make what a
     call's segment steps compute from the block input alone (the retrieval's queries, with their convolution, and
     output gate's input; attention's queries, keys and values: :class:`~titans.core.models.model.SegmentInputs`)
