@@ -22,11 +22,15 @@ allocates).  A storage's end is seen by a finalizer on it.  It reports, by the s
   streams - the caching allocator may hand the block to the allocating stream's next allocation, whose kernels then
   overwrite it before the other stream's kernel reads it (a missing ``record_stream``).
 
-What it does not see: the Triton kernels' own reads and writes (the memory's ``fused`` backend is PyTorch through
-and through), the backward (autograd picks streams only on CUDA), and anything a graph capture does differently
-from an eager call.
+The backward (by default; ``--forward-only`` leaves it out) is emulated: each autograd node runs on the stream the
+forward made it on, after the streams that handed it gradients, as CUDA's autograd engine does; the engine's own
+work (handing gradients on, summing a node's gradients from several producers) is taken as correct and not checked.
 
-    python benchmarks/stream_hazards.py --out benchmarks/results/stream_hazards_cpu.json
+What it does not see: the Triton kernels' own reads and writes (the memory's ``fused`` backend is PyTorch through
+and through), code that takes another path on CUDA (``if t.is_cuda``), and anything a graph capture does
+differently from an eager call.
+
+    python benchmarks/stream_hazards.py [--forward-only] --out benchmarks/results/stream_hazards_cpu.json
 """
 
 from __future__ import annotations
@@ -111,6 +115,10 @@ class StreamHazards(TorchDispatchMode):
         self.hazards: list[dict] = []
         self._seen: set[tuple] = set()
         self.checking_frees = True  # off once the checked call returned (what it leaves dies with autograd's graph)
+        self._quiet = False  # the checker's own ops (sequence-number probes) are not checked
+        # (autograd sequence number, stream) at each stream switch: a node made in the forward runs its backward on
+        # the stream that was current when it was made, as on CUDA
+        self._switches: list[tuple[int, str]] = [(-1, "main")]
 
     # ------------------------------------------------------------------ streams
 
@@ -125,10 +133,90 @@ class StreamHazards(TorchDispatchMode):
             yield
             return
         before, self.current = self.current, stream
+        self._mark_switch()
         try:
             yield
         finally:
             self.current = before
+            self._mark_switch()
+
+    def _mark_switch(self) -> None:
+        self._quiet = True
+        try:
+            with torch.enable_grad():  # the next autograd node's sequence number (a node made for it)
+                seq = torch.ones(1, requires_grad=True).clone().grad_fn._sequence_nr()
+        finally:
+            self._quiet = False
+        self._switches.append((seq, self.current.name))
+
+    def stream_of(self, node) -> str:
+        """The stream the forward made autograd ``node`` on (its backward's stream on CUDA)."""
+        seq, name = node._sequence_nr(), "main"
+        for at, stream in self._switches:
+            if at > seq:
+                break
+            name = stream
+        return name
+
+    def backward(self, out: torch.Tensor, grad: torch.Tensor) -> None:
+        """``out.backward(grad)`` from the main stream with CUDA's stream semantics emulated: the root's stream waits
+        for the calling stream, each node runs on its forward's stream (:meth:`stream_of`) after the streams of the nodes that handed it gradients (the engine's
+        event waits); the gradients the engine hands on count as recorded on their consumer's stream (the engine's
+        own business), and so are the sums the engine makes of a node's gradients from several producers (not
+        checked); a leaf's accumulation runs where its gradient came from; at the end the main stream waits on every
+        stream."""
+        nodes, todo = set(), [out.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or node in nodes:
+                continue
+            nodes.add(node)
+            todo.extend(fn for fn, _ in node.next_functions)
+        pending: dict = {}
+        handles = []
+
+        def before(node):
+            def hook(grad_outputs):
+                self._quiet = False
+                got = pending.pop(node, [])
+                if type(node).__name__ == "AccumulateGrad":
+                    self.current = self.stream(got[-1][0]) if got else self.current
+                else:
+                    self.current = self.stream(self.stream_of(node))
+                for _, clock in got:
+                    for k, v in clock.items():
+                        self.current.clock[k] = max(self.current.clock.get(k, 0), v)
+            return hook
+
+        def after(node):
+            def hook(grad_inputs, grad_outputs):
+                here = self.current
+                for (fn, _), g in zip(node.next_functions, grad_inputs):
+                    if fn is None:
+                        continue
+                    pending.setdefault(fn, []).append((here.name, dict(here.clock)))
+                    if isinstance(g, torch.Tensor):
+                        consumer = here.name if type(fn).__name__ == "AccumulateGrad" else self.stream_of(fn)
+                        self.record_stream(g, self.stream(consumer))
+                # what the engine does next - adding these gradients to those its consumers already got, on the
+                # consumers' streams after waiting for this one - is its own, and not checked
+                self._quiet = True
+            return hook
+
+        for node in nodes:
+            handles.append(node.register_prehook(before(node)))
+            handles.append(node.register_hook(after(node)))
+        # the engine syncs the root's stream with the calling stream (where the gradient was made)
+        self.stream(self.stream_of(out.grad_fn)).wait_stream(self.current)
+        try:
+            out.backward(grad)
+        finally:
+            self._quiet = False
+            for h in handles:
+                h.remove()
+            self.current = self.main
+            for other in list(self.streams.values()):
+                self.main.wait_stream(other)
 
     def record_stream(self, t: torch.Tensor, stream: StandInStream) -> None:
         life = self.lives.get(self._key(t))
@@ -183,7 +271,7 @@ class StreamHazards(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is torch.ops.aten.record_stream.default:
+        if func is torch.ops.aten.record_stream.default or self._quiet:
             return out
         s = self.current
         s.clock[s.name] += 1
@@ -235,24 +323,29 @@ class StreamHazards(TorchDispatchMode):
         return out
 
 
-def check(fn, *args, **kwargs) -> tuple[object, list[dict]]:
+def check(fn, *args, backward: bool = False, **kwargs) -> tuple[object, list[dict]]:
     """``fn(*args, **kwargs)`` under the stand-in streams and the checker: (the sum of its tensor result, the
-    hazards found).  Frees are checked while ``fn`` runs: what it returns (and autograd's graph keeps) dies later, in a
-    training step during the backward, which this does not model."""
+    hazards found).  ``backward``: then the backward of a fixed random projection of the result
+    (:meth:`StreamHazards.backward`), frees checked through it; without, frees are checked while ``fn`` runs only
+    (what it returns and autograd's graph keeps dies in the backward)."""
     checker = StreamHazards()
     with ExitStack() as stack:
         stack.enter_context(checker.patched())
         stack.enter_context(checker)
         out = fn(*args, **kwargs)
-        checker.checking_frees = False
         summary = None if out is None else float(out.detach().double().sum())
+        if backward:
+            grad = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(0))
+            checker.backward(out, grad)
+        checker.checking_frees = False
         del out
     return summary, checker.hazards
 
 
-def wavefront_hazards(layout_env: dict, model_options: dict, step: int = 96, dtype=torch.float32) -> dict:
-    """The tests' CUDA model (``wavefront_float32.tests_model_and_ids``) on the CPU, its wavefront forward under the
-    checker with the switches of ``layout_env``: ``{"logits_sum", "hazards"}``."""
+def wavefront_hazards(layout_env: dict, model_options: dict, step: int = 96, dtype=torch.float32,
+                      backward: bool = True) -> dict:
+    """The tests' CUDA model (``wavefront_float32.tests_model_and_ids``) on the CPU, its wavefront forward (and
+    ``backward``) under the checker with the switches of ``layout_env``: ``{"logits_sum", "hazards"}``."""
     from graphed_wavefront_diff import switches
     from wavefront_float32 import tests_model_and_ids
 
@@ -263,7 +356,7 @@ def wavefront_hazards(layout_env: dict, model_options: dict, step: int = 96, dty
         def forward():
             return wavefront_module.wavefront_logits(model, ids, segment=step)
 
-        total, hazards = check(forward)
+        total, hazards = check(forward, backward=backward)
     return {"logits_sum": total, "hazards": hazards}
 
 
@@ -272,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON path")
+    ap.add_argument("--forward-only", action="store_true", help="not the backward")
     ap.add_argument("--layouts", nargs="*", default=None,
                     help="layout names (default: all of graphed_wavefront_diff's on streams)")
     args = ap.parse_args(argv)
@@ -281,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         if call and call[0].get("streams") is False:
             continue  # one stream: nothing to check
-        res = wavefront_hazards(env, options)
+        res = wavefront_hazards(env, options, backward=not args.forward_only)
         rows.append({"layout": name, "switches": env, "model": options, **res})
         print(f"{name}: {len(res['hazards'])} hazard(s)")
         for h in res["hazards"]:

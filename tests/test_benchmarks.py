@@ -627,3 +627,41 @@ def test_stream_hazards_finds_a_missing_wait_and_a_missing_record_stream_and_pas
     assert found[False, True] == {"read before write"}
     assert found[True, False] == {"freed while in use"}
     assert found[True, True] == set()
+
+    # the backward: a tensor made on main, saved by an op on the side stream, read by its backward there and freed
+    # when the backward lets it go (main has not waited on side by then): found only with the backward, and not
+    # with record_stream
+    class SavesItsInput(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * x
+
+    w = torch.arange(1.0, 5.0, requires_grad=True)
+
+    def saved_on_side(record: bool):
+        main = torch.cuda.current_stream()
+        side = main.checker.stream("side")
+        a = w * 1  # made on main
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            if record:
+                a.record_stream(side)
+            y = SavesItsInput.apply(a)
+        del a
+        main.wait_stream(side)
+        return y
+
+    for backward, record, kinds in ((False, False, set()), (True, False, {"freed while in use"}),
+                                    (True, True, set())):
+        w.grad = None
+        _, hazards = sh.check(saved_on_side, record, backward=backward)
+        assert {h["kind"] for h in hazards} == kinds, (backward, record)
+        if backward:  # the backward ran (this one's: the gradient times the saved input)
+            g = torch.randn(4, generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(w.grad, g * w.detach())
