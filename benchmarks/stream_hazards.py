@@ -160,11 +160,11 @@ class StreamHazards(TorchDispatchMode):
 
     def backward(self, out: torch.Tensor, grad: torch.Tensor) -> None:
         """``out.backward(grad)`` from the main stream with CUDA's stream semantics emulated: the root's stream waits
-        for the calling stream, each node runs on its forward's stream (:meth:`stream_of`) after the streams of the nodes that handed it gradients (the engine's
-        event waits); the gradients the engine hands on count as recorded on their consumer's stream (the engine's
-        own business), and so are the sums the engine makes of a node's gradients from several producers (not
-        checked); a leaf's accumulation runs where its gradient came from; at the end the main stream waits on every
-        stream."""
+        for the calling stream; each node runs on its forward's stream (:meth:`stream_of`) after the streams of the
+        nodes that handed it gradients (the engine's event waits); the gradients the engine hands on count as
+        recorded on their consumer's stream, and the sums the engine makes of a node's gradients from several
+        producers are not checked (the engine's own business); a leaf's accumulation runs where its gradient came
+        from; at the end the main stream waits on every stream."""
         nodes, todo = set(), [out.grad_fn]
         while todo:
             node = todo.pop()
