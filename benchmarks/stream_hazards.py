@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_leaves
 
 import titans.training.wavefront as wavefront_module
 from titans.utils.io import atomic_write_text
+from titans.utils.tensors import autograd_nodes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -165,13 +166,7 @@ class StreamHazards(TorchDispatchMode):
         recorded on their consumer's stream, and the sums the engine makes of a node's gradients from several
         producers are not checked (the engine's own business); a leaf's accumulation runs where its gradient came
         from; at the end the main stream waits on every stream."""
-        nodes, todo = set(), [out.grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is None or node in nodes:
-                continue
-            nodes.add(node)
-            todo.extend(fn for fn, _ in node.next_functions)
+        nodes = autograd_nodes(out)
         pending: dict = {}
         handles = []
 
@@ -343,15 +338,16 @@ def check(fn, *args, backward: bool = False, **kwargs) -> tuple[object, list[dic
 
 
 def wavefront_hazards(layout_env: dict, model_options: dict, step: int = 96, dtype=torch.float32,
-                      backward: bool = True) -> dict:
+                      backward: bool = True, tokens: int = 256) -> dict:
     """The tests' CUDA model (``wavefront_float32.tests_model_and_ids``) on the CPU, its wavefront forward (and
-    ``backward``) under the checker with the switches of ``layout_env``: ``{"logits_sum", "hazards"}``."""
+    ``backward``) over the first ``tokens`` of its rows under the checker with the switches of ``layout_env``:
+    ``{"logits_sum", "hazards"}``."""
     from graphed_wavefront_diff import switches
     from wavefront_float32 import tests_model_and_ids
 
     with switches(layout_env):
         model, ids = tests_model_and_ids("cpu", **model_options)
-        model = model.to(dtype)
+        model, ids = model.to(dtype), ids[:, :tokens]
 
         def forward():
             return wavefront_module.wavefront_logits(model, ids, segment=step)
@@ -366,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON path")
     ap.add_argument("--forward-only", action="store_true", help="not the backward")
+    ap.add_argument("--tokens", type=int, default=256, help="tokens of each of the 2 rows (3 segments a call)")
     ap.add_argument("--layouts", nargs="*", default=None,
                     help="layout names (default: all of graphed_wavefront_diff's on streams)")
     args = ap.parse_args(argv)
@@ -375,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         if call and call[0].get("streams") is False:
             continue  # one stream: nothing to check
-        res = wavefront_hazards(env, options, backward=not args.forward_only)
+        res = wavefront_hazards(env, options, backward=not args.forward_only, tokens=args.tokens)
         rows.append({"layout": name, "switches": env, "model": options, **res})
         print(f"{name}: {len(res['hazards'])} hazard(s)")
         for h in res["hazards"]:

@@ -381,13 +381,13 @@ def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monke
     monkeypatch.setitem(sys.modules, "stream_hazards", sh)
     spec.loader.exec_module(sh)
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # (the wavefront on streams asks for them)
-    rows = sh.main([])["rows"]
+    rows = sh.main(["--tokens", "128"])["rows"]  # two wavefront calls: 3 segments, then 1
     assert len(rows) == 7
     # and the switches and variants the diff's layouts leave out
     more = [({"TITANS_WAVEFRONT_STREAM_VIEWS": "1", "TITANS_WAVEFRONT_READOUT_STREAMS": "1",
               "TITANS_WAVEFRONT_READOUT_URGENT": "1"}, {}), ({"TITANS_DEFER_PER_TOKEN": "1"}, {}),
             ({}, {"memory_layers": [0, 2]}), ({}, {"memory_depth": 1})]
-    rows += [dict(sh.wavefront_hazards(env, options), layout=f"{env} {options}") for env, options in more]
+    rows += [dict(sh.wavefront_hazards(env, options, tokens=128), layout=f"{env} {options}") for env, options in more]
     for row in rows:
         assert row["hazards"] == [], row["layout"]
         assert row["logits_sum"] is not None and math.isfinite(row["logits_sum"])
