@@ -381,8 +381,12 @@ def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monke
     monkeypatch.setitem(sys.modules, "stream_hazards", sh)
     spec.loader.exec_module(sh)
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # (the wavefront on streams asks for them)
-    rows = sh.main(["--tokens", "128"])["rows"]  # two wavefront calls: 3 segments, then 1
-    assert len(rows) == 7
+    # two wavefront calls (3 segments, then 1); on the CPU the memory is PyTorch's whatever the layout's backend or
+    # walk switches, so the diff's other batched read-outs layouts are this one again
+    layouts = ["each segment its own inputs and read-outs", "batched inputs", "batched read-outs", "read-outs apart",
+               "batched read-outs apart"]
+    rows = sh.main(["--tokens", "128", "--layouts", *layouts])["rows"]
+    assert [r["layout"] for r in rows] == layouts
     # and the switches and variants the diff's layouts leave out
     more = [({"TITANS_WAVEFRONT_STREAM_VIEWS": "1", "TITANS_WAVEFRONT_READOUT_STREAMS": "1",
               "TITANS_WAVEFRONT_READOUT_URGENT": "1"}, {}), ({"TITANS_DEFER_PER_TOKEN": "1"}, {}),
