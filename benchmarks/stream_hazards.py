@@ -1,4 +1,4 @@
-"""Stream hazards of the wavefront's forward, found on the CPU with stand-in CUDA streams.
+"""Stream hazards of the wavefront's forward and backward, found on the CPU with stand-in CUDA streams.
 
 The wavefront (``titans.training.wavefront``) runs each block, feed-forward, batched input, read-out and
 weight-gradient sum on CUDA streams of its own, and hands tensors from one to another with ``wait_stream`` (order)
@@ -6,7 +6,9 @@ and ``record_stream`` (lifetime).  A missing one is a race that an eager run on 
 launches kernels about as fast as they run) but a CUDA-graph replay need not: its branches run as soon as their
 edges allow, and the capture's memory pool hands a freed block to the next allocation of its stream at once.
 Session 40 found every layout of MAC's split memory core (the walk alone, then the read-out) computing another loss
-when captured, the PyTorch memory too, so the Triton kernels are not the cause.
+when captured, the PyTorch memory too, so the Triton kernels are not the cause; this found why (the fresh state made
+on the caller's stream, read on the blocks' and freed mid-call without ``record_stream``; fixed in
+``wavefront_logits``, benchmarks/RESULTS.md section 6, session 40).
 
 This runs the wavefront's forward on the CPU with the streams replaced by stand-ins: ``torch.cuda.stream``,
 ``torch.cuda.current_stream``, ``Stream.wait_stream`` and ``Tensor.record_stream`` keep vector clocks, and a
