@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _switches_now() -> dict[str, str]:
@@ -40,6 +45,22 @@ def fused_call_lengths(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(fu, "neural_memory_update_fused", spy)
     return lengths
+
+
+@pytest.fixture
+def benchmark_module(monkeypatch):
+    """``load(name) -> module``: ``benchmarks/<name>.py`` (a script, not part of the package) imported as a module,
+    registered in ``sys.modules`` for the test only (a dataclass with string annotations looks its module up there,
+    and a script may import another by name)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ import titans.utils.tensors as tensors
 from titans.core.models import build_model
 from titans.utils.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 MEMORY_VARIANTS = ["mac", "mag", "mal", "lmm"]
 
 
@@ -129,11 +127,11 @@ def test_checkpointing_is_off_outside_training_steps(region_calls):
     assert region_calls
 
 
-def test_checkpointing_keeps_strictly_fewer_saved_bytes():
+def test_checkpointing_keeps_strictly_fewer_saved_bytes(benchmark_module):
     """What a training step saves for backward (the saved-tensor hooks of benchmarks/saved_activations.py):
     ``memory`` keeps less than ``none`` for every memory variant, and MAC keeps nothing inside its memory;
     ``full`` keeps less than ``memory``."""
-    sa = _saved_activations_module()
+    sa = benchmark_module("saved_activations")
     ids = torch.randint(0, 37, (1, 24), generator=torch.Generator().manual_seed(3))
     for variant in MEMORY_VARIANTS:
         total = {}
@@ -146,19 +144,13 @@ def test_checkpointing_keeps_strictly_fewer_saved_bytes():
         assert total["full"] < total["memory"] < total["none"], (variant, total)
 
 
-def _saved_activations_module():
-    spec = importlib.util.spec_from_file_location("saved_activations", ROOT / "benchmarks" / "saved_activations.py")
-    sa = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sa)
-    return sa
-
-
 @pytest.mark.parametrize("variant", MEMORY_VARIANTS)
-def test_cheap_memory_regions_are_recomputed_with_the_same_gradients_and_fewer_saved_bytes(variant, monkeypatch):
+def test_cheap_memory_regions_are_recomputed_with_the_same_gradients_and_fewer_saved_bytes(variant, monkeypatch,
+                                                                                          benchmark_module):
     """The memory's always-recomputed regions (output norm / gate, MAC's read, the decay coefficients;
     ``titans.utils.tensors.recompute_when_recorded``) with checkpointing ``none``: the same loss and gradients as
     keeping their tensors, and strictly fewer bytes saved for backward."""
-    sa = _saved_activations_module()
+    sa = benchmark_module("saved_activations")
     ids = torch.randint(0, 37, (2, 24), generator=torch.Generator().manual_seed(4))
     out = {}
     for on in (False, True):
@@ -214,17 +206,8 @@ def test_checkpointed_training_forward_compiles_without_graph_breaks(variant, mo
     assert ex.graph_count == 1
 
 
-def _load_harness(monkeypatch):
-    """benchmarks/harness.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("harness", ROOT / "benchmarks" / "harness.py")
-    harness = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "harness", harness)  # its dataclasses look their module up there
-    spec.loader.exec_module(harness)
-    return harness
-
-
-def test_harness_measures_with_the_option(tmp_path, monkeypatch):
-    harness = _load_harness(monkeypatch)
+def test_harness_measures_with_the_option(tmp_path, monkeypatch, benchmark_module):
+    harness = benchmark_module("harness")
     for name in ("TITANS_DEFER_WEIGHT_GRADS", "TITANS_INDUCTOR_OPTIONS", "TITANS_TRITON_BWD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")  # so that the test's end unsets what the harness sets
@@ -248,8 +231,8 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch):
     assert wave["train"][0]["error"] is None and wave["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
 
 
-def test_harness_marks_a_non_finite_loss_as_an_error(tmp_path, monkeypatch):
-    harness = _load_harness(monkeypatch)
+def test_harness_marks_a_non_finite_loss_as_an_error(tmp_path, monkeypatch, benchmark_module):
+    harness = benchmark_module("harness")
     real = harness.build
 
     def diverging(args, name, device):  # the real model, its loss turned into NaN (a broken kernel, say)

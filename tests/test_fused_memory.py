@@ -17,7 +17,6 @@ from titans.core.memory.fused_update import neural_memory_update_fused, neural_m
 from titans.core.memory.neural_memory import NeuralMemory
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _inputs(L, B=2, H=2, T=12, d=4, E=6, dtype=torch.float64, seed=0):
@@ -1234,12 +1233,10 @@ def _cuda_tools_in_triton() -> bool:
 
 
 @pytest.mark.skipif(not _cuda_tools_in_triton(), reason="needs Triton with its NVIDIA toolchain")
-def test_kernel_resources_cross_compiles_a_launch_without_a_gpu():
+def test_kernel_resources_cross_compiles_a_launch_without_a_gpu(benchmark_module):
     """benchmarks/kernel_resources.py builds a memory-kernel launch for sm_90a on this machine (no GPU) and reads
     its registers and spills back (tiny shape: a few seconds)."""
-    spec = importlib.util.spec_from_file_location("kernel_resources", ROOT / "benchmarks" / "kernel_resources.py")
-    kr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kr)
+    kr = benchmark_module("kernel_resources")
     names = [name for name, _, _ in kr.launches(16, 32, 16, 2, 2, False)]
     assert names[:6] == ["forward pass 1", "forward pass 2", "backward stage 0", "backward stage 1",
                          "backward stage 2", "backward, stages overlapped"]

@@ -361,7 +361,7 @@ def test_hardware_queues_widened_before_cuda_starts_and_a_warning_after(monkeypa
         tensors.note_hardware_queues()
 
 
-def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monkeypatch):
+def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monkeypatch, benchmark_module):
     """The wavefront's forward on the CPU with stand-in CUDA streams (benchmarks/stream_hazards.py): in every layout
     of graphed_wavefront_diff.py (each segment's own inputs and read-outs, batched inputs, batched read-outs with the
     PyTorch memory, the read-outs apart), no read of a tensor another stream wrote without a wait, no write over
@@ -370,16 +370,7 @@ def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monke
     the layouts whose first memory write let go of it (the split core) computed another loss when captured.  And the
     batched read-outs apart put their outputs back along the sequence on the block's stream, a copy at batch > 1
     that read them unordered."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("stream_hazards", bench / "stream_hazards.py")
-    sh = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "stream_hazards", sh)
-    spec.loader.exec_module(sh)
+    sh = benchmark_module("stream_hazards")
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # (the wavefront on streams asks for them)
     # two wavefront calls (3 segments, then 1); on the CPU the memory is PyTorch's whatever the layout's backend or
     # walk switches, so the diff's other batched read-outs layouts are this one again
