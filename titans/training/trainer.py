@@ -265,8 +265,7 @@ def train(cfg: TitansConfig, resume: bool = False, progress: bool | None = None)
     With ``training.curriculum`` set, runs its stages one after another (:func:`train_curriculum`).
     """
     warn_unknown_switches()  # a misspelt TITANS_* switch would otherwise change nothing without a word
-    stages = [cfg] + (curriculum_stage_configs(cfg) if cfg.training.curriculum else [])
-    if any(c.training.wavefront for c in stages):
+    if cfg.training.wavefront:  # (a curriculum's stages share it)
         widen_hardware_queues()  # before CUDA starts: the wavefront's streams, each on a hardware queue of its own
     if cfg.training.curriculum:
         return train_curriculum(cfg, resume, progress)
