@@ -38,6 +38,7 @@ differently from an eager call.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import sys
 import weakref
@@ -65,7 +66,11 @@ class StandInStream:
         self.clock: dict[str, int] = {name: 0}
 
     def wait_stream(self, other: StandInStream) -> None:
-        for k, v in other.clock.items():
+        self.wait_clock(other.clock)
+
+    def wait_clock(self, clock: dict[str, int]) -> None:
+        """Order this stream's next op after everything ``clock`` (a stream's clock, taken earlier) comes after."""
+        for k, v in clock.items():
             self.clock[k] = max(self.clock.get(k, 0), v)
 
     def after(self, stream: str, tick: int) -> bool:
@@ -154,12 +159,8 @@ class StreamHazards(TorchDispatchMode):
 
     def stream_of(self, node) -> str:
         """The stream the forward made autograd ``node`` on (its backward's stream on CUDA)."""
-        seq, name = node._sequence_nr(), "main"
-        for at, stream in self._switches:
-            if at > seq:
-                break
-            name = stream
-        return name
+        # the switches come in increasing sequence numbers, the first (-1, "main")
+        return self._switches[bisect.bisect_right(self._switches, node._sequence_nr(), key=lambda s: s[0]) - 1][1]
 
     def backward(self, out: torch.Tensor, grad: torch.Tensor) -> None:
         """``out.backward(grad)`` from the main stream with CUDA's stream semantics emulated: the root's stream waits
@@ -181,8 +182,7 @@ class StreamHazards(TorchDispatchMode):
                 else:
                     self.current = self.stream(self.stream_of(node))
                 for _, clock in got:
-                    for k, v in clock.items():
-                        self.current.clock[k] = max(self.current.clock.get(k, 0), v)
+                    self.current.wait_clock(clock)
             return hook
 
         def after(node):
