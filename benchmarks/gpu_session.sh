@@ -63,6 +63,8 @@ HP="python3 benchmarks/harness.py --dim 512 --depth 8 --heads 8 --window 512 --m
 H3="$HP --cuda-graphs"
 # MAC 65536 x 1 with the wavefront in 2048-token steps (sessions 21-24's flat-scaling rows)
 WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
+# the same in 4096-token steps (session 40: 284.5K vs 276.4K with 32 hardware queues on an H100)
+WF4="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 4096"
 kernel_tests() {  # kernel_tests SECONDS NAME FILTER FILE [PYTEST OPTIONS]: tests/test_fused_memory.py -k FILTER,
   # output in $RES/FILE; the options default to -q
   local limit=$1 name=$2 filter=$3 file=$4; shift 4
@@ -417,7 +419,7 @@ if [ "$PART" = 29 ]; then
   step 120 mac-65536x1-wf2048 env TITANS_TRITON_BWD=split $WF --out "$RES/h_wf2048.json"
   step 150 mac-65536x1-wf2048-combo env TITANS_TRITON_BWD=split TITANS_INDUCTOR_OPTIONS='{"combo_kernels": true}' \
     $WF --out "$RES/h_wf2048_combo.json"
-  step 110 mac-65536x1-wf4096 env TITANS_TRITON_BWD=split ${WF/--wavefront-step 2048/--wavefront-step 4096} \
+  step 110 mac-65536x1-wf4096 env TITANS_TRITON_BWD=split $WF4 \
     --out "$RES/h_wf4096.json"
   finish
 fi
@@ -897,7 +899,6 @@ if [ "$PART" = 87 ]; then
   # after PART=85 / 86 (prepared in session 40): with 32 queues, the per-token stand-ins (TITANS_DEFER_PER_TOKEN=1:
   # 23% slower on an H200 in session 36 with 8 queues, cause not found - their sums run on the weight-gradient
   # streams, which shared queues with the chains) and the batched read-outs apart (2048-token steps)
-  WF4="${WF/--wavefront-step 2048/--wavefront-step 4096}"
   step 170 mac-65536x1-wf4096-per-token env TITANS_DEFER_PER_TOKEN=1 $WF4 --out "$RES/h_wf4096_per_token.json"
   step 130 mac-65536x1-wf2048-batched-readouts-apart env TITANS_WAVEFRONT_READOUT_STREAMS=1 \
     TITANS_WAVEFRONT_BATCHED_READOUTS=1 $WF --out "$RES/h_wf2048_batched_readouts_apart.json"
@@ -928,7 +929,6 @@ if [ "$PART" = 85 ]; then
   # with the new defaults and 4096-token steps, then the read-outs apart (285.3K / 284.9K on the H100), then
   # the batched read-outs (+1.4% on an H200 in session 37, but their capture computed another loss: the fresh state
   # freed mid-call without record_stream, fixed later in session 40 - each row's capture_check says whether it holds)
-  WF4="${WF/--wavefront-step 2048/--wavefront-step 4096}"
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   mac_4096x8_defaults 150
   step 110 mac-65536x1-wf2048-readouts env TITANS_WAVEFRONT_READOUT_STREAMS=1 $WF \
@@ -951,7 +951,7 @@ if [ "$PART" = 83 ]; then
   # session 40: PART=82 (the same H100, 32 queues): 4096-token steps 284,500 by default, 282,461 with the read-outs
   # apart.  The same machine: 4096-token steps with 8 queues, and 4096 x 8 with 32 queues (the ratio's denominator
   # if 32 became the default)
-  step 90 mac-65536x1-wf4096-connections8 ${WF/--wavefront-step 2048/--wavefront-step 4096} \
+  step 90 mac-65536x1-wf4096-connections8 $WF4 \
     --out "$RES/h_wf4096_connections8.json"
   step 100 mac-4096x8-connections32 env CUDA_DEVICE_MAX_CONNECTIONS=32 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
     --out "$RES/h_mac_4096x8_connections32.json"
@@ -964,9 +964,9 @@ if [ "$PART" = 82 ]; then
   # dependent launch
   RO="TITANS_WAVEFRONT_READOUT_STREAMS=1 TITANS_TRITON_SAVE_INNER=1"
   C32="CUDA_DEVICE_MAX_CONNECTIONS=32"
-  step 110 mac-65536x1-wf4096-readouts-connections32 env $C32 $RO ${WF/--wavefront-step 2048/--wavefront-step 4096} \
+  step 110 mac-65536x1-wf4096-readouts-connections32 env $C32 $RO $WF4 \
     --out "$RES/h_wf4096_readouts_connections32.json"
-  step 100 mac-65536x1-wf4096-connections32 env $C32 ${WF/--wavefront-step 2048/--wavefront-step 4096} \
+  step 100 mac-65536x1-wf4096-connections32 env $C32 $WF4 \
     --out "$RES/h_wf4096_connections32.json"
   step 110 mac-65536x1-wf2048-readouts-connections32-pdl env $C32 $RO TITANS_INDUCTOR_OPTIONS='{"triton.enable_pdl": true}' \
     $WF --out "$RES/h_wf2048_readouts_connections32_pdl.json"
