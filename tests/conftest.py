@@ -31,6 +31,20 @@ def switches_left_as_found():
         pytest.fail(f"the test left TITANS_* switches changed: {changed} (use monkeypatch.setenv)")
 
 
+@pytest.fixture(autouse=True)
+def hardware_queues_left_as_found():
+    """``CUDA_DEVICE_MAX_CONNECTIONS`` put back as it was after every test: the trainer and the harness set it for
+    the process when a wavefront run asks for CUDA's hardware queues (``titans.utils.tensors.widen_hardware_queues``),
+    so a test may set it without meaning to."""
+    name = "CUDA_DEVICE_MAX_CONNECTIONS"
+    before = os.environ.get(name)
+    yield
+    if before is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = before
+
+
 @pytest.fixture
 def fused_call_lengths(monkeypatch) -> list[int]:
     """The token count of every call to the fused memory path during the test (a spy that still runs it)."""

@@ -210,8 +210,7 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch, benchmark_modul
     harness = benchmark_module("harness")
     for name in ("TITANS_DEFER_WEIGHT_GRADS", "TITANS_INDUCTOR_OPTIONS", "TITANS_TRITON_BWD"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")  # so that the test's end unsets what the harness sets
-    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
     res = harness.main(["--models", "mac", "--shapes", "32x1", "--dim", "16", "--depth", "1", "--heads", "2",
                         "--window", "16", "--memory-chunk", "8", "--warmup", "0", "--iters", "1",
                         "--activation-checkpointing", "memory", "--device", "cpu", "--out", str(tmp_path / "h.json")])

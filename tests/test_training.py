@@ -607,8 +607,7 @@ def test_wavefront_training_follows_the_one_pass_loss_curve(tmp_path, monkeypatc
     (``training.wavefront_step``); with the whole model compiled, or a step without the wavefront, it is refused by
     name.  A wavefront run asks CUDA for 32 hardware queues before it starts (CUDA_DEVICE_MAX_CONNECTIONS; a run
     without the wavefront leaves the variable alone)."""
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")  # so that the test's end unsets what train sets
-    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
     common = ["training.max_steps=3", "training.eval_every=100", "training.ckpt_every=100"]
     one_pass = train(tiny_cfg(tmp_path / "one", *common))
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ

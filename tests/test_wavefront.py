@@ -335,8 +335,7 @@ def test_hardware_queues_widened_before_cuda_starts_and_a_warning_after(monkeypa
     import titans.utils.tensors as tensors
 
     name = "CUDA_DEVICE_MAX_CONNECTIONS"
-    monkeypatch.setenv(name, "8")  # restored (unset) at the test's end, whatever the calls below set
-    monkeypatch.delenv(name)
+    monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert tensors.widen_hardware_queues() == 32 and tensors.os.environ[name] == "32"
     monkeypatch.setenv(name, "16")
@@ -371,7 +370,6 @@ def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monke
     batched read-outs apart put their outputs back along the sequence on the block's stream, a copy at batch > 1
     that read them unordered."""
     sh = benchmark_module("stream_hazards")
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")  # (the wavefront on streams asks for them)
     # two wavefront calls (3 segments, then 1); on the CPU the memory is PyTorch's whatever the layout's backend or
     # walk switches, so the diff's other batched read-outs layouts are this one again
     layouts = ["each segment its own inputs and read-outs", "batched inputs", "batched read-outs", "read-outs apart",
