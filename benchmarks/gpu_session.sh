@@ -895,6 +895,31 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 89 ]; then
+  # session 41, the second call on a warm machine after PART=88: where a captured forward first departs (each layout
+  # captured as it is, with every tensor held alive, and its eager step under CUDA's sanitizer), the poisoned-buffer
+  # test, the batched read-outs with 4096-token steps, the per-token stand-ins with 32 queues
+  step 200 graphed-wavefront-diff-keep-alive-sanitize python3 benchmarks/graphed_wavefront_diff.py --keep-alive \
+    --sanitize --out "$RES/graphed_wavefront_diff.json"
+  step 80 gpu-test-poisoned-buffers sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'never_read_a_buffer_they_did_not_write_on_gpu' > $RES/gpu_test_poisoned_buffers.txt 2>&1"
+  step 130 mac-65536x1-wf4096-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 $WF4 \
+    --out "$RES/h_wf4096_batched_readouts.json"
+  step 160 mac-65536x1-wf4096-per-token env TITANS_DEFER_PER_TOKEN=1 $WF4 --out "$RES/h_wf4096_per_token.json"
+  finish
+fi
+if [ "$PART" = 88 ]; then
+  # session 41's first call: PART=86's graphed tests first (session 40's fix of the split core's capture bug, found
+  # on the CPU by benchmarks/stream_hazards.py: all ten layouts should pass now), then PART=85's flat pair on one
+  # machine with 32 queues and 4096-token steps, then the read-outs apart
+  step 110 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    -k 'graphed' > $RES/gpu_test_graphed_wavefront.txt 2>&1"
+  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  mac_4096x8_defaults 150
+  step 140 mac-65536x1-wf4096-readouts env TITANS_WAVEFRONT_READOUT_STREAMS=1 $WF4 \
+    --out "$RES/h_wf4096_readouts.json"
+  finish
+fi
 if [ "$PART" = 87 ]; then
   # after PART=85 / 86 (prepared in session 40): with 32 queues, the per-token stand-ins (TITANS_DEFER_PER_TOKEN=1:
   # 23% slower on an H200 in session 36 with 8 queues, cause not found - their sums run on the weight-gradient
