@@ -13,6 +13,13 @@ weight-gradient and feed-forward matmuls) stretches them.  Session 28 (H200): th
 0.247 three side by side, 0.386 in the step.  With ``TITANS_TRITON_WALK_CLOCK=1`` each row also reports what the
 walks' programs did (start, partner waits, end: the harness's ``walk_clock_stats``).
 
+``--background-code KB`` asks whether the walks slow down for want of instruction fetches: its rows put beside the
+memory ops a kernel of straight-line arithmetic about KB kilobytes of machine code long (each program fetches all of
+it once, as the memory backward's stage kernels do with their ~190-240 KB without a loop; the backward walk's loop
+body is ~79 KB, cross-compiled for sm_90), then the same arithmetic as a loop of a few KB: neither touches memory
+beyond its own 4 KB a program, so a walk slowed by the first and not by the second waits on instruction fetches,
+not on data.
+
     TITANS_TRITON_BWD=split python benchmarks/memory_contention.py --background 0 4096 \
         --out benchmarks/results/memory_contention.json
 
@@ -36,15 +43,44 @@ def _kernel_means(prof) -> dict[str, dict]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["mean_us"] * kv[1]["calls"]))
 
 
+def _code_kernel():
+    """A Triton kernel of ``STEPS`` dependent multiply-adds on each of its program's 1024 floats: with ``UNROLL``
+    straight-line code (cross-compiled for sm_90 at 8 warps: 1,000 steps 76 KB, 3,840 steps 291 KB, so ``STEPS`` =
+    KB x 13), without it a loop (~7 KB, partly unrolled); the constants differ at every step, so no compiler folds
+    the straight line into a loop."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _code_neighbour_kernel(X, STEPS: tl.constexpr, UNROLL: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(X + offs)
+        if UNROLL:
+            for i in tl.static_range(STEPS):
+                x = x * (1.0 + i * 1e-7) + i * 1e-4
+        else:
+            for i in range(STEPS):
+                x = x * (1.0 + i * 1e-7) + i * 1e-4
+        tl.store(X + offs, x)
+
+    return _code_neighbour_kernel
+
+
+CODE_BLOCK = 1024  # floats a program of the code neighbour (8 warps: four a thread)
+
+
 def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, background: int = 0,
-            background_reps: int = 6, clock_stats=None, copy_mb: int = 0) -> list[dict]:
+            background_reps: int = 6, clock_stats=None, copy_mb: int = 0, code_kb: int = 0,
+            code_loop: bool = False) -> list[dict]:
     """For each N in ``counts``: the memory op's forward + backward at ``shape`` (BxHxTxDxExCxL) on N streams in one
     CUDA graph; the replay's ms (mean of ``iters``) and the kernels' mean durations in one profiled replay.
     ``background`` > 0: a further stream in the same graph runs ``background_reps`` bf16 matmuls of two
     (background x background) matrices beside them, a throughput kernel that fills every SM (as the step's
     weight-gradient and feed-forward matmuls do next to the memory blocks' chains).  ``copy_mb`` > 0 instead: that
     stream copies a buffer of ``copy_mb`` MB ``background_reps`` times, a bandwidth neighbour (HBM when the buffers
-    exceed the L2 cache, the L2 when they fit), as the step's elementwise kernels are.
+    exceed the L2 cache, the L2 when they fit), as the step's elementwise kernels are.  ``code_kb`` > 0 instead:
+    that stream launches ``background_reps`` times the straight-line kernel of :func:`_code_kernel` (about
+    ``code_kb`` KB of machine code, two programs an SM), or with ``code_loop`` the same arithmetic as a loop.
     ``make_inputs`` / ``timed``: memory_kernels.py's (the same inputs and timer as its rows).  With
     ``TITANS_TRITON_WALK_CLOCK=1`` one more replay stamps the walks' programs: ``clock_stats`` of them (the
     harness's ``walk_clock_stats``) as the row's ``walk_clock``."""
@@ -69,12 +105,17 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, backg
         streams = [torch.cuda.Stream() for _ in range(n)]
         if copy_mb:
             load = [torch.zeros(copy_mb * 2**20 // 4, device="cuda") for _ in range(2)]
+        elif code_kb:
+            programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+            load = [torch.zeros(programs * CODE_BLOCK, device="cuda")]
         else:
             load = ([torch.randn(background, background, device="cuda", dtype=torch.bfloat16, generator=g)
                      for _ in range(3)] if background else [])
         beside = torch.cuda.Stream()
 
-        def step(streams=streams, inputs=inputs, weights=weights, load=load, beside=beside):
+        code = _code_kernel() if code_kb else None
+
+        def step(streams=streams, inputs=inputs, weights=weights, load=load, beside=beside, code=code):
             here = torch.cuda.current_stream()
             if load:
                 beside.wait_stream(here)
@@ -82,6 +123,10 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, backg
                     for _ in range(background_reps):
                         if copy_mb:
                             load[1].copy_(load[0])
+                        elif code_kb:
+                            code[(load[0].numel() // CODE_BLOCK,)](load[0], STEPS=code_kb * 13,
+                                                                   UNROLL=not code_loop, BLOCK=CODE_BLOCK,
+                                                                   num_warps=8)
                         else:
                             torch.mm(load[0], load[1], out=load[2])
             for s, ins, w in zip(streams, inputs, weights):
@@ -108,19 +153,22 @@ def measure(shape: str, counts: list[int], iters: int, make_inputs, timed, backg
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graph.replay()
             torch.cuda.synchronize()
-        rows.append({"streams": n, "background": background, "background_copy_mb": copy_mb, "replay_ms": ms,
+        rows.append({"streams": n, "background": background, "background_copy_mb": copy_mb,
+                     "background_code_kb": code_kb, "background_code_loop": code_loop, "replay_ms": ms,
                      "kernels": _kernel_means(prof)})
         if clock_stats is not None and tk.walk_clock_on():  # this graph's stamps only: the others are not replayed
             tk.walk_clocks_reset()
             graph.replay()
             torch.cuda.synchronize()
             rows[-1]["walk_clock"] = clock_stats(tk.WALK_CLOCKS)
-        print(json.dumps({"shape": shape, "streams": n, "background": background, "background_copy_mb": copy_mb,
-                          "replay_ms": ms}), flush=True)
+        print(json.dumps({"shape": shape, **{k: v for k, v in rows[-1].items() if k != "kernels"}}), flush=True)
     return rows
 
 
 def _head(row: dict) -> str:
+    if row.get("background_code_kb"):
+        return (f"{row['streams']} side by side, {row['background_code_kb']} KB of arithmetic "
+                + ("as a loop beside" if row.get("background_code_loop") else "in a straight line beside"))
     if row.get("background_copy_mb"):
         return f"{row['streams']} side by side, {row['background_copy_mb']} MB copies beside"
     return f"{row['streams']} side by side" + (f", {row['background']}^2 matmuls beside" if row.get("background")
@@ -171,7 +219,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--background-copy", nargs="*", type=int, default=[],
                     help="buffer sizes in MB: one more set of rows each, with copies of that size beside the memory "
                          "ops instead of matmuls (a bandwidth neighbour)")
-    ap.add_argument("--background-reps", type=int, default=6, help="matmuls (or copies) a replay on that stream")
+    ap.add_argument("--background-code", nargs="*", type=int, default=[], metavar="KB",
+                    help="code sizes in KB: two more sets of rows each, with a kernel of that much straight-line "
+                         "arithmetic beside the memory ops, then the same arithmetic as a loop (instruction fetch)")
+    ap.add_argument("--background-reps", type=int, default=6,
+                    help="matmuls (copies, code kernels) a replay on that stream")
     ap.add_argument("--out", default="benchmarks/results/memory_contention.json")
     args = ap.parse_args(argv)
     import torch
@@ -185,11 +237,13 @@ def main(argv=None) -> dict:
     kernels = sibling("memory_kernels")  # its inputs and timer
     harness = sibling("harness")  # run_switches, the walk clock's statistics
     matmul_sm_carveout()  # TITANS_MATMUL_SM_CARVEOUT, when set: the background matmuls leave that many SMs free
-    # one set of rows per neighbour: (matmul size, copy MB), (0, 0) for none
-    neighbours = [(size, 0) for size in args.background] + [(0, mb) for mb in args.background_copy]
-    rows = [r for size, mb in neighbours for r in measure(args.shape, args.streams, args.iters, kernels.make_inputs,
-                                                          kernels.timed, size, args.background_reps,
-                                                          harness.walk_clock_stats, mb)]
+    # one set of rows per neighbour: measure's keywords (nothing beside for background 0)
+    neighbours = ([dict(background=size) for size in args.background]
+                  + [dict(copy_mb=mb) for mb in args.background_copy]
+                  + [dict(code_kb=kb, code_loop=loop) for kb in args.background_code for loop in (False, True)])
+    rows = [r for beside in neighbours for r in measure(args.shape, args.streams, args.iters, kernels.make_inputs,
+                                                        kernels.timed, background_reps=args.background_reps,
+                                                        clock_stats=harness.walk_clock_stats, **beside)]
     from titans.core.memory import triton_kernels as tk
     from titans.utils.io import atomic_write_text
 

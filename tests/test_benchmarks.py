@@ -363,6 +363,42 @@ def test_memory_contention_names_what_it_needs_and_averages_kernels(monkeypatch)
     assert lines[-1] == "| backward | 3 | " + "1.0 | " * 9 + "48.0 |"
     copies = mc.markdown([dict(rows[0], background=0, background_copy_mb=256)]).splitlines()
     assert copies[0] == "| kernel | 1 side by side, 256 MB copies beside (us) |"
+    code = [mc.markdown([dict(rows[0], background_code_kb=200, background_code_loop=loop)]).splitlines()[0]
+            for loop in (False, True)]
+    assert code == ["| kernel | 1 side by side, 200 KB of arithmetic in a straight line beside (us) |",
+                    "| kernel | 1 side by side, 200 KB of arithmetic as a loop beside (us) |"]
+
+
+_CODE_NEIGHBOUR = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("mc", "benchmarks/memory_contention.py")
+mc = importlib.util.module_from_spec(spec); spec.loader.exec_module(mc)
+x0 = torch.randn(2 * mc.CODE_BLOCK, generator=torch.Generator().manual_seed(0))
+ref = x0.clone()
+for i in range(37):
+    ref = ref * torch.tensor(1.0 + i * 1e-7) + torch.tensor(i * 1e-4)
+for unroll in (True, False):
+    x = x0.clone()
+    mc._code_kernel()[(2,)](x, STEPS=37, UNROLL=unroll, BLOCK=mc.CODE_BLOCK)
+    print(unroll, (x - ref).abs().max().item(), (x - x0).abs().max().item())
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_memory_contentions_code_neighbour_does_the_same_arithmetic_straight_or_looped():
+    """The instruction-fetch neighbour of memory_contention.py (``--background-code``): its straight-line and looped
+    forms compute the same multiply-adds (here under TRITON_INTERPRET=1, against a float32 loop in torch), so rows
+    beside the two differ in code size alone."""
+    import os
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _CODE_NEIGHBOUR], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line.split() for line in out.stdout.strip().splitlines()]
+    assert [line[0] for line in lines] == ["True", "False"]
+    for _, err, moved in lines:
+        assert float(err) <= 1e-5 and float(moved) > 1e-3
 
 
 def test_chain_anatomy_reads_the_harness_trace_and_times_one_period(tmp_path):
