@@ -900,8 +900,7 @@ if [ "$PART" = 89 ] || [ "$PART" = 90 ]; then
   # where a captured forward departs (each layout captured as it is, with every tensor held alive, and its eager
   # step under CUDA's sanitizer).  Both: the poisoned-buffer test, 8192-token wavefront steps (2048 -> 4096 gave
   # +2.2% on an H100 with 32 queues: fewer pipeline fills and drains a row), the batched read-outs with 4096-token
-  # steps (their capture fixed in session 40), and for PART=89 an instruction-fetch probe (memory_contention.py
-  # --background-code)
+  # steps (their capture fixed in session 40), and for PART=89 the read-outs apart with 4096-token steps
   if [ "$PART" = 90 ]; then
     step 200 graphed-wavefront-diff-keep-alive-sanitize python3 benchmarks/graphed_wavefront_diff.py --keep-alive \
       --sanitize --out "$RES/graphed_wavefront_diff.json"
@@ -913,25 +912,25 @@ if [ "$PART" = 89 ] || [ "$PART" = 90 ]; then
   step 130 mac-65536x1-wf4096-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 $WF4 \
     --out "$RES/h_wf4096_batched_readouts.json"
   if [ "$PART" = 89 ]; then
-    # do the walks wait on instruction fetches?  The backward walk's loop body is ~79 KB of machine code, the
-    # backward stage kernels beside it 190-240 KB of straight-line code each (cross-compiled for sm_90): the walk
-    # beside a kernel of 200 KB straight-line arithmetic, then beside the same arithmetic as a ~7 KB loop
-    step 140 memory-contention-code env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 \
-      benchmarks/memory_contention.py --streams 1 3 --background 0 --background-code 200 --background-reps 120 \
-      --out "$RES/memory_contention_code.json"
+    step 140 mac-65536x1-wf4096-readouts env TITANS_WAVEFRONT_READOUT_STREAMS=1 $WF4 \
+      --out "$RES/h_wf4096_readouts.json"
   fi
   finish
 fi
 if [ "$PART" = 88 ]; then
   # session 41's first call: PART=86's graphed tests first (session 40's fix of the split core's capture bug, found
   # on the CPU by benchmarks/stream_hazards.py: all ten layouts should pass now), then PART=85's flat pair on one
-  # machine with 32 queues and 4096-token steps, then the read-outs apart
+  # machine with 32 queues and 4096-token steps, then whether the walks wait on instruction fetches
   step 110 gpu-test-graphed-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
     -k 'graphed' > $RES/gpu_test_graphed_wavefront.txt 2>&1"
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   mac_4096x8_defaults 150
-  step 140 mac-65536x1-wf4096-readouts env TITANS_WAVEFRONT_READOUT_STREAMS=1 $WF4 \
-    --out "$RES/h_wf4096_readouts.json"
+  # the backward walk's loop body is ~79 KB of machine code, the backward stage kernels beside it 190-240 KB of
+  # straight-line code each (cross-compiled for sm_90): the walk beside a kernel of 200 KB straight-line
+  # arithmetic, then beside the same arithmetic as a ~7 KB loop (memory_contention.py --background-code)
+  step 140 memory-contention-code env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 \
+    benchmarks/memory_contention.py --streams 1 3 --background 0 --background-code 200 --background-reps 120 \
+    --out "$RES/memory_contention_code.json"
   finish
 fi
 if [ "$PART" = 87 ]; then
