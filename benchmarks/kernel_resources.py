@@ -104,8 +104,50 @@ def _signature(kernel, const: dict) -> dict:
     return sig
 
 
+_SASS_AT = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)")
+_SASS_LABEL = re.compile(r"\s*(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+
+
+def sass_shape(sass: str) -> dict:
+    """The machine code's size from a kernel's disassembly (``nvdisasm -c``): ``instructions`` in all,
+    ``loop_instructions`` in the largest loop body (a label to the last branch back to it: a walk's chunk step),
+    ``ldl`` / ``stl`` the local-memory loads and stores in the code (spill traffic; inside that loop as
+    ``loop_ldl`` / ``loop_stl``).  Why it matters: a program fetches its loop body once a turn and a straight-line
+    kernel all of its code once, so a body larger than the SM's instruction cache streams its code from L2."""
+    at, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = _SASS_AT.match(line)
+        if ins:
+            addr = int(ins.group(1), 16)
+            labels.update((name, addr) for name in pending)
+            pending = []
+            at.append((addr, ins.group(2)))
+    loop = (0, -1)
+    for addr, text in at:
+        branch = _SASS_BRANCH.search(text)
+        if branch and labels.get(branch.group(1), addr + 1) <= addr:  # backward: a loop's closing branch
+            start = labels[branch.group(1)]
+            if addr - start > loop[1] - loop[0]:
+                loop = (start, addr)
+    body = [text for addr, text in at if loop[0] <= addr <= loop[1]]
+
+    def count(op, texts):
+        return sum(bool(re.search(rf"\b{op}\b", t)) for t in texts)
+
+    texts = [t for _, t in at]
+    return {"instructions": len(at), "loop_instructions": len(body), "ldl": count("LDL", texts),
+            "stl": count("STL", texts), "loop_ldl": count("LDL", body), "loop_stl": count("STL", body)}
+
+
 def resources(kernel, const: dict, warps: int, stages: int = 1, arch: int = 90) -> dict:
-    """Cross-compile one launch and read its resource usage from the cubin (``cuobjdump -res-usage``)."""
+    """Cross-compile one launch and read its resource usage from the cubin (``cuobjdump -res-usage``) and its
+    machine code's size from the disassembly (:func:`sass_shape`; ``code_kb`` / ``loop_kb``: 16 bytes an
+    instruction on sm_90)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -123,11 +165,15 @@ def resources(kernel, const: dict, warps: int, stages: int = 1, arch: int = 90) 
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
                                text=True, check=True).stdout
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     ptx = compiled.asm["ptx"]
+    shape = sass_shape(sass)
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
             "shared_bytes": int(fields["SHARED"]), "wgmma": ptx.count("wgmma.mma_async"),
-            "mma_sync": ptx.count("mma.sync"), "compile_s": round(seconds, 1)}
+            "mma_sync": ptx.count("mma.sync"), **shape, "code_kb": round(shape["instructions"] * 16 / 1024, 1),
+            "loop_kb": round(shape["loop_instructions"] * 16 / 1024, 1), "compile_s": round(seconds, 1)}
 
 
 def main(argv=None) -> None:
@@ -147,11 +193,13 @@ def main(argv=None) -> None:
         for name, kernel, const in only(launches(D, E, C, L, args.chunks, args.residual), args.only):
             rows.append({"launch": name, "warps": warps, **resources(kernel, const, warps)})
             print(f"{name:28s} warps {warps:2d}: {rows[-1]}", flush=True)
-    print("\n| launch | warps | registers | spilled stack B/thread | shared B | wgmma |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| launch | warps | registers | spilled stack B/thread | shared B | wgmma | code KB | loop body KB | "
+          "local loads / stores (in the loop) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['launch']} | {r['warps']} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes']} | "
-              f"{r['wgmma']} |")
+              f"{r['wgmma']} | {r['code_kb']} | {r['loop_kb']} | {r['ldl']} / {r['stl']} ({r['loop_ldl']} / "
+              f"{r['loop_stl']}) |")
     if args.out:
         record = {"date": date.today().isoformat(), "triton": triton.__version__, "target": "sm_90a",
                   "shape": {"D": D, "E": E, "C": C, "L": L, "N": args.chunks, "residual": args.residual},

@@ -1245,6 +1245,24 @@ def test_kernel_resources_cross_compiles_a_launch_without_a_gpu(benchmark_module
         res = kr.resources(kernel, const, warps=4)
         assert 0 < res["registers"] <= 255 and res["stack_bytes"] >= 0, name
         assert res["wgmma"] + res["mma_sync"] > 0, name  # the dots became tensor-core instructions
+        assert 0 < res["loop_kb"] < res["code_kb"], name  # both loop over chunks, around the loop's set-up
+    # the machine code's shape from a disassembly: the largest loop from its label to its last branch back
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+    .L_x_0:
+        /*0010*/                   LDL R2, [R1] ;
+    .L_x_1:
+        /*0020*/                   FFMA R2, R2, R2, R2 ;
+        /*0030*/               @P0 BRA `(.L_x_1) ;
+        /*0040*/                   STL [R1], R2 ;
+        /*0050*/               @P1 BRA `(.L_x_0) ;
+        /*0060*/               @P2 BRA `(.L_x_2) ;
+        /*0070*/                   STL [R1+0x4], R2 ;
+    .L_x_2:
+        /*0080*/                   EXIT ;
+    """
+    assert kr.sass_shape(sass) == {"instructions": 9, "loop_instructions": 5, "ldl": 1, "stl": 2, "loop_ldl": 1,
+                                   "loop_stl": 1}
 
 
 def test_backward_mode_names_the_allowed_values(monkeypatch):
