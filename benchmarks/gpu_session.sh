@@ -895,6 +895,20 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 92 ]; then
+  # session 41, after PART=91 (284,300 tokens/s with the variable set before the process, 260,960 set by the harness
+  # after torch.cuda.is_available()): the harness now asks for the queues before that check
+  step 150 mac-65536x1-wf4096-defaults-fixed $WF4 --out "$RES/h_wf4096_defaults_fixed.json"
+  python3 -c "from titans.utils.tensors import cuda_driver_started as s; import torch; a = s(); \
+torch.cuda.is_available(); print('driver started before / after is_available:', a, s())" >> "$LOG" 2>&1
+  finish
+fi
+if [ "$PART" = 91 ]; then
+  # session 41: PART=88/89's wavefront rows ran at session 40's 8-queue rates although the harness set
+  # CUDA_DEVICE_MAX_CONNECTIONS=32 in the process (too late?): the same row with the variable set before the process
+  step 150 mac-65536x1-wf4096-env32 env CUDA_DEVICE_MAX_CONNECTIONS=32 $WF4 --out "$RES/h_wf4096_env32.json"
+  finish
+fi
 if [ "$PART" = 89 ] || [ "$PART" = 90 ]; then
   # session 41, the second call on a warm machine after PART=88.  PART=90 (the graphed tests still failing): first
   # where a captured forward departs (each layout captured as it is, with every tensor held alive, and its eager

@@ -578,7 +578,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefill", action=argparse.BooleanOptionalAction, default=True,
                     help="also time one no-grad forward of a row (--no-prefill: training only; under --compile the "
                          "prefill is a compilation of its own)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="default: cuda where there is one, else cpu")
     ap.add_argument("--out", default="benchmarks/results/harness.json")
     args = ap.parse_args(argv)
     unknown = warn_unknown_switches()  # a misspelt switch would time the default under another name
@@ -587,8 +587,8 @@ def main(argv=None) -> dict:
     if args.wavefront and args.compile and args.compile_scope == "model":
         ap.error("--wavefront calls the blocks one segment at a time: use it with --compile-scope blocks")
     if args.wavefront:  # before CUDA starts (recorded with the switches): the wavefront's streams, a queue each
-        widen_hardware_queues()
-    device = torch.device(args.device)
+        widen_hardware_queues()  # (so before torch.cuda.is_available(): it starts the driver, which reads it then)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32

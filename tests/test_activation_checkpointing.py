@@ -224,10 +224,17 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch, benchmark_modul
     assert 4.0 < res["train"][0]["train_loss_last"] < 7.0
     # --wavefront asks CUDA for 32 hardware queues before it starts, and the row records it; without, nothing set
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in res["env"]
+    # ... before torch.cuda.is_available() too (the default device's check): it starts CUDA's driver, which reads
+    # the variable then (session 41: set after that check, the wavefront ran at the 8-queue rate)
+    seen, available = [], torch.cuda.is_available
+    device = ["--device", "cpu"] if available() else []  # (a GPU machine's default would be cuda)
+    monkeypatch.setattr(torch.cuda, "is_available",
+                        lambda: seen.append(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")) or available())
     wave = harness.main(["--models", "mac", "--shapes", "32x1", "--dim", "16", "--depth", "1", "--heads", "2",
                          "--window", "16", "--memory-chunk", "8", "--warmup", "0", "--iters", "1", "--wavefront",
-                         "--device", "cpu", "--no-prefill", "--out", str(tmp_path / "w.json")])
+                         "--no-prefill", "--out", str(tmp_path / "w.json"), *device])
     assert wave["train"][0]["error"] is None and wave["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
+    assert seen and seen[0] == "32"
 
 
 def test_harness_marks_a_non_finite_loss_as_an_error(tmp_path, monkeypatch, benchmark_module):

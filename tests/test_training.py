@@ -605,14 +605,18 @@ def test_wavefront_training_follows_the_one_pass_loss_curve(tmp_path, monkeypatc
     """``training.wavefront=true`` trains with the segment-major forward (titans.training.wavefront): the same losses
     as the one-pass forward up to float32 rounding, with the default and with a longer step
     (``training.wavefront_step``); with the whole model compiled, or a step without the wavefront, it is refused by
-    name.  A wavefront run asks CUDA for 32 hardware queues before it starts (CUDA_DEVICE_MAX_CONNECTIONS; a run
-    without the wavefront leaves the variable alone)."""
+    name.  A wavefront run asks CUDA for 32 hardware queues before it starts (CUDA_DEVICE_MAX_CONNECTIONS, before its
+    first torch.cuda.is_available(); a run without the wavefront leaves the variable alone)."""
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
     common = ["training.max_steps=3", "training.eval_every=100", "training.ckpt_every=100"]
     one_pass = train(tiny_cfg(tmp_path / "one", *common))
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    # asked before the run's first torch.cuda.is_available(), which starts CUDA's driver (it reads the variable then)
+    seen, available = [], torch.cuda.is_available
+    monkeypatch.setattr(torch.cuda, "is_available",
+                        lambda: seen.append(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")) or available())
     wave = train(tiny_cfg(tmp_path / "wave", *common, "training.wavefront=true"))
-    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32" and seen and seen[0] == "32"
     assert wave["step"] == 3
     assert wave["train_loss"] == pytest.approx(one_pass["train_loss"], rel=1e-5)
     # 24-token steps over 32-token rows: pieces that cross the 16-token segments, the same losses again

@@ -346,6 +346,10 @@ def test_hardware_queues_widened_before_cuda_starts_and_a_warning_after(monkeypa
     monkeypatch.delenv(name)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert tensors.widen_hardware_queues() is None and name not in tensors.os.environ
+    # torch.cuda.is_available() starts the driver without torch's own initialisation: too late as well
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(tensors, "cuda_driver_started", lambda: True)
+    assert tensors.widen_hardware_queues() is None and name not in tensors.os.environ
     monkeypatch.setattr(tensors, "_queues_warned", False)
     with pytest.warns(RuntimeWarning, match=f"share 8 hardware work queues.*{name}={32}"):
         tensors.note_hardware_queues()
@@ -358,6 +362,32 @@ def test_hardware_queues_widened_before_cuda_starts_and_a_warning_after(monkeypa
     monkeypatch.setenv(name, "4")
     with pytest.warns(RuntimeWarning, match=f"share 4 hardware work queues \\({name}=4\\)"):
         tensors.note_hardware_queues()
+
+
+def test_cuda_driver_started_asks_the_driver_library(monkeypatch):
+    """cuda_driver_started reads cuDeviceGetCount's status from libcuda: CUDA_ERROR_NOT_INITIALIZED (3) before
+    cuInit, success after (on an H100 in session 41: False, then True after torch.cuda.is_available()); no driver
+    library, or another status, is unknown (None)."""
+    import ctypes
+
+    import titans.utils.tensors as tensors
+
+    class Driver:
+        def __init__(self, status):
+            self.status = status
+
+        def cuDeviceGetCount(self, count):  # noqa: N802 (the driver's name)
+            return self.status
+
+    for status, started in ((3, False), (0, True), (100, None)):
+        monkeypatch.setattr(ctypes, "CDLL", lambda name, status=status: Driver(status))
+        assert tensors.cuda_driver_started() is started
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert tensors.cuda_driver_started() is None
 
 
 def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monkeypatch, benchmark_module):

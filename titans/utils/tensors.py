@@ -107,11 +107,31 @@ WAVEFRONT_QUEUES = 32
 _queues_warned = False
 
 
+def cuda_driver_started() -> bool | None:
+    """Whether this process's CUDA driver has been initialised (``cuInit``), which ``torch.cuda.is_available()``
+    alone does while ``torch.cuda.is_initialized()`` stays False.  Asked of the driver library itself: before
+    ``cuInit`` its ``cuDeviceGetCount`` answers ``CUDA_ERROR_NOT_INITIALIZED`` (3), after it success (0) - the
+    process's one loaded ``libcuda``, so torch's use of it counts.  None where there is no driver to ask (no CUDA
+    on the machine) or it answers otherwise."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        status = driver.cuDeviceGetCount(ctypes.byref(count))
+    except (OSError, AttributeError):
+        return None
+    return {0: True, 3: False}.get(status)
+
+
 def widen_hardware_queues(queues: int = WAVEFRONT_QUEUES) -> int | None:
     """Ask CUDA for ``queues`` hardware work queues (``CUDA_DEVICE_MAX_CONNECTIONS``, 8 by default) for the streams
-    of this process, where that still works: the variable unset and CUDA not yet started in the process (the driver
-    reads it once, when it makes the device's context).  Returns the queues the process has or will have (None:
-    unknown, the variable unset and CUDA already started: CUDA's default).  A value the user set is left as it is.
+    of this process, where that still works: the variable unset and CUDA's driver not yet initialised in the process
+    (it reads the variable once, at ``cuInit``, which ``torch.cuda.is_available()`` already calls: session 41's
+    harness set it after that check and its wavefront rows ran at the 8-queue rate, 260,960 tokens/s against
+    284,300 with the variable set before the process; :func:`cuda_driver_started`).  Returns the queues the process
+    has or will have (None: unknown, the variable unset and CUDA already started: CUDA's default).  A value the user
+    set is left as it is.
 
     Why (issue 7): every stream a process uses (a captured CUDA graph's branches too) is multiplexed onto these
     queues, and work on one queue runs in order, so a stream whose kernels share a queue with another's waits behind
@@ -127,7 +147,7 @@ def widen_hardware_queues(queues: int = WAVEFRONT_QUEUES) -> int | None:
             return int(raw)
         except ValueError:
             raise ValueError(f"{QUEUES_ENV}={raw!r}: expected a whole number of hardware queues (1-32)") from None
-    if torch.cuda.is_initialized():
+    if torch.cuda.is_initialized() or cuda_driver_started():
         return None
     os.environ[QUEUES_ENV] = str(queues)
     return queues
