@@ -26,7 +26,9 @@ trainer's ``training.wavefront`` / ``training.wavefront_step`` and ``benchmarks/
 The streams need hardware queues of their own: CUDA multiplexes a process's streams onto
 ``CUDA_DEVICE_MAX_CONNECTIONS`` work queues (8 by default), and a stream that shares a queue waits behind the other
 stream's work.  The trainer and the harness set 32 before CUDA starts
-(:func:`~titans.utils.tensors.widen_hardware_queues`), and a wavefront with fewer warns once.  On an H100 (session
+(:func:`~titans.utils.tensors.widen_hardware_queues`; before the process's first ``torch.cuda.is_available()``,
+which starts the driver that reads the variable: session 41's harness asked after it and ran at the 8-queue rate),
+and a wavefront with fewer warns once.  On an H100 (session
 40, MAC 65536 x 1) the read-outs apart ran at 243.0K tokens/s with 8 queues and 285.3K with 32 - session 33's
 18% loss of that layout on an H200 was the queues - and 4096-token steps at 260.5K and 284.5K.
 """
@@ -73,7 +75,8 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     forward and backward, for the call's segments instead of one a segment), on the block's stream, or with
     ``readout_streams`` on the read-out stream; on an H200 (session 37) captured in CUDA graphs they gave another
     loss than eagerly (eagerly they equal the one pass): the fresh state was freed mid-call without
-    ``record_stream`` (fixed in session 40, not yet verified on a GPU), so they stay opt-in.
+    ``record_stream`` (fixed in session 40; session 41's H100 captured them with exactly the eager loss, at 263.8K
+    against 261.0K tokens/s for the default layout, both with 8 queues), opt-in until timed with 32 queues.
     ``batched_queries`` (``TITANS_WAVEFRONT_BATCHED_QUERIES``, "1" when unset): MAC's memory blocks make what a
     call's segment steps compute from the block input alone (the retrieval's queries, with their convolution, and
     output gate's input; attention's queries, keys and values: :class:`~titans.core.models.model.SegmentInputs`)

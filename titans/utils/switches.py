@@ -123,13 +123,13 @@ _DECLARED = (
     Switch("TITANS_WAVEFRONT_READOUT_STREAMS", ON_OFF, "0",
            "MAC's segment read-outs on another stream than the segment chain (13-28% slower with CUDA's 8 hardware "
            "queues, sessions 23-33; +2.6% with 32 on an H100, session 40, for 4 GB more; its CUDA-graph capture "
-           "computed another loss until session 40's record_stream fix, not yet verified on a GPU)"),
+           "computed another loss until session 40's record_stream fix, verified on an H100 in session 41)"),
     Switch("TITANS_WAVEFRONT_READOUT_URGENT", ON_OFF, "0",
            "with the read-outs apart, on a stream of their own at the chains' priority"),
     Switch("TITANS_WAVEFRONT_BATCHED_READOUTS", ON_OFF, "0",
            "MAC's read-outs once a wavefront call for its segments, after their chains (under CUDA graphs a different "
            "loss than eager on an H200 and an H100, sessions 37 and 40: the wavefront freed its fresh state mid-call "
-           "without record_stream, fixed in session 40, not yet verified on a GPU; the trainer compares each "
+           "without record_stream, fixed in session 40, verified on an H100 in session 41; the trainer compares each "
            "capture's loss with the eager step's)"),
     Switch("TITANS_WAVEFRONT_BATCHED_QUERIES", ON_OFF, "1",
            "MAC's segment inputs (the retrieval's queries and output gate, attention's queries / keys / values) once "
