@@ -895,6 +895,20 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 93 ]; then
+  # for the next session with a GPU (after session 41): the harness now asks for 32 hardware queues before its
+  # first torch.cuda.is_available() (session 41: set after it, its wavefront rows ran at the 8-queue rate, 260,960
+  # tokens/s against 284,300 with the variable set in the shell).  First the default wavefront row with nothing set
+  # in the shell (expect ~284K on an H100), then the flat pair's denominator, then the layouts last timed with 8
+  # queues in effect: the batched read-outs (capture verified in session 41) and 8192-token steps
+  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  mac_4096x8_defaults 150
+  step 130 mac-65536x1-wf4096-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 $WF4 \
+    --out "$RES/h_wf4096_batched_readouts.json"
+  step 130 mac-65536x1-wf8192-defaults ${WF4/--wavefront-step 4096/--wavefront-step 8192} \
+    --out "$RES/h_wf8192_defaults.json"
+  finish
+fi
 if [ "$PART" = 92 ]; then
   # session 41, after PART=91 (284,300 tokens/s with the variable set before the process, 260,960 set by the harness
   # after torch.cuda.is_available()): the harness now asks for the queues before that check
