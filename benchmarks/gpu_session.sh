@@ -953,7 +953,7 @@ if [ "$PART" = 88 ]; then
     -k 'graphed' > $RES/gpu_test_graphed_wavefront.txt 2>&1"
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   mac_4096x8_defaults 150
-  # the backward walk's loop body is ~79 KB of machine code, the backward stage kernels beside it 190-240 KB of
+  # the backward walk's loop body is ~60 KB of machine code, the backward stage kernels beside it 120-210 KB of
   # straight-line code each (cross-compiled for sm_90): the walk beside a kernel of 200 KB straight-line
   # arithmetic, then beside the same arithmetic as a ~7 KB loop (memory_contention.py --background-code)
   step 140 memory-contention-code env TITANS_TRITON_BWD=split TITANS_TRITON_WALK_CLOCK=1 python3 \

@@ -113,7 +113,8 @@ def sass_shape(sass: str) -> dict:
     """The machine code's size from a kernel's disassembly (``nvdisasm -c``): ``instructions`` in all,
     ``loop_instructions`` in the largest loop body (a label to the last branch back to it: a walk's chunk step),
     ``ldl`` / ``stl`` the local-memory loads and stores in the code (spill traffic; inside that loop as
-    ``loop_ldl`` / ``loop_stl``).  Why it matters: a program fetches its loop body once a turn and a straight-line
+    ``loop_ldl`` / ``loop_stl``), ``ldg`` / ``ldg_wide`` the global loads in all and of those the 64- or 128-bit
+    ones (vectorised).  Why it matters: a program fetches its loop body once a turn and a straight-line
     kernel all of its code once, so a body larger than the SM's instruction cache streams its code from L2."""
     at, labels, pending = [], {}, []
     for line in sass.splitlines():
@@ -141,20 +142,30 @@ def sass_shape(sass: str) -> dict:
 
     texts = [t for _, t in at]
     return {"instructions": len(at), "loop_instructions": len(body), "ldl": count("LDL", texts),
-            "stl": count("STL", texts), "loop_ldl": count("LDL", body), "loop_stl": count("STL", body)}
+            "stl": count("STL", texts), "loop_ldl": count("LDL", body), "loop_stl": count("STL", body),
+            "ldg": count("LDG", texts), "ldg_wide": sum(bool(re.search(r"\bLDG\S*\.(64|128)\b", t)) for t in texts)}
 
 
-def resources(kernel, const: dict, warps: int, stages: int = 1, arch: int = 90) -> dict:
+def resources(kernel, const: dict, warps: int, stages: int = 1, arch: int = 90, aligned: bool = True) -> dict:
     """Cross-compile one launch and read its resource usage from the cubin (``cuobjdump -res-usage``) and its
     machine code's size from the disassembly (:func:`sass_shape`; ``code_kb`` / ``loop_kb``: 16 bytes an
-    instruction on sm_90)."""
+    instruction on sm_90).
+
+    ``aligned``: every pointer argument marked 16-byte aligned, as Triton's launcher specialises a kernel for the
+    buffers it is given (torch's allocations are aligned), so these are the GPU's kernels.  Without it (sessions
+    16-41 measured so) the compiler cannot vectorise a load: the backward walk over 2 parts had 379 scalar global
+    loads a chunk step instead of 97 + 82 of 128 bits, a 79.4 KB loop body instead of 60.5, 1,240 spilled bytes
+    a thread instead of 1,016 (this CPU's Triton 3.9, sm_90a)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = list(kernel.arg_names)
-    src = ASTSource(fn=kernel, signature=_signature(kernel, const),
-                    constexprs={(names.index(k),): v for k, v in const.items()})
+    signature = _signature(kernel, const)
+    attrs = ({(names.index(k),): [["tt.divisibility", 16]] for k, kind in signature.items() if kind.startswith("*")}
+             if aligned else None)
+    src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs=attrs)
     t0 = time.perf_counter()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps,
                                                                                     num_stages=stages))
@@ -183,6 +194,9 @@ def main(argv=None) -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[8])
     ap.add_argument("--residual", action="store_true")
     ap.add_argument("--only", default=None, help="the launches whose name contains this (e.g. 'parts')")
+    ap.add_argument("--unaligned", action="store_true",
+                    help="no pointer marked 16-byte aligned (how sessions 16-41 measured; the GPU's launcher marks "
+                         "them)")
     ap.add_argument("--out", default=None, help="JSON file (a markdown table is printed)")
     args = ap.parse_args(argv)
     import triton
@@ -191,7 +205,8 @@ def main(argv=None) -> None:
     rows = []
     for warps in args.warps:
         for name, kernel, const in only(launches(D, E, C, L, args.chunks, args.residual), args.only):
-            rows.append({"launch": name, "warps": warps, **resources(kernel, const, warps)})
+            rows.append({"launch": name, "warps": warps,
+                         **resources(kernel, const, warps, aligned=not args.unaligned)})
             print(f"{name:28s} warps {warps:2d}: {rows[-1]}", flush=True)
     print("\n| launch | warps | registers | spilled stack B/thread | shared B | wgmma | code KB | loop body KB | "
           "local loads / stores (in the loop) |")
@@ -202,6 +217,7 @@ def main(argv=None) -> None:
               f"{r['loop_stl']}) |")
     if args.out:
         record = {"date": date.today().isoformat(), "triton": triton.__version__, "target": "sm_90a",
+                  "pointers_aligned": not args.unaligned,
                   "shape": {"D": D, "E": E, "C": C, "L": L, "N": args.chunks, "residual": args.residual},
                   "rows": rows}
         from titans.utils.io import atomic_write_text

@@ -15,10 +15,10 @@ walks' programs did (start, partner waits, end: the harness's ``walk_clock_stats
 
 ``--background-code KB`` asks whether the walks slow down for want of instruction fetches: its rows put beside the
 memory ops a kernel of straight-line arithmetic about KB kilobytes of machine code long (each program fetches all of
-it once, as the memory backward's stage kernels do with their ~190-240 KB without a loop; the backward walk's loop
-body is ~79 KB, cross-compiled for sm_90), then the same arithmetic as a loop of a few KB: neither touches memory
-beyond its own 4 KB a program, so a walk slowed by the first and not by the second waits on instruction fetches,
-not on data.
+it once, as the memory backward's stage kernels do with their ~120-210 KB without a loop; the backward walk's loop
+body is ~60 KB, cross-compiled for sm_90 by kernel_resources.py), then the same arithmetic as a loop of a few KB:
+neither touches memory beyond its own 4 KB a program, so a walk slowed by the first and not by the second waits on
+instruction fetches, not on data.
 
     TITANS_TRITON_BWD=split python benchmarks/memory_contention.py --background 0 4096 \
         --out benchmarks/results/memory_contention.json
