@@ -127,9 +127,9 @@ def cuda_driver_started() -> bool | None:
 def widen_hardware_queues(queues: int = WAVEFRONT_QUEUES) -> int | None:
     """Ask CUDA for ``queues`` hardware work queues (``CUDA_DEVICE_MAX_CONNECTIONS``, 8 by default) for the streams
     of this process, where that still works: the variable unset and CUDA's driver not yet initialised in the process
-    (it reads the variable once, at ``cuInit``, which ``torch.cuda.is_available()`` already calls: session 41's
-    harness set it after that check and its wavefront rows ran at the 8-queue rate, 260,960 tokens/s against
-    284,300 with the variable set before the process; :func:`cuda_driver_started`).  Returns the queues the process
+    (:func:`cuda_driver_started`).  Setting it after ``torch.cuda.is_available()``, which initialises the driver
+    (``cuInit``), is too late: session 41's harness did so, and its wavefront rows ran at the 8-queue rate, 260,960
+    tokens/s against 284,300 with the variable set before the process (one H100).  Returns the queues the process
     has or will have (None: unknown, the variable unset and CUDA already started: CUDA's default).  A value the user
     set is left as it is.
 
