@@ -587,7 +587,7 @@ def main(argv=None) -> dict:
     if args.wavefront and args.compile and args.compile_scope == "model":
         ap.error("--wavefront calls the blocks one segment at a time: use it with --compile-scope blocks")
     if args.wavefront:  # before CUDA starts (recorded with the switches): the wavefront's streams, a queue each
-        widen_hardware_queues()  # (so before torch.cuda.is_available(): it starts the driver, which reads it then)
+        widen_hardware_queues()  # (before torch.cuda.is_available(): after it starts the driver, too late)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
