@@ -65,6 +65,7 @@ H3="$HP --cuda-graphs"
 WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
 # the same in 4096-token steps (session 40: 284.5K vs 276.4K with 32 hardware queues on an H100)
 WF4="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 4096"
+WF8="${WF4/--wavefront-step 4096/--wavefront-step 8192}"  # (session 41: 8192-token steps)
 kernel_tests() {  # kernel_tests SECONDS NAME FILTER FILE [PYTEST OPTIONS]: tests/test_fused_memory.py -k FILTER,
   # output in $RES/FILE; the options default to -q
   local limit=$1 name=$2 filter=$3 file=$4; shift 4
@@ -905,7 +906,7 @@ if [ "$PART" = 93 ]; then
   mac_4096x8_defaults 150
   step 130 mac-65536x1-wf4096-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 $WF4 \
     --out "$RES/h_wf4096_batched_readouts.json"
-  step 130 mac-65536x1-wf8192-defaults ${WF4/--wavefront-step 4096/--wavefront-step 8192} \
+  step 130 mac-65536x1-wf8192-defaults $WF8 \
     --out "$RES/h_wf8192_defaults.json"
   finish
 fi
@@ -935,7 +936,7 @@ if [ "$PART" = 89 ] || [ "$PART" = 90 ]; then
   fi
   step 80 gpu-test-poisoned-buffers sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
     -k 'never_read_a_buffer_they_did_not_write_on_gpu' > $RES/gpu_test_poisoned_buffers.txt 2>&1"
-  step 150 mac-65536x1-wf8192-defaults ${WF4/--wavefront-step 4096/--wavefront-step 8192} \
+  step 150 mac-65536x1-wf8192-defaults $WF8 \
     --out "$RES/h_wf8192_defaults.json"
   step 130 mac-65536x1-wf4096-batched-readouts env TITANS_WAVEFRONT_BATCHED_READOUTS=1 $WF4 \
     --out "$RES/h_wf4096_batched_readouts.json"

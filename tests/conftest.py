@@ -46,6 +46,21 @@ def hardware_queues_left_as_found():
 
 
 @pytest.fixture
+def queues_at_cuda_check(monkeypatch):
+    """A function that, once called, records ``CUDA_DEVICE_MAX_CONNECTIONS`` at every ``torch.cuda.is_available()``
+    (which starts CUDA's driver: the variable must be set before it) and returns that list."""
+    import torch
+
+    def watch() -> list:
+        seen, available = [], torch.cuda.is_available
+        monkeypatch.setattr(torch.cuda, "is_available",
+                            lambda: seen.append(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")) or available())
+        return seen
+
+    return watch
+
+
+@pytest.fixture
 def fused_call_lengths(monkeypatch) -> list[int]:
     """The token count of every call to the fused memory path during the test (a spy that still runs it)."""
     import titans.core.memory.fused_update as fu

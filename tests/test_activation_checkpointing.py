@@ -206,7 +206,7 @@ def test_checkpointed_training_forward_compiles_without_graph_breaks(variant, mo
     assert ex.graph_count == 1
 
 
-def test_harness_measures_with_the_option(tmp_path, monkeypatch, benchmark_module):
+def test_harness_measures_with_the_option(tmp_path, monkeypatch, benchmark_module, queues_at_cuda_check):
     harness = benchmark_module("harness")
     for name in ("TITANS_DEFER_WEIGHT_GRADS", "TITANS_INDUCTOR_OPTIONS", "TITANS_TRITON_BWD"):
         monkeypatch.delenv(name, raising=False)
@@ -226,10 +226,8 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch, benchmark_modul
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in res["env"]
     # ... before torch.cuda.is_available() too (the default device's check): it starts CUDA's driver, which reads
     # the variable then (session 41: set after that check, the wavefront ran at the 8-queue rate)
-    seen, available = [], torch.cuda.is_available
-    device = ["--device", "cpu"] if available() else []  # (a GPU machine's default would be cuda)
-    monkeypatch.setattr(torch.cuda, "is_available",
-                        lambda: seen.append(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")) or available())
+    device = ["--device", "cpu"] if torch.cuda.is_available() else []  # (a GPU machine's default would be cuda)
+    seen = queues_at_cuda_check()
     wave = harness.main(["--models", "mac", "--shapes", "32x1", "--dim", "16", "--depth", "1", "--heads", "2",
                          "--window", "16", "--memory-chunk", "8", "--warmup", "0", "--iters", "1", "--wavefront",
                          "--no-prefill", "--out", str(tmp_path / "w.json"), *device])

@@ -601,7 +601,7 @@ def test_gc_paused_turns_the_collector_off_inside_and_restores_it():
         gc.enable()
 
 
-def test_wavefront_training_follows_the_one_pass_loss_curve(tmp_path, monkeypatch):
+def test_wavefront_training_follows_the_one_pass_loss_curve(tmp_path, monkeypatch, queues_at_cuda_check):
     """``training.wavefront=true`` trains with the segment-major forward (titans.training.wavefront): the same losses
     as the one-pass forward up to float32 rounding, with the default and with a longer step
     (``training.wavefront_step``); with the whole model compiled, or a step without the wavefront, it is refused by
@@ -612,9 +612,7 @@ def test_wavefront_training_follows_the_one_pass_loss_curve(tmp_path, monkeypatc
     one_pass = train(tiny_cfg(tmp_path / "one", *common))
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
     # asked before the run's first torch.cuda.is_available(), which starts CUDA's driver (it reads the variable then)
-    seen, available = [], torch.cuda.is_available
-    monkeypatch.setattr(torch.cuda, "is_available",
-                        lambda: seen.append(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")) or available())
+    seen = queues_at_cuda_check()
     wave = train(tiny_cfg(tmp_path / "wave", *common, "training.wavefront=true"))
     assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "32" and seen and seen[0] == "32"
     assert wave["step"] == 3

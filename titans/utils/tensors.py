@@ -158,8 +158,10 @@ def note_hardware_queues(queues: int = WAVEFRONT_QUEUES) -> None:
     (:func:`widen_hardware_queues` came too late, or the user set fewer): the wavefront's streams then wait on one
     another's queues (a layout 15% slower on an H100, session 40)."""
     global _queues_warned
+    if _queues_warned:  # (called by every wavefront call: nothing more to do once it has warned)
+        return
     have = widen_hardware_queues(queues)
-    if _queues_warned or (have is not None and have >= queues):
+    if have is not None and have >= queues:
         return
     _queues_warned = True
     warnings.warn(f"the wavefront's CUDA streams share {have or 8} hardware work queues ({QUEUES_ENV}"
