@@ -35,7 +35,7 @@ import torch
 from titans.core.memory.triton_kernels import backward_mode as memory_backward_mode
 from titans.core.memory.triton_kernels import walk_clock_on
 from titans.core.models import build_model
-from titans.training.wavefront import wavefront_loss
+from titans.training.wavefront import readouts_apart_by_default, wavefront_loss
 from titans.utils import tensors
 from titans.utils.compiling import compile_blocks, compile_fn, inductor_options
 from titans.utils.config import ACTIVATION_CHECKPOINTING, TrainingConfig
@@ -625,7 +625,11 @@ def main(argv=None) -> dict:
         # regions are recomputed in the backward (TITANS_RECOMPUTE_CHEAP; kept since session 33)
         "defaults": {"inductor_options": inductor_options(),
                      "defer_weight_grads": {"one_pass": deferral_wanted(False), "wavefront": deferral_wanted(True)},
-                     "memory_backward": memory_backward_mode(), "recompute_cheap": tensors.RECOMPUTE_CHEAP},
+                     "memory_backward": memory_backward_mode(), "recompute_cheap": tensors.RECOMPUTE_CHEAP,
+                     # MAC's read-outs apart from the segment chain (TITANS_WAVEFRONT_READOUT_STREAMS; auto since
+                     # session 42: on streams with 32 hardware queues)
+                     "wavefront_readouts_apart": readouts_apart_by_default(device.type == "cuda")
+                     if args.wavefront else None},
         "train": [asdict(r) for r in rows], "decode": decode,
     }
     if device.type == "cuda":

@@ -208,7 +208,8 @@ def test_checkpointed_training_forward_compiles_without_graph_breaks(variant, mo
 
 def test_harness_measures_with_the_option(tmp_path, monkeypatch, benchmark_module, queues_at_cuda_check):
     harness = benchmark_module("harness")
-    for name in ("TITANS_DEFER_WEIGHT_GRADS", "TITANS_INDUCTOR_OPTIONS", "TITANS_TRITON_BWD"):
+    for name in ("TITANS_DEFER_WEIGHT_GRADS", "TITANS_INDUCTOR_OPTIONS", "TITANS_TRITON_BWD",
+                 "TITANS_WAVEFRONT_READOUT_STREAMS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
     res = harness.main(["--models", "mac", "--shapes", "32x1", "--dim", "16", "--depth", "1", "--heads", "2",
@@ -220,6 +221,7 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch, benchmark_modul
     assert res["defaults"]["inductor_options"]["inplace_buffers"] is False
     assert res["defaults"]["defer_weight_grads"] == {"one_pass": False, "wavefront": True}
     assert res["defaults"]["memory_backward"] == "auto"
+    assert res["defaults"]["wavefront_readouts_apart"] is None  # (not a wavefront row)
     # random tokens of a 256-symbol vocabulary: the loss is near log(256) = 5.55
     assert 4.0 < res["train"][0]["train_loss_last"] < 7.0
     # --wavefront asks CUDA for 32 hardware queues before it starts, and the row records it; without, nothing set
@@ -233,6 +235,8 @@ def test_harness_measures_with_the_option(tmp_path, monkeypatch, benchmark_modul
                          "--no-prefill", "--out", str(tmp_path / "w.json"), *device])
     assert wave["train"][0]["error"] is None and wave["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "32"
     assert seen and seen[0] == "32"
+    # the layout the default resolved to: MAC's read-outs apart only on CUDA streams (the CPU runs one stream)
+    assert wave["defaults"]["wavefront_readouts_apart"] is False
 
 
 def test_harness_marks_a_non_finite_loss_as_an_error(tmp_path, monkeypatch, benchmark_module):

@@ -30,7 +30,9 @@ stream's work.  The trainer and the harness set 32 before CUDA starts
 which starts the driver that reads the variable: session 41's harness asked after it and ran at the 8-queue rate),
 and a wavefront with fewer warns once.  On an H100 (session
 40, MAC 65536 x 1) the read-outs apart ran at 243.0K tokens/s with 8 queues and 285.3K with 32 - session 33's
-18% loss of that layout on an H200 was the queues - and 4096-token steps at 260.5K and 284.5K.
+18% loss of that layout on an H200 was the queues - and 4096-token steps at 260.5K and 284.5K.  Session 42 (an
+H200): the harness's own request gave the 32-queue rate (314.7K, 237.7K with 8), and the read-outs apart 326.8-327.1K
+against 313.4-314.7K, so with 32 queues they are the default (:func:`readouts_apart_by_default`).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from torch import Tensor
 from torch.func import functional_call
 
 from titans.core.models.model import TitansLM, lm_loss
-from titans.utils.switches import switch_on
-from titans.utils.tensors import note_hardware_queues, side_stream
+from titans.utils.switches import switch_on, switch_value
+from titans.utils.tensors import WAVEFRONT_QUEUES, note_hardware_queues, side_stream, widen_hardware_queues
 
 
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
@@ -64,12 +66,12 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     block, every segment) and the tied embedding / head weight (the caller's stream, the last block's) - are read
     through one view per stream, so autograd sums each stream's gradients on that stream and the parameter receives
     one sum a stream instead of one cross-stream accumulation per block and segment.  ``readout_streams``
-    (``TITANS_WAVEFRONT_READOUT_STREAMS``, "0" when unset: 13-28% slower with CUDA's 8 hardware queues, sessions 23-33;
-    2.6% faster with 32 on an H100, session 40, for 4 GB more): in MAC's memory blocks each
+    (``TITANS_WAVEFRONT_READOUT_STREAMS``, "auto" when unset): in MAC's memory blocks each
     segment's memory read-out and gate run on the feed-forward's stream (:meth:`TitansBlock.forward_mixer_split`), so
     their backward (the memory backward's first stage among it, ~0.27 ms a segment on an H200) runs beside the
     segment chain instead of on it (``TITANS_WAVEFRONT_READOUT_URGENT=1``: on a stream of their own at the chains'
-    priority instead); on the CPU the same split runs on one stream.  ``batched_readouts``
+    priority instead); on the CPU the same split runs on one stream.  By default on where it was measured faster:
+    on streams with 32 hardware queues (:func:`readouts_apart_by_default`).  ``batched_readouts``
     (``TITANS_WAVEFRONT_BATCHED_READOUTS``, "0" when unset): MAC's memory blocks run a call's segment chains first
     and then their read-outs at once (``forward_mixer_split(batched=True)``: one launch of each read-out kernel,
     forward and backward, for the call's segments instead of one a segment), on the block's stream, or with
@@ -99,7 +101,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
         note_hardware_queues()  # warns once if the streams share CUDA's default 8 hardware queues
     priority = switch_on("TITANS_WAVEFRONT_PRIORITY") if priority is None else priority
     ffn_streams = switch_on("TITANS_WAVEFRONT_FFN_STREAMS") if ffn_streams is None else ffn_streams
-    readouts = switch_on("TITANS_WAVEFRONT_READOUT_STREAMS") if readout_streams is None else readout_streams
+    readouts = readouts_apart_by_default(use_streams) if readout_streams is None else readout_streams
     batched = switch_on("TITANS_WAVEFRONT_BATCHED_READOUTS") if batched_readouts is None else batched_readouts
     queries = switch_on("TITANS_WAVEFRONT_BATCHED_QUERIES") if batched_queries is None else batched_queries
     inputs_apart = switch_on("TITANS_WAVEFRONT_INPUTS_STREAM") if inputs_stream is None else inputs_stream
@@ -254,6 +256,23 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     for st in every:  # the caller's stream goes on after everything
         main.wait_stream(st)  # (a capture joins here)
     return torch.cat(outs, dim=1)
+
+
+def readouts_apart_by_default(use_streams: bool) -> bool:
+    """Whether MAC's segment read-outs run apart from the segment chain when the caller does not say
+    (``TITANS_WAVEFRONT_READOUT_STREAMS``: ``1`` / ``0``; ``auto``, the default: where the wavefront runs on CUDA
+    streams and the process has at least 32 hardware queues, :func:`~titans.utils.tensors.widen_hardware_queues`).
+
+    Why auto: apart, a segment's read-out backward (the memory backward's first stage among it) leaves the chain, the
+    step's critical path, for a stream beside it - faster only where that stream has a hardware queue of its own.
+    MAC 65536 x 1 in 4096-token steps (benchmarks/RESULTS.md section 6): with 8 queues 13-28% slower (sessions
+    23-33); with 32 on an H200 326.8-327.1K tokens/s against 313.4-314.7K together (three same-machine pairs,
+    session 42), on an H100 285.3K against 276.4K in 2048-token steps but 282.5K against 284.5K in 4096 (session
+    40).  Its cost: 23.9 GB peak against 19.9 GB there (H200)."""
+    value = switch_value("TITANS_WAVEFRONT_READOUT_STREAMS")
+    if value != "auto":
+        return value == "1"
+    return use_streams and (widen_hardware_queues() or 8) >= WAVEFRONT_QUEUES
 
 
 def _use_streams(streams: bool | None, dev: torch.device) -> bool:

@@ -120,10 +120,11 @@ _DECLARED = (
     Switch("TITANS_WAVEFRONT_STREAM_VIEWS", ON_OFF, "0",
            "parameters several streams read (persistent tokens, tied embedding) read through one view a stream, "
            "so each stream sums its own gradients"),
-    Switch("TITANS_WAVEFRONT_READOUT_STREAMS", ON_OFF, "0",
-           "MAC's segment read-outs on another stream than the segment chain (13-28% slower with CUDA's 8 hardware "
-           "queues, sessions 23-33; +2.6% with 32 on an H100, session 40, for 4 GB more; its CUDA-graph capture "
-           "computed another loss until session 40's record_stream fix, verified on an H100 in session 41)"),
+    Switch("TITANS_WAVEFRONT_READOUT_STREAMS", ("auto", "0", "1"), "auto",
+           "MAC's segment read-outs on another stream than the segment chain; auto: where the wavefront runs on CUDA "
+           "streams with 32 or more hardware queues (13-28% slower with CUDA's 8, sessions 23-33; with 32, +4.3% at "
+           "MAC 65536 x 1 on an H200 in three same-machine pairs, session 42, +2.6% on an H100 in 2048-token steps and "
+           "-0.7% in 4096, session 40; about 4 GB more at 65536 tokens)"),
     Switch("TITANS_WAVEFRONT_READOUT_URGENT", ON_OFF, "0",
            "with the read-outs apart, on a stream of their own at the chains' priority"),
     Switch("TITANS_WAVEFRONT_BATCHED_READOUTS", ON_OFF, "0",
