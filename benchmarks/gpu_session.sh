@@ -896,6 +896,21 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 94 ]; then
+  # for the next session with a GPU (after session 42, whose H200 put MAC's read-outs apart at +4.3% with 32 queues:
+  # TITANS_WAVEFRONT_READOUT_STREAMS=auto, on with 32 queues, is the default now).  The flat pair with the new default
+  # (each row records the layout it resolved to: defaults.wavefront_readouts_apart), then session 41's layout
+  # (read-outs on the chain) on the same machine, the per-token stand-ins with 32 queues and the new default (23%
+  # slower with 8, session 36), and the poisoned-buffer test with room to compile (cut at 80 s twice)
+  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  mac_4096x8_defaults 130
+  step 90 mac-65536x1-wf4096-readouts-on-chain env TITANS_WAVEFRONT_READOUT_STREAMS=0 $WF4 \
+    --out "$RES/h_wf4096_readouts_on_chain.json"
+  step 100 mac-65536x1-wf4096-per-token env TITANS_DEFER_PER_TOKEN=1 $WF4 --out "$RES/h_wf4096_per_token.json"
+  step 100 gpu-test-poisoned-buffers sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+    -k 'never_read_a_buffer_they_did_not_write_on_gpu' > $RES/gpu_test_poisoned_buffers.txt 2>&1"
+  finish
+fi
 if [ "$PART" = 93 ]; then
   # for the next session with a GPU (after session 41): the harness now asks for 32 hardware queues before its
   # first torch.cuda.is_available() (session 41: set after it, its wavefront rows ran at the 8-queue rate, 260,960
