@@ -269,7 +269,9 @@ class TrainingConfig(_Strict):
         "default where its walk runs over two programs a head: batch <= 2 at 8 heads).  Single process, and with "
         "compile only with compile_scope=blocks.  Sets CUDA_DEVICE_MAX_CONNECTIONS=32 (CUDA's hardware work queues, 8 "
         "by default) before CUDA starts unless set: the streams then wait less on each other (MAC 65536 x 1 with "
-        "4096-token steps on an H100: 284.5K tokens/s against 260.5K with 8 queues, session 40)")
+        "4096-token steps on an H100: 284.5K tokens/s against 260.5K with 8 queues, session 40); with 32 queues MAC's "
+        "segment read-outs run beside the segment chains (TITANS_WAVEFRONT_READOUT_STREAMS=auto: +4.3% on an H200, "
+        "session 42)")
     wavefront_step: int | None = Field(
         None, ge=1, description="with training.wavefront: tokens each block takes a step (default: the model's "
         "window, MAC's segment; any size is exact).  Longer steps mean fewer, longer kernels and a coarser overlap: "
