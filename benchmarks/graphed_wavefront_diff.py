@@ -44,23 +44,27 @@ from titans.utils.io import atomic_write_text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wavefront_float32 import tests_model_and_ids  # noqa: E402 - the tests' model and tokens, as that script's
 
-# (name, switches, model options[, wavefront_logits options])
+# (name, switches, model options[, wavefront_logits options]); the read-outs on the chain unless a layout says apart
+# (TITANS_WAVEFRONT_READOUT_STREAMS=auto, the default since session 42, puts them apart with 32 hardware queues)
+_ON_CHAIN = {"TITANS_WAVEFRONT_READOUT_STREAMS": "0"}
 LAYOUTS = [
-    ("each segment its own inputs and read-outs", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0"}, {}),
-    ("batched inputs", {}, {}),
-    ("batched read-outs", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0", "TITANS_WAVEFRONT_BATCHED_READOUTS": "1"}, {}),
-    ("batched read-outs, PyTorch memory", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
+    ("each segment its own inputs and read-outs", {**_ON_CHAIN, "TITANS_WAVEFRONT_BATCHED_QUERIES": "0"}, {}),
+    ("batched inputs", _ON_CHAIN, {}),
+    ("batched read-outs", {**_ON_CHAIN, "TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
+                           "TITANS_WAVEFRONT_BATCHED_READOUTS": "1"}, {}),
+    ("batched read-outs, PyTorch memory", {**_ON_CHAIN, "TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
                                           "TITANS_WAVEFRONT_BATCHED_READOUTS": "1"}, {"memory_backend": "fused"}),
-    ("batched read-outs, walks in one program a head", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
+    ("batched read-outs, walks in one program a head", {**_ON_CHAIN, "TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
                                                        "TITANS_WAVEFRONT_BATCHED_READOUTS": "1",
                                                        "TITANS_TRITON_WALK_PARTS": "1"}, {}),
     ("read-outs apart", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0", "TITANS_WAVEFRONT_READOUT_STREAMS": "1"}, {}),
+    ("batched inputs, read-outs apart", {"TITANS_WAVEFRONT_READOUT_STREAMS": "1"}, {}),  # the default, 32 queues
     ("batched read-outs apart", {"TITANS_WAVEFRONT_BATCHED_READOUTS": "1", "TITANS_WAVEFRONT_READOUT_STREAMS": "1"},
      {}),
     # the same segment-major loop on the caller's stream alone: no stream hands anything to another
-    ("batched read-outs, one stream", {"TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
+    ("batched read-outs, one stream", {**_ON_CHAIN, "TITANS_WAVEFRONT_BATCHED_QUERIES": "0",
                                        "TITANS_WAVEFRONT_BATCHED_READOUTS": "1"}, {}, {"streams": False}),
-    ("batched inputs, one stream", {}, {}, {"streams": False}),
+    ("batched inputs, one stream", _ON_CHAIN, {}, {"streams": False}),
 ]
 TOLERANCE = 1e-5
 

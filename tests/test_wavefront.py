@@ -303,11 +303,12 @@ def test_trainer_loss_unit_takes_the_wavefront(autograd_nodes):
     (96, "1", "1", "1", {}), (96, "1", "1", "0", {}), (96, "0", "1", "1", {"memory_backend": "fused"}),
     (96, "0", "1", "1", {"TITANS_TRITON_WALK_PARTS": "1"}),
     (96, "0", "0", "1", {"TITANS_WAVEFRONT_READOUT_STREAMS": "1"}),
+    (96, "1", "0", "1", {"TITANS_WAVEFRONT_READOUT_STREAMS": "1"}),
     (96, "1", "1", "1", {"TITANS_WAVEFRONT_READOUT_STREAMS": "1"})],
     ids=["a segment a call", "3 a call", "batched queries", "batched read-outs", "both",
          "both, queries on the chain's stream", "batched read-outs, PyTorch memory",
          "batched read-outs, walks in one program a head", "read-outs apart (the split core, a segment at a time)",
-         "batched read-outs apart"])
+         "batched queries, read-outs apart (the default with 32 queues)", "batched read-outs apart"])
 def test_graphed_wavefront_equals_eager_on_cuda(step, queries, readouts, inputs_stream, extra, monkeypatch):
     """graphed_loss(..., wavefront=True): the side streams captured in the forward and backward graphs give the eager
     loss and gradients (float32, no autocast): one segment a call against the one-pass forward; three a call, with
@@ -325,6 +326,8 @@ def test_graphed_wavefront_equals_eager_on_cuda(step, queries, readouts, inputs_
     monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_QUERIES", queries)
     monkeypatch.setenv("TITANS_WAVEFRONT_BATCHED_READOUTS", readouts)
     monkeypatch.setenv("TITANS_WAVEFRONT_INPUTS_STREAM", inputs_stream)
+    # the read-outs on the chain unless the layout says apart (auto, the default, follows the hardware queues)
+    monkeypatch.setenv("TITANS_WAVEFRONT_READOUT_STREAMS", "0")
     for name, value in extra.items():
         if name.startswith("TITANS_"):
             monkeypatch.setenv(name, value)
@@ -425,7 +428,7 @@ def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monke
     # two wavefront calls (3 segments, then 1); on the CPU the memory is PyTorch's whatever the layout's backend or
     # walk switches, so the diff's other batched read-outs layouts are this one again
     layouts = ["each segment its own inputs and read-outs", "batched inputs", "batched read-outs", "read-outs apart",
-               "batched read-outs apart"]
+               "batched inputs, read-outs apart", "batched read-outs apart"]
     rows = sh.main(["--tokens", "128", "--layouts", *layouts])["rows"]
     assert [r["layout"] for r in rows] == layouts
     # and the switches and variants the diff's layouts leave out
