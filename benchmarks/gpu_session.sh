@@ -901,13 +901,17 @@ if [ "$PART" = 94 ]; then
   # TITANS_WAVEFRONT_READOUT_STREAMS=auto, on with 32 queues, is the default now).  The flat pair with the new default
   # (each row records the layout it resolved to: defaults.wavefront_readouts_apart), then session 41's layout
   # (read-outs on the chain) on the same machine, the per-token stand-ins with 32 queues and the new default (23%
-  # slower with 8, session 36), and the poisoned-buffer test with room to compile (cut at 80 s twice)
+  # slower with 8, session 36), and the poisoned-buffer test
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   mac_4096x8_defaults 130
-  step 90 mac-65536x1-wf4096-readouts-on-chain env TITANS_WAVEFRONT_READOUT_STREAMS=0 $WF4 \
+  step 80 mac-65536x1-wf4096-readouts-on-chain env TITANS_WAVEFRONT_READOUT_STREAMS=0 $WF4 \
     --out "$RES/h_wf4096_readouts_on_chain.json"
+  # the new default layout (batched inputs, read-outs apart) captured against eager at the test's size
+  step 60 gpu-test-graphed-default sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
+    -k 'graphed and default' > $RES/gpu_test_graphed_default.txt 2>&1"
   step 100 mac-65536x1-wf4096-per-token env TITANS_DEFER_PER_TOKEN=1 $WF4 --out "$RES/h_wf4096_per_token.json"
-  step 100 gpu-test-poisoned-buffers sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
+  # last (may be cut: 80 s were too few twice on a fresh machine; give it a call of its own if so)
+  step 50 gpu-test-poisoned-buffers sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
     -k 'never_read_a_buffer_they_did_not_write_on_gpu' > $RES/gpu_test_poisoned_buffers.txt 2>&1"
   finish
 fi
