@@ -45,6 +45,9 @@ def load_rows(paths: list[str]) -> list[dict]:
                          "peak_gb": r.get("train_peak_gb"), "loss_first": r.get("train_loss_first"),
                          "loss_last": r.get("train_loss_last"), "switches": switches, "error": r.get("error"),
                          "device": data.get("device"), "date": data.get("date"),
+                         # the layout the wavefront's default resolved to (recorded since session 42; None:
+                         # not a wavefront row, or older): shown, not matched on (the 4096 x 8 row has none)
+                         "readouts_apart": (data.get("defaults") or {}).get("wavefront_readouts_apart"),
                          "capture_agrees": (r.get("capture_check") or {}).get("agrees"),
                          "capture_rel_diff": (r.get("capture_check") or {}).get("rel_diff")})
     return rows
@@ -90,6 +93,8 @@ def markdown(result: dict) -> str:
         loss = (f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"
                 if r["loss_first"] is not None and r["loss_last"] is not None else "")
         switches = " ".join(f"{k}={v}" for k, v in sorted(r["switches"].items())) or "defaults"
+        if r.get("readouts_apart") is not None and "TITANS_WAVEFRONT_READOUT_STREAMS" not in r["switches"]:
+            switches += f" (read-outs {'apart' if r['readouts_apart'] else 'on the chain'} by default)"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}x" + (" (met)" if r["meets"] else "")
         peak = "" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
         lines.append(f"| {r['name']} | {r['model']} | {r['shape']} | {r['tokens_per_s']:,.0f} | {peak} | {loss} | "

@@ -544,10 +544,11 @@ def test_compile_check_of_the_wavefront_finds_the_same_step(batched, queries):
     assert r["loss_error"] <= 1e-12 and r["worst_grad_error"] <= 1e-10, r
 
 
-def _harness_json(path, rows, env=None, capture_check=None):
+def _harness_json(path, rows, env=None, capture_check=None, readouts_apart=None):
     train = [dict(model="mac", seq_len=s, batch=b, train_tokens_per_s=tps, train_peak_gb=1.0, train_loss_first=5.6,
                   train_loss_last=5.4, error=err, capture_check=capture_check) for s, b, tps, err in rows]
-    path.write_text(json.dumps({"date": "2026-12-05", "device": "test", "env": env or {}, "train": train}))
+    path.write_text(json.dumps({"date": "2026-12-05", "device": "test", "env": env or {}, "train": train,
+                                "defaults": {"wavefront_readouts_apart": readouts_apart}}))
     return str(path)
 
 
@@ -562,7 +563,8 @@ def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_pat
     agrees, disagrees = capture_agreement([4.1] * 3, 4.1), capture_agreement([4.176198] * 3, 4.176023)
     files = [_harness_json(tmp_path / "ref.json", [(4096, 8, 400_000.0, None)]),
              _harness_json(tmp_path / "ref_kept.json", [(4096, 8, 500_000.0, None)], {"TITANS_RECOMPUTE_CHEAP": "0"}),
-             _harness_json(tmp_path / "flat.json", [(65536, 1, 300_000.0, None)]),
+             _harness_json(tmp_path / "flat.json", [(65536, 1, 300_000.0, None)], readouts_apart=False),
+             _harness_json(tmp_path / "flat_apart.json", [(65536, 1, 340_000.0, None)], readouts_apart=True),
              _harness_json(tmp_path / "flat_kept.json", [(65536, 1, 460_000.0, None)],
                            {"TITANS_RECOMPUTE_CHEAP": "0"}),
              _harness_json(tmp_path / "flat_batched.json", [(65536, 1, 380_000.0, None)],
@@ -578,6 +580,8 @@ def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_pat
     assert by_name["flat_wrong"]["reference"] == "ref" and by_name["flat_wrong"]["ratio"] == pytest.approx(0.975)
     assert by_name["flat_wrong"]["meets"] is False and by_name["flat_checked"]["capture_agrees"] is True
     assert by_name["flat"]["ratio"] == pytest.approx(0.75) and by_name["flat"]["meets"] is False
+    # the layout the default resolved to is shown, and the row still pairs with the reference of no switches
+    assert by_name["flat_apart"]["reference"] == "ref" and by_name["flat_apart"]["ratio"] == pytest.approx(0.85)
     assert by_name["flat_kept"]["reference"] == "ref_kept" and by_name["flat_kept"]["ratio"] == pytest.approx(0.92)
     assert by_name["flat_kept"]["meets"] is True
     assert by_name["flat_batched"]["reference"] == "ref" and by_name["flat_batched"]["ratio"] == pytest.approx(0.95)
@@ -586,6 +590,8 @@ def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_pat
     table = (tmp_path / "flat.md").read_text()
     assert "failed: CUDA out of memory" in table and "0.920x (met)" in table and "0.750x |" in table
     assert "| yes | 0.925x (met) |" in table and "| NO (4.2e-05 relative) | 0.975x |" in table
+    assert "| defaults (read-outs apart by default) |  | 0.850x |" in table
+    assert "| defaults (read-outs on the chain by default) |  | 0.750x |" in table
     assert json.loads((tmp_path / "flat.json").read_text())["target"] == 0.9
     assert (tmp_path / "flat.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="not a benchmarks/harness.py result"):
