@@ -896,6 +896,25 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 95 ]; then
+  # after PART=94 (prepared in session 42): where a 65536 x 1 step's time goes now that MAC's read-outs run apart by
+  # default (session 33's anatomy, read-outs on the chain: a segment's backward 1,217 us in 53 kernels on the
+  # chain).  One profiled step in 4096-token steps each way, the busiest streams' kernels in order, and each chain's
+  # period between its backward walks (--merged: a replayed graph spreads a chain over many streams)
+  for layout in apart on-chain; do
+    RS=1
+    [ $layout = on-chain ] && RS=0
+    step 200 "mac-65536x1-wf4096-readouts-$layout-timeline" env TITANS_WAVEFRONT_READOUT_STREAMS=$RS \
+      ${WF4/--iters 3/--iters 1} --profile 30 --out "$RES/h_wf4096_readouts_${layout}_timeline.json" \
+      --profile-trace "$RES/h_wf4096_readouts_${layout}_timeline"
+    step 30 "chain-anatomy-$layout" python3 benchmarks/chain_anatomy.py \
+      "$RES/h_wf4096_readouts_${layout}_timeline.mac_65536x1.json.gz" --out "$RES/anatomy_readouts_$layout.json"
+    step 20 "chain-period-$layout" python3 benchmarks/chain_anatomy.py \
+      "$RES/h_wf4096_readouts_${layout}_timeline.mac_65536x1.json.gz" --merged \
+      --out "$RES/period_readouts_$layout.json"
+  done
+  finish
+fi
 if [ "$PART" = 94 ]; then
   # for the next session with a GPU (after session 42, whose H200 put MAC's read-outs apart at +4.3% with 32 queues:
   # TITANS_WAVEFRONT_READOUT_STREAMS=auto, on with 32 queues, is the default now).  The flat pair with the new default
