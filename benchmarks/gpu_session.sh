@@ -31,9 +31,11 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, note the exit status
   echo "== $name: exit $? after $((SECONDS - t0))s" >> "$LOG"
   tar -czf "$OUT/results.tar.gz" -C /tmp gpu_results  # after every step: a call cut short keeps what it measured
 }
-test_wavefront() {  # test_wavefront SECONDS: tests/test_wavefront.py on the GPU (its CUDA tests), output under $RES
+test_wavefront() {  # test_wavefront SECONDS [FILTER FILE]: tests/test_wavefront.py on the GPU (its CUDA tests, or
+  # those -k FILTER picks), output in $RES/FILE (default gpu_test_wavefront.txt)
+  local filter=${2:-} file=${3:-gpu_test_wavefront.txt}
   step "$1" gpu-test-wavefront sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
-    > $RES/gpu_test_wavefront.txt 2>&1"
+    ${filter:+-k '$filter'} > $RES/$file 2>&1"
 }
 finish() {  # every step's results in one archive (the device tool brings back few files), the steps' exit lines;
   # first the flat-scaling table of the call's harness rows (benchmarks/flat_scaling.py: ratios to 4096 x 8, PNG)
@@ -926,12 +928,11 @@ if [ "$PART" = 94 ]; then
   step 80 mac-65536x1-wf4096-readouts-on-chain env TITANS_WAVEFRONT_READOUT_STREAMS=0 $WF4 \
     --out "$RES/h_wf4096_readouts_on_chain.json"
   # the new default layout (batched inputs, read-outs apart) captured against eager at the test's size
-  step 60 gpu-test-graphed-default sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_wavefront.py \
-    -k 'graphed and default' > $RES/gpu_test_graphed_default.txt 2>&1"
+  test_wavefront 60 'graphed and default' gpu_test_graphed_default.txt
   step 100 mac-65536x1-wf4096-per-token env TITANS_DEFER_PER_TOKEN=1 $WF4 --out "$RES/h_wf4096_per_token.json"
   # last (may be cut: 80 s were too few twice on a fresh machine; give it a call of its own if so)
-  step 50 gpu-test-poisoned-buffers sh -c "python3 -m pytest -q -p no:cacheprovider -rfE tests/test_fused_memory.py \
-    -k 'never_read_a_buffer_they_did_not_write_on_gpu' > $RES/gpu_test_poisoned_buffers.txt 2>&1"
+  kernel_tests 50 gpu-test-poisoned-buffers 'never_read_a_buffer_they_did_not_write_on_gpu' \
+    gpu_test_poisoned_buffers.txt
   finish
 fi
 if [ "$PART" = 93 ]; then

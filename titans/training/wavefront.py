@@ -46,7 +46,13 @@ from torch.func import functional_call
 
 from titans.core.models.model import TitansLM, lm_loss
 from titans.utils.switches import switch_on, switch_value
-from titans.utils.tensors import WAVEFRONT_QUEUES, note_hardware_queues, side_stream, widen_hardware_queues
+from titans.utils.tensors import (
+    CUDA_DEFAULT_QUEUES,
+    WAVEFRONT_QUEUES,
+    note_hardware_queues,
+    side_stream,
+    widen_hardware_queues,
+)
 
 
 def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = None,
@@ -272,7 +278,7 @@ def readouts_apart_by_default(use_streams: bool) -> bool:
     value = switch_value("TITANS_WAVEFRONT_READOUT_STREAMS")
     if value != "auto":
         return value == "1"
-    return use_streams and (widen_hardware_queues() or 8) >= WAVEFRONT_QUEUES
+    return use_streams and (widen_hardware_queues() or CUDA_DEFAULT_QUEUES) >= WAVEFRONT_QUEUES
 
 
 def _use_streams(streams: bool | None, dev: torch.device) -> bool:

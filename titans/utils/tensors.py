@@ -102,8 +102,8 @@ def side_stream(device: torch.device | str, role: tuple | str = "side", urgent: 
 
 
 QUEUES_ENV = "CUDA_DEVICE_MAX_CONNECTIONS"
-# CUDA's most; its default is 8
-WAVEFRONT_QUEUES = 32
+CUDA_DEFAULT_QUEUES = 8  # what CUDA gives a process with the variable unset
+WAVEFRONT_QUEUES = 32  # CUDA's most
 _queues_warned = False
 
 
@@ -165,7 +165,7 @@ def note_hardware_queues(queues: int = WAVEFRONT_QUEUES) -> None:
     if have is not None and have >= queues:
         return
     _queues_warned = True
-    warnings.warn(f"the wavefront's CUDA streams share {have or 8} hardware work queues ({QUEUES_ENV}"
+    warnings.warn(f"the wavefront's CUDA streams share {have or CUDA_DEFAULT_QUEUES} hardware work queues ({QUEUES_ENV}"
                   f"{'=' + str(have) if have else ' unset, CUDA already started'}): set {QUEUES_ENV}={queues} before "
                   "CUDA starts (the trainer and benchmarks/harness.py do, for training.wavefront / --wavefront) - "
                   "streams that share a queue wait on each other's work", RuntimeWarning, stacklevel=3)
