@@ -898,6 +898,18 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 96 ]; then
+  # session 43: why 4096-token steps beat 2048 (327.1K against 315.2K tokens/s with the read-outs apart, session 42)
+  # although a chain's fill and drain (a memory block waits for the one before it to finish a whole step) halve at
+  # 2048: one profiled step of each with today's default (read-outs apart), every stream's kernels kept for the
+  # per-call stalls and the chains' lags (analysed off the device with benchmarks/chain_anatomy.py)
+  for n in 4096 2048; do
+    W="${WF4/--wavefront-step 4096/--wavefront-step $n}"
+    step 190 "mac-65536x1-wf$n-timeline" ${W/--iters 3/--iters 1} --profile 30 \
+      --out "$RES/h_wf${n}_timeline.json" --profile-trace "$RES/h_wf${n}_timeline"
+  done
+  finish
+fi
 if [ "$PART" = 95 ]; then
   # after PART=94 (prepared in session 42): where a 65536 x 1 step's time goes now that MAC's read-outs run apart by
   # default (session 33's anatomy, read-outs on the chain: a segment's backward 1,217 us in 53 kernels on the
