@@ -898,6 +898,20 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 97 ]; then
+  # session 43: PART=96's profiles put a memory block's backward chain at ~0.6 ms a segment alone on the GPU and
+  # ~1.2 ms beside the others: the step is bound by its kernels' neighbours.  The chains on SMs of their own (CUDA
+  # green contexts, TITANS_WAVEFRONT_GREEN_SMS; titans/utils/green_contexts.py): first the driver probe (the split, a
+  # matmul / inductor kernel on each group's stream, a CUDA graph across both), then the default row and the chains
+  # on 64, 48 and 80 SMs (each row's capture is checked against eager by the harness)
+  step 60 green-probe env TITANS_WAVEFRONT_GREEN_SMS=64 python3 -m titans.utils.green_contexts
+  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  for sms in 64 48 80; do
+    step 100 "mac-65536x1-wf4096-green$sms" env TITANS_WAVEFRONT_GREEN_SMS=$sms $WF4 \
+      --out "$RES/h_wf4096_green$sms.json"
+  done
+  finish
+fi
 if [ "$PART" = 96 ]; then
   # session 43: why 4096-token steps beat 2048 (327.1K against 315.2K tokens/s with the read-outs apart, session 42)
   # although a chain's fill and drain (a memory block waits for the one before it to finish a whole step) halve at
