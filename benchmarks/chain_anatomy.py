@@ -12,7 +12,11 @@ another stream), then the period's totals by kind of kernel.
 
 Writes JSON and a markdown table (``--out`` with ``.md``).  ``--merged``: the anchor's launches on every stream
 together, the interval from one to the next (with one chain in the step, its period even where a replayed CUDA
-graph spread its kernels over many streams).
+graph spread its kernels over many streams).  ``--phases``: the step cut at the first launch of the backward's
+anchor into forward and backward, each phase's span, kernel time by kind and concurrency (kernel time / span), and
+how many anchor launches start in each window of ``--window`` us (the three chains' joint pace: a rate that stays
+flat from the backward's first window, where one chain runs alone, to its middle, where all three do, says the
+chains share the GPU's throughput rather than wait on each other; session 43).
 """
 
 from __future__ import annotations
@@ -113,6 +117,42 @@ def anchor_intervals(names: list[str], streams: dict[str, list[list]], anchor: s
             "first_us": starts[0], "last_us": starts[-1]}
 
 
+def step_phases(names: list[str], streams: dict[str, list[list]], anchor: str = "_memory_walk_bwd",
+                forward_anchor: str = "_memory_walk_parts", window_us: float = 2000.0) -> dict:
+    """The step's kernels on every stream cut at the first launch of a kernel whose name contains ``anchor`` (the
+    backward's first memory walk): per phase its span (first start to last end, us), kernels, kernel time (ms) by
+    kind and all told, and concurrency (kernel time / span); and per phase the launches of its anchor (the forward's:
+    ``forward_anchor``) starting in each window of ``window_us`` from the phase's first one."""
+    spans = sorted(sp for sps in streams.values() for sp in sps)
+    bwd_ids = {i for i, n in enumerate(names) if anchor in n}
+    fwd_ids = {i for i, n in enumerate(names) if forward_anchor in n}
+    cut = next((sp[0] for sp in spans if sp[2] in bwd_ids), None)
+    if cut is None:
+        raise SystemExit(f"no kernel whose name contains {anchor!r}: no backward to cut the step at")
+    phases = []
+    for phase, part, ids in (("forward", [sp for sp in spans if sp[0] < cut], fwd_ids),
+                             ("backward", [sp for sp in spans if sp[0] >= cut], bwd_ids)):
+        if not part:
+            continue
+        start, end = part[0][0], max(sp[1] for sp in part)
+        by_kind: Counter = Counter()
+        for a, b, n in part:
+            by_kind[kind_of(names[n])] += (b - a) / 1e3
+        kernel_ms = sum(by_kind.values())
+        starts = [sp[0] for sp in part if sp[2] in ids]
+        counts = []
+        if starts:
+            t = starts[0]
+            while t <= starts[-1]:
+                counts.append(sum(t <= s < t + window_us for s in starts))
+                t += window_us
+        phases.append({"phase": phase, "start_us": start, "end_us": end, "span_ms": (end - start) / 1e3,
+                       "kernels": len(part), "kernel_ms": kernel_ms, "concurrency": kernel_ms * 1e3 / (end - start),
+                       "by_kind_ms": dict(by_kind.most_common()), "anchor_launches": len(starts),
+                       "launches_per_window": counts})
+    return {"anchor": anchor, "forward_anchor": forward_anchor, "window_us": window_us, "phases": phases}
+
+
 def markdown(result: dict, stream: str) -> str:
     a = result
     lines = [f"stream {stream}: anchor `{a['anchor'][:60]}`, {a['matched']} of {a['periods']} periods alike, "
@@ -138,9 +178,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merged", action="store_true",
                     help="the anchor's launches on every stream together: the interval from one to the next (one "
                          "chain in the step: its period), instead of one stream's kernels")
+    ap.add_argument("--phases", action="store_true",
+                    help="the step's forward and backward (cut at the anchor's first launch): span, kernel time by "
+                         "kind, concurrency, and the anchor's launches a window")
+    ap.add_argument("--window", type=float, default=2000.0, help="with --phases: the window, us")
     ap.add_argument("--out", default=None, help="JSON path; the table goes beside it as .md")
     args = ap.parse_args(argv)
     names, streams = load_trace(args.trace)
+    if args.phases:
+        got = {"trace": args.trace, **step_phases(names, streams, args.anchor, window_us=args.window)}
+        for ph in got["phases"]:
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in ph["by_kind_ms"].items())
+            print(f"{ph['phase']}: {ph['span_ms']:.1f} ms span, {ph['kernels']} kernels, {ph['kernel_ms']:.1f} ms of "
+                  f"kernel time (concurrency {ph['concurrency']:.2f}; {kinds}); anchor launches a "
+                  f"{args.window:.0f} us window: {' '.join(map(str, ph['launches_per_window']))}")
+        if args.out:
+            atomic_write_text(args.out, json.dumps(got, indent=1))
+        return
     if args.merged:
         got = {"trace": args.trace, **anchor_intervals(names, streams, args.anchor)}
         print(f"{got['launches']} launches of `{args.anchor}` on any stream: median interval {got['median_us']:.1f} "

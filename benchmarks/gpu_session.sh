@@ -903,7 +903,8 @@ if [ "$PART" = 97 ]; then
   # ~1.2 ms beside the others: the step is bound by its kernels' neighbours.  The chains on SMs of their own (CUDA
   # green contexts, TITANS_WAVEFRONT_GREEN_SMS; titans/utils/green_contexts.py): first the driver probe (the split, a
   # matmul / inductor kernel on each group's stream, a CUDA graph across both), then the default row and the chains
-  # on 64, 48 and 80 SMs (each row's capture is checked against eager by the harness)
+  # on 64, 48 and 80 SMs (each row's capture is checked against eager by the harness).  Ran in session 43: 20-35%
+  # slower at every split (RESULTS.md section 6); the switch and module were removed again, commit ea76371 has them
   step 60 green-probe env TITANS_WAVEFRONT_GREEN_SMS=64 python3 -m titans.utils.green_contexts
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   for sms in 64 48 80; do

@@ -442,6 +442,32 @@ def test_chain_anatomy_reads_the_harness_trace_and_times_one_period(tmp_path):
         ca.anchor_intervals(names, streams, "flash_bwd")
 
 
+def test_chain_anatomy_phases_cut_the_step_at_the_backwards_first_walk(tmp_path):
+    harness, ca = _load("harness"), _load("chain_anatomy")
+    # forward: two walks on stream 1 and a matmul beside the first; backward (from the first backward walk at 40 us):
+    # walks at 40 and 70 on stream 1, 100 on stream 4, an inductor kernel beside the first
+    spans = [(0, 10, 1, "_memory_walk_parts_kernel"), (5, 15, 2, "nvjet_gemm"), (20, 30, 1, "_memory_walk_parts_kernel"),
+             (40, 60, 1, "_memory_walk_bwd_parts_kernel"), (45, 55, 3, "triton_poi_fused_1"),
+             (70, 90, 1, "_memory_walk_bwd_parts_kernel"), (100, 110, 4, "_memory_walk_bwd_parts_kernel")]
+    path = tmp_path / "trace.json.gz"
+    harness.write_stream_trace(spans, str(path))
+    names, streams = ca.load_trace(str(path))
+    got = ca.step_phases(names, streams, window_us=50)
+    fwd, bwd = got["phases"]
+    assert (fwd["phase"], fwd["start_us"], fwd["end_us"], fwd["kernels"]) == ("forward", 0, 30, 3)
+    assert fwd["kernel_ms"] == pytest.approx(0.030) and fwd["concurrency"] == pytest.approx(1.0)
+    assert fwd["by_kind_ms"] == pytest.approx({"memory (Triton)": 0.020, "matmul": 0.010})
+    assert fwd["launches_per_window"] == [2] and fwd["anchor_launches"] == 2
+    assert (bwd["start_us"], bwd["end_us"], bwd["kernels"]) == (40, 110, 4)
+    assert bwd["kernel_ms"] == pytest.approx(0.060) and bwd["concurrency"] == pytest.approx(60 / 70)
+    assert bwd["launches_per_window"] == [2, 1]  # 40 and 70 in [40, 90), 100 in [90, 140)
+    out = tmp_path / "phases.json"
+    ca.main([str(path), "--phases", "--window", "50", "--out", str(out)])
+    assert json.loads(out.read_text())["phases"][1]["launches_per_window"] == [2, 1]
+    with pytest.raises(SystemExit, match="no backward to cut"):
+        ca.step_phases(names, streams, anchor="flash_bwd")
+
+
 def test_stream_hand_offs_label_the_wavefront_call_sites():
     sh = _load("stream_hand_offs")
     apart = sh.hand_offs(readout_streams=True)

@@ -45,7 +45,6 @@ from torch import Tensor
 from torch.func import functional_call
 
 from titans.core.models.model import TitansLM, lm_loss
-from titans.utils.green_contexts import chain_sms, partition_stream
 from titans.utils.switches import switch_on, switch_value
 from titans.utils.tensors import (
     CUDA_DEFAULT_QUEUES,
@@ -117,17 +116,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     main = torch.cuda.current_stream(dev) if use_streams else None
     n = len(model.blocks)
     urgent = [use_streams and priority and b.memory is not None for b in model.blocks]
-    # TITANS_WAVEFRONT_GREEN_SMS=N: the memory blocks' chains (their blocks' streams and their segment inputs')
-    # on N SMs of their own, every other stream of the step on the rest (titans.utils.green_contexts)
-    green = use_streams and chain_sms() > 0
-
-    def stream(role: tuple, urgent_: bool = False, chain: bool = False):
-        if green:
-            return partition_stream(dev, chain, role, urgent_)
-        return side_stream(dev, role, urgent_)
-
-    chains = [b.memory is not None for b in model.blocks]
-    side = [stream(("wavefront-block", i), urgent[i], chains[i]) for i in range(n)] if use_streams else []
+    side = [side_stream(dev, ("wavefront-block", i), urgent[i]) for i in range(n)] if use_streams else []
     # the feed-forward on a stream of its own: only where the block is not compiled whole (MAC's memory blocks
     # compile their regions; a whole-compiled block called in parts would run its parts uncompiled)
     whole = [getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks]
@@ -139,7 +128,7 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     apart = [readout[i] and readouts for i in range(n)]  # the read-outs on another stream
     split = [use_streams and (ffn_streams or readout[i]) and b.memory is not None and b.checkpointing_now() != "full"
              and not whole[i] for i, b in enumerate(model.blocks)]
-    ffn = {i: stream(("wavefront-ffn", i)) for i in range(n) if split[i]}
+    ffn = {i: side_stream(dev, ("wavefront-ffn", i)) for i in range(n) if split[i]}
     # MAC's memory blocks with their retrievals' inputs made once a call (forward_mixer / forward_mixer_split)
     queries_on = [queries and mac_parts[i] for i in range(n)]
     # where the read-outs run: the feed-forward's stream, or (TITANS_WAVEFRONT_READOUT_URGENT=1) a stream of their own
@@ -147,14 +136,14 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     # of the chunk starts' gradient), does not wait behind feed-forward work of normal priority (session 33: no
     # faster, 242.1K vs 242.3K tokens/s at MAC 65536 x 1)
     urgent_readouts = use_streams and switch_on("TITANS_WAVEFRONT_READOUT_URGENT")
-    ro = {i: stream(("wavefront-readout", i), True) if urgent_readouts else ffn[i]
+    ro = {i: side_stream(dev, ("wavefront-readout", i), True) if urgent_readouts else ffn[i]
           for i in range(n) if use_streams and apart[i]}
     # the batched segment inputs' stream (forward_mixer's run_inputs), at the chain's priority: the chain waits on it
-    inp = {i: stream(("wavefront-inputs", i), urgent[i], chains[i]) for i in range(n)
+    inp = {i: side_stream(dev, ("wavefront-inputs", i), urgent[i]) for i in range(n)
            if use_streams and inputs_apart and queries_on[i]}
     # deferred weight gradients (on by default here, TitansBlock.defers_weight_grads): a memory block's sums over its
     # segments run on a stream of their own, off the block's chain (titans.utils.weight_grads); without, no joins
-    wgrad = {i: stream(("wavefront-weight-grads", i)) for i in range(n)
+    wgrad = {i: side_stream(dev, ("wavefront-weight-grads", i)) for i in range(n)
              if use_streams and model.blocks[i].defers_weight_grads(in_wavefront=True)}
     # each stream once (the read-outs' may be the feed-forward's)
     every = list(dict.fromkeys(side + list(ffn.values()) + list(ro.values()) + list(inp.values())

@@ -125,9 +125,6 @@ _DECLARED = (
            "streams with 32 or more hardware queues (13-28% slower with CUDA's 8, sessions 23-33; with 32, +4.3% at "
            "MAC 65536 x 1 on an H200 in three same-machine pairs, session 42, +2.6% on an H100 in 2048-token steps and "
            "-0.7% in 4096, session 40; about 4 GB more at 65536 tokens)"),
-    Switch("TITANS_WAVEFRONT_GREEN_SMS", None, "0",
-           "SMs of their own for the wavefront's memory-block chains (CUDA green contexts; every other stream of the "
-           "step on the remaining SMs); 0: no partition", "a whole number of SMs (0: none)", str.isdigit),
     Switch("TITANS_WAVEFRONT_READOUT_URGENT", ON_OFF, "0",
            "with the read-outs apart, on a stream of their own at the chains' priority"),
     Switch("TITANS_WAVEFRONT_BATCHED_READOUTS", ON_OFF, "0",
