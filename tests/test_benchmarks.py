@@ -446,7 +446,8 @@ def test_chain_anatomy_phases_cut_the_step_at_the_backwards_first_walk(tmp_path)
     harness, ca = _load("harness"), _load("chain_anatomy")
     # forward: two walks on stream 1 and a matmul beside the first; backward (from the first backward walk at 40 us):
     # walks at 40 and 70 on stream 1, 100 on stream 4, an inductor kernel beside the first
-    spans = [(0, 10, 1, "_memory_walk_parts_kernel"), (5, 15, 2, "nvjet_gemm"), (20, 30, 1, "_memory_walk_parts_kernel"),
+    spans = [(0, 10, 1, "_memory_walk_parts_kernel"), (5, 15, 2, "nvjet_gemm"),
+             (20, 30, 1, "_memory_walk_parts_kernel"),
              (40, 60, 1, "_memory_walk_bwd_parts_kernel"), (45, 55, 3, "triton_poi_fused_1"),
              (70, 90, 1, "_memory_walk_bwd_parts_kernel"), (100, 110, 4, "_memory_walk_bwd_parts_kernel")]
     path = tmp_path / "trace.json.gz"
