@@ -56,6 +56,33 @@ def load_trace(path: str) -> tuple[list[str], dict[str, list[list]]]:
         raise SystemExit(f"{path}: not a harness --profile-trace file ({e})") from e
 
 
+def load_configs(path: str) -> list[list[int]]:
+    """The launch configurations of a ``--profile-trace`` file ([blocks, threads a block, registers a thread, shared
+    bytes a block], indexed by a span's fourth element); empty for traces written before session 43."""
+    return json.loads(gzip.decompress(Path(path).read_bytes())).get("configs", [])
+
+
+# what one Hopper SM holds at most (CUDA occupancy limits, compute capability 9.0)
+SM_BLOCKS, SM_THREADS, SM_REGISTERS, SM_SHARED, BLOCK_RESERVED_SHARED = 32, 2048, 65536, 233472, 1024
+
+
+def blocks_per_sm(threads: int, registers: int, shared: int) -> int:
+    """How many blocks of this launch configuration fit on one SM at once (registers allocated 256 a warp at a
+    time, 1 KB of shared memory reserved a block), at least 1."""
+    warps = -(-max(threads, 1) // 32)
+    by_regs = SM_REGISTERS // max(warps * -(-max(registers, 1) * 32 // 256) * 256, 1)
+    by_shared = SM_SHARED // (shared + BLOCK_RESERVED_SHARED)
+    return max(1, min(SM_BLOCKS, SM_THREADS // (warps * 32), by_regs, by_shared))
+
+
+def sms_held(config: list[int], sms: int) -> float:
+    """SMs a kernel of ``config`` holds while it runs: its blocks over the blocks an SM fits, at most every SM (a
+    block of 8 warps at 255 registers a thread fills an SM's register file alone: the memory kernels' blocks)."""
+    blocks, threads, registers, shared = config
+    per_sm = blocks_per_sm(threads, registers, shared)
+    return min(blocks, sms * per_sm) / per_sm
+
+
 def periods(spans: list[list], anchor: int) -> list[list[list]]:
     """``spans`` cut before each launch of name index ``anchor``; what precedes the first one is dropped, and the
     last period (cut short by the end of the step) too."""
@@ -118,11 +145,14 @@ def anchor_intervals(names: list[str], streams: dict[str, list[list]], anchor: s
 
 
 def step_phases(names: list[str], streams: dict[str, list[list]], anchor: str = "_memory_walk_bwd",
-                forward_anchor: str = "_memory_walk_parts", window_us: float = 2000.0) -> dict:
+                forward_anchor: str = "_memory_walk_parts", window_us: float = 2000.0,
+                configs: list[list[int]] | None = None, sms: int = 132) -> dict:
     """The step's kernels on every stream cut at the first launch of a kernel whose name contains ``anchor`` (the
     backward's first memory walk): per phase its span (first start to last end, us), kernels, kernel time (ms) by
     kind and all told, and concurrency (kernel time / span); and per phase the launches of its anchor (the forward's:
-    ``forward_anchor``) starting in each window of ``window_us`` from the phase's first one."""
+    ``forward_anchor``) starting in each window of ``window_us`` from the phase's first one.  With the trace's launch
+    ``configs``: also the SM time the kernels held (:func:`sms_held` x duration, ms) by kind and for the eight
+    kernels holding most, and its share of the phase's span x ``sms``."""
     spans = sorted(sp for sps in streams.values() for sp in sps)
     bwd_ids = {i for i, n in enumerate(names) if anchor in n}
     fwd_ids = {i for i, n in enumerate(names) if forward_anchor in n}
@@ -136,8 +166,14 @@ def step_phases(names: list[str], streams: dict[str, list[list]], anchor: str = 
             continue
         start, end = part[0][0], max(sp[1] for sp in part)
         by_kind: Counter = Counter()
-        for a, b, n in part:
-            by_kind[kind_of(names[n])] += (b - a) / 1e3
+        held_kind: Counter = Counter()
+        held_name: Counter = Counter()
+        for sp in part:
+            by_kind[kind_of(names[sp[2]])] += (sp[1] - sp[0]) / 1e3
+            if configs and len(sp) > 3:
+                held = (sp[1] - sp[0]) / 1e3 * sms_held(configs[sp[3]], sms)
+                held_kind[kind_of(names[sp[2]])] += held
+                held_name[names[sp[2]]] += held
         kernel_ms = sum(by_kind.values())
         starts = [sp[0] for sp in part if sp[2] in ids]
         counts = []
@@ -150,6 +186,11 @@ def step_phases(names: list[str], streams: dict[str, list[list]], anchor: str = 
                        "kernels": len(part), "kernel_ms": kernel_ms, "concurrency": kernel_ms * 1e3 / (end - start),
                        "by_kind_ms": dict(by_kind.most_common()), "anchor_launches": len(starts),
                        "launches_per_window": counts})
+        if held_kind:
+            total = sum(held_kind.values())
+            phases[-1].update({"sm_ms_held": total, "sm_share": total * 1e3 / ((end - start) * sms),
+                               "sm_ms_by_kind": dict(held_kind.most_common()),
+                               "sm_ms_top": dict(held_name.most_common(8))})
     return {"anchor": anchor, "forward_anchor": forward_anchor, "window_us": window_us, "phases": phases}
 
 
@@ -182,16 +223,22 @@ def main(argv: list[str] | None = None) -> None:
                     help="the step's forward and backward (cut at the anchor's first launch): span, kernel time by "
                          "kind, concurrency, and the anchor's launches a window")
     ap.add_argument("--window", type=float, default=2000.0, help="with --phases: the window, us")
+    ap.add_argument("--sms", type=int, default=132, help="with --phases: the GPU's SMs (H100 SXM / H200: 132)")
     ap.add_argument("--out", default=None, help="JSON path; the table goes beside it as .md")
     args = ap.parse_args(argv)
     names, streams = load_trace(args.trace)
     if args.phases:
-        got = {"trace": args.trace, **step_phases(names, streams, args.anchor, window_us=args.window)}
+        got = {"trace": args.trace, **step_phases(names, streams, args.anchor, window_us=args.window,
+                                                  configs=load_configs(args.trace), sms=args.sms)}
         for ph in got["phases"]:
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in ph["by_kind_ms"].items())
             print(f"{ph['phase']}: {ph['span_ms']:.1f} ms span, {ph['kernels']} kernels, {ph['kernel_ms']:.1f} ms of "
                   f"kernel time (concurrency {ph['concurrency']:.2f}; {kinds}); anchor launches a "
                   f"{args.window:.0f} us window: {' '.join(map(str, ph['launches_per_window']))}")
+            if "sm_ms_held" in ph:
+                held = ", ".join(f"{k} {v:.0f}" for k, v in ph["sm_ms_by_kind"].items())
+                print(f"  SM time held: {ph['sm_ms_held']:.0f} SM-ms, {100 * ph['sm_share']:.0f}% of {args.sms} SMs x "
+                      f"the span ({held})")
         if args.out:
             atomic_write_text(args.out, json.dumps(got, indent=1))
         return

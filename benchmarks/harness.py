@@ -320,24 +320,58 @@ def profile_step(step, device: torch.device, top: int, trace: str | None = None)
     timeline = kernel_overlap(spans)
     timeline["beside"] = {pattern: kernels_beside(spans, pattern) for pattern in BESIDE}
     if trace:
-        write_stream_trace(spans, trace)
+        # Kineto's Chrome trace also has each kernel's launch configuration (grid, block, registers, shared memory):
+        # the trace keeps it, so that chain_anatomy.py --phases can say how many SMs each kernel held
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            launches = kernel_launches(f"{tmp}/trace.json")
+        write_stream_trace(launches or spans, trace)
     return kernels, timeline
 
 
+def kernel_launches(chrome_trace: str) -> list[tuple]:
+    """Every GPU kernel of a ``torch.profiler`` Chrome trace file as (start_us, end_us, stream, name, (blocks,
+    threads a block, registers a thread, shared memory bytes a block)): Kineto writes a kernel's launch configuration
+    in its ``args`` (``grid``, ``block``, ``registers per thread``, ``shared memory``)."""
+    from math import prod
+
+    events = json.loads(Path(chrome_trace).read_text()).get("traceEvents", [])
+    out = []
+    for ev in events:
+        if ev.get("cat") != "kernel" or ev.get("ph") != "X" or not ev.get("dur"):
+            continue
+        a = ev.get("args", {})
+        config = (prod(a.get("grid", [0])), prod(a.get("block", [0])), int(a.get("registers per thread", 0)),
+                  int(a.get("shared memory", 0)))
+        out.append((ev["ts"], ev["ts"] + ev["dur"], a.get("stream", ev.get("tid")), ev["name"], config))
+    return out
+
+
 def write_stream_trace(spans: list[tuple], path: str) -> None:
-    """Every stream's kernels (``spans``: (start, end, stream, name), microseconds) as gzip JSON: ``{"names": [kernel
-    name, ...], "streams": {stream: [[start, end, name index], ...] in start order}}``, busiest stream first (a
-    replayed CUDA graph may spread one chain over many streams: session 33, ~990 of them); written atomically."""
+    """Every stream's kernels (``spans``: (start, end, stream, name[, launch configuration]), microseconds) as gzip
+    JSON: ``{"names": [kernel name, ...], "configs": [[blocks, threads, registers, shared bytes], ...], "streams":
+    {stream: [[start, end, name index(, config index)], ...] in start order}}``, busiest stream first (a replayed
+    CUDA graph may spread one chain over many streams: session 33, ~990 of them); written atomically."""
     import gzip
 
     by_stream: dict[int, list[tuple]] = {}
     for sp in spans:
         by_stream.setdefault(sp[2], []).append(sp)
-    busiest = sorted(by_stream, key=lambda st: -sum(b - a for a, b, *_ in by_stream[st]))
+    busiest = sorted(by_stream, key=lambda st: -sum(sp[1] - sp[0] for sp in by_stream[st]))
     names: dict[str, int] = {}
-    streams = {str(st): [[a, b, names.setdefault(name, len(names))] for a, b, _, name in sorted(by_stream[st])]
-               for st in busiest}
-    data = gzip.compress(json.dumps({"names": list(names), "streams": streams}).encode())
+    configs: dict[tuple, int] = {}
+
+    def row(sp: tuple) -> list:
+        out = [sp[0], sp[1], names.setdefault(sp[3], len(names))]
+        if len(sp) > 4:
+            out.append(configs.setdefault(tuple(sp[4]), len(configs)))
+        return out
+
+    streams = {str(st): [row(sp) for sp in sorted(by_stream[st], key=lambda sp: sp[:2])] for st in busiest}
+    data = gzip.compress(json.dumps({"names": list(names), "configs": [list(c) for c in configs],
+                                     "streams": streams}).encode())
     atomic_write_bytes(Path(path), data)
 
 

@@ -469,6 +469,53 @@ def test_chain_anatomy_phases_cut_the_step_at_the_backwards_first_walk(tmp_path)
         ca.step_phases(names, streams, anchor="flash_bwd")
 
 
+def test_profile_traces_keep_each_kernels_launch_configuration_and_the_sm_time_it_held(tmp_path):
+    harness, ca = _load("harness"), _load("chain_anatomy")
+    # a Chrome trace as torch.profiler exports it: CPU ops, a runtime call, and kernels with Kineto's launch args
+    chrome = {"traceEvents": [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5, "args": {}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1, "dur": 2, "args": {}},
+        {"ph": "X", "cat": "kernel", "name": "_memory_walk_parts_kernel", "ts": 10, "dur": 20, "tid": 7,
+         "args": {"stream": 7, "grid": [2, 8, 1], "block": [256, 1, 1], "registers per thread": 255,
+                  "shared memory": 1024}},
+        {"ph": "X", "cat": "kernel", "name": "nvjet_gemm", "ts": 12, "dur": 10, "tid": 9,
+         "args": {"stream": 9, "grid": [300, 1, 1], "block": [128, 1, 1], "registers per thread": 168,
+                  "shared memory": 100000}},
+        {"ph": "X", "cat": "kernel", "name": "_memory_walk_bwd_parts_kernel", "ts": 40, "dur": 30, "tid": 7,
+         "args": {"stream": 7, "grid": [2, 8, 1], "block": [256, 1, 1], "registers per thread": 255,
+                  "shared memory": 1024}},
+        {"ph": "X", "cat": "kernel", "name": "empty", "ts": 80, "dur": 0, "args": {}}]}
+    path = tmp_path / "chrome.json"
+    path.write_text(json.dumps(chrome))
+    launches = harness.kernel_launches(str(path))
+    assert launches == [(10, 30, 7, "_memory_walk_parts_kernel", (16, 256, 255, 1024)),
+                        (12, 22, 9, "nvjet_gemm", (300, 128, 168, 100000)),
+                        (40, 70, 7, "_memory_walk_bwd_parts_kernel", (16, 256, 255, 1024))]
+    trace = tmp_path / "trace.json.gz"
+    harness.write_stream_trace(launches, str(trace))
+    names, streams = ca.load_trace(str(trace))
+    configs = ca.load_configs(str(trace))
+    assert configs == [[16, 256, 255, 1024], [300, 128, 168, 100000]]  # the walks' configuration stored once
+    assert [sp[3] for sp in streams["7"]] == [0, 0] and streams["9"][0][3] == 1
+    # a block of 8 warps at 255 registers fills an SM's 65,536 registers (allocated 256 a warp at a time: 8,192 a
+    # warp); 4 warps at 168 registers fit 3 by registers but 2 by shared memory (100,000 + 1,024 bytes a block)
+    assert ca.blocks_per_sm(256, 255, 1024) == 1 and ca.blocks_per_sm(128, 168, 100000) == 2
+    assert ca.blocks_per_sm(128, 168, 0) == 3
+    assert ca.blocks_per_sm(64, 65, 0) == 14  # 65 registers a thread take 2,304 a warp (2,080 unrounded: 15 blocks)
+    assert ca.blocks_per_sm(128, 32, 0) == 16 and ca.blocks_per_sm(64, 16, 0) == 32  # threads, then blocks
+    assert ca.sms_held([16, 256, 255, 1024], 132) == 16 and ca.sms_held([300, 128, 168, 100000], 132) == 132
+    got = ca.step_phases(names, streams, configs=configs, sms=132)
+    fwd, bwd = got["phases"]
+    # forward: the walk holds 16 SMs for 20 us, the matmul all 132 for 10 us; span 20 us
+    assert fwd["sm_ms_held"] == pytest.approx((20 * 16 + 10 * 132) / 1e3)
+    assert fwd["sm_share"] == pytest.approx((20 * 16 + 10 * 132) / (20 * 132))
+    assert fwd["sm_ms_by_kind"] == pytest.approx({"matmul": 1.32, "memory (Triton)": 0.32})
+    assert list(fwd["sm_ms_top"]) == ["nvjet_gemm", "_memory_walk_parts_kernel"]
+    assert bwd["sm_ms_held"] == pytest.approx(30 * 16 / 1e3) and bwd["sm_share"] == pytest.approx(16 / 132)
+    # traces without configurations (before session 43) report no SM time
+    assert "sm_ms_held" not in ca.step_phases(names, streams)["phases"][0]
+
+
 def test_stream_hand_offs_label_the_wavefront_call_sites():
     sh = _load("stream_hand_offs")
     apart = sh.hand_offs(readout_streams=True)
