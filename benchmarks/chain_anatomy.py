@@ -223,12 +223,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="the step's forward and backward (cut at the anchor's first launch): span, kernel time by "
                          "kind, concurrency, and the anchor's launches a window")
     ap.add_argument("--window", type=float, default=2000.0, help="with --phases: the window, us")
+    ap.add_argument("--forward-anchor", default="_memory_walk_parts",
+                    help="with --phases: the forward's kernel to count a window (MAC 4096 x 8, one program a head: "
+                         "_memory_fwd_kernel; its backward anchor then _memory_bwd3_overlap)")
     ap.add_argument("--sms", type=int, default=132, help="with --phases: the GPU's SMs (H100 SXM / H200: 132)")
     ap.add_argument("--out", default=None, help="JSON path; the table goes beside it as .md")
     args = ap.parse_args(argv)
     names, streams = load_trace(args.trace)
     if args.phases:
-        got = {"trace": args.trace, **step_phases(names, streams, args.anchor, window_us=args.window,
+        got = {"trace": args.trace, **step_phases(names, streams, args.anchor, args.forward_anchor, args.window,
                                                   configs=load_configs(args.trace), sms=args.sms)}
         for ph in got["phases"]:
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in ph["by_kind_ms"].items())

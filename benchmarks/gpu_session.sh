@@ -898,6 +898,21 @@ if [ "$PART" = 63 ]; then
     --out "$RES/h_mac_4096x8_kept.json"
   finish
 fi
+if [ "$PART" = 98 ]; then
+  # for the next session with a GPU (after session 43: the 65536 x 1 step is bound by the GPU's throughput; ~37% of
+  # its SM time estimated held by the memory kernels' whole-SM blocks): one profiled step at 65536 x 1 and at 4096 x 8
+  # with each kernel's launch configuration in the trace, then the SM time each phase's kernels held
+  # (chain_anatomy.py --phases): what a token costs in SM time in each, and which kernels hold it
+  step 200 mac-65536x1-wf4096-configs ${WF4/--iters 3/--iters 1} --profile 30 \
+    --out "$RES/h_wf4096_configs.json" --profile-trace "$RES/h_wf4096_configs"
+  step 40 phases-65536x1 python3 benchmarks/chain_anatomy.py "$RES/h_wf4096_configs.mac_65536x1.json.gz" --phases \
+    --out "$RES/phases_65536x1.json"
+  step 160 mac-4096x8-configs $H3 --shapes 4096x8 --warmup 2 --iters 1 --profile 30 \
+    --out "$RES/h_4096x8_configs.json" --profile-trace "$RES/h_4096x8_configs"
+  step 40 phases-4096x8 python3 benchmarks/chain_anatomy.py "$RES/h_4096x8_configs.mac_4096x8.json.gz" --phases \
+    --anchor _memory_bwd3_overlap --forward-anchor _memory_fwd --out "$RES/phases_4096x8.json"
+  finish
+fi
 if [ "$PART" = 97 ]; then
   # session 43: PART=96's profiles put a memory block's backward chain at ~0.6 ms a segment alone on the GPU and
   # ~1.2 ms beside the others: the step is bound by its kernels' neighbours.  The chains on SMs of their own (CUDA
