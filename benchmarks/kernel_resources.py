@@ -41,19 +41,24 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
            for m in (1, 2)]
     if L == 2:
         out += [(f"backward stage {s}", tk._memory_bwd3_kernel, dict(base, STAGE=s, RECOMPUTE=False, ACCUMULATE=True,
-                                                                    INNER=False)) for s in (0, 1, 2)]
+                                                                    INNER=False, EB=0)) for s in (0, 1, 2)]
         out.append(("backward, stages overlapped", tk._memory_bwd3_overlap_kernel, dict(base, INNER=False)))
         # "inner saved": with TITANS_TRITON_SAVE_INNER=1 the forward's walk stores each chunk's inner forward and no
         # backward stage recomputes it (triton_kernels._save_inner)
         out.append(("forward pass 1, inner saved", tk._memory_fwd_kernel, dict(base, L=L, SAVE=True, MODE=1,
                                                                                INNER=True)))
         out.append(("backward stage 0, inner saved", tk._memory_bwd3_kernel, dict(base, STAGE=0, RECOMPUTE=False,
-                                                                                  ACCUMULATE=True, INNER=True)))
+                                                                                  ACCUMULATE=True, INNER=True, EB=0)))
         # the core split in a walk and a read-out (the wavefront's readout_streams): stages 1 and 2 store their
         # dk / dv alone and recompute the chunk's inner forward, unless the forward saved it
         out += [(f"backward stage {s}, split core{', inner saved' if inner else ''}", tk._memory_bwd3_kernel,
-                 dict(base, STAGE=s, RECOMPUTE=not inner, ACCUMULATE=False, INNER=inner))
+                 dict(base, STAGE=s, RECOMPUTE=not inner, ACCUMULATE=False, INNER=inner, EB=0))
                 for inner in (False, True) for s in (1, 2)]
+        # stage 2 over the hidden units a block at a time (TITANS_TRITON_STAGE2_BLOCK, session 43), as the split
+        # core's walk op launches it when the forward saved the inner forward (the wavefront's default)
+        out += [(f"backward stage 2, split core, inner saved, {eb} units at a time", tk._memory_bwd3_kernel,
+                 dict(base, STAGE=2, RECOMPUTE=False, ACCUMULATE=False, INNER=True, EB=eb))
+                for eb in (E // 2, E // 4) if eb >= 16]
     out += [(f"two-pass backward pass {m}", tk._memory_bwd_kernel, dict(base, L=L, MODE=m)) for m in (1, 2)]
     # the walks over P programs a head (TITANS_TRITON_WALK_PARTS, triton_kernels._walk_parts); 4 parts of hidden 128
     # (32 units a program) are below what the launcher takes on a GPU (MIN_WALK_UNITS), listed for comparison

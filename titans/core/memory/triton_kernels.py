@@ -772,6 +772,86 @@ if triton is not None:
                         tl.store(dvp, -dp)
 
     @triton.jit
+    def _bwd3_stage2_blocked(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, NW1, NW2, NS1, NS2,
+                             ZS, US, LS, ES, DK, DV, DML, DMM, DGL, DBL, DPL, bh, c,
+                             N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, EB: tl.constexpr,
+                             RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, ACCUMULATE: tl.constexpr):
+        """Stage 2 (the dWn share of chunk ``c``) over the hidden units ``EB`` at a time, reading the chunk's inner
+        forward from the scratch: the same sums as :func:`_bwd3_stage`'s stage 2, with (C, EB) tiles live instead
+        of (C, E) ones.  Why: a stage-2 program holds a whole SM (8 warps at 255 registers) and spills ~2 KB a
+        thread of its (C, E) tiles to local memory (benchmarks/kernel_resources.py), while the 65536 x 1 step is
+        bound by the SM time its kernels hold (benchmarks/RESULTS.md section 6, session 43).  Two passes over the
+        blocks, because the err gradient (C, D) sums over every hidden unit before dh and dz can be formed:
+        1. the blocks' shares of h dWn, h dSn, (dl Ml-weighted) W2 and the dMl / dm / gate sums;
+        2. dh, dz and their share of dk, with k dW1n / k dS1n computed again (cheaper than keeping them)."""
+        rc = tl.arange(0, C)
+        tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
+            Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
+        err = tl.load(_mat(ES + cc * C * D, C, D))
+        hdw = tl.zeros((C, D), tl.float32)
+        hds = tl.zeros((C, D), tl.float32)
+        derr = tl.zeros((C, D), tl.float32)
+        dml = tl.zeros((C,), tl.float32)
+        dmm = tl.zeros((C,), tl.float32)
+        dgl = tl.sum(tl.zeros((C,), tl.float32), 0)
+        dbl = dgl
+        dpl = dgl
+        for e in range(0, E, EB):  # a loop, not unrolled: one block's code
+            z = tl.load(_blk(ZS + cc * C * E + e, C, EB, E))
+            w1 = _operand(tl.load(_blk(SW1 + cc * D * E + e, D, EB, E)), DOT_BF16)
+            w2 = _operand(tl.load(_mat(SW2 + cc * E * D + e * D, EB, D)), DOT_BF16)
+            s1 = _operand(tl.load(_blk(SS1 + cc * D * E + e, D, EB, E)), DOT_BF16)
+            s2 = _operand(tl.load(_mat(SS2 + cc * E * D + e * D, EB, D)), DOT_BF16)
+            dw1n = _operand(tl.load(_blk(NW1 + cc * D * E + e, D, EB, E)), DOT_BF16)
+            ds1n = _operand(tl.load(_blk(NS1 + cc * D * E + e, D, EB, E)), DOT_BF16)
+            dw2n = _operand(tl.load(_mat(NW2 + cc * E * D + e * D, EB, D)), DOT_BF16)
+            ds2n = _operand(tl.load(_mat(NS2 + cc * E * D + e * D, EB, D)), DOT_BF16)
+            dgl += _inner(w1, dw1n) + _inner(w2, dw2n)
+            dbl += _inner(s1, dw1n) + _inner(s2, dw2n)
+            dpl += _inner(s1, ds1n) + _inner(s2, ds2n)
+            h = _silu(z)
+            hdw += _dot(h, dw2n, DOT_BF16)
+            hds += _dot(h, ds2n, DOT_BF16)
+            kdw = _dot(k, dw1n, DOT_BF16)
+            kds = _dot(k, ds1n, DOT_BF16)
+            dl = tl.load(_blk(LS + cc * C * E + e, C, EB, E))
+            dml += tl.sum(dl * kdw, 1)
+            dmm += tl.sum(dl * kds, 1)
+            derr += _dot((ml * kdw + mm * kds) * _silu_grad(z), w2, DOT_BF16)  # du's share of err's gradient
+        tl.store(DGL + cc, dgl)
+        tl.store(DBL + cc, dbl)
+        tl.store(DPL + cc, dpl)
+        tl.store(DML + cc * C + rc, dml + tl.sum(err * hdw, 1))
+        tl.store(DMM + cc * C + rc, dmm + tl.sum(err * hds, 1))
+        dp = 2 * (derr + ml * hdw + mm * hds)
+        dk = tl.zeros((C, D), tl.float32)
+        for e in range(0, E, EB):
+            z = tl.load(_blk(ZS + cc * C * E + e, C, EB, E))
+            w1 = _operand(tl.load(_blk(SW1 + cc * D * E + e, D, EB, E)), DOT_BF16)
+            w2 = _operand(tl.load(_mat(SW2 + cc * E * D + e * D, EB, D)), DOT_BF16)
+            dw1n = _operand(tl.load(_blk(NW1 + cc * D * E + e, D, EB, E)), DOT_BF16)
+            ds1n = _operand(tl.load(_blk(NS1 + cc * D * E + e, D, EB, E)), DOT_BF16)
+            dw2n = _operand(tl.load(_mat(NW2 + cc * E * D + e * D, EB, D)), DOT_BF16)
+            ds2n = _operand(tl.load(_mat(NS2 + cc * E * D + e * D, EB, D)), DOT_BF16)
+            ddl = ml * _dot(k, dw1n, DOT_BF16) + mm * _dot(k, ds1n, DOT_BF16)
+            dh = (_dot(ml * err, tl.trans(dw2n), DOT_BF16) + _dot(mm * err, tl.trans(ds2n), DOT_BF16)
+                  + _dot(dp, tl.trans(w2), DOT_BF16))
+            dz = ddl * tl.load(_blk(US + cc * C * E + e, C, EB, E)) * _silu_grad2(z) + dh * _silu_grad(z)
+            dl = tl.load(_blk(LS + cc * C * E + e, C, EB, E))
+            dk += (_dot(ml * dl, tl.trans(dw1n), DOT_BF16) + _dot(mm * dl, tl.trans(ds1n), DOT_BF16)
+                   + _dot(dz, tl.trans(w1), DOT_BF16))
+        if RESIDUAL:
+            dk += dp
+        dkp = _mat(DK + tok, C, D)
+        dvp = _mat(DV + tok, C, D)
+        if ACCUMULATE:
+            tl.store(dkp, tl.load(dkp) + dk)
+            tl.store(dvp, tl.load(dvp) - dp)
+        else:
+            tl.store(dkp, dk)
+            tl.store(dvp, -dp)
+
+    @triton.jit
     def _memory_bwd3_kernel(
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
         SW1, SW2, SS1, SS2,  # chunk-start states from the forward (BH, N, ...)
@@ -787,13 +867,21 @@ if triton is not None:
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
         RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, STAGE: tl.constexpr,
         RECOMPUTE: tl.constexpr = False, ACCUMULATE: tl.constexpr = True, INNER: tl.constexpr = False,
+        EB: tl.constexpr = 0,
     ):
-        """One stage per launch, grid (BH, N) for stages 0 and 2 and (BH,) for stage 1."""
-        _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
-                    DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
-                    DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL, DY_H, DY_SB, DY_SH, DY_ST,
-                    tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), DW1, DW1,  # (no flags)
-                    N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False, RECOMPUTE, ACCUMULATE, INNER)
+        """One stage per launch, grid (BH, N) for stages 0 and 2 and (BH,) for stage 1.  ``EB`` > 0: stage 2 over
+        the hidden units that many at a time (:func:`_bwd3_stage2_blocked`; it reads the inner forward)."""
+        if STAGE == 2 and EB > 0:
+            _bwd3_stage2_blocked(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, NW1, NW2, NS1, NS2,
+                                 ZS, US, LS, ES, DK, DV, DML, DMM, DGL, DBL, DPL,
+                                 tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+                                 N, C, D, E, EB, RESIDUAL, DOT_BF16, ACCUMULATE)
+        else:
+            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
+                        DW1, DW2, DS1, DS2, NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
+                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL, DY_H, DY_SB, DY_SH, DY_ST,
+                        tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), DW1, DW1,  # (no flags)
+                        N, C, D, E, RESIDUAL, DOT_BF16, STAGE, False, RECOMPUTE, ACCUMULATE, INNER)
 
     # The three stages in one launch.  Stage 1 walks the chunks with one program per (batch, head), a few dozen
     # programs on a GPU of ~130 SMs; launched one after another, stage 2 starts only when the slowest walk ends.
@@ -1637,7 +1725,17 @@ def _launch_stages(BH: int, N: int, args, kw, overlap: bool, parts: int = 1) -> 
         _walk_backward_parts(BH, N, parts, args, kw)
     else:
         _run(_memory_bwd3_kernel, (BH,), args, dict(kw, STAGE=1))
-    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=2))
+    E = args[11].shape[-1]  # the chunk-start W1 (BH, N, D, E)
+    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=2, EB=stage2_block(E, reads_inner=True)))
+
+
+def stage2_block(E: int, reads_inner: bool) -> int:
+    """Hidden units stage 2 takes at a time (``TITANS_TRITON_STAGE2_BLOCK``; 0, the default: all of them at once,
+    :func:`_bwd3_stage`), where stage 2 reads the chunk's inner forward from the scratch (stage 0 or the forward's
+    walk stored it) and the block divides the hidden size into at least two; 0 elsewhere.  A block is at least 16
+    (the smallest matmul tile).  Not timed on a GPU yet (session 43)."""
+    block = int(switch_value("TITANS_TRITON_STAGE2_BLOCK") or 0)
+    return block if reads_inner and 16 <= block < E and E % block == 0 else 0
 
 
 def _common(q, W, chunk_size, residual, coefs):
@@ -1828,7 +1926,7 @@ def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW,
         _walk_backward_parts(B * H, N, parts, args, kw)
     else:
         _run(_memory_bwd3_kernel, (B * H,), args, dict(kw, STAGE=1))
-    _run(_memory_bwd3_kernel, (B * H, N), args, dict(kw, STAGE=2))
+    _run(_memory_bwd3_kernel, (B * H, N), args, dict(kw, STAGE=2, EB=stage2_block(E, reads_inner=bool(inner))))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[1:3])] + [g.reshape(t.shape) for g, t in
                                                                                    zip(dcoef, like[6:])]
     dWo, dSo = _states_like(dstate[:2], dW), _states_like(dstate[2:], dS)
