@@ -899,18 +899,18 @@ if [ "$PART" = 63 ]; then
   finish
 fi
 if [ "$PART" = 99 ]; then
-  # for the next session with a GPU (after session 43): stage 2 of the memory backward over the hidden units a block
-  # at a time (TITANS_TRITON_STAGE2_BLOCK; cross-compiled here: 2,000 bytes a thread spilled at 8 warps, 176 with
-  # 64-unit blocks, none with 32; 4 warps with 32-unit blocks 408, two blocks an SM).  First its GPU test, then the
-  # default row and the blocked ones on the same machine (each row's capture is checked against eager)
-  kernel_tests 150 gpu-test-stage2-blocks 'stage2_over_blocks_of_hidden_units_on_gpu' gpu_test_stage2_blocks.txt
+  # for the next session with a GPU (after session 43): stages 0 and 2 of the memory backward over the hidden units
+  # a block at a time (TITANS_TRITON_STAGE0_BLOCK / _STAGE2_BLOCK; cross-compiled here at 8 warps, bytes a thread
+  # spilled: stage 2 2,000 -> 176 with 64-unit blocks, 0 with 32; stage 0 2,976 -> 1,944 / 1,272).  First their GPU
+  # test, then the default row and the blocked ones on the same machine (each row's capture checked against eager)
+  kernel_tests 150 gpu-test-stage-blocks 'stages_over_blocks_of_hidden_units_on_gpu' gpu_test_stage_blocks.txt
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   for blk in 64 32; do
     step 100 "mac-65536x1-wf4096-stage2-block$blk" env TITANS_TRITON_STAGE2_BLOCK=$blk $WF4 \
       --out "$RES/h_wf4096_stage2_block$blk.json"
+    step 100 "mac-65536x1-wf4096-stages-block$blk" env TITANS_TRITON_STAGE0_BLOCK=$blk \
+      TITANS_TRITON_STAGE2_BLOCK=$blk $WF4 --out "$RES/h_wf4096_stages_block$blk.json"
   done
-  step 100 mac-65536x1-wf4096-stage2-block32-warps4 env TITANS_TRITON_STAGE2_BLOCK=32 \
-    TITANS_TRITON_PASS_WARPS=stage2=4 $WF4 --out "$RES/h_wf4096_stage2_block32_warps4.json"
   finish
 fi
 if [ "$PART" = 98 ]; then

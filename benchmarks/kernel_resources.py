@@ -59,6 +59,11 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
         out += [(f"backward stage 2, split core, inner saved, {eb} units at a time", tk._memory_bwd3_kernel,
                  dict(base, STAGE=2, RECOMPUTE=False, ACCUMULATE=False, INNER=True, EB=eb))
                 for eb in (E // 2, E // 4) if eb >= 16]
+        # stage 0 so too (TITANS_TRITON_STAGE0_BLOCK): computing the chunk's inner forward (the read-out op's, as the
+        # wavefront runs it) or reading the forward's
+        out += [(f"backward stage 0{', inner saved' if inner else ''}, {eb} units at a time", tk._memory_bwd3_kernel,
+                 dict(base, STAGE=0, RECOMPUTE=False, ACCUMULATE=True, INNER=inner, EB=eb))
+                for inner in (False, True) for eb in (E // 2, E // 4) if eb >= 16]
     out += [(f"two-pass backward pass {m}", tk._memory_bwd_kernel, dict(base, L=L, MODE=m)) for m in (1, 2)]
     # the walks over P programs a head (TITANS_TRITON_WALK_PARTS, triton_kernels._walk_parts); 4 parts of hidden 128
     # (32 units a program) are below what the launcher takes on a GPU (MIN_WALK_UNITS), listed for comparison

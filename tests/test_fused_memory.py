@@ -442,7 +442,7 @@ def test_triton_split_core_under_interpreter():
     assert all(float(err[f"SPLIT_CORE_{save}"]) <= 5e-5 for save in ("1", "0", "auto")), err
 
 
-_STAGE2_BLOCK_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
+_STAGE_BLOCK_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     import os
     import titans.core.memory.triton_kernels as tk
     from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split
@@ -450,7 +450,7 @@ _STAGE2_BLOCK_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     launched, run = [], tk._run
     tk._run = lambda kernel, grid, args, meta: (launched.append((meta.get("STAGE"), meta.get("EB"))),
                                                 run(kernel, grid, args, meta))
-    os.environ["TITANS_TRITON_STAGE2_BLOCK"] = "16"  # hidden 32: two blocks
+    os.environ["TITANS_TRITON_STAGE0_BLOCK"] = os.environ["TITANS_TRITON_STAGE2_BLOCK"] = "16"  # hidden 32: 2 blocks
     base = memory_inputs(2, 32, 16, 32, 16, 3)
 
     def outputs_and_grads(core):
@@ -470,38 +470,46 @@ _STAGE2_BLOCK_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
                                                                    residual=True, impl="torch"))
     one_node = lambda ins: neural_memory_update_fused(*ins[:6], ins[6:8], ins[8:], chunk_size=16, residual=True,
                                                       impl="triton")  # stage 2 reads what stage 0 stored
-    for name, core in (("SPLIT", split), ("ONE_NODE", one_node)):
+    # the read-out op's stage 0 and the one-node core's compute the inner forward (by blocks too); with
+    # TITANS_TRITON_SAVE_INNER=1 the one-node core's stages read the forward's
+    for name, core, save in (("SPLIT", split, "auto"), ("ONE_NODE", one_node, "auto"),
+                             ("ONE_NODE_INNER", one_node, "1")):
+        os.environ["TITANS_TRITON_SAVE_INNER"] = save
         launched.clear()
         got = outputs_and_grads(core)
-        print(f"STAGE2_BLOCKED_{name}", max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-                                            for a, b in zip(got, ref)))
-        assert (2, 16) in launched and (2, 0) not in launched, launched
+        print(f"BLOCKED_{name}", max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                                     for a, b in zip(got, ref)))
+        assert {(0, 16), (2, 16)} <= set(launched) and not {(0, 0), (2, 0)} & set(launched), launched
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES
 """)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-def test_triton_stage2_over_blocks_of_hidden_units_under_interpreter():
-    """Stage 2 of the depth-2 backward over the hidden units a block at a time (TITANS_TRITON_STAGE2_BLOCK: two
-    passes, fewer live tiles) == the one-node torch core, in the split core's walk op and in the one-node core
-    (float32 operands under TRITON_INTERPRET=1)."""
-    err = _errors(_interpreted(_STAGE2_BLOCK_SCRIPT))
-    assert float(err["STAGE2_BLOCKED_SPLIT"]) <= 5e-5 and float(err["STAGE2_BLOCKED_ONE_NODE"]) <= 5e-5, err
+def test_triton_stages_over_blocks_of_hidden_units_under_interpreter():
+    """Stages 0 and 2 of the depth-2 backward over the hidden units a block at a time (TITANS_TRITON_STAGE0_BLOCK /
+    _STAGE2_BLOCK: passes over the blocks, fewer live tiles) == the one-node torch core: the split core (stage 0 of
+    the read-out op computing the inner forward, stage 2 of the walk op reading the forward's), the one-node core,
+    and the one-node core reading the forward's inner forward (float32 operands under TRITON_INTERPRET=1)."""
+    err = _errors(_interpreted(_STAGE_BLOCK_SCRIPT))
+    assert all(float(err[f"BLOCKED_{name}"]) <= 5e-5 for name in ("SPLIT", "ONE_NODE", "ONE_NODE_INNER")), err
 
 
-def test_stage2_block_applies_only_where_it_divides_the_hidden_units(monkeypatch):
+def test_stage_blocks_apply_only_where_they_divide_the_hidden_units(monkeypatch):
     import titans.core.memory.triton_kernels as tk
 
-    monkeypatch.delenv("TITANS_TRITON_STAGE2_BLOCK", raising=False)
-    assert tk.stage2_block(128, reads_inner=True) == 0  # off by default
-    monkeypatch.setenv("TITANS_TRITON_STAGE2_BLOCK", "64")
-    assert tk.stage2_block(128, reads_inner=True) == 64
-    assert tk.stage2_block(128, reads_inner=False) == 0  # stage 2 recomputing the inner forward: whole tiles
-    assert tk.stage2_block(64, reads_inner=True) == 0  # one block: the whole hidden size
-    assert tk.stage2_block(96, reads_inner=True) == 0  # does not divide it
-    monkeypatch.setenv("TITANS_TRITON_STAGE2_BLOCK", "48")
-    with pytest.raises(ValueError, match="TITANS_TRITON_STAGE2_BLOCK"):
-        tk.stage2_block(128, reads_inner=True)
+    for stage in (0, 2):
+        monkeypatch.delenv(f"TITANS_TRITON_STAGE{stage}_BLOCK", raising=False)
+        assert tk.stage_block(stage, 128) == 0  # off by default
+        monkeypatch.setenv(f"TITANS_TRITON_STAGE{stage}_BLOCK", "64")
+        assert tk.stage_block(stage, 128) == 64
+        assert tk.stage_block(stage, 64) == 0  # one block: the whole hidden size
+        assert tk.stage_block(stage, 96) == 0  # does not divide it
+        monkeypatch.setenv(f"TITANS_TRITON_STAGE{stage}_BLOCK", "48")
+        with pytest.raises(ValueError, match=f"TITANS_TRITON_STAGE{stage}_BLOCK"):
+            tk.stage_block(stage, 128)
+        monkeypatch.setenv(f"TITANS_TRITON_STAGE{stage}_BLOCK", "64")
+    # stage 2 recomputing the chunk's inner forward keeps whole tiles; stage 0 computes it by blocks itself
+    assert tk.stage_block(2, 128, reads_inner=False) == 0 and tk.stage_block(0, 128, reads_inner=False) == 64
 
 
 _BF16_INPUTS_SCRIPT = textwrap.dedent("""
@@ -1100,17 +1108,19 @@ def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("block", ["64", "32"])
-def test_triton_stage2_over_blocks_of_hidden_units_on_gpu(block, monkeypatch):
-    """Stage 2 over the hidden units ``block`` at a time (TITANS_TRITON_STAGE2_BLOCK) == the PyTorch core at the
-    issue's memory shape (hidden 128), float32 and bf16 q / k / v, and launched so."""
+def test_triton_stages_over_blocks_of_hidden_units_on_gpu(block, monkeypatch):
+    """Stages 0 and 2 over the hidden units ``block`` at a time (TITANS_TRITON_STAGE0_BLOCK / _STAGE2_BLOCK) == the
+    PyTorch core at the issue's memory shape (hidden 128), float32 and bf16 q / k / v, and launched so."""
     import titans.core.memory.triton_kernels as tk
 
     monkeypatch.setenv("TITANS_TRITON_BWD", "split")
+    monkeypatch.setenv("TITANS_TRITON_STAGE0_BLOCK", block)
     monkeypatch.setenv("TITANS_TRITON_STAGE2_BLOCK", block)
     C = 64
     ins = _gpu_memory_inputs(C)
     launched, run = [], tk._run
-    monkeypatch.setattr(tk, "_run", lambda kernel, grid, args, meta: (launched.append(meta.get("EB")),
+    monkeypatch.setattr(tk, "_run", lambda kernel, grid, args, meta: (launched.append((meta.get("STAGE"),
+                                                                                       meta.get("EB"))),
                                                                        run(kernel, grid, args, meta)))
     o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=C)
     triton_core = lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton")  # noqa: E731
@@ -1119,7 +1129,7 @@ def test_triton_stage2_over_blocks_of_hidden_units_on_gpu(block, monkeypatch):
         o2, g2 = _run(triton_core, case, 2, chunk_size=C)
         for a, b in zip(o2 + list(g2), o1 + list(g1)):
             assert _rel(a.float(), b) <= 5e-2
-    assert int(block) in launched, launched
+    assert {(0, int(block)), (2, int(block))} <= set(launched), launched
     assert (64, 128, 2, C) not in tk.FAILED_SHAPES
 
 

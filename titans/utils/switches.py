@@ -67,6 +67,10 @@ _DECLARED = (
     Switch("TITANS_TRITON_WALK_PARTS", ("1", "2", "4", "8"), "2",
            "programs a (batch, head) for the sequential walks at depth 2 (lowered to fit the GPU)",
            "1, 2, 4 or 8 (programs a head for the walks)"),
+    Switch("TITANS_TRITON_STAGE0_BLOCK", None, "0",
+           "hidden units the depth-2 backward's stage 0 takes at a time (fewer live tiles, fewer spills; passes "
+           "over the blocks); 0: all at once", "0 or a power of two from 16 that divides the hidden size",
+           lambda v: v == "0" or _power_of_two(v, 1024)),
     Switch("TITANS_TRITON_STAGE2_BLOCK", None, "0",
            "hidden units the depth-2 backward's stage 2 takes at a time (fewer live tiles, fewer spills; two passes "
            "over the blocks); 0: all at once", "0 or a power of two from 16 that divides the hidden size",

@@ -852,6 +852,127 @@ if triton is not None:
             tl.store(dvp, -dp)
 
     @triton.jit
+    def _bwd3_stage0_blocked(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY,
+                             X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES, DQ, DK, DV, DG, DBC, DM,
+                             DY_H, DY_SB, DY_SH, DY_ST, bh, c,
+                             N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr, EB: tl.constexpr,
+                             RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr):
+        """Stage 0 (the dy share of chunk ``c``) over the hidden units ``EB`` at a time: the same sums as
+        :func:`_bwd3_stage`'s stage 0 with (C, EB) tiles live instead of (C, E) ones (why: see
+        :func:`_bwd3_stage2_blocked`; stage 0 spilled ~3 KB a thread).  Passes over the blocks:
+        0. (unless ``INNER``: the forward stored it) the chunk's inner forward: z and h W2, then err, then u and dl;
+        1. the query side (zq, hq), y's gradient back through it (dzq), their shares of the state gradient (x1,
+           x2), of dq, dM, dG, dBc, and the sums over hidden units (hh = hq h^T, da1, du's share of err's gradient),
+           each block's dl gradient kept in the scratch that holds silu'(zq) in the unblocked stage;
+        2. with err's gradient complete: dh, dz and their shares of x1, x2 and dk."""
+        rc = tl.arange(0, C)
+        T = N * C
+        tok, cc, q, k, v, g, b, mmat, ml, mm, gl, bl, pl = _load_chunk(
+            Q, K, V, G, BC, M, ML, MM, GL, BL, PL, bh, c, N, C, D)
+        zb = ZS + cc * C * E
+        ub = US + cc * C * E
+        lb = LS + cc * C * E
+        hb = HS + cc * C * E
+        qb = QS + cc * C * E
+        w1b = SW1 + cc * D * E
+        s1b = SS1 + cc * D * E
+        w2b = SW2 + cc * E * D
+        s2b = SS2 + cc * E * D
+        x1b = X1 + cc * D * E
+        x2b = X2 + cc * E * D
+        esp = _mat(ES + cc * C * D, C, D)
+        if INNER:
+            err = tl.load(esp)
+        else:
+            p = tl.zeros((C, D), tl.float32)
+            for e in range(0, E, EB):
+                z = _dot(k, _load_operand(_blk(w1b + e, D, EB, E), DOT_BF16), DOT_BF16)
+                tl.store(_blk(zb + e, C, EB, E), z)
+                p += _dot(_silu(z), _load_operand(_mat(w2b + e * D, EB, D), DOT_BF16), DOT_BF16)
+            if RESIDUAL:
+                p += k
+            err = 2 * (p - v)
+            tl.store(esp, err)
+            tl.debug_barrier()  # z, stored above by other threads, read back below
+            for e in range(0, E, EB):
+                u = _dot(err, tl.trans(_load_operand(_mat(w2b + e * D, EB, D), DOT_BF16)), DOT_BF16)
+                tl.store(_blk(ub + e, C, EB, E), u)
+                tl.store(_blk(lb + e, C, EB, E), u * _silu_grad(tl.load(_blk(zb + e, C, EB, E))))
+            tl.debug_barrier()  # u and dl, stored above by other threads, read back below
+        dy = tl.load(_dy_chunk(DY, bh, c, DY_H, DY_SB, DY_SH, DY_ST, C, D)).to(tl.float32)
+        a1 = _dot(q, tl.trans(k), DOT_BF16) * mmat
+        da2 = _dot(dy, tl.trans(err), DOT_BF16)
+        dxk2 = da2 * mmat
+        hh = tl.zeros((C, C), tl.float32)
+        da1 = tl.zeros((C, C), tl.float32)
+        dq = tl.zeros((C, D), tl.float32)
+        derr = tl.zeros((C, D), tl.float32)
+        dg = tl.zeros((C,), tl.float32)
+        dbc = tl.zeros((C,), tl.float32)
+        qt = tl.trans(q)
+        for e in range(0, E, EB):
+            w1 = _load_operand(_blk(w1b + e, D, EB, E), DOT_BF16)
+            s1 = _load_operand(_blk(s1b + e, D, EB, E), DOT_BF16)
+            w2 = _load_operand(_mat(w2b + e * D, EB, D), DOT_BF16)
+            s2 = _load_operand(_mat(s2b + e * D, EB, D), DOT_BF16)
+            z = tl.load(_blk(zb + e, C, EB, E))
+            h = _silu(z)
+            dl = tl.load(_blk(lb + e, C, EB, E))
+            qw1 = _dot(q, w1, DOT_BF16)
+            qs1 = _dot(q, s1, DOT_BF16)
+            zq = g * qw1 + b * qs1 + _dot(a1, dl, DOT_BF16)
+            hq = _silu(zq)
+            hh += _dot(hq, tl.trans(h), DOT_BF16)
+            hqt = tl.trans(hq)
+            tl.store(_mat(XS2 + cc * E * D + e * D, EB, D), _dot(hqt, b * dy, DOT_BF16))
+            tl.store(_mat(x2b + e * D, EB, D), _dot(hqt, g * dy, DOT_BF16))
+            dg += tl.sum(dy * _dot(hq, w2, DOT_BF16), 1)
+            dbc += tl.sum(dy * _dot(hq, s2, DOT_BF16), 1)
+            tl.store(_blk(hb + e, C, EB, E), _dot(tl.trans(dxk2), hq, DOT_BF16))
+            dzq = (_dot(g * dy, tl.trans(w2), DOT_BF16) + _dot(dxk2, h, DOT_BF16)
+                   + _dot(b * dy, tl.trans(s2), DOT_BF16)) * _silu_grad(zq)
+            tl.store(_blk(XS1 + cc * D * E + e, D, EB, E), _dot(qt, b * dzq, DOT_BF16))
+            tl.store(_blk(x1b + e, D, EB, E), _dot(qt, g * dzq, DOT_BF16))
+            dg += tl.sum(dzq * qw1, 1)
+            dbc += tl.sum(dzq * qs1, 1)
+            da1 += _dot(dzq, tl.trans(dl), DOT_BF16)
+            dq += _dot(g * dzq, tl.trans(w1), DOT_BF16) + _dot(b * dzq, tl.trans(s1), DOT_BF16)
+            ddl = _dot(tl.trans(a1), dzq, DOT_BF16)
+            tl.store(_blk(qb + e, C, EB, E), ddl)
+            derr += _dot(ddl * _silu_grad(z), w2, DOT_BF16)  # du's share of err's gradient
+        tl.store(DG + bh * T + c * C + rc, dg)
+        tl.store(DBC + bh * T + c * C + rc, dbc)
+        qk = _dot(q, tl.trans(k), DOT_BF16)
+        tl.store(_mat(DM + cc * C * C, C, C), da2 * hh + da1 * qk)
+        dxk1 = da1 * mmat
+        dq += _dot(dxk1, k, DOT_BF16)
+        if RESIDUAL:
+            dq += dy
+        tl.store(_mat(DQ + tok, C, D), dq)
+        dk = _dot(tl.trans(dxk1), q, DOT_BF16)
+        dp = 2 * (derr + _dot(tl.trans(hh * mmat), dy, DOT_BF16))
+        tl.debug_barrier()  # the blocks' x1 / x2 shares, dh and dl gradients, stored above by other threads
+        kt = tl.trans(k)
+        for e in range(0, E, EB):
+            w1 = _load_operand(_blk(w1b + e, D, EB, E), DOT_BF16)
+            w2 = _load_operand(_mat(w2b + e * D, EB, D), DOT_BF16)
+            z = tl.load(_blk(zb + e, C, EB, E))
+            ag = _silu_grad(z)
+            ddl = tl.load(_blk(qb + e, C, EB, E))
+            dh = tl.load(_blk(hb + e, C, EB, E)) + _dot(dp, tl.trans(w2), DOT_BF16)
+            dz = ddl * tl.load(_blk(ub + e, C, EB, E)) * _silu_grad2(z) + dh * ag
+            x2p = _mat(x2b + e * D, EB, D)
+            tl.store(x2p, tl.load(x2p) + _dot(tl.trans(ddl * ag), err, DOT_BF16)
+                     + _dot(tl.trans(_silu(z)), dp, DOT_BF16))
+            x1p = _blk(x1b + e, D, EB, E)
+            tl.store(x1p, tl.load(x1p) + _dot(kt, dz, DOT_BF16))
+            dk += _dot(dz, tl.trans(w1), DOT_BF16)
+        if RESIDUAL:
+            dk += dp
+        tl.store(_mat(DK + tok, C, D), dk)  # the dy share; stage 2 adds the dWn share
+        tl.store(_mat(DV + tok, C, D), -dp)
+
+    @triton.jit
     def _memory_bwd3_kernel(
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL,
         SW1, SW2, SS1, SS2,  # chunk-start states from the forward (BH, N, ...)
@@ -869,9 +990,14 @@ if triton is not None:
         RECOMPUTE: tl.constexpr = False, ACCUMULATE: tl.constexpr = True, INNER: tl.constexpr = False,
         EB: tl.constexpr = 0,
     ):
-        """One stage per launch, grid (BH, N) for stages 0 and 2 and (BH,) for stage 1.  ``EB`` > 0: stage 2 over
-        the hidden units that many at a time (:func:`_bwd3_stage2_blocked`; it reads the inner forward)."""
-        if STAGE == 2 and EB > 0:
+        """One stage per launch, grid (BH, N) for stages 0 and 2 and (BH,) for stage 1.  ``EB`` > 0: stage 0 or 2
+        over the hidden units that many at a time (:func:`_bwd3_stage0_blocked`, :func:`_bwd3_stage2_blocked`)."""
+        if STAGE == 0 and EB > 0:
+            _bwd3_stage0_blocked(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY,
+                                 X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES, DQ, DK, DV, DG, DBC, DM,
+                                 DY_H, DY_SB, DY_SH, DY_ST, tl.program_id(0).to(tl.int64),
+                                 tl.program_id(1).to(tl.int64), N, C, D, E, EB, RESIDUAL, DOT_BF16, INNER)
+        elif STAGE == 2 and EB > 0:
             _bwd3_stage2_blocked(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, NW1, NW2, NS1, NS2,
                                  ZS, US, LS, ES, DK, DV, DML, DMM, DGL, DBL, DPL,
                                  tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
@@ -1720,22 +1846,23 @@ def _launch_stages(BH: int, N: int, args, kw, overlap: bool, parts: int = 1) -> 
     if overlap:
         _run(_memory_bwd3_overlap_kernel, *overlap_launch(BH, N, args), kw)
         return
-    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0))
+    E = args[11].shape[-1]  # the chunk-start W1 (BH, N, D, E)
+    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0, EB=stage_block(0, E)))
     if parts >= PARTS_KERNELS_FROM:
         _walk_backward_parts(BH, N, parts, args, kw)
     else:
         _run(_memory_bwd3_kernel, (BH,), args, dict(kw, STAGE=1))
-    E = args[11].shape[-1]  # the chunk-start W1 (BH, N, D, E)
-    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=2, EB=stage2_block(E, reads_inner=True)))
+    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=2, EB=stage_block(2, E)))
 
 
-def stage2_block(E: int, reads_inner: bool) -> int:
-    """Hidden units stage 2 takes at a time (``TITANS_TRITON_STAGE2_BLOCK``; 0, the default: all of them at once,
-    :func:`_bwd3_stage`), where stage 2 reads the chunk's inner forward from the scratch (stage 0 or the forward's
-    walk stored it) and the block divides the hidden size into at least two; 0 elsewhere.  A block is at least 16
-    (the smallest matmul tile).  Not timed on a GPU yet (session 43)."""
-    block = int(switch_value("TITANS_TRITON_STAGE2_BLOCK") or 0)
-    return block if reads_inner and 16 <= block < E and E % block == 0 else 0
+def stage_block(stage: int, E: int, reads_inner: bool = True) -> int:
+    """Hidden units stage 0 or 2 of the three-stage backward takes at a time (``TITANS_TRITON_STAGE0_BLOCK`` /
+    ``TITANS_TRITON_STAGE2_BLOCK``; 0, the default: all of them at once, :func:`_bwd3_stage`) where the block
+    divides the hidden size into at least two, and for stage 2 where it reads the chunk's inner forward from the
+    scratch (stage 0 or the forward's walk stored it; ``reads_inner``); 0 elsewhere.  A block is at least 16 (the
+    smallest matmul tile).  Not timed on a GPU yet (session 43)."""
+    block = int(switch_value(f"TITANS_TRITON_STAGE{stage}_BLOCK") or 0)
+    return block if (reads_inner or stage == 0) and 16 <= block < E and E % block == 0 else 0
 
 
 def _common(q, W, chunk_size, residual, coefs):
@@ -1891,7 +2018,7 @@ def core_readout_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, *, c
     dy, *dy_args = _dy_layout(dy)
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, dy, *[none] * 12, *shares, *scratch, *wide, *dcoef,
             *[none] * 5, *dy_args)
-    _run(_memory_bwd3_kernel, (B * H, N), args, _stage_kw(kw, STAGE=0))
+    _run(_memory_bwd3_kernel, (B * H, N), args, _stage_kw(kw, STAGE=0, EB=stage_block(0, E)))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[:3])] + [g.reshape(t.shape) for g, t in
                                                                                   zip(dcoef, like[3:6])]
     return grads, shares
@@ -1926,7 +2053,7 @@ def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW,
         _walk_backward_parts(B * H, N, parts, args, kw)
     else:
         _run(_memory_bwd3_kernel, (B * H,), args, dict(kw, STAGE=1))
-    _run(_memory_bwd3_kernel, (B * H, N), args, dict(kw, STAGE=2, EB=stage2_block(E, reads_inner=bool(inner))))
+    _run(_memory_bwd3_kernel, (B * H, N), args, dict(kw, STAGE=2, EB=stage_block(2, E, reads_inner=bool(inner))))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[1:3])] + [g.reshape(t.shape) for g, t in
                                                                                    zip(dcoef, like[6:])]
     dWo, dSo = _states_like(dstate[:2], dW), _states_like(dstate[2:], dS)
