@@ -1861,7 +1861,8 @@ def stage_block(stage: int, E: int, reads_inner: bool = True) -> int:
     divides the hidden size into at least two, and for stage 2 where it reads the chunk's inner forward from the
     scratch (stage 0 or the forward's walk stored it; ``reads_inner``); 0 elsewhere.  A block is at least 16 (the
     smallest matmul tile).  Not timed on a GPU yet (session 43)."""
-    block = int(switch_value(f"TITANS_TRITON_STAGE{stage}_BLOCK") or 0)
+    name = {0: "TITANS_TRITON_STAGE0_BLOCK", 2: "TITANS_TRITON_STAGE2_BLOCK"}[stage]
+    block = int(switch_value(name) or 0)
     return block if (reads_inner or stage == 0) and 16 <= block < E and E % block == 0 else 0
 
 
