@@ -901,7 +901,7 @@ fi
 if [ "$PART" = 99 ]; then
   # for the next session with a GPU (after session 43): stages 0 and 2 of the memory backward over the hidden units
   # a block at a time (TITANS_TRITON_STAGE0_BLOCK / _STAGE2_BLOCK; cross-compiled here at 8 warps, bytes a thread
-  # spilled: stage 2 2,000 -> 176 with 64-unit blocks, 0 with 32; stage 0 2,976 -> 1,944 / 1,272).  First their GPU
+  # spilled: stage 2 2,000 -> 200 with 64-unit blocks, 0 with 32; stage 0 2,976 -> 1,944 / 1,272).  First their GPU
   # test, then the default row and the blocked ones on the same machine (each row's capture checked against eager)
   kernel_tests 150 gpu-test-stage-blocks 'stages_over_blocks_of_hidden_units_on_gpu' gpu_test_stage_blocks.txt
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"

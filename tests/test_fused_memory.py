@@ -1077,6 +1077,18 @@ def test_split_core_captured_in_cuda_graphs_equals_eager(stacked, impl):
     assert worst <= 1e-6, worst
 
 
+def _triton_core_matches_torch_on_gpu(ins: list[torch.Tensor], C: int) -> None:
+    """The Triton core's outputs and gradients == the PyTorch core's (depth 2) within bf16 tolerance, with float32
+    and with bf16 q / k / v."""
+    o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=C)
+    triton_core = lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton")  # noqa: E731
+    for narrow in (False, True):
+        case = [t.detach().bfloat16().requires_grad_() if narrow and i < 3 else t for i, t in enumerate(ins)]
+        o2, g2 = _run(triton_core, case, 2, chunk_size=C)
+        for a, b in zip(o2 + list(g2), o1 + list(g1)):
+            assert _rel(a.float(), b) <= 5e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("inner", ["0", "1"])
@@ -1093,13 +1105,7 @@ def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
     launched, run = [], tk._run
     monkeypatch.setattr(tk, "_run", lambda kernel, grid, args, meta: (launched.append((kernel.fn.__name__, grid)),
                                                                        run(kernel, grid, args, meta)))
-    o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=C)
-    triton_core = lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton")  # noqa: E731
-    for narrow in (False, True):
-        case = [t.detach().bfloat16().requires_grad_() if narrow and i < 3 else t for i, t in enumerate(ins)]
-        o2, g2 = _run(triton_core, case, 2, chunk_size=C)
-        for a, b in zip(o2 + list(g2), o1 + list(g1)):
-            assert _rel(a.float(), b) <= 5e-2
+    _triton_core_matches_torch_on_gpu(ins, C)
     used = tk._walk_parts(8, 128, 2, ins[0].device)  # 2 unless the GPU has too few SMs for 16 programs a walk
     walks = {("_memory_walk_parts_kernel", (used, 8)), ("_memory_walk_bwd_parts_kernel", (used, 8))}
     assert walks <= set(launched) if used > 1 else not any("parts" in name for name, _ in launched)
@@ -1122,13 +1128,7 @@ def test_triton_stages_over_blocks_of_hidden_units_on_gpu(block, monkeypatch):
     monkeypatch.setattr(tk, "_run", lambda kernel, grid, args, meta: (launched.append((meta.get("STAGE"),
                                                                                        meta.get("EB"))),
                                                                        run(kernel, grid, args, meta)))
-    o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=C)
-    triton_core = lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton")  # noqa: E731
-    for narrow in (False, True):
-        case = [t.detach().bfloat16().requires_grad_() if narrow and i < 3 else t for i, t in enumerate(ins)]
-        o2, g2 = _run(triton_core, case, 2, chunk_size=C)
-        for a, b in zip(o2 + list(g2), o1 + list(g1)):
-            assert _rel(a.float(), b) <= 5e-2
+    _triton_core_matches_torch_on_gpu(ins, C)
     assert {(0, int(block)), (2, int(block))} <= set(launched), launched
     assert (64, 128, 2, C) not in tk.FAILED_SHAPES
 

@@ -584,6 +584,19 @@ if triton is not None:
         _publish(flag, 1)
 
     @triton.jit
+    def _store_dk_dv(DK, DV, tok, dk, dp, C: tl.constexpr, D: tl.constexpr, ACCUMULATE: tl.constexpr):
+        """A stage's dk / dv share (dv = -dp): added to what is there (``ACCUMULATE``: stage 2 after stage 0) or
+        stored."""
+        dkp = _mat(DK + tok, C, D)
+        dvp = _mat(DV + tok, C, D)
+        if ACCUMULATE:
+            tl.store(dkp, tl.load(dkp) + dk)
+            tl.store(dvp, tl.load(dvp) - dp)
+        else:
+            tl.store(dkp, dk)
+            tl.store(dvp, -dp)
+
+    @triton.jit
     def _bwd3_stage(
         Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2, DW1, DW2, DS1, DS2,
         NW1, NW2, NS1, NS2,
@@ -710,8 +723,7 @@ if triton is not None:
                 dk += _dot(dz, tl.trans(w1), DOT_BF16)
                 if RESIDUAL:
                     dk += dp
-                tl.store(_mat(DK + tok, C, D), dk)  # the dy share; stage 2 adds the dWn share
-                tl.store(_mat(DV + tok, C, D), -dp)
+                _store_dk_dv(DK, DV, tok, dk, dp, C, D, False)  # the dy share; stage 2 adds the dWn share
                 if SYNC:
                     _release(F0 + cc)
             else:
@@ -762,14 +774,19 @@ if triton is not None:
                     dk += _dot(dz, tl.trans(w1), DOT_BF16)
                     if RESIDUAL:
                         dk += dp
-                    dkp = _mat(DK + tok, C, D)
-                    dvp = _mat(DV + tok, C, D)
-                    if ACCUMULATE:
-                        tl.store(dkp, tl.load(dkp) + dk)
-                        tl.store(dvp, tl.load(dvp) - dp)
-                    else:
-                        tl.store(dkp, dk)
-                        tl.store(dvp, -dp)
+                    _store_dk_dv(DK, DV, tok, dk, dp, C, D, ACCUMULATE)
+
+    @triton.jit
+    def _stage2_block_tiles(ZS, SW1, SW2, NW1, NW2, NS1, NS2, cc, e, C: tl.constexpr, D: tl.constexpr,
+                            E: tl.constexpr, EB: tl.constexpr, DOT_BF16: tl.constexpr):
+        """Hidden units e to e + EB of chunk cc: z (C, EB) from the scratch, and the W1 / dW1n / dS1n columns (D, EB)
+        and W2 / dW2n / dS2n rows (EB, D) of its start weights and end-state gradient as matmul operands."""
+        c0 = cc * D * E + e  # the columns' first offset in a (D, E) matrix
+        r0 = cc * E * D + e * D  # the rows' in an (E, D) one
+        return (tl.load(_blk(ZS + cc * C * E + e, C, EB, E)), _load_operand(_blk(SW1 + c0, D, EB, E), DOT_BF16),
+                _load_operand(_mat(SW2 + r0, EB, D), DOT_BF16), _load_operand(_blk(NW1 + c0, D, EB, E), DOT_BF16),
+                _load_operand(_blk(NS1 + c0, D, EB, E), DOT_BF16), _load_operand(_mat(NW2 + r0, EB, D), DOT_BF16),
+                _load_operand(_mat(NS2 + r0, EB, D), DOT_BF16))
 
     @triton.jit
     def _bwd3_stage2_blocked(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, NW1, NW2, NS1, NS2,
@@ -797,15 +814,10 @@ if triton is not None:
         dbl = dgl
         dpl = dgl
         for e in range(0, E, EB):  # a loop, not unrolled: one block's code
-            z = tl.load(_blk(ZS + cc * C * E + e, C, EB, E))
-            w1 = _operand(tl.load(_blk(SW1 + cc * D * E + e, D, EB, E)), DOT_BF16)
-            w2 = _operand(tl.load(_mat(SW2 + cc * E * D + e * D, EB, D)), DOT_BF16)
-            s1 = _operand(tl.load(_blk(SS1 + cc * D * E + e, D, EB, E)), DOT_BF16)
-            s2 = _operand(tl.load(_mat(SS2 + cc * E * D + e * D, EB, D)), DOT_BF16)
-            dw1n = _operand(tl.load(_blk(NW1 + cc * D * E + e, D, EB, E)), DOT_BF16)
-            ds1n = _operand(tl.load(_blk(NS1 + cc * D * E + e, D, EB, E)), DOT_BF16)
-            dw2n = _operand(tl.load(_mat(NW2 + cc * E * D + e * D, EB, D)), DOT_BF16)
-            ds2n = _operand(tl.load(_mat(NS2 + cc * E * D + e * D, EB, D)), DOT_BF16)
+            z, w1, w2, dw1n, ds1n, dw2n, ds2n = _stage2_block_tiles(ZS, SW1, SW2, NW1, NW2, NS1, NS2, cc, e,
+                                                                     C, D, E, EB, DOT_BF16)
+            s1 = _load_operand(_blk(SS1 + cc * D * E + e, D, EB, E), DOT_BF16)
+            s2 = _load_operand(_mat(SS2 + cc * E * D + e * D, EB, D), DOT_BF16)
             dgl += _inner(w1, dw1n) + _inner(w2, dw2n)
             dbl += _inner(s1, dw1n) + _inner(s2, dw2n)
             dpl += _inner(s1, ds1n) + _inner(s2, ds2n)
@@ -826,13 +838,8 @@ if triton is not None:
         dp = 2 * (derr + ml * hdw + mm * hds)
         dk = tl.zeros((C, D), tl.float32)
         for e in range(0, E, EB):
-            z = tl.load(_blk(ZS + cc * C * E + e, C, EB, E))
-            w1 = _operand(tl.load(_blk(SW1 + cc * D * E + e, D, EB, E)), DOT_BF16)
-            w2 = _operand(tl.load(_mat(SW2 + cc * E * D + e * D, EB, D)), DOT_BF16)
-            dw1n = _operand(tl.load(_blk(NW1 + cc * D * E + e, D, EB, E)), DOT_BF16)
-            ds1n = _operand(tl.load(_blk(NS1 + cc * D * E + e, D, EB, E)), DOT_BF16)
-            dw2n = _operand(tl.load(_mat(NW2 + cc * E * D + e * D, EB, D)), DOT_BF16)
-            ds2n = _operand(tl.load(_mat(NS2 + cc * E * D + e * D, EB, D)), DOT_BF16)
+            z, w1, w2, dw1n, ds1n, dw2n, ds2n = _stage2_block_tiles(ZS, SW1, SW2, NW1, NW2, NS1, NS2, cc, e,
+                                                                     C, D, E, EB, DOT_BF16)
             ddl = ml * _dot(k, dw1n, DOT_BF16) + mm * _dot(k, ds1n, DOT_BF16)
             dh = (_dot(ml * err, tl.trans(dw2n), DOT_BF16) + _dot(mm * err, tl.trans(ds2n), DOT_BF16)
                   + _dot(dp, tl.trans(w2), DOT_BF16))
@@ -842,14 +849,7 @@ if triton is not None:
                    + _dot(dz, tl.trans(w1), DOT_BF16))
         if RESIDUAL:
             dk += dp
-        dkp = _mat(DK + tok, C, D)
-        dvp = _mat(DV + tok, C, D)
-        if ACCUMULATE:
-            tl.store(dkp, tl.load(dkp) + dk)
-            tl.store(dvp, tl.load(dvp) - dp)
-        else:
-            tl.store(dkp, dk)
-            tl.store(dvp, -dp)
+        _store_dk_dv(DK, DV, tok, dk, dp, C, D, ACCUMULATE)
 
     @triton.jit
     def _bwd3_stage0_blocked(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY,
@@ -969,8 +969,7 @@ if triton is not None:
             dk += _dot(dz, tl.trans(w1), DOT_BF16)
         if RESIDUAL:
             dk += dp
-        tl.store(_mat(DK + tok, C, D), dk)  # the dy share; stage 2 adds the dWn share
-        tl.store(_mat(DV + tok, C, D), -dp)
+        _store_dk_dv(DK, DV, tok, dk, dp, C, D, False)  # the dy share; stage 2 adds the dWn share
 
     @triton.jit
     def _memory_bwd3_kernel(
