@@ -343,10 +343,17 @@ def kernel_launches(chrome_trace: str) -> list[tuple]:
         if ev.get("cat") != "kernel" or ev.get("ph") != "X" or not ev.get("dur"):
             continue
         a = ev.get("args", {})
-        config = (prod(a.get("grid", [0])), prod(a.get("block", [0])), int(a.get("registers per thread", 0)),
+        config = (prod(_dims(a.get("grid"))), prod(_dims(a.get("block"))), int(a.get("registers per thread", 0)),
                   int(a.get("shared memory", 0)))
         out.append((ev["ts"], ev["ts"] + ev["dur"], a.get("stream", ev.get("tid")), ev["name"], config))
     return out
+
+
+def _dims(value) -> list[int]:
+    """A launch dimension of a Chrome-trace kernel event, a list ``[x, y, z]`` or its text ``"[x, y, z]"``."""
+    if isinstance(value, str):
+        return [int(v) for v in value.strip("[]() ").split(",") if v.strip()]
+    return [int(v) for v in value] if value else [0]
 
 
 def write_stream_trace(spans: list[tuple], path: str) -> None:

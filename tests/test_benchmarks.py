@@ -478,8 +478,8 @@ def test_profile_traces_keep_each_kernels_launch_configuration_and_the_sm_time_i
         {"ph": "X", "cat": "kernel", "name": "_memory_walk_parts_kernel", "ts": 10, "dur": 20, "tid": 7,
          "args": {"stream": 7, "grid": [2, 8, 1], "block": [256, 1, 1], "registers per thread": 255,
                   "shared memory": 1024}},
-        {"ph": "X", "cat": "kernel", "name": "nvjet_gemm", "ts": 12, "dur": 10, "tid": 9,
-         "args": {"stream": 9, "grid": [300, 1, 1], "block": [128, 1, 1], "registers per thread": 168,
+        {"ph": "X", "cat": "kernel", "name": "nvjet_gemm", "ts": 12, "dur": 10, "tid": 9,  # dimensions as text too
+         "args": {"stream": 9, "grid": "[300, 1, 1]", "block": "[128, 1, 1]", "registers per thread": 168,
                   "shared memory": 100000}},
         {"ph": "X", "cat": "kernel", "name": "_memory_walk_bwd_parts_kernel", "ts": 40, "dur": 30, "tid": 7,
          "args": {"stream": 7, "grid": [2, 8, 1], "block": [256, 1, 1], "registers per thread": 255,
