@@ -1838,14 +1838,14 @@ def overlap_launch(BH: int, N: int, args) -> tuple[tuple[int], tuple]:
     return (BH * (2 * N + 1),), (*args, *sync)
 
 
-def _launch_stages(BH: int, N: int, args, kw, overlap: bool, parts: int = 1) -> None:
+def _launch_stages(BH: int, N: int, E: int, args, kw, overlap: bool, parts: int = 1) -> None:
     """The three-stage backward: dy share (parallel), state-gradient recurrence (sequential; over ``parts``
     programs a head, :func:`_walk_parts`), dWn share; three launches, or one (``overlap``) whose programs hand
-    chunks on through flags."""
+    chunks on through flags.  ``E``: the memory's hidden size (stages 0 and 2 may take it a block at a time,
+    :func:`stage_block`)."""
     if overlap:
         _run(_memory_bwd3_overlap_kernel, *overlap_launch(BH, N, args), kw)
         return
-    E = args[11].shape[-1]  # the chunk-start W1 (BH, N, D, E)
     _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0, EB=stage_block(0, E)))
     if parts >= PARTS_KERNELS_FROM:
         _walk_backward_parts(BH, N, parts, args, kw)
@@ -1943,7 +1943,8 @@ def core_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, dW, dS, *, c
         args = (qf, _rows(k), _rows(v), *coef, *starts, dy, *dfinal, *dstate, *ends, *shares, *scratch, *outs,
                 *dy_args)
         parts = _walk_parts(B * H, dW[0].shape[-1], L, q.device)
-        _launch_stages(B * H, N, args, _stage_kw(kw, INNER=bool(inner)), _overlapped(mode, parts), parts)
+        _launch_stages(B * H, N, starts[0].shape[-1], args, _stage_kw(kw, INNER=bool(inner)), _overlapped(mode, parts),
+                       parts)
     else:
         _launch(_memory_bwd_kernel, B * H, N,
                 (qf, _rows(k), _rows(v), *coef, *starts, dy, *dfinal, *dstate, *ends, *outs, *dy_args), kw)
