@@ -903,13 +903,28 @@ if [ "$PART" = 99 ]; then
   # a block at a time (TITANS_TRITON_STAGE0_BLOCK / _STAGE2_BLOCK; cross-compiled here at 8 warps, bytes a thread
   # spilled: stage 2 2,000 -> 200 with 64-unit blocks, 0 with 32; stage 0 2,976 -> 1,944 / 1,272).  First their GPU
   # test, then the default row and the blocked ones on the same machine (each row's capture checked against eager)
-  kernel_tests 150 gpu-test-stage-blocks 'stages_over_blocks_of_hidden_units_on_gpu' gpu_test_stage_blocks.txt
-  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
-  for blk in 64 32; do
+  # (limits add up past one call: TEST=0 / DEFAULTS=0 / BLOCKS="64" pick a second call's share on a warm machine)
+  if [ "${TEST:-1}" = 1 ]; then
+    kernel_tests 150 gpu-test-stage-blocks 'stages_over_blocks_of_hidden_units_on_gpu' gpu_test_stage_blocks.txt
+  fi
+  if [ "${DEFAULTS:-1}" = 1 ]; then
+    step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  fi
+  for blk in ${BLOCKS:-32 64}; do
     step 100 "mac-65536x1-wf4096-stage2-block$blk" env TITANS_TRITON_STAGE2_BLOCK=$blk $WF4 \
       --out "$RES/h_wf4096_stage2_block$blk.json"
     step 100 "mac-65536x1-wf4096-stages-block$blk" env TITANS_TRITON_STAGE0_BLOCK=$blk \
       TITANS_TRITON_STAGE2_BLOCK=$blk $WF4 --out "$RES/h_wf4096_stages_block$blk.json"
+  done
+  finish
+fi
+if [ "$PART" = 100 ]; then
+  # session 44, after PART=99 on the same machine: the flat ratio's denominator (MAC 4096 x 8, one pass) by default
+  # and with the blocked stages (the same kernels run there: a faster backward moves both sides of the ratio)
+  mac_4096x8_defaults 150
+  for blk in ${BLOCKS:-32}; do
+    step 110 "mac-4096x8-stages-block$blk" env TITANS_TRITON_STAGE0_BLOCK=$blk TITANS_TRITON_STAGE2_BLOCK=$blk \
+      $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_stages_block$blk.json"
   done
   finish
 fi
