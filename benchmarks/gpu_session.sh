@@ -918,6 +918,30 @@ if [ "$PART" = 99 ]; then
   done
   finish
 fi
+if [ "$PART" = 101 ]; then
+  # session 44: PART=99 on an H100 (283.3K tokens/s by default, 296.5K with stage 2 by 32 units, 290.3K with both
+  # stages so; stage 0 by 64 over the shared memory): stage 2 by 32 is the default now (TITANS_TRITON_STAGE2_BLOCK=
+  # auto).  SHARE=a: the GPU test (the fixed one: each case on its own failed shapes), the new default, the old
+  # (=0), and stage 2 by 32 at 4 warps (its tiles fit: room for two blocks an SM?); SHARE=b on the warm machine: each
+  # again, stage 2 by 64, the denominator and the graphed test of the default layout
+  if [ "${SHARE:-a}" = a ]; then
+    kernel_tests 120 gpu-test-stage-blocks 'stages_over_blocks_of_hidden_units_on_gpu' gpu_test_stage_blocks.txt
+    step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+    step 100 mac-65536x1-wf4096-stage2-whole env TITANS_TRITON_STAGE2_BLOCK=0 $WF4 \
+      --out "$RES/h_wf4096_stage2_whole.json"
+    step 100 mac-65536x1-wf4096-stage2-warps4 env TITANS_TRITON_PASS_WARPS=stage2=4 $WF4 \
+      --out "$RES/h_wf4096_stage2_warps4.json"
+  else
+    step 100 mac-65536x1-wf4096-defaults-2 $WF4 --out "$RES/h_wf4096_defaults_2.json"
+    step 100 mac-65536x1-wf4096-stage2-whole-2 env TITANS_TRITON_STAGE2_BLOCK=0 $WF4 \
+      --out "$RES/h_wf4096_stage2_whole_2.json"
+    step 100 mac-65536x1-wf4096-stage2-block64 env TITANS_TRITON_STAGE2_BLOCK=64 $WF4 \
+      --out "$RES/h_wf4096_stage2_block64.json"
+    mac_4096x8_defaults 130
+    test_wavefront 90 'graphed and default' gpu_test_graphed_default.txt
+  fi
+  finish
+fi
 if [ "$PART" = 100 ]; then
   # session 44, after PART=99 on the same machine: the flat ratio's denominator (MAC 4096 x 8, one pass) by default
   # and with the blocked stages (the same kernels run there: a faster backward moves both sides of the ratio)

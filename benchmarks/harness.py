@@ -677,6 +677,9 @@ def main(argv=None) -> dict:
         from titans.core.memory import triton_kernels
 
         result["triton_autotune"] = triton_kernels.tuning_report()
+        # memory shapes whose kernels failed and fell back to the PyTorch loop (a row that lists one did not time
+        # the kernels its switches asked for)
+        result["memory_fallbacks"] = sorted(triton_kernels.FAILED_SHAPES)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2))

@@ -69,12 +69,14 @@ _DECLARED = (
            "1, 2, 4 or 8 (programs a head for the walks)"),
     Switch("TITANS_TRITON_STAGE0_BLOCK", None, "0",
            "hidden units the depth-2 backward's stage 0 takes at a time (fewer live tiles, fewer spills; passes "
-           "over the blocks); 0: all at once", "0 or a power of two from 16 that divides the hidden size",
+           "over the blocks); 0: all at once (session 44, H100: 32 slower, 64 over the shared memory at hidden 128)",
+           "0 or a power of two from 16 that divides the hidden size",
            lambda v: v == "0" or _power_of_two(v, 1024)),
-    Switch("TITANS_TRITON_STAGE2_BLOCK", None, "0",
-           "hidden units the depth-2 backward's stage 2 takes at a time (fewer live tiles, fewer spills; two passes "
-           "over the blocks); 0: all at once", "0 or a power of two from 16 that divides the hidden size",
-           lambda v: v == "0" or _power_of_two(v, 1024)),
+    Switch("TITANS_TRITON_STAGE2_BLOCK", None, "auto",
+           "hidden units the depth-2 backward's stage 2 takes at a time where it reads the chunk's inner forward "
+           "(fewer live tiles, no spills; two passes over the blocks); auto: 32; 0: all at once",
+           "auto, 0 or a power of two from 16 that divides the hidden size",
+           lambda v: v in ("auto", "0") or _power_of_two(v, 1024)),
     Switch("TITANS_TRITON_WALK_FLAGS", ("lines", "packed"), "lines",
            "where the walks' parts keep their flags: each on a 128-byte line, or side by side",
            "lines or packed"),

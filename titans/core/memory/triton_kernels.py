@@ -1854,14 +1854,23 @@ def _launch_stages(BH: int, N: int, E: int, args, kw, overlap: bool, parts: int 
     _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=2, EB=stage_block(2, E)))
 
 
+STAGE2_AUTO_BLOCK = 32
+
+
 def stage_block(stage: int, E: int, reads_inner: bool = True) -> int:
     """Hidden units stage 0 or 2 of the three-stage backward takes at a time (``TITANS_TRITON_STAGE0_BLOCK`` /
-    ``TITANS_TRITON_STAGE2_BLOCK``; 0, the default: all of them at once, :func:`_bwd3_stage`) where the block
-    divides the hidden size into at least two, and for stage 2 where it reads the chunk's inner forward from the
-    scratch (stage 0 or the forward's walk stored it; ``reads_inner``); 0 elsewhere.  A block is at least 16 (the
-    smallest matmul tile).  Not timed on a GPU yet (session 43)."""
+    ``TITANS_TRITON_STAGE2_BLOCK``; 0: all of them at once, :func:`_bwd3_stage`) where the block divides the hidden
+    size into at least two, and for stage 2 where it reads the chunk's inner forward from the scratch (stage 0 or
+    the forward's walk stored it; ``reads_inner``); 0 elsewhere.  A block is at least 16 (the smallest matmul tile).
+
+    Stage 2 takes ``STAGE2_AUTO_BLOCK`` units by default (``auto``): cross-compiled for sm_90a its spills fall from
+    2,000 bytes a thread to none, and MAC 65536 x 1 through the wavefront (the walk op's stage 2) trained 296.5K vs
+    283.3K tokens/s on an H100 (benchmarks/RESULTS.md section 6, session 44).  Stage 0 stays whole by default: by
+    blocks of 32 it still spills (1.3 KB a thread) and was slower (290.3K with both stages blocked); by 64 it needs
+    more shared memory than an H100 has at hidden 128 (the launch fails and the shape falls back to PyTorch)."""
     name = {0: "TITANS_TRITON_STAGE0_BLOCK", 2: "TITANS_TRITON_STAGE2_BLOCK"}[stage]
-    block = int(switch_value(name) or 0)
+    value = switch_value(name) or "0"
+    block = STAGE2_AUTO_BLOCK if value == "auto" else int(value)
     return block if (reads_inner or stage == 0) and 16 <= block < E and E % block == 0 else 0
 
 
