@@ -1117,11 +1117,11 @@ def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("blocks", [("0", "auto"), ("0", "64"), ("32", "32"), ("0", "0")])
+@pytest.mark.parametrize("blocks", [("0", "auto"), ("32", "32"), ("0", "0")])
 def test_triton_stages_over_blocks_of_hidden_units_on_gpu(blocks, monkeypatch):
     """Stages 0 and 2 over the hidden units ``blocks`` at a time (TITANS_TRITON_STAGE0_BLOCK / _STAGE2_BLOCK; stage
     2 by 32 by default, "auto"; 0: whole) == the PyTorch core at the issue's memory shape (hidden 128), float32 and
-    bf16 q / k / v, and launched so.  (Stage 0 by 64 needs more shared memory than an H100 has: session 44.)"""
+    bf16 q / k / v, and launched so.  (Either stage by 64 needs more shared memory than an H100 has: session 44.)"""
     import titans.core.memory.triton_kernels as tk
 
     monkeypatch.setenv("TITANS_TRITON_BWD", "split")

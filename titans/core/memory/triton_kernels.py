@@ -1865,9 +1865,11 @@ def stage_block(stage: int, E: int, reads_inner: bool = True) -> int:
 
     Stage 2 takes ``STAGE2_AUTO_BLOCK`` units by default (``auto``): cross-compiled for sm_90a its spills fall from
     2,000 bytes a thread to none, and MAC 65536 x 1 through the wavefront (the walk op's stage 2) trained 296.5K vs
-    283.3K tokens/s on an H100 (benchmarks/RESULTS.md section 6, session 44).  Stage 0 stays whole by default: by
-    blocks of 32 it still spills (1.3 KB a thread) and was slower (290.3K with both stages blocked); by 64 it needs
-    more shared memory than an H100 has at hidden 128 (the launch fails and the shape falls back to PyTorch)."""
+    283.3K tokens/s on one H100 and 299.4K / 299.0K vs 285.5K / 285.2K on another (+4.8%; benchmarks/RESULTS.md
+    section 6, session 44).  The one-launch backward (batch >= 3) keeps whole tiles.  Stage 0 stays whole by default: by
+    blocks of 32 it still spills (1.3 KB a thread) and was slower (290.3K with both stages blocked).  By
+    64 units either stage needs more shared memory than an H100 has at hidden 128 (the launch fails and the shape
+    falls back to PyTorch, with a warning)."""
     name = {0: "TITANS_TRITON_STAGE0_BLOCK", 2: "TITANS_TRITON_STAGE2_BLOCK"}[stage]
     value = switch_value(name) or "0"
     block = STAGE2_AUTO_BLOCK if value == "auto" else int(value)
