@@ -918,6 +918,19 @@ if [ "$PART" = 99 ]; then
   done
   finish
 fi
+if [ "$PART" = 102 ]; then
+  # session 44, after PART=101 (stage 2 by 32 the default: 0.876x on an H100): call 2's trace puts stage 0 at
+  # ~165 us a launch of 64 programs (8 warps, 255 registers, 112 KB shared: one program an SM, two warps a
+  # scheduler, latency-bound).  At 4 warps two of its programs could share an SM (2 x 112 KB < 227 KB): stage 0
+  # alone and both stages at 4 warps against the default on one machine, then the ratio's denominator
+  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  step 100 mac-65536x1-wf4096-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $WF4 \
+    --out "$RES/h_wf4096_stage0_warps4.json"
+  step 100 mac-65536x1-wf4096-stages-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4,stage2=4 $WF4 \
+    --out "$RES/h_wf4096_stages_warps4.json"
+  mac_4096x8_defaults 130
+  finish
+fi
 if [ "$PART" = 101 ]; then
   # session 44: PART=99 on an H100 (283.3K tokens/s by default, 296.5K with stage 2 by 32 units, 290.3K with both
   # stages so; stage 0 by 64 over the shared memory): stage 2 by 32 is the default now (TITANS_TRITON_STAGE2_BLOCK=
