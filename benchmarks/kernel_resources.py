@@ -54,8 +54,9 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
         out += [(f"backward stage {s}, split core{', inner saved' if inner else ''}", tk._memory_bwd3_kernel,
                  dict(base, STAGE=s, RECOMPUTE=not inner, ACCUMULATE=False, INNER=inner, EB=0))
                 for inner in (False, True) for s in (1, 2)]
-        # stage 2 over the hidden units a block at a time (TITANS_TRITON_STAGE2_BLOCK, session 43), as the split
-        # core's walk op launches it when the forward saved the inner forward (the wavefront's default)
+        # stage 2 over the hidden units a block at a time (TITANS_TRITON_STAGE2_BLOCK, session 43; by 32 the
+        # default since session 44), as the split core's walk op launches it when the forward saved the inner forward
+        # (the wavefront's default)
         out += [(f"backward stage 2, split core, inner saved, {eb} units at a time", tk._memory_bwd3_kernel,
                  dict(base, STAGE=2, RECOMPUTE=False, ACCUMULATE=False, INNER=True, EB=eb))
                 for eb in (E // 2, E // 4) if eb >= 16]
