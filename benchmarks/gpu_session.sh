@@ -926,8 +926,10 @@ if [ "$PART" = 102 ]; then
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   step 100 mac-65536x1-wf4096-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $WF4 \
     --out "$RES/h_wf4096_stage0_warps4.json"
-  step 100 mac-65536x1-wf4096-stages-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4,stage2=4 $WF4 \
-    --out "$RES/h_wf4096_stages_warps4.json"
+  if [ "${BOTH:-1}" = 1 ]; then
+    step 100 mac-65536x1-wf4096-stages-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4,stage2=4 $WF4 \
+      --out "$RES/h_wf4096_stages_warps4.json"
+  fi
   mac_4096x8_defaults 130
   finish
 fi
