@@ -918,6 +918,24 @@ if [ "$PART" = 99 ]; then
   done
   finish
 fi
+if [ "$PART" = 103 ]; then
+  # for the next session with a GPU (after session 44): each backward stage's own time at the wavefront's segment
+  # shape (batch 1, 8 heads, 512 tokens, head dim 64, hidden 128, chunk 64, depth 2: the three launches with the
+  # walk over parts), by pass and kernel (memory_kernels.py --parts), for stage 0 as it is (~165 us a launch in the
+  # session-44 trace), by blocks of 32, at 4 and 16 warps; and stage 2 whole against by 32 (the new default): which
+  # launch shapes shorten a stage, before a whole-model row is spent on it
+  MK="python3 benchmarks/memory_kernels.py --backends triton --parts --iters 20 --shapes 1x8x512x64x128x64x2"
+  step 80 memory-kernels-b1-defaults $MK --out "$RES/memory_kernels_b1_defaults.json"
+  step 50 memory-kernels-b1-stage2-whole env TITANS_TRITON_STAGE2_BLOCK=0 $MK \
+    --out "$RES/memory_kernels_b1_stage2_whole.json"
+  step 50 memory-kernels-b1-stage0-block32 env TITANS_TRITON_STAGE0_BLOCK=32 $MK \
+    --out "$RES/memory_kernels_b1_stage0_block32.json"
+  for w in 4 16; do
+    step 50 "memory-kernels-b1-stage0-warps$w" env TITANS_TRITON_PASS_WARPS=stage0=$w $MK \
+      --out "$RES/memory_kernels_b1_stage0_warps$w.json"
+  done
+  finish
+fi
 if [ "$PART" = 102 ]; then
   # session 44, after PART=101 (stage 2 by 32 the default: 0.876x on an H100): call 2's trace puts stage 0 at
   # ~165 us a launch of 64 programs (8 warps, 255 registers, 112 KB shared: one program an SM, two warps a
