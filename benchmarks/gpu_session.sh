@@ -926,14 +926,14 @@ if [ "$PART" = 103 ]; then
   # launch shapes shorten a stage, before a whole-model row is spent on it
   MK="python3 benchmarks/memory_kernels.py --backends triton --parts --iters 20 --shapes 1x8x512x64x128x64x2"
   step 80 memory-kernels-b1-defaults $MK --out "$RES/memory_kernels_b1_defaults.json"
-  step 50 memory-kernels-b1-stage2-whole env TITANS_TRITON_STAGE2_BLOCK=0 $MK \
-    --out "$RES/memory_kernels_b1_stage2_whole.json"
+  step 50 memory-kernels-b1-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $MK \
+    --out "$RES/memory_kernels_b1_stage0_warps4.json"
   step 50 memory-kernels-b1-stage0-block32 env TITANS_TRITON_STAGE0_BLOCK=32 $MK \
     --out "$RES/memory_kernels_b1_stage0_block32.json"
-  for w in 4 16; do
-    step 50 "memory-kernels-b1-stage0-warps$w" env TITANS_TRITON_PASS_WARPS=stage0=$w $MK \
-      --out "$RES/memory_kernels_b1_stage0_warps$w.json"
-  done
+  step 50 memory-kernels-b1-stage2-whole env TITANS_TRITON_STAGE2_BLOCK=0 $MK \
+    --out "$RES/memory_kernels_b1_stage2_whole.json"
+  step 50 memory-kernels-b1-stage0-warps16 env TITANS_TRITON_PASS_WARPS=stage0=16 $MK \
+    --out "$RES/memory_kernels_b1_stage0_warps16.json"
   finish
 fi
 if [ "$PART" = 102 ]; then
