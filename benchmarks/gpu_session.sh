@@ -918,13 +918,12 @@ if [ "$PART" = 99 ]; then
   done
   finish
 fi
-if [ "$PART" = 103 ]; then
-  # for the next session with a GPU (after session 44): each backward stage's own time at the wavefront's segment
-  # shape (batch 1, 8 heads, 512 tokens, head dim 64, hidden 128, chunk 64, depth 2: the three launches with the
-  # walk over parts), by pass and kernel (memory_kernels.py --parts), for stage 0 as it is (~165 us a launch in the
-  # session-44 trace), by blocks of 32, at 4 and 16 warps; and stage 2 whole against by 32 (the new default): which
-  # launch shapes shorten a stage, before a whole-model row is spent on it
-  MK="python3 benchmarks/memory_kernels.py --backends triton --parts --iters 20 --shapes 1x8x512x64x128x64x2"
+stage_times() {  # each backward stage's own time at the wavefront's segment shape (batch 1, 8 heads, 512 tokens,
+  # head dim 64, hidden 128, chunk 64, depth 2: the three launches with the walk over parts), by pass and kernel
+  # (memory_kernels.py --parts, which also fails beyond bf16 tolerance against the PyTorch core): stage 0 as it is
+  # (~165 us a launch in session 44's trace), at 4 warps, by blocks of 32, stage 2 whole against by 32 (the default
+  # since session 44), stage 0 at 16 warps; in order of priority
+  local MK="python3 benchmarks/memory_kernels.py --backends triton --parts --iters 20 --shapes 1x8x512x64x128x64x2"
   step 80 memory-kernels-b1-defaults $MK --out "$RES/memory_kernels_b1_defaults.json"
   step 50 memory-kernels-b1-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $MK \
     --out "$RES/memory_kernels_b1_stage0_warps4.json"
@@ -934,6 +933,21 @@ if [ "$PART" = 103 ]; then
     --out "$RES/memory_kernels_b1_stage2_whole.json"
   step 50 memory-kernels-b1-stage0-warps16 env TITANS_TRITON_PASS_WARPS=stage0=16 $MK \
     --out "$RES/memory_kernels_b1_stage0_warps16.json"
+}
+if [ "$PART" = 104 ]; then
+  # for the next session with a GPU (after session 44, whose last six starts got no machine): PART=103 and PART=102's
+  # A/B in one call, for when a single machine is all a session gets: the stages' own times, then the whole model by
+  # default and with stage 0 at 4 warps (limits 550 s; the denominator is left out, the A/B shares the machine)
+  stage_times
+  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  step 100 mac-65536x1-wf4096-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $WF4 \
+    --out "$RES/h_wf4096_stage0_warps4.json"
+  finish
+fi
+if [ "$PART" = 103 ]; then
+  # for the next session with a GPU (after session 44): the stages' own times (stage_times): which launch shapes
+  # shorten a stage, before a whole-model row is spent on it
+  stage_times
   finish
 fi
 if [ "$PART" = 102 ]; then
