@@ -5,8 +5,9 @@ Every GPU call of ``benchmarks/gpu_session.sh`` writes one ``benchmarks/harness.
 number of them and prints one markdown table - row, shape, tokens/s, peak GB, loss first -> last, the ``TITANS_*``
 switches the row ran with (the harness records them), whether its CUDA-graph capture computed the eager step's loss
 (the harness's ``capture_check``), and the ratio to the reference - and writes it as JSON and as a bar chart (PNG)
-with the 0.9x line.  A row whose capture computed another loss timed another computation: it never meets the
-target, and never serves as a reference.
+with the 0.9x line.  A row whose capture computed another loss timed another computation, and a row whose memory
+kernels fell back to the PyTorch loop (the harness's ``memory_fallbacks``) timed other code than its switches
+asked for: neither meets the target, nor serves as a reference.
 
     python benchmarks/flat_scaling.py /tmp/call72/gpu_results/h_*.json --out benchmarks/results/flat_part72
 
@@ -48,9 +49,17 @@ def load_rows(paths: list[str]) -> list[dict]:
                          # the layout the wavefront's default resolved to (recorded since session 42; None:
                          # not a wavefront row, or older): shown, not matched on (the 4096 x 8 row has none)
                          "readouts_apart": (data.get("defaults") or {}).get("wavefront_readouts_apart"),
+                         # memory shapes whose Triton kernels failed and ran the PyTorch loop (since session 44)
+                         "fallbacks": data.get("memory_fallbacks") or [],
                          "capture_agrees": (r.get("capture_check") or {}).get("agrees"),
                          "capture_rel_diff": (r.get("capture_check") or {}).get("rel_diff")})
     return rows
+
+
+def _timed_what_it_says(row: dict) -> bool:
+    """Whether the row timed the computation it names: its capture (if checked) computed the eager loss, and no
+    memory shape fell back to the PyTorch loop."""
+    return row["capture_agrees"] is not False and not row["fallbacks"]
 
 
 def with_ratios(rows: list[dict], reference_shape: str = "4096x8", reference: str | None = None) -> dict:
@@ -59,7 +68,7 @@ def with_ratios(rows: list[dict], reference_shape: str = "4096x8", reference: st
     such as what the backward keeps, is compared like with like), else the model's default reference - the
     ``reference`` file's row if given, else the first row at that shape run with no switches, else the first."""
     candidates = [r for r in rows if r["shape"] == reference_shape and not r["error"] and r["tokens_per_s"]
-                  and r["capture_agrees"] is not False]
+                  and _timed_what_it_says(r)]
     defaults: dict[str, dict] = {}
     for r in candidates:
         if reference is not None and Path(r["path"]) != Path(reference) and r["name"] != reference:
@@ -75,7 +84,7 @@ def with_ratios(rows: list[dict], reference_shape: str = "4096x8", reference: st
         ok = ref is not None and not r["error"] and r["tokens_per_s"]
         out.append(dict(r, reference=ref["name"] if ref is not None else None,
                         ratio=r["tokens_per_s"] / ref["tokens_per_s"] if ok else None,
-                        meets=(r["tokens_per_s"] / ref["tokens_per_s"] >= TARGET and r["capture_agrees"] is not False)
+                        meets=(r["tokens_per_s"] / ref["tokens_per_s"] >= TARGET and _timed_what_it_says(r))
                         if ok else None))
     return {"target": TARGET, "reference_shape": reference_shape,
             "references": {m: r["name"] for m, r in defaults.items()}, "rows": out}
@@ -96,6 +105,8 @@ def markdown(result: dict) -> str:
         if r.get("readouts_apart") is not None and "TITANS_WAVEFRONT_READOUT_STREAMS" not in r["switches"]:
             switches += f" (read-outs {'apart' if r['readouts_apart'] else 'on the chain'} by default)"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}x" + (" (met)" if r["meets"] else "")
+        if r["fallbacks"]:
+            ratio += " (memory fell back to PyTorch: " + ", ".join("x".join(map(str, s)) for s in r["fallbacks"]) + ")"
         peak = "" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
         lines.append(f"| {r['name']} | {r['model']} | {r['shape']} | {r['tokens_per_s']:,.0f} | {peak} | {loss} | "
                      f"{switches} | {capture} | {ratio} |")

@@ -618,11 +618,12 @@ def test_compile_check_of_the_wavefront_finds_the_same_step(batched, queries):
     assert r["loss_error"] <= 1e-12 and r["worst_grad_error"] <= 1e-10, r
 
 
-def _harness_json(path, rows, env=None, capture_check=None, readouts_apart=None):
+def _harness_json(path, rows, env=None, capture_check=None, readouts_apart=None, fallbacks=None):
     train = [dict(model="mac", seq_len=s, batch=b, train_tokens_per_s=tps, train_peak_gb=1.0, train_loss_first=5.6,
                   train_loss_last=5.4, error=err, capture_check=capture_check) for s, b, tps, err in rows]
     path.write_text(json.dumps({"date": "2026-12-05", "device": "test", "env": env or {}, "train": train,
-                                "defaults": {"wavefront_readouts_apart": readouts_apart}}))
+                                "defaults": {"wavefront_readouts_apart": readouts_apart},
+                                **({"memory_fallbacks": fallbacks} if fallbacks is not None else {})}))
     return str(path)
 
 
@@ -646,7 +647,12 @@ def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_pat
              _harness_json(tmp_path / "oom.json", [(65536, 1, None, "CUDA out of memory")]),
              _harness_json(tmp_path / "flat_checked.json", [(65536, 1, 370_000.0, None)], {"TITANS_X": "1"}, agrees),
              _harness_json(tmp_path / "flat_wrong.json", [(65536, 1, 390_000.0, None)], {"TITANS_Y": "1"}, disagrees),
-             _harness_json(tmp_path / "ref_wrong.json", [(4096, 8, 100_000.0, None)], {"TITANS_Y": "1"}, disagrees)]
+             _harness_json(tmp_path / "ref_wrong.json", [(4096, 8, 100_000.0, None)], {"TITANS_Y": "1"}, disagrees),
+             # memory kernels that fell back to the PyTorch loop: timed other code than the switches say
+             _harness_json(tmp_path / "flat_fell_back.json", [(65536, 1, 395_000.0, None)], {"TITANS_Z": "1"},
+                           agrees, fallbacks=[[64, 128, 2, 64]]),
+             _harness_json(tmp_path / "ref_fell_back.json", [(4096, 8, 90_000.0, None)], {"TITANS_Z": "1"},
+                           fallbacks=[[64, 128, 2, 64]])]
     result = fs.main(files + ["--out", str(tmp_path / "flat")])
     by_name = {r["name"]: r for r in result["rows"]}
     assert by_name["flat_checked"]["ratio"] == pytest.approx(0.925) and by_name["flat_checked"]["meets"] is True
@@ -654,6 +660,8 @@ def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_pat
     assert by_name["flat_wrong"]["reference"] == "ref" and by_name["flat_wrong"]["ratio"] == pytest.approx(0.975)
     assert by_name["flat_wrong"]["meets"] is False and by_name["flat_checked"]["capture_agrees"] is True
     assert by_name["flat"]["ratio"] == pytest.approx(0.75) and by_name["flat"]["meets"] is False
+    assert by_name["flat_fell_back"]["reference"] == "ref" and by_name["flat_fell_back"]["meets"] is False
+    assert by_name["flat_fell_back"]["ratio"] == pytest.approx(0.9875)
     # the layout the default resolved to is shown, and the row still pairs with the reference of no switches
     assert by_name["flat_apart"]["reference"] == "ref" and by_name["flat_apart"]["ratio"] == pytest.approx(0.85)
     assert by_name["flat_kept"]["reference"] == "ref_kept" and by_name["flat_kept"]["ratio"] == pytest.approx(0.92)
@@ -664,6 +672,7 @@ def test_flat_scaling_pairs_rows_with_the_reference_of_the_same_switches(tmp_pat
     table = (tmp_path / "flat.md").read_text()
     assert "failed: CUDA out of memory" in table and "0.920x (met)" in table and "0.750x |" in table
     assert "| yes | 0.925x (met) |" in table and "| NO (4.2e-05 relative) | 0.975x |" in table
+    assert "| 0.988x (memory fell back to PyTorch: 64x128x2x64) |" in table
     assert "| defaults (read-outs apart by default) |  | 0.850x |" in table
     assert "| defaults (read-outs on the chain by default) |  | 0.750x |" in table
     assert json.loads((tmp_path / "flat.json").read_text())["target"] == 0.9
