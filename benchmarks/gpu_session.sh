@@ -934,6 +934,19 @@ stage_times() {  # each backward stage's own time at the wavefront's segment sha
   step 50 memory-kernels-b1-stage0-warps16 env TITANS_TRITON_PASS_WARPS=stage0=16 $MK \
     --out "$RES/memory_kernels_b1_stage0_warps16.json"
 }
+if [ "$PART" = 105 ]; then
+  # for a session with a GPU (after session 44): stage 2 by 32 hidden units inside the one-launch backward (batch >= 3,
+  # so MAC 4096 x 8: TITANS_TRITON_STAGE2_BLOCK=32; "auto" keeps whole tiles there until this is timed).  Cross-
+  # compiled with Triton 3.6 the kernel's stack stays (stage 0's role sets it) but its local loads / stores fall from
+  # 2,609 / 2,005 to 1,928 / 1,468.  The GPU test (three launches and the one launch against the PyTorch core), then
+  # the 4096 x 8 row by default and so on one machine (a faster 4096 x 8 lowers the flat ratio: it is the denominator)
+  kernel_tests 120 gpu-test-stage-blocks 'stages_over_blocks_of_hidden_units_on_gpu' gpu_test_stage_blocks.txt
+  mac_4096x8_defaults 150
+  step 100 mac-4096x8-stage2-block32 env TITANS_TRITON_STAGE2_BLOCK=32 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
+    --out "$RES/h_mac_4096x8_stage2_block32.json"
+  step 80 mac-4096x8-defaults-2 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults_2.json"
+  finish
+fi
 if [ "$PART" = 104 ]; then
   # for the next session with a GPU (after session 44, whose last six starts got no machine): PART=103 and PART=102's
   # A/B in one call, for when a single machine is all a session gets: the stages' own times, then the whole model by

@@ -42,7 +42,10 @@ def launches(D: int, E: int, C: int, L: int, N: int, residual: bool) -> list[tup
     if L == 2:
         out += [(f"backward stage {s}", tk._memory_bwd3_kernel, dict(base, STAGE=s, RECOMPUTE=False, ACCUMULATE=True,
                                                                     INNER=False, EB=0)) for s in (0, 1, 2)]
-        out.append(("backward, stages overlapped", tk._memory_bwd3_overlap_kernel, dict(base, INNER=False)))
+        out.append(("backward, stages overlapped", tk._memory_bwd3_overlap_kernel, dict(base, INNER=False, EB=0)))
+        # with its stage 2 by 32 hidden units (TITANS_TRITON_STAGE2_BLOCK=32; session 44, not timed)
+        out += [(f"backward, stages overlapped, stage 2 by {eb} units", tk._memory_bwd3_overlap_kernel,
+                 dict(base, INNER=False, EB=eb)) for eb in (E // 4,) if eb >= 16]
         # "inner saved": with TITANS_TRITON_SAVE_INNER=1 the forward's walk stores each chunk's inner forward and no
         # backward stage recomputes it (triton_kernels._save_inner)
         out.append(("forward pass 1, inner saved", tk._memory_fwd_kernel, dict(base, L=L, SAVE=True, MODE=1,

@@ -480,6 +480,14 @@ _STAGE_BLOCK_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
         print(f"BLOCKED_{name}", max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                                      for a, b in zip(got, ref)))
         assert {(0, 16), (2, 16)} <= set(launched) and not {(0, 0), (2, 0)} & set(launched), launched
+    # the one-launch backward (its programs hand chunks on through flags), stage 2 by blocks inside it
+    os.environ["TITANS_TRITON_BWD"] = "overlap"
+    os.environ["TITANS_TRITON_SAVE_INNER"] = "auto"
+    launched.clear()
+    got = outputs_and_grads(one_node)
+    print("BLOCKED_OVERLAP", max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                                 for a, b in zip(got, ref)))
+    assert launched.count((None, 16)) == 1 and len(launched) == 1 + launched.count((None, None)), launched
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES
 """)
 
@@ -489,9 +497,11 @@ def test_triton_stages_over_blocks_of_hidden_units_under_interpreter():
     """Stages 0 and 2 of the depth-2 backward over the hidden units a block at a time (TITANS_TRITON_STAGE0_BLOCK /
     _STAGE2_BLOCK: passes over the blocks, fewer live tiles) == the one-node torch core: the split core (stage 0 of
     the read-out op computing the inner forward, stage 2 of the walk op reading the forward's), the one-node core,
-    and the one-node core reading the forward's inner forward (float32 operands under TRITON_INTERPRET=1)."""
+    the one-node core reading the forward's inner forward, and the one-launch backward's stage 2 (float32 operands
+    under TRITON_INTERPRET=1)."""
     err = _errors(_interpreted(_STAGE_BLOCK_SCRIPT))
-    assert all(float(err[f"BLOCKED_{name}"]) <= 5e-5 for name in ("SPLIT", "ONE_NODE", "ONE_NODE_INNER")), err
+    names = ("SPLIT", "ONE_NODE", "ONE_NODE_INNER", "OVERLAP")
+    assert all(float(err[f"BLOCKED_{name}"]) <= 5e-5 for name in names), err
 
 
 def test_stage_blocks_apply_only_where_they_divide_the_hidden_units(monkeypatch):
@@ -514,6 +524,10 @@ def test_stage_blocks_apply_only_where_they_divide_the_hidden_units(monkeypatch)
         monkeypatch.setenv(f"TITANS_TRITON_STAGE{stage}_BLOCK", "64")
     # stage 2 recomputing the chunk's inner forward keeps whole tiles; stage 0 computes it by blocks itself
     assert tk.stage_block(2, 128, reads_inner=False) == 0 and tk.stage_block(0, 128, reads_inner=False) == 64
+    # inside the one-launch backward stage 2 takes blocks only when the switch names them (auto: untimed there)
+    assert tk.stage_block(2, 128, one_launch=True) == 64
+    monkeypatch.setenv("TITANS_TRITON_STAGE2_BLOCK", "auto")
+    assert tk.stage_block(2, 128, one_launch=True) == 0 and tk.stage_block(2, 128) == 32
 
 
 _BF16_INPUTS_SCRIPT = textwrap.dedent("""
@@ -1117,14 +1131,16 @@ def test_triton_walks_over_parts_on_gpu(parts, inner, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("blocks", [("0", "auto"), ("32", "32"), ("0", "0")])
-def test_triton_stages_over_blocks_of_hidden_units_on_gpu(blocks, monkeypatch):
+@pytest.mark.parametrize("mode,blocks", [("split", ("0", "auto")), ("split", ("32", "32")), ("split", ("0", "0")),
+                                         ("overlap", ("0", "32"))])
+def test_triton_stages_over_blocks_of_hidden_units_on_gpu(mode, blocks, monkeypatch):
     """Stages 0 and 2 over the hidden units ``blocks`` at a time (TITANS_TRITON_STAGE0_BLOCK / _STAGE2_BLOCK; stage
     2 by 32 by default, "auto"; 0: whole) == the PyTorch core at the issue's memory shape (hidden 128), float32 and
-    bf16 q / k / v, and launched so.  (Either stage by 64 needs more shared memory than an H100 has: session 44.)"""
+    bf16 q / k / v, and launched so; in three launches, and stage 2 by 32 inside the one launch (``overlap``).
+    (Either stage by 64 needs more shared memory than an H100 has: session 44.)"""
     import titans.core.memory.triton_kernels as tk
 
-    monkeypatch.setenv("TITANS_TRITON_BWD", "split")
+    monkeypatch.setenv("TITANS_TRITON_BWD", mode)
     monkeypatch.setenv("TITANS_TRITON_STAGE0_BLOCK", blocks[0])
     monkeypatch.setenv("TITANS_TRITON_STAGE2_BLOCK", blocks[1])
     monkeypatch.setattr(tk, "FAILED_SHAPES", set())  # a failure in another test must not fail this one
@@ -1136,7 +1152,10 @@ def test_triton_stages_over_blocks_of_hidden_units_on_gpu(blocks, monkeypatch):
                                                                        run(kernel, grid, args, meta)))
     _triton_core_matches_torch_on_gpu(ins, C)
     expected = [int(b.replace("auto", str(tk.STAGE2_AUTO_BLOCK))) for b in blocks]
-    assert {(0, expected[0]), (2, expected[1])} <= set(launched), launched
+    if mode == "overlap":
+        assert (None, expected[1]) in set(launched) and not {0, 2} & {s for s, _ in launched}, launched
+    else:
+        assert {(0, expected[0]), (2, expected[1])} <= set(launched), launched
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES
 
 

@@ -74,7 +74,8 @@ _DECLARED = (
            lambda v: v == "0" or _power_of_two(v, 1024)),
     Switch("TITANS_TRITON_STAGE2_BLOCK", None, "auto",
            "hidden units the depth-2 backward's stage 2 takes at a time where it reads the chunk's inner forward "
-           "(fewer live tiles, no spills; two passes over the blocks); auto: 32; 0: all at once (session 44, H100: 64 "
+           "(fewer live tiles, no spills; two passes over the blocks); auto: 32 in the three-launch backward, whole "
+           "tiles in the one launch (untimed there; a number applies to both); 0: all at once (session 44, H100: 64 "
            "over the shared memory at hidden 128)",
            "auto, 0 or a power of two from 16 that divides the hidden size",
            lambda v: v in ("auto", "0") or _power_of_two(v, 1024)),

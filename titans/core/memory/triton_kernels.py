@@ -1023,8 +1023,10 @@ if triton is not None:
         DY_H, DY_SB, DY_SH, DY_ST,  # dy's heads and strides (batch, head, token): see _dy_chunk
         TICKET, FLAGS,  # int32, zero at launch: the ticket counter (1,) and the hand-on flags (2, BH, N)
         N: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
-        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr = False,
+        RESIDUAL: tl.constexpr, DOT_BF16: tl.constexpr, INNER: tl.constexpr = False, EB: tl.constexpr = 0,
     ):
+        """``EB`` > 0: stage 2's programs take the hidden units that many at a time (:func:`_bwd3_stage2_blocked`,
+        reading the inner forward stage 0 stored or the forward's), once both flags of their chunk are up."""
         BH = tl.num_programs(0) // (2 * N + 1)
         t = tl.atomic_add(TICKET, 1).to(tl.int64)
         F1 = FLAGS + BH * N
@@ -1040,6 +1042,15 @@ if triton is not None:
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL, DY_H, DY_SB, DY_SH, DY_ST,
                         t - BH * N, 0, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 1, True, False, True, INNER)
+        elif EB > 0:
+            j = t - BH * N - BH
+            bh = j % BH
+            c = N - 1 - j // BH
+            _wait(FLAGS + bh * N + c)  # as _bwd3_stage's stage 2 waits: stage 0's scratch and dk / dv, the walk's
+            _wait(F1 + bh * N + c)  # end-state gradient of the chunk
+            _bwd3_stage2_blocked(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, NW1, NW2, NS1, NS2,
+                                 ZS, US, LS, ES, DK, DV, DML, DMM, DGL, DBL, DPL, bh, c,
+                                 N, C, D, E, EB, RESIDUAL, DOT_BF16, True)
         else:
             j = t - BH * N - BH
             _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
@@ -1844,7 +1855,8 @@ def _launch_stages(BH: int, N: int, E: int, args, kw, overlap: bool, parts: int 
     chunks on through flags.  ``E``: the memory's hidden size (stages 0 and 2 may take it a block at a time,
     :func:`stage_block`)."""
     if overlap:
-        _run(_memory_bwd3_overlap_kernel, *overlap_launch(BH, N, args), kw)
+        _run(_memory_bwd3_overlap_kernel, *overlap_launch(BH, N, args),
+             dict(kw, EB=stage_block(2, E, one_launch=True)))
         return
     _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0, EB=stage_block(0, E)))
     if parts >= PARTS_KERNELS_FROM:
@@ -1857,7 +1869,7 @@ def _launch_stages(BH: int, N: int, E: int, args, kw, overlap: bool, parts: int 
 STAGE2_AUTO_BLOCK = 32
 
 
-def stage_block(stage: int, E: int, reads_inner: bool = True) -> int:
+def stage_block(stage: int, E: int, reads_inner: bool = True, one_launch: bool = False) -> int:
     """Hidden units stage 0 or 2 of the three-stage backward takes at a time (``TITANS_TRITON_STAGE0_BLOCK`` /
     ``TITANS_TRITON_STAGE2_BLOCK``; 0: all of them at once, :func:`_bwd3_stage`) where the block divides the hidden
     size into at least two, and for stage 2 where it reads the chunk's inner forward from the scratch (stage 0 or
@@ -1866,12 +1878,17 @@ def stage_block(stage: int, E: int, reads_inner: bool = True) -> int:
     Stage 2 takes ``STAGE2_AUTO_BLOCK`` units by default (``auto``): cross-compiled for sm_90a its spills fall from
     2,000 bytes a thread to none, and MAC 65536 x 1 through the wavefront (the walk op's stage 2) trained 296.5K vs
     283.3K tokens/s on one H100 and 299.4K / 299.0K vs 285.5K / 285.2K on another (+4.8%; benchmarks/RESULTS.md
-    section 6, session 44).  The one-launch backward (batch >= 3) keeps whole tiles.  Stage 0 stays whole by default: by
+    section 6, session 44).  Stage 0 stays whole by default: by
     blocks of 32 it still spills (1.3 KB a thread) and was slower (290.3K with both stages blocked).  By
     64 units either stage needs more shared memory than an H100 has at hidden 128 (the launch fails and the shape
-    falls back to PyTorch, with a warning)."""
+    falls back to PyTorch, with a warning).
+
+    ``one_launch``: stage 2 inside the one-launch backward (``_memory_bwd3_overlap_kernel``, batch >= 3, so MAC 4096
+    x 8), which takes a block only when the switch names one (``auto`` keeps whole tiles there: not timed yet)."""
     name = {0: "TITANS_TRITON_STAGE0_BLOCK", 2: "TITANS_TRITON_STAGE2_BLOCK"}[stage]
     value = switch_value(name) or "0"
+    if value == "auto" and one_launch:
+        return 0
     block = STAGE2_AUTO_BLOCK if value == "auto" else int(value)
     return block if (reads_inner or stage == 0) and 16 <= block < E and E % block == 0 else 0
 
