@@ -512,6 +512,15 @@ def test_profile_traces_keep_each_kernels_launch_configuration_and_the_sm_time_i
     assert fwd["sm_ms_by_kind"] == pytest.approx({"matmul": 1.32, "memory (Triton)": 0.32})
     assert list(fwd["sm_ms_top"]) == ["nvjet_gemm", "_memory_walk_parts_kernel"]
     assert bwd["sm_ms_held"] == pytest.approx(30 * 16 / 1e3) and bwd["sm_share"] == pytest.approx(16 / 132)
+    # shared out: from 12 to 22 us the walk (16) and the matmul (132) ask for 148 of 132 SMs and get 132 in
+    # proportion; the rest of the span the walk holds its 16 and 116 SMs stand idle
+    walk = (2 * 16 + 10 * 16 * 132 / 148 + 8 * 16) / 1e3
+    gemm = 10 * 132 * 132 / 148 / 1e3
+    assert fwd["sm_ms_shared_by_kind"] == pytest.approx({"matmul": gemm, "memory (Triton)": walk})
+    assert fwd["sm_idle_share"] == pytest.approx(10 * 116 / (20 * 132))
+    assert sum(fwd["sm_ms_shared_by_kind"].values()) * 1e3 + fwd["sm_idle_share"] * 20 * 132 == pytest.approx(20 * 132)
+    assert bwd["sm_ms_shared_by_kind"] == pytest.approx({"memory (Triton)": 0.48})
+    assert bwd["sm_idle_share"] == pytest.approx(116 / 132)
     # traces without configurations (before session 43) report no SM time
     assert "sm_ms_held" not in ca.step_phases(names, streams)["phases"][0]
 
