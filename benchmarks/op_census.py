@@ -12,7 +12,9 @@ the width)::
     TRITON_INTERPRET=1 python benchmarks/op_census.py --models mac --seq 512 --dim 256 --heads 4 --window 128 \\
         --memory-chunk 64 --memory-backend triton --out benchmarks/results/op_census_mac.json
 
-Writes JSON and prints markdown tables (the most frequent operations; the data-movement operations by module).
+Writes JSON and prints markdown tables (the most frequent operations; the data-movement operations by module; the
+matrix products by module and operand shapes: MAC's per-segment projections are small GEMMs of a segment's rows,
+latency-bound on a GPU at batch 1, benchmarks/RESULTS.md section 6, session 44).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from titans.core.models import build_model
 from titans.utils.config import ACTIVATION_CHECKPOINTING
+from titans.utils.io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import add_model_arguments, model_config  # noqa: E402 - the harness's model from the same arguments
@@ -39,6 +42,8 @@ from saved_activations import group_of  # noqa: E402 - the same module rows
 MOVEMENT = {"copy_", "_to_copy", "clone", "cat", "stack", "contiguous", "index_select", "gather",
             "roll", "repeat", "expand_copy", "flip", "constant_pad_nd", "new_zeros", "zeros_like", "fill_",
             "zero_", "slice_scatter", "select_scatter", "index_put_", "masked_fill"}
+# matrix products: counted by operand shapes too (a bias, addmm's first operand, left out)
+MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
 # views and metadata: no kernel
 VIEWS = {"view", "_reshape_alias", "reshape", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
          "squeeze", "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "chunk", "unfold",
@@ -72,12 +77,17 @@ class OpCounter(TorchDispatchMode):
         self.stack = stack
         self.ops: Counter = Counter()
         self.by_module: dict[str, Counter] = defaultdict(Counter)
+        self.matmuls: Counter = Counter()  # (module, operation, operand shapes) -> calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = op_name(func)
         if name not in VIEWS and not _in_triton_interpreter():
+            module = group_of(self.stack[-1]) if self.stack else "(backward / outside modules)"
             self.ops[name] += 1
-            self.by_module[group_of(self.stack[-1]) if self.stack else "(backward / outside modules)"][name] += 1
+            self.by_module[module][name] += 1
+            if name in MATMULS:
+                operands = args[1:3] if name in ("addmm", "baddbmm") else args[:2]
+                self.matmuls[(module, name, " @ ".join("x".join(map(str, t.shape)) for t in operands))] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -117,7 +127,9 @@ def census(model: torch.nn.Module, ids: torch.Tensor, bf16: bool) -> dict:
             "movement": sum(movement.values()), "ops": dict(counter.ops.most_common()),
             "movement_by_module": {m: {k: v for k, v in c.most_common() if k in MOVEMENT}
                                    for m, c in sorted(counter.by_module.items())
-                                   if any(k in MOVEMENT for k in c)}}
+                                   if any(k in MOVEMENT for k in c)},
+            "matmuls": [{"module": m, "op": op, "shapes": shapes, "calls": n}
+                        for (m, op, shapes), n in counter.matmuls.most_common()]}
 
 
 def main(argv=None) -> dict:
@@ -148,8 +160,10 @@ def main(argv=None) -> dict:
         print("\n| module | data-movement operations |\n| --- | --- |")
         for mod, c in sorted(r["movement_by_module"].items(), key=lambda kv: -sum(kv[1].values())):
             print(f"| {mod} | {sum(c.values())}: " + ", ".join(f"{k} {v}" for k, v in c.items()) + " |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+        print("\n| module | matrix product | operand shapes | calls |\n| --- | --- | --- | --- |")
+        for mm in r["matmuls"][:args.top]:
+            print(f"| {mm['module']} | {mm['op']} | {mm['shapes']} | {mm['calls']} |")
+    atomic_write_text(args.out, json.dumps(result, indent=1))
     print(f"\nJSON: {args.out}")
     return result
 

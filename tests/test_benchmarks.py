@@ -80,6 +80,14 @@ def test_op_census_counts_each_operation_of_the_step_once():
     assert r["movement"] == sum(n in oc.MOVEMENT for n in kept) > 0
     assert "view" not in r["ops"] and r["ops"]["mm"] > 0
     assert sum(sum(c.values()) for c in r["movement_by_module"].values()) == r["movement"]
+    # every matrix product counted once more by module and operand shapes (addmm without its bias)
+    assert sum(m["calls"] for m in r["matmuls"]) == sum(r["ops"].get(op, 0) for op in oc.MATMULS)
+    addmms = [m for m in r["matmuls"] if m["op"] == "addmm"]
+    assert addmms and sum(m["calls"] for m in addmms) == r["ops"]["addmm"]  # the memory's gates (a bias)
+    assert all("x" in part for m in addmms for part in m["shapes"].split(" @ ")), addmms  # two matrices, no bias
+    assert all(m["shapes"].count(" @ ") == 1 for m in r["matmuls"])
+    # the memory's q / k / v projection (dim 16 -> 3 x 2 heads x 8) appears with its weight's shape
+    assert any(m["shapes"].endswith("@ 16x48") for m in r["matmuls"]), r["matmuls"]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert all(p.grad is None for p in params)
     torch.testing.assert_close(model(ids, labels=ids, use_cache=False).loss, loss, rtol=0, atol=0)
