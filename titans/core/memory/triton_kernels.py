@@ -1878,10 +1878,9 @@ def stage_block(stage: int, E: int, reads_inner: bool = True, one_launch: bool =
     Stage 2 takes ``STAGE2_AUTO_BLOCK`` units by default (``auto``): cross-compiled for sm_90a its spills fall from
     2,000 bytes a thread to none, and MAC 65536 x 1 through the wavefront (the walk op's stage 2) trained 296.5K vs
     283.3K tokens/s on one H100 and 299.4K / 299.0K vs 285.5K / 285.2K on another (+4.8%; benchmarks/RESULTS.md
-    section 6, session 44).  Stage 0 stays whole by default: by
-    blocks of 32 it still spills (1.3 KB a thread) and was slower (290.3K with both stages blocked).  By
-    64 units either stage needs more shared memory than an H100 has at hidden 128 (the launch fails and the shape
-    falls back to PyTorch, with a warning).
+    section 6, session 44).  Stage 0 stays whole by default: by blocks of 32 it still spills (1.3 KB a thread) and
+    was slower (290.3K with both stages blocked).  By 64 units either stage needs more shared memory than an H100
+    has at hidden 128 (the launch fails and the shape falls back to PyTorch, with a warning).
 
     ``one_launch``: stage 2 inside the one-launch backward (``_memory_bwd3_overlap_kernel``, batch >= 3, so MAC 4096
     x 8), which takes a block only when the switch names one (``auto`` keeps whole tiles there: not timed yet)."""
