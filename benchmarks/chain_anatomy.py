@@ -47,19 +47,15 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def load_trace(path: str) -> tuple[list[str], dict[str, list[list]]]:
-    """``(names, streams)`` of a ``--profile-trace`` file: streams map id -> [[start_us, end_us, name index], ...]."""
+def load_trace(path: str) -> tuple[list[str], dict[str, list[list]], list[list[int]]]:
+    """``(names, streams, configs)`` of a ``--profile-trace`` file: streams map id -> [[start_us, end_us, name
+    index(, config index)], ...]; configs are the launch configurations ([blocks, threads a block, registers a
+    thread, shared bytes a block]), empty for traces written before session 43."""
     try:
         data = json.loads(gzip.decompress(Path(path).read_bytes()))
-        return data["names"], data["streams"]
+        return data["names"], data["streams"], data.get("configs", [])
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"{path}: not a harness --profile-trace file ({e})") from e
-
-
-def load_configs(path: str) -> list[list[int]]:
-    """The launch configurations of a ``--profile-trace`` file ([blocks, threads a block, registers a thread, shared
-    bytes a block], indexed by a span's fourth element); empty for traces written before session 43."""
-    return json.loads(gzip.decompress(Path(path).read_bytes())).get("configs", [])
 
 
 # what one Hopper SM holds at most (CUDA occupancy limits, compute capability 9.0)
@@ -83,13 +79,14 @@ def sms_held(config: list[int], sms: int) -> float:
     return min(blocks, sms * per_sm) / per_sm
 
 
-def sm_time_shared(spans: list[list], demand, sms: int) -> tuple[list[float], float]:
+def sm_time_shared(spans: list[list], demands: list[float], sms: int) -> tuple[list[float], float]:
     """The SM time (SM-us) each span got with ``sms`` SMs shared: over every interval between two kernel starts or
-    ends, the running kernels hold what they demand (``demand(span)``: :func:`sms_held`) while the demands fit, and
-    shares of the SMs in proportion to their demands when they exceed them; plus the SM time no kernel held.  The
-    shares add up to ``sms`` x the spans' extent, unlike ``sms_held`` x duration summed, which counts every kernel of
-    an oversubscribed interval as holding its whole demand (session 44: 1.3-1.65x the SMs at MAC 65536 x 1).  How the
-    GPU really splits its SMs between concurrent kernels is not in the trace; this is the even-handed reading."""
+    ends, the running kernels hold what they demand (span i: ``demands[i]``, :func:`sms_held`) while the demands
+    fit, and shares of the SMs in proportion to their demands when they exceed them; plus the SM time no kernel
+    held.  The shares add up to ``sms`` x the spans' extent, unlike ``sms_held`` x duration summed, which counts
+    every kernel of an oversubscribed interval as holding its whole demand (session 44: 1.3-1.65x the SMs at MAC
+    65536 x 1).  How the GPU really splits its SMs between concurrent kernels is not in the trace; this is the
+    even-handed reading."""
     events = sorted([(sp[0], 1, i) for i, sp in enumerate(spans)] + [(sp[1], 0, i) for i, sp in enumerate(spans)])
     got = [0.0] * len(spans)
     idle = 0.0
@@ -104,7 +101,7 @@ def sm_time_shared(spans: list[list], demand, sms: int) -> tuple[list[float], fl
             idle += (sms - min(total, sms)) * (t - t_prev)
             t_prev = t
         if starts:
-            running[i] = demand(spans[i])
+            running[i] = demands[i]
         else:
             running.pop(i, None)
     return got, idle
@@ -195,14 +192,8 @@ def step_phases(names: list[str], streams: dict[str, list[list]], anchor: str = 
             continue
         start, end = part[0][0], max(sp[1] for sp in part)
         by_kind: Counter = Counter()
-        held_kind: Counter = Counter()
-        held_name: Counter = Counter()
         for sp in part:
             by_kind[kind_of(names[sp[2]])] += (sp[1] - sp[0]) / 1e3
-            if configs and len(sp) > 3:
-                held = (sp[1] - sp[0]) / 1e3 * sms_held(configs[sp[3]], sms)
-                held_kind[kind_of(names[sp[2]])] += held
-                held_name[names[sp[2]]] += held
         kernel_ms = sum(by_kind.values())
         starts = [sp[0] for sp in part if sp[2] in ids]
         counts = []
@@ -215,19 +206,25 @@ def step_phases(names: list[str], streams: dict[str, list[list]], anchor: str = 
                        "kernels": len(part), "kernel_ms": kernel_ms, "concurrency": kernel_ms * 1e3 / (end - start),
                        "by_kind_ms": dict(by_kind.most_common()), "anchor_launches": len(starts),
                        "launches_per_window": counts})
-        if held_kind:
+        with_config = [sp for sp in part if len(sp) > 3] if configs else []
+        if with_config:
+            demands = [sms_held(configs[sp[3]], sms) for sp in with_config]
+            shared, idle = sm_time_shared(with_config, demands, sms)
+            held_kind: Counter = Counter()
+            held_name: Counter = Counter()
+            shared_kind: Counter = Counter()
+            shared_name: Counter = Counter()
+            for sp, demand, got in zip(with_config, demands, shared):
+                held = (sp[1] - sp[0]) / 1e3 * demand
+                held_kind[kind_of(names[sp[2]])] += held
+                held_name[names[sp[2]]] += held
+                shared_kind[kind_of(names[sp[2]])] += got / 1e3
+                shared_name[names[sp[2]]] += got / 1e3
             total = sum(held_kind.values())
             phases[-1].update({"sm_ms_held": total, "sm_share": total * 1e3 / ((end - start) * sms),
                                "sm_ms_by_kind": dict(held_kind.most_common()),
-                               "sm_ms_top": dict(held_name.most_common(8))})
-            with_config = [sp for sp in part if len(sp) > 3]
-            shared, idle = sm_time_shared(with_config, lambda sp: sms_held(configs[sp[3]], sms), sms)
-            shared_kind: Counter = Counter()
-            shared_name: Counter = Counter()
-            for sp, got in zip(with_config, shared):
-                shared_kind[kind_of(names[sp[2]])] += got / 1e3
-                shared_name[names[sp[2]]] += got / 1e3
-            phases[-1].update({"sm_ms_shared_by_kind": dict(shared_kind.most_common()),
+                               "sm_ms_top": dict(held_name.most_common(8)),
+                               "sm_ms_shared_by_kind": dict(shared_kind.most_common()),
                                "sm_ms_shared_top": dict(shared_name.most_common(8)),
                                "sm_idle_share": idle / ((end - start) * sms)})
     return {"anchor": anchor, "forward_anchor": forward_anchor, "window_us": window_us, "phases": phases}
@@ -268,10 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sms", type=int, default=132, help="with --phases: the GPU's SMs (H100 SXM / H200: 132)")
     ap.add_argument("--out", default=None, help="JSON path; the table goes beside it as .md")
     args = ap.parse_args(argv)
-    names, streams = load_trace(args.trace)
+    names, streams, configs = load_trace(args.trace)
     if args.phases:
         got = {"trace": args.trace, **step_phases(names, streams, args.anchor, args.forward_anchor, args.window,
-                                                  configs=load_configs(args.trace), sms=args.sms)}
+                                                  configs=configs, sms=args.sms)}
         for ph in got["phases"]:
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in ph["by_kind_ms"].items())
             print(f"{ph['phase']}: {ph['span_ms']:.1f} ms span, {ph['kernels']} kernels, {ph['kernel_ms']:.1f} ms of "

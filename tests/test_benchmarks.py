@@ -423,7 +423,7 @@ def test_chain_anatomy_reads_the_harness_trace_and_times_one_period(tmp_path):
     spans += [(0, 30, 9, "flash_bwd")]
     path = tmp_path / "trace.json.gz"
     harness.write_stream_trace(spans, str(path))
-    names, streams = ca.load_trace(str(path))
+    names, streams, _ = ca.load_trace(str(path))
     assert list(streams) == ["5", "9"] and len(streams["5"]) == 1 + 15 + 1
     got = ca.anatomy(names, streams["5"], "_memory_walk_bwd")
     # periods: cut at walks 1-5, the last dropped -> 4, of which 3 alike
@@ -460,7 +460,7 @@ def test_chain_anatomy_phases_cut_the_step_at_the_backwards_first_walk(tmp_path)
              (70, 90, 1, "_memory_walk_bwd_parts_kernel"), (100, 110, 4, "_memory_walk_bwd_parts_kernel")]
     path = tmp_path / "trace.json.gz"
     harness.write_stream_trace(spans, str(path))
-    names, streams = ca.load_trace(str(path))
+    names, streams, _ = ca.load_trace(str(path))
     got = ca.step_phases(names, streams, window_us=50)
     fwd, bwd = got["phases"]
     assert (fwd["phase"], fwd["start_us"], fwd["end_us"], fwd["kernels"]) == ("forward", 0, 30, 3)
@@ -501,8 +501,7 @@ def test_profile_traces_keep_each_kernels_launch_configuration_and_the_sm_time_i
                         (40, 70, 7, "_memory_walk_bwd_parts_kernel", (16, 256, 255, 1024))]
     trace = tmp_path / "trace.json.gz"
     harness.write_stream_trace(launches, str(trace))
-    names, streams = ca.load_trace(str(trace))
-    configs = ca.load_configs(str(trace))
+    names, streams, configs = ca.load_trace(str(trace))
     assert configs == [[16, 256, 255, 1024], [300, 128, 168, 100000]]  # the walks' configuration stored once
     assert [sp[3] for sp in streams["7"]] == [0, 0] and streams["9"][0][3] == 1
     # a block of 8 warps at 255 registers fills an SM's 65,536 registers (allocated 256 a warp at a time: 8,192 a
