@@ -1042,22 +1042,22 @@ if triton is not None:
                         NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
                         DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL, DY_H, DY_SB, DY_SH, DY_ST,
                         t - BH * N, 0, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 1, True, False, True, INNER)
-        elif EB > 0:
+        else:
             j = t - BH * N - BH
             bh = j % BH
             c = N - 1 - j // BH
-            _wait(FLAGS + bh * N + c)  # as _bwd3_stage's stage 2 waits: stage 0's scratch and dk / dv, the walk's
-            _wait(F1 + bh * N + c)  # end-state gradient of the chunk
-            _bwd3_stage2_blocked(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, NW1, NW2, NS1, NS2,
-                                 ZS, US, LS, ES, DK, DV, DML, DMM, DGL, DBL, DPL, bh, c,
-                                 N, C, D, E, EB, RESIDUAL, DOT_BF16, True)
-        else:
-            j = t - BH * N - BH
-            _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
-                        DW1, DW2, DS1, DS2,
-                        NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
-                        DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL, DY_H, DY_SB, DY_SH, DY_ST,
-                        j % BH, N - 1 - j // BH, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 2, True, False, True, INNER)
+            if EB > 0:
+                _wait(FLAGS + bh * N + c)  # as _bwd3_stage's stage 2 waits: stage 0's scratch and dk / dv, the
+                _wait(F1 + bh * N + c)  # walk's end-state gradient of the chunk
+                _bwd3_stage2_blocked(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, NW1, NW2, NS1, NS2,
+                                     ZS, US, LS, ES, DK, DV, DML, DMM, DGL, DBL, DPL, bh, c,
+                                     N, C, D, E, EB, RESIDUAL, DOT_BF16, True)
+            else:
+                _bwd3_stage(Q, K, V, G, BC, M, ML, MM, GL, BL, PL, SW1, SW2, SS1, SS2, DY, IDW1, IDW2, IDS1, IDS2,
+                            DW1, DW2, DS1, DS2,
+                            NW1, NW2, NS1, NS2, X1, X2, XS1, XS2, ZS, US, LS, HS, QS, ES,
+                            DQ, DK, DV, DG, DBC, DM, DML, DMM, DGL, DBL, DPL, DY_H, DY_SB, DY_SH, DY_ST,
+                            bh, c, FLAGS, F1, N, C, D, E, RESIDUAL, DOT_BF16, 2, True, False, True, INNER)
 
     # ------------------------------------------------------------------ the walks spread over P programs a head
     # At batch 1 the sequential walks run one program per head (8 at MAC's shape, on a GPU of 132 SMs), each holding
