@@ -918,6 +918,12 @@ if [ "$PART" = 99 ]; then
   done
   finish
 fi
+stage0_warps4_ab() {  # MAC 65536 x 1 by default, then with stage 0 of the memory backward at 4 warps (session 44: two
+  # of its programs might then share an SM), on one machine
+  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  step 100 mac-65536x1-wf4096-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $WF4 \
+    --out "$RES/h_wf4096_stage0_warps4.json"
+}
 stage_times() {  # each backward stage's own time at the wavefront's segment shape (batch 1, 8 heads, 512 tokens,
   # head dim 64, hidden 128, chunk 64, depth 2: the three launches with the walk over parts), by pass and kernel
   # (memory_kernels.py --parts, which also fails beyond bf16 tolerance against the PyTorch core): stage 0 as it is
@@ -952,9 +958,7 @@ if [ "$PART" = 104 ]; then
   # A/B in one call, for when a single machine is all a session gets: the stages' own times, then the whole model by
   # default and with stage 0 at 4 warps (limits 550 s; the denominator is left out, the A/B shares the machine)
   stage_times
-  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
-  step 100 mac-65536x1-wf4096-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $WF4 \
-    --out "$RES/h_wf4096_stage0_warps4.json"
+  stage0_warps4_ab
   finish
 fi
 if [ "$PART" = 103 ]; then
@@ -968,9 +972,7 @@ if [ "$PART" = 102 ]; then
   # ~165 us a launch of 64 programs (8 warps, 255 registers, 112 KB shared: one program an SM, two warps a
   # scheduler, latency-bound).  At 4 warps two of its programs could share an SM (2 x 112 KB < 227 KB): stage 0
   # alone and both stages at 4 warps against the default on one machine, then the ratio's denominator
-  step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
-  step 100 mac-65536x1-wf4096-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $WF4 \
-    --out "$RES/h_wf4096_stage0_warps4.json"
+  stage0_warps4_ab
   if [ "${BOTH:-1}" = 1 ]; then
     step 100 mac-65536x1-wf4096-stages-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4,stage2=4 $WF4 \
       --out "$RES/h_wf4096_stages_warps4.json"
