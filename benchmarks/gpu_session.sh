@@ -953,6 +953,15 @@ if [ "$PART" = 105 ]; then
   step 80 mac-4096x8-defaults-2 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults_2.json"
   finish
 fi
+if [ "$PART" = 106 ]; then
+  # session 45: session 44's batch-1 token spends its extra SM time in the chain's 512-row matmuls (cuBLAS nvjet
+  # 64x48 tiles at ~35 TFLOP/s); inductor's autotuned Triton matmul templates (max_autotune_gemm, cut at 280 s while
+  # autotuning in session 42) against the default on one machine, the autotuning given the rest of the call
+  step 150 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  step 380 mac-65536x1-wf4096-max-autotune-gemm env TITANS_INDUCTOR_OPTIONS='{"max_autotune_gemm": true}' $WF4 \
+    --out "$RES/h_wf4096_max_autotune_gemm.json"
+  finish
+fi
 if [ "$PART" = 104 ]; then
   # for the next session with a GPU (after session 44, whose last six starts got no machine): PART=103 and PART=102's
   # A/B in one call, for when a single machine is all a session gets: the stages' own times, then the whole model by
