@@ -953,6 +953,22 @@ if [ "$PART" = 105 ]; then
   step 80 mac-4096x8-defaults-2 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults_2.json"
   finish
 fi
+if [ "$PART" = 108 ]; then
+  # session 45: stage 0 at 4 warps the default (tk.stage0_warps; PART=102 / 107 on an H200: +2.2%): the flat pair
+  step 150 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  mac_4096x8_defaults 110
+  finish
+fi
+if [ "$PART" = 107 ]; then
+  # session 45, after PART=102 BOTH=0 on an H200 (stage 0 at 4 warps 347,566 against 340,282 by default, 0.905x):
+  # the pair again in the other order on the same machine, then both parallel stages at 4 warps
+  step 100 mac-65536x1-wf4096-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $WF4 \
+    --out "$RES/h_wf4096_stage0_warps4_again.json"
+  step 100 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults_again.json"
+  step 100 mac-65536x1-wf4096-stages-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4,stage2=4 $WF4 \
+    --out "$RES/h_wf4096_stages_warps4.json"
+  finish
+fi
 if [ "$PART" = 106 ]; then
   # session 45: session 44's batch-1 token spends its extra SM time in the chain's 512-row matmuls (cuBLAS nvjet
   # 64x48 tiles at ~35 TFLOP/s); inductor's autotuned Triton matmul templates (max_autotune_gemm, cut at 280 s while

@@ -447,9 +447,11 @@ _STAGE_BLOCK_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     import titans.core.memory.triton_kernels as tk
     from titans.core.memory.fused_update import neural_memory_update_fused, neural_memory_update_split
 
-    launched, run = [], tk._run
+    launched, warps, run = [], [], tk._run
     tk._run = lambda kernel, grid, args, meta: (launched.append((meta.get("STAGE"), meta.get("EB"))),
+                                                warps.append((meta.get("STAGE"), meta["num_warps"])),
                                                 run(kernel, grid, args, meta))
+    tk._num_warps = lambda D, E: 8  # the issue's shape's warps (the interpreter ignores them): stage 0 takes 4
     os.environ["TITANS_TRITON_STAGE0_BLOCK"] = os.environ["TITANS_TRITON_STAGE2_BLOCK"] = "16"  # hidden 32: 2 blocks
     base = memory_inputs(2, 32, 16, 32, 16, 3)
 
@@ -476,10 +478,12 @@ _STAGE_BLOCK_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
                              ("ONE_NODE_INNER", one_node, "1")):
         os.environ["TITANS_TRITON_SAVE_INNER"] = save
         launched.clear()
+        warps.clear()
         got = outputs_and_grads(core)
         print(f"BLOCKED_{name}", max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                                      for a, b in zip(got, ref)))
         assert {(0, 16), (2, 16)} <= set(launched) and not {(0, 0), (2, 0)} & set(launched), launched
+        assert {(0, 4), (2, 8)} <= set(warps) and (0, 8) not in warps, warps  # tk.stage0_warps
     # the one-launch backward (its programs hand chunks on through flags), stage 2 by blocks inside it
     os.environ["TITANS_TRITON_BWD"] = "overlap"
     os.environ["TITANS_TRITON_SAVE_INNER"] = "auto"
@@ -528,6 +532,15 @@ def test_stage_blocks_apply_only_where_they_divide_the_hidden_units(monkeypatch)
     assert tk.stage_block(2, 128, one_launch=True) == 64
     monkeypatch.setenv("TITANS_TRITON_STAGE2_BLOCK", "auto")
     assert tk.stage_block(2, 128, one_launch=True) == 0 and tk.stage_block(2, 128) == 32
+
+
+def test_stage0_takes_at_most_four_warps_unless_every_pass_is_set(monkeypatch):
+    import titans.core.memory.triton_kernels as tk
+
+    monkeypatch.delenv("TITANS_TRITON_WARPS", raising=False)
+    assert tk.stage0_warps({"num_warps": 8}) == tk.STAGE0_WARPS == 4 and tk.stage0_warps({"num_warps": 2}) == 2
+    monkeypatch.setenv("TITANS_TRITON_WARPS", "8")
+    assert tk.stage0_warps({"num_warps": 8}) == 8
 
 
 _BF16_INPUTS_SCRIPT = textwrap.dedent("""

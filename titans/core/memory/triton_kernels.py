@@ -1858,7 +1858,7 @@ def _launch_stages(BH: int, N: int, E: int, args, kw, overlap: bool, parts: int 
         _run(_memory_bwd3_overlap_kernel, *overlap_launch(BH, N, args),
              dict(kw, EB=stage_block(2, E, one_launch=True)))
         return
-    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0, EB=stage_block(0, E)))
+    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0, EB=stage_block(0, E), num_warps=stage0_warps(kw)))
     if parts >= PARTS_KERNELS_FROM:
         _walk_backward_parts(BH, N, parts, args, kw)
     else:
@@ -1867,6 +1867,19 @@ def _launch_stages(BH: int, N: int, E: int, args, kw, overlap: bool, parts: int 
 
 
 STAGE2_AUTO_BLOCK = 32
+STAGE0_WARPS = 4
+
+
+def stage0_warps(kw: dict) -> int:
+    """Warps of the three-launch backward's stage 0: at most ``STAGE0_WARPS`` (the other passes take 8 at hidden
+    128, :func:`_num_warps`), unless ``TITANS_TRITON_WARPS`` sets every pass's (``TITANS_TRITON_PASS_WARPS`` still
+    overrides either).  Why: a stage-0 program is latency-bound on its spills (2.4 KB a thread at 8 warps, 3.4 KB
+    at 4, cross-compiled with Triton 3.6) and at 8 warps takes a whole SM (255 registers x 256 threads); at 4 warps
+    two programs share one.  MAC 65536 x 1 through the wavefront on one H200: 347,566 / 347,691 against 340,282 /
+    340,283 tokens/s at 8 warps (+2.2%; benchmarks/RESULTS.md section 6, session 45)."""
+    if switch_value("TITANS_TRITON_WARPS"):
+        return kw["num_warps"]
+    return min(kw["num_warps"], STAGE0_WARPS)
 
 
 def stage_block(stage: int, E: int, reads_inner: bool = True, one_launch: bool = False) -> int:
@@ -2046,7 +2059,8 @@ def core_readout_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, *, c
     dy, *dy_args = _dy_layout(dy)
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, dy, *[none] * 12, *shares, *scratch, *wide, *dcoef,
             *[none] * 5, *dy_args)
-    _run(_memory_bwd3_kernel, (B * H, N), args, _stage_kw(kw, STAGE=0, EB=stage_block(0, E)))
+    _run(_memory_bwd3_kernel, (B * H, N), args,
+         _stage_kw(kw, STAGE=0, EB=stage_block(0, E), num_warps=stage0_warps(kw)))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[:3])] + [g.reshape(t.shape) for g, t in
                                                                                   zip(dcoef, like[3:6])]
     return grads, shares
