@@ -953,6 +953,19 @@ if [ "$PART" = 105 ]; then
   step 80 mac-4096x8-defaults-2 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults_2.json"
   finish
 fi
+if [ "$PART" = 109 ]; then
+  # session 45: stage 0 at 4 warps the default (tk.stage0_warps): the flat pair on one machine, then two more
+  # launches that hold a whole SM at 8 warps (255 registers x 256 threads), against it: the read-out forward (pass
+  # fwd2, ~39 us a launch of 64 programs in session 44's trace) at 4 warps, and stage 0 by 32 hidden units (at 4
+  # warps now; its spills cross-compiled: 2,440 bytes a thread against 3,408 whole)
+  step 150 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  mac_4096x8_defaults 110
+  step 100 mac-65536x1-wf4096-fwd2-warps4 env TITANS_TRITON_PASS_WARPS=fwd2=4 $WF4 \
+    --out "$RES/h_wf4096_fwd2_warps4.json"
+  step 100 mac-65536x1-wf4096-stage0-block32 env TITANS_TRITON_STAGE0_BLOCK=32 $WF4 \
+    --out "$RES/h_wf4096_stage0_block32.json"
+  finish
+fi
 if [ "$PART" = 108 ]; then
   # session 45: stage 0 at 4 warps the default (tk.stage0_warps; PART=102 / 107 on an H200: +2.2%): the flat pair
   step 150 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
