@@ -414,19 +414,25 @@ _SPLIT_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
         return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(res[True], res[False]))
 
     import os
-    launched, run = [], tk._run
-    tk._run = lambda kernel, grid, args, meta: (launched.append(kernel.fn.__name__), run(kernel, grid, args, meta))
-    for save in ("1", "0", "auto"):  # the walk's backward reading the forward's inner forward, or recomputing it
-        # (auto, the default: the walk alone saves it)
+    launched, stage0, run = [], [], tk._run
+    tk._run = lambda kernel, grid, args, meta: (launched.append(kernel.fn.__name__),
+                                                meta.get("STAGE") == 0 and stage0.append(meta["INNER"]),
+                                                run(kernel, grid, args, meta))
+    # the walk's backward reading the forward's inner forward, or recomputing it (auto, the default: the walk alone
+    # saves it); last, the read-out's stage 0 reading it too (TITANS_TRITON_READOUT_INNER=1)
+    for save, handed in (("1", "0"), ("0", "0"), ("auto", "0"), ("auto", "1")):
         os.environ["TITANS_TRITON_SAVE_INNER"] = save
+        os.environ["TITANS_TRITON_READOUT_INNER"] = handed
         launched.clear()
+        stage0.clear()
         worst = max(compare(res, T, d, E, 16, wanted) for res, T, d, E in ((False, 32, 16, 32), (True, 64, 16, 16))
                     for wanted in ((True, True), (True, False), (False, True)))
-        print(f"SPLIT_CORE_{save}", worst)
+        print(f"SPLIT_CORE_{save}{'_READOUT_INNER' * (handed == '1')}", worst)
         # hidden 32 walks over 2 parts (the default; lockstep twins here); the backward's walk only where it reads
         # the inner forward
         assert "_memory_walk_parts_lockstep_kernel" in launched, launched
         assert ("_memory_walk_bwd_parts_lockstep_kernel" in launched) == (save != "0"), launched
+        assert stage0 and set(stage0) == {handed == "1"}, stage0
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the split kernels ran (no fallback to the torch loop)
 """)
 
@@ -439,7 +445,7 @@ def test_triton_split_core_under_interpreter():
     the one-node torch core: y, state and every gradient, with y and the state both used, y alone, the state
     alone (float32 operands under TRITON_INTERPRET=1)."""
     err = _errors(_interpreted(_SPLIT_SCRIPT))
-    assert all(float(err[f"SPLIT_CORE_{save}"]) <= 5e-5 for save in ("1", "0", "auto")), err
+    assert all(float(err[f"SPLIT_CORE_{save}"]) <= 5e-5 for save in ("1", "0", "auto", "auto_READOUT_INNER")), err
 
 
 _STAGE_BLOCK_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
@@ -1118,6 +1124,36 @@ def _triton_core_matches_torch_on_gpu(ins: list[torch.Tensor], C: int) -> None:
         o2, g2 = _run(triton_core, case, 2, chunk_size=C)
         for a, b in zip(o2 + list(g2), o1 + list(g1)):
             assert _rel(a.float(), b) <= 5e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("handed", ["0", "1"])
+def test_split_core_read_out_reading_the_walks_inner_forward_on_gpu(handed, monkeypatch):
+    """The core split in a walk and a read-out (MAC's wavefront), the read-out's stage 0 computing the chunks'
+    inner forward or reading the walk's (TITANS_TRITON_READOUT_INNER) == the PyTorch core at the issue's memory
+    shape, float32 and bf16 q / k / v, and launched so."""
+    import titans.core.memory.triton_kernels as tk
+    from titans.core.memory.fused_update import neural_memory_update_split
+
+    monkeypatch.setenv("TITANS_TRITON_READOUT_INNER", handed)
+    monkeypatch.setattr(tk, "FAILED_SHAPES", set())
+    C = 64
+    ins = _gpu_memory_inputs(C)
+    stage0, run = [], tk._run
+    monkeypatch.setattr(tk, "_run", lambda kernel, grid, args, meta: (
+        meta.get("STAGE") == 0 and stage0.append(meta["INNER"]), run(kernel, grid, args, meta)))
+
+    def split(*a, **k):
+        W, S, pending = neural_memory_update_split(*a, **k, impl="triton")
+        return pending.read(), W, S
+    o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=C)
+    for narrow in (False, True):
+        case = [t.detach().bfloat16().requires_grad_() if narrow and i < 3 else t for i, t in enumerate(ins)]
+        o2, g2 = _run(split, case, 2, chunk_size=C)
+        for a, b in zip(o2 + list(g2), o1 + list(g1)):
+            assert _rel(a.float(), b) <= 5e-2
+    assert stage0 and set(stage0) == {handed == "1"}, stage0
+    assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and Triton")

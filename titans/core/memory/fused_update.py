@@ -46,6 +46,7 @@ from torch import Tensor
 
 from titans.core.memory import coefficient_kernels
 from titans.core.memory.functional import decay_coefficients, get_activation
+from titans.utils.switches import switch_on
 from titans.utils.tensors import recompute_when_recorded
 
 SUPPORTED_DEPTHS = (1, 2)
@@ -500,6 +501,12 @@ def neural_memory_update_fused(
 # the walk's share add up to MemoryCoreFunction's.  The starts travel in float32 (their gradient is the share).
 
 
+def readout_reads_inner() -> bool:
+    """Whether the walk hands its saved inner forward on to the read-out, whose backward (stage 0) then reads it
+    instead of computing it again (``TITANS_TRITON_READOUT_INNER``; the Triton core with the inner forward saved)."""
+    return switch_on("TITANS_TRITON_READOUT_INNER")
+
+
 class MemoryWalkFunction(torch.autograd.Function):
     """The state half of the memory core: ``(*W, *S, *starts)`` with ``starts`` the four (B*H, N, ...) float32
     buffers of :func:`stack_starts`.  Backward: the gradient of the final state and, as that of the starts, the
@@ -513,7 +520,8 @@ class MemoryWalkFunction(torch.autograd.Function):
             from titans.core.memory.triton_kernels import memory_walk_forward
 
             out = memory_walk_forward(*core, list(W), list(S), chunk_size, activation, residual)
-            # the chunks' inner forward, if the walk saved it, goes to the backward only
+            # the chunks' inner forward, if the walk saved it, goes to the backward (and with
+            # TITANS_TRITON_READOUT_INNER to the read-out too, as outputs of no gradient)
             Wn, Sn, starts, inner = out[:L], out[L:2 * L], out[2 * L:2 * L + 4], out[2 * L + 4:]
         else:
             with torch.no_grad():
@@ -525,13 +533,24 @@ class MemoryWalkFunction(torch.autograd.Function):
         ctx.cfg = (impl, chunk_size, activation, residual, L, q.shape[0], q.shape[1])
         if L == 1:  # the layer-2 placeholders
             ctx.mark_non_differentiable(starts[1], starts[3])
-        return (*Wn, *Sn, *starts)
+        handed = list(inner) if inner and readout_reads_inner() else []
+        if handed:
+            # no zero-filled gradients for the handed-on inner forward (four chunk-sized float32 buffers a call):
+            # the backward makes the zeros the other outputs may still need itself
+            ctx.mark_non_differentiable(*handed)
+            ctx.set_materialize_grads(False)
+            ctx.like = [(t.shape, t.dtype, t.device) for t in (*Wn, *Sn, *starts)]
+        return (*Wn, *Sn, *starts, *handed)
 
     @staticmethod
     def backward(ctx, *grads):
         impl, C, activation, residual, L, B, H = ctx.cfg
         saved = ctx.saved_tensors
         core, starts = saved[:11], saved[11:]  # the four starts, then the inner forward if saved
+        grads = grads[:2 * L + 4]  # (none flows to the inner forward handed on to the read-out)
+        if any(g is None for g in grads):  # gradients not materialised (the inner forward handed on)
+            grads = [torch.zeros(*like[0], dtype=like[1], device=like[2]) if g is None else g
+                     for g, like in zip(grads, ctx.like)]
         dW, dS, shares = tuple(grads[:L]), tuple(grads[L:2 * L]), grads[2 * L:]
         if impl == "triton":
             from titans.core.memory.triton_kernels import memory_walk_backward
@@ -587,8 +606,9 @@ class MemoryReadoutFunction(torch.autograd.Function):
             shares = stack_starts(sh, L)
         if L == 1:
             shares = [shares[0], None, shares[2], None]
+        # (and none for the walk's inner forward, if it came after the starts)
         return (None,) * 5 + (res["q"], res["k"], res["v"], res["G"], res["Bc"], res["M"]) + (None,) * 5 + tuple(
-            shares)
+            shares) + (None,) * (len(starts) - 4)
 
 
 @dataclass

@@ -2039,6 +2039,7 @@ def core_readout(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, *, chunk_size, ac
     """The forward's per-chunk pass alone: y (B, H, T, d) float32 from the chunk starts of :func:`core_walk`."""
     B, H, T, D, N, coef, kw, _ = _split_args(q, starts, chunk_size, residual, (G, Bc, M, Ml, m, Gl, Bl, Pl))
     y = torch.empty(B * H, T, D, dtype=torch.float32, device=q.device)
+    starts = starts[:4]  # (the walk's inner forward, if handed on, is for the backward)
     # the state pointers of pass 2 are never read or written there (the starts stand in for them)
     _run(_memory_fwd_kernel, (B * H, N), (_rows(q), _rows(k), _rows(v), *coef, *starts, *starts, y, *starts,
                                           *starts), dict(kw, MODE=2, SAVE=True))
@@ -2047,20 +2048,29 @@ def core_readout(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, *, chunk_size, ac
 
 def core_readout_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, *, chunk_size, activation, residual):
     """Stage 0 alone: ``(grads of q, k, v, G, Bc, M, shares)`` with ``shares`` the gradient of each chunk's start
-    state through y (four buffers shaped like ``starts``)."""
+    state through y (four buffers shaped like ``starts``).  ``starts``: :func:`core_walk`'s four, then, if it
+    saved it and hands it on (``TITANS_TRITON_READOUT_INNER``), its inner forward ``(z, u, dl, err)``, which stage 0
+    then reads instead of computing it (the same values: the walk computed them from the same keys, values and
+    start states)."""
     like = (q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl)
+    starts, inner = starts[:4], starts[4:]
     B, H, T, D, N, coef, kw, none = _split_args(q, starts, chunk_size, residual, like[3:])
     E = starts[0].shape[-1]
     wide = [torch.empty(B * H, T, D, dtype=torch.float32, device=q.device) for _ in range(3)]  # dq, dk, dv
     dcoef = [torch.empty_like(t) for t in coef[:3]]  # dG, dBc, dM
     shares = [torch.empty_like(t) for t in starts]
-    scratch = [wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(5)] + [wide[0].new_empty(B * H, N,
-                                                                                                   chunk_size, D)]
+    # z, u, dl, dh, silu'(zq) (C, E) and err (C, d) a chunk: the inner forward's four only read when handed on
+    hs, qs = (wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(2))
+    if inner:
+        zs, us, ls, es = inner
+    else:
+        zs, us, ls = (wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(3))
+        es = wide[0].new_empty(B * H, N, chunk_size, D)
     dy, *dy_args = _dy_layout(dy)
-    args = (_rows(q), _rows(k), _rows(v), *coef, *starts, dy, *[none] * 12, *shares, *scratch, *wide, *dcoef,
-            *[none] * 5, *dy_args)
+    args = (_rows(q), _rows(k), _rows(v), *coef, *starts, dy, *[none] * 12, *shares, zs, us, ls, hs, qs, es, *wide,
+            *dcoef, *[none] * 5, *dy_args)
     _run(_memory_bwd3_kernel, (B * H, N), args,
-         _stage_kw(kw, STAGE=0, EB=stage_block(0, E), num_warps=stage0_warps(kw)))
+         _stage_kw(kw, STAGE=0, EB=stage_block(0, E), num_warps=stage0_warps(kw), INNER=bool(inner)))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[:3])] + [g.reshape(t.shape) for g, t in
                                                                                   zip(dcoef, like[3:6])]
     return grads, shares
@@ -2228,7 +2238,7 @@ def memory_readout_forward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tenso
         kernel_failed(q, starts[:2], chunk_size, e)
         with torch.no_grad():
             y = core_readout_torch(*(t.float() for t in core[:3]), *core[3:],
-                                   unstack_starts(starts, q.shape[0], q.shape[1], 2), chunk_size=chunk_size,
+                                   unstack_starts(starts[:4], q.shape[0], q.shape[1], 2), chunk_size=chunk_size,
                                    activation=activation, residual=residual)
     return y.contiguous()
 
@@ -2251,7 +2261,7 @@ def memory_readout_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tens
         kernel_failed(q, starts[:2], chunk_size, e)
         with torch.no_grad():
             res, sh = core_readout_backward_torch(*(t.float() for t in core[:3]), *core[3:],
-                                                  unstack_starts(starts, q.shape[0], q.shape[1], 2), dy.float(),
+                                                  unstack_starts(starts[:4], q.shape[0], q.shape[1], 2), dy.float(),
                                                   chunk_size=chunk_size, activation=activation, residual=residual)
         grads = [res[n].to(t.dtype) for n, t in zip(CORE_INPUTS[:6], core)]
         shares = stack_starts(sh, 2, torch.float32)
@@ -2260,7 +2270,7 @@ def memory_readout_backward(q: Tensor, k: Tensor, v: Tensor, G: Tensor, Bc: Tens
 
 @memory_readout_backward.register_fake
 def _(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, chunk_size, activation, residual):
-    return [_fresh(t) for t in (q, k, v, G, Bc, M, *starts)]
+    return [_fresh(t) for t in (q, k, v, G, Bc, M, *starts[:4])]
 
 
 @torch.library.custom_op("titans::memory_walk_backward", mutates_args=())
