@@ -806,6 +806,8 @@ _POISONED_BUFFERS_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     # the default paths: the split walk saving its inner forward (SAVE_INNER=auto), the one-node core's backward as
     # three launches with the walk over parts (batch 1) or as one launch (overlap, where a walk keeps one program)
     cases = [("op stacked", lambda: op("stacked"), {})]
+    # the read-outs' stage 0 reading the walks' inner forward, handed on and stacked with the starts (opt-in)
+    cases += [("op stacked, inner forward read", lambda: op("stacked"), {"TITANS_TRITON_READOUT_INNER": "1"})]
     cases += [(f"op fused, backward {b}", lambda: op("fused"), {"TITANS_TRITON_BWD": b}) for b in ("auto", "overlap")]
     cases += [("model batched", lambda: model(True), {}), ("model per segment", lambda: model(False), {})]
     if gpu:
@@ -841,8 +843,9 @@ def test_triton_paths_never_read_a_buffer_they_did_not_write_under_interpreter()
     gradients are bit for bit those of a run on the allocator's memory as it comes - the split core with stacked
     read-outs, the one-node core's backward in three launches and in one, and MAC through the wavefront with its
     segments batched and not (the default paths; session 39 also ran the inner forward recomputed and the two-pass
-    backward: equal too).  Session 37's batched read-outs computed another loss under a CUDA graph (fresh memory)
-    than eagerly; on the CPU no buffer read before it is written explains it."""
+    backward: equal too), and the stacked read-outs reading the walks' inner forward (TITANS_TRITON_READOUT_INNER).
+    Session 37's batched read-outs computed another loss under a CUDA graph (fresh memory) than eagerly; on the CPU
+    no buffer read before it is written explains it."""
     out = _interpreted(_POISONED_BUFFERS_SCRIPT).strip().splitlines()[-1]
     assert out.startswith("POISONED 0"), out
 
