@@ -2059,13 +2059,10 @@ def core_readout_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, *, c
     wide = [torch.empty(B * H, T, D, dtype=torch.float32, device=q.device) for _ in range(3)]  # dq, dk, dv
     dcoef = [torch.empty_like(t) for t in coef[:3]]  # dG, dBc, dM
     shares = [torch.empty_like(t) for t in starts]
-    # z, u, dl, dh, silu'(zq) (C, E) and err (C, d) a chunk: the inner forward's four only read when handed on
+    # a chunk's scratch: dh and silu'(zq) (C, E); z, u, dl (C, E) and err (C, d) the walk's if handed on (read
+    # only), else fresh (stage 0 computes them there)
     hs, qs = (wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(2))
-    if inner:
-        zs, us, ls, es = inner
-    else:
-        zs, us, ls = (wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(3))
-        es = wide[0].new_empty(B * H, N, chunk_size, D)
+    zs, us, ls, es = inner or _inner_buffers(wide[0], B * H, N, chunk_size, D, E)
     dy, *dy_args = _dy_layout(dy)
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, dy, *[none] * 12, *shares, zs, us, ls, hs, qs, es, *wide,
             *dcoef, *[none] * 5, *dy_args)
@@ -2090,11 +2087,7 @@ def core_walk_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, shares, dW,
     ends = _state_buffers(dstate[0], B * H, N, dstate, 2)
     wide = [torch.empty(B * H, T, D, dtype=torch.float32, device=q.device) for _ in range(2)]  # dk, dv
     dcoef = [torch.empty_like(t) for t in coef[3:]]  # dMl, dm, dGl, dBl, dPl
-    if inner:
-        zs, us, ls, es = inner
-    else:
-        zs, us, ls = (wide[0].new_empty(B * H, N, chunk_size, E) for _ in range(3))
-        es = wide[0].new_empty(B * H, N, chunk_size, D)
+    zs, us, ls, es = inner or _inner_buffers(wide[0], B * H, N, chunk_size, D, E)
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, none, *dfinal, *dstate, *ends,
             *[t.contiguous() for t in shares], zs, us, ls, none, none, es, none, *wide, none, none, none, *dcoef,
             *_NO_DY)
