@@ -957,7 +957,8 @@ if [ "$PART" = 109 ]; then
   # session 45: stage 0 at 4 warps the default (tk.stage0_warps; PART=102 / 107 on an H200: +2.2%): the default row,
   # then the read-out's stage 0 reading the walk's stored inner forward (TITANS_TRITON_READOUT_INNER=1; cross-compiled
   # 16% fewer instructions), the denominator, that switch's GPU test, and the read-out forward (pass fwd2, ~39 us a
-  # launch of 64 programs holding a whole SM each in session 44's trace) at 4 warps; in order of priority
+  # launch of 64 programs holding a whole SM each in session 44's trace) at 4 warps, stage 0 by 32 hidden units
+  # (at 4 warps now: 2,440 bytes a thread spilled, cross-compiled, against 3,408 whole); in order of priority
   step 150 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   step 100 mac-65536x1-wf4096-readout-inner env TITANS_TRITON_READOUT_INNER=1 $WF4 \
     --out "$RES/h_wf4096_readout_inner.json"
@@ -965,6 +966,8 @@ if [ "$PART" = 109 ]; then
   kernel_tests 90 gpu-test-readout-inner read_out_reading_the_walks_inner gpu_test_readout_inner.txt
   step 100 mac-65536x1-wf4096-fwd2-warps4 env TITANS_TRITON_PASS_WARPS=fwd2=4 $WF4 \
     --out "$RES/h_wf4096_fwd2_warps4.json"
+  step 100 mac-65536x1-wf4096-stage0-block32 env TITANS_TRITON_STAGE0_BLOCK=32 $WF4 \
+    --out "$RES/h_wf4096_stage0_block32.json"
   finish
 fi
 if [ "$PART" = 108 ]; then
