@@ -232,9 +232,13 @@ def step_phases(names: list[str], streams: dict[str, list[list]], anchor: str = 
 
 def markdown(result: dict, stream: str) -> str:
     a = result
+    # a stream with one whole period (the anchor twice, e.g. one of a replayed graph's streams) has no next period
+    # to end its span at
+    period = (f"median period {a['period_us']:.1f} us = kernels {a['kernel_us']:.1f} + gaps {a['gap_us']:.1f}"
+              if a["period_us"] is not None else f"kernels {a['kernel_us']:.1f} us a period (its span unknown: no "
+              "later period)")
     lines = [f"stream {stream}: anchor `{a['anchor'][:60]}`, {a['matched']} of {a['periods']} periods alike, "
-             f"{a['kernels']} kernels a period; median period {a['period_us']:.1f} us = kernels "
-             f"{a['kernel_us']:.1f} + gaps {a['gap_us']:.1f}", "",
+             f"{a['kernels']} kernels a period; {period}", "",
              "| kind | kernels | us | gaps before them, us |", "| --- | --- | --- | --- |"]
     for kind, k in sorted(a["by_kind"].items(), key=lambda kv: -kv[1]["us"] - kv[1]["gap_us"]):
         lines.append(f"| {kind} | {k['kernels']} | {k['us']:.1f} | {k['gap_us']:.1f} |")

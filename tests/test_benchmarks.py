@@ -448,6 +448,14 @@ def test_chain_anatomy_reads_the_harness_trace_and_times_one_period(tmp_path):
     assert json.loads(out.read_text())["median_us"] == 26
     with pytest.raises(SystemExit, match="fewer than two launches"):
         ca.anchor_intervals(names, streams, "flash_bwd")
+    # a stream that runs the anchor twice has one whole period and no later one to end its span at
+    two = [(0, 10, 3, "_memory_walk_bwd_parts_kernel"), (12, 16, 3, "nvjet_gemm"), (30, 40, 3,
+                                                                                 "_memory_walk_bwd_parts_kernel")]
+    harness.write_stream_trace(two, str(path))
+    ca.main([str(path), "--out", str(out)])
+    got = json.loads(out.read_text())
+    assert got["periods"] == 1 and got["period_us"] is None and got["kernel_us"] == 14
+    assert "kernels 14.0 us a period (its span unknown" in out.with_suffix(".md").read_text()
 
 
 def test_chain_anatomy_phases_cut_the_step_at_the_backwards_first_walk(tmp_path):
