@@ -997,8 +997,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     assert len(inner) == 4
     torch.library.opcheck(tk.memory_walk_forward, (*qkv, *coef, W, S, C, "silu", True))
     torch.library.opcheck(tk.memory_readout_forward, (*qkv, *coef, starts, C, "silu", True))
-    torch.library.opcheck(tk.memory_readout_backward, (*qkv, *coef, starts, torch.randn(B, H, T, d, generator=g), C,
-                                                       "silu", True))
+    for saved in (starts, starts + inner):  # stage 0 computing the inner forward, or reading the walk's
+        torch.library.opcheck(tk.memory_readout_backward, (*qkv, *coef, saved, torch.randn(B, H, T, d, generator=g),
+                                                           C, "silu", True))
     for saved in (starts + inner, starts):  # reading the inner forward, or recomputing it
         torch.library.opcheck(tk.memory_walk_backward, (*qkv, *coef, saved, [torch.randn_like(s) for s in starts], W,
                                                         S, C, "silu", True))
@@ -1013,6 +1014,15 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     y5 = torch.compile(lambda r: r.read(), fullgraph=True)(read)
     (y5.square().sum() + sum(w.square().sum() for w in st.weights)).backward()
     worst = max([worst, rel(y5, y4), rel(y4, y2)] + [rel(p.grad, e) for p, e in zip(tri.parameters(), eager)])
+    # the walk handing its inner forward on to the read-out (TITANS_TRITON_READOUT_INNER=1), compiled the same way
+    import os
+    os.environ["TITANS_TRITON_READOUT_INNER"] = "1"
+    tri.zero_grad()
+    read, st = torch.compile(lambda x: tri.write(x), fullgraph=True)(x)
+    assert len(read.y.starts) == 8, len(read.y.starts)  # the four starts, then the inner forward
+    y6 = torch.compile(lambda r: r.read(), fullgraph=True)(read)
+    (y6.square().sum() + sum(w.square().sum() for w in st.weights)).backward()
+    worst = max([worst, rel(y6, y4)] + [rel(p.grad, e) for p, e in zip(tri.parameters(), eager)])
     print(worst)
 """)
 
