@@ -810,6 +810,7 @@ _POISONED_BUFFERS_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
     cases += [("op stacked, inner forward read", lambda: op("stacked"), {"TITANS_TRITON_READOUT_INNER": "1"})]
     cases += [(f"op fused, backward {b}", lambda: op("fused"), {"TITANS_TRITON_BWD": b}) for b in ("auto", "overlap")]
     cases += [("model batched", lambda: model(True), {}), ("model per segment", lambda: model(False), {})]
+    cases += [("model batched, inner forward read", lambda: model(True), {"TITANS_TRITON_READOUT_INNER": "1"})]
     if gpu:
         cases += [("model batched, streams", lambda: model(True, True), {})]
     def agree(a, b, exact):  # bit for bit, but for the models on the GPU: attention's backward there may accumulate
