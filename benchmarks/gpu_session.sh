@@ -968,6 +968,8 @@ if [ "$PART" = 109 ]; then
     --out "$RES/h_wf4096_fwd2_warps4.json"
   step 100 mac-65536x1-wf4096-stage0-block32 env TITANS_TRITON_STAGE0_BLOCK=32 $WF4 \
     --out "$RES/h_wf4096_stage0_block32.json"
+  # last (may be cut): the stage-block GPU cases with stage 0 at its new 4 warps (session 45's call 4 did not reach them)
+  kernel_tests 120 gpu-test-stage-blocks stages_over_blocks_of_hidden_units_on_gpu gpu_test_stage_blocks.txt
   finish
 fi
 if [ "$PART" = 108 ]; then
