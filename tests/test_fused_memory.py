@@ -1128,11 +1128,13 @@ def test_split_core_captured_in_cuda_graphs_equals_eager(stacked, impl):
     assert worst <= 1e-6, worst
 
 
-def _triton_core_matches_torch_on_gpu(ins: list[torch.Tensor], C: int) -> None:
-    """The Triton core's outputs and gradients == the PyTorch core's (depth 2) within bf16 tolerance, with float32
-    and with bf16 q / k / v."""
+def _triton_core_matches_torch_on_gpu(ins: list[torch.Tensor], C: int, triton_core=None) -> None:
+    """The Triton core's outputs and gradients (``triton_core``: any function of the fused core's signature and
+    results; default the fused core itself) == the PyTorch core's (depth 2) within bf16 tolerance, with float32 and
+    with bf16 q / k / v."""
     o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=C)
-    triton_core = lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton")  # noqa: E731
+    if triton_core is None:
+        triton_core = lambda *a, **k: neural_memory_update_fused(*a, **k, impl="triton")  # noqa: E731
     for narrow in (False, True):
         case = [t.detach().bfloat16().requires_grad_() if narrow and i < 3 else t for i, t in enumerate(ins)]
         o2, g2 = _run(triton_core, case, 2, chunk_size=C)
@@ -1160,12 +1162,7 @@ def test_split_core_read_out_reading_the_walks_inner_forward_on_gpu(handed, monk
     def split(*a, **k):
         W, S, pending = neural_memory_update_split(*a, **k, impl="triton")
         return pending.read(), W, S
-    o1, g1 = _run(neural_memory_update_fused, ins, 2, chunk_size=C)
-    for narrow in (False, True):
-        case = [t.detach().bfloat16().requires_grad_() if narrow and i < 3 else t for i, t in enumerate(ins)]
-        o2, g2 = _run(split, case, 2, chunk_size=C)
-        for a, b in zip(o2 + list(g2), o1 + list(g1)):
-            assert _rel(a.float(), b) <= 5e-2
+    _triton_core_matches_torch_on_gpu(ins, C, split)
     assert stage0 and set(stage0) == {handed == "1"}, stage0
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES
 

@@ -1858,7 +1858,7 @@ def _launch_stages(BH: int, N: int, E: int, args, kw, overlap: bool, parts: int 
         _run(_memory_bwd3_overlap_kernel, *overlap_launch(BH, N, args),
              dict(kw, EB=stage_block(2, E, one_launch=True)))
         return
-    _run(_memory_bwd3_kernel, (BH, N), args, dict(kw, STAGE=0, EB=stage_block(0, E), num_warps=stage0_warps(kw)))
+    _run(_memory_bwd3_kernel, (BH, N), args, _stage0_kw(kw, E))
     if parts >= PARTS_KERNELS_FROM:
         _walk_backward_parts(BH, N, parts, args, kw)
     else:
@@ -1880,6 +1880,12 @@ def stage0_warps(kw: dict) -> int:
     if switch_value("TITANS_TRITON_WARPS"):
         return kw["num_warps"]
     return min(kw["num_warps"], STAGE0_WARPS)
+
+
+def _stage0_kw(kw: dict, E: int) -> dict:
+    """Stage 0's launch keywords wherever it runs as a launch of its own (the one-node core's three launches, the
+    split core's read-out backward): its hidden-unit block (:func:`stage_block`) and warps (:func:`stage0_warps`)."""
+    return dict(kw, STAGE=0, EB=stage_block(0, E), num_warps=stage0_warps(kw))
 
 
 def stage_block(stage: int, E: int, reads_inner: bool = True, one_launch: bool = False) -> int:
@@ -2066,8 +2072,7 @@ def core_readout_backward(q, k, v, G, Bc, M, Ml, m, Gl, Bl, Pl, starts, dy, *, c
     dy, *dy_args = _dy_layout(dy)
     args = (_rows(q), _rows(k), _rows(v), *coef, *starts, dy, *[none] * 12, *shares, zs, us, ls, hs, qs, es, *wide,
             *dcoef, *[none] * 5, *dy_args)
-    _run(_memory_bwd3_kernel, (B * H, N), args,
-         _stage_kw(kw, STAGE=0, EB=stage_block(0, E), num_warps=stage0_warps(kw), INNER=bool(inner)))
+    _run(_memory_bwd3_kernel, (B * H, N), args, _stage0_kw(_stage_kw(kw, INNER=bool(inner)), E))
     grads = [g.reshape(t.shape).to(t.dtype) for g, t in zip(wide, like[:3])] + [g.reshape(t.shape) for g, t in
                                                                                   zip(dcoef, like[3:6])]
     return grads, shares
