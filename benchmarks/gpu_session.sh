@@ -953,6 +953,30 @@ if [ "$PART" = 105 ]; then
   step 80 mac-4096x8-defaults-2 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults_2.json"
   finish
 fi
+if [ "$PART" = 111 ]; then
+  # session 46 on an H100 (read-out inner +0.8% there): with it on, the read-out forward (fwd2) at 4 warps, stage 0
+  # by 32 hidden units, then the read-out inner row again
+  export TITANS_TRITON_READOUT_INNER=1
+  step 100 mac-65536x1-wf4096-ri-fwd2-warps4 env TITANS_TRITON_PASS_WARPS=fwd2=4 $WF4 \
+    --out "$RES/h_wf4096_ri_fwd2_warps4.json"
+  step 100 mac-65536x1-wf4096-ri-stage0-block32 env TITANS_TRITON_STAGE0_BLOCK=32 $WF4 \
+    --out "$RES/h_wf4096_ri_stage0_block32.json"
+  step 100 mac-65536x1-wf4096-ri-stage2-warps4 env TITANS_TRITON_PASS_WARPS=stage2=4 $WF4 \
+    --out "$RES/h_wf4096_ri_stage2_warps4.json"
+  step 100 mac-65536x1-wf4096-readout-inner-3 $WF4 --out "$RES/h_wf4096_readout_inner_3.json"
+  finish
+fi
+if [ "$PART" = 110 ]; then
+  # session 46, when no H100 came: the read-out's stage 0 reading the walk's stored inner forward
+  # (TITANS_TRITON_READOUT_INNER=1) against the default on one machine, both orders, then that switch's GPU test
+  step 100 mac-65536x1-wf4096-readout-inner env TITANS_TRITON_READOUT_INNER=1 $WF4 \
+    --out "$RES/h_wf4096_readout_inner.json"
+  step 100 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  kernel_tests 90 gpu-test-readout-inner read_out_reading_the_walks_inner gpu_test_readout_inner.txt
+  step 100 mac-65536x1-wf4096-readout-inner-2 env TITANS_TRITON_READOUT_INNER=1 $WF4 \
+    --out "$RES/h_wf4096_readout_inner_2.json"
+  finish
+fi
 if [ "$PART" = 109 ]; then
   # session 45: stage 0 at 4 warps the default (tk.stage0_warps; PART=102 / 107 on an H200: +2.2%): the default row,
   # then the read-out's stage 0 reading the walk's stored inner forward (TITANS_TRITON_READOUT_INNER=1; cross-compiled
