@@ -419,20 +419,23 @@ _SPLIT_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
                                                 meta.get("STAGE") == 0 and stage0.append(meta["INNER"]),
                                                 run(kernel, grid, args, meta))
     # the walk's backward recomputing the chunks' inner forward or reading what the forward stored (auto, the default:
-    # the walk alone stores it, as with 1); last, the read-out's stage 0 reading it too (TITANS_TRITON_READOUT_INNER=1)
-    for save, handed in (("0", "0"), ("auto", "0"), ("auto", "1")):
+    # the walk alone stores it, as with 1); last, the read-out's stage 0 reading it too (TITANS_TRITON_READOUT_INNER
+    # unset: the default, as 1)
+    for save, handed in (("0", "0"), ("auto", "0"), ("auto", None)):
         os.environ["TITANS_TRITON_SAVE_INNER"] = save
-        os.environ["TITANS_TRITON_READOUT_INNER"] = handed
+        os.environ.pop("TITANS_TRITON_READOUT_INNER", None)
+        if handed is not None:
+            os.environ["TITANS_TRITON_READOUT_INNER"] = handed
         launched.clear()
         stage0.clear()
         worst = max(compare(res, T, d, E, 16, wanted) for res, T, d, E in ((False, 32, 16, 32), (True, 64, 16, 16))
                     for wanted in ((True, True), (True, False), (False, True)))
-        print(f"SPLIT_CORE_{save}{'_READOUT_INNER' * (handed == '1')}", worst)
+        print(f"SPLIT_CORE_{save}{'_READOUT_INNER' * (handed != '0')}", worst)
         # hidden 32 walks over 2 parts (the default; lockstep twins here); the backward's walk only where it reads
         # the inner forward
         assert "_memory_walk_parts_lockstep_kernel" in launched, launched
         assert ("_memory_walk_bwd_parts_lockstep_kernel" in launched) == (save != "0"), launched
-        assert stage0 and set(stage0) == {handed == "1"}, stage0
+        assert stage0 and set(stage0) == {handed != "0"}, stage0
     assert not tk.FAILED_SHAPES, tk.FAILED_SHAPES  # the split kernels ran (no fallback to the torch loop)
 """)
 
@@ -455,9 +458,9 @@ _STAGE_BLOCK_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
 
     launched, warps, run = [], [], tk._run
     tk._run = lambda kernel, grid, args, meta: (launched.append((meta.get("STAGE"), meta.get("EB"))),
-                                                warps.append((meta.get("STAGE"), meta["num_warps"])),
+                                                warps.append((meta.get("STAGE"), tk.pass_warps(kernel, meta))),
                                                 run(kernel, grid, args, meta))
-    tk._num_warps = lambda D, E: 8  # the issue's shape's warps (the interpreter ignores them): stage 0 takes 4
+    tk._num_warps = lambda D, E: 8  # the issue's shape's warps (the interpreter ignores them)
     os.environ["TITANS_TRITON_STAGE0_BLOCK"] = os.environ["TITANS_TRITON_STAGE2_BLOCK"] = "16"  # hidden 32: 2 blocks
     base = memory_inputs(2, 32, 16, 32, 16, 3)
 
@@ -489,7 +492,8 @@ _STAGE_BLOCK_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
         print(f"BLOCKED_{name}", max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
                                      for a, b in zip(got, ref)))
         assert {(0, 16), (2, 16)} <= set(launched) and not {(0, 0), (2, 0)} & set(launched), launched
-        assert {(0, 4), (2, 8)} <= set(warps) and (0, 8) not in warps, warps  # tk.stage0_warps
+        # stage 0 by blocks keeps 8 warps (4 gave NaN on an H100: tk.narrow_warps)
+        assert {(0, 8), (2, 8)} <= set(warps) and (0, 4) not in warps, warps
     # the one-launch backward (its programs hand chunks on through flags), stage 2 by blocks inside it
     os.environ["TITANS_TRITON_BWD"] = "overlap"
     os.environ["TITANS_TRITON_SAVE_INNER"] = "auto"
@@ -540,13 +544,35 @@ def test_stage_blocks_apply_only_where_they_divide_the_hidden_units(monkeypatch)
     assert tk.stage_block(2, 128, one_launch=True) == 0 and tk.stage_block(2, 128) == 32
 
 
-def test_stage0_takes_at_most_four_warps_unless_every_pass_is_set(monkeypatch):
+def test_stage0_and_the_read_out_take_at_most_four_warps_unless_every_pass_is_set(monkeypatch):
     import titans.core.memory.triton_kernels as tk
 
+    def _memory_bwd3_kernel():  # stand-ins: a launch's pass is known by its kernel's name
+        pass
+
+    def _memory_fwd_kernel():
+        pass
+
     monkeypatch.delenv("TITANS_TRITON_WARPS", raising=False)
-    assert tk.stage0_warps({"num_warps": 8}) == tk.STAGE0_WARPS == 4 and tk.stage0_warps({"num_warps": 2}) == 2
+    monkeypatch.delenv("TITANS_TRITON_PASS_WARPS", raising=False)
+    assert tk.NARROW_WARPS == {"stage0": 4, "fwd2": 4}
+
+    def stage(i, w, eb=0):
+        return tk.pass_warps(_memory_bwd3_kernel, {"num_warps": w, "STAGE": i, "EB": eb})
+
+    def fwd(mode, w):
+        return tk.pass_warps(_memory_fwd_kernel, {"num_warps": w, "MODE": mode})
+
+    assert (stage(0, 8), stage(0, 2), stage(1, 8), stage(2, 8)) == (4, 2, 8, 8)
+    assert (fwd(2, 8), fwd(1, 8), fwd(0, 8)) == (4, 8, 8)
+    assert stage(0, 8, eb=32) == 8  # stage 0 by blocks of hidden units keeps its warps
+    monkeypatch.setenv("TITANS_TRITON_PASS_WARPS", "stage1=2")  # passes it does not name keep the narrow default
+    assert (stage(0, 8), stage(1, 8), fwd(2, 8)) == (4, 2, 4)
+    monkeypatch.setenv("TITANS_TRITON_PASS_WARPS", "stage0=8,fwd2=16")
+    assert (stage(0, 8), fwd(2, 8)) == (8, 16)
+    monkeypatch.delenv("TITANS_TRITON_PASS_WARPS")
     monkeypatch.setenv("TITANS_TRITON_WARPS", "8")
-    assert tk.stage0_warps({"num_warps": 8}) == 8
+    assert (stage(0, 8), fwd(2, 8)) == (8, 8)
 
 
 _BF16_INPUTS_SCRIPT = textwrap.dedent("""
@@ -805,12 +831,13 @@ _POISONED_BUFFERS_SCRIPT = _MEMORY_INPUTS + textwrap.dedent("""
 
     # the default paths: the split walk saving its inner forward (SAVE_INNER=auto), the one-node core's backward as
     # three launches with the walk over parts (batch 1) or as one launch (overlap, where a walk keeps one program)
+    # (the read-outs' stage 0 reading the walks' inner forward, handed on and stacked with the starts), then the
+    # read-outs' stage 0 computing it
     cases = [("op stacked", lambda: op("stacked"), {})]
-    # the read-outs' stage 0 reading the walks' inner forward, handed on and stacked with the starts (opt-in)
-    cases += [("op stacked, inner forward read", lambda: op("stacked"), {"TITANS_TRITON_READOUT_INNER": "1"})]
+    cases += [("op stacked, inner forward computed", lambda: op("stacked"), {"TITANS_TRITON_READOUT_INNER": "0"})]
     cases += [(f"op fused, backward {b}", lambda: op("fused"), {"TITANS_TRITON_BWD": b}) for b in ("auto", "overlap")]
     cases += [("model batched", lambda: model(True), {}), ("model per segment", lambda: model(False), {})]
-    cases += [("model batched, inner forward read", lambda: model(True), {"TITANS_TRITON_READOUT_INNER": "1"})]
+    cases += [("model batched, inner forward computed", lambda: model(True), {"TITANS_TRITON_READOUT_INNER": "0"})]
     if gpu:
         cases += [("model batched, streams", lambda: model(True, True), {})]
     def agree(a, b, exact):  # bit for bit, but for the models on the GPU: attention's backward there may accumulate
@@ -1004,6 +1031,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     for saved in (starts + inner, starts):  # reading the inner forward, or recomputing it
         torch.library.opcheck(tk.memory_walk_backward, (*qkv, *coef, saved, [torch.randn_like(s) for s in starts], W,
                                                         S, C, "silu", True))
+    import os
+    os.environ["TITANS_TRITON_READOUT_INNER"] = "0"  # first the read-out's stage 0 computing the inner forward
     tri.zero_grad()
     read, st = tri.write(x)
     assert not isinstance(read.y, torch.Tensor)  # the split core ran
@@ -1016,7 +1045,6 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     (y5.square().sum() + sum(w.square().sum() for w in st.weights)).backward()
     worst = max([worst, rel(y5, y4), rel(y4, y2)] + [rel(p.grad, e) for p, e in zip(tri.parameters(), eager)])
     # the walk handing its inner forward on to the read-out (TITANS_TRITON_READOUT_INNER=1), compiled the same way
-    import os
     os.environ["TITANS_TRITON_READOUT_INNER"] = "1"
     tri.zero_grad()
     read, st = torch.compile(lambda x: tri.write(x), fullgraph=True)(x)
@@ -1388,7 +1416,8 @@ def test_kernel_launches_go_through_the_autotuner_and_fall_back_to_fixed_warps(m
     monkeypatch.setattr(triton, "autotune", broken_autotune)
     with pytest.warns(RuntimeWarning, match="autotuning of the memory kernels failed"):
         tk._run(Kernel("_memory_fwd_kernel"), (64, 8), ("x",), dict(meta, MODE=2, L=2, SAVE=True))
-    assert launched[-1][0] == "_memory_fwd_kernel" and launched[-1][3]["num_warps"] == 8  # repeated, fixed warps
+    # repeated with fixed warps (the read-out pass: at most 4, tk.NARROW_WARPS)
+    assert launched[-1][0] == "_memory_fwd_kernel" and launched[-1][3]["num_warps"] == 4
     assert tk.AUTOTUNE_FAILED and not tk._autotune()  # given up for the process
     report = tk.tuning_report()  # what the harness writes into its JSON
     assert "restore_value" in report["failed"][0] and "_memory_bwd3_kernel" in report

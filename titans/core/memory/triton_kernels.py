@@ -1493,12 +1493,37 @@ def pass_name(kernel, meta: dict) -> str:
     return "overlap"
 
 
+# passes launched at fewer warps than :func:`_num_warps` gives the others, by default: at most these
+NARROW_WARPS = {"stage0": 4, "fwd2": 4}
+
+
+def narrow_warps(kernel, meta: dict) -> int:
+    """A fixed-warps launch's warps by default: ``meta["num_warps"]`` (:func:`_num_warps`, 8 at hidden 128), at most
+    ``NARROW_WARPS`` for the passes named there, unless ``TITANS_TRITON_WARPS`` sets every pass's.
+
+    Why 4: a stage-0 or read-out (``fwd2``) program is latency-bound on its spills (stage 0: 2.4 KB a thread at 8
+    warps, 3.4 KB at 4, cross-compiled with Triton 3.6) and at 8 warps takes a whole SM (255 registers x 256
+    threads); at 4 warps two programs share one.  MAC 65536 x 1 through the wavefront (benchmarks/RESULTS.md section
+    6): stage 0 at 4 warps 347,566 / 347,691 against 340,282 / 340,283 tokens/s on one H200 (session 45); the
+    read-out forward at 4 warps 304,129 / 303,985 / 304,523 against 303,144 / 303,405 / 302,901 on one H100, and
+    MAC 4096 x 8 341,933 against 339,833 (session 46).
+
+    Stage 0 by blocks of hidden units (``meta["EB"]``, ``TITANS_TRITON_STAGE0_BLOCK``, off by default) keeps the
+    full count: at 4 warps it gave NaN gradients on an H100 (its GPU test and a training row, session 46), at 8 it
+    trained as the whole-tile stage does."""
+    full = meta["num_warps"]
+    name = pass_name(kernel, meta)
+    if switch_value("TITANS_TRITON_WARPS") or (name == "stage0" and meta.get("EB")):
+        return full
+    return min(full, NARROW_WARPS.get(name, full))
+
+
 def pass_warps(kernel, meta: dict) -> int:
     """Warps for this launch: ``TITANS_TRITON_PASS_WARPS`` ("stage0=16,fwd1=4": per pass, see :func:`pass_name`;
-    for A/B timing of the passes, which differ in work per program and parallelism) over ``meta["num_warps"]``."""
+    for A/B timing of the passes, which differ in work per program and parallelism) over :func:`narrow_warps`."""
     spec = switch_value("TITANS_TRITON_PASS_WARPS") or ""
     if not spec:
-        return meta["num_warps"]
+        return narrow_warps(kernel, meta)
     chosen = {}
     for item in spec.split(","):
         key, _, value = item.partition("=")
@@ -1507,7 +1532,7 @@ def pass_warps(kernel, meta: dict) -> int:
             raise ValueError(f"TITANS_TRITON_PASS_WARPS={spec!r}: expected pass=warps items, passes from "
                              f"{', '.join(PASSES)}, warps a power of two (got {item!r})")
         chosen[key] = int(value)
-    return chosen.get(pass_name(kernel, meta), meta["num_warps"])
+    return chosen.get(pass_name(kernel, meta), narrow_warps(kernel, meta))
 
 
 BACKWARDS = SWITCHES["TITANS_TRITON_BWD"].values
@@ -1867,25 +1892,12 @@ def _launch_stages(BH: int, N: int, E: int, args, kw, overlap: bool, parts: int 
 
 
 STAGE2_AUTO_BLOCK = 32
-STAGE0_WARPS = 4
-
-
-def stage0_warps(kw: dict) -> int:
-    """Warps of the three-launch backward's stage 0: at most ``STAGE0_WARPS`` (the other passes take 8 at hidden
-    128, :func:`_num_warps`), unless ``TITANS_TRITON_WARPS`` sets every pass's (``TITANS_TRITON_PASS_WARPS`` still
-    overrides either).  Why: a stage-0 program is latency-bound on its spills (2.4 KB a thread at 8 warps, 3.4 KB
-    at 4, cross-compiled with Triton 3.6) and at 8 warps takes a whole SM (255 registers x 256 threads); at 4 warps
-    two programs share one.  MAC 65536 x 1 through the wavefront on one H200: 347,566 / 347,691 against 340,282 /
-    340,283 tokens/s at 8 warps (+2.2%; benchmarks/RESULTS.md section 6, session 45)."""
-    if switch_value("TITANS_TRITON_WARPS"):
-        return kw["num_warps"]
-    return min(kw["num_warps"], STAGE0_WARPS)
 
 
 def _stage0_kw(kw: dict, E: int) -> dict:
     """Stage 0's launch keywords wherever it runs as a launch of its own (the one-node core's three launches, the
-    split core's read-out backward): its hidden-unit block (:func:`stage_block`) and warps (:func:`stage0_warps`)."""
-    return dict(kw, STAGE=0, EB=stage_block(0, E), num_warps=stage0_warps(kw))
+    split core's read-out backward): its hidden-unit block (:func:`stage_block`; its warps: :func:`narrow_warps`)."""
+    return dict(kw, STAGE=0, EB=stage_block(0, E))
 
 
 def stage_block(stage: int, E: int, reads_inner: bool = True, one_launch: bool = False) -> int:
