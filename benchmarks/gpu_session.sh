@@ -953,6 +953,19 @@ if [ "$PART" = 105 ]; then
   step 80 mac-4096x8-defaults-2 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults_2.json"
   finish
 fi
+if [ "$PART" = 112 ]; then
+  # after session 46 (H100: 0.895x with the read-out inner forward and the read-out forward at 4 warps, the defaults
+  # now): first the GPU test of the stage blocks (stage 0 by blocks keeps 8 warps since 4 gave NaN there), then the
+  # flat pair by default on one machine, then the read-out forward and stage 0 at 2 warps
+  kernel_tests 130 gpu-test-stage-blocks stages_over_blocks_of_hidden_units_on_gpu gpu_test_stage_blocks.txt
+  step 110 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  mac_4096x8_defaults 110
+  step 90 mac-65536x1-wf4096-fwd2-warps2 env TITANS_TRITON_PASS_WARPS=fwd2=2 $WF4 \
+    --out "$RES/h_wf4096_fwd2_warps2.json"
+  step 90 mac-65536x1-wf4096-stage0-warps2 env TITANS_TRITON_PASS_WARPS=stage0=2 $WF4 \
+    --out "$RES/h_wf4096_stage0_warps2.json"
+  finish
+fi
 if [ "$PART" = 111 ]; then
   # session 46 on an H100 (read-out inner +0.8% there): with it on, the read-out forward (fwd2) at 4 warps, stage 0
   # by 32 hidden units, then the read-out inner row again
