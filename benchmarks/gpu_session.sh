@@ -955,9 +955,11 @@ if [ "$PART" = 105 ]; then
 fi
 if [ "$PART" = 112 ]; then
   # after session 46 (H100: 0.895x with the read-out inner forward and the read-out forward at 4 warps, the defaults
-  # now): first the GPU test of the stage blocks (stage 0 by blocks keeps 8 warps since 4 gave NaN there), then the
-  # flat pair by default on one machine, then the read-out forward and stage 0 at 2 warps
+  # now): first the GPU tests of the stage blocks (stage 0 by blocks keeps 8 warps since 4 gave NaN there) and of the
+  # split core (its read-out forward at 4 warps now, against the PyTorch core), then the flat pair by default on one
+  # machine, then the read-out forward and stage 0 at 2 warps
   kernel_tests 130 gpu-test-stage-blocks stages_over_blocks_of_hidden_units_on_gpu gpu_test_stage_blocks.txt
+  kernel_tests 90 gpu-test-readout-inner read_out_reading_the_walks_inner gpu_test_readout_inner.txt
   step 110 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   mac_4096x8_defaults 110
   step 90 mac-65536x1-wf4096-fwd2-warps2 env TITANS_TRITON_PASS_WARPS=fwd2=2 $WF4 \
