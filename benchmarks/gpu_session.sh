@@ -919,7 +919,8 @@ if [ "$PART" = 99 ]; then
   finish
 fi
 stage0_warps4_ab() {  # MAC 65536 x 1 by default, then with stage 0 of the memory backward at 4 warps (session 44: two
-  # of its programs might then share an SM), on one machine
+  # of its programs might then share an SM), on one machine (since session 45 stage 0's default is 4 warps,
+  # tk.narrow_warps: the two rows launch the same kernels)
   step 170 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   step 100 mac-65536x1-wf4096-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $WF4 \
     --out "$RES/h_wf4096_stage0_warps4.json"
@@ -927,7 +928,7 @@ stage0_warps4_ab() {  # MAC 65536 x 1 by default, then with stage 0 of the memor
 stage_times() {  # each backward stage's own time at the wavefront's segment shape (batch 1, 8 heads, 512 tokens,
   # head dim 64, hidden 128, chunk 64, depth 2: the three launches with the walk over parts), by pass and kernel
   # (memory_kernels.py --parts, which also fails beyond bf16 tolerance against the PyTorch core): stage 0 as it is
-  # (~165 us a launch in session 44's trace), at 4 warps, by blocks of 32, stage 2 whole against by 32 (the default
+  # (~165 us a launch in session 44's trace), at 4 warps (the default since session 45), by blocks of 32, stage 2 whole against by 32 (the default
   # since session 44), stage 0 at 16 warps; in order of priority
   local MK="python3 benchmarks/memory_kernels.py --backends triton --parts --iters 20 --shapes 1x8x512x64x128x64x2"
   step 80 memory-kernels-b1-defaults $MK --out "$RES/memory_kernels_b1_defaults.json"
@@ -992,27 +993,9 @@ if [ "$PART" = 110 ]; then
     --out "$RES/h_wf4096_readout_inner_2.json"
   finish
 fi
-if [ "$PART" = 109 ]; then
-  # session 45: stage 0 at 4 warps the default (tk.stage0_warps; PART=102 / 107 on an H200: +2.2%): the default row,
-  # then the read-out's stage 0 reading the walk's stored inner forward (TITANS_TRITON_READOUT_INNER=1; cross-compiled
-  # 16% fewer instructions), the denominator, that switch's GPU test, and the read-out forward (pass fwd2, ~39 us a
-  # launch of 64 programs holding a whole SM each in session 44's trace) at 4 warps, stage 0 by 32 hidden units
-  # (at 4 warps now: 2,440 bytes a thread spilled, cross-compiled, against 3,408 whole); in order of priority
-  step 150 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
-  step 100 mac-65536x1-wf4096-readout-inner env TITANS_TRITON_READOUT_INNER=1 $WF4 \
-    --out "$RES/h_wf4096_readout_inner.json"
-  mac_4096x8_defaults 110
-  kernel_tests 90 gpu-test-readout-inner read_out_reading_the_walks_inner gpu_test_readout_inner.txt
-  step 100 mac-65536x1-wf4096-fwd2-warps4 env TITANS_TRITON_PASS_WARPS=fwd2=4 $WF4 \
-    --out "$RES/h_wf4096_fwd2_warps4.json"
-  step 100 mac-65536x1-wf4096-stage0-block32 env TITANS_TRITON_STAGE0_BLOCK=32 $WF4 \
-    --out "$RES/h_wf4096_stage0_block32.json"
-  # last (may be cut): the stage-block GPU cases with stage 0 at its new 4 warps (session 45's call 4 did not reach them)
-  kernel_tests 120 gpu-test-stage-blocks stages_over_blocks_of_hidden_units_on_gpu gpu_test_stage_blocks.txt
-  finish
-fi
 if [ "$PART" = 108 ]; then
-  # session 45: stage 0 at 4 warps the default (tk.stage0_warps; PART=102 / 107 on an H200: +2.2%): the flat pair
+  # session 45: stage 0 at 4 warps the default (then tk.stage0_warps, now tk.narrow_warps; PART=102 / 107 on an H200:
+  # +2.2%): the flat pair
   step 150 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   mac_4096x8_defaults 110
   finish
