@@ -967,6 +967,13 @@ if [ "$PART" = 112 ]; then
     --out "$RES/h_wf4096_fwd2_warps2.json"
   step 90 mac-65536x1-wf4096-stage0-warps2 env TITANS_TRITON_PASS_WARPS=stage0=2 $WF4 \
     --out "$RES/h_wf4096_stage0_warps2.json"
+  # session 47: stage 2 by 16 hidden units (32 the default since session 44), the read-outs' stream at the chains'
+  # priority, then the default again (a second same-machine row)
+  step 70 mac-65536x1-wf4096-stage2-block16 env TITANS_TRITON_STAGE2_BLOCK=16 $WF4 \
+    --out "$RES/h_wf4096_stage2_block16.json"
+  step 70 mac-65536x1-wf4096-readout-urgent env TITANS_WAVEFRONT_READOUT_URGENT=1 $WF4 \
+    --out "$RES/h_wf4096_readout_urgent.json"
+  step 70 mac-65536x1-wf4096-defaults-2 $WF4 --out "$RES/h_wf4096_defaults_2.json"
   finish
 fi
 if [ "$PART" = 111 ]; then
