@@ -48,22 +48,30 @@ def _assert_one_pass_loss_and_grads(model, ids, loss) -> None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("views", [None, False], ids=["default", "off"])
 @pytest.mark.parametrize("variant,kw", [("mac", {}), ("mag", {}), ("mac", {"persistent_tokens": 0,
                                                                              "tie_embeddings": False})])
-def test_stream_views_keep_the_loss_and_gradients_and_sum_per_stream(variant, kw, autograd_nodes):
-    """``stream_views``: the persistent tokens and the tied embedding / head weight read through one view per
-    stream == the one-pass loss and gradients (float64); the persistent tokens' accumulator then receives one
-    gradient per block (its views), not one per block and segment."""
+def test_stream_views_keep_the_loss_and_gradients_and_sum_per_stream(variant, kw, views, autograd_nodes,
+                                                                     monkeypatch):
+    """``stream_views`` (the default, ``TITANS_WAVEFRONT_STREAM_VIEWS`` unset): the persistent tokens and the tied
+    embedding / head weight read through one view per stream == the one-pass loss and gradients (float64); the
+    persistent tokens' accumulator then receives one gradient per block (its views), not one per block and
+    segment.  Off: no views, one gradient per block and segment (4 segments of 16), the same loss and gradients."""
+    monkeypatch.delenv("TITANS_WAVEFRONT_STREAM_VIEWS", raising=False)
     model = _model(variant, **kw)
     ids = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(3))
-    loss = wavefront_loss(model, ids, stream_views=True)
+    loss = wavefront_loss(model, ids, stream_views=views)
     tokens = model.persistent.tokens
     if tokens is not None:
         feeding = [fn for fn in autograd_nodes(loss) for f, _ in fn.next_functions
                    if type(f).__name__ == "AccumulateGrad" and f.variable is tokens]
-        views = [fn for fn in feeding if type(fn).__name__ == "ViewBackward0"]
+        by_view = [fn for fn in feeding if type(fn).__name__ == "ViewBackward0"]
         # one view a block; MAG's fresh memory state absorbs the tokens once more (init_state, before the loop)
-        assert len(views) == len(model.blocks) and len(feeding) - len(views) == (variant == "mag")
+        mag = int(variant == "mag")
+        if views is None:
+            assert len(by_view) == len(model.blocks) and len(feeding) - len(by_view) == mag
+        else:
+            assert by_view == [] and len(feeding) == len(model.blocks) * 4 + mag
     _assert_one_pass_loss_and_grads(model, ids, loss)
 
 
@@ -432,7 +440,7 @@ def test_wavefront_forward_hands_every_tensor_from_stream_to_stream_safely(monke
     rows = sh.main(["--tokens", "128", "--layouts", *layouts])["rows"]
     assert [r["layout"] for r in rows] == layouts
     # and the switches and variants the diff's layouts leave out
-    more = [({"TITANS_WAVEFRONT_STREAM_VIEWS": "1", "TITANS_WAVEFRONT_READOUT_STREAMS": "1",
+    more = [({"TITANS_WAVEFRONT_STREAM_VIEWS": "0", "TITANS_WAVEFRONT_READOUT_STREAMS": "1",
               "TITANS_WAVEFRONT_READOUT_URGENT": "1"}, {}), ({"TITANS_DEFER_PER_TOKEN": "1"}, {}),
             ({}, {"memory_layers": [0, 2]}), ({}, {"memory_depth": 1})]
     rows += [dict(sh.wavefront_hazards(env, options, tokens=128), layout=f"{env} {options}") for env, options in more]
