@@ -954,6 +954,17 @@ if [ "$PART" = 105 ]; then
   step 80 mac-4096x8-defaults-2 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults_2.json"
   finish
 fi
+if [ "$PART" = 113 ]; then
+  # after session 47 (H100: the stream views +0.6%, now the default; 0.895x flat): the flat pair by today's defaults,
+  # then wavefront steps of 3072 and 6144 tokens (4096 the default row; session 40: 2048 slower, session 42: 8192
+  # slower), then the default again on the same machine
+  step 110 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  mac_4096x8_defaults 110
+  step 90 mac-65536x1-wf3072 ${WF4/--wavefront-step 4096/--wavefront-step 3072} --out "$RES/h_wf3072.json"
+  step 90 mac-65536x1-wf6144 ${WF4/--wavefront-step 4096/--wavefront-step 6144} --out "$RES/h_wf6144.json"
+  step 70 mac-65536x1-wf4096-defaults-2 $WF4 --out "$RES/h_wf4096_defaults_2.json"
+  finish
+fi
 if [ "$PART" = 112 ]; then
   # after session 46 (H100: 0.895x with the read-out inner forward and the read-out forward at 4 warps, the defaults
   # now): first the GPU tests of the stage blocks (stage 0 by blocks keeps 8 warps since 4 gave NaN there) and of the

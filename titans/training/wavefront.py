@@ -69,10 +69,11 @@ def wavefront_logits(model: TitansLM, input_ids: Tensor, segment: int | None = N
     segment's mixer does not wait for it).  Both default to ``TITANS_WAVEFRONT_PRIORITY`` /
     ``TITANS_WAVEFRONT_FFN_STREAMS`` ("1" when unset).  ``stream_views`` (``TITANS_WAVEFRONT_STREAM_VIEWS``, "1" when
     unset: MAC 65536 x 1 on an H100 305.4K against 303.7K tokens/s, four rows against six on one machine, session 47;
-    no measurable effect in session 22's layout on an H200): the parameters several streams read - the persistent tokens (every
-    block, every segment) and the tied embedding / head weight (the caller's stream, the last block's) - are read
-    through one view per stream, so autograd sums each stream's gradients on that stream and the parameter receives
-    one sum a stream instead of one cross-stream accumulation per block and segment.  ``readout_streams``
+    no measurable effect in session 22's layout on an H200): the parameters several streams read - the persistent
+    tokens (every block, every segment) and the tied embedding / head weight (the caller's stream, the last block's)
+    - are read through one view per stream, so autograd sums each stream's gradients on that stream and the
+    parameter receives one sum a stream instead of one cross-stream accumulation per block and segment.
+    ``readout_streams``
     (``TITANS_WAVEFRONT_READOUT_STREAMS``, "auto" when unset): in MAC's memory blocks each
     segment's memory read-out and gate run on the feed-forward's stream (:meth:`TitansBlock.forward_mixer_split`), so
     their backward (the memory backward's first stage among it, ~0.27 ms a segment on an H200) runs beside the
