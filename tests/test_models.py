@@ -533,6 +533,49 @@ def test_segment_outputs_get_their_gradients_without_a_copy(batch):
     assert strides_like(transposed, (12, 3, 1)) is transposed  # another element order: as is
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_split_in_memory_order_hands_the_inputs_region_its_traced_strides(batch, monkeypatch):
+    """MAC's batched segment inputs come out of a compiled region as (B, H, T, d) views of (B, T, H, d) memory and
+    are split into the segments' pieces.  A plain split's backward concatenates the pieces' gradients contiguously,
+    and AOTAutograd copies that into the strides it traced; ``split_in_memory_order``
+    (``TITANS_WAVEFRONT_INPUTS_LAYOUT=1``) concatenates them in the output's memory order, so nothing is copied.
+    Gradients equal the plain split's bit for bit (float64), a piece without a gradient included; a tensor with no
+    dense order (expanded) falls back to the plain concatenation."""
+    from torch.profiler import profile
+
+    from titans.utils.tensors import memory_order, split_in_memory_order
+
+    B, T, H, d = batch, 12, 2, 4
+    # static shapes, as the GPU rows' equal wavefront calls compile them: with dynamic ones AOTAutograd expects a
+    # contiguous gradient instead, and the plain split's is one
+    region = torch.compile(lambda x, w: (x @ w).view(B, T, H, d).transpose(1, 2).sin(), backend="aot_eager",
+                           dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, 8, dtype=torch.float64, generator=g)
+    base = torch.randn(8, H * d, dtype=torch.float64, generator=g)
+    weights = [torch.randn(B, H, n, d, dtype=torch.float64, generator=g) for n in (5, 4, 3)]
+    grads = {}
+    for layout in ("0", "1"):
+        monkeypatch.setenv("TITANS_WAVEFRONT_INPUTS_LAYOUT", layout)
+        w = base.clone().requires_grad_()
+        out = region(x, w)
+        assert memory_order(out) == (0, 2, 1, 3)
+        pieces = split_in_memory_order(out, [5, 4, 3], 2)
+        loss = (pieces[0] * weights[0]).sum() + (pieces[2] * weights[2]).sum()  # the middle piece: no gradient
+        with profile() as prof:
+            loss.backward()
+        copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::contiguous")
+                  and e.cpu_parent is not None and "CompiledFunctionBackward" in e.cpu_parent.name]
+        assert len(copies) == (1 if layout == "0" else 0), (layout, len(copies))
+        grads[layout] = w.grad
+    torch.testing.assert_close(grads["1"], grads["0"], rtol=0, atol=0)
+    expanded = torch.randn(1, 1, 6, 2, dtype=torch.float64).expand(3, 2, 6, 2).requires_grad_()
+    assert memory_order(expanded) is None
+    pieces = split_in_memory_order(expanded, [2, 4], 2)
+    g_out, = torch.autograd.grad(sum((p * (i + 1)).sum() for i, p in enumerate(pieces)), [expanded])
+    torch.testing.assert_close(g_out, torch.cat([torch.ones(3, 2, 2, 2), 2 * torch.ones(3, 2, 4, 2)], 2).double())
+
+
 def test_inductor_options_from_the_environment(monkeypatch):
     """``TITANS_INDUCTOR_OPTIONS`` (GPU timing experiments) adds inductor options to every compile of the project;
     bad JSON, a non-object, an unknown option and ``inplace_buffers`` (wrong gradients) are refused by name."""

@@ -189,16 +189,20 @@ def test_wavefront_with_batched_readouts_equals_the_one_pass_forward(segment, T,
     _assert_one_pass_loss_and_grads(model, ids, wavefront_loss(model, ids, segment=48, batched_readouts=True))
 
 
+@pytest.mark.parametrize("layout", ["0", "1"], ids=["split", "split_in_memory_order"])
 @pytest.mark.parametrize("segment,T,kw", [(None, 80, {}), (24, 75, {}), (48, 80, {"memory_conv_kernel": 0}),
                                            (64, 80, {"batched_readouts": True})])
-def test_wavefront_with_batched_queries_equals_the_one_pass_forward(segment, T, kw, monkeypatch):
+def test_wavefront_with_batched_queries_equals_the_one_pass_forward(segment, T, kw, layout, monkeypatch):
     """batched_queries=True (what a call's retrievals compute from the block input alone, made once before the
     segment steps) == model(ids, labels=ids): loss and every gradient, float64, the weight gradients deferred (the
     wavefront's default; the retrieval's uses then leave the segments' declared uses) or not; on and off the segment
-    grid, without the memory's convolution, and with batched read-outs too.  Without those, the segments keep the
-    one-region step (``mac_segment``; the split into chain and read-out is only for the read-outs' sake)."""
+    grid, without the memory's convolution, and with batched read-outs too; the inputs' pieces split plainly or
+    handing their gradients back in the inputs' memory order (``TITANS_WAVEFRONT_INPUTS_LAYOUT=1``).  Without those,
+    the segments keep the one-region step (``mac_segment``; the split into chain and read-out is only for the
+    read-outs' sake)."""
     from titans.core.models.model import TitansBlock
 
+    monkeypatch.setenv("TITANS_WAVEFRONT_INPUTS_LAYOUT", layout)
     batched = kw.pop("batched_readouts", False)
     model = _model("mac", **kw)
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))

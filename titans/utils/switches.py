@@ -152,6 +152,12 @@ _DECLARED = (
     Switch("TITANS_WAVEFRONT_BATCHED_QUERIES", ON_OFF, "1",
            "MAC's segment inputs (the retrieval's queries and output gate, attention's queries / keys / values) once "
            "a wavefront call for its segments, before their chains"),
+    Switch("TITANS_WAVEFRONT_INPUTS_LAYOUT", ON_OFF, "0",
+           "with batched queries, the segments' pieces of the batched inputs hand their gradients back concatenated "
+           "in the inputs' own memory order (one kernel), not contiguous and then copied by AOTAutograd into the "
+           "strides the compiled inputs region traced (a second pass a tensor and call); only where that region's "
+           "shapes are static (equal wavefront calls; with dynamic ones AOTAutograd wants it contiguous and copies "
+           "this one instead); NOT timed on a GPU (session 47); 0: a plain split"),
     Switch("TITANS_WAVEFRONT_INPUTS_STREAM", ON_OFF, "1",
            "with batched queries, the block's input norm and the batched inputs on a stream of their own, off the "
            "segment chain (forward and backward)"),

@@ -64,6 +64,54 @@ class GradientLike(torch.autograd.Function):
         return strides_like(grad, ctx.strides)
 
 
+def memory_order(t: Tensor) -> tuple[int, ...] | None:
+    """The permutation of ``t``'s dimensions that lists them outermost first in memory (``t.permute(order)`` is
+    contiguous), or None where no permutation is (gaps, overlaps)."""
+    order = tuple(sorted(range(t.ndim), key=lambda i: (-t.stride(i), i)))
+    return order if t.permute(order).is_contiguous() else None
+
+
+class SplitInMemoryOrder(torch.autograd.Function):
+    """``t.split(lengths, dim)``, whose backward concatenates the pieces' gradients in ``t``'s memory order (one
+    concatenation, reading the pieces with their own strides) and hands the result on with ``t``'s strides.
+
+    Why: a plain split's backward concatenates into a contiguous tensor.  When ``t`` is a compiled region's output
+    stored in another order (MAC's batched segment inputs: attention's queries / keys / values are (B, H, T, d) views
+    of (B, T, H, d) memory, the retrieval's queries come channel-major from the convolution), AOTAutograd, which
+    traced that output's gradient with the output's strides, copies the contiguous gradient into them: a second
+    full pass over it a tensor and wavefront call (benchmarks/RESULTS.md section 6, session 47).  Only where the
+    region's shapes are static (every wavefront call the same length): for a region compiled with dynamic shapes
+    AOTAutograd expects a contiguous gradient, which the plain split gives and this does not."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, lengths: tuple[int, ...], dim: int):
+        pieces = t.split(list(lengths), dim)
+        ctx.dim, ctx.strides, ctx.order = dim, t.stride(), memory_order(t)
+        ctx.piece_shapes = [p.shape for p in pieces]
+        ctx.set_materialize_grads(False)  # a piece without a gradient gets zeros here, at its own size
+        return pieces
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ref = next(g for g in grads if g is not None)
+        grads = [g if g is not None else ref.new_zeros(shape) for g, shape in zip(grads, ctx.piece_shapes)]
+        order = ctx.order
+        if order is None:
+            return torch.cat(grads, ctx.dim), None, None
+        inverse = tuple(order.index(i) for i in range(len(order)))
+        g = torch.cat([x.permute(order) for x in grads], order.index(ctx.dim)).permute(inverse)
+        return strides_like(g, ctx.strides), None, None
+
+
+def split_in_memory_order(t: Tensor, lengths: list[int], dim: int) -> list[Tensor]:
+    """``list(t.split(lengths, dim))``, through :class:`SplitInMemoryOrder` where autograd records ``t`` and
+    ``TITANS_WAVEFRONT_INPUTS_LAYOUT=1`` (opt-in until timed on a GPU)."""
+    if (not switch_on("TITANS_WAVEFRONT_INPUTS_LAYOUT") or torch.compiler.is_compiling()
+            or not (torch.is_grad_enabled() and t.requires_grad)):
+        return list(t.split(lengths, dim))
+    return list(SplitInMemoryOrder.apply(t, tuple(lengths), dim))
+
+
 def gradient_like(t: Tensor | None) -> Tensor | None:
     """``t`` through :class:`GradientLike` when autograd records it, else ``t`` (None stays None)."""
     if t is None or not (torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():

@@ -56,7 +56,7 @@ from titans.utils.config import (
     naive_cannot_recompute,
 )
 from titans.utils.switches import switch_on
-from titans.utils.tensors import capturing_cuda_graph, gradient_like, recompute, strides_like
+from titans.utils.tensors import capturing_cuda_graph, gradient_like, recompute, split_in_memory_order, strides_like
 from titans.utils.weight_grads import LinearUse, deferral_wanted, segment_taps, segment_views
 
 # ----------------------------------------------------------------------------- state
@@ -185,9 +185,10 @@ class SegmentInputs(NamedTuple):
 
 
 def _split_pieces(t: Tensor, lengths: list[int], dim: int) -> list[Tensor]:
-    """t cut along ``dim`` into pieces of ``lengths``: one split (views), or for one piece t itself, not a split of
-    one piece, whose backward would copy its gradient."""
-    return list(t.split(lengths, dim=dim)) if len(lengths) > 1 else [t]
+    """t cut along ``dim`` into pieces of ``lengths``: one split (views; its backward one concatenation, in t's memory
+    order with ``TITANS_WAVEFRONT_INPUTS_LAYOUT=1``: :func:`~titans.utils.tensors.split_in_memory_order`), or for
+    one piece t itself, not a split of one piece, whose backward would copy its gradient."""
+    return split_in_memory_order(t, lengths, dim) if len(lengths) > 1 else [t]
 
 
 def _dataclass_tensors(obj) -> dict[str, Tensor]:
