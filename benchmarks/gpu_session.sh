@@ -957,11 +957,15 @@ fi
 if [ "$PART" = 113 ]; then
   # after session 47 (H100: the stream views +0.6%, now the default; 0.895x flat): the flat pair by today's defaults,
   # then wavefront steps of 3072 and 6144 tokens (4096 the default row; session 40: 2048 slower, session 42: 8192
-  # slower), then the default again on the same machine
+  # slower), the inputs' gradients in their memory order, then the default again on the same machine
   step 110 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
   mac_4096x8_defaults 110
   step 90 mac-65536x1-wf3072 ${WF4/--wavefront-step 4096/--wavefront-step 3072} --out "$RES/h_wf3072.json"
   step 90 mac-65536x1-wf6144 ${WF4/--wavefront-step 4096/--wavefront-step 6144} --out "$RES/h_wf6144.json"
+  # session 47's opt-in: the batched inputs' gradients handed back in their own memory order (3 of 4 AOTAutograd
+  # copies a call and memory block gone)
+  step 70 mac-65536x1-wf4096-inputs-layout env TITANS_WAVEFRONT_INPUTS_LAYOUT=1 $WF4 \
+    --out "$RES/h_wf4096_inputs_layout.json"
   step 70 mac-65536x1-wf4096-defaults-2 $WF4 --out "$RES/h_wf4096_defaults_2.json"
   finish
 fi
