@@ -106,8 +106,9 @@ class SplitInMemoryOrder(torch.autograd.Function):
 def split_in_memory_order(t: Tensor, lengths: list[int], dim: int) -> list[Tensor]:
     """``list(t.split(lengths, dim))``, through :class:`SplitInMemoryOrder` where autograd records ``t`` and
     ``TITANS_WAVEFRONT_INPUTS_LAYOUT=1`` (opt-in until timed on a GPU)."""
-    if (not switch_on("TITANS_WAVEFRONT_INPUTS_LAYOUT") or torch.compiler.is_compiling()
-            or not (torch.is_grad_enabled() and t.requires_grad)):
+    # (compiling first: while dynamo traces a whole block the switch is not read, and the plain split is one graph)
+    if (torch.compiler.is_compiling() or not (torch.is_grad_enabled() and t.requires_grad)
+            or not switch_on("TITANS_WAVEFRONT_INPUTS_LAYOUT")):
         return list(t.split(lengths, dim))
     return list(SplitInMemoryOrder.apply(t, tuple(lengths), dim))
 
