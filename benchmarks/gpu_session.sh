@@ -928,8 +928,8 @@ stage0_warps4_ab() {  # MAC 65536 x 1 by default, then with stage 0 of the memor
 stage_times() {  # each backward stage's own time at the wavefront's segment shape (batch 1, 8 heads, 512 tokens,
   # head dim 64, hidden 128, chunk 64, depth 2: the three launches with the walk over parts), by pass and kernel
   # (memory_kernels.py --parts, which also fails beyond bf16 tolerance against the PyTorch core): stage 0 as it is
-  # (~165 us a launch in session 44's trace), at 4 warps (the default since session 45), by blocks of 32, stage 2 whole against by 32 (the default
-  # since session 44), stage 0 at 16 warps; in order of priority
+  # (~165 us a launch in session 44's trace), at 4 warps (the default since session 45), by blocks of 32, stage 2
+  # whole against by 32 (the default since session 44), stage 0 at 16 warps; in order of priority
   local MK="python3 benchmarks/memory_kernels.py --backends triton --parts --iters 20 --shapes 1x8x512x64x128x64x2"
   step 80 memory-kernels-b1-defaults $MK --out "$RES/memory_kernels_b1_defaults.json"
   step 50 memory-kernels-b1-stage0-warps4 env TITANS_TRITON_PASS_WARPS=stage0=4 $MK \

@@ -64,6 +64,13 @@ class GradientLike(torch.autograd.Function):
         return strides_like(grad, ctx.strides)
 
 
+def _records_eagerly(t: Tensor) -> bool:
+    """Whether autograd records ``t`` outside a torch.compile trace: where the identity-like autograd functions here
+    (:func:`gradient_like`, :func:`split_in_memory_order`) go between compiled regions.  (Compiling is asked first:
+    inside one graph no stride copy arises, and nothing more is read while dynamo traces.)"""
+    return not torch.compiler.is_compiling() and torch.is_grad_enabled() and t.requires_grad
+
+
 def memory_order(t: Tensor) -> tuple[int, ...] | None:
     """The permutation of ``t``'s dimensions that lists them outermost first in memory (``t.permute(order)`` is
     contiguous), or None where no permutation is (gaps, overlaps)."""
@@ -106,16 +113,14 @@ class SplitInMemoryOrder(torch.autograd.Function):
 def split_in_memory_order(t: Tensor, lengths: list[int], dim: int) -> list[Tensor]:
     """``list(t.split(lengths, dim))``, through :class:`SplitInMemoryOrder` where autograd records ``t`` and
     ``TITANS_WAVEFRONT_INPUTS_LAYOUT=1`` (opt-in until timed on a GPU)."""
-    # (compiling first: while dynamo traces a whole block the switch is not read, and the plain split is one graph)
-    if (torch.compiler.is_compiling() or not (torch.is_grad_enabled() and t.requires_grad)
-            or not switch_on("TITANS_WAVEFRONT_INPUTS_LAYOUT")):
+    if not (_records_eagerly(t) and switch_on("TITANS_WAVEFRONT_INPUTS_LAYOUT")):
         return list(t.split(lengths, dim))
     return list(SplitInMemoryOrder.apply(t, tuple(lengths), dim))
 
 
 def gradient_like(t: Tensor | None) -> Tensor | None:
     """``t`` through :class:`GradientLike` when autograd records it, else ``t`` (None stays None)."""
-    if t is None or not (torch.is_grad_enabled() and t.requires_grad) or torch.compiler.is_compiling():
+    if t is None or not _records_eagerly(t):
         return t
     return GradientLike.apply(t)
 
