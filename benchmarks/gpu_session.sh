@@ -67,6 +67,9 @@ H3="$HP --cuda-graphs"
 WF="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 2048"
 # the same in 4096-token steps (session 40: 284.5K vs 276.4K with 32 hardware queues on an H100)
 WF4="$H3 --wavefront --shapes 65536x1 --warmup 2 --iters 3 --wavefront-step 4096"
+# the same in 6144-token steps: the fastest step on an H100 (session 48: 4608-6144 all ~315K, 4096 306K, 6656 307K,
+# 7168 300K, 8192 298K), the flat-scaling row since
+WF6="${WF4/--wavefront-step 4096/--wavefront-step 6144}"
 WF8="${WF4/--wavefront-step 4096/--wavefront-step 8192}"  # (session 41: 8192-token steps)
 kernel_tests() {  # kernel_tests SECONDS NAME FILTER FILE [PYTEST OPTIONS]: tests/test_fused_memory.py -k FILTER,
   # output in $RES/FILE; the options default to -q
@@ -952,6 +955,16 @@ if [ "$PART" = 105 ]; then
   step 100 mac-4096x8-stage2-block32 env TITANS_TRITON_STAGE2_BLOCK=32 $H3 --shapes 4096x8 --warmup 2 --iters 5 \
     --out "$RES/h_mac_4096x8_stage2_block32.json"
   step 80 mac-4096x8-defaults-2 $H3 --shapes 4096x8 --warmup 2 --iters 5 --out "$RES/h_mac_4096x8_defaults_2.json"
+  finish
+fi
+if [ "$PART" = 114 ]; then
+  # after session 48 (H100: 6144-token steps 0.921x flat, met; 4096 0.896x): the flat pair in 6144-token steps on
+  # whatever machine comes (session 45's H200 ran 4096-token steps: 0.905x), then 5120 and 4096 on the same machine
+  mac_4096x8_defaults 110
+  step 100 mac-65536x1-wf6144-defaults $WF6 --out "$RES/h_wf6144_defaults.json"
+  step 80 mac-65536x1-wf5120 ${WF4/--wavefront-step 4096/--wavefront-step 5120} --out "$RES/h_wf5120.json"
+  step 80 mac-65536x1-wf4096-defaults $WF4 --out "$RES/h_wf4096_defaults.json"
+  step 80 mac-65536x1-wf6144-defaults-2 $WF6 --out "$RES/h_wf6144_defaults_2.json"
   finish
 fi
 if [ "$PART" = 113 ]; then
