@@ -277,9 +277,9 @@ class TrainingConfig(_Strict):
         "window, MAC's segment; any size is exact).  Longer steps mean fewer, longer kernels and a coarser overlap: "
         "MAC 65536 x 1 on an H200 (session 21, before the stream priority and feed-forward streams that now add 3%): "
         "209.0K tokens/s with 512-token steps, 218.6K with 1024, 223.1K with 2048; on an H100 with 32 hardware queues "
-        "(session 40) 276.4K with 2048, 284.5K with 4096; on an H100 with today's defaults (session 48) 306K with 4096, "
-        "~315K with anything from 4608 to 6144 (6144: the flat-scaling row, 0.92x of 4096 x 8), 307K with 6656, 300K "
-        "with 7168, 298K with 8192")
+        "(session 40) 276.4K with 2048, 284.5K with 4096; on an H100 with today's defaults (session 48) 306K with "
+        "4096, ~315K with anything from 4608 to 6144 (6144: the flat-scaling row, 0.92x of 4096 x 8), 307K with 6656, "
+        "300K with 7168, 298K with 8192")
 
     @field_validator("inductor_options")
     @classmethod
