@@ -32,7 +32,10 @@ and a wavefront with fewer warns once.  On an H100 (session
 40, MAC 65536 x 1) the read-outs apart ran at 243.0K tokens/s with 8 queues and 285.3K with 32 - session 33's
 18% loss of that layout on an H200 was the queues - and 4096-token steps at 260.5K and 284.5K.  Session 42 (an
 H200): the harness's own request gave the 32-queue rate (314.7K, 237.7K with 8), and the read-outs apart 326.8-327.1K
-against 313.4-314.7K, so with 32 queues they are the default (:func:`readouts_apart_by_default`).
+against 313.4-314.7K, so with 32 queues they are the default (:func:`readouts_apart_by_default`).  The step's length
+(session 48, an H100, today's defaults): 4608-6144 tokens ~315K, 4096 306K, 8192 298K; 6144-token steps give 0.921x
+MAC's 4096 x 8 rate, issue 7's flat target.  The default stays one window: the finest overlap for any shape, since
+the fastest step depends on the GPU and the model's width.
 """
 
 from __future__ import annotations
