@@ -157,7 +157,7 @@ _DECLARED = (
            "in the inputs' own memory order (one kernel), not contiguous and then copied by AOTAutograd into the "
            "strides the compiled inputs region traced (a second pass a tensor and call); only where that region's "
            "shapes are static (equal wavefront calls; with dynamic ones AOTAutograd wants it contiguous and copies "
-           "this one instead); NOT timed on a GPU (session 47); 0: a plain split"),
+           "this one instead); on an H100 no gain (-0.1% to -0.6% at MAC 65536 x 1, session 48); 0: a plain split"),
     Switch("TITANS_WAVEFRONT_INPUTS_STREAM", ON_OFF, "1",
            "with batched queries, the block's input norm and the batched inputs on a stream of their own, off the "
            "segment chain (forward and backward)"),

@@ -112,7 +112,7 @@ class SplitInMemoryOrder(torch.autograd.Function):
 
 def split_in_memory_order(t: Tensor, lengths: list[int], dim: int) -> list[Tensor]:
     """``list(t.split(lengths, dim))``, through :class:`SplitInMemoryOrder` where autograd records ``t`` and
-    ``TITANS_WAVEFRONT_INPUTS_LAYOUT=1`` (opt-in until timed on a GPU)."""
+    ``TITANS_WAVEFRONT_INPUTS_LAYOUT=1`` (opt-in: no gain on an H100, session 48)."""
     if not (_records_eagerly(t) and switch_on("TITANS_WAVEFRONT_INPUTS_LAYOUT")):
         return list(t.split(lengths, dim))
     return list(SplitInMemoryOrder.apply(t, tuple(lengths), dim))
